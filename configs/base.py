@@ -1,0 +1,84 @@
+"""The pieces every experiment has. Experiment files start from `get_base_config()` and change what differs.
+
+Every key that a command-line override may touch must exist here: ml_collections rejects unknown keys, which is
+what turns a typo such as `--config.train.batch_szie=32` into an error instead of a silent no-op.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # The trainable 3D encoder. Sizes default to CG3D's released PointTransformer.
+  c.model = ml_collections.ConfigDict()
+  c.model.encoder = 'point_transformer'  # or 'pointmlp'
+  c.model.num_points = 1024  # points per cloud fed to the encoder (FPS from the stored 8192)
+  c.model.embed_dim = 512  # CLIP joint-space width the projection maps into
+  c.model.dtype = 'float32'  # compute dtype; parameters stay float32
+  c.model.remat = False
+  c.model.num_classes = 55  # classification head kept for strict PyTorch exports and fine-tuning
+  c.model.point_transformer = ml_collections.ConfigDict(dict(
+      width=384, depth=12, num_heads=6, mlp_ratio=4.0, num_groups=64, group_size=32,
+      encoder_dim=256, drop_path_rate=0.1, head_hidden=256, head_dropout=0.5))
+  c.model.pointmlp = ml_collections.ConfigDict(dict(
+      embed_dim=64, res_expansion=1.0, dim_expansion=(2, 2, 2, 2), pre_blocks=(2, 2, 2, 2),
+      pos_blocks=(2, 2, 2, 2), k_neighbors=(24, 24, 24, 24), reducers=(2, 2, 2, 2)))
+
+  # The frozen CLIP, read from a local transformers folder. Only the prompts train.
+  c.clip = ml_collections.ConfigDict()
+  c.clip.path = config_dict.placeholder(str)
+  c.clip.dtype = 'float32'
+  c.clip.remat = False
+  c.clip.prompt = ml_collections.ConfigDict(dict(mode='deep', num_tokens=5))
+
+  # Data: TFDS builders read the official layouts from manual_dir and write prepared data under data_dir.
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'shapenet55_cg3d'
+  c.data.manual_dir = config_dict.placeholder(str)
+  c.data.data_dir = config_dict.placeholder(str)
+  c.data.train_split = 'train'
+  c.data.num_views = 5  # renders stored per object; one is drawn per sample
+  c.data.num_stored_points = 8192  # clouds are resampled to this before augmentation
+  c.data.augment = True
+  c.data.augment_prob = 0.3
+  c.data.templates = 'cg3d'  # caption templates drawn at pre-training time
+  c.data.shuffle_buffer = 2048
+  c.data.prefetch = 2
+  c.data.skip_bad = False
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 64  # global, over all hosts
+  c.train.epochs = 100
+  c.train.total_steps = config_dict.placeholder(int)  # overrides epochs when set
+  c.train.mode = 'joint'  # 'joint' or 'alternating' (the original's even/odd schedule)
+  c.train.same_class_mask = False  # the original keeps same-class captions as negatives
+  c.train.log_every = 50
+  c.train.max_bad_steps = 5  # consecutive non-finite steps before the run stops
+  c.train.encoder_optim = ml_collections.ConfigDict(dict(
+      name='adamw', lr=5e-5, end_lr=1e-6, weight_decay=0.05, schedule='cosine_per_epoch', warmup_epochs=0,
+      b1=0.9, b2=0.999, clip_norm=10.0))
+  c.train.prompt_optim = ml_collections.ConfigDict(dict(
+      name='sgd', lr=2e-3, momentum=0.9, weight_decay=1e-4, schedule='constant', clip_norm=10.0))
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 1000
+  c.eval.split = 'test'
+  c.eval.max_examples = 3000  # the original validates on the first 3,000 ShapeNet-55 test shapes
+  c.eval.batch_size = 64
+  c.eval.templates = 'cg3d_zeroshot'
+
+  # Device mesh: -1 takes the devices left over. Batches shard over data x fsdp; big frozen matrices over fsdp.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, keep_best=True, async_save=True))
+
+  c.logging = ml_collections.ConfigDict(dict(tensorboard=True, jsonl=True))
+  return c
+
+
+def get_config(arg=None) -> ml_collections.ConfigDict:
+  del arg
+  return get_base_config()

@@ -1,0 +1,26 @@
+"""CPU-sized demo: a procedural dataset in the ShapeNet-55 layout, a small random CLIP, a small PointTransformer.
+
+  python -m cg3d_jax.train --config configs/demo.py --workdir /tmp/cg3d_demo
+
+Everything is written under the workdir if absent (procedural objects, a random CLIP folder), so it runs offline.
+"""
+
+from configs import base
+
+
+def get_config(arg=None):
+  del arg
+  c = base.get_base_config()
+  c.model.num_points = 256
+  c.model.point_transformer.update(dict(width=96, depth=3, num_heads=3, num_groups=32, group_size=16,
+                                        encoder_dim=96))
+  c.data.num_stored_points = 1024
+  c.train.batch_size = 32
+  c.train.total_steps = 300
+  c.train.log_every = 20
+  c.train.encoder_optim.lr = 5e-4
+  c.train.prompt_optim.lr = 1e-2
+  c.eval.every_steps = 100
+  c.eval.max_examples = 256
+  c.checkpoint.every_steps = 100
+  return c
