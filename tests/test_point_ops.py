@@ -1,0 +1,140 @@
+"""Point ops against straightforward NumPy implementations of the same rules, on real ModelNet40 objects."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cg3d_jax.models import point_ops
+
+OBJECTS = ('airplane/airplane_0001', 'airplane/airplane_0630', 'bathtub/bathtub_0107', 'bathtub/bathtub_0112')
+
+
+def load_modelnet_xyz(fixtures_dir, name: str) -> np.ndarray:
+  rows = np.loadtxt(fixtures_dir / 'modelnet40_normal_resampled' / f'{name}.txt', delimiter=',', dtype=np.float32)
+  assert rows.shape == (10000, 6)
+  return rows[:, :3]
+
+
+@pytest.fixture(scope='module')
+def clouds(fixtures_dir) -> np.ndarray:
+  return np.stack([load_modelnet_xyz(fixtures_dir, name) for name in OBJECTS])  # (4, 10000, 3)
+
+
+def numpy_fps(xyz: np.ndarray, num_samples: int) -> np.ndarray:
+  """The CUDA kernel's rules written out plainly for one cloud (lowest index on ties, float32 distances)."""
+  xyz = xyz.astype(np.float32)
+  n = len(xyz)
+  sq_norm = xyz[:, 0] * xyz[:, 0] + xyz[:, 1] * xyz[:, 1] + xyz[:, 2] * xyz[:, 2]
+  skipped = sq_norm.astype(np.float64) <= 1e-3  # CUDA compares the float with the double literal
+  temp = np.full(n, 1e10, np.float32)
+  out = [0]
+  old = 0
+  for _ in range(1, num_samples):
+    best, besti = np.float32(-1.0), 0
+    d = ((xyz[:, 0] - xyz[old, 0]) * (xyz[:, 0] - xyz[old, 0]) + (xyz[:, 1] - xyz[old, 1]) * (xyz[:, 1] - xyz[old, 1])
+         + (xyz[:, 2] - xyz[old, 2]) * (xyz[:, 2] - xyz[old, 2]))
+    for k in range(n):  # the kernel's per-thread scan, as one thread; strict '>' keeps the lowest index
+      if skipped[k]:
+        continue
+      temp[k] = min(d[k], temp[k])
+      if temp[k] > best:
+        best, besti = temp[k], k
+    old = besti
+    out.append(old)
+  return np.array(out, np.int32)
+
+
+def test_fps_matches_numpy_on_modelnet(clouds):
+  sub = clouds[:, :2000]  # the per-point Python loop of the reference is slow; 2,000 real points per object
+  got = np.asarray(jax.jit(point_ops.farthest_point_sample, static_argnums=1)(jnp.asarray(sub), 64))
+  assert got.dtype == np.int32 and got.shape == (4, 64)
+  for b in range(len(sub)):
+    np.testing.assert_array_equal(got[b], numpy_fps(sub[b], 64), err_msg=OBJECTS[b])
+  assert all(len(set(row)) == 64 for row in got)  # no duplicates while enough distinct points remain
+
+
+def test_fps_skips_points_at_origin(clouds):
+  rng = np.random.default_rng(0)
+  sub = clouds[:, :1500].copy()
+  for b in range(len(sub)):
+    sub[b, rng.choice(1500, 150, replace=False)] = 0.0  # the augmentation's dropped points
+  sub[1, 0] = 0.0  # point 0 itself at the origin: still the first sample, then never again
+  sub[2, 5] = [0.03, 0.0, 0.0]  # squared norm 9e-4 <= 1e-3: skipped although not exactly at the origin
+  got = np.asarray(point_ops.farthest_point_sample(jnp.asarray(sub), 48))
+  for b in range(len(sub)):
+    np.testing.assert_array_equal(got[b], numpy_fps(sub[b], 48), err_msg=OBJECTS[b])
+    sq_norm = np.sum(sub[b, got[b, 1:]] ** 2, axis=-1)
+    assert np.all(sq_norm > 1e-3)
+  assert got[1, 0] == 0 and 0 not in got[1, 1:]
+
+
+def test_fps_more_samples_than_points(clouds):
+  sub = clouds[:, :40].copy()
+  sub[0, [3, 7]] = 0.0
+  got = np.asarray(point_ops.farthest_point_sample(jnp.asarray(sub), 60))
+  for b in range(len(sub)):
+    np.testing.assert_array_equal(got[b], numpy_fps(sub[b], 60), err_msg=OBJECTS[b])
+  # Every valid point is used once, then the lowest-index valid point repeats.
+  assert sorted(set(got[1][:40])) == list(range(40))
+  assert np.all(got[1][40:] == 0)
+  assert set(got[0][:38]) == set(range(40)) - {3, 7}
+
+
+def test_fps_all_points_at_origin():
+  got = np.asarray(point_ops.farthest_point_sample(jnp.zeros((2, 30, 3)), 5))
+  np.testing.assert_array_equal(got, np.zeros((2, 5), np.int32))
+
+
+def test_fps_vmaps_like_batch(clouds):
+  sub = jnp.asarray(clouds[:, :1024])
+  batched = point_ops.farthest_point_sample(sub, 32)
+  per_cloud = jax.vmap(lambda c: point_ops.farthest_point_sample(c[None], 32)[0])(sub)
+  np.testing.assert_array_equal(np.asarray(batched), np.asarray(per_cloud))
+
+
+def test_knn_matches_brute_force_sets(clouds):
+  pts = clouds[:, :1024]
+  queries = clouds[:, 5000:5064]  # real points that are not in the searched set
+  got = np.asarray(point_ops.knn(jnp.asarray(queries), jnp.asarray(pts), 32))
+  assert got.dtype == np.int32 and got.shape == (4, 64, 32)
+  q64, p64 = queries.astype(np.float64), pts.astype(np.float64)
+  for b in range(len(pts)):
+    for s in range(queries.shape[1]):
+      dist = np.sum((p64[b] - q64[b, s]) ** 2, axis=-1)
+      order = np.argsort(dist, kind='stable')
+      assert dist[order[31]] < dist[order[32]], 'fixture point with an exact tie at the k boundary'
+      assert set(got[b, s]) == set(order[:32]), (OBJECTS[b], s)
+
+
+def test_group_centres_and_neighbourhoods(clouds):
+  pts = jnp.asarray(clouds[:, :1024])
+  neighbourhood, centres = jax.jit(point_ops.group, static_argnums=(1, 2))(pts, 64, 32)
+  assert neighbourhood.shape == (4, 64, 32, 3) and centres.shape == (4, 64, 3)
+  fps_idx = np.asarray(point_ops.farthest_point_sample(pts, 64))
+  np.testing.assert_array_equal(np.asarray(centres), np.take_along_axis(clouds[:, :1024], fps_idx[..., None], 1))
+  # Each centre is its own nearest neighbour, so every neighbourhood holds one point exactly at its centre.
+  np.testing.assert_array_equal(np.asarray(neighbourhood)[:, :, 0], 0.0)
+  # Neighbourhoods are the kNN points of the cloud minus their centre, bit for bit.
+  knn_idx = np.asarray(point_ops.knn(centres, pts, 32))
+  expected = np.stack([clouds[b, :1024][knn_idx[b]] for b in range(4)]) - np.asarray(centres)[:, :, None]
+  np.testing.assert_array_equal(np.asarray(neighbourhood), expected)
+
+
+def test_gather_points_shapes_and_gradient():
+  pts = jnp.arange(2 * 5 * 4, dtype=jnp.float32).reshape(2, 5, 4)
+  idx = jnp.array([[[0, 4], [1, 1]], [[2, 3], [4, 0]]])
+  out = point_ops.gather_points(pts, idx)
+  assert out.shape == (2, 2, 2, 4)
+  np.testing.assert_array_equal(np.asarray(out[1, 0, 1]), np.asarray(pts[1, 3]))
+  grad = jax.grad(lambda p: point_ops.gather_points(p, idx).sum())(pts)
+  np.testing.assert_array_equal(np.asarray(grad[0, :, 0]), [1, 2, 0, 0, 1])
+
+
+def test_bad_input_errors():
+  with pytest.raises(ValueError, match=r'\(B, N, 3\)'):
+    point_ops.farthest_point_sample(jnp.zeros((10, 3)), 4)
+  with pytest.raises(ValueError, match='k must be'):
+    point_ops.knn(jnp.zeros((1, 2, 3)), jnp.zeros((1, 5, 3)), 6)
+  with pytest.raises(ValueError, match='group_size=32'):
+    point_ops.group(jnp.ones((1, 20, 3)), 8, 32)
