@@ -1,0 +1,313 @@
+"""Loads a local transformers CLIP folder into the Flax `CLIP`: config, weights, tokenizer, image preprocessing.
+
+The folder is what `CLIPModel.save_pretrained` plus the tokenizer and image processor write (the layout of the
+Hugging Face hub repositories such as openai/clip-vit-base-patch16): config.json, model.safetensors (or a sharded
+index, or pytorch_model.bin), tokenizer files and preprocessor_config.json. Nothing is ever downloaded: a hub name
+that is not a local folder is an error that says so.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from cg3d_jax.models.clip import CLIP, CLIPSpec, init_prompts
+
+_WEIGHT_FILES = ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin')
+# Buffers that old transformers versions saved next to the weights; they hold arange(n) and carry no information.
+_IGNORED_KEYS = re.compile(r'^(vision_model|text_model)\.embeddings\.position_ids$')
+
+
+class CLIPLoadError(ValueError):
+  """A CLIP folder that cannot be loaded; the message names the file or tensor and what was expected."""
+
+
+@dataclasses.dataclass
+class ImagePreprocess:
+  """CLIPImageProcessor's steps in NumPy/PIL: shortest side to `size` (bicubic), centre crop, /255, normalise."""
+  size: int
+  crop_size: int
+  mean: tuple[float, float, float]
+  std: tuple[float, float, float]
+  resample: int = Image.Resampling.BICUBIC
+
+  @classmethod
+  def from_config(cls, config: dict, source: str = 'preprocessor_config.json') -> 'ImagePreprocess':
+    def shortest_edge(value, key):
+      if isinstance(value, dict):
+        if 'shortest_edge' in value:
+          return int(value['shortest_edge'])
+        if value.get('height') is not None and value.get('height') == value.get('width'):
+          return int(value['height'])
+      elif isinstance(value, (int, float)):
+        return int(value)
+      raise CLIPLoadError(f'{source}: {key} must be an int or {{"shortest_edge": n}} or a square '
+                          f'{{"height": n, "width": n}}, got {value!r}')
+
+    def crop(value):
+      if isinstance(value, dict) and value.get('height') is not None and value.get('height') == value.get('width'):
+        return int(value['height'])
+      if isinstance(value, (int, float)):
+        return int(value)
+      raise CLIPLoadError(f'{source}: crop_size must be square, got {value!r}')
+
+    for key in ('size', 'crop_size', 'image_mean', 'image_std'):
+      if key not in config:
+        raise CLIPLoadError(f'{source}: missing {key!r}')
+    for flag in ('do_resize', 'do_center_crop', 'do_rescale', 'do_normalize'):
+      if config.get(flag, True) is False:
+        raise CLIPLoadError(f'{source}: {flag}=false is not supported (CLIP preprocessing resizes, crops, '
+                            f'rescales and normalises)')
+    mean, std = tuple(float(m) for m in config['image_mean']), tuple(float(s) for s in config['image_std'])
+    if len(mean) != 3 or len(std) != 3:
+      raise CLIPLoadError(f'{source}: image_mean and image_std need 3 values, got {mean} and {std}')
+    size, crop_size = shortest_edge(config['size'], 'size'), crop(config['crop_size'])
+    if crop_size > size:
+      raise CLIPLoadError(f'{source}: crop_size {crop_size} is larger than the resized shortest side {size}')
+    return cls(size=size, crop_size=crop_size, mean=mean, std=std,
+               resample=int(config.get('resample', Image.Resampling.BICUBIC)))
+
+  def resized_shape(self, height: int, width: int) -> tuple[int, int]:
+    # transformers' get_resize_output_image_size(default_to_square=False): the long side is truncated, not rounded.
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = self.size, int(self.size * long / short)
+    return (new_long, new_short) if width <= height else (new_short, new_long)
+
+  def __call__(self, image) -> np.ndarray:
+    """PIL image or uint8 (H, W, 3) array -> float32 (crop, crop, 3)."""
+    if isinstance(image, np.ndarray):
+      if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f'expected a uint8 (H, W, 3) image array, got {image.dtype} {image.shape}')
+      image = Image.fromarray(image)
+    image = image.convert('RGB')
+    height, width = self.resized_shape(image.height, image.width)
+    pixels = np.asarray(image.resize((width, height), resample=self.resample))
+    top, left = (height - self.crop_size) // 2, (width - self.crop_size) // 2
+    pixels = pixels[top:top + self.crop_size, left:left + self.crop_size]
+    # Same arithmetic as transformers: rescale in float64, cast to float32, then normalise in float32.
+    pixels = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
+    return (pixels - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+
+
+@dataclasses.dataclass
+class LoadedCLIP:
+  model: CLIP
+  params: dict
+  tokenizer: Any
+  preprocess: ImagePreprocess
+  spec: CLIPSpec
+  hf_config: Any
+
+
+def _looks_like_hub_name(path: str) -> bool:
+  return bool(re.fullmatch(r'[A-Za-z0-9][\w.\-]*/[\w.\-]+', path))
+
+
+def _check_folder(path) -> pathlib.Path:
+  folder = pathlib.Path(os.path.expanduser(str(path)))
+  if folder.is_dir():
+    return folder
+  if not folder.exists() and _looks_like_hub_name(str(path)):
+    raise CLIPLoadError(
+        f'CLIP path {str(path)!r} looks like a Hugging Face hub name but is not a local folder. Nothing is '
+        f'downloaded here: download the model elsewhere (e.g. `huggingface-cli download {path} --local-dir DIR`) '
+        f'and point clip.path at that local folder (config.json, model.safetensors, tokenizer and '
+        f'preprocessor files).')
+  if folder.exists():
+    raise CLIPLoadError(f'CLIP path {str(folder)!r} is a file; expected a transformers CLIP folder')
+  raise CLIPLoadError(f'CLIP folder {str(folder)!r} does not exist')
+
+
+def load_hf_config(folder: pathlib.Path):
+  """Reads config.json as a transformers `CLIPConfig`, after checking that it describes a CLIP model."""
+  from transformers import CLIPConfig  # imported here: importing transformers is slow and only loading needs it
+
+  config_path = folder / 'config.json'
+  if not config_path.is_file():
+    raise CLIPLoadError(f'{config_path} is missing: a transformers CLIP folder needs its config.json')
+  with open(config_path, encoding='utf-8') as f:
+    raw = json.load(f)
+  if raw.get('model_type') != 'clip':
+    raise CLIPLoadError(f'{config_path} describes model_type {raw.get("model_type")!r}, expected "clip" '
+                        f'(a transformers CLIPModel with vision_config and text_config)')
+  return CLIPConfig.from_pretrained(str(folder), local_files_only=True)
+
+
+def read_state_dict(folder: pathlib.Path) -> dict[str, np.ndarray]:
+  """All tensors of the folder's weight file(s), as float32 NumPy arrays keyed by transformers' names."""
+  present = [name for name in _WEIGHT_FILES if (folder / name).is_file()]
+  if not present:
+    raise CLIPLoadError(f'no weights in CLIP folder {str(folder)!r}: expected one of {", ".join(_WEIGHT_FILES)}')
+  name = present[0]
+  if name == 'model.safetensors':
+    return _read_safetensors(folder / name)
+  if name == 'model.safetensors.index.json':
+    with open(folder / name, encoding='utf-8') as f:
+      shards = sorted(set(json.load(f)['weight_map'].values()))
+    state = {}
+    for shard in shards:
+      if not (folder / shard).is_file():
+        raise CLIPLoadError(f'{folder / name} lists shard {shard!r}, which is missing')
+      state.update(_read_safetensors(folder / shard))
+    return state
+  import torch  # only the legacy pickle format needs torch
+
+  state = torch.load(folder / name, map_location='cpu', weights_only=True)
+  return {k: v.detach().float().numpy() for k, v in state.items()}
+
+
+def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+  # The flax reader handles bfloat16 and float16 checkpoints, which plain NumPy cannot represent.
+  from safetensors.flax import load_file
+
+  return {k: np.asarray(v, dtype=np.float32) for k, v in load_file(str(path)).items()}
+
+
+def _layer_names(layers: int) -> dict[str, tuple[str, bool]]:
+  """Per-layer (flax path suffix, torch name suffix, is a Linear weight needing a transpose)."""
+  names = {}
+  for i in range(layers):
+    for proj in ('q_proj', 'k_proj', 'v_proj', 'out_proj'):
+      names[f'layers_{i}/self_attn/{proj}/kernel'] = (f'encoder.layers.{i}.self_attn.{proj}.weight', True)
+      names[f'layers_{i}/self_attn/{proj}/bias'] = (f'encoder.layers.{i}.self_attn.{proj}.bias', False)
+    for fc in ('fc1', 'fc2'):
+      names[f'layers_{i}/mlp/{fc}/kernel'] = (f'encoder.layers.{i}.mlp.{fc}.weight', True)
+      names[f'layers_{i}/mlp/{fc}/bias'] = (f'encoder.layers.{i}.mlp.{fc}.bias', False)
+    for norm in ('layer_norm1', 'layer_norm2'):
+      names[f'layers_{i}/{norm}/scale'] = (f'encoder.layers.{i}.{norm}.weight', False)
+      names[f'layers_{i}/{norm}/bias'] = (f'encoder.layers.{i}.{norm}.bias', False)
+  return names
+
+
+def torch_names(spec: CLIPSpec) -> dict[str, tuple[str, str]]:
+  """Flax parameter path ('vision/layers_0/mlp/fc1/kernel') -> (transformers state-dict key, layout rule).
+
+  Layout rules: 'copy'; 'linear' (torch [out, in] -> flax [in, out]); 'conv' (torch OIHW -> flax HWIO).
+  """
+  names = {
+      'vision/patch_embedding/kernel': ('vision_model.embeddings.patch_embedding.weight', 'conv'),
+      'vision/class_embedding': ('vision_model.embeddings.class_embedding', 'copy'),
+      'vision/position_embedding/embedding': ('vision_model.embeddings.position_embedding.weight', 'copy'),
+      'vision/pre_layernorm/scale': ('vision_model.pre_layrnorm.weight', 'copy'),
+      'vision/pre_layernorm/bias': ('vision_model.pre_layrnorm.bias', 'copy'),
+      'vision/post_layernorm/scale': ('vision_model.post_layernorm.weight', 'copy'),
+      'vision/post_layernorm/bias': ('vision_model.post_layernorm.bias', 'copy'),
+      'text/token_embedding/embedding': ('text_model.embeddings.token_embedding.weight', 'copy'),
+      'text/position_embedding/embedding': ('text_model.embeddings.position_embedding.weight', 'copy'),
+      'text/final_layer_norm/scale': ('text_model.final_layer_norm.weight', 'copy'),
+      'text/final_layer_norm/bias': ('text_model.final_layer_norm.bias', 'copy'),
+      'visual_projection/kernel': ('visual_projection.weight', 'linear'),
+      'text_projection/kernel': ('text_projection.weight', 'linear'),
+      'logit_scale': ('logit_scale', 'copy'),
+  }
+  for tower, prefix, layers in (('vision', 'vision_model', spec.vision_layers),
+                                ('text', 'text_model', spec.text_layers)):
+    for flax_suffix, (torch_suffix, is_linear) in _layer_names(layers).items():
+      names[f'{tower}/{flax_suffix}'] = (f'{prefix}.{torch_suffix}', 'linear' if is_linear else 'copy')
+  return names
+
+
+def expected_shapes(spec: CLIPSpec) -> dict[str, tuple[int, ...]]:
+  """Flax path -> parameter shape of the frozen CLIP (everything except the prompts)."""
+  model = CLIP(spec)
+  pixels = jax.ShapeDtypeStruct((1, spec.image_size, spec.image_size, spec.num_channels), jnp.float32)
+  ids = jax.ShapeDtypeStruct((1, spec.max_positions), jnp.int32)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), pixels, ids)['params']
+  return {'/'.join(k.key for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+
+
+_TO_TORCH_LAYOUT = {'copy': lambda s: s, 'linear': lambda s: s[::-1], 'conv': lambda s: (s[3], s[2], s[0], s[1])}
+_FROM_TORCH = {'copy': lambda a: a, 'linear': lambda a: a.T, 'conv': lambda a: a.transpose(2, 3, 1, 0)}
+
+
+def clip_params_from_state_dict(state_dict: dict[str, np.ndarray], spec: CLIPSpec) -> dict:
+  """transformers CLIPModel state dict -> Flax parameter tree (no prompts), every tensor present and shape-checked."""
+  shapes = expected_shapes(spec)
+  names = torch_names(spec)
+  if set(shapes) != set(names):  # a guard on this module's own tables, not on the checkpoint
+    raise AssertionError(f'flax/torch name tables disagree: {sorted(set(shapes) ^ set(names))}')
+  used = set()
+  flat = {}
+  for flax_path, (key, layout) in names.items():
+    want = _TO_TORCH_LAYOUT[layout](shapes[flax_path])
+    if key not in state_dict:
+      raise CLIPLoadError(f'CLIP checkpoint is missing tensor {key!r} (expected shape {want})')
+    value = np.asarray(state_dict[key])
+    if tuple(value.shape) != tuple(want):
+      raise CLIPLoadError(f'CLIP checkpoint tensor {key!r} has shape {tuple(value.shape)}, expected {want} '
+                          f'for the config')
+    # np.array, not np.ascontiguousarray: the latter turns the 0-d logit_scale into shape (1,).
+    flat[flax_path] = np.array(_FROM_TORCH[layout](value.astype(np.float32)), order='C')
+    used.add(key)
+  unexpected = sorted(k for k in state_dict if k not in used and not _IGNORED_KEYS.match(k))
+  if unexpected:
+    raise CLIPLoadError(f'CLIP checkpoint has tensors the config does not account for: {unexpected[:10]}'
+                        f'{" ..." if len(unexpected) > 10 else ""}')
+  params = {}
+  for path, value in flat.items():
+    node = params
+    *parents, leaf = path.split('/')
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return params
+
+
+def load_tokenizer(folder: pathlib.Path):
+  from transformers import CLIPTokenizer
+
+  has_json = (folder / 'tokenizer.json').is_file()
+  has_bpe = (folder / 'vocab.json').is_file() and (folder / 'merges.txt').is_file()
+  if not (has_json or has_bpe):
+    raise CLIPLoadError(f'no tokenizer in CLIP folder {str(folder)!r}: expected tokenizer.json or '
+                        f'vocab.json + merges.txt')
+  return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def load_preprocess(folder: pathlib.Path) -> ImagePreprocess:
+  path = folder / 'preprocessor_config.json'
+  if not path.is_file():
+    raise CLIPLoadError(f'{path} is missing: the image size, mean and std come from it')
+  with open(path, encoding='utf-8') as f:
+    return ImagePreprocess.from_config(json.load(f), source=str(path))
+
+
+def load_clip(path, *, prompt_mode: str = 'deep', num_prompts: int = 5, dtype=jnp.float32, remat: bool = False,
+              seed: int = 0) -> LoadedCLIP:
+  """Loads a local transformers CLIP folder; prompts (if any) are freshly initialised from `seed`."""
+  folder = _check_folder(path)
+  hf_config = load_hf_config(folder)
+  spec = CLIPSpec.from_hf_config(hf_config)
+  params = clip_params_from_state_dict(read_state_dict(folder), spec)
+  prompts = init_prompts(jax.random.key(seed), spec, prompt_mode, num_prompts)
+  if prompts is not None:
+    params['prompts'] = prompts
+  params = jax.tree.map(jnp.asarray, params)
+  model = CLIP(spec, prompt_mode=prompt_mode, num_prompts=num_prompts, dtype=dtype, remat=remat)
+  return LoadedCLIP(model=model, params=params, tokenizer=load_tokenizer(folder),
+                    preprocess=load_preprocess(folder), spec=spec, hf_config=hf_config)
+
+
+def tokenize(tokenizer, texts: list[str], context_length: int | None = None) -> np.ndarray:
+  """Texts -> int32 (N, L) ids: <|startoftext|> ... <|endoftext|>, padded with the tokenizer's pad token to L.
+
+  L defaults to the tokenizer's model_max_length (77 for CLIP). Longer texts are truncated keeping the
+  end-of-text token, which is where CLIP pools.
+  """
+  if isinstance(texts, str):
+    raise TypeError('tokenize takes a list of strings, got a single string')
+  if context_length is None:
+    context_length = tokenizer.model_max_length
+    if context_length is None or context_length > 100_000:  # transformers' "no limit" sentinel
+      raise ValueError('the tokenizer has no model_max_length; pass context_length (77 for CLIP)')
+  encoded = tokenizer(list(texts), padding='max_length', max_length=context_length, truncation=True,
+                      return_tensors='np')
+  return np.asarray(encoded['input_ids'], dtype=np.int32)
