@@ -1,0 +1,176 @@
+"""Point-cloud normalisation, resampling and CG3D's augmentations, with explicit randomness.
+
+Three flavours of the same recipe, each where it runs:
+  * NumPy (`*_np`): the reference, written after CG3D's `utils/augment.py`, used by tests and host-side tools;
+  * TensorFlow (`tf_*`): what the tf.data pipeline runs per example, with stateless RNG so that an example's
+    augmentation is a pure function of (seed, epoch, example index) and a restarted pipeline repeats itself;
+  * JAX (`scale_and_translate`): the last step, which the train step calls on device after its farthest-point
+    sampling, as the original does `misc.fps` then `PointcloudScaleAndTranslate` on the GPU.
+
+Conventions follow the original: clouds are rows of xyz and rotate as `points @ R`; the "up" axis is y.
+"""
+
+import jax
+import numpy as np
+import tensorflow as tf
+
+ROTATION_SIGMA = 0.06  # rad, small perturbation of all three angles
+ROTATION_CLIP = 0.18
+JITTER_SIGMA = 0.01
+JITTER_CLIP = 0.05
+DROP_FRACTION = 10  # N // 10 indices are drawn with replacement and zeroed, about 9.5% of the points
+SCALE_RANGE = (2.0 / 3.0, 3.0 / 2.0)
+TRANSLATE_RANGE = 0.2
+AUGMENTATION_NAMES = ('rotate_90', 'rotate_y', 'rotate_perturb', 'jitter', 'drop')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# NumPy reference.
+
+
+def normalize_unit_sphere_np(points: np.ndarray) -> np.ndarray:
+  """Centre on the mean and scale so the farthest point lies on the unit sphere (CG3D's pc_norm)."""
+  centred = points - points.mean(axis=0)
+  radius = np.sqrt((centred ** 2).sum(axis=1)).max()
+  if not radius > 0:
+    raise ValueError(f'cannot scale a cloud of {len(points)} identical points to the unit sphere')
+  return (centred / radius).astype(np.float32)
+
+
+def resample_np(rng: np.random.Generator, points: np.ndarray, num_points: int) -> np.ndarray:
+  return points[rng.integers(0, len(points), size=num_points)]
+
+
+def rotation_y_np(angle: float) -> np.ndarray:
+  c, s = np.cos(angle), np.sin(angle)
+  return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
+
+
+def perturbation_rotation_np(angles: np.ndarray) -> np.ndarray:
+  """Rz @ Ry @ Rx for the three small angles, as CG3D's rotate_perturbation_point_cloud builds it."""
+  ax, ay, az = angles
+  rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+  ry = rotation_y_np(ay)
+  rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+  return rz @ ry @ rx
+
+
+def augment_np(rng: np.random.Generator, points: np.ndarray, prob: float = 0.3) -> np.ndarray:
+  """CG3D's five augmentations, each applied with probability `prob`, in the original's order."""
+  points = np.asarray(points, np.float64)
+  if rng.uniform() < prob:
+    points = points @ rotation_y_np(rng.integers(0, 4) * np.pi / 2)
+  if rng.uniform() < prob:
+    points = points @ rotation_y_np(rng.uniform() * 2 * np.pi)
+  if rng.uniform() < prob:
+    angles = np.clip(ROTATION_SIGMA * rng.standard_normal(3), -ROTATION_CLIP, ROTATION_CLIP)
+    points = points @ perturbation_rotation_np(angles)
+  if rng.uniform() < prob:
+    points = points + np.clip(JITTER_SIGMA * rng.standard_normal(points.shape), -JITTER_CLIP, JITTER_CLIP)
+  if rng.uniform() < prob:
+    points = points.copy()
+    points[rng.integers(0, len(points), size=len(points) // DROP_FRACTION)] = 0.0
+  return points.astype(np.float32)
+
+
+def scale_and_translate_np(rng: np.random.Generator, points: np.ndarray) -> np.ndarray:
+  """Point-BERT's PointcloudScaleAndTranslate for one cloud (N, 3)."""
+  scale = rng.uniform(*SCALE_RANGE, size=3)
+  shift = rng.uniform(-TRANSLATE_RANGE, TRANSLATE_RANGE, size=3)
+  return (points * scale + shift).astype(np.float32)
+
+
+def farthest_point_sample_np(points: np.ndarray, num_samples: int) -> np.ndarray:
+  """Indices chosen by the original CUDA op's rule: start at 0, skip near-origin points, lowest index on ties.
+
+  The host-side variant used to measure host against device sampling (bench/bench_pipeline.py).
+  """
+  valid = (points ** 2).sum(axis=1) > 1e-3
+  min_dist = np.full(len(points), 1e10)
+  chosen = np.zeros(num_samples, np.int64)
+  last = 0
+  for i in range(1, num_samples):
+    d = ((points - points[last]) ** 2).sum(axis=1)
+    np.minimum(min_dist, d, out=min_dist)
+    last = int(np.argmax(np.where(valid, min_dist, -1.0)))
+    chosen[i] = last
+  return chosen
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TensorFlow, per example inside tf.data. `seed` is a stateless seed: an int tensor of shape (2,).
+
+
+def tf_normalize_unit_sphere(points: tf.Tensor) -> tf.Tensor:
+  centred = points - tf.reduce_mean(points, axis=0, keepdims=True)
+  radius = tf.reduce_max(tf.norm(centred, axis=1))
+  return centred / radius
+
+
+def tf_resample(seed: tf.Tensor, points: tf.Tensor, num_points: int) -> tf.Tensor:
+  """Draws `num_points` points with replacement (the original's np.random.choice)."""
+  n = tf.shape(points)[0]
+  index = tf.random.stateless_uniform([num_points], seed, minval=0, maxval=n, dtype=tf.int32)
+  return tf.gather(points, index)
+
+
+def tf_rotation_y(angle: tf.Tensor) -> tf.Tensor:
+  c, s = tf.cos(angle), tf.sin(angle)
+  zero, one = tf.zeros_like(angle), tf.ones_like(angle)
+  return tf.reshape(tf.stack([c, zero, s, zero, one, zero, -s, zero, c]), [3, 3])
+
+
+def tf_perturbation_rotation(angles: tf.Tensor) -> tf.Tensor:
+  ax, ay, az = angles[0], angles[1], angles[2]
+  zero, one = tf.zeros_like(ax), tf.ones_like(ax)
+  rx = tf.reshape(tf.stack([one, zero, zero, zero, tf.cos(ax), -tf.sin(ax), zero, tf.sin(ax), tf.cos(ax)]), [3, 3])
+  rz = tf.reshape(tf.stack([tf.cos(az), -tf.sin(az), zero, tf.sin(az), tf.cos(az), zero, zero, zero, one]), [3, 3])
+  return rz @ tf_rotation_y(ay) @ rx
+
+
+def tf_augment(seed: tf.Tensor, points: tf.Tensor, prob: float = 0.3, return_flags: bool = False):
+  """CG3D's five augmentations on one float32 cloud (N, 3), each with probability `prob`.
+
+  Returns the augmented cloud, and with `return_flags` also a bool (5,) of which augmentations ran
+  (order: AUGMENTATION_NAMES), which is what the probability test counts.
+  """
+  seeds = tf.random.experimental.stateless_split(seed, num=7)
+  apply = tf.random.stateless_uniform([5], seeds[0]) < prob
+  n = tf.shape(points)[0]
+  pi = tf.constant(np.pi, tf.float32)
+
+  quarter_turns = tf.random.stateless_uniform([], seeds[1], minval=0, maxval=4, dtype=tf.int32)
+  rotated = points @ tf_rotation_y(tf.cast(quarter_turns, tf.float32) * (pi / 2))
+  points = tf.where(apply[0], rotated, points)
+
+  angle = tf.random.stateless_uniform([], seeds[2]) * 2 * pi
+  points = tf.where(apply[1], points @ tf_rotation_y(angle), points)
+
+  angles = tf.clip_by_value(ROTATION_SIGMA * tf.random.stateless_normal([3], seeds[3]), -ROTATION_CLIP,
+                            ROTATION_CLIP)
+  points = tf.where(apply[2], points @ tf_perturbation_rotation(angles), points)
+
+  noise = tf.clip_by_value(JITTER_SIGMA * tf.random.stateless_normal(tf.shape(points), seeds[4]), -JITTER_CLIP,
+                           JITTER_CLIP)
+  points = tf.where(apply[3], points + noise, points)
+
+  dropped = tf.random.stateless_uniform([n // DROP_FRACTION], seeds[5], minval=0, maxval=n, dtype=tf.int32)
+  keep = tf.tensor_scatter_nd_update(tf.ones([n], tf.bool), dropped[:, None], tf.zeros_like(dropped, tf.bool))
+  points = tf.where(tf.logical_and(apply[4], tf.logical_not(keep))[:, None], tf.zeros_like(points), points)
+  return (points, apply) if return_flags else points
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# JAX, on device inside the step.
+
+
+def scale_and_translate(rng: jax.Array, points: jax.Array) -> jax.Array:
+  """Per-sample anisotropic scale U[2/3, 3/2] and translation U[-0.2, 0.2] of clouds (..., N, 3).
+
+  Each cloud (every index of the leading dims) draws its own 3 scales and 3 offsets.
+  """
+  batch_shape = points.shape[:-2] + (1, 3)
+  scale_rng, shift_rng = jax.random.split(rng)
+  scale = jax.random.uniform(scale_rng, batch_shape, points.dtype, *SCALE_RANGE)
+  shift = jax.random.uniform(shift_rng, batch_shape, points.dtype, -TRANSLATE_RANGE, TRANSLATE_RANGE)
+  return points * scale + shift
