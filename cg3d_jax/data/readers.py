@@ -1,0 +1,134 @@
+"""Validated readers for the raw files the builders ingest; every failure names the file (and line for text).
+
+The builders call these while writing a TFDS dataset. Bad input stops the build with a `BadInputError`, unless the
+builder was made with `skip_bad=True`, in which case `BadInputLog` skips the example, counts it and logs it.
+"""
+
+import io
+import logging
+import pathlib
+import re
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+SHAPENET_ID = re.compile(r'^(?P<synset>\d{8})-(?P<model>[0-9A-Za-z_]+)\.npy$')
+_LOGGED_PER_SPLIT = 10
+
+
+class BadInputError(ValueError):
+  """A raw dataset file is missing, unreadable or holds values the dataset does not allow."""
+
+
+class BadInputLog:
+  """Raises on bad input, or, with `skip_bad`, counts and logs it (each split's first few in full)."""
+
+  def __init__(self, skip_bad: bool):
+    self.skip_bad = skip_bad
+    self.skipped: dict[str, list[str]] = {}
+
+  def handle(self, split: str, error: BadInputError) -> None:
+    if not self.skip_bad:
+      raise error
+    entries = self.skipped.setdefault(split, [])
+    entries.append(str(error))
+    if len(entries) <= _LOGGED_PER_SPLIT:
+      log.warning('skip_bad: skipping an example of split %r: %s', split, error)
+
+  def summarise(self, split: str) -> None:
+    count = len(self.skipped.get(split, []))
+    if count:
+      log.warning('skip_bad: skipped %d bad example(s) in split %r (first: %s)', count, split,
+                  self.skipped[split][0])
+
+
+def read_lines(path: pathlib.Path) -> list[tuple[int, str]]:
+  """(line number from 1, stripped text) of the non-blank lines of a text file."""
+  if not path.is_file():
+    raise BadInputError(f'{path}: file not found')
+  try:
+    text = path.read_text(encoding='utf-8')
+  except UnicodeDecodeError as e:
+    raise BadInputError(f'{path}: not UTF-8 text ({e})') from e
+  return [(i + 1, line.strip()) for i, line in enumerate(text.splitlines()) if line.strip()]
+
+
+def parse_shapenet_id(path: pathlib.Path, line_number: int, text: str) -> tuple[str, str]:
+  """`<synset>-<model>.npy` -> (synset, model)."""
+  match = SHAPENET_ID.match(text)
+  if not match:
+    raise BadInputError(f'{path}:{line_number}: expected `<8-digit synset>-<model id>.npy`, got {text!r}')
+  return match['synset'], match['model']
+
+
+def check_points(path, points: np.ndarray, *, columns: int = 3) -> np.ndarray:
+  """Checks a float (N, columns) array of finite values with N >= 1; returns it as float32."""
+  if points.dtype.kind != 'f':
+    raise BadInputError(f'{path}: expected floating-point points, got dtype {points.dtype}')
+  if points.ndim != 2 or points.shape[1] != columns or points.shape[0] < 1:
+    raise BadInputError(f'{path}: expected points of shape (N, {columns}), got {points.shape}')
+  finite = np.isfinite(points).all(axis=1)
+  if not finite.all():
+    row = int(np.argmin(finite))
+    raise BadInputError(f'{path}: non-finite value (NaN or Inf) in point {row}: {points[row].tolist()}')
+  return points.astype(np.float32)
+
+
+def read_npy_points(path: pathlib.Path) -> np.ndarray:
+  """A ShapeNet-55 `.npy` cloud (N, 3) of finite floats."""
+  if not path.is_file():
+    raise BadInputError(f'{path}: file not found')
+  try:
+    points = np.load(path, allow_pickle=False)
+  except Exception as e:  # numpy raises ValueError, OSError or EOFError for damaged files
+    raise BadInputError(f'{path}: not a readable .npy array ({type(e).__name__}: {e})') from e
+  return check_points(path, points)
+
+
+def _is_number(text: str) -> bool:
+  try:
+    float(text)
+    return True
+  except ValueError:
+    return False
+
+
+def read_modelnet_txt(path: pathlib.Path) -> np.ndarray:
+  """A ModelNet resampled file: lines of `x,y,z,nx,ny,nz` -> (N, 6) float32."""
+  if not path.is_file():
+    raise BadInputError(f'{path}: file not found')
+  try:
+    values = np.loadtxt(path, delimiter=',', dtype=np.float64, ndmin=2)
+  except ValueError:
+    values = None
+  if values is None or values.shape[1] != 6:
+    # Find the first bad line, to name it.
+    for number, text in read_lines(path):
+      fields = text.split(',')
+      if len(fields) != 6 or not all(_is_number(f) for f in fields):
+        raise BadInputError(f'{path}:{number}: expected 6 comma-separated numbers `x,y,z,nx,ny,nz`, got {text!r}')
+    raise BadInputError(f'{path}: expected lines of 6 comma-separated numbers')
+  finite = np.isfinite(values).all(axis=1)
+  if not finite.all():
+    number = int(np.argmin(finite))
+    raise BadInputError(f'{path}:{number + 1}: non-finite value (NaN or Inf): {values[number].tolist()}')
+  return values.astype(np.float32)
+
+
+def read_png(path: pathlib.Path) -> bytes:
+  """The bytes of a PNG that decodes completely (so that a broken render fails the build, not training)."""
+  if not path.is_file():
+    raise BadInputError(f'{path}: file not found')
+  data = path.read_bytes()
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      if image.format != 'PNG':
+        raise BadInputError(f'{path}: expected a PNG image, found {image.format}')
+      image.load()
+  except BadInputError:
+    raise
+  except Exception as e:  # PIL raises many types for damaged files
+    raise BadInputError(f'{path}: unreadable PNG ({type(e).__name__}: {e})') from e
+  return data
