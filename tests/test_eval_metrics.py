@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cg3d_jax.eval import metrics, reports
+from cg3d_jax.eval import metrics, point_files, reports
 
 
 def _reference_topk(scores, labels, k):
@@ -144,8 +144,8 @@ def test_retrieval_matches_reference_for_class_and_instance_relevance():
   for relevance in (metrics.instance_relevance(query_ids, gallery_ids),
                     metrics.class_relevance(gallery_labels[query_ids], gallery_labels)):
     expected = _reference_retrieval(queries, gallery, relevance, (1, 5, 10))
-    for chunk in (1024, 7):
-      got = metrics.retrieval_metrics(queries, gallery, relevance, (1, 5, 10), query_chunk=chunk)
+    for chunk, method in ((1024, 'auto'), (7, 'sort'), (7, 'count')):
+      got = metrics.retrieval_metrics(queries, gallery, relevance, (1, 5, 10), query_chunk=chunk, method=method)
       for key, value in expected.items():
         assert got[key] == pytest.approx(value, abs=1e-9), key
       assert got['num_queries'] == num_queries
@@ -158,10 +158,16 @@ def test_retrieval_hand_computed_case():
   relevance = np.array([[False, True, False, True],
                         [False, False, False, True],
                         [False, False, False, False]])  # no relevant item: left out and counted
-  got = metrics.retrieval_metrics_from_scores(scores, relevance, ks=(1, 2))
-  assert got['recall@1'] == 0.5 and got['recall@2'] == 1.0
-  assert got['mAP'] == pytest.approx(((1 / 2 + 2 / 4) / 2 + 1.0) / 2)
-  assert got['num_queries'] == 2 and got['num_queries_without_relevant'] == 1
+  for method in ('sort', 'count'):
+    got = metrics.retrieval_metrics_from_scores(scores, relevance, ks=(1, 2), method=method)
+    assert got['recall@1'] == 0.5 and got['recall@2'] == 1.0
+    assert got['mAP'] == pytest.approx(((1 / 2 + 2 / 4) / 2 + 1.0) / 2)
+    assert got['num_queries'] == 2 and got['num_queries_without_relevant'] == 1
+  # Exact ties rank the lower gallery index first: item 2 (relevant) comes third behind items 0 and 1.
+  for method in ('sort', 'count'):
+    tied = metrics.retrieval_metrics_from_scores(np.full((1, 4), 0.5), np.array([[False, False, True, False]]),
+                                                 ks=(2, 3), method=method)
+    assert (tied['recall@2'], tied['recall@3'], tied['mAP']) == (0.0, 1.0, pytest.approx(1 / 3))
 
 
 def test_bad_metric_inputs_raise_clear_errors():
@@ -212,9 +218,11 @@ def test_retrieval_grid_png(tmp_path):
   rng = np.random.default_rng(0)
   image = lambda: rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)  # noqa: E731
   points = rng.normal(size=(500, 3)).astype(np.float32)
+  coloured = point_files.PointCloud(xyz=points, rgb=rng.integers(0, 256, (500, 3), dtype=np.uint8), normals=None,
+                                    source='memory')
   path = tmp_path / 'grid.png'
   reports.write_retrieval_grid(path, ['a chair', image(), points],
-                               [[image(), image(), image()], [points, points], ['an owl', 'a penguin']],
+                               [[image(), image(), image()], [points, coloured], ['an owl', 'a penguin']],
                                captions=['text→3D', ['image', 'obj 1', 'obj 2'], '3D→text'],
                                correct=[[True, False, True], [True, False], [False, True]])
   with Image.open(path) as png:

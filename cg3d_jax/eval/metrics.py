@@ -160,7 +160,8 @@ def instance_relevance(query_ids, gallery_ids) -> np.ndarray:
 
 
 def retrieval_metrics(query_features, gallery_features, relevance, ks: Sequence[int] = (1, 5, 10), *,
-                      normalize: bool = True, query_chunk: int = 1024) -> dict[str, float | int]:
+                      normalize: bool = True, query_chunk: int = 1024,
+                      method: str = 'auto') -> dict[str, float | int]:
   """Recall@k and mAP of ranking the gallery by cosine similarity to each query.
 
   Definitions (each over queries with at least one relevant gallery item; `num_queries` says how many):
@@ -172,7 +173,7 @@ def retrieval_metrics(query_features, gallery_features, relevance, ks: Sequence[
   `instance_relevance` for image↔3D pairs (only the same object counts).
 
   normalize=False ranks by the raw dot product. Queries run in chunks of `query_chunk` rows so that a
-  10k × 10k evaluation never holds the full sorted index matrix.
+  10k × 10k evaluation never holds the full score matrix; `method` is explained in retrieval_metrics_from_scores.
   """
   query_features = np.asarray(query_features, dtype=np.float32)
   gallery_features = np.asarray(gallery_features, dtype=np.float32)
@@ -188,7 +189,8 @@ def retrieval_metrics(query_features, gallery_features, relevance, ks: Sequence[
     raise ValueError(f'retrieval_metrics: relevance must be bool of shape {expected}, got {relevance.dtype} '
                      f'{relevance.shape}')
   return retrieval_metrics_from_scores(
-      _chunked_scores(query_features, gallery_features, query_chunk), relevance, ks, query_chunk=query_chunk)
+      _chunked_scores(query_features, gallery_features, query_chunk), relevance, ks, query_chunk=query_chunk,
+      method=method)
 
 
 def _chunked_scores(query_features, gallery_features, query_chunk):
@@ -201,12 +203,20 @@ def _row_chunks(array, chunk):
     yield array[start:start + chunk]
 
 
-def retrieval_metrics_from_scores(scores, relevance, ks: Sequence[int] = (1, 5, 10), *,
-                                  query_chunk: int = 1024) -> dict[str, float | int]:
-  """`retrieval_metrics` on precomputed (Q, G) scores (or an iterable of row chunks of them)."""
+def retrieval_metrics_from_scores(scores, relevance, ks: Sequence[int] = (1, 5, 10), *, query_chunk: int = 1024,
+                                  method: str = 'auto') -> dict[str, float | int]:
+  """`retrieval_metrics` on precomputed (Q, G) scores (or an iterable of row chunks of them).
+
+  method picks how the ranks of the relevant items are found; every method gives the same numbers. 'sort' sorts
+  each query's whole gallery (O(G log G) per query); 'count' counts, for each relevant item, the items ranked
+  before it (O(G) per relevant item), which is far faster when queries have few relevant items (instance
+  relevance has one); 'auto' counts when queries average at most 32 relevant items.
+  """
   relevance = np.asarray(relevance)
   if relevance.ndim != 2 or relevance.dtype != bool:
     raise ValueError(f'retrieval_metrics: relevance must be a 2-D bool array, got {relevance.dtype} {relevance.shape}')
+  if method not in ('auto', 'sort', 'count'):
+    raise ValueError(f"retrieval_metrics: method must be 'auto', 'sort' or 'count', got {method!r}")
   if isinstance(scores, np.ndarray) or hasattr(scores, 'shape'):
     scores = np.asarray(scores)
     if scores.shape != relevance.shape:
@@ -223,16 +233,19 @@ def retrieval_metrics_from_scores(scores, relevance, ks: Sequence[int] = (1, 5, 
     if rel.shape != chunk.shape:
       raise ValueError(f'retrieval_metrics: score rows {start}.. have shape {chunk.shape}, relevance {rel.shape}')
     start += chunk.shape[0]
-    order = np.argsort(-chunk, axis=1, kind='stable')
-    ranked = np.take_along_axis(rel, order, axis=1)
-    num_relevant = ranked.sum(axis=1)
+    use_count = method == 'count' or (method == 'auto' and rel.sum() <= 32 * rel.shape[0])
+    rows, ranks = (_relevant_ranks_by_counting if use_count else _relevant_ranks_by_sorting)(chunk, rel)
+    # rows ascending, ranks ascending within a row: the i-th relevant item of a query (0-based) sits at rank r,
+    # so precision at its rank is (i + 1) / (r + 1).
+    num_relevant = np.bincount(rows, minlength=rel.shape[0])
+    first = np.cumsum(num_relevant) - num_relevant
+    precision = (np.arange(rows.size) - first[rows] + 1) / (ranks + 1)
     scored = num_relevant > 0
-    ranked, num_relevant = ranked[scored], num_relevant[scored]
     num_scored += int(scored.sum())
+    ap_sum += float(np.sum(np.bincount(rows, weights=precision, minlength=rel.shape[0])[scored] /
+                           num_relevant[scored]))
     for k in ks:
-      hits[k] += int(ranked[:, :k].any(axis=1).sum())
-    precision_at_rank = np.cumsum(ranked, axis=1) / np.arange(1, ranked.shape[1] + 1)
-    ap_sum += float(np.sum(np.sum(precision_at_rank * ranked, axis=1) / np.maximum(num_relevant, 1)))
+      hits[k] += int(np.sum(np.bincount(rows, weights=ranks < k, minlength=rel.shape[0]) > 0))
   if start != relevance.shape[0]:
     raise ValueError(f'retrieval_metrics: scores cover {start} queries, relevance {relevance.shape[0]}')
   if num_scored == 0:
@@ -242,3 +255,28 @@ def retrieval_metrics_from_scores(scores, relevance, ks: Sequence[int] = (1, 5, 
   results['num_queries'] = num_scored
   results['num_queries_without_relevant'] = relevance.shape[0] - num_scored
   return results
+
+
+def _relevant_ranks_by_sorting(scores, relevance):
+  """(rows, ranks) of every relevant item, ordered by row then rank, from a stable sort of each row."""
+  order = np.argsort(-scores, axis=1, kind='stable')
+  return np.nonzero(np.take_along_axis(relevance, order, axis=1))
+
+
+def _relevant_ranks_by_counting(scores, relevance, max_elements: int = 1 << 22):
+  """(rows, ranks) as `_relevant_ranks_by_sorting`, counting the items before each relevant one instead.
+
+  An item comes before relevant item j when it scores higher, or equal at a lower index (the stable-sort rule).
+  """
+  rows, cols = np.nonzero(relevance)
+  ranks = np.empty(rows.size, dtype=np.int64)
+  gallery_index = np.arange(scores.shape[1])
+  step = max(1, max_elements // max(scores.shape[1], 1))
+  for i in range(0, rows.size, step):
+    r, c = rows[i:i + step], cols[i:i + step]
+    row_scores = scores[r]
+    target = row_scores[np.arange(r.size), c][:, None]
+    before = (row_scores > target) | ((row_scores == target) & (gallery_index[None, :] < c[:, None]))
+    ranks[i:i + step] = before.sum(axis=1)
+  order = np.lexsort((ranks, rows))
+  return rows[order], ranks[order]

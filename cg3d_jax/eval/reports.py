@@ -177,8 +177,8 @@ def write_retrieval_grid(path, queries: Sequence[Any], matches: Sequence[Sequenc
                          *, cell_inches: float = 1.8) -> None:
   """A PNG with one row per query: the query, then its top matches left to right.
 
-  Queries and matches may each be an image (H, W, 3) or (H, W) uint8, a text (str), or a point cloud
-  (N, 3) float drawn as a side view. `captions[i]` is either one string under the query or a list with one
+  Queries and matches may each be an image (H, W, 3) or (H, W) uint8, a text (str), or a point cloud drawn as a
+  side view: an (N, 3) float array (coloured by depth) or a `point_files.PointCloud` (in its own colours). `captions[i]` is either one string under the query or a list with one
   caption per cell of row i (query first). `correct[i][j]` outlines match j green (relevant) or red.
   """
   if len(queries) != len(matches) or not queries:
@@ -220,15 +220,21 @@ def _draw_item(ax, item) -> None:
   if isinstance(item, str):
     ax.text(0.5, 0.5, item, ha='center', va='center', wrap=True, fontsize=8, transform=ax.transAxes)
     return
+  colours = None
+  if hasattr(item, 'xyz'):  # a point_files.PointCloud: draw it in its own colours when it has them
+    item, colours = item.xyz, getattr(item, 'rgb', None)
   item = np.asarray(item)
-  if item.ndim == 2 and item.shape[1] == 3 and np.issubdtype(item.dtype, np.floating):
-    # A point cloud: x right, y up (the ShapeNet/ModelNet up axis), nearer points (larger z) drawn darker.
+  if item.ndim == 2 and item.shape[1] == 3 and (colours is not None or np.issubdtype(item.dtype, np.floating)):
+    # A side view: x right, y up (the ShapeNet/ModelNet up axis), far points (small z) drawn first.
     order = np.argsort(item[:, 2])
-    ax.scatter(item[order, 0], item[order, 1], c=item[order, 2], cmap='viridis', s=1, linewidths=0)
-    ax.set_aspect('equal')
+    if colours is not None:
+      ax.scatter(item[order, 0], item[order, 1], c=np.asarray(colours)[order] / 255.0, s=1, linewidths=0)
+    else:
+      ax.scatter(item[order, 0], item[order, 1], c=item[order, 2], cmap='viridis', s=1, linewidths=0)
+    ax.set_aspect('equal', adjustable='datalim')
     return
   if item.ndim == 3 and item.shape[2] in (3, 4) or item.ndim == 2:
     ax.imshow(item, cmap='gray' if item.ndim == 2 else None)
     return
   raise ValueError(f'write_retrieval_grid: cannot draw an item of shape {item.shape} dtype {item.dtype}; expected '
-                   'an image (H, W[, 3]), a string or an (N, 3) float point cloud')
+                   'an image (H, W[, 3]), a string, an (N, 3) float point cloud or a PointCloud')
