@@ -97,11 +97,18 @@ def test_extras_round_trip(saved_on_4x2):
 def test_raw_uint32_rng_round_trips_as_raw(tmp_path):
   state = {'w': jnp.arange(4.0)}
   with checkpoint.Checkpointer(str(tmp_path), every_steps=1, async_save=False) as ckpt:
-    ckpt.save(1, state, data_step=5, rng=jax.random.PRNGKey(3), config={'note': 'plain dict'})
+    ckpt.save(1, state, data_step=np.int64(5), rng=jax.random.PRNGKey(3), config={'note': 'plain dict'})
     _, extras = ckpt.restore(target_state_shapes_with_shardings=_target(state, sharding.make_mesh(dict(data=-1))))
   assert extras['rng'].dtype == jnp.uint32
   np.testing.assert_array_equal(extras['rng'], jax.random.PRNGKey(3))
-  assert extras['config'].note == 'plain dict' and extras['metrics'] is None
+  assert extras['config'].note == 'plain dict' and extras['metrics'] is None and extras['data_step'] == 5
+
+
+def test_unserialisable_extras_fail_in_the_caller_not_in_the_save_thread(tmp_path):
+  with checkpoint.Checkpointer(str(tmp_path), every_steps=1) as ckpt:
+    with pytest.raises(TypeError, match='checkpoint data_step: object is not JSON-serialisable'):
+      ckpt.save(1, {'w': jnp.arange(4.0)}, data_step=object(), rng=jax.random.key(0), config=None)
+    assert ckpt.all_steps() == []
 
 
 def test_keep_prunes_to_the_last_k(tmp_path):

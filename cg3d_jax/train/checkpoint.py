@@ -46,12 +46,22 @@ def _rng_from_json(saved: Mapping[str, Any]):
   return data if saved['impl'] is None else jax.random.wrap_key_data(data, impl=saved['impl'])
 
 
+def _plain_json(name: str, value):
+  """value as plain JSON types, checked now: a bad value would otherwise fail later, in orbax's save thread."""
+  def convert(obj):
+    if isinstance(obj, (np.generic, np.ndarray, jax.Array)):
+      return np.asarray(obj).tolist()
+    raise TypeError(f'checkpoint {name}: {type(obj).__name__} is not JSON-serialisable: {obj!r}')
+
+  return json.loads(json.dumps(value, default=convert))
+
+
 def _config_to_json(config) -> dict:
   if config is None:
     return {}
   if isinstance(config, ml_collections.ConfigDict):
     return json.loads(config.to_json_best_effort())
-  return json.loads(json.dumps(config))
+  return _plain_json('config', config)
 
 
 def _metrics_to_json(metrics) -> dict | None:
@@ -114,7 +124,8 @@ class Checkpointer:
     """
     _check_no_typed_keys(state)
     metrics = _metrics_to_json(metrics)
-    extras = {'step': int(step), 'data_step': data_step, 'rng': _rng_to_json(rng), 'metrics': metrics}
+    extras = {'step': int(step), 'data_step': _plain_json('data_step', data_step), 'rng': _rng_to_json(rng),
+              'metrics': metrics}
     ranked = metrics if metrics is not None and self.best_metric in metrics else None
     return self._manager.save(
         int(step),
