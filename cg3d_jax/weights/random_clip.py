@@ -101,11 +101,12 @@ def write_random_clip(path, *, vision_width: int = 64, vision_layers: int = 2, v
                       patch_size: int = 8, image_size: int = 32, text_width: int = 48, text_layers: int = 2,
                       text_heads: int = 4, projection_dim: int = 32, hidden_act: str = 'quick_gelu',
                       eos_token_id: int = 2, vocab_path=None, seed: int = 0, mlp_ratio: int = 4,
-                      layer_norm_eps: float = 1e-5, overwrite: bool = False) -> str:
+                      layer_norm_eps: float = 1e-5, vocab_size: int | None = None, overwrite: bool = False) -> str:
   """Writes a random CLIPModel folder at `path` and returns it. `vocab_path`: the real BPE gz (required).
 
   eos_token_id=2 gives an old-style config (text pooled at the largest id, as OpenAI's hub configs);
-  49407 a new-style one (pooled at the first <|endoftext|>).
+  49407 a new-style one (pooled at the first <|endoftext|>). `vocab_size` larger than the BPE's 49,408 leaves room
+  for added tokens (ids above <|endoftext|>), the case where the two pooling rules differ.
   """
   import torch
   from transformers import CLIPConfig, CLIPModel
@@ -116,8 +117,10 @@ def write_random_clip(path, *, vision_width: int = 64, vision_layers: int = 2, v
   if path.exists() and any(path.iterdir()) and not overwrite:
     raise FileExistsError(f'{path} exists and is not empty; pass overwrite=True to replace it')
   vocab, _ = read_bpe(vocab_path)
+  if vocab_size is not None and vocab_size < len(vocab):
+    raise ValueError(f'vocab_size {vocab_size} is smaller than the BPE vocabulary ({len(vocab)} tokens)')
   text_config = dict(
-      vocab_size=len(vocab), hidden_size=text_width, intermediate_size=mlp_ratio * text_width,
+      vocab_size=vocab_size or len(vocab), hidden_size=text_width, intermediate_size=mlp_ratio * text_width,
       num_hidden_layers=text_layers, num_attention_heads=text_heads, max_position_embeddings=77,
       hidden_act=hidden_act, layer_norm_eps=layer_norm_eps, bos_token_id=vocab[START_OF_TEXT],
       eos_token_id=eos_token_id, pad_token_id=1, projection_dim=projection_dim)
