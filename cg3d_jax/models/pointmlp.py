@@ -34,6 +34,11 @@ def _torch_bias_init(fan_in: int):
   return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+def _stats_dtype(dtype):
+  """Statistics (BatchNorm, anchor std) in float32 at least: bfloat16 sums lose too much; float64 stays float64."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def _conv1x1(features: int, dtype, name: str, use_bias: bool = False, fan_in: int | None = None) -> nn.Dense:
   bias_init = _torch_bias_init(fan_in) if use_bias else nn.initializers.zeros
   return nn.Dense(features, use_bias=use_bias, dtype=dtype, kernel_init=_torch_kernel_init, bias_init=bias_init,
@@ -59,7 +64,7 @@ class BatchNorm(nn.Module):
     bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
     running_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((features,), jnp.float32))
     running_var = self.variable('batch_stats', 'var', lambda: jnp.ones((features,), jnp.float32))
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(_stats_dtype(self.dtype))
     if train:
       axes = tuple(range(x.ndim - 1))
       count = int(np.prod([x.shape[a] for a in axes]))
@@ -103,13 +108,14 @@ class ResidualBlock(nn.Module):
     return nn.relu(y + x)
 
 
-def anchor_normalize(grouped, anchors):
+def anchor_normalize(grouped, anchors, dtype=jnp.float32):
   """Neighbourhoods relative to their anchor, divided by one std per cloud.
 
   grouped (B, S, K, C), anchors (B, S, C). The std is PyTorch's unbiased std over all S*K*C values of each cloud
   (CG3D's LocalGrouper; the upstream PointMLP repo took one std over the whole batch instead).
   """
-  diff = grouped.astype(jnp.float32) - anchors.astype(jnp.float32)[:, :, None, :]
+  compute = _stats_dtype(dtype)
+  diff = grouped.astype(compute) - anchors.astype(compute)[:, :, None, :]
   flat = diff.reshape(diff.shape[0], -1)
   std = jnp.std(flat, axis=-1, ddof=1)
   return diff / (std[:, None, None, None] + _STD_EPS)
@@ -134,7 +140,7 @@ class LocalGrouper(nn.Module):
     anchor_features = point_ops.gather_points(features, anchor_idx)
     neighbor_idx = point_ops.knn(anchor_xyz, xyz, self.num_neighbors)
     grouped = point_ops.gather_points(features, neighbor_idx)
-    grouped = (alpha * anchor_normalize(grouped, anchor_features) + beta).astype(self.dtype)
+    grouped = (alpha * anchor_normalize(grouped, anchor_features, self.dtype) + beta).astype(self.dtype)
     repeated = jnp.broadcast_to(anchor_features[:, :, None, :], grouped.shape).astype(self.dtype)
     return anchor_xyz, jnp.concatenate([grouped, repeated], axis=-1)
 
@@ -227,7 +233,7 @@ class PointMLP(nn.Module):
   def __call__(self, points, *, train: bool):
     self._check_settings()
     check_points(points, self.k_neighbors, self.reducers)
-    xyz = points.astype(jnp.float32)
+    xyz = points  # sampling and kNN compare float32 distances whatever the compute dtype (point_ops)
     counts = stage_point_counts(points.shape[1], self.reducers)
     x = ConvBNReLU(self.embed_dim, dtype=self.dtype, name='embedding')(xyz.astype(self.dtype), train=train)
     channels = self.embed_dim

@@ -171,10 +171,12 @@ def _twin_key_order(arrays: Mapping[str, np.ndarray]) -> list[str]:
   return sorted(arrays, key=sort_key)
 
 
-def pointmlp_from_torch(state_dict: Mapping[str, Any], model: PointMLP | None = None) -> tuple[dict, dict]:
+def pointmlp_from_torch(state_dict: Mapping[str, Any], model: PointMLP | None = None, *,
+                        dtype: Any = np.float32) -> tuple[dict, dict]:
   """PyTorch `ModelProject` state dict (torch tensors or arrays) -> Flax (params, batch_stats) for `model`.
 
   `model` (default: CG3D's PointMLP) fixes the expected layout; every key and shape is checked against it.
+  Values are converted to `dtype` (float32: the parameter dtype of the Flax model; tests pass float64).
   A `module.` prefix (DataParallel) is not accepted silently: strip it first.
   """
   model = model or PointMLP()
@@ -190,5 +192,5 @@ def pointmlp_from_torch(state_dict: Mapping[str, Any], model: PointMLP | None = 
     if not np.issubdtype(array.dtype, np.floating):
       raise ValueError(f'PyTorch state dict entry {key} has dtype {array.dtype}; expected floating point')
     kind = _torch_module('/'.join(path[:-1]))[1]
-    flat[collection][path] = jnp.asarray(_from_torch_array(kind, path[-1], array.astype(np.float32)))
+    flat[collection][path] = jnp.asarray(_from_torch_array(kind, path[-1], array.astype(dtype)))
   return _nest(flat['params']), _nest(flat['batch_stats'])
