@@ -130,7 +130,8 @@ def write_ply(path, xyz, rgb=None, *, binary: bool = True) -> None:
         rows[channel] = rgb[:, i]
     body.write(rows.tobytes())
   else:
-    table = xyz.astype(object) if rgb is None else np.concatenate([xyz.astype(object), rgb.astype(object)], 1)
+    # float32 -> float64 is exact, so '%.9g' prints each float32 coordinate with enough digits to read it back.
+    table = xyz.astype(np.float64) if rgb is None else np.concatenate([xyz, rgb], axis=1).astype(np.float64)
     np.savetxt(body, table, fmt=['%.9g'] * 3 + (['%d'] * 3 if rgb is not None else []), delimiter=' ')
   _atomic_write(path, body.getvalue())
 
@@ -155,15 +156,18 @@ def _atomic_write(path: str, data: bytes) -> None:
 def _parse_rows(path, lines: Sequence[str], line_numbers: Sequence[int], what: str) -> np.ndarray:
   """(rows, cols) float64 from text lines of numbers separated by spaces and/or commas; every row equally long.
 
-  The fast path joins everything; only when it fails are lines inspected one by one to name the bad line.
+  NumPy's C parser reads well-formed files; only when it refuses are the lines split one by one, which either
+  names the bad line or accepts a file that merely mixes separators.
   """
+  try:
+    values = np.loadtxt(lines, delimiter=',' if ',' in lines[0] else None, comments=None, dtype=np.float64,
+                        ndmin=2)
+    if values.shape[0] == len(lines):
+      return values
+  except ValueError:
+    pass
   split = [line.replace(',', ' ').split() for line in lines]
   num_cols = len(split[0])
-  if all(len(row) == num_cols for row in split):
-    try:
-      return np.array(split, dtype=np.float64).reshape(len(split), num_cols)
-    except ValueError:
-      pass
   for row, number in zip(split, line_numbers):
     if len(row) != num_cols:
       raise PointFileError(path, f'{what}: expected {num_cols} numbers (as on the first row), found {len(row)}',
@@ -173,7 +177,7 @@ def _parse_rows(path, lines: Sequence[str], line_numbers: Sequence[int], what: s
         float(token)
       except ValueError:
         raise PointFileError(path, f'{what}: {token!r} is not a number', number) from None
-  raise PointFileError(path, f'{what}: cannot parse numbers')  # unreachable: one of the checks above fires
+  return np.array(split, dtype=np.float64).reshape(len(split), num_cols)
 
 
 def _check_finite(path, values: np.ndarray, what: str, line_numbers: Sequence[int] | None = None) -> None:
@@ -315,14 +319,19 @@ def _mesh_cloud(path, vertices, rgb, faces, mesh_points, seed) -> PointCloud:
 # ---------------------------------------------------------------------------------------------------------------
 # Text and NPY.
 
-def _text_lines(path, data: bytes) -> tuple[list[str], list[int]]:
+def _text_lines(path, data: bytes) -> tuple[list[str], Sequence[int]]:
   """Non-blank lines without '#' comments, with their 1-based line numbers."""
   try:
     text = data.decode('utf-8')
   except UnicodeDecodeError as e:
     raise PointFileError(path, f'not a text file (byte {e.start} is not UTF-8)') from None
+  raw = text.rstrip().splitlines()
+  if '#' not in text:
+    stripped = [line.strip() for line in raw]
+    if all(stripped):  # the common case, without a Python-level loop per line
+      return stripped, range(1, len(stripped) + 1)
   lines, numbers = [], []
-  for number, line in enumerate(text.splitlines(), start=1):
+  for number, line in enumerate(raw, start=1):
     line = line.split('#', 1)[0].strip()
     if line:
       lines.append(line)
@@ -581,7 +590,8 @@ def _read_ply_binary_lists(path, data, offset, element, byte_order):
 def _read_ply_ascii(path, data: bytes, body_start: int, elements) -> dict:
   header_line_count = data[:body_start].count(b'\n')
   lines, numbers = _text_lines(path, data[body_start:])
-  numbers = [n + header_line_count for n in numbers]
+  numbers = (range(numbers.start + header_line_count, numbers.stop + header_line_count) if isinstance(numbers, range)
+             else [n + header_line_count for n in numbers])
   tables, start = {}, 0
   for element in elements:
     rows, row_numbers = lines[start:start + element.count], numbers[start:start + element.count]
