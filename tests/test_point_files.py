@@ -134,6 +134,26 @@ def test_coloured_off_and_ply_mesh(tmp_path):
   assert np.all(mesh.rgb[:, 1:] == 0)
 
 
+@pytest.mark.parametrize('mixed', [False, True], ids=['quads', 'quads_and_triangles'])
+def test_binary_ply_mesh(tmp_path, mixed):
+  centre, half = np.array([0.0, 0.0, 2.0]), 1.5
+  corners = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)]) * half + centre
+  quads = [(0, 1, 3, 2), (4, 6, 7, 5), (0, 4, 5, 1), (2, 3, 7, 6), (0, 2, 6, 4), (1, 5, 7, 3)]
+  faces = quads[:4] + [q[:3] for q in quads[4:]] + [(q[0], q[2], q[3]) for q in quads[4:]] if mixed else quads
+  header = (f'ply\nformat binary_little_endian 1.0\nelement vertex 8\nproperty float x\nproperty float y\n'
+            f'property float z\nelement face {len(faces)}\nproperty list uchar int vertex_indices\nend_header\n')
+  body = corners.astype('<f4').tobytes() + b''.join(
+      np.uint8(len(f)).tobytes() + np.asarray(f, '<i4').tobytes() for f in faces)
+  (tmp_path / 'cube.ply').write_bytes(header.encode() + body)
+  cloud = read_points(tmp_path / 'cube.ply', mesh_points=3000, seed=5)
+  assert cloud.from_mesh and cloud.rgb is None and cloud.xyz.shape == (3000, 3)
+  offset = np.abs(cloud.xyz - centre)
+  np.testing.assert_allclose(offset.max(axis=1), half, atol=1e-5)
+  assert np.all(offset <= half + 1e-5)
+  (tmp_path / 'cut.ply').write_bytes(header.encode() + body[:-3])
+  _error(tmp_path / 'cut.ply', 'truncated')
+
+
 def test_normalize_points_hand_case():
   np.testing.assert_allclose(normalize_points(np.array([[1.0, 1, 1], [3, 1, 1]])), [[-1, 0, 0], [1, 0, 0]])
   with pytest.raises(ValueError, match='coincide'):
@@ -152,6 +172,8 @@ def test_columns_argument_and_ambiguity(tmp_path):
   with pytest.raises(PointFileError, match="columns='xyz,normals'"):
     read_points(tmp_path / 'six.txt')
   assert read_points(tmp_path / 'six.txt', columns='xyz,normals').normals is not None
+  with pytest.raises(ValueError, match='columns= applies to .npy and text'):
+    read_points(tmp_path / 'six.ply', columns='xyz')
 
 
 def _error(path, match):

@@ -59,9 +59,11 @@ def read_points(path, *, mesh_points: int = DEFAULT_MESH_POINTS, seed: int = 0,
     raise PointFileError(path, f'unknown point-cloud extension {ext!r}; supported: {", ".join(SUPPORTED_EXTENSIONS)}')
   if mesh_points < 1:
     raise ValueError(f'mesh_points must be at least 1, got {mesh_points}')
+  if columns is not None and ext not in ('.npy',) + TEXT_EXTENSIONS:
+    raise ValueError(f'{path}: columns= applies to .npy and text files; {ext} files name their own properties')
   with open(path, 'rb') as f:
     data = f.read()
-  if not data.strip():
+  if not data or data.isspace():
     raise PointFileError(path, 'file is empty')
   if ext == '.ply':
     cloud = _read_ply(path, data, mesh_points, seed)

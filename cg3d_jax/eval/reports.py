@@ -57,7 +57,7 @@ def _json_value(value):
 
 
 def write_json(path, obj) -> None:
-  atomic_write_bytes(path, (json.dumps(_json_value(obj), indent=2) + '\n').encode('utf-8'))
+  atomic_write_bytes(path, (json.dumps(_json_value(obj), indent=2, default=str) + '\n').encode('utf-8'))
 
 
 def write_classification_report(outdir, *, dataset: str, class_names: Sequence[str], logits, labels, mask=None,
