@@ -1,8 +1,8 @@
 """Classification and retrieval metrics: pure functions on features, scores and labels.
 
 Counting metrics run in NumPy on the host: evaluation gathers the features of a whole split first, and exact
-integer counts are easier to trust there than on an accelerator. The two feature maps that run inside jitted code
-(`l2_normalize`, `zero_shot_classifier`) are written in jax.numpy and accept NumPy arrays too.
+integer counts are easier to trust there than on an accelerator. The feature maps that may run inside jitted code
+(`l2_normalize`, `zero_shot_classifier`, `zero_shot_scores`) are written in jax.numpy and accept NumPy arrays too.
 
 Conventions shared by every function here:
 - Accuracies are fractions in [0, 1]; reports turn them into percent.
@@ -100,8 +100,7 @@ def per_class_accuracy(preds, labels, num_classes: int, mask=None) -> np.ndarray
   """(C,) float64 top-1 accuracy of each class; NaN for classes with no rows (absent is not 0% correct)."""
   confusion = confusion_matrix(preds, labels, num_classes, mask)
   counts = confusion.sum(axis=1)
-  with np.errstate(invalid='ignore', divide='ignore'):
-    return np.where(counts > 0, np.diag(confusion) / np.maximum(counts, 1), np.nan)
+  return np.where(counts > 0, np.diag(confusion) / np.maximum(counts, 1), np.nan)
 
 
 def class_mean_accuracy(preds, labels, num_classes: int, mask=None) -> float:
@@ -142,8 +141,12 @@ def zero_shot_classifier(text_features, normalize: bool = True):
 
 
 def zero_shot_scores(point_features, classifier):
-  """(N, C) cosine-style scores: L2-normalised point features against the classifier's class weights."""
-  return l2_normalize(point_features) @ jnp.asarray(classifier).T
+  """(N, C) scores: L2-normalised point features against the classifier's class weights.
+
+  Point features are normalised in both classifier modes; only the text side differs (see zero_shot_classifier).
+  The product runs at full fp32 precision: accelerators' default (TF32/bf16 passes) can swap near-tied classes.
+  """
+  return jnp.matmul(l2_normalize(point_features), jnp.asarray(classifier).T, precision='highest')
 
 
 def class_relevance(query_labels, gallery_labels) -> np.ndarray:
