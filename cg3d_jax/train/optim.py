@@ -10,8 +10,9 @@ no rule matches is an error naming it, so a renamed parameter cannot silently fa
 
 Groups. A rule's group is called `settings['group']` if given, else its regex reduced to a name ('^encoder/' ->
 'encoder', '^clip/prompts/' -> 'clip_prompts'); every frozen leaf is in group 'frozen'. Each group is its own
-chain: clip by global norm (over that group's leaves only, as the original clips each optimizer's parameters),
-weight decay, optimizer, learning-rate schedule. Frozen leaves get `optax.set_to_zero()`, which has no state.
+chain: clip by global norm (over that group's leaves only, as the original clips each optimizer's parameters;
+optax scales by clip/norm where torch's clip_grad_norm_ uses clip/(norm + 1e-6)), weight decay, optimizer,
+learning-rate schedule. Frozen leaves get `optax.set_to_zero()`, which has no state.
 
 The transform works on full trees and on `partition`ed ones (frozen leaves replaced by `optax.MaskedNode()`): take
 gradients with respect to the trainable part only, then update, apply and `merge` back.
