@@ -195,7 +195,7 @@ def test_classification_report_files(random_case, tmp_path):
   assert [r['class_name'] for r in csv_rows] == names
   assert csv_rows[-1]['accuracy'] is None and csv_rows[-1]['num_objects'] == 0
   present = [r['accuracy'] for r in csv_rows if r['accuracy'] is not None]
-  assert results['class_mean_acc'] == pytest.approx(np.mean(present), abs=1e-5)
+  assert results['class_mean_acc'] == pytest.approx(np.mean(present), abs=1e-9)
   assert results['num_classes_present'] == len(present) == num_classes - 1
   json_rows = json.loads((tmp_path / 'per_class.json').read_text())
   assert sum(r['num_correct'] for r in json_rows) == round(results['top1_acc'] * len(labels) / 100)

@@ -87,6 +87,9 @@ def write_classification_report(outdir, *, dataset: str, class_names: Sequence[s
              'num_classes_present': int((counts > 0).sum())}
   summary.update({f'top{k}_acc': 100 * v for k, v in topk.items()})
   summary['class_mean_acc'] = 100 * float(np.nanmean(per_class))
+  clashes = sorted(set(extra or {}) & set(summary))
+  if clashes:
+    raise ValueError(f'{dataset}: extra fields {clashes} would overwrite computed results')
   summary.update(extra or {})
 
   rows = [{'class_index': i, 'class_name': name, 'num_objects': int(counts[i]), 'num_correct': int(confusion[i, i]),
@@ -107,7 +110,7 @@ def _write_per_class_csv(path, rows) -> None:
   writer.writeheader()
   for row in rows:
     # An absent class has no accuracy: an empty cell, not 0 (which would read as 'all wrong').
-    writer.writerow({**row, 'accuracy': '' if math.isnan(row['accuracy']) else f'{row["accuracy"]:.6f}'})
+    writer.writerow({**row, 'accuracy': '' if math.isnan(row['accuracy']) else repr(row['accuracy'])})
   atomic_write_bytes(path, buffer.getvalue().encode('utf-8'))
 
 
