@@ -181,8 +181,9 @@ def write_retrieval_grid(path, queries: Sequence[Any], matches: Sequence[Sequenc
   """A PNG with one row per query: the query, then its top matches left to right.
 
   Queries and matches may each be an image (H, W, 3) or (H, W) uint8, a text (str), or a point cloud drawn as a
-  side view: an (N, 3) float array (coloured by depth) or a `point_files.PointCloud` (in its own colours). `captions[i]` is either one string under the query or a list with one
-  caption per cell of row i (query first). `correct[i][j]` outlines match j green (relevant) or red.
+  side view: an (N, 3) float array (coloured by depth) or a `point_files.PointCloud` (in its own colours).
+  `captions[i]` is either one string under the query or a list with one caption per cell of row i (query first).
+  `correct[i][j]` outlines match j green (relevant) or red.
   """
   if len(queries) != len(matches) or not queries:
     raise ValueError(f'write_retrieval_grid: {len(queries)} queries and {len(matches)} match lists; need the same '
