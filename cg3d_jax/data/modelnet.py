@@ -65,12 +65,16 @@ class Modelnet(builder_base.ManualBuilder):
 
   def _generate_examples(self, root, names, split):
     list_path = root / f'{self.builder_config.name}_{split}.txt'
+    written = 0
     for number, shape_id in readers.read_lines(list_path):
       try:
-        yield shape_id, self._example(root, names, list_path, number, shape_id)
+        example = self._example(root, names, list_path, number, shape_id)
       except readers.BadInputError as e:
         self.bad_inputs.handle(split, e)
-    self.bad_inputs.summarise(split)
+        continue
+      written += 1
+      yield shape_id, example
+    self.bad_inputs.summarise(split, list_path, written)
 
   def _example(self, root, names, list_path, number, shape_id):
     class_name = shape_id.rsplit('_', 1)[0]

@@ -37,8 +37,11 @@ class BadInputLog:
     if len(entries) <= _LOGGED_PER_SPLIT:
       log.warning('skip_bad: skipping an example of split %r: %s', split, error)
 
-  def summarise(self, split: str) -> None:
+  def summarise(self, split: str, source, num_written: int) -> None:
+    """Logs the split's skip count; a split left empty is an error (TFDS cannot write one, and it is no dataset)."""
     count = len(self.skipped.get(split, []))
+    if not num_written:
+      raise BadInputError(f'{source}: no readable example for split {split!r} ({count} skipped as bad)')
     if count:
       log.warning('skip_bad: skipped %d bad example(s) in split %r (first: %s)', count, split,
                   self.skipped[split][0])

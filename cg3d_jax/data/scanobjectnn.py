@@ -86,11 +86,13 @@ class Scanobjectnn(builder_base.ManualBuilder):
 
   def _generate_examples(self, path, split):
     data, label = read_h5(path, self.info.features['label'].num_classes)
+    written = 0
     for i in range(len(data)):
       try:
         points = readers.check_points(f'{path} (object {i})', data[i])
       except readers.BadInputError as e:
         self.bad_inputs.handle(split, e)
         continue
+      written += 1
       yield i, {'points': points, 'label': int(label[i]), 'index': i}
-    self.bad_inputs.summarise(split)
+    self.bad_inputs.summarise(split, path, written)

@@ -116,12 +116,16 @@ class Shapenet55Cg3d(builder_base.ManualBuilder):
 
   def _generate_examples(self, layout, synsets, names, split):
     list_path = layout.meta / f'{split}_img.txt'
+    written = 0
     for number, text in readers.read_lines(list_path):
       try:
-        yield self._example(layout, synsets, names, list_path, number, text)
+        example = self._example(layout, synsets, names, list_path, number, text)
       except readers.BadInputError as e:
         self.bad_inputs.handle(split, e)
-    self.bad_inputs.summarise(split)
+        continue
+      written += 1
+      yield example
+    self.bad_inputs.summarise(split, list_path, written)
 
   def _example(self, layout, synsets, names, list_path, number, text):
     synset, model = readers.parse_shapenet_id(list_path, number, text)
