@@ -131,13 +131,12 @@ def _train_step_twin(twin, points, weights):
   return out.detach().numpy(), merged
 
 
-def _train_step_jax(model, params, batch_stats, points, weights):
+def _gradients_jax(model, params, batch_stats, points, weights):
   def loss(p):
     y, updates = model.apply({'params': p, 'batch_stats': batch_stats}, points, train=True,
                              mutable=['batch_stats'])
     return jnp.sum(y * weights), (y, updates['batch_stats'])
-  grads, (out, new_stats) = jax.jit(jax.grad(loss, has_aux=True))(params)
-  return np.asarray(out), grads, new_stats
+  return jax.jit(jax.grad(loss, has_aux=True))(params)[0]
 
 
 def _assert_trees_close(have, want, atol, rtol):
@@ -153,8 +152,10 @@ def test_train_mode_running_statistics_match_twin(small_twin, highest_precision)
   params, batch_stats = pointmlp_from_torch(small_twin.state_dict(), model)
   expected_out, merged = _train_step_twin(copy.deepcopy(small_twin), points, weights)
   _, expected_stats = pointmlp_from_torch(merged, model)
-  out, _, new_stats = _train_step_jax(model, params, batch_stats, points, weights)
-  np.testing.assert_allclose(out, expected_out, atol=1e-4, rtol=0)
+  out, new_stats = jax.jit(lambda v, p: model.apply(v, p, train=True, mutable=['batch_stats']))(
+      {'params': params, 'batch_stats': batch_stats}, points)
+  new_stats = new_stats['batch_stats']
+  np.testing.assert_allclose(np.asarray(out), expected_out, atol=1e-4, rtol=0)
   _assert_trees_close(new_stats, expected_stats, atol=1e-5, rtol=1e-5)
   # One forward moves the statistics (momentum 0.1, unbiased variance), so the comparison above is not vacuous.
   assert not np.allclose(np.asarray(new_stats['embedding']['bn']['var']),
@@ -176,7 +177,7 @@ def test_gradients_match_twin_in_float64(small_twin):
   with jax.enable_x64(True):
     params, batch_stats = pointmlp_from_torch(small_twin.state_dict(), model, dtype=np.float64)
     expected_grads, _ = pointmlp_from_torch(merged, model, dtype=np.float64)
-    _, grads, _ = _train_step_jax(model, params, batch_stats, points, weights)
+    grads = _gradients_jax(model, params, batch_stats, points, weights)
     for path, want in jax.tree_util.tree_flatten_with_path(expected_grads)[0]:
       have, want = np.asarray(_leaf(grads, path)), np.asarray(want)
       assert have.dtype == np.float64
@@ -192,9 +193,8 @@ def _leaf(tree, path):
 
 def _random_variables(model: PointMLP, seed: int) -> dict:
   shapes = torch_io_pointmlp.expected_variables(model)
-  leaves, treedef = jax.tree.flatten(shapes)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return jax.tree.unflatten(treedef, [jax.random.normal(k, s.shape, s.dtype) for k, s in zip(keys, leaves)])
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape).astype(s.dtype)), shapes)
 
 
 def test_round_trip_flax_torch_flax_is_exact():
@@ -250,3 +250,17 @@ def test_bad_state_dicts_raise_clear_errors(small_twin):
     pointmlp_from_torch({**good, 'projection.weight': good['projection.weight'][:, :, 0]}, model)
   with pytest.raises(ValueError, match='embedding.net.0.weight has dtype int64'):
     pointmlp_from_torch({**good, 'embedding.net.0.weight': good['embedding.net.0.weight'].long()}, model)
+
+
+def test_bfloat16_compute_stays_close_to_float32(small_twin):
+  points = _load_clouds(SMALL_POINTS)
+  params, batch_stats = pointmlp_from_torch(small_twin.state_dict(), PointMLP(**SMALL))
+  variables = {'params': params, 'batch_stats': batch_stats}
+  outputs = {}
+  for dtype in (jnp.float32, jnp.bfloat16):
+    model = PointMLP(**SMALL, dtype=dtype)
+    outputs[dtype] = jax.jit(lambda v, p: model.apply(v, p, train=False))(variables, points)
+  assert outputs[jnp.bfloat16].dtype == jnp.bfloat16
+  want = np.asarray(outputs[jnp.float32])
+  have = np.asarray(outputs[jnp.bfloat16].astype(jnp.float32))
+  assert np.abs(have - want).max() <= 0.05 * np.abs(want).max()

@@ -16,6 +16,7 @@ unexpected and mis-shaped entries.
 """
 
 import collections
+import functools
 import re
 from typing import Any, Mapping
 
@@ -102,8 +103,12 @@ def _bn_modules(entries) -> list[str]:
   return sorted({key.rsplit('.', 1)[0] for key, collection, _ in entries if collection == 'batch_stats'})
 
 
+@functools.lru_cache(maxsize=16)
 def expected_variables(model: PointMLP) -> dict:
-  """Shapes of the Flax variables ({'params': ..., 'batch_stats': ...} of ShapeDtypeStructs) for `model`."""
+  """Shapes of the Flax variables ({'params': ..., 'batch_stats': ...} of ShapeDtypeStructs) for `model`.
+
+  Cached: tracing the model (its sampling loops included) takes a second or two. Treat the result as read-only.
+  """
   counts_ok = int(np.prod(model.reducers)) * max(model.k_neighbors)
   assert stage_point_counts(counts_ok, model.reducers)[-1] >= 1
   points = jax.ShapeDtypeStruct((2, counts_ok, 3), jnp.float32)
