@@ -313,3 +313,43 @@ def test_per_step_cosine_endpoints():
   schedule = optim.make_schedule(dict(name='sgd', lr=1.0, end_lr=0.1, schedule='cosine'), steps_per_epoch=10,
                                  total_steps=100)
   np.testing.assert_allclose([float(schedule(s)) for s in (0, 50, 100)], [1.0, 0.55, 0.1], rtol=1e-6)
+
+
+# --- alternating updates ----------------------------------------------------------------------------------------
+
+
+def test_select_groups_alternates_like_two_separate_optimizers():
+  rules = [('^encoder/', dict(name='sgd', lr=0.1, end_lr=0.001, schedule='cosine_per_epoch', updates_every=2)),
+           ('^clip/prompts/', dict(name='sgd', lr=0.02, momentum=0.9, weight_decay=0.01, updates_every=2)),
+           ('^clip/', None)]
+  tx, labels_fn = optim.make_optimizer(rules, steps_per_epoch=2, total_steps=8)  # 4 epochs of 2 global steps
+  params = _params()
+  grads = [_grads_like(params, s) for s in range(8)]
+
+  @jax.jit
+  def step(i, params, state, grads):
+    updates, new_state = tx.update(grads, state, params)
+    updates, new_state = optim.select_groups({'encoder': i % 2 == 0, 'clip_prompts': i % 2 == 1}, updates,
+                                             new_state, state, labels_fn)
+    return optax.apply_updates(params, updates), new_state, updates
+
+  state = tx.init(params)
+  current = params
+  for i in range(8):
+    before = _flat(current)
+    current, state, updates = step(i, current, state, grads[i])
+    flat_u = _flat(updates)
+    if i % 2:  # odd: the encoder holds still
+      assert not flat_u['encoder/cls_pos'].any()
+    else:  # even: plain SGD at the global step's per-epoch cosine
+      np.testing.assert_allclose(flat_u['encoder/cls_pos'], -_timm_cosine(i // 2, 0.1, 0.001, 4) *
+                                 _flat(grads[i])['encoder/cls_pos'], rtol=1e-5, err_msg=f'step {i}')
+      assert not flat_u['clip/prompts/tokens'].any()
+    np.testing.assert_array_equal(_flat(current)['clip/vision/layer/kernel'], before['clip/vision/layer/kernel'])
+
+  odd_grads = [_flat(grads[i])['clip/prompts/tokens'] for i in (1, 3, 5, 7)]
+  np.testing.assert_allclose(_flat(current)['clip/prompts/tokens'],
+                             _numpy_sgd(_flat(params)['clip/prompts/tokens'], odd_grads, 0.02, 0.9, 0.01),
+                             rtol=1e-5, atol=1e-7)
+  lrs = optim.learning_rates(rules, 6, steps_per_epoch=2, total_steps=8)
+  np.testing.assert_allclose(float(lrs['encoder']), _timm_cosine(3, 0.1, 0.001, 4), rtol=1e-5)

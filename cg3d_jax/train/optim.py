@@ -26,7 +26,9 @@ group's `weight_decay_mask`:
   'none': no leaf.
 
 Schedules. A group's schedule is evaluated at the number of updates that group's transform has seen (optax's own
-counter), which is the global step when every step updates every group:
+counter) times the group's `updates_every` (default 1). With every group updated every step that is the global
+step; under the original's alternating schedule (`select_groups` below, each group updated every other step) set
+updates_every=2 so that the schedule still follows the global step and epochs:
   'constant':          lr.
   'cosine_per_epoch':  timm's CosineLRScheduler(t_initial=epochs, lr_min=end_lr, warmup_t=warmup_epochs,
                        warmup_lr_init=warmup_lr, cycle_limit=1, t_in_epochs=True), which the original steps once per
@@ -46,7 +48,7 @@ import optax
 FROZEN = 'frozen'
 
 _COMMON_KEYS = {'name', 'lr', 'schedule', 'end_lr', 'warmup_epochs', 'warmup_lr', 'epochs', 'clip_norm',
-                'weight_decay', 'weight_decay_mask', 'group'}
+                'weight_decay', 'weight_decay_mask', 'group', 'updates_every'}
 _OPTIMIZER_KEYS = {'adamw': {'b1', 'b2', 'eps'}, 'sgd': {'momentum', 'nesterov'}}
 _DEFAULT_DECAY_MASK = {'adamw': 'original', 'sgd': 'all'}
 _SCHEDULES = ('constant', 'cosine_per_epoch', 'cosine')
@@ -211,7 +213,9 @@ def make_schedule(settings, *, steps_per_epoch: int, total_steps: int) -> optax.
 def make_group_transform(settings, *, steps_per_epoch: int, total_steps: int) -> optax.GradientTransformation:
   """clip_by_global_norm -> weight decay -> optimizer with its schedule, for the leaves of one group."""
   settings = _as_dict(settings)
-  schedule = make_schedule(settings, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+  global_schedule = make_schedule(settings, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+  updates_every = int(settings.get('updates_every', 1) or 1)
+  schedule = lambda count: global_schedule(count * updates_every)  # noqa: E731
   weight_decay = float(settings.get('weight_decay', 0.0) or 0.0)
   parts = []
   if settings.get('clip_norm'):
@@ -262,3 +266,24 @@ def global_norms(tree, rules: Rules) -> dict[str, jax.Array]:
     if group != FROZEN:
       sums[group] = sums[group] + jnp.sum(jnp.square(jnp.asarray(leaf, jnp.float32)))
   return {group: jnp.sqrt(total) for group, total in sums.items()}
+
+
+def select_groups(active: Mapping[str, Any], updates, new_state, old_state, labels_fn):
+  """For alternating updates: groups whose `active[group]` is False get zero updates and keep their old state.
+
+  `updates, new_state` come from `tx.update(grads, old_state, params)` with the multi_transform of
+  `make_optimizer`; `active` maps group names to (traced) booleans, e.g. {'encoder': step % 2 == 0,
+  'clip_prompts': step % 2 == 1}. Groups not named stay as updated. Keeping the old state means an inactive
+  group's momentum and schedule counter do not move, as when the original skipped that optimizer's step.
+  """
+  unknown = set(active) - set(new_state.inner_states)
+  if unknown:
+    raise ValueError(f'select_groups: unknown groups {sorted(unknown)}; groups: {sorted(new_state.inner_states)}')
+  labels = labels_fn(updates)
+  updates = jax.tree.map(lambda u, g: jnp.where(active[g], u, jnp.zeros_like(u)) if g in active else u,
+                         updates, labels)
+  inner = dict(new_state.inner_states)
+  for group, is_active in active.items():
+    inner[group] = jax.tree.map(lambda new, old, on=is_active: jnp.where(on, new, old),
+                                new_state.inner_states[group], old_state.inner_states[group])
+  return updates, new_state._replace(inner_states=inner)
