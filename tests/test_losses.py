@@ -113,3 +113,15 @@ def test_shape_errors_are_clear():
     losses.contrastive_loss(jnp.zeros((4, 8)), jnp.zeros((3, 8)), 1.0)
   with pytest.raises(ValueError, match='mask_same_class_labels'):
     losses.contrastive_loss(jnp.zeros((4, 8)), jnp.zeros((4, 8)), 1.0, mask_same_class_labels=jnp.zeros(3))
+
+
+def test_loss_over_a_sharded_batch_is_the_global_loss():
+  from cg3d_jax.train import sharding  # the batch split over all 8 simulated devices, as in the train step
+  mesh = sharding.make_mesh(dict(data=4, fsdp=2))
+  rng = np.random.default_rng(5)
+  a, b = _random_features(rng, 16, 32), _random_features(rng, 16, 32)
+  batch = sharding.batch_sharding(mesh)
+  loss_fn = jax.jit(lambda x, y: losses.contrastive_loss(x, y, 30.0), in_shardings=(batch, batch),
+                    out_shardings=sharding.replicated(mesh))
+  got = float(loss_fn(jax.device_put(a, batch), jax.device_put(b, batch)))
+  np.testing.assert_allclose(got, _numpy_infonce(a, b, 30.0), rtol=1e-5)
