@@ -1,0 +1,272 @@
+"""Flax variables <-> PyTorch state dicts with the original CG3D names, checked key by key and shape by shape.
+
+Generic machinery first: a name map is a list of `Entry`s, each tying one state-dict key to one Flax leaf
+(collection + '/'-joined path) with a layout conversion. Build maps with `linear`, `conv1x1`, `batch_norm`,
+`layer_norm` and `tensor`, then convert with `flax_to_torch` / `torch_to_flax`; both refuse missing, unexpected
+and mis-shaped entries and name every offender. The encoder-specific maps follow (PointTransformer here).
+
+Layouts: torch Linear weight [out, in] <-> Flax Dense kernel [in, out]; a 1x1 Conv1d weight [out, in, 1] <-> Dense
+kernel [in, out]; BatchNorm weight/bias -> params scale/bias, running_mean/var -> batch_stats mean/var, and
+num_batches_tracked exists only on the torch side (written as a given count, checked for shape and dropped on
+import; with momentum set, PyTorch never reads it).
+"""
+
+import collections
+import dataclasses
+import re
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+PARAMS, BATCH_STATS, TORCH_ONLY = 'params', 'batch_stats', ''
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One state-dict key and the Flax leaf it maps to. kind: 'copy', 'linear', 'conv1x1' or 'num_batches_tracked'."""
+  torch_key: str
+  collection: str
+  flax_path: str
+  kind: str = 'copy'
+
+
+# --- name-map building blocks -----------------------------------------------------------------------------------
+
+def tensor(torch_key: str, flax_path: str, collection: str = PARAMS) -> list[Entry]:
+  """A tensor stored with the same layout on both sides (tokens, position embeddings, affine vectors)."""
+  return [Entry(torch_key, collection, flax_path)]
+
+
+def linear(torch_prefix: str, flax_path: str, *, bias: bool = True) -> list[Entry]:
+  entries = [Entry(f'{torch_prefix}.weight', PARAMS, f'{flax_path}/kernel', 'linear')]
+  return entries + ([Entry(f'{torch_prefix}.bias', PARAMS, f'{flax_path}/bias')] if bias else [])
+
+
+def conv1x1(torch_prefix: str, flax_path: str, *, bias: bool = True) -> list[Entry]:
+  """A kernel-size-1 Conv1d (or Conv2d) applied pointwise, stored as a Flax Dense."""
+  entries = [Entry(f'{torch_prefix}.weight', PARAMS, f'{flax_path}/kernel', 'conv1x1')]
+  return entries + ([Entry(f'{torch_prefix}.bias', PARAMS, f'{flax_path}/bias')] if bias else [])
+
+
+def batch_norm(torch_prefix: str, flax_path: str) -> list[Entry]:
+  return [Entry(f'{torch_prefix}.weight', PARAMS, f'{flax_path}/scale'),
+          Entry(f'{torch_prefix}.bias', PARAMS, f'{flax_path}/bias'),
+          Entry(f'{torch_prefix}.running_mean', BATCH_STATS, f'{flax_path}/mean'),
+          Entry(f'{torch_prefix}.running_var', BATCH_STATS, f'{flax_path}/var'),
+          Entry(f'{torch_prefix}.num_batches_tracked', TORCH_ONLY, '', 'num_batches_tracked')]
+
+
+def layer_norm(torch_prefix: str, flax_path: str) -> list[Entry]:
+  return [Entry(f'{torch_prefix}.weight', PARAMS, f'{flax_path}/scale'),
+          Entry(f'{torch_prefix}.bias', PARAMS, f'{flax_path}/bias')]
+
+
+# --- tree helpers -------------------------------------------------------------------------------------------------
+
+def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
+  """Nested dict -> {'a/b/c': leaf}."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      flat.update({f'{key}/{sub}': leaf for sub, leaf in flatten(value).items()})
+    else:
+      flat[key] = value
+  return flat
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+  """{'a/b/c': leaf} -> nested dict."""
+  tree: dict[str, Any] = {}
+  for path, leaf in flat.items():
+    *parents, name = path.split('/')
+    node = tree
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[name] = leaf
+  return tree
+
+
+def _to_torch_layout(kind: str, x: np.ndarray) -> np.ndarray:
+  if kind == 'linear':
+    return x.T
+  if kind == 'conv1x1':
+    return x.T[:, :, None]
+  return x
+
+
+def _to_flax_layout(kind: str, x: np.ndarray) -> np.ndarray:
+  if kind == 'linear':
+    return x.T
+  if kind == 'conv1x1':
+    if x.ndim < 3 or any(s != 1 for s in x.shape[2:]):
+      raise ValueError(f'expected a kernel-size-1 convolution weight [out, in, 1...], got shape {x.shape}')
+    return x.reshape(x.shape[:2]).T
+  return x
+
+
+def _list(names: Iterable[str], limit: int = 20) -> str:
+  names = sorted(names)
+  more = f' ... and {len(names) - limit} more' if len(names) > limit else ''
+  return ', '.join(names[:limit]) + more
+
+
+def _check_entries(entries: list[Entry]) -> None:
+  dup_keys = [k for k, n in collections.Counter(e.torch_key for e in entries).items() if n > 1]
+  dup_paths = [k for k, n in collections.Counter(f'{e.collection}:{e.flax_path}' for e in entries
+                                                 if e.collection).items() if n > 1]
+  if dup_keys or dup_paths:
+    raise ValueError(f'name map is inconsistent: duplicate torch keys [{_list(dup_keys)}], '
+                     f'duplicate Flax paths [{_list(dup_paths)}]')
+
+
+# --- conversions --------------------------------------------------------------------------------------------------
+
+def flax_to_torch(variables: Mapping[str, Mapping[str, Any]], entries: list[Entry], *,
+                  num_batches_tracked: int = 0) -> 'collections.OrderedDict[str, torch.Tensor]':
+  """Flax collections {'params': ..., 'batch_stats': ...} -> state dict in the entries' order.
+
+  Every Flax leaf of the collections the map uses must be mapped, and every mapped leaf must exist.
+  """
+  _check_entries(entries)
+  collections_used = sorted({e.collection for e in entries if e.collection})
+  flat = {c: flatten(variables.get(c, {})) for c in collections_used}
+  wanted = {(e.collection, e.flax_path) for e in entries if e.collection}
+  have = {(c, p) for c in collections_used for p in flat[c]}
+  missing, unexpected = wanted - have, have - wanted
+  if missing or unexpected:
+    raise ValueError('Flax variables do not match the name map: '
+                     f'missing [{_list(f"{c}/{p}" for c, p in missing)}]; '
+                     f'unexpected [{_list(f"{c}/{p}" for c, p in unexpected)}]')
+  state = collections.OrderedDict()
+  for e in entries:
+    if e.kind == 'num_batches_tracked':
+      state[e.torch_key] = torch.tensor(int(num_batches_tracked), dtype=torch.int64)
+      continue
+    value = np.array(jax.device_get(flat[e.collection][e.flax_path]), dtype=np.float32)  # writable copy for torch
+    state[e.torch_key] = torch.from_numpy(np.ascontiguousarray(_to_torch_layout(e.kind, value)).copy())
+  return state
+
+
+def torch_to_flax(state_dict: Mapping[str, Any], entries: list[Entry],
+                  template: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+  """State dict -> {'params': ..., 'batch_stats': ...} as float32 jnp arrays.
+
+  Refuses missing and unexpected keys. With `template` (Flax variables, concrete or jax.ShapeDtypeStruct), every
+  converted leaf must have the template's shape and the template must have no leaf the map does not fill.
+  """
+  _check_entries(entries)
+  wanted = {e.torch_key for e in entries}
+  missing, unexpected = wanted - set(state_dict), set(state_dict) - wanted
+  if missing or unexpected:
+    raise ValueError(f'state dict does not match the name map: missing keys [{_list(missing)}]; '
+                     f'unexpected keys [{_list(unexpected)}]')
+  flat_template = {c: flatten(template.get(c, {})) for c in (PARAMS, BATCH_STATS)} if template else None
+  out: dict[str, dict[str, Any]] = {}
+  mis_shaped = []
+  for e in entries:
+    raw = state_dict[e.torch_key]
+    value = raw.detach().cpu().numpy() if isinstance(raw, torch.Tensor) else np.asarray(raw)
+    if e.kind == 'num_batches_tracked':
+      if value.shape != ():
+        mis_shaped.append(f'{e.torch_key}: got {value.shape}, expected ()')
+      continue
+    try:
+      value = _to_flax_layout(e.kind, value)
+    except ValueError as err:
+      mis_shaped.append(f'{e.torch_key}: {err}')
+      continue
+    if flat_template is not None:
+      expected = flat_template[e.collection].get(e.flax_path)
+      if expected is not None and tuple(expected.shape) != value.shape:
+        want = _to_torch_layout(e.kind, np.empty(expected.shape, np.float32)).shape
+        mis_shaped.append(f'{e.torch_key}: got {tuple(raw.shape)}, expected {want}')
+    out.setdefault(e.collection, {})[e.flax_path] = jnp.asarray(value, dtype=jnp.float32)
+  if mis_shaped:
+    raise ValueError(f'state dict has mis-shaped entries: {"; ".join(mis_shaped)}')
+  if flat_template is not None:
+    unfilled = [f'{c}/{p}' for c in flat_template for p in flat_template[c] if p not in out.get(c, {})]
+    if unfilled:
+      raise ValueError(f'name map leaves Flax variables unfilled: [{_list(unfilled)}]')
+  return {c: unflatten(leaves) for c, leaves in out.items()}
+
+
+def check_state_dict_shapes(state_dict: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]]) -> None:
+  """Compare a state dict with expected {key: shape} (e.g. the reference tsv); one error listing every difference."""
+  missing, unexpected = set(expected) - set(state_dict), set(state_dict) - set(expected)
+  mis_shaped = [f'{k}: got {tuple(state_dict[k].shape)}, expected {tuple(expected[k])}'
+                for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k])]
+  if missing or unexpected or mis_shaped:
+    raise ValueError(f'state dict differs from the expected layout: missing [{_list(missing)}]; '
+                     f'unexpected [{_list(unexpected)}]; mis-shaped [{"; ".join(mis_shaped)}]')
+
+
+# --- PointTransformer (CG3D's PointTransformerProject) ----------------------------------------------------------
+
+def point_transformer_entries(depth: int, with_head: bool) -> list[Entry]:
+  """The name map, in the original state dict's key order."""
+  entries = tensor('cls_token', 'cls_token') + tensor('cls_pos', 'cls_pos')
+  for stage in ('first', 'second'):
+    entries += conv1x1(f'encoder.{stage}_conv.0', f'encoder/{stage}_conv_0')
+    entries += batch_norm(f'encoder.{stage}_conv.1', f'encoder/{stage}_bn')
+    entries += conv1x1(f'encoder.{stage}_conv.3', f'encoder/{stage}_conv_1')
+  entries += linear('reduce_dim', 'reduce_dim') + linear('projection', 'projection')
+  entries += linear('pos_embed.0', 'pos_embed_0') + linear('pos_embed.2', 'pos_embed_1')
+  for i in range(depth):
+    t, f = f'blocks.blocks.{i}', f'blocks_{i}'
+    entries += layer_norm(f'{t}.norm1', f'{f}/norm1') + layer_norm(f'{t}.norm2', f'{f}/norm2')
+    entries += linear(f'{t}.mlp.fc1', f'{f}/mlp/fc1') + linear(f'{t}.mlp.fc2', f'{f}/mlp/fc2')
+    entries += linear(f'{t}.attn.qkv', f'{f}/attn/qkv', bias=False) + linear(f'{t}.attn.proj', f'{f}/attn/proj')
+  entries += layer_norm('norm', 'norm')
+  if with_head:
+    entries += linear('cls_head_finetune.0', 'cls_head_0') + linear('cls_head_finetune.3', 'cls_head_1')
+  return entries
+
+
+def _count_blocks(names: Iterable[str], pattern: str) -> int:
+  found = {int(m.group(1)) for n in names if (m := re.match(pattern, n))}
+  if found != set(range(len(found))):
+    raise ValueError(f'transformer block numbers are not contiguous from 0: {sorted(found)}')
+  return len(found)
+
+
+def point_transformer_to_torch(params: Mapping[str, Any], batch_stats: Mapping[str, Any], *,
+                               num_batches_tracked: int = 0) -> 'collections.OrderedDict[str, torch.Tensor]':
+  """Flax PointTransformer variables -> the original's `base_model` state dict (strict-loadable)."""
+  depth = _count_blocks(params, r'blocks_(\d+)$')
+  entries = point_transformer_entries(depth, with_head='cls_head_0' in params)
+  return flax_to_torch({PARAMS: params, BATCH_STATS: batch_stats}, entries, num_batches_tracked=num_batches_tracked)
+
+
+def point_transformer_kwargs_from_torch(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+  """The shape-determining PointTransformer settings read off a state dict (num_heads is not recoverable)."""
+  for key in ('cls_token', 'reduce_dim.weight', 'projection.weight', 'blocks.blocks.0.mlp.fc1.weight'):
+    if key not in state_dict:
+      raise ValueError(f'not a PointTransformer state dict: key {key!r} is missing')
+  width = state_dict['cls_token'].shape[-1]
+  kwargs = dict(width=width, depth=_count_blocks(state_dict, r'blocks\.blocks\.(\d+)\.'),
+                encoder_dim=state_dict['reduce_dim.weight'].shape[1],
+                mlp_ratio=state_dict['blocks.blocks.0.mlp.fc1.weight'].shape[0] / width,
+                embed_dim=state_dict['projection.weight'].shape[0], num_heads=1, num_classes=None)
+  if 'cls_head_finetune.0.weight' in state_dict and 'cls_head_finetune.3.weight' in state_dict:
+    kwargs.update(head_hidden=state_dict['cls_head_finetune.0.weight'].shape[0],
+                  num_classes=state_dict['cls_head_finetune.3.weight'].shape[0])
+  return kwargs
+
+
+def point_transformer_from_torch(state_dict: Mapping[str, Any], model: Any = None) -> tuple[dict, dict]:
+  """The original's `base_model` state dict -> (params, batch_stats) for cg3d_jax's PointTransformer.
+
+  With `model` (a PointTransformer), shapes are checked against that model; without, against a model with the
+  sizes read off the state dict itself (so only internal inconsistencies are caught).
+  """
+  from cg3d_jax.models.point_transformer import PointTransformer  # models do not import weights; this is one-way
+  if model is None:
+    model = PointTransformer(**point_transformer_kwargs_from_torch(state_dict))
+  dummy = jax.ShapeDtypeStruct((1, max(model.group_size, model.num_groups), 3), jnp.float32)
+  template = jax.eval_shape(lambda p: model.init(jax.random.key(0), p, train=False), dummy)
+  entries = point_transformer_entries(model.depth, with_head=model.num_classes is not None)
+  variables = torch_to_flax(state_dict, entries, template)
+  return variables[PARAMS], variables.get(BATCH_STATS, {})
