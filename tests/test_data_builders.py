@@ -116,7 +116,7 @@ def _write_h5(path, data, label):
 
 
 @pytest.mark.parametrize('variant', ['obj_only', 'obj_bg', 'pb_t50_rs'])
-def test_scanobjectnn_variants_read_back_equal(tmp_path, variant):
+def test_scanobjectnn_variants_read_back_equal(tmp_path, fixtures_dir, variant):
   rng = np.random.default_rng(len(variant))
   folder, train_name, test_name = scanobjectnn.FILES[variant]
   written = {}
@@ -126,8 +126,7 @@ def test_scanobjectnn_variants_read_back_equal(tmp_path, variant):
     _write_h5(tmp_path / 'h5_files' / folder / name, data, label)
     written[split] = (data, label)
   builder = _prepare(scanobjectnn.Scanobjectnn(data_dir=str(tmp_path / 'out'), config=variant), tmp_path)
-  assert builders.class_names(builder) == (pathlib.Path(__file__).parents[2] / 'shared/fixtures/prompts/'
-                                           'scanobjectnn_shape_names.txt').read_text().split()
+  assert builders.class_names(builder) == (fixtures_dir / 'prompts/scanobjectnn_shape_names.txt').read_text().split()
   for split, (data, label) in written.items():
     examples = sorted(_read_all(builder, split), key=lambda e: e['index'])
     assert len(examples) == len(data)
