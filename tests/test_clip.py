@@ -62,12 +62,22 @@ def small_deep(small_folder):
 
 
 @pytest.fixture(scope='session')
+def small_plain(small_folder):
+  return hf_clip.load_clip(small_folder, prompt_mode='none')
+
+
+@pytest.fixture(scope='session')
 def small_torch(small_folder):
   return CLIPModel.from_pretrained(small_folder, local_files_only=True).eval()
 
 
 def _pixels(loaded, images):
   return np.stack([loaded.preprocess(image) for image in images])
+
+
+def _encode_image(loaded, pixels):
+  return np.asarray(jax.jit(functools.partial(loaded.model.apply, method=CLIP.encode_image))(
+      {'params': loaded.params}, pixels))
 
 
 def _torch_outputs(torch_model, pixels, ids):
@@ -91,8 +101,8 @@ def _assert_parity(ours, theirs):
 # --- tokenizer and preprocessing ------------------------------------------------------------------------------------
 
 
-def test_tokenizer_gives_original_clip_ids(small_folder, bpe_path, tmp_path):
-  tokenizer = hf_clip.load_clip(small_folder, prompt_mode='none').tokenizer
+def test_tokenizer_gives_original_clip_ids(small_folder, small_plain, bpe_path, tmp_path):
+  tokenizer = small_plain.tokenizer
   ids = hf_clip.tokenize(tokenizer, ['a photo of a chair.'])
   assert ids.dtype == np.int32 and ids.shape == (1, 77)
   # Ids by hand from OpenAI's construction: 256 byte symbols ('!'..'~' first, so 'a' is symbol 64), the same 256
@@ -141,8 +151,8 @@ def test_preprocessing_non_square_photo_at_b16_size(photos):
 # --- parity with transformers ---------------------------------------------------------------------------------------
 
 
-def test_small_config_matches_transformers(small_folder, small_torch, photos, highest_precision):
-  loaded = hf_clip.load_clip(small_folder, prompt_mode='none')
+def test_small_config_matches_transformers(small_plain, small_torch, photos, highest_precision):
+  loaded = small_plain
   assert loaded.spec.eos_pooling == EOS_POOLING_ARGMAX and loaded.spec.vision_activation == 'quick_gelu'
   assert 'prompts' not in loaded.params
   pixels, ids = _pixels(loaded, photos), hf_clip.tokenize(loaded.tokenizer, CAPTIONS)
@@ -210,17 +220,18 @@ def test_prompt_parameters_layout(small_folder, small_deep):
 
 
 @pytest.mark.parametrize('mode', ['shallow', 'deep'])
-def test_prompted_image_tower_matches_torch_reference(mode, small_folder, small_torch, photos, highest_precision):
+def test_prompted_image_tower_matches_torch_reference(mode, small_folder, small_plain, small_torch, photos,
+                                                      highest_precision):
   loaded = hf_clip.load_clip(small_folder, prompt_mode=mode, num_prompts=5, seed=4)
   pixels = _pixels(loaded, photos)
   prompts = np.asarray(loaded.params['prompts']['tokens'])
-  ours = np.asarray(loaded.model.apply({'params': loaded.params}, pixels, method=CLIP.encode_image))
+  ours = _encode_image(loaded, pixels)
   with torch.no_grad():
     theirs = torch_prompted_image_features(small_torch, torch.tensor(pixels.transpose(0, 3, 1, 2)),
                                            torch.tensor(prompts)).numpy()
   np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5 * max(1.0, np.abs(theirs).max()))
-  plain = hf_clip.load_clip(small_folder, prompt_mode='none')
-  unprompted = np.asarray(plain.model.apply({'params': plain.params}, pixels, method=CLIP.encode_image))
+  plain = small_plain
+  unprompted = _encode_image(plain, pixels)
   assert np.abs(ours - unprompted).max() > 1e-3  # the prompts do change the features
   # The text tower carries no prompts: its output is plain CLIP's.
   ids = hf_clip.tokenize(loaded.tokenizer, CAPTIONS)
@@ -288,10 +299,11 @@ def test_grad_wrt_prompts_computes_no_backbone_weight_gradients(remat, small_fol
   full_shapes = _matmul_output_shapes(jax.make_jaxpr(jax.grad(full_loss))(loaded.params).jaxpr)
   assert frozen_matrices <= set(full_shapes)
 
+  if remat:
+    return  # the jaxpr scan above is the check under remat; one flop count (below) is enough
   # And XLA's own count: prompt-only backward costs clearly fewer flops than the full backward.
   prompt_flops = jax.jit(prompt_grad).lower(loaded.params['prompts']).compile().cost_analysis()['flops']
   full_flops = jax.jit(jax.grad(full_loss)).lower(loaded.params).compile().cost_analysis()['flops']
-  print(f'remat={remat}: flops prompt-only backward {prompt_flops:.3g}, full backward {full_flops:.3g}')
   assert prompt_flops < 0.8 * full_flops, (prompt_flops, full_flops)
 
 
@@ -305,11 +317,9 @@ def test_remat_and_bfloat16(small_folder, small_deep, photos):
 
   bf16 = hf_clip.load_clip(small_folder, prompt_mode='deep', seed=3, dtype=jnp.bfloat16)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(bf16.params))
-  encode = lambda loaded: jax.jit(functools.partial(loaded.model.apply, method=CLIP.encode_image))
-  ours = encode(bf16)({'params': bf16.params}, pixels)
-  reference = encode(small_deep)({'params': small_deep.params}, pixels)
+  ours, reference = _encode_image(bf16, pixels), _encode_image(small_deep, pixels)
   assert ours.dtype == jnp.float32
-  cosine = jnp.sum(ours * reference, -1) / jnp.linalg.norm(ours, axis=-1) / jnp.linalg.norm(reference, axis=-1)
+  cosine = np.sum(ours * reference, -1) / np.linalg.norm(ours, axis=-1) / np.linalg.norm(reference, axis=-1)
   assert float(cosine.min()) > 0.99
 
 

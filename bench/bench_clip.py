@@ -1,0 +1,136 @@
+"""Benchmark: CLIP image tower forward + backward to the deep visual prompts, JAX (jit) vs transformers PyTorch.
+
+What CG3D's prompt step costs: a ViT-B/16-shaped CLIP with random weights (written by transformers), batch of
+224 px images, fp32, gradient with respect to the 12 x 5 prompt tokens only (the backbone is frozen in both).
+The PyTorch side is transformers' CLIPModel with the same prompt insertion written as a loop over its layers.
+JAX and PyTorch iterations alternate so that a busy shared machine slows both alike; the median is reported.
+
+  python bench/bench_clip.py [--batch 8] [--iters 5] [--folder DIR]
+"""
+
+import argparse
+import functools
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from cg3d_jax.models.clip import CLIP  # noqa: E402
+from cg3d_jax.weights import hf_clip, random_clip  # noqa: E402
+
+VOCAB = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'fixtures' / 'clip_bpe' / 'bpe_simple_vocab_16e6.txt.gz'
+
+
+def torch_prompted_image_features(torch_model, pixel_values, prompts):
+  """CG3D's deep prompt insertion on transformers' vision tower (same as the reference in tests/test_clip.py)."""
+  vision = torch_model.vision_model
+  x = vision.embeddings(pixel_values)
+  batch, n = x.shape[0], prompts.shape[1]
+  x = torch.cat([x[:, :1], prompts[0].expand(batch, -1, -1), x[:, 1:]], dim=1)
+  x = vision.pre_layrnorm(x)
+  for i, layer in enumerate(vision.encoder.layers):
+    if 0 < i < prompts.shape[0]:
+      x = torch.cat([x[:, :1], prompts[i].expand(batch, -1, -1), x[:, 1 + n:]], dim=1)
+    x = layer(x, None)
+  return torch_model.visual_projection(vision.post_layernorm(x[:, 0]))
+
+
+def make_jax_step(loaded):
+  model = loaded.model
+
+  @jax.jit
+  def step(prompts, frozen, pixels, direction):
+    # Frozen weights are arguments (not closed-over constants) so XLA does not fold 150M parameters into the program.
+    def loss(p):
+      features = model.apply({'params': {**frozen, 'prompts': p}}, pixels, method=CLIP.encode_image)
+      return jnp.sum(features * direction)
+    return jax.value_and_grad(loss)(prompts)
+  return step
+
+
+def make_torch_step(torch_model):
+  for p in torch_model.parameters():
+    p.requires_grad_(False)
+
+  def step(prompts, pixels, direction):
+    prompts = prompts.detach().requires_grad_(True)
+    loss = (torch_prompted_image_features(torch_model, pixels, prompts) * direction).sum()
+    loss.backward()
+    return loss.detach(), prompts.grad
+  return step
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--batch', type=int, default=8)
+  parser.add_argument('--iters', type=int, default=5)
+  parser.add_argument('--folder', help='an existing transformers CLIP folder; default: write a random ViT-B/16')
+  args = parser.parse_args(argv)
+
+  from transformers import CLIPModel
+
+  with tempfile.TemporaryDirectory() as tmp:
+    folder = args.folder or random_clip.write_random_clip(
+        os.path.join(tmp, 'clip_b16'), vocab_path=VOCAB, seed=0, **random_clip.VIT_B16)
+    loaded = hf_clip.load_clip(folder, prompt_mode='deep', num_prompts=5)
+    torch_model = CLIPModel.from_pretrained(folder, local_files_only=True).eval()
+
+  spec = loaded.spec
+  rng = np.random.default_rng(0)
+  pixels = rng.normal(size=(args.batch, spec.image_size, spec.image_size, 3)).astype(np.float32)
+  direction = rng.normal(size=(args.batch, spec.projection_dim)).astype(np.float32)
+  prompts = loaded.params['prompts']
+  frozen = {k: v for k, v in loaded.params.items() if k != 'prompts'}
+
+  jax_step = make_jax_step(loaded)
+  j_pixels, j_direction = jnp.asarray(pixels), jnp.asarray(direction)
+  start = time.perf_counter()
+  j_loss, j_grad = jax.block_until_ready(jax_step(prompts, frozen, j_pixels, j_direction))
+  jax_first = time.perf_counter() - start
+
+  torch_step = make_torch_step(torch_model)
+  t_pixels, t_direction = torch.tensor(pixels.transpose(0, 3, 1, 2)), torch.tensor(direction)
+  t_prompts = torch.tensor(np.asarray(prompts['tokens']))
+  start = time.perf_counter()
+  t_loss, t_grad = torch_step(t_prompts, t_pixels, t_direction)
+  torch_first = time.perf_counter() - start
+  grad_diff = float(np.abs(np.asarray(j_grad['tokens']) - t_grad.numpy()).max() / np.abs(t_grad.numpy()).max())
+
+  jax_times, torch_times = [], []
+  for _ in range(args.iters):
+    start = time.perf_counter()
+    jax.block_until_ready(jax_step(prompts, frozen, j_pixels, j_direction))
+    jax_times.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    torch_step(t_prompts, t_pixels, t_direction)
+    torch_times.append(time.perf_counter() - start)
+
+  jax_s, torch_s = statistics.median(jax_times), statistics.median(torch_times)
+  print(f'CLIP ViT-B/16 image tower, deep prompts (12 x 5), forward + backward to the prompts only; batch '
+        f'{args.batch}, {spec.image_size} px, fp32')
+  print(f'machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; jax {jax.__version__} '
+        f'({jax.devices()[0].platform}), torch {torch.__version__} ({torch.get_num_threads()} threads); '
+        f'median of {args.iters} alternating iterations')
+  print(f'prompt gradients agree: max |dJAX - dtorch| / max |dtorch| = {grad_diff:.1e}')
+  print()
+  print('| implementation | s / batch (median) | min | first call (incl. compile) | images / s | torch / this |')
+  print('| --- | --- | --- | --- | --- | --- |')
+  for name, times, first in (('JAX (jit)', jax_times, jax_first), ('transformers PyTorch', torch_times,
+                                                                    torch_first)):
+    median = statistics.median(times)
+    print(f'| {name} | {median:.3f} | {min(times):.3f} | {first:.2f} | {args.batch / median:.2f} | '
+          f'{torch_s / median:.2f} |')
+  return jax_s, torch_s
+
+
+if __name__ == '__main__':
+  main()
