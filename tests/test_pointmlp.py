@@ -11,7 +11,7 @@ import torch
 
 from cg3d_jax.models import point_ops
 from cg3d_jax.models.pointmlp import PointMLP
-from cg3d_jax.weights import torch_io_pointmlp
+from cg3d_jax.weights import torch_io, torch_io_pointmlp
 from cg3d_jax.weights.torch_io_pointmlp import pointmlp_from_torch, pointmlp_to_torch
 from cg3d_jax.weights.torch_twins_pointmlp import PointMLPProject
 from configs import base, pretrain_pointmlp
@@ -173,22 +173,22 @@ def test_gradients_match_twin_in_float64(small_twin):
   model = PointMLP(**SMALL, dtype=jnp.float64)
   points = _load_clouds(SMALL_POINTS).astype(np.float64)
   weights = np.random.default_rng(4).standard_normal((2, 512))
-  _, merged = _train_step_twin(copy.deepcopy(small_twin).double(), points, weights)
+  twin = copy.deepcopy(small_twin).double()
+  _, merged = _train_step_twin(twin, points, weights)
+  params, batch_stats = pointmlp_from_torch(small_twin.state_dict(), PointMLP(**SMALL))
   with jax.enable_x64(True):
-    params, batch_stats = pointmlp_from_torch(small_twin.state_dict(), model, dtype=np.float64)
-    expected_grads, _ = pointmlp_from_torch(merged, model, dtype=np.float64)
-    grads = _gradients_jax(model, params, batch_stats, points, weights)
-    for path, want in jax.tree_util.tree_flatten_with_path(expected_grads)[0]:
-      have, want = np.asarray(_leaf(grads, path)), np.asarray(want)
-      assert have.dtype == np.float64
-      scale = np.abs(want).max()
-      assert np.abs(have - want).max() <= 1e-9 * scale + 1e-12, jax.tree_util.keystr(path)
-
-
-def _leaf(tree, path):
-  for key in path:
-    tree = tree[key.key]
-  return tree
+    to64 = lambda tree: jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
+    grads = torch_io.flatten(_gradients_jax(model, to64(params), to64(batch_stats), points, weights))
+  checked = 0
+  for e in torch_io_pointmlp.pointmlp_entries(model.pre_blocks, model.pos_blocks):
+    if e.collection != torch_io.PARAMS:
+      continue
+    have, want = np.asarray(grads[e.flax_path]), merged[e.torch_key].numpy()
+    have = have.T[:, :, None] if e.kind == 'conv1x1' else have  # Dense kernel (in, out) -> Conv1d (out, in, 1)
+    assert have.dtype == want.dtype == np.float64
+    assert np.abs(have - want).max() <= 1e-9 * np.abs(want).max() + 1e-12, e.torch_key
+    checked += 1
+  assert checked == len(grads) == len(list(twin.parameters()))
 
 
 def _random_variables(model: PointMLP, seed: int) -> dict:
@@ -207,6 +207,22 @@ def test_round_trip_flax_torch_flax_is_exact():
     assert jax.tree.structure(want) == jax.tree.structure(have)
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(have)):
       assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sizes_are_read_off_a_state_dict_of_another_configuration(highest_precision):
+  kwargs = dict(embed_dim=8, res_expansion=0.5, dim_expansion=(2, 1), pre_blocks=(1, 2), pos_blocks=(2, 0),
+                k_neighbors=(24, 24), reducers=(2, 2), projection_dim=32)
+  torch.manual_seed(7)
+  twin = PointMLPProject(points=128, **kwargs).eval()
+  _randomize_twin(twin, seed=8)
+  assert torch_io_pointmlp.pointmlp_kwargs_from_torch(twin.state_dict()) == kwargs
+  params, batch_stats = pointmlp_from_torch(twin.state_dict())
+  points = _load_clouds(128)
+  with torch.no_grad():
+    expected = twin(torch.from_numpy(points)).numpy()
+  model = PointMLP(**kwargs)
+  got = jax.jit(lambda v, p: model.apply(v, p, train=False))({'params': params, 'batch_stats': batch_stats}, points)
+  np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=0)
 
 
 def test_round_trip_torch_flax_torch_is_exact(small_twin):
@@ -242,25 +258,26 @@ def test_bad_state_dicts_raise_clear_errors(small_twin):
   good = dict(small_twin.state_dict())
   model = PointMLP(**SMALL)
   missing = {k: v for k, v in good.items() if k != 'pos_blocks_list.1.operation.0.net2.1.running_var'}
-  with pytest.raises(ValueError, match=r'missing \(1\): pos_blocks_list.1.operation.0.net2.1.running_var'):
+  with pytest.raises(ValueError, match=r'missing keys \[pos_blocks_list.1.operation.0.net2.1.running_var\]'):
     pointmlp_from_torch(missing, model)
-  with pytest.raises(ValueError, match=r'unexpected \(1\): module.projection.bias'):
+  with pytest.raises(ValueError, match=r'unexpected keys \[module.projection.bias\]'):
     pointmlp_from_torch({**good, 'module.projection.bias': good['projection.bias']}, model)
-  with pytest.raises(ValueError, match=r'wrong shape \(1\): projection.weight: got \(512, 256\)'):
+  with pytest.raises(ValueError, match=r'projection.weight: got \(512, 128, 1\), expected \(512, 256, 1\)'):
+    pointmlp_from_torch({**good, 'projection.weight': good['projection.weight'][:, :128]}, model)
+  with pytest.raises(ValueError, match=r'projection.weight: expected a kernel-size-1 convolution weight'):
     pointmlp_from_torch({**good, 'projection.weight': good['projection.weight'][:, :, 0]}, model)
+  with pytest.raises(ValueError, match='not a PointMLP ModelProject state dict'):
+    pointmlp_from_torch({k: v for k, v in good.items() if not k.startswith('embedding.')})
   with pytest.raises(ValueError, match='embedding.net.0.weight has dtype int64'):
     pointmlp_from_torch({**good, 'embedding.net.0.weight': good['embedding.net.0.weight'].long()}, model)
 
 
-def test_bfloat16_compute_stays_close_to_float32(small_twin):
+def test_bfloat16_compute_stays_close_to_the_float32_twin(small_twin):
   points = _load_clouds(SMALL_POINTS)
   params, batch_stats = pointmlp_from_torch(small_twin.state_dict(), PointMLP(**SMALL))
-  variables = {'params': params, 'batch_stats': batch_stats}
-  outputs = {}
-  for dtype in (jnp.float32, jnp.bfloat16):
-    model = PointMLP(**SMALL, dtype=dtype)
-    outputs[dtype] = jax.jit(lambda v, p: model.apply(v, p, train=False))(variables, points)
-  assert outputs[jnp.bfloat16].dtype == jnp.bfloat16
-  want = np.asarray(outputs[jnp.float32])
-  have = np.asarray(outputs[jnp.bfloat16].astype(jnp.float32))
-  assert np.abs(have - want).max() <= 0.05 * np.abs(want).max()
+  model = PointMLP(**SMALL, dtype=jnp.bfloat16)
+  got = jax.jit(lambda v, p: model.apply(v, p, train=False))({'params': params, 'batch_stats': batch_stats}, points)
+  with torch.no_grad():
+    want = small_twin.eval()(torch.from_numpy(points)).numpy()
+  assert got.dtype == jnp.bfloat16
+  assert np.abs(np.asarray(got.astype(jnp.float32)) - want).max() <= 0.05 * np.abs(want).max()

@@ -132,9 +132,10 @@ class LocalGrouper(nn.Module):
 
   @nn.compact
   def __call__(self, xyz, features):
-    channels = features.shape[-1]
-    alpha = self.param('affine_alpha', nn.initializers.ones, (channels,), jnp.float32)
-    beta = self.param('affine_beta', nn.initializers.zeros, (channels,), jnp.float32)
+    # Stored (1, 1, 1, C) as in the original: the shape is what its weight-decay rule (ndim >= 2 decays) sees.
+    shape = (1, 1, 1, features.shape[-1])
+    alpha = self.param('affine_alpha', nn.initializers.ones, shape, jnp.float32)
+    beta = self.param('affine_beta', nn.initializers.zeros, shape, jnp.float32)
     anchor_idx = point_ops.farthest_point_sample(xyz, self.num_anchors)
     anchor_xyz = point_ops.gather_points(xyz, anchor_idx)
     anchor_features = point_ops.gather_points(features, anchor_idx)

@@ -1,201 +1,157 @@
 """PointMLP parameters: Flax (params, batch_stats) <-> the original CG3D PyTorch `ModelProject` state dict.
 
-The two trees are in one-to-one correspondence, module by module:
+The name map, module by module (conversion and checking are torch_io's generic machinery):
 
   Flax (channels-last, 1x1 convs are Dense)        PyTorch (CG3D models/PointMLP.py)
   embedding/{conv,bn}                              embedding.net.{0,1}
-  local_grouper_i/affine_{alpha,beta} (C,)         local_grouper_list.i.affine_{alpha,beta} (1, 1, 1, C)
+  local_grouper_i/affine_{alpha,beta}              local_grouper_list.i.affine_{alpha,beta}   (1, 1, 1, C) both
   pre_blocks_i/transfer/{conv,bn}                  pre_blocks_list.i.transfer.net.{0,1}
   {pre,pos}_blocks_i/block_j/{conv1,bn1,conv2,bn2} {pre,pos}_blocks_list.i.operation.j.{net1.0,net1.1,net2.0,net2.1}
-  projection                                       projection
-  conv kernel (in, out)                            weight (out, in, 1)
-  bn scale, bias / batch_stats mean, var           weight, bias / running_mean, running_var (+ num_batches_tracked)
-
-Both directions check every key and shape against the model's expected layout and fail with the list of missing,
-unexpected and mis-shaped entries.
+  projection                                       projection (Conv1d 1x1 with bias)
 """
 
-import collections
 import functools
 import re
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cg3d_jax.models.pointmlp import PointMLP, stage_point_counts
-
-# (Flax module path regex, PyTorch module path template); module paths are '/'-joined Flax names.
-_MODULE_RULES = [
-    (r'embedding/(conv|bn)', 'embedding.net.{layer}'),
-    (r'local_grouper_(\d+)', 'local_grouper_list.{0}'),
-    (r'pre_blocks_(\d+)/transfer/(conv|bn)', 'pre_blocks_list.{0}.transfer.net.{layer}'),
-    (r'(pre|pos)_blocks_(\d+)/block_(\d+)/(conv|bn)([12])', '{0}_blocks_list.{1}.operation.{2}.net{4}.{layer}'),
-    (r'projection', 'projection'),
-]
-_LAYER_INDEX = {'conv': '0', 'bn': '1'}
-# Flax leaf name -> PyTorch leaf name, per kind of module.
-_CONV_LEAVES = {'kernel': 'weight', 'bias': 'bias'}
-_BN_PARAM_LEAVES = {'scale': 'weight', 'bias': 'bias'}
-_BN_STAT_LEAVES = {'mean': 'running_mean', 'var': 'running_var'}
+from cg3d_jax.models.pointmlp import PointMLP
+from cg3d_jax.weights import torch_io
+from cg3d_jax.weights.torch_io import BATCH_STATS, PARAMS, Entry
 
 
-def _torch_module(flax_module: str) -> tuple[str, str]:
-  """Flax module path -> (PyTorch module path, kind in {'conv', 'bn', 'grouper'})."""
-  for pattern, template in _MODULE_RULES:
-    m = re.fullmatch(pattern, flax_module)
-    if m:
-      groups = m.groups()
-      kind = next((g for g in groups if g in _LAYER_INDEX), 'grouper' if 'grouper' in flax_module else 'conv')
-      return template.format(*groups, layer=_LAYER_INDEX.get(kind, '')), kind
-  raise KeyError(f'no PyTorch name for the Flax PointMLP module {flax_module!r}')
+def _conv_bn(torch_prefix: str, flax_prefix: str, conv: str = 'conv', bn: str = 'bn',
+             torch_conv: str = '0', torch_bn: str = '1') -> list[Entry]:
+  return (torch_io.conv1x1(f'{torch_prefix}.{torch_conv}', f'{flax_prefix}/{conv}', bias=False)
+          + torch_io.batch_norm(f'{torch_prefix}.{torch_bn}', f'{flax_prefix}/{bn}'))
 
 
-def _flat(tree: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
-  return {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+def _residual_block(torch_prefix: str, flax_prefix: str) -> list[Entry]:
+  return (_conv_bn(f'{torch_prefix}.net1', flax_prefix, 'conv1', 'bn1')
+          + _conv_bn(f'{torch_prefix}.net2', flax_prefix, 'conv2', 'bn2'))
 
 
-def _nest(flat: Mapping[tuple[str, ...], Any]) -> dict:
-  out: dict = {}
-  for path, leaf in flat.items():
-    node = out
-    for name in path[:-1]:
-      node = node.setdefault(name, {})
-    node[path[-1]] = leaf
-  return out
+def pointmlp_entries(pre_blocks: Iterable[int], pos_blocks: Iterable[int]) -> list[Entry]:
+  """The name map for a PointMLP with these per-stage block counts, in the original state dict's key order."""
+  pre_blocks, pos_blocks = tuple(pre_blocks), tuple(pos_blocks)
+  entries = _conv_bn('embedding.net', 'embedding')
+  for i in range(len(pre_blocks)):
+    for name in ('affine_alpha', 'affine_beta'):
+      entries += torch_io.tensor(f'local_grouper_list.{i}.{name}', f'local_grouper_{i}/{name}')
+  for i, blocks in enumerate(pre_blocks):
+    entries += _conv_bn(f'pre_blocks_list.{i}.transfer.net', f'pre_blocks_{i}/transfer')
+    for j in range(blocks):
+      entries += _residual_block(f'pre_blocks_list.{i}.operation.{j}', f'pre_blocks_{i}/block_{j}')
+  for i, blocks in enumerate(pos_blocks):
+    for j in range(blocks):
+      entries += _residual_block(f'pos_blocks_list.{i}.operation.{j}', f'pos_blocks_{i}/block_{j}')
+  return entries + torch_io.conv1x1('projection', 'projection')
 
 
-def _to_torch_array(kind: str, leaf_name: str, value: np.ndarray) -> np.ndarray:
-  if kind == 'conv' and leaf_name == 'kernel':
-    return np.ascontiguousarray(value.T[:, :, None])
-  if kind == 'grouper':
-    return value.reshape(1, 1, 1, -1)
-  return value
+def _numbered(names: Iterable[str], pattern: str, what: str) -> int:
+  found = {int(m.group(1)) for n in names if (m := re.fullmatch(pattern, n))}
+  if found != set(range(len(found))):
+    raise ValueError(f'PointMLP {what} numbers are not contiguous from 0: {sorted(found)}')
+  return len(found)
 
 
-def _from_torch_array(kind: str, leaf_name: str, value: np.ndarray) -> np.ndarray:
-  if kind == 'conv' and leaf_name == 'kernel':
-    return np.ascontiguousarray(value[:, :, 0].T)
-  if kind == 'grouper':
-    return value.reshape(-1)
-  return value
+def _block_counts_from_params(params: Mapping[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  stages = _numbered(params, r'local_grouper_(\d+)', 'stage')
+  pre = tuple(_numbered(params.get(f'pre_blocks_{i}', {}), r'block_(\d+)', f'pre_blocks_{i} block')
+              for i in range(stages))
+  pos = tuple(_numbered(params.get(f'pos_blocks_{i}', {}), r'block_(\d+)', f'pos_blocks_{i} block')
+              for i in range(stages))
+  return pre, pos
 
 
-def _correspondence(params, batch_stats) -> list[tuple[str, str, tuple[str, ...]]]:
-  """(torch key, Flax collection, Flax path) for every state-dict entry except num_batches_tracked, in Flax order."""
-  entries = []
-  for collection, tree in (('params', params), ('batch_stats', batch_stats)):
-    for path in _flat(tree):
-      torch_module, kind = _torch_module('/'.join(path[:-1]))
-      leaf = path[-1]
-      if kind == 'grouper':
-        torch_leaf = leaf
-      elif kind == 'conv':
-        torch_leaf = _CONV_LEAVES[leaf]
-      else:
-        torch_leaf = (_BN_PARAM_LEAVES if collection == 'params' else _BN_STAT_LEAVES)[leaf]
-      entries.append((f'{torch_module}.{torch_leaf}', collection, path))
-  return entries
+def pointmlp_kwargs_from_torch(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+  """The shape-determining PointMLP settings read off a state dict.
+
+  k_neighbors and reducers leave no trace in the parameters; they get CG3D's values (24 and 2 in every stage).
+  """
+  for key in ('embedding.net.0.weight', 'projection.weight', 'local_grouper_list.0.affine_alpha'):
+    if key not in state_dict:
+      raise ValueError(f'not a PointMLP ModelProject state dict: key {key!r} is missing')
+  stages = _numbered({k.split('.')[1] for k in state_dict if k.startswith('local_grouper_list.')}, r'(\d+)', 'stage')
+  embed_dim = int(state_dict['embedding.net.0.weight'].shape[0])
+  widths = [embed_dim]
+  for i in range(stages):
+    key = f'pre_blocks_list.{i}.transfer.net.0.weight'
+    if key not in state_dict:
+      raise ValueError(f'not a PointMLP ModelProject state dict: key {key!r} is missing')
+    widths.append(int(state_dict[key].shape[0]))
+  if any(b % a for a, b in zip(widths, widths[1:])):
+    raise ValueError(f'PointMLP stage widths {widths} are not integer multiples of each other')
+
+  def blocks(kind: str, i: int) -> int:
+    prefix = f'{kind}_blocks_list.{i}.operation.'
+    return _numbered({k[len(prefix):].split('.')[0] for k in state_dict if k.startswith(prefix)}, r'(\d+)',
+                     f'{kind}_blocks_list.{i} block')
+
+  first_block = 'pre_blocks_list.0.operation.0.net1.0.weight'
+  res_expansion = state_dict[first_block].shape[0] / widths[1] if first_block in state_dict else 1.0
+  return dict(embed_dim=embed_dim, res_expansion=float(res_expansion),
+              dim_expansion=tuple(b // a for a, b in zip(widths, widths[1:])),
+              pre_blocks=tuple(blocks('pre', i) for i in range(stages)),
+              pos_blocks=tuple(blocks('pos', i) for i in range(stages)),
+              k_neighbors=(24,) * stages, reducers=(2,) * stages,
+              projection_dim=int(state_dict['projection.weight'].shape[0]))
 
 
-def _bn_modules(entries) -> list[str]:
-  return sorted({key.rsplit('.', 1)[0] for key, collection, _ in entries if collection == 'batch_stats'})
+def _numpy_dtype(value) -> np.dtype:
+  if hasattr(value, 'detach'):  # a torch tensor; torch is not imported here for one dtype lookup
+    return value.detach()[()].numpy().dtype if value.dim() == 0 else value.detach().reshape(-1)[:1].numpy().dtype
+  return np.asarray(value).dtype
 
 
 @functools.lru_cache(maxsize=16)
 def expected_variables(model: PointMLP) -> dict:
-  """Shapes of the Flax variables ({'params': ..., 'batch_stats': ...} of ShapeDtypeStructs) for `model`.
-
-  Cached: tracing the model (its sampling loops included) takes a second or two. Treat the result as read-only.
-  """
-  counts_ok = int(np.prod(model.reducers)) * max(model.k_neighbors)
-  assert stage_point_counts(counts_ok, model.reducers)[-1] >= 1
-  points = jax.ShapeDtypeStruct((2, counts_ok, 3), jnp.float32)
+  """Shapes of `model`'s Flax variables ({'params', 'batch_stats'} of ShapeDtypeStructs). Cached; read-only."""
+  num_points = int(np.prod(model.reducers)) * max(model.k_neighbors)  # enough points for every stage
+  points = jax.ShapeDtypeStruct((1, num_points, 3), jnp.float32)
   return jax.eval_shape(lambda p: model.init(jax.random.key(0), p, train=False), points)
 
 
 def expected_torch_shapes(model: PointMLP | None = None) -> dict[str, tuple[int, ...]]:
-  """PyTorch state-dict key -> shape for `model` (default: CG3D's PointMLP), in the twin's key order."""
-  variables = expected_variables(model or PointMLP())
+  """PyTorch state-dict key -> shape for `model` (default: CG3D's PointMLP), in the original key order."""
+  model = model or PointMLP()
+  flat = {c: torch_io.flatten(v) for c, v in expected_variables(model).items()}
   shapes = {}
-  for key, collection, path in _correspondence(variables['params'], variables['batch_stats']):
-    leaf = _flat(variables[collection])[path]
-    kind = _torch_module('/'.join(path[:-1]))[1]
-    shapes[key] = _to_torch_array(kind, path[-1], np.zeros(leaf.shape, np.float32)).shape
-  for bn in _bn_modules(_correspondence(variables['params'], variables['batch_stats'])):
-    shapes[f'{bn}.num_batches_tracked'] = ()
-  return {k: shapes[k] for k in _twin_key_order(shapes)}
+  for e in pointmlp_entries(model.pre_blocks, model.pos_blocks):
+    if e.kind == 'num_batches_tracked':
+      shapes[e.torch_key] = ()
+    else:
+      shape = flat[e.collection][e.flax_path].shape
+      shapes[e.torch_key] = (shape[1], shape[0], 1) if e.kind == 'conv1x1' else tuple(shape)
+  return shapes
 
 
-def _check_against(found: Mapping[str, tuple], expected: Mapping[str, tuple], what: str) -> None:
-  missing = sorted(set(expected) - set(found))
-  unexpected = sorted(set(found) - set(expected))
-  misshaped = sorted(f'{k}: got {tuple(found[k])}, expected {tuple(expected[k])}'
-                     for k in set(found) & set(expected) if tuple(found[k]) != tuple(expected[k]))
-  if missing or unexpected or misshaped:
-    lines = [f'{what} does not match the PointMLP layout:']
-    for title, items in (('missing', missing), ('unexpected', unexpected), ('wrong shape', misshaped)):
-      if items:
-        lines.append(f'  {title} ({len(items)}): ' + ', '.join(items[:20]) + (' ...' if len(items) > 20 else ''))
-    raise ValueError('\n'.join(lines))
-
-
-def pointmlp_to_torch(params, batch_stats, *, num_batches_tracked: int = 0) -> 'collections.OrderedDict':
-  """Flax PointMLP variables -> PyTorch state dict (torch tensors) that CG3D's `ModelProject` loads strictly.
+def pointmlp_to_torch(params: Mapping[str, Any], batch_stats: Mapping[str, Any], *,
+                      num_batches_tracked: int = 0):
+  """Flax PointMLP variables -> PyTorch state dict (float32 tensors) that CG3D's `ModelProject` loads strictly.
 
   Flax keeps no BatchNorm step counter; `num_batches_tracked` (unused by PyTorch when momentum is set) is written
   as the given value.
   """
-  import torch  # export-only dependency
-
-  entries = _correspondence(params, batch_stats)
-  flat = {'params': _flat(params), 'batch_stats': _flat(batch_stats)}
-  arrays = {}
-  for key, collection, path in entries:
-    kind = _torch_module('/'.join(path[:-1]))[1]
-    arrays[key] = _to_torch_array(kind, path[-1], np.asarray(flat[collection][path], np.float32))
-  for bn in _bn_modules(entries):
-    arrays[f'{bn}.num_batches_tracked'] = np.asarray(num_batches_tracked, np.int64)
-  # Same key order as the PyTorch module, which is what `torch.save(model.state_dict())` would have written.
-  order = _twin_key_order(arrays)
-  return collections.OrderedDict((k, torch.from_numpy(np.array(arrays[k]))) for k in order)
+  entries = pointmlp_entries(*_block_counts_from_params(params))
+  return torch_io.flax_to_torch({PARAMS: params, BATCH_STATS: batch_stats}, entries,
+                                num_batches_tracked=num_batches_tracked)
 
 
-def _twin_key_order(arrays: Mapping[str, np.ndarray]) -> list[str]:
-  """The PyTorch module's registration order (what `model.state_dict()` yields), not alphabetical order."""
-  top = ['embedding', 'local_grouper_list', 'pre_blocks_list', 'pos_blocks_list', 'projection']
-  submodule_rank = {'net': 0, 'transfer': 0, 'operation': 1, 'net1': 0, 'net2': 1}
-  leaf_rank = ['affine_alpha', 'affine_beta', 'weight', 'bias', 'running_mean', 'running_var',
-               'num_batches_tracked']
+def pointmlp_from_torch(state_dict: Mapping[str, Any], model: PointMLP | None = None) -> tuple[dict, dict]:
+  """CG3D `ModelProject` state dict (torch tensors or arrays) -> float32 Flax (params, batch_stats).
 
-  def sort_key(key: str):
-    parts = key.split('.')
-    module = [int(p) if p.isdigit() else submodule_rank[p] for p in parts[1:-1]]
-    return top.index(parts[0]), module, leaf_rank.index(parts[-1])
-  return sorted(arrays, key=sort_key)
-
-
-def pointmlp_from_torch(state_dict: Mapping[str, Any], model: PointMLP | None = None, *,
-                        dtype: Any = np.float32) -> tuple[dict, dict]:
-  """PyTorch `ModelProject` state dict (torch tensors or arrays) -> Flax (params, batch_stats) for `model`.
-
-  `model` (default: CG3D's PointMLP) fixes the expected layout; every key and shape is checked against it.
-  Values are converted to `dtype` (float32: the parameter dtype of the Flax model; tests pass float64).
-  A `module.` prefix (DataParallel) is not accepted silently: strip it first.
+  Every key and shape is checked against `model`; without one, against a PointMLP with the sizes read off the
+  state dict (so only internal inconsistencies are caught). A DataParallel `module.` prefix is refused: strip it.
   """
-  model = model or PointMLP()
-  found = {}
-  for key, value in state_dict.items():
-    array = value.detach().cpu().numpy() if hasattr(value, 'detach') else np.asarray(value)
-    found[key] = array
-  _check_against({k: v.shape for k, v in found.items()}, expected_torch_shapes(model), 'PyTorch state dict')
-  variables = expected_variables(model)
-  flat = {'params': {}, 'batch_stats': {}}
-  for key, collection, path in _correspondence(variables['params'], variables['batch_stats']):
-    array = found[key]
-    if not np.issubdtype(array.dtype, np.floating):
-      raise ValueError(f'PyTorch state dict entry {key} has dtype {array.dtype}; expected floating point')
-    kind = _torch_module('/'.join(path[:-1]))[1]
-    flat[collection][path] = jnp.asarray(_from_torch_array(kind, path[-1], array.astype(dtype)))
-  return _nest(flat['params']), _nest(flat['batch_stats'])
+  model = model or PointMLP(**pointmlp_kwargs_from_torch(state_dict))
+  entries = pointmlp_entries(model.pre_blocks, model.pos_blocks)
+  for e in entries:
+    value = state_dict.get(e.torch_key)
+    if e.collection and value is not None and not np.issubdtype(_numpy_dtype(value), np.floating):
+      raise ValueError(f'state dict entry {e.torch_key} has dtype {_numpy_dtype(value)}; expected floating point')
+  variables = torch_io.torch_to_flax(state_dict, entries, expected_variables(model))
+  return variables[PARAMS], variables[BATCH_STATS]
