@@ -372,3 +372,16 @@ def test_missing_and_misshaped_tensors(small_folder, tmp_path):
   with pytest.raises(hf_clip.CLIPLoadError, match=r"missing tensor 'text_model.final_layer_norm.bias' "
                                                   r"\(expected shape \(48,\)\)"):
     hf_clip.load_clip(folder)
+
+
+def test_sharded_safetensors_and_pytorch_bin_load_the_same_weights(small_folder, small_plain, small_torch, tmp_path):
+  sharded = _copy_folder(small_folder, tmp_path / 'sharded')
+  (sharded / 'model.safetensors').unlink()
+  small_torch.save_pretrained(str(sharded), max_shard_size='2MB')
+  assert (sharded / 'model.safetensors.index.json').is_file() and len(list(sharded.glob('*.safetensors'))) > 1
+  pickled = _copy_folder(small_folder, tmp_path / 'pickled')
+  (pickled / 'model.safetensors').unlink()
+  torch.save(small_torch.state_dict(), pickled / 'pytorch_model.bin')
+  for folder in (sharded, pickled):
+    params = hf_clip.load_clip(folder, prompt_mode='none').params
+    jax.tree.map(np.testing.assert_array_equal, params, small_plain.params)
