@@ -245,6 +245,23 @@ def test_shapenet_wrong_shape_points(tmp_path):
   _expect_bad(tmp_path, rf'{SYNSET_A}-aaa1\.npy: expected points of shape \(N, 3\), got \(64, 4\)')
 
 
+def test_shapenet_degenerate_cloud(tmp_path):
+  root = _tiny_shapenet(tmp_path / 'manual')
+  np.save(root / 'shapenet_pc' / f'{SYNSET_A}-aaa1.npy', np.ones((64, 3), np.float32))
+  _expect_bad(tmp_path, rf'{SYNSET_A}-aaa1\.npy: all 64 points are the same point')
+
+
+def test_shapenet_cg3d_nested_layout_builds(tmp_path):
+  # CG3D's own tree: <root>/shapenet_render/{split lists, img/} and <root>/ShapeNet55/shapenet_pc/.
+  flat = _tiny_shapenet(tmp_path / 'flat')
+  root = tmp_path / 'manual'
+  (root / 'ShapeNet55').mkdir(parents=True)
+  shutil.move(flat / 'shapenet_pc', root / 'ShapeNet55' / 'shapenet_pc')
+  shutil.move(flat, root / 'shapenet_render')
+  builder = _build_shapenet(tmp_path)
+  assert builder.info.splits['train'].num_examples == 2 and builder.info.splits['test'].num_examples == 1
+
+
 def test_shapenet_unreadable_png(tmp_path):
   root = _tiny_shapenet(tmp_path / 'manual')
   path = root / 'img' / SYNSET_B / 'bbb1' / '001.png'

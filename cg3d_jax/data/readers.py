@@ -76,6 +76,9 @@ def check_points(path, points: np.ndarray, *, columns: int = 3) -> np.ndarray:
   if not finite.all():
     row = int(np.argmin(finite))
     raise BadInputError(f'{path}: non-finite value (NaN or Inf) in point {row}: {points[row].tolist()}')
+  if not (points.max(axis=0) > points.min(axis=0)).any():
+    raise BadInputError(f'{path}: all {len(points)} points are the same point; a cloud needs extent to be scaled '
+                        'to the unit sphere')
   return points.astype(np.float32)
 
 
