@@ -8,8 +8,8 @@ point-wise MLPs over each neighbourhood (PreExtraction, max over the neighbours)
 (1024 -> 512) give the CLIP-space feature.
 
 Layout is channels-last throughout: a 1x1 Conv1d is a Dense over the last axis. Every conv has no bias except the
-projection (the original sets bias=False). BatchNorm follows PyTorch exactly (see `BatchNorm`). Point coordinates
-stay float32 whatever the compute dtype, so that sampling and neighbour search choose the same points.
+projection (the original sets bias=False). BatchNorm follows PyTorch exactly (see `BatchNorm`). Sampling and
+neighbour search compare float32 distances whatever the compute dtype, so that every dtype picks the same points.
 """
 
 from typing import Any, Sequence
@@ -196,15 +196,20 @@ def check_points(points, k_neighbors: Sequence[int], reducers: Sequence[int]) ->
           f'PointMLP stage {i} needs at least {k} points for its {k}-neighbourhoods and at least one anchor, '
           f'but {shape[1]} input points leave {counts[i]} points and {counts[i + 1]} anchors there '
           f'(reducers={tuple(reducers)}, k_neighbors={tuple(k_neighbors)})')
-  # Under jit the values are abstract; the data pipeline is then the place that rejects non-finite clouds.
-  if not isinstance(points, jax.core.Tracer):
+  # Under jit the values are abstract (and a multi-host array is not all here); the data pipeline is then the
+  # place that rejects non-finite clouds.
+  if not isinstance(points, jax.core.Tracer) and getattr(points, 'is_fully_addressable', True):
     finite = np.isfinite(np.asarray(points)).all(axis=(1, 2))
     if not finite.all():
       raise ValueError(f'PointMLP input has NaN or infinite coordinates in clouds {np.flatnonzero(~finite).tolist()}')
 
 
 class PointMLP(nn.Module):
-  """PointMLP encoder with CG3D's projection; __call__(points (B, N, 3), train=...) -> (B, projection_dim)."""
+  """PointMLP encoder with CG3D's projection; __call__(points (B, N, 3), train=...) -> (B, projection_dim).
+
+  Anchor counts follow the input: N // 2, N // 4, ... The original fixes them at construction from `points=1024`
+  (CG3D always feeds 1024 points), which is the same network for N = 1024.
+  """
   embed_dim: int = 64
   res_expansion: float = 1.0
   dim_expansion: Sequence[int] = (2, 2, 2, 2)
@@ -234,7 +239,7 @@ class PointMLP(nn.Module):
   def __call__(self, points, *, train: bool):
     self._check_settings()
     check_points(points, self.k_neighbors, self.reducers)
-    xyz = points  # sampling and kNN compare float32 distances whatever the compute dtype (point_ops)
+    xyz = points  # point_ops samples and searches in float32 whatever the compute dtype
     counts = stage_point_counts(points.shape[1], self.reducers)
     x = ConvBNReLU(self.embed_dim, dtype=self.dtype, name='embedding')(xyz.astype(self.dtype), train=train)
     channels = self.embed_dim
