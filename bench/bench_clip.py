@@ -65,6 +65,8 @@ def make_torch_step(torch_model):
     prompts = prompts.detach().requires_grad_(True)
     loss = (torch_prompted_image_features(torch_model, pixels, prompts) * direction).sum()
     loss.backward()
+    if prompts.is_cuda:
+      torch.cuda.synchronize()
     return loss.detach(), prompts.grad
   return step
 
@@ -83,6 +85,9 @@ def main(argv=None):
         os.path.join(tmp, 'clip_b16'), vocab_path=VOCAB, seed=0, **random_clip.VIT_B16)
     loaded = hf_clip.load_clip(folder, prompt_mode='deep', num_prompts=5)
     torch_model = CLIPModel.from_pretrained(folder, local_files_only=True).eval()
+  # Each framework on its best device: JAX's default backend, and CUDA for PyTorch when it has it.
+  torch_device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+  torch_model.to(torch_device)
 
   spec = loaded.spec
   rng = np.random.default_rng(0)
@@ -98,12 +103,14 @@ def main(argv=None):
   jax_first = time.perf_counter() - start
 
   torch_step = make_torch_step(torch_model)
-  t_pixels, t_direction = torch.tensor(pixels.transpose(0, 3, 1, 2)), torch.tensor(direction)
-  t_prompts = torch.tensor(np.asarray(prompts['tokens']))
+  t_pixels = torch.tensor(pixels.transpose(0, 3, 1, 2), device=torch_device)
+  t_direction = torch.tensor(direction, device=torch_device)
+  t_prompts = torch.tensor(np.asarray(prompts['tokens']), device=torch_device)
   start = time.perf_counter()
   t_loss, t_grad = torch_step(t_prompts, t_pixels, t_direction)
   torch_first = time.perf_counter() - start
-  grad_diff = float(np.abs(np.asarray(j_grad['tokens']) - t_grad.numpy()).max() / np.abs(t_grad.numpy()).max())
+  t_grad = t_grad.cpu().numpy()
+  grad_diff = float(np.abs(np.asarray(j_grad['tokens']) - t_grad).max() / np.abs(t_grad).max())
 
   jax_times, torch_times = [], []
   for _ in range(args.iters):
@@ -118,7 +125,7 @@ def main(argv=None):
   print(f'CLIP ViT-B/16 image tower, deep prompts (12 x 5), forward + backward to the prompts only; batch '
         f'{args.batch}, {spec.image_size} px, fp32')
   print(f'machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; jax {jax.__version__} '
-        f'({jax.devices()[0].platform}), torch {torch.__version__} ({torch.get_num_threads()} threads); '
+        f'({jax.devices()[0].platform}), torch {torch.__version__} ({torch_device}, {torch.get_num_threads()} threads); '
         f'median of {args.iters} alternating iterations')
   print(f'prompt gradients agree: max |dJAX - dtorch| / max |dtorch| = {grad_diff:.1e}')
   print()
