@@ -136,7 +136,7 @@ def test_scanobjectnn_variants_read_back_equal(tmp_path, fixtures_dir, variant):
 
 
 def test_scanobjectnn_nan_names_file_and_object(tmp_path):
-  data = np.zeros((3, 2048, 3), np.float32)
+  data = np.random.default_rng(0).normal(size=(3, 2048, 3)).astype(np.float32)
   data[2, 10, 1] = np.nan
   folder, train_name, test_name = scanobjectnn.FILES['obj_bg']
   _write_h5(tmp_path / folder / train_name, data, np.zeros(3, np.int64))

@@ -3,9 +3,6 @@
 Expected values come from the files on disk (npy clouds, PNG renders read with PIL) and NumPy re-computations.
 """
 
-import io
-import pathlib
-
 import jax
 import numpy as np
 import pytest
@@ -78,7 +75,8 @@ def test_synthetic_objects_are_deterministic_from_the_seed(tmp_path):
   a = synthetic.write_synthetic_shapenet(tmp_path / 'a', small)
   b = synthetic.write_synthetic_shapenet(tmp_path / 'b', small)
   files_a = sorted(p.relative_to(a) for p in a.rglob('*') if p.is_file())
-  assert files_a == sorted(p.relative_to(b) for p in b.rglob('*') if p.is_file()) and len(files_a) == 4 * 3 + 5  # 4 objects (npy + 2 views), 5 metadata files
+  assert files_a == sorted(p.relative_to(b) for p in b.rglob('*') if p.is_file())
+  assert len(files_a) == 4 * 3 + 5  # 4 objects (npy + 2 views each), 5 metadata files
   for rel in files_a:
     assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
   other, _ = synthetic.make_object(synthetic.SyntheticSettings(seed=6, num_points=128, image_size=24), 'torus', 0)

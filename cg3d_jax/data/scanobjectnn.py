@@ -3,7 +3,8 @@
 Manual folder: the official `h5_files/` folder, or the folder holding it, or the one inside it; files as shipped:
   obj_only   main_split_nobg/training_objectdataset.h5, main_split_nobg/test_objectdataset.h5
   obj_bg     main_split/training_objectdataset.h5,      main_split/test_objectdataset.h5
-  pb_t50_rs  main_split/training_objectdataset_augmentedrot_scale75.h5, main_split/test_objectdataset_augmentedrot_scale75.h5
+  pb_t50_rs  main_split/training_objectdataset_augmentedrot_scale75.h5,
+             main_split/test_objectdataset_augmentedrot_scale75.h5
 each with `data` (N, 2048, 3) float and `label` (N,) integer in [0, 15).
 
   tfds build cg3d_jax/data/scanobjectnn.py --config pb_t50_rs --manual_dir /data/ScanObjectNN
