@@ -23,6 +23,13 @@ import tensorflow_datasets as tfds
 from cg3d_jax.data import builders, transforms
 
 class_names = builders.class_names
+
+# TensorFlow only feeds the host pipeline: it must not claim accelerator memory that JAX needs (a no-op with
+# tensorflow-cpu; too late, and harmless, if TF already ran ops in this process).
+try:
+  tf.config.set_visible_devices([], 'GPU')
+except RuntimeError:
+  pass
 _EPOCH_STRIDE = 1 << 32  # example seeds are (seed, epoch * stride + index): unique while index < 2**32
 
 
@@ -138,7 +145,10 @@ def make_pretrain_iterator(data_config, *, global_batch_size, sharding, image_si
                            num_templates, seed, start_step=0, process_index=None,
                            process_count=None) -> Iterator[dict[str, jax.Array]]:
   """Infinite iterator of global batches: 'points' (B, S, 3) augmented, 'image' (B, H, W, 3) normalised,
-  'label' (B,) int32, 'template_idx' (B,) int32; the first batch is global step `start_step`'s."""
+  'label' (B,) int32, 'template_idx' (B,) int32; the first batch is global step `start_step`'s.
+
+  process_index / process_count default to JAX's; pass them explicitly only to simulate processes with
+  `pretrain_local_dataset` (global arrays need the real process layout)."""
   ds = pretrain_local_dataset(data_config, global_batch_size=global_batch_size, image_size=image_size,
                               image_mean=image_mean, image_std=image_std, num_templates=num_templates, seed=seed,
                               start_step=start_step, process_index=process_index, process_count=process_count)
