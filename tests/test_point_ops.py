@@ -54,6 +54,17 @@ def test_fps_matches_numpy_on_modelnet(clouds):
   assert all(len(set(row)) == 64 for row in got)  # no duplicates while enough distinct points remain
 
 
+def test_fps_full_cloud_and_exact_ties(clouds):
+  full = clouds[:1]  # one whole 10,000-point object
+  got = np.asarray(point_ops.farthest_point_sample(jnp.asarray(full), 24))
+  np.testing.assert_array_equal(got[0], numpy_fps(full[0], 24))
+  # Every point twice: each distance ties with its copy's, and the lower index (the first copy) must win.
+  doubled = np.concatenate([clouds[2, :500], clouds[2, :500]])[None]
+  got = np.asarray(point_ops.farthest_point_sample(jnp.asarray(doubled), 40))
+  np.testing.assert_array_equal(got[0], numpy_fps(doubled[0], 40))
+  assert np.all(got < 500)
+
+
 def test_fps_skips_points_at_origin(clouds):
   rng = np.random.default_rng(0)
   sub = clouds[:, :1500].copy()
