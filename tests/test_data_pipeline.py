@@ -139,6 +139,9 @@ def test_builder_reads_the_synthetic_synset_dictionary(synth):
   taxonomy = json.loads((synth[0] / 'taxonomy.json').read_text())
   assert [t['name'] for t in taxonomy] == list(SETTINGS.families)
   assert all(t['synsetId'].startswith('9') and len(t['synsetId']) == 8 for t in taxonomy)
+  # The names were set at build time; a fresh builder reads them back from the prepared data.
+  fresh = builders.get_builder('shapenet55_cg3d', data_dir=synth[1], prepare=False)
+  assert builders.class_names(fresh) == list(SETTINGS.families)
 
 
 # ------------------------------------------------------------------------------------------------ pretraining
