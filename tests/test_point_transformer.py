@@ -230,3 +230,18 @@ def test_remat_and_stochastic_depth(small_pair, points):
   a, b, c = run(jax.random.key(0)), run(jax.random.key(1)), run(jax.random.key(0))
   np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
   assert not np.allclose(np.asarray(a), np.asarray(b))
+
+
+def test_bfloat16_compute_keeps_float32_state(points):
+  """Compute dtype bf16: parameters and BatchNorm statistics stay float32, outputs are close to fp32's."""
+  model = PointTransformer(width=64, depth=1, num_heads=2, num_groups=16, group_size=8, encoder_dim=32,
+                           num_classes=5, dtype=jnp.bfloat16)
+  variables = jax.jit(model.init, static_argnames='train')(jax.random.key(0), points, train=False)
+  assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+  out, updates = jax.jit(lambda v: model.apply(v, points, train=True, mutable=['batch_stats'],
+                                               rngs={'dropout': jax.random.key(1)}))(variables)
+  assert out.dtype == jnp.bfloat16 and out.shape == (len(OBJECTS), 512)
+  assert {x.dtype for x in jax.tree.leaves(updates)} == {jnp.dtype(jnp.float32)}
+  fp32 = jax.jit(lambda v: model.clone(dtype=jnp.float32).apply(v, points, train=False))(variables)
+  bf16 = jax.jit(lambda v: model.apply(v, points, train=False))(variables)
+  np.testing.assert_allclose(np.asarray(bf16, np.float32), np.asarray(fp32), atol=0.05 * np.abs(fp32).max())
