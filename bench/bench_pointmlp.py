@@ -4,9 +4,10 @@ Real configuration (13.1 M parameters, 1024 points, k = 24, four stages), fp32, 
 statistics and running-average updates), gradient with respect to every parameter. Both sides start from the same
 weights (the Flax init, exported with torch_io_pointmlp) and see the same points (random, on the unit sphere).
 JAX and PyTorch iterations alternate so that a busy shared machine slows both alike; medians are reported, and the
-JAX compile time separately.
+JAX compile time separately. At batch 32 each side needs ~10 GB of activations; where the two do not fit in memory
+together, run them one at a time with --framework.
 
-  python bench/bench_pointmlp.py [--batch 32] [--points 1024] [--iters 3] [--warmup 1]
+  python bench/bench_pointmlp.py [--batch 32] [--points 1024] [--iters 3] [--warmup 1] [--framework both|jax|torch]
 """
 
 import argparse
@@ -47,6 +48,7 @@ def main():
   parser.add_argument('--points', type=int, default=1024)
   parser.add_argument('--iters', type=int, default=3, help='timed iterations per framework')
   parser.add_argument('--warmup', type=int, default=1, help='untimed iterations per framework first')
+  parser.add_argument('--framework', choices=('both', 'jax', 'torch'), default='both')
   args = parser.parse_args()
 
   model = PointMLP()
@@ -55,40 +57,44 @@ def main():
   variables = jax.jit(lambda p: model.init(jax.random.key(0), p, train=False))(points[:1])
   params, batch_stats = variables['params'], variables['batch_stats']
 
-  step = make_jax_step(model, direction)
-  start = time.perf_counter()
-  compiled = step.lower(params, batch_stats, points).compile()
-  compile_s = time.perf_counter() - start
+  frameworks = ('jax', 'torch') if args.framework == 'both' else (args.framework,)
+  steps, compile_s = {}, None
+  if 'jax' in frameworks:
+    start = time.perf_counter()
+    compiled = make_jax_step(model, direction).lower(params, batch_stats, points).compile()
+    compile_s = time.perf_counter() - start
+    steps['jax'] = lambda: jax.block_until_ready(compiled(params, batch_stats, points))
+  if 'torch' in frameworks:
+    twin = PointMLPProject(points=args.points)
+    twin.load_state_dict(pointmlp_to_torch(params, batch_stats), strict=True)
+    twin.train()
+    xt, dt = torch.from_numpy(points), torch.from_numpy(direction)
 
-  twin = PointMLPProject(points=args.points)
-  twin.load_state_dict(pointmlp_to_torch(params, batch_stats), strict=True)
-  twin.train()
-  xt, dt = torch.from_numpy(points), torch.from_numpy(direction)
-
-  def jax_step():
-    jax.block_until_ready(compiled(params, batch_stats, points))
-
-  def torch_step():
-    twin.zero_grad(set_to_none=True)
-    torch.sum(twin(xt) * dt).backward()
+    def torch_step():
+      twin.zero_grad(set_to_none=True)
+      torch.sum(twin(xt) * dt).backward()
+    steps['torch'] = torch_step
 
   for _ in range(args.warmup):  # first-run allocation, torch's lazy init
-    jax_step(), torch_step()
-  jax_times, torch_times = [], []
+    for fn in steps.values():
+      fn()
+  times = {name: [] for name in steps}
   for _ in range(args.iters):
-    for fn, times in ((jax_step, jax_times), (torch_step, torch_times)):
+    for name, fn in steps.items():
       start = time.perf_counter()
       fn()
-      times.append(time.perf_counter() - start)
+      times[name].append(time.perf_counter() - start)
 
-  jax_s, torch_s = statistics.median(jax_times), statistics.median(torch_times)
   print(f'PointMLP (CG3D config) train-mode forward+backward, batch {args.batch} x {args.points} points, fp32')
   print(f'machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; jax {jax.__version__} '
         f'({jax.devices()[0].platform}), torch {torch.__version__} ({torch.get_num_threads()} threads)')
   print(f'{"framework":10s} {"median s":>9s} {"all runs s":>24s}')
-  print(f'{"jax jit":10s} {jax_s:9.2f} {" ".join(f"{t:.2f}" for t in jax_times):>24s}')
-  print(f'{"torch":10s} {torch_s:9.2f} {" ".join(f"{t:.2f}" for t in torch_times):>24s}')
-  print(f'torch / jax = {torch_s / jax_s:.2f}; jax compile {compile_s:.1f} s')
+  for name, runs in times.items():
+    print(f'{name:10s} {statistics.median(runs):9.2f} {" ".join(f"{t:.2f}" for t in runs):>24s}')
+  if compile_s is not None:
+    print(f'jax compile {compile_s:.1f} s')
+  if len(times) == 2:
+    print(f'torch / jax = {statistics.median(times["torch"]) / statistics.median(times["jax"]):.2f}')
 
 
 if __name__ == '__main__':
