@@ -71,11 +71,24 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval.templates = 'cg3d_zeroshot'
 
   # Device mesh: -1 takes the devices left over. Batches shard over data x fsdp; big frozen matrices over fsdp.
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  # min_fsdp_size: arrays with fewer elements stay replicated (the all-gather would cost more than it saves).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, min_fsdp_size=2**18))
 
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, keep_best=True, async_save=True))
 
   c.logging = ml_collections.ConfigDict(dict(tensorboard=True, jsonl=True))
+
+  # The offline demo: when enabled, training first writes a procedural ShapeNet-55-layout dataset and a small random
+  # transformers CLIP under `demo.root` (default <workdir>/demo_assets) and points data/clip at them.
+  c.demo = ml_collections.ConfigDict()
+  c.demo.enabled = False
+  c.demo.root = config_dict.placeholder(str)
+  c.demo.vocab_path = config_dict.placeholder(str)  # the CLIP BPE file; default ../shared/fixtures/clip_bpe/...
+  c.demo.synthetic = ml_collections.ConfigDict(dict(
+      num_train_per_class=24, num_test_per_class=6, num_points=1024, image_size=64, num_views=5, seed=0))
+  c.demo.clip = ml_collections.ConfigDict(dict(
+      vision_width=64, vision_layers=2, vision_heads=4, patch_size=16, image_size=64, text_width=64,
+      text_layers=2, text_heads=4, projection_dim=64, seed=0))
   return c
 
 

@@ -31,3 +31,31 @@ def highest_precision():
   """fp32 matmuls at full precision for parity tests (CPU default is already exact; accelerators are not)."""
   with jax.default_matmul_precision('highest'):
     yield
+
+
+# Small real artefacts shared by the training, evaluation and export tests: a random transformers CLIP folder with
+# the real vocabulary, and a procedural ShapeNet-55-layout dataset prepared by the real TFDS builder.
+TINY_CLIP = dict(vision_width=32, vision_layers=1, vision_heads=2, patch_size=16, image_size=32, text_width=32,
+                 text_layers=1, text_heads=2, projection_dim=32, seed=0)
+
+
+@pytest.fixture(scope='session')
+def tiny_clip_dir(tmp_path_factory, fixtures_dir):
+  from cg3d_jax.weights.random_clip import write_random_clip
+  path = tmp_path_factory.mktemp('tiny_clip') / 'clip'
+  write_random_clip(path, vocab_path=fixtures_dir / 'clip_bpe' / 'bpe_simple_vocab_16e6.txt.gz', **TINY_CLIP)
+  return str(path)
+
+
+@pytest.fixture(scope='session')
+def tiny_shapenet(tmp_path_factory):
+  """(manual_dir, data_dir) of a prepared procedural ShapeNet-55-layout dataset: 13 families, 6 + 2 objects each."""
+  from cg3d_jax.data import builders
+  from cg3d_jax.data.synthetic import SyntheticSettings, ensure_synthetic_shapenet
+  root = tmp_path_factory.mktemp('tiny_shapenet')
+  settings = SyntheticSettings(seed=0, num_train_per_class=6, num_test_per_class=2, num_points=256, image_size=32,
+                               num_views=5)
+  manual = str(ensure_synthetic_shapenet(root / 'manual', settings))
+  data_dir = str(root / 'tfds')
+  builders.get_builder('shapenet55_cg3d', data_dir=data_dir, manual_dir=manual)
+  return manual, data_dir

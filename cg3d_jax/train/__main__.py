@@ -1,13 +1,17 @@
 """CG3D pretraining: `python -m cg3d_jax.train --config configs/demo.py --workdir /tmp/cg3d_demo`.
 
 (The entry point lives in the train package as __main__.py, because `train/` and `train.py` cannot coexist.)
+Running the same command again resumes from the newest checkpoint in the workdir.
 """
 
-from absl import app, flags
+import json
 
-from cg3d_jax import cli
+from absl import app, flags, logging
+
+from cg3d_jax import cli, distributed
 
 flags.adopt_module_key_flags(cli)  # so that --help lists --config and --workdir
+flags.adopt_module_key_flags(distributed)
 
 
 def main(argv):
@@ -15,8 +19,11 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config = cli.require_config()
   workdir = cli.require_workdir()
-  del config, workdir
-  cli.not_built('train', 'the training loop is issue 6 (pretraining)')
+  distributed.initialize()
+  from cg3d_jax.train import loop  # after distributed.initialize: importing the stack touches JAX backends
+
+  result = loop.train(config, workdir)
+  logging.info('final metrics: %s', json.dumps(result, sort_keys=True))
 
 
 if __name__ == '__main__':

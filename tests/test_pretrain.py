@@ -1,0 +1,217 @@
+"""Pretraining: frozen CLIP stays frozen, sharding equivalence, exact resume, both update modes learn, NaN guard."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cg3d_jax.data import builders, pipeline
+from cg3d_jax.train import loop
+from cg3d_jax.train.checkpoint import Checkpointer
+from cg3d_jax.train.step import ENCODER, PROMPTS, jit_train_step
+from cg3d_jax.weights.hf_clip import load_clip
+from configs import demo
+
+
+def tiny_config(clip_dir, shapenet, **overrides):
+  manual, data_dir = shapenet
+  c = demo.get_config()
+  c.demo.enabled = False
+  c.clip.path = clip_dir
+  c.data.manual_dir, c.data.data_dir = manual, data_dir
+  c.data.num_stored_points = 256
+  c.data.shuffle_buffer = 64
+  c.model.embed_dim = 32
+  c.model.num_points = 64
+  c.model.point_transformer.update(dict(width=32, depth=2, num_heads=2, num_groups=16, group_size=8,
+                                        encoder_dim=32))
+  c.train.batch_size = 16
+  c.train.total_steps = 6
+  c.train.log_every = 2
+  c.eval.every_steps = 0
+  c.eval.batch_size = 16
+  c.checkpoint.every_steps = 2
+  c.checkpoint.async_save = False
+  c.logging.tensorboard = False
+  for key, value in overrides.items():
+    target = c
+    *parents, leaf = key.split('.')
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return c
+
+
+def host_batches(config, n):
+  ds = pipeline.pretrain_local_dataset(config.data, global_batch_size=config.train.batch_size, image_size=32,
+                                       image_mean=(0.48145466, 0.4578275, 0.40821073),
+                                       image_std=(0.26862954, 0.26130258, 0.27577711), num_templates=63,
+                                       seed=config.seed, process_index=0, process_count=1)
+  return [b for _, b in zip(range(n), ds.as_numpy_iterator())]
+
+
+def make_setup(config, devices=None):
+  builder = builders.get_builder(config.data.name, data_dir=config.data.data_dir, manual_dir=config.data.manual_dir)
+  return loop.build_setup(config, train_classes=builders.class_names(builder), steps_per_epoch=4, devices=devices)
+
+
+def run_steps(setup, batches, mode='joint'):
+  """Runs the jitted steps over host batches; returns (final state on host, losses)."""
+  state, losses, cache = setup.state, [], {}
+  config = setup.config.copy_and_resolve_references()
+  config.train.mode = mode
+  for i, host in enumerate(batches):
+    groups = loop.active_groups(config, state['params'], i)
+    if groups not in cache:
+      cache[groups] = jit_train_step(setup.model, setup.tx, setup.labels_fn, active=groups,
+                                     state_shardings=setup.shardings['state'],
+                                     frozen_shardings=setup.shardings['frozen'],
+                                     table_sharding=setup.shardings['table'], batch_shardings=setup.shardings['batch'])
+    batch = jax.device_put(host, setup.shardings['batch'])
+    state, metrics = cache[groups](state, setup.frozen, setup.text_table, batch)
+    losses.append(float(metrics['loss']))
+  return jax.device_get(state), losses
+
+
+@pytest.fixture(scope='module')
+def config(tiny_clip_dir, tiny_shapenet):
+  return tiny_config(tiny_clip_dir, tiny_shapenet)
+
+
+@pytest.fixture(scope='module')
+def batches(config):
+  return host_batches(config, 4)
+
+
+def test_frozen_clip_unchanged_trainables_move_and_no_state_for_frozen(config, batches, tiny_clip_dir):
+  setup = make_setup(config)
+  before = jax.device_get(setup.state)
+  after, _ = run_steps(setup, batches[:2])
+  # Frozen CLIP: everything but the prompts, compared with a fresh load of the folder, bitwise.
+  fresh = load_clip(tiny_clip_dir, prompt_mode='deep', num_prompts=5).params
+  fresh.pop('prompts')
+  frozen = jax.device_get(setup.frozen['clip'])
+  assert jax.tree.structure(frozen) == jax.tree.structure(fresh)
+  for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(fresh)):
+    np.testing.assert_array_equal(a, b)
+  # Only the encoder and the prompts are trainable, and both moved.
+  assert set(after['params']) == {'encoder', 'clip'} and set(after['params']['clip']) == {'prompts'}
+  assert not np.array_equal(before['params']['clip']['prompts']['tokens'], after['params']['clip']['prompts']['tokens'])
+  still = [jax.tree_util.keystr(p) for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(before['params']['encoder']),
+                                                        jax.tree.leaves(after['params']['encoder']))
+           if np.array_equal(a, b)]
+  # A conv bias right before a BatchNorm has an exactly-zero gradient (the norm subtracts it again) and is not
+  # decayed, so it alone may stay put; everything else must move.
+  assert all('bias' in name for name in still), still
+  assert len(still) <= 2, still
+  # Optimizer state: AdamW's two moments per encoder leaf, SGD's momentum per prompt leaf, nothing more.
+  n_enc = sum(x.size for x in jax.tree.leaves(before['params']['encoder']))
+  n_prompt = before['params']['clip']['prompts']['tokens'].size
+  n_state = sum(np.size(x) for x in jax.tree.leaves(after['opt_state']) if np.ndim(x) > 0)
+  assert n_state == 2 * n_enc + n_prompt
+
+
+def _relative_close(a, b, rtol):
+  """||a - b|| / ||b|| over the whole tree (single leaves of tiny scale would only measure float rounding)."""
+  x = np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in jax.tree.leaves(a)])
+  y = np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in jax.tree.leaves(b)])
+  worst = sorted(((np.linalg.norm(np.asarray(u, np.float64) - np.asarray(v, np.float64)), jax.tree_util.keystr(p))
+                  for (p, u), v in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b))))[-4:]
+  assert np.linalg.norm(x - y) <= rtol * np.linalg.norm(y), worst
+
+
+def test_sharding_equivalence_one_device_data_and_fsdp(config, batches):
+  runs = {}
+  for name, mesh, devices in [('1', dict(data=1, fsdp=1), jax.devices()[:1]),
+                              ('8x1', dict(data=8, fsdp=1), None),
+                              ('4x2', dict(data=4, fsdp=2), None)]:
+    c = config.copy_and_resolve_references()
+    c.mesh.update(mesh)
+    c.mesh.min_fsdp_size = 256  # so that the tiny model's matrices really are split over fsdp
+    # SGD rather than AdamW here: conv biases right before a BatchNorm have a gradient that is zero up to float
+    # rounding, and Adam's normalisation turns that rounding into full-lr steps, which would compare noise.
+    c.train.encoder_optim = dict(name='sgd', lr=0.05, momentum=0.9, weight_decay=0.05, schedule='constant',
+                                 clip_norm=10.0)
+    setup = make_setup(c, devices)
+    if name == '4x2':
+      specs = [s.spec for s in jax.tree.leaves(setup.shardings['state'])]
+      assert any('fsdp' in str(spec) for spec in specs)
+    runs[name] = run_steps(setup, batches[:3])
+  ref_state, ref_losses = runs['1']
+  for name in ('8x1', '4x2'):
+    state, losses = runs[name]
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    _relative_close(state['params'], ref_state['params'], 1e-5)
+
+
+def test_interrupt_and_resume_is_bitwise_exact(config, tmp_path):
+  straight = config.copy_and_resolve_references()
+  straight.train.total_steps = 4
+  loop.train(straight, str(tmp_path / 'straight'))
+  first = config.copy_and_resolve_references()
+  first.train.total_steps = 2
+  loop.train(first, str(tmp_path / 'resumed'))
+  loop.train(straight, str(tmp_path / 'resumed'))  # same command, later total: resumes at step 2
+
+  def final_params(workdir):
+    setup = make_setup(straight)
+    ckpt = Checkpointer(str(workdir / 'checkpoints'), read_only=True)
+    state, extras = ckpt.restore(target_state_shapes_with_shardings=loop._restore_target(setup))
+    assert extras['step'] == 4 and extras['data_step'] == 4
+    return jax.device_get(state)
+
+  a, b = final_params(tmp_path / 'straight'), final_params(tmp_path / 'resumed')
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize('mode', ['joint', 'alternating'])
+def test_both_update_modes_lower_the_losses(config, batches, mode):
+  c = config.copy_and_resolve_references()
+  c.train.mode = mode
+  c.train.encoder_optim.lr = 2e-3
+  c.train.prompt_optim.lr = 0.1
+  setup = make_setup(c)
+  # Overfit two fixed batches: the same batch's loss must fall.
+  _, losses = run_steps(setup, [batches[0], batches[1]] * 8, mode=mode)
+  # Joint: every step reports all three losses. Alternating: even steps (batch 0) the encoder's two, odd steps
+  # (batch 1) the prompts' image-text loss.
+  assert losses[-2] < losses[0] - 0.2, losses
+  assert losses[-1] < losses[1] - (0.2 if mode == 'joint' else 0.01), losses
+
+
+def test_alternating_mode_moves_one_group_per_step(config, batches):
+  c = config.copy_and_resolve_references()
+  c.train.mode = 'alternating'
+  setup = make_setup(c)
+  s0 = jax.device_get(setup.state)
+  s1, _ = run_steps(setup, batches[:1], mode='alternating')  # step 0: encoder only
+  np.testing.assert_array_equal(s0['params']['clip']['prompts']['tokens'], s1['params']['clip']['prompts']['tokens'])
+  assert not np.array_equal(jax.tree.leaves(s0['params']['encoder'])[0], jax.tree.leaves(s1['params']['encoder'])[0])
+  assert loop.active_groups(c, s1['params'], 1) == (PROMPTS,)
+  assert loop.active_groups(c, s1['params'], 2) == (ENCODER,)
+
+
+def test_non_finite_batch_is_rejected_and_state_unchanged(config, batches):
+  setup = make_setup(config)
+  bad = dict(batches[0])
+  bad['points'] = bad['points'].copy()
+  bad['points'][3, 10] = np.nan
+  before = jax.device_get(setup.state)
+  after, _ = run_steps(setup, [bad])
+  assert int(after['bad_steps']) == 1 and int(after['step']) == 1
+  for key in ('params', 'opt_state', 'batch_stats'):
+    for x, y in zip(jax.tree.leaves(before[key]), jax.tree.leaves(after[key])):
+      np.testing.assert_array_equal(x, y)
+
+
+def test_run_stops_after_repeated_non_finite_steps():
+  metrics = {'bad_steps': jnp.array(5), 'step': 9, 'loss': jnp.array(np.nan)}
+
+  class Ckpt:
+    def latest_step(self):
+      return 8
+
+  with pytest.raises(loop.NonFiniteError, match='5 consecutive steps.*last good checkpoint is step 8'):
+    loop._check_finite(metrics, 5, Ckpt())
+  loop._check_finite(metrics | {'bad_steps': jnp.array(2)}, 5, Ckpt())  # a few are tolerated
