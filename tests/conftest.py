@@ -59,3 +59,44 @@ def tiny_shapenet(tmp_path_factory):
   data_dir = str(root / 'tfds')
   builders.get_builder('shapenet55_cg3d', data_dir=data_dir, manual_dir=manual)
   return manual, data_dir
+
+
+def tiny_config(clip_dir, shapenet, **overrides):
+  """The demo config shrunk for tests (tiny CLIP and encoder, 16-sample batches); overrides as {'a.b': value}."""
+  manual, data_dir = shapenet
+  from configs import demo
+  c = demo.get_config()
+  c.demo.enabled = False
+  c.clip.path = clip_dir
+  c.data.manual_dir, c.data.data_dir = manual, data_dir
+  c.data.num_stored_points = 256
+  c.data.shuffle_buffer = 64
+  c.model.embed_dim = 32
+  c.model.num_points = 64
+  c.model.point_transformer.update(dict(width=32, depth=2, num_heads=2, num_groups=16, group_size=8,
+                                        encoder_dim=32))
+  c.train.batch_size = 16
+  c.train.total_steps = 6
+  c.train.log_every = 2
+  c.eval.every_steps = 0
+  c.eval.batch_size = 16
+  c.checkpoint.every_steps = 2
+  c.checkpoint.async_save = False
+  c.logging.tensorboard = False
+  for key, value in overrides.items():
+    target = c
+    *parents, leaf = key.split('.')
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return c
+
+
+@pytest.fixture(scope='session')
+def tiny_checkpoint(tmp_path_factory, tiny_clip_dir, tiny_shapenet):
+  """A training workdir after 4 steps of the tiny config (PointTransformer, deep prompts), checkpoint at step 4."""
+  from cg3d_jax.train import loop
+  workdir = tmp_path_factory.mktemp('tiny_run')
+  config = tiny_config(tiny_clip_dir, tiny_shapenet, **{'train.total_steps': 4})
+  loop.train(config, str(workdir))
+  return workdir

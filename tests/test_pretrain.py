@@ -10,36 +10,7 @@ from cg3d_jax.train import loop
 from cg3d_jax.train.checkpoint import Checkpointer
 from cg3d_jax.train.step import ENCODER, PROMPTS, jit_train_step
 from cg3d_jax.weights.hf_clip import load_clip
-from configs import demo
-
-
-def tiny_config(clip_dir, shapenet, **overrides):
-  manual, data_dir = shapenet
-  c = demo.get_config()
-  c.demo.enabled = False
-  c.clip.path = clip_dir
-  c.data.manual_dir, c.data.data_dir = manual, data_dir
-  c.data.num_stored_points = 256
-  c.data.shuffle_buffer = 64
-  c.model.embed_dim = 32
-  c.model.num_points = 64
-  c.model.point_transformer.update(dict(width=32, depth=2, num_heads=2, num_groups=16, group_size=8,
-                                        encoder_dim=32))
-  c.train.batch_size = 16
-  c.train.total_steps = 6
-  c.train.log_every = 2
-  c.eval.every_steps = 0
-  c.eval.batch_size = 16
-  c.checkpoint.every_steps = 2
-  c.checkpoint.async_save = False
-  c.logging.tensorboard = False
-  for key, value in overrides.items():
-    target = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  return c
+from tests.conftest import tiny_config
 
 
 def host_batches(config, n):
