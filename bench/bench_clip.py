@@ -9,7 +9,6 @@ JAX and PyTorch iterations alternate so that a busy shared machine slows both al
 """
 
 import argparse
-import functools
 import os
 import pathlib
 import platform

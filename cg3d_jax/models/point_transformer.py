@@ -24,6 +24,7 @@ import numpy as np
 from flax import linen as nn
 
 from cg3d_jax.models import point_ops
+from cg3d_jax.models.layers import TorchBatchNorm
 
 # timm's trunc_normal_(std=0.02) used by the original truncates at +-2 in absolute units, i.e. at +-100 std: in effect
 # a plain normal. We keep its distribution rather than the more common +-2 std truncation.
@@ -52,40 +53,6 @@ def validate_points(points: Any, group_size: int) -> None:
       bad = sorted(set(np.nonzero(~finite)[0].tolist()))
       raise ValueError(f'PointTransformer got non-finite (NaN/Inf) point coordinates in batch rows {bad[:10]}'
                        f'{" ..." if len(bad) > 10 else ""}')
-
-
-class TorchBatchNorm(nn.Module):
-  """BatchNorm over all axes but the last, with PyTorch's BatchNorm semantics.
-
-  Training normalises with the biased batch variance but stores the UNBIASED one in the running variance, as
-  PyTorch does (flax.linen.BatchNorm stores the biased one). momentum is Flax-style: running = m * running +
-  (1 - m) * batch, so 0.9 here is PyTorch's momentum=0.1. Statistics are computed in float32.
-  """
-  momentum: float = 0.9
-  epsilon: float = 1e-5
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    features = x.shape[-1]
-    scale = self.param('scale', nn.initializers.ones, (features,), jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
-    running_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((features,), jnp.float32))
-    running_var = self.variable('batch_stats', 'var', lambda: jnp.ones((features,), jnp.float32))
-    x32 = x.astype(jnp.float32)
-    if train:
-      axes = tuple(range(x.ndim - 1))
-      count = int(np.prod([x.shape[a] for a in axes]))
-      mean = jnp.mean(x32, axis=axes)
-      var = jnp.mean(jnp.square(x32 - mean), axis=axes)
-      if not self.is_initializing():
-        unbiased = var * (count / max(count - 1, 1))
-        running_mean.value = self.momentum * running_mean.value + (1.0 - self.momentum) * mean
-        running_var.value = self.momentum * running_var.value + (1.0 - self.momentum) * unbiased
-    else:
-      mean, var = running_mean.value, running_var.value
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
-    return y.astype(self.dtype)
 
 
 class GroupEncoder(nn.Module):

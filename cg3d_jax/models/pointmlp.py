@@ -8,7 +8,7 @@ point-wise MLPs over each neighbourhood (PreExtraction, max over the neighbours)
 (1024 -> 512) give the CLIP-space feature.
 
 Layout is channels-last throughout: a 1x1 Conv1d is a Dense over the last axis. Every conv has no bias except the
-projection (the original sets bias=False). BatchNorm follows PyTorch exactly (see `BatchNorm`). Sampling and
+projection (the original sets bias=False). BatchNorm follows PyTorch exactly (see `layers.TorchBatchNorm`). Sampling and
 neighbour search compare float32 distances whatever the compute dtype, so that every dtype picks the same points.
 """
 
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cg3d_jax.models import point_ops
+from cg3d_jax.models.layers import TorchBatchNorm, stats_dtype
 
 # The original adds this to the std before dividing (LocalGrouper, normalize="anchor").
 _STD_EPS = 1e-5
@@ -34,51 +35,10 @@ def _torch_bias_init(fan_in: int):
   return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-def _stats_dtype(dtype):
-  """Statistics (BatchNorm, anchor std) in float32 at least: bfloat16 sums lose too much; float64 stays float64."""
-  return jnp.promote_types(dtype, jnp.float32)
-
-
 def _conv1x1(features: int, dtype, name: str, use_bias: bool = False, fan_in: int | None = None) -> nn.Dense:
   bias_init = _torch_bias_init(fan_in) if use_bias else nn.initializers.zeros
   return nn.Dense(features, use_bias=use_bias, dtype=dtype, kernel_init=_torch_kernel_init, bias_init=bias_init,
                   name=name)
-
-
-class BatchNorm(nn.Module):
-  """BatchNorm over every axis but the last, with PyTorch's semantics.
-
-  Flax's nn.BatchNorm feeds the biased batch variance into the running average; PyTorch feeds the unbiased one
-  (n / (n - 1)), which is what CG3D's checkpoints hold. `momentum` is in Flax's convention: running = momentum *
-  running + (1 - momentum) * batch, so 0.9 here is PyTorch's 0.1. Names match nn.BatchNorm (params scale/bias,
-  batch_stats mean/var) so that code treating norms generically (weight-decay masks) sees the usual leaves.
-  """
-  momentum: float = 0.9
-  epsilon: float = 1e-5
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, *, train: bool):
-    features = x.shape[-1]
-    scale = self.param('scale', nn.initializers.ones, (features,), jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
-    running_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((features,), jnp.float32))
-    running_var = self.variable('batch_stats', 'var', lambda: jnp.ones((features,), jnp.float32))
-    x32 = x.astype(_stats_dtype(self.dtype))
-    if train:
-      axes = tuple(range(x.ndim - 1))
-      count = int(np.prod([x.shape[a] for a in axes]))
-      mean = jnp.mean(x32, axis=axes)
-      # Two-pass variance: E[x^2] - E[x]^2 loses digits on post-ReLU activations with large means.
-      var = jnp.mean(jnp.square(x32 - mean), axis=axes)
-      if not self.is_initializing():
-        unbiased = var * (count / max(count - 1, 1))
-        running_mean.value = self.momentum * running_mean.value + (1.0 - self.momentum) * mean
-        running_var.value = self.momentum * running_var.value + (1.0 - self.momentum) * unbiased
-    else:
-      mean, var = running_mean.value, running_var.value
-    y = (x32 - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
-    return y.astype(self.dtype)
 
 
 class ConvBNReLU(nn.Module):
@@ -89,7 +49,7 @@ class ConvBNReLU(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     x = _conv1x1(self.features, self.dtype, 'conv')(x)
-    x = BatchNorm(dtype=self.dtype, name='bn')(x, train=train)
+    x = TorchBatchNorm(dtype=self.dtype, name='bn')(x, train=train)
     return nn.relu(x)
 
 
@@ -102,9 +62,9 @@ class ResidualBlock(nn.Module):
   def __call__(self, x, *, train: bool):
     channels = x.shape[-1]
     y = _conv1x1(int(channels * self.res_expansion), self.dtype, 'conv1')(x)
-    y = nn.relu(BatchNorm(dtype=self.dtype, name='bn1')(y, train=train))
+    y = nn.relu(TorchBatchNorm(dtype=self.dtype, name='bn1')(y, train=train))
     y = _conv1x1(channels, self.dtype, 'conv2')(y)
-    y = BatchNorm(dtype=self.dtype, name='bn2')(y, train=train)
+    y = TorchBatchNorm(dtype=self.dtype, name='bn2')(y, train=train)
     return nn.relu(y + x)
 
 
@@ -114,7 +74,7 @@ def anchor_normalize(grouped, anchors, dtype=jnp.float32):
   grouped (B, S, K, C), anchors (B, S, C). The std is PyTorch's unbiased std over all S*K*C values of each cloud
   (CG3D's LocalGrouper; the upstream PointMLP repo took one std over the whole batch instead).
   """
-  compute = _stats_dtype(dtype)
+  compute = stats_dtype(dtype)
   diff = grouped.astype(compute) - anchors.astype(compute)[:, :, None, :]
   flat = diff.reshape(diff.shape[0], -1)
   std = jnp.std(flat, axis=-1, ddof=1)

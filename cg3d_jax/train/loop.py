@@ -6,7 +6,6 @@ restarted with the same command.
 """
 
 import dataclasses
-import math
 import time
 from typing import Any, Iterator
 

@@ -14,7 +14,7 @@ import; with momentum set, PyTorch never reads it).
 import collections
 import dataclasses
 import re
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp

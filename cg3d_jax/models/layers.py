@@ -1,0 +1,49 @@
+"""Layers both point encoders share."""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def stats_dtype(dtype):
+  """Statistics (BatchNorm, anchor std) in float32 at least: bfloat16 sums lose too much; float64 stays float64."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+class TorchBatchNorm(nn.Module):
+  """BatchNorm over every axis but the last, with PyTorch's semantics.
+
+  Flax's nn.BatchNorm feeds the biased batch variance into the running average; PyTorch feeds the unbiased one
+  (n / (n - 1)), which is what CG3D's checkpoints hold. `momentum` is in Flax's convention: running = momentum *
+  running + (1 - momentum) * batch, so 0.9 here is PyTorch's 0.1. Names match nn.BatchNorm (params scale/bias,
+  batch_stats mean/var) so that code treating norms generically (weight-decay masks) sees the usual leaves.
+  """
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    features = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (features,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
+    running_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((features,), jnp.float32))
+    running_var = self.variable('batch_stats', 'var', lambda: jnp.ones((features,), jnp.float32))
+    x32 = x.astype(stats_dtype(self.dtype))
+    if train:
+      axes = tuple(range(x.ndim - 1))
+      count = int(np.prod([x.shape[a] for a in axes]))
+      mean = jnp.mean(x32, axis=axes)
+      # Two-pass variance: E[x^2] - E[x]^2 loses digits on post-ReLU activations with large means.
+      var = jnp.mean(jnp.square(x32 - mean), axis=axes)
+      if not self.is_initializing():
+        unbiased = var * (count / max(count - 1, 1))
+        running_mean.value = self.momentum * running_mean.value + (1.0 - self.momentum) * mean
+        running_var.value = self.momentum * running_var.value + (1.0 - self.momentum) * unbiased
+    else:
+      mean, var = running_mean.value, running_var.value
+    y = (x32 - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+    return y.astype(self.dtype)
