@@ -1,12 +1,17 @@
 """Joining a multi-process JAX cluster (TPU pod, multi-node GPU, or several processes on one machine).
 
-Single-process runs need nothing. A TPU pod or a SLURM job is detected by JAX itself. Elsewhere (several GPU nodes
-without SLURM, or the simulated pod of `launch/local_multihost.sh`) the coordinator, the number of processes and
-this process's id come from flags or from the environment variables CG3D_COORDINATOR, CG3D_NUM_PROCESSES and
-CG3D_PROCESS_ID. A process that dies makes the others fail within the heartbeat timeout instead of hanging.
+Single-process runs need nothing. On a TPU pod slice and in a SLURM job with several tasks JAX finds the cluster
+itself (`jax.distributed.initialize()` without arguments). Elsewhere (GPU nodes without SLURM, or the simulated pod
+of `launch/local_multihost.sh`) the coordinator address, the number of processes and this process's id come from
+flags or from the environment variables CG3D_COORDINATOR, CG3D_NUM_PROCESSES and CG3D_PROCESS_ID (flags win).
+
+Failure behaviour: a process that dies stops sending heartbeats; after --heartbeat_timeout_s the coordination service
+declares it dead and every other process exits with an error instead of waiting forever in a collective. A process
+that never shows up makes the others give up after --init_timeout_s.
 """
 
 import os
+import socket
 
 import jax
 from absl import flags, logging
@@ -15,44 +20,93 @@ COORDINATOR = flags.DEFINE_string(
     'coordinator', None, 'host:port of process 0 for a multi-process run (env CG3D_COORDINATOR). Not needed on '
     'TPU pods or under SLURM, where JAX finds the cluster itself.')
 NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run (env CG3D_NUM_PROCESSES).')
-PROCESS_ID = flags.DEFINE_integer('process_id', None, "This process's index (env CG3D_PROCESS_ID).")
+PROCESS_ID = flags.DEFINE_integer('process_id', None, "This process's index, 0..num_processes-1 "
+                                  '(env CG3D_PROCESS_ID).')
 HEARTBEAT_S = flags.DEFINE_integer(
-    'heartbeat_timeout_s', 60, 'Seconds without a heartbeat after which the cluster declares a process dead and the '
-    'others exit with an error.')
+    'heartbeat_timeout_s', 100, 'Seconds without a heartbeat after which the cluster declares a process dead and the '
+    'others exit with an error (env CG3D_HEARTBEAT_TIMEOUT_S).')
+INIT_TIMEOUT_S = flags.DEFINE_integer(
+    'init_timeout_s', 300, 'Seconds to wait for every process to join the cluster (env CG3D_INIT_TIMEOUT_S).')
+
+ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = 'CG3D_COORDINATOR', 'CG3D_NUM_PROCESSES', 'CG3D_PROCESS_ID'
 
 
 def _setting(flag, env: str, cast=str):
-  if flag.value is not None:
+  """The flag's value if given on the command line, else the environment's (cast), else the flag's default."""
+  if flag.present:
     return flag.value
   value = os.environ.get(env)
-  return cast(value) if value not in (None, '') else None
+  if value in (None, ''):
+    return flag.value
+  try:
+    return cast(value)
+  except ValueError:
+    raise ValueError(f'environment variable {env}={value!r} is not a valid {cast.__name__}') from None
 
 
-def _on_tpu_pod() -> bool:
-  # Cloud TPU VMs of a multi-host slice list every worker here; a single-host TPU VM lists one.
-  return len(os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1
+def on_tpu_pod() -> bool:
+  """True on a worker of a multi-host Cloud TPU slice (which lists every worker's hostname)."""
+  return len([h for h in os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]) > 1
+
+
+def in_slurm_job() -> bool:
+  """True inside a SLURM step with several tasks (srun), where JAX reads the layout from SLURM's variables."""
+  return 'SLURM_JOB_ID' in os.environ and int(os.environ.get('SLURM_NTASKS', os.environ.get('SLURM_NPROCS', '1'))) > 1
+
+
+def explicit_settings() -> tuple[str, int, int] | None:
+  """(coordinator, num_processes, process_id) from flags/environment, None when none is given; checked."""
+  coordinator = _setting(COORDINATOR, ENV_COORDINATOR)
+  num_processes = _setting(NUM_PROCESSES, ENV_NUM_PROCESSES, int)
+  process_id = _setting(PROCESS_ID, ENV_PROCESS_ID, int)
+  given = [coordinator, num_processes, process_id]
+  if all(v is None for v in given):
+    return None
+  if any(v is None for v in given):
+    raise ValueError('a multi-process run needs all of --coordinator, --num_processes and --process_id (or '
+                     f'{ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}); got coordinator={coordinator!r}, '
+                     f'num_processes={num_processes!r}, process_id={process_id!r}')
+  host, _, port = coordinator.rpartition(':')
+  if not host or not port.isdigit():
+    raise ValueError(f'--coordinator / {ENV_COORDINATOR} must be host:port (process 0 listens there), '
+                     f'got {coordinator!r}')
+  if num_processes < 1:
+    raise ValueError(f'--num_processes / {ENV_NUM_PROCESSES} must be >= 1, got {num_processes}')
+  if not 0 <= process_id < num_processes:
+    raise ValueError(f'--process_id / {ENV_PROCESS_ID} must be in [0, {num_processes}), got {process_id}')
+  return coordinator, num_processes, process_id
 
 
 def initialize() -> None:
-  """Call once, before any other JAX use, from every process of the run."""
-  coordinator = _setting(COORDINATOR, 'CG3D_COORDINATOR')
-  num_processes = _setting(NUM_PROCESSES, 'CG3D_NUM_PROCESSES', int)
-  process_id = _setting(PROCESS_ID, 'CG3D_PROCESS_ID', int)
-  explicit = [coordinator, num_processes, process_id]
-  if any(v is not None for v in explicit):
-    if any(v is None for v in explicit):
-      raise ValueError('a multi-process run needs all of --coordinator, --num_processes and --process_id (or '
-                       f'CG3D_COORDINATOR, CG3D_NUM_PROCESSES, CG3D_PROCESS_ID); got coordinator={coordinator!r}, '
-                       f'num_processes={num_processes!r}, process_id={process_id!r}')
-    if jax.config.read('jax_platforms') in ('cpu',) or os.environ.get('JAX_PLATFORMS') == 'cpu':
-      # CPU processes exchange collectives through gloo; the default CPU backend is single-process only.
-      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(coordinator, num_processes, process_id, heartbeat_timeout_seconds=HEARTBEAT_S.value)
-  elif _on_tpu_pod() or 'SLURM_JOB_ID' in os.environ and int(os.environ.get('SLURM_NTASKS', '1')) > 1:
-    jax.distributed.initialize(heartbeat_timeout_seconds=HEARTBEAT_S.value)
+  """Joins the cluster when this run has several processes; call once, before any other JAX use, everywhere."""
+  heartbeat = _setting(HEARTBEAT_S, 'CG3D_HEARTBEAT_TIMEOUT_S', int)
+  init_timeout = _setting(INIT_TIMEOUT_S, 'CG3D_INIT_TIMEOUT_S', int)
+  timeouts = dict(heartbeat_timeout_seconds=heartbeat, initialization_timeout=init_timeout)
+  explicit = explicit_settings()
+  if explicit is not None:
+    coordinator, num_processes, process_id = explicit
+    if num_processes > 1:
+      # CPU processes need a cross-process collectives backend (gloo; the default in recent JAX, not in all).
+      if jax.config.jax_cpu_collectives_implementation in (None, 'none'):
+        jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+      logging.info('joining a %d-process JAX cluster as process %d (coordinator %s)', num_processes, process_id,
+                   coordinator)
+      jax.distributed.initialize(coordinator, num_processes, process_id, **timeouts)
+  elif on_tpu_pod() or in_slurm_job():
+    logging.info('joining the JAX cluster found by auto-detection (%s)', 'TPU pod' if on_tpu_pod() else 'SLURM')
+    jax.distributed.initialize(**timeouts)
   log_topology()
 
 
+def topology() -> dict:
+  """What this process sees of the cluster (for logs)."""
+  return dict(host=socket.gethostname(), process_index=jax.process_index(), process_count=jax.process_count(),
+              local_devices=jax.local_device_count(), global_devices=jax.device_count(),
+              platform=jax.devices()[0].platform, device_kind=jax.devices()[0].device_kind)
+
+
 def log_topology() -> None:
-  logging.info('JAX process %d of %d; %d local devices, %d global devices (%s)', jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
+  t = topology()
+  logging.info('JAX process %d of %d on %s: %d local devices, %d global devices (%s, %s)', t['process_index'],
+               t['process_count'], t['host'], t['local_devices'], t['global_devices'], t['platform'],
+               t['device_kind'])
