@@ -1,0 +1,151 @@
+"""`python -m cg3d_jax.predict`: the real owl fixture end to end, the same object in other formats, clear errors.
+
+References: the owl's own ASCII PLY (the same points rewritten as NPY, TXT and binary PLY must give the same
+normalised points and the same prediction), NumPy softmax and cosine re-computations, and the real photos.
+"""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cg3d_jax import predict
+from cg3d_jax.eval import point_files, zeroshot
+from tests.conftest import REPO_ROOT
+
+LABELS = ['owl', 'chicken', 'penguin']
+
+
+@pytest.fixture(scope='module')
+def owl_dir(fixtures_dir):
+  return fixtures_dir / 'openshape_owl'
+
+
+@pytest.fixture(scope='module')
+def eval_model(tiny_checkpoint):
+  return zeroshot.load_eval_model(tiny_checkpoint)
+
+
+@pytest.fixture(scope='module')
+def owl_copies(owl_dir, tmp_path_factory):
+  """The owl's points in other formats: {'ply_ascii': fixture, 'ply_binary', 'npy', 'txt'}."""
+  root = tmp_path_factory.mktemp('owl')
+  cloud = point_files.read_points(owl_dir / 'owl.ply')
+  paths = {'ply_ascii': owl_dir / 'owl.ply', 'ply_binary': root / 'owl_binary.ply', 'npy': root / 'owl.npy',
+           'txt': root / 'owl.txt'}
+  point_files.write_ply(paths['ply_binary'], cloud.xyz, cloud.rgb, binary=True)
+  np.save(paths['npy'], cloud.xyz)
+  np.savetxt(paths['txt'], cloud.xyz, fmt='%.9g')  # 9 significant digits round-trip float32 exactly
+  return paths
+
+
+def test_every_format_gives_the_same_normalised_points(owl_copies):
+  prepared = {name: predict.prepare_points(point_files.read_points(path).xyz, 1024)
+              for name, path in owl_copies.items()}
+  reference = prepared['ply_ascii']
+  assert reference.shape == (10_000, 3)
+  assert np.max(np.linalg.norm(reference, axis=1)) == pytest.approx(1.0, abs=1e-6)
+  np.testing.assert_allclose(reference.mean(0), 0, atol=1e-6)
+  for name, points in prepared.items():
+    np.testing.assert_array_equal(points, reference, err_msg=name)
+
+
+CUBE_VERTICES = np.array([[x, y, z] for x in (0, 2) for y in (0, 1) for z in (0, 1)], np.float32)
+CUBE_QUADS = [(0, 1, 3, 2), (4, 6, 7, 5), (0, 4, 5, 1), (2, 3, 7, 6), (0, 2, 6, 4), (1, 5, 7, 3)]
+
+
+def test_a_mesh_as_off_and_as_ply_gives_the_same_points(eval_model, tmp_path):
+  vertices = '\n'.join(' '.join(f'{v:g}' for v in row) for row in CUBE_VERTICES)
+  faces = '\n'.join('4 ' + ' '.join(map(str, q)) for q in CUBE_QUADS)
+  (tmp_path / 'box.off').write_text(f'OFF\n8 6 0\n{vertices}\n{faces}\n')
+  (tmp_path / 'box.ply').write_text('ply\nformat ascii 1.0\nelement vertex 8\nproperty float x\nproperty float y\n'
+                                    'property float z\nelement face 6\nproperty list uchar int vertex_indices\n'
+                                    f'end_header\n{vertices}\n{faces}\n')
+  off, ply = (point_files.read_points(tmp_path / name) for name in ('box.off', 'box.ply'))
+  assert off.from_mesh and ply.from_mesh and len(off) == point_files.DEFAULT_MESH_POINTS
+  np.testing.assert_array_equal(predict.prepare_points(off.xyz, 64), predict.prepare_points(ply.xyz, 64))
+  # Sampled on the surface of the 2 x 1 x 1 box: every point lies on one of its faces.
+  on_face = np.isclose(off.xyz, 0, atol=1e-6) | np.isclose(off.xyz, [2, 1, 1], atol=1e-6)
+  assert on_face.any(axis=1).all()
+  result = predict.predict(eval_model, tmp_path / 'box.off', LABELS)
+  assert result['from_mesh'] and len(result['labels']) == 3
+
+
+def test_short_clouds_are_cycled_up_to_the_encoder_size():
+  xyz = np.random.default_rng(0).normal(size=(10, 3)).astype(np.float32)
+  points = predict.prepare_points(xyz, 32)
+  assert points.shape == (32, 3)
+  np.testing.assert_array_equal(points[10:20], points[:10])
+
+
+def test_predict_ranks_labels_and_images(eval_model, owl_copies, owl_dir):
+  images = [str(owl_dir / name) for name in ('a.jpg', 'b.jpg', 'c.jpg')]
+  results = {name: predict.predict(eval_model, path, LABELS, images if name == 'ply_ascii' else ())
+             for name, path in owl_copies.items()}
+  result = results['ply_ascii']
+  assert result['num_points_read'] == 10_000 and not result['from_mesh']
+  assert sorted(r['name'] for r in result['labels']) == sorted(LABELS)
+  for other in results.values():  # the same object in another format gives the same prediction
+    assert [r['name'] for r in other['labels']] == [r['name'] for r in result['labels']]
+    np.testing.assert_allclose([r['similarity'] for r in other['labels']],
+                               [r['similarity'] for r in result['labels']], atol=1e-6)
+  for ranked in (result['labels'], result['images']):
+    sims = np.array([r['similarity'] for r in ranked])
+    probs = np.array([r['probability'] for r in ranked])
+    assert np.all(np.diff(sims) <= 0)
+    expected = np.exp(result['logit_scale'] * sims) / np.exp(result['logit_scale'] * sims).sum()
+    np.testing.assert_allclose(probs, expected, rtol=1e-6)
+  assert sorted(r['name'] for r in result['images']) == sorted(images)
+
+
+def test_command_end_to_end_on_the_owl(tiny_checkpoint, owl_dir, tmp_path):
+  out = tmp_path / 'owl.json'
+  cmd = [sys.executable, '-m', 'cg3d_jax.predict', '--checkpoint', str(tiny_checkpoint), '--points',
+         str(owl_dir / 'owl.ply'), '--labels', 'owl, chicken,penguin', '--images', str(owl_dir / 'a.jpg'),
+         str(owl_dir / 'b.jpg'), str(owl_dir / 'c.jpg'), '--json', str(out)]
+  done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert 'owl.ply: 10000 points' in done.stdout and 'images ranked against the cloud' in done.stdout
+  result = json.loads(out.read_text())
+  assert [r['rank'] for r in result['labels']] == [1, 2, 3]
+  assert sum(r['probability'] for r in result['labels']) == pytest.approx(1.0)
+  assert len(result['images']) == 3
+
+
+@pytest.mark.parametrize('name, content, message', [
+    ('empty.ply', b'', 'file is empty'),
+    ('blank.txt', b'  \n\n', 'file is empty'),
+    ('garbage.ply', b'not a ply file at all\n1 2 3\n', 'not a PLY file'),
+    ('truncated.ply', b'ply\nformat binary_little_endian 1.0\nelement vertex 100\nproperty float x\n'
+                      b'property float y\nproperty float z\nend_header\n\x00\x00', 'truncated'),
+    ('cloud.obj', b'v 0 0 0\n', 'unknown point-cloud extension'),
+])
+def test_unreadable_or_empty_files_are_clear_errors(tiny_checkpoint, tmp_path, capsys, name, content, message):
+  path = tmp_path / name
+  path.write_bytes(content)
+  rc = predict.main(['--checkpoint', str(tiny_checkpoint), '--points', str(path), '--labels', 'a,b'])
+  err = capsys.readouterr().err
+  assert rc == 2
+  assert str(path) in err and message in err
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--points', 'missing.ply', '--labels', 'a,b'], 'missing.ply does not exist'),
+    (['--labels', 'a,,b'], 'comma-separated non-empty labels'),
+    (['--labels', 'owl,owl'], "['owl'] appear more than once"),
+    (['--labels', 'a,b', '--images', 'nope.jpg'], 'nope.jpg does not exist'),
+])
+def test_bad_arguments_are_clear_errors(tiny_checkpoint, owl_dir, capsys, args, message):
+  base = ['--checkpoint', str(tiny_checkpoint), '--points', str(owl_dir / 'owl.ply')]
+  rc = predict.main(base + args)
+  assert rc == 2
+  assert message in capsys.readouterr().err
+
+
+def test_an_image_that_is_not_an_image_is_a_clear_error(eval_model, owl_dir, tmp_path):
+  fake = tmp_path / 'fake.jpg'
+  fake.write_bytes(b'definitely not a jpeg')
+  with pytest.raises(ValueError, match='fake.jpg: cannot be read as an image'):
+    predict.predict(eval_model, owl_dir / 'owl.ply', LABELS, [str(fake)])
