@@ -1,0 +1,305 @@
+"""Fine-tuning: initialisation from pretraining, a short real fine-tune, voting, the loss, the data stream, export.
+
+The real ModelNet40 fixtures hold 3 official-train airplanes and 10 airplanes + 10 bathtubs of the official test
+split. The 3 training objects cannot teach two classes, so the short fine-tune trains on the 20 test-split objects
+(config.data.train_split='test') and checks that it classifies all of them (100% training accuracy, measured in
+evaluation mode); the 3 official-train airplanes, never trained on, are a held-out check.
+"""
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+
+from cg3d_jax.data import builders, finetune_pipeline, transforms
+from cg3d_jax.models.pointmlp import PointMLP
+from cg3d_jax.train import finetune as ft
+from cg3d_jax.train import trained
+from cg3d_jax.weights import torch_io, torch_io_pointmlp, torch_twins
+from configs import finetune_modelnet40
+
+NUM_STORED = 128  # points kept per fixture cloud (the first 128 of 10,000), FPS'd to 64 per step
+TINY_PT = dict(width=32, depth=2, num_heads=2, num_groups=16, group_size=8, encoder_dim=32)  # = tiny_checkpoint's
+
+
+@pytest.fixture(scope='session')
+def modelnet_fixture(tmp_path_factory, fixtures_dir):
+  """(manual_dir, data_dir) of the real ModelNet40 fixtures prepared by the real builder (missing files skipped)."""
+  manual = str(fixtures_dir / 'modelnet40_normal_resampled')
+  data_dir = str(tmp_path_factory.mktemp('modelnet_tfds'))
+  builders.get_builder('modelnet40', data_dir=data_dir, manual_dir=manual, skip_bad=True)
+  return manual, data_dir
+
+
+def tiny_finetune_config(modelnet, **overrides):
+  manual, data_dir = modelnet
+  c = finetune_modelnet40.get_config()
+  c.data.manual_dir, c.data.data_dir, c.data.skip_bad = manual, data_dir, True
+  c.data.train_split = 'test'  # see the module docstring
+  c.data.num_stored_points = NUM_STORED
+  c.data.shuffle_buffer = 32
+  c.model.embed_dim = 32
+  c.model.num_points = 64
+  c.model.point_transformer.update(TINY_PT)
+  c.finetune.fps_points = 80 if NUM_STORED >= 80 else NUM_STORED
+  c.finetune.votes = 1
+  c.finetune.eval_every_epochs = 0
+  # Constant lr: the recipe's 300-epoch cosine with 10 warmup epochs means nothing over 2-example epochs.
+  c.finetune.optim.point_transformer.update(dict(lr=3e-3, schedule='constant', warmup_epochs=0))
+  c.train.batch_size = 8
+  c.train.total_steps = 150
+  c.train.log_every = 10
+  c.eval.batch_size = 8
+  c.checkpoint.async_save = False
+  c.checkpoint.every_steps = 1000
+  c.logging.tensorboard = False
+  for key, value in overrides.items():
+    target = c
+    *parents, leaf = key.split('.')
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return c
+
+
+def _flat(tree):
+  return {k: np.asarray(v) for k, v in torch_io.flatten(tree).items()}
+
+
+def test_init_from_pretraining_copies_encoder_and_keeps_fresh_head(modelnet_fixture, tiny_checkpoint):
+  config = tiny_finetune_config(modelnet_fixture)
+  setup = ft.build_setup(config, init=str(tiny_checkpoint))
+  # The pretrained variables, read back from disk independently of the fine-tune code.
+  step_dir = trained.find_step_dir(tiny_checkpoint)
+  saved = trained.read_state(step_dir)
+  pre_params, pre_stats = _flat(saved['params']['encoder']), _flat(saved['batch_stats'])
+  params, stats = _flat(jax.device_get(setup.state['params'])), _flat(jax.device_get(setup.state['batch_stats']))
+  fresh = ft.init_variables(setup.model, jax.random.split(jax.random.key(config.seed))[0], config.model.num_points)
+  fresh_params = _flat(fresh['params'])
+
+  trunk = [k for k in pre_params if not k.startswith(('projection', 'cls_head_'))]
+  assert len(trunk) > 30 and set(params) == set(trunk) | {k for k in fresh_params if k.startswith(
+      ('projection', 'cls_head_'))}
+  for k in trunk:
+    np.testing.assert_array_equal(params[k], pre_params[k], err_msg=k)
+  assert set(stats) == set(pre_stats)
+  for k in pre_stats:
+    np.testing.assert_array_equal(stats[k], pre_stats[k], err_msg=k)
+  # Head: the fresh initialisation, sized to ModelNet40, not the 55-class pretraining head.
+  assert pre_params['cls_head_1/kernel'].shape == (256, 55) and params['cls_head_1/kernel'].shape == (256, 40)
+  for k in ('cls_head_0/kernel', 'cls_head_0/bias', 'cls_head_1/kernel', 'cls_head_1/bias', 'projection/kernel'):
+    np.testing.assert_array_equal(params[k], fresh_params[k], err_msg=k)
+  assert not np.array_equal(params['projection/kernel'], pre_params['projection/kernel'])
+  assert np.all(params['cls_head_1/bias'] == 0) and 0.015 < params['cls_head_1/kernel'].std() < 0.025  # trunc N(0.02)
+  # The projection is frozen (no optimizer state); everything else trains.
+  labels = ft.optim.param_labels(setup.state['params'], ft.optimizer_rules(config))
+  assert labels['projection']['kernel'] == 'frozen' and labels['cls_head_1']['kernel'] == 'classifier'
+
+
+def test_init_from_original_pth(modelnet_fixture, tiny_checkpoint, tmp_path):
+  """An original-format container {'base_model': state_dict} initialises the same trunk as the workdir does."""
+  pre = trained.load_trained(tiny_checkpoint)
+  state_dict = torch_io.point_transformer_to_torch(pre.encoder_vars['params'], pre.encoder_vars['batch_stats'])
+  path = tmp_path / 'cg3d.pth'
+  torch.save({'base_model': state_dict, 'epoch': 4}, path)
+  config = tiny_finetune_config(modelnet_fixture)
+  model = ft.build_classifier(config.model, 40)
+  fresh = ft.init_variables(model, jax.random.key(0), config.model.num_points)
+  loaded = ft.transfer_encoder(fresh, ft.load_pretrained(path, config.model), 'point_transformer')
+  expected = ft.transfer_encoder(fresh, ft.PretrainedEncoder('point_transformer', pre.encoder_vars['params'],
+                                                             pre.encoder_vars['batch_stats'], 'workdir'),
+                                 'point_transformer')
+  for (k, a), b in zip(_flat(loaded).items(), _flat(expected).values()):
+    np.testing.assert_array_equal(a, b, err_msg=k)
+
+
+def test_init_rejects_mismatched_encoder(modelnet_fixture, tiny_checkpoint):
+  config = tiny_finetune_config(modelnet_fixture, **{'model.point_transformer.depth': 3})
+  with pytest.raises(ValueError, match='blocks_2.* missing from the pretrained encoder'):
+    ft.build_setup(config, init=str(tiny_checkpoint))
+
+
+@pytest.fixture(scope='session')
+def finetuned_run(tmp_path_factory, modelnet_fixture, tiny_checkpoint):
+  """A 150-step fine-tune of the tiny pretrained PointTransformer on the 20 fixture objects (8-device mesh)."""
+  workdir = tmp_path_factory.mktemp('finetune_run')
+  config = tiny_finetune_config(modelnet_fixture)
+  result = ft.finetune(config, str(workdir), init=str(tiny_checkpoint))
+  return workdir, config, result
+
+
+def test_short_finetune_reaches_full_training_accuracy(finetuned_run):
+  workdir, config, result = finetuned_run
+  # Evaluation mode (running BatchNorm statistics, no dropout, no augmentation) on the 20 training objects.
+  assert result['val/count'] == 20
+  assert result['val/top1'] == 1.0 and result['val/class_mean'] == 1.0
+  rows = [r for r in _read_jsonl(workdir / 'finetune.jsonl') if 'loss' in r]
+  assert rows[-1]['loss'] < rows[0]['loss']
+  # Held out: the 3 official-train airplanes were never trained on.
+  finetuned = ft.load_finetuned(workdir)
+  setup_like = _eval_on(finetuned, config, split='train')
+  assert setup_like['count'] == 3 and setup_like['top1'] == 1.0
+
+
+def _read_jsonl(path):
+  from cg3d_jax.metrics import read_jsonl
+  return read_jsonl(str(path))
+
+
+def _eval_on(finetuned, config, *, split, votes=1, vote_augment=True):
+  mesh = ft.sharding.make_mesh({'data': -1, 'fsdp': 1})
+  predict = ft.make_predict(finetuned.model, num_points=config.model.num_points,
+                            fps_points=ft.fps_count(config.model.num_points, NUM_STORED, config.finetune.fps_points),
+                            votes=votes, vote_augment=vote_augment, out_sharding=ft.sharding.replicated(mesh))
+  variables = jax.device_put(finetuned.variables, ft.sharding.replicated(mesh))  # read onto one device
+  return ft.evaluate(predict, variables, ft.eval_batches(config, ft.sharding.batch_sharding(mesh), split),
+                     num_classes=40, key=jax.random.key(0))
+
+
+def test_voting_without_augmentation_equals_single_pass(finetuned_run):
+  workdir, config, _ = finetuned_run
+  finetuned = ft.load_finetuned(workdir)
+  single = _eval_on(finetuned, config, split='test')
+  voted = _eval_on(finetuned, config, split='test', votes=10, vote_augment=False)
+  np.testing.assert_array_equal(single['labels'], voted['labels'])
+  np.testing.assert_allclose(voted['logits'], single['logits'], rtol=1e-5, atol=1e-5)
+  assert voted['top1'] == single['top1'] and voted['class_mean'] == single['class_mean']
+
+
+def test_export_loads_into_the_original_classifier(finetuned_run, modelnet_fixture):
+  workdir, config, _ = finetuned_run
+  finetuned = ft.load_finetuned(workdir)
+  params, stats = finetuned.variables['params'], finetuned.variables['batch_stats']
+  state_dict = ft.finetuned_to_torch('point_transformer', params, stats)
+  pretraining_keys = list(torch_io.point_transformer_to_torch(params, stats).keys())
+  assert list(state_dict) == [k for k in pretraining_keys if not k.startswith('projection.')]
+  assert tuple(state_dict['cls_head_finetune.3.weight'].shape) == (40, 256)
+
+  twin = torch_twins.PointTransformerProject(embed_dim=32, num_classes=40, **TINY_PT).eval()
+  missing, unexpected = twin.load_state_dict(state_dict, strict=False)
+  assert sorted(missing) == ['projection.bias', 'projection.weight'] and not unexpected
+  batch = next(iter(ft.pipeline.eval_local_batches('modelnet40', data_dir=modelnet_fixture[1], batch_size=4,
+                                                   num_points_stored=NUM_STORED, skip_bad=True)))
+  points = ft.fps(jnp.asarray(batch['points']), config.model.num_points)
+  jax_logits = finetuned.model.apply(finetuned.variables, points, train=False, return_logits=True)
+  with torch.no_grad():
+    torch_logits = twin.forward_logits(torch.from_numpy(np.asarray(points))).numpy()
+  np.testing.assert_allclose(torch_logits, np.asarray(jax_logits), rtol=1e-4, atol=1e-4)
+
+  path = workdir / 'export' / 'finetuned.pth'
+  ft.save_finetuned_pth(path, finetuned)
+  container = torch.load(path, weights_only=True)
+  assert set(container) == {'base_model', 'epoch', 'metrics', 'best_metrics'}
+  assert container['metrics']['acc'] == 100.0 and container['epoch'] == 75  # 150 steps of 2-step epochs
+  assert list(container['base_model']) == list(state_dict)
+
+
+def test_smoothed_cross_entropy_matches_numpy():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(6, 5)).astype(np.float32)
+  labels = rng.integers(0, 5, size=6)
+  eps = 0.2
+  target = np.full((6, 5), eps / 4)
+  target[np.arange(6), labels] = 1 - eps
+  shifted = logits - logits.max(1, keepdims=True)
+  log_probs = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+  expected = -(target * log_probs).sum(1).mean()
+  np.testing.assert_allclose(ft.smoothed_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), eps), expected,
+                             rtol=1e-6)
+  np.testing.assert_allclose(ft.smoothed_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), 0.0),
+                             optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), rtol=1e-6)
+
+
+def test_train_stream_is_the_fixture_data_and_resumes(modelnet_fixture, fixtures_dir):
+  config = tiny_finetune_config(modelnet_fixture)
+  # NumPy reference: the first NUM_STORED points of each raw fixture file, centred and scaled to the unit sphere.
+  root = fixtures_dir / 'modelnet40_normal_resampled'
+  names = [line.strip() for line in (root / 'modelnet40_test.txt').read_text().split()
+           if (root / line.strip().rsplit('_', 1)[0] / f'{line.strip()}.txt').is_file()]
+  reference = {n: transforms.normalize_unit_sphere_np(np.loadtxt(root / n.rsplit('_', 1)[0] / f'{n}.txt',
+                                                                 delimiter=',')[:NUM_STORED, :3])
+               for n in names}
+  assert len(reference) == 20
+
+  def stream(start, count):
+    ds = finetune_pipeline.train_local_dataset(config.data, global_batch_size=8, seed=3, start_step=start,
+                                               process_index=0, process_count=1)
+    return [b for _, b in zip(range(count), ds.as_numpy_iterator())]
+
+  full, resumed = stream(0, 6), stream(3, 3)
+  for a, b in zip(full[3:], resumed):
+    np.testing.assert_array_equal(a['points'], b['points'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+  epoch = np.concatenate([b['points'] for b in full])[:20]  # batches run across epochs: 20 = one epoch
+  epoch_labels = np.concatenate([b['label'] for b in full])[:20]
+  matched = []
+  for cloud, label in zip(epoch, epoch_labels):
+    hits = [n for n, ref in reference.items() if np.allclose(cloud, ref, atol=1e-5)]
+    assert len(hits) == 1 and label == (0 if hits[0].startswith('airplane') else 1)
+    matched.append(hits[0])
+  assert sorted(matched) == sorted(reference)  # each object once per epoch
+  assert finetune_pipeline.steps_per_epoch(config.data, 8) == 2
+
+
+TINY_MLP = dict(embed_dim=8, dim_expansion=(2, 2), pre_blocks=(1, 1), pos_blocks=(1, 2), k_neighbors=(4, 4),
+                reducers=(2, 2))
+
+
+def test_pointmlp_classifier_trunk_init_and_export():
+  encoder = PointMLP(**TINY_MLP, projection_dim=16)
+  classifier = ft.PointMLPClassifier(**TINY_MLP, projection_dim=16, num_classes=7)
+  points = jax.random.normal(jax.random.key(1), (4, 32, 3))
+  pre = encoder.init(jax.random.key(2), points, train=False)
+  # Move BatchNorm statistics off their init values so that copying them is visible.
+  pre_stats = jax.tree.map(lambda x: x + 0.5, pre['batch_stats'])
+  fresh = ft.init_variables(classifier, jax.random.key(3), 32)
+  variables = ft.transfer_encoder(fresh, ft.PretrainedEncoder('pointmlp', pre['params'], pre_stats, 'test'),
+                                  'pointmlp')
+  flat, pre_flat = _flat(variables['params']), _flat(pre['params'])
+  assert set(flat) == ({k for k in pre_flat if not k.startswith('projection')}
+                       | {k for k in _flat(fresh['params']) if k.startswith('classifier_')})
+  # The classifier's trunk is PointMLP's: its pooled feature through PointMLP's projection is PointMLP's output.
+  pooled = classifier.apply(variables, points, train=False, return_features=True)
+  proj = pre['params']['projection']
+  expected = encoder.apply({'params': pre['params'], 'batch_stats': pre_stats}, points, train=False)
+  np.testing.assert_allclose(pooled @ proj['kernel'] + proj['bias'], expected, rtol=1e-5, atol=1e-5)
+
+  # Export: CG3D's PointMLP keys without the projection, plus the original pointMLP classifier Sequential.
+  stats = jax.tree.map(lambda x: x + 0.25, variables['batch_stats'])
+  state_dict = ft.finetuned_to_torch('pointmlp', variables['params'], stats)
+  trunk_keys = [k for k in torch_io_pointmlp.pointmlp_to_torch(pre['params'], pre_stats) if
+                not k.startswith('projection.')]
+  assert list(state_dict)[:len(trunk_keys)] == trunk_keys
+  head = torch.nn.Sequential(torch.nn.Linear(32, 512), torch.nn.BatchNorm1d(512), torch.nn.ReLU(),
+                             torch.nn.Dropout(0.5), torch.nn.Linear(512, 256), torch.nn.BatchNorm1d(256),
+                             torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Linear(256, 7)).eval()
+  head.load_state_dict({k[len('classifier.'):]: v for k, v in state_dict.items() if k.startswith('classifier.')},
+                       strict=True)
+  assert len(state_dict) == len(trunk_keys) + len(head.state_dict())
+  exported = {'params': variables['params'], 'batch_stats': stats}
+  logits = classifier.apply(exported, points, train=False)
+  pooled = classifier.apply(exported, points, train=False, return_features=True)
+  with torch.no_grad():
+    torch_logits = head(torch.from_numpy(np.asarray(pooled))).numpy()
+  np.testing.assert_allclose(torch_logits, np.asarray(logits), rtol=1e-5, atol=1e-5)
+
+
+def test_configs():
+  from configs import finetune_scanobjectnn
+  c = finetune_modelnet40.get_config()
+  assert (c.model.num_classes, c.train.batch_size, c.model.num_points, c.finetune.fps_points) == (40, 32, 1024, 1200)
+  rules = ft.optimizer_rules(c)
+  assert rules[1][1]['name'] == 'adamw' and rules[1][1]['lr'] == 2e-4 and rules[1][1]['warmup_epochs'] == 10
+  c.model.encoder = 'pointmlp'  # an override switches the recipe with the encoder
+  assert ft.optimizer_rules(c)[1][1]['name'] == 'sgd' and ft.optimizer_rules(c)[1][1]['nesterov']
+  assert finetune_modelnet40.get_config('pointmlp,modelnet10').model.num_classes == 10
+  s = finetune_scanobjectnn.get_config('obj_bg')
+  assert (s.data.name, s.model.num_classes, s.data.num_stored_points) == ('obj_bg', 15, 2048)
+  assert finetune_scanobjectnn.get_config().data.name == 'pb_t50_rs'
+  with pytest.raises(ValueError, match='unknown part'):
+    finetune_scanobjectnn.get_config('obj_bgg')
+  assert pathlib.Path(ft.__file__).name == 'finetune.py'
