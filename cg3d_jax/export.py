@@ -79,18 +79,29 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not CHECKPOINT.value or not OUT.value:
     raise app.UsageError('--checkpoint and --out are required, e.g. --checkpoint workdir --out model.pth')
-  from cg3d_jax.train.trained import load_trained  # pylint: disable=g-import-not-at-top
+  from cg3d_jax.train.trained import CheckpointNotFoundError, load_trained  # pylint: disable=g-import-not-at-top
   from cg3d_jax.weights import cg3d_checkpoint as ckpt  # pylint: disable=g-import-not-at-top
 
   out = pathlib.Path(OUT.value)
   fmt = resolve_format(out, FORMAT.value)
-  trained = load_trained(CHECKPOINT.value, STEP.value)
+  try:
+    trained = load_trained(CHECKPOINT.value, STEP.value)
+  except CheckpointNotFoundError as err:
+    sys.exit(f'error: --checkpoint: {err}')
   config = trained.config
   encoder = config.model.encoder
+  if VERIFY.value:  # read the clouds first: a bad --points file should not cost an export
+    try:
+      names, clouds = verify_points(POINTS.value, MODELNET_DIR.value, config.model.num_points)
+    except (OSError, ValueError) as err:
+      sys.exit(f'error: {err}')
   container = ckpt.build_container(
       encoder, trained.encoder_vars['params'], trained.encoder_vars['batch_stats'], prompts=trained.prompts,
       prompt_mode=config.clip.prompt.mode, step=trained.step, epoch=EPOCH.value, metrics=trained.metrics,
       config=config.to_dict(), num_batches_tracked=encoder_update_count(config, trained.step))
+  if encoder == 'point_transformer' and 'cls_head_finetune.0.weight' not in container['base_model']:
+    logging.warning('no classification head (config.model.num_classes is unset): the original '
+                    'PointTransformerProject builds cls_head_finetune, so its strict load will report it missing')
   if fmt == 'cg3d':
     written = [ckpt.write_cg3d_checkpoint(out, container)]
   else:
@@ -100,7 +111,6 @@ def main(argv):
         f'{", ".join(map(str, written))}')
 
   if VERIFY.value:
-    names, clouds = verify_points(POINTS.value, MODELNET_DIR.value, config.model.num_points)
     twin = ckpt.load_twin(out, encoder, trained.encoder, config.model.num_points)
     print(f'verify: {out} loads into the PyTorch twin with strict=True')
     diff, got, _ = ckpt.compare_features(twin, trained.encoder, trained.encoder_vars, clouds)

@@ -229,7 +229,7 @@ def test_original_checkpoint_layout_is_imported(tmp_path, highest_precision):
   clouds = modelnet_clouds(64)
   with torch.no_grad():
     want = twin(torch.from_numpy(clouds)).numpy()
-  got = model.apply({'params': params, 'batch_stats': batch_stats}, clouds, train=False)
+  got = jax.jit(lambda v, p: model.apply(v, p, train=False))({'params': params, 'batch_stats': batch_stats}, clouds)
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
 
 

@@ -267,7 +267,11 @@ def _model_for(path, encoder: str, state_dict, config: Mapping[str, Any] | None,
                                         f'{encoder}')
     import ml_collections  # pylint: disable=g-import-not-at-top
     from cg3d_jax.models.cg3d import build_encoder  # pylint: disable=g-import-not-at-top
-    return build_encoder(ml_collections.ConfigDict(dict(model_config)))
+    try:
+      return build_encoder(ml_collections.ConfigDict(dict(model_config)))
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+      raise CheckpointFormatError(path, f"the saved config['model'] does not describe a cg3d-jax encoder ({err}); "
+                                        'pass model= to load_cg3d_checkpoint') from None
   try:
     if encoder == POINT_TRANSFORMER:
       kwargs = torch_io.point_transformer_kwargs_from_torch(state_dict)
@@ -342,7 +346,7 @@ def load_cg3d_checkpoint(path, model=None):
   prompts, prompt_mode = prompts_from_torch(path, visual)
   tracked = [int(v) for k, v in state_dict.items() if k.endswith('.num_batches_tracked')]
   info = dict(path=str(path), format='safetensors' if path.suffix == '.safetensors' else 'pth', model=model,
-              epoch=int(container.get('epoch', -1)), step=container.get('step'),
+              epoch=epoch if isinstance(epoch := container.get('epoch'), int) else -1, step=container.get('step'),
               metrics=container.get('metrics') or {}, best_metrics=container.get('best_metrics') or {},
               config=config, prompt_mode=prompt_mode, num_batches_tracked=max(tracked, default=0),
               ignored_visual_keys=sorted(set(visual or {}) - {PROMPT_KEY, DEEP_PROMPT_KEY}), assumed=assumed)
