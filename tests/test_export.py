@@ -209,8 +209,9 @@ def test_original_checkpoint_layout_is_imported(tmp_path, highest_precision):
       elif name.endswith('running_var'):
         buf.uniform_(0.5, 2.0)
   deep = torch.randn(11, 5, 768)
-  visual = collections.OrderedDict([('cls_token', torch.zeros(1, 1, 768)), ('prompt_embeddings', torch.randn(1, 5, 768)),
-                                    ('deep_prompt_embeddings', deep), ('blocks.0.attn.qkv.weight', torch.zeros(8, 4))])
+  visual = collections.OrderedDict([
+      ('cls_token', torch.zeros(1, 1, 768)), ('prompt_embeddings', torch.randn(1, 5, 768)),
+      ('deep_prompt_embeddings', deep), ('blocks.0.attn.qkv.weight', torch.zeros(8, 4))])
   optimizer = torch.optim.AdamW(twin.parameters())
   torch.save({'base_model': collections.OrderedDict((f'module.{k}', v) for k, v in twin.state_dict().items()),
               'visual_clip_model': visual, 'optimizer': optimizer.state_dict(), 'epoch': 7,
@@ -343,8 +344,13 @@ def test_pointmlp_export_loads_strictly_matches_twin_and_round_trips(tmp_path, h
   got = jax.jit(lambda v, p: model.apply(v, p, train=False))(variables, clouds)
   assert np.abs(want).max() > 0.05
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
-  diff, _, _ = ckpt.compare_features(ckpt.load_twin(path, 'pointmlp', model, 128), model, variables, clouds)
+  twin = ckpt.load_twin(path, 'pointmlp', model, 128)
+  diff, _, _ = ckpt.compare_features(twin, model, variables, clouds)
   assert diff <= 1e-4
+  with torch.no_grad():  # what --verify exists to catch: one weight off by a little
+    twin.projection.bias[3] += 1e-3
+  diff, _, _ = ckpt.compare_features(twin, model, variables, clouds)
+  assert diff == pytest.approx(1e-3, rel=0.05)
 
   encoder, params, batch_stats, prompts, info = ckpt.load_cg3d_checkpoint(path, model)
   assert (encoder, prompts, info['prompt_mode'], info['num_batches_tracked']) == ('pointmlp', None, 'none', 10)
