@@ -13,13 +13,12 @@ Every object is a function of (seed, family, index) only, so the folder is repro
 
 import dataclasses
 import json
-import os
 import pathlib
-import tempfile
 
 import numpy as np
 from PIL import Image
 
+from cg3d_jax.atomic import atomic_write_bytes
 from cg3d_jax.data import render, shapes
 
 MARKER = 'synthetic.json'
@@ -42,18 +41,6 @@ class SyntheticSettings:
 def synset_id(family_index: int) -> str:
   """Fake 8-digit WordNet-style ids in a range ShapeNet does not use."""
   return f'{90000000 + family_index:08d}'
-
-
-def atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix='.' + path.name + '.')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

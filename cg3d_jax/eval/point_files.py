@@ -13,10 +13,11 @@ import dataclasses
 import io
 import os
 import re
-import tempfile
 from typing import Sequence
 
 import numpy as np
+
+from cg3d_jax.atomic import atomic_write_bytes
 
 TEXT_EXTENSIONS = ('.txt', '.xyz', '.csv')
 SUPPORTED_EXTENSIONS = ('.ply', '.npy', '.off') + TEXT_EXTENSIONS
@@ -135,21 +136,7 @@ def write_ply(path, xyz, rgb=None, *, binary: bool = True) -> None:
     # float32 -> float64 is exact, so '%.9g' prints each float32 coordinate with enough digits to read it back.
     table = xyz.astype(np.float64) if rgb is None else np.concatenate([xyz, rgb], axis=1).astype(np.float64)
     np.savetxt(body, table, fmt=['%.9g'] * 3 + (['%d'] * 3 if rgb is not None else []), delimiter=' ')
-  _atomic_write(path, body.getvalue())
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  atomic_write_bytes(path, body.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,34 +11,19 @@ import io
 import json
 import math
 import os
-import tempfile
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from cg3d_jax.atomic import atomic_write_bytes
 from cg3d_jax.eval import metrics
 
 RESULTS_FILE = 'results.json'
 PER_CLASS_CSV = 'per_class.csv'
 PER_CLASS_JSON = 'per_class.json'
 CONFUSION_PNG = 'confusion.png'
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
 
 
 def _json_value(value):
