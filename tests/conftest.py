@@ -62,27 +62,11 @@ def tiny_shapenet(tmp_path_factory):
 
 
 def tiny_config(clip_dir, shapenet, **overrides):
-  """The demo config shrunk for tests (tiny CLIP and encoder, 16-sample batches); overrides as {'a.b': value}."""
-  manual, data_dir = shapenet
-  from configs import demo
-  c = demo.get_config()
-  c.demo.enabled = False
+  """configs/tiny_test.py (the demo shrunk for tests) pointed at the fixtures; overrides as {'a.b': value}."""
+  from configs import tiny_test
+  c = tiny_test.get_config()
   c.clip.path = clip_dir
-  c.data.manual_dir, c.data.data_dir = manual, data_dir
-  c.data.num_stored_points = 256
-  c.data.shuffle_buffer = 64
-  c.model.embed_dim = 32
-  c.model.num_points = 64
-  c.model.point_transformer.update(dict(width=32, depth=2, num_heads=2, num_groups=16, group_size=8,
-                                        encoder_dim=32))
-  c.train.batch_size = 16
-  c.train.total_steps = 6
-  c.train.log_every = 2
-  c.eval.every_steps = 0
-  c.eval.batch_size = 16
-  c.checkpoint.every_steps = 2
-  c.checkpoint.async_save = False
-  c.logging.tensorboard = False
+  c.data.manual_dir, c.data.data_dir = shapenet
   for key, value in overrides.items():
     target = c
     *parents, leaf = key.split('.')
