@@ -45,6 +45,7 @@ from cg3d_jax.data.transforms import scale_and_translate
 from cg3d_jax.eval import metrics as eval_metrics
 from cg3d_jax.metrics import MetricsWriter
 from cg3d_jax.models import pointmlp
+from cg3d_jax.models.layers import TorchBatchNorm
 from cg3d_jax.models.point_ops import farthest_point_sample, gather_points
 from cg3d_jax.models.point_transformer import PointTransformer
 from cg3d_jax.train import optim, sharding, trained
@@ -101,7 +102,7 @@ class PointMLPClassifier(pointmlp.PointMLP):
     h = pooled
     for (fc, bn), (fan_in, width) in zip((('classifier_0', 'classifier_1'), ('classifier_4', 'classifier_5')),
                                          ((channels, 512), (512, 256))):
-      h = nn.relu(pointmlp.BatchNorm(dtype=self.dtype, name=bn)(linear(width, fan_in, fc)(h), train=train))
+      h = nn.relu(TorchBatchNorm(dtype=self.dtype, name=bn)(linear(width, fan_in, fc)(h), train=train))
       h = nn.Dropout(self.head_dropout, deterministic=not train)(h)
     return linear(self.num_classes, 256, 'classifier_8')(h)
 
