@@ -92,10 +92,32 @@ def initialize() -> None:
       logging.info('joining a %d-process JAX cluster as process %d (coordinator %s)', num_processes, process_id,
                    coordinator)
       jax.distributed.initialize(coordinator, num_processes, process_id, **timeouts)
+      if jax.devices()[0].platform == 'cpu':
+        warm_cpu_collectives()
   elif on_tpu_pod() or in_slurm_job():
     logging.info('joining the JAX cluster found by auto-detection (%s)', 'TPU pod' if on_tpu_pod() else 'SLURM')
     jax.distributed.initialize(**timeouts)
   log_topology()
+
+
+def warm_cpu_collectives() -> None:
+  """One collective over all devices, while the processes are still in step (just after joining).
+
+  Gloo builds the communicator of a device set at its first collective and gives every process only 30 s (fixed
+  in XLA) to arrive; a process that compiles or loads more slowly than the others (a loaded machine) would fail
+  there. Built now, the all-device communicator is reused by the training step, whose collectives wait as long as
+  needed.
+  """
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  devices = sorted(jax.devices(), key=lambda d: d.id)
+  mesh = jax.make_mesh((len(devices),), ('all',), devices=devices)
+  ones = jax.make_array_from_process_local_data(NamedSharding(mesh, P('all')),
+                                                np.ones((jax.local_device_count(),), np.int32))
+  total = jax.jit(lambda x: x.sum(), out_shardings=NamedSharding(mesh, P()))(ones)
+  if int(total.addressable_data(0)) != len(devices):
+    raise RuntimeError(f'the CPU collectives check summed {int(total.addressable_data(0))} over {len(devices)} devices')
 
 
 def topology() -> dict:

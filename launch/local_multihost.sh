@@ -39,8 +39,12 @@ repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 pids=()
 stop_all() {
+  local pid waited
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null; done
-  sleep 5
+  for ((waited = 0; waited < 10; waited++)); do
+    kill -0 "${pids[@]}" 2>/dev/null || break  # true while any of them still runs
+    sleep 1
+  done
   for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null; done
 }
 trap 'echo "interrupted: stopping all processes" >&2; stop_all; exit 130' INT TERM
@@ -68,17 +72,18 @@ while ((${#live[@]} > 0)); do
   ended=
   wait -n -p ended "${!live[@]}"
   rc=$?
-  [[ -n $ended ]] || break  # nothing left to wait for
+  [[ -n ${ended:-} ]] || break  # nothing left to wait for
   i=${live[$ended]}
   unset "live[$ended]"
-  if ((rc != 0)) && ((status == 0)); then
+  echo "process $i exited with status $rc" >&2
+  if ((rc != 0)); then
     status=$rc
-    echo "process $i exited with status $rc; last lines of $log_dir/process_$i.log:" >&2
+    echo "last lines of $log_dir/process_$i.log:" >&2
     tail -n 20 "$log_dir/process_$i.log" >&2
     echo "stopping the other processes" >&2
     stop_all
-  else
-    echo "process $i exited with status $rc" >&2
+    wait 2>/dev/null
+    break
   fi
 done
 if ((status == 0)); then

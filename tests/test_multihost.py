@@ -1,0 +1,247 @@
+"""Multi-host runs: 2 processes x 4 CPU devices form one JAX cluster (gloo), train, checkpoint, resume, fail fast.
+
+What the 2x4 run is compared with. The input pipeline gives process p the contiguous shard p of the split and
+shuffles within it (cg3d_jax/data/pipeline.py), so global batch t of a 2-process run is 8 examples of the first half
+of the split followed by 8 of the second half, while a 1-process run draws its 16 from a shuffle of the whole split.
+The two runs therefore see different batches by design and their losses differ. The strongest true statement, tested
+here, is that the 2x4 run equals a 1-process x 8-device run of the same training loop fed, at every step, the
+concatenation of the two processes' host batches: the multi-process step, its global batch assembly, checkpointing
+and resume add nothing of their own.
+
+Run as a module (`python -m tests.test_multihost`), this file is a stand-in worker for launch/local_multihost.sh.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO_ROOT, tiny_config
+
+LOCAL_LAUNCH = REPO_ROOT / 'launch' / 'local_multihost.sh'
+TPU_LAUNCH = REPO_ROOT / 'launch' / 'tpu_pod.sh'
+# The same settings for both runs: one log line per step, and a constant encoder lr so that the schedule does not
+# depend on total_steps (the resumed launch runs "forever" until it is killed).
+COMMON = {'train.log_every': 1, 'train.encoder_optim.schedule': 'constant', 'checkpoint.every_steps': 1000}
+FIRST_STEPS, COMPARED_STEPS = 3, 5
+HEARTBEAT_S = 10
+
+
+def _overrides(clip_dir, shapenet, **extra) -> list[str]:
+  manual, data_dir = shapenet
+  values = {'clip.path': clip_dir, 'data.manual_dir': manual, 'data.data_dir': data_dir, **COMMON, **extra}
+  return [f'--config.{k}={v}' for k, v in values.items()]
+
+
+def _train_args(workdir, clip_dir, shapenet, **extra) -> list[str]:
+  return ['--config', 'configs/tiny_test.py', '--workdir', str(workdir), *_overrides(clip_dir, shapenet, **extra)]
+
+
+def _env() -> dict:
+  env = dict(os.environ)
+  env.pop('XLA_FLAGS', None)  # the test session's 8 devices; each process sets its own count
+  env.update(PYTHONPATH=str(REPO_ROOT), JAX_PLATFORMS='cpu', CG3D_HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_S),
+             CG3D_INIT_TIMEOUT_S='120')
+  return env
+
+
+def _read_losses(workdir: pathlib.Path) -> dict[int, dict]:
+  path = workdir / 'train.jsonl'
+  if not path.is_file():
+    return {}
+  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return {row['step']: row for row in rows}
+
+
+def _tail(path: pathlib.Path, n: int = 30) -> str:
+  return '\n'.join(path.read_text(errors='replace').splitlines()[-n:]) if path.is_file() else '(no log)'
+
+
+@pytest.fixture(scope='module')
+def pod_run(tmp_path_factory, tiny_clip_dir, tiny_shapenet):
+  """Launch 1 (local_multihost.sh, 2x4): steps 1-3 and a checkpoint. Launch 2 (two processes started directly, so
+  that nothing but JAX notices a death): resumes, trains past step 5, then process 1 is killed."""
+  root = tmp_path_factory.mktemp('multihost')
+  workdir, env = root / 'run', _env()
+  first = subprocess.run(
+      ['bash', str(LOCAL_LAUNCH), '2', '4', '--',
+       *_train_args(workdir, tiny_clip_dir, tiny_shapenet, **{'train.total_steps': FIRST_STEPS})],
+      cwd=REPO_ROOT, env=env | {'CG3D_LOG_DIR': str(root / 'logs1')}, capture_output=True, text=True, timeout=400)
+  assert first.returncode == 0, (first.stderr, _tail(root / 'logs1' / 'process_0.log'))
+  after_first = _read_losses(workdir)
+
+  logs = [root / f'launch2_process_{i}.log' for i in range(2)]
+  port = _free_port()
+  procs = []
+  for i in range(2):
+    penv = env | {'CG3D_COORDINATOR': f'127.0.0.1:{port}', 'CG3D_NUM_PROCESSES': '2', 'CG3D_PROCESS_ID': str(i),
+                  'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
+    with open(logs[i], 'w') as log:
+      procs.append(subprocess.Popen(
+          [sys.executable, '-m', 'cg3d_jax.train',
+           *_train_args(workdir, tiny_clip_dir, tiny_shapenet, **{'train.total_steps': 1000})],
+          cwd=REPO_ROOT, env=penv, stdout=log, stderr=subprocess.STDOUT))
+  try:
+    deadline = time.monotonic() + 300
+    while COMPARED_STEPS not in _read_losses(workdir):
+      dead = [i for i, p in enumerate(procs) if p.poll() is not None]
+      assert not dead, f'process {dead[0]} ended early:\n{_tail(logs[dead[0]])}'
+      assert time.monotonic() < deadline, f'no step {COMPARED_STEPS} after 300 s:\n{_tail(logs[0])}'
+      time.sleep(1)
+    procs[1].send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    try:
+      survivor_rc = procs[0].wait(timeout=120 + HEARTBEAT_S)
+    except subprocess.TimeoutExpired:
+      survivor_rc = None
+    survivor_s = time.monotonic() - killed_at
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  return dict(workdir=workdir, after_first=after_first, losses=_read_losses(workdir), logs=logs,
+              first_log=root / 'logs1' / 'process_0.log', survivor_rc=survivor_rc, survivor_s=survivor_s)
+
+
+def _free_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _concatenated_host_batches(data_config, *, global_batch_size, sharding, start_step=0, process_count=2,
+                               **kwargs):
+  """What a 1-process run is fed instead of its own stream: both processes' host batches, process 0 first."""
+  import jax
+  from cg3d_jax.data import pipeline
+  streams = [pipeline.pretrain_local_dataset(data_config, global_batch_size=global_batch_size, start_step=start_step,
+                                             process_index=p, process_count=process_count,
+                                             **kwargs).as_numpy_iterator() for p in range(process_count)]
+  for parts in zip(*streams):
+    yield {k: jax.make_array_from_process_local_data(sharding, np.concatenate([part[k] for part in parts]))
+           for k in parts[0]}
+
+
+@pytest.fixture(scope='module')
+def reference_losses(tmp_path_factory, tiny_clip_dir, tiny_shapenet):
+  """1 process x 8 devices, the same loop and config, fed the two processes' batches concatenated."""
+  from cg3d_jax.data import pipeline
+  from cg3d_jax.train import loop
+  config = tiny_config(tiny_clip_dir, tiny_shapenet, **COMMON, **{'train.total_steps': COMPARED_STEPS})
+  workdir = tmp_path_factory.mktemp('multihost_reference')
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(pipeline, 'make_pretrain_iterator', _concatenated_host_batches)
+    loop.train(config, str(workdir))
+  return _read_losses(workdir)
+
+
+def test_tiny_test_config_is_the_conftest_tiny_config(tiny_clip_dir, tiny_shapenet):
+  from configs import tiny_test
+  c = tiny_test.get_config()
+  c.clip.path = tiny_clip_dir
+  c.data.manual_dir, c.data.data_dir = tiny_shapenet
+  assert c.to_dict() == tiny_config(tiny_clip_dir, tiny_shapenet).to_dict()
+
+
+def test_two_processes_train_checkpoint_and_resume(pod_run):
+  assert sorted(pod_run['after_first']) == list(range(1, FIRST_STEPS + 1))
+  assert (pod_run['workdir'] / 'checkpoints' / str(FIRST_STEPS)).is_dir()
+  log0 = pod_run['logs'][0].read_text(errors='replace')
+  assert 'JAX process 0 of 2' in log0 and '8 global devices' in log0
+  assert f'resumed from step {FIRST_STEPS}' in log0
+  assert set(range(1, COMPARED_STEPS + 1)) <= set(pod_run['losses'])
+
+
+def test_two_by_four_losses_equal_one_by_eight_on_the_concatenated_host_batches(pod_run, reference_losses):
+  assert sorted(reference_losses) == list(range(1, COMPARED_STEPS + 1))
+  for step in range(1, COMPARED_STEPS + 1):
+    got, want = pod_run['losses'][step], reference_losses[step]
+    for key in ('loss', 'loss/point_text', 'loss/point_image', 'loss/image_text'):
+      np.testing.assert_allclose(got[key], want[key], rtol=1e-5, err_msg=f'step {step} {key}')
+  # Training moved: the compared losses are not all one number.
+  assert len({round(reference_losses[s]['loss'], 6) for s in reference_losses}) > 1
+
+
+def test_killed_process_makes_the_other_exit_with_an_error(pod_run):
+  assert pod_run['survivor_rc'] is not None, (
+      f'process 0 still running {pod_run["survivor_s"]:.0f} s after process 1 was killed:\n'
+      f'{_tail(pod_run["logs"][0])}')
+  assert pod_run['survivor_rc'] != 0
+  log0 = pod_run['logs'][0].read_text(errors='replace')
+  assert 'JAX distributed service detected fatal errors' in log0 or 'heartbeat' in log0.lower(), _tail(
+      pod_run['logs'][0])
+
+
+def test_pod_global_batch_differs_from_one_process_by_design(tiny_clip_dir, tiny_shapenet):
+  """Documents why 2x4 is compared with the concatenation: per-process shards give other global batches."""
+  from cg3d_jax.data import pipeline
+  config = tiny_config(tiny_clip_dir, tiny_shapenet, **{'data.augment': False})
+  kw = dict(global_batch_size=16, image_size=32, image_mean=(0.5,) * 3, image_std=(0.5,) * 3, num_templates=63,
+            seed=0)
+  one = next(pipeline.pretrain_local_dataset(config.data, process_index=0, process_count=1, **kw).as_numpy_iterator())
+  parts = [next(pipeline.pretrain_local_dataset(config.data, process_index=p, process_count=2,
+                                                **kw).as_numpy_iterator()) for p in range(2)]
+  assert all(len(part['label']) == 8 for part in parts)
+  assert not np.array_equal(np.concatenate([p['points'] for p in parts]), one['points'])
+
+
+def _run_local(args, env, timeout=120):
+  return subprocess.run(['bash', str(LOCAL_LAUNCH), *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def test_local_launcher_stops_the_others_when_one_fails(tmp_path):
+  env = dict(os.environ) | {'CG3D_MODULE': 'tests.test_multihost', 'CG3D_LOG_DIR': str(tmp_path),
+                            'PYTHONPATH': str(REPO_ROOT)}
+  start = time.monotonic()
+  result = _run_local(['3', '2', '--', '--fail_process', '1'], env)
+  assert result.returncode == 3, result.stderr
+  assert 'process 1 exited with status 3' in result.stderr
+  for i in (0, 2):  # they would sleep for 10 minutes: the launcher stopped them
+    pid = int((tmp_path / f'process_{i}.pid').read_text())
+    assert not pathlib.Path(f'/proc/{pid}').exists() or 'zombie' in pathlib.Path(f'/proc/{pid}/status').read_text()
+  assert time.monotonic() - start < 100
+  logs = {i: (tmp_path / f'process_{i}.log').read_text() for i in range(3)}
+  assert all(f'worker {i} of 3, devices=2' in logs[i] for i in range(3))
+  assert 'usage' in _run_local(['2'], env).stderr
+
+
+def test_tpu_pod_dry_run_prints_the_commands_for_every_worker():
+  result = subprocess.run(
+      ['bash', str(TPU_LAUNCH), '--dry-run', '--tpu', 'my-pod', '--zone', 'us-central2-b', '--project', 'my-proj',
+       '--', '--config', 'configs/pretrain_pointbert.py', '--workdir', 'gs://bucket/runs/pb'],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 0, result.stderr
+  lines = [line for line in result.stdout.splitlines() if line.startswith('gcloud ')]
+  ssh = [line for line in lines if ' ssh ' in line]
+  assert ssh and all('--worker=all' in line and '--zone=us-central2-b' in line and '--project=my-proj' in line
+                     and 'my-pod' in line for line in ssh)
+  assert any('pip install' in line and 'jax[tpu]' in line for line in ssh)
+  train = [line for line in ssh if 'python3 -m cg3d_jax.train' in line]
+  assert len(train) == 1 and '--workdir gs://bucket/runs/pb' in train[0]
+  assert any(' scp ' in line or 'rsync' in line for line in lines)  # the code is copied to the workers
+  assert 'create' not in result.stdout  # creates nothing unless asked
+
+
+def _stand_in_worker(argv):
+  """For the launcher test: prints what it was given; --fail_process i exits 3 there, the others sleep."""
+  index, count = int(os.environ['CG3D_PROCESS_ID']), int(os.environ['CG3D_NUM_PROCESSES'])
+  # The first device count is the launcher's (importing this module appends the test session's).
+  devices = os.environ['XLA_FLAGS'].split('device_count=')[1].split()[0]
+  print(f'worker {index} of {count}, devices={devices}, coordinator={os.environ["CG3D_COORDINATOR"]}', flush=True)
+  if index == int(argv[argv.index('--fail_process') + 1]):
+    time.sleep(2)
+    sys.exit(3)
+  time.sleep(600)
+
+
+if __name__ == '__main__':
+  _stand_in_worker(sys.argv[1:])
