@@ -193,6 +193,30 @@ def test_pod_global_batch_differs_from_one_process_by_design(tiny_clip_dir, tiny
   assert not np.array_equal(np.concatenate([p['points'] for p in parts]), one['points'])
 
 
+@pytest.mark.parametrize('env, message', [
+    ({'CG3D_COORDINATOR': 'h:1', 'CG3D_NUM_PROCESSES': '2'}, 'needs all of --coordinator'),
+    ({'CG3D_COORDINATOR': 'nohost', 'CG3D_NUM_PROCESSES': '2', 'CG3D_PROCESS_ID': '0'}, 'must be host:port'),
+    ({'CG3D_COORDINATOR': 'h:1', 'CG3D_NUM_PROCESSES': '2', 'CG3D_PROCESS_ID': '2'}, r'must be in \[0, 2\)'),
+    ({'CG3D_COORDINATOR': 'h:1', 'CG3D_NUM_PROCESSES': 'two', 'CG3D_PROCESS_ID': '0'}, 'CG3D_NUM_PROCESSES'),
+])
+def test_cluster_settings_are_checked(monkeypatch, env, message):
+  from absl import flags
+  from cg3d_jax import distributed
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  for key in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID):
+    monkeypatch.delenv(key, raising=False)
+  assert distributed.explicit_settings() is None
+  for key, value in env.items():
+    monkeypatch.setenv(key, value)
+  with pytest.raises(ValueError, match=message):
+    distributed.explicit_settings()
+  monkeypatch.setenv('CG3D_PROCESS_ID', '1')
+  monkeypatch.setenv('CG3D_NUM_PROCESSES', '2')
+  monkeypatch.setenv('CG3D_COORDINATOR', '10.0.0.1:1234')
+  assert distributed.explicit_settings() == ('10.0.0.1:1234', 2, 1)
+
+
 def _run_local(args, env, timeout=120):
   return subprocess.run(['bash', str(LOCAL_LAUNCH), *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                         timeout=timeout)
