@@ -119,8 +119,13 @@ def test_init_from_original_pth(modelnet_fixture, tiny_checkpoint, tmp_path):
 
 def test_init_rejects_mismatched_encoder(modelnet_fixture, tiny_checkpoint):
   config = tiny_finetune_config(modelnet_fixture, **{'model.point_transformer.depth': 3})
+  model = ft.build_classifier(config.model, 40)
+  shapes = jax.eval_shape(lambda: ft.init_variables(model, jax.random.key(0), config.model.num_points))
+  pretrained = ft.load_pretrained(tiny_checkpoint)
   with pytest.raises(ValueError, match='blocks_2.* missing from the pretrained encoder'):
-    ft.build_setup(config, init=str(tiny_checkpoint))
+    ft.transfer_encoder(shapes, pretrained, 'point_transformer')
+  with pytest.raises(ValueError, match='holds a point_transformer encoder'):
+    ft.transfer_encoder(shapes, pretrained, 'pointmlp')
 
 
 @pytest.fixture(scope='session')
@@ -187,7 +192,7 @@ def test_export_loads_into_the_original_classifier(finetuned_run, modelnet_fixtu
   points = ft.fps(jnp.asarray(batch['points']), config.model.num_points)
   jax_logits = finetuned.model.apply(finetuned.variables, points, train=False, return_logits=True)
   with torch.no_grad():
-    torch_logits = twin.forward_logits(torch.from_numpy(np.asarray(points))).numpy()
+    torch_logits = twin.forward_logits(torch.from_numpy(np.array(points))).numpy()
   np.testing.assert_allclose(torch_logits, np.asarray(jax_logits), rtol=1e-4, atol=1e-4)
 
   path = workdir / 'export' / 'finetuned.pth'

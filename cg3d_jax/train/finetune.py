@@ -348,7 +348,8 @@ def evaluate(predict, variables: dict, batches: Iterator[dict], *, num_classes: 
   logits, labels, masks = [], [], []
   for i, batch in enumerate(batches):
     out = predict(variables, batch['points'], jax.random.fold_in(key, i))
-    logits.append(np.asarray(jax.device_get(out)))
+    # `predict` replicates its output: every process holds the whole batch's logits.
+    logits.append(np.asarray(out if out.is_fully_addressable else out.addressable_data(0)))
     labels.append(_host(batch['label']))
     masks.append(_host(batch['mask']))
   if not logits:
