@@ -3,6 +3,10 @@
   python -m cg3d_jax.evaluate --config configs/zeroshot_modelnet40.py --checkpoint /runs/cg3d --workdir /tmp/zs40 \
       --config.eval.manual_dir=/data/modelnet40_normal_resampled --config.eval.data_dir=/data/tfds
 
+--checkpoint is a training workdir or step folder, or an original CG3D (or exported) .pth / .safetensors; for the
+latter give the CLIP folder with --config.clip.path (the original file does not record it) and, when the file does
+not record its config, the encoder's input size with --config.model.num_points (default 1024).
+
 Zero-shot configs print a table and write results.json, per_class.csv, per_class.json and confusion.png into the
 workdir; the retrieval config (configs/retrieval_shapenet55.py) writes retrieval.json and retrieval_grid.png.
 The split runs sharded over every device (batch over the ('data', 'fsdp') mesh); the last batch is padded and
@@ -47,7 +51,8 @@ def _batches(ev, mesh, preprocess=None):
 def run(config, checkpoint: str, workdir: str, devices=None) -> dict:
   """Evaluates `checkpoint` as `config.eval` says; writes the reports into `workdir`; returns the summary."""
   ev = config.eval
-  model = zeroshot.load_eval_model(checkpoint, clip_path=config.clip.path, step=ev.get('step'))
+  model = zeroshot.load_eval_model(checkpoint, clip_path=config.clip.path, step=ev.get('step'),
+                                  num_points=config.model.num_points)
   mesh = sharding.make_mesh({'data': -1, 'fsdp': 1}, devices)
   _check_batch_size(ev.batch_size, mesh)
   builder = builders.get_builder(ev.dataset, data_dir=ev.data_dir, manual_dir=ev.manual_dir, skip_bad=ev.skip_bad,

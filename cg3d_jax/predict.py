@@ -98,7 +98,8 @@ def format_result(result: dict) -> str:
 
 def parse_args(argv):
   parser = argparse.ArgumentParser(prog='python -m cg3d_jax.predict', description=__doc__.split('\n')[0])
-  parser.add_argument('--checkpoint', required=True, help='training workdir or checkpoint step folder')
+  parser.add_argument('--checkpoint', required=True,
+                      help='training workdir or checkpoint step folder, or an original CG3D / exported .pth')
   parser.add_argument('--points', required=True, help='point-cloud file: .ply .npy .off .txt .xyz .csv')
   parser.add_argument('--labels', required=True, help='comma-separated candidate labels, e.g. "owl,chicken,penguin"')
   parser.add_argument('--images', nargs='+', default=[], help='image files to rank against the cloud')
@@ -108,6 +109,8 @@ def parse_args(argv):
                       help="original CG3D quirk: don't L2-normalise text features")
   parser.add_argument('--clip_path', default=None, help='CLIP folder, if not the one recorded in the checkpoint')
   parser.add_argument('--step', type=int, default=None, help='checkpoint step (default: newest)')
+  parser.add_argument('--num_points', type=int, default=1024,
+                      help='encoder input size, only for a .pth that does not record its config')
   parser.add_argument('--json', default=None, help='also write the result as JSON here')
   return parser.parse_args(argv)
 
@@ -120,7 +123,8 @@ def main(argv=None) -> int:
     for path in [args.points, *args.images]:
       if not os.path.isfile(path):
         raise FileNotFoundError(f'{path} does not exist or is not a file')
-    model = zeroshot.load_eval_model(args.checkpoint, clip_path=args.clip_path, step=args.step)
+    model = zeroshot.load_eval_model(args.checkpoint, clip_path=args.clip_path, step=args.step,
+                                     num_points=args.num_points)
     result = predict(model, args.points, labels, args.images, templates=templates,
                      normalize_text=not args.no_normalize_text)
   except (ValueError, FileNotFoundError, NotImplementedError) as e:  # PointFileError is a ValueError

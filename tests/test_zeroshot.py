@@ -278,3 +278,37 @@ def test_evaluate_rejects_a_batch_size_the_devices_do_not_divide(tiny_checkpoint
   with pytest.raises(ValueError, match='multiple of the 8 devices'):
     evaluate.run(config, str(tiny_checkpoint), str(tmp_path))
   assert not os.path.exists(tmp_path / 'results.json')
+
+
+def test_original_pth_checkpoint_evaluates_like_the_training_checkpoint(eval_model, tiny_checkpoint, tiny_clip_dir,
+                                                                       tiny_shapenet, tmp_path):
+  from cg3d_jax.weights import cg3d_checkpoint
+  config = eval_model.config
+  # An exported container whose config lost its CLIP folder (as an original .pth, which records none): the CLIP
+  # folder must come from the command line. (The tiny encoder's sizes are not CG3D's, so the config stays.)
+  saved = config.to_dict()
+  saved['clip']['path'] = None
+  container = cg3d_checkpoint.build_container(
+      config.model.encoder, eval_model.encoder_vars['params'], eval_model.encoder_vars['batch_stats'],
+      prompts=np.asarray(eval_model.clip_params['prompts']['tokens']), prompt_mode=config.clip.prompt.mode,
+      config=saved)
+  path = cg3d_checkpoint.write_cg3d_checkpoint(tmp_path / 'ckpt-last.pth', container)
+  with pytest.raises(ValueError, match='--config.clip.path'):
+    zeroshot.load_eval_model(path)
+  loaded = zeroshot.load_eval_model(path, clip_path=tiny_clip_dir)
+  assert loaded.model.num_points == config.model.num_points
+  np.testing.assert_array_equal(loaded.clip_params['prompts']['tokens'], eval_model.clip_params['prompts']['tokens'])
+  clouds = jax.numpy.asarray(np.random.default_rng(0).normal(size=(4, 128, 3)), np.float32)
+  features = [m.model.point_features(m.encoder_vars, sample_points(clouds, m.model.num_points))[0]
+              for m in (eval_model, loaded)]
+  np.testing.assert_allclose(features[1], features[0], atol=1e-6)
+
+  manual, data_dir = tiny_shapenet
+  results = []
+  for i, checkpoint in enumerate((str(tiny_checkpoint), str(path))):
+    zs = zeroshot_modelnet40.zeroshot_config('shapenet55_cg3d', 256)
+    zs.eval.update(dict(data_dir=data_dir, manual_dir=manual, batch_size=16))
+    zs.clip.path = tiny_clip_dir
+    results.append(evaluate.run(zs, checkpoint, str(tmp_path / f'eval{i}')))
+  for key in ('top1_acc', 'top3_acc', 'top5_acc', 'class_mean_acc', 'num_objects'):
+    assert results[1][key] == pytest.approx(results[0][key], abs=1e-9), key

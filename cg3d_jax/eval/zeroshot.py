@@ -198,13 +198,19 @@ class EvalModel:
     return self.clip.params
 
 
-def load_eval_model(checkpoint, *, clip_path: str | None = None, step: int | None = None) -> EvalModel:
-  """A training workdir / step folder (or an original CG3D .pth when that importer exists) -> EvalModel.
+TORCH_SUFFIXES = ('.pth', '.safetensors')
 
-  clip_path overrides the CLIP folder recorded in the checkpoint's config (e.g. the run was trained elsewhere).
+
+def load_eval_model(checkpoint, *, clip_path: str | None = None, step: int | None = None,
+                    num_points: int = 1024) -> EvalModel:
+  """A training workdir / step folder, or an original CG3D (or exported) .pth / .safetensors -> EvalModel.
+
+  clip_path overrides the CLIP folder recorded in the checkpoint's config (e.g. the run was trained elsewhere); an
+  original .pth records none, so it is required there. num_points is the encoder's input size for a .pth that
+  does not record its config (the original's 1024 by default); training checkpoints always record theirs.
   """
-  if str(checkpoint).endswith('.pth'):
-    return _load_torch_checkpoint(checkpoint, clip_path)
+  if str(checkpoint).endswith(TORCH_SUFFIXES):
+    return _load_torch_checkpoint(checkpoint, clip_path, num_points)
   trained = load_trained(checkpoint, step)
   config = trained.config
   path = clip_path or config.clip.get('path')
@@ -212,26 +218,49 @@ def load_eval_model(checkpoint, *, clip_path: str | None = None, step: int | Non
     raise ValueError(f'{trained.path}: its config has no clip.path; pass the CLIP folder it was trained with')
   clip = load_clip(path, prompt_mode=config.clip.prompt.mode, num_prompts=config.clip.prompt.num_tokens,
                    dtype=jnp.dtype(config.clip.dtype), seed=config.seed)
-  expected = None if 'prompts' not in clip.params else tuple(clip.params['prompts']['tokens'].shape)
-  found = None if trained.prompts is None else tuple(trained.prompts.shape)
-  if expected != found:
-    raise ValueError(f'{trained.path}: trained prompts have shape {found} but the CLIP at {path} with prompt mode '
-                     f'{config.clip.prompt.mode!r} expects {expected}: is this the CLIP it was trained with?')
-  if found is not None:
-    clip.params['prompts'] = {'tokens': jnp.asarray(trained.prompts)}
-  if config.model.embed_dim != clip.spec.projection_dim:
-    raise ValueError(f'{trained.path}: the encoder projects to {config.model.embed_dim} but the CLIP at {path} to '
-                     f'{clip.spec.projection_dim}')
+  _set_prompts(clip, trained.prompts, trained.path, path, config.clip.prompt.mode)
+  _check_joint_space(config.model.embed_dim, clip, trained.path, path)
   model = CG3D(encoder=trained.encoder, clip=clip.model, num_points=config.model.num_points)
   return EvalModel(model=model, encoder_vars=trained.encoder_vars, clip=clip, config=config, step=trained.step,
                    source=str(trained.path))
 
 
-def _load_torch_checkpoint(path, clip_path):
-  try:
-    from cg3d_jax.weights import cg3d_checkpoint  # noqa: F401  (the original-.pth importer, another issue)
-  except ImportError:
-    raise NotImplementedError(f'{path}: reading original CG3D .pth checkpoints is not available yet '
-                              '(cg3d_jax/weights/cg3d_checkpoint.py); evaluate a cg3d-jax training checkpoint'
-                              ) from None
-  raise NotImplementedError(f'{path}: the .pth branch is not wired to cg3d_checkpoint yet')
+def _set_prompts(clip: LoadedCLIP, prompts, source, clip_path, prompt_mode: str) -> None:
+  expected = None if 'prompts' not in clip.params else tuple(clip.params['prompts']['tokens'].shape)
+  found = None if prompts is None else tuple(prompts.shape)
+  if expected != found:
+    raise ValueError(f'{source}: trained prompts have shape {found} but the CLIP at {clip_path} with prompt mode '
+                     f'{prompt_mode!r} expects {expected}: is this the CLIP it was trained with?')
+  if found is not None:
+    clip.params['prompts'] = {'tokens': jnp.asarray(prompts)}
+
+
+def _check_joint_space(embed_dim: int, clip: LoadedCLIP, source, clip_path) -> None:
+  if embed_dim != clip.spec.projection_dim:
+    raise ValueError(f'{source}: the encoder projects to {embed_dim} but the CLIP at {clip_path} to '
+                     f'{clip.spec.projection_dim}')
+
+
+def _load_torch_checkpoint(path, clip_path, num_points):
+  """An original CG3D / exported container: encoder and prompts from the file, frozen CLIP from clip_path."""
+  from cg3d_jax.weights.cg3d_checkpoint import load_cg3d_checkpoint  # torch only on this path
+  encoder_name, params, batch_stats, prompts, info = load_cg3d_checkpoint(path)
+  saved = info['config'] or {}
+  num_points = int(saved.get('model', {}).get('num_points', num_points))
+  clip_path = clip_path or saved.get('clip', {}).get('path')
+  if not clip_path:
+    raise ValueError(f'{path}: an original CG3D checkpoint does not say which CLIP it was trained with; give the '
+                     'local transformers CLIP folder with --config.clip.path=...')
+  num_prompts = 5 if prompts is None else int(prompts.shape[1])
+  clip = load_clip(clip_path, prompt_mode=info['prompt_mode'], num_prompts=num_prompts)
+  _set_prompts(clip, prompts, path, clip_path, info['prompt_mode'])
+  encoder = info['model']
+  # PointMLP names its joint-space width projection_dim (its embed_dim is the first stage's width).
+  _check_joint_space(getattr(encoder, 'projection_dim', None) or encoder.embed_dim, clip, path, clip_path)
+  config = ml_collections.ConfigDict(saved) if saved else ml_collections.ConfigDict(
+      {'model': {'encoder': encoder_name, 'num_points': num_points},
+       'clip': {'path': clip_path, 'prompt': {'mode': info['prompt_mode'], 'num_tokens': num_prompts}}})
+  step = info['step'] if isinstance(info['step'], int) else max(info['epoch'], 0)
+  return EvalModel(model=CG3D(encoder=encoder, clip=clip.model, num_points=num_points),
+                   encoder_vars={'params': params, 'batch_stats': batch_stats}, clip=clip, config=config, step=step,
+                   source=str(path))
