@@ -158,6 +158,9 @@ def test_two_processes_train_checkpoint_and_resume(pod_run):
   assert 'JAX process 0 of 2' in log0 and '8 global devices' in log0
   assert f'resumed from step {FIRST_STEPS}' in log0
   assert set(range(1, COMPARED_STEPS + 1)) <= set(pod_run['losses'])
+  # Only process 0 writes metrics: one line per step, no duplicates from process 1.
+  lines = (pod_run['workdir'] / 'train.jsonl').read_text().splitlines()
+  assert len(lines) == len(pod_run['losses'])
 
 
 def test_two_by_four_losses_equal_one_by_eight_on_the_concatenated_host_batches(pod_run, reference_losses):
