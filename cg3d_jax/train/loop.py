@@ -7,17 +7,17 @@ restarted with the same command.
 
 import dataclasses
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import logging
 
 from cg3d_jax.data import builders, pipeline, templates
+from cg3d_jax.eval import zeroshot
 from cg3d_jax.metrics import MetricsWriter
-from cg3d_jax.models.cg3d import CG3D, build_encoder, sample_points
+from cg3d_jax.models.cg3d import CG3D, build_encoder
 from cg3d_jax.train import demo_assets, optim, sharding
 from cg3d_jax.train.checkpoint import Checkpointer
 from cg3d_jax.train.step import ENCODER, PROMPTS, jit_train_step, merge_clip
@@ -135,29 +135,13 @@ class NonFiniteError(RuntimeError):
   pass
 
 
-def zero_shot_eval(setup: Setup, state: dict, batches: Iterator[dict], class_names: list[str]) -> dict:
-  """Top-1 of point features against one text feature per class (mean over the eval templates)."""
-  config, model = setup.config, setup.model
-  eval_templates = templates.get_templates(config.eval.templates)
-  ids = tokenize(setup.clip.tokenizer, [t.format(c) for c in class_names for t in eval_templates])
-  clip_params = merge_clip(setup.frozen, state['params'])
-  text = model.caption_table(clip_params, ids.reshape(len(class_names), len(eval_templates), -1))
-  classifier = text.mean(axis=1)
-  classifier = classifier / jnp.linalg.norm(classifier, axis=-1, keepdims=True)
-
-  @jax.jit
-  def predict(encoder_vars, points):
-    feats, _ = model.point_features(encoder_vars, sample_points(points, model.num_points), train=False)
-    return jnp.argmax(feats @ classifier.T, axis=-1)
-
+def validate(setup: Setup, state: dict, class_names: list[str]) -> dict:
+  """Zero-shot metrics of the current state on config.eval.split (val/top1, top3, top5, class_mean, count)."""
+  config = setup.config
   encoder_vars = {'params': state['params']['encoder'], 'batch_stats': state['batch_stats']}
-  correct = total = 0
-  for batch in batches:
-    pred = np.asarray(predict(encoder_vars, batch['points']))
-    mask = np.asarray(batch['mask'])
-    correct += int(((pred == np.asarray(batch['label'])) & mask).sum())
-    total += int(mask.sum())
-  return {'val/top1': correct / max(total, 1), 'val/count': total}
+  return zeroshot.zero_shot_eval(setup.model, encoder_vars, merge_clip(setup.frozen, state['params']),
+                                 setup.clip.tokenizer, _eval_batches(setup), class_names, setup.mesh,
+                                 templates=config.eval.templates)
 
 
 def _image_settings(setup: Setup) -> dict:
@@ -243,7 +227,7 @@ def train(config, workdir: str) -> dict:
         logging.info('step %d/%d  loss %.4f  %.1f samples/s  ETA %s', done, total, last['loss'],
                      last['samples_per_s'], _format_seconds(eta))
       if config.eval.every_steps and (done % config.eval.every_steps == 0 or done == total):
-        val_metrics = zero_shot_eval(setup, state, _eval_batches(setup), class_names)
+        val_metrics = validate(setup, state, class_names)
         writer.write_scalars(done, val_metrics)
         logging.info('step %d  zero-shot top-1 %.4f on %d %s shapes', done, val_metrics['val/top1'],
                      val_metrics['val/count'], config.eval.split)
