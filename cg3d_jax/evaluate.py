@@ -16,12 +16,11 @@ its padding masked out, so every object is scored exactly once.
 import os
 
 import jax
-import numpy as np
 from absl import app, flags, logging
 
 from cg3d_jax import cli
 from cg3d_jax.data import builders, pipeline
-from cg3d_jax.eval import metrics, reports, retrieval, zeroshot
+from cg3d_jax.eval import reports, retrieval, zeroshot
 from cg3d_jax.train import sharding
 
 flags.adopt_module_key_flags(cli)  # so that --help lists --config and --workdir
@@ -74,12 +73,13 @@ def run(config, checkpoint: str, workdir: str, devices=None) -> dict:
 
 def _zero_shot(config, model, mesh, class_names, classifier, workdir, info) -> dict:
   ev = config.eval
-  split = zeroshot.split_point_features(model.model, model.encoder_vars, _batches(ev, mesh), mesh)
-  scores = np.asarray(metrics.zero_shot_scores(split['point_features'], classifier))
+  outputs = zeroshot.run_zero_shot(model.model, model.encoder_vars, model.clip_params, model.clip.tokenizer,
+                                   _batches(ev, mesh), class_names, mesh, classifier=classifier)
   summary = {}
   if jax.process_index() == 0:
-    summary = reports.write_classification_report(workdir, dataset=ev.dataset, class_names=class_names, logits=scores,
-                                                  labels=split['label'], ks=tuple(ev.ks), extra=info)
+    summary = reports.write_classification_report(workdir, dataset=ev.dataset, class_names=class_names,
+                                                  logits=outputs.scores, labels=outputs.labels, ks=tuple(ev.ks),
+                                                  extra=info)
     columns = ['dataset', 'num_objects', *(f'top{k}_acc' for k in ev.ks), 'class_mean_acc']
     print(reports.format_table([summary], columns))
     written = (reports.RESULTS_FILE, reports.PER_CLASS_CSV, reports.PER_CLASS_JSON, reports.CONFUSION_PNG)

@@ -13,7 +13,6 @@ ranked against the cloud the same way.
 """
 
 import argparse
-import json
 import os
 import sys
 from typing import Sequence

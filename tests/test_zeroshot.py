@@ -152,9 +152,9 @@ def test_features_equal_to_class_text_score_100_percent(mesh, tiny_clip):
                                                   mesh), names, mesh)
   summary = zeroshot.summarize(outputs)
   assert summary == {'top1': 1.0, 'top3': 1.0, 'top5': 1.0, 'class_mean': 1.0, 'count': len(labels)}
-  # The training loop's entry point reports the same, under its prefix.
-  metrics_ = zeroshot.zero_shot_eval(model, {'params': {}}, tiny_clip.params, tiny_clip.tokenizer, global_batches(
-      clouds_from_features(classifier[labels], num_points), labels, 8, mesh), names, mesh)
+  # The training loop's entry point reports the same, under its prefix (with a classifier built once, no CLIP).
+  metrics_ = zeroshot.zero_shot_eval(model, {'params': {}}, None, None, global_batches(
+      clouds_from_features(classifier[labels], num_points), labels, 8, mesh), names, mesh, classifier=classifier)
   assert metrics_['val/top1'] == 1.0 and metrics_['val/count'] == len(labels)
 
 

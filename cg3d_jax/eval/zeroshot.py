@@ -153,10 +153,19 @@ class ZeroShotOutputs:
 def run_zero_shot(model: CG3D, encoder_vars: dict, clip_params: dict, tokenizer, batches: Iterable[dict],
                   class_names: Sequence[str], mesh: jax.sharding.Mesh, *,
                   templates: str | Sequence[str] = 'cg3d_zeroshot', normalize_text: bool = True,
-                  name_style: str = 'raw') -> ZeroShotOutputs:
-  """Scores of every example of the split against every class."""
-  classifier = text_classifier(model.clip, clip_params, tokenizer, class_names, templates, normalize=normalize_text,
-                               name_style=name_style)
+                  name_style: str = 'raw', classifier=None) -> ZeroShotOutputs:
+  """Scores of every example of the split against every class.
+
+  classifier: (C, D) class weights from `text_classifier`, to skip recomputing them (the text tower is frozen, so
+  a training loop can build them once); when given, clip_params, tokenizer, templates, normalize_text and
+  name_style are not used.
+  """
+  if classifier is None:
+    classifier = text_classifier(model.clip, clip_params, tokenizer, class_names, templates,
+                                 normalize=normalize_text, name_style=name_style)
+  classifier = np.asarray(classifier)
+  if classifier.shape[0] != len(class_names):
+    raise ValueError(f'run_zero_shot: classifier has {classifier.shape[0]} rows for {len(class_names)} classes')
   split = split_point_features(model, encoder_vars, batches, mesh)
   scores = np.asarray(metrics.zero_shot_scores(split['point_features'], classifier))
   return ZeroShotOutputs(scores=scores, labels=split['label'].astype(np.int64), class_names=list(class_names),
@@ -176,10 +185,11 @@ def summarize(outputs: ZeroShotOutputs, ks: Sequence[int] = DEFAULT_KS) -> dict[
 def zero_shot_eval(model: CG3D, encoder_vars: dict, clip_params: dict, tokenizer, batches: Iterable[dict],
                    class_names: Sequence[str], mesh: jax.sharding.Mesh, *,
                    templates: str | Sequence[str] = 'cg3d_zeroshot', normalize_text: bool = True,
-                   name_style: str = 'raw', prefix: str = 'val/') -> dict[str, float | int]:
+                   name_style: str = 'raw', classifier=None, prefix: str = 'val/') -> dict[str, float | int]:
   """Validation metrics for the training loop: {prefix + 'top1', 'top3', 'top5', 'class_mean', 'count'}."""
   outputs = run_zero_shot(model, encoder_vars, clip_params, tokenizer, batches, class_names, mesh,
-                          templates=templates, normalize_text=normalize_text, name_style=name_style)
+                          templates=templates, normalize_text=normalize_text, name_style=name_style,
+                          classifier=classifier)
   return {prefix + k: v for k, v in summarize(outputs).items()}
 
 
