@@ -312,3 +312,38 @@ def test_original_pth_checkpoint_evaluates_like_the_training_checkpoint(eval_mod
     results.append(evaluate.run(zs, checkpoint, str(tmp_path / f'eval{i}')))
   for key in ('top1_acc', 'top3_acc', 'top5_acc', 'class_mean_acc', 'num_objects'):
     assert results[1][key] == pytest.approx(results[0][key], abs=1e-9), key
+
+
+def test_every_eval_config_names_a_known_dataset():
+  from configs import zeroshot_modelnet10, zeroshot_scanobjectnn
+  configs = [zeroshot_modelnet40.get_config(), zeroshot_modelnet40.get_config('ulip'), zeroshot_modelnet10.get_config(),
+             retrieval_shapenet55.get_config()]
+  configs += [zeroshot_scanobjectnn.get_config(v) for v in zeroshot_scanobjectnn.VARIANTS]
+  for config in configs:
+    assert config.eval.dataset in builders.SHORT_NAMES or config.eval.dataset in builders.BUILDER_CLASSES
+    zeroshot.resolve_templates(config.eval.templates)
+  assert zeroshot_modelnet40.get_config('ulip').eval.name_style == 'words'
+  with pytest.raises(ValueError, match='variant'):
+    zeroshot_scanobjectnn.get_config('pb_t50')
+
+
+def test_scanobjectnn_variant_through_evaluate(tiny_checkpoint, tmp_path):
+  import h5py
+  from configs import zeroshot_scanobjectnn
+  rng = np.random.default_rng(0)
+  labels = np.arange(15).repeat(2)[:27]  # 27 objects (class 14 absent): batch 8 pads the last batch with 5 rows
+  folder = tmp_path / 'h5_files' / 'main_split'
+  folder.mkdir(parents=True)
+  for name in ('training_objectdataset_augmentedrot_scale75.h5', 'test_objectdataset_augmentedrot_scale75.h5'):
+    with h5py.File(folder / name, 'w') as f:
+      f['data'] = rng.normal(size=(len(labels), 2048, 3)).astype(np.float32)
+      f['label'] = labels.astype(np.int64)
+  config = zeroshot_scanobjectnn.get_config('pb_t50_rs')
+  config.eval.update(dict(data_dir=str(tmp_path / 'tfds'), manual_dir=str(tmp_path / 'h5_files'), batch_size=8))
+  summary = evaluate.run(config, str(tiny_checkpoint), str(tmp_path / 'out'))
+  rows = json.loads((tmp_path / 'out' / 'per_class.json').read_text())
+  assert summary['dataset'] == 'pb_t50_rs' and summary['num_objects'] == 27 and summary['num_stored_points'] == 2048
+  assert [r['num_objects'] for r in rows] == list(np.bincount(labels, minlength=15))
+  assert rows[14]['accuracy'] is None and summary['num_classes_present'] == 14
+  present = [r['accuracy'] for r in rows if r['accuracy'] is not None]
+  assert summary['class_mean_acc'] == pytest.approx(np.mean(present), abs=1e-9)
