@@ -135,13 +135,18 @@ class NonFiniteError(RuntimeError):
   pass
 
 
-def validate(setup: Setup, state: dict, class_names: list[str]) -> dict:
+def validate(setup: Setup, state: dict, class_names: list[str], classifier) -> dict:
   """Zero-shot metrics of the current state on config.eval.split (val/top1, top3, top5, class_mean, count)."""
-  config = setup.config
   encoder_vars = {'params': state['params']['encoder'], 'batch_stats': state['batch_stats']}
   return zeroshot.zero_shot_eval(setup.model, encoder_vars, merge_clip(setup.frozen, state['params']),
                                  setup.clip.tokenizer, _eval_batches(setup), class_names, setup.mesh,
-                                 templates=config.eval.templates)
+                                 classifier=classifier)
+
+
+def validation_classifier(setup: Setup, state: dict, class_names: list[str]):
+  """(C, D) class weights from config.eval.templates; the text tower is frozen and prompt-less, so built once."""
+  return zeroshot.text_classifier(setup.model.clip, merge_clip(setup.frozen, state['params']), setup.clip.tokenizer,
+                                  class_names, setup.config.eval.templates)
 
 
 def _image_settings(setup: Setup) -> dict:
@@ -202,6 +207,7 @@ def train(config, workdir: str) -> dict:
   writer = MetricsWriter(workdir, 'train', tensorboard=config.logging.tensorboard, jsonl=config.logging.jsonl)
   rules = optimizer_rules(config)
   val_metrics: dict = {}
+  classifier = None
   last: dict = {}
   pending = None
   t0, seen = time.time(), 0
@@ -227,7 +233,9 @@ def train(config, workdir: str) -> dict:
         logging.info('step %d/%d  loss %.4f  %.1f samples/s  ETA %s', done, total, last['loss'],
                      last['samples_per_s'], _format_seconds(eta))
       if config.eval.every_steps and (done % config.eval.every_steps == 0 or done == total):
-        val_metrics = validate(setup, state, class_names)
+        if classifier is None:
+          classifier = validation_classifier(setup, state, class_names)
+        val_metrics = validate(setup, state, class_names, classifier)
         writer.write_scalars(done, val_metrics)
         logging.info('step %d  zero-shot top-1 %.4f on %d %s shapes', done, val_metrics['val/top1'],
                      val_metrics['val/count'], config.eval.split)
