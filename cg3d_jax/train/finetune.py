@@ -49,6 +49,7 @@ from cg3d_jax.models.layers import TorchBatchNorm
 from cg3d_jax.models.point_ops import farthest_point_sample, gather_points
 from cg3d_jax.models.point_transformer import PointTransformer
 from cg3d_jax.train import optim, sharding, trained
+from cg3d_jax.weights.trees import unflatten
 from cg3d_jax.train.checkpoint import Checkpointer
 
 ENCODERS = ('point_transformer', 'pointmlp')
@@ -141,17 +142,6 @@ def _flat(tree) -> dict[str, Any]:
   return {optim.path_to_str(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _unflat(flat: Mapping[str, Any]) -> dict:
-  tree: dict = {}
-  for path, leaf in flat.items():
-    *parents, name = path.split('/')
-    node = tree
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[name] = leaf
-  return tree
-
-
 def load_pretrained(path, model_config=None) -> PretrainedEncoder:
   """The point encoder of a cg3d-jax pretraining checkpoint (workdir, checkpoints/ or step folder) or of an
   original CG3D `.pth`.
@@ -163,13 +153,7 @@ def load_pretrained(path, model_config=None) -> PretrainedEncoder:
   if path.suffix in ('.pth', '.pt', '.safetensors'):
     if not path.is_file():
       raise FileNotFoundError(f'--init {path}: no such file')
-    try:
-      from cg3d_jax.weights import cg3d_checkpoint  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise NotImplementedError(
-          f'--init {path}: importing original CG3D .pth checkpoints needs '
-          'cg3d_jax/weights/cg3d_checkpoint.py (load_cg3d_checkpoint), which is not available in this build; '
-          'initialise from a cg3d-jax pretraining workdir instead') from e
+    from cg3d_jax.weights import cg3d_checkpoint  # pylint: disable=g-import-not-at-top  (torch only when needed)
     model = None if model_config is None else _source_model(path, model_config, cg3d_checkpoint)
     encoder, params, batch_stats, _prompts, _info = cg3d_checkpoint.load_cg3d_checkpoint(str(path), model=model)
     return PretrainedEncoder(encoder, jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, batch_stats),
@@ -224,7 +208,7 @@ def transfer_encoder(fresh: Mapping[str, Any], pretrained: PretrainedEncoder, en
       used.add(name)
     extra = [n for n in source if n not in used and not n.startswith(DROPPED_PREFIXES)]
     problems += [f'{collection}/{n} of the pretrained encoder has no place in the classifier' for n in extra]
-    out[collection] = _unflat(flat)
+    out[collection] = unflatten(flat)
   if problems:
     raise ValueError(f'cannot initialise the classifier from {pretrained.source} (do config.model sizes match the '
                      f'pretraining run?): ' + '; '.join(problems[:10]) + (' ...' if len(problems) > 10 else ''))

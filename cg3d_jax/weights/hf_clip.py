@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from cg3d_jax.models.clip import CLIP, CLIPSpec, init_prompts
+from cg3d_jax.weights.trees import unflatten
 
 _WEIGHT_FILES = ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin')
 # Buffers that old transformers versions saved next to the weights; they hold arange(n) and carry no information.
@@ -251,14 +252,7 @@ def clip_params_from_state_dict(state_dict: dict[str, np.ndarray], spec: CLIPSpe
   if unexpected:
     raise CLIPLoadError(f'CLIP checkpoint has tensors the config does not account for: {unexpected[:10]}'
                         f'{" ..." if len(unexpected) > 10 else ""}')
-  params = {}
-  for path, value in flat.items():
-    node = params
-    *parents, leaf = path.split('/')
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return params
+  return unflatten(flat)
 
 
 def load_tokenizer(folder: pathlib.Path):

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from cg3d_jax.weights.trees import flatten, unflatten  # noqa: F401  (re-exported: the twins' callers use them)
+
 PARAMS, BATCH_STATS, TORCH_ONLY = 'params', 'batch_stats', ''
 
 
@@ -65,29 +67,6 @@ def layer_norm(torch_prefix: str, flax_path: str) -> list[Entry]:
 
 
 # --- tree helpers -------------------------------------------------------------------------------------------------
-
-def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
-  """Nested dict -> {'a/b/c': leaf}."""
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      flat.update({f'{key}/{sub}': leaf for sub, leaf in flatten(value).items()})
-    else:
-      flat[key] = value
-  return flat
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-  """{'a/b/c': leaf} -> nested dict."""
-  tree: dict[str, Any] = {}
-  for path, leaf in flat.items():
-    *parents, name = path.split('/')
-    node = tree
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[name] = leaf
-  return tree
-
 
 def _to_torch_layout(kind: str, x: np.ndarray) -> np.ndarray:
   if kind == 'linear':
