@@ -308,3 +308,17 @@ def test_configs():
   with pytest.raises(ValueError, match='unknown part'):
     finetune_scanobjectnn.get_config('obj_bgg')
   assert pathlib.Path(ft.__file__).name == 'finetune.py'
+
+
+def test_interrupted_finetune_resumes_bitwise(modelnet_fixture, tiny_checkpoint, tmp_path):
+  """4 steps straight equal 2 steps, a stop, and the same command resumed to 4 (parameters and statistics)."""
+  def config(total):
+    return tiny_finetune_config(modelnet_fixture, **{'train.total_steps': total, 'checkpoint.every_steps': 2})
+
+  ft.finetune(config(4), str(tmp_path / 'straight'), init=str(tiny_checkpoint))
+  ft.finetune(config(2), str(tmp_path / 'resumed'), init=str(tiny_checkpoint))
+  ft.finetune(config(4), str(tmp_path / 'resumed'), init=str(tiny_checkpoint))
+  a, b = ft.load_finetuned(tmp_path / 'straight'), ft.load_finetuned(tmp_path / 'resumed')
+  assert a.step == b.step == 4
+  for x, y in zip(jax.tree.leaves(a.variables), jax.tree.leaves(b.variables)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
