@@ -25,22 +25,9 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from cg3d_jax.models.clip import CLIP  # noqa: E402
 from cg3d_jax.weights import hf_clip, random_clip  # noqa: E402
+from cg3d_jax.weights.torch_prompted_clip import torch_prompted_image_features  # noqa: E402
 
 VOCAB = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'fixtures' / 'clip_bpe' / 'bpe_simple_vocab_16e6.txt.gz'
-
-
-def torch_prompted_image_features(torch_model, pixel_values, prompts):
-  """CG3D's deep prompt insertion on transformers' vision tower (same as the reference in tests/test_clip.py)."""
-  vision = torch_model.vision_model
-  x = vision.embeddings(pixel_values)
-  batch, n = x.shape[0], prompts.shape[1]
-  x = torch.cat([x[:, :1], prompts[0].expand(batch, -1, -1), x[:, 1:]], dim=1)
-  x = vision.pre_layrnorm(x)
-  for i, layer in enumerate(vision.encoder.layers):
-    if 0 < i < prompts.shape[0]:
-      x = torch.cat([x[:, :1], prompts[i].expand(batch, -1, -1), x[:, 1 + n:]], dim=1)
-    x = layer(x, None)
-  return torch_model.visual_projection(vision.post_layernorm(x[:, 0]))
 
 
 def make_jax_step(loaded):

@@ -28,11 +28,12 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'bench'))
-from bench_clip import VOCAB, torch_prompted_image_features  # noqa: E402
+from bench_clip import VOCAB  # noqa: E402
 from cg3d_jax.train import loop  # noqa: E402
 from cg3d_jax.train.step import ENCODER, PROMPTS, jit_train_step  # noqa: E402
 from cg3d_jax.weights import random_clip  # noqa: E402
 from cg3d_jax.weights.torch_twins import PointTransformerProject, torch_farthest_point_sample, torch_gather_points  # noqa: E402,E501
+from cg3d_jax.weights.torch_prompted_clip import torch_prompted_image_features  # noqa: E402
 from configs import pretrain_pointbert  # noqa: E402
 
 

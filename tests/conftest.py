@@ -67,13 +67,18 @@ def tiny_config(clip_dir, shapenet, **overrides):
   c = tiny_test.get_config()
   c.clip.path = clip_dir
   c.data.manual_dir, c.data.data_dir = shapenet
+  return apply_overrides(c, overrides)
+
+
+def apply_overrides(config, overrides: dict):
+  """Sets {'a.b.c': value} entries on a ConfigDict (as --config.a.b.c=value would) and returns it."""
   for key, value in overrides.items():
-    target = c
+    target = config
     *parents, leaf = key.split('.')
     for p in parents:
       target = target[p]
     target[leaf] = value
-  return c
+  return config
 
 
 @pytest.fixture(scope='session')

@@ -20,6 +20,7 @@ from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
 from cg3d_jax.models.clip import CLIP, EOS_POOLING_ARGMAX, EOS_POOLING_FIRST_EOS, prompt_init_bound
 from cg3d_jax.weights import hf_clip, random_clip
+from cg3d_jax.weights.torch_prompted_clip import torch_prompted_image_features
 
 CAPTIONS = ['a photo of an owl.', 'a chicken standing on grass', 'a penguin']
 PHOTOS = ('a', 'b', 'c')
@@ -186,20 +187,6 @@ def test_vit_b16_config_matches_transformers(b16_folder, photos, highest_precisi
 
 
 # --- prompts --------------------------------------------------------------------------------------------------------
-
-
-def torch_prompted_image_features(torch_model, pixel_values, prompts):
-  """CG3D's prompt insertion written on transformers' vision tower: (B, projection_dim), not normalised."""
-  vision = torch_model.vision_model
-  x = vision.embeddings(pixel_values)  # class token + patches, position embedding added
-  batch, n = x.shape[0], prompts.shape[1]
-  x = torch.cat([x[:, :1], prompts[0].expand(batch, -1, -1), x[:, 1:]], dim=1)
-  x = vision.pre_layrnorm(x)
-  for i, layer in enumerate(vision.encoder.layers):
-    if 0 < i < prompts.shape[0]:
-      x = torch.cat([x[:, :1], prompts[i].expand(batch, -1, -1), x[:, 1 + n:]], dim=1)
-    x = layer(x, None)
-  return torch_model.visual_projection(vision.post_layernorm(x[:, 0]))
 
 
 def test_prompt_parameters_layout(small_folder, small_deep):

@@ -21,6 +21,7 @@ from cg3d_jax.train import finetune as ft
 from cg3d_jax.train import trained
 from cg3d_jax.weights import torch_io, torch_io_pointmlp, torch_twins
 from configs import finetune_modelnet40
+from tests.conftest import apply_overrides
 
 NUM_STORED = 128  # points kept per fixture cloud (the first 128 of 10,000), FPS'd to 64 per step
 TINY_PT = dict(width=32, depth=2, num_heads=2, num_groups=16, group_size=8, encoder_dim=32)  # = tiny_checkpoint's
@@ -57,13 +58,7 @@ def tiny_finetune_config(modelnet, **overrides):
   c.checkpoint.async_save = False
   c.checkpoint.every_steps = 1000
   c.logging.tensorboard = False
-  for key, value in overrides.items():
-    target = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  return c
+  return apply_overrides(c, overrides)
 
 
 def _flat(tree):
