@@ -172,6 +172,25 @@ def test_skip_bad_lines_drops_and_counts(tmp_path, caplog):
   np.testing.assert_array_equal(result.instances, OFFICE_1_INSTANCES)
 
 
+@pytest.mark.parametrize('block_lines', [2, 3, 4096])
+def test_skip_bad_lines_across_blocks(tmp_path, monkeypatch, block_lines):
+  monkeypatch.setattr(s3dis, '_BLOCK_LINES', block_lines)  # the slow path re-parses good blocks in bulk
+  rng = np.random.default_rng(0)
+  rows = [tuple(rng.integers(-4000, 4000, 3) / 8) + tuple(rng.integers(0, 256, 3)) for _ in range(11)]
+  bad_at = {2, 3, 7, 12}  # 0-based positions of the bad lines in the written file
+  text, good = [], iter(rows)
+  for index in range(len(rows) + len(bad_at)):
+    text.append('1 2 three 4 5 6\n' if index in bad_at else _lines([next(good)]))
+  path = tmp_path / 'room_1.txt'
+  path.write_text(''.join(text))
+  xyz, rgb = s3dis.read_room_cloud(path, skip_bad_lines=True)
+  expected = np.array(rows, np.float64)
+  np.testing.assert_array_equal(xyz, expected[:, :3].astype(np.float32))
+  np.testing.assert_array_equal(rgb, expected[:, 3:].astype(np.uint8))
+  with pytest.raises(BadInputError, match=r'room_1\.txt:3: '):
+    s3dis.read_room_cloud(path)
+
+
 @pytest.mark.parametrize('line, message', [
     ('1.0 2.0 3.0 256 0 0\n', 'colours must be integers in 0..255'),
     ('1.0 2.0 3.0 -1 0 0\n', 'colours must be integers in 0..255'),
