@@ -215,6 +215,26 @@ def test_parser_accepts_whitespace_variants(tmp_path):
   np.testing.assert_array_equal(rgb, [[0, 1, 2], [255, 254, 253]])
 
 
+def test_copy_named_annotation_is_left_out_with_warning(s3dis_root, tmp_path, caplog):
+  office = _office(s3dis_root)
+  copy = office / 'Annotations' / 'chair_2 (1).txt'
+  copy.write_text(_lines(OFFICE_1['chair_2.txt']))
+  with caplog.at_level(logging.WARNING):
+    room = s3dis.read_room(office)
+  assert room.ignored_copies == ('chair_2 (1).txt',)
+  assert any('chair_2 (1).txt' in r.getMessage() and 'copy of chair_2.txt' in r.getMessage() for r in caplog.records)
+  np.testing.assert_array_equal(room.instances, OFFICE_1_INSTANCES)
+  cached = [s3dis.read_room(office, cache_dir=tmp_path / 'cache') for _ in range(2)][1]
+  assert cached.ignored_copies == ('chair_2 (1).txt',)
+  caplog.clear()
+  s3dis.read_room(office, cache_dir=tmp_path / 'cache')
+  assert len([r for r in caplog.records if 'chair_2 (1).txt' in r.getMessage()]) == 1  # said once per read
+  (office / 'Annotations' / 'chair_2.txt').unlink()  # without its original, the copy is the instance
+  room = s3dis.read_room(office, cache_dir=tmp_path / 'cache')
+  assert room.ignored_copies == () and room.instance_classes == ('board', 'chair', 'chair', 'floor')
+  np.testing.assert_array_equal(room.labels, OFFICE_1_LABELS)
+
+
 def test_missing_or_empty_annotations_are_clear_errors(tmp_path):
   room = tmp_path / 'Area_5' / 'office_1'
   room.mkdir(parents=True)

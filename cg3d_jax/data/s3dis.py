@@ -34,7 +34,9 @@ ALIGNED = 'Stanford3dDataset_v1.2_Aligned_Version'
 ANNOTATIONS = 'Annotations'
 
 _COLUMNS = 6
-_ANNOTATION_NAME = re.compile(r'^(?P<cls>.+)_(?P<k>\d+)\.txt$')
+_ANNOTATION_NAME = re.compile(r'^(?P<cls>.+)_(?P<k>\d+)( \(\d+\))?\.txt$')
+# A file manager's copy name, `wall_3 (1).txt`: the real Area_5/office_36 holds one beside wall_3.txt.
+_COPY_NAME = re.compile(r'^(?P<original>.+_\d+) \(\d+\)\.txt$')
 _AREA_NAME = re.compile(r'^Area_(?P<n>\d+)$')
 _CACHE_VERSION = 1
 _SHOWN_LINE_CHARS = 200
@@ -60,6 +62,7 @@ class Room:
   instance_classes: tuple[str, ...]
   remapped: dict[str, int]  # annotation class not in class_names -> points given the fallback class
   skipped_lines: dict[str, int] = dataclasses.field(default_factory=dict)  # file name -> bad lines dropped
+  ignored_copies: tuple[str, ...] = ()  # `<class>_<k> (n).txt` files left out because `<class>_<k>.txt` exists
 
   def present_classes(self) -> list[str]:
     """Sorted names of the classes that have at least one point in this room."""
@@ -256,7 +259,12 @@ def list_rooms(root, areas=(5,)) -> list[pathlib.Path]:
   return rooms
 
 
-def _annotation_files(room_dir: pathlib.Path) -> list[pathlib.Path]:
+def _annotation_files(room_dir: pathlib.Path) -> tuple[list[pathlib.Path], list[pathlib.Path]]:
+  """(instance files sorted by name, copies left out): a copy-named file whose original exists is not an instance.
+
+  Counting such a copy would give the object's points twice, as two instances; the pipelines that noticed the real
+  one (torch-points3d, superpoint_transformer) drop it, and so does this reader, with a warning.
+  """
   folder = room_dir / ANNOTATIONS
   if not folder.is_dir():
     raise BadInputError(f'{room_dir}: no {ANNOTATIONS} folder; a labelled S3DIS room needs '
@@ -264,13 +272,18 @@ def _annotation_files(room_dir: pathlib.Path) -> list[pathlib.Path]:
   files = sorted((p for p in folder.iterdir() if p.suffix == '.txt' and p.is_file()), key=lambda p: p.name)
   if not files:
     raise BadInputError(f'{folder}: no <class>_<k>.txt annotation files in room {room_dir}')
-  return files
+  names = {p.name for p in files}
+  copies = [p for p in files if (m := _COPY_NAME.match(p.name)) and f"{m['original']}.txt" in names]
+  return [p for p in files if p not in copies], copies
 
 
 # ---------------------------------------------------------------------------------------------------- rooms
 
 
-def _room_from_files(room_dir, area, files, class_names, unknown_class, skip_bad_lines) -> Room:
+def _room_from_files(room_dir, area, files, copies, class_names, unknown_class, skip_bad_lines) -> Room:
+  for copy in copies:
+    log.warning('%s: left out as a copy of %s.txt (its points would count twice)', copy,
+                _COPY_NAME.match(copy.name)['original'])
   class_index = {name: i for i, name in enumerate(class_names)}
   xyz_parts, rgb_parts, label_parts, instance_parts = [], [], [], []
   instance_classes, remapped, skipped = [], {}, {}
@@ -300,7 +313,8 @@ def _room_from_files(room_dir, area, files, class_names, unknown_class, skip_bad
   return Room(name=room_dir.name, area=area, path=room_dir, xyz=np.concatenate(xyz_parts),
               rgb=np.concatenate(rgb_parts), labels=np.concatenate(label_parts),
               instances=np.concatenate(instance_parts), class_names=tuple(class_names),
-              instance_classes=tuple(instance_classes), remapped=remapped, skipped_lines=skipped)
+              instance_classes=tuple(instance_classes), remapped=remapped, skipped_lines=skipped,
+              ignored_copies=tuple(p.name for p in copies))
 
 
 def _cache_key(area, room_dir, files, class_names, unknown_class, skip_bad_lines) -> str:
@@ -329,19 +343,22 @@ def _load_cached(cache_path: pathlib.Path, key: str, room_dir: pathlib.Path, cla
     return None
   room = Room(name=room_dir.name, area=meta['area'], path=room_dir, class_names=tuple(class_names),
               instance_classes=tuple(meta['instance_classes']), remapped=meta['remapped'],
-              skipped_lines=meta['skipped_lines'], **arrays)
+              skipped_lines=meta['skipped_lines'], ignored_copies=tuple(meta['ignored_copies']), **arrays)
   # The warnings of the first read are repeated, so that a cached read is no quieter than a fresh one.
   for cls, count in room.remapped.items():
     log.warning('%s: class %r is not in the class list; its %d point(s) are labelled %r (cached)', room_dir, cls,
                 count, meta['unknown_class'])
   for name, count in room.skipped_lines.items():
     log.warning('%s: skip_bad_lines: dropped %d malformed line(s) (cached)', room_dir / ANNOTATIONS / name, count)
+  for name in room.ignored_copies:
+    log.warning('%s: left out as a copy of another annotation file (cached)', room_dir / ANNOTATIONS / name)
   return room
 
 
 def _store_cached(cache_path: pathlib.Path, key: str, room: Room, unknown_class) -> None:
   meta = {'area': room.area, 'instance_classes': list(room.instance_classes), 'remapped': room.remapped,
-          'skipped_lines': room.skipped_lines, 'unknown_class': unknown_class}
+          'skipped_lines': room.skipped_lines, 'ignored_copies': list(room.ignored_copies),
+          'unknown_class': unknown_class}
   buffer = io.BytesIO()
   np.savez(buffer, key=np.array(key), meta=np.array(json.dumps(meta)), xyz=room.xyz, rgb=room.rgb,
            labels=room.labels, instances=room.instances)
@@ -353,7 +370,9 @@ def read_room(room_dir, *, class_names=S3DIS_CLASSES, unknown_class: str | None 
   """A labelled room from its Annotations/<class>_<k>.txt files (concatenated in file-name order).
 
   An annotation class missing from `class_names` (the real data has a few `stairs`) is labelled `unknown_class`,
-  with a warning and a count in `Room.remapped`; `unknown_class=None` makes it an error. With `cache_dir`, the parsed
+  with a warning and a count in `Room.remapped`; `unknown_class=None` makes it an error. A copy-named file
+  (`wall_3 (1).txt` beside `wall_3.txt`, as in the real Area_5/office_36) is left out with a warning and listed in
+  `Room.ignored_copies`. With `cache_dir`, the parsed
   room is kept as `<cache_dir>/<area>/<room>.npz`, keyed by the room folder, the sources' names, sizes and mtimes and
   the settings; a cache whose key differs is rebuilt.
   """
@@ -364,13 +383,13 @@ def read_room(room_dir, *, class_names=S3DIS_CLASSES, unknown_class: str | None 
   if unknown_class is not None and unknown_class not in class_names:
     raise ValueError(f'unknown_class={unknown_class!r} is not one of class_names {list(class_names)}')
   area = room_dir.parent.name
-  files = _annotation_files(room_dir)
+  files, copies = _annotation_files(room_dir)
   if cache_dir is None:
-    return _room_from_files(room_dir, area, files, class_names, unknown_class, skip_bad_lines)
+    return _room_from_files(room_dir, area, files, copies, class_names, unknown_class, skip_bad_lines)
   cache_path = pathlib.Path(cache_dir) / area / f'{room_dir.name}.npz'
-  key = _cache_key(area, room_dir, files, class_names, unknown_class, skip_bad_lines)
+  key = _cache_key(area, room_dir, sorted(files + copies), class_names, unknown_class, skip_bad_lines)
   room = _load_cached(cache_path, key, room_dir, class_names)
   if room is None:
-    room = _room_from_files(room_dir, area, files, class_names, unknown_class, skip_bad_lines)
+    room = _room_from_files(room_dir, area, files, copies, class_names, unknown_class, skip_bad_lines)
     _store_cached(cache_path, key, room, unknown_class)
   return room
