@@ -89,3 +89,35 @@ def tiny_checkpoint(tmp_path_factory, tiny_clip_dir, tiny_shapenet):
   config = tiny_config(tiny_clip_dir, tiny_shapenet, **{'train.total_steps': 4})
   loop.train(config, str(workdir))
   return workdir
+
+
+@pytest.fixture(scope='session')
+def demo_run(tmp_path_factory):
+  """The demo recipe shrunk for tests and trained once (300 steps, ~1.5 min): its assets, config, final metrics.
+
+  test_demo checks that it learned zero-shot; the scene tests query procedural rooms with it.
+  """
+  import types
+  from cg3d_jax.train import loop
+  from configs import demo
+  root = tmp_path_factory.mktemp('demo')
+  c = demo.get_config()
+  c.demo.root = str(root / 'assets')
+  c.demo.synthetic.update(dict(num_train_per_class=8, num_test_per_class=3, num_points=256, image_size=32))
+  c.demo.clip.update(TINY_CLIP)
+  c.model.embed_dim = TINY_CLIP['projection_dim']
+  c.model.num_points = 64
+  c.model.point_transformer.update(dict(width=32, depth=2, num_heads=2, num_groups=16, group_size=8,
+                                        encoder_dim=32))
+  c.data.num_stored_points = 256
+  c.train.batch_size = 16
+  c.train.total_steps = 300
+  c.train.encoder_optim.lr = 2e-3
+  c.train.log_every = 50
+  c.eval.every_steps = 300
+  c.checkpoint.every_steps = 300
+  c.checkpoint.async_save = False
+  c.logging.tensorboard = False
+  workdir = root / 'run'
+  result = loop.train(c, str(workdir))
+  return types.SimpleNamespace(config=c, result=result, root=root, workdir=workdir)

@@ -1,0 +1,95 @@
+"""What a scene query leaves on disk: JSON summary, per-point scores (NPY), heat-coloured PLY and a top view PNG.
+
+  <out>/summary.json               scene, settings, per query: present?, score, top regions (scenes.SceneQuery)
+  <out>/point_scores.npy           (N, Q) float32, columns in the order of summary.json's "queries"
+  <out>/<query>.ply                the scene, coloured by the query's per-point relevance (inferno: dark = 0,
+                                   bright yellow = 1), binary PLY that any point-cloud viewer opens
+  <out>/<query>_top.png            the scene seen from above: its own colours (left) and the heat map (right)
+
+Colours use the absolute probability scale [0, 1], not a per-query stretch, so an absent query looks dark.
+Every file is written atomically.
+"""
+
+import io
+import os
+import pathlib
+import re
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from cg3d_jax.atomic import atomic_write_bytes
+from cg3d_jax.eval import point_files, reports, scene_regions
+
+BACKGROUND = np.array([255, 255, 255], np.uint8)
+
+
+def heat_colours(scores) -> np.ndarray:
+  """(N,) scores in [0, 1] -> (N, 3) uint8 through matplotlib's perceptually uniform 'inferno' map."""
+  from matplotlib import colormaps
+  scores = np.clip(np.asarray(scores, np.float64), 0.0, 1.0)
+  return (colormaps['inferno'](scores)[:, :3] * 255).round().astype(np.uint8)
+
+
+def file_stem(query: str) -> str:
+  """'coffee table' -> 'coffee_table': a name that is safe on every file system."""
+  stem = re.sub(r'[^A-Za-z0-9._-]+', '_', query.strip()).strip('._')
+  return stem or 'query'
+
+
+def unique_stems(queries: Sequence[str]) -> list[str]:
+  stems, seen = [], {}
+  for q in queries:
+    stem = file_stem(q)
+    seen[stem] = seen.get(stem, 0) + 1
+    stems.append(stem if seen[stem] == 1 else f'{stem}_{seen[stem]}')
+  return stems
+
+
+def top_view(xyz, rgb, *, up: str = 'z', size: int = 512) -> np.ndarray:
+  """(H, W, 3) uint8 orthographic view down the up axis; each pixel shows its highest point."""
+  xyz = np.asarray(xyz, np.float64)
+  up_axis = scene_regions.AXES.index(up)
+  u_axis, v_axis = [a for a in range(3) if a != up_axis]
+  u, v, height = xyz[:, u_axis], xyz[:, v_axis], xyz[:, up_axis]
+  span = max(np.ptp(u), np.ptp(v), 1e-9)
+  width, rows = (max(1, int(round(size * np.ptp(u) / span))), max(1, int(round(size * np.ptp(v) / span))))
+  col = np.minimum(((u - u.min()) / span * size).astype(np.int64), width - 1)
+  row = np.minimum(((v.max() - v) / span * size).astype(np.int64), rows - 1)  # +v points up in the image
+  pixel = row * width + col
+  order = np.lexsort((height, pixel))  # by pixel, then height: the last of each pixel's run is its top point
+  last = np.r_[pixel[order][1:] != pixel[order][:-1], True]
+  top = order[last]
+  image = np.tile(BACKGROUND, (rows * width, 1))
+  image[pixel[top]] = np.asarray(rgb, np.uint8)[top]
+  return image.reshape(rows, width, 3)
+
+
+def _png_bytes(image: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format='PNG')
+  return buf.getvalue()
+
+
+def write_query_outputs(out_dir, xyz, rgb, query_result, *, scene: str, up: str = 'z', image_size: int = 512) -> dict:
+  """Writes every file above for a scenes.SceneQuery; returns the summary (with file names) it wrote."""
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  xyz = np.asarray(xyz, np.float32)
+  grey = np.full(xyz.shape, 160, np.uint8)
+  own_colours = grey if rgb is None else np.asarray(rgb, np.uint8)
+  own_view = top_view(xyz, own_colours, up=up, size=image_size)
+  summary = {'scene': os.fspath(scene), **query_result.summary(), 'point_scores': 'point_scores.npy'}
+  buf = io.BytesIO()
+  np.save(buf, query_result.point_scores.astype(np.float32))
+  atomic_write_bytes(out / 'point_scores.npy', buf.getvalue())
+  gap = np.tile(BACKGROUND, (own_view.shape[0], 8, 1))
+  for q, stem in enumerate(unique_stems(query_result.queries)):
+    colours = heat_colours(query_result.point_scores[:, q])
+    point_files.write_ply(out / f'{stem}.ply', xyz, colours)
+    heat_view = top_view(xyz, colours, up=up, size=image_size)
+    atomic_write_bytes(out / f'{stem}_top.png', _png_bytes(np.concatenate([own_view, gap, heat_view], axis=1)))
+    summary['results'][q]['files'] = {'ply': f'{stem}.ply', 'png': f'{stem}_top.png'}
+  reports.write_json(out / 'summary.json', summary)
+  return summary

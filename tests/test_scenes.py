@@ -1,0 +1,259 @@
+"""Open scene queries: regions and scores against brute-force NumPy, metrics against their definitions, and the
+whole feature end to end on procedural rooms with the test-sized demo model."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cg3d_jax import evaluate_scenes, query_scene
+from cg3d_jax.data import s3dis, shapes, synthetic_scenes
+from cg3d_jax.eval import detection_metrics, point_files, scene_outputs, scene_regions, scenes, zeroshot
+
+FAMILIES = list(shapes.FAMILIES)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics against their definitions, on fixed scores with ties.
+
+def _ap_by_definition(scores, targets):
+  """Mean over positives of the precision among everything scored at least as high."""
+  return np.mean([np.sum(targets[scores >= s]) / np.sum(scores >= s) for s in scores[targets]])
+
+
+def _auroc_by_pairs(scores, targets):
+  pos, neg = scores[targets], scores[~targets]
+  return np.mean([1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(pos, neg)])
+
+
+def test_average_precision_and_auroc_equal_their_definitions():
+  rng = np.random.default_rng(0)
+  for trial in range(20):
+    n = int(rng.integers(2, 40))
+    scores = rng.integers(0, 6, size=n) / 5.0  # few distinct values: many ties
+    targets = rng.uniform(size=n) < 0.4
+    targets[trial % n] = True
+    ap = detection_metrics.average_precision(scores, targets)
+    assert ap == pytest.approx(_ap_by_definition(scores, targets), abs=1e-12)
+    if not targets.all():
+      assert detection_metrics.roc_auc(scores, targets) == pytest.approx(_auroc_by_pairs(scores, targets), abs=1e-12)
+
+
+def test_metrics_hand_values_and_undefined_cases():
+  scores = np.array([0.9, 0.8, 0.7, 0.6])
+  targets = np.array([True, False, True, False])
+  assert detection_metrics.average_precision(scores, targets) == pytest.approx((1 + 2 / 3) / 2)
+  assert detection_metrics.roc_auc(scores, targets) == pytest.approx(3 / 4)
+  assert np.isnan(detection_metrics.average_precision(scores, np.zeros(4, bool)))
+  assert np.isnan(detection_metrics.roc_auc(scores, np.ones(4, bool)))
+  assert detection_metrics.nan_mean([0.5, float('nan'), 1.0]) == (0.75, 2)
+  with pytest.raises(ValueError, match='boolean'):
+    detection_metrics.roc_auc(scores, np.array([1, 0, 1, 0]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Regions and per-point scores against brute force.
+
+@pytest.fixture(scope='module')
+def small_scene():
+  rng = np.random.default_rng(1)
+  floor = np.c_[rng.uniform(0, 3, (400, 2)), rng.normal(0, 0.002, 400)]
+  blob = rng.normal([1.5, 1.5, 0.5], [0.15, 0.15, 0.1], (200, 3))
+  blob[:, 2] = np.maximum(blob[:, 2], 0.2)  # an object standing clear of the floor band
+  return np.concatenate([floor, blob])
+
+
+@pytest.mark.parametrize('recentre', [0, 2])
+def test_regions_hold_exactly_the_points_within_radius(small_scene, recentre):
+  settings = scene_regions.RegionSettings(radius=0.5, points_per_region=64, min_points=1, recentre=recentre)
+  regions = scene_regions.split_regions(small_scene, settings)
+  dist = np.linalg.norm(small_scene[None] - regions.centres[:, None].astype(np.float64), axis=-1)
+  inside = dist <= 0.5
+  got = np.zeros_like(inside)
+  got[regions.member_region, regions.member_point] = True
+  assert np.array_equal(got, inside)
+  assert np.array_equal(regions.sizes, inside.sum(axis=1))
+  np.testing.assert_allclose(regions.member_weight, np.exp(-(dist[inside] / 0.25) ** 2 / 2), rtol=1e-5)
+  assert regions.covered().all()  # the FPS stopping rule leaves no point outside every ball
+  if recentre == 0:
+    assert (dist.min(axis=0) <= 0.75 * 0.5 + 1e-6).all()
+
+
+def test_encoder_inputs_are_normalised_members_turned_y_up(small_scene):
+  settings = scene_regions.RegionSettings(radius=0.5, points_per_region=512, min_points=1, recentre=0)
+  regions = scene_regions.split_regions(small_scene, settings)
+  z_to_y = np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]])  # (x, y, z) -> (x, z, -y): scene up becomes model up
+  for m in range(len(regions)):
+    members = small_scene[regions.member_point[regions.member_region == m]]
+    assert members.shape[0] <= 512  # so every member is used (cycled), none drawn away
+    expected = members - members.mean(axis=0)
+    expected = expected / np.linalg.norm(expected, axis=1).max() @ z_to_y.T
+    got = np.unique(regions.encoder_points[m].astype(np.float64), axis=0)
+    np.testing.assert_allclose(got, np.unique(expected.round(6), axis=0), atol=2e-6)
+
+
+def test_point_scores_equal_brute_force(small_scene):
+  settings = scene_regions.RegionSettings(radius=0.6, points_per_region=32, min_points=1)
+  regions = scene_regions.split_regions(small_scene, settings)
+  region_scores = np.random.default_rng(2).uniform(size=(len(regions), 2))
+  dist = np.linalg.norm(small_scene[None] - regions.centres[:, None].astype(np.float64), axis=-1)
+  inside = dist <= 0.6
+  w = np.where(inside, np.exp(-(dist / 0.3) ** 2 / 2), 0.0)
+  expected_mean = (w.T @ region_scores) / w.sum(axis=0)[:, None]
+  expected_max = np.stack([np.where(inside, region_scores[:, [j]], 0).max(axis=0) for j in range(2)], axis=1)
+  np.testing.assert_allclose(scene_regions.point_scores(regions, region_scores, 'mean'), expected_mean, rtol=1e-5)
+  np.testing.assert_allclose(scene_regions.point_scores(regions, region_scores, 'max'), expected_max, rtol=1e-6)
+
+
+def test_floor_band_is_kept_out_and_scores_zero(small_scene):
+  settings = scene_regions.RegionSettings(radius=0.5, points_per_region=32, exclude_floor=True)
+  regions = scene_regions.split_regions(small_scene, settings)
+  assert regions.excluded[:400].mean() > 0.95 and not regions.excluded[400:].any()
+  assert not np.isin(np.flatnonzero(regions.excluded), regions.member_point).any()
+  scores = scene_regions.point_scores(regions, np.ones((len(regions), 1)))
+  assert (scores[regions.excluded] == 0).all() and (scores[400:] == 1).all()
+
+
+def test_region_settings_errors(small_scene):
+  with pytest.raises(ValueError, match='radius'):
+    scene_regions.split_regions(small_scene, scene_regions.RegionSettings(radius=0, points_per_region=8))
+  with pytest.raises(ValueError, match='scene_up'):
+    scene_regions.split_regions(small_scene, scene_regions.RegionSettings(scene_up='w', points_per_region=8))
+  with pytest.raises(ValueError, match="scene's units"):
+    scene_regions.split_regions(small_scene, scene_regions.RegionSettings(radius=1e-4, points_per_region=8))
+
+
+def test_top_view_shows_the_highest_point_of_each_pixel():
+  xyz = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+  rgb = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]], np.uint8)
+  image = scene_outputs.top_view(xyz, rgb, size=4)
+  assert image.shape == (4, 4, 3)
+  assert image[3, 0].tolist() == [0, 255, 0]  # (0, 0): the higher, green point; +y is up in the image
+  assert image[0, 3].tolist() == [0, 0, 255]
+  assert (image.reshape(-1, 3) == 255).all(axis=1).sum() == 14
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# End to end on procedural rooms with the demo model.
+
+QUERY_SETTINGS = scenes.QuerySettings(regions=scene_regions.RegionSettings(radius=0.6, exclude_floor=True))
+
+
+@pytest.fixture(scope='module')
+def rooms(tmp_path_factory):
+  root = tmp_path_factory.mktemp('scenes')
+  settings = synthetic_scenes.SceneSettings(num_rooms=4)
+  synthetic_scenes.ensure_synthetic_scenes(root, settings)
+  class_names = tuple(FAMILIES) + ('floor',)
+  return root, [s3dis.read_room(d, class_names=class_names, unknown_class=None) for d in s3dis.list_rooms(root, [settings.area])]
+
+
+@pytest.fixture(scope='module')
+def demo_model(demo_run):
+  return zeroshot.load_eval_model(demo_run.workdir)
+
+
+@pytest.fixture(scope='module')
+def room_queries(rooms, demo_model):
+  _, room_list = rooms
+  settings = scenes.resolve_settings(QUERY_SETTINGS, demo_model)
+  classifier = scenes.label_classifier(demo_model, FAMILIES, settings)
+  return [scenes.query_scene(demo_model, room.xyz, FAMILIES, [], settings=settings, classifier=classifier)
+          for room in room_list]
+
+
+def test_reader_sees_the_rooms_the_writer_placed(rooms):
+  root, room_list = rooms
+  truth = synthetic_scenes.scene_classes(root)
+  assert [r.name for r in room_list] == sorted(truth)
+  for room in room_list:
+    assert sorted(set(room.present_classes()) - {'floor'}) == truth[room.name]
+
+
+def test_present_class_points_outscore_the_rest(rooms, room_queries):
+  _, room_list = rooms
+  all_points, objects_only = [], []
+  for room, result in zip(room_list, room_queries):
+    names = np.array(room.class_names)[room.labels]
+    not_floor = names != 'floor'
+    for c in sorted(set(names) - {'floor'}):
+      scores = result.point_scores[:, FAMILIES.index(c)]
+      all_points.append(detection_metrics.roc_auc(scores, names == c))
+      objects_only.append(detection_metrics.roc_auc(scores[not_floor], names[not_floor] == c))
+  # Against every other point of the room (the floor is kept out of regions and scores 0) and, harder, against
+  # the other objects only: a weakly trained 64-point encoder still ranks its class's points first.
+  assert np.mean(all_points) > 0.8, all_points
+  assert np.mean(objects_only) > 0.6, objects_only
+
+
+def test_absent_classes_are_reported_absent_more_often_than_present(rooms, room_queries):
+  _, room_list = rooms
+  absent_says_present, absent_total = 0, 0
+  for room, result in zip(room_list, room_queries):
+    present = set(room.present_classes())
+    for entry in result.presence():
+      if entry['query'] not in present:
+        absent_total += 1
+        absent_says_present += entry['present']
+  assert absent_total == 4 * (len(FAMILIES) - 3)
+  assert absent_says_present < absent_total / 2, (absent_says_present, absent_total)
+
+
+def test_query_scene_command_writes_every_output(rooms, demo_run, tmp_path, capsys):
+  root, room_list = rooms
+  room = room_list[0]
+  out = tmp_path / 'out'
+  code = query_scene.main(['--checkpoint', str(demo_run.workdir), '--scene', str(room.path), '--queries',
+                           'box, mug', '--vocabulary', 'training', '--radius', '0.6', '--exclude_floor',
+                           '--out', str(out)])
+  assert code == 0, capsys.readouterr().err
+  summary = json.loads((out / 'summary.json').read_text())
+  assert summary['queries'] == ['box', 'mug'] and summary['labels'][:2] == ['box', 'mug']
+  assert sorted(summary['labels']) == sorted(FAMILIES)  # the training vocabulary, each label once
+  xyz, rgb = s3dis.read_room_cloud(room.path)
+  scores = np.load(out / 'point_scores.npy')
+  assert scores.shape == (xyz.shape[0], 2) and scores.dtype == np.float32
+  assert ((scores >= 0) & (scores <= 1)).all()
+  for q, result in enumerate(summary['results']):
+    assert result['present'] == (result['score'] > 0)
+    cloud = point_files.read_points(out / result['files']['ply'])
+    assert len(cloud) == xyz.shape[0]
+    np.testing.assert_allclose(cloud.xyz, xyz, atol=1e-6)
+    assert cloud.rgb.dtype == np.uint8 and cloud.rgb.min() >= 0 and cloud.rgb.max() <= 255
+    assert np.array_equal(cloud.rgb, scene_outputs.heat_colours(scores[:, q]))
+    with Image.open(out / result['files']['png']) as image:
+      assert image.mode == 'RGB' and max(image.size) > 512
+  assert 'regions' in capsys.readouterr().out
+
+
+def test_query_scene_command_errors(demo_run, tmp_path, capsys):
+  args = ['--checkpoint', str(demo_run.workdir), '--queries', 'box', '--out', str(tmp_path / 'o')]
+  assert query_scene.main(args + ['--scene', str(tmp_path / 'missing.ply')]) == 2
+  assert 'does not exist' in capsys.readouterr().err
+  assert query_scene.main(args[:2] + ['--queries', 'box,,mug', '--scene', str(tmp_path)]) == 2
+  assert 'non-empty' in capsys.readouterr().err
+
+
+def test_evaluate_scenes_json_matches_its_room_scores(rooms, demo_run, tmp_path):
+  root, room_list = rooms
+  out = tmp_path / 'eval'
+  classes = ','.join(FAMILIES)
+  code = evaluate_scenes.main(['--checkpoint', str(demo_run.workdir), '--s3dis', str(root), '--areas', '5',
+                               '--class_names', ','.join(FAMILIES + ['floor']), '--classes', classes,
+                               '--vocabulary', 'none', '--radius', '0.6', '--exclude_floor', '--out', str(out)])
+  assert code == 0
+  result = json.loads((out / evaluate_scenes.RESULTS_JSON).read_text())
+  assert result['num_rooms'] == len(room_list)
+  aps, aurocs = [], []
+  for c in FAMILIES:
+    scores = np.array([r['classes'][c]['score'] for r in result['rooms']])
+    truth = np.array([r['classes'][c]['present'] for r in result['rooms']])
+    assert truth.tolist() == [c in room.present_classes() for room in room_list]
+    if truth.any():
+      aps.append(_ap_by_definition(scores, truth))
+      aurocs.append(np.mean([r['classes'][c]['auroc'] for r in result['rooms'] if r['classes'][c]['present']]))
+    assert result['per_class'][c]['rooms_present'] == truth.sum()
+  assert result['mAP'] == pytest.approx(np.mean(aps)) and result['classes_in_mAP'] == len(aps)
+  assert result['mean_auroc'] == pytest.approx(np.mean(aurocs))
