@@ -7,7 +7,10 @@ Runs, as separate commands exactly as a user would type them (each is printed fi
   2. python -m cg3d_jax.evaluate  configs/zeroshot_demo.py: zero-shot on the held-out procedural objects (table,
                                   results.json, per-class CSV/JSON, confusion.png in <workdir>/zeroshot);
   3. python -m cg3d_jax.export    the checkpoint to the original CG3D PyTorch format, reloaded into the PyTorch twin
-                                  with strict=True and compared on real ModelNet40 objects (--verify).
+                                  with strict=True and compared on real ModelNet40 objects (--verify);
+  4. python -m cg3d_jax.data.synthetic_scenes, then python -m cg3d_jax.query_scene: procedural rooms in the S3DIS
+                                  layout, and text queries over one of them (summary.json, point_scores.npy, heat
+                                  PLYs and top-view PNGs in <workdir>/scene_query).
 Rerunning resumes or reuses what is already there. Nothing touches the network.
 """
 
@@ -21,6 +24,8 @@ from absl import app, flags
 WORKDIR = flags.DEFINE_string('workdir', '/tmp/cg3d_demo', 'Where the demo writes everything.')
 STEPS = flags.DEFINE_integer('steps', None, 'Training steps (default: configs/demo.py, 300).')
 
+# room_1 of the procedural scenes holds a capsule, a cross and a torus: two of these are there, two are not.
+SCENE_QUERIES = 'torus,cross,mug,cone'
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -44,7 +49,13 @@ def main(argv):
         f'--config.eval.data_dir={workdir}/demo_assets/tfds', '--workdir', f'{workdir}/zeroshot'])
   _run([python, '-m', 'cg3d_jax.export', '--checkpoint', workdir, '--out', f'{workdir}/export/cg3d_demo.pth',
         '--verify'])
-  print(f'\ndemo finished: zero-shot results in {workdir}/zeroshot, PyTorch export in {workdir}/export')
+  scenes = f'{workdir}/demo_assets/scenes'
+  _run([python, '-m', 'cg3d_jax.data.synthetic_scenes', '--root', scenes])
+  _run([python, '-m', 'cg3d_jax.query_scene', '--checkpoint', workdir, '--scene',
+        f'{scenes}/Stanford3dDataset_v1.2_Aligned_Version/Area_5/room_1', '--queries', SCENE_QUERIES,
+        '--radius', '0.6', '--exclude_floor', '--out', f'{workdir}/scene_query'])
+  print(f'\ndemo finished: zero-shot results in {workdir}/zeroshot, PyTorch export in {workdir}/export, '
+        f'scene query outputs in {workdir}/scene_query')
 
 
 if __name__ == '__main__':

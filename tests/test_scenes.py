@@ -172,6 +172,19 @@ def test_reader_sees_the_rooms_the_writer_placed(rooms):
     assert sorted(set(room.present_classes()) - {'floor'}) == truth[room.name]
 
 
+def test_read_scene_takes_room_folders_room_files_and_point_files(rooms, tmp_path):
+  room = rooms[1][0]
+  np.save(tmp_path / 'scene.npy', room.xyz)
+  point_files.write_ply(tmp_path / 'scene.ply', room.xyz, room.rgb)
+  for path, colours in [(room.path, room.rgb), (room.path / f'{room.name}.txt', room.rgb),
+                        (tmp_path / 'scene.ply', room.rgb), (tmp_path / 'scene.npy', None)]:
+    xyz, rgb = query_scene.read_scene(path)
+    np.testing.assert_array_equal(xyz, room.xyz)  # the room file is the annotations concatenated, in order
+    assert (rgb is None) if colours is None else np.array_equal(rgb, colours)
+  with pytest.raises(FileNotFoundError, match='not an S3DIS room'):
+    query_scene.read_scene(tmp_path)
+
+
 def test_present_class_points_outscore_the_rest(rooms, room_queries):
   _, room_list = rooms
   all_points, objects_only = [], []

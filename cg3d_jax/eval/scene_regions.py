@@ -213,16 +213,18 @@ def point_scores(regions: Regions, region_scores, aggregate: str = 'mean') -> np
   if region_scores.ndim != 2 or region_scores.shape[0] != len(regions):
     raise ValueError(f'point_scores: expected ({len(regions)}, Q) region scores, got {region_scores.shape}')
   n, q = regions.num_scene_points, region_scores.shape[1]
-  values = region_scores[regions.member_region]  # (P, Q)
   out = np.zeros((n, q))
-  if aggregate == 'max':
-    np.maximum.at(out, regions.member_point, values)  # scores are probabilities >= 0, so 0 is a safe floor
-  elif aggregate == 'mean':
+  if aggregate not in ('mean', 'max'):
+    raise ValueError(f"aggregate must be 'mean' or 'max', got {aggregate!r}")
+  if aggregate == 'mean':
     w = regions.member_weight.astype(np.float64)
     total = np.bincount(regions.member_point, weights=w, minlength=n)
-    for j in range(q):
-      out[:, j] = np.bincount(regions.member_point, weights=w * values[:, j], minlength=n)
+  for j in range(q):  # one query at a time: a (pairs x queries) array would be GBs for a big room
+    values = region_scores[regions.member_region, j]
+    if aggregate == 'max':
+      np.maximum.at(out[:, j], regions.member_point, values)  # probabilities are >= 0, so 0 is a safe floor
+    else:
+      out[:, j] = np.bincount(regions.member_point, weights=w * values, minlength=n)
+  if aggregate == 'mean':
     np.divide(out, total[:, None], out=out, where=total[:, None] > 0)
-  else:
-    raise ValueError(f"aggregate must be 'mean' or 'max', got {aggregate!r}")
   return out.astype(np.float32)
