@@ -128,11 +128,20 @@ def test_region_settings_errors(small_scene):
 def test_top_view_shows_the_highest_point_of_each_pixel():
   xyz = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
   rgb = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]], np.uint8)
-  image = scene_outputs.top_view(xyz, rgb, size=4)
+  image = scene_outputs.top_view(xyz, rgb, size=4, splat=0)
   assert image.shape == (4, 4, 3)
   assert image[3, 0].tolist() == [0, 255, 0]  # (0, 0): the higher, green point; +y is up in the image
   assert image[0, 3].tolist() == [0, 0, 255]
   assert (image.reshape(-1, 3) == 255).all(axis=1).sum() == 14
+  # One splat pass fills each empty pixel from its highest neighbour: green (height 1) beats red (0.5) beats blue (0).
+  xyz = np.r_[xyz, [[0.5, 0.5, 0.5]]]
+  rgb = np.r_[rgb, [[255, 0, 0]]].astype(np.uint8)
+  g, b, r, w = [0, 255, 0], [0, 0, 255], [255, 0, 0], [255, 255, 255]
+  expected = [[w, w, b, b],
+              [w, r, r, r],
+              [g, g, r, r],
+              [g, g, r, r]]
+  assert scene_outputs.top_view(xyz, rgb, size=4, splat=1).tolist() == expected
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -47,8 +47,12 @@ def unique_stems(queries: Sequence[str]) -> list[str]:
   return stems
 
 
-def top_view(xyz, rgb, *, up: str = 'z', size: int = 512) -> np.ndarray:
-  """(H, W, 3) uint8 orthographic view down the up axis; each pixel shows its highest point."""
+def top_view(xyz, rgb, *, up: str = 'z', size: int = 512, splat: int | None = None) -> np.ndarray:
+  """(H, W, 3) uint8 orthographic view down the up axis; each pixel shows its highest point.
+
+  splat: passes that fill each empty pixel from its highest non-empty neighbour, so a sparse scan reads as
+  surfaces rather than dots; None picks enough passes to close the typical gap between points.
+  """
   xyz = np.asarray(xyz, np.float64)
   up_axis = scene_regions.AXES.index(up)
   u_axis, v_axis = [a for a in range(3) if a != up_axis]
@@ -63,7 +67,27 @@ def top_view(xyz, rgb, *, up: str = 'z', size: int = 512) -> np.ndarray:
   top = order[last]
   image = np.tile(BACKGROUND, (rows * width, 1))
   image[pixel[top]] = np.asarray(rgb, np.uint8)[top]
-  return image.reshape(rows, width, 3)
+  top_height = np.full(rows * width, -np.inf)
+  top_height[pixel[top]] = height[top]
+  if splat is None:
+    splat = int(np.ceil(np.sqrt(rows * width / top.size) / 2))
+  return _splat(image.reshape(rows, width, 3), top_height.reshape(rows, width), splat)
+
+
+def _splat(image: np.ndarray, height: np.ndarray, passes: int) -> np.ndarray:
+  for _ in range(passes):
+    padded_h = np.pad(height, 1, constant_values=-np.inf)
+    padded_c = np.pad(image, ((1, 1), (1, 1), (0, 0)), mode='edge')
+    best_h, best_c = height.copy(), image.copy()
+    empty = np.isneginf(height)
+    for dr, dc in [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]:
+      h = padded_h[1 + dr:1 + dr + height.shape[0], 1 + dc:1 + dc + height.shape[1]]
+      c = padded_c[1 + dr:1 + dr + height.shape[0], 1 + dc:1 + dc + height.shape[1]]
+      take = empty & (h > best_h)
+      best_h = np.where(take, h, best_h)
+      best_c = np.where(take[..., None], c, best_c)
+    image, height = best_c, best_h
+  return image
 
 
 def _png_bytes(image: np.ndarray) -> bytes:
