@@ -1,12 +1,12 @@
 """Open scene queries on a 1-million-point room: region splitting, regions/s through the encoder, one query command.
 
   python bench/bench_scenes.py --checkpoint /tmp/cg3d_demo            # the demo's workdir for the command timing
-  python bench/bench_scenes.py --checkpoint /tmp/cg3d_demo --points_per_m2 8000 --floor 10 10
+  python bench/bench_scenes.py --checkpoint /tmp/cg3d_demo --points_per_m2 8600 --floor 10 10 --radius 0.6
 
 What is measured:
   scene     a procedural room (cg3d_jax/data/synthetic_scenes.py, all 13 families on a --floor metres floor at
             --points_per_m2) written in the S3DIS layout: ~1 M points at the defaults; reading its room .txt;
-  regions   cg3d_jax.eval.scene_regions.split_regions at the query defaults (radius 0.75 m, recentred copies);
+  regions   cg3d_jax.eval.scene_regions.split_regions (--radius 0.6 m for these objects, recentred copies);
   encoder   regions/s of scenes.RegionEmbedder (FPS stored -> 1024 on device, the real-config PointTransformer,
             22.46 M parameters, random weights, L2), batch 64, after one untimed warm-up batch, over --regions regions
             of --stored points each (8192, what pretraining stored per object);
@@ -43,7 +43,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--checkpoint', default=None, help='a training workdir for the command timing (e.g. the demo)')
   parser.add_argument('--floor', type=float, nargs=2, default=(10.0, 10.0))
-  parser.add_argument('--points_per_m2', type=float, default=8000.0)
+  parser.add_argument('--points_per_m2', type=float, default=8600.0)
+  parser.add_argument('--radius', type=float, default=0.6, help='ball radius (the procedural objects are 0.35-0.5 m)')
   parser.add_argument('--regions', type=int, default=128, help='regions pushed through the real-size encoder')
   parser.add_argument('--stored', type=int, default=8192)
   parser.add_argument('--batch', type=int, default=64)
@@ -59,7 +60,7 @@ def main():
   (xyz, rgb), read_s = timed(s3dis.read_room_cloud, room)
   print(f'scene: {xyz.shape[0]:,} points ({room}); written in {write_s:.1f} s, read in {read_s:.1f} s')
 
-  region_settings = scene_regions.RegionSettings(points_per_region=args.stored)
+  region_settings = scene_regions.RegionSettings(radius=args.radius, points_per_region=args.stored)
   regions, split_s = timed(scene_regions.split_regions, xyz, region_settings)
   print(f'regions: {len(regions)} (radius {region_settings.radius} m, {regions.sizes.mean():,.0f} points each on '
         f'average) in {split_s:.1f} s')
@@ -83,7 +84,7 @@ def main():
   if args.checkpoint:
     out = os.path.join(work, 'query')
     command = [sys.executable, '-m', 'cg3d_jax.query_scene', '--checkpoint', args.checkpoint, '--scene', str(room),
-               '--queries', 'mug,table,torus', '--exclude_floor', '--out', out]
+               '--queries', 'mug,table,torus', '--radius', str(args.radius), '--exclude_floor', '--out', out]
     done, command_s = timed(subprocess.run, command, capture_output=True, text=True,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if done.returncode:

@@ -5,8 +5,9 @@ The choice (see README, "Open scene queries"):
     some thousands of candidates and no point is left outside every ball), continued until every candidate lies within `cover x radius` of a centre, or
     `max_regions` is reached. FPS spreads centres evenly over surfaces whatever the scan density, and the stopping
     rule adapts the count to the room's size: a small room gets few regions, a hall many.
-  * Recentred copies: each centre also moves `recentre` mean-shift steps to the centroid of its ball's points,
-    which lands it on the middle of the object it grazed; these balls hold whole objects, as training clouds
+  * Recentred copies: each centre also moves `recentre` mean-shift steps to the centroid of its ball's voxel
+    representatives (the centroid of surface, whatever the scan density), which lands it on the middle of the
+    object it grazed; these balls hold whole objects, as training clouds
     were. Centres closer than `merge x radius` are merged. The FPS balls stay, so coverage is kept.
   * Region: every scene point within `radius` (metres, in the scene's units) of its centre: a ball, not kNN, so a
     region is the same physical size in dense and sparse parts of a scan, as objects are.
@@ -145,9 +146,10 @@ def split_regions(xyz, settings: RegionSettings = RegionSettings()) -> Regions:
   centres = points[centre_idx]
   if settings.recentre:
     # Object-centred balls look like training objects; the FPS balls stay too, so every point keeps a region.
-    shifted = _mean_shift(points, centres, settings.radius, settings.recentre)
+    # Shifted over the voxel representatives: the centroid of surface area, whatever the scan density.
+    shifted = _mean_shift(points[candidates], centres, settings.radius, settings.recentre)
     centres = _merge_close(np.concatenate([centres, shifted]), settings.merge * settings.radius)
-  region, member, dist = _ball_members(points, centres, settings.radius)
+  region, member, dist = _ball_members(spatial.cKDTree(points), centres, settings.radius)
   sizes = np.bincount(region, minlength=len(centres))
   keep = sizes >= settings.min_points
   if not keep.any():
@@ -164,18 +166,20 @@ def split_regions(xyz, settings: RegionSettings = RegionSettings()) -> Regions:
                  excluded=excluded)
 
 
-def _ball_members(points, centres, radius):
-  """(region, member, distance) of every point within radius of a centre, sorted by region then member."""
+def _ball_members(tree: spatial.cKDTree, centres, radius):
+  """(region, member, distance) of every point within radius of a centre, sorted by region, then point: one
+  canonical order, so the points drawn for a region do not depend on the tree's traversal order."""
   # One vectorised call (C code). The 'ndarray' output keeps zero distances (a centre that is a scene point),
   # which the sparse outputs would drop.
-  pairs = spatial.cKDTree(centres).sparse_distance_matrix(spatial.cKDTree(points), radius, output_type='ndarray')
+  pairs = spatial.cKDTree(centres).sparse_distance_matrix(tree, radius, output_type='ndarray')
   order = np.lexsort((pairs['j'], pairs['i']))
   return pairs['i'][order].astype(np.int32), pairs['j'][order].astype(np.int32), pairs['v'][order]
 
 
 def _mean_shift(points, centres, radius, iterations):
+  tree = spatial.cKDTree(points)
   for _ in range(iterations):
-    region, member, _ = _ball_members(points, centres, radius)
+    region, member, _ = _ball_members(tree, centres, radius)
     counts = np.bincount(region, minlength=len(centres))
     sums = np.stack([np.bincount(region, weights=points[member, a], minlength=len(centres)) for a in range(3)], 1)
     centres = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centres)
