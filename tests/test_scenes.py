@@ -194,6 +194,22 @@ def test_read_scene_takes_room_folders_room_files_and_point_files(rooms, tmp_pat
     query_scene.read_scene(tmp_path)
 
 
+def test_sharded_padded_region_batches_equal_one_unsharded_call(rooms, demo_model):
+  import jax
+  from cg3d_jax.models.cg3d import sample_points
+  from cg3d_jax.train import sharding
+  settings = scene_regions.RegionSettings(radius=0.6, points_per_region=256)
+  regions = scene_regions.split_regions(rooms[1][0].xyz, settings).encoder_points[:13]  # 13: not a batch multiple
+  model = demo_model.model
+  direct = np.asarray(model.point_features(demo_model.encoder_vars, sample_points(regions, model.num_points))[0])
+  eight = scenes.RegionEmbedder(model, demo_model.encoder_vars, scenes.local_mesh(), batch_size=8)(regions)
+  one = scenes.RegionEmbedder(model, demo_model.encoder_vars, sharding.make_mesh({'data': 1}, jax.devices()[:1]),
+                              batch_size=5)(regions)
+  assert len(jax.local_devices()) == 8 and eight.shape == one.shape == direct.shape
+  np.testing.assert_allclose(eight, direct, atol=2e-5)
+  np.testing.assert_allclose(one, direct, atol=2e-5)
+
+
 def test_present_class_points_outscore_the_rest(rooms, room_queries):
   _, room_list = rooms
   all_points, objects_only = [], []

@@ -93,6 +93,11 @@ def _padded_batches(points: np.ndarray, batch: int):
     yield chunk, real
 
 
+def local_mesh() -> jax.sharding.Mesh:
+  """This process's devices: a scene query is a one-host job (one GPU, or the CPU)."""
+  return sharding.make_mesh({'data': -1, 'fsdp': 1}, jax.local_devices())
+
+
 class RegionEmbedder:
   """(M, S, 3) normalised regions -> (M, D) L2-normalised point features, batch-sharded over the mesh.
 
@@ -154,7 +159,7 @@ def query_scene(model: zeroshot.EvalModel, xyz, queries: Sequence[str], vocabula
   settings = resolve_settings(settings, model)
   regions = scene_regions.split_regions(xyz, settings.regions)
   if embedder is None:
-    embedder = RegionEmbedder(model.model, model.encoder_vars, mesh or sharding.make_mesh({'data': -1, 'fsdp': 1}),
+    embedder = RegionEmbedder(model.model, model.encoder_vars, mesh or local_mesh(),
                               settings.batch_size)
   features = embedder(regions.encoder_points)
   if classifier is None:
@@ -193,7 +198,7 @@ def evaluate_scenes(model: zeroshot.EvalModel, scenes: Iterable[LabelledScene], 
   labels = label_set(words, [v.replace('_', ' ') for v in vocabulary])
   settings = resolve_settings(settings, model)
   classifier = label_classifier(model, labels, settings)
-  embedder = RegionEmbedder(model.model, model.encoder_vars, mesh or sharding.make_mesh({'data': -1, 'fsdp': 1}),
+  embedder = RegionEmbedder(model.model, model.encoder_vars, mesh or local_mesh(),
                             settings.batch_size)
   presence_scores, presence_truth, aurocs, rooms = [], [], [], []
   for scene in scenes:
