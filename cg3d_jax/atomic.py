@@ -18,3 +18,22 @@ def atomic_write_bytes(path, data: bytes) -> None:
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
+
+
+def atomic_write_npy(path, array) -> None:
+  """np.save, atomically."""
+  import io
+  import numpy as np
+  buffer = io.BytesIO()
+  np.save(buffer, np.asarray(array))
+  atomic_write_bytes(path, buffer.getvalue())
+
+
+def atomic_write_png(path, image) -> None:
+  """An (H, W, 3) or (H, W) uint8 image as PNG, atomically."""
+  import io
+  import numpy as np
+  from PIL import Image
+  buffer = io.BytesIO()
+  Image.fromarray(np.asarray(image)).save(buffer, format='PNG')
+  atomic_write_bytes(path, buffer.getvalue())

@@ -16,9 +16,8 @@ import json
 import pathlib
 
 import numpy as np
-from PIL import Image
 
-from cg3d_jax.atomic import atomic_write_bytes
+from cg3d_jax.atomic import atomic_write_bytes, atomic_write_npy, atomic_write_png
 from cg3d_jax.data import render, shapes
 
 MARKER = 'synthetic.json'
@@ -41,20 +40,6 @@ class SyntheticSettings:
 def synset_id(family_index: int) -> str:
   """Fake 8-digit WordNet-style ids in a range ShapeNet does not use."""
   return f'{90000000 + family_index:08d}'
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-  import io
-  buf = io.BytesIO()
-  np.save(buf, array)
-  return buf.getvalue()
-
-
-def _png_bytes(image: np.ndarray) -> bytes:
-  import io
-  buf = io.BytesIO()
-  Image.fromarray(image).save(buf, format='PNG')
-  return buf.getvalue()
 
 
 def _random_pose(rng: np.random.Generator) -> np.ndarray:
@@ -110,9 +95,9 @@ def write_synthetic_shapenet(root, settings: SyntheticSettings = SyntheticSettin
       for _ in range(per_split[split]):
         mid = model_id(settings, family, index)
         cloud, views = make_object(settings, family, index)
-        atomic_write_bytes(root / 'shapenet_pc' / f'{synset}-{mid}.npy', _npy_bytes(cloud))
+        atomic_write_npy(root / 'shapenet_pc' / f'{synset}-{mid}.npy', cloud)
         for v, image in enumerate(views):
-          atomic_write_bytes(root / 'img' / synset / mid / f'{v:03d}.png', _png_bytes(image))
+          atomic_write_png(root / 'img' / synset / mid / f'{v:03d}.png', image)
         splits[split].append(f'{synset}-{mid}.npy')
         index += 1
   for split, lines in splits.items():
