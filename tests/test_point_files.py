@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from cg3d_jax.eval import point_files
-from cg3d_jax.eval.point_files import PointFileError, normalize_points, read_points, write_ply
+from cg3d_jax.eval import mesh_sampling
+from cg3d_jax.eval.ply_files import write_ply
+from cg3d_jax.eval.point_files import PointFileError, normalize_points, read_points
 
 
 def _reference_normalize(xyz):
@@ -257,7 +258,7 @@ def test_write_ply_rejects_bad_input(tmp_path):
 def test_mesh_sampler_is_area_weighted():
   # Two triangles, areas 1 and 3: three quarters of the points land on the big one.
   vertices = np.array([[0, 0, 0], [1, 0, 0], [0, 2, 0], [10, 0, 0], [13, 0, 0], [10, 2, 0]], np.float64)
-  xyz, rgb = point_files.sample_mesh_surface(vertices, np.array([[0, 1, 2], [3, 4, 5]]), 8000, seed=0)
+  xyz, rgb = mesh_sampling.sample_mesh_surface(vertices, np.array([[0, 1, 2], [3, 4, 5]]), 8000, seed=0)
   assert rgb is None
   share_big = np.mean(xyz[:, 0] >= 10)
   assert abs(share_big - 0.75) < 0.02

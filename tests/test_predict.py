@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cg3d_jax import predict
-from cg3d_jax.eval import point_files, zeroshot
+from cg3d_jax.eval import ply_files, point_files, zeroshot
 from tests.conftest import REPO_ROOT
 
 LABELS = ['owl', 'chicken', 'penguin']
@@ -35,7 +35,7 @@ def owl_copies(owl_dir, tmp_path_factory):
   cloud = point_files.read_points(owl_dir / 'owl.ply')
   paths = {'ply_ascii': owl_dir / 'owl.ply', 'ply_binary': root / 'owl_binary.ply', 'npy': root / 'owl.npy',
            'txt': root / 'owl.txt'}
-  point_files.write_ply(paths['ply_binary'], cloud.xyz, cloud.rgb, binary=True)
+  ply_files.write_ply(paths['ply_binary'], cloud.xyz, cloud.rgb, binary=True)
   np.save(paths['npy'], cloud.xyz)
   np.savetxt(paths['txt'], cloud.xyz, fmt='%.9g')  # 9 significant digits round-trip float32 exactly
   return paths

@@ -10,7 +10,7 @@ from PIL import Image
 
 from cg3d_jax import evaluate_scenes, query_scene
 from cg3d_jax.data import s3dis, shapes, synthetic_scenes
-from cg3d_jax.eval import detection_metrics, point_files, scene_outputs, scene_regions, scenes, zeroshot
+from cg3d_jax.eval import detection_metrics, ply_files, point_files, scene_outputs, scene_regions, scenes, zeroshot
 
 FAMILIES = list(shapes.FAMILIES)
 
@@ -184,7 +184,7 @@ def test_reader_sees_the_rooms_the_writer_placed(rooms):
 def test_read_scene_takes_room_folders_room_files_and_point_files(rooms, tmp_path):
   room = rooms[1][0]
   np.save(tmp_path / 'scene.npy', room.xyz)
-  point_files.write_ply(tmp_path / 'scene.ply', room.xyz, room.rgb)
+  ply_files.write_ply(tmp_path / 'scene.ply', room.xyz, room.rgb)
   for path, colours in [(room.path, room.rgb), (room.path / f'{room.name}.txt', room.rgb),
                         (tmp_path / 'scene.ply', room.rgb), (tmp_path / 'scene.npy', None)]:
     xyz, rgb = query_scene.read_scene(path)

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from cg3d_jax.atomic import atomic_write_bytes
-from cg3d_jax.eval import point_files, reports, scene_regions
+from cg3d_jax.eval import ply_files, reports, scene_regions
 
 BACKGROUND = np.array([255, 255, 255], np.uint8)
 
@@ -111,7 +111,7 @@ def write_query_outputs(out_dir, xyz, rgb, query_result, *, scene: str, up: str 
   gap = np.tile(BACKGROUND, (own_view.shape[0], 8, 1))
   for q, stem in enumerate(unique_stems(query_result.queries)):
     colours = heat_colours(query_result.point_scores[:, q])
-    point_files.write_ply(out / f'{stem}.ply', xyz, colours)
+    ply_files.write_ply(out / f'{stem}.ply', xyz, colours)
     heat_view = top_view(xyz, colours, up=up, size=image_size)
     atomic_write_bytes(out / f'{stem}_top.png', _png_bytes(np.concatenate([own_view, gap, heat_view], axis=1)))
     summary['results'][q]['files'] = {'ply': f'{stem}.ply', 'png': f'{stem}_top.png'}
