@@ -10,16 +10,14 @@ Colours use the absolute probability scale [0, 1], not a per-query stretch, so a
 Every file is written atomically.
 """
 
-import io
 import os
 import pathlib
 import re
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
 
-from cg3d_jax.atomic import atomic_write_bytes
+from cg3d_jax.atomic import atomic_write_npy, atomic_write_png
 from cg3d_jax.eval import ply_files, reports, scene_regions
 
 BACKGROUND = np.array([255, 255, 255], np.uint8)
@@ -90,12 +88,6 @@ def _splat(image: np.ndarray, height: np.ndarray, passes: int) -> np.ndarray:
   return image
 
 
-def _png_bytes(image: np.ndarray) -> bytes:
-  buf = io.BytesIO()
-  Image.fromarray(image).save(buf, format='PNG')
-  return buf.getvalue()
-
-
 def write_query_outputs(out_dir, xyz, rgb, query_result, *, scene: str, up: str = 'z', image_size: int = 512) -> dict:
   """Writes every file above for a scenes.SceneQuery; returns the summary (with file names) it wrote."""
   out = pathlib.Path(out_dir)
@@ -105,15 +97,13 @@ def write_query_outputs(out_dir, xyz, rgb, query_result, *, scene: str, up: str 
   own_colours = grey if rgb is None else np.asarray(rgb, np.uint8)
   own_view = top_view(xyz, own_colours, up=up, size=image_size)
   summary = {'scene': os.fspath(scene), **query_result.summary(), 'point_scores': 'point_scores.npy'}
-  buf = io.BytesIO()
-  np.save(buf, query_result.point_scores.astype(np.float32))
-  atomic_write_bytes(out / 'point_scores.npy', buf.getvalue())
+  atomic_write_npy(out / 'point_scores.npy', query_result.point_scores.astype(np.float32))
   gap = np.tile(BACKGROUND, (own_view.shape[0], 8, 1))
   for q, stem in enumerate(unique_stems(query_result.queries)):
     colours = heat_colours(query_result.point_scores[:, q])
     ply_files.write_ply(out / f'{stem}.ply', xyz, colours)
     heat_view = top_view(xyz, colours, up=up, size=image_size)
-    atomic_write_bytes(out / f'{stem}_top.png', _png_bytes(np.concatenate([own_view, gap, heat_view], axis=1)))
+    atomic_write_png(out / f'{stem}_top.png', np.concatenate([own_view, gap, heat_view], axis=1))
     summary['results'][q]['files'] = {'ply': f'{stem}.ply', 'png': f'{stem}_top.png'}
   reports.write_json(out / 'summary.json', summary)
   return summary
