@@ -16,8 +16,10 @@ import pytest
 import torch
 
 from cg3d_jax.data import builders, finetune_pipeline, transforms
+from cg3d_jax.models import classifiers
 from cg3d_jax.models.pointmlp import PointMLP
 from cg3d_jax.train import finetune as ft
+from cg3d_jax.train import finetuned as ftd
 from cg3d_jax.train import trained
 from cg3d_jax.weights import torch_io, torch_io_pointmlp, torch_twins
 from configs import finetune_modelnet40
@@ -73,7 +75,8 @@ def test_init_from_pretraining_copies_encoder_and_keeps_fresh_head(modelnet_fixt
   saved = trained.read_state(step_dir)
   pre_params, pre_stats = _flat(saved['params']['encoder']), _flat(saved['batch_stats'])
   params, stats = _flat(jax.device_get(setup.state['params'])), _flat(jax.device_get(setup.state['batch_stats']))
-  fresh = ft.init_variables(setup.model, jax.random.split(jax.random.key(config.seed))[0], config.model.num_points)
+  init_rng = jax.random.split(jax.random.key(config.seed))[0]  # build_setup's
+  fresh = classifiers.init_variables(setup.model, init_rng, config.model.num_points)
   fresh_params = _flat(fresh['params'])
 
   trunk = [k for k in pre_params if not k.startswith(('projection', 'cls_head_'))]
@@ -102,8 +105,8 @@ def test_init_from_original_pth(modelnet_fixture, tiny_checkpoint, tmp_path):
   path = tmp_path / 'cg3d.pth'
   torch.save({'base_model': state_dict, 'epoch': 4}, path)
   config = tiny_finetune_config(modelnet_fixture)
-  model = ft.build_classifier(config.model, 40)
-  fresh = ft.init_variables(model, jax.random.key(0), config.model.num_points)
+  model = classifiers.build_classifier(config.model, 40)
+  fresh = classifiers.init_variables(model, jax.random.key(0), config.model.num_points)
   loaded = ft.transfer_encoder(fresh, ft.load_pretrained(path, config.model), 'point_transformer')
   expected = ft.transfer_encoder(fresh, ft.PretrainedEncoder('point_transformer', pre.encoder_vars['params'],
                                                              pre.encoder_vars['batch_stats'], 'workdir'),
@@ -114,8 +117,8 @@ def test_init_from_original_pth(modelnet_fixture, tiny_checkpoint, tmp_path):
 
 def test_init_rejects_mismatched_encoder(modelnet_fixture, tiny_checkpoint):
   config = tiny_finetune_config(modelnet_fixture, **{'model.point_transformer.depth': 3})
-  model = ft.build_classifier(config.model, 40)
-  shapes = jax.eval_shape(lambda: ft.init_variables(model, jax.random.key(0), config.model.num_points))
+  model = classifiers.build_classifier(config.model, 40)
+  shapes = jax.eval_shape(lambda: classifiers.init_variables(model, jax.random.key(0), config.model.num_points))
   pretrained = ft.load_pretrained(tiny_checkpoint)
   with pytest.raises(ValueError, match='blocks_2.* missing from the pretrained encoder'):
     ft.transfer_encoder(shapes, pretrained, 'point_transformer')
@@ -141,7 +144,7 @@ def test_short_finetune_reaches_full_training_accuracy(finetuned_run):
   assert rows[-1]['loss'] < rows[0]['loss']
   # Held out: the 3 official-train airplanes were never trained on (20 training objects decide little; this run
   # gets 2 of the 3, which we require so that a regression shows).
-  held_out = _eval_on(ft.load_finetuned(workdir), config, split='train')
+  held_out = _eval_on(ftd.load_finetuned(workdir), config, split='train')
   assert held_out['count'] == 3 and held_out['top1'] >= 2 / 3
 
 
@@ -162,7 +165,7 @@ def _eval_on(finetuned, config, *, split, votes=1, vote_augment=True):
 
 def test_voting_without_augmentation_equals_single_pass(finetuned_run):
   workdir, config, _ = finetuned_run
-  finetuned = ft.load_finetuned(workdir)
+  finetuned = ftd.load_finetuned(workdir)
   single = _eval_on(finetuned, config, split='test')
   voted = _eval_on(finetuned, config, split='test', votes=10, vote_augment=False)
   np.testing.assert_array_equal(single['labels'], voted['labels'])
@@ -172,9 +175,9 @@ def test_voting_without_augmentation_equals_single_pass(finetuned_run):
 
 def test_export_loads_into_the_original_classifier(finetuned_run, modelnet_fixture):
   workdir, config, _ = finetuned_run
-  finetuned = ft.load_finetuned(workdir)
+  finetuned = ftd.load_finetuned(workdir)
   params, stats = finetuned.variables['params'], finetuned.variables['batch_stats']
-  state_dict = ft.finetuned_to_torch('point_transformer', params, stats)
+  state_dict = ftd.finetuned_to_torch('point_transformer', params, stats)
   pretraining_keys = list(torch_io.point_transformer_to_torch(params, stats).keys())
   assert list(state_dict) == [k for k in pretraining_keys if not k.startswith('projection.')]
   assert tuple(state_dict['cls_head_finetune.3.weight'].shape) == (40, 256)
@@ -191,7 +194,7 @@ def test_export_loads_into_the_original_classifier(finetuned_run, modelnet_fixtu
   np.testing.assert_allclose(torch_logits, np.asarray(jax_logits), rtol=1e-4, atol=1e-4)
 
   path = workdir / 'export' / 'finetuned.pth'
-  ft.save_finetuned_pth(path, finetuned)
+  ftd.save_finetuned_pth(path, finetuned)
   container = torch.load(path, weights_only=True)
   assert set(container) == {'base_model', 'epoch', 'metrics', 'best_metrics'}
   assert container['metrics']['acc'] == 100.0 and container['epoch'] == 75  # 150 steps of 2-step epochs
@@ -251,12 +254,12 @@ TINY_MLP = dict(embed_dim=8, dim_expansion=(2, 2), pre_blocks=(1, 1), pos_blocks
 
 def test_pointmlp_classifier_trunk_init_and_export():
   encoder = PointMLP(**TINY_MLP, projection_dim=16)
-  classifier = ft.PointMLPClassifier(**TINY_MLP, projection_dim=16, num_classes=7)
+  classifier = classifiers.PointMLPClassifier(**TINY_MLP, projection_dim=16, num_classes=7)
   points = jax.random.normal(jax.random.key(1), (4, 32, 3))
   pre = encoder.init(jax.random.key(2), points, train=False)
   # Move BatchNorm statistics off their init values so that copying them is visible.
   pre_stats = jax.tree.map(lambda x: x + 0.5, pre['batch_stats'])
-  fresh = ft.init_variables(classifier, jax.random.key(3), 32)
+  fresh = classifiers.init_variables(classifier, jax.random.key(3), 32)
   variables = ft.transfer_encoder(fresh, ft.PretrainedEncoder('pointmlp', pre['params'], pre_stats, 'test'),
                                   'pointmlp')
   flat, pre_flat = _flat(variables['params']), _flat(pre['params'])
@@ -270,7 +273,7 @@ def test_pointmlp_classifier_trunk_init_and_export():
 
   # Export: CG3D's PointMLP keys without the projection, plus the original pointMLP classifier Sequential.
   stats = jax.tree.map(lambda x: x + 0.25, variables['batch_stats'])
-  state_dict = ft.finetuned_to_torch('pointmlp', variables['params'], stats)
+  state_dict = ftd.finetuned_to_torch('pointmlp', variables['params'], stats)
   trunk_keys = [k for k in torch_io_pointmlp.pointmlp_to_torch(pre['params'], pre_stats) if
                 not k.startswith('projection.')]
   assert list(state_dict)[:len(trunk_keys)] == trunk_keys
@@ -313,7 +316,7 @@ def test_interrupted_finetune_resumes_bitwise(modelnet_fixture, tiny_checkpoint,
   ft.finetune(config(4), str(tmp_path / 'straight'), init=str(tiny_checkpoint))
   ft.finetune(config(2), str(tmp_path / 'resumed'), init=str(tiny_checkpoint))
   ft.finetune(config(4), str(tmp_path / 'resumed'), init=str(tiny_checkpoint))
-  a, b = ft.load_finetuned(tmp_path / 'straight'), ft.load_finetuned(tmp_path / 'resumed')
+  a, b = ftd.load_finetuned(tmp_path / 'straight'), ftd.load_finetuned(tmp_path / 'resumed')
   assert a.step == b.step == 4
   for x, y in zip(jax.tree.leaves(a.variables), jax.tree.leaves(b.variables)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -1,18 +1,11 @@
 """Supervised fine-tuning of a CG3D point encoder for classification (ModelNet40/10, ScanObjectNN).
 
 `finetune(config, workdir, init=...)` is what `python -m cg3d_jax.finetune` runs: the encoder with a classification
-head, initialised from a CG3D pretraining checkpoint (a training workdir), an original CG3D `.pth`, or from scratch;
-trained with the original recipe on a device mesh; evaluated (overall and class-mean accuracy, optional voting);
-checkpointed with orbax and resumed from the newest checkpoint in `<workdir>/checkpoints`.
+head (models/classifiers.py), initialised from a CG3D pretraining checkpoint (a training workdir), an original CG3D
+`.pth`, or from scratch; trained with the original recipe on a device mesh; evaluated (overall and class-mean
+accuracy, optional voting); checkpointed with orbax and resumed from the newest checkpoint in `<workdir>/checkpoints`.
+Reading a finished fine-tune and exporting it to PyTorch is train/finetuned.py.
 
-Models and parameter trees. The classifier's variables are the encoder's own tree plus its head, at the top level:
-  PointTransformer(num_classes=C): the pretraining tree; head cls_head_0 (2W -> 256), cls_head_1 (256 -> C), the
-      original's cls_head_finetune = Linear, ReLU, Dropout(0.5), Linear. The module always builds its CLIP
-      `projection`; fine-tuning never reads it (the logits path), so it stays as initialised, is frozen (no optimizer
-      state, no decay) and is left out of exports.
-  PointMLPClassifier (below): PointMLP's trunk tree without `projection`; head classifier_0 (1024 -> 512),
-      classifier_1 (BN), classifier_4 (512 -> 256), classifier_5 (BN), classifier_8 (256 -> C): the original
-      pointMLP classifier Sequential's indices.
 Initialising from pretraining copies every trunk leaf (params and BatchNorm statistics) by name and shape; the
 pretraining projection and 55-class head are dropped and the new head keeps its fresh initialisation.
 
@@ -22,14 +15,9 @@ the original's label smoothing when set). Evaluation: FPS to `num_points`; votin
 passes, each with the training-time sampling and augmentation (the original's test_vote).
 """
 
-import collections
 import dataclasses
 import functools
-import json
-import math
-import os
 import pathlib
-import tempfile
 import time
 from typing import Any, Iterator, Mapping
 
@@ -45,85 +33,15 @@ from cg3d_jax.data.transforms import scale_and_translate
 from cg3d_jax.eval import metrics as eval_metrics
 from cg3d_jax.metrics import MetricsWriter
 from cg3d_jax.models import pointmlp
-from cg3d_jax.models.layers import TorchBatchNorm
+from cg3d_jax.models.classifiers import HEAD_PREFIXES, build_classifier, init_variables
 from cg3d_jax.models.point_ops import farthest_point_sample, gather_points
 from cg3d_jax.models.point_transformer import PointTransformer
 from cg3d_jax.train import optim, sharding, trained
 from cg3d_jax.weights.trees import unflatten
 from cg3d_jax.train.checkpoint import Checkpointer
 
-ENCODERS = ('point_transformer', 'pointmlp')
-# Leaves of the classifier that initialisation from pretraining must not copy, per encoder.
-HEAD_PREFIXES = {'point_transformer': ('cls_head_',), 'pointmlp': ('classifier_',)}
 # Leaves of a pretrained encoder that fine-tuning drops: its CLIP projection and its pretraining head.
 DROPPED_PREFIXES = ('projection', 'cls_head_')
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Models.
-
-
-class PointMLPClassifier(pointmlp.PointMLP):
-  """PointMLP's trunk with the original classifier head; __call__(points, train=...) -> (B, num_classes) logits.
-
-  The trunk is PointMLP's, with the same submodule names (so pretrained leaves copy by name), but it stops at the
-  global max pool: PointMLP.__call__ has no switch to return the pooled feature before its projection.
-  """
-  num_classes: int = 40
-  head_dropout: float = 0.5
-
-  @nn.compact
-  def __call__(self, points, *, train: bool, return_logits: bool = True, return_features: bool = False):
-    self._check_settings()
-    pointmlp.check_points(points, self.k_neighbors, self.reducers)
-    xyz = points
-    counts = pointmlp.stage_point_counts(points.shape[1], self.reducers)
-    x = pointmlp.ConvBNReLU(self.embed_dim, dtype=self.dtype, name='embedding')(xyz.astype(self.dtype), train=train)
-    channels = self.embed_dim
-    for i in range(len(self.reducers)):
-      channels *= self.dim_expansion[i]
-      xyz, grouped = pointmlp.LocalGrouper(counts[i + 1], self.k_neighbors[i], dtype=self.dtype,
-                                           name=f'local_grouper_{i}')(xyz, x)
-      x = pointmlp.PreExtraction(channels, self.pre_blocks[i], self.res_expansion, dtype=self.dtype,
-                                 name=f'pre_blocks_{i}')(grouped, train=train)
-      x = pointmlp.PosExtraction(self.pos_blocks[i], self.res_expansion, dtype=self.dtype,
-                                 name=f'pos_blocks_{i}')(x, train=train)
-    pooled = jnp.max(x, axis=1)
-    if return_features:
-      return pooled
-    # torch.nn.Linear's default init: weight and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-    kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
-
-    def linear(features, fan_in, name):
-      bound = 1.0 / math.sqrt(fan_in)
-      return nn.Dense(features, dtype=self.dtype, kernel_init=kernel_init, name=name,
-                      bias_init=lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound,
-                                                                                         bound))
-
-    h = pooled
-    for (fc, bn), (fan_in, width) in zip((('classifier_0', 'classifier_1'), ('classifier_4', 'classifier_5')),
-                                         ((channels, 512), (512, 256))):
-      h = nn.relu(TorchBatchNorm(dtype=self.dtype, name=bn)(linear(width, fan_in, fc)(h), train=train))
-      h = nn.Dropout(self.head_dropout, deterministic=not train)(h)
-    return linear(self.num_classes, 256, 'classifier_8')(h)
-
-
-def build_classifier(model_config, num_classes: int) -> nn.Module:
-  """The encoder named by config.model.encoder with a `num_classes` head; apply(..., return_logits=True) -> logits."""
-  name = model_config.encoder
-  if name == 'point_transformer':
-    return PointTransformer.from_config(model_config).clone(num_classes=num_classes)
-  if name == 'pointmlp':
-    return PointMLPClassifier.from_config(model_config).clone(num_classes=num_classes)
-  raise ValueError(f'config.model.encoder must be one of {ENCODERS}, got {name!r}')
-
-
-def init_variables(model: nn.Module, rng: jax.Array, num_points: int) -> dict:
-  """Fresh {'params', 'batch_stats'} for clouds of `num_points` points."""
-  points = jnp.zeros((1, num_points, 3), jnp.float32)
-  # Farthest-point sampling of an all-zero cloud is fine for shapes; values do not matter at init.
-  variables = jax.jit(functools.partial(model.init, train=False, return_logits=True))(rng, points)
-  return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -496,96 +414,3 @@ def finetune(config, workdir: str, *, init: str | None = None, devices=None) -> 
     ckpt.close()
     writer.close()
   return {**last, **val}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Reading a fine-tune checkpoint and exporting it in the original PyTorch fine-tune format.
-
-
-@dataclasses.dataclass
-class FinetunedModel:
-  config: Any
-  step: int
-  model: nn.Module
-  variables: dict  # {'params', 'batch_stats'} on one device
-  metrics: dict | None  # saved with the step: 'epoch' and, after an evaluation, 'val/top1', 'val/class_mean'
-
-
-def _read_json_item(path: pathlib.Path):
-  for candidate in (path / 'metadata', path):  # orbax writes a JsonSave item as <item>/metadata
-    if candidate.is_file():
-      return json.loads(candidate.read_text())
-  return None
-
-
-def load_finetuned(path, step: int | None = None) -> FinetunedModel:
-  """A fine-tune workdir, its checkpoints/ folder or one step folder -> the classifier and its variables."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  step_dir = trained.find_step_dir(path, step)
-  raw = _read_json_item(step_dir / 'config')
-  if raw is None or 'finetune' not in raw:
-    raise ValueError(f'{step_dir} is not a cg3d-jax fine-tune checkpoint (its config has no finetune block)')
-  config = ml_collections.ConfigDict(raw)
-  state = trained.read_state(step_dir)
-  return FinetunedModel(config=config, step=int(state['step']),
-                        model=build_classifier(config.model, int(config.model.num_classes)),
-                        variables={'params': state['params'], 'batch_stats': state['batch_stats']},
-                        metrics=(_read_json_item(step_dir / 'extras') or {}).get('metrics'))
-
-
-def _pointmlp_classifier_entries(params: Mapping[str, Any]) -> list:
-  from cg3d_jax.weights import torch_io, torch_io_pointmlp  # pylint: disable=g-import-not-at-top
-  pre = tuple(len([k for k in params[f'pre_blocks_{i}'] if k.startswith('block_')])
-              for i in range(len([k for k in params if k.startswith('pre_blocks_')])))
-  pos = tuple(len([k for k in params.get(f'pos_blocks_{i}', {}) if k.startswith('block_')]) for i in range(len(pre)))
-  entries = [e for e in torch_io_pointmlp.pointmlp_entries(pre, pos) if not e.torch_key.startswith('projection.')]
-  for i in (0, 4, 8):
-    entries += torch_io.linear(f'classifier.{i}', f'classifier_{i}')
-  for i in (1, 5):
-    entries += torch_io.batch_norm(f'classifier.{i}', f'classifier_{i}')
-  return entries
-
-
-def finetuned_to_torch(encoder: str, params: Mapping[str, Any], batch_stats: Mapping[str, Any], *,
-                       num_batches_tracked: int = 0) -> 'collections.OrderedDict':
-  """Fine-tuned classifier variables -> the original fine-tune `base_model` state dict.
-
-  point_transformer: the pretraining keys without `projection.*`, with cls_head_finetune.{0,3} sized to C (what
-  Point-BERT's PointTransformer classifier loads strictly). pointmlp: the CG3D PointMLP keys without `projection.*`
-  plus the original pointMLP `classifier.{0,1,4,5,8}`.
-  """
-  from cg3d_jax.weights import torch_io  # pylint: disable=g-import-not-at-top
-  params = {k: v for k, v in params.items() if k != 'projection'}
-  if encoder == 'point_transformer':
-    depth = len([k for k in params if k.startswith('blocks_')])
-    entries = [e for e in torch_io.point_transformer_entries(depth, with_head=True)
-               if not e.torch_key.startswith('projection.')]
-  elif encoder == 'pointmlp':
-    entries = _pointmlp_classifier_entries(params)
-  else:
-    raise ValueError(f'encoder must be one of {ENCODERS}, got {encoder!r}')
-  return torch_io.flax_to_torch({'params': params, 'batch_stats': batch_stats}, entries,
-                                num_batches_tracked=num_batches_tracked)
-
-
-def save_finetuned_pth(path, finetuned: FinetunedModel) -> None:
-  """Writes `{'base_model': state_dict, 'epoch', 'metrics': {'acc'}, 'best_metrics': {'acc'}}` (Point-BERT's
-  fine-tune checkpoint container; accuracy in percent, of the exported step) to `path`, atomically."""
-  import torch  # pylint: disable=g-import-not-at-top
-  state_dict = finetuned_to_torch(finetuned.config.model.encoder, finetuned.variables['params'],
-                                  finetuned.variables['batch_stats'])
-  metrics = finetuned.metrics or {}
-  acc = 100.0 * float(metrics.get('val/top1', 0.0))
-  container = {'base_model': state_dict, 'epoch': int(metrics.get('epoch', 0)), 'metrics': {'acc': acc},
-               'best_metrics': {'acc': acc}}
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-  os.close(fd)
-  try:
-    torch.save(container, tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
