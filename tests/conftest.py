@@ -19,6 +19,7 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
 import pathlib  # noqa: E402
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -37,6 +38,61 @@ def highest_precision():
   """fp32 matmuls at full precision for parity tests (CPU default is already exact; accelerators are not)."""
   with jax.default_matmul_precision('highest'):
     yield
+
+
+def assert_no_near_ties(scores, relevant, tol: float = 1e-5) -> None:
+  """Fails when a relevant item's score lies within `tol` of a non-relevant item's score in the same row.
+
+  The code under test ranks float32 scores with the machine's rounding (~1e-7, depending on vector width and fused
+  multiply-add): where a relevant and a non-relevant item are that close, another machine could rank them the
+  other way. Reference comparisons of ranks call this on their fixture first, so that they hold on every machine.
+  """
+  scores = np.asarray(scores, np.float64)
+  relevant = np.asarray(relevant, bool)
+  for row, rel in zip(scores, relevant):
+    if rel.any() and (~rel).any():
+      gap = np.abs(row[rel][:, None] - row[~rel][None, :]).min()
+      assert gap > tol, f'fixture has a near-tie between a relevant and another item (gap {gap:.1e})'
+
+
+# Grouping decisions (an FPS argmax, the k-th neighbour) whose competitors are closer than this, relative to the
+# distances' scale, could go the other way on another machine: float32 rounding differs by vector width and fused
+# multiply-add (XLA contracts a*b+c into an FMA where the CPU has one; numpy and PyTorch's CPU kernels do not).
+NEAR_TIE = 1e-5
+
+
+def grouping_margin(cloud, stages) -> float:
+  """The smallest relative gap, in float64, between a choice the point encoders' grouping makes and its runner-up.
+
+  stages: [(num_samples, k), ...]: each stage samples anchors by FPS (as point_ops) from the previous stage's
+  anchors (the cloud first) and takes each anchor's k nearest points. Float32 comparisons of two implementations
+  on a cloud whose margin exceeds NEAR_TIE group the same points on every machine. Copies of the same point tie
+  exactly everywhere and do not count.
+  """
+  xyz = np.asarray(cloud, np.float64)
+  worst = np.inf
+  for num_samples, k in stages:
+    min_sq = np.full(len(xyz), 1e10)
+    chosen = [0]
+    for _ in range(1, num_samples):
+      min_sq = np.minimum(min_sq, np.sum((xyz - xyz[chosen[-1]]) ** 2, axis=1))
+      best = int(np.argmax(min_sq))
+      others = min_sq[np.any(xyz != xyz[best], axis=1)]
+      if min_sq[best] > 0 and others.size:
+        worst = min(worst, (min_sq[best] - others.max()) / min_sq[best])
+      chosen.append(best)
+    anchors = xyz[chosen]
+    if k < len(xyz):
+      dist = np.sum((anchors[:, None] - xyz[None]) ** 2, axis=-1)
+      order = np.argsort(dist, axis=1, kind='stable')
+      rows = np.arange(len(anchors))
+      inside, outside = order[:, k - 1], order[:, k]
+      distinct = np.any(xyz[inside] != xyz[outside], axis=1)
+      scale = np.sum(anchors ** 2, axis=1) + np.max(np.sum(xyz ** 2, axis=1))
+      gaps = (dist[rows, outside] - dist[rows, inside]) / scale
+      worst = min(worst, gaps[distinct].min(initial=np.inf))
+    xyz = anchors
+  return worst
 
 
 # Small real artefacts shared by the training, evaluation and export tests: a random transformers CLIP folder with

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from cg3d_jax.eval import metrics, point_files, reports
+from tests.conftest import assert_no_near_ties
 
 
 def _reference_topk(scores, labels, k):
@@ -25,6 +26,7 @@ def _reference_per_class(preds, labels, num_classes):
 def _reference_retrieval(queries, gallery, relevance, ks):
   queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
   gallery = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
+  assert_no_near_ties(queries.astype(np.float64) @ gallery.T.astype(np.float64), relevance)
   recalls, aps = {k: [] for k in ks}, []
   for q in range(len(queries)):
     if not relevance[q].any():

@@ -187,11 +187,15 @@ def test_export_loads_into_the_original_classifier(finetuned_run, modelnet_fixtu
   assert sorted(missing) == ['projection.bias', 'projection.weight'] and not unexpected
   batch = next(iter(ft.pipeline.eval_local_batches('modelnet40', data_dir=modelnet_fixture[1], batch_size=4,
                                                    num_points_stored=NUM_STORED, skip_bad=True)))
-  points = ft.fps(jnp.asarray(batch['points']), config.model.num_points)
-  jax_logits = finetuned.model.apply(finetuned.variables, points, train=False, return_logits=True)
+  points = np.asarray(ft.fps(jnp.asarray(batch['points']), config.model.num_points), np.float64)
+  # Float64 on both sides, grouping included: no near-tie among distances can be decided two ways.
+  with jax.enable_x64(True):
+    jax_logits = finetuned.model.clone(dtype=jnp.float64).apply(
+        jax.tree.map(lambda x: np.asarray(x, np.float64), finetuned.variables), points, train=False,
+        return_logits=True)
   with torch.no_grad():
-    torch_logits = twin.forward_logits(torch.from_numpy(np.array(points))).numpy()
-  np.testing.assert_allclose(torch_logits, np.asarray(jax_logits), rtol=1e-4, atol=1e-4)
+    torch_logits = twin.double().forward_logits(torch.from_numpy(points)).numpy()
+  np.testing.assert_allclose(torch_logits, np.asarray(jax_logits), rtol=0, atol=1e-9 * np.abs(torch_logits).max())
 
   path = workdir / 'export' / 'finetuned.pth'
   ftd.save_finetuned_pth(path, finetuned)

@@ -21,8 +21,19 @@ def clouds(fixtures_dir) -> np.ndarray:
   return np.stack([load_modelnet_xyz(fixtures_dir, name) for name in OBJECTS])  # (4, 10000, 3)
 
 
+# Rounding differs between machines (vector width, fused multiply-add): a float32 distance may move by a few ulps
+# (~1e-7 relative). Where the best and the next-best running minimum of an FPS step are further apart than this, no
+# machine can pick differently, so exact equality with the reference is a machine-independent check.
+NEAR_TIE = 1e-5
+
+
 def numpy_fps(xyz: np.ndarray, num_samples: int) -> np.ndarray:
-  """The CUDA kernel's rules written out plainly for one cloud (lowest index on ties, float32 distances)."""
+  """The CUDA kernel's rules written out plainly for one cloud (lowest index on ties, float32 distances).
+
+  Also asserts that no step has a near-tie (distinct running minima within NEAR_TIE of each other at the top), so
+  that comparing a float32 implementation with it does not depend on the machine's rounding. Exact ties (copies of
+  a point) are computed identically everywhere and are allowed.
+  """
   xyz = xyz.astype(np.float32)
   n = len(xyz)
   sq_norm = xyz[:, 0] * xyz[:, 0] + xyz[:, 1] * xyz[:, 1] + xyz[:, 2] * xyz[:, 2]
@@ -30,7 +41,7 @@ def numpy_fps(xyz: np.ndarray, num_samples: int) -> np.ndarray:
   temp = np.full(n, 1e10, np.float32)
   out = [0]
   old = 0
-  for _ in range(1, num_samples):
+  for step in range(1, num_samples):
     best, besti = np.float32(-1.0), 0
     d = ((xyz[:, 0] - xyz[old, 0]) * (xyz[:, 0] - xyz[old, 0]) + (xyz[:, 1] - xyz[old, 1]) * (xyz[:, 1] - xyz[old, 1])
          + (xyz[:, 2] - xyz[old, 2]) * (xyz[:, 2] - xyz[old, 2]))
@@ -40,6 +51,10 @@ def numpy_fps(xyz: np.ndarray, num_samples: int) -> np.ndarray:
       temp[k] = min(d[k], temp[k])
       if temp[k] > best:
         best, besti = temp[k], k
+    runners_up = temp[~skipped & (temp < best)]
+    if best > 0 and len(runners_up):
+      gap = (best - runners_up.max()) / best
+      assert gap > NEAR_TIE, f'fixture cloud has a near-tie at FPS step {step} (relative gap {gap:.1e})'
     old = besti
     out.append(old)
   return np.array(out, np.int32)
@@ -110,12 +125,23 @@ def test_knn_matches_brute_force_sets(clouds):
   got = np.asarray(point_ops.knn(jnp.asarray(queries), jnp.asarray(pts), 32))
   assert got.dtype == np.int32 and got.shape == (4, 64, 32)
   q64, p64 = queries.astype(np.float64), pts.astype(np.float64)
+  near_ties = 0
   for b in range(len(pts)):
     for s in range(queries.shape[1]):
       dist = np.sum((p64[b] - q64[b, s]) ** 2, axis=-1)
       order = np.argsort(dist, kind='stable')
-      assert dist[order[31]] < dist[order[32]], 'fixture point with an exact tie at the k boundary'
-      assert set(got[b, s]) == set(order[:32]), (OBJECTS[b], s)
+      assert len(set(got[b, s])) == 32
+      # knn ranks float32 distances of the expanded form, whose rounding (~1e-7 of |q|^2 + |p|^2) differs between
+      # machines. Away from near-ties at the k boundary the set is exact on every machine; at one, any point within
+      # that rounding of the k-th distance is a right answer.
+      bound = NEAR_TIE * (np.sum(q64[b, s] ** 2) + np.max(np.sum(p64[b] ** 2, axis=-1)))
+      if dist[order[32]] - dist[order[31]] > bound:
+        assert set(got[b, s]) == set(order[:32]), (OBJECTS[b], s)
+      else:
+        near_ties += 1
+        assert dist[got[b, s]].max() <= dist[order[31]] + bound, (OBJECTS[b], s)
+        assert set(order[:32]) - set(got[b, s]) <= set(np.nonzero(dist <= dist[order[31]] + bound)[0])
+  assert near_ties < 10  # the exact check covers nearly every query
 
 
 def test_group_centres_and_neighbourhoods(clouds):

@@ -25,7 +25,7 @@ from cg3d_jax.models.cg3d import CG3D, sample_points
 from cg3d_jax.train import sharding
 from cg3d_jax.weights.hf_clip import load_clip, tokenize
 from configs import retrieval_shapenet55, zeroshot_modelnet40
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, assert_no_near_ties
 
 
 class FlatEncoder(nn.Module):
@@ -73,6 +73,7 @@ def eval_model(tiny_checkpoint):
 def numpy_topk_and_class_mean(features, classifier, labels, ks):
   f = features / np.linalg.norm(features, axis=1, keepdims=True)
   scores = f.astype(np.float64) @ classifier.astype(np.float64).T
+  assert_no_near_ties(scores, np.arange(scores.shape[1]) == labels[:, None])
   order = np.argsort(-scores, axis=1, kind='stable')
   out = {f'top{k}': float(np.mean([labels[i] in order[i, :k] for i in range(len(labels))])) for k in ks}
   correct = order[:, 0] == labels
@@ -211,6 +212,7 @@ def test_evaluate_command_on_modelnet40_fixture(tiny_checkpoint, fixtures_dir, t
 def _numpy_retrieval(queries, gallery, relevance, ks):
   q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
   g = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
+  assert_no_near_ties(q @ g.T, relevance)
   order = np.argsort(-(q @ g.T), axis=1, kind='stable')
   recalls, aps = {k: [] for k in ks}, []
   for i in range(len(q)):

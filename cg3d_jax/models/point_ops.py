@@ -2,6 +2,10 @@
 
 Pure JAX functions on batched arrays; they jit and vmap, and loop over nothing of size N in Python.
 
+Selections (sampling, neighbour search) compare distances in float32, as the original CUDA code does, whatever the
+compute dtype of the encoder (bfloat16 inputs are widened); float64 inputs (parity tests with x64 enabled) are
+compared in float64, where two implementations' rounding cannot reorder near-equal distances.
+
 Farthest-point sampling follows the original CUDA op (pointnet2_ops `furthest_point_sampling`):
   * the first sample is index 0, whatever that point is;
   * every point keeps a running minimum of its squared distance to the samples so far, initialised to 1e10;
@@ -29,6 +33,11 @@ _ORIGIN_SQ_NORM = np.nextafter(np.float32(1e-3), np.float32(0.0))
 _INITIAL_MIN_SQ_DIST = 1e10
 
 
+def selection_dtype(dtype) -> jnp.dtype:
+  """float32, or float64 for float64 inputs: the precision distances are compared in."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def _squared_distance_to(points: jax.Array, point: jax.Array) -> jax.Array:
   """(B, N, 3), (B, 3) -> (B, N), summed in the CUDA kernel's order so float32 results match it."""
   dx = points[..., 0] - point[:, None, 0]
@@ -46,7 +55,7 @@ def farthest_point_sample(points: jax.Array, num_samples: int) -> jax.Array:
     raise ValueError(f'farthest_point_sample expects points of shape (B, N, 3), got {points.shape}')
   if num_samples < 1:
     raise ValueError(f'farthest_point_sample: num_samples must be >= 1, got {num_samples}')
-  points = jax.lax.stop_gradient(points).astype(jnp.float32)
+  points = jax.lax.stop_gradient(points).astype(selection_dtype(points.dtype))
   batch = points.shape[0]
   x, y, z = points[..., 0], points[..., 1], points[..., 2]
   is_candidate = (x * x + y * y + z * z) > _ORIGIN_SQ_NORM
@@ -61,7 +70,7 @@ def farthest_point_sample(points: jax.Array, num_samples: int) -> jax.Array:
     last = jnp.argmax(score, axis=1).astype(jnp.int32)  # argmax returns the first (lowest) index on ties
     return min_sq_dist, indices.at[:, j].set(last), last
 
-  init = (jnp.full(points.shape[:2], _INITIAL_MIN_SQ_DIST, jnp.float32),
+  init = (jnp.full(points.shape[:2], _INITIAL_MIN_SQ_DIST, points.dtype),
           jnp.zeros((batch, num_samples), jnp.int32),
           jnp.zeros((batch,), jnp.int32))
   _, indices, _ = jax.lax.fori_loop(1, num_samples, step, init)
@@ -78,10 +87,12 @@ def gather_points(points: jax.Array, idx: jax.Array) -> jax.Array:
 
 
 def pairwise_squared_distance(queries: jax.Array, points: jax.Array) -> jax.Array:
-  """(B, S, 3), (B, N, 3) -> (B, S, N) as the originals compute it: (-2 a.b + |a|^2) + |b|^2.
+  """(B, S, C), (B, N, C) -> (B, S, N) as the originals compute it: (-2 a.b + |a|^2) + |b|^2.
 
   The expanded form (not sum((a - b)^2)) is kept so that near-ties resolve like the original kNN. The matmul runs
-  at HIGHEST precision: default TPU/GPU precision would round inputs to bf16/tf32 and change neighbours.
+  at HIGHEST precision: default TPU/GPU precision would round inputs to bf16/tf32 and change neighbours. (Written
+  out elementwise instead, XLA would contract the products into fused multiply-adds inside a fusion but not in an
+  eager call, so the same function would rank near-ties differently jitted and not.)
   """
   cross = jnp.einsum('bsc,bnc->bsn', queries, points, precision=jax.lax.Precision.HIGHEST)
   dist = -2.0 * cross
@@ -98,8 +109,9 @@ def knn(queries: jax.Array, points: jax.Array, k: int) -> jax.Array:
     raise ValueError(f'knn expects queries (B, S, C) and points (B, N, C), got {queries.shape} and {points.shape}')
   if not 1 <= k <= points.shape[1]:
     raise ValueError(f'knn: k must be in [1, N={points.shape[1]}], got {k}')
-  queries = jax.lax.stop_gradient(queries).astype(jnp.float32)
-  points = jax.lax.stop_gradient(points).astype(jnp.float32)
+  dtype = selection_dtype(jnp.result_type(queries, points))
+  queries = jax.lax.stop_gradient(queries).astype(dtype)
+  points = jax.lax.stop_gradient(points).astype(dtype)
   _, idx = jax.lax.top_k(-pairwise_squared_distance(queries, points), k)
   return idx.astype(jnp.int32)
 

@@ -24,7 +24,7 @@ import numpy as np
 from flax import linen as nn
 
 from cg3d_jax.models import point_ops
-from cg3d_jax.models.layers import TorchBatchNorm
+from cg3d_jax.models.layers import TorchBatchNorm, stats_dtype
 
 # timm's trunc_normal_(std=0.02) used by the original truncates at +-2 in absolute units, i.e. at +-100 std: in effect
 # a plain normal. We keep its distribution rather than the more common +-2 std truncation.
@@ -99,7 +99,7 @@ class Attention(nn.Module):
     qkv = nn.Dense(3 * width, use_bias=False, dtype=self.dtype, kernel_init=weight_init, name='qkv')(x)
     q, k, v = jnp.moveaxis(qkv.reshape(batch, length, 3, self.num_heads, head_dim), 2, 0)
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * head_dim ** -0.5
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    weights = jax.nn.softmax(logits.astype(stats_dtype(self.dtype)), axis=-1).astype(self.dtype)
     out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(batch, length, width)
     return nn.Dense(width, dtype=self.dtype, kernel_init=weight_init, name='proj')(out)
 
@@ -172,7 +172,10 @@ class PointTransformer(nn.Module):
     if self.width % self.num_heads:
       raise ValueError(f'PointTransformer: width {self.width} is not divisible by num_heads {self.num_heads}')
 
-    neighbourhoods, centres = point_ops.group(points.astype(jnp.float32), self.num_groups, self.group_size)
+    # Neighbours are selected on float32 distances whatever the dtype (point_ops), but gathered in at least float32
+    # so that a float64 model sees float64 coordinates.
+    neighbourhoods, centres = point_ops.group(points.astype(stats_dtype(self.dtype)), self.num_groups,
+                                              self.group_size)
     dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=weight_init)
     tokens = GroupEncoder(self.encoder_dim, self.dtype, name='encoder')(neighbourhoods.astype(self.dtype),
                                                                         train=train)

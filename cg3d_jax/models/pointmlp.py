@@ -9,7 +9,8 @@ point-wise MLPs over each neighbourhood (PreExtraction, max over the neighbours)
 
 Layout is channels-last throughout: a 1x1 Conv1d is a Dense over the last axis. Every conv has no bias except the
 projection (the original sets bias=False). BatchNorm follows PyTorch exactly (see `layers.TorchBatchNorm`). Sampling and
-neighbour search compare float32 distances whatever the compute dtype, so that every dtype picks the same points.
+neighbour search compare float32 distances whatever the compute dtype, so that every dtype picks the same points
+(float64 clouds are compared in float64: see point_ops).
 """
 
 from typing import Any, Sequence
@@ -199,7 +200,7 @@ class PointMLP(nn.Module):
   def __call__(self, points, *, train: bool):
     self._check_settings()
     check_points(points, self.k_neighbors, self.reducers)
-    xyz = points  # point_ops samples and searches in float32 whatever the compute dtype
+    xyz = points  # point_ops samples and searches in float32 (float64 for float64 clouds) whatever the dtype
     counts = stage_point_counts(points.shape[1], self.reducers)
     x = ConvBNReLU(self.embed_dim, dtype=self.dtype, name='embedding')(xyz.astype(self.dtype), train=train)
     channels = self.embed_dim

@@ -386,14 +386,20 @@ def compare_features(twin: torch.nn.Module, model, variables, clouds: np.ndarray
                                                                                           np.ndarray]:
   """Eval-mode encoder outputs (B, embed_dim) of JAX and of the twin on the same clouds -> (max |diff|, jax, torch).
 
-  Matmuls run at full float32 precision on both sides, so accelerator defaults (TF32, bf16 passes) do not count.
+  Both sides run in float64, sampling and neighbour search included. In float32, real clouds hold near-ties among
+  distances that the two libraries' rounding (which also varies between machines) can decide differently, and one
+  neighbour chosen differently moves a feature far more than a conversion error would. In float64 a correct
+  export agrees to ~1e-12, so a small tolerance catches even a slightly wrong weight.
   """
+  import copy  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  clouds = np.ascontiguousarray(clouds, dtype=np.float32)
-  with jax.default_matmul_precision('highest'):
+  clouds = np.asarray(clouds, dtype=np.float64)
+  with jax.enable_x64(True):
+    variables = jax.tree.map(lambda x: np.asarray(x, np.float64), variables)
+    model = model.clone(dtype=np.float64)
     got = np.asarray(jax.jit(lambda v, p: model.apply(v, p, train=False))(variables, clouds))
   with torch.no_grad():
-    want = twin(torch.from_numpy(clouds)).numpy()
+    want = copy.deepcopy(twin).double()(torch.from_numpy(clouds)).numpy()
   if got.shape != want.shape:
     raise ValueError(f'feature shapes differ: JAX {got.shape}, PyTorch {want.shape}')
   return float(np.max(np.abs(got - want))), got, want

@@ -14,13 +14,18 @@ from torch import nn
 _ORIGIN_SQ_NORM = float(np.nextafter(np.float32(1e-3), np.float32(0.0)))  # see point_ops: CUDA's `mag <= 1e-3`
 
 
+def _selection(x: torch.Tensor) -> torch.Tensor:
+  """Distances are compared in float32, or float64 for float64 input, as point_ops.selection_dtype."""
+  return x.detach().double() if x.dtype == torch.float64 else x.detach().float()
+
+
 def torch_farthest_point_sample(xyz: torch.Tensor, num_samples: int) -> torch.Tensor:
   """(B, N, 3) -> (B, num_samples) int64 indices; rules of point_ops.farthest_point_sample."""
-  xyz = xyz.detach().float()
+  xyz = _selection(xyz)
   batch, n, _ = xyz.shape
   x, y, z = xyz[..., 0], xyz[..., 1], xyz[..., 2]
   is_candidate = (x * x + y * y + z * z) > _ORIGIN_SQ_NORM
-  min_sq_dist = torch.full((batch, n), 1e10, dtype=torch.float32)
+  min_sq_dist = torch.full((batch, n), 1e10, dtype=xyz.dtype)
   out = torch.zeros(batch, num_samples, dtype=torch.int64)
   last = torch.zeros(batch, dtype=torch.int64)
   rows = torch.arange(batch)
@@ -43,7 +48,7 @@ def torch_pairwise_squared_distance(queries: torch.Tensor, points: torch.Tensor)
 
 def torch_knn(queries: torch.Tensor, points: torch.Tensor, k: int) -> torch.Tensor:
   """(B, S, C), (B, N, C) -> (B, S, k) int64, nearest first, ties to the lower index (stable sort)."""
-  dist = torch_pairwise_squared_distance(queries.detach().float(), points.detach().float())
+  dist = torch_pairwise_squared_distance(_selection(queries), _selection(points))
   return torch.sort(dist, dim=-1, stable=True).indices[..., :k]
 
 
