@@ -165,10 +165,14 @@ def test_two_processes_train_checkpoint_and_resume(pod_run):
 
 def test_two_by_four_losses_equal_one_by_eight_on_the_concatenated_host_batches(pod_run, reference_losses):
   assert sorted(reference_losses) == list(range(1, COMPARED_STEPS + 1))
+  # Two processes reduce across gloo in another order than one process does, so float32 sums differ in their last
+  # bits, and four Adam steps amplify that: 1.05e-5 relative at step 4 with XLA's code generation limited to AVX
+  # (no fused multiply-add). What this guards against, a global batch assembled from the wrong host data, changes
+  # the losses in their leading digits.
   for step in range(1, COMPARED_STEPS + 1):
     got, want = pod_run['losses'][step], reference_losses[step]
     for key in ('loss', 'loss/point_text', 'loss/point_image', 'loss/image_text'):
-      np.testing.assert_allclose(got[key], want[key], rtol=1e-5, err_msg=f'step {step} {key}')
+      np.testing.assert_allclose(got[key], want[key], rtol=1e-4, err_msg=f'step {step} {key}')
   # Training moved: the compared losses are not all one number.
   assert len({round(reference_losses[s]['loss'], 6) for s in reference_losses}) > 1
 
