@@ -27,7 +27,6 @@ from cg3d_jax.models.clip import CLIP  # noqa: E402
 from cg3d_jax.weights import hf_clip, random_clip  # noqa: E402
 from cg3d_jax.weights.torch_prompted_clip import torch_prompted_image_features  # noqa: E402
 
-VOCAB = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'fixtures' / 'clip_bpe' / 'bpe_simple_vocab_16e6.txt.gz'
 
 
 def make_jax_step(loaded):
@@ -68,7 +67,7 @@ def main(argv=None):
 
   with tempfile.TemporaryDirectory() as tmp:
     folder = args.folder or random_clip.write_random_clip(
-        os.path.join(tmp, 'clip_b16'), vocab_path=VOCAB, seed=0, **random_clip.VIT_B16)
+        os.path.join(tmp, 'clip_b16'), seed=0, **random_clip.VIT_B16)
     loaded = hf_clip.load_clip(folder, prompt_mode='deep', num_prompts=5)
     torch_model = CLIPModel.from_pretrained(folder, local_files_only=True).eval()
   # Each framework on its best device: JAX's default backend, and CUDA for PyTorch when it has it.

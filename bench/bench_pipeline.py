@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cg3d_jax.data import pipeline, synthetic, transforms  # noqa: E402
 from cg3d_jax.models import point_ops  # noqa: E402
-from configs import base  # noqa: E402
+from cg3d_jax.configs import base  # noqa: E402
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 

@@ -28,13 +28,12 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'bench'))
-from bench_clip import VOCAB  # noqa: E402
 from cg3d_jax.train import loop  # noqa: E402
 from cg3d_jax.train.step import ENCODER, PROMPTS, jit_train_step  # noqa: E402
 from cg3d_jax.weights import random_clip  # noqa: E402
 from cg3d_jax.weights.torch_twins import PointTransformerProject, torch_farthest_point_sample, torch_gather_points  # noqa: E402,E501
 from cg3d_jax.weights.torch_prompted_clip import torch_prompted_image_features  # noqa: E402
-from configs import pretrain_pointbert  # noqa: E402
+from cg3d_jax.configs import pretrain_pointbert  # noqa: E402
 
 
 def matmul_gflops(n: int = 2048, iters: int = 5) -> float:
@@ -94,7 +93,7 @@ def main(argv=None):
   config.train.batch_size = args.batch
   config.mesh.data = 1
   with tempfile.TemporaryDirectory() as tmp:
-    folder = random_clip.write_random_clip(os.path.join(tmp, 'clip_b16'), vocab_path=VOCAB, seed=0,
+    folder = random_clip.write_random_clip(os.path.join(tmp, 'clip_b16'), seed=0,
                                            **random_clip.VIT_B16)
     config.clip.path = folder
     # One class is enough for timing: the step looks text rows up by index whatever the table holds.

@@ -1,6 +1,6 @@
 """Zero-shot evaluation and retrieval of a checkpoint: `python -m cg3d_jax.evaluate --config ... --checkpoint PATH`.
 
-  python -m cg3d_jax.evaluate --config configs/zeroshot_modelnet40.py --checkpoint /runs/cg3d --workdir /tmp/zs40 \
+  python -m cg3d_jax.evaluate --config zeroshot_modelnet40 --checkpoint /runs/cg3d --workdir /tmp/zs40 \
       --config.eval.manual_dir=/data/modelnet40_normal_resampled --config.eval.data_dir=/data/tfds
 
 --checkpoint is a training workdir or step folder, or an original CG3D (or exported) .pth / .safetensors; for the
@@ -8,7 +8,7 @@ latter give the CLIP folder with --config.clip.path (the original file does not 
 not record its config, the encoder's input size with --config.model.num_points (default 1024).
 
 Zero-shot configs print a table and write results.json, per_class.csv, per_class.json and confusion.png into the
-workdir; the retrieval config (configs/retrieval_shapenet55.py) writes retrieval.json and retrieval_grid.png.
+workdir; the retrieval config (retrieval_shapenet55) writes retrieval.json and retrieval_grid.png.
 The split runs sharded over every device (batch over the ('data', 'fsdp') mesh); the last batch is padded and
 its padding masked out, so every object is scored exactly once.
 """
@@ -113,10 +113,15 @@ def main(argv):
   if not CHECKPOINT.value:
     raise app.UsageError('--checkpoint is required: a training workdir, a step folder or an original CG3D .pth')
   if 'task' not in config.eval:
-    raise app.UsageError('this config has no eval.task: use configs/zeroshot_<dataset>.py or '
-                         'configs/retrieval_shapenet55.py')
+    raise app.UsageError('this config has no eval.task: use --config zeroshot_<dataset> or '
+                         '--config retrieval_shapenet55')
   run(config, CHECKPOINT.value, cli.require_workdir())
 
 
+def run() -> None:
+  """The console script's entry point."""
+  cli.run(main)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  run()

@@ -26,14 +26,12 @@ EPOCH = flags.DEFINE_integer('epoch', -1, "Value of the container's 'epoch' entr
 VERIFY = flags.DEFINE_bool('verify', False, 'Reload the export into the PyTorch twin and compare features.')
 POINTS = flags.DEFINE_multi_string('points', None, 'Point files (.ply/.npy/.off/.txt) for --verify; default: real '
                                    'ModelNet40 objects from --modelnet_dir.')
-MODELNET_DIR = flags.DEFINE_string('modelnet_dir', None, 'modelnet40_normal_resampled folder for --verify; default '
-                                   '<repo>/../shared/fixtures/modelnet40_normal_resampled.')
+MODELNET_DIR = flags.DEFINE_string('modelnet_dir', None, 'A modelnet40_normal_resampled folder to read the --verify '
+                                   "objects from; default: the package's own copy of their xyz.")
 TOLERANCE = flags.DEFINE_float('tolerance', 1e-6, 'Largest max |JAX - PyTorch| feature difference --verify accepts '
                                 '(both run in float64, where a correct export agrees to ~1e-12).')
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-DEFAULT_MODELNET_DIR = REPO_ROOT.parent / 'shared' / 'fixtures' / 'modelnet40_normal_resampled'
-# Two classes, train and test split; their features matched the twin in the PointTransformer parity tests.
+# Two classes, train and test split (the package ships their xyz: assets.VERIFY_CLOUDS).
 VERIFY_OBJECTS = ('airplane/airplane_0002', 'airplane/airplane_0633', 'bathtub/bathtub_0108', 'bathtub/bathtub_0115')
 
 
@@ -54,25 +52,29 @@ def encoder_update_count(config, step: int) -> int:
 def verify_points(files, modelnet_dir, num_points: int) -> tuple[list[str], np.ndarray]:
   """(names, (B, num_points, 3)) clouds: read, centred and scaled to the unit sphere, FPS to num_points."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from cg3d_jax import assets  # pylint: disable=g-import-not-at-top
   from cg3d_jax.eval.point_files import normalize_points, read_points  # pylint: disable=g-import-not-at-top
   from cg3d_jax.models import point_ops  # pylint: disable=g-import-not-at-top
-  if not files:
-    root = pathlib.Path(modelnet_dir) if modelnet_dir else DEFAULT_MODELNET_DIR
+  if files:
+    named = [(str(f), read_points(f).xyz) for f in files]  # the reader tells the columns apart, or asks for them
+  elif modelnet_dir:
+    root = pathlib.Path(modelnet_dir)
     if not root.is_dir():
-      raise FileNotFoundError(f'--verify: ModelNet40 objects not found at {root}; pass --modelnet_dir, or your own '
-                              'clouds with --points FILE (repeatable)')
-    files = [root / f'{name}.txt' for name in VERIFY_OBJECTS]
-    columns = 'xyz,normals'  # the official layout: x,y,z,nx,ny,nz
+      raise FileNotFoundError(f'--modelnet_dir {root} is not a folder (modelnet40_normal_resampled)')
+    # The official layout: x,y,z,nx,ny,nz lines.
+    named = [(str(root / f'{n}.txt'), read_points(root / f'{n}.txt', columns='xyz,normals').xyz)
+             for n in VERIFY_OBJECTS]
   else:
-    columns = None  # the reader tells the columns apart, or asks for them
+    with np.load(assets.path(assets.VERIFY_CLOUDS)) as shipped:
+      named = [(pathlib.Path(n).name, shipped[pathlib.Path(n).name]) for n in VERIFY_OBJECTS]
   clouds = []
-  for f in files:
-    xyz = normalize_points(read_points(f, columns=columns).xyz)
+  for name, xyz in named:
+    xyz = normalize_points(xyz)
     if len(xyz) < num_points:
-      raise ValueError(f'{f}: {len(xyz)} points, but the encoder takes {num_points} (config.model.num_points)')
+      raise ValueError(f'{name}: {len(xyz)} points, but the encoder takes {num_points} (config.model.num_points)')
     idx = point_ops.farthest_point_sample(jnp.asarray(xyz)[None], num_points)
     clouds.append(np.asarray(point_ops.gather_points(jnp.asarray(xyz)[None], idx))[0])
-  return [str(f) for f in files], np.stack(clouds)
+  return [name for name, _ in named], np.stack(clouds)
 
 
 def main(argv):
@@ -124,5 +126,10 @@ def main(argv):
     print('verify: OK')
 
 
+def run() -> None:
+  """The console script's entry point."""
+  cli.run(main)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  run()

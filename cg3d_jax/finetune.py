@@ -1,5 +1,5 @@
 """Fine-tune a point encoder for classification:
-`python -m cg3d_jax.finetune --config configs/finetune_modelnet40.py --workdir DIR [--init PATH]`.
+`python -m cg3d_jax.finetune --config finetune_modelnet40 --workdir DIR [--init PATH]`.
 
 --init: a CG3D pretraining workdir (or step folder), or an original CG3D .pth; without it (and without
 config.finetune.init) the classifier starts from scratch. Running the same command again resumes from the newest
@@ -25,7 +25,7 @@ def main(argv):
   config = cli.require_config()
   if 'finetune' not in config:
     raise app.UsageError('--config is not a fine-tuning config (it has no `finetune` block); use '
-                         'configs/finetune_modelnet40.py or configs/finetune_scanobjectnn.py')
+                         '--config finetune_modelnet40 or --config finetune_scanobjectnn:<variant>')
   workdir = cli.require_workdir()
   distributed.initialize()
   from cg3d_jax.train import finetune  # after distributed.initialize: importing the stack touches JAX backends
@@ -34,5 +34,10 @@ def main(argv):
   logging.info('final metrics: %s', json.dumps(result, sort_keys=True))
 
 
+def run() -> None:
+  """The console script's entry point."""
+  cli.run(main)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  run()

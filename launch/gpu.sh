@@ -11,7 +11,7 @@
 # task's SLURM_PROCID (see cg3d_jax/distributed.py). Requirements: `pip install "jax[cuda12]" -r requirements.txt`.
 # Rerunning the same command after a failure or preemption resumes from the newest checkpoint in --workdir.
 #
-#   sbatch --nodes=4 --gpus-per-node=8 --wrap "launch/gpu.sh --slurm -- --config configs/pretrain_pointbert.py \
+#   sbatch --nodes=4 --gpus-per-node=8 --wrap "launch/gpu.sh --slurm -- --config pretrain_pointbert \
 #       --workdir /shared/runs/pointbert --config.data.data_dir=/shared/tensorflow_datasets"
 set -euo pipefail
 

@@ -2,7 +2,7 @@
 # A simulated pod on one machine: N processes on localhost form one JAX cluster (CPU devices, gloo collectives).
 #
 #   launch/local_multihost.sh N DEVICES_PER_PROCESS -- ARGS...
-#   e.g. launch/local_multihost.sh 2 4 -- --config configs/demo.py --workdir /tmp/cg3d_pod
+#   e.g. launch/local_multihost.sh 2 4 -- --config demo --workdir /tmp/cg3d_pod
 #
 # Runs `python -m cg3d_jax.train ARGS` N times with CG3D_COORDINATOR / CG3D_NUM_PROCESSES / CG3D_PROCESS_ID set
 # (see cg3d_jax/distributed.py) and DEVICES_PER_PROCESS simulated CPU devices each. Every process logs to

@@ -3,7 +3,7 @@
 #
 #   launch/tpu_pod.sh --tpu NAME --zone ZONE --project PROJECT [options] -- TRAIN_ARGS...
 #   e.g. launch/tpu_pod.sh --tpu cg3d-v4-32 --zone us-central2-b --project my-proj -- \
-#          --config configs/pretrain_pointbert.py --workdir gs://my-bucket/cg3d/pointbert \
+#          --config pretrain_pointbert --workdir gs://my-bucket/cg3d/pointbert \
 #          --config.data.data_dir=gs://my-bucket/tensorflow_datasets
 #
 # Steps (each a gcloud command; --dry-run prints them instead of running them):

@@ -1,4 +1,4 @@
-"""Test session setup: 8 simulated CPU devices, the shared fixtures folder, and shared expensive objects.
+"""Test session setup: 8 simulated CPU devices, the repository's test fixtures, and shared expensive objects.
 
 XLA_FLAGS must be set before JAX is first imported, so it lives at the very top of this file.
 """
@@ -16,21 +16,34 @@ os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='cg3d_jax_test_cache_'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
 
+import atexit  # noqa: E402
+import functools  # noqa: E402
 import pathlib  # noqa: E402
+import shutil  # noqa: E402
+import tarfile  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-FIXTURES = REPO_ROOT.parent / 'shared' / 'fixtures'
+FIXTURES = REPO_ROOT / 'tests' / 'fixtures'  # real data the tests check against; tests/fixtures/SOURCES.md
 
 
 @pytest.fixture(scope='session')
 def fixtures_dir() -> pathlib.Path:
-  if not FIXTURES.is_dir():
-    pytest.fail(f'shared fixtures not found at {FIXTURES}: the repository must sit beside ../shared')
   return FIXTURES
+
+
+@functools.cache
+def modelnet_root() -> pathlib.Path:
+  """The fixture ModelNet40 objects in the official layout (modelnet40_normal_resampled/), unpacked once per process
+  from their archive into a temporary folder that is removed at exit."""
+  target = pathlib.Path(tempfile.mkdtemp(prefix='cg3d_modelnet40_fixture_'))
+  atexit.register(shutil.rmtree, target, ignore_errors=True)
+  with tarfile.open(FIXTURES / 'modelnet40_normal_resampled.tar.xz') as archive:
+    archive.extractall(target, filter='data')
+  return target / 'modelnet40_normal_resampled'
 
 
 @pytest.fixture
@@ -102,10 +115,10 @@ TINY_CLIP = dict(vision_width=32, vision_layers=1, vision_heads=2, patch_size=16
 
 
 @pytest.fixture(scope='session')
-def tiny_clip_dir(tmp_path_factory, fixtures_dir):
+def tiny_clip_dir(tmp_path_factory):
   from cg3d_jax.weights.random_clip import write_random_clip
   path = tmp_path_factory.mktemp('tiny_clip') / 'clip'
-  write_random_clip(path, vocab_path=fixtures_dir / 'clip_bpe' / 'bpe_simple_vocab_16e6.txt.gz', **TINY_CLIP)
+  write_random_clip(path, **TINY_CLIP)  # the package's own copy of the real BPE vocabulary
   return str(path)
 
 
@@ -124,8 +137,8 @@ def tiny_shapenet(tmp_path_factory):
 
 
 def tiny_config(clip_dir, shapenet, **overrides):
-  """configs/tiny_test.py (the demo shrunk for tests) pointed at the fixtures; overrides as {'a.b': value}."""
-  from configs import tiny_test
+  """cg3d_jax/configs/tiny_test.py (the demo shrunk for tests) pointed at the fixtures; overrides as {'a.b': value}."""
+  from cg3d_jax.configs import tiny_test
   c = tiny_test.get_config()
   c.clip.path = clip_dir
   c.data.manual_dir, c.data.data_dir = shapenet
@@ -158,12 +171,12 @@ def demo_run(tmp_path_factory):
   """The demo recipe shrunk for tests and trained once (300 steps, ~1.5 min): its assets, config, final metrics.
 
   test_demo checks that it learned zero-shot; the scene tests query procedural rooms with it. The model sizes repeat
-  configs/tiny_test.py's on purpose: starting from tiny_test would also take its 64-example shuffle buffer, and that
+  tiny_test's on purpose: starting from tiny_test would also take its 64-example shuffle buffer, and that
   run learns less (zero-shot top-1 31% instead of 51%, right at test_demo's bound) for no time saved.
   """
   import types
   from cg3d_jax.train import loop
-  from configs import demo
+  from cg3d_jax.configs import demo
   root = tmp_path_factory.mktemp('demo')
   c = demo.get_config()
   c.demo.root = str(root / 'assets')

@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from cg3d_jax.train import checkpoint, optim, sharding
-from configs import base
+from cg3d_jax.configs import base
 
 RULES = [('^encoder/', dict(name='adamw', lr=1e-3, weight_decay=0.05, clip_norm=1.0)),
          ('^clip/prompts/', dict(name='sgd', lr=1e-2, momentum=0.9)), ('^clip/', None)]

@@ -18,6 +18,7 @@ from PIL import Image
 from safetensors.numpy import load_file, save_file
 from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
+from cg3d_jax import assets
 from cg3d_jax.models.clip import CLIP, EOS_POOLING_ARGMAX, EOS_POOLING_FIRST_EOS, prompt_init_bound
 from cg3d_jax.weights import hf_clip, random_clip
 from cg3d_jax.weights.torch_prompted_clip import torch_prompted_image_features
@@ -27,8 +28,8 @@ PHOTOS = ('a', 'b', 'c')
 
 
 @pytest.fixture(scope='session')
-def bpe_path(fixtures_dir):
-  return fixtures_dir / 'clip_bpe' / 'bpe_simple_vocab_16e6.txt.gz'
+def bpe_path():
+  return assets.path(assets.BPE_VOCAB)
 
 
 @pytest.fixture(scope='session')

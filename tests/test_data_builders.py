@@ -6,6 +6,8 @@ import json
 import pathlib
 import re
 import shutil
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -14,6 +16,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from cg3d_jax.data import builders, modelnet, readers, scanobjectnn, shapenet55
+from tests.conftest import modelnet_root
 
 
 def _prepare(builder, manual_dir):
@@ -32,11 +35,11 @@ def _read_all(builder, split):
 def modelnet40(tmp_path_factory, fixtures_dir):
   # The fixture folder holds 23 of the 12,311 listed objects: skip_bad skips and counts the missing ones.
   builder = modelnet.Modelnet(data_dir=str(tmp_path_factory.mktemp('tfds_mn40')), config='modelnet40', skip_bad=True)
-  return _prepare(builder, fixtures_dir / 'modelnet40_normal_resampled')
+  return _prepare(builder, modelnet_root())
 
 
 def test_modelnet40_fixture_split_labels_and_points(modelnet40, fixtures_dir):
-  root = fixtures_dir / 'modelnet40_normal_resampled'
+  root = modelnet_root()
   names = (root / 'modelnet40_shape_names.txt').read_text().split()
   assert builders.class_names(modelnet40) == names
   for split in ('train', 'test'):
@@ -55,9 +58,26 @@ def test_modelnet40_fixture_split_labels_and_points(modelnet40, fixtures_dir):
   assert len(_read_all(modelnet40, 'test')) == 20 and len(_read_all(modelnet40, 'train')) == 3
 
 
+def test_build_data_command_prepares_the_builder_and_names_a_missing_file(tmp_path):
+  def build(data_dir, *extra):
+    return subprocess.run([sys.executable, '-m', 'cg3d_jax.build_data', '--dataset', 'modelnet40', '--manual_dir',
+                           str(modelnet_root()), '--data_dir', str(data_dir), *extra], capture_output=True, text=True,
+                          timeout=600)
+
+  done = build(tmp_path / 'skip', '--skip_bad')
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert 'train 3 examples' in done.stdout and 'test 20 examples' in done.stdout
+  prepared = modelnet.Modelnet(data_dir=str(tmp_path / 'skip'), config='modelnet40')
+  assert prepared.is_prepared() and len(_read_all(prepared, 'test')) == 20
+  # Without --skip_bad the first listed object the fixture lacks stops the build, named in one last line.
+  done = build(tmp_path / 'strict')
+  assert done.returncode != 0
+  assert re.search(r'error: .*airplane_\d{4}\.txt', done.stderr.strip().splitlines()[-1]), done.stderr[-2000:]
+
+
 def test_modelnet10_labels_follow_its_own_shape_names(tmp_path, fixtures_dir):
   # The fixtures hold no ModelNet10 training object: a copy of a real test bathtub stands in as bathtub_0001.
-  src = fixtures_dir / 'modelnet40_normal_resampled'
+  src = modelnet_root()
   root = tmp_path / 'manual' / 'modelnet40_normal_resampled'
   shutil.copytree(src, root, ignore=shutil.ignore_patterns('airplane'))
   shutil.copy(root / 'bathtub' / 'bathtub_0107.txt', root / 'bathtub' / 'bathtub_0001.txt')
@@ -72,7 +92,7 @@ def test_modelnet10_labels_follow_its_own_shape_names(tmp_path, fixtures_dir):
 
 
 def _small_modelnet(tmp_path, fixtures_dir, test_ids):
-  src = fixtures_dir / 'modelnet40_normal_resampled'
+  src = modelnet_root()
   root = tmp_path / 'modelnet40_normal_resampled'
   root.mkdir()
   shutil.copy(src / 'modelnet40_shape_names.txt', root)
@@ -97,7 +117,7 @@ def test_modelnet_split_with_no_readable_example_is_an_error(tmp_path, fixtures_
 
 def test_modelnet_malformed_txt_line_names_file_and_line(tmp_path, fixtures_dir):
   root = _small_modelnet(tmp_path, fixtures_dir, ['airplane_0002'])
-  lines = (fixtures_dir / 'modelnet40_normal_resampled/airplane/airplane_0002.txt').read_text().splitlines()
+  lines = (modelnet_root() / 'airplane/airplane_0002.txt').read_text().splitlines()
   lines[16] = '0.1,0.2,abc,0.0,1.0,0.0'
   (root / 'airplane' / 'airplane_0002.txt').write_text('\n'.join(lines) + '\n')
   with pytest.raises(readers.BadInputError, match=r'airplane_0002\.txt:17: expected 6 comma-separated numbers'):

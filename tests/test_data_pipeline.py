@@ -10,7 +10,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from cg3d_jax.data import builders, pipeline, shapes, synthetic, transforms
-from configs import base
+from cg3d_jax.configs import base
+from tests.conftest import modelnet_root
 
 SETTINGS = synthetic.SyntheticSettings(seed=3, num_train_per_class=2, num_test_per_class=1, num_points=512,
                                        image_size=64, num_views=5)
@@ -254,7 +255,7 @@ def test_eval_pass_in_order_padded_with_mask(synth):
 
 
 def test_eval_of_a_dataset_without_images(tmp_path, fixtures_dir):
-  it = pipeline.eval_local_batches('modelnet40', data_dir=str(tmp_path), manual_dir=str(fixtures_dir),
+  it = pipeline.eval_local_batches('modelnet40', data_dir=str(tmp_path), manual_dir=str(modelnet_root().parent),
                                    skip_bad=True, batch_size=16, num_points_stored=1024)
   batches = list(it)
   assert [b['mask'].sum() for b in batches] == [16, 4] and set(batches[0]) == {'points', 'label', 'mask'}

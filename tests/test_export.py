@@ -26,8 +26,8 @@ from cg3d_jax.weights import cg3d_checkpoint as ckpt
 from cg3d_jax.weights import torch_io
 from cg3d_jax.weights.torch_twins import PointTransformerProject
 from cg3d_jax.weights.torch_twins_pointmlp import PointMLPProject
-from configs import base as base_config
-from tests.conftest import FIXTURES, REPO_ROOT
+from cg3d_jax.configs import base as base_config
+from tests.conftest import FIXTURES, REPO_ROOT, modelnet_root
 
 OBJECTS = ('airplane/airplane_0001', 'airplane/airplane_0627', 'bathtub/bathtub_0107', 'bathtub/bathtub_0111')
 
@@ -35,7 +35,7 @@ OBJECTS = ('airplane/airplane_0001', 'airplane/airplane_0627', 'bathtub/bathtub_
 def tsv_section(name: str) -> dict[str, tuple[tuple[int, ...], str]]:
   """{key: (shape, dtype)} of one model's section of the reference list, in its order."""
   out, inside = {}, False
-  for line in (FIXTURES.parent / 'reference' / 'cg3d_torch_state_dict_keys.tsv').read_text().splitlines():
+  for line in (FIXTURES / 'reference' / 'cg3d_torch_state_dict_keys.tsv').read_text().splitlines():
     if line.startswith('# '):
       word = line.split()[1]
       inside = word == name if word in ('pointtransformer', 'pointmlp') else inside
@@ -49,7 +49,7 @@ def modelnet_clouds(num_points: int) -> np.ndarray:
   """Real ModelNet40 objects, centred and scaled to the unit sphere, first `num_points` points (no FPS needed)."""
   clouds = []
   for name in OBJECTS:
-    xyz = np.loadtxt(FIXTURES / 'modelnet40_normal_resampled' / f'{name}.txt', delimiter=',')[:, :3]
+    xyz = np.loadtxt(modelnet_root() / f'{name}.txt', delimiter=',')[:, :3]
     xyz = xyz - xyz.mean(0)
     clouds.append(xyz / np.linalg.norm(xyz, axis=1).max())
   rng = np.random.default_rng(0)

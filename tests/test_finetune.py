@@ -22,8 +22,8 @@ from cg3d_jax.train import finetune as ft
 from cg3d_jax.train import finetuned as ftd
 from cg3d_jax.train import trained
 from cg3d_jax.weights import torch_io, torch_io_pointmlp, torch_twins
-from configs import finetune_modelnet40
-from tests.conftest import apply_overrides
+from cg3d_jax.configs import finetune_modelnet40
+from tests.conftest import apply_overrides, modelnet_root
 
 NUM_STORED = 128  # points kept per fixture cloud (the first 128 of 10,000), FPS'd to 64 per step
 TINY_PT = dict(width=32, depth=2, num_heads=2, num_groups=16, group_size=8, encoder_dim=32)  # = tiny_checkpoint's
@@ -32,7 +32,7 @@ TINY_PT = dict(width=32, depth=2, num_heads=2, num_groups=16, group_size=8, enco
 @pytest.fixture(scope='session')
 def modelnet_fixture(tmp_path_factory, fixtures_dir):
   """(manual_dir, data_dir) of the real ModelNet40 fixtures prepared by the real builder (missing files skipped)."""
-  manual = str(fixtures_dir / 'modelnet40_normal_resampled')
+  manual = str(modelnet_root())
   data_dir = str(tmp_path_factory.mktemp('modelnet_tfds'))
   builders.get_builder('modelnet40', data_dir=data_dir, manual_dir=manual, skip_bad=True)
   return manual, data_dir
@@ -224,7 +224,7 @@ def test_smoothed_cross_entropy_matches_numpy():
 def test_train_stream_is_the_fixture_data_and_resumes(modelnet_fixture, fixtures_dir):
   config = tiny_finetune_config(modelnet_fixture)
   # NumPy reference: the first NUM_STORED points of each raw fixture file, centred and scaled to the unit sphere.
-  root = fixtures_dir / 'modelnet40_normal_resampled'
+  root = modelnet_root()
   names = [line.strip() for line in (root / 'modelnet40_test.txt').read_text().split()
            if (root / line.strip().rsplit('_', 1)[0] / f'{line.strip()}.txt').is_file()]
   reference = {n: transforms.normalize_unit_sphere_np(np.loadtxt(root / n.rsplit('_', 1)[0] / f'{n}.txt',
@@ -296,7 +296,7 @@ def test_pointmlp_classifier_trunk_init_and_export():
 
 
 def test_configs():
-  from configs import finetune_scanobjectnn
+  from cg3d_jax.configs import finetune_scanobjectnn
   c = finetune_modelnet40.get_config()
   assert (c.model.num_classes, c.train.batch_size, c.model.num_points, c.finetune.fps_points) == (40, 32, 1024, 1200)
   rules = ft.optimizer_rules(c)

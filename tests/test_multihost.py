@@ -40,7 +40,7 @@ def _overrides(clip_dir, shapenet, **extra) -> list[str]:
 
 
 def _train_args(workdir, clip_dir, shapenet, **extra) -> list[str]:
-  return ['--config', 'configs/tiny_test.py', '--workdir', str(workdir), *_overrides(clip_dir, shapenet, **extra)]
+  return ['--config', 'tiny_test', '--workdir', str(workdir), *_overrides(clip_dir, shapenet, **extra)]
 
 
 def _env() -> dict:
@@ -144,7 +144,7 @@ def reference_losses(tmp_path_factory, tiny_clip_dir, tiny_shapenet):
 
 
 def test_tiny_test_config_is_the_conftest_tiny_config(tiny_clip_dir, tiny_shapenet):
-  from configs import tiny_test
+  from cg3d_jax.configs import tiny_test
   c = tiny_test.get_config()
   c.clip.path = tiny_clip_dir
   c.data.manual_dir, c.data.data_dir = tiny_shapenet
@@ -248,7 +248,7 @@ def test_local_launcher_stops_the_others_when_one_fails(tmp_path):
 def test_tpu_pod_dry_run_prints_the_commands_for_every_worker():
   result = subprocess.run(
       ['bash', str(TPU_LAUNCH), '--dry-run', '--tpu', 'my-pod', '--zone', 'us-central2-b', '--project', 'my-proj',
-       '--', '--config', 'configs/pretrain_pointbert.py', '--workdir', 'gs://bucket/runs/pb'],
+       '--', '--config', 'pretrain_pointbert', '--workdir', 'gs://bucket/runs/pb'],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
   assert result.returncode == 0, result.stderr
   lines = [line for line in result.stdout.splitlines() if line.startswith('gcloud ')]

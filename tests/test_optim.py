@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from cg3d_jax.train import optim
-from configs import base
+from cg3d_jax.configs import base
 
 ENCODER = dict(name='adamw', lr=5e-3, end_lr=1e-6, weight_decay=0.05, schedule='constant', b1=0.9, b2=0.999,
                clip_norm=1e6)

@@ -6,6 +6,7 @@ import pytest
 from cg3d_jax.eval import mesh_sampling
 from cg3d_jax.eval.ply_files import write_ply
 from cg3d_jax.eval.point_files import PointFileError, normalize_points, read_points
+from tests.conftest import modelnet_root
 
 
 def _reference_normalize(xyz):
@@ -36,7 +37,7 @@ def owl(fixtures_dir):
 
 @pytest.fixture(scope='module')
 def airplane(fixtures_dir):
-  path = fixtures_dir / 'modelnet40_normal_resampled' / 'airplane' / 'airplane_0627.txt'
+  path = modelnet_root() / 'airplane' / 'airplane_0627.txt'
   table = np.loadtxt(path, delimiter=',')
   return path, table[:, :3].astype(np.float32), table[:, 3:].astype(np.float32)
 

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 
 from cg3d_jax.models import point_ops
+from tests.conftest import modelnet_root
 
 OBJECTS = ('airplane/airplane_0001', 'airplane/airplane_0630', 'bathtub/bathtub_0107', 'bathtub/bathtub_0112')
 
 
 def load_modelnet_xyz(fixtures_dir, name: str) -> np.ndarray:
-  rows = np.loadtxt(fixtures_dir / 'modelnet40_normal_resampled' / f'{name}.txt', delimiter=',', dtype=np.float32)
+  rows = np.loadtxt(modelnet_root() / f'{name}.txt', delimiter=',', dtype=np.float32)
   assert rows.shape == (10000, 6)
   return rows[:, :3]
 

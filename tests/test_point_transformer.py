@@ -13,8 +13,8 @@ import torch
 from cg3d_jax.models import point_ops
 from cg3d_jax.models.point_transformer import PointTransformer
 from cg3d_jax.weights import torch_io, torch_twins
-from configs import base as base_config
-from tests.conftest import FIXTURES, NEAR_TIE, grouping_margin
+from cg3d_jax.configs import base as base_config
+from tests.conftest import FIXTURES, NEAR_TIE, grouping_margin, modelnet_root
 
 # Real objects, each a 1024-row window of its file chosen so that no grouping decision (FPS argmax, 32nd neighbour)
 # is a near-tie: float32 comparisons with the twin then group the same points on every machine (conftest.NEAR_TIE).
@@ -25,7 +25,7 @@ SMALL = dict(depth=2, num_classes=55)  # real widths, two blocks: parity at a si
 
 def tsv_section(name: str) -> dict[str, tuple[tuple[int, ...], str]]:
   """{key: (shape, dtype)} of one model's section of the reference tsv."""
-  lines = (FIXTURES.parent / 'reference' / 'cg3d_torch_state_dict_keys.tsv').read_text().splitlines()
+  lines = (FIXTURES / 'reference' / 'cg3d_torch_state_dict_keys.tsv').read_text().splitlines()
   out, inside = {}, False
   for line in lines:
     if line.startswith('# '):
@@ -41,7 +41,7 @@ def load_objects(fixtures_dir, num_points: int = 1024) -> np.ndarray:
   """Real ModelNet40 objects, centred and scaled to the unit sphere as the zero-shot pipeline does."""
   clouds = []
   for name, window in OBJECTS:
-    xyz = np.loadtxt(fixtures_dir / 'modelnet40_normal_resampled' / f'{name}.txt', delimiter=',',
+    xyz = np.loadtxt(modelnet_root() / f'{name}.txt', delimiter=',',
                      dtype=np.float32)[window * num_points:(window + 1) * num_points, :3]
     xyz = xyz - xyz.mean(0)
     clouds.append(xyz / np.max(np.linalg.norm(xyz, axis=1)))

@@ -14,8 +14,8 @@ from cg3d_jax.models.pointmlp import PointMLP, stage_point_counts
 from cg3d_jax.weights import torch_io, torch_io_pointmlp
 from cg3d_jax.weights.torch_io_pointmlp import pointmlp_from_torch, pointmlp_to_torch
 from cg3d_jax.weights.torch_twins_pointmlp import PointMLPProject
-from configs import base, pretrain_pointmlp
-from tests.conftest import FIXTURES, NEAR_TIE, grouping_margin
+from cg3d_jax.configs import base, pretrain_pointmlp
+from tests.conftest import FIXTURES, NEAR_TIE, grouping_margin, modelnet_root
 
 OBJECTS = ('airplane/airplane_0627', 'bathtub/bathtub_0107')
 SMALL = dict(embed_dim=16, k_neighbors=(8, 8, 8, 8))  # a reduced PointMLP for the train-mode tests
@@ -23,7 +23,7 @@ SMALL_POINTS = 256
 
 
 def _reference_layout() -> list[tuple[str, tuple[int, ...]]]:
-  lines = (FIXTURES.parent / 'reference' / 'cg3d_torch_state_dict_keys.tsv').read_text().splitlines()
+  lines = (FIXTURES / 'reference' / 'cg3d_torch_state_dict_keys.tsv').read_text().splitlines()
   start = lines.index('# pointmlp ModelProject')
   rows = []
   for line in lines[start + 1:]:
@@ -44,7 +44,7 @@ def _load_clouds(num_points: int, dtype=np.float32) -> np.ndarray:
   """
   clouds = []
   for name in OBJECTS:
-    xyz = np.loadtxt(FIXTURES / 'modelnet40_normal_resampled' / f'{name}.txt', delimiter=',')[:, :3]
+    xyz = np.loadtxt(modelnet_root() / f'{name}.txt', delimiter=',')[:, :3]
     xyz = xyz - xyz.mean(axis=0)
     xyz = xyz / np.linalg.norm(xyz, axis=1).max()
     xyz = (xyz + 1e-5 * np.random.default_rng(0).standard_normal(xyz.shape)).astype(np.float32)

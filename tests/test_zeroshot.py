@@ -24,8 +24,8 @@ from cg3d_jax.eval import metrics, retrieval, zeroshot
 from cg3d_jax.models.cg3d import CG3D, sample_points
 from cg3d_jax.train import sharding
 from cg3d_jax.weights.hf_clip import load_clip, tokenize
-from configs import retrieval_shapenet55, zeroshot_modelnet40
-from tests.conftest import REPO_ROOT, assert_no_near_ties
+from cg3d_jax.configs import retrieval_shapenet55, zeroshot_modelnet40
+from tests.conftest import REPO_ROOT, assert_no_near_ties, modelnet_root
 
 
 class FlatEncoder(nn.Module):
@@ -183,11 +183,11 @@ def test_padded_sharded_split_equals_one_unpadded_batch(eval_model, tiny_shapene
 def test_evaluate_command_on_modelnet40_fixture(tiny_checkpoint, fixtures_dir, tmp_path):
   data_dir = str(tmp_path / 'tfds')
   builder = builders.get_builder('modelnet40', data_dir=data_dir,
-                                 manual_dir=str(fixtures_dir / 'modelnet40_normal_resampled'), skip_bad=True)
+                                 manual_dir=str(modelnet_root()), skip_bad=True)
   num_test = builder.info.splits['test'].num_examples
   assert num_test == 20  # the fixture's 10 test airplanes and 10 bathtubs
   workdir = tmp_path / 'eval'
-  cmd = [sys.executable, '-m', 'cg3d_jax.evaluate', '--config', str(REPO_ROOT / 'configs/zeroshot_modelnet40.py'),
+  cmd = [sys.executable, '-m', 'cg3d_jax.evaluate', '--config', 'zeroshot_modelnet40',
          '--checkpoint', str(tiny_checkpoint), '--workdir', str(workdir), f'--config.eval.data_dir={data_dir}',
          '--config.eval.batch_size=8']  # 20 = 2 x 8 + 4: the last batch is padded
   done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
@@ -317,7 +317,7 @@ def test_original_pth_checkpoint_evaluates_like_the_training_checkpoint(eval_mod
 
 
 def test_every_eval_config_names_a_known_dataset():
-  from configs import zeroshot_modelnet10, zeroshot_scanobjectnn
+  from cg3d_jax.configs import zeroshot_modelnet10, zeroshot_scanobjectnn
   configs = [zeroshot_modelnet40.get_config(), zeroshot_modelnet40.get_config('ulip'), zeroshot_modelnet10.get_config(),
              retrieval_shapenet55.get_config()]
   configs += [zeroshot_scanobjectnn.get_config(v) for v in zeroshot_scanobjectnn.VARIANTS]
@@ -331,7 +331,7 @@ def test_every_eval_config_names_a_known_dataset():
 
 def test_scanobjectnn_variant_through_evaluate(tiny_checkpoint, tmp_path):
   import h5py
-  from configs import zeroshot_scanobjectnn
+  from cg3d_jax.configs import zeroshot_scanobjectnn
   rng = np.random.default_rng(0)
   labels = np.arange(15).repeat(2)[:27]  # 27 objects (class 14 absent): batch 8 pads the last batch with 5 rows
   folder = tmp_path / 'h5_files' / 'main_split'

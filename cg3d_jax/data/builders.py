@@ -27,7 +27,7 @@ def get_builder(name: str, *, data_dir: str | None = None, manual_dir: str | Non
                 prepare: bool = True, process_count: int = 1) -> tfds.core.DatasetBuilder:
   """The builder for `name`; prepares it under data_dir from manual_dir when it is not prepared yet.
 
-  A multi-process run does not prepare (processes would race on the same folder): run `tfds build` first.
+  A multi-process run does not prepare (processes would race on the same folder): run cg3d_jax.build_data first.
   """
   full = SHORT_NAMES.get(name, name)
   builder_name, _, config = full.partition('/')
@@ -40,10 +40,9 @@ def get_builder(name: str, *, data_dir: str | None = None, manual_dir: str | Non
       raise FileNotFoundError(f'dataset {full!r} is not prepared under data_dir={data_dir!r} and no '
                               'manual_dir (config.data.manual_dir) says where its raw files are')
     if process_count > 1:
-      raise RuntimeError(f'dataset {full!r} is not prepared under {data_dir!r}; prepare it once before '
-                         f'a multi-process run: tfds build {BUILDER_CLASSES[builder_name].code_path} '
-                         f'--manual_dir {manual_dir} --data_dir {data_dir}'
-                         + (f' --config {config}' if config else ''))
+      raise RuntimeError(f'dataset {full!r} is not prepared under {data_dir!r}; prepare it once before a '
+                         f'multi-process run: python -m cg3d_jax.build_data --dataset {full} --manual_dir '
+                         f'{manual_dir} --data_dir {data_dir}')
     log.info('preparing %s from %s into %s', full, manual_dir, data_dir)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return builder

@@ -13,13 +13,14 @@ import pathlib
 import numpy as np
 import tensorflow_datasets as tfds
 
-from cg3d_jax.data import builder_base, readers, templates
+from cg3d_jax import assets
+from cg3d_jax.data import builder_base, readers
 
 FOLDER = 'modelnet40_normal_resampled'
 
 
 def package_shape_names(config_name: str) -> list[str]:
-  return [n.strip() for n in templates.read_asset_text(f'{config_name}_shape_names.txt').splitlines() if n.strip()]
+  return [n.strip() for n in assets.read_text(f'{config_name}_shape_names.txt').splitlines() if n.strip()]
 
 
 def resolve_root(manual_dir) -> pathlib.Path:

@@ -16,7 +16,8 @@ import h5py
 import numpy as np
 import tensorflow_datasets as tfds
 
-from cg3d_jax.data import builder_base, readers, templates
+from cg3d_jax import assets
+from cg3d_jax.data import builder_base, readers
 
 FILES = {
     'obj_only': ('main_split_nobg', 'training_objectdataset.h5', 'test_objectdataset.h5'),
@@ -27,7 +28,7 @@ FILES = {
 
 
 def shape_names() -> list[str]:
-  return [n.strip() for n in templates.read_asset_text('scanobjectnn_shape_names.txt').splitlines() if n.strip()]
+  return [n.strip() for n in assets.read_text('scanobjectnn_shape_names.txt').splitlines() if n.strip()]
 
 
 def h5_path(manual_dir, variant: str, split: str) -> pathlib.Path:

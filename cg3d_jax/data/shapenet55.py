@@ -20,7 +20,8 @@ import pathlib
 import numpy as np
 import tensorflow_datasets as tfds
 
-from cg3d_jax.data import builder_base, readers, templates
+from cg3d_jax import assets
+from cg3d_jax.data import builder_base, readers
 
 CG3D_RENAMES = {'display': 'monitor', 'vessel': 'ship', 'ashcan': 'trashcan'}
 
@@ -33,7 +34,7 @@ def class_name_of(synset_name: str) -> str:
 def read_synset_dictionary(path: pathlib.Path | None) -> dict[str, str]:
   """synset id -> class name, from ShapeNet's taxonomy.json at `path` (list or dict form), or the package copy."""
   if path is None:
-    raw = json.loads(templates.read_asset_text('shapenet55_synsets.json'))
+    raw = json.loads(assets.read_text('shapenet55_synsets.json'))
   else:
     try:
       raw = json.loads(path.read_text(encoding='utf-8'))
@@ -51,7 +52,7 @@ def read_synset_dictionary(path: pathlib.Path | None) -> dict[str, str]:
 
 def read_shape_names(path: pathlib.Path | None) -> list[str]:
   if path is None:
-    return [line.strip() for line in templates.read_asset_text('shapenet55_shape_names.txt').splitlines()
+    return [line.strip() for line in assets.read_text('shapenet55_shape_names.txt').splitlines()
             if line.strip()]
   names = [text for _, text in readers.read_lines(path)]
   if len(set(names)) != len(names):

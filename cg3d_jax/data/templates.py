@@ -9,8 +9,9 @@ Every template is returned with one `{}` placeholder for the class name, so `tem
 """
 
 import functools
-import importlib.resources
 import json
+
+from cg3d_jax import assets
 
 _SETS = {
     'cg3d': ('cg3d_templates.json', 'cg3d_pretrain_captions'),
@@ -20,13 +21,9 @@ _SETS = {
 }
 
 
-def read_asset_text(name: str) -> str:
-  return importlib.resources.files('cg3d_jax.data').joinpath('assets', name).read_text(encoding='utf-8')
-
-
 @functools.cache
 def _load_json(name: str):
-  return json.loads(read_asset_text(name))
+  return json.loads(assets.read_text(name))
 
 
 def template_set_names() -> list[str]:

@@ -1,4 +1,4 @@
-"""CG3D pretraining: `python -m cg3d_jax.train --config configs/demo.py --workdir /tmp/cg3d_demo`.
+"""CG3D pretraining: `python -m cg3d_jax.train --config demo --workdir /tmp/cg3d_demo`.
 
 (The entry point lives in the train package as __main__.py, because `train/` and `train.py` cannot coexist.)
 Running the same command again resumes from the newest checkpoint in the workdir.
@@ -26,5 +26,10 @@ def main(argv):
   logging.info('final metrics: %s', json.dumps(result, sort_keys=True))
 
 
+def run() -> None:
+  """The console script's entry point."""
+  cli.run(main)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  run()

@@ -12,9 +12,6 @@ from absl import logging
 from cg3d_jax.data.synthetic import SyntheticSettings, ensure_synthetic_shapenet
 from cg3d_jax.weights.random_clip import write_random_clip
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-DEFAULT_VOCAB = REPO_ROOT.parent / 'shared' / 'fixtures' / 'clip_bpe' / 'bpe_simple_vocab_16e6.txt.gz'
-
 
 def prepare(config, workdir: str) -> None:
   """Writes what is missing and sets config.data.manual_dir / data_dir and config.clip.path."""
@@ -28,12 +25,12 @@ def prepare(config, workdir: str) -> None:
 
   clip_dir = root / 'clip'
   if not (clip_dir / 'config.json').is_file():
-    vocab = pathlib.Path(config.demo.vocab_path or DEFAULT_VOCAB)
-    if not vocab.is_file():
-      raise FileNotFoundError(f'demo: the CLIP BPE vocabulary {vocab} is missing; pass '
-                              '--config.demo.vocab_path=/path/to/bpe_simple_vocab_16e6.txt.gz')
+    vocab = config.demo.vocab_path
+    if vocab and not pathlib.Path(vocab).is_file():
+      raise FileNotFoundError(f'config.demo.vocab_path: the CLIP BPE vocabulary {vocab} does not exist (leave it '
+                              "unset to use the package's own copy)")
     logging.info('demo: writing a random CLIP to %s', clip_dir)
-    write_random_clip(clip_dir, vocab_path=vocab, **dict(config.demo.clip))
+    write_random_clip(clip_dir, vocab_path=vocab or None, **dict(config.demo.clip))
   config.data.manual_dir = str(root / 'shapenet55')
   config.data.data_dir = config.data.data_dir or str(root / 'tfds')
   config.clip.path = str(clip_dir)

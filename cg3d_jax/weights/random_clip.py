@@ -14,6 +14,8 @@ import pathlib
 import shutil
 import tempfile
 
+from cg3d_jax import assets
+
 # OpenAI CLIP's 49152 - 256 - 2 merges (lines 1..48894 of the gz, after the version header line).
 NUM_MERGES = 49152 - 256 - 2
 START_OF_TEXT, END_OF_TEXT = '<|startoftext|>', '<|endoftext|>'
@@ -102,7 +104,8 @@ def write_random_clip(path, *, vision_width: int = 64, vision_layers: int = 2, v
                       text_heads: int = 4, projection_dim: int = 32, hidden_act: str = 'quick_gelu',
                       eos_token_id: int = 2, vocab_path=None, seed: int = 0, mlp_ratio: int = 4,
                       layer_norm_eps: float = 1e-5, vocab_size: int | None = None, overwrite: bool = False) -> str:
-  """Writes a random CLIPModel folder at `path` and returns it. `vocab_path`: the real BPE gz (required).
+  """Writes a random CLIPModel folder at `path` and returns it. `vocab_path`: the real BPE gz (default: the copy
+  the package ships).
 
   eos_token_id=2 gives an old-style config (text pooled at the largest id, as OpenAI's hub configs);
   49407 a new-style one (pooled at the first <|endoftext|>). `vocab_size` larger than the BPE's 49,408 leaves room
@@ -112,7 +115,7 @@ def write_random_clip(path, *, vision_width: int = 64, vision_layers: int = 2, v
   from transformers import CLIPConfig, CLIPModel
 
   if vocab_path is None:
-    raise ValueError('write_random_clip needs vocab_path: the CLIP BPE file bpe_simple_vocab_16e6.txt.gz')
+    vocab_path = assets.path(assets.BPE_VOCAB)
   path = pathlib.Path(path)
   if path.exists() and any(path.iterdir()) and not overwrite:
     raise FileExistsError(f'{path} exists and is not empty; pass overwrite=True to replace it')

@@ -1,11 +1,11 @@
 """CPU-sized demo: a procedural dataset in the ShapeNet-55 layout, a small random CLIP, a small PointTransformer.
 
-  python -m cg3d_jax.train --config configs/demo.py --workdir /tmp/cg3d_demo
+  python -m cg3d_jax.train --config demo --workdir /tmp/cg3d_demo
 
 Everything is written under the workdir if absent (procedural objects, a random CLIP folder), so it runs offline.
 """
 
-from configs import base
+from cg3d_jax.configs import base
 
 
 def get_config(arg=None):

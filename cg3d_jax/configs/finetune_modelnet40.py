@@ -1,6 +1,6 @@
 """Fine-tuning a CG3D point encoder on ModelNet40 classification: the original recipes.
 
-  python -m cg3d_jax.finetune --config configs/finetune_modelnet40.py --workdir /runs/ft_mn40 \
+  python -m cg3d_jax.finetune --config finetune_modelnet40 --workdir /runs/ft_mn40 \
       --init /runs/cg3d_pretrain --config.data.manual_dir=/data --config.data.data_dir=/data/tfds
 
 arg: `pointmlp` for the PointMLP encoder (or override --config.model.encoder=pointmlp: the optimizer recipe follows
@@ -16,7 +16,7 @@ eps / (C - 1) form) is off; PointMLP's own recipe used 0.2: --config.finetune.la
 import ml_collections
 from ml_collections import config_dict
 
-from configs import base
+from cg3d_jax.configs import base
 
 DATASETS = {'modelnet40': 40, 'modelnet10': 10, 'obj_only': 15, 'obj_bg': 15, 'pb_t50_rs': 15}
 

@@ -1,6 +1,6 @@
 """Cross-modal retrieval on the ShapeNet-55 test split (10,493 objects): text->3D, image->3D, 3D->image, 3D->text.
 
-  python -m cg3d_jax.evaluate --config configs/retrieval_shapenet55.py --checkpoint /runs/cg3d --workdir /tmp/ret \
+  python -m cg3d_jax.evaluate --config retrieval_shapenet55 --checkpoint /runs/cg3d --workdir /tmp/ret \
       --config.eval.manual_dir=/data/ShapeNet55 --config.eval.data_dir=/data/tfds
 
 Relevance: text queries (one per class, the class's template ensemble) count every object of that class;
@@ -9,7 +9,7 @@ counts the object's own class caption (its recall@1 is zero-shot top-1 over the 
 Writes retrieval.json and retrieval_grid.png (top matches, as rendered views, for a few queries).
 """
 
-from configs import zeroshot_modelnet40
+from cg3d_jax.configs import zeroshot_modelnet40
 
 
 def get_config(arg=None):

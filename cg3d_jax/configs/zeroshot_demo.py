@@ -1,14 +1,14 @@
 """Zero-shot classification on the demo's held-out procedural objects (the test split of its ShapeNet-55 layout).
 
-  python -m cg3d_jax.evaluate --config configs/zeroshot_demo.py --checkpoint /tmp/cg3d_demo \
+  python -m cg3d_jax.evaluate --config zeroshot_demo --checkpoint /tmp/cg3d_demo \
       --config.eval.data_dir=/tmp/cg3d_demo/demo_assets/tfds --workdir /tmp/cg3d_demo/zeroshot
 
 Scores with the 63 training caption templates as an ensemble: the demo's CLIP has random weights, so CG3D's single
-"This is a {}" caption carries no relation to what the encoder was trained against (see configs/demo.py).
+"This is a {}" caption carries no relation to what the encoder was trained against (see demo).
 `python -m cg3d_jax.demo` runs this with the paths filled in.
 """
 
-from configs import zeroshot_modelnet40
+from cg3d_jax.configs import zeroshot_modelnet40
 
 
 def get_config(arg=None):

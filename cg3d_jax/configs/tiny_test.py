@@ -1,13 +1,13 @@
 """The tests' tiny training config (tests/conftest.py tiny_config) for subprocess runs, e.g. the multi-host tests.
 
-  python -m cg3d_jax.train --config configs/tiny_test.py --workdir W --config.clip.path=C \
+  python -m cg3d_jax.train --config tiny_test --workdir W --config.clip.path=C \
       --config.data.manual_dir=M --config.data.data_dir=D
 
 The CLIP folder and the prepared dataset are given on the command line (the tests' fixtures write them).
 tests/test_multihost.py checks that this equals tiny_config(...), so the two cannot drift apart silently.
 """
 
-from configs import demo
+from cg3d_jax.configs import demo
 
 
 def get_config(arg=None):

@@ -83,7 +83,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.demo = ml_collections.ConfigDict()
   c.demo.enabled = False
   c.demo.root = config_dict.placeholder(str)
-  c.demo.vocab_path = config_dict.placeholder(str)  # the CLIP BPE file; default ../shared/fixtures/clip_bpe/...
+  c.demo.vocab_path = config_dict.placeholder(str)  # the CLIP BPE file; default: the package's own copy
   c.demo.synthetic = ml_collections.ConfigDict(dict(
       num_train_per_class=24, num_test_per_class=6, num_points=1024, image_size=64, num_views=5, seed=0))
   c.demo.clip = ml_collections.ConfigDict(dict(

@@ -1,6 +1,6 @@
 """Zero-shot classification on ModelNet40 (test split, 2,468 objects), as CG3D reports it.
 
-  python -m cg3d_jax.evaluate --config configs/zeroshot_modelnet40.py --checkpoint /runs/cg3d --workdir /tmp/zs40 \
+  python -m cg3d_jax.evaluate --config zeroshot_modelnet40 --checkpoint /runs/cg3d --workdir /tmp/zs40 \
       --config.eval.manual_dir=/data/modelnet40_normal_resampled --config.eval.data_dir=/data/tfds
 
 arg: '' (default) = the original protocol, CG3D's one template "This is a {}" with raw class names ("flower_pot");
@@ -12,13 +12,13 @@ score it on. `clip.path` here, when set, replaces the CLIP folder recorded in th
 
 from ml_collections import config_dict
 
-from configs import base
+from cg3d_jax.configs import base
 
 
 def zeroshot_config(dataset: str, num_stored_points: int, arg=None):
   """The shared eval block; `dataset` is a cg3d_jax.data.builders name."""
   c = base.get_base_config()
-  c.eval.task = 'zeroshot'  # or 'retrieval' (ShapeNet-55 only; configs/retrieval_shapenet55.py)
+  c.eval.task = 'zeroshot'  # or 'retrieval' (ShapeNet-55 only; retrieval_shapenet55)
   c.eval.dataset = dataset
   c.eval.data_dir = config_dict.placeholder(str)  # where the prepared TFDS data lives (or is written)
   c.eval.manual_dir = config_dict.placeholder(str)  # the official raw layout, read when data_dir is not prepared

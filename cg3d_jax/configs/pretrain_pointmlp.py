@@ -3,7 +3,7 @@
 Batch 32, AdamW 1e-4 (wd 0.1) cosine per epoch to 1e-6 over 100 epochs; prompts SGD 1e-2 (momentum 0.9).
 """
 
-from configs import base
+from cg3d_jax.configs import base
 
 
 def get_config(arg=None):
