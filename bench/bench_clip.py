@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from cg3d_jax.models.clip import CLIP  # noqa: E402
-from cg3d_jax.weights import hf_clip, random_clip  # noqa: E402
-from cg3d_jax.weights.torch_prompted_clip import torch_prompted_image_features  # noqa: E402
-
+from cg3d_jax.synthetic import random_clip  # noqa: E402
+from cg3d_jax.twins.prompted_clip import torch_prompted_image_features  # noqa: E402
+from cg3d_jax.weights import hf_clip  # noqa: E402
 
 
 def make_jax_step(loaded):
@@ -110,7 +110,8 @@ def main(argv=None):
   print(f'CLIP ViT-B/16 image tower, deep prompts (12 x 5), forward + backward to the prompts only; batch '
         f'{args.batch}, {spec.image_size} px, fp32')
   print(f'machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; jax {jax.__version__} '
-        f'({jax.devices()[0].platform}), torch {torch.__version__} ({torch_device}, {torch.get_num_threads()} threads); '
+        f'({jax.devices()[0].platform}), torch {torch.__version__} ({torch_device}, {torch.get_num_threads()} '
+        'threads); '
         f'median of {args.iters} alternating iterations')
   print(f'prompt gradients agree: max |dJAX - dtorch| / max |dtorch| = {grad_diff:.1e}')
   print()

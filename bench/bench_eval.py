@@ -7,7 +7,7 @@ What is timed, per batch of clouds (B, stored, 3), after one untimed warm-up bat
   JAX    cg3d_jax.eval.zeroshot.point_feature_fn: FPS to 1024 on device (a no-op at --stored 1024), the real-config
          PointTransformer (22.46 M parameters, random weights) in eval mode, L2 normalisation; jitted, batch-sharded
          over the local devices (one on a plain CPU run), results fetched to the host;
-  torch  the twin (cg3d_jax.weights.torch_twins.PointTransformerProject) with the same weights, eval mode,
+  torch  the twin (cg3d_jax.weights.torch_twin.PointTransformerProject) with the same weights, eval mode,
          torch.no_grad(), the twin's FPS when stored > 1024, L2 normalisation.
 Data reading and the text classifier (computed once per dataset) are not timed. Throughput over --objects objects
 is extrapolated to ModelNet40's 2,468 test objects. The two frameworks' features are compared as a sanity check.
@@ -24,11 +24,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cg3d_jax.eval import zeroshot  # noqa: E402
+from cg3d_jax import sharding  # noqa: E402
+from cg3d_jax.evaluators import zeroshot  # noqa: E402
 from cg3d_jax.models.cg3d import CG3D  # noqa: E402
 from cg3d_jax.models.point_transformer import PointTransformer  # noqa: E402
-from cg3d_jax.train import sharding  # noqa: E402
-from cg3d_jax.weights import torch_io, torch_twins  # noqa: E402
+from cg3d_jax.twins import point_transformer as torch_twin  # noqa: E402
+from cg3d_jax.weights import torch_io  # noqa: E402
 
 MODELNET40_TEST = 2468
 
@@ -58,7 +59,7 @@ def bench_jax(clouds, batch, variables, mesh):
 
 
 def bench_torch(clouds, batch, variables):
-  twin = torch_twins.PointTransformerProject()
+  twin = torch_twin.PointTransformerProject()
   twin.load_state_dict(torch_io.point_transformer_to_torch(variables['params'], variables['batch_stats']))
   twin.eval()
 
@@ -66,7 +67,7 @@ def bench_torch(clouds, batch, variables):
     with torch.no_grad():
       x = torch.from_numpy(chunk)
       if x.shape[1] != 1024:
-        x = torch_twins.torch_gather_points(x, torch_twins.torch_farthest_point_sample(x, 1024))
+        x = torch_twin.torch_gather_points(x, torch_twin.torch_farthest_point_sample(x, 1024))
       return torch.nn.functional.normalize(twin(x), dim=-1).numpy()
 
   run(clouds[:batch])

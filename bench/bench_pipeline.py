@@ -6,7 +6,7 @@
 Cases:
   pipeline     pretraining host batches: 8192-point clouds (normalise, resample, 5 augmentations), one 224 px view
                drawn from 5 (PNG decode, CLIP normalisation), caption template index; batch 64; samples/s after
-               two warm-up batches. The folder is procedural (synthetic.py) at real sizes, built by the real builder.
+               two warm-up batches. The folder is procedural (objects.py) at real sizes, built by the real builder.
   fps_host     NumPy farthest-point sampling 8192 -> 1024 for one cloud (what a host-side FPS would cost per sample)
   fps_device   the model's jitted JAX FPS (cg3d_jax.models.point_ops) 8192 -> 1024 for the whole batch of 64, on
                whatever jax.devices() offers here
@@ -24,18 +24,19 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cg3d_jax.data import pipeline, synthetic, transforms  # noqa: E402
-from cg3d_jax.models import point_ops  # noqa: E402
 from cg3d_jax.configs import base  # noqa: E402
+from cg3d_jax.data import pipeline, transforms  # noqa: E402
+from cg3d_jax.models import point_ops  # noqa: E402
+from cg3d_jax.synthetic import objects  # noqa: E402
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 def bench_pipeline(root: str, batch: int, batches: int, per_class: int) -> dict:
-  settings = synthetic.SyntheticSettings(seed=0, num_train_per_class=per_class, num_test_per_class=1,
+  settings = objects.SyntheticSettings(seed=0, num_train_per_class=per_class, num_test_per_class=1,
                                          num_points=8192, image_size=224, num_views=5)
   start = time.perf_counter()
-  manual = synthetic.ensure_synthetic_shapenet(os.path.join(root, 'manual'), settings)
+  manual = objects.ensure_synthetic_shapenet(os.path.join(root, 'manual'), settings)
   written = time.perf_counter() - start
   c = base.get_base_config().data
   c.manual_dir, c.data_dir = str(manual), os.path.join(root, 'tfds')

@@ -26,7 +26,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cg3d_jax.models import point_ops  # noqa: E402
 from cg3d_jax.models.point_transformer import PointTransformer  # noqa: E402
-from cg3d_jax.weights import torch_io, torch_twins  # noqa: E402
+from cg3d_jax.twins import point_transformer as torch_twin  # noqa: E402
+from cg3d_jax.weights import torch_io  # noqa: E402
 
 
 def sphere_points(batch: int, n: int, seed: int = 0) -> np.ndarray:
@@ -53,7 +54,7 @@ def bench_grouping(batch: int, repeats: int, n: int = 1024, groups: int = 64, k:
   x = jnp.asarray(pts)
   jax_first, jax_s = time_runs(lambda: jax.block_until_ready(jitted(x, groups, k)), repeats)
   xt = torch.from_numpy(pts)
-  _, torch_s = time_runs(lambda: torch_twins.torch_group(xt, groups, k), repeats)
+  _, torch_s = time_runs(lambda: torch_twin.torch_group(xt, groups, k), repeats)
   return jax_s, torch_s, jax_first
 
 
@@ -63,7 +64,7 @@ def bench_fps(batch: int, repeats: int, n: int = 8192, samples: int = 1024):
   x = jnp.asarray(pts)
   jax_first, jax_s = time_runs(lambda: jax.block_until_ready(jitted(x, samples)), repeats)
   xt = torch.from_numpy(pts)
-  _, torch_s = time_runs(lambda: torch_twins.torch_farthest_point_sample(xt, samples), repeats)
+  _, torch_s = time_runs(lambda: torch_twin.torch_farthest_point_sample(xt, samples), repeats)
   return jax_s, torch_s, jax_first
 
 
@@ -83,7 +84,7 @@ def bench_point_transformer(batch: int, repeats: int, n: int = 1024):
   jax_first, jax_s = time_runs(
       lambda: jax.block_until_ready(step(variables['params'], variables['batch_stats'], x, key)), repeats)
 
-  twin = torch_twins.PointTransformerProject()
+  twin = torch_twin.PointTransformerProject()
   twin.load_state_dict(torch_io.point_transformer_to_torch(variables['params'], variables['batch_stats']))
   twin.train()
   xt, dt = torch.from_numpy(pts), torch.from_numpy(direction)

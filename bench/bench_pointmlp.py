@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from cg3d_jax.models.pointmlp import PointMLP  # noqa: E402
+from cg3d_jax.twins.pointmlp import PointMLPProject  # noqa: E402
 from cg3d_jax.weights.torch_io_pointmlp import pointmlp_to_torch  # noqa: E402
-from cg3d_jax.weights.torch_twins_pointmlp import PointMLPProject  # noqa: E402
 
 
 def sphere_points(batch: int, n: int, seed: int = 0) -> np.ndarray:

@@ -4,10 +4,10 @@
   python bench/bench_scenes.py --checkpoint /tmp/cg3d_demo --points_per_m2 8600 --floor 10 10 --radius 0.6
 
 What is measured:
-  scene     a procedural room (cg3d_jax/data/synthetic_scenes.py, all 13 families on a --floor metres floor at
+  scene     a procedural room (cg3d_jax/data/synthetic_rooms.py, all 13 families on a --floor metres floor at
             --points_per_m2) written in the S3DIS layout: ~1 M points at the defaults; reading its room .txt;
-  regions   cg3d_jax.eval.scene_regions.split_regions (--radius 0.6 m for these objects, recentred copies);
-  encoder   regions/s of scenes.RegionEmbedder (FPS stored -> 1024 on device, the real-config PointTransformer,
+  regions   cg3d_jax.eval.regions.split_regions (--radius 0.6 m for these objects, recentred copies);
+  encoder   regions/s of queries.RegionEmbedder (FPS stored -> 1024 on device, the real-config PointTransformer,
             22.46 M parameters, random weights, L2), batch 64, after one untimed warm-up batch, over --regions regions
             of --stored points each (8192, what pretraining stored per object);
   command   wall time of `python -m cg3d_jax.query_scene` on that room with --checkpoint (3 queries), process start
@@ -26,11 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cg3d_jax.data import s3dis, synthetic_scenes  # noqa: E402
-from cg3d_jax.eval import scene_regions, scenes  # noqa: E402
+from cg3d_jax import sharding  # noqa: E402
 from cg3d_jax.models.cg3d import CG3D  # noqa: E402
 from cg3d_jax.models.point_transformer import PointTransformer  # noqa: E402
-from cg3d_jax.train import sharding  # noqa: E402
+from cg3d_jax.scenes import queries, s3dis, synthetic_rooms  # noqa: E402
+from cg3d_jax.scenes import regions as scene_regions  # noqa: E402
 
 
 def timed(fn, *args, **kwargs):
@@ -53,9 +53,9 @@ def main():
   work = args.workdir or tempfile.mkdtemp(prefix='bench_scenes_')
   print(f'devices: {jax.devices()}')
 
-  settings = synthetic_scenes.SceneSettings(num_rooms=1, objects_per_room=13, floor_size=tuple(args.floor),
+  settings = synthetic_rooms.SceneSettings(num_rooms=1, objects_per_room=13, floor_size=tuple(args.floor),
                                             points_per_m2=args.points_per_m2, min_gap=0.2)
-  _, write_s = timed(synthetic_scenes.ensure_synthetic_scenes, work, settings)
+  _, write_s = timed(synthetic_rooms.ensure_synthetic_scenes, work, settings)
   room = s3dis.list_rooms(work, [settings.area])[0]
   (xyz, rgb), read_s = timed(s3dis.read_room_cloud, room)
   print(f'scene: {xyz.shape[0]:,} points ({room}); written in {write_s:.1f} s, read in {read_s:.1f} s')
@@ -70,7 +70,7 @@ def main():
   model = CG3D(encoder=encoder, clip=None, num_points=1024)
   variables = jax.jit(encoder.init, static_argnames='train')(jax.random.PRNGKey(0), jnp.zeros((2, 1024, 3)),
                                                              train=False)
-  embedder = scenes.RegionEmbedder(model, variables, mesh, args.batch)
+  embedder = queries.RegionEmbedder(model, variables, mesh, args.batch)
   sample = regions.encoder_points[:args.regions]
   if sample.shape[0] < args.regions:
     sample = sample[np.arange(args.regions) % sample.shape[0]]

@@ -28,12 +28,12 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'bench'))
-from cg3d_jax.train import loop  # noqa: E402
-from cg3d_jax.train.step import ENCODER, PROMPTS, jit_train_step  # noqa: E402
-from cg3d_jax.weights import random_clip  # noqa: E402
-from cg3d_jax.weights.torch_twins import PointTransformerProject, torch_farthest_point_sample, torch_gather_points  # noqa: E402,E501
-from cg3d_jax.weights.torch_prompted_clip import torch_prompted_image_features  # noqa: E402
 from cg3d_jax.configs import pretrain_pointbert  # noqa: E402
+from cg3d_jax.synthetic import random_clip  # noqa: E402
+from cg3d_jax.training import pretrain  # noqa: E402
+from cg3d_jax.training.pretrain_step import ENCODER, PROMPTS, jit_train_step  # noqa: E402
+from cg3d_jax.twins.point_transformer import PointTransformerProject, torch_farthest_point_sample, torch_gather_points  # noqa: E402,E501
+from cg3d_jax.twins.prompted_clip import torch_prompted_image_features  # noqa: E402
 
 
 def matmul_gflops(n: int = 2048, iters: int = 5) -> float:
@@ -97,7 +97,7 @@ def main(argv=None):
                                            **random_clip.VIT_B16)
     config.clip.path = folder
     # One class is enough for timing: the step looks text rows up by index whatever the table holds.
-    setup = loop.build_setup(config, train_classes=['chair'], steps_per_epoch=1000, devices=jax.devices()[:1])
+    setup = pretrain.build_setup(config, train_classes=['chair'], steps_per_epoch=1000, devices=jax.devices()[:1])
     clip_model = CLIPModel.from_pretrained(folder, local_files_only=True).eval()
 
   rng = np.random.default_rng(0)

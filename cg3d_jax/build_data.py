@@ -24,13 +24,17 @@ SKIP_BAD = flags.DEFINE_bool('skip_bad', False, 'Skip bad raw files, counting an
                              'at the first one.')
 
 
+# Flags defined once in cli (or scenes.flags) that this command takes: listed by its --help.
+for _shared in ('verbose',):
+  flags.declare_key_flag(_shared)
+
 def main(argv):
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments: {argv[1:]}')
   for flag in (DATASET, MANUAL_DIR, DATA_DIR):
     if not flag.value:
       sys.exit(f'error: --{flag.name} is required')
-  from cg3d_jax.data import builders  # pylint: disable=g-import-not-at-top  (TensorFlow loads slowly: after flags)
+  from cg3d_jax.data import builders  # TensorFlow loads slowly: after the flags are checked
   try:
     builder = builders.get_builder(DATASET.value, data_dir=DATA_DIR.value, manual_dir=MANUAL_DIR.value,
                                    skip_bad=SKIP_BAD.value)
@@ -41,9 +45,7 @@ def main(argv):
   print(f'{builder.info.full_name} in {builder.data_dir}: ' + ', '.join(f'{n} {c} examples' for n, c in splits.items()))
 
 
-def run() -> None:
-  """The console script's entry point."""
-  cli.run(main)
+run = cli.entry_point(main)  # what `python -m` and the console script call
 
 
 if __name__ == '__main__':

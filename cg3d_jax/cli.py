@@ -6,12 +6,17 @@ Every command with an experiment config takes `--config NAME[:arg]` (a config th
 and outputs. Shipped names resolve to the installed package's own files, so commands work from any folder.
 """
 
+import functools
 import os
 import pathlib
 import sys
+import traceback
+import types
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from cg3d_jax.errors import InputError
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent / 'configs'
 
@@ -22,6 +27,7 @@ CONFIG = config_flags.DEFINE_config_file(
     'e.g. --config.train.batch_size=32; unknown keys are errors.',
     lock_config=True)
 WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics (JSONL + TensorBoard) and outputs.')
+VERBOSE = flags.DEFINE_bool('verbose', False, 'Show the full traceback of an input error, not only its message.')
 
 
 def shipped_configs() -> list[str]:
@@ -59,21 +65,124 @@ def parse_flags(argv: list[str]) -> list[str]:
   return app.parse_flags_with_usage(argv)
 
 
+def guard(main):
+  """main, with input errors reported as one line: an `errors.InputError` (a bad file, setting or checkpoint; what
+  the user can fix) prints `error: <message>` and exits with status 2 (its traceback too with --verbose); any other
+  exception is a bug and keeps its traceback."""
+  def guarded(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    try:
+      return main(argv)
+    except InputError as err:
+      if VERBOSE.value:
+        traceback.print_exc()
+      print(f'error: {err}', file=sys.stderr)
+      sys.exit(2)
+
+  return guarded
+
+
 def run(main) -> None:
-  """app.run(main) with --config names resolved: what every absl command's `if __name__ == '__main__'` and console
-  script call."""
-  app.run(main, flags_parser=parse_flags)
+  """app.run(main) with --config names resolved and input errors as one line (`guard`): what every command's
+  `if __name__ == '__main__'` and console script call."""
+  app.run(guard(main), flags_parser=parse_flags)
+
+
+def entry_point(main):
+  """The zero-argument function that a command's console script and `python -m` call: run(main)."""
+  return lambda: run(main)
+
+
+@functools.cache
+def checkpoint_flags() -> types.SimpleNamespace:
+  """--checkpoint and --step, defined once for every command that reads a trained model."""
+  return types.SimpleNamespace(
+      checkpoint=flags.DEFINE_string('checkpoint', None, 'A training (or fine-tuning) workdir, its checkpoints/ '
+                                     'folder or one step folder, or an original CG3D / exported .pth or '
+                                     '.safetensors.'),
+      step=flags.DEFINE_integer('step', None, 'Checkpoint step to read (default: the newest).'))
+
+
+@functools.cache
+def clip_flags() -> types.SimpleNamespace:
+  """--clip_path and --num_points, for commands without a config that score with a trained model and its CLIP."""
+  return types.SimpleNamespace(
+      clip_path=flags.DEFINE_string('clip_path', None, 'The CLIP folder, if not the one recorded in the checkpoint '
+                                    '(an original CG3D .pth records none).'),
+      num_points=flags.DEFINE_integer('num_points', 1024, "The encoder's input size, only for a .pth that does not "
+                                      'record its config.'))
+
+
+# Flags that several commands take, each defined once (absl flags are global: commands imported into one process,
+# as the tests do, would otherwise define them twice). Each command reads them its own way; their help says so.
+
+@functools.cache
+def out_flag():
+  return flags.DEFINE_string('out', None, 'Where the command writes: the export file (export), the output folder '
+                             '(query_scene, evaluate_scenes).')
+
+
+@functools.cache
+def root_flag():
+  return flags.DEFINE_string('root', None, 'The folder the command writes its procedural data into.')
+
+
+@functools.cache
+def seed_flag():
+  return flags.DEFINE_integer('seed', 0, 'Seed: of the room layouts (synthetic_scenes), of the points drawn per '
+                              'region (scene commands).')
+
+
+@functools.cache
+def points_flag():
+  return flags.DEFINE_multi_string('points', None, 'Point-cloud file(s): .ply .npy .off .txt .xyz .csv (predict takes '
+                                   'one; export --verify compares on every one given).')
+
+
+@functools.cache
+def templates_flag():
+  return flags.DEFINE_string('templates', None, "Caption template set ('cg3d_zeroshot', 'cg3d', 'ulip', ...) or one "
+                             "template with {}; default: predict's 'cg3d_zeroshot', the scene commands' the "
+                             "checkpoint's eval.templates.")
+
+
+@functools.cache
+def vocabulary_flag():
+  return flags.DEFINE_string('vocabulary', None, "Labels the queries compete with in each region: 'training' (the "
+                             "checkpoint's classes; query_scene's default), 's3dis' (its 13 classes; evaluate_scenes' "
+                             "default), 'none', or comma-separated words.")
+
+
+def require(flag, example: str):
+  """The flag's value, or an input error naming the flag."""
+  if flag.value in (None, '', []):
+    raise InputError(f'--{flag.name} is required, e.g. {example}')
+  return flag.value
+
+
+def parse_labels(text: str, what: str = '--labels') -> list[str]:
+  """'owl, chicken,penguin' -> ['owl', 'chicken', 'penguin']; empty or repeated labels are errors."""
+  labels = [label.strip() for label in text.split(',')]
+  if not text.strip() or any(not label for label in labels):
+    raise InputError(f'{what} {text!r}: expected comma-separated non-empty labels, e.g. "owl,chicken,penguin"')
+  repeated = sorted({label for label in labels if labels.count(label) > 1})
+  if repeated:
+    raise InputError(f'{what} {text!r}: {repeated} appear more than once')
+  return labels
 
 
 def require_config():
-  """The parsed config, or a clear exit when --config is missing."""
+  """The parsed config, or an input error when --config is missing."""
   if CONFIG.value is None:
-    sys.exit('error: --config is required, e.g. --config demo (or a config file path)')
+    raise InputError('--config is required, e.g. --config demo (or a config file path)')
   return CONFIG.value
 
 
 def require_workdir() -> str:
-  if not WORKDIR.value:
-    sys.exit('error: --workdir is required: the directory for checkpoints, metrics and outputs')
-  os.makedirs(WORKDIR.value, exist_ok=True)
-  return WORKDIR.value
+  """--workdir, created if missing; an input error when it is missing or names a file."""
+  workdir = require(WORKDIR, '--workdir /tmp/run (the directory for checkpoints, metrics and outputs)')
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise InputError(f'--workdir {workdir} is a file; expected a directory (new or existing)')
+  os.makedirs(workdir, exist_ok=True)
+  return workdir

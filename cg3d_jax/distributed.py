@@ -109,7 +109,8 @@ def warm_cpu_collectives() -> None:
   needed.
   """
   import numpy as np
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
 
   devices = sorted(jax.devices(), key=lambda d: d.id)
   mesh = jax.make_mesh((len(devices),), ('all',), devices=devices)

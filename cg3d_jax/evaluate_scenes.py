@@ -4,78 +4,76 @@
       [--areas 5] [--classes table,chair,sofa,bookcase,board] [--vocabulary s3dis] [--cache /data/s3dis_cache]
 
 For every room of the areas, every class of --classes is queried (class names as words) against the label set
-queries + vocabulary; see cg3d_jax/eval/scenes.py for the scoring and the metrics. Rooms are read from the
-official layout (cg3d_jax/data/s3dis.py): points and labels from Annotations/, parsed once into --cache if given.
+queries + vocabulary; see cg3d_jax/scenes/queries.py for the scoring and the metrics. Rooms are read from the
+official layout (cg3d_jax/scenes/s3dis.py): points and labels from Annotations/, parsed once into --cache if given.
 Writes <out>/scene_eval.json (overall, per class, per room) and prints a per-class table.
 """
 
-import argparse
 import pathlib
-import sys
 
-from cg3d_jax.data import s3dis
-from cg3d_jax.eval import reports, scenes, zeroshot
-from cg3d_jax.predict import parse_labels
-from cg3d_jax.query_scene import add_checkpoint_arguments, add_region_arguments, query_settings
+from absl import flags
+
+from cg3d_jax import cli
+from cg3d_jax.errors import InputError
+from cg3d_jax.scenes import flags as scene_flags
+from cg3d_jax.scenes import s3dis
 
 RESULTS_JSON = 'scene_eval.json'
+S3DIS_CLASSES = s3dis.S3DIS_CLASSES
+
+CHECKPOINT = cli.checkpoint_flags()
+CLIP = cli.clip_flags()
+S3DIS = flags.DEFINE_string('s3dis', None, 'Folder holding Stanford3dDataset_v1.2_Aligned_Version (or that folder '
+                            'itself).')
+AREAS = flags.DEFINE_string('areas', '5', 'Comma-separated area numbers.')
+CLASSES = flags.DEFINE_string('classes', ','.join(S3DIS_CLASSES), 'Classes to query (default: all 13); names as in '
+                              'the annotation files.')
+VOCABULARY = cli.vocabulary_flag()  # default here: 's3dis'
+
+CLASS_NAMES = flags.DEFINE_string('class_names', None, "The dataset's class list when it is not S3DIS's 13 (e.g. "
+                                  'procedural scenes).')
+CACHE = flags.DEFINE_string('cache', None, 'Folder for parsed rooms (.npz), reused across runs.')
+SKIP_BAD_LINES = flags.DEFINE_bool('skip_bad_lines', False, 'Drop malformed annotation lines with a warning instead '
+                                   'of stopping.')
+MAX_ROOMS = flags.DEFINE_integer('max_rooms', None, 'Evaluate only the first N rooms (smoke runs).')
+OUT = cli.out_flag()
+flags.adopt_module_key_flags(scene_flags)
 
 
-def parse_args(argv):
-  parser = argparse.ArgumentParser(prog='python -m cg3d_jax.evaluate_scenes', description=__doc__.split('\n')[0])
-  add_checkpoint_arguments(parser)
-  parser.add_argument('--s3dis', required=True,
-                      help='folder holding Stanford3dDataset_v1.2_Aligned_Version (or that folder itself)')
-  parser.add_argument('--areas', default='5', help='comma-separated area numbers (default: 5)')
-  parser.add_argument('--classes', default=','.join(s3dis.S3DIS_CLASSES),
-                      help='classes to query (default: all 13); names as in the annotation files')
-  parser.add_argument('--vocabulary', default='s3dis',
-                      help="extra labels the queries compete with: 's3dis', 'none' or comma-separated words")
-  parser.add_argument('--class_names', default=None,
-                      help="the dataset's class list when it is not S3DIS's 13 (e.g. procedural scenes)")
-  parser.add_argument('--cache', default=None, help='folder for parsed rooms (.npz), reused across runs')
-  parser.add_argument('--skip_bad_lines', action='store_true',
-                      help='drop malformed annotation lines with a warning instead of stopping')
-  parser.add_argument('--max_rooms', type=int, default=None, help='evaluate only the first N rooms (smoke runs)')
-  parser.add_argument('--out', required=True, help='output folder for scene_eval.json')
-  add_region_arguments(parser)
-  return parser.parse_args(argv)
+# Flags defined once in cli (or scenes.flags) that this command takes: listed by its --help.
+for _shared in ('checkpoint', 'step', 'clip_path', 'num_points', 'vocabulary', 'out', 'templates', 'seed',
+                'verbose'):
+  flags.declare_key_flag(_shared)
 
-
-def labelled_scenes(rooms, class_names, *, cache=None, skip_bad_lines=False):
-  """Reads rooms one at a time (a whole area does not fit in memory as text). Classes outside the list go to
-  'clutter' (with a warning) when the list has it, as for S3DIS's few 'stairs' files, and are errors otherwise."""
-  unknown_class = 'clutter' if 'clutter' in class_names else None
-  for room_dir in rooms:
-    room = s3dis.read_room(room_dir, class_names=class_names, unknown_class=unknown_class, cache_dir=cache,
-                           skip_bad_lines=skip_bad_lines)
-    yield scenes.LabelledScene(name=f'{room.area}/{room.name}', xyz=room.xyz, labels=room.labels,
-                               class_names=room.class_names)
-
-
-def main(argv=None) -> int:
-  args = parse_args(sys.argv[1:] if argv is None else argv)
+def main(argv):
+  del argv
+  checkpoint = cli.require(CHECKPOINT.checkpoint, '--checkpoint /runs/cg3d')
+  root = cli.require(S3DIS, '--s3dis /data/s3dis')
+  out = pathlib.Path(cli.require(OUT, '--out /runs/cg3d/s3dis_area5'))
+  class_names = tuple(cli.parse_labels(CLASS_NAMES.value, '--class_names')) if CLASS_NAMES.value else S3DIS_CLASSES
+  classes = cli.parse_labels(CLASSES.value, '--classes')
+  unknown = [c for c in classes if c not in class_names]
+  if unknown:
+    raise InputError(f'--classes {unknown} are not dataset classes {list(class_names)}')
+  spec = VOCABULARY.value or 's3dis'
+  vocabulary = {'s3dis': list(S3DIS_CLASSES), 'none': []}.get(spec)
+  if vocabulary is None:
+    vocabulary = cli.parse_labels(spec, '--vocabulary')
   try:
-    class_names = tuple(parse_labels(args.class_names)) if args.class_names else s3dis.S3DIS_CLASSES
-    classes = parse_labels(args.classes)
-    unknown = [c for c in classes if c not in class_names]
-    if unknown:
-      raise ValueError(f'--classes {unknown} are not dataset classes {list(class_names)}')
-    vocabulary = {'s3dis': list(s3dis.S3DIS_CLASSES), 'none': []}.get(args.vocabulary)
-    if vocabulary is None:
-      vocabulary = parse_labels(args.vocabulary)
-    areas = [int(a) for a in args.areas.split(',')]
-    rooms = s3dis.list_rooms(args.s3dis, areas)[:args.max_rooms]
-    model = zeroshot.load_eval_model(args.checkpoint, clip_path=args.clip_path, step=args.step,
-                                     num_points=args.num_points)
-    result = scenes.evaluate_scenes(
-        model, labelled_scenes(rooms, class_names, cache=args.cache, skip_bad_lines=args.skip_bad_lines), classes,
-        vocabulary, settings=query_settings(args))
-  except (ValueError, FileNotFoundError, NotImplementedError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  result.update({'checkpoint': args.checkpoint, 'step': model.step, 's3dis': args.s3dis, 'areas': areas})
-  out = pathlib.Path(args.out)
+    areas = [int(a) for a in AREAS.value.split(',')]
+  except ValueError:
+    raise InputError(f'--areas {AREAS.value!r}: expected comma-separated area numbers, e.g. 5 or 1,3,5') from None
+  settings = scene_flags.query_settings()
+  from cg3d_jax import trained
+  from cg3d_jax.evaluators import reports
+  from cg3d_jax.scenes import queries
+  rooms = s3dis.list_rooms(root, areas)[:MAX_ROOMS.value]
+  model = trained.with_clip(trained.load_trained(checkpoint, step=CHECKPOINT.step.value,
+                                                 num_points=CLIP.num_points.value), CLIP.clip_path.value)
+  result = queries.evaluate_scenes(
+      model, queries.labelled_rooms(rooms, class_names, cache=CACHE.value, skip_bad_lines=SKIP_BAD_LINES.value),
+      classes, vocabulary, settings=settings)
+  result.update({'checkpoint': checkpoint, 'step': model.step, 's3dis': root, 'areas': areas})
   out.mkdir(parents=True, exist_ok=True)
   reports.write_json(out / RESULTS_JSON, result)
   rows = [{'class': name, **{k: v[k] for k in ('ap', 'auroc', 'rooms_present', 'presence_accuracy')}}
@@ -83,8 +81,10 @@ def main(argv=None) -> int:
   print(reports.format_table(rows, ['class', 'ap', 'auroc', 'rooms_present', 'presence_accuracy'], '{:.4f}'))
   print(f"mAP {result['mAP']:.4f} over {result['classes_in_mAP']} classes, mean AUROC {result['mean_auroc']:.4f}, "
         f"{result['num_rooms']} rooms -> {out / RESULTS_JSON}")
-  return 0
+
+
+run = cli.entry_point(main)  # what `python -m` and the console script call
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  run()

@@ -1,46 +1,44 @@
-"""Export a training checkpoint to PyTorch: `python -m cg3d_jax.export --checkpoint WORKDIR --out model.pth`.
+"""Export a checkpoint to PyTorch: `python -m cg3d_jax.export --checkpoint WORKDIR --out model.pth`.
 
-`--format cg3d` (default for any name but *.safetensors) writes the original CG3D container that its PyTorch code
-loads with strict=True; `--format safetensors` writes the same tensors plus a JSON sidecar (see
-cg3d_jax/weights/cg3d_checkpoint.py). `--verify` reloads the written file into the PyTorch twin with strict=True
-and compares its features with the JAX encoder's on real ModelNet40 objects (or `--points` files); it exits
-non-zero when the largest difference exceeds `--tolerance`.
+A pretraining run becomes the original CG3D container (its PyTorch code loads `base_model` with strict=True, the
+prompts under `visual_clip_model`); `--format safetensors` (the default for *.safetensors) writes the same tensors
+plus a JSON sidecar (cg3d_jax/weights/cg3d_pth.py). A fine-tuning run becomes Point-BERT's fine-tune container
+(`base_model` = the classifier in the original names). `--verify` reloads the written file into the PyTorch twin
+with strict=True and compares its outputs with JAX's, both in float64, on four real ModelNet40 objects the package
+ships (or `--points` files); it exits non-zero when the largest difference exceeds `--tolerance`.
 """
 
 import pathlib
-import sys
 
-from absl import app, flags, logging
 import numpy as np
+from absl import flags, logging
 
 from cg3d_jax import cli
+from cg3d_jax.errors import InputError
 
-flags.adopt_module_key_flags(cli)  # so that --help lists --config and --workdir
-
-CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Training workdir, its checkpoints/ folder or one step folder.')
-STEP = flags.DEFINE_integer('step', None, 'Step to export (default: the newest checkpoint).')
-OUT = flags.DEFINE_string('out', None, 'Output file (.pth for the original CG3D format, .safetensors otherwise).')
+CHECKPOINT = cli.checkpoint_flags()
+OUT = cli.out_flag()
 FORMAT = flags.DEFINE_enum('format', None, ['cg3d', 'safetensors'],
                            'Container format; default from --out: *.safetensors -> safetensors, else cg3d.')
 EPOCH = flags.DEFINE_integer('epoch', -1, "Value of the container's 'epoch' entry (-1: unknown, as the original).")
-VERIFY = flags.DEFINE_bool('verify', False, 'Reload the export into the PyTorch twin and compare features.')
-POINTS = flags.DEFINE_multi_string('points', None, 'Point files (.ply/.npy/.off/.txt) for --verify; default: real '
-                                   'ModelNet40 objects from --modelnet_dir.')
+VERIFY = flags.DEFINE_bool('verify', False, 'Reload the export into the PyTorch twin and compare outputs.')
+POINTS = cli.points_flag()  # for --verify; default: four real ModelNet40 objects
 MODELNET_DIR = flags.DEFINE_string('modelnet_dir', None, 'A modelnet40_normal_resampled folder to read the --verify '
                                    "objects from; default: the package's own copy of their xyz.")
-TOLERANCE = flags.DEFINE_float('tolerance', 1e-6, 'Largest max |JAX - PyTorch| feature difference --verify accepts '
-                                '(both run in float64, where a correct export agrees to ~1e-12).')
+TOLERANCE = flags.DEFINE_float('tolerance', 1e-6, 'Largest max |JAX - PyTorch| difference --verify accepts (both '
+                               'run in float64, where a correct export agrees to ~1e-12).')
 
-# Two classes, train and test split (the package ships their xyz: assets.VERIFY_CLOUDS).
-VERIFY_OBJECTS = ('airplane/airplane_0002', 'airplane/airplane_0633', 'bathtub/bathtub_0108', 'bathtub/bathtub_0115')
 
+# Flags defined once in cli (or scenes.flags) that this command takes: listed by its --help.
+for _shared in ('checkpoint', 'step', 'out', 'points', 'verbose'):
+  flags.declare_key_flag(_shared)
 
 def resolve_format(out: pathlib.Path, fmt: str | None) -> str:
   inferred = 'safetensors' if out.suffix == '.safetensors' else 'cg3d'
   if fmt is None:
     return inferred
   if fmt != inferred and out.suffix in ('.safetensors', '.pth', '.pt'):
-    raise app.UsageError(f'--format {fmt} does not match the extension of --out {out}')
+    raise InputError(f'--format {fmt} does not match the extension of --out {out}')
   return fmt
 
 
@@ -49,86 +47,86 @@ def encoder_update_count(config, step: int) -> int:
   return (step + 1) // 2 if config.train.get('mode') == 'alternating' else step
 
 
-def verify_points(files, modelnet_dir, num_points: int) -> tuple[list[str], np.ndarray]:
-  """(names, (B, num_points, 3)) clouds: read, centred and scaled to the unit sphere, FPS to num_points."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from cg3d_jax import assets  # pylint: disable=g-import-not-at-top
-  from cg3d_jax.eval.point_files import normalize_points, read_points  # pylint: disable=g-import-not-at-top
-  from cg3d_jax.models import point_ops  # pylint: disable=g-import-not-at-top
-  if files:
-    named = [(str(f), read_points(f).xyz) for f in files]  # the reader tells the columns apart, or asks for them
-  elif modelnet_dir:
-    root = pathlib.Path(modelnet_dir)
-    if not root.is_dir():
-      raise FileNotFoundError(f'--modelnet_dir {root} is not a folder (modelnet40_normal_resampled)')
-    # The official layout: x,y,z,nx,ny,nz lines.
-    named = [(str(root / f'{n}.txt'), read_points(root / f'{n}.txt', columns='xyz,normals').xyz)
-             for n in VERIFY_OBJECTS]
-  else:
-    with np.load(assets.path(assets.VERIFY_CLOUDS)) as shipped:
-      named = [(pathlib.Path(n).name, shipped[pathlib.Path(n).name]) for n in VERIFY_OBJECTS]
-  clouds = []
-  for name, xyz in named:
-    xyz = normalize_points(xyz)
-    if len(xyz) < num_points:
-      raise ValueError(f'{name}: {len(xyz)} points, but the encoder takes {num_points} (config.model.num_points)')
-    idx = point_ops.farthest_point_sample(jnp.asarray(xyz)[None], num_points)
-    clouds.append(np.asarray(point_ops.gather_points(jnp.asarray(xyz)[None], idx))[0])
-  return [name for name, _ in named], np.stack(clouds)
+def _export_pretraining(trained, out: pathlib.Path, fmt: str):
+  from cg3d_jax.weights import cg3d_pth
+  config = trained.config
+  container = cg3d_pth.build_container(
+      trained.encoder_name, trained.encoder_vars['params'], trained.encoder_vars['batch_stats'],
+      prompts=trained.prompts, prompt_mode=trained.prompt_mode, step=trained.step, epoch=EPOCH.value,
+      metrics=trained.metrics, config=config.to_dict(),
+      num_batches_tracked=encoder_update_count(config, trained.step))
+  if trained.encoder_name == 'point_transformer' and 'cls_head_finetune.0.weight' not in container['base_model']:
+    logging.warning('no classification head (config.model.num_classes is unset): the original '
+                    'PointTransformerProject builds cls_head_finetune, so its strict load will report it missing')
+  written = ([cg3d_pth.write_cg3d_checkpoint(out, container)] if fmt == 'cg3d'
+             else list(cg3d_pth.write_safetensors_checkpoint(out, container)))
+  print(f'exported step {trained.step} of {trained.source} ({trained.encoder_name}, {len(container["base_model"])} '
+        f'state-dict entries, prompts: {sorted(container.get("visual_clip_model", {})) or "none"}) to '
+        f'{", ".join(map(str, written))}')
+
+
+def _export_finetune(finetuned, out: pathlib.Path, fmt: str):
+  from cg3d_jax.atomic import atomic_write
+  from cg3d_jax.weights import cg3d_pth
+  if fmt != 'cg3d':
+    raise InputError(f'--out {out}: a fine-tuned classifier is exported in the original .pth format only')
+  import torch
+  config = finetuned.config
+  metrics = finetuned.metrics or {}
+  state_dict = cg3d_pth.classifier_state_dict(config.model.encoder, finetuned.variables['params'],
+                                              finetuned.variables['batch_stats'], num_batches_tracked=finetuned.step)
+  epoch = int(metrics.get('epoch', 0)) if EPOCH.value < 0 else EPOCH.value
+  container = cg3d_pth.finetune_container(state_dict, epoch=epoch, accuracy=100.0 * float(metrics.get('val/top1', 0)))
+  atomic_write(out, lambda f: torch.save(container, f))
+  print(f'exported fine-tuned step {finetuned.step} of {finetuned.source} ({config.model.encoder}, '
+        f'{len(state_dict)} state-dict entries, {config.model.num_classes} classes) to {out}')
+
+
+def _verify(out: pathlib.Path, encoder: str, model, variables, num_points: int, *, logits: bool) -> None:
+  from cg3d_jax.twins import verify
+  names, clouds = verify.verify_clouds(POINTS.value, MODELNET_DIR.value, num_points)
+  twin = verify.load_twin(out, encoder, model, num_points, allow_missing_projection=logits)
+  print(f'verify: {out} loads into the PyTorch twin with strict=True')
+  diff, got, _ = verify.compare_features(twin, model, variables, clouds, logits=logits)
+  what = 'logits' if logits else 'features'
+  print(f'verify: max |JAX - PyTorch| over {got.shape[1]}-d {what} of {len(names)} clouds '
+        f'({", ".join(pathlib.Path(n).stem for n in names)}), both in float64: {diff:.3g} (tolerance '
+        f'{TOLERANCE.value:g}); largest |output| {np.abs(got).max():.3g}')
+  if not diff <= TOLERANCE.value:  # also fails on NaN
+    raise InputError(f'--verify failed: the export of {out} differs from the JAX model by {diff:.3g} > '
+                     f'{TOLERANCE.value:g}')
+  print('verify: OK')
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not CHECKPOINT.value or not OUT.value:
-    raise app.UsageError('--checkpoint and --out are required, e.g. --checkpoint workdir --out model.pth')
-  from cg3d_jax.train.trained import CheckpointNotFoundError, load_trained  # pylint: disable=g-import-not-at-top
-  from cg3d_jax.weights import cg3d_checkpoint as ckpt  # pylint: disable=g-import-not-at-top
-
-  out = pathlib.Path(OUT.value)
+  del argv
+  checkpoint = cli.require(CHECKPOINT.checkpoint, '--checkpoint /runs/cg3d (a training or fine-tuning workdir)')
+  out = pathlib.Path(cli.require(OUT, '--out model.pth'))
+  if out.is_dir():
+    raise InputError(f'--out {out} is a directory; give the file to write, e.g. {out / "model.pth"}')
   fmt = resolve_format(out, FORMAT.value)
-  try:
-    trained = load_trained(CHECKPOINT.value, STEP.value)
-  except CheckpointNotFoundError as err:
-    sys.exit(f'error: --checkpoint: {err}')
-  config = trained.config
-  encoder = config.model.encoder
+  from cg3d_jax import checkpoints, trained
+  if not str(checkpoint).endswith(trained.TORCH_SUFFIXES) and 'finetune' in checkpoints.read_config(
+      checkpoint, CHECKPOINT.step.value):
+    finetuned = trained.load_finetuned(checkpoint, CHECKPOINT.step.value)
+    _export_finetune(finetuned, out, fmt)
+    if VERIFY.value:
+      if finetuned.config.model.encoder != 'point_transformer':
+        raise InputError('--verify of a fine-tuned PointMLP is not available: the PyTorch twin has no pointMLP '
+                         'classifier head (the export itself is written)')
+      _verify(out, 'point_transformer', finetuned.model, finetuned.variables, finetuned.config.model.num_points,
+              logits=True)
+    return
+  model = trained.load_trained(checkpoint, step=CHECKPOINT.step.value)
   if VERIFY.value:  # read the clouds first: a bad --points file should not cost an export
-    try:
-      names, clouds = verify_points(POINTS.value, MODELNET_DIR.value, config.model.num_points)
-    except (OSError, ValueError) as err:
-      sys.exit(f'error: {err}')
-  container = ckpt.build_container(
-      encoder, trained.encoder_vars['params'], trained.encoder_vars['batch_stats'], prompts=trained.prompts,
-      prompt_mode=config.clip.prompt.mode, step=trained.step, epoch=EPOCH.value, metrics=trained.metrics,
-      config=config.to_dict(), num_batches_tracked=encoder_update_count(config, trained.step))
-  if encoder == 'point_transformer' and 'cls_head_finetune.0.weight' not in container['base_model']:
-    logging.warning('no classification head (config.model.num_classes is unset): the original '
-                    'PointTransformerProject builds cls_head_finetune, so its strict load will report it missing')
-  if fmt == 'cg3d':
-    written = [ckpt.write_cg3d_checkpoint(out, container)]
-  else:
-    written = list(ckpt.write_safetensors_checkpoint(out, container))
-  print(f'exported step {trained.step} of {trained.path} ({encoder}, {len(container["base_model"])} state-dict '
-        f'entries, prompts: {sorted(container.get("visual_clip_model", {})) or "none"}) to '
-        f'{", ".join(map(str, written))}')
-
+    from cg3d_jax.twins import verify
+    verify.verify_clouds(POINTS.value, MODELNET_DIR.value, model.num_points)
+  _export_pretraining(model, out, fmt)
   if VERIFY.value:
-    twin = ckpt.load_twin(out, encoder, trained.encoder, config.model.num_points)
-    print(f'verify: {out} loads into the PyTorch twin with strict=True')
-    diff, got, _ = ckpt.compare_features(twin, trained.encoder, trained.encoder_vars, clouds)
-    print(f'verify: max |JAX - PyTorch| over {got.shape[1]}-d features of {len(names)} clouds '
-          f'({", ".join(pathlib.Path(n).stem for n in names)}): {diff:.3g} (tolerance {TOLERANCE.value:g}); '
-          f'largest |feature| {np.abs(got).max():.3g}')
-    if not diff <= TOLERANCE.value:  # also fails on NaN
-      logging.error('verify failed: %g > %g', diff, TOLERANCE.value)
-      sys.exit(f'error: --verify failed: features differ by {diff:.3g} > {TOLERANCE.value:g}')
-    print('verify: OK')
+    _verify(out, model.encoder_name, model.encoder, model.encoder_vars, model.num_points, logits=False)
 
 
-def run() -> None:
-  """The console script's entry point."""
-  cli.run(main)
+run = cli.entry_point(main)  # what `python -m` and the console script call
 
 
 if __name__ == '__main__':

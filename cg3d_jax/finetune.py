@@ -3,14 +3,16 @@
 
 --init: a CG3D pretraining workdir (or step folder), or an original CG3D .pth; without it (and without
 config.finetune.init) the classifier starts from scratch. Running the same command again resumes from the newest
-checkpoint in the workdir (the --init weights are only read on a fresh start).
+checkpoint in the workdir (the --init weights are only read on a fresh start). `python -m cg3d_jax.export
+--checkpoint DIR --out model.pth` writes the result in Point-BERT's fine-tune format.
 """
 
 import json
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from cg3d_jax import cli, distributed
+from cg3d_jax.errors import InputError
 
 flags.adopt_module_key_flags(cli)  # so that --help lists --config and --workdir
 flags.adopt_module_key_flags(distributed)
@@ -20,23 +22,20 @@ INIT = flags.DEFINE_string('init', None, 'Pretrained weights: a CG3D pretraining
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  del argv
   config = cli.require_config()
   if 'finetune' not in config:
-    raise app.UsageError('--config is not a fine-tuning config (it has no `finetune` block); use '
-                         '--config finetune_modelnet40 or --config finetune_scanobjectnn:<variant>')
+    raise InputError('--config is not a fine-tuning config (it has no `finetune` block); use --config '
+                     'finetune_modelnet40 or --config finetune_scanobjectnn:<variant>')
   workdir = cli.require_workdir()
   distributed.initialize()
-  from cg3d_jax.train import finetune  # after distributed.initialize: importing the stack touches JAX backends
+  from cg3d_jax.training import finetune  # after distributed.initialize: importing the stack touches JAX backends
 
   result = finetune.finetune(config, workdir, init=INIT.value)
   logging.info('final metrics: %s', json.dumps(result, sort_keys=True))
 
 
-def run() -> None:
-  """The console script's entry point."""
-  cli.run(main)
+run = cli.entry_point(main)  # what `python -m` and the console script call
 
 
 if __name__ == '__main__':

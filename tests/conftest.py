@@ -116,7 +116,7 @@ TINY_CLIP = dict(vision_width=32, vision_layers=1, vision_heads=2, patch_size=16
 
 @pytest.fixture(scope='session')
 def tiny_clip_dir(tmp_path_factory):
-  from cg3d_jax.weights.random_clip import write_random_clip
+  from cg3d_jax.synthetic.random_clip import write_random_clip
   path = tmp_path_factory.mktemp('tiny_clip') / 'clip'
   write_random_clip(path, **TINY_CLIP)  # the package's own copy of the real BPE vocabulary
   return str(path)
@@ -126,7 +126,7 @@ def tiny_clip_dir(tmp_path_factory):
 def tiny_shapenet(tmp_path_factory):
   """(manual_dir, data_dir) of a prepared procedural ShapeNet-55-layout dataset: 13 families, 6 + 2 objects each."""
   from cg3d_jax.data import builders
-  from cg3d_jax.data.synthetic import SyntheticSettings, ensure_synthetic_shapenet
+  from cg3d_jax.synthetic.objects import SyntheticSettings, ensure_synthetic_shapenet
   root = tmp_path_factory.mktemp('tiny_shapenet')
   settings = SyntheticSettings(seed=0, num_train_per_class=6, num_test_per_class=2, num_points=256, image_size=32,
                                num_views=5)
@@ -145,6 +145,20 @@ def tiny_config(clip_dir, shapenet, **overrides):
   return apply_overrides(c, overrides)
 
 
+def run_command(main, argv: list[str]) -> int:
+  """A command's `main` run in this process as `python -m cg3d_jax.<command> argv` runs it (flags parsed, input
+  errors reported on stderr as one `error:` line); returns the exit status."""
+  from absl import flags
+
+  from cg3d_jax import cli
+  flags.FLAGS.unparse_flags()
+  try:
+    cli.guard(main)(cli.parse_flags(['cg3d', *argv]))
+  except SystemExit as stop:
+    return stop.code if isinstance(stop.code, int) else 1
+  return 0
+
+
 def apply_overrides(config, overrides: dict):
   """Sets {'a.b.c': value} entries on a ConfigDict (as --config.a.b.c=value would) and returns it."""
   for key, value in overrides.items():
@@ -159,10 +173,10 @@ def apply_overrides(config, overrides: dict):
 @pytest.fixture(scope='session')
 def tiny_checkpoint(tmp_path_factory, tiny_clip_dir, tiny_shapenet):
   """A training workdir after 4 steps of the tiny config (PointTransformer, deep prompts), checkpoint at step 4."""
-  from cg3d_jax.train import loop
+  from cg3d_jax.training import pretrain
   workdir = tmp_path_factory.mktemp('tiny_run')
   config = tiny_config(tiny_clip_dir, tiny_shapenet, **{'train.total_steps': 4})
-  loop.train(config, str(workdir))
+  pretrain.train(config, str(workdir))
   return workdir
 
 
@@ -175,11 +189,12 @@ def demo_run(tmp_path_factory):
   run learns less (zero-shot top-1 31% instead of 51%, right at test_demo's bound) for no time saved.
   """
   import types
-  from cg3d_jax.train import loop
+
   from cg3d_jax.configs import demo
+  from cg3d_jax.synthetic import demo_assets
+  from cg3d_jax.training import pretrain
   root = tmp_path_factory.mktemp('demo')
   c = demo.get_config()
-  c.demo.root = str(root / 'assets')
   c.demo.synthetic.update(dict(num_train_per_class=8, num_test_per_class=3, num_points=256, image_size=32))
   c.demo.clip.update(TINY_CLIP)
   c.model.embed_dim = TINY_CLIP['projection_dim']
@@ -195,6 +210,7 @@ def demo_run(tmp_path_factory):
   c.checkpoint.every_steps = 300
   c.checkpoint.async_save = False
   c.logging.tensorboard = False
+  demo_assets.write(root / 'assets', c.demo).apply(c)  # as `python -m cg3d_jax.demo_assets` does
   workdir = root / 'run'
-  result = loop.train(c, str(workdir))
+  result = pretrain.train(c, str(workdir))
   return types.SimpleNamespace(config=c, result=result, root=root, workdir=workdir)

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from cg3d_jax.train import checkpoint, optim, sharding
+from cg3d_jax import checkpoints, sharding
 from cg3d_jax.configs import base
+from cg3d_jax.training import optim
 
 RULES = [('^encoder/', dict(name='adamw', lr=1e-3, weight_decay=0.05, clip_norm=1.0)),
          ('^clip/prompts/', dict(name='sgd', lr=1e-2, momentum=0.9)), ('^clip/', None)]
@@ -57,7 +58,7 @@ def saved_on_4x2(tmp_path_factory):
   assert sharded['params']['clip']['vision']['kernel'].sharding.spec == P(None, 'fsdp')
   config = base.get_base_config()
   config.train.batch_size = 48
-  with checkpoint.Checkpointer(str(directory), every_steps=1) as ckpt:
+  with checkpoints.Checkpointer(str(directory), every_steps=1) as ckpt:
     assert ckpt.save(7, sharded, data_step=7 * 48, rng=jax.random.key(11), config=config,
                      metrics={'val/top1': 0.25, 'train/loss': np.float32(1.5)})
     ckpt.wait()
@@ -71,7 +72,7 @@ def test_restore_onto_other_meshes_is_bitwise_equal(saved_on_4x2, target_mesh):
           '8x1': lambda: sharding.make_mesh(dict(data=8, fsdp=1)),
           '2x4': lambda: sharding.make_mesh(dict(data=2, fsdp=4))}[target_mesh]()
   target = _target(expected, mesh)
-  with checkpoint.Checkpointer(str(directory)) as ckpt:
+  with checkpoints.Checkpointer(str(directory)) as ckpt:
     assert ckpt.latest_step() == 7
     state, _ = ckpt.restore(target_state_shapes_with_shardings=target)
   _assert_bitwise_equal(state, expected)
@@ -83,7 +84,7 @@ def test_restore_onto_other_meshes_is_bitwise_equal(saved_on_4x2, target_mesh):
 
 def test_extras_round_trip(saved_on_4x2):
   directory, expected, config = saved_on_4x2
-  with checkpoint.Checkpointer(str(directory)) as ckpt:
+  with checkpoints.Checkpointer(str(directory)) as ckpt:
     _, extras = ckpt.restore(7, target_state_shapes_with_shardings=_target(expected, sharding.make_mesh(dict(data=-1))))
   assert extras['step'] == 7 and extras['data_step'] == 7 * 48
   assert jax.dtypes.issubdtype(extras['rng'].dtype, jax.dtypes.prng_key)
@@ -96,7 +97,7 @@ def test_extras_round_trip(saved_on_4x2):
 
 def test_raw_uint32_rng_round_trips_as_raw(tmp_path):
   state = {'w': jnp.arange(4.0)}
-  with checkpoint.Checkpointer(str(tmp_path), every_steps=1, async_save=False) as ckpt:
+  with checkpoints.Checkpointer(str(tmp_path), every_steps=1, async_save=False) as ckpt:
     ckpt.save(1, state, data_step=np.int64(5), rng=jax.random.PRNGKey(3), config={'note': 'plain dict'})
     _, extras = ckpt.restore(target_state_shapes_with_shardings=_target(state, sharding.make_mesh(dict(data=-1))))
   assert extras['rng'].dtype == jnp.uint32
@@ -105,7 +106,7 @@ def test_raw_uint32_rng_round_trips_as_raw(tmp_path):
 
 
 def test_unserialisable_extras_fail_in_the_caller_not_in_the_save_thread(tmp_path):
-  with checkpoint.Checkpointer(str(tmp_path), every_steps=1) as ckpt:
+  with checkpoints.Checkpointer(str(tmp_path), every_steps=1) as ckpt:
     with pytest.raises(TypeError, match='checkpoint data_step: object is not JSON-serialisable'):
       ckpt.save(1, {'w': jnp.arange(4.0)}, data_step=object(), rng=jax.random.key(0), config=None)
     assert ckpt.all_steps() == []
@@ -113,7 +114,7 @@ def test_unserialisable_extras_fail_in_the_caller_not_in_the_save_thread(tmp_pat
 
 def test_keep_prunes_to_the_last_k(tmp_path):
   state = {'w': jnp.arange(4.0)}
-  with checkpoint.Checkpointer(str(tmp_path), keep=2, keep_best=False, every_steps=1) as ckpt:
+  with checkpoints.Checkpointer(str(tmp_path), keep=2, keep_best=False, every_steps=1) as ckpt:
     for step in range(1, 7):
       ckpt.save(step, jax.tree.map(lambda x: x + step, state), data_step=step, rng=jax.random.key(0), config=None,
                 metrics={'val/top1': float(step == 2)})
@@ -125,14 +126,14 @@ def test_keep_prunes_to_the_last_k(tmp_path):
 def test_best_is_kept_beside_the_last_k(tmp_path):
   state = {'w': jnp.arange(4.0)}
   accuracies = {1: 0.1, 2: 0.9, 3: 0.2, 4: 0.3, 5: None, 6: 0.5}
-  with checkpoint.Checkpointer(str(tmp_path), keep=2, every_steps=1) as ckpt:
+  with checkpoints.Checkpointer(str(tmp_path), keep=2, every_steps=1) as ckpt:
     for step, accuracy in accuracies.items():
       metrics = None if accuracy is None else {'val/top1': accuracy, 'train/loss': 1.0}
       ckpt.save(step, state, data_step=step, rng=jax.random.key(0), config=None, metrics=metrics)
     ckpt.wait()
     assert ckpt.all_steps() == [2, 5, 6]  # best (0.9 at step 2) plus the two latest
     assert ckpt.best_step() == 2
-  with checkpoint.Checkpointer(str(tmp_path), keep=2, every_steps=1) as reopened:
+  with checkpoints.Checkpointer(str(tmp_path), keep=2, every_steps=1) as reopened:
     assert reopened.all_steps() == [2, 5, 6] and reopened.best_step() == 2 and reopened.latest_step() == 6
 
 
@@ -141,7 +142,7 @@ def test_async_save_survives_deleting_the_state_then_wait(tmp_path):
   state = _train_state()
   expected = jax.device_get(state)
   sharded = _on_mesh(state, mesh)
-  ckpt = checkpoint.Checkpointer(str(tmp_path), every_steps=1, async_save=True)
+  ckpt = checkpoints.Checkpointer(str(tmp_path), every_steps=1, async_save=True)
   assert ckpt.save(3, sharded, data_step=3, rng=jax.random.key(1), config=None)
   for leaf in jax.tree.leaves(sharded):  # what a donated train step would do to the buffers
     leaf.delete()
@@ -154,7 +155,7 @@ def test_async_save_survives_deleting_the_state_then_wait(tmp_path):
 
 def test_save_interval_and_force(tmp_path):
   state = {'w': jnp.arange(4.0)}
-  with checkpoint.Checkpointer(str(tmp_path), every_steps=5, async_save=False) as ckpt:
+  with checkpoints.Checkpointer(str(tmp_path), every_steps=5, async_save=False) as ckpt:
     assert ckpt.should_save(5) and ckpt.should_save(10) and not ckpt.should_save(6)
     assert not ckpt.save(6, state, data_step=6, rng=jax.random.key(0), config=None)
     assert ckpt.save(10, state, data_step=10, rng=jax.random.key(0), config=None)
@@ -165,9 +166,9 @@ def test_save_interval_and_force(tmp_path):
 def test_missing_directory_and_missing_step_are_clear_errors(tmp_path):
   missing = tmp_path / 'no_such_run'
   with pytest.raises(FileNotFoundError, match='no_such_run does not exist'):
-    checkpoint.Checkpointer(str(missing), read_only=True)
+    checkpoints.Checkpointer(str(missing), read_only=True)
   target = _target({'w': jnp.arange(4.0)}, sharding.make_mesh(dict(data=-1)))
-  with checkpoint.Checkpointer(str(tmp_path / 'empty')) as ckpt:
+  with checkpoints.Checkpointer(str(tmp_path / 'empty')) as ckpt:
     with pytest.raises(FileNotFoundError, match='no checkpoint to restore in .*empty'):
       ckpt.restore(target_state_shapes_with_shardings=target)
     ckpt.save(2, {'w': jnp.arange(4.0)}, data_step=0, rng=jax.random.key(0), config=None, force=True)
@@ -179,6 +180,6 @@ def test_missing_directory_and_missing_step_are_clear_errors(tmp_path):
 
 
 def test_typed_keys_in_state_are_rejected(tmp_path):
-  with checkpoint.Checkpointer(str(tmp_path)) as ckpt:
+  with checkpoints.Checkpointer(str(tmp_path)) as ckpt:
     with pytest.raises(TypeError, match=r"\['rng'\] is a typed PRNG key"):
       ckpt.save(1, {'rng': jax.random.key(0)}, data_step=0, rng=jax.random.key(0), config=None, force=True)

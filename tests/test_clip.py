@@ -20,8 +20,9 @@ from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
 from cg3d_jax import assets
 from cg3d_jax.models.clip import CLIP, EOS_POOLING_ARGMAX, EOS_POOLING_FIRST_EOS, prompt_init_bound
-from cg3d_jax.weights import hf_clip, random_clip
-from cg3d_jax.weights.torch_prompted_clip import torch_prompted_image_features
+from cg3d_jax.synthetic import random_clip
+from cg3d_jax.twins.prompted_clip import torch_prompted_image_features
+from cg3d_jax.weights import hf_clip
 
 CAPTIONS = ['a photo of an owl.', 'a chicken standing on grass', 'a penguin']
 PHOTOS = ('a', 'b', 'c')

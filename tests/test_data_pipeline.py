@@ -6,14 +6,16 @@ Expected values come from the files on disk (npy clouds, PNG renders read with P
 import jax
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from cg3d_jax.data import builders, pipeline, shapes, synthetic, transforms
 from cg3d_jax.configs import base
+from cg3d_jax.data import builders, pipeline, transforms
+from cg3d_jax.synthetic import objects, shapes
 from tests.conftest import modelnet_root
 
-SETTINGS = synthetic.SyntheticSettings(seed=3, num_train_per_class=2, num_test_per_class=1, num_points=512,
+SETTINGS = objects.SyntheticSettings(seed=3, num_train_per_class=2, num_test_per_class=1, num_points=512,
                                        image_size=64, num_views=5)
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's
 IMAGE_KW = dict(image_size=64, image_mean=MEAN, image_std=STD)
@@ -22,7 +24,7 @@ IMAGE_KW = dict(image_size=64, image_mean=MEAN, image_std=STD)
 @pytest.fixture(scope='session')
 def synth(tmp_path_factory):
   root = tmp_path_factory.mktemp('synthetic')
-  manual = synthetic.ensure_synthetic_shapenet(root / 'manual', SETTINGS)
+  manual = objects.ensure_synthetic_shapenet(root / 'manual', SETTINGS)
   data_dir = str(root / 'tfds')
   builder = builders.get_builder('shapenet55_cg3d', data_dir=data_dir, manual_dir=str(manual))
   return manual, data_dir, builder
@@ -71,17 +73,17 @@ def _local(synth, steps, **kwargs):
 
 
 def test_synthetic_objects_are_deterministic_from_the_seed(tmp_path):
-  small = synthetic.SyntheticSettings(seed=5, num_train_per_class=1, num_test_per_class=1, num_points=128,
+  small = objects.SyntheticSettings(seed=5, num_train_per_class=1, num_test_per_class=1, num_points=128,
                                       image_size=24, num_views=2, families=('torus', 'mug'))
-  a = synthetic.write_synthetic_shapenet(tmp_path / 'a', small)
-  b = synthetic.write_synthetic_shapenet(tmp_path / 'b', small)
+  a = objects.write_synthetic_shapenet(tmp_path / 'a', small)
+  b = objects.write_synthetic_shapenet(tmp_path / 'b', small)
   files_a = sorted(p.relative_to(a) for p in a.rglob('*') if p.is_file())
   assert files_a == sorted(p.relative_to(b) for p in b.rglob('*') if p.is_file())
   assert len(files_a) == 4 * 3 + 5  # 4 objects (npy + 2 views each), 5 metadata files
   for rel in files_a:
     assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
-  other, _ = synthetic.make_object(synthetic.SyntheticSettings(seed=6, num_points=128, image_size=24), 'torus', 0)
-  same, _ = synthetic.make_object(small, 'torus', 0)
+  other, _ = objects.make_object(objects.SyntheticSettings(seed=6, num_points=128, image_size=24), 'torus', 0)
+  same, _ = objects.make_object(small, 'torus', 0)
   assert np.abs(other - same).max() > 0.05
 
 

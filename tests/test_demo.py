@@ -2,7 +2,7 @@
 
 import json
 
-from cg3d_jax.data import shapes
+from cg3d_jax.synthetic import shapes
 
 
 def test_demo_writes_its_assets_and_learns_zero_shot(demo_run):

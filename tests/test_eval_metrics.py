@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cg3d_jax.eval import metrics, point_files, reports
+from cg3d_jax.data import point_files
+from cg3d_jax.evaluators import metrics, reports
 from tests.conftest import assert_no_near_ties
 
 

@@ -9,6 +9,7 @@ import ast
 import collections
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -19,14 +20,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cg3d_jax import trees
+from cg3d_jax.configs import base as base_config
+from cg3d_jax.errors import BadInputError
 from cg3d_jax.models.point_transformer import PointTransformer
 from cg3d_jax.models.pointmlp import PointMLP
-from cg3d_jax.train.trained import load_trained
-from cg3d_jax.weights import cg3d_checkpoint as ckpt
-from cg3d_jax.weights import torch_io
-from cg3d_jax.weights.torch_twins import PointTransformerProject
-from cg3d_jax.weights.torch_twins_pointmlp import PointMLPProject
-from cg3d_jax.configs import base as base_config
+from cg3d_jax.trained import load_trained
+from cg3d_jax.twins import verify
+from cg3d_jax.twins.point_transformer import PointTransformerProject
+from cg3d_jax.twins.pointmlp import PointMLPProject
+from cg3d_jax.weights import cg3d_pth as ckpt
 from tests.conftest import FIXTURES, REPO_ROOT, modelnet_root
 
 OBJECTS = ('airplane/airplane_0001', 'airplane/airplane_0627', 'bathtub/bathtub_0107', 'bathtub/bathtub_0111')
@@ -98,7 +101,7 @@ def test_export_command_verifies_and_loads_strictly(exported, trained):
   assert result.returncode == 0, result.stdout + result.stderr
   assert 'loads into the PyTorch twin with strict=True' in result.stdout
   assert 'verify: OK' in result.stdout
-  diff = float(result.stdout.split('of 4 clouds')[1].split('): ')[1].split(' ')[0])
+  diff = float(re.search(r'of 4 clouds \(.*\), both in float64: (\S+) ', result.stdout).group(1))
   assert diff <= 1e-9  # float64 on both sides
 
   container = torch.load(out, weights_only=True)
@@ -230,7 +233,7 @@ def test_original_checkpoint_layout_is_imported(tmp_path, highest_precision):
   np.testing.assert_array_equal(params['reduce_dim']['kernel'], twin.reduce_dim.weight.detach().numpy().T)
   np.testing.assert_array_equal(batch_stats['encoder']['first_bn']['var'],
                                 twin.encoder.first_conv[1].running_var.numpy())
-  diff, got, _ = ckpt.compare_features(twin, model, {'params': params, 'batch_stats': batch_stats},
+  diff, got, _ = verify.compare_features(twin, model, {'params': params, 'batch_stats': batch_stats},
                                        modelnet_clouds(64))
   assert diff <= 1e-9 and np.abs(got).max() > 0.05
 
@@ -267,7 +270,7 @@ def test_unsafe_and_broken_files_are_refused(exported, tmp_path):
   with pytest.raises(ckpt.CheckpointFormatError, match=r"expected a dict with a 'base_model'.*\['epoch', 'state'\]"):
     ckpt.load_cg3d_checkpoint(tmp_path / 'other.pth')
   (tmp_path / 'junk.safetensors').write_bytes(b'\x00' * 64)
-  with pytest.raises(ckpt.CheckpointFormatError, match='not a safetensors file'):
+  with pytest.raises(BadInputError, match='junk.safetensors: not a readable safetensors file'):
     ckpt.load_cg3d_checkpoint(tmp_path / 'junk.safetensors')
   with pytest.raises(FileNotFoundError, match='no such checkpoint file'):
     ckpt.load_cg3d_checkpoint(tmp_path / 'absent.pth')
@@ -315,12 +318,12 @@ def test_interrupted_export_leaves_no_partial_file(trained, tmp_path, monkeypatc
   assert (tmp_path / 'model.pth').read_bytes() == b'previous export'  # untouched until a complete file replaces it
   monkeypatch.undo()
 
-  real_atomic_write = ckpt._atomic_write
+  real_atomic_write = ckpt.atomic_write
   def fails_on_tensors(path, write):
     if path.suffix == '.safetensors':
       raise OSError('No space left on device')
     real_atomic_write(path, write)
-  monkeypatch.setattr(ckpt, '_atomic_write', fails_on_tensors)
+  monkeypatch.setattr(ckpt, 'atomic_write', fails_on_tensors)
   with pytest.raises(OSError, match='No space left'):
     ckpt.write_safetensors_checkpoint(tmp_path / 'model.safetensors', container)
   assert os.listdir(tmp_path) == ['model.pth']  # and no orphaned sidecar
@@ -340,14 +343,14 @@ def test_pointmlp_export_loads_strictly_matches_twin_and_round_trips(tmp_path, h
 
   twin = PointMLPProject(points=128, **sizes, projection_dim=16)
   twin.load_state_dict(torch.load(path, weights_only=True)['base_model'], strict=True)
-  diff, got, _ = ckpt.compare_features(twin.eval(), model, variables, clouds)
+  diff, got, _ = verify.compare_features(twin.eval(), model, variables, clouds)
   assert diff <= 1e-9 and np.abs(got).max() > 0.05
-  twin = ckpt.load_twin(path, 'pointmlp', model, 128)
-  diff, _, _ = ckpt.compare_features(twin, model, variables, clouds)
+  twin = verify.load_twin(path, 'pointmlp', model, 128)
+  diff, _, _ = verify.compare_features(twin, model, variables, clouds)
   assert diff <= 1e-9
   with torch.no_grad():  # what --verify exists to catch: one weight off by a little
     twin.projection.bias[3] += 1e-3
-  diff, _, _ = ckpt.compare_features(twin, model, variables, clouds)
+  diff, _, _ = verify.compare_features(twin, model, variables, clouds)
   assert diff == pytest.approx(1e-3, rel=0.05)
 
   encoder, params, batch_stats, prompts, info = ckpt.load_cg3d_checkpoint(path, model)
@@ -356,4 +359,4 @@ def test_pointmlp_export_loads_strictly_matches_twin_and_round_trips(tmp_path, h
   assert_trees_equal(batch_stats, variables['batch_stats'])
   with pytest.raises(ckpt.CheckpointFormatError, match=r'does not fit the pointmlp: .*projection\.weight'):
     ckpt.load_cg3d_checkpoint(path, model.clone(projection_dim=32))
-  assert torch_io.flatten(params).keys() == torch_io.flatten(variables['params']).keys()
+  assert trees.flatten(params).keys() == trees.flatten(variables['params']).keys()

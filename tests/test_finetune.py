@@ -6,23 +6,29 @@ split. The 3 training objects cannot teach two classes, so the short fine-tune t
 evaluation mode); the 3 official-train airplanes, never trained on, are a held-out check.
 """
 
+import functools
 import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 import torch
 
-from cg3d_jax.data import builders, finetune_pipeline, transforms
-from cg3d_jax.models import classifiers
-from cg3d_jax.models.pointmlp import PointMLP
-from cg3d_jax.train import finetune as ft
-from cg3d_jax.train import finetuned as ftd
-from cg3d_jax.train import trained
-from cg3d_jax.weights import torch_io, torch_io_pointmlp, torch_twins
+from cg3d_jax import checkpoints, sharding, trained, trees
 from cg3d_jax.configs import finetune_modelnet40
+from cg3d_jax.data import builders, pipeline, transforms
+from cg3d_jax.evaluators.classification import ClassificationEvaluator
+from cg3d_jax.models import classifiers
+from cg3d_jax.models.point_ops import sample_points
+from cg3d_jax.models.pointmlp import PointMLP
+from cg3d_jax.training import finetune as ft
+from cg3d_jax.twins import point_transformer as torch_twin
+from cg3d_jax.weights import cg3d_pth, torch_io, torch_io_pointmlp
 from tests.conftest import apply_overrides, modelnet_root
 
 NUM_STORED = 128  # points kept per fixture cloud (the first 128 of 10,000), FPS'd to 64 per step
@@ -64,15 +70,14 @@ def tiny_finetune_config(modelnet, **overrides):
 
 
 def _flat(tree):
-  return {k: np.asarray(v) for k, v in torch_io.flatten(tree).items()}
+  return {k: np.asarray(v) for k, v in trees.flatten(tree).items()}
 
 
 def test_init_from_pretraining_copies_encoder_and_keeps_fresh_head(modelnet_fixture, tiny_checkpoint):
   config = tiny_finetune_config(modelnet_fixture)
   setup = ft.build_setup(config, init=str(tiny_checkpoint))
   # The pretrained variables, read back from disk independently of the fine-tune code.
-  step_dir = trained.find_step_dir(tiny_checkpoint)
-  saved = trained.read_state(step_dir)
+  saved = checkpoints.read_step(tiny_checkpoint).state
   pre_params, pre_stats = _flat(saved['params']['encoder']), _flat(saved['batch_stats'])
   params, stats = _flat(jax.device_get(setup.state['params'])), _flat(jax.device_get(setup.state['batch_stats']))
   init_rng = jax.random.split(jax.random.key(config.seed))[0]  # build_setup's
@@ -107,10 +112,8 @@ def test_init_from_original_pth(modelnet_fixture, tiny_checkpoint, tmp_path):
   config = tiny_finetune_config(modelnet_fixture)
   model = classifiers.build_classifier(config.model, 40)
   fresh = classifiers.init_variables(model, jax.random.key(0), config.model.num_points)
-  loaded = ft.transfer_encoder(fresh, ft.load_pretrained(path, config.model), 'point_transformer')
-  expected = ft.transfer_encoder(fresh, ft.PretrainedEncoder('point_transformer', pre.encoder_vars['params'],
-                                                             pre.encoder_vars['batch_stats'], 'workdir'),
-                                 'point_transformer')
+  loaded = ft.transfer_encoder(fresh, trained.load_trained(path, model_config=config.model), 'point_transformer')
+  expected = ft.transfer_encoder(fresh, pre, 'point_transformer')
   for (k, a), b in zip(_flat(loaded).items(), _flat(expected).values()):
     np.testing.assert_array_equal(a, b, err_msg=k)
 
@@ -119,7 +122,7 @@ def test_init_rejects_mismatched_encoder(modelnet_fixture, tiny_checkpoint):
   config = tiny_finetune_config(modelnet_fixture, **{'model.point_transformer.depth': 3})
   model = classifiers.build_classifier(config.model, 40)
   shapes = jax.eval_shape(lambda: classifiers.init_variables(model, jax.random.key(0), config.model.num_points))
-  pretrained = ft.load_pretrained(tiny_checkpoint)
+  pretrained = trained.load_trained(tiny_checkpoint)
   with pytest.raises(ValueError, match='blocks_2.* missing from the pretrained encoder'):
     ft.transfer_encoder(shapes, pretrained, 'point_transformer')
   with pytest.raises(ValueError, match='holds a point_transformer encoder'):
@@ -144,28 +147,32 @@ def test_short_finetune_reaches_full_training_accuracy(finetuned_run):
   assert rows[-1]['loss'] < rows[0]['loss']
   # Held out: the 3 official-train airplanes were never trained on (20 training objects decide little; this run
   # gets 2 of the 3, which we require so that a regression shows).
-  held_out = _eval_on(ftd.load_finetuned(workdir), config, split='train')
+  held_out = _eval_on(trained.load_finetuned(workdir), config, split='train')
   assert held_out['count'] == 3 and held_out['top1'] >= 2 / 3
 
 
 def _read_jsonl(path):
-  from cg3d_jax.metrics import read_jsonl
+  from cg3d_jax.metric_writer import read_jsonl
   return read_jsonl(str(path))
 
 
 def _eval_on(finetuned, config, *, split, votes=1, vote_augment=True):
-  mesh = ft.sharding.make_mesh({'data': -1, 'fsdp': 1})
-  predict = ft.make_predict(finetuned.model, num_points=config.model.num_points,
-                            fps_points=ft.fps_count(config.model.num_points, NUM_STORED, config.finetune.fps_points),
-                            votes=votes, vote_augment=vote_augment, out_sharding=ft.sharding.replicated(mesh))
-  variables = jax.device_put(finetuned.variables, ft.sharding.replicated(mesh))  # read onto one device
-  return ft.evaluate(predict, variables, ft.eval_batches(config, ft.sharding.batch_sharding(mesh), split),
-                     num_classes=40, key=jax.random.key(0))
+  mesh = sharding.make_mesh({'data': -1, 'fsdp': 1})
+  batches = functools.partial(
+      pipeline.make_eval_iterator, config.data.name, data_dir=config.data.data_dir, manual_dir=config.data.manual_dir,
+      batch_size=config.eval.batch_size, sharding=sharding.batch_sharding(mesh),
+      num_points_stored=config.data.num_stored_points, split=split, skip_bad=config.data.skip_bad)
+  evaluator = ClassificationEvaluator(
+      finetuned.model, batches=batches, mesh=mesh, num_classes=40, num_points=config.model.num_points,
+      fps_points=transforms.fps_count(config.model.num_points, NUM_STORED, config.finetune.fps_points), votes=votes,
+      vote_augment=vote_augment, prefix='')
+  outputs = evaluator.outputs(jax.device_put(finetuned.variables, sharding.replicated(mesh)))
+  return {**evaluator.metrics(outputs), 'logits': outputs['logits'], 'labels': outputs['label']}
 
 
 def test_voting_without_augmentation_equals_single_pass(finetuned_run):
   workdir, config, _ = finetuned_run
-  finetuned = ftd.load_finetuned(workdir)
+  finetuned = trained.load_finetuned(workdir)
   single = _eval_on(finetuned, config, split='test')
   voted = _eval_on(finetuned, config, split='test', votes=10, vote_augment=False)
   np.testing.assert_array_equal(single['labels'], voted['labels'])
@@ -175,19 +182,19 @@ def test_voting_without_augmentation_equals_single_pass(finetuned_run):
 
 def test_export_loads_into_the_original_classifier(finetuned_run, modelnet_fixture):
   workdir, config, _ = finetuned_run
-  finetuned = ftd.load_finetuned(workdir)
+  finetuned = trained.load_finetuned(workdir)
   params, stats = finetuned.variables['params'], finetuned.variables['batch_stats']
-  state_dict = ftd.finetuned_to_torch('point_transformer', params, stats)
+  state_dict = cg3d_pth.classifier_state_dict('point_transformer', params, stats)
   pretraining_keys = list(torch_io.point_transformer_to_torch(params, stats).keys())
   assert list(state_dict) == [k for k in pretraining_keys if not k.startswith('projection.')]
   assert tuple(state_dict['cls_head_finetune.3.weight'].shape) == (40, 256)
 
-  twin = torch_twins.PointTransformerProject(embed_dim=32, num_classes=40, **TINY_PT).eval()
+  twin = torch_twin.PointTransformerProject(embed_dim=32, num_classes=40, **TINY_PT).eval()
   missing, unexpected = twin.load_state_dict(state_dict, strict=False)
   assert sorted(missing) == ['projection.bias', 'projection.weight'] and not unexpected
-  batch = next(iter(ft.pipeline.eval_local_batches('modelnet40', data_dir=modelnet_fixture[1], batch_size=4,
+  batch = next(iter(pipeline.eval_local_batches('modelnet40', data_dir=modelnet_fixture[1], batch_size=4,
                                                    num_points_stored=NUM_STORED, skip_bad=True)))
-  points = np.asarray(ft.fps(jnp.asarray(batch['points']), config.model.num_points), np.float64)
+  points = np.asarray(sample_points(jnp.asarray(batch['points']), config.model.num_points), np.float64)
   # Float64 on both sides, grouping included: no near-tie among distances can be decided two ways.
   with jax.enable_x64(True):
     jax_logits = finetuned.model.clone(dtype=jnp.float64).apply(
@@ -197,8 +204,12 @@ def test_export_loads_into_the_original_classifier(finetuned_run, modelnet_fixtu
     torch_logits = twin.double().forward_logits(torch.from_numpy(points)).numpy()
   np.testing.assert_allclose(torch_logits, np.asarray(jax_logits), rtol=0, atol=1e-9 * np.abs(torch_logits).max())
 
+  # The export command writes Point-BERT's fine-tune container, and --verify compares the twin's logits.
   path = workdir / 'export' / 'finetuned.pth'
-  ftd.save_finetuned_pth(path, finetuned)
+  done = subprocess.run([sys.executable, '-m', 'cg3d_jax.export', '--checkpoint', str(workdir), '--out', str(path),
+                         '--verify'], capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert 'verify: OK' in done.stdout and 'logits' in done.stdout
   container = torch.load(path, weights_only=True)
   assert set(container) == {'base_model', 'epoch', 'metrics', 'best_metrics'}
   assert container['metrics']['acc'] == 100.0 and container['epoch'] == 75  # 150 steps of 2-step epochs
@@ -233,7 +244,7 @@ def test_train_stream_is_the_fixture_data_and_resumes(modelnet_fixture, fixtures
   assert len(reference) == 20
 
   def stream(start, count):
-    ds = finetune_pipeline.train_local_dataset(config.data, global_batch_size=8, seed=3, start_step=start,
+    ds = pipeline.labelled_local_dataset(config.data, global_batch_size=8, seed=3, start_step=start,
                                                process_index=0, process_count=1)
     return [b for _, b in zip(range(count), ds.as_numpy_iterator())]
 
@@ -249,7 +260,7 @@ def test_train_stream_is_the_fixture_data_and_resumes(modelnet_fixture, fixtures
     assert len(hits) == 1 and label == (0 if hits[0].startswith('airplane') else 1)
     matched.append(hits[0])
   assert sorted(matched) == sorted(reference)  # each object once per epoch
-  assert finetune_pipeline.steps_per_epoch(config.data, 8) == 2
+  assert pipeline.steps_per_epoch(config.data, 8) == 2
 
 
 TINY_MLP = dict(embed_dim=8, dim_expansion=(2, 2), pre_blocks=(1, 1), pos_blocks=(1, 2), k_neighbors=(4, 4),
@@ -264,8 +275,11 @@ def test_pointmlp_classifier_trunk_init_and_export():
   # Move BatchNorm statistics off their init values so that copying them is visible.
   pre_stats = jax.tree.map(lambda x: x + 0.5, pre['batch_stats'])
   fresh = classifiers.init_variables(classifier, jax.random.key(3), 32)
-  variables = ft.transfer_encoder(fresh, ft.PretrainedEncoder('pointmlp', pre['params'], pre_stats, 'test'),
-                                  'pointmlp')
+  pretrained = trained.TrainedModel(
+      encoder=encoder, encoder_vars={'params': pre['params'], 'batch_stats': pre_stats}, prompts=None,
+      prompt_mode='none', config=ml_collections.ConfigDict({'model': {'encoder': 'pointmlp', 'num_points': 32}}),
+      step=0, source='test')
+  variables = ft.transfer_encoder(fresh, pretrained, 'pointmlp')
   flat, pre_flat = _flat(variables['params']), _flat(pre['params'])
   assert set(flat) == ({k for k in pre_flat if not k.startswith('projection')}
                        | {k for k in _flat(fresh['params']) if k.startswith('classifier_')})
@@ -277,7 +291,7 @@ def test_pointmlp_classifier_trunk_init_and_export():
 
   # Export: CG3D's PointMLP keys without the projection, plus the original pointMLP classifier Sequential.
   stats = jax.tree.map(lambda x: x + 0.25, variables['batch_stats'])
-  state_dict = ftd.finetuned_to_torch('pointmlp', variables['params'], stats)
+  state_dict = cg3d_pth.classifier_state_dict('pointmlp', variables['params'], stats)
   trunk_keys = [k for k in torch_io_pointmlp.pointmlp_to_torch(pre['params'], pre_stats) if
                 not k.startswith('projection.')]
   assert list(state_dict)[:len(trunk_keys)] == trunk_keys
@@ -320,7 +334,7 @@ def test_interrupted_finetune_resumes_bitwise(modelnet_fixture, tiny_checkpoint,
   ft.finetune(config(4), str(tmp_path / 'straight'), init=str(tiny_checkpoint))
   ft.finetune(config(2), str(tmp_path / 'resumed'), init=str(tiny_checkpoint))
   ft.finetune(config(4), str(tmp_path / 'resumed'), init=str(tiny_checkpoint))
-  a, b = ftd.load_finetuned(tmp_path / 'straight'), ftd.load_finetuned(tmp_path / 'resumed')
+  a, b = trained.load_finetuned(tmp_path / 'straight'), trained.load_finetuned(tmp_path / 'resumed')
   assert a.step == b.step == 4
   for x, y in zip(jax.tree.leaves(a.variables), jax.tree.leaves(b.variables)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -12,7 +12,7 @@ from ml_collections import config_flags
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cg3d_jax import cli
-from cg3d_jax.metrics import MetricsWriter, read_jsonl
+from cg3d_jax.metric_writer import MetricsWriter, read_jsonl
 from tests.conftest import REPO_ROOT
 
 
@@ -72,13 +72,16 @@ def test_metrics_writer_rejects_non_scalars(tmp_path):
       w.write_scalars(1, {'loss': 'high'})
 
 
-@pytest.mark.parametrize('command', ['train', 'evaluate', 'export'])
-def test_entry_point_help_lists_flags(command):
+@pytest.mark.parametrize('command, listed', [
+    ('train', ('--config', '--workdir')), ('evaluate', ('--config', '--workdir', '--checkpoint')),
+    ('export', ('--checkpoint', '--out', '--points', '--verify')),
+    ('query_scene', ('--checkpoint', '--scene', '--out', '--vocabulary', '--radius', '--templates'))])
+def test_entry_point_help_lists_flags(command, listed):
   out = subprocess.run([sys.executable, '-m', f'cg3d_jax.{command}', '--help'], capture_output=True, text=True,
                        cwd=REPO_ROOT, timeout=300)
   # absl exits with status 1 after printing --help; what matters is that the usage text, not a traceback, came out.
   assert 'Traceback' not in out.stderr, out.stderr
-  assert '--config' in out.stdout and '--workdir' in out.stdout
+  assert all(flag in out.stdout for flag in listed), out.stdout[-3000:]
 
 
 def test_config_names_resolve_to_the_shipped_files(tmp_path):
@@ -88,7 +91,7 @@ def test_config_names_resolve_to_the_shipped_files(tmp_path):
   own = tmp_path / 'mine.py'
   own.write_text('from cg3d_jax.configs import demo\nget_config = demo.get_config\n')
   assert cli.resolve_config(f'{own}:x') == f'{own}:x'  # a file path is kept, arg and all
-  with pytest.raises(app.UsageError, match=r"'pretrain_pointbret' is not a shipped config; shipped: .*pretrain_pointbert"):
+  with pytest.raises(app.UsageError, match=r"'pretrain_pointbret' is not a shipped config; shipped: .*pointbert"):
     cli.resolve_config('pretrain_pointbret')
   with pytest.raises(app.UsageError, match='no such file'):
     cli.resolve_config(str(tmp_path / 'missing.py'))

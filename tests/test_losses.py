@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cg3d_jax.train import losses
+from cg3d_jax.models.layers import l2_normalize
+from cg3d_jax.training import losses
 
 
 def _numpy_infonce(a, b, scale, excluded=None):
@@ -104,7 +105,7 @@ def test_bfloat16_features_computed_in_float32():
 
 def test_l2_normalize():
   x = np.array([[3.0, 4.0], [0.0, 0.0], [1e-3, 0.0]], np.float32)
-  got = np.asarray(losses.l2_normalize(jnp.asarray(x)))
+  got = np.asarray(l2_normalize(jnp.asarray(x)))
   np.testing.assert_allclose(got, [[0.6, 0.8], [0.0, 0.0], [1.0, 0.0]], rtol=1e-6)
 
 
@@ -116,7 +117,7 @@ def test_shape_errors_are_clear():
 
 
 def test_loss_over_a_sharded_batch_is_the_global_loss():
-  from cg3d_jax.train import sharding  # the batch split over all 8 simulated devices, as in the train step
+  from cg3d_jax import sharding  # the batch split over all 8 simulated devices, as in the train step
   mesh = sharding.make_mesh(dict(data=4, fsdp=2))
   rng = np.random.default_rng(5)
   a, b = _random_features(rng, 16, 32), _random_features(rng, 16, 32)

@@ -121,6 +121,7 @@ def _concatenated_host_batches(data_config, *, global_batch_size, sharding, star
                                **kwargs):
   """What a 1-process run is fed instead of its own stream: both processes' host batches, process 0 first."""
   import jax
+
   from cg3d_jax.data import pipeline
   streams = [pipeline.pretrain_local_dataset(data_config, global_batch_size=global_batch_size, start_step=start_step,
                                              process_index=p, process_count=process_count,
@@ -134,12 +135,12 @@ def _concatenated_host_batches(data_config, *, global_batch_size, sharding, star
 def reference_losses(tmp_path_factory, tiny_clip_dir, tiny_shapenet):
   """1 process x 8 devices, the same loop and config, fed the two processes' batches concatenated."""
   from cg3d_jax.data import pipeline
-  from cg3d_jax.train import loop
+  from cg3d_jax.training import pretrain
   config = tiny_config(tiny_clip_dir, tiny_shapenet, **COMMON, **{'train.total_steps': COMPARED_STEPS})
   workdir = tmp_path_factory.mktemp('multihost_reference')
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(pipeline, 'make_pretrain_iterator', _concatenated_host_batches)
-    loop.train(config, str(workdir))
+    pretrain.train(config, str(workdir))
   return _read_losses(workdir)
 
 
@@ -208,6 +209,7 @@ def test_pod_global_batch_differs_from_one_process_by_design(tiny_clip_dir, tiny
 ])
 def test_cluster_settings_are_checked(monkeypatch, env, message):
   from absl import flags
+
   from cg3d_jax import distributed
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()

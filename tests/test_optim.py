@@ -9,8 +9,9 @@ import numpy as np
 import optax
 import pytest
 
-from cg3d_jax.train import optim
 from cg3d_jax.configs import base
+from cg3d_jax.training import optim
+from cg3d_jax.trees import path_to_str
 
 ENCODER = dict(name='adamw', lr=5e-3, end_lr=1e-6, weight_decay=0.05, schedule='constant', b1=0.9, b2=0.999,
                clip_norm=1e6)
@@ -40,7 +41,7 @@ def _grads_like(params, seed, scale=1.0):
 
 
 def _flat(tree):
-  return {optim.path_to_str(path): leaf if isinstance(leaf, (str, bool)) else np.asarray(leaf)
+  return {path_to_str(path): leaf if isinstance(leaf, (str, bool)) else np.asarray(leaf)
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
@@ -131,7 +132,7 @@ def test_frozen_leaves_get_zero_updates_and_no_state():
   # Every array in the optimizer state belongs to a trainable leaf (or is a step counter).
   state_leaves = jax.tree_util.tree_flatten_with_path(state)[0]
   for path, leaf in state_leaves:
-    name = optim.path_to_str(path)
+    name = path_to_str(path)
     assert 'clip/vision' not in name and 'clip/text' not in name and 'logit_scale' not in name, name
   trainable_size = sum(v.size for n, v in _flat(params).items() if n.startswith('encoder/'))
   prompt_size = _flat(params)['clip/prompts/tokens'].size

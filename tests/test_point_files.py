@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
-from cg3d_jax.eval import mesh_sampling
-from cg3d_jax.eval.ply_files import write_ply
-from cg3d_jax.eval.point_files import PointFileError, normalize_points, read_points
+from cg3d_jax.data import mesh_sampling
+from cg3d_jax.data.ply_files import write_ply
+from cg3d_jax.data.point_files import BadInputError, read_points
+from cg3d_jax.data.transforms import normalize_unit_sphere_np as normalize_points
 from tests.conftest import modelnet_root
 
 
@@ -165,13 +166,13 @@ def test_normalize_points_hand_case():
 def test_columns_argument_and_ambiguity(tmp_path):
   values = np.array([[0.1, 0.2, 0.3, 1.0, 0.5, 0.5, 9.0], [0.4, 0.5, 0.6, 0.0, 0.25, 1.0, 9.0]])
   np.savetxt(tmp_path / 'seven.txt', values, fmt='%.6g')
-  with pytest.raises(PointFileError, match='seven.txt: 7 columns'):
+  with pytest.raises(BadInputError, match='seven.txt: 7 columns'):
     read_points(tmp_path / 'seven.txt')
   cloud = read_points(tmp_path / 'seven.txt', columns='xyz,rgb,skip')
   np.testing.assert_array_equal(cloud.rgb, [[255, 128, 128], [0, 64, 255]])
   ambiguous = np.array([[0.1, 0.2, 0.3, 0.6, 0.8, 0.0], [0.4, 0.5, 0.6, 0.0, 0.0, 1.0]])  # unit and in [0, 1]
   np.savetxt(tmp_path / 'six.txt', ambiguous, fmt='%.6g')
-  with pytest.raises(PointFileError, match="columns='xyz,normals'"):
+  with pytest.raises(BadInputError, match="columns='xyz,normals'"):
     read_points(tmp_path / 'six.txt')
   assert read_points(tmp_path / 'six.txt', columns='xyz,normals').normals is not None
   with pytest.raises(ValueError, match='columns= applies to .npy and text'):
@@ -179,7 +180,7 @@ def test_columns_argument_and_ambiguity(tmp_path):
 
 
 def _error(path, match):
-  with pytest.raises(PointFileError, match=match) as info:
+  with pytest.raises(BadInputError, match=match) as info:
     read_points(path)
   assert str(path) in str(info.value)
 
@@ -240,7 +241,7 @@ def test_bad_files_raise_clear_errors(owl, tmp_path):
   _error(tmp_path / 'not.off', "line 1.*expected an 'OFF'")
 
   (tmp_path / 'mesh.obj').write_text('v 0 0 0\n')
-  with pytest.raises(PointFileError, match=r"mesh.obj: unknown point-cloud extension '.obj'; supported: .ply, .npy"):
+  with pytest.raises(BadInputError, match=r"mesh.obj: unknown point-cloud extension '.obj'; supported: .ply, .npy"):
     read_points(tmp_path / 'mesh.obj')
   with pytest.raises(FileNotFoundError, match='missing.ply'):
     read_points(tmp_path / 'missing.ply')

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from cg3d_jax import trees
+from cg3d_jax.configs import base as base_config
 from cg3d_jax.models import point_ops
 from cg3d_jax.models.point_transformer import PointTransformer
-from cg3d_jax.weights import torch_io, torch_twins
-from cg3d_jax.configs import base as base_config
+from cg3d_jax.twins import point_transformer as torch_twin
+from cg3d_jax.weights import torch_io
 from tests.conftest import FIXTURES, NEAR_TIE, grouping_margin, modelnet_root
 
 # Real objects, each a 1024-row window of its file chosen so that no grouping decision (FPS argmax, 32nd neighbour)
@@ -72,7 +74,7 @@ def small_pair(points):
   params = variables['params']
   params = {**params, 'cls_token': jax.random.normal(jax.random.key(1), params['cls_token'].shape) * 0.02}
   batch_stats = randomised_batch_stats(variables['batch_stats'])
-  twin = torch_twins.PointTransformerProject(**SMALL, drop_path_rate=0.0)
+  twin = torch_twin.PointTransformerProject(**SMALL, drop_path_rate=0.0)
   twin.load_state_dict(torch_io.point_transformer_to_torch(params, batch_stats), strict=True)
   return model, params, batch_stats, twin
 
@@ -93,15 +95,15 @@ def test_real_config_sizes_and_state_dict_layout():
   exported = torch_io.point_transformer_to_torch(zeros['params'], zeros['batch_stats'])
   assert list(exported) == list(reference)  # same keys, same order
   assert {k: (tuple(v.shape), str(v.dtype)) for k, v in exported.items()} == reference
-  twin = torch_twins.PointTransformerProject()
+  twin = torch_twin.PointTransformerProject()
   assert {k: (tuple(v.shape), str(v.dtype)) for k, v in twin.state_dict().items()} == reference
-  assert torch_twins.num_parameters(twin) == 22_463_543
+  assert torch_twin.num_parameters(twin) == 22_463_543
   twin.load_state_dict(exported, strict=True)
 
 
 def test_twin_groups_like_point_ops(points):
   nb_j, c_j = point_ops.group(jnp.asarray(points), 64, 32)
-  nb_t, c_t = torch_twins.torch_group(torch.from_numpy(points), 64, 32)
+  nb_t, c_t = torch_twin.torch_group(torch.from_numpy(points), 64, 32)
   np.testing.assert_array_equal(np.asarray(c_j), c_t.numpy())
   np.testing.assert_array_equal(np.sort(np.asarray(nb_j), axis=2), np.sort(nb_t.numpy(), axis=2))
 
@@ -175,7 +177,7 @@ def test_gradients_match_twin_in_float64(small_pair, points):
                              mutable=['batch_stats'])
       return jnp.sum(out * direction)
 
-    grads = torch_io.flatten(jax.jit(jax.grad(loss_fn))(to64(params)))
+    grads = trees.flatten(jax.jit(jax.grad(loss_fn))(to64(params)))
   # Three conv biases only shift every input of a BatchNorm by the same amount per channel (the third reaches
   # second_conv's norm through the max-pool, which passes the shift on), and the norm subtracts it again: their
   # gradient is exactly zero, both sides hold rounding noise there, so they are checked against zero on the scale
@@ -193,8 +195,8 @@ def test_gradients_match_twin_in_float64(small_pair, points):
     if e.torch_key in before_norm:
       assert max(np.abs(have).max(), np.abs(theirs).max()) < 1e-9 * overall, e.torch_key
     else:
-      # float64 rounding accumulated over a depth-2 model is ~1e-14 of the scale (measured); 1e-9 leaves room, yet a wrong
-      # gradient (a missed term, a transposed layout) is off by O(1) of the scale.
+      # float64 rounding accumulated over a depth-2 model is ~1e-14 of the scale (measured); 1e-9 leaves room, yet a
+      # wrong gradient (a missed term, a transposed layout) is off by O(1) of the scale.
       scale = np.abs(theirs).max()
       assert scale > 1e-6 * overall, e.torch_key
       np.testing.assert_allclose(have, theirs, atol=1e-9 * scale, rtol=0, err_msg=e.torch_key)

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from cg3d_jax import trees
+from cg3d_jax.configs import base, pretrain_pointmlp
 from cg3d_jax.data import transforms
 from cg3d_jax.models.pointmlp import PointMLP, stage_point_counts
+from cg3d_jax.twins.pointmlp import PointMLPProject
 from cg3d_jax.weights import torch_io, torch_io_pointmlp
 from cg3d_jax.weights.torch_io_pointmlp import pointmlp_from_torch, pointmlp_to_torch
-from cg3d_jax.weights.torch_twins_pointmlp import PointMLPProject
-from cg3d_jax.configs import base, pretrain_pointmlp
 from tests.conftest import FIXTURES, NEAR_TIE, grouping_margin, modelnet_root
 
 OBJECTS = ('airplane/airplane_0627', 'bathtub/bathtub_0107')
@@ -195,7 +196,7 @@ def test_gradients_match_twin_in_float64(small_twin):
   twin = copy.deepcopy(small_twin).double()
   _, merged = _train_step_twin(twin, points, weights)
   params, batch_stats = pointmlp_from_torch(small_twin.state_dict(), PointMLP(**SMALL))
-  grads = torch_io.flatten(_in_float64(lambda p, s, x, w: _gradients_jax(model, p, s, x, w), params, batch_stats,
+  grads = trees.flatten(_in_float64(lambda p, s, x, w: _gradients_jax(model, p, s, x, w), params, batch_stats,
                                        points, weights))
   checked = 0
   for e in torch_io_pointmlp.pointmlp_entries(model.pre_blocks, model.pos_blocks):

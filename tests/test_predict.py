@@ -11,9 +11,10 @@ import sys
 import numpy as np
 import pytest
 
-from cg3d_jax import predict
-from cg3d_jax.eval import ply_files, point_files, zeroshot
-from tests.conftest import REPO_ROOT
+from cg3d_jax import predict, trained
+from cg3d_jax.data import ply_files, point_files
+from cg3d_jax.evaluators import prediction
+from tests.conftest import REPO_ROOT, run_command
 
 LABELS = ['owl', 'chicken', 'penguin']
 
@@ -25,7 +26,7 @@ def owl_dir(fixtures_dir):
 
 @pytest.fixture(scope='module')
 def eval_model(tiny_checkpoint):
-  return zeroshot.load_eval_model(tiny_checkpoint)
+  return trained.with_clip(trained.load_trained(tiny_checkpoint))
 
 
 @pytest.fixture(scope='module')
@@ -42,7 +43,7 @@ def owl_copies(owl_dir, tmp_path_factory):
 
 
 def test_every_format_gives_the_same_normalised_points(owl_copies):
-  prepared = {name: predict.prepare_points(point_files.read_points(path).xyz, 1024)
+  prepared = {name: prediction.prepare_points(point_files.read_points(path).xyz, 1024)
               for name, path in owl_copies.items()}
   reference = prepared['ply_ascii']
   assert reference.shape == (10_000, 3)
@@ -65,24 +66,24 @@ def test_a_mesh_as_off_and_as_ply_gives_the_same_points(eval_model, tmp_path):
                                     f'end_header\n{vertices}\n{faces}\n')
   off, ply = (point_files.read_points(tmp_path / name) for name in ('box.off', 'box.ply'))
   assert off.from_mesh and ply.from_mesh and len(off) == point_files.DEFAULT_MESH_POINTS
-  np.testing.assert_array_equal(predict.prepare_points(off.xyz, 64), predict.prepare_points(ply.xyz, 64))
+  np.testing.assert_array_equal(prediction.prepare_points(off.xyz, 64), prediction.prepare_points(ply.xyz, 64))
   # Sampled on the surface of the 2 x 1 x 1 box: every point lies on one of its faces.
   on_face = np.isclose(off.xyz, 0, atol=1e-6) | np.isclose(off.xyz, [2, 1, 1], atol=1e-6)
   assert on_face.any(axis=1).all()
-  result = predict.predict(eval_model, tmp_path / 'box.off', LABELS)
+  result = prediction.predict(eval_model, tmp_path / 'box.off', LABELS)
   assert result['from_mesh'] and len(result['labels']) == 3
 
 
 def test_short_clouds_are_cycled_up_to_the_encoder_size():
   xyz = np.random.default_rng(0).normal(size=(10, 3)).astype(np.float32)
-  points = predict.prepare_points(xyz, 32)
+  points = prediction.prepare_points(xyz, 32)
   assert points.shape == (32, 3)
   np.testing.assert_array_equal(points[10:20], points[:10])
 
 
 def test_predict_ranks_labels_and_images(eval_model, owl_copies, owl_dir):
   images = [str(owl_dir / name) for name in ('a.jpg', 'b.jpg', 'c.jpg')]
-  results = {name: predict.predict(eval_model, path, LABELS, images if name == 'ply_ascii' else ())
+  results = {name: prediction.predict(eval_model, path, LABELS, images if name == 'ply_ascii' else ())
              for name, path in owl_copies.items()}
   result = results['ply_ascii']
   assert result['num_points_read'] == 10_000 and not result['from_mesh']
@@ -103,8 +104,8 @@ def test_predict_ranks_labels_and_images(eval_model, owl_copies, owl_dir):
 def test_command_end_to_end_on_the_owl(tiny_checkpoint, owl_dir, tmp_path):
   out = tmp_path / 'owl.json'
   cmd = [sys.executable, '-m', 'cg3d_jax.predict', '--checkpoint', str(tiny_checkpoint), '--points',
-         str(owl_dir / 'owl.ply'), '--labels', 'owl, chicken,penguin', '--images', str(owl_dir / 'a.jpg'),
-         str(owl_dir / 'b.jpg'), str(owl_dir / 'c.jpg'), '--json', str(out)]
+         str(owl_dir / 'owl.ply'), '--labels', 'owl, chicken,penguin', '--images',
+         ','.join(str(owl_dir / f'{name}.jpg') for name in 'abc'), '--json', str(out)]
   done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   assert 'owl.ply: 10000 points' in done.stdout and 'images ranked against the cloud' in done.stdout
@@ -125,21 +126,22 @@ def test_command_end_to_end_on_the_owl(tiny_checkpoint, owl_dir, tmp_path):
 def test_unreadable_or_empty_files_are_clear_errors(tiny_checkpoint, tmp_path, capsys, name, content, message):
   path = tmp_path / name
   path.write_bytes(content)
-  rc = predict.main(['--checkpoint', str(tiny_checkpoint), '--points', str(path), '--labels', 'a,b'])
+  rc = run_command(predict.main, ['--checkpoint', str(tiny_checkpoint), '--points', str(path), '--labels', 'a,b'])
   err = capsys.readouterr().err
   assert rc == 2
   assert str(path) in err and message in err
 
 
 @pytest.mark.parametrize('args, message', [
-    (['--points', 'missing.ply', '--labels', 'a,b'], 'missing.ply does not exist'),
-    (['--labels', 'a,,b'], 'comma-separated non-empty labels'),
-    (['--labels', 'owl,owl'], "['owl'] appear more than once"),
-    (['--labels', 'a,b', '--images', 'nope.jpg'], 'nope.jpg does not exist'),
+    (['--points', 'missing.ply', '--labels', 'a,b'], 'missing.ply: does not exist'),
+    (['--points', 'OWL', '--points', 'OWL', '--labels', 'a,b'], 'predict takes one point-cloud file, got 2'),
+    (['--points', 'OWL', '--labels', 'a,,b'], 'comma-separated non-empty labels'),
+    (['--points', 'OWL', '--labels', 'owl,owl'], "['owl'] appear more than once"),
+    (['--points', 'OWL', '--labels', 'a,b', '--images', 'nope.jpg'], 'nope.jpg: does not exist'),
 ])
 def test_bad_arguments_are_clear_errors(tiny_checkpoint, owl_dir, capsys, args, message):
-  base = ['--checkpoint', str(tiny_checkpoint), '--points', str(owl_dir / 'owl.ply')]
-  rc = predict.main(base + args)
+  args = [str(owl_dir / 'owl.ply') if a == 'OWL' else a for a in args]
+  rc = run_command(predict.main, ['--checkpoint', str(tiny_checkpoint), *args])
   assert rc == 2
   assert message in capsys.readouterr().err
 
@@ -148,4 +150,4 @@ def test_an_image_that_is_not_an_image_is_a_clear_error(eval_model, owl_dir, tmp
   fake = tmp_path / 'fake.jpg'
   fake.write_bytes(b'definitely not a jpeg')
   with pytest.raises(ValueError, match='fake.jpg: cannot be read as an image'):
-    predict.predict(eval_model, owl_dir / 'owl.ply', LABELS, [str(fake)])
+    prediction.predict(eval_model, owl_dir / 'owl.ply', LABELS, [str(fake)])

@@ -5,10 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cg3d_jax import sharding
+from cg3d_jax.checkpoints import Checkpointer
 from cg3d_jax.data import builders, pipeline
-from cg3d_jax.train import loop
-from cg3d_jax.train.checkpoint import Checkpointer
-from cg3d_jax.train.step import ENCODER, PROMPTS, jit_train_step
+from cg3d_jax.training import pretrain
+from cg3d_jax.training.pretrain_step import ENCODER, PROMPTS, jit_train_step
 from cg3d_jax.weights.hf_clip import load_clip
 from tests.conftest import tiny_config
 
@@ -23,7 +24,7 @@ def host_batches(config, n):
 
 def make_setup(config, devices=None):
   builder = builders.get_builder(config.data.name, data_dir=config.data.data_dir, manual_dir=config.data.manual_dir)
-  return loop.build_setup(config, train_classes=builders.class_names(builder), steps_per_epoch=4, devices=devices)
+  return pretrain.build_setup(config, train_classes=builders.class_names(builder), steps_per_epoch=4, devices=devices)
 
 
 def run_steps(setup, batches, mode='joint'):
@@ -32,7 +33,7 @@ def run_steps(setup, batches, mode='joint'):
   config = setup.config.copy_and_resolve_references()
   config.train.mode = mode
   for i, host in enumerate(batches):
-    groups = loop.active_groups(config, state['params'], i)
+    groups = pretrain.active_groups(config, state['params'], i)
     if groups not in cache:
       cache[groups] = jit_train_step(setup.model, setup.tx, setup.labels_fn, active=groups,
                                      state_shardings=setup.shardings['state'],
@@ -68,9 +69,9 @@ def test_frozen_clip_unchanged_trainables_move_and_no_state_for_frozen(config, b
   # Only the encoder and the prompts are trainable, and both moved.
   assert set(after['params']) == {'encoder', 'clip'} and set(after['params']['clip']) == {'prompts'}
   assert not np.array_equal(before['params']['clip']['prompts']['tokens'], after['params']['clip']['prompts']['tokens'])
-  still = [jax.tree_util.keystr(p) for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(before['params']['encoder']),
-                                                        jax.tree.leaves(after['params']['encoder']))
-           if np.array_equal(a, b)]
+  before_leaves = jax.tree_util.tree_leaves_with_path(before['params']['encoder'])
+  pairs = zip(before_leaves, jax.tree.leaves(after['params']['encoder']))
+  still = [jax.tree_util.keystr(p) for (p, a), b in pairs if np.array_equal(a, b)]
   # A conv bias right before a BatchNorm has an exactly-zero gradient (the norm subtracts it again) and is not
   # decayed, so it alone may stay put; everything else must move.
   assert all('bias' in name for name in still), still
@@ -118,16 +119,17 @@ def test_sharding_equivalence_one_device_data_and_fsdp(config, batches):
 def test_interrupt_and_resume_is_bitwise_exact(config, tmp_path):
   straight = config.copy_and_resolve_references()
   straight.train.total_steps = 4
-  loop.train(straight, str(tmp_path / 'straight'))
+  pretrain.train(straight, str(tmp_path / 'straight'))
   first = config.copy_and_resolve_references()
   first.train.total_steps = 2
-  loop.train(first, str(tmp_path / 'resumed'))
-  loop.train(straight, str(tmp_path / 'resumed'))  # same command, later total: resumes at step 2
+  pretrain.train(first, str(tmp_path / 'resumed'))
+  pretrain.train(straight, str(tmp_path / 'resumed'))  # same command, later total: resumes at step 2
 
   def final_params(workdir):
     setup = make_setup(straight)
     ckpt = Checkpointer(str(workdir / 'checkpoints'), read_only=True)
-    state, extras = ckpt.restore(target_state_shapes_with_shardings=loop._restore_target(setup))
+    target = sharding.with_shardings(jax.eval_shape(lambda s: s, setup.state), setup.shardings['state'])
+    state, extras = ckpt.restore(target_state_shapes_with_shardings=target)
     assert extras['step'] == 4 and extras['data_step'] == 4
     return jax.device_get(state)
 
@@ -159,8 +161,8 @@ def test_alternating_mode_moves_one_group_per_step(config, batches):
   s1, _ = run_steps(setup, batches[:1], mode='alternating')  # step 0: encoder only
   np.testing.assert_array_equal(s0['params']['clip']['prompts']['tokens'], s1['params']['clip']['prompts']['tokens'])
   assert not np.array_equal(jax.tree.leaves(s0['params']['encoder'])[0], jax.tree.leaves(s1['params']['encoder'])[0])
-  assert loop.active_groups(c, s1['params'], 1) == (PROMPTS,)
-  assert loop.active_groups(c, s1['params'], 2) == (ENCODER,)
+  assert pretrain.active_groups(c, s1['params'], 1) == (PROMPTS,)
+  assert pretrain.active_groups(c, s1['params'], 2) == (ENCODER,)
 
 
 def test_non_finite_batch_is_rejected_and_state_unchanged(config, batches):
@@ -183,6 +185,6 @@ def test_run_stops_after_repeated_non_finite_steps():
     def latest_step(self):
       return 8
 
-  with pytest.raises(loop.NonFiniteError, match='5 consecutive steps.*last good checkpoint is step 8'):
-    loop._check_finite(metrics, 5, Ckpt())
-  loop._check_finite(metrics | {'bad_steps': jnp.array(2)}, 5, Ckpt())  # a few are tolerated
+  with pytest.raises(pretrain.NonFiniteError, match='5 consecutive steps.*last good checkpoint is step 8'):
+    pretrain._check_finite(metrics, 5, Ckpt())
+  pretrain._check_finite(metrics | {'bad_steps': jnp.array(2)}, 5, Ckpt())  # a few are tolerated

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cg3d_jax import evaluate_scenes, query_scene
-from cg3d_jax.data import s3dis, shapes, synthetic_scenes
-from cg3d_jax.eval import detection_metrics, ply_files, point_files, scene_outputs, scene_regions, scenes, zeroshot
-from tests.conftest import NEAR_TIE, grouping_margin
+from cg3d_jax import evaluate_scenes, query_scene, trained
+from cg3d_jax.data import ply_files, point_files
+from cg3d_jax.scenes import detection_metrics, outputs, queries, s3dis, synthetic_rooms
+from cg3d_jax.scenes import regions as scene_regions
+from cg3d_jax.synthetic import shapes
+from tests.conftest import NEAR_TIE, grouping_margin, run_command
 
 FAMILIES = list(shapes.FAMILIES)
 
@@ -129,7 +131,7 @@ def test_region_settings_errors(small_scene):
 def test_top_view_shows_the_highest_point_of_each_pixel():
   xyz = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
   rgb = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]], np.uint8)
-  image = scene_outputs.top_view(xyz, rgb, size=4, splat=0)
+  image = outputs.top_view(xyz, rgb, size=4, splat=0)
   assert image.shape == (4, 4, 3)
   assert image[3, 0].tolist() == [0, 255, 0]  # (0, 0): the higher, green point; +y is up in the image
   assert image[0, 3].tolist() == [0, 0, 255]
@@ -142,41 +144,42 @@ def test_top_view_shows_the_highest_point_of_each_pixel():
               [w, r, r, r],
               [g, g, r, r],
               [g, g, r, r]]
-  assert scene_outputs.top_view(xyz, rgb, size=4, splat=1).tolist() == expected
+  assert outputs.top_view(xyz, rgb, size=4, splat=1).tolist() == expected
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # End to end on procedural rooms with the demo model.
 
-QUERY_SETTINGS = scenes.QuerySettings(regions=scene_regions.RegionSettings(radius=0.6, exclude_floor=True))
+QUERY_SETTINGS = queries.QuerySettings(regions=scene_regions.RegionSettings(radius=0.6, exclude_floor=True))
 
 
 @pytest.fixture(scope='module')
 def rooms(tmp_path_factory):
   root = tmp_path_factory.mktemp('scenes')
-  settings = synthetic_scenes.SceneSettings(num_rooms=4)
-  synthetic_scenes.ensure_synthetic_scenes(root, settings)
+  settings = synthetic_rooms.SceneSettings(num_rooms=4)
+  synthetic_rooms.ensure_synthetic_scenes(root, settings)
   class_names = tuple(FAMILIES) + ('floor',)
-  return root, [s3dis.read_room(d, class_names=class_names, unknown_class=None) for d in s3dis.list_rooms(root, [settings.area])]
+  rooms = s3dis.list_rooms(root, [settings.area])
+  return root, [s3dis.read_room(d, class_names=class_names, unknown_class=None) for d in rooms]
 
 
 @pytest.fixture(scope='module')
 def demo_model(demo_run):
-  return zeroshot.load_eval_model(demo_run.workdir)
+  return trained.with_clip(trained.load_trained(demo_run.workdir))
 
 
 @pytest.fixture(scope='module')
 def room_queries(rooms, demo_model):
   _, room_list = rooms
-  settings = scenes.resolve_settings(QUERY_SETTINGS, demo_model)
-  classifier = scenes.label_classifier(demo_model, FAMILIES, settings)
-  return [scenes.query_scene(demo_model, room.xyz, FAMILIES, [], settings=settings, classifier=classifier)
+  settings = queries.resolve_settings(QUERY_SETTINGS, demo_model)
+  classifier = queries.label_classifier(demo_model, FAMILIES, settings)
+  return [queries.query_scene(demo_model, room.xyz, FAMILIES, [], settings=settings, classifier=classifier)
           for room in room_list]
 
 
 def test_reader_sees_the_rooms_the_writer_placed(rooms):
   root, room_list = rooms
-  truth = synthetic_scenes.scene_classes(root)
+  truth = synthetic_rooms.scene_classes(root)
   assert [r.name for r in room_list] == sorted(truth)
   for room in room_list:
     assert sorted(set(room.present_classes()) - {'floor'}) == truth[room.name]
@@ -188,17 +191,18 @@ def test_read_scene_takes_room_folders_room_files_and_point_files(rooms, tmp_pat
   ply_files.write_ply(tmp_path / 'scene.ply', room.xyz, room.rgb)
   for path, colours in [(room.path, room.rgb), (room.path / f'{room.name}.txt', room.rgb),
                         (tmp_path / 'scene.ply', room.rgb), (tmp_path / 'scene.npy', None)]:
-    xyz, rgb = query_scene.read_scene(path)
+    xyz, rgb = queries.read_scene(path)
     np.testing.assert_array_equal(xyz, room.xyz)  # the room file is the annotations concatenated, in order
     assert (rgb is None) if colours is None else np.array_equal(rgb, colours)
-  with pytest.raises(FileNotFoundError, match='not an S3DIS room'):
-    query_scene.read_scene(tmp_path)
+  with pytest.raises(ValueError, match='not an S3DIS room'):
+    queries.read_scene(tmp_path)
 
 
 def test_sharded_padded_region_batches_equal_one_unsharded_call(rooms, demo_model):
   import jax
-  from cg3d_jax.models.cg3d import sample_points
-  from cg3d_jax.train import sharding
+
+  from cg3d_jax import sharding
+  from cg3d_jax.models.point_ops import sample_points
   settings = scene_regions.RegionSettings(radius=0.6, points_per_region=256)
   model = demo_model.model
   encoder = model.encoder
@@ -210,8 +214,8 @@ def test_sharded_padded_region_batches_equal_one_unsharded_call(rooms, demo_mode
   assert len(regions) == 13
   regions = np.stack(regions)
   direct = np.asarray(model.point_features(demo_model.encoder_vars, sample_points(regions, model.num_points))[0])
-  eight = scenes.RegionEmbedder(model, demo_model.encoder_vars, scenes.local_mesh(), batch_size=8)(regions)
-  one = scenes.RegionEmbedder(model, demo_model.encoder_vars, sharding.make_mesh({'data': 1}, jax.devices()[:1]),
+  eight = queries.RegionEmbedder(model, demo_model.encoder_vars, queries.local_mesh(), batch_size=8)(regions)
+  one = queries.RegionEmbedder(model, demo_model.encoder_vars, sharding.make_mesh({'data': 1}, jax.devices()[:1]),
                               batch_size=5)(regions)
   assert len(jax.local_devices()) == 8 and eight.shape == one.shape == direct.shape
   np.testing.assert_allclose(eight, direct, atol=2e-5)
@@ -251,7 +255,7 @@ def test_query_scene_command_writes_every_output(rooms, demo_run, tmp_path, caps
   root, room_list = rooms
   room = room_list[0]
   out = tmp_path / 'out'
-  code = query_scene.main(['--checkpoint', str(demo_run.workdir), '--scene', str(room.path), '--queries',
+  code = run_command(query_scene.main, ['--checkpoint', str(demo_run.workdir), '--scene', str(room.path), '--queries',
                            'box, mug', '--vocabulary', 'training', '--radius', '0.6', '--exclude_floor',
                            '--out', str(out)])
   assert code == 0, capsys.readouterr().err
@@ -268,7 +272,7 @@ def test_query_scene_command_writes_every_output(rooms, demo_run, tmp_path, caps
     assert len(cloud) == xyz.shape[0]
     np.testing.assert_allclose(cloud.xyz, xyz, atol=1e-6)
     assert cloud.rgb.dtype == np.uint8 and cloud.rgb.min() >= 0 and cloud.rgb.max() <= 255
-    assert np.array_equal(cloud.rgb, scene_outputs.heat_colours(scores[:, q]))
+    assert np.array_equal(cloud.rgb, outputs.heat_colours(scores[:, q]))
     with Image.open(out / result['files']['png']) as image:
       assert image.mode == 'RGB' and max(image.size) > 512
   assert 'regions' in capsys.readouterr().out
@@ -276,9 +280,9 @@ def test_query_scene_command_writes_every_output(rooms, demo_run, tmp_path, caps
 
 def test_query_scene_command_errors(demo_run, tmp_path, capsys):
   args = ['--checkpoint', str(demo_run.workdir), '--queries', 'box', '--out', str(tmp_path / 'o')]
-  assert query_scene.main(args + ['--scene', str(tmp_path / 'missing.ply')]) == 2
+  assert run_command(query_scene.main, args + ['--scene', str(tmp_path / 'missing.ply')]) == 2
   assert 'does not exist' in capsys.readouterr().err
-  assert query_scene.main(args[:2] + ['--queries', 'box,,mug', '--scene', str(tmp_path)]) == 2
+  assert run_command(query_scene.main, args[:2] + ['--queries', 'box,,mug', '--scene', str(tmp_path)]) == 2
   assert 'non-empty' in capsys.readouterr().err
 
 
@@ -286,7 +290,7 @@ def test_evaluate_scenes_json_matches_its_room_scores(rooms, demo_run, tmp_path)
   root, room_list = rooms
   out = tmp_path / 'eval'
   classes = ','.join(FAMILIES)
-  code = evaluate_scenes.main(['--checkpoint', str(demo_run.workdir), '--s3dis', str(root), '--areas', '5',
+  code = run_command(evaluate_scenes.main, ['--checkpoint', str(demo_run.workdir), '--s3dis', str(root), '--areas', '5',
                                '--class_names', ','.join(FAMILIES + ['floor']), '--classes', classes,
                                '--vocabulary', 'none', '--radius', '0.6', '--exclude_floor', '--out', str(out)])
   assert code == 0

@@ -6,9 +6,10 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from cg3d_jax.train import sharding
+from cg3d_jax import sharding
 
 
 def test_eight_simulated_devices():

@@ -13,10 +13,10 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 
 import pytest
+import tomllib
 
 from cg3d_jax.configs import tiny_test
 from tests.conftest import REPO_ROOT, TINY_CLIP
@@ -70,7 +70,7 @@ def test_a_lone_copy_trains_predicts_and_exports_from_another_folder(lone_copy, 
   assert pathlib.Path(found.stdout.strip()).is_relative_to(lone_copy), found.stdout + found.stderr
 
   work = tmp_path / 'run'
-  # The demo's first step exactly as `python -m cg3d_jax.demo` runs it, shrunk: procedural data and a random CLIP
+  # The demo's first steps exactly as `python -m cg3d_jax.demo` runs them, shrunk: procedural data and a random CLIP
   # written from the package's own vocabulary, the TFDS builder, two training steps and a zero-shot validation.
   tiny = {'demo.synthetic.num_train_per_class': 2, 'demo.synthetic.num_test_per_class': 1,
           'demo.synthetic.num_points': 256, 'demo.synthetic.image_size': 32, 'train.total_steps': 2,
@@ -83,9 +83,11 @@ def test_a_lone_copy_trains_predicts_and_exports_from_another_folder(lone_copy, 
     tiny.update({f'{group}.{k}': tiny_config[group][k] for k in keys})
   tiny.update({f'model.point_transformer.{k}': v for k, v in tiny_config.model.point_transformer.items()})
   tiny.update({f'demo.clip.{k}': v for k, v in TINY_CLIP.items()})
-  _run(lone_copy, elsewhere, 'cg3d_jax.train', '--config', 'demo', '--workdir', str(work),
-       *(f'--config.{k}={v}' for k, v in tiny.items()))
+  overrides = [f'--config.{k}={v}' for k, v in tiny.items()]
+  assets = _run(lone_copy, elsewhere, 'cg3d_jax.demo_assets', '--config', 'demo', '--root',
+                str(work / 'demo_assets'), *overrides).stdout.split()
   assert (work / 'demo_assets' / 'clip' / 'vocab.json').is_file()
+  _run(lone_copy, elsewhere, 'cg3d_jax.train', '--config', 'demo', '--workdir', str(work), *overrides, *assets)
 
   owl = lone_copy / 'tests' / 'fixtures' / 'openshape_owl' / 'owl.ply'
   predicted = _run(lone_copy, elsewhere, 'cg3d_jax.predict', '--checkpoint', str(work), '--points', str(owl),
@@ -112,7 +114,7 @@ def test_the_wheel_holds_assets_configs_and_console_scripts(lone_copy, tmp_path)
   (entry_points,) = [n for n in names if n.endswith('.dist-info/entry_points.txt')]
   scripts = zipfile.ZipFile(wheel).read(entry_points).decode()
   for script in ('cg3d-train', 'cg3d-evaluate', 'cg3d-predict', 'cg3d-export', 'cg3d-finetune', 'cg3d-query-scene',
-                 'cg3d-evaluate-scenes', 'cg3d-demo', 'cg3d-build-data'):
+                 'cg3d-evaluate-scenes', 'cg3d-demo', 'cg3d-demo-assets', 'cg3d-build-data', 'cg3d-synthetic-scenes'):
     assert f'{script} =' in scripts, script
 
 

@@ -11,7 +11,7 @@ import re
 import numpy as np
 import pytest
 
-from cg3d_jax.data import synthetic_scenes as ss
+from cg3d_jax.scenes import synthetic_rooms as ss
 
 SMALL = ss.SceneSettings(seed=1, area=3, num_rooms=3, objects_per_room=2,
                          families=('sphere', 'box', 'cylinder', 'cone', 'mug'), floor_size=(2.5, 2.0),

@@ -18,13 +18,14 @@ import pytest
 import torch
 from PIL import Image
 
-from cg3d_jax import evaluate
-from cg3d_jax.data import builders, pipeline
-from cg3d_jax.eval import metrics, retrieval, zeroshot
-from cg3d_jax.models.cg3d import CG3D, sample_points
-from cg3d_jax.train import sharding
-from cg3d_jax.weights.hf_clip import load_clip, tokenize
+from cg3d_jax import evaluate, sharding, trained
 from cg3d_jax.configs import retrieval_shapenet55, zeroshot_modelnet40
+from cg3d_jax.data import builders, pipeline
+from cg3d_jax.evaluators import metrics, retrieval, zeroshot
+from cg3d_jax.models.cg3d import CG3D
+from cg3d_jax.models.layers import l2_normalize
+from cg3d_jax.models.point_ops import sample_points
+from cg3d_jax.weights.hf_clip import load_clip, tokenize
 from tests.conftest import REPO_ROOT, assert_no_near_ties, modelnet_root
 
 
@@ -67,7 +68,7 @@ def tiny_clip(tiny_clip_dir):
 
 @pytest.fixture(scope='module')
 def eval_model(tiny_checkpoint):
-  return zeroshot.load_eval_model(tiny_checkpoint)
+  return trained.with_clip(trained.load_trained(tiny_checkpoint))
 
 
 def numpy_topk_and_class_mean(features, classifier, labels, ks):
@@ -119,7 +120,7 @@ def test_templates_and_class_name_styles():
 def test_zero_shot_on_fixed_features_matches_numpy(mesh, batch_size):
   rng = np.random.default_rng(0)
   num_classes, dim, n = 7, 12, 45  # 45 is divisible by none of the batch sizes: the last batch is padded
-  classifier = np.asarray(metrics.l2_normalize(rng.normal(size=(num_classes, dim))), np.float32)
+  classifier = np.asarray(l2_normalize(rng.normal(size=(num_classes, dim))), np.float32)
   labels = rng.integers(0, num_classes, n).astype(np.int32)
   # Noisy copies of the class weights, so accuracies are strictly between 0 and 1.
   features = (classifier[labels] + 0.9 * rng.normal(size=(n, dim))).astype(np.float32)
@@ -153,9 +154,12 @@ def test_features_equal_to_class_text_score_100_percent(mesh, tiny_clip):
                                                   mesh), names, mesh)
   summary = zeroshot.summarize(outputs)
   assert summary == {'top1': 1.0, 'top3': 1.0, 'top5': 1.0, 'class_mean': 1.0, 'count': len(labels)}
-  # The training loop's entry point reports the same, under its prefix (with a classifier built once, no CLIP).
-  metrics_ = zeroshot.zero_shot_eval(model, {'params': {}}, None, None, global_batches(
-      clouds_from_features(classifier[labels], num_points), labels, 8, mesh), names, mesh, classifier=classifier)
+  # The evaluator the training loop validates with reports the same, under its prefix (classifier built once).
+  evaluator = zeroshot.ZeroShotEvaluator(
+      model, tiny_clip.params, tiny_clip.tokenizer, class_names=names, mesh=mesh,
+      batches=lambda: global_batches(clouds_from_features(classifier[labels], num_points), labels, 8, mesh))
+  np.testing.assert_array_equal(evaluator.classifier, classifier)
+  metrics_ = evaluator.run({'encoder': {'params': {}}, 'clip': tiny_clip.params})
   assert metrics_['val/top1'] == 1.0 and metrics_['val/count'] == len(labels)
 
 
@@ -255,7 +259,7 @@ def test_retrieval_and_zero_shot_on_tiny_shapenet(tiny_checkpoint, tiny_shapenet
   manual, data_dir = tiny_shapenet
   config = retrieval_shapenet55.get_config()
   config.eval.update(dict(data_dir=data_dir, manual_dir=manual, num_stored_points=256, batch_size=16))
-  summary = evaluate.run(config, str(tiny_checkpoint), str(tmp_path / 'ret'))
+  summary = evaluate.evaluate(config, str(tiny_checkpoint), str(tmp_path / 'ret'))
   saved = json.loads((tmp_path / 'ret' / retrieval.RESULTS_FILE).read_text())
   for direction in retrieval.DIRECTIONS:
     for key in ('recall@1', 'recall@5', 'recall@10', 'mAP'):
@@ -268,7 +272,7 @@ def test_retrieval_and_zero_shot_on_tiny_shapenet(tiny_checkpoint, tiny_shapenet
   # 3D->text recall@1 is zero-shot top-1 over the same classes: the zero-shot task on the same split must agree.
   zs = zeroshot_modelnet40.zeroshot_config('shapenet55_cg3d', 256)
   zs.eval.update(dict(data_dir=data_dir, manual_dir=manual, batch_size=16))
-  results = evaluate.run(zs, str(tiny_checkpoint), str(tmp_path / 'zs'))
+  results = evaluate.evaluate(zs, str(tiny_checkpoint), str(tmp_path / 'zs'))
   assert results['top1_acc'] == pytest.approx(100 * saved['3d_to_text']['recall@1'], abs=1e-9)
   assert results['num_objects'] == 26
 
@@ -278,26 +282,26 @@ def test_evaluate_rejects_a_batch_size_the_devices_do_not_divide(tiny_checkpoint
   config = zeroshot_modelnet40.zeroshot_config('shapenet55_cg3d', 256)
   config.eval.update(dict(data_dir=data_dir, manual_dir=manual, batch_size=12))
   with pytest.raises(ValueError, match='multiple of the 8 devices'):
-    evaluate.run(config, str(tiny_checkpoint), str(tmp_path))
+    evaluate.evaluate(config, str(tiny_checkpoint), str(tmp_path))
   assert not os.path.exists(tmp_path / 'results.json')
 
 
 def test_original_pth_checkpoint_evaluates_like_the_training_checkpoint(eval_model, tiny_checkpoint, tiny_clip_dir,
                                                                        tiny_shapenet, tmp_path):
-  from cg3d_jax.weights import cg3d_checkpoint
+  from cg3d_jax.weights import cg3d_pth
   config = eval_model.config
   # An exported container whose config lost its CLIP folder (as an original .pth, which records none): the CLIP
   # folder must come from the command line. (The tiny encoder's sizes are not CG3D's, so the config stays.)
   saved = config.to_dict()
   saved['clip']['path'] = None
-  container = cg3d_checkpoint.build_container(
+  container = cg3d_pth.build_container(
       config.model.encoder, eval_model.encoder_vars['params'], eval_model.encoder_vars['batch_stats'],
       prompts=np.asarray(eval_model.clip_params['prompts']['tokens']), prompt_mode=config.clip.prompt.mode,
       config=saved)
-  path = cg3d_checkpoint.write_cg3d_checkpoint(tmp_path / 'ckpt-last.pth', container)
+  path = cg3d_pth.write_cg3d_checkpoint(tmp_path / 'ckpt-last.pth', container)
   with pytest.raises(ValueError, match='--config.clip.path'):
-    zeroshot.load_eval_model(path)
-  loaded = zeroshot.load_eval_model(path, clip_path=tiny_clip_dir)
+    trained.with_clip(trained.load_trained(path))
+  loaded = trained.with_clip(trained.load_trained(path), tiny_clip_dir)
   assert loaded.model.num_points == config.model.num_points
   np.testing.assert_array_equal(loaded.clip_params['prompts']['tokens'], eval_model.clip_params['prompts']['tokens'])
   clouds = jax.numpy.asarray(np.random.default_rng(0).normal(size=(4, 128, 3)), np.float32)
@@ -311,7 +315,7 @@ def test_original_pth_checkpoint_evaluates_like_the_training_checkpoint(eval_mod
     zs = zeroshot_modelnet40.zeroshot_config('shapenet55_cg3d', 256)
     zs.eval.update(dict(data_dir=data_dir, manual_dir=manual, batch_size=16))
     zs.clip.path = tiny_clip_dir
-    results.append(evaluate.run(zs, checkpoint, str(tmp_path / f'eval{i}')))
+    results.append(evaluate.evaluate(zs, checkpoint, str(tmp_path / f'eval{i}')))
   for key in ('top1_acc', 'top3_acc', 'top5_acc', 'class_mean_acc', 'num_objects'):
     assert results[1][key] == pytest.approx(results[0][key], abs=1e-9), key
 
@@ -331,6 +335,7 @@ def test_every_eval_config_names_a_known_dataset():
 
 def test_scanobjectnn_variant_through_evaluate(tiny_checkpoint, tmp_path):
   import h5py
+
   from cg3d_jax.configs import zeroshot_scanobjectnn
   rng = np.random.default_rng(0)
   labels = np.arange(15).repeat(2)[:27]  # 27 objects (class 14 absent): batch 8 pads the last batch with 5 rows
@@ -342,7 +347,7 @@ def test_scanobjectnn_variant_through_evaluate(tiny_checkpoint, tmp_path):
       f['label'] = labels.astype(np.int64)
   config = zeroshot_scanobjectnn.get_config('pb_t50_rs')
   config.eval.update(dict(data_dir=str(tmp_path / 'tfds'), manual_dir=str(tmp_path / 'h5_files'), batch_size=8))
-  summary = evaluate.run(config, str(tiny_checkpoint), str(tmp_path / 'out'))
+  summary = evaluate.evaluate(config, str(tiny_checkpoint), str(tmp_path / 'out'))
   rows = json.loads((tmp_path / 'out' / 'per_class.json').read_text())
   assert summary['dataset'] == 'pb_t50_rs' and summary['num_objects'] == 27 and summary['num_stored_points'] == 2048
   assert [r['num_objects'] for r in rows] == list(np.bincount(labels, minlength=15))

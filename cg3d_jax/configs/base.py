@@ -78,11 +78,9 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   c.logging = ml_collections.ConfigDict(dict(tensorboard=True, jsonl=True))
 
-  # The offline demo: when enabled, training first writes a procedural ShapeNet-55-layout dataset and a small random
-  # transformers CLIP under `demo.root` (default <workdir>/demo_assets) and points data/clip at them.
+  # The offline demo's assets (python -m cg3d_jax.demo_assets writes them; training only reads data/clip paths): a
+  # procedural ShapeNet-55-layout dataset and a small random transformers CLIP, of these sizes.
   c.demo = ml_collections.ConfigDict()
-  c.demo.enabled = False
-  c.demo.root = config_dict.placeholder(str)
   c.demo.vocab_path = config_dict.placeholder(str)  # the CLIP BPE file; default: the package's own copy
   c.demo.synthetic = ml_collections.ConfigDict(dict(
       num_train_per_class=24, num_test_per_class=6, num_points=1024, image_size=64, num_views=5, seed=0))

@@ -1,8 +1,10 @@
 """CPU-sized demo: a procedural dataset in the ShapeNet-55 layout, a small random CLIP, a small PointTransformer.
 
-  python -m cg3d_jax.train --config demo --workdir /tmp/cg3d_demo
+  python -m cg3d_jax.demo_assets --config demo --root /tmp/cg3d_demo/demo_assets   # prints the three overrides:
+  python -m cg3d_jax.train --config demo --workdir /tmp/cg3d_demo --config.data.manual_dir=... \
+      --config.data.data_dir=... --config.clip.path=...
 
-Everything is written under the workdir if absent (procedural objects, a random CLIP folder), so it runs offline.
+(`python -m cg3d_jax.demo` runs both, and the rest of the demo.) Everything is offline.
 """
 
 from cg3d_jax.configs import base
@@ -11,7 +13,6 @@ from cg3d_jax.configs import base
 def get_config(arg=None):
   del arg
   c = base.get_base_config()
-  c.demo.enabled = True
   c.model.num_points = 256
   c.model.embed_dim = c.demo.clip.projection_dim  # the encoder projects into the small CLIP's joint space
   c.model.point_transformer.update(dict(width=96, depth=3, num_heads=3, num_groups=32, group_size=16,

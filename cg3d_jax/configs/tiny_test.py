@@ -13,7 +13,6 @@ from cg3d_jax.configs import demo
 def get_config(arg=None):
   del arg
   c = demo.get_config()
-  c.demo.enabled = False
   c.data.num_stored_points = 256
   c.data.shuffle_buffer = 64
   c.model.embed_dim = 32

@@ -1,4 +1,7 @@
-"""The per-host input pipeline: this process's shard of a split -> host batches -> global jax.Arrays.
+"""The per-host input pipelines: this process's shard of a split -> host batches -> global jax.Arrays.
+
+Three streams: pretraining triplets (cloud, one rendered view, caption template), labelled clouds for supervised
+fine-tuning, and one in-order pass over an evaluation split (padded, with a mask).
 
 Determinism. Every random choice for an example (view, resampling, augmentations, caption template) comes from
 stateless RNG seeded by (seed, epoch, global example index), and each epoch's shuffle order by (seed, epoch). The
@@ -10,10 +13,16 @@ Multi-host. With P processes and global batch B, process p reads examples [n*p//
 (disjoint, covering it), builds B/P examples per step and `jax.make_array_from_process_local_data` assembles the
 global batch. FPS to the model's N points and the random scale/translate run on device in the step
 (see transforms.scale_and_translate and bench/README_data.md for why).
+
+Fine-tuning and evaluation prepare a cloud as Point-BERT's classification datasets do (`prepare_cloud`): the stored
+cloud's first `num_stored_points` points (cycled when the cloud is shorter, which farthest-point sampling ignores),
+centred and scaled to the unit sphere. Nothing random happens on the host for fine-tuning: its augmentation (FPS to
+~1.2 N, a random N of those, per-cloud scale and translation) runs on device in the train step, as the original
+runs it on the GPU after loading.
 """
 
-from collections.abc import Iterator
 import math
+from collections.abc import Iterator
 
 import jax
 import numpy as np
@@ -76,6 +85,17 @@ def preprocess_image(png: tf.Tensor, image_size: int, mean, std) -> tf.Tensor:
   return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
 
+def _builder(data_config, process_count: int):
+  return builders.get_builder(data_config.name, data_dir=data_config.data_dir, manual_dir=data_config.manual_dir,
+                              skip_bad=data_config.skip_bad, process_count=process_count)
+
+
+def prepare_cloud(points: tf.Tensor, num_points: int) -> tf.Tensor:
+  """First `num_points` points (cycled), centred and scaled to the unit sphere: (num_points, 3) float32."""
+  points = tf.gather(points, tf.range(num_points) % tf.shape(points)[0])
+  return tf.ensure_shape(transforms.tf_normalize_unit_sphere(points), (num_points, 3))
+
+
 def _check_batch(global_batch_size, process_count):
   if global_batch_size % process_count:
     raise ValueError(f'global batch size {global_batch_size} must divide evenly over {process_count} processes')
@@ -88,8 +108,7 @@ def pretrain_local_dataset(data_config, *, global_batch_size: int, image_size: i
   """This process's infinite stream of host batches (dicts of tensors), starting at global step `start_step`."""
   process_index, process_count = _process(process_index, process_count)
   local_batch = _check_batch(global_batch_size, process_count)
-  builder = builders.get_builder(data_config.name, data_dir=data_config.data_dir, manual_dir=data_config.manual_dir,
-                                 skip_bad=data_config.skip_bad, process_count=process_count)
+  builder = _builder(data_config, process_count)
   split = data_config.train_split
   stored_views = builder.info.features['views'].shape[0]
   num_views = data_config.num_views
@@ -156,14 +175,60 @@ def make_pretrain_iterator(data_config, *, global_batch_size, sharding, image_si
 
 
 def num_examples(data_config, split: str | None = None) -> int:
-  builder = builders.get_builder(data_config.name, data_dir=data_config.data_dir, manual_dir=data_config.manual_dir,
-                                 skip_bad=data_config.skip_bad, process_count=jax.process_count())
-  return builder.info.splits[split or data_config.train_split].num_examples
+  split = split or data_config.train_split
+  builder = _builder(data_config, jax.process_count())
+  if split not in builder.info.splits:
+    raise ValueError(f'config.data.train_split={split!r}: {builder.name} has splits {sorted(builder.info.splits)}')
+  return builder.info.splits[split].num_examples
 
 
 def steps_per_epoch(data_config, global_batch_size: int) -> int:
-  """Global steps per pass over the training split (for per-epoch schedules); batches run across epochs."""
-  return max(1, num_examples(data_config) // global_batch_size)
+  """Full global batches per pass over the training split (for per-epoch schedules; batches run across epochs)."""
+  n = num_examples(data_config)
+  if n < global_batch_size:
+    raise ValueError(f'the training split {data_config.name}/{data_config.train_split} has {n} examples, fewer '
+                     f'than one global batch of {global_batch_size} (config.train.batch_size)')
+  return n // global_batch_size
+
+
+def labelled_local_dataset(data_config, *, global_batch_size: int, seed: int, start_step: int = 0,
+                           process_index: int | None = None, process_count: int | None = None) -> tf.data.Dataset:
+  """This process's infinite stream of fine-tuning host batches {'points' (b, S, 3), 'label' (b,)} from global step
+  start_step; order and resume as the pretraining stream's."""
+  process_index, process_count = _process(process_index, process_count)
+  local_batch = _check_batch(global_batch_size, process_count)
+  builder = _builder(data_config, process_count)
+  n_total = num_examples(data_config)
+  start, end = _shard_bounds(n_total, process_index, process_count)
+  n_local = end - start
+  if n_local < 1:
+    raise ValueError(f'process {process_index} of {process_count} gets no example of '
+                     f'{data_config.train_split} ({n_total} in all)')
+  num_points = data_config.num_stored_points
+
+  def prepare(ex):
+    return {'points': prepare_cloud(ex['points'], num_points), 'label': tf.cast(ex['label'], tf.int32)}
+
+  # Prepared before the shuffle so that the buffer holds fixed-size clouds and no normals or names.
+  shard = _read(builder, data_config.train_split, start, end).map(prepare, num_parallel_calls=tf.data.AUTOTUNE,
+                                                                  deterministic=True)
+
+  def epoch_stream(epoch):
+    shuffle_seed = tf.constant(seed, tf.int64) * 1_000_003 + epoch
+    return shard.shuffle(data_config.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+
+  first = start_step * local_batch
+  ds = tf.data.Dataset.range(first // n_local, np.iinfo(np.int64).max).flat_map(epoch_stream)
+  ds = ds.skip(first % n_local)
+  ds = ds.batch(local_batch, drop_remainder=True)
+  return ds.prefetch(data_config.prefetch)
+
+
+def make_labelled_iterator(data_config, *, global_batch_size: int, sharding, seed: int,
+                           start_step: int = 0) -> Iterator[dict[str, jax.Array]]:
+  """Infinite iterator of fine-tuning global batches 'points' (B, S, 3) and 'label' (B,) int32."""
+  ds = labelled_local_dataset(data_config, global_batch_size=global_batch_size, seed=seed, start_step=start_step)
+  return to_global(ds.as_numpy_iterator(), sharding)
 
 
 def eval_local_batches(name: str, *, data_dir, batch_size: int, num_points_stored: int, split: str = 'test',
@@ -185,10 +250,7 @@ def eval_local_batches(name: str, *, data_dir, batch_size: int, num_points_store
   with_image = 'views' in builder.info.features and image_size is not None
 
   def prepare(ex):
-    points = ex['points']
-    points = tf.gather(points, tf.range(num_points_stored) % tf.shape(points)[0])
-    out = {'points': tf.ensure_shape(transforms.tf_normalize_unit_sphere(points), (num_points_stored, 3)),
-           'label': tf.cast(ex['label'], tf.int32)}
+    out = {'points': prepare_cloud(ex['points'], num_points_stored), 'label': tf.cast(ex['label'], tf.int32)}
     if with_image:
       out['image'] = preprocess_image(ex['views'][view_index], image_size, image_mean, image_std)
     return out

@@ -1,25 +1,27 @@
-"""Validated readers for the raw files the builders ingest; every failure names the file (and line for text).
+"""Validated readers of raw files: what the dataset builders ingest, and what every point-file reader shares.
 
-The builders call these while writing a TFDS dataset. Bad input stops the build with a `BadInputError`, unless the
-builder was made with `skip_bad=True`, in which case `BadInputLog` skips the example, counts it and logs it.
+Every failure is an `errors.BadInputError` naming the file (and the line, for text). The builders call these while
+writing a TFDS dataset: bad input stops the build, unless the builder was made with `skip_bad=True`, in which case
+`BadInputLog` skips the example, counts it and logs it. The point-file readers (point_files, ply_files, off_files,
+mesh_sampling) return a `PointCloud` and share the text, colour and finiteness parsing here.
 """
 
+import dataclasses
 import io
 import logging
 import pathlib
 import re
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
+
+from cg3d_jax.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
 SHAPENET_ID = re.compile(r'^(?P<synset>\d{8})-(?P<model>[0-9A-Za-z_]+)\.npy$')
 _LOGGED_PER_SPLIT = 10
-
-
-class BadInputError(ValueError):
-  """A raw dataset file is missing, unreadable or holds values the dataset does not allow."""
 
 
 class BadInputLog:
@@ -138,3 +140,86 @@ def read_png(path: pathlib.Path) -> bytes:
   except Exception as e:  # PIL raises many types for damaged files
     raise BadInputError(f'{path}: unreadable PNG ({type(e).__name__}: {e})') from e
   return data
+
+
+# --- what every point-file reader shares ----------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class PointCloud:
+  xyz: np.ndarray  # (N, 3) float32
+  rgb: np.ndarray | None  # (N, 3) uint8, or None when the file has no colours
+  normals: np.ndarray | None  # (N, 3) float32 as stored, or None
+  source: str  # the file it came from
+  from_mesh: bool = False  # True when the points were sampled on a mesh surface
+
+  def __len__(self) -> int:
+    return self.xyz.shape[0]
+
+
+def parse_rows(path, lines: Sequence[str], line_numbers: Sequence[int], what: str) -> np.ndarray:
+  """(rows, cols) float64 from text lines of numbers separated by spaces and/or commas; every row equally long.
+
+  NumPy's C parser reads well-formed files; only when it refuses are the lines split one by one, which either
+  names the bad line or accepts a file that merely mixes separators.
+  """
+  try:
+    values = np.loadtxt(lines, delimiter=',' if ',' in lines[0] else None, comments=None, dtype=np.float64,
+                        ndmin=2)
+    if values.shape[0] == len(lines):
+      return values
+  except ValueError:
+    pass
+  split = [line.replace(',', ' ').split() for line in lines]
+  num_cols = len(split[0])
+  for row, number in zip(split, line_numbers):
+    if len(row) != num_cols:
+      raise BadInputError(path, f'{what}: expected {num_cols} numbers (as on the first row), found {len(row)}',
+                           number)
+    for token in row:
+      try:
+        float(token)
+      except ValueError:
+        raise BadInputError(path, f'{what}: {token!r} is not a number', number) from None
+  return np.array(split, dtype=np.float64).reshape(len(split), num_cols)
+
+
+def check_finite(path, values: np.ndarray, what: str, line_numbers: Sequence[int] | None = None) -> None:
+  bad = ~np.isfinite(values).all(axis=1)
+  if bad.any():
+    row = int(np.argmax(bad))
+    line = line_numbers[row] if line_numbers is not None else None
+    where = '' if line is not None else f' (row {row})'
+    raise BadInputError(path, f'{what} contains NaN or Inf{where}', line)
+
+
+def colours_to_uint8(path, values: np.ndarray, integer_typed: bool) -> np.ndarray:
+  """0..255 integers pass through; floats in [0, 1] are scaled by 255 (the PLY convention for float colours)."""
+  values = np.asarray(values, dtype=np.float64)
+  if integer_typed or np.all(values == np.round(values)):
+    if values.min() < 0 or values.max() > 255:
+      raise BadInputError(path, f'colours must lie in 0..255, got range [{values.min()}, {values.max()}]')
+    return values.astype(np.uint8)
+  if values.min() < 0 or values.max() > 1:
+    raise BadInputError(path, f'float colours must lie in [0, 1] (or be integers 0..255), got range '
+                               f'[{values.min()}, {values.max()}]')
+  return np.round(values * 255).astype(np.uint8)
+
+
+def text_lines(path, data: bytes) -> tuple[list[str], Sequence[int]]:
+  """Non-blank lines without '#' comments, with their 1-based line numbers."""
+  try:
+    text = data.decode('utf-8')
+  except UnicodeDecodeError as e:
+    raise BadInputError(path, f'not a text file (byte {e.start} is not UTF-8)') from None
+  raw = text.rstrip().splitlines()
+  if '#' not in text:
+    stripped = [line.strip() for line in raw]
+    if all(stripped):  # the common case, without a Python-level loop per line
+      return stripped, range(1, len(stripped) + 1)
+  lines, numbers = [], []
+  for number, line in enumerate(raw, start=1):
+    line = line.split('#', 1)[0].strip()
+    if line:
+      lines.append(line)
+      numbers.append(number)
+  return lines, numbers

@@ -28,17 +28,23 @@ AUGMENTATION_NAMES = ('rotate_90', 'rotate_y', 'rotate_perturb', 'jitter', 'drop
 # NumPy reference.
 
 
-def normalize_unit_sphere_np(points: np.ndarray) -> np.ndarray:
-  """Centre on the mean and scale so the farthest point lies on the unit sphere (CG3D's pc_norm)."""
-  centred = points - points.mean(axis=0)
+def normalize_unit_sphere_np(points, source: str | None = None) -> np.ndarray:
+  """Centre on the mean and scale so that the farthest point lies on the unit sphere (CG3D's pc_norm), (N, 3).
+
+  Computed in float64 and returned as float32, so that the result depends only on the float32 input. `source`
+  (e.g. the file the points came from) is named in the errors.
+  """
+  where = f'{source}: ' if source else ''
+  points = np.asarray(points)
+  if points.ndim != 2 or points.shape[1] != 3 or points.shape[0] == 0:
+    raise ValueError(f'{where}expected a non-empty (N, 3) array of points, got shape {points.shape}')
+  if not np.all(np.isfinite(points)):
+    raise ValueError(f'{where}points contain NaN or Inf')
+  centred = points.astype(np.float64) - points.astype(np.float64).mean(axis=0)
   radius = np.sqrt((centred ** 2).sum(axis=1)).max()
   if not radius > 0:
-    raise ValueError(f'cannot scale a cloud of {len(points)} identical points to the unit sphere')
+    raise ValueError(f'{where}all {len(points)} points coincide: there is no scale to normalise to the unit sphere')
   return (centred / radius).astype(np.float32)
-
-
-def resample_np(rng: np.random.Generator, points: np.ndarray, num_points: int) -> np.ndarray:
-  return points[rng.integers(0, len(points), size=num_points)]
 
 
 def rotation_y_np(angle: float) -> np.ndarray:
@@ -71,13 +77,6 @@ def augment_np(rng: np.random.Generator, points: np.ndarray, prob: float = 0.3) 
     points = points.copy()
     points[rng.integers(0, len(points), size=len(points) // DROP_FRACTION)] = 0.0
   return points.astype(np.float32)
-
-
-def scale_and_translate_np(rng: np.random.Generator, points: np.ndarray) -> np.ndarray:
-  """Point-BERT's PointcloudScaleAndTranslate for one cloud (N, 3)."""
-  scale = rng.uniform(*SCALE_RANGE, size=3)
-  shift = rng.uniform(-TRANSLATE_RANGE, TRANSLATE_RANGE, size=3)
-  return (points * scale + shift).astype(np.float32)
 
 
 def farthest_point_sample_np(points: np.ndarray, num_samples: int) -> np.ndarray:
@@ -174,3 +173,22 @@ def scale_and_translate(rng: jax.Array, points: jax.Array) -> jax.Array:
   scale = jax.random.uniform(scale_rng, batch_shape, points.dtype, *SCALE_RANGE)
   shift = jax.random.uniform(shift_rng, batch_shape, points.dtype, -TRANSLATE_RANGE, TRANSLATE_RANGE)
   return points * scale + shift
+
+
+def sample_training_points(key: jax.Array, sampled: jax.Array, num_points: int, *, augment: bool) -> jax.Array:
+  """Fine-tuning's sampling from FPS-sampled clouds (B, F, 3): one random subset of num_points for the whole batch
+  (the original's np.random.choice(point_all, npoints, False)), then per-cloud scale and translation."""
+  subset_key, aug_key = jax.random.split(key)
+  if sampled.shape[1] > num_points:
+    sampled = sampled[:, jax.random.choice(subset_key, sampled.shape[1], (num_points,), replace=False)]
+  return scale_and_translate(aug_key, sampled) if augment else sampled
+
+
+def fps_count(num_points: int, stored: int, fps_points: int | None) -> int:
+  """Points farthest-point sampled before fine-tuning's random subset: finetune.fps_points, else the original's
+  table (1024 -> 1200, 2048 -> 2400, 4096 -> 4800, 8192 -> 8192); never more than the stored cloud holds."""
+  if not fps_points:
+    fps_points = {1024: 1200, 2048: 2400, 4096: 4800}.get(num_points, num_points)
+  if fps_points < num_points:
+    raise ValueError(f'finetune.fps_points={fps_points} is below config.model.num_points={num_points}')
+  return min(fps_points, stored)

@@ -2,16 +2,17 @@
 
 Parameters are kept as one tree `{'encoder': ..., 'clip': ...}` where `clip['prompts']` is the only trainable part
 of CLIP. The functions here return L2-normalised features in CLIP's joint space; training and evaluation compose
-them (see cg3d_jax/train/step.py and cg3d_jax/eval/).
+them (see cg3d_jax/training/pretrain_step.py and cg3d_jax/evaluators/).
 """
 
 import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from cg3d_jax.models.clip import CLIP
-from cg3d_jax.models.point_ops import farthest_point_sample, gather_points
+from cg3d_jax.models.layers import l2_normalize
 from cg3d_jax.models.point_transformer import PointTransformer
 from cg3d_jax.models.pointmlp import PointMLP
 
@@ -24,19 +25,6 @@ def build_encoder(model_config) -> nn.Module:
   if name not in ENCODERS:
     raise ValueError(f'config.model.encoder must be one of {sorted(ENCODERS)}, got {name!r}')
   return ENCODERS[name].from_config(model_config)
-
-
-def l2_normalize(x, eps: float = 1e-12):
-  # Computed in float32 so that bfloat16 features still give unit vectors for the contrastive logits.
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
-
-
-def sample_points(points, num_points: int):
-  """FPS from the stored cloud (e.g. 8192) down to the encoder's input size, as the original does on device."""
-  if points.shape[1] == num_points:
-    return points
-  return gather_points(points, farthest_point_sample(points, num_points))
 
 
 @dataclasses.dataclass(frozen=True)

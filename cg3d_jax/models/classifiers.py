@@ -87,3 +87,12 @@ def init_variables(model: nn.Module, rng: jax.Array, num_points: int) -> dict:
   # Farthest-point sampling of an all-zero cloud is fine for shapes; values do not matter at init.
   variables = jax.jit(functools.partial(model.init, train=False, return_logits=True))(rng, points)
   return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+
+
+def classifier_logits(model: nn.Module, variables: dict, points: jax.Array, *, train: bool, rngs=None):
+  """(logits (B, C), updated batch_stats in train mode, else None)."""
+  if train:
+    logits, updates = model.apply(variables, points, train=True, return_logits=True, rngs=rngs,
+                                  mutable=['batch_stats'])
+    return logits, updates['batch_stats']
+  return model.apply(variables, points, train=False, return_logits=True), None

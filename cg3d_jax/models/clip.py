@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cg3d_jax.models.layers import l2_normalize
+
 PROMPT_MODES = ('none', 'shallow', 'deep')
 
 # transformers picks the end-of-text pooling rule from the text config's eos_token_id (PR #24773): configs written
@@ -323,10 +325,6 @@ class VisualPrompts(nn.Module):
   @nn.compact
   def __call__(self):
     return self.param('tokens', _uniform_prompt_init, self.shape)
-
-
-def l2_normalize(x, axis=-1):
-  return x / jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
 
 
 class CLIP(nn.Module):

@@ -1,4 +1,4 @@
-"""Layers both point encoders share."""
+"""Layers and feature math the models share: PyTorch-semantics BatchNorm, statistics dtypes, L2 normalisation."""
 
 from typing import Any
 
@@ -6,6 +6,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
+  """x / max(||x||, eps) along `axis`, as torch.nn.functional.normalize; eps only guards all-zero rows.
+
+  Computed in at least float32, so that bfloat16 features still give unit vectors for contrastive logits and
+  cosine scores (float64 stays float64).
+  """
+  x = jnp.asarray(x)
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps * eps))
 
 
 def stats_dtype(dtype):

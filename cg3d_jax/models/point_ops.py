@@ -116,6 +116,16 @@ def knn(queries: jax.Array, points: jax.Array, k: int) -> jax.Array:
   return idx.astype(jnp.int32)
 
 
+def sample_points(points: jax.Array, num_points: int) -> jax.Array:
+  """FPS from stored clouds (B, S, 3) down to (B, num_points, 3), as the original does on device before encoding."""
+  if points.shape[1] == num_points:
+    return points
+  if points.shape[1] < num_points:
+    raise ValueError(f'cannot sample {num_points} points from clouds of {points.shape[1]}: the stored clouds must '
+                     'hold at least the encoder\'s num_points')
+  return gather_points(points, farthest_point_sample(points, num_points))
+
+
 def group(points: jax.Array, num_groups: int, group_size: int) -> tuple[jax.Array, jax.Array]:
   """Point-BERT grouping: FPS centres, then each centre's `group_size` nearest points, centred on the centre.
 

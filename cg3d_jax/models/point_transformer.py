@@ -149,7 +149,7 @@ class PointTransformer(nn.Module):
 
   @classmethod
   def from_config(cls, model_config) -> 'PointTransformer':
-    """From `config.model` (cg3d_jax/configs/base.py): model.point_transformer.* plus embed_dim, num_classes, dtype, remat."""
+    """From `config.model` (configs/base.py): model.point_transformer.* plus embed_dim, num_classes, dtype, remat."""
     pt = model_config.point_transformer
     return cls(width=pt.width, depth=pt.depth, num_heads=pt.num_heads, mlp_ratio=pt.mlp_ratio,
                num_groups=pt.num_groups, group_size=pt.group_size, encoder_dim=pt.encoder_dim,

@@ -18,15 +18,17 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from cg3d_jax.errors import InputError
 from cg3d_jax.models.clip import CLIP, CLIPSpec, init_prompts
-from cg3d_jax.weights.trees import unflatten
+from cg3d_jax.trees import unflatten
+from cg3d_jax.weights import safetensors_files
 
 _WEIGHT_FILES = ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin')
 # Buffers that old transformers versions saved next to the weights; they hold arange(n) and carry no information.
 _IGNORED_KEYS = re.compile(r'^(vision_model|text_model)\.embeddings\.position_ids$')
 
 
-class CLIPLoadError(ValueError):
+class CLIPLoadError(InputError):
   """A CLIP folder that cannot be loaded; the message names the file or tensor and what was expected."""
 
 
@@ -165,10 +167,7 @@ def read_state_dict(folder: pathlib.Path) -> dict[str, np.ndarray]:
 
 
 def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
-  # The flax reader handles bfloat16 and float16 checkpoints, which plain NumPy cannot represent.
-  from safetensors.flax import load_file
-
-  return {k: np.asarray(v, dtype=np.float32) for k, v in load_file(str(path)).items()}
+  return {k: np.asarray(v, dtype=np.float32) for k, v in safetensors_files.read_tensors(path).items()}
 
 
 def _layer_names(layers: int) -> dict[str, tuple[str, bool]]:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from cg3d_jax.weights.trees import flatten, unflatten  # noqa: F401  (re-exported: the twins' callers use them)
+from cg3d_jax.trees import flatten, unflatten
 
 PARAMS, BATCH_STATS, TORCH_ONLY = 'params', 'batch_stats', ''
 
@@ -170,16 +170,6 @@ def torch_to_flax(state_dict: Mapping[str, Any], entries: list[Entry],
     if unfilled:
       raise ValueError(f'name map leaves Flax variables unfilled: [{_list(unfilled)}]')
   return {c: unflatten(leaves) for c, leaves in out.items()}
-
-
-def check_state_dict_shapes(state_dict: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]]) -> None:
-  """Compare a state dict with expected {key: shape} (e.g. the reference tsv); one error listing every difference."""
-  missing, unexpected = set(expected) - set(state_dict), set(state_dict) - set(expected)
-  mis_shaped = [f'{k}: got {tuple(state_dict[k].shape)}, expected {tuple(expected[k])}'
-                for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k])]
-  if missing or unexpected or mis_shaped:
-    raise ValueError(f'state dict differs from the expected layout: missing [{_list(missing)}]; '
-                     f'unexpected [{_list(unexpected)}]; mis-shaped [{"; ".join(mis_shaped)}]')
 
 
 # --- PointTransformer (CG3D's PointTransformerProject) ----------------------------------------------------------

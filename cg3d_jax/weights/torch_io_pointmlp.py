@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cg3d_jax.models.pointmlp import PointMLP
+from cg3d_jax.trees import flatten
 from cg3d_jax.weights import torch_io
 from cg3d_jax.weights.torch_io import BATCH_STATS, PARAMS, Entry
 
@@ -118,7 +119,7 @@ def expected_variables(model: PointMLP) -> dict:
 def expected_torch_shapes(model: PointMLP | None = None) -> dict[str, tuple[int, ...]]:
   """PyTorch state-dict key -> shape for `model` (default: CG3D's PointMLP), in the original key order."""
   model = model or PointMLP()
-  flat = {c: torch_io.flatten(v) for c, v in expected_variables(model).items()}
+  flat = {c: flatten(v) for c, v in expected_variables(model).items()}
   shapes = {}
   for e in pointmlp_entries(model.pre_blocks, model.pos_blocks):
     if e.kind == 'num_batches_tracked':

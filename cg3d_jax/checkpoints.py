@@ -1,0 +1,282 @@
+"""The checkpoint format of this project, its one owner: training saves and restores with `Checkpointer` (orbax,
+async saves, keep the last K and the best, restore onto any mesh); everything downstream reads a step with
+`read_step` (config, state on one device, extras with the metrics), through orbax's own API.
+
+One checkpoint is the folder `<directory>/<step>/` holding four orbax items:
+  state    the train state pytree of jax.Arrays (params, opt_state, batch_stats, counters), written shard by shard;
+  extras   JSON: {'step', 'data_step', 'rng': {'data': [...uint32], 'impl': name or None}, 'metrics'};
+  config   JSON: the ConfigDict the run was trained with;
+  metrics  JSON, written by orbax when `metrics` hold `best_metric`; it ranks checkpoints for keep_best.
+Orbax writes each step into a temporary folder and renames it when complete, so a preempted save leaves no
+half-written checkpoint behind; `latest_step` only ever sees finished ones.
+
+Restoring reads the arrays straight onto the shardings of the given target (jax.ShapeDtypeStruct leaves with
+`.sharding`, e.g. from `sharding.with_shardings`), so a checkpoint written on a 4x2 mesh restores onto 8x1 or onto
+one device without ever gathering the full state on one host.
+
+RNG keys travel in `rng` (typed `jax.random.key` or raw uint32 `PRNGKey`) and come back in the same form; the
+state itself must hold numeric arrays only (store key data, not typed keys, if the state needs one).
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any, Mapping
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint import checkpoint_managers as policies
+
+from cg3d_jax.errors import InputError
+
+_STATE, _EXTRAS, _CONFIG = 'state', 'extras', 'config'
+CHECKPOINTS_DIR = 'checkpoints'  # <workdir>/checkpoints/<step>/
+
+
+class CheckpointNotFoundError(InputError):
+  """No (such) checkpoint where the user pointed."""
+
+
+def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+  """Which orbax handler saves and restores each item: also what lets a read-only manager read their metadata."""
+  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  registry.add(_STATE, ocp.args.StandardSave, ocp.StandardCheckpointHandler)
+  registry.add(_STATE, ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
+  for item in (_EXTRAS, _CONFIG):
+    registry.add(item, ocp.args.JsonSave, ocp.JsonCheckpointHandler)
+    registry.add(item, ocp.args.JsonRestore, ocp.JsonCheckpointHandler)
+  return registry
+
+
+def _rng_to_json(rng) -> dict:
+  typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+  data = jax.random.key_data(rng) if typed else rng
+  if isinstance(data, jax.Array) and not data.is_fully_addressable:
+    data = data.addressable_data(0)  # a replicated key: every process holds the same value
+  data = np.asarray(data)
+  if data.dtype != np.uint32:
+    raise TypeError(f'rng must be a jax.random.key or a uint32 PRNGKey array, got dtype {data.dtype}')
+  return {'data': data.tolist(), 'shape': list(data.shape), 'impl': str(jax.random.key_impl(rng)) if typed else None}
+
+
+def _rng_from_json(saved: Mapping[str, Any]):
+  data = jax.numpy.asarray(np.asarray(saved['data'], np.uint32).reshape(saved['shape']))
+  return data if saved['impl'] is None else jax.random.wrap_key_data(data, impl=saved['impl'])
+
+
+def _plain_json(name: str, value):
+  """value as plain JSON types, checked now: a bad value would otherwise fail later, in orbax's save thread."""
+  def convert(obj):
+    if isinstance(obj, (np.generic, np.ndarray, jax.Array)):
+      return np.asarray(obj).tolist()
+    raise TypeError(f'checkpoint {name}: {type(obj).__name__} is not JSON-serialisable: {obj!r}')
+
+  return json.loads(json.dumps(value, default=convert))
+
+
+def _config_to_json(config) -> dict:
+  if config is None:
+    return {}
+  if isinstance(config, ml_collections.ConfigDict):
+    return json.loads(config.to_json_best_effort())
+  return _plain_json('config', config)
+
+
+def _metrics_to_json(metrics) -> dict | None:
+  if metrics is None:
+    return None
+  return {str(k): float(np.asarray(v)) for k, v in metrics.items()}
+
+
+def _check_no_typed_keys(state) -> None:
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    if hasattr(leaf, 'dtype') and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      raise TypeError(f'checkpoint state leaf {jax.tree_util.keystr(path)} is a typed PRNG key; pass keys through '
+                      '`rng`, or store jax.random.key_data(key) in the state')
+
+
+class Checkpointer:
+  """An orbax CheckpointManager for one run's directory (see the module docstring for the layout)."""
+
+  def __init__(self, directory: str, *, keep: int = 3, keep_best: bool = True, best_metric: str = 'val/top1',
+               best_mode: str = 'max', async_save: bool = True, every_steps: int = 1000, read_only: bool = False):
+    if keep < 1:
+      raise ValueError(f'checkpoint keep must be >= 1, got {keep}')
+    if every_steps < 1:
+      raise ValueError(f'checkpoint every_steps must be >= 1, got {every_steps}')
+    self.directory = directory if '://' in str(directory) else os.path.abspath(directory)
+    if read_only and not epath.Path(self.directory).exists():
+      raise FileNotFoundError(f'checkpoint directory {self.directory} does not exist')
+    self.best_metric = best_metric
+    preserve = [policies.LatestN(n=keep)]
+    best_fn = None
+    if keep_best:
+      best_fn = lambda metrics: metrics[best_metric]  # noqa: E731  (only metrics holding it are passed on)
+      preserve.append(policies.BestN(get_metric_fn=best_fn, reverse=best_mode == 'min', n=1,
+                                     keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        best_fn=best_fn,  # also what makes orbax record metrics and answer best_step()
+        best_mode=best_mode,
+        preservation_policy=policies.AnyPreservationPolicy(preserve),
+        save_decision_policy=policies.AnySavePolicy([policies.FixedIntervalPolicy(every_steps),
+                                                     policies.PreemptionCheckpointingPolicy()]),
+        enable_async_checkpointing=async_save,
+        read_only=read_only,
+        create=not read_only,
+    )
+    self._manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=_handler_registry())
+
+  def should_save(self, step: int) -> bool:
+    """True at multiples of every_steps and when a preemption notice has arrived."""
+    return self._manager.should_save(step)
+
+  def reached_preemption(self, step: int) -> bool:
+    return self._manager.reached_preemption(step)
+
+  def save(self, step: int, state, *, data_step: int, rng, config, metrics: Mapping[str, Any] | None = None,
+           force: bool = False) -> bool:
+    """Starts saving (in the background when async) if `should_save(step)` or force; returns whether it did.
+
+    The state's arrays are copied to host memory before this returns, so the caller may donate them to the
+    next step right away.
+    """
+    _check_no_typed_keys(state)
+    metrics = _metrics_to_json(metrics)
+    extras = {'step': int(step), 'data_step': _plain_json('data_step', data_step), 'rng': _rng_to_json(rng),
+              'metrics': metrics}
+    ranked = metrics if metrics is not None and self.best_metric in metrics else None
+    return self._manager.save(
+        int(step),
+        args=ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state), _EXTRAS: ocp.args.JsonSave(extras),
+                                   _CONFIG: ocp.args.JsonSave(_config_to_json(config))}),
+        metrics=ranked, force=force)
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def best_step(self) -> int | None:
+    """The kept step with the best `best_metric` (None if no checkpoint recorded it)."""
+    if self._manager.best_step() is None or self._manager.metrics(self._manager.best_step()) is None:
+      return None
+    return self._manager.best_step()
+
+  def restore(self, step: int | None = None, *, target_state_shapes_with_shardings) -> tuple[Any, dict]:
+    """(state on the target's shardings, {'step', 'data_step', 'rng', 'config', 'metrics'}); step None = latest."""
+    steps = self.all_steps()
+    if step is None:
+      if not steps:
+        raise FileNotFoundError(f'no checkpoint to restore in {self.directory}')
+      step = steps[-1]
+    elif step not in steps:
+      raise FileNotFoundError(f'no checkpoint for step {step} in {self.directory}; available steps: {steps}')
+    target = target_state_shapes_with_shardings
+    _check_no_typed_keys(target)
+    missing = [jax.tree_util.keystr(p) for p, leaf in jax.tree_util.tree_flatten_with_path(target)[0]
+               if getattr(leaf, 'sharding', None) is None]
+    if missing:
+      raise ValueError(f'restore target leaves need a sharding (jax.ShapeDtypeStruct(..., sharding=...)); missing '
+                       f'on {missing[:5]}{"..." if len(missing) > 5 else ""}')
+    restored = self._manager.restore(step, args=ocp.args.Composite(**{
+        _STATE: ocp.args.StandardRestore(target), _EXTRAS: ocp.args.JsonRestore(),
+        _CONFIG: ocp.args.JsonRestore()}))
+    extras = dict(restored[_EXTRAS])
+    extras['rng'] = _rng_from_json(extras['rng'])
+    extras['config'] = ml_collections.ConfigDict(restored[_CONFIG])
+    return restored[_STATE], extras
+
+  def wait(self) -> None:
+    """Blocks until every background save has finished and old checkpoints are pruned."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+# --- reading a saved step (evaluation, export, fine-tuning from a pretraining run) --------------------------------
+
+@dataclasses.dataclass
+class SavedStep:
+  """One saved step, read onto one device: what downstream commands build their models from."""
+  path: pathlib.Path  # the step folder
+  step: int
+  config: ml_collections.ConfigDict  # the config the run was trained with
+  state: dict  # the train state (params, opt_state, batch_stats, counters), jax arrays on one device
+  metrics: dict | None  # the validation metrics saved with the step, when there were any
+
+
+def find_step_dir(path, step: int | None = None) -> pathlib.Path:
+  """A training workdir, its checkpoints/ folder, or one step folder -> the step folder (newest if not given)."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise CheckpointNotFoundError(f'checkpoint path {path} does not exist')
+  if (path / _STATE).is_dir():
+    if step is not None and path.name != str(step):
+      raise CheckpointNotFoundError(f'{path} is the folder of step {path.name}, not of step {step}')
+    return path
+  root = path / CHECKPOINTS_DIR if (path / CHECKPOINTS_DIR).is_dir() else path
+  steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / _STATE).is_dir())
+  if not steps:
+    raise CheckpointNotFoundError(f'no checkpoint under {root}: expected step folders such as {root}/1000/state '
+                                  '(a training workdir, its checkpoints/ folder or one step folder)')
+  if step is None:
+    return root / str(steps[-1])
+  if step not in steps:
+    raise CheckpointNotFoundError(f'no checkpoint for step {step} under {root}; available: {steps}')
+  return root / str(step)
+
+
+def _read_only_manager(step_dir: pathlib.Path) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(step_dir.parent, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+                               handler_registry=_handler_registry())
+
+
+def read_config(path, step: int | None = None) -> ml_collections.ConfigDict:
+  """The config a saved step was trained with (its JSON item alone; no arrays are read)."""
+  step_dir = find_step_dir(path, step)
+  manager = _read_only_manager(step_dir)
+  try:
+    config = manager.restore(int(step_dir.name), args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()}))[_CONFIG]
+  finally:
+    manager.close()
+  if not config:
+    raise CheckpointNotFoundError(f'{step_dir} has no config item: not a cg3d-jax training checkpoint')
+  return ml_collections.ConfigDict(config)
+
+
+def read_step(path, step: int | None = None, device=None) -> SavedStep:
+  """The step's config, state (every leaf on `device`, default the first local one) and metrics.
+
+  The arrays are read straight from their saved shapes and dtypes (orbax's item metadata), so no model or mesh
+  has to be rebuilt first, and a checkpoint written on any mesh opens on one device.
+  """
+  step_dir = find_step_dir(path, step)
+  manager = _read_only_manager(step_dir)
+  try:
+    number = int(step_dir.name)
+    metadata = manager.item_metadata(number)
+    if metadata[_STATE] is None:
+      raise CheckpointNotFoundError(f'{step_dir} is not a cg3d-jax training checkpoint (it has no state item)')
+    sharding = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), dict(metadata[_STATE]))
+    restored = manager.restore(number, args=ocp.args.Composite(**{
+        _STATE: ocp.args.StandardRestore(target), _EXTRAS: ocp.args.JsonRestore(), _CONFIG: ocp.args.JsonRestore()}))
+  finally:
+    manager.close()
+  extras = dict(restored[_EXTRAS] or {})
+  if not restored[_CONFIG]:
+    raise CheckpointNotFoundError(f'{step_dir} has no config item: not a cg3d-jax training checkpoint')
+  return SavedStep(path=step_dir, step=int(restored[_STATE]['step']), config=ml_collections.ConfigDict(
+      restored[_CONFIG]), state=restored[_STATE], metrics=extras.get('metrics'))

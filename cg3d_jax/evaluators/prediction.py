@@ -1,0 +1,70 @@
+"""Zero-shot prediction for one object: candidate labels (and, optionally, photos) ranked against one point cloud.
+
+The cloud is centred and scaled to the unit sphere as in training, then farthest-point sampling on device picks the
+encoder's N points (clouds with fewer than N points are cycled, which FPS ignores). Labels are ranked by cosine
+similarity to their text features (templates x label, as in zero-shot evaluation) with probabilities
+softmax(CLIP's logit scale x similarity). Images are preprocessed as the CLIP's preprocessor says, go through the
+prompt-tuned image tower, and are ranked against the cloud the same way.
+"""
+
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cg3d_jax.data import point_files, transforms
+from cg3d_jax.errors import BadInputError
+from cg3d_jax.evaluators import metrics, zeroshot
+from cg3d_jax.models.cg3d import CG3D
+from cg3d_jax.models.point_ops import sample_points
+
+
+def prepare_points(xyz, num_points: int, source: str | None = None) -> np.ndarray:
+  """Training's normalisation (centre, unit sphere); clouds shorter than num_points are cycled up to it."""
+  xyz = transforms.normalize_unit_sphere_np(xyz, source)
+  if xyz.shape[0] < num_points:
+    xyz = xyz[np.arange(num_points) % xyz.shape[0]]
+  return xyz
+
+
+def read_image(path, preprocess) -> np.ndarray:
+  from PIL import Image, UnidentifiedImageError
+  try:
+    with Image.open(path) as image:
+      return preprocess(image)
+  except FileNotFoundError:
+    raise BadInputError(path, 'image file not found') from None
+  except (UnidentifiedImageError, OSError) as e:
+    raise BadInputError(path, f'cannot be read as an image ({e})') from None
+
+
+def ranked(names: Sequence[str], similarities: np.ndarray, scale: float) -> list[dict]:
+  """[{rank, name, probability, similarity}] best first; probabilities = softmax(scale x similarity)."""
+  logits = scale * similarities.astype(np.float64)
+  probs = np.exp(logits - logits.max())
+  probs /= probs.sum()
+  order = np.argsort(-similarities, kind='stable')
+  return [{'rank': r + 1, 'name': names[i], 'probability': float(probs[i]), 'similarity': float(similarities[i])}
+          for r, i in enumerate(order)]
+
+
+def predict(model, points_path, labels: Sequence[str], images: Sequence[str] = (), *, templates='cg3d_zeroshot',
+            normalize_text: bool = True) -> dict:
+  """{'points', 'num_points_read', 'labels': ranked, 'images': ranked} for a trained.ScoringModel `model`."""
+  cloud = point_files.read_points(points_path)
+  points = prepare_points(cloud.xyz, model.model.num_points, os.fspath(points_path))
+  encode = jax.jit(lambda v, p: model.model.point_features(v, sample_points(p, model.model.num_points))[0])
+  feature = np.asarray(encode(model.encoder_vars, jnp.asarray(points)[None]))[0]
+  classifier = zeroshot.text_classifier(model.clip.model, model.clip_params, model.clip.tokenizer, labels, templates,
+                                        normalize=normalize_text)
+  scale = float(CG3D.logit_scale(model.clip_params))
+  result = {'points': os.fspath(points_path), 'num_points_read': int(cloud.xyz.shape[0]),
+            'from_mesh': cloud.from_mesh, 'num_points_encoded': model.model.num_points, 'logit_scale': scale,
+            'labels': ranked(list(labels), np.asarray(metrics.zero_shot_scores(feature[None], classifier))[0], scale)}
+  if images:
+    pixels = np.stack([read_image(path, model.clip.preprocess) for path in images])
+    image_features = np.asarray(jax.jit(model.model.image_features)(model.clip_params, pixels))
+    result['images'] = ranked([os.fspath(p) for p in images], image_features @ feature, scale)
+  return result

@@ -1,0 +1,192 @@
+"""Zero-shot 3D classification: a text classifier from class names x templates, scored against a whole split.
+
+The pieces, each usable alone:
+  * `resolve_templates`: a named template set ('cg3d_zeroshot' = CG3D's single "This is a {}", 'ulip' = ULIP's 64)
+    or a user's own list of templates with one `{}`;
+  * `prompt_class_names`: class names as stored ('raw', what CG3D prompts with) or as words ('words': ULIP's
+    ModelNet40 spellings such as "flower pot", otherwise underscores turned into spaces);
+  * `encode_texts` / `text_classifier`: the frozen text tower over (template, class) captions, in fixed-size jitted
+    chunks, then `metrics.zero_shot_classifier` (normalize_text=False reproduces the original CG3D quirk: its text
+    features were never L2-normalised);
+  * `split_point_features`: point features of every real example of an eval iterator, FPS to the encoder's input
+    size on device, sharded over the mesh; rows of the padded last batch are dropped by its mask, never a real one;
+  * `run_zero_shot` composes them into (N, C) scores and labels; `summarize` gives top-k and class-mean accuracy.
+
+`ZeroShotEvaluator` is the evaluator (evaluators/common.py) that the training loop validates with and the evaluate
+command runs: built once (the frozen text tower's classifier included), then `run({'encoder', 'clip'})`.
+"""
+
+import dataclasses
+from typing import Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cg3d_jax import sharding
+from cg3d_jax.data import templates as template_sets
+from cg3d_jax.evaluators import common, metrics
+from cg3d_jax.models.cg3d import CG3D
+from cg3d_jax.models.clip import CLIP
+from cg3d_jax.models.point_ops import sample_points
+from cg3d_jax.weights.hf_clip import tokenize
+
+TEXT_CHUNK = 256  # captions per text-tower call; the last chunk is padded so one compiled shape serves all
+DEFAULT_KS = (1, 3, 5)
+
+
+def resolve_templates(spec: str | Sequence[str]) -> tuple[str, ...]:
+  """A template set name (see cg3d_jax.data.templates) or a sequence of templates, each with exactly one `{}`."""
+  if isinstance(spec, str):
+    return template_sets.get_templates(spec)
+  spec = tuple(spec)
+  if not spec:
+    raise ValueError('templates: the list is empty; give a set name such as "cg3d_zeroshot" or templates with {}')
+  for t in spec:
+    if not isinstance(t, str) or t.count('{}') != 1:
+      raise ValueError(f'template {t!r} must be a string with exactly one {{}} where the class name goes')
+  return spec
+
+
+def prompt_class_names(class_names: Sequence[str], style: str = 'raw') -> list[str]:
+  """The names put into the templates: 'raw' as the dataset stores them (CG3D), or 'words' (ULIP)."""
+  class_names = list(class_names)
+  if style == 'raw':
+    return class_names
+  if style != 'words':
+    raise ValueError(f"class name style must be 'raw' or 'words', got {style!r}")
+  ulip = template_sets.ulip_modelnet40_names()
+  if len(class_names) == len(ulip) and all(c.replace('_', ' ') == u or c == u.replace(' ', '_')
+                                           for c, u in zip(class_names, ulip)):
+    return list(ulip)
+  return [c.replace('_', ' ') for c in class_names]
+
+
+def encode_texts(clip: CLIP, clip_params: dict, token_ids, chunk: int = TEXT_CHUNK) -> np.ndarray:
+  """Raw (not normalised) text features for token ids (..., L) -> (..., D) float32, in jitted chunks."""
+  token_ids = np.asarray(token_ids, np.int32)
+  lead, length = token_ids.shape[:-1], token_ids.shape[-1]
+  flat = token_ids.reshape(-1, length)
+  if flat.shape[0] == 0:
+    raise ValueError('encode_texts: no captions to encode')
+  encode = jax.jit(lambda p, ids: clip.apply({'params': p}, ids, method=CLIP.encode_text).astype(jnp.float32))
+  size = min(chunk, flat.shape[0])
+  out = []
+  for start in range(0, flat.shape[0], size):
+    ids = flat[start:start + size]
+    real = ids.shape[0]
+    if real < size:  # pad with copies of a real caption: garbage-free and the same compiled shape
+      ids = np.concatenate([ids, np.repeat(ids[:1], size - real, axis=0)])
+    out.append(np.asarray(encode(clip_params, ids))[:real])
+  return np.concatenate(out).reshape(*lead, -1)
+
+
+def text_classifier(clip: CLIP, clip_params: dict, tokenizer, class_names: Sequence[str],
+                    templates: str | Sequence[str] = 'cg3d_zeroshot', *, normalize: bool = True,
+                    name_style: str = 'raw') -> np.ndarray:
+  """(C, D) class weights from every (template, class) caption; see metrics.zero_shot_classifier for `normalize`."""
+  texts = resolve_templates(templates)
+  names = prompt_class_names(class_names, name_style)
+  if not names:
+    raise ValueError('text_classifier: no class names')
+  ids = tokenize(tokenizer, [t.format(c) for t in texts for c in names]).reshape(len(texts), len(names), -1)
+  return np.asarray(metrics.zero_shot_classifier(encode_texts(clip, clip_params, ids), normalize=normalize))
+
+
+def point_feature_fn(model: CG3D, mesh: jax.sharding.Mesh):
+  """jit of (encoder_vars, points (B, S, 3)) -> normalised features (B, D): FPS to N, encoder, L2; batch-sharded."""
+  replicated, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+
+  def features(encoder_vars, points):
+    return model.point_features(encoder_vars, sample_points(points, model.num_points), train=False)[0]
+
+  return jax.jit(features, in_shardings=(replicated, batch), out_shardings=batch), replicated
+
+
+def split_point_features(model: CG3D, encoder_vars: dict, batches: Iterable[dict], mesh: jax.sharding.Mesh,
+                         extra_fn=None, extra_params=None) -> dict[str, np.ndarray]:
+  """Features of every real example of `batches` (global arrays from pipeline.make_eval_iterator), in order.
+
+  Returns {'point_features': (N, D), 'label': (N,)} on the host, rows whose 'mask' is False removed. `extra_fn`
+  (params, batch) -> {name: (B, ...) array}, jitted by the caller, adds per-example outputs (e.g. image features);
+  `extra_params` are its first argument. Batches are dispatched before earlier results are fetched, so the input
+  pipeline and the device overlap.
+  """
+  features_fn, replicated = point_feature_fn(model, mesh)
+  encoder_vars = jax.device_put(encoder_vars, replicated)
+  pending = []
+  for batch in batches:
+    if 'mask' not in batch:
+      raise ValueError("split_point_features: batches need a 'mask' (use pipeline.make_eval_iterator)")
+    out = {'point_features': features_fn(encoder_vars, batch['points']), 'label': batch['label'],
+           'mask': batch['mask']}
+    if extra_fn is not None:
+      out.update(extra_fn(extra_params, batch))
+    pending.append(out)
+  return common.real_rows(pending)
+
+
+@dataclasses.dataclass
+class ZeroShotOutputs:
+  scores: np.ndarray  # (N, C) cosine similarities (raw dot products against un-normalised text if the quirk is on)
+  labels: np.ndarray  # (N,) int
+  class_names: list[str]  # as the dataset stores them (reports use these)
+  point_features: np.ndarray  # (N, D) L2-normalised
+  classifier: np.ndarray  # (C, D)
+
+
+def run_zero_shot(model: CG3D, encoder_vars: dict, clip_params: dict, tokenizer, batches: Iterable[dict],
+                  class_names: Sequence[str], mesh: jax.sharding.Mesh, *,
+                  templates: str | Sequence[str] = 'cg3d_zeroshot', normalize_text: bool = True,
+                  name_style: str = 'raw', classifier=None) -> ZeroShotOutputs:
+  """Scores of every example of the split against every class.
+
+  classifier: (C, D) class weights from `text_classifier`, to skip recomputing them (the text tower is frozen, so
+  a training loop can build them once); when given, clip_params, tokenizer, templates, normalize_text and
+  name_style are not used.
+  """
+  if classifier is None:
+    classifier = text_classifier(model.clip, clip_params, tokenizer, class_names, templates,
+                                 normalize=normalize_text, name_style=name_style)
+  classifier = np.asarray(classifier)
+  if classifier.shape[0] != len(class_names):
+    raise ValueError(f'run_zero_shot: classifier has {classifier.shape[0]} rows for {len(class_names)} classes')
+  split = split_point_features(model, encoder_vars, batches, mesh)
+  scores = np.asarray(metrics.zero_shot_scores(split['point_features'], classifier))
+  return ZeroShotOutputs(scores=scores, labels=split['label'].astype(np.int64), class_names=list(class_names),
+                         point_features=split['point_features'], classifier=classifier)
+
+
+def summarize(outputs: ZeroShotOutputs, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float | int]:
+  """{'top1', 'top3', 'top5', 'class_mean'} as fractions and 'count', the number of examples scored."""
+  topk = metrics.topk_accuracy(outputs.scores, outputs.labels, ks)
+  summary = {f'top{k}': v for k, v in topk.items()}
+  summary['class_mean'] = metrics.class_mean_accuracy(metrics.predictions(outputs.scores), outputs.labels,
+                                                      len(outputs.class_names))
+  summary['count'] = int(outputs.labels.shape[0])
+  return summary
+
+
+class ZeroShotEvaluator:
+  """Zero-shot top-k and class-mean accuracy of a CG3D model on one split (evaluators/common.py's interface).
+
+  The class weights come from the frozen, prompt-less text tower, so they are built once here; `run` embeds the
+  split's clouds with the given encoder variables. `batches` makes a fresh pass over the split each call (global
+  batches with a 'mask', e.g. a partial of pipeline.make_eval_iterator).
+  """
+
+  def __init__(self, model: CG3D, clip_params: dict, tokenizer, *, batches: Callable[[], Iterable[dict]],
+               class_names: Sequence[str], mesh: jax.sharding.Mesh, templates: str | Sequence[str] = 'cg3d_zeroshot',
+               normalize_text: bool = True, name_style: str = 'raw', ks: Sequence[int] = DEFAULT_KS,
+               prefix: str = 'val/'):
+    self.model, self.mesh, self.batches, self.prefix = model, mesh, batches, prefix
+    self.class_names, self.ks = list(class_names), tuple(ks)
+    self.classifier = text_classifier(model.clip, clip_params, tokenizer, class_names, templates,
+                                      normalize=normalize_text, name_style=name_style)
+
+  def outputs(self, variables: dict) -> ZeroShotOutputs:
+    return run_zero_shot(self.model, variables['encoder'], variables['clip'], None, self.batches(), self.class_names,
+                         self.mesh, classifier=self.classifier)
+
+  def run(self, variables: dict) -> dict[str, float]:
+    return {self.prefix + k: v for k, v in summarize(self.outputs(variables), self.ks).items()}

@@ -1,0 +1,49 @@
+"""The offline demo's inputs: a procedural ShapeNet-55-layout dataset and a small random transformers CLIP.
+
+Both are written once under a root folder and reused afterwards (config.demo says their sizes); training is then
+pointed at them like at real data and a real CLIP, so it runs exactly the code paths those take.
+"""
+
+import dataclasses
+import pathlib
+
+from absl import logging
+
+from cg3d_jax.errors import ConfigError
+from cg3d_jax.synthetic.objects import SyntheticSettings, ensure_synthetic_shapenet
+from cg3d_jax.synthetic.random_clip import write_random_clip
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoAssets:
+  manual_dir: str  # the procedural dataset in the ShapeNet-55 layout (config.data.manual_dir)
+  data_dir: str  # where its TFDS build goes (config.data.data_dir)
+  clip_path: str  # the random CLIP folder (config.clip.path)
+
+  def overrides(self) -> list[str]:
+    """The command-line overrides that point a config at these assets."""
+    return [f'--config.data.manual_dir={self.manual_dir}', f'--config.data.data_dir={self.data_dir}',
+            f'--config.clip.path={self.clip_path}']
+
+  def apply(self, config) -> None:
+    config.data.manual_dir, config.data.data_dir, config.clip.path = self.manual_dir, self.data_dir, self.clip_path
+
+
+def write(root, demo_config) -> DemoAssets:
+  """Writes what is missing under `root` (shapenet55/, clip/; tfds/ is filled by the first training run)."""
+  root = pathlib.Path(root).resolve()
+  syn = demo_config.synthetic
+  settings = SyntheticSettings(seed=syn.seed, num_train_per_class=syn.num_train_per_class,
+                               num_test_per_class=syn.num_test_per_class, num_points=syn.num_points,
+                               image_size=syn.image_size, num_views=syn.num_views)
+  logging.info('demo: procedural dataset in %s', root / 'shapenet55')
+  ensure_synthetic_shapenet(root / 'shapenet55', settings)
+  clip_dir = root / 'clip'
+  if not (clip_dir / 'config.json').is_file():
+    vocab = demo_config.vocab_path
+    if vocab and not pathlib.Path(vocab).is_file():
+      raise ConfigError(f'config.demo.vocab_path: the CLIP BPE vocabulary {vocab} does not exist (leave it unset to '
+                        "use the package's own copy)")
+    logging.info('demo: writing a random CLIP to %s', clip_dir)
+    write_random_clip(clip_dir, vocab_path=vocab or None, **dict(demo_config.clip))
+  return DemoAssets(manual_dir=str(root / 'shapenet55'), data_dir=str(root / 'tfds'), clip_path=str(clip_dir))

@@ -1,0 +1,189 @@
+"""Trained models as the downstream commands use them: one small value per kind, whatever file they came from.
+
+  TrainedModel  a pretrained point encoder and the prompts it trained, from a training run (checkpoints.read_step)
+                or an original / exported `.pth` / `.safetensors` (weights.cg3d_pth); `load_trained(path)`.
+  ScoringModel  a TrainedModel beside its frozen CLIP with the trained prompts in place: what zero-shot evaluation,
+                retrieval, predict and scene queries score with; `with_clip(trained, clip_path)`.
+  Finetuned     a fine-tuned classifier from a fine-tuning run; `load_finetuned(path)`.
+
+Only the foreign formats are read in weights/; this module composes them with the project's own checkpoints.
+"""
+
+import dataclasses
+import pathlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from cg3d_jax import checkpoints
+from cg3d_jax.errors import InputError
+from cg3d_jax.models.cg3d import CG3D, build_encoder
+from cg3d_jax.models.classifiers import build_classifier
+from cg3d_jax.models.point_transformer import PointTransformer
+from cg3d_jax.models.pointmlp import PointMLP
+from cg3d_jax.weights.hf_clip import LoadedCLIP, load_clip
+
+TORCH_SUFFIXES = ('.pth', '.pt', '.safetensors')
+
+
+@dataclasses.dataclass
+class TrainedModel:
+  """A pretrained point encoder and the visual prompts trained with it."""
+  encoder: nn.Module
+  encoder_vars: dict  # {'params': ..., 'batch_stats': ...}
+  prompts: np.ndarray | None  # (layers or 1, tokens, width); None when the run trained no prompts
+  prompt_mode: str  # 'deep', 'shallow' or 'none'
+  config: ml_collections.ConfigDict  # the run's config (for a .pth without one: the few fields it implies)
+  step: int
+  source: str  # what was read
+  metrics: dict | None = None  # validation metrics saved with the step
+
+  @property
+  def encoder_name(self) -> str:
+    return self.config.model.encoder
+
+  @property
+  def num_points(self) -> int:
+    return int(self.config.model.num_points)
+
+  @property
+  def embed_dim(self) -> int:
+    # PointMLP names its joint-space width projection_dim (its embed_dim is the first stage's width).
+    return int(getattr(self.encoder, 'projection_dim', None) or self.encoder.embed_dim)
+
+
+def load_trained(path, *, step: int | None = None, num_points: int = 1024, model_config=None) -> TrainedModel:
+  """A training workdir / checkpoints folder / step folder, or an original CG3D (or exported) .pth / .safetensors.
+
+  num_points: the encoder's input size for a .pth that does not record its config (the original's 1024).
+  model_config: a config.model that sizes what a .pth does not record (the fine-tuning run's); by default the
+    file's own config, else CG3D's released sizes.
+  """
+  if str(path).endswith(TORCH_SUFFIXES):
+    return _load_torch_file(pathlib.Path(path), num_points, model_config)
+  saved = checkpoints.read_step(path, step)
+  config = saved.config
+  if 'finetune' in config:
+    raise InputError(f'{saved.path} is a fine-tuning checkpoint (a classifier), not a pretraining run')
+  prompts = saved.state['params'].get('clip', {}).get('prompts', {}).get('tokens')
+  return TrainedModel(
+      encoder=build_encoder(config.model),
+      encoder_vars={'params': saved.state['params']['encoder'], 'batch_stats': saved.state['batch_stats']},
+      prompts=None if prompts is None else np.asarray(prompts),
+      prompt_mode=config.clip.prompt.mode if prompts is not None else 'none', config=config, step=saved.step,
+      source=str(saved.path), metrics=saved.metrics)
+
+
+def _sized_from_file(path: pathlib.Path, model_config, state_dict) -> nn.Module:
+  """The encoder as `model_config` sizes it, with the projection and head sizes the file holds."""
+  projection = state_dict.get('projection.weight')
+  if model_config.encoder == 'point_transformer':
+    model = PointTransformer.from_config(model_config)
+    hidden, head = state_dict.get('cls_head_finetune.0.weight'), state_dict.get('cls_head_finetune.3.weight')
+    model = model.clone(num_classes=None if head is None else int(head.shape[0]),
+                        head_hidden=model.head_hidden if hidden is None else int(hidden.shape[0]))
+    return model if projection is None else model.clone(embed_dim=int(projection.shape[0]))
+  model = PointMLP.from_config(model_config)
+  return model if projection is None else model.clone(projection_dim=int(projection.shape[0]))
+
+
+def _load_torch_file(path: pathlib.Path, num_points: int, model_config) -> TrainedModel:
+  from cg3d_jax.weights import cg3d_pth  # torch only on this path
+
+  model = None
+  if model_config is not None:
+    container = cg3d_pth.read_container(path)
+    model = _sized_from_file(path, model_config, cg3d_pth.strip_module_prefix(path, container['base_model']))
+  encoder_name, params, batch_stats, prompts, info = cg3d_pth.load_cg3d_checkpoint(path, model=model)
+  saved = info['config'] or {}
+  if saved:
+    config = ml_collections.ConfigDict(saved)
+  else:
+    num_tokens = 5 if prompts is None else int(prompts.shape[1])
+    config = ml_collections.ConfigDict({
+        'model': {'encoder': encoder_name, 'num_points': num_points},
+        'clip': {'path': None, 'prompt': {'mode': info['prompt_mode'], 'num_tokens': num_tokens}}})
+  step = info['step'] if isinstance(info['step'], int) else max(info['epoch'], 0)
+  return TrainedModel(encoder=info['model'], encoder_vars={'params': jax.tree.map(jnp.asarray, params),
+                                                           'batch_stats': jax.tree.map(jnp.asarray, batch_stats)},
+                      prompts=prompts, prompt_mode=info['prompt_mode'], config=config, step=step,
+                      source=str(path), metrics=info['metrics'] or None)
+
+
+@dataclasses.dataclass
+class ScoringModel:
+  """A trained encoder beside its frozen CLIP, with the trained prompts in CLIP's parameters."""
+  trained: TrainedModel
+  model: CG3D
+  clip: LoadedCLIP  # clip.params['prompts'] holds the trained prompts (when the model has any)
+
+  @property
+  def encoder_vars(self) -> dict:
+    return self.trained.encoder_vars
+
+  @property
+  def clip_params(self) -> dict:
+    return self.clip.params
+
+  @property
+  def config(self) -> ml_collections.ConfigDict:
+    return self.trained.config
+
+  @property
+  def step(self) -> int:
+    return self.trained.step
+
+  @property
+  def source(self) -> str:
+    return self.trained.source
+
+
+def with_clip(trained: TrainedModel, clip_path: str | None = None) -> ScoringModel:
+  """Loads the frozen CLIP (clip_path, else the one the run recorded) and puts the trained prompts into it."""
+  path = clip_path or trained.config.get('clip', {}).get('path')
+  if not path:
+    raise InputError(f'{trained.source} does not say which CLIP it was trained with (an original CG3D checkpoint '
+                     'records none): give the local CLIP folder with --config.clip.path=... (or --clip_path)')
+  clip_config = trained.config.get('clip', {})
+  num_tokens = int(clip_config.get('prompt', {}).get('num_tokens', 5))
+  if trained.prompts is not None:
+    num_tokens = int(trained.prompts.shape[1])
+  clip = load_clip(path, prompt_mode=trained.prompt_mode, num_prompts=num_tokens,
+                   dtype=jnp.dtype(clip_config.get('dtype', 'float32')), seed=int(trained.config.get('seed', 0)))
+  expected = None if 'prompts' not in clip.params else tuple(clip.params['prompts']['tokens'].shape)
+  found = None if trained.prompts is None else tuple(trained.prompts.shape)
+  if expected != found:
+    raise InputError(f'{trained.source}: trained prompts have shape {found} but the CLIP at {path} with prompt mode '
+                     f'{trained.prompt_mode!r} expects {expected}: is this the CLIP it was trained with?')
+  if found is not None:
+    clip.params['prompts'] = {'tokens': jnp.asarray(trained.prompts)}
+  if trained.embed_dim != clip.spec.projection_dim:
+    raise InputError(f'{trained.source}: the encoder projects to {trained.embed_dim} but the CLIP at {path} to '
+                     f'{clip.spec.projection_dim}: not the joint space it was trained in')
+  return ScoringModel(trained=trained, model=CG3D(encoder=trained.encoder, clip=clip.model,
+                                                  num_points=trained.num_points), clip=clip)
+
+
+@dataclasses.dataclass
+class Finetuned:
+  """A fine-tuned classifier and its variables."""
+  config: ml_collections.ConfigDict
+  step: int
+  model: nn.Module
+  variables: dict  # {'params', 'batch_stats'} on one device
+  metrics: dict | None  # saved with the step: 'epoch' and, after an evaluation, 'val/top1', 'val/class_mean'
+  source: str
+
+
+def load_finetuned(path, step: int | None = None) -> Finetuned:
+  """A fine-tune workdir, its checkpoints/ folder or one step folder -> the classifier and its variables."""
+  saved = checkpoints.read_step(path, step)
+  if 'finetune' not in saved.config:
+    raise InputError(f'{saved.path} is not a cg3d-jax fine-tuning checkpoint (its config has no finetune block)')
+  config = saved.config
+  return Finetuned(config=config, step=saved.step, model=build_classifier(config.model, int(config.model.num_classes)),
+                   variables={'params': saved.state['params'], 'batch_stats': saved.state['batch_stats']},
+                   metrics=saved.metrics, source=str(saved.path))

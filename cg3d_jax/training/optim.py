@@ -1,0 +1,276 @@
+"""Optimizers from a big_vision-style rule list: [(regex over '/'-joined parameter paths, settings or None)].
+
+    rules = [('^encoder/', dict(name='adamw', lr=5e-5, end_lr=1e-6, weight_decay=0.05,
+                                schedule='cosine_per_epoch', clip_norm=10.)),
+             ('^clip/prompts/', dict(name='sgd', lr=2e-3, momentum=0.9, weight_decay=1e-4, clip_norm=10.)),
+             ('^clip/', None)]
+
+The first rule whose regex matches a leaf's path (`re.search`) decides its group; `None` freezes it. A leaf that
+no rule matches is an error naming it, so a renamed parameter cannot silently fall out of training.
+
+Groups. A rule's group is called `settings['group']` if given, else its regex reduced to a name ('^encoder/' ->
+'encoder', '^clip/prompts/' -> 'clip_prompts'); every frozen leaf is in group 'frozen'. Each group is its own
+chain: clip by global norm (over that group's leaves only, as the original clips each optimizer's parameters;
+optax scales by clip/norm where torch's clip_grad_norm_ uses clip/(norm + 1e-6)), weight decay, optimizer,
+learning-rate schedule. Frozen leaves get `optax.set_to_zero()`, which has no state.
+
+The transform works on full trees and on `partition`ed ones (frozen leaves replaced by `optax.MaskedNode()`): take
+gradients with respect to the trainable part only, then update, apply and `merge` back.
+
+Weight decay (decoupled for AdamW, L2-into-the-gradient for SGD, as torch does each). Which leaves decay is the
+group's `weight_decay_mask`:
+  'original' (default for adamw): Point-BERT/CG3D's `add_weight_decay`: no decay for leaves with ndim <= 1, leaves
+      named 'bias', and leaves whose path contains 'token' (cls_token, prompt tokens). Everything else decays,
+      including `cls_pos` (a (1, 1, C) array without 'token' in its name), exactly like the original.
+  'all' (default for sgd): every leaf of the group, as torch.optim.SGD(weight_decay=...) does for the prompts.
+  'none': no leaf.
+
+Schedules. A group's schedule is evaluated at the number of updates that group's transform has seen (optax's own
+counter) times the group's `updates_every` (default 1). With every group updated every step that is the global
+step; under the original's alternating schedule (`select_groups` below, each group updated every other step) set
+updates_every=2 so that the schedule still follows the global step and epochs:
+  'constant':          lr.
+  'cosine_per_epoch':  timm's CosineLRScheduler(t_initial=epochs, lr_min=end_lr, warmup_t=warmup_epochs,
+                       warmup_lr_init=warmup_lr, cycle_limit=1, t_in_epochs=True), which the original steps once per
+                       epoch; here evaluated at epoch = floor(step / steps_per_epoch), so the lr is a staircase.
+                       epochs defaults to ceil(total_steps / steps_per_epoch).
+  'cosine':            per-step cosine from lr to end_lr over total_steps after a linear warmup from warmup_lr.
+"""
+
+import math
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cg3d_jax.trees import path_to_str
+
+FROZEN = 'frozen'
+
+_COMMON_KEYS = {'name', 'lr', 'schedule', 'end_lr', 'warmup_epochs', 'warmup_lr', 'epochs', 'clip_norm',
+                'weight_decay', 'weight_decay_mask', 'group', 'updates_every'}
+_OPTIMIZER_KEYS = {'adamw': {'b1', 'b2', 'eps'}, 'sgd': {'momentum', 'nesterov'}}
+_DEFAULT_DECAY_MASK = {'adamw': 'original', 'sgd': 'all'}
+_SCHEDULES = ('constant', 'cosine_per_epoch', 'cosine')
+
+Rules = Sequence[tuple[str, Mapping[str, Any] | None]]
+
+
+def _is_masked(x) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+def _as_dict(settings) -> dict:
+  return settings.to_dict() if hasattr(settings, 'to_dict') else dict(settings)
+
+
+def _group_name(regex: str, settings: Mapping[str, Any]) -> str:
+  if settings.get('group'):
+    return str(settings['group'])
+  name = re.sub(r'[^0-9A-Za-z]+', '_', regex).strip('_')
+  return name or 'all'
+
+
+def _checked_rules(rules: Rules) -> list[tuple[re.Pattern, str, dict | None]]:
+  """Compiles the rules and validates every settings dict up front, so a typo fails before any tracing."""
+  checked, seen = [], {}
+  for i, rule in enumerate(rules):
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
+      raise ValueError(f'optimizer rule {i} must be (regex, settings or None), got {rule!r}')
+    regex, settings = rule
+    try:
+      pattern = re.compile(regex)
+    except re.error as e:
+      raise ValueError(f'optimizer rule {i}: bad regex {regex!r}: {e}') from e
+    if settings is None:
+      checked.append((pattern, FROZEN, None))
+      continue
+    settings = _as_dict(settings)
+    name = settings.get('name')
+    if name not in _OPTIMIZER_KEYS:
+      raise ValueError(f'optimizer rule {i} ({regex!r}): name must be one of {sorted(_OPTIMIZER_KEYS)}, got {name!r}')
+    unknown = set(settings) - _COMMON_KEYS - _OPTIMIZER_KEYS[name]
+    if unknown:
+      raise ValueError(f'optimizer rule {i} ({regex!r}): unknown settings {sorted(unknown)} for {name}; allowed: '
+                       f'{sorted(_COMMON_KEYS | _OPTIMIZER_KEYS[name])}')
+    if 'lr' not in settings:
+      raise ValueError(f'optimizer rule {i} ({regex!r}): lr is required')
+    if settings.get('schedule', 'constant') not in _SCHEDULES:
+      raise ValueError(f'optimizer rule {i} ({regex!r}): schedule must be one of {_SCHEDULES}, got '
+                       f'{settings["schedule"]!r}')
+    if settings.get('weight_decay_mask', 'original') not in ('original', 'all', 'none'):
+      raise ValueError(f'optimizer rule {i} ({regex!r}): weight_decay_mask must be original, all or none, got '
+                       f'{settings["weight_decay_mask"]!r}')
+    group = _group_name(regex, settings)
+    if group == FROZEN or group in seen:
+      raise ValueError(f'optimizer rules {seen.get(group, "?")} and {i} both name group {group!r}; give one a '
+                       "distinct settings['group']")
+    seen[group] = i
+    checked.append((pattern, group, settings))
+  return checked
+
+
+def _label_fn(checked) -> Callable[[Any], Any]:
+  def label(path, _):
+    name = path_to_str(path)
+    for pattern, group, _settings in checked:
+      if pattern.search(name):
+        return group
+    raise ValueError(f'parameter {name!r} matches no optimizer rule; rules: {[p.pattern for p, _, _ in checked]}')
+
+  return lambda tree: jax.tree_util.tree_map_with_path(label, tree)
+
+
+def param_labels(params, rules: Rules):
+  """The group name of every leaf ('frozen' for frozen ones), as a tree shaped like params."""
+  return _label_fn(_checked_rules(rules))(params)
+
+
+def trainable_mask(params, rules: Rules):
+  """True for every leaf that an optimizer updates."""
+  return jax.tree.map(lambda g: g != FROZEN, param_labels(params, rules))
+
+
+def partition(params, rules: Rules):
+  """(trainable, frozen): two trees shaped like params, each with `optax.MaskedNode()` where the other has a leaf."""
+  labels = param_labels(params, rules)
+  trainable = jax.tree.map(lambda g, p: optax.MaskedNode() if g == FROZEN else p, labels, params)
+  frozen = jax.tree.map(lambda g, p: p if g == FROZEN else optax.MaskedNode(), labels, params)
+  return trainable, frozen
+
+
+def merge(trainable, frozen):
+  """Inverse of `partition`."""
+  return jax.tree.map(lambda t, f: f if _is_masked(t) else t, trainable, frozen, is_leaf=_is_masked)
+
+
+def original_decay_mask(tree):
+  """Point-BERT's add_weight_decay rule (see module docstring): True where weight decay applies."""
+  def decays(path, leaf):
+    name = path_to_str(path)
+    return jnp.ndim(leaf) >= 2 and name.rsplit('/', 1)[-1] != 'bias' and 'token' not in name
+
+  return jax.tree_util.tree_map_with_path(decays, tree)
+
+
+def _decay_mask(settings):
+  mode = settings.get('weight_decay_mask', _DEFAULT_DECAY_MASK[settings['name']])
+  if mode == 'original':
+    return original_decay_mask
+  return lambda tree: jax.tree.map(lambda _: mode == 'all', tree)
+
+
+def _num_epochs(settings, steps_per_epoch: int, total_steps: int) -> int:
+  if settings.get('epochs'):
+    return int(settings['epochs'])
+  return max(1, math.ceil(total_steps / steps_per_epoch))
+
+
+def make_schedule(settings, *, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+  """The learning rate of one group as a function of its update count (see module docstring)."""
+  settings = _as_dict(settings)
+  if steps_per_epoch < 1 or total_steps < 1:
+    raise ValueError(f'steps_per_epoch and total_steps must be >= 1, got {steps_per_epoch} and {total_steps}')
+  lr = float(settings['lr'])
+  end_lr = float(settings.get('end_lr', 0.0))
+  warmup_lr = float(settings.get('warmup_lr', end_lr))
+  warmup_epochs = float(settings.get('warmup_epochs', 0) or 0)
+  kind = settings.get('schedule', 'constant')
+  if kind == 'constant':
+    return lambda step: jnp.full((), lr, jnp.float32)
+  if kind == 'cosine':
+    warmup_steps = int(round(warmup_epochs * steps_per_epoch))
+    return optax.warmup_cosine_decay_schedule(warmup_lr, lr, warmup_steps, max(total_steps, warmup_steps + 1),
+                                              end_value=end_lr)
+  num_epochs = _num_epochs(settings, steps_per_epoch, total_steps)
+
+  def cosine_per_epoch(step):
+    epoch = (jnp.asarray(step) // steps_per_epoch).astype(jnp.float32)
+    cosine = end_lr + 0.5 * (lr - end_lr) * (1 + jnp.cos(jnp.pi * epoch / num_epochs))
+    value = jnp.where(epoch < num_epochs, cosine, end_lr)  # timm's cycle_limit=1: lr_min after the last epoch
+    if warmup_epochs:
+      value = jnp.where(epoch < warmup_epochs, warmup_lr + epoch * (lr - warmup_lr) / warmup_epochs, value)
+    return value
+
+  return cosine_per_epoch
+
+
+def make_group_transform(settings, *, steps_per_epoch: int, total_steps: int) -> optax.GradientTransformation:
+  """clip_by_global_norm -> weight decay -> optimizer with its schedule, for the leaves of one group."""
+  settings = _as_dict(settings)
+  global_schedule = make_schedule(settings, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+  updates_every = int(settings.get('updates_every', 1) or 1)
+  schedule = lambda count: global_schedule(count * updates_every)  # noqa: E731
+  weight_decay = float(settings.get('weight_decay', 0.0) or 0.0)
+  parts = []
+  if settings.get('clip_norm'):
+    parts.append(optax.clip_by_global_norm(float(settings['clip_norm'])))
+  if settings['name'] == 'adamw':
+    parts.append(optax.adamw(schedule, b1=float(settings.get('b1', 0.9)), b2=float(settings.get('b2', 0.999)),
+                             eps=float(settings.get('eps', 1e-8)), weight_decay=weight_decay,
+                             mask=_decay_mask(settings)))
+  else:  # sgd: torch adds weight_decay * param to the (clipped) gradient before the momentum buffer
+    if weight_decay:
+      parts.append(optax.add_decayed_weights(weight_decay, mask=_decay_mask(settings)))
+    momentum = float(settings.get('momentum', 0.0) or 0.0)
+    parts.append(optax.sgd(schedule, momentum=momentum or None, nesterov=bool(settings.get('nesterov', False))))
+  return optax.chain(*parts)
+
+
+def make_optimizer(rules: Rules, *, steps_per_epoch: int, total_steps: int):
+  """(optax.multi_transform over the groups, labels_fn: tree -> tree of group names)."""
+  checked = _checked_rules(rules)
+  transforms = {FROZEN: optax.set_to_zero()}
+  for _pattern, group, settings in checked:
+    if settings is not None:
+      transforms[group] = make_group_transform(settings, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+  labels_fn = _label_fn(checked)
+  return optax.multi_transform(transforms, labels_fn), labels_fn
+
+
+def group_names(rules: Rules) -> list[str]:
+  """The trainable groups, in rule order."""
+  return [group for _p, group, settings in _checked_rules(rules) if settings is not None]
+
+
+def learning_rates(rules: Rules, step, *, steps_per_epoch: int, total_steps: int) -> dict[str, jax.Array]:
+  """{group: learning rate at `step`} for logging; jit-safe in step."""
+  return {group: make_schedule(settings, steps_per_epoch=steps_per_epoch, total_steps=total_steps)(step)
+          for _p, group, settings in _checked_rules(rules) if settings is not None}
+
+
+def global_norms(tree, rules: Rules) -> dict[str, jax.Array]:
+  """{group: global L2 norm of that group's leaves} for every trainable group (0 for a group with no leaves here).
+
+  Works on full trees and on partitioned ones (MaskedNode leaves are skipped); frozen leaves are never read.
+  """
+  checked = _checked_rules(rules)
+  labels = _label_fn(checked)(tree)
+  sums = {group: jnp.zeros((), jnp.float32) for _p, group, settings in checked if settings is not None}
+  for group, leaf in zip(jax.tree.leaves(labels), jax.tree.leaves(tree)):
+    if group != FROZEN:
+      sums[group] = sums[group] + jnp.sum(jnp.square(jnp.asarray(leaf, jnp.float32)))
+  return {group: jnp.sqrt(total) for group, total in sums.items()}
+
+
+def select_groups(active: Mapping[str, Any], updates, new_state, old_state, labels_fn):
+  """For alternating updates: groups whose `active[group]` is False get zero updates and keep their old state.
+
+  `updates, new_state` come from `tx.update(grads, old_state, params)` with the multi_transform of
+  `make_optimizer`; `active` maps group names to (traced) booleans, e.g. {'encoder': step % 2 == 0,
+  'clip_prompts': step % 2 == 1}. Groups not named stay as updated. Keeping the old state means an inactive
+  group's momentum and schedule counter do not move, as when the original skipped that optimizer's step.
+  """
+  unknown = set(active) - set(new_state.inner_states)
+  if unknown:
+    raise ValueError(f'select_groups: unknown groups {sorted(unknown)}; groups: {sorted(new_state.inner_states)}')
+  labels = labels_fn(updates)
+  updates = jax.tree.map(lambda u, g: jnp.where(active[g], u, jnp.zeros_like(u)) if g in active else u,
+                         updates, labels)
+  inner = dict(new_state.inner_states)
+  for group, is_active in active.items():
+    inner[group] = jax.tree.map(lambda new, old, on=is_active: jnp.where(on, new, old),
+                                new_state.inner_states[group], old_state.inner_states[group])
+  return updates, new_state._replace(inner_states=inner)

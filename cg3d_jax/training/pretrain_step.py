@@ -1,0 +1,138 @@
+"""One CG3D training step: contrastive losses, gradients of the trainable subtrees only, a non-finite guard.
+
+The training state holds only what trains (`params` = point encoder + CLIP prompts, their optimizer state, the
+encoder's BatchNorm statistics, the step counter, a base RNG key). Frozen CLIP is a separate, never-donated input
+and the text features of every (template, class) caption come in as a precomputed table, so frozen weights are
+neither differentiated nor given optimizer state.
+
+Update modes:
+- joint (default): one pass through the image tower; the encoder learns from point<->text + point<->image against
+  stop-gradient image features, the prompts from image<->text; both groups step together.
+- alternating: the original schedule; even steps update the encoder (against the current prompted image
+  features), odd steps the prompts. Each group's parameters and optimizer state stand still on the other's steps.
+"""
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cg3d_jax.data.transforms import scale_and_translate
+from cg3d_jax.models.cg3d import CG3D
+from cg3d_jax.models.point_ops import sample_points
+from cg3d_jax.training import optim
+from cg3d_jax.training.losses import contrastive_loss
+
+ENCODER, PROMPTS = 'encoder', 'prompts'
+
+
+def merge_clip(frozen: dict, params: dict) -> dict:
+  """Frozen CLIP plus the trainable prompts (when the model has any) as one CLIP parameter tree."""
+  clip = dict(frozen['clip'])
+  if 'clip' in params:
+    clip.update(params['clip'])
+  return clip
+
+
+def _group_tree(params: dict, group: str):
+  return params['encoder'] if group == ENCODER else params['clip']
+
+
+def _with_groups(params: dict, groups: dict) -> dict:
+  out = dict(params)
+  if ENCODER in groups:
+    out['encoder'] = groups[ENCODER]
+  if PROMPTS in groups:
+    out['clip'] = groups[PROMPTS]
+  return out
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = jax.tree.leaves(tree)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
+
+
+def _losses(model: CG3D, groups: dict, params: dict, frozen: dict, batch_stats, text_table, batch, key, *,
+            active: tuple[str, ...], same_class_mask: bool, augment: bool):
+  """The three InfoNCE losses; which of them are computed and which inputs carry gradient follow `active`."""
+  params = _with_groups(params, groups)
+  clip_params = merge_clip(frozen, params)
+  scale = model.logit_scale(clip_params)
+  labels = batch['label'] if same_class_mask else None
+  text = text_table[batch['template_idx'], batch['label']]
+  image = model.image_features(clip_params, batch['image'])
+  metrics, total = {}, 0.0
+  new_stats = batch_stats
+  if ENCODER in active:
+    aug_key, drop_key = jax.random.split(key)
+    points = sample_points(batch['points'], model.num_points)
+    if augment:
+      points = scale_and_translate(aug_key, points)
+    feats, new_stats = model.point_features({'params': params['encoder'], 'batch_stats': batch_stats}, points,
+                                            train=True, rngs={'dropout': drop_key})
+    # The encoder learns to reach CLIP's image features; it must not pull the prompts toward itself.
+    metrics['loss/point_text'] = contrastive_loss(feats, text, scale, mask_same_class_labels=labels)
+    metrics['loss/point_image'] = contrastive_loss(feats, jax.lax.stop_gradient(image), scale,
+                                                   mask_same_class_labels=labels)
+    total = total + metrics['loss/point_text'] + metrics['loss/point_image']
+  if PROMPTS in active:
+    metrics['loss/image_text'] = contrastive_loss(image, text, scale, mask_same_class_labels=labels)
+    total = total + metrics['loss/image_text']
+  metrics['loss'] = total
+  return total, (metrics, new_stats)
+
+
+def trainable_groups(params: dict) -> tuple[str, ...]:
+  return (ENCODER, PROMPTS) if 'clip' in params else (ENCODER,)
+
+
+def train_step(state: dict, frozen: dict, text_table, batch: dict, *, model: CG3D, tx: optax.GradientTransformation,
+               labels_fn, active: tuple[str, ...], same_class_mask: bool = False, augment: bool = True):
+  """One update of the groups in `active`; returns (new state, metrics). Pure: jit it with shardings."""
+  params = state['params']
+  key = jax.random.fold_in(state['rng'], state['step'])
+  groups = {g: _group_tree(params, g) for g in active}
+  grad_fn = jax.value_and_grad(_losses, argnums=1, has_aux=True)
+  (loss, (metrics, new_stats)), grads = grad_fn(
+      model, groups, params, frozen, state['batch_stats'], text_table, batch, key, active=active,
+      same_class_mask=same_class_mask, augment=augment)
+
+  # Groups that sit this step out (alternating mode) get zero gradients, zero updates and keep their optimizer
+  # state, so that neither momentum nor weight decay moves them.
+  full_grads = _with_groups(jax.tree.map(jnp.zeros_like, params), grads)
+  updates, new_opt_state = tx.update(full_grads, state['opt_state'], params)
+  if len(active) < len(trainable_groups(params)):
+    activity = {g: g in active for g in trainable_groups(params)}
+    updates, new_opt_state = optim.select_groups(activity, updates, new_opt_state, state['opt_state'], labels_fn)
+  new_params = optax.apply_updates(params, updates)
+
+  # A NaN point need not reach the loss (farthest-point sampling can pass over it), so the inputs are checked too.
+  ok = jnp.isfinite(loss) & _all_finite(grads) & _all_finite([batch['points'], batch['image']])
+
+  def keep(new, old):
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+  new_state = dict(
+      state,
+      step=state['step'] + 1,
+      params=keep(new_params, params),
+      opt_state=keep(new_opt_state, state['opt_state']),
+      batch_stats=keep(new_stats, state['batch_stats']) if ENCODER in active else state['batch_stats'],
+      bad_steps=jnp.where(ok, 0, state['bad_steps'] + 1),
+  )
+  for g, tree in grads.items():
+    metrics[f'grad_norm/{g}'] = optax.tree.norm(tree)
+  metrics['finite'] = ok.astype(jnp.float32)
+  metrics['bad_steps'] = new_state['bad_steps']
+  return new_state, metrics
+
+
+def jit_train_step(model: CG3D, tx, labels_fn, *, active, state_shardings, frozen_shardings, table_sharding,
+                   batch_shardings, same_class_mask: bool = False, augment: bool = True) -> Callable[..., Any]:
+  """`train_step` compiled with explicit in/out shardings and a donated state (the modern pjit)."""
+  fn = functools.partial(train_step, model=model, tx=tx, labels_fn=labels_fn, active=tuple(active),
+                         same_class_mask=same_class_mask, augment=augment)
+  return jax.jit(fn, in_shardings=(state_shardings, frozen_shardings, table_sharding, batch_shardings),
+                 out_shardings=(state_shardings, None), donate_argnums=(0,))

@@ -1,0 +1,100 @@
+"""The package's import directions (docs/architecture.md's table) and its lint configuration hold."""
+
+import ast
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+PACKAGE = REPO_ROOT / 'cg3d_jax'
+COMMANDS = {'train', 'finetune', 'evaluate', 'predict', 'export', 'demo', 'demo_assets', 'query_scene',
+            'evaluate_scenes', 'build_data', 'synthetic_scenes'}
+
+
+def allowed_imports() -> dict[str, set[str]]:
+  """{unit: the units it may import}, from the table in docs/architecture.md."""
+  text = (REPO_ROOT / 'docs' / 'architecture.md').read_text()
+  rules = {}
+  for line in text.splitlines():
+    match = re.fullmatch(r'\| ([a-z_, ]+) \| ([a-z_, ]+) \|', line.strip())
+    if not match or match.group(1) == 'unit':
+      continue
+    units = [u.strip() for u in match.group(1).split(',')]
+    targets = match.group(2).strip()
+    allowed = set() if targets == 'nothing of the package' else {t.strip() for t in targets.split(',')}
+    for unit in units:
+      rules[unit] = allowed
+  return rules
+
+
+def unit_of(module: str) -> str:
+  """'cg3d_jax.training.pretrain' -> 'training'; 'cg3d_jax.evaluate' -> 'commands'."""
+  name = module.split('.')[1]
+  return 'commands' if name in COMMANDS else name
+
+
+def imported_modules(path: pathlib.Path) -> set[str]:
+  """Every cg3d_jax module a file imports, at any depth (function-level imports too)."""
+  found = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith('cg3d_jax'):
+      parts = node.module.split('.')
+      found |= ({f'{node.module}.{a.name}' for a in node.names} if len(parts) == 1 else {node.module})
+    elif isinstance(node, ast.Import):
+      found |= {a.name for a in node.names if a.name.startswith('cg3d_jax')}
+  return found
+
+
+def test_the_table_covers_every_unit_of_the_package():
+  rules = allowed_imports()
+  units = {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir()
+           if (p.suffix == '.py' and p.stem != '__init__') or (p.is_dir() and (p / '__init__.py').is_file())}
+  units = {'commands' if u in COMMANDS else u for u in units}
+  assert units == set(rules), f'units without a rule: {units - set(rules)}; rules without a unit: {set(rules) - units}'
+
+
+def test_imports_run_one_way():
+  rules = allowed_imports()
+  offences = []
+  for path in sorted(PACKAGE.rglob('*.py')):
+    module = '.'.join(path.relative_to(REPO_ROOT).with_suffix('').parts)
+    source = unit_of(module) if module.count('.') else None
+    if source is None:
+      continue
+    for target in imported_modules(path):
+      target_unit = unit_of(target)
+      if source == 'commands':
+        if target_unit == 'commands' and target.split('.')[1] != module.split('.')[1]:
+          offences.append(f'{module} imports the command {target}')
+      elif target_unit != source and target_unit not in rules[source]:
+        offences.append(f'{module} ({source}) imports {target} ({target_unit})')
+  assert not offences, '\n'.join(offences)
+
+
+def test_a_forbidden_import_is_caught(tmp_path):
+  """The check itself can fail: an evaluator importing the training package is an offence."""
+  rules = allowed_imports()
+  bad = tmp_path / 'bad.py'
+  bad.write_text('def f():\n  from cg3d_jax.training import pretrain\n')
+  targets = {unit_of(t) for t in imported_modules(bad)}
+  assert targets == {'training'} and 'training' not in rules['evaluators']
+
+
+def test_ruff_lints_the_whole_tree():
+  ruff = shutil.which('ruff')
+  if ruff is None:
+    pytest.fail('ruff is not installed (pip install -r requirements.txt installs the test extra)')
+  done = subprocess.run([ruff, 'check', 'cg3d_jax', 'tests', 'bench'], cwd=REPO_ROOT, capture_output=True, text=True)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-1000:]
+
+
+def test_every_command_imports_in_one_process():
+  """absl flags are global: a flag two commands share must be defined once (cli), or importing both fails."""
+  code = 'import importlib\n' + ''.join(f'importlib.import_module("cg3d_jax.{c}")\n' for c in sorted(COMMANDS))
+  done = subprocess.run([sys.executable, '-c', code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
