@@ -28,6 +28,8 @@ from cg3d_jax.errors import InputError
 DEFAULT_WORKDIR = '/tmp/cg3d_demo'
 flags.adopt_module_key_flags(cli)  # --workdir: where the demo writes everything (default /tmp/cg3d_demo)
 STEPS = flags.DEFINE_integer('steps', None, 'Training steps (default: the demo config, 300).')
+OVERRIDES = flags.DEFINE_multi_string('override', [], 'A field of the demo config for the asset and training steps, '
+                                      'e.g. --override train.batch_size=16 (repeatable; becomes --config.<field>).')
 
 # room_1 of the procedural scenes holds a capsule, a cross and a torus: two of these are there, two are not.
 SCENE_QUERIES = 'torus,cross,mug,cone'
@@ -47,8 +49,9 @@ def main(argv):
   workdir = os.path.abspath(cli.WORKDIR.value or DEFAULT_WORKDIR)
   python = sys.executable
   assets = f'{workdir}/demo_assets'
-  overrides = _run([python, '-m', 'cg3d_jax.demo_assets', '--config', 'demo', '--root', assets]).stdout.split()
-  train = [python, '-m', 'cg3d_jax.train', '--config', 'demo', '--workdir', workdir, *overrides]
+  config = ['--config', 'demo', *(f'--config.{o}' for o in OVERRIDES.value)]
+  paths = _run([python, '-m', 'cg3d_jax.demo_assets', *config, '--root', assets]).stdout.split()
+  train = [python, '-m', 'cg3d_jax.train', *config, '--workdir', workdir, *paths]
   if STEPS.value:
     train.append(f'--config.train.total_steps={STEPS.value}')
   _run(train)

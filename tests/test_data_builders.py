@@ -165,6 +165,35 @@ def test_scanobjectnn_nan_names_file_and_object(tmp_path):
     _prepare(scanobjectnn.Scanobjectnn(data_dir=str(tmp_path / 'out'), config='obj_bg'), tmp_path)
 
 
+def test_scanobjectnn_labels_stored_as_a_column_read_as_a_vector(tmp_path):
+  """Some official h5 files store `label` as (N, 1): the same labels, one per object."""
+  data = np.random.default_rng(1).normal(size=(4, 2048, 3)).astype(np.float32)
+  labels = np.array([[3], [14], [0], [7]], np.int64)
+  path = tmp_path / 'column.h5'
+  _write_h5(path, data, labels)
+  read_data, read_labels = scanobjectnn.read_h5(path, 15)
+  np.testing.assert_array_equal(read_data, data)
+  np.testing.assert_array_equal(read_labels, [3, 14, 0, 7])
+
+
+@pytest.mark.parametrize('edit, message', [
+    (lambda f: f.__delitem__('label'), r'expected datasets `data` and `label`, found \['),
+    (lambda f: f.__delitem__('data'), r'expected datasets `data` and `label`'),
+    (lambda f: (f.__delitem__('label'), f.__setitem__('label', np.array([0, 15, 1], np.int64))),
+     r'label 15 of object 1 is outside'),
+    (lambda f: (f.__delitem__('label'), f.__setitem__('label', np.array([0, -1, 1], np.int64))),
+     r'label -1 of object 1 is outside'),
+    (lambda f: (f.__delitem__('label'), f.__setitem__('label', np.zeros((3, 2), np.int64))), r'`label` must be'),
+])
+def test_scanobjectnn_bad_files_name_the_problem(tmp_path, edit, message):
+  path = tmp_path / 'bad.h5'
+  _write_h5(path, np.zeros((3, 2048, 3), np.float32), np.zeros(3, np.int64))
+  with h5py.File(path, 'a') as f:
+    edit(f)
+  with pytest.raises(readers.BadInputError, match=r'bad\.h5: ' + message):
+    scanobjectnn.read_h5(path, 15)
+
+
 def test_scanobjectnn_missing_file_names_the_expected_path(tmp_path):
   with pytest.raises(readers.BadInputError, match=r'main_split_nobg/training_objectdataset\.h5: file not found'):
     _prepare(scanobjectnn.Scanobjectnn(data_dir=str(tmp_path / 'out'), config='obj_only'), tmp_path)

@@ -79,7 +79,11 @@ def test_rotations_preserve_norms_and_quarter_turns_are_exact():
   for wanted in ([1, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 0, 1, 0, 0], [1, 1, 1, 0, 0]):
     out = _with_flags(pts, wanted)
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), norms, rtol=1e-5)
-    np.testing.assert_allclose(out[:, 1] if wanted[2] == 0 else pts[:, 1], pts[:, 1], atol=1e-5)  # y is the axis
+    if wanted[2] == 0:  # rotations about y keep y
+      np.testing.assert_allclose(out[:, 1], pts[:, 1], atol=1e-5)
+    else:  # the small perturbation tilts y too, by at most its three clipped angles
+      moved = np.abs(out[:, 1] - pts[:, 1])
+      assert moved.max() > 1e-4 and (moved <= 3 * transforms.ROTATION_CLIP * norms + 1e-5).all()
   out = _with_flags(pts, [1, 0, 0, 0, 0])
   candidates = [pts @ transforms.rotation_y_np(k * np.pi / 2) for k in range(4)]
   assert min(np.abs(out - c).max() for c in candidates) < 1e-5
@@ -135,3 +139,48 @@ def test_farthest_point_sample_np_hand_computed():
   pts = np.array([[0, 0, 0], [4, 0, 0], [5, 0, 0], [10, 0, 0], [0.01, 0, 0]], np.float64)
   pts[0] = [0.5, 0, 0]  # the start point must not itself be near the origin for the example to be clear
   np.testing.assert_array_equal(transforms.farthest_point_sample_np(pts, 3), [0, 3, 2])
+
+
+def _drawn_params(num_seeds: int, num_points: int = 16, prob: float = 1.0) -> dict[str, np.ndarray]:
+  ds = tf.data.Dataset.range(num_seeds).map(
+      lambda i: transforms.tf_augment_params(tf.stack([tf.constant(7, tf.int64), i]), num_points, prob))
+  draws = list(ds.as_numpy_iterator())
+  return {k: np.stack([d[k] for d in draws]) for k in draws[0]}
+
+
+def test_augmentation_draws_follow_cg3ds_distributions():
+  """Quarter turns uniform over 0..3, the free angle uniform over [0, 2 pi), the perturbation N(0, 0.06) clipped
+  at 0.18 per axis, the jitter N(0, 0.01) clipped at 0.05, and N // 10 drop indices, over 4000 seeds."""
+  d = _drawn_params(4000)
+  turns = np.bincount(d['quarter_turns'], minlength=4)
+  assert turns.shape == (4,) and (np.abs(turns - 1000) < 4 * np.sqrt(1000 * 0.75)).all(), turns
+  angles = d['angle']
+  assert angles.min() >= 0 and angles.max() < 2 * np.pi
+  quarters = np.bincount((angles // (np.pi / 2)).astype(int), minlength=4)
+  assert (np.abs(quarters - 1000) < 4 * np.sqrt(1000 * 0.75)).all(), quarters
+  tilt = d['angles'].ravel()
+  assert np.abs(tilt).max() <= transforms.ROTATION_CLIP + 1e-7
+  # N(0, 0.06) beyond +-0.18 (3 sigma): 0.27% of 12,000 draws land on the clip; the rest has a 0.06 spread.
+  clipped = np.isclose(np.abs(tilt), transforms.ROTATION_CLIP)
+  assert 0.0005 < clipped.mean() < 0.006, clipped.mean()
+  np.testing.assert_allclose(tilt.std(), transforms.ROTATION_SIGMA, rtol=0.05)
+  noise = d['noise'].ravel()
+  assert np.abs(noise).max() <= transforms.JITTER_CLIP + 1e-7
+  np.testing.assert_allclose(noise.std(), transforms.JITTER_SIGMA, rtol=0.05)
+  assert d['dropped'].shape == (4000, 16 // transforms.DROP_FRACTION)
+
+
+def test_tf_and_numpy_augmentations_compose_in_the_same_order():
+  """With every augmentation on, the TF pipeline's output equals the NumPy reference given the same draws. The
+  steps do not commute (a perturbation after the rotation about y is not one before it; jitter rotated is not
+  jitter), so a different order in either would show."""
+  pts = _cloud(64)
+  for i in range(5):
+    params = transforms.tf_augment_params(_tf_seed(i), 64, 1.0)
+    got = transforms.tf_apply_augment(tf.constant(pts), params).numpy()
+    want = transforms.apply_augment_np(pts, {k: v.numpy() for k, v in params.items()})
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    reordered = dict({k: v.numpy() for k, v in params.items()}, apply=np.array([0, 0, 1, 0, 0], bool))
+    then_rotated = transforms.apply_augment_np(
+        transforms.apply_augment_np(pts, reordered), dict(reordered, apply=np.array([1, 1, 0, 1, 1], bool)))
+    assert np.abs(then_rotated - want).max() > 1e-3  # the order is observable

@@ -144,12 +144,15 @@ def reference_losses(tmp_path_factory, tiny_clip_dir, tiny_shapenet):
   return _read_losses(workdir)
 
 
-def test_tiny_test_config_is_the_conftest_tiny_config(tiny_clip_dir, tiny_shapenet):
-  from cg3d_jax.configs import tiny_test
-  c = tiny_test.get_config()
-  c.clip.path = tiny_clip_dir
-  c.data.manual_dir, c.data.data_dir = tiny_shapenet
-  assert c.to_dict() == tiny_config(tiny_clip_dir, tiny_shapenet).to_dict()
+def test_the_launched_config_is_the_in_process_one(pod_run, tiny_clip_dir, tiny_shapenet):
+  """What the launched processes trained with (the config their checkpoint saved, parsed by the command from
+  `--config tiny_test` and `--config.*` overrides) equals the config the in-process reference run is built from
+  (conftest's tiny_config with the same overrides set in Python): the loss comparison compares like with like."""
+  from cg3d_jax import checkpoints
+  saved = checkpoints.read_config(pod_run['workdir'], FIRST_STEPS)
+  built = tiny_config(tiny_clip_dir, tiny_shapenet, **COMMON, **{'train.total_steps': FIRST_STEPS})
+  assert json.loads(saved.to_json_best_effort()) == json.loads(built.to_json_best_effort())
+  assert saved.train.total_steps == FIRST_STEPS and saved.clip.path == tiny_clip_dir  # overrides reached it
 
 
 def test_two_processes_train_checkpoint_and_resume(pod_run):

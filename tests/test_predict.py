@@ -8,12 +8,19 @@ import json
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+from PIL import Image
+from transformers import CLIPModel
 
 from cg3d_jax import predict, trained
 from cg3d_jax.data import ply_files, point_files
 from cg3d_jax.evaluators import prediction
+from cg3d_jax.models.point_ops import sample_points
+from cg3d_jax.twins.prompted_clip import torch_prompted_image_features
+from cg3d_jax.weights.hf_clip import tokenize
 from tests.conftest import REPO_ROOT, run_command
 
 LABELS = ['owl', 'chicken', 'penguin']
@@ -99,6 +106,23 @@ def test_predict_ranks_labels_and_images(eval_model, owl_copies, owl_dir):
     expected = np.exp(result['logit_scale'] * sims) / np.exp(result['logit_scale'] * sims).sum()
     np.testing.assert_allclose(probs, expected, rtol=1e-6)
   assert sorted(r['name'] for r in result['images']) == sorted(images)
+  # The similarities recomputed outside the prediction code: the owl's feature (normalised cloud, FPS, encoder)
+  # against "This is a <label>" and the photos through transformers' PyTorch CLIP (prompts inserted as CG3D does).
+  cloud = prediction.prepare_points(point_files.read_points(owl_copies['ply_ascii']).xyz, eval_model.model.num_points)
+  feature = np.asarray(eval_model.model.point_features(
+      eval_model.encoder_vars, sample_points(jnp.asarray(cloud)[None], eval_model.model.num_points))[0])[0]
+  torch_clip = CLIPModel.from_pretrained(eval_model.config.clip.path, local_files_only=True).eval()
+  ids = tokenize(eval_model.clip.tokenizer, [f'This is a {label}' for label in LABELS])
+  pixels = np.stack([eval_model.clip.preprocess(Image.open(path)) for path in images]).transpose(0, 3, 1, 2)
+  with torch.no_grad():
+    text = torch_clip.get_text_features(input_ids=torch.from_numpy(ids.astype(np.int64)))
+    text = torch.nn.functional.normalize(getattr(text, 'pooler_output', text), dim=-1).numpy()
+    prompts = torch.from_numpy(np.array(eval_model.clip_params['prompts']['tokens']))
+    photo = torch_prompted_image_features(torch_clip, torch.from_numpy(pixels.copy()), prompts)
+    photo = torch.nn.functional.normalize(photo, dim=-1).numpy()
+  for ranked, names, rows in ((result['labels'], LABELS, text), (result['images'], images, photo)):
+    got = {r['name']: r['similarity'] for r in ranked}
+    np.testing.assert_allclose([got[n] for n in names], rows @ feature, atol=2e-5)
 
 
 def test_command_end_to_end_on_the_owl(tiny_checkpoint, owl_dir, tmp_path):

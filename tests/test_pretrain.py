@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from cg3d_jax import sharding
@@ -72,10 +73,13 @@ def test_frozen_clip_unchanged_trainables_move_and_no_state_for_frozen(config, b
   before_leaves = jax.tree_util.tree_leaves_with_path(before['params']['encoder'])
   pairs = zip(before_leaves, jax.tree.leaves(after['params']['encoder']))
   still = [jax.tree_util.keystr(p) for (p, a), b in pairs if np.array_equal(a, b)]
-  # A conv bias right before a BatchNorm has an exactly-zero gradient (the norm subtracts it again) and is not
-  # decayed, so it alone may stay put; everything else must move.
-  assert all('bias' in name for name in still), still
-  assert len(still) <= 2, still
+  # Two kinds stay put. The classification head: no pretraining loss reaches it, and torch.optim skips a parameter
+  # without a gradient (no weight decay either). A conv bias right before a BatchNorm: an exactly-zero gradient (the
+  # norm subtracts it again), not decayed. Everything else must move.
+  head = [name for name in still if 'cls_head_' in name]
+  rest = [name for name in still if 'cls_head_' not in name]
+  assert len(head) == 4, still  # kernel and bias of both head layers
+  assert all('bias' in name for name in rest) and len(rest) <= 2, still
   # Optimizer state: AdamW's two moments per encoder leaf, SGD's momentum per prompt leaf, nothing more.
   n_enc = sum(x.size for x in jax.tree.leaves(before['params']['encoder']))
   n_prompt = before['params']['clip']['prompts']['tokens'].size
@@ -154,15 +158,65 @@ def test_both_update_modes_lower_the_losses(config, batches, mode):
 
 
 def test_alternating_mode_moves_one_group_per_step(config, batches):
+  """Even steps move the encoder (parameters, BatchNorm statistics, AdamW's moments and count) and leave the prompts
+  and SGD's momentum bitwise as they were; odd steps the reverse."""
   c = config.copy_and_resolve_references()
   c.train.mode = 'alternating'
   setup = make_setup(c)
-  s0 = jax.device_get(setup.state)
-  s1, _ = run_steps(setup, batches[:1], mode='alternating')  # step 0: encoder only
-  np.testing.assert_array_equal(s0['params']['clip']['prompts']['tokens'], s1['params']['clip']['prompts']['tokens'])
-  assert not np.array_equal(jax.tree.leaves(s0['params']['encoder'])[0], jax.tree.leaves(s1['params']['encoder'])[0])
-  assert pretrain.active_groups(c, s1['params'], 1) == (PROMPTS,)
-  assert pretrain.active_groups(c, s1['params'], 2) == (ENCODER,)
+  states = [jax.device_get(setup.state)]
+  for i in range(3):
+    states.append(run_steps(setup, batches[:1], mode='alternating')[0] if i == 0 else
+                  _continue(setup, states[-1], batches[i], c, i))
+
+  def parts(s):
+    inner = s['opt_state'].inner_states
+    return {'encoder': (s['params']['encoder'], s['batch_stats'], inner[ENCODER]),
+            'prompts': (s['params']['clip']['prompts'], inner[PROMPTS])}
+
+  def same(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+  for step in range(3):
+    before, after = parts(states[step]), parts(states[step + 1])
+    moving, still = ('encoder', 'prompts') if step % 2 == 0 else ('prompts', 'encoder')
+    assert same(before[still], after[still]), (step, still)
+    assert not np.array_equal(jax.tree.leaves(before[moving][0])[0], jax.tree.leaves(after[moving][0])[0]), step
+  assert pretrain.active_groups(c, states[1]['params'], 1) == (PROMPTS,)
+  assert pretrain.active_groups(c, states[1]['params'], 2) == (ENCODER,)
+  # The export's BatchNorm update count follows: two encoder steps out of three.
+  from cg3d_jax.export import encoder_update_count
+  assert encoder_update_count(c, 3) == 2
+
+
+def _continue(setup, host_state, batch, config, step):
+  groups = pretrain.active_groups(config, host_state['params'], step)
+  fn = jit_train_step(setup.model, setup.tx, setup.labels_fn, active=groups, state_shardings=setup.shardings['state'],
+                      frozen_shardings=setup.shardings['frozen'], table_sharding=setup.shardings['table'],
+                      batch_shardings=setup.shardings['batch'])
+  state = jax.device_put(host_state, setup.shardings['state'])
+  return jax.device_get(fn(state, setup.frozen, setup.text_table, jax.device_put(batch, setup.shardings['batch']))[0])
+
+
+def test_each_loss_reaches_only_its_group(config, batches):
+  """point<->text and point<->image train the encoder only (the image features are a stop-gradient target),
+  image<->text trains the prompts only. Checked by breaking it: without the stop-gradient the prompts get a
+  non-zero point<->image gradient and this test fails."""
+  from cg3d_jax.training.pretrain_step import _losses
+  setup = make_setup(config)
+  state = jax.device_get(setup.state)
+  params, batch = state['params'], batches[0]
+  groups = {ENCODER: params['encoder'], PROMPTS: params['clip']}
+  norms = {}
+  for name in ('loss/point_text', 'loss/point_image', 'loss/image_text'):
+    grads = jax.jit(jax.grad(lambda g: _losses(
+        setup.model, g, params, jax.device_get(setup.frozen), state['batch_stats'], setup.text_table, batch,
+        jax.random.key(0), active=(ENCODER, PROMPTS), same_class_mask=False, augment=False)[1][0][name]))(groups)
+    norms[name] = {g: float(optax.tree.norm(grads[g])) for g in groups}
+  assert norms['loss/point_text'][ENCODER] > 0 and norms['loss/point_text'][PROMPTS] == 0, norms
+  assert norms['loss/point_image'][ENCODER] > 0 and norms['loss/point_image'][PROMPTS] == 0, norms
+  assert norms['loss/image_text'][ENCODER] == 0 and norms['loss/image_text'][PROMPTS] > 0, norms
+  # Frozen CLIP is an input the step never differentiates: of CLIP, the gradient tree holds the prompts alone.
+  assert set(grads) == {ENCODER, PROMPTS} and set(grads[PROMPTS]) == {'prompts'}
 
 
 def test_non_finite_batch_is_rejected_and_state_unchanged(config, batches):

@@ -238,6 +238,34 @@ def test_present_class_points_outscore_the_rest(rooms, room_queries):
   assert np.mean(objects_only) > 0.6, objects_only
 
 
+def test_presence_summary_equals_numpy_from_region_similarities(room_queries):
+  """Presence, recomputed in NumPy from the regions' cosine similarities: probabilities = softmax over labels of
+  logit_scale x similarity; a query's margin in a region = its probability minus the best other label's; score =
+  best margin over regions, present when above the threshold; regions won and the top regions by probability."""
+  for result in room_queries:
+    logits = result.logit_scale * result.region_similarity.astype(np.float64)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    np.testing.assert_allclose(result.region_probability, probs, rtol=1e-4, atol=1e-6)
+    summary = result.presence()
+    assert [e['query'] for e in summary] == list(FAMILIES)
+    for q, entry in enumerate(summary):
+      others = np.concatenate([probs[:, :q], probs[:, q + 1:]], axis=1)
+      margins = probs[:, q] - others.max(1)
+      assert entry['score'] == pytest.approx(margins.max(), abs=1e-5)
+      assert entry['present'] == (margins.max() > QUERY_SETTINGS.threshold)
+      assert entry['regions_won'] == int((probs.argmax(1) == q).sum())
+      top = [r['region'] for r in entry['top_regions']]
+      assert len(top) == QUERY_SETTINGS.top_regions
+      np.testing.assert_allclose(sorted(probs[top, q], reverse=True), np.sort(probs[:, q])[::-1][:len(top)],
+                                 atol=1e-6)
+      for r in entry['top_regions']:
+        assert r['margin'] == pytest.approx(margins[r['region']], abs=1e-5)
+  # Both answers occur over the 4 rooms, so the threshold comparison is exercised each way.
+  answers = {e['present'] for result in room_queries for e in result.presence()}
+  assert answers == {True, False}
+
+
 def test_absent_classes_are_reported_absent_more_often_than_present(rooms, room_queries):
   _, room_list = rooms
   absent_says_present, absent_total = 0, 0

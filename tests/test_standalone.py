@@ -1,12 +1,13 @@
 """The repository alone is enough: what a stranger who clones it gets must install, run and test.
 
-A copy of exactly the tracked files (`git ls-files`) in an empty folder, with nothing beside it, runs the demo's
-first step at a tiny size, `predict` on a cloud the copy holds and `export --verify` on the clouds the package ships,
-from another working directory and with the copy's own package (nothing new installed). No tracked file names the
+A copy of exactly the tracked files (`git ls-files`) in an empty folder, with nothing beside it, runs the whole demo
+command at a tiny size (its `export --verify` on the clouds the package ships) and `predict` on a cloud the copy
+holds, from another working directory and with the copy's own package (nothing new installed). No tracked file names the
 development shelf that sits beside the repository. A wheel built from the copy holds every asset and config the
 commands read, and the console scripts.
 """
 
+import json
 import os
 import pathlib
 import re
@@ -62,41 +63,39 @@ def test_no_tracked_file_reads_the_development_shelf():
   assert not offenders, f'tracked files that refer to the development shelf: {offenders}'
 
 
-def test_a_lone_copy_trains_predicts_and_exports_from_another_folder(lone_copy, tmp_path):
+def test_a_lone_copy_runs_the_demo_and_predicts_from_another_folder(lone_copy, tmp_path):
+  """The whole demo command at a tiny size (assets, training, zero-shot evaluation, export --verify, procedural rooms
+  and a scene query), then predict on a cloud the copy holds: the commands a stranger runs first."""
   elsewhere = tmp_path / 'elsewhere'
   elsewhere.mkdir()
   found = subprocess.run([sys.executable, '-c', 'import cg3d_jax; print(cg3d_jax.__file__)'], cwd=elsewhere,
                          env={**os.environ, 'PYTHONPATH': str(lone_copy)}, capture_output=True, text=True)
   assert pathlib.Path(found.stdout.strip()).is_relative_to(lone_copy), found.stdout + found.stderr
 
-  work = tmp_path / 'run'
-  # The demo's first steps exactly as `python -m cg3d_jax.demo` runs them, shrunk: procedural data and a random CLIP
-  # written from the package's own vocabulary, the TFDS builder, two training steps and a zero-shot validation.
+  work = tmp_path / 'demo'
+  # The model, CLIP and batch sizes of the tests' tiny config (itself the demo config shrunk), so that the session's
+  # compilation cache already holds these programs.
   tiny = {'demo.synthetic.num_train_per_class': 2, 'demo.synthetic.num_test_per_class': 1,
           'demo.synthetic.num_points': 256, 'demo.synthetic.image_size': 32, 'train.total_steps': 2,
           'eval.every_steps': 2, 'checkpoint.every_steps': 2}
-  # The model, CLIP and batch sizes of the tests' tiny config (itself the demo config shrunk), so that the session's
-  # compilation cache already holds these programs.
   tiny_config = tiny_test.get_config()
   for group, keys in (('model', ('embed_dim', 'num_points')), ('data', ('num_stored_points',)),
                       ('train', ('batch_size',)), ('eval', ('batch_size',)), ('logging', ('tensorboard',))):
     tiny.update({f'{group}.{k}': tiny_config[group][k] for k in keys})
   tiny.update({f'model.point_transformer.{k}': v for k, v in tiny_config.model.point_transformer.items()})
   tiny.update({f'demo.clip.{k}': v for k, v in TINY_CLIP.items()})
-  overrides = [f'--config.{k}={v}' for k, v in tiny.items()]
-  assets = _run(lone_copy, elsewhere, 'cg3d_jax.demo_assets', '--config', 'demo', '--root',
-                str(work / 'demo_assets'), *overrides).stdout.split()
+  demo = _run(lone_copy, elsewhere, 'cg3d_jax.demo', '--workdir', str(work),
+              *(f'--override={k}={v}' for k, v in tiny.items()), timeout=900)
   assert (work / 'demo_assets' / 'clip' / 'vocab.json').is_file()
-  _run(lone_copy, elsewhere, 'cg3d_jax.train', '--config', 'demo', '--workdir', str(work), *overrides, *assets)
+  assert (work / 'zeroshot' / 'results.json').is_file() and 'verify: OK' in demo.stdout
+  assert 'airplane_0002' in demo.stdout  # the package's own --verify clouds
+  summary = json.loads((work / 'scene_query' / 'summary.json').read_text())
+  assert [r['query'] for r in summary['results']] == ['torus', 'cross', 'mug', 'cone']
 
   owl = lone_copy / 'tests' / 'fixtures' / 'openshape_owl' / 'owl.ply'
   predicted = _run(lone_copy, elsewhere, 'cg3d_jax.predict', '--checkpoint', str(work), '--points', str(owl),
                    '--labels', 'owl,chicken,penguin')
   assert 'owl' in predicted.stdout and 'chicken' in predicted.stdout
-
-  exported = _run(lone_copy, elsewhere, 'cg3d_jax.export', '--checkpoint', str(work), '--out',
-                  str(work / 'export' / 'tiny.pth'), '--verify')
-  assert 'verify: OK' in exported.stdout and 'airplane_0002' in exported.stdout
 
 
 def test_the_wheel_holds_assets_configs_and_console_scripts(lone_copy, tmp_path):

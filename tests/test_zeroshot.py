@@ -21,6 +21,7 @@ from PIL import Image
 from cg3d_jax import evaluate, sharding, trained
 from cg3d_jax.configs import retrieval_shapenet55, zeroshot_modelnet40
 from cg3d_jax.data import builders, pipeline
+from cg3d_jax.data import templates as template_sets
 from cg3d_jax.evaluators import metrics, retrieval, zeroshot
 from cg3d_jax.models.cg3d import CG3D
 from cg3d_jax.models.layers import l2_normalize
@@ -103,6 +104,22 @@ def test_text_classifier_matches_transformers_clip(tiny_clip, tiny_clip_dir):
   chunked = zeroshot.encode_texts(tiny_clip.model, tiny_clip.params, ids.reshape(len(templates), len(names), -1),
                                   chunk=4)
   np.testing.assert_allclose(chunked, raw, rtol=1e-4, atol=1e-5)
+
+
+def test_template_sets_are_the_published_lists(fixtures_dir):
+  """CG3D's 63 caption templates and its zero-shot template, ULIP's two 64-template sets and its ModelNet40 names, as
+  the projects published them (tests/fixtures/prompts, copied from their repositories), in their order."""
+  cg3d = json.loads((fixtures_dir / 'prompts' / 'cg3d_templates.json').read_text())
+  ulip = json.loads((fixtures_dir / 'prompts' / 'ulip_templates.json').read_text())
+  published = {'cg3d': [t.replace('{category}', '{}') for t in cg3d['cg3d_pretrain_captions']],
+               'cg3d_zeroshot': [t.replace('{category}', '{}') for t in cg3d['cg3d_zero_shot']],
+               'ulip': ulip['modelnet40_64'], 'ulip_shapenet': ulip['shapenet_64']}
+  assert [len(v) for v in published.values()] == [63, 1, 64, 64]
+  for name, want in published.items():
+    assert list(template_sets.get_templates(name)) == want, name
+  assert template_sets.get_templates('cg3d_zeroshot') == ('This is a {}',)
+  labels = json.loads((fixtures_dir / 'prompts' / 'ulip_labels.json').read_text())['modelnet40']
+  assert list(template_sets.ulip_modelnet40_names()) == labels and len(labels) == 40
 
 
 def test_templates_and_class_name_styles():
@@ -267,6 +284,31 @@ def test_retrieval_and_zero_shot_on_tiny_shapenet(tiny_checkpoint, tiny_shapenet
     assert saved[direction]['recall@1'] <= saved[direction]['recall@5'] <= saved[direction]['recall@10']
   assert saved['text_to_3d']['num_queries'] == 13 and saved['image_to_3d']['num_queries'] == 26
   assert summary['3d_to_text'] == saved['3d_to_text']
+  # Recall@k recomputed by brute force from the same features the command ranked (obtained as it obtains them; how
+  # they agree with an unsharded pass is test_padded_sharded_split_equals_one_unpadded_batch's business, and these
+  # 26 barely trained features hold near-ties that float rounding between two programs could reorder).
+  model = trained.with_clip(trained.load_trained(tiny_checkpoint))
+  mesh = sharding.make_mesh({'data': -1, 'fsdp': 1})
+  features = retrieval.RetrievalEvaluator(
+      model.model, model.clip_params, model.clip.tokenizer, batches=evaluate._batches(config.eval, mesh,
+                                                                                         model.clip.preprocess),
+      class_names=builders.class_names(builders.get_builder('shapenet55_cg3d', data_dir=data_dir)), mesh=mesh,
+      templates=config.eval.templates).features({'encoder': model.encoder_vars, 'clip': model.clip_params})
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+  points, images, texts = unit(features.point_features), unit(features.image_features), unit(features.text_features)
+  labels = features.labels
+  for direction, queries, gallery, relevant in (
+      ('image_to_3d', images, points, lambda i: [i]), ('3d_to_image', points, images, lambda i: [i]),
+      ('3d_to_text', points, texts, lambda i: [labels[i]]),
+      ('text_to_3d', texts[np.unique(labels)], points, lambda q: np.flatnonzero(labels == np.unique(labels)[q]))):
+    best_rank = []
+    for q, query in enumerate(queries):
+      scores = gallery @ query
+      order = np.argsort(-scores, kind='stable')
+      best_rank.append(min(int(np.flatnonzero(order == r)[0]) for r in relevant(q)))
+    for k in (1, 5, 10):
+      assert saved[direction][f'recall@{k}'] == pytest.approx(np.mean(np.array(best_rank) < k), abs=1e-9), (
+          direction, k)
   with Image.open(tmp_path / 'ret' / retrieval.GRID_PNG) as image:
     assert image.size[1] > image.size[0]  # 8 query rows of 6 cells
   # 3D->text recall@1 is zero-shot top-1 over the same classes: the zero-shot task on the same split must agree.

@@ -76,7 +76,8 @@ class ReferenceStep:
     prompt_step = self.mode == 'joint' or self.step_index % 2 == 1
     scale = self.clip.logit_scale.exp()
     with torch.no_grad():
-      text = F.normalize(self.clip.get_text_features(input_ids=caption_ids), dim=-1)
+      text = self.clip.get_text_features(input_ids=caption_ids)
+      text = F.normalize(getattr(text, 'pooler_output', text), dim=-1)  # transformers 5 returns an output object
     image = F.normalize(self.features(self.clip, pixels, self.prompts), dim=-1)
     losses, total = {}, 0.0
     if encoder_step:

@@ -61,22 +61,34 @@ def perturbation_rotation_np(angles: np.ndarray) -> np.ndarray:
   return rz @ ry @ rx
 
 
+def apply_augment_np(points: np.ndarray, params: dict) -> np.ndarray:
+  """CG3D's five augmentations in the original's order, with drawn parameters: params['apply'] (5,) bool, and
+  'quarter_turns', 'angle', 'angles' (3,), 'noise' (N, 3) (already clipped), 'dropped' (indices)."""
+  points = np.asarray(points, np.float64)
+  apply = np.asarray(params['apply'], bool)
+  if apply[0]:
+    points = points @ rotation_y_np(int(params['quarter_turns']) * np.pi / 2)
+  if apply[1]:
+    points = points @ rotation_y_np(float(params['angle']))
+  if apply[2]:
+    points = points @ perturbation_rotation_np(np.asarray(params['angles'], np.float64))
+  if apply[3]:
+    points = points + np.asarray(params['noise'], np.float64)
+  if apply[4]:
+    points = points.copy()
+    points[np.asarray(params['dropped'])] = 0.0
+  return points.astype(np.float32)
+
+
 def augment_np(rng: np.random.Generator, points: np.ndarray, prob: float = 0.3) -> np.ndarray:
   """CG3D's five augmentations, each applied with probability `prob`, in the original's order."""
-  points = np.asarray(points, np.float64)
-  if rng.uniform() < prob:
-    points = points @ rotation_y_np(rng.integers(0, 4) * np.pi / 2)
-  if rng.uniform() < prob:
-    points = points @ rotation_y_np(rng.uniform() * 2 * np.pi)
-  if rng.uniform() < prob:
-    angles = np.clip(ROTATION_SIGMA * rng.standard_normal(3), -ROTATION_CLIP, ROTATION_CLIP)
-    points = points @ perturbation_rotation_np(angles)
-  if rng.uniform() < prob:
-    points = points + np.clip(JITTER_SIGMA * rng.standard_normal(points.shape), -JITTER_CLIP, JITTER_CLIP)
-  if rng.uniform() < prob:
-    points = points.copy()
-    points[rng.integers(0, len(points), size=len(points) // DROP_FRACTION)] = 0.0
-  return points.astype(np.float32)
+  n = len(points)
+  params = {'apply': rng.uniform(size=5) < prob, 'quarter_turns': rng.integers(0, 4),
+            'angle': rng.uniform() * 2 * np.pi,
+            'angles': np.clip(ROTATION_SIGMA * rng.standard_normal(3), -ROTATION_CLIP, ROTATION_CLIP),
+            'noise': np.clip(JITTER_SIGMA * rng.standard_normal((n, 3)), -JITTER_CLIP, JITTER_CLIP),
+            'dropped': rng.integers(0, n, size=n // DROP_FRACTION)}
+  return apply_augment_np(points, params)
 
 
 def farthest_point_sample_np(points: np.ndarray, num_samples: int) -> np.ndarray:
@@ -127,36 +139,47 @@ def tf_perturbation_rotation(angles: tf.Tensor) -> tf.Tensor:
   return rz @ tf_rotation_y(ay) @ rx
 
 
+def tf_augment_params(seed: tf.Tensor, num_points, prob: float = 0.3) -> dict[str, tf.Tensor]:
+  """The random draws of CG3D's five augmentations for one cloud of `num_points` (what apply_augment_np takes)."""
+  seeds = tf.random.experimental.stateless_split(seed, num=7)
+  return {
+      'apply': tf.random.stateless_uniform([5], seeds[0]) < prob,
+      'quarter_turns': tf.random.stateless_uniform([], seeds[1], minval=0, maxval=4, dtype=tf.int32),
+      'angle': tf.random.stateless_uniform([], seeds[2]) * 2 * tf.constant(np.pi, tf.float32),
+      'angles': tf.clip_by_value(ROTATION_SIGMA * tf.random.stateless_normal([3], seeds[3]), -ROTATION_CLIP,
+                                 ROTATION_CLIP),
+      'noise': tf.clip_by_value(JITTER_SIGMA * tf.random.stateless_normal([num_points, 3], seeds[4]), -JITTER_CLIP,
+                                JITTER_CLIP),
+      'dropped': tf.random.stateless_uniform([num_points // DROP_FRACTION], seeds[5], minval=0, maxval=num_points,
+                                             dtype=tf.int32),
+  }
+
+
+def tf_apply_augment(points: tf.Tensor, params: dict[str, tf.Tensor]) -> tf.Tensor:
+  """The drawn augmentations applied in the original's order: quarter turn, rotation about y, perturbation,
+  jitter, drop (the TF twin of apply_augment_np)."""
+  apply = params['apply']
+  pi = tf.constant(np.pi, tf.float32)
+  rotated = points @ tf_rotation_y(tf.cast(params['quarter_turns'], tf.float32) * (pi / 2))
+  points = tf.where(apply[0], rotated, points)
+  points = tf.where(apply[1], points @ tf_rotation_y(params['angle']), points)
+  points = tf.where(apply[2], points @ tf_perturbation_rotation(params['angles']), points)
+  points = tf.where(apply[3], points + params['noise'], points)
+  n = tf.shape(points)[0]
+  dropped = params['dropped']
+  keep = tf.tensor_scatter_nd_update(tf.ones([n], tf.bool), dropped[:, None], tf.zeros_like(dropped, tf.bool))
+  return tf.where(tf.logical_and(apply[4], tf.logical_not(keep))[:, None], tf.zeros_like(points), points)
+
+
 def tf_augment(seed: tf.Tensor, points: tf.Tensor, prob: float = 0.3, return_flags: bool = False):
   """CG3D's five augmentations on one float32 cloud (N, 3), each with probability `prob`.
 
   Returns the augmented cloud, and with `return_flags` also a bool (5,) of which augmentations ran
   (order: AUGMENTATION_NAMES), which is what the probability test counts.
   """
-  seeds = tf.random.experimental.stateless_split(seed, num=7)
-  apply = tf.random.stateless_uniform([5], seeds[0]) < prob
-  n = tf.shape(points)[0]
-  pi = tf.constant(np.pi, tf.float32)
-
-  quarter_turns = tf.random.stateless_uniform([], seeds[1], minval=0, maxval=4, dtype=tf.int32)
-  rotated = points @ tf_rotation_y(tf.cast(quarter_turns, tf.float32) * (pi / 2))
-  points = tf.where(apply[0], rotated, points)
-
-  angle = tf.random.stateless_uniform([], seeds[2]) * 2 * pi
-  points = tf.where(apply[1], points @ tf_rotation_y(angle), points)
-
-  angles = tf.clip_by_value(ROTATION_SIGMA * tf.random.stateless_normal([3], seeds[3]), -ROTATION_CLIP,
-                            ROTATION_CLIP)
-  points = tf.where(apply[2], points @ tf_perturbation_rotation(angles), points)
-
-  noise = tf.clip_by_value(JITTER_SIGMA * tf.random.stateless_normal(tf.shape(points), seeds[4]), -JITTER_CLIP,
-                           JITTER_CLIP)
-  points = tf.where(apply[3], points + noise, points)
-
-  dropped = tf.random.stateless_uniform([n // DROP_FRACTION], seeds[5], minval=0, maxval=n, dtype=tf.int32)
-  keep = tf.tensor_scatter_nd_update(tf.ones([n], tf.bool), dropped[:, None], tf.zeros_like(dropped, tf.bool))
-  points = tf.where(tf.logical_and(apply[4], tf.logical_not(keep))[:, None], tf.zeros_like(points), points)
-  return (points, apply) if return_flags else points
+  params = tf_augment_params(seed, tf.shape(points)[0], prob)
+  points = tf_apply_augment(points, params)
+  return (points, params['apply']) if return_flags else points
 
 
 # ----------------------------------------------------------------------------------------------------------------

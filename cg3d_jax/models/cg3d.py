@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from cg3d_jax.models.clip import CLIP
-from cg3d_jax.models.layers import l2_normalize
+from cg3d_jax.models.layers import l2_normalize, stats_dtype
 from cg3d_jax.models.point_transformer import PointTransformer
 from cg3d_jax.models.pointmlp import PointMLP
 
@@ -62,7 +62,7 @@ class CG3D:
   @staticmethod
   def logit_scale(clip_params: dict):
     """CLIP's temperature, frozen in CG3D: s = exp(logit_scale)."""
-    return jnp.exp(clip_params['logit_scale'].astype(jnp.float32))
+    return jnp.exp(clip_params['logit_scale'].astype(stats_dtype(clip_params['logit_scale'].dtype)))
 
   def init_encoder(self, rng, batch_size: int = 2) -> dict:
     """Fresh encoder variables ({'params', 'batch_stats'}) for clouds of `num_points`."""

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cg3d_jax.models.layers import l2_normalize
+from cg3d_jax.models.layers import l2_normalize, stats_dtype
 
 PROMPT_MODES = ('none', 'shallow', 'deep')
 
@@ -200,10 +200,10 @@ class Attention(nn.Module):
     v = split(nn.Dense(self.width, dtype=self.dtype, name='v_proj')(x))
     # Scale after the product, as transformers does, so float32 results agree to the last digits.
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * (head_dim ** -0.5)
-    logits = logits.astype(jnp.float32)
+    logits = logits.astype(stats_dtype(self.dtype))
     if causal:
       mask = jnp.tril(jnp.ones((length, length), dtype=bool))
-      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+      logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(batch, length, self.width)
     return nn.Dense(self.width, dtype=self.dtype, name='out_proj')(out)
@@ -345,13 +345,13 @@ class CLIP(nn.Module):
     self.prompts = VisualPrompts(shape) if shape is not None else None
 
   def encode_image(self, pixels):
-    """(B, H, W, C) normalised NHWC pixels -> (B, projection_dim) float32, not L2-normalised."""
+    """(B, H, W, C) normalised NHWC pixels -> (B, projection_dim) in at least float32, not L2-normalised."""
     prompts = self.prompts() if self.prompts is not None else None
-    return self.visual_projection(self.vision(pixels, prompts)).astype(jnp.float32)
+    return self.visual_projection(self.vision(pixels, prompts)).astype(stats_dtype(self.dtype))
 
   def encode_text(self, input_ids):
-    """(B, L) int token ids -> (B, projection_dim) float32, not L2-normalised."""
-    return self.text_projection(self.text(input_ids)).astype(jnp.float32)
+    """(B, L) int token ids -> (B, projection_dim) in at least float32, not L2-normalised."""
+    return self.text_projection(self.text(input_ids)).astype(stats_dtype(self.dtype))
 
   def __call__(self, pixels, input_ids):
     image_embeds = l2_normalize(self.encode_image(pixels))

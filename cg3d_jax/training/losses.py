@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cg3d_jax.models.layers import stats_dtype
+
 
 def same_class_negatives(labels: jax.Array) -> jax.Array:
   """(B, B) bool: True where an off-diagonal pair shares a label, i.e. a 'negative' that is not really one."""
@@ -22,14 +24,16 @@ def contrastive_loss(a: jax.Array, b: jax.Array, scale, *, mask_same_class_label
   a, b: (B, D) L2-normalised features whose i-th rows are a positive pair; scale: CLIP's exp(logit_scale).
   mask_same_class_labels: optional (B,) integer labels; off-diagonal pairs with equal labels are dropped from
   the negatives (their logits become -inf in both directions). The original CG3D keeps them (None).
-  Computed in float32 whatever the feature dtype, since a softmax over the batch is sensitive to rounding.
+  Computed in at least float32 whatever the feature dtype, since a softmax over the batch is sensitive to rounding
+  (float64 stays float64, for parity tests).
   """
   if a.ndim != 2 or a.shape != b.shape:
     raise ValueError(f'contrastive_loss expects two (B, D) feature arrays of equal shape, got {a.shape} and '
                      f'{b.shape}')
-  a = a.astype(jnp.float32)
-  b = b.astype(jnp.float32)
-  logits = jnp.asarray(scale, jnp.float32) * (a @ b.T)
+  dtype = stats_dtype(jnp.result_type(a, b))
+  a = a.astype(dtype)
+  b = b.astype(dtype)
+  logits = jnp.asarray(scale, dtype) * (a @ b.T)
   if mask_same_class_labels is not None:
     if jnp.shape(mask_same_class_labels) != (a.shape[0],):
       raise ValueError(f'mask_same_class_labels must have shape ({a.shape[0]},), got '

@@ -24,11 +24,15 @@ group's `weight_decay_mask`:
       including `cls_pos` (a (1, 1, C) array without 'token' in its name), exactly like the original.
   'all' (default for sgd): every leaf of the group, as torch.optim.SGD(weight_decay=...) does for the prompts.
   'none': no leaf.
+`no_decay_regex`, when set, also exempts every leaf whose path it matches (`re.search`): leaves that get no gradient
+in a phase of training (the pretraining run's classification head), which torch's optimizers skip entirely, decay
+included.
 
-Schedules. A group's schedule is evaluated at the number of updates that group's transform has seen (optax's own
-counter) times the group's `updates_every` (default 1). With every group updated every step that is the global
-step; under the original's alternating schedule (`select_groups` below, each group updated every other step) set
-updates_every=2 so that the schedule still follows the global step and epochs:
+Schedules. A group's schedule is evaluated at the global step of its update: first_update_step (default 0) plus
+the number of updates that group's transform has seen (optax's own counter) times its `updates_every` (default 1).
+With every group updated every step that is the global step; under the original's alternating schedule
+(`select_groups` below, each group updated every other step) set updates_every=2, and first_update_step=1 for the
+group that steps on odd steps, so that the schedule still follows the global step and epochs:
   'constant':          lr.
   'cosine_per_epoch':  timm's CosineLRScheduler(t_initial=epochs, lr_min=end_lr, warmup_t=warmup_epochs,
                        warmup_lr_init=warmup_lr, cycle_limit=1, t_in_epochs=True), which the original steps once per
@@ -50,7 +54,8 @@ from cg3d_jax.trees import path_to_str
 FROZEN = 'frozen'
 
 _COMMON_KEYS = {'name', 'lr', 'schedule', 'end_lr', 'warmup_epochs', 'warmup_lr', 'epochs', 'clip_norm',
-                'weight_decay', 'weight_decay_mask', 'group', 'updates_every'}
+                'weight_decay', 'weight_decay_mask', 'no_decay_regex', 'group', 'updates_every',
+                'first_update_step'}
 _OPTIMIZER_KEYS = {'adamw': {'b1', 'b2', 'eps'}, 'sgd': {'momentum', 'nesterov'}}
 _DEFAULT_DECAY_MASK = {'adamw': 'original', 'sgd': 'all'}
 _SCHEDULES = ('constant', 'cosine_per_epoch', 'cosine')
@@ -157,9 +162,16 @@ def original_decay_mask(tree):
 
 def _decay_mask(settings):
   mode = settings.get('weight_decay_mask', _DEFAULT_DECAY_MASK[settings['name']])
-  if mode == 'original':
-    return original_decay_mask
-  return lambda tree: jax.tree.map(lambda _: mode == 'all', tree)
+  base = original_decay_mask if mode == 'original' else lambda tree: jax.tree.map(lambda _: mode == 'all', tree)
+  if not settings.get('no_decay_regex'):
+    return base
+  exempt = re.compile(settings['no_decay_regex'])
+
+  def mask(tree):
+    return jax.tree_util.tree_map_with_path(lambda path, decays: decays and not exempt.search(path_to_str(path)),
+                                            base(tree))
+
+  return mask
 
 
 def _num_epochs(settings, steps_per_epoch: int, total_steps: int) -> int:
@@ -202,7 +214,8 @@ def make_group_transform(settings, *, steps_per_epoch: int, total_steps: int) ->
   settings = _as_dict(settings)
   global_schedule = make_schedule(settings, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
   updates_every = int(settings.get('updates_every', 1) or 1)
-  schedule = lambda count: global_schedule(count * updates_every)  # noqa: E731
+  first = int(settings.get('first_update_step', 0) or 0)
+  schedule = lambda count: global_schedule(first + count * updates_every)
   weight_decay = float(settings.get('weight_decay', 0.0) or 0.0)
   parts = []
   if settings.get('clip_norm'):

@@ -31,8 +31,13 @@ def optimizer_rules(config) -> list:
   # step (and epoch) rather than on its own update count.
   every = 2 if config.train.mode == 'alternating' else 1
   return [
-      ('^encoder/', dict(config.train.encoder_optim, group=ENCODER, updates_every=every)),
-      ('^clip/prompts/', dict(config.train.prompt_optim, group=PROMPTS, updates_every=every)),
+      # The classification head (kept for strict exports and fine-tuning) gets no gradient in pretraining; torch's
+      # AdamW skips a parameter without a gradient, decay included, so it must not decay here either.
+      ('^encoder/', dict(config.train.encoder_optim, group=ENCODER, updates_every=every,
+                         no_decay_regex='^encoder/cls_head_')),
+      # The prompts' updates fall on the odd steps: their n-th is global step 2n + 1, whose epoch it must take.
+      ('^clip/prompts/', dict(config.train.prompt_optim, group=PROMPTS, updates_every=every,
+                              first_update_step=every - 1)),
       ('^clip/', None),
   ]
 
