@@ -1,11 +1,15 @@
-"""Benchmark: CLIP image tower forward + backward to the deep visual prompts, JAX (jit) vs transformers PyTorch.
+"""Benchmark: CLIP image tower forward + backward to the deep visual prompts, JAX (jit) vs a PyTorch reference.
 
 What CG3D's prompt step costs: a ViT-B/16-shaped CLIP with random weights (written by transformers), batch of
 224 px images, fp32, gradient with respect to the 12 x 5 prompt tokens only (the backbone is frozen in both).
 The PyTorch side is transformers' CLIPModel with the same prompt insertion written as a loop over its layers.
 JAX and PyTorch iterations alternate so that a busy shared machine slows both alike; the median is reported.
 
-  python bench/bench_clip.py [--batch 8] [--iters 5] [--folder DIR]
+With --backbone slip: SLIP ViT-B/16 (CG3D's backbone, a random file in SLIP's format), against timm's
+VisionTransformer with CG3D's VisionTransformerPromptDeep forward (tests/slip_reference.py; needs .reference_libs,
+README Install).
+
+  python bench/bench_clip.py [--backbone transformers|slip] [--batch 8] [--iters 5] [--folder DIR]
 """
 
 import argparse
@@ -23,6 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from bench import load  # noqa: E402
 from cg3d_jax.models.clip import CLIP  # noqa: E402
 from cg3d_jax.synthetic import random_clip  # noqa: E402
 from cg3d_jax.twins.prompted_clip import torch_prompted_image_features  # noqa: E402
@@ -42,13 +47,13 @@ def make_jax_step(loaded):
   return step
 
 
-def make_torch_step(torch_model):
+def make_torch_step(torch_model, features=torch_prompted_image_features):
   for p in torch_model.parameters():
     p.requires_grad_(False)
 
   def step(prompts, pixels, direction):
     prompts = prompts.detach().requires_grad_(True)
-    loss = (torch_prompted_image_features(torch_model, pixels, prompts) * direction).sum()
+    loss = (features(torch_model, pixels, prompts) * direction).sum()
     loss.backward()
     if prompts.is_cuda:
       torch.cuda.synchronize()
@@ -60,16 +65,23 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--iters', type=int, default=5)
-  parser.add_argument('--folder', help='an existing transformers CLIP folder; default: write a random ViT-B/16')
+  parser.add_argument('--backbone', choices=['transformers', 'slip'], default='transformers')
+  parser.add_argument('--folder', help='an existing CLIP (transformers folder, or SLIP file with --backbone slip); '
+                      'default: write a random ViT-B/16')
   args = parser.parse_args(argv)
+  print(load.report())
 
-  from transformers import CLIPModel
+  if args.backbone == 'slip':
+    loaded, torch_model, features, reference_name = _slip(args.folder)
+  else:
+    from transformers import CLIPModel
 
-  with tempfile.TemporaryDirectory() as tmp:
-    folder = args.folder or random_clip.write_random_clip(
-        os.path.join(tmp, 'clip_b16'), seed=0, **random_clip.VIT_B16)
-    loaded = hf_clip.load_clip(folder, prompt_mode='deep', num_prompts=5)
-    torch_model = CLIPModel.from_pretrained(folder, local_files_only=True).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+      folder = args.folder or random_clip.write_random_clip(
+          os.path.join(tmp, 'clip_b16'), seed=0, **random_clip.VIT_B16)
+      loaded = hf_clip.load_clip(folder, prompt_mode='deep', num_prompts=5)
+      torch_model = CLIPModel.from_pretrained(folder, local_files_only=True).eval()
+    features, reference_name = torch_prompted_image_features, 'transformers PyTorch'
   # Each framework on its best device: JAX's default backend, and CUDA for PyTorch when it has it.
   torch_device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
   torch_model.to(torch_device)
@@ -87,7 +99,7 @@ def main(argv=None):
   j_loss, j_grad = jax.block_until_ready(jax_step(prompts, frozen, j_pixels, j_direction))
   jax_first = time.perf_counter() - start
 
-  torch_step = make_torch_step(torch_model)
+  torch_step = make_torch_step(torch_model, features)
   t_pixels = torch.tensor(pixels.transpose(0, 3, 1, 2), device=torch_device)
   t_direction = torch.tensor(direction, device=torch_device)
   t_prompts = torch.tensor(np.asarray(prompts['tokens']), device=torch_device)
@@ -107,8 +119,8 @@ def main(argv=None):
     torch_times.append(time.perf_counter() - start)
 
   jax_s, torch_s = statistics.median(jax_times), statistics.median(torch_times)
-  print(f'CLIP ViT-B/16 image tower, deep prompts (12 x 5), forward + backward to the prompts only; batch '
-        f'{args.batch}, {spec.image_size} px, fp32')
+  print(f'{args.backbone} ViT-B/16 image tower, deep prompts (12 x 5), forward + backward to the prompts only; '
+        f'batch {args.batch}, {spec.image_size} px, fp32')
   print(f'machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; jax {jax.__version__} '
         f'({jax.devices()[0].platform}), torch {torch.__version__} ({torch_device}, {torch.get_num_threads()} '
         'threads); '
@@ -117,12 +129,31 @@ def main(argv=None):
   print()
   print('| implementation | s / batch (median) | min | first call (incl. compile) | images / s | torch / this |')
   print('| --- | --- | --- | --- | --- | --- |')
-  for name, times, first in (('JAX (jit)', jax_times, jax_first), ('transformers PyTorch', torch_times,
-                                                                    torch_first)):
+  for name, times, first in (('JAX (jit)', jax_times, jax_first), (reference_name, torch_times, torch_first)):
     median = statistics.median(times)
     print(f'| {name} | {median:.3f} | {min(times):.3f} | {first:.2f} | {args.batch / median:.2f} | '
           f'{torch_s / median:.2f} |')
   return jax_s, torch_s
+
+
+def _slip(path):
+  """SLIP ViT-B/16 in JAX and timm's ViT with CG3D's prompted forward in PyTorch, from one (random) SLIP file."""
+  from cg3d_jax.weights import clip_files
+  from tests import slip_reference
+
+  with tempfile.TemporaryDirectory() as tmp:
+    sizes = {k: v for k, v in random_clip.SLIP_VIT_B16.items() if k != 'vision_heads'}
+    state = random_clip.slip_state_dict(seed=0, **sizes)
+    path = path or random_clip.write_slip_checkpoint(os.path.join(tmp, 'slip_base.pt'), state)
+    loaded = clip_files.load_clip(path, prompt_mode='deep', num_prompts=5)
+  reference = slip_reference.SLIPCLIP(vision_heads=12, **sizes).eval()
+  reference.load_state_dict(state, strict=True)
+
+  def features(model, pixels, prompts):
+    cls = slip_reference.prompted_class_token(model.visual, pixels, prompts[:1], prompts[1:])
+    return cls @ model.image_projection
+
+  return loaded, reference, features, 'timm PyTorch (SLIP)'
 
 
 if __name__ == '__main__':

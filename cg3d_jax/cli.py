@@ -108,8 +108,9 @@ def checkpoint_flags() -> types.SimpleNamespace:
 def clip_flags() -> types.SimpleNamespace:
   """--clip_path and --num_points, for commands without a config that score with a trained model and its CLIP."""
   return types.SimpleNamespace(
-      clip_path=flags.DEFINE_string('clip_path', None, 'The CLIP folder, if not the one recorded in the checkpoint '
-                                    '(an original CG3D .pth records none).'),
+      clip_path=flags.DEFINE_string('clip_path', None, 'The CLIP (a transformers folder or a SLIP .pt file), if not '
+                                    'the one recorded in the checkpoint (an original CG3D .pth records none: pass '
+                                    'the slip_base_100ep.pt it was trained with).'),
       num_points=flags.DEFINE_integer('num_points', 1024, "The encoder's input size, only for a .pth that does not "
                                       'record its config.'))
 

@@ -31,12 +31,18 @@ def _batches(ev, mesh, preprocess=None):
   from cg3d_jax.data import pipeline
   kwargs = {}
   if preprocess is not None:
-    kwargs = dict(image_size=preprocess.crop_size, image_mean=tuple(preprocess.mean), image_std=tuple(preprocess.std),
-                  view_index=ev.view_index)
+    kwargs = dict(**preprocess.pipeline_settings(), view_index=ev.view_index)
   return functools.partial(
       pipeline.make_eval_iterator, ev.dataset, data_dir=ev.data_dir, manual_dir=ev.manual_dir,
       batch_size=ev.batch_size, sharding=sharding.batch_sharding(mesh), num_points_stored=ev.num_stored_points,
       split=ev.split, max_examples=ev.max_examples, skip_bad=ev.skip_bad, **kwargs)
+
+
+def protocol_name(ev) -> str:
+  """'cg3d_original' when the settings are the original eval.py's (one template, unnormalised text); otherwise
+  'cosine' or 'unnormalised' (the templates and name style are recorded beside it)."""
+  original = ev.templates == 'cg3d_zeroshot' and ev.name_style == 'raw' and not ev.normalize_text
+  return 'cg3d_original' if original else ('cosine' if ev.normalize_text else 'unnormalised')
 
 
 def evaluate(config, checkpoint: str, workdir: str, devices=None, step: int | None = None) -> dict:
@@ -59,7 +65,8 @@ def evaluate(config, checkpoint: str, workdir: str, devices=None, step: int | No
                                  process_count=jax.process_count())
   class_names = builders.class_names(builder)
   info = {'checkpoint': model.source, 'step': model.step, 'templates': ev.templates, 'name_style': ev.name_style,
-          'normalize_text': ev.normalize_text, 'num_points': model.model.num_points,
+          'normalize_text': ev.normalize_text, 'protocol': protocol_name(ev),
+          'clip': {'kind': model.clip.kind, 'path': model.clip.source}, 'num_points': model.model.num_points,
           'num_stored_points': ev.num_stored_points, 'split': ev.split, 'devices': mesh.size}
   logging.info('evaluating %s (step %d) on %s/%s with %d devices', model.source, model.step, ev.dataset, ev.split,
                mesh.size)

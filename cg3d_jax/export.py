@@ -47,6 +47,22 @@ def encoder_update_count(config, step: int) -> int:
   return (step + 1) // 2 if config.train.get('mode') == 'alternating' else step
 
 
+def _frozen_visual(trained):
+  """A run on SLIP exports its frozen image tower beside the prompts, as the original saves `visual_clip_model`."""
+  from cg3d_jax.weights import clip_files, slip
+  if trained.frozen_visual:  # re-exporting an original .pth
+    return trained.frozen_visual
+  path = trained.config.get('clip', {}).get('path')
+  if trained.prompts is None or not path:
+    return None
+  if not clip_files.is_slip_path(path):
+    if not pathlib.Path(path).is_dir():
+      raise InputError(f'{trained.source} was trained with the CLIP at {path}, which is not here: the export needs '
+                       'it to tell a SLIP run (whose frozen image tower is exported too) from a transformers one')
+    return None
+  return slip.visual_tensors(path)
+
+
 def _export_pretraining(trained, out: pathlib.Path, fmt: str):
   from cg3d_jax.weights import cg3d_pth
   config = trained.config
@@ -54,15 +70,23 @@ def _export_pretraining(trained, out: pathlib.Path, fmt: str):
       trained.encoder_name, trained.encoder_vars['params'], trained.encoder_vars['batch_stats'],
       prompts=trained.prompts, prompt_mode=trained.prompt_mode, step=trained.step, epoch=EPOCH.value,
       metrics=trained.metrics, config=config.to_dict(),
-      num_batches_tracked=encoder_update_count(config, trained.step))
+      num_batches_tracked=encoder_update_count(config, trained.step), frozen_visual=_frozen_visual(trained))
   if trained.encoder_name == 'point_transformer' and 'cls_head_finetune.0.weight' not in container['base_model']:
     logging.warning('no classification head (config.model.num_classes is unset): the original '
                     'PointTransformerProject builds cls_head_finetune, so its strict load will report it missing')
   written = ([cg3d_pth.write_cg3d_checkpoint(out, container)] if fmt == 'cg3d'
              else list(cg3d_pth.write_safetensors_checkpoint(out, container)))
   print(f'exported step {trained.step} of {trained.source} ({trained.encoder_name}, {len(container["base_model"])} '
-        f'state-dict entries, prompts: {sorted(container.get("visual_clip_model", {})) or "none"}) to '
+        f'state-dict entries, visual_clip_model: {_describe_visual(container.get("visual_clip_model"))}) to '
         f'{", ".join(map(str, written))}')
+
+
+def _describe_visual(visual) -> str:
+  if not visual:
+    return 'none'
+  prompts = [k for k in visual if k.endswith('prompt_embeddings')]
+  frozen = len(visual) - len(prompts)
+  return ', '.join(prompts) + (f' and the {frozen} frozen SLIP image-tower tensors' if frozen else '')
 
 
 def _export_finetune(finetuned, out: pathlib.Path, fmt: str):

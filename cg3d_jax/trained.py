@@ -24,7 +24,8 @@ from cg3d_jax.models.cg3d import CG3D, build_encoder
 from cg3d_jax.models.classifiers import build_classifier
 from cg3d_jax.models.point_transformer import PointTransformer
 from cg3d_jax.models.pointmlp import PointMLP
-from cg3d_jax.weights.hf_clip import LoadedCLIP, load_clip
+from cg3d_jax.weights.clip_files import load_clip
+from cg3d_jax.weights.hf_clip import LoadedCLIP
 
 TORCH_SUFFIXES = ('.pth', '.pt', '.safetensors')
 
@@ -40,6 +41,7 @@ class TrainedModel:
   step: int
   source: str  # what was read
   metrics: dict | None = None  # validation metrics saved with the step
+  frozen_visual: dict | None = None  # an original .pth's frozen SLIP image tower (timm names), checked against the CLIP
 
   @property
   def encoder_name(self) -> str:
@@ -110,7 +112,7 @@ def _load_torch_file(path: pathlib.Path, num_points: int, model_config) -> Train
   return TrainedModel(encoder=info['model'], encoder_vars={'params': jax.tree.map(jnp.asarray, params),
                                                            'batch_stats': jax.tree.map(jnp.asarray, batch_stats)},
                       prompts=prompts, prompt_mode=info['prompt_mode'], config=config, step=step,
-                      source=str(path), metrics=info['metrics'] or None)
+                      source=str(path), metrics=info['metrics'] or None, frozen_visual=info['frozen_visual'])
 
 
 @dataclasses.dataclass
@@ -153,6 +155,8 @@ def with_clip(trained: TrainedModel, clip_path: str | None = None) -> ScoringMod
     num_tokens = int(trained.prompts.shape[1])
   clip = load_clip(path, prompt_mode=trained.prompt_mode, num_prompts=num_tokens,
                    dtype=jnp.dtype(clip_config.get('dtype', 'float32')), seed=int(trained.config.get('seed', 0)))
+  if trained.frozen_visual:  # first: the most telling mismatch
+    _check_frozen_tower(trained, clip, path)
   expected = None if 'prompts' not in clip.params else tuple(clip.params['prompts']['tokens'].shape)
   found = None if trained.prompts is None else tuple(trained.prompts.shape)
   if expected != found:
@@ -165,6 +169,30 @@ def with_clip(trained: TrainedModel, clip_path: str | None = None) -> ScoringMod
                      f'{clip.spec.projection_dim}: not the joint space it was trained in')
   return ScoringModel(trained=trained, model=CG3D(encoder=trained.encoder, clip=clip.model,
                                                   num_points=trained.num_points), clip=clip)
+
+
+def _check_frozen_tower(trained: TrainedModel, clip: LoadedCLIP, path) -> None:
+  """The image tower an original CG3D .pth saved beside its prompts must be the SLIP tower loaded from `path`."""
+  if clip.kind != 'slip':
+    raise InputError(f'{trained.source} holds a SLIP image tower beside its prompts (visual_clip_model), but {path} '
+                     'is a transformers CLIP folder: pass the SLIP checkpoint it was trained with, e.g. '
+                     '--config.clip.path=slip_base_100ep.pt')
+  from cg3d_jax.weights import slip  # torch-free, but only this path needs it
+
+  ours = slip.vision_state_dict(clip.params, clip.spec)
+  missing = sorted(set(ours) - set(trained.frozen_visual))
+  extra = sorted(set(trained.frozen_visual) - set(ours))
+  if missing or extra:
+    raise InputError(f'{trained.source}: visual_clip_model does not hold the image tower of {path} (missing '
+                     f'{missing[:3]}, unexpected {extra[:3]}): is this the SLIP it was trained with?')
+  for key, value in ours.items():
+    saved = trained.frozen_visual[key]
+    if saved.shape != value.shape or not np.array_equal(saved, value):
+      detail = (f'shape {saved.shape} vs {value.shape}' if saved.shape != value.shape else
+                f'max |difference| {float(np.max(np.abs(saved - value))):.3g}')
+      raise InputError(f'{trained.source}: visual_clip_model.{key} differs from the same tensor of {path} ({detail}): '
+                       'the prompts were trained inside another image tower; pass the SLIP checkpoint it was '
+                       'trained with')
 
 
 @dataclasses.dataclass

@@ -27,7 +27,8 @@ def get_base_config() -> ml_collections.ConfigDict:
       embed_dim=64, res_expansion=1.0, dim_expansion=(2, 2, 2, 2), pre_blocks=(2, 2, 2, 2),
       pos_blocks=(2, 2, 2, 2), k_neighbors=(24, 24, 24, 24), reducers=(2, 2, 2, 2)))
 
-  # The frozen CLIP, read from a local transformers folder. Only the prompts train.
+  # The frozen CLIP: a local transformers CLIP folder, or a SLIP checkpoint file (slip_base_100ep.pt, the paper's
+  # backbone); image preprocessing and tokenisation follow the kind. Only the prompts train.
   c.clip = ml_collections.ConfigDict()
   c.clip.path = config_dict.placeholder(str)
   c.clip.dtype = 'float32'
@@ -79,8 +80,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.logging = ml_collections.ConfigDict(dict(tensorboard=True, jsonl=True))
 
   # The offline demo's assets (python -m cg3d_jax.demo_assets writes them; training only reads data/clip paths): a
-  # procedural ShapeNet-55-layout dataset and a small random transformers CLIP, of these sizes.
+  # procedural ShapeNet-55-layout dataset and a small random CLIP, of these sizes: a transformers folder, or with
+  # clip_kind='slip' a SLIP checkpoint file (its head counts follow from the widths: width / 64).
   c.demo = ml_collections.ConfigDict()
+  c.demo.clip_kind = 'transformers'
   c.demo.vocab_path = config_dict.placeholder(str)  # the CLIP BPE file; default: the package's own copy
   c.demo.synthetic = ml_collections.ConfigDict(dict(
       num_train_per_class=24, num_test_per_class=6, num_points=1024, image_size=64, num_views=5, seed=0))

@@ -3,8 +3,9 @@
   python -m cg3d_jax.evaluate --config zeroshot_modelnet40 --checkpoint /runs/cg3d --workdir /tmp/zs40 \
       --config.eval.manual_dir=/data/modelnet40_normal_resampled --config.eval.data_dir=/data/tfds
 
-arg: '' (default) = the original protocol, CG3D's one template "This is a {}" with raw class names ("flower_pot");
-'ulip' = ULIP's 64-template ensemble with names written as words ("flower pot").
+arg: '' (default) = CG3D's one template "This is a {}" with raw class names ("flower_pot"), cosine scores;
+'original' = the original eval.py's protocol exactly: the same template, text features left unnormalised (what the
+paper's numbers were computed with); 'ulip' = ULIP's 64-template ensemble with names written as words ("flower pot").
 
 The model (encoder, point count, CLIP, prompts) comes from the checkpoint's own config; this file only says what to
 score it on. `clip.path` here, when set, replaces the CLIP folder recorded in the checkpoint.
@@ -40,8 +41,11 @@ def zeroshot_config(dataset: str, num_stored_points: int, arg=None):
     pass
   elif arg == 'ulip':
     c.eval.templates, c.eval.name_style = 'ulip', 'words'
+  elif arg == 'original':
+    c.eval.normalize_text = False  # the original eval.py's validate_ZS, text features as the text tower gives them
   else:
-    raise ValueError(f"zero-shot config arg must be '' (CG3D's template) or 'ulip' (64-template ensemble), got {arg!r}")
+    raise ValueError(f"zero-shot config arg must be '' (CG3D's template), 'original' (CG3D's template and "
+                     f"unnormalised text, as the original eval.py) or 'ulip' (64-template ensemble), got {arg!r}")
   return c
 
 

@@ -67,8 +67,9 @@ def example_seeds(seed: int, epoch, index, num: int) -> tf.Tensor:
   return tf.random.experimental.stateless_split(key, num=num)
 
 
-def preprocess_image(png: tf.Tensor, image_size: int, mean, std) -> tf.Tensor:
-  """CLIP's preprocessing: RGB, shortest side to image_size (bicubic), centre crop, /255, (x - mean) / std."""
+def preprocess_image(png: tf.Tensor, image_size: int, mean, std, resample: str = 'bicubic') -> tf.Tensor:
+  """CLIP's preprocessing: RGB, shortest side to image_size (bicubic for OpenAI CLIP, bilinear for SLIP), centre
+  crop, /255, (x - mean) / std."""
   image = tf.cast(tf.io.decode_png(png, channels=3), tf.float32)
   h, w = tf.shape(image)[0], tf.shape(image)[1]
   short = tf.minimum(h, w)
@@ -76,7 +77,7 @@ def preprocess_image(png: tf.Tensor, image_size: int, mean, std) -> tf.Tensor:
   new_h = tf.where(h == short, image_size, (image_size * h) // short)
   new_w = tf.where(w == short, image_size, (image_size * w) // short)
   image = tf.cond(tf.logical_and(new_h == h, new_w == w), lambda: image,
-                  lambda: tf.clip_by_value(tf.round(tf.image.resize(image, tf.stack([new_h, new_w]), 'bicubic',
+                  lambda: tf.clip_by_value(tf.round(tf.image.resize(image, tf.stack([new_h, new_w]), resample,
                                                                     antialias=True)), 0.0, 255.0))
   top = tf.cast(tf.round(tf.cast(new_h - image_size, tf.float32) / 2), tf.int32)
   left = tf.cast(tf.round(tf.cast(new_w - image_size, tf.float32) / 2), tf.int32)
@@ -103,6 +104,7 @@ def _check_batch(global_batch_size, process_count):
 
 
 def pretrain_local_dataset(data_config, *, global_batch_size: int, image_size: int, image_mean, image_std,
+                           image_resample: str = 'bicubic',
                            num_templates: int, seed: int, start_step: int = 0, process_index: int | None = None,
                            process_count: int | None = None) -> tf.data.Dataset:
   """This process's infinite stream of host batches (dicts of tensors), starting at global step `start_step`."""
@@ -144,7 +146,7 @@ def pretrain_local_dataset(data_config, *, global_batch_size: int, image_size: i
       points = transforms.tf_augment(seeds[1], points, prob)
     template = tf.random.stateless_uniform([], seeds[2], minval=0, maxval=num_templates, dtype=tf.int32)
     return {'points': tf.ensure_shape(points, (num_points, 3)),
-            'image': preprocess_image(ex['png'], image_size, image_mean, image_std),
+            'image': preprocess_image(ex['png'], image_size, image_mean, image_std, image_resample),
             'label': ex['label'], 'template_idx': template}
 
   first = start_step * local_batch
@@ -161,6 +163,7 @@ def to_global(batches, sharding) -> Iterator[dict[str, jax.Array]]:
 
 
 def make_pretrain_iterator(data_config, *, global_batch_size, sharding, image_size, image_mean, image_std,
+                           image_resample: str = 'bicubic',
                            num_templates, seed, start_step=0, process_index=None,
                            process_count=None) -> Iterator[dict[str, jax.Array]]:
   """Infinite iterator of global batches: 'points' (B, S, 3) augmented, 'image' (B, H, W, 3) normalised,
@@ -169,7 +172,8 @@ def make_pretrain_iterator(data_config, *, global_batch_size, sharding, image_si
   process_index / process_count default to JAX's; pass them explicitly only to simulate processes with
   `pretrain_local_dataset` (global arrays need the real process layout)."""
   ds = pretrain_local_dataset(data_config, global_batch_size=global_batch_size, image_size=image_size,
-                              image_mean=image_mean, image_std=image_std, num_templates=num_templates, seed=seed,
+                              image_mean=image_mean, image_std=image_std, image_resample=image_resample,
+                              num_templates=num_templates, seed=seed,
                               start_step=start_step, process_index=process_index, process_count=process_count)
   return to_global(ds.as_numpy_iterator(), sharding)
 
@@ -233,7 +237,8 @@ def make_labelled_iterator(data_config, *, global_batch_size: int, sharding, see
 
 def eval_local_batches(name: str, *, data_dir, batch_size: int, num_points_stored: int, split: str = 'test',
                        manual_dir=None, skip_bad: bool = False, max_examples: int | None = None,
-                       image_size: int | None = None, image_mean=None, image_std=None, view_index: int = 0,
+                       image_size: int | None = None, image_mean=None, image_std=None,
+                       image_resample: str = 'bicubic', view_index: int = 0,
                        process_index: int | None = None, process_count: int | None = None) -> Iterator[dict]:
   """This process's host batches (NumPy) for one in-order pass over a split, padded, with a bool 'mask'.
 
@@ -252,7 +257,7 @@ def eval_local_batches(name: str, *, data_dir, batch_size: int, num_points_store
   def prepare(ex):
     out = {'points': prepare_cloud(ex['points'], num_points_stored), 'label': tf.cast(ex['label'], tf.int32)}
     if with_image:
-      out['image'] = preprocess_image(ex['views'][view_index], image_size, image_mean, image_std)
+      out['image'] = preprocess_image(ex['views'][view_index], image_size, image_mean, image_std, image_resample)
     return out
 
   ds = _read(builder, split, 0, n).map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -2,7 +2,9 @@
 
 The towers reproduce transformers' PyTorch CLIP operation by operation (pre-LayerNorm in the vision tower, the
 activation the config names, causal text mask, end-of-text pooling by the rule the config implies, projections
-without bias), so that a checkpoint converted by `cg3d_jax.weights.hf_clip` gives the same embeddings.
+without bias), so that a checkpoint converted by `cg3d_jax.weights.hf_clip` gives the same embeddings. The same
+module is SLIP's CLIP (timm's ViT image tower, OpenAI's text tower; `cg3d_jax.weights.slip`) through the spec's
+switches: no pre-LayerNorm, a patch bias, exact GELU and eps 1e-6 in the image tower.
 
 Visual prompt tuning as CG3D does it (its timm `VisionTransformerPromptDeep`): `n` prompt tokens go right after the
 class token once the position embedding has been added (prompts carry no position embedding) and before the
@@ -65,6 +67,11 @@ class CLIPSpec:
   eos_token_id: int
   eos_pooling: str
   projection_dim: int
+  # SLIP's timm ViT differs from transformers' CLIP in two places beyond activation and eps: no LayerNorm before the
+  # blocks (a LayerNorm with weight 1 and bias 0 still normalises, so it must be absent, not neutral) and a patch
+  # convolution with bias.
+  vision_pre_norm: bool = True
+  patch_bias: bool = False
 
   def __post_init__(self):
     for name in ('vision', 'text'):
@@ -270,7 +277,7 @@ class VisionTower(nn.Module):
       raise ValueError(f'CLIP image tower expects pixels (B, {s.image_size}, {s.image_size}, {s.num_channels}) '
                        f'NHWC, got {pixels.shape}')
     x = nn.Conv(t.width, (s.patch_size, s.patch_size), strides=(s.patch_size, s.patch_size), padding='VALID',
-                use_bias=False, dtype=self.dtype, name='patch_embedding')(pixels.astype(self.dtype))
+                use_bias=s.patch_bias, dtype=self.dtype, name='patch_embedding')(pixels.astype(self.dtype))
     batch = x.shape[0]
     x = x.reshape(batch, s.num_patches, t.width)
     class_embedding = self.param('class_embedding', nn.initializers.normal(t.width ** -0.5), (t.width,))
@@ -280,7 +287,8 @@ class VisionTower(nn.Module):
     x = x + positions.embedding.astype(self.dtype)[None]
     if prompts is not None:
       x = insert_prompts(x, prompts[0])
-    x = _layer_norm(t.layer_norm_eps, self.dtype, 'pre_layernorm')(x)
+    if s.vision_pre_norm:
+      x = _layer_norm(t.layer_norm_eps, self.dtype, 'pre_layernorm')(x)
     layer_cls = _layer_class(self.remat)
     for i in range(t.layers):
       if prompts is not None and i > 0 and i < prompts.shape[0]:

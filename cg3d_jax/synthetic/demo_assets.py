@@ -1,4 +1,5 @@
-"""The offline demo's inputs: a procedural ShapeNet-55-layout dataset and a small random transformers CLIP.
+"""The offline demo's inputs: a procedural ShapeNet-55-layout dataset and a small random CLIP (a transformers folder,
+or a SLIP file with config.demo.clip_kind='slip').
 
 Both are written once under a root folder and reused afterwards (config.demo says their sizes); training is then
 pointed at them like at real data and a real CLIP, so it runs exactly the code paths those take.
@@ -11,7 +12,7 @@ from absl import logging
 
 from cg3d_jax.errors import ConfigError
 from cg3d_jax.synthetic.objects import SyntheticSettings, ensure_synthetic_shapenet
-from cg3d_jax.synthetic.random_clip import write_random_clip
+from cg3d_jax.synthetic.random_clip import write_random_clip, write_random_slip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,12 @@ def write(root, demo_config) -> DemoAssets:
                                image_size=syn.image_size, num_views=syn.num_views)
   logging.info('demo: procedural dataset in %s', root / 'shapenet55')
   ensure_synthetic_shapenet(root / 'shapenet55', settings)
+  kind = demo_config.get('clip_kind', 'transformers')
+  if kind == 'slip':
+    return DemoAssets(manual_dir=str(root / 'shapenet55'), data_dir=str(root / 'tfds'),
+                      clip_path=_write_slip(root / 'slip.pt', demo_config.clip))
+  if kind != 'transformers':
+    raise ConfigError(f"config.demo.clip_kind={kind!r}: expected 'transformers' or 'slip'")
   clip_dir = root / 'clip'
   if not (clip_dir / 'config.json').is_file():
     vocab = demo_config.vocab_path
@@ -47,3 +54,16 @@ def write(root, demo_config) -> DemoAssets:
     logging.info('demo: writing a random CLIP to %s', clip_dir)
     write_random_clip(clip_dir, vocab_path=vocab or None, **dict(demo_config.clip))
   return DemoAssets(manual_dir=str(root / 'shapenet55'), data_dir=str(root / 'tfds'), clip_path=str(clip_dir))
+
+
+def _write_slip(path: pathlib.Path, sizes) -> str:
+  for name in ('vision_width', 'text_width'):
+    if sizes[name] % 64:
+      raise ConfigError(f'config.demo.clip.{name}={sizes[name]}: a SLIP tower\'s heads are width / 64, so the width '
+                        'must be a multiple of 64')
+  if not path.is_file():
+    logging.info('demo: writing a random SLIP checkpoint to %s', path)
+    write_random_slip(path, vision_width=sizes.vision_width, vision_layers=sizes.vision_layers,
+                      patch_size=sizes.patch_size, image_size=sizes.image_size, text_width=sizes.text_width,
+                      text_layers=sizes.text_layers, embed_dim=sizes.projection_dim, seed=sizes.seed)
+  return str(path)

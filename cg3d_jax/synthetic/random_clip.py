@@ -1,13 +1,10 @@
-"""Writes a transformers CLIP folder with random weights and the real CLIP tokenizer, for tests, demos, benchmarks.
+"""Random CLIPs in the real formats, for tests, demos, benchmarks: a transformers CLIP folder, a SLIP checkpoint file.
 
 The folder has the same layout as a real one (config.json, model.safetensors from `CLIPModel.save_pretrained`,
-tokenizer files, preprocessor_config.json), so everything downstream runs the real loading code path. The
-tokenizer is built from OpenAI's BPE file (`bpe_simple_vocab_16e6.txt.gz`) exactly as OpenAI CLIP builds its
-49,408-token vocabulary: the 256 byte symbols, the same with `</w>`, one token per merge for the first 48,894
-merges, then <|startoftext|> and <|endoftext|>.
+tokenizer files built from OpenAI's BPE file as OpenAI CLIP builds them (weights/bpe.py), preprocessor_config.json);
+the SLIP file is what SLIP's main.py saves. Everything downstream runs the real loading code path.
 """
 
-import gzip
 import json
 import os
 import pathlib
@@ -15,52 +12,14 @@ import shutil
 import tempfile
 
 from cg3d_jax import assets
+from cg3d_jax.weights.bpe import START_OF_TEXT, read_bpe
 
-# OpenAI CLIP's 49152 - 256 - 2 merges (lines 1..48894 of the gz, after the version header line).
-NUM_MERGES = 49152 - 256 - 2
-START_OF_TEXT, END_OF_TEXT = '<|startoftext|>', '<|endoftext|>'
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # ViT-B/16-shaped CLIP (the size CG3D prompts): for benchmarks and the large parity test.
 VIT_B16 = dict(vision_width=768, vision_layers=12, vision_heads=12, patch_size=16, image_size=224,
                text_width=512, text_layers=12, text_heads=8, projection_dim=512)
-
-
-def bytes_to_unicode() -> dict[int, str]:
-  """GPT-2/CLIP byte -> printable character table; its order fixes the ids of the 256 byte tokens."""
-  printable = (list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1))
-               + list(range(ord('®'), ord('ÿ') + 1)))
-  codes = printable[:]
-  extra = 0
-  for b in range(256):
-    if b not in printable:
-      printable.append(b)
-      codes.append(256 + extra)
-      extra += 1
-  return dict(zip(printable, (chr(c) for c in codes)))
-
-
-def read_bpe(vocab_path) -> tuple[dict[str, int], list[tuple[str, str]]]:
-  """OpenAI's BPE gz -> (token -> id for all 49,408 tokens, the 48,894 merges in rank order)."""
-  path = pathlib.Path(vocab_path)
-  if not path.is_file():
-    raise FileNotFoundError(f'CLIP BPE vocabulary {str(path)!r} not found (expected bpe_simple_vocab_16e6.txt.gz)')
-  lines = gzip.open(path).read().decode('utf-8').split('\n')
-  if len(lines) < NUM_MERGES + 1:
-    raise ValueError(f'{path}: expected at least {NUM_MERGES + 1} lines, found {len(lines)}')
-  merges = []
-  for number, line in enumerate(lines[1:NUM_MERGES + 1], start=2):
-    parts = line.split()
-    if len(parts) != 2:
-      raise ValueError(f'{path}: line {number} is not a merge of two symbols: {line!r}')
-    merges.append((parts[0], parts[1]))
-  symbols = list(bytes_to_unicode().values())
-  tokens = symbols + [s + '</w>' for s in symbols] + [a + b for a, b in merges] + [START_OF_TEXT, END_OF_TEXT]
-  vocab = {token: i for i, token in enumerate(tokens)}
-  if len(vocab) != len(tokens):
-    raise ValueError(f'{path}: merges produce duplicate tokens ({len(tokens) - len(vocab)} of them)')
-  return vocab, merges
 
 
 def write_tokenizer(folder, vocab_path, context_length: int = 77) -> None:
@@ -150,3 +109,100 @@ def write_random_clip(path, *, vision_width: int = 64, vision_layers: int = 2, v
     shutil.rmtree(staging, ignore_errors=True)
     raise
   return str(path)
+
+
+# SLIP ViT-B/16's shapes (slip_base_100ep.pt): the size CG3D trains against.
+SLIP_VIT_B16 = dict(vision_width=768, vision_layers=12, vision_heads=12, patch_size=16, image_size=224,
+                    text_width=512, text_layers=12, embed_dim=512)
+
+
+def slip_state_dict(*, vision_width: int = 128, vision_layers: int = 2, patch_size: int = 8, image_size: int = 32,
+                    text_width: int = 128, text_layers: int = 2, embed_dim: int = 32, vocab_size: int = 49408,
+                    context_length: int = 77, ssl_mlp_dim: int = 64, ssl_emb_dim: int = 32,
+                    seed: int = 0) -> dict:
+  """A random SLIP state dict in SLIP's own names and order (timm ViT `visual.*`, OpenAI text tower, projections,
+  `logit_scale`, the SSL head `image_mlp.*`), without the 'module.' prefix. LayerNorms and biases are random too, so
+  that a converter that drops or swaps one cannot pass."""
+  import collections
+
+  import numpy as np
+  import torch
+
+  rng = np.random.default_rng(seed)
+  state = collections.OrderedDict()
+
+  def put(name, shape, std=0.02, mean=0.0):
+    state[name] = torch.from_numpy((mean + std * rng.standard_normal(shape)).astype(np.float32))
+
+  def linear(name, out_dim, in_dim):
+    put(f'{name}.weight', (out_dim, in_dim), std=in_dim ** -0.5)
+    put(f'{name}.bias', (out_dim,), std=0.1)
+
+  def norm(name, width):
+    put(f'{name}.weight', (width,), std=0.1, mean=1.0)
+    put(f'{name}.bias', (width,), std=0.1)
+
+  grid = image_size // patch_size
+  put('visual.cls_token', (1, 1, vision_width))
+  put('visual.pos_embed', (1, grid * grid + 1, vision_width))
+  put('visual.patch_embed.proj.weight', (vision_width, 3, patch_size, patch_size), std=(3 * patch_size ** 2) ** -0.5)
+  put('visual.patch_embed.proj.bias', (vision_width,), std=0.1)
+  for i in range(vision_layers):
+    block = f'visual.blocks.{i}'
+    norm(f'{block}.norm1', vision_width)
+    linear(f'{block}.attn.qkv', 3 * vision_width, vision_width)
+    linear(f'{block}.attn.proj', vision_width, vision_width)
+    norm(f'{block}.norm2', vision_width)
+    linear(f'{block}.mlp.fc1', 4 * vision_width, vision_width)
+    linear(f'{block}.mlp.fc2', vision_width, 4 * vision_width)
+  norm('visual.norm', vision_width)
+  for i in range(text_layers):
+    block = f'transformer.resblocks.{i}'
+    put(f'{block}.attn.in_proj_weight', (3 * text_width, text_width), std=text_width ** -0.5)
+    put(f'{block}.attn.in_proj_bias', (3 * text_width,), std=0.1)
+    linear(f'{block}.attn.out_proj', text_width, text_width)
+    norm(f'{block}.ln_1', text_width)
+    linear(f'{block}.mlp.c_fc', 4 * text_width, text_width)
+    linear(f'{block}.mlp.c_proj', text_width, 4 * text_width)
+    norm(f'{block}.ln_2', text_width)
+  put('token_embedding.weight', (vocab_size, text_width))
+  put('positional_embedding', (context_length, text_width), std=0.01)
+  norm('ln_final', text_width)
+  put('image_projection', (vision_width, embed_dim), std=vision_width ** -0.5)
+  put('text_projection', (text_width, embed_dim), std=text_width ** -0.5)
+  state['logit_scale'] = torch.tensor(float(np.log(1 / 0.07)))
+  for layer, (out_dim, in_dim) in enumerate([(ssl_mlp_dim, vision_width), (ssl_mlp_dim, ssl_mlp_dim),
+                                             (ssl_emb_dim, ssl_mlp_dim)], start=1):
+    linear(f'image_mlp.layer{layer}', out_dim, in_dim)
+    if layer < 3:
+      norm(f'image_mlp.bn{layer}', out_dim)
+      state[f'image_mlp.bn{layer}.running_mean'] = torch.zeros(out_dim)
+      state[f'image_mlp.bn{layer}.running_var'] = torch.ones(out_dim)
+      state[f'image_mlp.bn{layer}.num_batches_tracked'] = torch.tensor(0)
+  return state
+
+
+def write_slip_checkpoint(path, state_dict, *, model: str = 'SLIP_VITB16', epoch: int = 100) -> str:
+  """Writes `state_dict` as SLIP's main.py saves a checkpoint: {'epoch', 'state_dict' ('module.' keys, as saved from
+  DistributedDataParallel), 'optimizer' (omitted), 'args' (an argparse.Namespace), 'best_acc1'}; atomically."""
+  import argparse
+  import io
+
+  import torch
+
+  from cg3d_jax.atomic import atomic_write
+
+  args = argparse.Namespace(model=model, ssl_mlp_dim=4096, ssl_emb_dim=256, ssl_temp=0.1, ssl_scale=1.0,
+                            epochs=epoch, lr=3e-3, wd=0.1, batch_size=64, output_dir='./')
+  container = {'epoch': epoch, 'state_dict': {f'module.{k}': v for k, v in state_dict.items()}, 'args': args,
+               'best_acc1': 0.0}
+  buffer = io.BytesIO()
+  torch.save(container, buffer)
+  atomic_write(path, lambda f: f.write(buffer.getvalue()))
+  return str(path)
+
+
+def write_random_slip(path, *, seed: int = 0, **sizes) -> str:
+  """A random SLIP checkpoint file (small by default; `**SLIP_VIT_B16` for the real shapes)."""
+  sizes.pop('vision_heads', None)  # implied by the width (weights.slip.VISION_HEADS)
+  return write_slip_checkpoint(path, slip_state_dict(seed=seed, **sizes))

@@ -22,7 +22,8 @@ from cg3d_jax.evaluators.zeroshot import ZeroShotEvaluator
 from cg3d_jax.models.cg3d import CG3D, build_encoder
 from cg3d_jax.training import common, optim
 from cg3d_jax.training.pretrain_step import ENCODER, PROMPTS, jit_train_step, merge_clip
-from cg3d_jax.weights.hf_clip import load_clip, tokenize
+from cg3d_jax.weights.clip_files import load_clip
+from cg3d_jax.weights.hf_clip import tokenize
 
 
 def optimizer_rules(config) -> list:
@@ -148,11 +149,6 @@ def eval_variables(setup: Setup, state: dict) -> dict:
           'clip': merge_clip(setup.frozen, state['params'])}
 
 
-def _image_settings(setup: Setup) -> dict:
-  pre = setup.clip.preprocess
-  return dict(image_size=pre.crop_size, image_mean=tuple(pre.mean), image_std=tuple(pre.std))
-
-
 def train(config, workdir: str) -> dict:
   """Train (or resume) in `workdir`; returns the last validation metrics (and the final training metrics)."""
   builder = builders.get_builder(config.data.name, data_dir=config.data.data_dir, manual_dir=config.data.manual_dir,
@@ -170,7 +166,8 @@ def train(config, workdir: str) -> dict:
   start = int(state['step'])
   batches = pipeline.make_pretrain_iterator(
       config.data, global_batch_size=config.train.batch_size, sharding=setup.shardings['batch'],
-      num_templates=setup.text_table.shape[0], seed=config.seed, start_step=start, **_image_settings(setup))
+      num_templates=setup.text_table.shape[0], seed=config.seed, start_step=start,
+      **setup.clip.preprocess.pipeline_settings())
   steps = {}
 
   def step_fn(step: int):

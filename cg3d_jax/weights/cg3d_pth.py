@@ -10,8 +10,9 @@ The `.pth` container is the dict the original `tools/builder.save_checkpoint` wr
   'visual_clip_model'  {'prompt_embeddings': [1, n, width], 'deep_prompt_embeddings': [layers-1, n, width]}, the
                        parameter names of the original prompted ViT (`deep_prompt_embeddings` only for deep prompts;
                        the entry is absent when the run trained no prompts). The original stores its whole SLIP
-                       visual state dict here; the frozen CLIP of this project is a transformers checkpoint with
-                       other names, so only the trained part is exported: load it with strict=False (README).
+                       visual state dict here (timm's names, frozen tensors beside the prompts): so does an export of
+                       a run on SLIP; a run on a transformers CLIP exports only the prompts (load them with
+                       strict=False, README).
   'epoch'              completed epochs, -1 when unknown (the original's own "no epoch" value).
   'metrics', 'best_metrics'   plain dicts of the exported step's validation metrics ({} when there were none).
   'config'             the cg3d-jax config as a plain dict; 'step' the training step; 'encoder' the encoder name.
@@ -83,12 +84,15 @@ def prompts_to_torch(prompts, prompt_mode: str) -> dict[str, torch.Tensor]:
 
 def build_container(encoder: str, params, batch_stats, *, prompts=None, prompt_mode: str = 'none', step: int = 0,
                     epoch: int = -1, metrics: Mapping[str, Any] | None = None, config: Mapping[str, Any] | None = None,
-                    num_batches_tracked: int = 0) -> dict[str, Any]:
-  """Everything an export writes, as the `.pth` dict (see the module docstring)."""
+                    num_batches_tracked: int = 0, frozen_visual: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """Everything an export writes, as the `.pth` dict (see the module docstring). frozen_visual: a SLIP run's frozen
+  image tower in timm's names, saved beside the prompts as the original saves its whole prompted ViT."""
   metrics = _plain(dict(metrics or {}), 'metrics')
   container = {'base_model': encoder_state_dict(encoder, params, batch_stats,
                                                 num_batches_tracked=num_batches_tracked)}
   visual = prompts_to_torch(prompts, prompt_mode)
+  if visual and frozen_visual:
+    visual = {**{k: torch.from_numpy(np.ascontiguousarray(v, np.float32)) for k, v in frozen_visual.items()}, **visual}
   if visual:
     container['visual_clip_model'] = collections.OrderedDict(visual)
   container.update(epoch=int(epoch), metrics=metrics, best_metrics=dict(metrics), step=int(step), encoder=encoder,
@@ -336,7 +340,8 @@ def load_cg3d_checkpoint(path, model=None):
   model: the Flax encoder to check shapes against; default the one in the file's saved config, else one sized
     from the weights with CG3D's values for what weights do not record (listed in info['assumed']).
   info: {'path', 'format', 'model' (the Flax encoder), 'epoch', 'step', 'metrics', 'best_metrics', 'config' (plain
-    dict or None), 'prompt_mode', 'num_batches_tracked', 'ignored_visual_keys', 'assumed'}.
+    dict or None), 'prompt_mode', 'num_batches_tracked', 'ignored_visual_keys', 'assumed', 'frozen_visual' (the
+    frozen SLIP image tower the original saves beside the prompts, timm names -> float32 arrays, or None)}.
   Missing, unexpected and mis-shaped keys are errors that name each key.
   """
   path = pathlib.Path(path)
@@ -365,5 +370,7 @@ def load_cg3d_checkpoint(path, model=None):
               epoch=epoch if isinstance(epoch := container.get('epoch'), int) else -1, step=container.get('step'),
               metrics=container.get('metrics') or {}, best_metrics=container.get('best_metrics') or {},
               config=config, prompt_mode=prompt_mode, num_batches_tracked=max(tracked, default=0),
-              ignored_visual_keys=sorted(set(visual or {}) - {PROMPT_KEY, DEEP_PROMPT_KEY}), assumed=assumed)
+              ignored_visual_keys=sorted(set(visual or {}) - {PROMPT_KEY, DEEP_PROMPT_KEY}), assumed=assumed,
+              frozen_visual={k: _numpy(v) for k, v in (visual or {}).items()
+                             if k not in (PROMPT_KEY, DEEP_PROMPT_KEY) and isinstance(v, torch.Tensor)} or None)
   return encoder, params, batch_stats, prompts, info

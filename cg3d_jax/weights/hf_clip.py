@@ -40,6 +40,7 @@ class ImagePreprocess:
   mean: tuple[float, float, float]
   std: tuple[float, float, float]
   resample: int = Image.Resampling.BICUBIC
+  crop_offset: str = 'floor'  # transformers floors the centre crop's offset; torchvision ('round') rounds it
 
   @classmethod
   def from_config(cls, config: dict, source: str = 'preprocessor_config.json') -> 'ImagePreprocess':
@@ -92,21 +93,37 @@ class ImagePreprocess:
     image = image.convert('RGB')
     height, width = self.resized_shape(image.height, image.width)
     pixels = np.asarray(image.resize((width, height), resample=self.resample))
-    top, left = (height - self.crop_size) // 2, (width - self.crop_size) // 2
+    if self.crop_offset == 'round':
+      top, left = int(round((height - self.crop_size) / 2)), int(round((width - self.crop_size) / 2))
+    else:
+      top, left = (height - self.crop_size) // 2, (width - self.crop_size) // 2
     pixels = pixels[top:top + self.crop_size, left:left + self.crop_size]
     # Same arithmetic as transformers: rescale in float64, cast to float32, then normalise in float32.
     pixels = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
     return (pixels - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
 
 
+  def pipeline_settings(self) -> dict:
+    """The data pipeline's image arguments (its TF resize follows `resample`: bicubic or bilinear)."""
+    resample = {Image.Resampling.BICUBIC: 'bicubic', Image.Resampling.BILINEAR: 'bilinear'}.get(self.resample)
+    if resample is None:
+      raise CLIPLoadError(f'image resample mode {self.resample} is not supported by the data pipeline '
+                          '(bicubic or bilinear)')
+    return dict(image_size=self.crop_size, image_mean=tuple(self.mean), image_std=tuple(self.std),
+                image_resample=resample)
+
+
 @dataclasses.dataclass
 class LoadedCLIP:
+  """A frozen CLIP ready to use: the Flax module, its parameters, how to tokenize and how to preprocess images."""
   model: CLIP
   params: dict
-  tokenizer: Any
+  tokenizer: Any  # transformers' CLIPTokenizer, or anything with token_ids(texts, context_length) (SLIP's framing)
   preprocess: ImagePreprocess
   spec: CLIPSpec
-  hf_config: Any
+  hf_config: Any  # None for SLIP
+  kind: str = 'transformers'  # 'transformers' (a folder) or 'slip' (a checkpoint file)
+  source: str = ''
 
 
 def _looks_like_hub_name(path: str) -> bool:
@@ -286,7 +303,7 @@ def load_clip(path, *, prompt_mode: str = 'deep', num_prompts: int = 5, dtype=jn
   params = jax.tree.map(jnp.asarray, params)
   model = CLIP(spec, prompt_mode=prompt_mode, num_prompts=num_prompts, dtype=dtype, remat=remat)
   return LoadedCLIP(model=model, params=params, tokenizer=load_tokenizer(folder),
-                    preprocess=load_preprocess(folder), spec=spec, hf_config=hf_config)
+                    preprocess=load_preprocess(folder), spec=spec, hf_config=hf_config, source=str(folder))
 
 
 def tokenize(tokenizer, texts: list[str], context_length: int | None = None) -> np.ndarray:
@@ -297,6 +314,8 @@ def tokenize(tokenizer, texts: list[str], context_length: int | None = None) -> 
   """
   if isinstance(texts, str):
     raise TypeError('tokenize takes a list of strings, got a single string')
+  if hasattr(tokenizer, 'token_ids'):  # SLIP's framing (weights/slip.py)
+    return tokenizer.token_ids(list(texts), context_length)
   if context_length is None:
     context_length = tokenizer.model_max_length
     if context_length is None or context_length > 100_000:  # transformers' "no limit" sentinel
