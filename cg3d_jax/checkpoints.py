@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 from typing import Any, Mapping
 
 import jax
@@ -39,6 +40,51 @@ CHECKPOINTS_DIR = 'checkpoints'  # <workdir>/checkpoints/<step>/
 
 class CheckpointNotFoundError(InputError):
   """No (such) checkpoint where the user pointed."""
+
+
+class CheckpointDamagedError(InputError):
+  """A step folder whose files cannot be read back (deleted or truncated data files, a broken write)."""
+
+  def __init__(self, step_dir, step: int, err: Exception, others: list[int], advice: str):
+    self.step = step
+    detail = ' '.join(str(err).split())
+    file = re.search(r'(/[^\s"\']+/(?:ocdbt\.process_\d+/)?d/[0-9a-f]+)', detail)
+    where = f'; damaged file: {file.group(1)}' if file else ''
+    intact = f'other saved steps: {others}' if others else 'no other step is saved'
+    super().__init__(f'{step_dir}: the checkpoint of step {step} cannot be read ({detail[:160]}...{where}): a file '
+                     f'of it is missing or truncated; {intact}. {advice}')
+
+
+def _silence_closed_loop_noise() -> None:
+  """After a failed restore, TensorStore's threads keep calling back into orbax's closed event loop, each printing
+  'RuntimeError: Event loop is closed' (dozens of tracebacks) and asyncio's 'Task exception was never retrieved':
+  noise about the damage the error already names. Only that exact error and that logger are silenced."""
+  import logging as std_logging
+  import sys
+  previous = sys.excepthook
+  if getattr(previous, 'drops_closed_loop_noise', False):
+    return
+
+  def hook(kind, value, tb):
+    if kind is RuntimeError and str(value) == 'Event loop is closed':
+      return
+    previous(kind, value, tb)
+
+  def unraisable(info):
+    if isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == 'Event loop is closed':
+      return
+    previous_unraisable(info)
+
+  previous_unraisable = sys.unraisablehook
+  hook.drops_closed_loop_noise = True
+  sys.excepthook, sys.unraisablehook = hook, unraisable
+  std_logging.getLogger('asyncio').setLevel(std_logging.CRITICAL)
+
+
+def damaged_step_error(step_dir, step: int, err: Exception, others: list[int]) -> CheckpointDamagedError:
+  advice = (f'Read an intact step with --step {max(s for s in others if s < step)}'
+            if any(s < step for s in others) else 'Retrain, or restore the folder from a copy')
+  return CheckpointDamagedError(step_dir, step, err, others, advice)
 
 
 def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
@@ -183,13 +229,38 @@ class Checkpointer:
     if missing:
       raise ValueError(f'restore target leaves need a sharding (jax.ShapeDtypeStruct(..., sharding=...)); missing '
                        f'on {missing[:5]}{"..." if len(missing) > 5 else ""}')
-    restored = self._manager.restore(step, args=ocp.args.Composite(**{
-        _STATE: ocp.args.StandardRestore(target), _EXTRAS: ocp.args.JsonRestore(),
-        _CONFIG: ocp.args.JsonRestore()}))
+    _silence_closed_loop_noise()  # before the attempt: the noise starts as soon as a read fails
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**{
+          _STATE: ocp.args.StandardRestore(target), _EXTRAS: ocp.args.JsonRestore(),
+          _CONFIG: ocp.args.JsonRestore()}))
+    except Exception as err:  # TensorStore and orbax raise many types for missing or truncated files
+      raise damaged_step_error(pathlib.Path(str(self.directory)) / str(step), step, err,
+                               [s for s in steps if s != step]) from err
     extras = dict(restored[_EXTRAS])
     extras['rng'] = _rng_from_json(extras['rng'])
     extras['config'] = ml_collections.ConfigDict(restored[_CONFIG])
     return restored[_STATE], extras
+
+  def set_aside(self, step: int) -> pathlib.Path:
+    """Renames a damaged step's folder to `<step>.damaged` (kept for inspection, no longer a step) so that training
+    can write that step again."""
+    source = pathlib.Path(str(self.directory)) / str(step)
+    target = source.with_name(f'{step}.damaged')
+    suffix = 1
+    while target.exists():
+      target, suffix = source.with_name(f'{step}.damaged{suffix}'), suffix + 1
+    os.replace(source, target)
+    self._manager.reload()
+    return target
+
+  def saved_config(self, step: int) -> ml_collections.ConfigDict | None:
+    """The config a step was saved with (its JSON item alone), None when it cannot be read."""
+    try:
+      config = self._manager.restore(step, args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()}))[_CONFIG]
+    except Exception:  # a damaged step: restore() says which file
+      return None
+    return ml_collections.ConfigDict(config) if config else None
 
   def wait(self) -> None:
     """Blocks until every background save has finished and old checkpoints are pruned."""
@@ -266,13 +337,21 @@ def read_step(path, step: int | None = None, device=None) -> SavedStep:
   manager = _read_only_manager(step_dir)
   try:
     number = int(step_dir.name)
-    metadata = manager.item_metadata(number)
-    if metadata[_STATE] is None:
-      raise CheckpointNotFoundError(f'{step_dir} is not a cg3d-jax training checkpoint (it has no state item)')
-    sharding = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), dict(metadata[_STATE]))
-    restored = manager.restore(number, args=ocp.args.Composite(**{
-        _STATE: ocp.args.StandardRestore(target), _EXTRAS: ocp.args.JsonRestore(), _CONFIG: ocp.args.JsonRestore()}))
+    _silence_closed_loop_noise()  # before the attempt: the noise starts as soon as a read fails
+    try:
+      metadata = manager.item_metadata(number)
+      if metadata[_STATE] is None:
+        raise CheckpointNotFoundError(f'{step_dir} is not a cg3d-jax training checkpoint (it has no state item)')
+      sharding = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                            dict(metadata[_STATE]))
+      restored = manager.restore(number, args=ocp.args.Composite(**{
+          _STATE: ocp.args.StandardRestore(target), _EXTRAS: ocp.args.JsonRestore(),
+          _CONFIG: ocp.args.JsonRestore()}))
+    except InputError:
+      raise
+    except Exception as err:  # TensorStore and orbax raise many types for missing or truncated files
+      raise damaged_step_error(step_dir, number, err, [s for s in manager.all_steps() if s != number]) from None
   finally:
     manager.close()
   extras = dict(restored[_EXTRAS] or {})

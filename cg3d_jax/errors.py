@@ -15,6 +15,7 @@ class BadInputError(InputError):
   """
 
   def __init__(self, where, message: str | None = None, line: int | None = None):
+    self.reason = str(where) if message is None else message  # the message without its place
     if message is None:
       super().__init__(str(where))
     else:

@@ -27,7 +27,9 @@ class MetricsWriter:
   """Writes scalar metrics to `<workdir>/<name>.jsonl` and TensorBoard events under `<workdir>/tb/<name>`."""
 
   def __init__(self, workdir: str, name: str = 'train', *, tensorboard: bool = True, jsonl: bool = True,
-               enabled: bool | None = None):
+               enabled: bool | None = None, resume_step: int | None = None):
+    """resume_step: the step a resumed run restarts from. Rows the earlier run wrote after it (steps that will be
+    run again) are dropped from the JSONL file, with a log line, so that no step is written twice."""
     if enabled is None:
       import jax  # imported lazily so that data-only tools can use the writer without initialising JAX
       enabled = jax.process_index() == 0
@@ -39,6 +41,8 @@ class MetricsWriter:
     os.makedirs(workdir, exist_ok=True)
     if jsonl:
       self.jsonl_path = os.path.join(workdir, f'{name}.jsonl')
+      if resume_step is not None and os.path.exists(self.jsonl_path):
+        _drop_rows_after(self.jsonl_path, resume_step)
       self._jsonl = open(self.jsonl_path, 'a', encoding='utf-8')
     if tensorboard:
       self.tb_dir = os.path.join(workdir, 'tb', name)
@@ -80,3 +84,27 @@ class MetricsWriter:
 def read_jsonl(path: str) -> list[dict]:
   with open(path, encoding='utf-8') as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def _drop_rows_after(path: str, step: int) -> None:
+  """Keeps the rows of steps <= `step` (and drops a last line cut by a kill), rewriting the file atomically."""
+  from absl import logging
+
+  from cg3d_jax.atomic import atomic_write_bytes
+  with open(path, encoding='utf-8') as f:
+    lines = [line for line in f.read().split('\n') if line.strip()]
+  kept, dropped, cut = [], 0, 0
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      cut += 1  # a line the killed run did not finish
+      continue
+    if int(row.get('step', 0)) > step:
+      dropped += 1
+    else:
+      kept.append(line)
+  if dropped or cut:
+    logging.warning('%s: resuming at step %d, dropped %d row(s) of later steps (they are run again)%s', path, step,
+                    dropped, f' and {cut} unfinished line(s)' if cut else '')
+    atomic_write_bytes(path, ''.join(line + '\n' for line in kept).encode('utf-8'))

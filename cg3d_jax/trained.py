@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cg3d_jax import checkpoints
+from cg3d_jax import checkpoints, trees
 from cg3d_jax.errors import InputError
 from cg3d_jax.models.cg3d import CG3D, build_encoder
 from cg3d_jax.models.classifiers import build_classifier
@@ -64,6 +64,16 @@ def load_trained(path, *, step: int | None = None, num_points: int = 1024, model
   model_config: a config.model that sizes what a .pth does not record (the fine-tuning run's); by default the
     file's own config, else CG3D's released sizes.
   """
+  model = _load(path, step, num_points, model_config)
+  bad = trees.non_finite({'encoder': model.encoder_vars, 'prompts': {} if model.prompts is None else
+                          {'tokens': model.prompts}})
+  if bad:
+    raise InputError(f'{model.source}: {len(bad)} weight tensor(s) hold NaN or infinity (e.g. {", ".join(bad[:3])}); '
+                     'nothing was computed from them. An earlier checkpoint step (--step) may be intact.')
+  return model
+
+
+def _load(path, step, num_points, model_config) -> TrainedModel:
   if str(path).endswith(TORCH_SUFFIXES):
     return _load_torch_file(pathlib.Path(path), num_points, model_config)
   saved = checkpoints.read_step(path, step)

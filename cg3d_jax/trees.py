@@ -41,3 +41,14 @@ def path_to_str(path) -> str:
     else:
       parts.append(str(getattr(key, 'key', key)))
   return '/'.join(parts)
+
+
+def non_finite(tree: Mapping[str, Any]) -> list[str]:
+  """'a/b/c' names of the float leaves holding NaN or infinity (weights read from a file must hold none)."""
+  import numpy as np
+  bad = []
+  for name, leaf in flatten(tree).items():
+    value = np.asarray(leaf)
+    if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
+      bad.append(name)
+  return sorted(bad)

@@ -17,6 +17,7 @@ from transformers import CLIPModel
 
 from cg3d_jax import predict, trained
 from cg3d_jax.data import ply_files, point_files
+from cg3d_jax.errors import BadInputError
 from cg3d_jax.evaluators import prediction
 from cg3d_jax.models.point_ops import sample_points
 from cg3d_jax.twins.prompted_clip import torch_prompted_image_features
@@ -81,11 +82,15 @@ def test_a_mesh_as_off_and_as_ply_gives_the_same_points(eval_model, tmp_path):
   assert result['from_mesh'] and len(result['labels']) == 3
 
 
-def test_short_clouds_are_cycled_up_to_the_encoder_size():
-  xyz = np.random.default_rng(0).normal(size=(10, 3)).astype(np.float32)
-  points = prediction.prepare_points(xyz, 32)
-  assert points.shape == (32, 3)
-  np.testing.assert_array_equal(points[10:20], points[:10])
+def test_short_clouds_are_cycled_up_to_the_encoder_size_and_tiny_ones_refused():
+  xyz = np.random.default_rng(0).normal(size=(40, 3)).astype(np.float32)
+  points = prediction.prepare_points(xyz, 100, 'c.ply')
+  assert points.shape == (100, 3)
+  np.testing.assert_array_equal(points[40:80], points[:40])
+  # Fewer distinct points than one neighbourhood (32): refused with the file named, duplicates not counted.
+  for cloud, distinct in ((xyz[:2], 2), (np.repeat(xyz[:5], 20, axis=0), 5), (np.zeros((1000, 3)), 1)):
+    with pytest.raises(BadInputError, match=rf'^c\.ply: {distinct} distinct point\(s\); a cloud needs at least 32'):
+      prediction.prepare_points(cloud, 64, 'c.ply')
 
 
 def test_predict_ranks_labels_and_images(eval_model, owl_copies, owl_dir):

@@ -140,6 +140,42 @@ def test_interrupt_and_resume_is_bitwise_exact(config, tmp_path):
   a, b = final_params(tmp_path / 'straight'), final_params(tmp_path / 'resumed')
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
+  # The metrics of both runs read as one: every step once, in order, as the straight run logged them.
+  from cg3d_jax.metric_writer import read_jsonl
+  steps = {name: [r['step'] for r in read_jsonl(str(tmp_path / name / 'train.jsonl')) if 'loss' in r]
+           for name in ('straight', 'resumed')}
+  assert steps['resumed'] == steps['straight'] == sorted(set(steps['straight'])), steps
+
+
+def test_damaged_newest_checkpoint_is_named_and_training_falls_back(config, tmp_path, caplog):
+  """The newest step's data files truncated: reading it names the step and suggests --step; resuming training
+  warns and continues from the older intact step, ending where an undamaged run ends (bitwise). A resume under
+  other model settings names them instead of failing inside orbax."""
+  from cg3d_jax import checkpoints
+  from cg3d_jax.errors import ConfigError
+  c = config.copy_and_resolve_references()
+  c.train.total_steps, c.checkpoint.every_steps = 4, 2
+  workdir = tmp_path / 'run'
+  pretrain.train(c, str(workdir))
+  reference = jax.device_get(checkpoints.read_step(workdir).state['params'])
+  files = [f for f in (workdir / 'checkpoints' / '4' / 'state').rglob('*') if f.is_file() and f.parent.name == 'd']
+  assert files
+  for f in files:
+    f.write_bytes(f.read_bytes()[:8])
+  with pytest.raises(checkpoints.CheckpointDamagedError, match=r'the checkpoint of step 4 cannot be read.*'
+                                                                r'Read an intact step with --step 2'):
+    checkpoints.read_step(workdir)
+  with caplog.at_level('WARNING'):
+    pretrain.train(c, str(workdir))
+  assert 'RESUMING FROM STEP 2, NOT THE NEWEST SAVED STEP 4, WHICH IS DAMAGED' in caplog.text
+  resumed = jax.device_get(checkpoints.read_step(workdir).state['params'])
+  for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+
+  wider = c.copy_and_resolve_references()
+  wider.model.point_transformer.width = 64
+  with pytest.raises(ConfigError, match=r'model.point_transformer.width: saved 32, now 64.*new --workdir'):
+    pretrain.train(wider, str(workdir))
 
 
 @pytest.mark.parametrize('mode', ['joint', 'alternating'])

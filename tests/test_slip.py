@@ -177,7 +177,7 @@ def test_bad_slip_files_are_refused_in_one_line(small_slip, tmp_path):
       clip_files.load_clip(write(name, container), prompt_mode='none')
     assert '\n' not in str(err.value), name
   (tmp_path / 'text.pt').write_text('not a checkpoint')
-  with pytest.raises(CLIPLoadError, match='not a readable SLIP checkpoint'):
+  with pytest.raises(CLIPLoadError, match='text.pt: not a SLIP checkpoint: the file is text'):
     clip_files.load_clip(tmp_path / 'text.pt')
 
 

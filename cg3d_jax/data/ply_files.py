@@ -168,7 +168,15 @@ def _read_ply_binary(path, data: bytes, offset: int, elements, byte_order: str) 
       offset = end
       continue
     tables[element.name], offset = _read_ply_binary_lists(path, data, offset, element, byte_order)
+  extra = data[offset:]
+  if extra.strip(b' \r\n\t\x00'):  # a writer's final newline or padding is harmless; data is not
+    raise BadInputError(path, f'{len(extra)} bytes after the {_declared(elements)} the header declares: its element '
+                              'counts do not describe the body (a cloud read from it would be silently cut)')
   return tables
+
+
+def _declared(elements) -> str:
+  return ' and '.join(f'{e.count} {e.name} rows' for e in elements)
 
 
 def _read_ply_binary_lists(path, data, offset, element, byte_order):
@@ -246,6 +254,10 @@ def _read_ply_ascii(path, data: bytes, body_start: int, elements) -> dict:
     if element.name == 'vertex':
       check_finite(path, values, 'vertex row', row_numbers)
     tables[element.name] = {p.name: values[:, i] for i, p in enumerate(element.properties)}
+  if start < len(lines):
+    raise BadInputError(path, f'{len(lines) - start} more lines after the {_declared(elements)} the header declares: '
+                              'its element counts do not describe the body (a cloud read from it would be silently '
+                              'cut)', numbers[start])
   return tables
 
 

@@ -13,6 +13,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from cg3d_jax.data import point_files, transforms
 from cg3d_jax.errors import BadInputError
@@ -20,11 +21,25 @@ from cg3d_jax.evaluators import metrics, zeroshot
 from cg3d_jax.models.cg3d import CG3D
 from cg3d_jax.models.point_ops import sample_points
 
+# The fewest distinct points a cloud may have: one PointTransformer neighbourhood (32 points). Fewer cannot describe
+# a shape, and cycling them up to N would hand the encoder copies of a handful of points.
+MIN_POINTS = 32
+
 
 def prepare_points(xyz, num_points: int, source: str | None = None) -> np.ndarray:
-  """Training's normalisation (centre, unit sphere); clouds shorter than num_points are cycled up to it."""
-  xyz = transforms.normalize_unit_sphere_np(xyz, source)
+  """Training's normalisation (centre, unit sphere); clouds shorter than num_points are cycled up to it (with a
+  warning), clouds of fewer than MIN_POINTS distinct points are refused."""
+  where = source or 'the cloud'
+  distinct = len(np.unique(np.asarray(xyz, np.float32), axis=0)) if len(xyz) else 0
+  if distinct < MIN_POINTS:
+    raise BadInputError(where, f'{distinct} distinct point(s); a cloud needs at least {MIN_POINTS} to be classified')
+  try:
+    xyz = transforms.normalize_unit_sphere_np(xyz, source)
+  except ValueError as err:
+    raise BadInputError(str(err)) from None
   if xyz.shape[0] < num_points:
+    logging.warning('%s: %d points, fewer than the encoder\'s %d: repeated to fill them (farthest-point sampling '
+                    'then sees each point once)', where, xyz.shape[0], num_points)
     xyz = xyz[np.arange(num_points) % xyz.shape[0]]
   return xyz
 

@@ -13,7 +13,7 @@ import jax
 from absl import logging
 
 from cg3d_jax import sharding
-from cg3d_jax.checkpoints import CHECKPOINTS_DIR, Checkpointer
+from cg3d_jax.checkpoints import CHECKPOINTS_DIR, CheckpointDamagedError, Checkpointer
 from cg3d_jax.errors import ConfigError
 from cg3d_jax.metric_writer import MetricsWriter
 
@@ -29,6 +29,27 @@ def check_batch_sizes(config, mesh: jax.sharding.Mesh, names=('train', 'eval')) 
     if size < 1 or size % mesh.size:
       raise ConfigError(f'config.{name}.batch_size={size} must be a positive multiple of the {mesh.size} devices '
                         f'of the mesh, e.g. --config.{name}.batch_size={mesh.size * max(1, size // mesh.size)}')
+
+
+def validate_config(config, *, device_count: int) -> None:
+  """The settings a run needs, checked before any data or model is touched; each error names its field."""
+  for name in ('train', 'eval'):
+    size = config[name].get('batch_size')
+    if not isinstance(size, int) or size < 1 or size % device_count:
+      raise ConfigError(f'config.{name}.batch_size={size!r} must be a positive multiple of the {device_count} devices '
+                        f'the batch is split over, e.g. --config.{name}.batch_size='
+                        f'{device_count * max(1, (size if isinstance(size, int) else 0) // device_count)}')
+  steps, epochs = config.train.get('total_steps'), config.train.get('epochs')
+  if steps is not None and (not isinstance(steps, int) or steps < 0):
+    raise ConfigError(f'config.train.total_steps={steps!r} must be a non-negative integer (0 or unset: from epochs)')
+  if not steps and not (isinstance(epochs, (int, float)) and epochs > 0):
+    raise ConfigError(f'config.train.epochs={epochs!r} must be positive when config.train.total_steps is unset')
+  if config.model.get('encoder') not in ('point_transformer', 'pointmlp'):
+    raise ConfigError(f"config.model.encoder={config.model.get('encoder')!r}: expected 'point_transformer' or "
+                      "'pointmlp'")
+  points = config.model.get('num_points')
+  if not isinstance(points, int) or points < 1:
+    raise ConfigError(f'config.model.num_points={points!r} must be a positive integer')
 
 
 def total_steps(config, steps_per_epoch: int) -> int:
@@ -49,14 +70,70 @@ def make_checkpointer(config, workdir: str, best_metric: str = 'val/top1') -> Ch
                       async_save=c.async_save, every_steps=c.every_steps)
 
 
-def restore_or_start(ckpt: Checkpointer, state: dict, shardings) -> tuple[dict, dict | None]:
-  """The newest checkpoint's state, read onto `shardings` (and its extras), or the fresh `state` and None."""
-  if ckpt.latest_step() is None:
+# Settings that fix the shapes of the saved state: a resume under other values cannot restore it. Regularisation and
+# compute settings may change between runs.
+_SHAPE_SETTINGS = ('model', 'clip.prompt')
+_FREE_SETTINGS = ('drop_path_rate', 'head_dropout', 'dtype', 'remat')
+
+
+def _changed_settings(saved, config) -> list[str]:
+  out = []
+  for group in _SHAPE_SETTINGS:
+    old, new = _get(saved, group), _get(config, group)
+    if old is None or new is None:
+      continue
+    flat_old, flat_new = _flat(old, group), _flat(new, group)
+    out += [f'{k}: saved {flat_old.get(k)!r}, now {flat_new.get(k)!r}' for k in sorted(set(flat_old) | set(flat_new))
+            if flat_old.get(k) != flat_new.get(k) and k.rsplit('.', 1)[-1] not in _FREE_SETTINGS]
+  return out
+
+
+def _get(config, dotted: str):
+  for part in dotted.split('.'):
+    if not hasattr(config, 'get') or part not in config:
+      return None
+    config = config[part]
+  return config
+
+
+def _flat(value, prefix: str) -> dict:
+  if hasattr(value, 'items'):
+    return {k: v for key, sub in value.items() for k, v in _flat(sub, f'{prefix}.{key}').items()}
+  return {prefix: list(value) if isinstance(value, tuple) else value}
+
+
+def restore_or_start(ckpt: Checkpointer, state: dict, shardings, config=None) -> tuple[dict, dict | None]:
+  """The newest intact checkpoint's state, read onto `shardings` (and its extras), or the fresh `state` and None.
+
+  With `config`, the settings that fix the state's shapes must equal the saved ones (else a ConfigError naming them).
+  A damaged newest step falls back to the next older intact one, with a warning naming the damage.
+  """
+  steps = ckpt.all_steps()
+  if not steps:
     return state, None
+  saved = ckpt.saved_config(steps[-1]) if config is not None else None
+  changed = _changed_settings(saved, config) if saved is not None else []
+  if changed:
+    raise ConfigError(f'{ckpt.directory} holds a run with other model settings than this command: '
+                      f'{"; ".join(changed[:6])}{" ..." if len(changed) > 6 else ""}. Resume it with its own '
+                      'settings, or start a new --workdir')
   target = sharding.with_shardings(jax.eval_shape(lambda s: s, state), shardings)
-  restored, extras = ckpt.restore(target_state_shapes_with_shardings=target)
-  logging.info('resumed from step %d (data step %d)', extras['step'], extras['data_step'])
-  return restored, extras
+  for step in reversed(steps):
+    try:
+      restored, extras = ckpt.restore(step, target_state_shapes_with_shardings=target)
+    except CheckpointDamagedError as err:
+      if step == steps[0]:
+        raise
+      logging.warning('%s -- falling back to the next older step', err)
+      continue
+    if step != steps[-1]:
+      moved = [str(ckpt.set_aside(s)) for s in steps if s > step]
+      logging.warning('RESUMING FROM STEP %d, NOT THE NEWEST SAVED STEP %d, WHICH IS DAMAGED: steps %d..%d run again; '
+                      'the damaged step folders are kept as %s', step, steps[-1], step + 1, steps[-1],
+                      ', '.join(moved))
+    logging.info('resumed from step %d (data step %d)', extras['step'], extras['data_step'])
+    return restored, extras
+  raise AssertionError('unreachable')
 
 
 def itstime(step: int, every: int, total: int) -> bool:
@@ -80,5 +157,6 @@ class Progress:
     return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
 
 
-def metrics_writer(config, workdir: str, name: str) -> MetricsWriter:
-  return MetricsWriter(workdir, name, tensorboard=config.logging.tensorboard, jsonl=config.logging.jsonl)
+def metrics_writer(config, workdir: str, name: str, resume_step: int | None = None) -> MetricsWriter:
+  return MetricsWriter(workdir, name, tensorboard=config.logging.tensorboard, jsonl=config.logging.jsonl,
+                       resume_step=resume_step)

@@ -16,6 +16,7 @@ the original's label smoothing when set).
 
 import dataclasses
 import functools
+import os
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -27,7 +28,7 @@ from absl import logging
 from cg3d_jax import sharding
 from cg3d_jax.data import builders, pipeline
 from cg3d_jax.data.transforms import fps_count, sample_training_points
-from cg3d_jax.errors import ConfigError
+from cg3d_jax.errors import ConfigError, InputError
 from cg3d_jax.evaluators.classification import ClassificationEvaluator
 from cg3d_jax.models.classifiers import HEAD_PREFIXES, build_classifier, classifier_logits, init_variables
 from cg3d_jax.models.point_ops import sample_points
@@ -194,13 +195,17 @@ def finetune(config, workdir: str, *, init: str | None = None, devices=None) -> 
 
   devices: the mesh's devices (default: all of every process).
   """
+  common.validate_config(config, device_count=len(devices) if devices else jax.device_count())
+  source = init or config.finetune.get('init')
+  if source and not os.path.exists(os.path.expanduser(str(source))):  # before the dataset is prepared
+    raise InputError(f'--init {source}: no such pretraining run or .pth file')
   setup = build_setup(config, init=init, devices=devices)
   spe, total = setup.steps_per_epoch, setup.total_steps
   logging.info('fine-tuning %s on %s (%d classes) from %s; mesh %s; %d steps per epoch; %d steps',
                config.model.encoder, config.data.name, len(setup.class_names), setup.init_source,
                dict(setup.mesh.shape), spe, total)
   ckpt = common.make_checkpointer(config, workdir)
-  state, _ = common.restore_or_start(ckpt, setup.state, setup.state_shardings)
+  state, _ = common.restore_or_start(ckpt, setup.state, setup.state_shardings, config)
   start = int(state['step'])
   batches = pipeline.make_labelled_iterator(config.data, global_batch_size=config.train.batch_size,
                                             sharding=setup.batch_sharding, seed=config.seed, start_step=start)
@@ -208,7 +213,7 @@ def finetune(config, workdir: str, *, init: str | None = None, devices=None) -> 
   rules = optimizer_rules(config)
   validation = evaluator(setup)
   eval_every = int(config.finetune.eval_every_epochs or 0) * spe
-  writer = common.metrics_writer(config, workdir, 'finetune')
+  writer = common.metrics_writer(config, workdir, 'finetune', resume_step=start)
   progress = common.Progress(start, total, config.train.batch_size)
   last, val = {}, {}
   try:

@@ -151,6 +151,9 @@ def eval_variables(setup: Setup, state: dict) -> dict:
 
 def train(config, workdir: str) -> dict:
   """Train (or resume) in `workdir`; returns the last validation metrics (and the final training metrics)."""
+  common.validate_config(config, device_count=jax.device_count())
+  if config.train.get('mode') not in ('joint', 'alternating'):
+    raise ConfigError(f"config.train.mode={config.train.get('mode')!r}: expected 'joint' or 'alternating'")
   builder = builders.get_builder(config.data.name, data_dir=config.data.data_dir, manual_dir=config.data.manual_dir,
                                  skip_bad=config.data.skip_bad, process_count=jax.process_count())
   class_names = builders.class_names(builder)
@@ -162,7 +165,7 @@ def train(config, workdir: str) -> dict:
                total)
 
   ckpt = common.make_checkpointer(config, workdir)
-  state, _ = common.restore_or_start(ckpt, setup.state, setup.shardings['state'])
+  state, _ = common.restore_or_start(ckpt, setup.state, setup.shardings['state'], config)
   start = int(state['step'])
   batches = pipeline.make_pretrain_iterator(
       config.data, global_batch_size=config.train.batch_size, sharding=setup.shardings['batch'],
@@ -180,7 +183,7 @@ def train(config, workdir: str) -> dict:
           augment=config.data.augment)
     return steps[groups]
 
-  writer = common.metrics_writer(config, workdir, 'train')
+  writer = common.metrics_writer(config, workdir, 'train', resume_step=start)
   rules = optimizer_rules(config)
   evaluator = None
   val_metrics: dict = {}

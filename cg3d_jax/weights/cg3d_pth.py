@@ -29,15 +29,14 @@ import collections
 import json
 import os
 import pathlib
-import re
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 
 from cg3d_jax.atomic import atomic_write
-from cg3d_jax.errors import InputError
-from cg3d_jax.weights import safetensors_files, torch_io, torch_io_pointmlp
+from cg3d_jax.errors import BadInputError, InputError
+from cg3d_jax.weights import safetensors_files, torch_files, torch_io, torch_io_pointmlp
 
 POINT_TRANSFORMER, POINTMLP = 'point_transformer', 'pointmlp'
 PROMPT_KEY, DEEP_PROMPT_KEY = 'prompt_embeddings', 'deep_prompt_embeddings'
@@ -193,24 +192,11 @@ def write_safetensors_checkpoint(path, container: Mapping[str, Any]) -> tuple[pa
 
 # --- reading ------------------------------------------------------------------------------------------------------
 
-def _refusal_reason(err: Exception) -> str:
-  match = re.search(r'WeightsUnpickler error: ([^\n]*)', str(err))
-  return match.group(1).split(' Please use')[0] if match else str(err).splitlines()[0]
-
-
 def _torch_load(path: pathlib.Path):
   try:
-    return torch.load(path, map_location='cpu', weights_only=True)
-  except Exception as err:  # torch raises many kinds (UnpicklingError, KeyError, EOFError, RuntimeError) on junk
-    if 'Weights only load failed' in str(err):
-      raise CheckpointFormatError(
-          path, 'refused: the file contains pickled objects other than tensors and plain containers '
-          f'({_refusal_reason(err)}); it was not loaded (torch.load weights_only=True). Load it only if you trust '
-          'its source, and re-save its state dicts as plain tensors.') from None
-    if path.stat().st_size == 0:
-      raise CheckpointFormatError(path, 'file is empty; expected a checkpoint written by torch.save') from None
-    raise CheckpointFormatError(path, 'not a PyTorch checkpoint: expected a file written by torch.save '
-                                      f'(torch.load failed with {type(err).__name__}: {err})') from None
+    return torch_files.load(path, what='a PyTorch checkpoint')
+  except BadInputError as err:
+    raise CheckpointFormatError(path, err.reason) from None
 
 
 def _read_safetensors(path: pathlib.Path) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from PIL import Image
 
 from cg3d_jax.errors import InputError
@@ -177,9 +178,9 @@ def read_state_dict(folder: pathlib.Path) -> dict[str, np.ndarray]:
         raise CLIPLoadError(f'{folder / name} lists shard {shard!r}, which is missing')
       state.update(_read_safetensors(folder / shard))
     return state
-  import torch  # only the legacy pickle format needs torch
+  from cg3d_jax.weights import torch_files  # only the legacy pickle format needs torch
 
-  state = torch.load(folder / name, map_location='cpu', weights_only=True)
+  state = torch_files.load(folder / name, what='a transformers weight file')
   return {k: v.detach().float().numpy() for k, v in state.items()}
 
 
@@ -264,6 +265,9 @@ def clip_params_from_state_dict(state_dict: dict[str, np.ndarray], spec: CLIPSpe
     # np.array, not np.ascontiguousarray: the latter turns the 0-d logit_scale into shape (1,).
     flat[flax_path] = np.array(_FROM_TORCH[layout](value.astype(np.float32)), order='C')
     used.add(key)
+  bad = sorted(key for key in used if not np.all(np.isfinite(np.asarray(state_dict[key], np.float32))))
+  if bad:
+    raise CLIPLoadError(f'CLIP checkpoint tensor(s) hold NaN or infinity: {bad[:5]}')
   unexpected = sorted(k for k in state_dict if k not in used and not _IGNORED_KEYS.match(k))
   if unexpected:
     raise CLIPLoadError(f'CLIP checkpoint has tensors the config does not account for: {unexpected[:10]}'
@@ -310,7 +314,7 @@ def tokenize(tokenizer, texts: list[str], context_length: int | None = None) -> 
   """Texts -> int32 (N, L) ids: <|startoftext|> ... <|endoftext|>, padded with the tokenizer's pad token to L.
 
   L defaults to the tokenizer's model_max_length (77 for CLIP). Longer texts are truncated keeping the
-  end-of-text token, which is where CLIP pools.
+  end-of-text token, which is where CLIP pools, with a warning.
   """
   if isinstance(texts, str):
     raise TypeError('tokenize takes a list of strings, got a single string')
@@ -320,6 +324,15 @@ def tokenize(tokenizer, texts: list[str], context_length: int | None = None) -> 
     context_length = tokenizer.model_max_length
     if context_length is None or context_length > 100_000:  # transformers' "no limit" sentinel
       raise ValueError('the tokenizer has no model_max_length; pass context_length (77 for CLIP)')
-  encoded = tokenizer(list(texts), padding='max_length', max_length=context_length, truncation=True,
-                      return_tensors='np')
-  return np.asarray(encoded['input_ids'], dtype=np.int32)
+  # Encoded in full, then cut as transformers cuts (keeping <|endoftext|>, where CLIP pools), so that a cut is seen.
+  out = np.full((len(texts), context_length), tokenizer.pad_token_id, np.int32)
+  cut = []
+  for row, ids in enumerate(tokenizer(list(texts), verbose=False)['input_ids']):
+    if len(ids) > context_length:
+      cut.append(texts[row])
+      ids = ids[:context_length - 1] + ids[-1:]
+    out[row, :len(ids)] = ids
+  if cut:
+    logging.warning('%d text(s) longer than the %d-token context were cut (the end kept only its end-of-text '
+                    'token), e.g. %r', len(cut), context_length, cut[0][:80])
+  return out

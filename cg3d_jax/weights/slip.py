@@ -34,8 +34,10 @@ from absl import logging
 from PIL import Image
 
 from cg3d_jax import assets
+from cg3d_jax.errors import BadInputError
 from cg3d_jax.models.clip import CLIP, EOS_POOLING_ARGMAX, CLIPSpec, init_prompts
 from cg3d_jax.trees import flatten, unflatten
+from cg3d_jax.weights import torch_files
 from cg3d_jax.weights.bpe import END_OF_TEXT, START_OF_TEXT, read_bpe
 from cg3d_jax.weights.hf_clip import CLIPLoadError, ImagePreprocess, LoadedCLIP, expected_shapes
 
@@ -90,12 +92,9 @@ def read_slip_file(path) -> tuple[dict[str, np.ndarray], Any]:
 
   path = pathlib.Path(path)
   try:
-    with torch.serialization.safe_globals([argparse.Namespace]):
-      container = torch.load(path, map_location='cpu', weights_only=True)
-  except Exception as err:  # torch raises several types for refused or damaged files
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    raise CLIPLoadError(f'{path}: not a readable SLIP checkpoint (torch.load with weights_only refused or failed: '
-                        f'{reason[:300]})') from None
+    container = torch_files.load(path, allowed=(argparse.Namespace,), what='a SLIP checkpoint')
+  except BadInputError as err:
+    raise CLIPLoadError(str(err)) from None
   if not isinstance(container, Mapping) or not isinstance(container.get('state_dict'), Mapping):
     keys = sorted(container)[:8] if isinstance(container, Mapping) else type(container).__name__
     raise CLIPLoadError(f'{path}: a SLIP checkpoint is a dict with a "state_dict" entry (SLIP main.py); found {keys}')
@@ -143,34 +142,34 @@ def spec_from_state_dict(path, state: Mapping[str, np.ndarray], args=None) -> CL
       projection_dim=int(state['image_projection'].shape[1]), vision_pre_norm=False, patch_bias=True)
 
 
+def _layer_names(layers: int, block: str, norms, linears) -> dict[str, str]:
+  """Per-layer Flax path -> torch name: each (ours, theirs) norm as scale/bias, each linear as kernel/bias."""
+  names = {}
+  for i in range(layers):
+    for kind, pairs in (('scale', norms), ('kernel', linears)):
+      for ours, theirs in pairs:
+        names[f'layers_{i}/{ours}/{kind}'] = f'{block.format(i)}.{theirs}.weight'
+        names[f'layers_{i}/{ours}/bias'] = f'{block.format(i)}.{theirs}.bias'
+  return names
+
+
 def _vision_names(spec: CLIPSpec) -> dict[str, str]:
   """Flax path under 'vision/' -> timm name (without 'visual.'), for the plain (unfused) tensors."""
-  names = {'patch_embedding/kernel': 'patch_embed.proj.weight', 'patch_embedding/bias': 'patch_embed.proj.bias',
-           'class_embedding': 'cls_token', 'position_embedding/embedding': 'pos_embed',
-           'post_layernorm/scale': 'norm.weight', 'post_layernorm/bias': 'norm.bias'}
-  for i in range(spec.vision_layers):
-    for ours, theirs in (('layer_norm1', 'norm1'), ('layer_norm2', 'norm2')):
-      names[f'layers_{i}/{ours}/scale'] = f'blocks.{i}.{theirs}.weight'
-      names[f'layers_{i}/{ours}/bias'] = f'blocks.{i}.{theirs}.bias'
-    for ours, theirs in (('self_attn/out_proj', 'attn.proj'), ('mlp/fc1', 'mlp.fc1'), ('mlp/fc2', 'mlp.fc2')):
-      names[f'layers_{i}/{ours}/kernel'] = f'blocks.{i}.{theirs}.weight'
-      names[f'layers_{i}/{ours}/bias'] = f'blocks.{i}.{theirs}.bias'
-  return names
+  return {'patch_embedding/kernel': 'patch_embed.proj.weight', 'patch_embedding/bias': 'patch_embed.proj.bias',
+          'class_embedding': 'cls_token', 'position_embedding/embedding': 'pos_embed',
+          'post_layernorm/scale': 'norm.weight', 'post_layernorm/bias': 'norm.bias',
+          **_layer_names(spec.vision_layers, 'blocks.{}', (('layer_norm1', 'norm1'), ('layer_norm2', 'norm2')),
+                         (('self_attn/out_proj', 'attn.proj'), ('mlp/fc1', 'mlp.fc1'), ('mlp/fc2', 'mlp.fc2')))}
 
 
 def _text_names(spec: CLIPSpec) -> dict[str, str]:
-  names = {'token_embedding/embedding': 'token_embedding.weight',
-           'position_embedding/embedding': 'positional_embedding',
-           'final_layer_norm/scale': 'ln_final.weight', 'final_layer_norm/bias': 'ln_final.bias'}
-  for i in range(spec.text_layers):
-    block = f'transformer.resblocks.{i}'
-    for ours, theirs in (('layer_norm1', 'ln_1'), ('layer_norm2', 'ln_2')):
-      names[f'layers_{i}/{ours}/scale'] = f'{block}.{theirs}.weight'
-      names[f'layers_{i}/{ours}/bias'] = f'{block}.{theirs}.bias'
-    for ours, theirs in (('self_attn/out_proj', 'attn.out_proj'), ('mlp/fc1', 'mlp.c_fc'), ('mlp/fc2', 'mlp.c_proj')):
-      names[f'layers_{i}/{ours}/kernel'] = f'{block}.{theirs}.weight'
-      names[f'layers_{i}/{ours}/bias'] = f'{block}.{theirs}.bias'
-  return names
+  """Flax path under 'text/' -> OpenAI CLIP's text-tower name, for the plain (unfused) tensors."""
+  return {'token_embedding/embedding': 'token_embedding.weight',
+          'position_embedding/embedding': 'positional_embedding',
+          'final_layer_norm/scale': 'ln_final.weight', 'final_layer_norm/bias': 'ln_final.bias',
+          **_layer_names(spec.text_layers, 'transformer.resblocks.{}',
+                         (('layer_norm1', 'ln_1'), ('layer_norm2', 'ln_2')),
+                         (('self_attn/out_proj', 'attn.out_proj'), ('mlp/fc1', 'mlp.c_fc'), ('mlp/fc2', 'mlp.c_proj')))}
 
 
 def _to_flax(name: str, value: np.ndarray) -> np.ndarray:

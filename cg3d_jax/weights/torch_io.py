@@ -209,14 +209,24 @@ def point_transformer_to_torch(params: Mapping[str, Any], batch_stats: Mapping[s
   return flax_to_torch({PARAMS: params, BATCH_STATS: batch_stats}, entries, num_batches_tracked=num_batches_tracked)
 
 
+def _vote(state_dict: Mapping[str, Any], places: list[tuple[str, int]]) -> int:
+  sizes = [int(state_dict[key].shape[axis]) for key, axis in places
+           if key in state_dict and len(state_dict[key].shape) > (axis if axis >= 0 else -axis - 1)]
+  return collections.Counter(sizes).most_common(1)[0][0]
+
+
 def point_transformer_kwargs_from_torch(state_dict: Mapping[str, Any]) -> dict[str, Any]:
   """The shape-determining PointTransformer settings read off a state dict (num_heads is not recoverable)."""
   for key in ('cls_token', 'reduce_dim.weight', 'projection.weight', 'blocks.blocks.0.mlp.fc1.weight'):
     if key not in state_dict:
       raise ValueError(f'not a PointTransformer state dict: key {key!r} is missing')
-  width = state_dict['cls_token'].shape[-1]
+  # Sizes that several tensors carry are read from all of them, the majority wins: one mis-shaped tensor is then
+  # named by the shape check instead of resizing the model around it.
+  width = _vote(state_dict, [('cls_token', -1), ('cls_pos', -1), ('norm.weight', 0), ('reduce_dim.weight', 0)])
+  encoder_dim = _vote(state_dict, [('reduce_dim.weight', 1), ('encoder.second_conv.3.weight', 0),
+                                   ('encoder.second_conv.3.bias', 0)])
   kwargs = dict(width=width, depth=_count_blocks(state_dict, r'blocks\.blocks\.(\d+)\.'),
-                encoder_dim=state_dict['reduce_dim.weight'].shape[1],
+                encoder_dim=encoder_dim,
                 mlp_ratio=state_dict['blocks.blocks.0.mlp.fc1.weight'].shape[0] / width,
                 embed_dim=state_dict['projection.weight'].shape[0], num_heads=1, num_classes=None)
   if 'cls_head_finetune.0.weight' in state_dict and 'cls_head_finetune.3.weight' in state_dict:
