@@ -322,3 +322,29 @@ def test_demo_assets_can_write_a_random_slip(tmp_path):
   config.demo.clip.vision_width = 96
   with pytest.raises(ConfigError, match='multiple of 64'):
     demo_assets.write(tmp_path / 'other', config.demo)
+
+
+class _Shape:
+  """A tensor stand-in carrying only a shape: sizing reads shapes, and ViT-L/16 at full size is 1.2 GB."""
+
+  def __init__(self, *shape):
+    self.shape = shape
+
+
+@pytest.mark.parametrize('model,width,layers,heads', [('SLIP_VITS16', 384, 12, 12), ('SLIP_VITB16', 768, 12, 12),
+                                                      ('SLIP_VITL16', 1024, 24, 16)])
+def test_slip_s_b_l_sizes_come_from_the_shapes(model, width, layers, heads):
+  """SLIP's three image towers (models.py: vit_small_mocov3 384 x 12 with 12 heads, vit_base 768 x 12 with 12,
+  vit_large 1024 x 24 with 16), each with OpenAI's 512-wide, 8-head text tower."""
+  state = {'visual.pos_embed': _Shape(1, 197, width), 'visual.patch_embed.proj.weight': _Shape(width, 3, 16, 16),
+           'token_embedding.weight': _Shape(49408, 512), 'positional_embedding': _Shape(77, 512),
+           'image_projection': _Shape(width, 512), 'visual.blocks.0.mlp.fc1.weight': _Shape(4 * width, width),
+           'transformer.resblocks.0.mlp.c_fc.weight': _Shape(2048, 512)}
+  state.update({f'visual.blocks.{i}.norm1.weight': _Shape(width) for i in range(layers)})
+  state.update({f'transformer.resblocks.{i}.ln_1.weight': _Shape(512) for i in range(12)})
+  spec = slip.spec_from_state_dict('f.pt', state, argparse.Namespace(model=model))
+  assert (spec.vision_width, spec.vision_layers, spec.vision_heads, spec.image_size) == (width, layers, heads, 224)
+  assert (spec.text_width, spec.text_layers, spec.text_heads, spec.projection_dim) == (512, 12, 8, 512)
+  other = 'SLIP_VITB16' if model == 'SLIP_VITS16' else 'SLIP_VITS16'
+  with pytest.raises(CLIPLoadError, match=f'args.model is {other} but the image tower is {width} wide'):
+    slip.spec_from_state_dict('f.pt', state, argparse.Namespace(model=other))
