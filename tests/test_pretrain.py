@@ -120,9 +120,16 @@ def test_sharding_equivalence_one_device_data_and_fsdp(config, batches):
     _relative_close(state['params'], ref_state['params'], 1e-5)
 
 
-def test_interrupt_and_resume_is_bitwise_exact(config, tmp_path):
+def test_interrupt_resume_and_a_damaged_newest_checkpoint(config, tmp_path, caplog):
+  """4 steps straight equal 2 steps, a stop, and a resume to 4 (bitwise), and the metrics read as one run. Then the
+  straight run's newest step (4) loses its data files: reading it names the step and suggests --step 2; training
+  resumes from step 2 with a warning, sets step 4 aside and ends where the undamaged run ended (bitwise). A resume
+  under other model settings names them instead of failing inside orbax."""
+  from cg3d_jax import checkpoints
+  from cg3d_jax.errors import ConfigError
+  from cg3d_jax.metric_writer import read_jsonl
   straight = config.copy_and_resolve_references()
-  straight.train.total_steps = 4
+  straight.train.total_steps = 4  # checkpoints at 2 and 4 (tiny_test saves every 2 steps)
   pretrain.train(straight, str(tmp_path / 'straight'))
   first = config.copy_and_resolve_references()
   first.train.total_steps = 2
@@ -140,24 +147,11 @@ def test_interrupt_and_resume_is_bitwise_exact(config, tmp_path):
   a, b = final_params(tmp_path / 'straight'), final_params(tmp_path / 'resumed')
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
-  # The metrics of both runs read as one: every step once, in order, as the straight run logged them.
-  from cg3d_jax.metric_writer import read_jsonl
   steps = {name: [r['step'] for r in read_jsonl(str(tmp_path / name / 'train.jsonl')) if 'loss' in r]
            for name in ('straight', 'resumed')}
   assert steps['resumed'] == steps['straight'] == sorted(set(steps['straight'])), steps
 
-
-def test_damaged_newest_checkpoint_is_named_and_training_falls_back(config, tmp_path, caplog):
-  """The newest step's data files truncated: reading it names the step and suggests --step; resuming training
-  warns and continues from the older intact step, ending where an undamaged run ends (bitwise). A resume under
-  other model settings names them instead of failing inside orbax."""
-  from cg3d_jax import checkpoints
-  from cg3d_jax.errors import ConfigError
-  c = config.copy_and_resolve_references()
-  c.train.total_steps, c.checkpoint.every_steps = 4, 2
-  workdir = tmp_path / 'run'
-  pretrain.train(c, str(workdir))
-  reference = jax.device_get(checkpoints.read_step(workdir).state['params'])
+  workdir = tmp_path / 'straight'
   files = [f for f in (workdir / 'checkpoints' / '4' / 'state').rglob('*') if f.is_file() and f.parent.name == 'd']
   assert files
   for f in files:
@@ -166,20 +160,21 @@ def test_damaged_newest_checkpoint_is_named_and_training_falls_back(config, tmp_
                                                                 r'Read an intact step with --step 2'):
     checkpoints.read_step(workdir)
   with caplog.at_level('WARNING'):
-    pretrain.train(c, str(workdir))
+    pretrain.train(straight, str(workdir))
   assert 'RESUMING FROM STEP 2, NOT THE NEWEST SAVED STEP 4, WHICH IS DAMAGED' in caplog.text
-  resumed = jax.device_get(checkpoints.read_step(workdir).state['params'])
-  for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(resumed)):
-    np.testing.assert_array_equal(a, b)
+  assert (workdir / 'checkpoints' / '4.damaged').is_dir()  # kept for inspection
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(final_params(workdir))):
+    np.testing.assert_array_equal(x, y)
 
-  wider = c.copy_and_resolve_references()
+  wider = straight.copy_and_resolve_references()
   wider.model.point_transformer.width = 64
   with pytest.raises(ConfigError, match=r'model.point_transformer.width: saved 32, now 64.*new --workdir'):
     pretrain.train(wider, str(workdir))
 
 
-@pytest.mark.parametrize('mode', ['joint', 'alternating'])
-def test_both_update_modes_lower_the_losses(config, batches, mode):
+# Joint mode's learning is test_demo's (the demo trains jointly); its step is test_step_parity's in both modes.
+@pytest.mark.parametrize('mode', ['alternating'])
+def test_alternating_mode_lowers_the_losses(config, batches, mode):
   c = config.copy_and_resolve_references()
   c.train.mode = mode
   c.train.encoder_optim.lr = 2e-3
