@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import load  # noqa: E402
 from cg3d_jax import sharding  # noqa: E402
 from cg3d_jax.evaluators import zeroshot  # noqa: E402
 from cg3d_jax.models.cg3d import CG3D  # noqa: E402
@@ -83,6 +84,7 @@ def main():
   parser.add_argument('--stored', type=int, default=1024, help='points per stored cloud (FPS to 1024 when larger)')
   parser.add_argument('--skip_torch', action='store_true')
   args = parser.parse_args()
+  print(load.report())  # a ratio taken under load can reverse on an idle machine
   mesh = sharding.make_mesh({'data': -1, 'fsdp': 1}, jax.local_devices())
   if args.batch % mesh.size:
     parser.error(f'--batch {args.batch} must be a multiple of the {mesh.size} devices')

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import load  # noqa: E402
 from cg3d_jax.configs import base  # noqa: E402
 from cg3d_jax.data import pipeline, transforms  # noqa: E402
 from cg3d_jax.models import point_ops  # noqa: E402
@@ -88,6 +89,7 @@ def main():
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--only', choices=['pipeline', 'fps'])
   args = parser.parse_args()
+  print(load.report())  # a ratio taken under load can reverse on an idle machine
   print(f'cpu cores: {os.cpu_count()}, jax devices: {jax.devices()}')
   if args.only != 'fps':
     r = bench_pipeline(args.root, args.batch, args.batches, args.per_class)

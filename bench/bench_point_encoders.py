@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import load  # noqa: E402
 from cg3d_jax.models import point_ops  # noqa: E402
 from cg3d_jax.models.point_transformer import PointTransformer  # noqa: E402
 from cg3d_jax.twins import point_transformer as torch_twin  # noqa: E402
@@ -106,6 +107,7 @@ def main():
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--only', choices=sorted(CASES), action='append', help='run only these cases (repeatable)')
   args = parser.parse_args()
+  print(load.report())  # a ratio taken under load can reverse on an idle machine
   print(f'jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} CPUs seen), torch {torch.__version__} '
         f'with {torch.get_num_threads()} threads; batch {args.batch}, median of {args.repeats} after a warm-up')
   print(f'{"case":20s} {"jax s":>9s} {"torch s":>9s} {"torch/jax":>9s} {"jax 1st call s":>15s}')

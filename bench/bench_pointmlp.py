@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from bench import load  # noqa: E402
 from cg3d_jax.models.pointmlp import PointMLP  # noqa: E402
 from cg3d_jax.twins.pointmlp import PointMLPProject  # noqa: E402
 from cg3d_jax.weights.torch_io_pointmlp import pointmlp_to_torch  # noqa: E402
@@ -50,6 +51,7 @@ def main():
   parser.add_argument('--warmup', type=int, default=1, help='untimed iterations per framework first')
   parser.add_argument('--framework', choices=('both', 'jax', 'torch'), default='both')
   args = parser.parse_args()
+  print(load.report())  # a ratio taken under load can reverse on an idle machine
 
   model = PointMLP()
   points = sphere_points(args.batch, args.points)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import load  # noqa: E402
 from cg3d_jax import sharding  # noqa: E402
 from cg3d_jax.models.cg3d import CG3D  # noqa: E402
 from cg3d_jax.models.point_transformer import PointTransformer  # noqa: E402
@@ -50,6 +51,7 @@ def main():
   parser.add_argument('--batch', type=int, default=64)
   parser.add_argument('--workdir', default=None)
   args = parser.parse_args()
+  print(load.report())  # a ratio taken under load can reverse on an idle machine
   work = args.workdir or tempfile.mkdtemp(prefix='bench_scenes_')
   print(f'devices: {jax.devices()}')
 

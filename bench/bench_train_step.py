@@ -27,6 +27,8 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench import load  # noqa: E402
+
 sys.path.insert(0, str(ROOT / 'bench'))
 from cg3d_jax.configs import pretrain_pointbert  # noqa: E402
 from cg3d_jax.synthetic import random_clip  # noqa: E402
@@ -87,6 +89,7 @@ def main(argv=None):
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--iters', type=int, default=3)
   args = parser.parse_args(argv)
+  print(load.report())  # a ratio taken under load can reverse on an idle machine
   from transformers import CLIPModel
 
   config = pretrain_pointbert.get_config()
