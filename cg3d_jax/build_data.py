@@ -10,8 +10,6 @@ The same TFDS builders and the same result as `tfds build cg3d_jax/data/<builder
 obj_only, obj_bg, pb_t50_rs (or builder/config). Run it once before a multi-process job, which does not prepare.
 """
 
-import sys
-
 from absl import flags, logging
 
 from cg3d_jax import cli
@@ -29,17 +27,13 @@ for _shared in ('verbose',):
   flags.declare_key_flag(_shared)
 
 def main(argv):
-  if len(argv) > 1:
-    sys.exit(f'error: unexpected arguments: {argv[1:]}')
-  for flag in (DATASET, MANUAL_DIR, DATA_DIR):
-    if not flag.value:
-      sys.exit(f'error: --{flag.name} is required')
+  del argv
+  for flag, example in ((DATASET, 'modelnet40'), (MANUAL_DIR, '/data/modelnet40_normal_resampled'),
+                        (DATA_DIR, '/data/tfds')):
+    cli.require(flag, f'--{flag.name} {example}')
   from cg3d_jax.data import builders  # TensorFlow loads slowly: after the flags are checked
-  try:
-    builder = builders.get_builder(DATASET.value, data_dir=DATA_DIR.value, manual_dir=MANUAL_DIR.value,
-                                   skip_bad=SKIP_BAD.value)
-  except (ValueError, FileNotFoundError) as err:
-    sys.exit(f'error: {err}')
+  builder = builders.get_builder(DATASET.value, data_dir=DATA_DIR.value, manual_dir=MANUAL_DIR.value,
+                                 skip_bad=SKIP_BAD.value, fields=builders.FLAG_FIELDS)
   splits = {name: split.num_examples for name, split in builder.info.splits.items()}
   logging.info('prepared %s', builder.info.full_name)
   print(f'{builder.info.full_name} in {builder.data_dir}: ' + ', '.join(f'{n} {c} examples' for n, c in splits.items()))

@@ -87,6 +87,24 @@ def damaged_step_error(step_dir, step: int, err: Exception, others: list[int]) -
   return CheckpointDamagedError(step_dir, step, err, others, advice)
 
 
+class _OrbaxNoiseFilter:
+  """Drops orbax's warnings that describe what this module asked for, not a fault: every read-only manager (each
+  downstream command) announces that it is read-only, and a save between evaluations (no metrics to rank) says it
+  got no metrics. Anything else orbax says still shows."""
+  EXPECTED = ('Given directory is read only', 'CheckpointManagerOptions.read_only=True, setting',
+              'Requested `tracked_metric`; did not provide metrics')
+
+  def filter(self, record) -> bool:
+    return not str(record.msg).startswith(self.EXPECTED)
+
+
+def _drop_expected_orbax_warnings() -> None:
+  import logging as std_logging
+  absl_logger = std_logging.getLogger('absl')
+  if not any(isinstance(f, _OrbaxNoiseFilter) for f in absl_logger.filters):
+    absl_logger.addFilter(_OrbaxNoiseFilter())
+
+
 def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
   """Which orbax handler saves and restores each item: also what lets a read-only manager read their metadata."""
   registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
@@ -174,6 +192,7 @@ class Checkpointer:
         read_only=read_only,
         create=not read_only,
     )
+    _drop_expected_orbax_warnings()
     self._manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=_handler_registry())
 
   def should_save(self, step: int) -> bool:
@@ -310,6 +329,7 @@ def find_step_dir(path, step: int | None = None) -> pathlib.Path:
 
 
 def _read_only_manager(step_dir: pathlib.Path) -> ocp.CheckpointManager:
+  _drop_expected_orbax_warnings()
   return ocp.CheckpointManager(step_dir.parent, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
                                handler_registry=_handler_registry())
 

@@ -61,7 +61,8 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     argv = _with_resolved_config(argv)
   except app.UsageError as err:
-    sys.exit(f'error: {err}')
+    print(f'error: {err}', file=sys.stderr)
+    sys.exit(2)
   return app.parse_flags_with_usage(argv)
 
 

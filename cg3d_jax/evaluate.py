@@ -59,10 +59,12 @@ def evaluate(config, checkpoint: str, workdir: str, devices=None, step: int | No
     raise ConfigError(f'config.eval.batch_size={ev.batch_size} must be a positive multiple of the {mesh.size} '
                       f'devices the split is sharded over, e.g. --config.eval.batch_size='
                       f'{mesh.size * max(1, ev.batch_size // mesh.size)}')
+  source = dict(data_dir=ev.data_dir, manual_dir=ev.manual_dir, skip_bad=ev.skip_bad,
+                process_count=jax.process_count(), fields=builders.EVAL_FIELDS)
+  builders.checked_builder(ev.dataset, **source)  # a bad dataset setting costs no model
   model = trained.with_clip(trained.load_trained(checkpoint, step=step if step is not None else ev.get('step'),
                                                  num_points=config.model.num_points), config.clip.path)
-  builder = builders.get_builder(ev.dataset, data_dir=ev.data_dir, manual_dir=ev.manual_dir, skip_bad=ev.skip_bad,
-                                 process_count=jax.process_count())
+  builder = builders.get_builder(ev.dataset, **source)
   class_names = builders.class_names(builder)
   info = {'checkpoint': model.source, 'step': model.step, 'templates': ev.templates, 'name_style': ev.name_style,
           'normalize_text': ev.normalize_text, 'protocol': protocol_name(ev),

@@ -23,6 +23,9 @@ TEMPLATES = cli.templates_flag()
 NO_NORMALIZE_TEXT = flags.DEFINE_bool('no_normalize_text', False, "The original CG3D quirk: don't L2-normalise text "
                                       'features.')
 JSON = flags.DEFINE_string('json', None, 'Also write the result as JSON here.')
+COLUMNS = flags.DEFINE_string('columns', None, "What the columns of a .npy or text cloud are, for files whose columns "
+                              "4-6 (7-9) could be normals or colours: groups xyz, normals, rgb (3 columns each) and "
+                              "skip (1 column), e.g. 'xyz,normals' or 'xyz,skip,rgb'.")
 
 
 # Flags defined once in cli (or scenes.flags) that this command takes: listed by its --help.
@@ -56,6 +59,7 @@ def main(argv):
       raise BadInputError(path, 'does not exist or is not a file')
   from cg3d_jax import trained
   from cg3d_jax.evaluators import prediction, reports
+  points = prediction.read_cloud(points, COLUMNS.value)  # a bad cloud costs no model
   model = trained.with_clip(trained.load_trained(checkpoint, step=CHECKPOINT.step.value,
                                                  num_points=CLIP.num_points.value), CLIP.clip_path.value)
   result = prediction.predict(model, points, labels, IMAGES.value, templates=templates,

@@ -148,12 +148,20 @@ def tiny_config(clip_dir, shapenet, **overrides):
 def run_command(main, argv: list[str]) -> int:
   """A command's `main` run in this process as `python -m cg3d_jax.<command> argv` runs it (flags parsed, input
   errors reported on stderr as one `error:` line); returns the exit status."""
+  import sys
+  from unittest import mock
+
   from absl import flags
 
   from cg3d_jax import cli
   flags.FLAGS.unparse_flags()
+  for name in [n for n in flags.FLAGS if n.startswith('config.')]:
+    delattr(flags.FLAGS, name)  # a previous run's --config.<field> overrides: each parse registers its own
+  argv = ['cg3d', *argv]
   try:
-    cli.guard(main)(cli.parse_flags(['cg3d', *argv]))
+    with mock.patch.object(sys, 'argv', argv):  # ml_collections finds --config.<field> overrides in sys.argv
+      parsed = cli.parse_flags(argv)
+    cli.guard(main)(parsed)
   except SystemExit as stop:
     return stop.code if isinstance(stop.code, int) else 1
   return 0

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from cg3d_jax import export, predict, query_scene, trained
+from cg3d_jax import build_data, evaluate, evaluate_scenes, export, finetune, predict, query_scene, train, trained
 from cg3d_jax.configs import finetune_modelnet40
 from cg3d_jax.data import ply_files
 from cg3d_jax.errors import ConfigError, InputError
@@ -77,6 +77,12 @@ def files(tmp_path_factory):
   square = '0 0 0\n1 0 0\n1 1 0\n0 1 0\n3 0 1 2\n3 0 2 3\n'
   (root / 'short.off').write_text('OFF\n6 2 0\n' + square)  # 4 vertices and 2 faces, declared 6 and 2
   (root / 'long.off').write_text('OFF\n4 1 0\n' + square)  # one face more than declared
+
+  (root / 'empty_raw').mkdir()
+  (root / 'raw_junk').mkdir()
+  (root / 'raw_junk' / 'README').write_text('not a dataset\n')
+  np.savetxt(root / 'six_columns.txt', np.c_[xyz, np.tile([0.0, 0.0, 1.0], (200, 1))])  # unit normals or blue?
+  np.savetxt(root / 'seven_columns.txt', np.c_[xyz, xyz, xyz[:, :1]])
 
   slip = root / 'slip.pt'
   random_clip.write_random_slip(slip, vision_width=64, vision_layers=1, patch_size=16, image_size=32, text_width=64,
@@ -173,6 +179,113 @@ COMMAND_CASES = [
     ('query_scene: NaN weights', query_scene, ['--checkpoint', '{root}/nan.pth', '--clip_path', '{root}/slip.pt',
                                                '--scene', '{root}/cloud.ply', '--queries', 'chair', '--out',
                                                '{out}'], 'nan.pth: 1 weight tensor(s) hold NaN'),
+    ('query_scene: bad --radius', query_scene, ['--checkpoint', '{root}/good.pth', '--scene', '{root}/cloud.ply',
+                                                '--queries', 'chair', '--radius', '-1', '--out', '{out}'],
+     'region radius (--radius) must be > 0'),
+    ('query_scene: empty query', query_scene, ['--checkpoint', '{root}/good.pth', '--scene', '{root}/cloud.ply',
+                                               '--queries', 'chair,,table', '--out', '{out}'],
+     "--queries 'chair,,table': expected comma-separated non-empty labels"),
+    ('query_scene: text .pth', query_scene, ['--checkpoint', '{root}/notes.pth', '--clip_path', '{root}/slip.pt',
+                                             '--scene', '{root}/cloud.ply', '--queries', 'chair', '--out', '{out}'],
+     'notes.pth: not a PyTorch checkpoint: the file is text'),
+    ('predict: ambiguous columns', predict, ['--checkpoint', '{root}/good.pth', '--points', '{root}/six_columns.txt',
+                                             '--labels', 'a,b'], 'six_columns.txt: cannot tell whether columns 4-6 '
+                                                                 'are normals or colours; name them: --columns'),
+    ('predict: seven columns', predict, ['--checkpoint', '{root}/good.pth', '--points', '{root}/seven_columns.txt',
+                                         '--labels', 'a,b'], 'seven_columns.txt: 7 columns per point'),
+    ('predict: --columns that do not fit', predict, ['--checkpoint', '{root}/good.pth', '--points',
+                                                     '{root}/seven_columns.txt', '--labels', 'a,b', '--columns',
+                                                     'xyz,rgb'], "columns ['xyz', 'rgb'] describe 6 columns"),
+    ('predict: repeated labels', predict, ['--checkpoint', '{root}/good.pth', '--points', '{root}/cloud.ply',
+                                           '--labels', 'owl,owl'], "['owl'] appear more than once"),
+    ('evaluate: no --config', evaluate, ['--checkpoint', '{root}/good.pth', '--workdir', '{out}'],
+     '--config is required'),
+    ('evaluate: unknown config name', evaluate, ['--config', 'zeroshot_modelnet4', '--checkpoint', '{root}/good.pth',
+                                                 '--workdir', '{out}'],
+     "--config 'zeroshot_modelnet4': no such file, and 'zeroshot_modelnet4' is not a shipped config"),
+    ('evaluate: unknown dataset', evaluate, ['--config', 'zeroshot_modelnet40', '--config.eval.dataset=modelnet7',
+                                             '--checkpoint', '{root}/good.pth', '--workdir', '{out}'],
+     "config.eval.dataset='modelnet7': unknown dataset"),
+    ('evaluate: unknown dataset variant', evaluate, ['--config', 'zeroshot_modelnet40',
+                                                     '--config.eval.dataset=scanobjectnn/pb_t25',
+                                                     '--checkpoint', '{root}/good.pth', '--workdir', '{out}'],
+     "scanobjectnn has no config 'pb_t25'"),
+    ('evaluate: missing raw folder', evaluate, ['--config', 'zeroshot_modelnet40', '--config.eval.manual_dir',
+                                                '{root}/absent_modelnet', '--config.eval.data_dir', '{out}/tfds',
+                                                '--checkpoint', '{root}/good.pth', '--workdir', '{out}'],
+     "absent_modelnet': no such folder; expected the raw files of 'modelnet/modelnet40'"),
+    ('evaluate: batch not a multiple of the devices', evaluate, ['--config', 'zeroshot_modelnet40',
+                                                                 '--config.eval.batch_size=12', '--checkpoint',
+                                                                 '{root}/good.pth', '--workdir', '{out}'],
+     'config.eval.batch_size=12 must be a positive multiple of the 8 devices'),
+    ('evaluate: missing checkpoint', evaluate, ['--config', 'zeroshot_modelnet40', '--config.eval.manual_dir',
+                                                '{root}/raw_junk', '--config.eval.data_dir', '{out}/tfds',
+                                                '--checkpoint', '{root}/absent_run', '--workdir', '{out}'],
+     'absent_run'),
+    ('evaluate: NaN weights', evaluate, ['--config', 'zeroshot_modelnet40', '--config.eval.manual_dir',
+                                         '{root}/raw_junk', '--config.eval.data_dir', '{out}/tfds',
+                                         '--config.clip.path', '{root}/slip.pt', '--checkpoint', '{root}/nan.pth',
+                                         '--workdir', '{out}'], 'nan.pth: 1 weight tensor(s) hold NaN'),
+    ('evaluate: raw folder without ModelNet', evaluate, ['--config', 'zeroshot_modelnet40', '--config.eval.manual_dir',
+                                                         '{root}/raw_junk', '--config.eval.data_dir', '{out}/tfds',
+                                                         '--config.clip.path', '{root}/slip.pt', '--config.'
+                                                         'model.num_points=64', '--checkpoint', '{root}/good.pth',
+                                                         '--workdir', '{out}'],
+     'raw_junk: no modelnet40_shape_names.txt'),
+    ('evaluate: --workdir is a file', evaluate, ['--config', 'zeroshot_modelnet40', '--checkpoint', '{root}/good.pth',
+                                                 '--workdir', '{root}/cloud.ply'], 'cloud.ply is a file'),
+    ('evaluate_scenes: missing S3DIS folder', evaluate_scenes, ['--checkpoint', '{root}/good.pth', '--s3dis',
+                                                                '{root}/absent_s3dis', '--out', '{out}'],
+     'absent_s3dis'),
+    ('evaluate_scenes: unknown class', evaluate_scenes, ['--checkpoint', '{root}/good.pth', '--s3dis', '{root}',
+                                                         '--classes', 'chair,sofaa', '--out', '{out}'],
+     "--classes ['sofaa'] are not dataset classes"),
+    ('evaluate_scenes: bad --areas', evaluate_scenes, ['--checkpoint', '{root}/good.pth', '--s3dis', '{root}',
+                                                       '--areas', 'five', '--out', '{out}'],
+     "--areas 'five': expected comma-separated area numbers"),
+    ('evaluate_scenes: bad --cover', evaluate_scenes, ['--checkpoint', '{root}/good.pth', '--s3dis', '{root}',
+                                                       '--cover', '1.5', '--out', '{out}'],
+     'region cover (--cover) must be in (0, 1]'),
+    ('evaluate_scenes: no --out', evaluate_scenes, ['--checkpoint', '{root}/good.pth', '--s3dis', '{root}'],
+     '--out is required'),
+    ('train: no --config', train, ['--workdir', '{out}'], '--config is required'),
+    ('train: zero batch', train, ['--config', 'demo', '--config.train.batch_size=0', '--workdir', '{out}'],
+     'config.train.batch_size=0 must be a positive multiple of the 8 devices'),
+    ('train: unknown encoder', train, ['--config', 'demo', '--config.model.encoder=pointnet', '--workdir', '{out}'],
+     "config.model.encoder='pointnet'"),
+    ('train: missing raw folder', train, ['--config', 'demo', '--config.data.manual_dir', '{root}/absent_shapenet',
+                                          '--config.data.data_dir', '{out}/tfds', '--workdir', '{out}'],
+     "config.data.manual_dir='{root}/absent_shapenet': no such folder"),
+    ('train: raw folder without ShapeNet-55', train, ['--config', 'demo', '--config.data.manual_dir',
+                                                      '{root}/raw_junk', '--config.data.data_dir', '{out}/tfds',
+                                                      '--workdir', '{out}'], 'raw_junk: no train_img.txt'),
+    ('train: --workdir is a file', train, ['--config', 'demo', '--workdir', '{root}/cloud.ply'],
+     'cloud.ply is a file'),
+    ('finetune: not a fine-tuning config', finetune, ['--config', 'demo', '--workdir', '{out}'],
+     'is not a fine-tuning config'),
+    ('finetune: missing --init', finetune, ['--config', 'finetune_modelnet40', '--init', '{root}/absent.pth',
+                                            '--workdir', '{out}'], 'absent.pth: no such pretraining run or .pth'),
+    ('finetune: random bytes --init', finetune, ['--config', 'finetune_modelnet40', '--init', '{root}/random.pth',
+                                                 '--workdir', '{out}'], 'random.pth: not a PyTorch checkpoint'),
+    ('finetune: zero steps', finetune, ['--config', 'finetune_modelnet40', '--config.train.total_steps=-1',
+                                        '--workdir', '{out}'], 'config.train.total_steps=-1'),
+    ('build_data: no --dataset', build_data, ['--manual_dir', '{root}', '--data_dir', '{out}'],
+     '--dataset is required'),
+    ('build_data: unknown dataset', build_data, ['--dataset', 'modelnet7', '--manual_dir', '{root}/raw_junk',
+                                                 '--data_dir', '{out}'], '--dataset modelnet7: unknown dataset'),
+    ('build_data: missing raw folder', build_data, ['--dataset', 'modelnet40', '--manual_dir', '{root}/absent_raw',
+                                                    '--data_dir', '{out}'], '--manual_dir {root}/absent_raw: no such'),
+    ('build_data: empty raw folder', build_data, ['--dataset', 'obj_bg', '--manual_dir', '{root}/empty_raw',
+                                                  '--data_dir', '{out}'], '--manual_dir {root}/empty_raw: is empty'),
+    ('build_data: ModelNet40 without its lists', build_data, ['--dataset', 'modelnet40', '--manual_dir',
+                                                              '{root}/raw_junk', '--data_dir', '{out}'],
+     'raw_junk: no modelnet40_shape_names.txt'),
+    ('build_data: ShapeNet-55 without its lists', build_data, ['--dataset', 'shapenet55_cg3d', '--manual_dir',
+                                                               '{root}/raw_junk', '--data_dir', '{out}'],
+     'raw_junk: no train_img.txt'),
+    ('build_data: ScanObjectNN without its h5', build_data, ['--dataset', 'pb_t50_rs', '--manual_dir',
+                                                             '{root}/raw_junk', '--data_dir', '{out}'],
+     'training_objectdataset_augmentedrot_scale75.h5: file not found'),
 ]
 
 
@@ -184,8 +297,9 @@ def test_command_stops_with_one_clear_line(files, tmp_path, capsys, name, comman
   assert code == 2, (name, err)
   lines = err.splitlines()
   assert lines and lines[-1].startswith('error: ') and 'Traceback' not in err, err
-  assert message in lines[-1], (message, lines[-1])
-  assert not out.exists() or not any(out.iterdir()), f'{name}: wrote {sorted(out.iterdir())}'
+  assert message.format(root=files) in lines[-1], (message, lines[-1])
+  written = sorted(p for p in out.rglob('*') if not p.is_dir()) if out.exists() else []
+  assert not written, f'{name}: wrote {written}'
   assert not pathlib.Path('/tmp/cg3d_pwned').exists()
 
 

@@ -172,10 +172,10 @@ def test_columns_argument_and_ambiguity(tmp_path):
   np.testing.assert_array_equal(cloud.rgb, [[255, 128, 128], [0, 64, 255]])
   ambiguous = np.array([[0.1, 0.2, 0.3, 0.6, 0.8, 0.0], [0.4, 0.5, 0.6, 0.0, 0.0, 1.0]])  # unit and in [0, 1]
   np.savetxt(tmp_path / 'six.txt', ambiguous, fmt='%.6g')
-  with pytest.raises(BadInputError, match="columns='xyz,normals'"):
+  with pytest.raises(BadInputError, match='--columns xyz,normals or --columns xyz,rgb'):
     read_points(tmp_path / 'six.txt')
   assert read_points(tmp_path / 'six.txt', columns='xyz,normals').normals is not None
-  with pytest.raises(ValueError, match='columns= applies to .npy and text'):
+  with pytest.raises(ValueError, match=r'columns \(--columns\) apply to .npy and text'):
     read_points(tmp_path / 'six.ply', columns='xyz')
 
 

@@ -144,6 +144,22 @@ def test_command_end_to_end_on_the_owl(tiny_checkpoint, owl_dir, tmp_path):
   assert len(result['images']) == 3
 
 
+def test_columns_name_the_columns_of_an_ambiguous_text_cloud(tiny_checkpoint, owl_copies, tmp_path, capsys):
+  """Columns 4-6 that could be normals or colours stop predict with advice to pass --columns; passed, the cloud is
+  read as xyz + normals and ranks the labels exactly as the same points with three columns do."""
+  xyz = point_files.read_points(owl_copies['txt']).xyz
+  np.savetxt(tmp_path / 'six.txt', np.c_[xyz, np.tile([0.0, 0.0, 1.0], (len(xyz), 1))], fmt='%.9g')
+  np.savetxt(tmp_path / 'three.txt', xyz, fmt='%.9g')
+  base = ['--checkpoint', str(tiny_checkpoint), '--labels', 'owl,chicken,penguin']
+  assert run_command(predict.main, [*base, '--points', str(tmp_path / 'six.txt')]) == 2
+  assert '--columns xyz,normals' in capsys.readouterr().err
+  for name, extra in (('six', ['--columns', 'xyz,normals']), ('three', [])):
+    assert run_command(predict.main, [*base, '--points', str(tmp_path / f'{name}.txt'), '--json',
+                                      str(tmp_path / f'{name}.json'), *extra]) == 0
+  six, three = (json.loads((tmp_path / f'{n}.json').read_text())['labels'] for n in ('six', 'three'))
+  assert six == three
+
+
 @pytest.mark.parametrize('name, content, message', [
     ('empty.ply', b'', 'file is empty'),
     ('blank.txt', b'  \n\n', 'file is empty'),

@@ -26,17 +26,31 @@ from cg3d_jax.models.point_ops import sample_points
 MIN_POINTS = 32
 
 
+def _normalised(xyz, source: str | None) -> np.ndarray:
+  """Training's normalisation (centre, unit sphere), after refusing clouds of fewer than MIN_POINTS distinct points."""
+  distinct = len(np.unique(np.asarray(xyz, np.float32), axis=0)) if len(xyz) else 0
+  if distinct < MIN_POINTS:
+    raise BadInputError(source or 'the cloud', f'{distinct} distinct point(s); a cloud needs at least {MIN_POINTS} to '
+                        'be classified')
+  try:
+    return transforms.normalize_unit_sphere_np(xyz, source)
+  except ValueError as err:
+    raise BadInputError(str(err)) from None
+
+
+def read_cloud(path, columns: str | None = None) -> point_files.PointCloud:
+  """The cloud in `path`, read and checked (as `prepare_points` will) before any model is loaded: a bad file costs
+  no model."""
+  cloud = point_files.read_points(path, columns=columns)
+  _normalised(cloud.xyz, os.fspath(path))
+  return cloud
+
+
 def prepare_points(xyz, num_points: int, source: str | None = None) -> np.ndarray:
   """Training's normalisation (centre, unit sphere); clouds shorter than num_points are cycled up to it (with a
   warning), clouds of fewer than MIN_POINTS distinct points are refused."""
   where = source or 'the cloud'
-  distinct = len(np.unique(np.asarray(xyz, np.float32), axis=0)) if len(xyz) else 0
-  if distinct < MIN_POINTS:
-    raise BadInputError(where, f'{distinct} distinct point(s); a cloud needs at least {MIN_POINTS} to be classified')
-  try:
-    xyz = transforms.normalize_unit_sphere_np(xyz, source)
-  except ValueError as err:
-    raise BadInputError(str(err)) from None
+  xyz = _normalised(xyz, source)
   if xyz.shape[0] < num_points:
     logging.warning('%s: %d points, fewer than the encoder\'s %d: repeated to fill them (farthest-point sampling '
                     'then sees each point once)', where, xyz.shape[0], num_points)
@@ -65,10 +79,12 @@ def ranked(names: Sequence[str], similarities: np.ndarray, scale: float) -> list
           for r, i in enumerate(order)]
 
 
-def predict(model, points_path, labels: Sequence[str], images: Sequence[str] = (), *, templates='cg3d_zeroshot',
+def predict(model, points, labels: Sequence[str], images: Sequence[str] = (), *, templates='cg3d_zeroshot',
             normalize_text: bool = True) -> dict:
-  """{'points', 'num_points_read', 'labels': ranked, 'images': ranked} for a trained.ScoringModel `model`."""
-  cloud = point_files.read_points(points_path)
+  """{'points', 'num_points_read', 'labels': ranked, 'images': ranked} for a trained.ScoringModel `model`; `points`
+  is a point-cloud file or what `read_cloud` returned for one."""
+  cloud = points if isinstance(points, point_files.PointCloud) else point_files.read_points(points)
+  points_path = cloud.source
   points = prepare_points(cloud.xyz, model.model.num_points, os.fspath(points_path))
   encode = jax.jit(lambda v, p: model.model.point_features(v, sample_points(p, model.model.num_points))[0])
   feature = np.asarray(encode(model.encoder_vars, jnp.asarray(points)[None]))[0]

@@ -144,8 +144,8 @@ def label_set(queries: Sequence[str], vocabulary: Sequence[str]) -> list[str]:
   labels = list(queries)
   labels += [v for v in dict.fromkeys(vocabulary) if v not in labels]
   if len(labels) < 2:
-    raise ValueError(f'a scene query needs at least two labels to compare (queries {list(queries)} plus a '
-                     f'vocabulary); got {labels}')
+    raise InputError(f'a scene query needs at least two labels to compare (--queries {list(queries)} plus the '
+                     f'--vocabulary); got {labels}')
   return labels
 
 

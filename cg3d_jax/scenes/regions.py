@@ -29,6 +29,8 @@ import dataclasses
 import numpy as np
 from scipy import spatial
 
+from cg3d_jax.errors import ConfigError
+
 AXES = 'xyz'
 
 
@@ -51,19 +53,19 @@ class RegionSettings:
 
   def check(self) -> None:
     if not self.radius > 0:
-      raise ValueError(f'region radius must be > 0 (scene units, metres for S3DIS), got {self.radius}')
+      raise ConfigError(f'region radius (--radius) must be > 0 (scene units, metres for S3DIS), got {self.radius}')
     if not 0 < self.cover <= 1:
-      raise ValueError(f'region cover must be in (0, 1], got {self.cover}')
+      raise ConfigError(f'region cover (--cover) must be in (0, 1], got {self.cover}')
     if self.max_regions < 1 or self.min_points < 1 or (self.points_per_region or 1) < 1:
-      raise ValueError('max_regions, min_points and points_per_region must be >= 1, got '
-                       f'{self.max_regions}, {self.min_points}, {self.points_per_region}')
+      raise ConfigError('--max_regions, --min_points and --points_per_region must be >= 1, got '
+                        f'{self.max_regions}, {self.min_points}, {self.points_per_region}')
     for name in ('scene_up', 'model_up'):
       if getattr(self, name) not in AXES:
-        raise ValueError(f"{name} must be one of 'x', 'y', 'z', got {getattr(self, name)!r}")
+        raise ConfigError(f"--{name} must be one of 'x', 'y', 'z', got {getattr(self, name)!r}")
     if self.aggregate not in ('mean', 'max'):
-      raise ValueError(f"aggregate must be 'mean' or 'max', got {self.aggregate!r}")
+      raise ConfigError(f"--aggregate must be 'mean' or 'max', got {self.aggregate!r}")
     if not self.sigma > 0:
-      raise ValueError(f'sigma must be > 0, got {self.sigma}')
+      raise ConfigError(f'sigma must be > 0, got {self.sigma}')
 
 
 @dataclasses.dataclass
@@ -137,8 +139,9 @@ def split_regions(xyz, settings: RegionSettings = RegionSettings()) -> Regions:
   excluded = floor_mask(xyz, settings) if settings.exclude_floor else np.zeros(xyz.shape[0], bool)
   usable = np.flatnonzero(~excluded)
   if usable.size < settings.min_points:
-    raise ValueError(f'split_regions: only {usable.size} points remain outside the floor band; a region needs '
-                     f'{settings.min_points} (lower min_points, or set exclude_floor=False)')
+    raise ConfigError(f'split_regions: only {usable.size} points remain outside the floor band; a region needs '
+                      f'{settings.min_points} (lower --min_points, or keep the floor with --noexclude_floor; '
+                      'RegionSettings min_points / exclude_floor)')
   points = xyz[usable]
   # Voxels this small keep every point within (1 - cover) x radius of a candidate, so within radius of a centre.
   candidates = voxel_representatives(points, (1 - settings.cover) * settings.radius / np.sqrt(3) + 1e-9)
@@ -154,8 +157,8 @@ def split_regions(xyz, settings: RegionSettings = RegionSettings()) -> Regions:
   sizes = np.bincount(region, minlength=len(centres))
   keep = sizes >= settings.min_points
   if not keep.any():
-    raise ValueError(f'split_regions: no region of radius {settings.radius} holds {settings.min_points} points; '
-                     'is the radius in the scene\'s units (metres for S3DIS)?')
+    raise ConfigError(f'split_regions: no region of radius {settings.radius} holds {settings.min_points} points; '
+                      'is --radius in the scene\'s units (metres for S3DIS)?')
   renumber = np.cumsum(keep) - 1
   in_kept = keep[region]
   region, member, dist = renumber[region[in_kept]].astype(np.int32), member[in_kept], dist[in_kept]
