@@ -191,6 +191,7 @@ class Checkpointer:
         enable_async_checkpointing=async_save,
         read_only=read_only,
         create=not read_only,
+        cleanup_tmp_directories=not read_only,  # what a killed save left half-written goes when the run restarts
     )
     _drop_expected_orbax_warnings()
     self._manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=_handler_registry())

@@ -137,6 +137,23 @@ def test_best_is_kept_beside_the_last_k(tmp_path):
     assert reopened.all_steps() == [2, 5, 6] and reopened.best_step() == 2 and reopened.latest_step() == 6
 
 
+def test_a_save_cut_short_by_a_kill_is_cleared_when_the_run_restarts(tmp_path):
+  """SIGKILL during an async save leaves orbax's temporary step folder (written under that name, renamed when
+  complete); the restarted run's checkpointer removes it before its first save."""
+  import shutil
+  state = {'w': jnp.arange(4.0)}
+  with checkpoints.Checkpointer(str(tmp_path), every_steps=1) as ckpt:
+    ckpt.save(2, state, data_step=2, rng=jax.random.key(0), config=None)
+  partial = tmp_path / '6.orbax-checkpoint-tmp'
+  shutil.copytree(tmp_path / '2', partial)
+  (partial / 'commit_success.txt').unlink(missing_ok=True)
+  (partial / 'state' / 'manifest.ocdbt').unlink(missing_ok=True)
+  with checkpoints.Checkpointer(str(tmp_path), every_steps=1) as reopened:
+    assert reopened.all_steps() == [2]
+    reopened.save(4, state, data_step=4, rng=jax.random.key(0), config=None)  # orbax clears before it saves
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['2', '4']
+
+
 def test_async_save_survives_deleting_the_state_then_wait(tmp_path):
   mesh = sharding.make_mesh(dict(data=4, fsdp=2))
   state = _train_state()
