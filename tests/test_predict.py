@@ -137,6 +137,8 @@ def test_command_end_to_end_on_the_owl(tiny_checkpoint, owl_dir, tmp_path):
          ','.join(str(owl_dir / f'{name}.jpg') for name in 'abc'), '--json', str(out)]
   done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
+  # A good checkpoint reads without orbax's warnings about what we asked for (read-only, no metadata).
+  assert not [line for line in done.stderr.splitlines() if line.startswith('W') and 'checkpoint' in line], done.stderr
   assert 'owl.ply: 10000 points' in done.stdout and 'images ranked against the cloud' in done.stdout
   result = json.loads(out.read_text())
   assert [r['rank'] for r in result['labels']] == [1, 2, 3]
