@@ -15,7 +15,6 @@ of train.jsonl are checked for duplicates and compared by loss.
 
 import argparse
 import json
-import os
 import pathlib
 import random
 import re
@@ -107,8 +106,9 @@ def _resumed_step(workdir: pathlib.Path) -> list[int]:
 
 
 def _final_state(workdir: pathlib.Path):
-  from cg3d_jax import checkpoints
   import jax
+
+  from cg3d_jax import checkpoints
   saved = checkpoints.read_step(workdir)
   return saved.step, {jax.tree_util.keystr(p): np.asarray(v)
                       for p, v in jax.tree_util.tree_flatten_with_path(saved.state)[0]}
@@ -154,9 +154,10 @@ def main():
         for k in state_a)
     different = [k for k in state_a if k in state_b and not np.array_equal(state_a[k], state_b[k], equal_nan=True)]
     rows_a, rows_b = _logged_steps(reference), _logged_steps(interrupted)
-    losses = {name: {json.loads(l)['step']: json.loads(l).get('loss')
-                     for l in (tmp / name / 'train.jsonl').read_text().splitlines()}
-              for name in ('uninterrupted', 'interrupted')}
+    losses = {}
+    for name in ('uninterrupted', 'interrupted'):
+      rows = map(json.loads, (tmp / name / 'train.jsonl').read_text().splitlines())
+      losses[name] = {row['step']: row.get('loss') for row in rows}
   result = {'machine': load.report(), 'steps': args.steps, 'checkpoint_every': args.every, 'kills': events,
             'finished_after_kills': finish['killed'] is None, 'final_step': [step_a, step_b],
             'arrays_compared': len(state_a), 'bitwise_equal': bool(equal), 'differing_arrays': different[:10],

@@ -312,6 +312,8 @@ CONFIG_CASES = [
     ('model.encoder', 'pointnet', r"config.model.encoder='pointnet'"),
     ('model.num_points', 0, r'config.model.num_points=0 must be a positive integer'),
     ('train.mode', 'both', r"config.train.mode='both': expected 'joint' or 'alternating'"),
+    ('model.attention', 'flash', r"config.model.attention='flash': expected one of \['auto', 'xla', 'cudnn'"),
+    ('clip.attention', 'sdpa', r"config.clip.attention='sdpa'"),
 ]
 
 

@@ -20,6 +20,7 @@ from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
 from cg3d_jax import assets
 from cg3d_jax.models.clip import CLIP, EOS_POOLING_ARGMAX, EOS_POOLING_FIRST_EOS, prompt_init_bound
+from cg3d_jax.models.layers import attend
 from cg3d_jax.synthetic import random_clip
 from cg3d_jax.twins.prompted_clip import torch_prompted_image_features
 from cg3d_jax.weights import hf_clip
@@ -186,6 +187,33 @@ def test_vit_b16_config_matches_transformers(b16_folder, photos, highest_precisi
   pixels, ids = _pixels(loaded, photos[:2]), hf_clip.tokenize(loaded.tokenizer, CAPTIONS)
   ours = loaded.model.apply({'params': loaded.params}, pixels, ids)
   _assert_parity(ours, _torch_outputs(torch_model, pixels, ids))
+
+
+def test_attention_kernels_match_numpy_and_each_other(small_folder, photos, highest_precision):
+  """attend() against NumPy (float64 softmax of q k^T / sqrt(d), causal mask for text) for every implementation that
+  runs on this machine, then the whole prompted CLIP with the default kernel against the einsum form."""
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.normal(size=(2, 77, 4, 32)).astype(np.float32) for _ in range(3))
+  for causal in (False, True):
+    logits = np.einsum('bqhd,bkhd->bhqk', q.astype(np.float64), k.astype(np.float64)) / np.sqrt(32)
+    if causal:
+      logits = np.where(np.tril(np.ones((77, 77), bool)), logits, -np.inf)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    want = np.einsum('bhqk,bkhd->bqhd', weights / weights.sum(-1, keepdims=True), v.astype(np.float64))
+    for impl in ('einsum', 'xla', 'auto'):
+      got = np.asarray(attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), causal=causal, implementation=impl))
+      np.testing.assert_allclose(got, want, atol=1e-6, rtol=0, err_msg=f'{impl} causal={causal}')
+  with pytest.raises(ValueError, match='attention implementation must be one of'):
+    attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), implementation='flash')
+
+  outputs = {}
+  for impl in ('einsum', 'auto'):
+    loaded = hf_clip.load_clip(small_folder, prompt_mode='deep', num_prompts=5, seed=3, attention=impl)
+    pixels, ids = _pixels(loaded, photos), hf_clip.tokenize(loaded.tokenizer, CAPTIONS)
+    outputs[impl] = jax.jit(loaded.model.apply)({'params': loaded.params}, pixels, ids)
+  for key in ('image_embeds', 'text_embeds'):
+    np.testing.assert_allclose(np.asarray(outputs['auto'][key]), np.asarray(outputs['einsum'][key]), atol=1e-6,
+                               rtol=0)
 
 
 # --- prompts --------------------------------------------------------------------------------------------------------

@@ -124,6 +124,16 @@ def test_eval_parity_with_twin(small_pair, points, highest_precision):
   assert np.abs(want[0]).max() > 0.1  # a real signal, not two zero vectors
 
 
+def test_attention_implementations_give_the_same_features(small_pair, points, highest_precision):
+  """The default kernel (jax.nn.dot_product_attention, XLA on CPU) and the written-out einsum form, on real objects."""
+  model, params, batch_stats, _ = small_pair
+  variables = {'params': params, 'batch_stats': batch_stats}
+  features = {impl: np.asarray(jax.jit(model.clone(attention=impl).apply, static_argnames='train')(
+      variables, points, train=False)) for impl in ('einsum', 'auto', 'xla')}
+  np.testing.assert_allclose(features['auto'], features['einsum'], atol=1e-6, rtol=0)
+  np.testing.assert_allclose(features['xla'], features['einsum'], atol=1e-6, rtol=0)
+
+
 def test_train_mode_batch_stats_match_twin(small_pair, points, highest_precision):
   model, params, batch_stats, twin = small_pair
   direction = np.random.default_rng(3).normal(size=(len(OBJECTS), 512)).astype(np.float32)

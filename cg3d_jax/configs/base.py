@@ -19,6 +19,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.embed_dim = 512  # CLIP joint-space width the projection maps into
   c.model.dtype = 'float32'  # compute dtype; parameters stay float32
   c.model.remat = False
+  # Attention kernel: 'auto' (cuDNN flash attention on GPUs in bf16/fp16, XLA elsewhere), 'xla', 'cudnn', 'einsum'.
+  c.model.attention = 'auto'
   c.model.num_classes = 55  # classification head kept for strict PyTorch exports and fine-tuning
   c.model.point_transformer = ml_collections.ConfigDict(dict(
       width=384, depth=12, num_heads=6, mlp_ratio=4.0, num_groups=64, group_size=32,
@@ -33,6 +35,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.clip.path = config_dict.placeholder(str)
   c.clip.dtype = 'float32'
   c.clip.remat = False
+  c.clip.attention = 'auto'  # as model.attention
   c.clip.prompt = ml_collections.ConfigDict(dict(mode='deep', num_tokens=5))
 
   # Data: TFDS builders read the official layouts from manual_dir and write prepared data under data_dir.
@@ -77,7 +80,8 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, keep_best=True, async_save=True))
 
-  c.logging = ml_collections.ConfigDict(dict(tensorboard=True, jsonl=True))
+  # profile_steps=(start, stop): a JAX trace of those steps into <workdir>/profile (TensorBoard's profile plugin).
+  c.logging = ml_collections.ConfigDict(dict(tensorboard=True, jsonl=True, profile_steps=()))
 
   # The offline demo's assets (python -m cg3d_jax.demo_assets writes them; training only reads data/clip paths): a
   # procedural ShapeNet-55-layout dataset and a small random CLIP, of these sizes: a transformers folder, or with

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cg3d_jax.models.layers import l2_normalize, stats_dtype
+from cg3d_jax.models.layers import attend, l2_normalize, stats_dtype
 
 PROMPT_MODES = ('none', 'shallow', 'deep')
 
@@ -196,6 +196,7 @@ class Attention(nn.Module):
   width: int
   heads: int
   dtype: Any = jnp.float32
+  implementation: str = 'auto'  # layers.ATTENTION_IMPLEMENTATIONS
 
   @nn.compact
   def __call__(self, x, causal: bool = False):
@@ -205,14 +206,7 @@ class Attention(nn.Module):
     q = split(nn.Dense(self.width, dtype=self.dtype, name='q_proj')(x))
     k = split(nn.Dense(self.width, dtype=self.dtype, name='k_proj')(x))
     v = split(nn.Dense(self.width, dtype=self.dtype, name='v_proj')(x))
-    # Scale after the product, as transformers does, so float32 results agree to the last digits.
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * (head_dim ** -0.5)
-    logits = logits.astype(stats_dtype(self.dtype))
-    if causal:
-      mask = jnp.tril(jnp.ones((length, length), dtype=bool))
-      logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(batch, length, self.width)
+    out = attend(q, k, v, causal=causal, implementation=self.implementation).reshape(batch, length, self.width)
     return nn.Dense(self.width, dtype=self.dtype, name='out_proj')(out)
 
 
@@ -234,12 +228,13 @@ class EncoderLayer(nn.Module):
   tower: TowerSpec
   causal: bool = False
   dtype: Any = jnp.float32
+  attention: str = 'auto'
 
   @nn.compact
   def __call__(self, x):
     t = self.tower
     y = _layer_norm(t.layer_norm_eps, self.dtype, 'layer_norm1')(x)
-    x = x + Attention(t.width, t.heads, self.dtype, name='self_attn')(y, causal=self.causal)
+    x = x + Attention(t.width, t.heads, self.dtype, self.attention, name='self_attn')(y, causal=self.causal)
     y = _layer_norm(t.layer_norm_eps, self.dtype, 'layer_norm2')(x)
     return x + MLP(t.mlp_dim, t.width, t.activation, self.dtype, name='mlp')(y)
 
@@ -269,6 +264,7 @@ class VisionTower(nn.Module):
   spec: CLIPSpec
   dtype: Any = jnp.float32
   remat: bool = False
+  attention: str = 'auto'
 
   @nn.compact
   def __call__(self, pixels, prompts=None):
@@ -293,7 +289,7 @@ class VisionTower(nn.Module):
     for i in range(t.layers):
       if prompts is not None and i > 0 and i < prompts.shape[0]:
         x = replace_prompts(x, prompts[i])
-      x = layer_cls(t, causal=False, dtype=self.dtype, name=f'layers_{i}')(x)
+      x = layer_cls(t, causal=False, dtype=self.dtype, attention=self.attention, name=f'layers_{i}')(x)
     return _layer_norm(t.layer_norm_eps, self.dtype, 'post_layernorm')(x[:, 0])
 
 
@@ -302,6 +298,7 @@ class TextTower(nn.Module):
   spec: CLIPSpec
   dtype: Any = jnp.float32
   remat: bool = False
+  attention: str = 'auto'
 
   @nn.compact
   def __call__(self, input_ids):
@@ -315,7 +312,7 @@ class TextTower(nn.Module):
     x = x + positions.embedding[:length].astype(self.dtype)[None]
     layer_cls = _layer_class(self.remat)
     for i in range(t.layers):
-      x = layer_cls(t, causal=True, dtype=self.dtype, name=f'layers_{i}')(x)
+      x = layer_cls(t, causal=True, dtype=self.dtype, attention=self.attention, name=f'layers_{i}')(x)
     x = _layer_norm(t.layer_norm_eps, self.dtype, 'final_layer_norm')(x)
     return x[jnp.arange(x.shape[0]), eos_positions(input_ids, s)]
 
@@ -342,10 +339,11 @@ class CLIP(nn.Module):
   num_prompts: int = 5
   dtype: Any = jnp.float32  # compute dtype; parameters stay float32
   remat: bool = False  # per-layer rematerialisation
+  attention: str = 'auto'  # layers.ATTENTION_IMPLEMENTATIONS
 
   def setup(self):
-    self.vision = VisionTower(self.spec, self.dtype, self.remat)
-    self.text = TextTower(self.spec, self.dtype, self.remat)
+    self.vision = VisionTower(self.spec, self.dtype, self.remat, self.attention)
+    self.text = TextTower(self.spec, self.dtype, self.remat, self.attention)
     self.visual_projection = nn.Dense(self.spec.projection_dim, use_bias=False, dtype=self.dtype)
     self.text_projection = nn.Dense(self.spec.projection_dim, use_bias=False, dtype=self.dtype)
     self.logit_scale = self.param('logit_scale', nn.initializers.constant(2.6592), ())

@@ -1,4 +1,5 @@
-"""Layers and feature math the models share: PyTorch-semantics BatchNorm, statistics dtypes, L2 normalisation."""
+"""Layers and feature math the models share: the attention core, PyTorch-semantics BatchNorm, statistics dtypes, L2
+normalisation."""
 
 from typing import Any
 
@@ -17,6 +18,40 @@ def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
   x = jnp.asarray(x)
   x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps * eps))
+
+
+# 'auto': cuDNN's fused (flash) attention on a GPU where it applies (bfloat16/float16, head size a multiple of 8 up to
+# 128), XLA's elsewhere (TPU, CPU, float32); 'xla' and 'cudnn' force one; 'einsum' is the written-out form the parity
+# tests were first written against, kept as the reference.
+ATTENTION_IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'einsum')
+
+
+def _use_cudnn(q) -> bool:
+  head_dim = q.shape[-1]
+  return (jax.default_backend() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
+          and head_dim <= 128)
+
+
+def attend(q, k, v, *, causal: bool = False, implementation: str = 'auto'):
+  """softmax(q k^T / sqrt(d)) v for (B, L, H, d) queries, keys and values -> (B, L, H, d).
+
+  Logits and softmax are computed in at least float32, the scale applied after the product as PyTorch does, so every
+  implementation agrees with transformers and timm to float32 rounding. Float64 (the parity tests) always takes the
+  written-out form: jax.nn.dot_product_attention computes its softmax in float32 whatever the input.
+  """
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f'attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {implementation!r}')
+  if implementation == 'einsum' or q.dtype == jnp.float64:  # jax.nn's softmax runs in float32 even for float64
+    length = q.shape[1]
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * (q.shape[-1] ** -0.5)
+    logits = logits.astype(stats_dtype(q.dtype))
+    if causal:
+      logits = jnp.where(jnp.tril(jnp.ones((length, length), dtype=bool)), logits, jnp.finfo(logits.dtype).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+  if implementation == 'cudnn' or (implementation == 'auto' and _use_cudnn(q)):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation='cudnn')
+  return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation='xla')
 
 
 def stats_dtype(dtype):

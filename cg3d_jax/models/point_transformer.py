@@ -24,7 +24,7 @@ import numpy as np
 from flax import linen as nn
 
 from cg3d_jax.models import point_ops
-from cg3d_jax.models.layers import TorchBatchNorm, stats_dtype
+from cg3d_jax.models.layers import TorchBatchNorm, attend, stats_dtype
 
 # timm's trunc_normal_(std=0.02) used by the original truncates at +-2 in absolute units, i.e. at +-100 std: in effect
 # a plain normal. We keep its distribution rather than the more common +-2 std truncation.
@@ -90,6 +90,7 @@ class DropPath(nn.Module):
 class Attention(nn.Module):
   num_heads: int
   dtype: Any = jnp.float32
+  implementation: str = 'auto'  # layers.ATTENTION_IMPLEMENTATIONS
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -98,9 +99,7 @@ class Attention(nn.Module):
     # One qkv matrix, split q|k|v then head-major, exactly as the original's reshape(B, N, 3, H, D).
     qkv = nn.Dense(3 * width, use_bias=False, dtype=self.dtype, kernel_init=weight_init, name='qkv')(x)
     q, k, v = jnp.moveaxis(qkv.reshape(batch, length, 3, self.num_heads, head_dim), 2, 0)
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * head_dim ** -0.5
-    weights = jax.nn.softmax(logits.astype(stats_dtype(self.dtype)), axis=-1).astype(self.dtype)
-    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(batch, length, width)
+    out = attend(q, k, v, implementation=self.implementation).reshape(batch, length, width)
     return nn.Dense(width, dtype=self.dtype, kernel_init=weight_init, name='proj')(out)
 
 
@@ -121,12 +120,14 @@ class Block(nn.Module):
   mlp_hidden: int
   drop_path: float
   dtype: Any = jnp.float32
+  attention: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     norm = functools.partial(nn.LayerNorm, epsilon=1e-5, dtype=self.dtype)
     drop = DropPath(self.drop_path)
-    x = x + drop(Attention(self.num_heads, self.dtype, name='attn')(norm(name='norm1')(x)), train=train)
+    x = x + drop(Attention(self.num_heads, self.dtype, self.attention, name='attn')(norm(name='norm1')(x)),
+                 train=train)
     return x + drop(Mlp(self.mlp_hidden, self.dtype, name='mlp')(norm(name='norm2')(x)), train=train)
 
 
@@ -146,16 +147,19 @@ class PointTransformer(nn.Module):
   head_dropout: float = 0.5
   dtype: Any = jnp.float32
   remat: bool = False
+  attention: str = 'auto'  # layers.ATTENTION_IMPLEMENTATIONS
 
   @classmethod
   def from_config(cls, model_config) -> 'PointTransformer':
-    """From `config.model` (configs/base.py): model.point_transformer.* plus embed_dim, num_classes, dtype, remat."""
+    """From `config.model` (configs/base.py): model.point_transformer.* plus embed_dim, num_classes, dtype, remat,
+    attention."""
     pt = model_config.point_transformer
     return cls(width=pt.width, depth=pt.depth, num_heads=pt.num_heads, mlp_ratio=pt.mlp_ratio,
                num_groups=pt.num_groups, group_size=pt.group_size, encoder_dim=pt.encoder_dim,
                drop_path_rate=pt.drop_path_rate, embed_dim=model_config.embed_dim,
                num_classes=model_config.num_classes or None, head_hidden=pt.head_hidden,
-               head_dropout=pt.head_dropout, dtype=jnp.dtype(model_config.dtype), remat=model_config.remat)
+               head_dropout=pt.head_dropout, dtype=jnp.dtype(model_config.dtype), remat=model_config.remat,
+               attention=model_config.get('attention', 'auto'))
 
   @nn.compact
   def __call__(self, points: jax.Array, *, train: bool, return_logits: bool = False,
@@ -192,7 +196,7 @@ class PointTransformer(nn.Module):
     drop_rates = np.linspace(0.0, self.drop_path_rate, self.depth)  # as torch.linspace(0, rate, depth)
     for i in range(self.depth):
       x = block_cls(self.num_heads, int(self.width * self.mlp_ratio), float(drop_rates[i]), self.dtype,
-                    name=f'blocks_{i}')(x + pos, train)
+                    self.attention, name=f'blocks_{i}')(x + pos, train)
     x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name='norm')(x)
     features = jnp.concatenate([x[:, 0], jnp.max(x[:, 1:], axis=1)], axis=-1)
 

@@ -16,6 +16,7 @@ from cg3d_jax import sharding
 from cg3d_jax.checkpoints import CHECKPOINTS_DIR, CheckpointDamagedError, Checkpointer
 from cg3d_jax.errors import ConfigError
 from cg3d_jax.metric_writer import MetricsWriter
+from cg3d_jax.models.layers import ATTENTION_IMPLEMENTATIONS
 
 
 def make_mesh(config, devices=None) -> jax.sharding.Mesh:
@@ -50,6 +51,10 @@ def validate_config(config, *, device_count: int) -> None:
   points = config.model.get('num_points')
   if not isinstance(points, int) or points < 1:
     raise ConfigError(f'config.model.num_points={points!r} must be a positive integer')
+  for group in ('model', 'clip'):
+    attention = config[group].get('attention', 'auto') if group in config else 'auto'
+    if attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ConfigError(f'config.{group}.attention={attention!r}: expected one of {list(ATTENTION_IMPLEMENTATIONS)}')
 
 
 def total_steps(config, steps_per_epoch: int) -> int:
@@ -73,7 +78,7 @@ def make_checkpointer(config, workdir: str, best_metric: str = 'val/top1') -> Ch
 # Settings that fix the shapes of the saved state: a resume under other values cannot restore it. Regularisation and
 # compute settings may change between runs.
 _SHAPE_SETTINGS = ('model', 'clip.prompt')
-_FREE_SETTINGS = ('drop_path_rate', 'head_dropout', 'dtype', 'remat')
+_FREE_SETTINGS = ('drop_path_rate', 'head_dropout', 'dtype', 'remat', 'attention')
 
 
 def _changed_settings(saved, config) -> list[str]:
@@ -151,6 +156,14 @@ class Progress:
 
   def samples_per_s(self, done: int) -> float:
     return (done - self.start_step) * self.batch_size / max(time.time() - self.started, 1e-9)
+
+  def recent_samples_per_s(self, done: int) -> float:
+    """Samples/s since the previous call (the first call: since the start, compilation included): the rate that
+    TFLOP/s and MFU are computed from, so that they describe the steps, not the start-up."""
+    now = time.time()
+    step, then = getattr(self, '_previous', (self.start_step, self.started))
+    self._previous = (done, now)
+    return (done - step) * self.batch_size / max(now - then, 1e-9)
 
   def eta(self, done: int) -> str:
     seconds = int((self.total - done) * (time.time() - self.started) / max(done - self.start_step, 1))

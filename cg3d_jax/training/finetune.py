@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 
-from cg3d_jax import sharding
+from cg3d_jax import sharding, step_cost
 from cg3d_jax.data import builders, pipeline
 from cg3d_jax.data.transforms import fps_count, sample_training_points
 from cg3d_jax.errors import ConfigError, InputError
@@ -209,24 +209,29 @@ def finetune(config, workdir: str, *, init: str | None = None, devices=None) -> 
   start = int(state['step'])
   batches = pipeline.make_labelled_iterator(config.data, global_batch_size=config.train.batch_size,
                                             sharding=setup.batch_sharding, seed=config.seed, start_step=start)
-  step_fn = jit_train_step(setup)
+  step_fn = step_cost.CompiledStep(jit_train_step(setup), jnp.dtype(config.model.dtype), 'the fine-tuning step')
   rules = optimizer_rules(config)
   validation = evaluator(setup)
   eval_every = int(config.finetune.eval_every_epochs or 0) * spe
   writer = common.metrics_writer(config, workdir, 'finetune', resume_step=start)
   progress = common.Progress(start, total, config.train.batch_size)
   last, val = {}, {}
+  profiler = step_cost.Profiler(config.logging.get('profile_steps'), workdir)
   try:
     for step in range(start, total):
+      profiler.before(step)
       state, metrics = step_fn(state, next(batches))
+      profiler.after(step, metrics)
       done = step + 1
       if common.itstime(done, config.train.log_every, total):
         last = {k: float(v) for k, v in jax.device_get(metrics).items()}
         last['lr'] = float(optim.learning_rates(rules, done, steps_per_epoch=spe, total_steps=total)['classifier'])
         last['samples_per_s'] = progress.samples_per_s(done)
+        last.update(step_cost.rate_metrics([step_fn.cost], progress.recent_samples_per_s(done),
+                                           config.train.batch_size))
         writer.write_scalars(done, last)
-        logging.info('step %d/%d (epoch %.2f)  loss %.4f  train acc %.3f', done, total, done / spe, last['loss'],
-                     last['train_acc'])
+        logging.info('step %d/%d (epoch %.2f)  loss %.4f  train acc %.3f  %s', done, total, done / spe, last['loss'],
+                     last['train_acc'], step_cost.format_rate(last))
       if common.itstime(done, eval_every, total):
         val = validation.run({'params': state['params'], 'batch_stats': state['batch_stats']})
         writer.write_scalars(done, val)
@@ -243,6 +248,7 @@ def finetune(config, workdir: str, *, init: str | None = None, devices=None) -> 
       logging.info('voting (%d passes): top-1 %.4f  class-mean %.4f', config.finetune.votes, val['val_vote/top1'],
                    val['val_vote/class_mean'])
   finally:
+    profiler.close()
     ckpt.wait()
     ckpt.close()
     writer.close()

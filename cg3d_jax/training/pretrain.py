@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 
-from cg3d_jax import sharding
+from cg3d_jax import sharding, step_cost
 from cg3d_jax.checkpoints import Checkpointer
 from cg3d_jax.data import builders, pipeline, templates
 from cg3d_jax.errors import ConfigError
@@ -85,7 +85,8 @@ def build_setup(config, *, train_classes: list[str], steps_per_epoch: int, devic
     raise ConfigError('config.clip.path is not set: give a local CLIP folder, e.g. '
                       '--config.clip.path=/models/clip-vit-base-patch16')
   clip = load_clip(config.clip.path, prompt_mode=config.clip.prompt.mode, num_prompts=config.clip.prompt.num_tokens,
-                   dtype=jnp.dtype(config.clip.dtype), remat=config.clip.remat, seed=config.seed)
+                   dtype=jnp.dtype(config.clip.dtype), remat=config.clip.remat,
+                   attention=config.clip.get('attention', 'auto'), seed=config.seed)
   if config.model.embed_dim != clip.spec.projection_dim:
     raise ConfigError(f'config.model.embed_dim={config.model.embed_dim} but the CLIP at {config.clip.path} projects '
                       f'to {clip.spec.projection_dim}: the point encoder must project into the same joint space')
@@ -173,14 +174,16 @@ def train(config, workdir: str) -> dict:
       **setup.clip.preprocess.pipeline_settings())
   steps = {}
 
+  compute_dtype = jnp.promote_types(jnp.dtype(config.model.dtype), jnp.dtype(config.clip.dtype))
+
   def step_fn(step: int):
     groups = active_groups(config, state['params'], step)
     if groups not in steps:
-      steps[groups] = jit_train_step(
+      steps[groups] = step_cost.CompiledStep(jit_train_step(
           setup.model, setup.tx, setup.labels_fn, active=groups, state_shardings=setup.shardings['state'],
           frozen_shardings=setup.shardings['frozen'], table_sharding=setup.shardings['table'],
           batch_shardings=setup.shardings['batch'], same_class_mask=config.train.same_class_mask,
-          augment=config.data.augment)
+          augment=config.data.augment), compute_dtype, f'the training step ({"+".join(groups)})')
     return steps[groups]
 
   writer = common.metrics_writer(config, workdir, 'train', resume_step=start)
@@ -190,10 +193,13 @@ def train(config, workdir: str) -> dict:
   last: dict = {}
   pending = None
   progress = common.Progress(start, total, config.train.batch_size)
+  profiler = step_cost.Profiler(config.logging.get('profile_steps'), workdir)
   try:
     for step in range(start, total):
       batch = next(batches)
+      profiler.before(step)
       state, metrics = step_fn(step)(state, setup.frozen, setup.text_table, batch)
+      profiler.after(step, metrics)
       # The non-finite check reads the previous step's flag, so the host never waits on the step just dispatched.
       if pending is not None:
         _check_finite(pending, config.train.max_bad_steps, ckpt)
@@ -204,9 +210,11 @@ def train(config, workdir: str) -> dict:
         for group, lr in optim.learning_rates(rules, done, steps_per_epoch=spe, total_steps=total).items():
           last[f'lr/{group}'] = float(lr)
         last['samples_per_s'] = progress.samples_per_s(done)
+        last.update(step_cost.rate_metrics([s.cost for s in steps.values()], progress.recent_samples_per_s(done),
+                                           config.train.batch_size))
         writer.write_scalars(done, last)
-        logging.info('step %d/%d  loss %.4f  %.1f samples/s  ETA %s', done, total, last['loss'],
-                     last['samples_per_s'], progress.eta(done))
+        logging.info('step %d/%d  loss %.4f  %.1f samples/s  %s  ETA %s', done, total, last['loss'],
+                     last['samples_per_s'], step_cost.format_rate(last), progress.eta(done))
       if config.eval.every_steps and common.itstime(done, config.eval.every_steps, total):
         evaluator = evaluator or validation_evaluator(setup)
         val_metrics = evaluator.run(eval_variables(setup, state))
@@ -219,6 +227,7 @@ def train(config, workdir: str) -> dict:
     if pending is not None:
       _check_finite(pending, config.train.max_bad_steps, ckpt)
   finally:
+    profiler.close()
     ckpt.wait()
     ckpt.close()
     writer.close()

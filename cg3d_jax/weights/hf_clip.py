@@ -295,7 +295,7 @@ def load_preprocess(folder: pathlib.Path) -> ImagePreprocess:
 
 
 def load_clip(path, *, prompt_mode: str = 'deep', num_prompts: int = 5, dtype=jnp.float32, remat: bool = False,
-              seed: int = 0) -> LoadedCLIP:
+              attention: str = 'auto', seed: int = 0) -> LoadedCLIP:
   """Loads a local transformers CLIP folder; prompts (if any) are freshly initialised from `seed`."""
   folder = _check_folder(path)
   hf_config = load_hf_config(folder)
@@ -305,7 +305,8 @@ def load_clip(path, *, prompt_mode: str = 'deep', num_prompts: int = 5, dtype=jn
   if prompts is not None:
     params['prompts'] = prompts
   params = jax.tree.map(jnp.asarray, params)
-  model = CLIP(spec, prompt_mode=prompt_mode, num_prompts=num_prompts, dtype=dtype, remat=remat)
+  model = CLIP(spec, prompt_mode=prompt_mode, num_prompts=num_prompts, dtype=dtype, remat=remat,
+               attention=attention)
   return LoadedCLIP(model=model, params=params, tokenizer=load_tokenizer(folder),
                     preprocess=load_preprocess(folder), spec=spec, hf_config=hf_config, source=str(folder))
 

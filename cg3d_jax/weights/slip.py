@@ -227,7 +227,7 @@ def clip_params_from_slip(path, state: Mapping[str, np.ndarray], spec: CLIPSpec)
 
 
 def load_slip(path, *, prompt_mode: str = 'deep', num_prompts: int = 5, dtype=jnp.float32, remat: bool = False,
-              seed: int = 0) -> LoadedCLIP:
+              attention: str = 'auto', seed: int = 0) -> LoadedCLIP:
   """A SLIP checkpoint file as the frozen CLIP; prompts (if any) freshly initialised from `seed`."""
   state, args = read_slip_file(path)
   spec = spec_from_state_dict(path, state, args)
@@ -235,7 +235,8 @@ def load_slip(path, *, prompt_mode: str = 'deep', num_prompts: int = 5, dtype=jn
   prompts = init_prompts(jax.random.key(seed), spec, prompt_mode, num_prompts)
   if prompts is not None:
     params['prompts'] = prompts
-  model = CLIP(spec, prompt_mode=prompt_mode, num_prompts=num_prompts, dtype=dtype, remat=remat)
+  model = CLIP(spec, prompt_mode=prompt_mode, num_prompts=num_prompts, dtype=dtype, remat=remat,
+               attention=attention)
   return LoadedCLIP(model=model, params=jax.tree.map(jnp.asarray, params),
                     tokenizer=SLIPTokenizer(context_length=spec.max_positions),
                     preprocess=slip_preprocess(spec.image_size), spec=spec, hf_config=None, kind='slip',

@@ -1,0 +1,85 @@
+"""Step cost accounting: XLA's per-device FLOPs and memory against hand-computed values, the peak table, the memory
+check's message, the rate metrics a training run logs, and the profiler's trace."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from cg3d_jax import sharding, step_cost
+from cg3d_jax.errors import ConfigError
+from cg3d_jax.metric_writer import read_jsonl
+
+
+def test_flops_and_memory_are_per_device_and_match_hand_counts():
+  """A (64 x 256) @ (256 x 512) matmul, rows split over 8 devices: 2*64*256*512/8 FLOPs per device; arguments are
+  one device's row block plus the whole replicated matrix."""
+  mesh = sharding.make_mesh({'data': -1})
+  n = mesh.size
+  a = jax.ShapeDtypeStruct((64, 256), jnp.float32, sharding=NamedSharding(mesh, P('data')))
+  b = jax.ShapeDtypeStruct((256, 512), jnp.float32, sharding=NamedSharding(mesh, P()))
+  compiled = jax.jit(lambda x, y: x @ y).lower(a, b).compile()
+  cost = step_cost.analyse(compiled, jnp.float32)
+  assert cost.flops == 2 * 64 * 256 * 512 / n
+  assert cost.argument_bytes == 4 * (64 * 256 // n + 256 * 512)
+  assert cost.output_bytes == 4 * 64 * 512 // n
+  assert cost.device_kind == jax.devices()[0].device_kind and cost.peak_tflops is None  # a CPU: no MFU
+  assert step_cost.rate_metrics([cost], samples_per_s=80.0, batch_size=8) == {
+      'tflops_per_device': pytest.approx(cost.flops * 10 / 1e12)}
+
+
+def test_peak_table_and_mfu():
+  assert step_cost.peak_tflops('NVIDIA H100 80GB HBM3', jnp.bfloat16) == 989.4
+  assert step_cost.peak_tflops('NVIDIA H200', 'float32') == 494.7
+  assert step_cost.peak_tflops('NVIDIA A100-SXM4-80GB', 'bfloat16') == 312.0
+  assert step_cost.peak_tflops('TPU v5 lite', jnp.float32) == 197.0  # TPUs: the bfloat16 peak
+  assert step_cost.peak_tflops('TPU v5p', jnp.bfloat16) == 459.0
+  assert step_cost.peak_tflops('TPU v6 lite', jnp.bfloat16) == 918.0
+  assert step_cost.peak_tflops('cpu', jnp.float32) is None
+  cost = step_cost.StepCost(flops=5.6e12, argument_bytes=0, output_bytes=0, alias_bytes=0, temp_bytes=0,
+                            peak_bytes=0, device_kind='NVIDIA H100', device_limit_bytes=None, peak_tflops=989.4)
+  # 5.6 TFLOP per step at 2 steps/s (batch 64, 128 samples/s): 11.2 TFLOP/s, 1.13% of 989.4.
+  metrics = step_cost.rate_metrics([cost], samples_per_s=128.0, batch_size=64)
+  assert metrics['tflops_per_device'] == pytest.approx(11.2)
+  assert metrics['mfu'] == pytest.approx(11.2 / 989.4)
+  assert step_cost.format_rate(metrics) == '11.2 TFLOP/s/device  MFU 1.1%'
+
+
+def test_a_step_that_cannot_fit_stops_with_the_numbers_and_the_knobs():
+  gib = 2 ** 30
+  cost = step_cost.StepCost(flops=1.0, argument_bytes=30 * gib, output_bytes=0, alias_bytes=0, temp_bytes=60 * gib,
+                            peak_bytes=90 * gib, device_kind='NVIDIA H100 80GB HBM3', device_limit_bytes=80 * gib,
+                            peak_tflops=989.4)
+  with pytest.raises(ConfigError, match=r'needs 90.0 GiB per device \(arguments 30.0, temporaries 60.0\) but a '
+                                        r'NVIDIA H100 80GB HBM3 holds 80.0 GiB: lower --config.train.batch_size.*remat'
+                                        r'.*bfloat16.*fsdp'):
+    step_cost.check_fits(cost)
+  step_cost.check_fits(step_cost.StepCost(**{**cost.__dict__, 'device_limit_bytes': None}))  # unknown: no check
+
+
+def test_compiled_step_runs_what_jit_runs_and_records_its_cost():
+  step = step_cost.CompiledStep(jax.jit(lambda x: (x @ x.T).sum()), jnp.float32, 'a test step')
+  x = jnp.asarray(np.arange(12.0).reshape(3, 4), jnp.float32)
+  assert float(step(x)) == float((np.arange(12.0).reshape(3, 4) @ np.arange(12.0).reshape(3, 4).T).sum())
+  assert step.cost.flops >= 2 * 3 * 4 * 3
+
+
+def test_profiler_writes_a_trace_of_the_chosen_steps(tmp_path):
+  profiler = step_cost.Profiler((1, 3), str(tmp_path))
+  f = jax.jit(lambda x: jnp.sin(x) @ x)
+  for step in range(4):
+    profiler.before(step)
+    out = f(jnp.ones((16, 16)))
+    profiler.after(step, out)
+  profiler.close()
+  assert list((tmp_path / 'profile').rglob('*.xplane.pb'))
+  with pytest.raises(ConfigError, match='profile_steps'):
+    step_cost.Profiler((3, 1), str(tmp_path))
+
+
+def test_training_logs_carry_the_achieved_rate(tiny_checkpoint):
+  rows = [r for r in read_jsonl(str(tiny_checkpoint / 'train.jsonl')) if 'loss' in r]
+  assert rows and all(r['tflops_per_device'] > 0 for r in rows)
+  assert all('mfu' not in r for r in rows)  # this CPU has no peak in the table
