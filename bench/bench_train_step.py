@@ -51,7 +51,7 @@ def matmul_gflops(n: int = 2048, iters: int = 5) -> float:
 
 def torch_contrastive(a, b, scale):
   logits = scale * a @ b.T
-  labels = torch.arange(a.shape[0])
+  labels = torch.arange(a.shape[0], device=a.device)
   return (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
 
 
@@ -66,8 +66,8 @@ def make_torch_step(clip_model, encoder, prompts, table, num_points):
   def step(points, pixels, labels, template_idx):
     idx = torch_farthest_point_sample(points, num_points)
     pts = torch_gather_points(points, idx)
-    s = torch.empty(pts.shape[0], 1, 3).uniform_(2 / 3, 3 / 2)
-    pts = pts * s + torch.empty(pts.shape[0], 1, 3).uniform_(-0.2, 0.2)
+    s = torch.empty(pts.shape[0], 1, 3, device=pts.device).uniform_(2 / 3, 3 / 2)
+    pts = pts * s + torch.empty(pts.shape[0], 1, 3, device=pts.device).uniform_(-0.2, 0.2)
     text = table[template_idx, labels]
     image = torch.nn.functional.normalize(torch_prompted_image_features(clip_model, pixels, prompts), dim=-1)
     feats = torch.nn.functional.normalize(encoder(pts), dim=-1)

@@ -25,10 +25,10 @@ def torch_farthest_point_sample(xyz: torch.Tensor, num_samples: int) -> torch.Te
   batch, n, _ = xyz.shape
   x, y, z = xyz[..., 0], xyz[..., 1], xyz[..., 2]
   is_candidate = (x * x + y * y + z * z) > _ORIGIN_SQ_NORM
-  min_sq_dist = torch.full((batch, n), 1e10, dtype=xyz.dtype)
-  out = torch.zeros(batch, num_samples, dtype=torch.int64)
-  last = torch.zeros(batch, dtype=torch.int64)
-  rows = torch.arange(batch)
+  min_sq_dist = torch.full((batch, n), 1e10, dtype=xyz.dtype, device=xyz.device)
+  out = torch.zeros(batch, num_samples, dtype=torch.int64, device=xyz.device)
+  last = torch.zeros(batch, dtype=torch.int64, device=xyz.device)
+  rows = torch.arange(batch, device=xyz.device)
   for j in range(1, num_samples):
     p = xyz[rows, last]
     dx, dy, dz = x - p[:, 0:1], y - p[:, 1:2], z - p[:, 2:3]
