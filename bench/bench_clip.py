@@ -9,10 +9,13 @@ With --backbone slip: SLIP ViT-B/16 (CG3D's backbone, a random file in SLIP's fo
 VisionTransformer with CG3D's VisionTransformerPromptDeep forward (tests/slip_reference.py; needs .reference_libs,
 README Install).
 
-  python bench/bench_clip.py [--backbone transformers|slip] [--batch 8] [--iters 5] [--folder DIR]
+--attention auto,xla times each attention kernel (cg3d_jax/models/layers.py) in the same interleaved loop.
+
+  python bench/bench_clip.py [--backbone transformers|slip] [--batch 8] [--iters 5] [--folder DIR] [--attention auto]
 """
 
 import argparse
+import dataclasses
 import os
 import pathlib
 import platform
@@ -68,6 +71,8 @@ def main(argv=None):
   parser.add_argument('--backbone', choices=['transformers', 'slip'], default='transformers')
   parser.add_argument('--folder', help='an existing CLIP (transformers folder, or SLIP file with --backbone slip); '
                       'default: write a random ViT-B/16')
+  parser.add_argument('--attention', default='auto', help='comma-separated attention kernels to time: auto, xla, '
+                      'einsum, cudnn (GPU)')
   args = parser.parse_args(argv)
   print(load.report())
 
@@ -93,11 +98,13 @@ def main(argv=None):
   prompts = loaded.params['prompts']
   frozen = {k: v for k, v in loaded.params.items() if k != 'prompts'}
 
-  jax_step = make_jax_step(loaded)
   j_pixels, j_direction = jnp.asarray(pixels), jnp.asarray(direction)
-  start = time.perf_counter()
-  j_loss, j_grad = jax.block_until_ready(jax_step(prompts, frozen, j_pixels, j_direction))
-  jax_first = time.perf_counter() - start
+  jax_steps, jax_first = {}, {}
+  for impl in args.attention.split(','):
+    jax_steps[impl] = make_jax_step(dataclasses.replace(loaded, model=loaded.model.clone(attention=impl)))
+    start = time.perf_counter()
+    j_loss, j_grad = jax.block_until_ready(jax_steps[impl](prompts, frozen, j_pixels, j_direction))
+    jax_first[impl] = time.perf_counter() - start
 
   torch_step = make_torch_step(torch_model, features)
   t_pixels = torch.tensor(pixels.transpose(0, 3, 1, 2), device=torch_device)
@@ -109,16 +116,17 @@ def main(argv=None):
   t_grad = t_grad.cpu().numpy()
   grad_diff = float(np.abs(np.asarray(j_grad['tokens']) - t_grad).max() / np.abs(t_grad).max())
 
-  jax_times, torch_times = [], []
+  jax_times, torch_times = {impl: [] for impl in jax_steps}, []
   for _ in range(args.iters):
-    start = time.perf_counter()
-    jax.block_until_ready(jax_step(prompts, frozen, j_pixels, j_direction))
-    jax_times.append(time.perf_counter() - start)
+    for impl, jax_step in jax_steps.items():
+      start = time.perf_counter()
+      jax.block_until_ready(jax_step(prompts, frozen, j_pixels, j_direction))
+      jax_times[impl].append(time.perf_counter() - start)
     start = time.perf_counter()
     torch_step(t_prompts, t_pixels, t_direction)
     torch_times.append(time.perf_counter() - start)
 
-  jax_s, torch_s = statistics.median(jax_times), statistics.median(torch_times)
+  jax_s, torch_s = {k: statistics.median(v) for k, v in jax_times.items()}, statistics.median(torch_times)
   print(f'{args.backbone} ViT-B/16 image tower, deep prompts (12 x 5), forward + backward to the prompts only; '
         f'batch {args.batch}, {spec.image_size} px, fp32')
   print(f'machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; jax {jax.__version__} '
@@ -129,7 +137,8 @@ def main(argv=None):
   print()
   print('| implementation | s / batch (median) | min | first call (incl. compile) | images / s | torch / this |')
   print('| --- | --- | --- | --- | --- | --- |')
-  for name, times, first in (('JAX (jit)', jax_times, jax_first), (reference_name, torch_times, torch_first)):
+  rows = [(f'JAX (jit), attention={impl}', jax_times[impl], jax_first[impl]) for impl in jax_steps]
+  for name, times, first in (*rows, (reference_name, torch_times, torch_first)):
     median = statistics.median(times)
     print(f'| {name} | {median:.3f} | {min(times):.3f} | {first:.2f} | {args.batch / median:.2f} | '
           f'{torch_s / median:.2f} |')

@@ -130,8 +130,10 @@ def test_attention_implementations_give_the_same_features(small_pair, points, hi
   variables = {'params': params, 'batch_stats': batch_stats}
   features = {impl: np.asarray(jax.jit(model.clone(attention=impl).apply, static_argnames='train')(
       variables, points, train=False)) for impl in ('einsum', 'auto', 'xla')}
-  np.testing.assert_allclose(features['auto'], features['einsum'], atol=1e-6, rtol=0)
-  np.testing.assert_allclose(features['xla'], features['einsum'], atol=1e-6, rtol=0)
+  np.testing.assert_array_equal(features['auto'], features['einsum'])  # on CPU, auto is the head-major einsum
+  # float32 rounding apart: the two layouts sum the products in different orders (measured max 1.6e-6 on features
+  # up to ~1 after two blocks; the twin agrees with either to 1e-4)
+  np.testing.assert_allclose(features['xla'], features['einsum'], atol=3e-6, rtol=0)
 
 
 def test_train_mode_batch_stats_match_twin(small_pair, points, highest_precision):

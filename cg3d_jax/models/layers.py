@@ -21,8 +21,8 @@ def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
 
 
 # 'auto': cuDNN's fused (flash) attention on a GPU where it applies (bfloat16/float16, head size a multiple of 8 up to
-# 128), XLA's elsewhere (TPU, CPU, float32); 'xla' and 'cudnn' force one; 'einsum' is the written-out form the parity
-# tests were first written against, kept as the reference.
+# 128), the written-out head-major form on CPU (measured faster there, bench/README_clip.md), XLA's
+# jax.nn.dot_product_attention elsewhere (TPU, GPU in float32); 'xla', 'cudnn' and 'einsum' force one.
 ATTENTION_IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'einsum')
 
 
@@ -41,14 +41,19 @@ def attend(q, k, v, *, causal: bool = False, implementation: str = 'auto'):
   """
   if implementation not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f'attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {implementation!r}')
-  if implementation == 'einsum' or q.dtype == jnp.float64:  # jax.nn's softmax runs in float32 even for float64
+  cpu = implementation == 'auto' and jax.default_backend() == 'cpu'
+  # float64 (the parity tests) is always written out: jax.nn's softmax runs in float32 whatever the input.
+  if implementation == 'einsum' or cpu or q.dtype == jnp.float64:
     length = q.shape[1]
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * (q.shape[-1] ** -0.5)
+    # Head-major (B, H, L, d) operands: on CPU, XLA runs these batched products without the per-call transposes
+    # that (B, L, H, d) contractions cost (forward about 2x faster at ViT-B/16 sizes).
+    q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
+    logits = jnp.einsum('bhqd,bhkd->bhqk', q, k) * (q.shape[-1] ** -0.5)
     logits = logits.astype(stats_dtype(q.dtype))
     if causal:
       logits = jnp.where(jnp.tril(jnp.ones((length, length), dtype=bool)), logits, jnp.finfo(logits.dtype).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+    return jnp.swapaxes(jnp.einsum('bhqk,bhkd->bhqd', weights, v), 1, 2)
   if implementation == 'cudnn' or (implementation == 'auto' and _use_cudnn(q)):
     return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation='cudnn')
   return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation='xla')
