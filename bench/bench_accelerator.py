@@ -220,8 +220,9 @@ def main(argv=None) -> dict:
     result.update(bench_eval(args, clip_folder, devices))
   print()
   print(f"{result['device']} ({result['platform']}), jax {result['jax']}, batch {args.batch}, {result['size']}")
-  print('| implementation | compile s | s / step | samples / s | TFLOP/s / device | MFU | XLA peak GiB | device peak GiB |')
-  print('| --- | --- | --- | --- | --- | --- | --- | --- |')
+  print('| implementation | compile s | s / step | samples / s | TFLOP/s / device | MFU | XLA peak GiB | '
+        'device peak GiB | note |')
+  print('| --- | --- | --- | --- | --- | --- | --- | --- | --- |')
   for r in result['rows']:
     cell = lambda key, fmt: (fmt.format(r[key]) if r.get(key) is not None else '')  # noqa: E731
     print(f"| {r['implementation']} | {cell('compile_s', '{:.1f}')} | {cell('s_per_step', '{:.3f}')} | "

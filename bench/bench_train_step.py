@@ -88,6 +88,9 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--iters', type=int, default=3)
+  parser.add_argument('--framework', choices=('both', 'jax', 'torch'), default='both',
+                      help='one framework per process avoids their thread pools interfering (PyTorch\'s OpenMP '
+                      'threads spin after each call, which slows an XLA call that follows at once)')
   args = parser.parse_args(argv)
   print(load.report())  # a ratio taken under load can reverse on an idle machine
   from transformers import CLIPModel
@@ -129,19 +132,26 @@ def main(argv=None):
              torch.tensor(batch['label']).long(), torch.tensor(batch['template_idx']).long())
 
   state = setup.state
-  state, _ = jax.block_until_ready(compiled(state, setup.frozen, setup.text_table, jbatch))  # warm-up
-  tstep(*t_batch)
+  run_jax, run_torch = args.framework in ('both', 'jax'), args.framework in ('both', 'torch')
+  if run_jax:
+    state, _ = jax.block_until_ready(compiled(state, setup.frozen, setup.text_table, jbatch))  # warm-up
+  if run_torch:
+    tstep(*t_batch)
   jax_times, torch_times = [], []
   for _ in range(args.iters):  # alternate so that a busy machine slows both alike
-    start = time.perf_counter()
-    state, _ = jax.block_until_ready(compiled(state, setup.frozen, setup.text_table, jbatch))
-    jax_times.append(time.perf_counter() - start)
+    if run_jax:
+      start = time.perf_counter()
+      state, _ = jax.block_until_ready(compiled(state, setup.frozen, setup.text_table, jbatch))
+      jax_times.append(time.perf_counter() - start)
+    if not run_torch:
+      continue
     start = time.perf_counter()
     tstep(*t_batch)
     torch_times.append(time.perf_counter() - start)
   gflops = matmul_gflops()
 
-  jax_s, torch_s = statistics.median(jax_times), statistics.median(torch_times)
+  median = lambda times: statistics.median(times) if times else float('nan')  # noqa: E731
+  jax_s, torch_s = median(jax_times), median(torch_times)
   print(f'CG3D joint step, PointTransformer 1024 points (FPS from 8192) + ViT-B/16 CLIP, 5 deep prompts, text cached;'
         f' batch {args.batch}, fp32')
   print(f'machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; jax {jax.__version__}, '
@@ -152,6 +162,8 @@ def main(argv=None):
   print('| implementation | s / step (median) | samples / s | GFLOP/s achieved | utilisation | torch / this |')
   print('| --- | --- | --- | --- | --- | --- |')
   for name, s in (('JAX (jit)', jax_s), ('PyTorch (transformers CLIP + twin)', torch_s)):
+    if s != s:  # not measured in this process (--framework)
+      continue
     achieved = flops / s / 1e9
     print(f'| {name} | {s:.2f} | {args.batch / s:.2f} | {achieved:.1f} | {achieved / gflops:.0%} | '
           f'{torch_s / s:.2f} |')
