@@ -48,7 +48,7 @@ class StepCost:
   output_bytes: int
   alias_bytes: int  # outputs written into donated arguments (counted once)
   temp_bytes: int
-  peak_bytes: int  # XLA's peak estimate where it gives one, else arguments + outputs - aliases + temporaries
+  peak_bytes: int  # max(XLA's peak estimate, arguments + outputs - aliases + temporaries)
   device_kind: str
   device_limit_bytes: int | None  # what the device says it can hold (None: it does not say, e.g. CPU)
   peak_tflops: float | None
@@ -85,7 +85,9 @@ def analyse(compiled, compute_dtype, device=None) -> StepCost:
   memory = compiled.memory_analysis()
   args, outs = int(memory.argument_size_in_bytes), int(memory.output_size_in_bytes)
   alias, temp = int(memory.alias_size_in_bytes), int(memory.temp_size_in_bytes)
-  peak = int(getattr(memory, 'peak_memory_in_bytes', 0) or 0) or args + outs - alias + temp
+  # XLA's own peak where it is larger; on CPU it reports about the arguments alone, so the sum (what MaxText prints
+  # too) is the figure the fit check uses: an upper bound when temporaries could overlap the outputs.
+  peak = max(int(getattr(memory, 'peak_memory_in_bytes', 0) or 0), args + outs - alias + temp)
   return StepCost(flops=float(costs.get('flops', 0.0)), argument_bytes=args, output_bytes=outs, alias_bytes=alias,
                   temp_bytes=temp, peak_bytes=peak, device_kind=device.device_kind,
                   device_limit_bytes=_device_limit(device), peak_tflops=peak_tflops(device.device_kind, compute_dtype))

@@ -25,6 +25,7 @@ def test_flops_and_memory_are_per_device_and_match_hand_counts():
   assert cost.flops == 2 * 64 * 256 * 512 / n
   assert cost.argument_bytes == 4 * (64 * 256 // n + 256 * 512)
   assert cost.output_bytes == 4 * 64 * 512 // n
+  assert cost.peak_bytes >= cost.argument_bytes + cost.output_bytes - cost.alias_bytes + cost.temp_bytes
   assert cost.device_kind == jax.devices()[0].device_kind and cost.peak_tflops is None  # a CPU: no MFU
   assert step_cost.rate_metrics([cost], samples_per_s=80.0, batch_size=8) == {
       'tflops_per_device': pytest.approx(cost.flops * 10 / 1e12)}
