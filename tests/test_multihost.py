@@ -30,7 +30,11 @@ TPU_LAUNCH = REPO_ROOT / 'launch' / 'tpu_pod.sh'
 # depend on total_steps (the resumed launch runs "forever" until it is killed).
 COMMON = {'train.log_every': 1, 'train.encoder_optim.schedule': 'constant', 'checkpoint.every_steps': 1000}
 FIRST_STEPS, COMPARED_STEPS = 3, 5
-HEARTBEAT_S = 10
+# Launch 2 is killed on purpose: the survivor must notice within a heartbeat timeout, short enough to keep the test
+# quick, long enough that compiling on a 2-core machine shared with the other test worker misses no heartbeat
+# (10 s did, once). Launch 1 kills nothing and gets a generous one.
+HEARTBEAT_S = 30
+FIRST_LAUNCH_HEARTBEAT_S = 120
 
 
 def _overrides(clip_dir, shapenet, **extra) -> list[str]:
@@ -72,7 +76,9 @@ def pod_run(tmp_path_factory, tiny_clip_dir, tiny_shapenet):
   first = subprocess.run(
       ['bash', str(LOCAL_LAUNCH), '2', '4', '--',
        *_train_args(workdir, tiny_clip_dir, tiny_shapenet, **{'train.total_steps': FIRST_STEPS})],
-      cwd=REPO_ROOT, env=env | {'CG3D_LOG_DIR': str(root / 'logs1')}, capture_output=True, text=True, timeout=400)
+      cwd=REPO_ROOT, env=env | {'CG3D_LOG_DIR': str(root / 'logs1'),
+                                'CG3D_HEARTBEAT_TIMEOUT_S': str(FIRST_LAUNCH_HEARTBEAT_S)},
+      capture_output=True, text=True, timeout=400)
   assert first.returncode == 0, (first.stderr, _tail(root / 'logs1' / 'process_0.log'))
   after_first = _read_losses(workdir)
 
