@@ -1,6 +1,6 @@
 """One device benchmark, on whatever backend JAX sees: the CG3D training step at the real configuration in float32 and
-bfloat16, with and without rematerialisation, against the same step in PyTorch on the same device; FPS and grouping
-throughput; zero-shot evaluation objects/s. One table, and JSON.
+bfloat16, with and without rematerialisation (-remat: full; -dots: matmul outputs kept), against the same step in
+PyTorch on the same device; FPS and grouping throughput; zero-shot evaluation objects/s. One table, and JSON.
 
   python bench/bench_accelerator.py [--batch 64] [--iters 5] [--json out.json] [--variants fp32,bf16,bf16-remat]
   python bench/bench_accelerator.py --small      # a tiny CLIP and encoder, batch 8: what the test suite runs on CPU
@@ -37,9 +37,9 @@ from cg3d_jax.synthetic import random_clip  # noqa: E402
 from cg3d_jax.training import pretrain  # noqa: E402
 from cg3d_jax.training.pretrain_step import ENCODER, PROMPTS, jit_train_step  # noqa: E402
 
-VARIANTS = {  # name -> (compute dtype, remat)
-    'fp32': ('float32', False), 'fp32-remat': ('float32', True),
-    'bf16': ('bfloat16', False), 'bf16-remat': ('bfloat16', True),
+VARIANTS = {  # name -> (compute dtype, remat policy: models/layers.REMAT_POLICIES)
+    'fp32': ('float32', 'none'), 'fp32-remat': ('float32', 'full'), 'fp32-dots': ('float32', 'dots'),
+    'bf16': ('bfloat16', 'none'), 'bf16-remat': ('bfloat16', 'full'), 'bf16-dots': ('bfloat16', 'dots'),
 }
 SMALL_CLIP = dict(vision_width=64, vision_layers=2, vision_heads=4, patch_size=16, image_size=64, text_width=64,
                   text_layers=1, text_heads=4, projection_dim=64)
@@ -55,7 +55,7 @@ def _median_time(fn, iters: int) -> float:
   return statistics.median(times)
 
 
-def _config(args, clip_folder: str, dtype: str, remat: bool):
+def _config(args, clip_folder: str, dtype: str, remat: str):
   config = pretrain_pointbert.get_config()
   config.clip.path = clip_folder
   config.train.batch_size = args.batch
@@ -169,7 +169,7 @@ def bench_points(args, devices) -> dict:
 def bench_eval(args, clip_folder: str, devices) -> dict:
   """Zero-shot evaluation's per-object work: 8192 stored points -> FPS 1024 -> encoder features, jitted."""
   from cg3d_jax.models.cg3d import build_encoder
-  config = _config(args, clip_folder, 'float32', False)
+  config = _config(args, clip_folder, 'float32', 'none')
   encoder = build_encoder(config.model)
   n = config.model.num_points
   clouds = jnp.asarray(np.random.default_rng(2).normal(size=(args.batch, 8192, 3)).astype(np.float32))
@@ -209,7 +209,7 @@ def main(argv=None) -> dict:
       result['rows'].append(row)
       print(json.dumps(row), flush=True)
     if not args.no_torch:
-      config = _config(args, clip_folder, 'float32', False)
+      config = _config(args, clip_folder, 'float32', 'none')
       spec_layers = (SMALL_CLIP if args.small else random_clip.VIT_B16)['vision_layers']
       width = (SMALL_CLIP if args.small else random_clip.VIT_B16)['vision_width']
       prompts_shape = (spec_layers, config.clip.prompt.num_tokens, width)

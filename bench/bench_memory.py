@@ -4,9 +4,9 @@ compiled, never run, on 8 simulated CPU devices).
   python bench/bench_memory.py [--batch 64] [--json out.json] [--skip_towers]
 
 Rows: the real CG3D step (ViT-B/16 CLIP with 5 deep prompts + PointTransformer 22 M on 1024 of 8192 points, batch
-64) in float32 / bfloat16 x remat off / on, on 1 device and on 8 devices with the state and the frozen CLIP sharded
-fsdp=8 (batch split 8 ways); then the prompt step of larger frozen towers (ViT-L/14 at 224 px, ViT-bigG/14 at 224 px,
-deep prompts, batch 64) with fsdp=8, parameters abstract (never materialised).
+64) in float32 / bfloat16 x remat none / full / dots, on 1 device and on 8 devices with the state and the frozen CLIP
+sharded fsdp=8 (batch split 8 ways); then the prompt step of larger frozen towers (ViT-L/14 at 224 px, ViT-bigG/14
+at 224 px, deep prompts, batch 64) with fsdp=8, parameters abstract (never materialised).
 
 What the figures are: XLA's buffer assignment for the CPU backend, per device: arguments (parameters, optimizer
 state, batch), temporaries (activations kept for the backward pass and scratch) and XLA's peak estimate. A GPU or
@@ -59,32 +59,45 @@ def _row(name, compiled, dtype, devices, **extra) -> dict:
           'peak_gib': cost.peak_bytes / GIB, 'gflop_per_device': cost.flops / 1e9}
 
 
+def compile_cg3d_step(config, batch: int, devices: int):
+  """(compiled joint training step of `config` on the first `devices` devices, lower + compile seconds); nothing
+  runs, the batch is abstract."""
+  setup = pretrain.build_setup(config, train_classes=['chair'], steps_per_epoch=1000, devices=jax.devices()[:devices])
+  size = setup.clip.spec.image_size
+  shard = setup.shardings['batch']
+  batch_shapes = {'points': jax.ShapeDtypeStruct((batch, 8192, 3), jnp.float32, sharding=shard),
+                  'image': jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32, sharding=shard),
+                  'label': jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=shard),
+                  'template_idx': jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=shard)}
+  step = jit_train_step(setup.model, setup.tx, setup.labels_fn, active=(ENCODER, PROMPTS),
+                        state_shardings=setup.shardings['state'], frozen_shardings=setup.shardings['frozen'],
+                        table_sharding=setup.shardings['table'], batch_shardings=setup.shardings['batch'])
+  start = time.perf_counter()
+  compiled = step.lower(setup.state, setup.frozen, setup.text_table, batch_shapes).compile()
+  return compiled, time.perf_counter() - start
+
+
+def real_config(folder: str, batch: int, *, dtype: str = 'float32', remat: str = 'none', scan_layers: bool = True,
+                devices: int = 1, fsdp: int = 1):
+  config = pretrain_pointbert.get_config()
+  config.clip.path = folder
+  config.train.batch_size = config.eval.batch_size = batch
+  config.model.dtype = config.clip.dtype = dtype
+  config.model.remat = config.clip.remat = remat
+  config.model.scan_layers = config.clip.scan_layers = scan_layers
+  config.mesh.data, config.mesh.fsdp = devices // fsdp, fsdp
+  return config
+
+
 def cg3d_rows(batch: int, folder: str) -> list[dict]:
   rows = []
   for devices, fsdp in ((1, 1), (8, 8)):
     for dtype in ('float32', 'bfloat16'):
-      for remat in (False, True):
-        config = pretrain_pointbert.get_config()
-        config.clip.path = folder
-        config.train.batch_size = config.eval.batch_size = batch
-        config.model.dtype = config.clip.dtype = dtype
-        config.model.remat = config.clip.remat = remat
-        config.mesh.data, config.mesh.fsdp = devices // fsdp, fsdp
-        setup = pretrain.build_setup(config, train_classes=['chair'], steps_per_epoch=1000,
-                                     devices=jax.devices()[:devices])
-        size = setup.clip.spec.image_size
-        shard = setup.shardings['batch']
-        batch_shapes = {'points': jax.ShapeDtypeStruct((batch, 8192, 3), jnp.float32, sharding=shard),
-                        'image': jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32, sharding=shard),
-                        'label': jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=shard),
-                        'template_idx': jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=shard)}
-        step = jit_train_step(setup.model, setup.tx, setup.labels_fn, active=(ENCODER, PROMPTS),
-                              state_shardings=setup.shardings['state'], frozen_shardings=setup.shardings['frozen'],
-                              table_sharding=setup.shardings['table'], batch_shardings=setup.shardings['batch'])
-        start = time.perf_counter()
-        compiled = step.lower(setup.state, setup.frozen, setup.text_table, batch_shapes).compile()
+      for remat in ('none', 'full', 'dots'):
+        config = real_config(folder, batch, dtype=dtype, remat=remat, devices=devices, fsdp=fsdp)
+        compiled, seconds = compile_cg3d_step(config, batch, devices)
         rows.append(_row('CG3D joint step (ViT-B/16 + PointTransformer)', compiled, dtype, devices, fsdp=fsdp,
-                         remat=remat, compile_s=round(time.perf_counter() - start, 1)))
+                         remat=remat, compile_s=round(seconds, 1)))
         print(json.dumps(rows[-1]), flush=True)
   return rows
 
@@ -97,7 +110,7 @@ def tower_rows(batch: int, devices: int = 8) -> list[dict]:
   for name, sizes in TOWERS.items():
     spec = CLIPSpec(**sizes, **TEXT_STUB)
     for dtype in ('bfloat16',):
-      for remat in (False, True):
+      for remat in ('none', 'full', 'dots'):
         model = CLIP(spec, prompt_mode='deep', num_prompts=5, dtype=jnp.dtype(dtype), remat=remat)
         pixels = jax.ShapeDtypeStruct((batch, spec.image_size, spec.image_size, 3), jnp.float32,
                                       sharding=sharding.batch_sharding(mesh))
@@ -143,7 +156,7 @@ def main(argv=None) -> dict:
   print('| step | dtype | remat | devices (fsdp) | arguments GiB | temporaries GiB | peak GiB | GFLOP / device |')
   print('| --- | --- | --- | --- | --- | --- | --- | --- |')
   for r in rows:
-    print(f"| {r['step']} | {r['dtype']} | {'on' if r['remat'] else 'off'} | {r['devices']} ({r['fsdp']}) | "
+    print(f"| {r['step']} | {r['dtype']} | {r['remat']} | {r['devices']} ({r['fsdp']}) | "
           f"{r['arguments_gib']:.2f} | {r['temporaries_gib']:.2f} | {r['peak_gib']:.2f} | "
           f"{r['gflop_per_device']:.0f} |")
   result = {'machine': load.report(), 'batch': args.batch, 'rows': rows}

@@ -14,6 +14,10 @@ Restoring reads the arrays straight onto the shardings of the given target (jax.
 `.sharding`, e.g. from `sharding.with_shardings`), so a checkpoint written on a 4x2 mesh restores onto 8x1 or onto
 one device without ever gathering the full state on one host.
 
+Layer stacks: states hold each tower's layers stacked on a leading axis (trees.stack_layers). Checkpoints written
+before the layer scan hold them one subtree per layer (`blocks_0`, `layers_0`); both `Checkpointer.restore` and
+`read_step` read those and return the stacked layout.
+
 RNG keys travel in `rng` (typed `jax.random.key` or raw uint32 `PRNGKey`) and come back in the same form; the
 state itself must hold numeric arrays only (store key data, not typed keys, if the state needs one).
 """
@@ -29,10 +33,14 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from orbax.checkpoint import checkpoint_managers as policies
 
 from cg3d_jax.errors import InputError
+from cg3d_jax.trees import in_numbered_layer, path_to_str, stack_layers, unstack_layers
 
 _STATE, _EXTRAS, _CONFIG = 'state', 'extras', 'config'
 CHECKPOINTS_DIR = 'checkpoints'  # <workdir>/checkpoints/<step>/
@@ -251,16 +259,22 @@ class Checkpointer:
                        f'on {missing[:5]}{"..." if len(missing) > 5 else ""}')
     _silence_closed_loop_noise()  # before the attempt: the noise starts as soon as a read fails
     try:
+      unrolled = _saved_unrolled(self._manager, step)
       restored = self._manager.restore(step, args=ocp.args.Composite(**{
-          _STATE: ocp.args.StandardRestore(target), _EXTRAS: ocp.args.JsonRestore(),
-          _CONFIG: ocp.args.JsonRestore()}))
+          _STATE: ocp.args.StandardRestore(_unrolled_target(target) if unrolled else target),
+          _EXTRAS: ocp.args.JsonRestore(), _CONFIG: ocp.args.JsonRestore()}))
     except Exception as err:  # TensorStore and orbax raise many types for missing or truncated files
       raise damaged_step_error(pathlib.Path(str(self.directory)) / str(step), step, err,
                                [s for s in steps if s != step]) from err
+    if unrolled:  # written before the layer scan: one subtree per layer -> the stacked layout, on the target
+      logging.info('checkpoint step %d holds layers one by one (written before scanned layers): stacking them', step)
+      state = jax.jit(stack_layers, out_shardings=jax.tree.map(lambda t: t.sharding, target))(restored[_STATE])
+    else:
+      state = restored[_STATE]
     extras = dict(restored[_EXTRAS])
     extras['rng'] = _rng_from_json(extras['rng'])
     extras['config'] = ml_collections.ConfigDict(restored[_CONFIG])
-    return restored[_STATE], extras
+    return state, extras
 
   def set_aside(self, step: int) -> pathlib.Path:
     """Renames a damaged step's folder to `<step>.damaged` (kept for inspection, no longer a step) so that training
@@ -297,6 +311,23 @@ class Checkpointer:
 
 
 # --- reading a saved step (evaluation, export, fine-tuning from a pretraining run) --------------------------------
+
+def _saved_unrolled(manager, step: int) -> bool:
+  """True when the step's state names its layers one by one (`blocks_0`, `layers_0`: before the layer scan)."""
+  metadata = manager.item_metadata(step)[_STATE]
+  found = []
+  jax.tree_util.tree_map_with_path(lambda path, _: found.append(path_to_str(path)), dict(metadata))
+  return any(in_numbered_layer(name) for name in found)
+
+
+def _unrolled_target(target):
+  """The restore target in the one-subtree-per-layer layout: each stacked leaf split along its layer axis."""
+  def take(leaf, _):
+    sharding = leaf.sharding
+    return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype,
+                                sharding=NamedSharding(sharding.mesh, P(*tuple(sharding.spec)[1:])))
+  return unstack_layers(target, take=take)
+
 
 @dataclasses.dataclass
 class SavedStep:
@@ -379,4 +410,4 @@ def read_step(path, step: int | None = None, device=None) -> SavedStep:
   if not restored[_CONFIG]:
     raise CheckpointNotFoundError(f'{step_dir} has no config item: not a cg3d-jax training checkpoint')
   return SavedStep(path=step_dir, step=int(restored[_STATE]['step']), config=ml_collections.ConfigDict(
-      restored[_CONFIG]), state=restored[_STATE], metrics=extras.get('metrics'))
+      restored[_CONFIG]), state=stack_layers(restored[_STATE]), metrics=extras.get('metrics'))

@@ -4,7 +4,8 @@ Mesh. Two named axes, ('data', 'fsdp'), sizes from the config's `mesh` block; on
 left over". Batches split their leading dimension over both axes (every device sees a distinct slice of the
 global batch); parameters are split over 'fsdp' only, so a data-parallel mesh is just fsdp=1.
 
-Parameter rule (a function of the array's shape alone):
+Parameter rule (a function of the array's shape alone; in a scanned layer stack, of one layer's shape, the leading
+layer axis never split):
   * replicated if the mesh's fsdp size is 1, or the array has fewer than `min_fsdp_size` elements (biases, norms,
     scalars, prompts, small kernels: the gather would cost more than the memory it saves);
   * otherwise split over 'fsdp' along its largest dimension that the fsdp size divides (ties: the last such
@@ -21,6 +22,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from cg3d_jax.trees import in_stack, path_to_str
 
 MESH_AXES = ('data', 'fsdp')
 BATCH_AXES = ('data', 'fsdp')
@@ -86,8 +89,14 @@ def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_fsdp_size: int = DEFAULT
 def param_shardings(params_or_shapes: Any, mesh: Mesh, *, min_fsdp_size: int = DEFAULT_MIN_FSDP_SIZE) -> Any:
   """A NamedSharding for every leaf (arrays or jax.ShapeDtypeStruct), by the parameter rule."""
   fsdp_size = mesh.shape['fsdp']
-  return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), fsdp_size, min_fsdp_size)),
-                      params_or_shapes)
+
+  def spec(path, x):
+    shape = np.shape(x)
+    if shape and in_stack(path_to_str(path)):  # per layer: the scan slices the layer axis, which stays whole
+      return NamedSharding(mesh, P(None, *fsdp_spec(shape[1:], fsdp_size, min_fsdp_size)))
+    return NamedSharding(mesh, fsdp_spec(shape, fsdp_size, min_fsdp_size))
+
+  return jax.tree_util.tree_map_with_path(spec, params_or_shapes)
 
 
 def state_shardings(state_shapes: Any, mesh: Mesh, *, min_fsdp_size: int = DEFAULT_MIN_FSDP_SIZE) -> Any:

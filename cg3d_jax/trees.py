@@ -1,8 +1,21 @@
-"""Nested parameter dicts <-> flat {'a/b/c': leaf} maps, the form every name mapping in this package works on."""
+"""Nested parameter dicts <-> flat {'a/b/c': leaf} maps, the form every name mapping in this package works on; and
+the two layouts of a transformer's layer stack.
 
-from typing import Any, Mapping
+Layer stacks. In the models, each tower's layers are one `nn.scan`ned module whose parameters carry a leading layer
+axis: `vision/layers/mlp/fc1/kernel` (layers, in, out), `blocks/attn/qkv/kernel` (depth, in, out). Name tables that
+map to other libraries (transformers, timm/SLIP, the original CG3D) are written per layer, `layers_{i}/...`,
+`blocks_{i}/...`, and checkpoints written before the scan hold that layout too. `stack_layers` and `unstack_layers`
+convert between the two, on any nested tree (params, optimizer state, shape trees under jax.eval_shape).
+"""
+
+import re
+from typing import Any, Mapping, Sequence
 
 import jax
+import numpy as np
+
+STACKS = ('layers', 'blocks')  # the names of the scanned layer stacks in the models
+_NUMBERED = re.compile(rf'^({"|".join(STACKS)})_(\d+)$')
 
 
 def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
@@ -52,3 +65,80 @@ def non_finite(tree: Mapping[str, Any]) -> list[str]:
     if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
       bad.append(name)
   return sorted(bad)
+
+
+def in_numbered_layer(path: str) -> bool:
+  """True for a '/'-joined leaf path under a per-layer subtree (`layers_3/...`: the layout before the scan)."""
+  return any(_NUMBERED.match(part) for part in path.split('/')[:-1])
+
+
+def in_stack(path: str) -> bool:
+  """True for a '/'-joined leaf path inside a scanned layer stack (its leading axis is the layer axis)."""
+  return any(part in STACKS for part in path.split('/')[:-1])
+
+
+def _stack_leaves(leaves: Sequence[Any]):
+  if all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):  # shape trees (jax.eval_shape templates)
+    return jax.ShapeDtypeStruct((len(leaves), *leaves[0].shape), leaves[0].dtype)
+  if all(isinstance(x, np.ndarray) or np.isscalar(x) for x in leaves):
+    return np.stack(leaves)
+  return jax.numpy.stack(leaves)
+
+
+def _map_dicts(tree, fn):
+  """Applies fn to every Mapping in a nested tree of Mappings, lists and tuples (namedtuples kept), bottom up."""
+  if isinstance(tree, Mapping):
+    return fn({k: _map_dicts(v, fn) for k, v in tree.items()})
+  if isinstance(tree, tuple) and hasattr(tree, '_fields'):
+    return type(tree)(*(_map_dicts(v, fn) for v in tree))
+  if isinstance(tree, (list, tuple)):
+    return type(tree)(_map_dicts(v, fn) for v in tree)
+  return tree
+
+
+def stack_layers(tree):
+  """Per-layer siblings `layers_0..layers_{n-1}` (or `blocks_*`) -> one `layers` subtree with a leading layer axis.
+
+  Numbering must run from 0 without gaps; the layers' subtrees must have the same structure. Trees already stacked
+  pass unchanged.
+  """
+  def stack_dict(node: dict) -> dict:
+    groups: dict[str, dict[int, str]] = {}
+    for key in node:
+      if isinstance(key, str) and (m := _NUMBERED.match(key)):
+        groups.setdefault(m.group(1), {})[int(m.group(2))] = key
+    for base, numbered in groups.items():
+      if base in node:
+        raise ValueError(f'tree has both {base!r} and {base}_<i> entries')
+      if sorted(numbered) != list(range(len(numbered))):
+        raise ValueError(f'{base}_<i> numbers are not contiguous from 0: {sorted(numbered)}')
+      layers = [node.pop(numbered[i]) for i in range(len(numbered))]
+      node[base] = jax.tree.map(lambda *xs: _stack_leaves(xs), *layers)
+    return node
+  return _map_dicts(tree, stack_dict)
+
+
+def _layer(x, i: int):
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+  return x[i]
+
+
+def unstack_layers(tree, take=_layer):
+  """Inverse of `stack_layers`: each `layers`/`blocks` subtree -> `layers_{i}` siblings, one per leading index.
+
+  take(leaf, i): layer i of a stacked leaf (default: indexing, or the shape of one layer for a ShapeDtypeStruct).
+  """
+  def unstack_dict(node: dict) -> dict:
+    for base in STACKS:
+      stacked = node.get(base)
+      if not isinstance(stacked, Mapping):
+        continue
+      sizes = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree.leaves(stacked)}
+      if len(sizes) != 1 or None in sizes:
+        raise ValueError(f'{base!r} leaves do not share one leading layer axis: sizes {sorted(map(str, sizes))}')
+      del node[base]
+      for i in range(sizes.pop()):
+        node[f'{base}_{i}'] = jax.tree.map(lambda x, i=i: take(x, i), stacked)
+    return node
+  return _map_dicts(tree, unstack_dict)

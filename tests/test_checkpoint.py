@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from cg3d_jax import checkpoints, sharding
+from cg3d_jax import checkpoints, sharding, trees
 from cg3d_jax.configs import base
 from cg3d_jax.training import optim
 
@@ -200,3 +200,33 @@ def test_typed_keys_in_state_are_rejected(tmp_path):
   with checkpoints.Checkpointer(str(tmp_path)) as ckpt:
     with pytest.raises(TypeError, match=r"\['rng'\] is a typed PRNG key"):
       ckpt.save(1, {'rng': jax.random.key(0)}, data_step=0, rng=jax.random.key(0), config=None, force=True)
+
+
+def test_checkpoint_written_before_the_layer_scan_restores_stacked(tmp_path):
+  """A state saved with one subtree per layer (`blocks_0`, `blocks_1`: before the scan) resumes into the stacked
+  layout on the target's shardings, and `read_step` gives the stacked layout too."""
+  rng = np.random.default_rng(5)
+  per_layer = [{'fc': {'kernel': rng.normal(size=(32, 64)).astype(np.float32),
+                       'bias': rng.normal(size=64).astype(np.float32)}} for _ in range(3)]
+  stacked = {'encoder': {'blocks': {'fc': {'kernel': np.stack([p['fc']['kernel'] for p in per_layer]),
+                                           'bias': np.stack([p['fc']['bias'] for p in per_layer])}},
+                         'cls_token': rng.normal(size=(1, 1, 32)).astype(np.float32)}}
+  tx, _ = optim.make_optimizer([('^encoder/', dict(name='adamw', lr=1e-3, weight_decay=0.05))], steps_per_epoch=10,
+                               total_steps=100)
+  _, opt_state = tx.update(jax.tree.map(jnp.ones_like, stacked), tx.init(stacked), stacked)
+  state = {'params': stacked, 'opt_state': opt_state, 'step': jnp.asarray(3, jnp.int32)}
+  old = trees.unstack_layers(jax.device_get(state))
+  assert set(old['params']['encoder']) == {'blocks_0', 'blocks_1', 'blocks_2', 'cls_token'}
+  with checkpoints.Checkpointer(str(tmp_path), every_steps=1, async_save=False) as ckpt:
+    ckpt.save(3, old, data_step=3, rng=jax.random.key(0), config={'note': 'before the scan'})
+  mesh = sharding.make_mesh(dict(data=2, fsdp=4))
+  target = _target(state, mesh)
+  with checkpoints.Checkpointer(str(tmp_path)) as ckpt:
+    restored, _ = ckpt.restore(target_state_shapes_with_shardings=target)
+  _assert_bitwise_equal(restored, jax.device_get(state))
+  for leaf, want in zip(jax.tree.leaves(restored), jax.tree.leaves(target)):
+    assert leaf.sharding == want.sharding
+  assert restored['params']['encoder']['blocks']['fc']['kernel'].sharding.spec == P(None, None, 'fsdp')
+  saved = checkpoints.read_step(str(tmp_path))
+  np.testing.assert_array_equal(saved.state['params']['encoder']['blocks']['fc']['kernel'],
+                                stacked['encoder']['blocks']['fc']['kernel'])

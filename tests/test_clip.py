@@ -22,6 +22,7 @@ from cg3d_jax import assets
 from cg3d_jax.models.clip import CLIP, EOS_POOLING_ARGMAX, EOS_POOLING_FIRST_EOS, prompt_init_bound
 from cg3d_jax.models.layers import attend
 from cg3d_jax.synthetic import random_clip
+from cg3d_jax.trees import unstack_layers
 from cg3d_jax.twins.prompted_clip import torch_prompted_image_features
 from cg3d_jax.weights import hf_clip
 
@@ -294,14 +295,16 @@ def _matmul_output_shapes(jaxpr) -> list[tuple[int, ...]]:
   return shapes
 
 
-@pytest.mark.parametrize('remat', [False, True])
+@pytest.mark.parametrize('remat', ['none', 'full'])
 def test_grad_wrt_prompts_computes_no_backbone_weight_gradients(remat, small_folder, photos):
   loaded = hf_clip.load_clip(small_folder, prompt_mode='deep', remat=remat)
   pixels = _pixels(loaded, photos)
   direction = np.ones((3, loaded.spec.projection_dim), np.float32)
-  # Weight matrices of the image path, compared up to axis order (a weight gradient may come out transposed).
+  # Weight matrices of the image path, compared up to axis order (a weight gradient may come out transposed), one
+  # layer at a time: inside the layer scan a weight gradient is one layer's matrix.
   # The position embedding is added, never multiplied, so no matmul could produce its gradient anyway.
-  image_path = {'vision': loaded.params['vision'], 'visual_projection': loaded.params['visual_projection']}
+  image_path = unstack_layers({'vision': loaded.params['vision'],
+                               'visual_projection': loaded.params['visual_projection']})
   frozen_matrices = {tuple(sorted(p.shape)) for p in jax.tree.leaves(image_path) if p.ndim >= 2}
   frozen_matrices.discard(tuple(sorted(loaded.params['vision']['position_embedding']['embedding'].shape)))
 
@@ -316,7 +319,7 @@ def test_grad_wrt_prompts_computes_no_backbone_weight_gradients(remat, small_fol
   full_shapes = _matmul_output_shapes(jax.make_jaxpr(jax.grad(full_loss))(loaded.params).jaxpr)
   assert frozen_matrices <= set(full_shapes)
 
-  if remat:
+  if remat != 'none':
     return  # the jaxpr scan above is the check under remat; one flop count (below) is enough
   # And XLA's own count: prompt-only backward costs clearly fewer flops than the full backward.
   prompt_flops = jax.jit(prompt_grad).lower(loaded.params['prompts']).compile().cost_analysis()['flops']
@@ -324,13 +327,57 @@ def test_grad_wrt_prompts_computes_no_backbone_weight_gradients(remat, small_fol
   assert prompt_flops < 0.8 * full_flops, (prompt_flops, full_flops)
 
 
-def test_remat_and_bfloat16(small_folder, small_deep, photos):
+def _equations(jaxpr, name: str) -> list:
+  """Every equation of primitive `name` in a jaxpr, nested jaxprs included."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == name:
+      found.append(eqn)
+    for param in eqn.params.values():
+      for sub in (param if isinstance(param, (list, tuple)) else [param]):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          found.extend(_equations(sub.jaxpr, name))
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          found.extend(_equations(sub, name))
+  return found
+
+
+@pytest.mark.parametrize('scan_layers, remat', [(True, 'none'), (True, 'dots'), (False, 'full')])
+def test_layers_are_one_scan_with_stacked_parameters(small_folder, photos, scan_layers, remat):
+  loaded = hf_clip.load_clip(small_folder, prompt_mode='deep', remat=remat, scan_layers=scan_layers)
+  spec = loaded.spec
+  kernel = loaded.params['vision']['layers']['mlp']['fc1']['kernel']
+  assert kernel.shape == (spec.vision_layers, spec.vision_width, spec.vision_mlp_dim)
+  assert loaded.params['text']['layers']['self_attn']['q_proj']['bias'].shape == (spec.text_layers, spec.text_width)
+  pixels = _pixels(loaded, photos)
+  jaxpr = jax.make_jaxpr(lambda p: loaded.model.apply({'params': p}, pixels, method=CLIP.encode_image))(
+      loaded.params).jaxpr
+  scans = _equations(jaxpr, 'scan')
+  assert [e.params['length'] for e in scans] == [spec.vision_layers]
+  assert scans[0].params['unroll'] == (1 if scan_layers else spec.vision_layers)
+  checkpoints = _equations(jaxpr, 'remat2')  # jax.checkpoint's primitive
+  assert len(checkpoints) == (0 if remat == 'none' else 1)
+  if checkpoints:
+    assert checkpoints[0].params['policy'] == (
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == 'dots' else None)
+  ids = jnp.asarray(hf_clip.tokenize(loaded.tokenizer, CAPTIONS))
+  text = loaded.model.apply({'params': loaded.params}, ids, method=CLIP.encode_text)
+  other = hf_clip.load_clip(small_folder, prompt_mode='deep', scan_layers=not scan_layers)
+  np.testing.assert_allclose(other.model.apply({'params': other.params}, ids, method=CLIP.encode_text), text,
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_remat_policies_unrolled_layers_and_bfloat16(small_folder, small_deep, photos):
   pixels = _pixels(small_deep, photos)
   direction = np.ones((3, small_deep.spec.projection_dim), np.float32)
-  remat = hf_clip.load_clip(small_folder, prompt_mode='deep', seed=3, remat=True)
   plain_grad = jax.jit(jax.grad(_image_loss_fn(small_deep, pixels, direction)))(small_deep.params['prompts'])
-  remat_grad = jax.jit(jax.grad(_image_loss_fn(remat, pixels, direction)))(remat.params['prompts'])
-  np.testing.assert_allclose(remat_grad['tokens'], plain_grad['tokens'], rtol=1e-5, atol=1e-6)
+  # Rematerialisation recomputes the same values, and the unrolled loop runs the same layers on the same
+  # parameters: the prompt gradients agree with the scanned, non-rematerialised ones (which the twin checks above).
+  for kwargs in (dict(remat='full'), dict(remat='dots'), dict(remat=True), dict(scan_layers=False),
+                 dict(scan_layers=False, remat='dots')):
+    other = hf_clip.load_clip(small_folder, prompt_mode='deep', seed=3, **kwargs)
+    other_grad = jax.jit(jax.grad(_image_loss_fn(other, pixels, direction)))(other.params['prompts'])
+    np.testing.assert_allclose(other_grad['tokens'], plain_grad['tokens'], rtol=1e-5, atol=1e-6, err_msg=kwargs)
 
   bf16 = hf_clip.load_clip(small_folder, prompt_mode='deep', seed=3, dtype=jnp.bfloat16)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(bf16.params))

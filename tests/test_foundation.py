@@ -1,4 +1,5 @@
-"""Foundation: simulated devices, config loading with overrides, the metrics writer, entry-point --help."""
+"""Foundation: simulated devices, config loading with overrides, the metrics writer, entry-point --help, layer-stack
+layouts."""
 
 import json
 import shutil
@@ -6,12 +7,13 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 from absl import app, flags
 from ml_collections import config_flags
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cg3d_jax import cli
+from cg3d_jax import cli, trees
 from cg3d_jax.metric_writer import MetricsWriter, read_jsonl
 from tests.conftest import REPO_ROOT
 
@@ -105,3 +107,22 @@ def test_console_script_takes_a_config_name_from_any_folder(tmp_path):
                        capture_output=True, text=True, cwd=tmp_path, timeout=300)
   # The name resolved to the shipped file and the override reached it: the value, not the file, is what is refused.
   assert out.returncode != 0 and 'total_steps' in out.stderr and 'no such file' not in out.stderr, out.stderr[-2000:]
+
+
+def test_layer_stacks_round_trip_and_refuse_gaps():
+  rng = np.random.default_rng(0)
+  unrolled = {'vision': {f'layers_{i}': {'mlp': {'kernel': rng.normal(size=(3, 4)), 'bias': rng.normal(size=4)}}
+                         for i in range(3)},
+              'pre_blocks_0': {'w': rng.normal(size=2)}}  # PointMLP's stages are not a layer stack
+  stacked = trees.stack_layers(unrolled)
+  assert set(stacked['vision']) == {'layers'} and 'pre_blocks_0' in stacked
+  np.testing.assert_array_equal(stacked['vision']['layers']['mlp']['kernel'][2],
+                                unrolled['vision']['layers_2']['mlp']['kernel'])
+  back = trees.unstack_layers(stacked)
+  assert jax.tree.structure(back) == jax.tree.structure(unrolled)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(unrolled)):
+    np.testing.assert_array_equal(a, b)
+  assert trees.stack_layers(stacked)['vision']['layers']['mlp']['kernel'].shape == (3, 3, 4)  # already stacked
+  assert trees.in_stack('vision/layers/mlp/kernel') and not trees.in_stack('vision/layers_wide/kernel')
+  with pytest.raises(ValueError, match='not contiguous from 0: \\[0, 2\\]'):
+    trees.stack_layers({'blocks_0': {'w': 1.0}, 'blocks_2': {'w': 2.0}})

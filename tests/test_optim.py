@@ -11,7 +11,7 @@ import pytest
 
 from cg3d_jax.configs import base
 from cg3d_jax.training import optim
-from cg3d_jax.trees import path_to_str
+from cg3d_jax.trees import path_to_str, stack_layers, unstack_layers
 
 ENCODER = dict(name='adamw', lr=5e-3, end_lr=1e-6, weight_decay=0.05, schedule='constant', b1=0.9, b2=0.999,
                clip_norm=1e6)
@@ -101,6 +101,27 @@ def test_original_decay_mask():
   assert decayed == {'encoder/cls_pos', 'encoder/block_0/dense/kernel', 'encoder/conv/kernel',
                      'clip/vision/layer/kernel', 'clip/text/embedding'}
   # Not decayed: 1-D leaves (biases, norm scales), 0-D logit_scale, anything named *token* (cls_token, prompts).
+
+
+def test_decay_mask_and_update_of_a_scanned_stack_match_its_layers_one_by_one():
+  """A scanned stack's leaves carry a leading layer axis: a stacked norm scale (layers, C) is still a 1-D leaf for
+  weight decay, and AdamW on the stack is AdamW on each layer."""
+  rng = np.random.default_rng(3)
+  layers = [{'norm': {'scale': rng.normal(size=6), 'bias': rng.normal(size=6)},
+             'fc': {'kernel': rng.normal(size=(6, 4)), 'bias': rng.normal(size=4)}} for _ in range(3)]
+  unrolled = {'encoder': {f'blocks_{i}': jax.tree.map(jnp.float32, layer) for i, layer in enumerate(layers)}}
+  stacked = stack_layers(unrolled)
+  assert stacked['encoder']['blocks']['norm']['scale'].shape == (3, 6)
+  mask = _flat(optim.original_decay_mask(stacked))
+  assert {n for n, m in mask.items() if m} == {'encoder/blocks/fc/kernel'}
+  assert _flat(optim.original_decay_mask(unrolled)) == {n: m for n, m in _flat(optim.original_decay_mask(
+      unstack_layers(stacked))).items()}
+  tx, _ = optim.make_optimizer([('^encoder/', ENCODER)], steps_per_epoch=10, total_steps=100)
+  grads = _grads_like(unrolled, 4)
+  updates_unrolled, _ = tx.update(grads, tx.init(unrolled), unrolled)
+  updates_stacked, _ = tx.update(stack_layers(grads), tx.init(stacked), stacked)
+  for name, value in _flat(unstack_layers(updates_stacked)).items():
+    np.testing.assert_allclose(value, _flat(updates_unrolled)[name], rtol=1e-6, atol=1e-9, err_msg=name)
 
 
 def test_partition_and_merge_round_trip():

@@ -189,7 +189,7 @@ def test_gradients_match_twin_in_float64(small_pair, points):
                              mutable=['batch_stats'])
       return jnp.sum(out * direction)
 
-    grads = trees.flatten(jax.jit(jax.grad(loss_fn))(to64(params)))
+    grads = trees.flatten(trees.unstack_layers(jax.jit(jax.grad(loss_fn))(to64(params))))
   # Three conv biases only shift every input of a BatchNorm by the same amount per channel (the third reaches
   # second_conv's norm through the max-pool, which passes the shift on), and the norm subtracts it again: their
   # gradient is exactly zero, both sides hold rounding noise there, so they are checked against zero on the scale
@@ -265,19 +265,26 @@ def test_bad_input_is_refused_at_entry(small_pair, points):
     model.clone(num_classes=None).apply(variables, points, train=False, return_logits=True)
 
 
-def test_remat_and_stochastic_depth(small_pair, points):
+def test_remat_unrolled_blocks_and_stochastic_depth(small_pair, points):
   model, params, batch_stats, _ = small_pair
+  assert params['blocks']['attn']['qkv']['kernel'].shape == (SMALL['depth'], 384, 3 * 384)  # stacked on depth
   variables = {'params': params, 'batch_stats': batch_stats}
-  plain = jax.jit(lambda v: model.apply(v, points, train=False))(variables)
-  rematted = jax.jit(lambda v: model.clone(remat=True).apply(v, points, train=False))(variables)
-  np.testing.assert_allclose(np.asarray(rematted), np.asarray(plain), atol=1e-6)
-  # Stochastic depth draws from the 'dropout' stream: different keys, different outputs; same key, same output.
-  dropping = model.clone(drop_path_rate=0.9)
-  run = jax.jit(lambda key: dropping.apply(variables, points, train=True, mutable=['batch_stats'],
-                                           rngs={'dropout': key})[0])
-  a, b, c = run(jax.random.key(0)), run(jax.random.key(1)), run(jax.random.key(0))
-  np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
-  assert not np.allclose(np.asarray(a), np.asarray(b))
+  plain = jax.jit(lambda v: model.apply(v, points, train=False))(variables)  # the twin checks this one
+  for kwargs in (dict(remat='full'), dict(remat='dots'), dict(remat=True), dict(scan_layers=False)):
+    other = jax.jit(lambda v, m=model.clone(**kwargs): m.apply(v, points, train=False))(variables)
+    np.testing.assert_allclose(np.asarray(other), np.asarray(plain), atol=1e-6, err_msg=str(kwargs))
+  # Stochastic depth draws from the 'dropout' stream: different keys, different outputs; same key, same output,
+  # scanned or unrolled (the scan splits the stream per block either way). Rate 0.5 in the last block: 8 draws per
+  # key, so four keys giving one mask pattern has probability 2^-24.
+  dropping = model.clone(drop_path_rate=0.5)
+
+  def run(key, m=dropping):
+    return np.asarray(jax.jit(lambda k: m.apply(variables, points, train=True, mutable=['batch_stats'],
+                                                rngs={'dropout': k})[0])(key))
+  outputs = [run(jax.random.key(seed)) for seed in range(4)]
+  np.testing.assert_array_equal(run(jax.random.key(0)), outputs[0])
+  assert any(not np.allclose(outputs[0], other) for other in outputs[1:])
+  np.testing.assert_allclose(run(jax.random.key(0), dropping.clone(scan_layers=False)), outputs[0], atol=1e-6)
 
 
 def test_bfloat16_compute_keeps_float32_state(points):

@@ -87,6 +87,18 @@ def test_param_shardings_of_shapes_and_arrays_agree():
   assert small['head']['kernel'] == NamedSharding(mesh, P('fsdp', None))
 
 
+def test_a_scanned_stack_is_sharded_layer_by_layer():
+  """The layer axis of a stacked leaf is never split (the scan slices it) and the size threshold is per layer."""
+  mesh = sharding.make_mesh(dict(data=1, fsdp=8))
+  shapes = {'blocks': {'fc': {'kernel': jax.ShapeDtypeStruct((12, 384, 1536), jnp.float32),
+                              'bias': jax.ShapeDtypeStruct((16, 8), jnp.float32)}},
+            'layers_wide': jax.ShapeDtypeStruct((16, 8), jnp.float32)}  # not a stack: the plain rule
+  specs = jax.tree.map(lambda s: s.spec, sharding.param_shardings(shapes, mesh, min_fsdp_size=64))
+  assert specs['blocks']['fc']['kernel'] == P(None, None, 'fsdp')
+  assert specs['blocks']['fc']['bias'] == P(None)  # 8 elements per layer: replicated, as the bias of one layer
+  assert specs['layers_wide'] == P('fsdp', None)
+
+
 def test_optimizer_state_follows_its_parameter():
   mesh = sharding.make_mesh(dict(data=2, fsdp=4))
   params = jax.eval_shape(lambda: _mlp_params(np.random.default_rng(0)))

@@ -36,6 +36,7 @@ from cg3d_jax.models.cg3d import CG3D
 from cg3d_jax.synthetic import random_clip
 from cg3d_jax.training import pretrain
 from cg3d_jax.training.pretrain_step import merge_clip, train_step
+from cg3d_jax.trees import unstack_layers
 from cg3d_jax.twins.point_transformer import PointTransformerProject
 from cg3d_jax.twins.prompted_clip import torch_prompted_image_features
 from cg3d_jax.weights import torch_io
@@ -173,8 +174,8 @@ def test_k_steps_equal_the_pytorch_reference_in_float64(two_layer_clip, tiny_sha
   for e in torch_io.point_transformer_entries(config.model.point_transformer.depth, with_head=True):
     if e.collection != torch_io.PARAMS or e.torch_key.startswith('cls_head'):
       continue  # the head is not on the embedding's path: neither side moves it (checked below)
-    path = e.flax_path.split('/')
-    pick = lambda tree: functools.reduce(lambda t, k: t[k], path, tree)
+    path = e.flax_path.split('/')  # the name map's layout: blocks one by one
+    pick = lambda tree: functools.reduce(lambda t, k: t[k], path, unstack_layers(tree))
     layout = lambda x: np.asarray(torch_io._to_torch_layout(e.kind, np.asarray(x, np.float64)))
     param = named[e.torch_key]
     _assert_updates_close(e.torch_key, layout(pick(start['params']['encoder'])),

@@ -18,7 +18,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.num_points = 1024  # points per cloud fed to the encoder (FPS from the stored 8192)
   c.model.embed_dim = 512  # CLIP joint-space width the projection maps into
   c.model.dtype = 'float32'  # compute dtype; parameters stay float32
-  c.model.remat = False
+  # Rematerialisation of the encoder's blocks: 'none', 'full' (keep each block's input only) or 'dots' (keep matmul
+  # outputs); see models/layers.REMAT_POLICIES. Booleans of older configs mean 'none' / 'full'.
+  c.model.remat = 'none'
+  # The blocks run as one scanned layer (compiles once per stack); False unrolls the loop in the compiled program.
+  # Parameters are the same either way.
+  c.model.scan_layers = True
   # Attention kernel: 'auto' (cuDNN flash attention on GPUs in bf16/fp16, XLA elsewhere), 'xla', 'cudnn', 'einsum'.
   c.model.attention = 'auto'
   c.model.num_classes = 55  # classification head kept for strict PyTorch exports and fine-tuning
@@ -34,8 +39,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.clip = ml_collections.ConfigDict()
   c.clip.path = config_dict.placeholder(str)
   c.clip.dtype = 'float32'
-  c.clip.remat = False
+  c.clip.remat = 'none'  # as model.remat
   c.clip.attention = 'auto'  # as model.attention
+  c.clip.scan_layers = True  # as model.scan_layers
   c.clip.prompt = ml_collections.ConfigDict(dict(mode='deep', num_tokens=5))
 
   # Data: TFDS builders read the official layouts from manual_dir and write prepared data under data_dir.

@@ -12,6 +12,10 @@ vision pre-LayerNorm; in deep mode, before every later layer `l` the `n` prompt 
 layer's own prompts, so the sequence length stays 1 + n + patches. The prompts are the only trainable parameters and
 live in their own subtree, `params['prompts']['tokens']`: (1, n, width) when shallow, (layers, n, width) when deep;
 row 0 is CG3D's `prompt_embeddings`, rows 1.. its `deep_prompt_embeddings`.
+
+Each tower's layers are one scanned module (layers.layer_stack): parameters `vision/layers/...` and `text/layers/...`
+carry a leading layer axis; deep prompts enter the scan as a per-layer input. Conversions name layers one by one
+(`layers_{i}`) and go through trees.stack_layers / unstack_layers.
 """
 
 import dataclasses
@@ -22,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cg3d_jax.models.layers import attend, l2_normalize, stats_dtype
+from cg3d_jax.models.layers import attend, l2_normalize, layer_stack, stats_dtype
 
 PROMPT_MODES = ('none', 'shallow', 'deep')
 
@@ -224,24 +228,25 @@ class MLP(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-  """Pre-norm transformer layer: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+  """Pre-norm transformer layer: x + attn(ln1(x)), then x + mlp(ln2(x)); one step of the tower's layer scan.
+
+  prompt, replace (deep prompts): this layer's (n, width) prompt tokens and whether they overwrite the n prompt
+  positions before the layer (every layer but the first, CG3D's deep VPT).
+  """
   tower: TowerSpec
   causal: bool = False
   dtype: Any = jnp.float32
   attention: str = 'auto'
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, prompt=None, replace=None):
     t = self.tower
+    if prompt is not None:
+      x = jnp.where(replace, replace_prompts(x, prompt), x)
     y = _layer_norm(t.layer_norm_eps, self.dtype, 'layer_norm1')(x)
     x = x + Attention(t.width, t.heads, self.dtype, self.attention, name='self_attn')(y, causal=self.causal)
     y = _layer_norm(t.layer_norm_eps, self.dtype, 'layer_norm2')(x)
-    return x + MLP(t.mlp_dim, t.width, t.activation, self.dtype, name='mlp')(y)
-
-
-def _layer_class(remat: bool):
-  # Rematerialising each layer keeps only its input alive for the backward pass (activation memory ~ 1 / layer).
-  return nn.remat(EncoderLayer) if remat else EncoderLayer
+    return x + MLP(t.mlp_dim, t.width, t.activation, self.dtype, name='mlp')(y), None
 
 
 def insert_prompts(x, prompts):
@@ -263,8 +268,9 @@ class VisionTower(nn.Module):
   """ViT image tower; returns the post-LayerNorm class token (B, width), before the visual projection."""
   spec: CLIPSpec
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: Any = 'none'  # layers.REMAT_POLICIES
   attention: str = 'auto'
+  scan_layers: bool = True
 
   @nn.compact
   def __call__(self, pixels, prompts=None):
@@ -285,11 +291,13 @@ class VisionTower(nn.Module):
       x = insert_prompts(x, prompts[0])
     if s.vision_pre_norm:
       x = _layer_norm(t.layer_norm_eps, self.dtype, 'pre_layernorm')(x)
-    layer_cls = _layer_class(self.remat)
-    for i in range(t.layers):
-      if prompts is not None and i > 0 and i < prompts.shape[0]:
-        x = replace_prompts(x, prompts[i])
-      x = layer_cls(t, causal=False, dtype=self.dtype, attention=self.attention, name=f'layers_{i}')(x)
+    deep = prompts is not None and prompts.shape[0] > 1
+    if deep and prompts.shape[0] != t.layers:
+      raise ValueError(f'deep prompts need one row per image-tower layer ({t.layers}), got {prompts.shape[0]}')
+    stack = layer_stack(EncoderLayer, length=t.layers, remat=self.remat, scan=self.scan_layers,
+                        in_axes=(0, 0) if deep else ())
+    layers = stack(t, causal=False, dtype=self.dtype, attention=self.attention, name='layers')
+    x, _ = layers(x, prompts, jnp.arange(t.layers) > 0) if deep else layers(x)
     return _layer_norm(t.layer_norm_eps, self.dtype, 'post_layernorm')(x[:, 0])
 
 
@@ -297,8 +305,9 @@ class TextTower(nn.Module):
   """Causal text transformer; returns the final-LayerNorm state at the end-of-text token (B, width)."""
   spec: CLIPSpec
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: Any = 'none'  # layers.REMAT_POLICIES
   attention: str = 'auto'
+  scan_layers: bool = True
 
   @nn.compact
   def __call__(self, input_ids):
@@ -310,9 +319,8 @@ class TextTower(nn.Module):
     x = nn.Embed(s.vocab_size, t.width, dtype=self.dtype, name='token_embedding')(input_ids)
     positions = nn.Embed(s.max_positions, t.width, dtype=self.dtype, name='position_embedding')
     x = x + positions.embedding[:length].astype(self.dtype)[None]
-    layer_cls = _layer_class(self.remat)
-    for i in range(t.layers):
-      x = layer_cls(t, causal=True, dtype=self.dtype, attention=self.attention, name=f'layers_{i}')(x)
+    stack = layer_stack(EncoderLayer, length=t.layers, remat=self.remat, scan=self.scan_layers)
+    x, _ = stack(t, causal=True, dtype=self.dtype, attention=self.attention, name='layers')(x)
     x = _layer_norm(t.layer_norm_eps, self.dtype, 'final_layer_norm')(x)
     return x[jnp.arange(x.shape[0]), eos_positions(input_ids, s)]
 
@@ -338,12 +346,13 @@ class CLIP(nn.Module):
   prompt_mode: str = 'none'  # 'none' | 'shallow' | 'deep'
   num_prompts: int = 5
   dtype: Any = jnp.float32  # compute dtype; parameters stay float32
-  remat: bool = False  # per-layer rematerialisation
+  remat: Any = 'none'  # per-layer rematerialisation policy, layers.REMAT_POLICIES
   attention: str = 'auto'  # layers.ATTENTION_IMPLEMENTATIONS
+  scan_layers: bool = True  # False: the layer loop unrolled in the compiled program (same parameters)
 
   def setup(self):
-    self.vision = VisionTower(self.spec, self.dtype, self.remat, self.attention)
-    self.text = TextTower(self.spec, self.dtype, self.remat, self.attention)
+    self.vision = VisionTower(self.spec, self.dtype, self.remat, self.attention, self.scan_layers)
+    self.text = TextTower(self.spec, self.dtype, self.remat, self.attention, self.scan_layers)
     self.visual_projection = nn.Dense(self.spec.projection_dim, use_bias=False, dtype=self.dtype)
     self.text_projection = nn.Dense(self.spec.projection_dim, use_bias=False, dtype=self.dtype)
     self.logit_scale = self.param('logit_scale', nn.initializers.constant(2.6592), ())

@@ -1,5 +1,5 @@
-"""Layers and feature math the models share: the attention core, PyTorch-semantics BatchNorm, statistics dtypes, L2
-normalisation."""
+"""Layers and feature math the models share: the attention core, the scanned and rematerialised layer stack,
+PyTorch-semantics BatchNorm, statistics dtypes, L2 normalisation."""
 
 from typing import Any
 
@@ -57,6 +57,40 @@ def attend(q, k, v, *, causal: bool = False, implementation: str = 'auto'):
   if implementation == 'cudnn' or (implementation == 'auto' and _use_cudnn(q)):
     return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation='cudnn')
   return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation='xla')
+
+
+# What a rematerialised layer keeps for the backward pass: 'none' keeps every activation (fastest, most memory);
+# 'full' keeps only each layer's input and recomputes the rest (activation memory ~ one layer); 'dots' keeps the
+# matmul outputs that have no batch dimension and recomputes the cheap elementwise work between them
+# (jax.checkpoint_policies.dots_with_no_batch_dims_saveable, the usual middle ground on accelerators).
+REMAT_POLICIES = ('none', 'full', 'dots')
+
+
+def remat_policy_name(value) -> str:
+  """A config's remat setting -> one of REMAT_POLICIES; booleans (configs written before the policies) mean
+  'none' / 'full'."""
+  if isinstance(value, bool) or value is None:
+    return 'full' if value else 'none'
+  if value not in REMAT_POLICIES:
+    raise ValueError(f'remat must be one of {REMAT_POLICIES} (or a boolean), got {value!r}')
+  return value
+
+
+def layer_stack(layer_cls, *, length: int, remat='none', scan: bool = True, in_axes=(), static_argnums=()):
+  """`layer_cls` repeated `length` times as one module with parameters stacked on a leading layer axis (nn.scan).
+
+  The layer's __call__ takes (carry, *inputs) and returns (carry, None); in_axes says per input whether it is
+  scanned over the layer axis (0) or the same for every layer (nn.broadcast). 'params' and 'dropout' rngs are split
+  per layer. scan=False unrolls the loop in the compiled program (same parameters and layout; compiles slower, a
+  reference for the scanned form). remat: REMAT_POLICIES.
+  """
+  policy = remat_policy_name(remat)
+  if policy != 'none':
+    saveable = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if policy == 'dots' else None
+    # prevent_cse only matters outside a scan; inside one it just blocks optimisations.
+    layer_cls = nn.remat(layer_cls, policy=saveable, prevent_cse=not scan, static_argnums=static_argnums)
+  return nn.scan(layer_cls, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+                 in_axes=in_axes, length=length, unroll=1 if scan else length)
 
 
 def stats_dtype(dtype):

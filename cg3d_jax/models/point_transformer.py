@@ -10,7 +10,8 @@ Parameter tree (names chosen to read like the original's state dict; see weights
   params: cls_token (1,1,W), cls_pos (1,1,W),
           encoder/{first_conv_0, first_bn, first_conv_1, second_conv_0, second_bn, second_conv_1},
           reduce_dim, pos_embed_0, pos_embed_1,
-          blocks_{i}/{norm1, attn/{qkv (no bias), proj}, norm2, mlp/{fc1, fc2}}, norm, projection,
+          blocks/{norm1, attn/{qkv (no bias), proj}, norm2, mlp/{fc1, fc2}} (each with a leading depth axis: the
+          blocks are one scanned module; conversions name them blocks_{i}, trees.stack_layers), norm, projection,
           [cls_head_0, cls_head_1]            (Dense: kernel (in, out), bias; norms: scale, bias)
   batch_stats: encoder/{first_bn, second_bn}/{mean, var}
 """
@@ -24,7 +25,7 @@ import numpy as np
 from flax import linen as nn
 
 from cg3d_jax.models import point_ops
-from cg3d_jax.models.layers import TorchBatchNorm, attend, stats_dtype
+from cg3d_jax.models.layers import TorchBatchNorm, attend, layer_stack, stats_dtype
 
 # timm's trunc_normal_(std=0.02) used by the original truncates at +-2 in absolute units, i.e. at +-100 std: in effect
 # a plain normal. We keep its distribution rather than the more common +-2 std truncation.
@@ -74,17 +75,14 @@ class GroupEncoder(nn.Module):
     return jnp.max(x, axis=2)
 
 
-class DropPath(nn.Module):
-  """Stochastic depth: zero a sample's residual branch with probability `rate`, rescale the kept ones."""
-  rate: float
+def drop_path(module: nn.Module, x: jax.Array, rate: jax.Array) -> jax.Array:
+  """Stochastic depth: zero a sample's residual branch with probability `rate`, rescale the kept ones.
 
-  @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    if not train or self.rate == 0.0:
-      return x
-    keep = 1.0 - self.rate
-    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-    return x / keep * mask.astype(x.dtype)
+  rate is traced (the block scan feeds each block its own); a rate of 0 keeps every sample exactly.
+  """
+  keep = 1.0 - rate.astype(jnp.float32)
+  mask = jax.random.bernoulli(module.make_rng('dropout'), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros((), x.dtype))
 
 
 class Attention(nn.Module):
@@ -115,20 +113,20 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm transformer block; the caller adds the position embedding to its input."""
+  """Pre-norm transformer block on x + pos (the position embedding enters every block); one step of the scan."""
   num_heads: int
   mlp_hidden: int
-  drop_path: float
+  stochastic_depth: bool  # training with drop_path_rate > 0 (needs a 'dropout' rng)
   dtype: Any = jnp.float32
   attention: str = 'auto'
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, pos: jax.Array, drop_rate: jax.Array):
     norm = functools.partial(nn.LayerNorm, epsilon=1e-5, dtype=self.dtype)
-    drop = DropPath(self.drop_path)
-    x = x + drop(Attention(self.num_heads, self.dtype, self.attention, name='attn')(norm(name='norm1')(x)),
-                 train=train)
-    return x + drop(Mlp(self.mlp_hidden, self.dtype, name='mlp')(norm(name='norm2')(x)), train=train)
+    drop = (lambda y: drop_path(self, y, drop_rate)) if self.stochastic_depth else (lambda y: y)
+    x = x + pos
+    x = x + drop(Attention(self.num_heads, self.dtype, self.attention, name='attn')(norm(name='norm1')(x)))
+    return x + drop(Mlp(self.mlp_hidden, self.dtype, name='mlp')(norm(name='norm2')(x))), None
 
 
 class PointTransformer(nn.Module):
@@ -146,20 +144,21 @@ class PointTransformer(nn.Module):
   head_hidden: int = 256
   head_dropout: float = 0.5
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: Any = 'none'  # per-block rematerialisation policy, layers.REMAT_POLICIES
   attention: str = 'auto'  # layers.ATTENTION_IMPLEMENTATIONS
+  scan_layers: bool = True  # False: the block loop unrolled in the compiled program (same parameters)
 
   @classmethod
   def from_config(cls, model_config) -> 'PointTransformer':
     """From `config.model` (configs/base.py): model.point_transformer.* plus embed_dim, num_classes, dtype, remat,
-    attention."""
+    attention, scan_layers."""
     pt = model_config.point_transformer
     return cls(width=pt.width, depth=pt.depth, num_heads=pt.num_heads, mlp_ratio=pt.mlp_ratio,
                num_groups=pt.num_groups, group_size=pt.group_size, encoder_dim=pt.encoder_dim,
                drop_path_rate=pt.drop_path_rate, embed_dim=model_config.embed_dim,
                num_classes=model_config.num_classes or None, head_hidden=pt.head_hidden,
                head_dropout=pt.head_dropout, dtype=jnp.dtype(model_config.dtype), remat=model_config.remat,
-               attention=model_config.get('attention', 'auto'))
+               attention=model_config.get('attention', 'auto'), scan_layers=model_config.get('scan_layers', True))
 
   @nn.compact
   def __call__(self, points: jax.Array, *, train: bool, return_logits: bool = False,
@@ -192,11 +191,12 @@ class PointTransformer(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(cls_token, (batch, 1, self.width)).astype(self.dtype), tokens], axis=1)
     pos = jnp.concatenate([jnp.broadcast_to(cls_pos, (batch, 1, self.width)).astype(self.dtype), pos], axis=1)
 
-    block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
-    drop_rates = np.linspace(0.0, self.drop_path_rate, self.depth)  # as torch.linspace(0, rate, depth)
-    for i in range(self.depth):
-      x = block_cls(self.num_heads, int(self.width * self.mlp_ratio), float(drop_rates[i]), self.dtype,
-                    self.attention, name=f'blocks_{i}')(x + pos, train)
+    stack = layer_stack(Block, length=self.depth, remat=self.remat, scan=self.scan_layers,
+                        in_axes=(nn.broadcast, 0))
+    blocks = stack(self.num_heads, int(self.width * self.mlp_ratio), train and self.drop_path_rate > 0, self.dtype,
+                   self.attention, name='blocks')
+    drop_rates = np.linspace(0.0, self.drop_path_rate, self.depth, dtype=np.float32)  # torch.linspace(0, rate, depth)
+    x, _ = blocks(x, pos, jnp.asarray(drop_rates))
     x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name='norm')(x)
     features = jnp.concatenate([x[:, 0], jnp.max(x[:, 1:], axis=1)], axis=-1)
 

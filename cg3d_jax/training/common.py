@@ -16,7 +16,7 @@ from cg3d_jax import sharding
 from cg3d_jax.checkpoints import CHECKPOINTS_DIR, CheckpointDamagedError, Checkpointer
 from cg3d_jax.errors import ConfigError
 from cg3d_jax.metric_writer import MetricsWriter
-from cg3d_jax.models.layers import ATTENTION_IMPLEMENTATIONS
+from cg3d_jax.models.layers import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 
 
 def make_mesh(config, devices=None) -> jax.sharding.Mesh:
@@ -55,6 +55,10 @@ def validate_config(config, *, device_count: int) -> None:
     attention = config[group].get('attention', 'auto') if group in config else 'auto'
     if attention not in ATTENTION_IMPLEMENTATIONS:
       raise ConfigError(f'config.{group}.attention={attention!r}: expected one of {list(ATTENTION_IMPLEMENTATIONS)}')
+    remat = config[group].get('remat', 'none') if group in config else 'none'
+    if not (isinstance(remat, bool) or remat in REMAT_POLICIES):
+      raise ConfigError(f'config.{group}.remat={remat!r}: expected one of {list(REMAT_POLICIES)} (what was True is '
+                        "now 'full')")
 
 
 def total_steps(config, steps_per_epoch: int) -> int:
@@ -78,7 +82,7 @@ def make_checkpointer(config, workdir: str, best_metric: str = 'val/top1') -> Ch
 # Settings that fix the shapes of the saved state: a resume under other values cannot restore it. Regularisation and
 # compute settings may change between runs.
 _SHAPE_SETTINGS = ('model', 'clip.prompt')
-_FREE_SETTINGS = ('drop_path_rate', 'head_dropout', 'dtype', 'remat', 'attention')
+_FREE_SETTINGS = ('drop_path_rate', 'head_dropout', 'dtype', 'remat', 'attention', 'scan_layers')
 
 
 def _changed_settings(saved, config) -> list[str]:

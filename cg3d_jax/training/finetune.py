@@ -34,7 +34,7 @@ from cg3d_jax.models.classifiers import HEAD_PREFIXES, build_classifier, classif
 from cg3d_jax.models.point_ops import sample_points
 from cg3d_jax.trained import TrainedModel, load_trained
 from cg3d_jax.training import common, optim
-from cg3d_jax.trees import flatten, unflatten
+from cg3d_jax.trees import flatten, stack_layers, unflatten, unstack_layers
 
 # Leaves of a pretrained encoder that fine-tuning drops: its CLIP projection and its pretraining head.
 DROPPED_PREFIXES = ('projection', 'cls_head_')
@@ -52,8 +52,9 @@ def transfer_encoder(fresh: Mapping[str, Any], pretrained: TrainedModel, encoder
   keep_fresh = HEAD_PREFIXES[encoder] + ('projection',)
   out, problems = {}, []
   for collection in ('params', 'batch_stats'):
-    source = flatten(pretrained.encoder_vars.get(collection, {}))
-    target = flatten(fresh.get(collection, {}))
+    # Compared layer by layer, so that a depth mismatch is named as the blocks one side lacks.
+    source = flatten(unstack_layers(pretrained.encoder_vars.get(collection, {})))
+    target = flatten(unstack_layers(fresh.get(collection, {})))
     used = set()
     flat = {}
     for name, leaf in target.items():
@@ -71,7 +72,7 @@ def transfer_encoder(fresh: Mapping[str, Any], pretrained: TrainedModel, encoder
       used.add(name)
     extra = [n for n in source if n not in used and not n.startswith(DROPPED_PREFIXES)]
     problems += [f'{collection}/{n} of the pretrained encoder has no place in the classifier' for n in extra]
-    out[collection] = unflatten(flat)
+    out[collection] = stack_layers(unflatten(flat))
   if problems:
     raise ConfigError(f'cannot initialise the classifier from {pretrained.source} (do config.model sizes match the '
                      f'pretraining run?): ' + '; '.join(problems[:10]) + (' ...' if len(problems) > 10 else ''))

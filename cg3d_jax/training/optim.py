@@ -19,7 +19,8 @@ gradients with respect to the trainable part only, then update, apply and `merge
 
 Weight decay (decoupled for AdamW, L2-into-the-gradient for SGD, as torch does each). Which leaves decay is the
 group's `weight_decay_mask`:
-  'original' (default for adamw): Point-BERT/CG3D's `add_weight_decay`: no decay for leaves with ndim <= 1, leaves
+  'original' (default for adamw): Point-BERT/CG3D's `add_weight_decay`: no decay for leaves with ndim <= 1 (per
+      layer: a scanned stack's leading layer axis does not count), leaves
       named 'bias', and leaves whose path contains 'token' (cls_token, prompt tokens). Everything else decays,
       including `cls_pos` (a (1, 1, C) array without 'token' in its name), exactly like the original.
   'all' (default for sgd): every leaf of the group, as torch.optim.SGD(weight_decay=...) does for the prompts.
@@ -49,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cg3d_jax.trees import path_to_str
+from cg3d_jax.trees import in_stack, path_to_str
 
 FROZEN = 'frozen'
 
@@ -155,7 +156,8 @@ def original_decay_mask(tree):
   """Point-BERT's add_weight_decay rule (see module docstring): True where weight decay applies."""
   def decays(path, leaf):
     name = path_to_str(path)
-    return jnp.ndim(leaf) >= 2 and name.rsplit('/', 1)[-1] != 'bias' and 'token' not in name
+    ndim = jnp.ndim(leaf) - (1 if in_stack(name) else 0)  # a scanned stack's layer axis is not the leaf's own
+    return ndim >= 2 and name.rsplit('/', 1)[-1] != 'bias' and 'token' not in name
 
   return jax.tree_util.tree_map_with_path(decays, tree)
 

@@ -86,7 +86,8 @@ def build_setup(config, *, train_classes: list[str], steps_per_epoch: int, devic
                       '--config.clip.path=/models/clip-vit-base-patch16')
   clip = load_clip(config.clip.path, prompt_mode=config.clip.prompt.mode, num_prompts=config.clip.prompt.num_tokens,
                    dtype=jnp.dtype(config.clip.dtype), remat=config.clip.remat,
-                   attention=config.clip.get('attention', 'auto'), seed=config.seed)
+                   attention=config.clip.get('attention', 'auto'), scan_layers=config.clip.get('scan_layers', True),
+                   seed=config.seed)
   if config.model.embed_dim != clip.spec.projection_dim:
     raise ConfigError(f'config.model.embed_dim={config.model.embed_dim} but the CLIP at {config.clip.path} projects '
                       f'to {clip.spec.projection_dim}: the point encoder must project into the same joint space')

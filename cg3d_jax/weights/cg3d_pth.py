@@ -36,6 +36,7 @@ import torch
 
 from cg3d_jax.atomic import atomic_write
 from cg3d_jax.errors import BadInputError, InputError
+from cg3d_jax.trees import unstack_layers
 from cg3d_jax.weights import safetensors_files, torch_files, torch_io, torch_io_pointmlp
 
 POINT_TRANSFORMER, POINTMLP = 'point_transformer', 'pointmlp'
@@ -132,7 +133,7 @@ def classifier_state_dict(encoder: str, params: Mapping[str, Any], batch_stats: 
   Point-BERT's PointTransformer classifier loads strictly). pointmlp: the CG3D PointMLP keys without `projection.*`
   plus the original pointMLP `classifier.{0,1,4,5,8}`.
   """
-  params = {k: v for k, v in params.items() if k != 'projection'}
+  params = {k: v for k, v in unstack_layers(params).items() if k != 'projection'}
   if encoder == POINT_TRANSFORMER:
     depth = len([k for k in params if k.startswith('blocks_')])
     entries = [e for e in torch_io.point_transformer_entries(depth, with_head=True)

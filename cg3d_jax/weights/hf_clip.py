@@ -21,7 +21,7 @@ from PIL import Image
 
 from cg3d_jax.errors import InputError
 from cg3d_jax.models.clip import CLIP, CLIPSpec, init_prompts
-from cg3d_jax.trees import unflatten
+from cg3d_jax.trees import flatten, stack_layers, unflatten, unstack_layers
 from cg3d_jax.weights import safetensors_files
 
 _WEIGHT_FILES = ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin')
@@ -233,13 +233,13 @@ def torch_names(spec: CLIPSpec) -> dict[str, tuple[str, str]]:
 
 
 def expected_shapes(spec: CLIPSpec) -> dict[str, tuple[int, ...]]:
-  """Flax path -> parameter shape of the frozen CLIP (everything except the prompts)."""
+  """Flax path -> parameter shape of the frozen CLIP (everything except the prompts), layers one by one
+  ('vision/layers_0/...'), the layout the name tables use."""
   model = CLIP(spec)
   pixels = jax.ShapeDtypeStruct((1, spec.image_size, spec.image_size, spec.num_channels), jnp.float32)
   ids = jax.ShapeDtypeStruct((1, spec.max_positions), jnp.int32)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), pixels, ids)['params']
-  return {'/'.join(k.key for k in path): tuple(leaf.shape)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+  shapes = jax.eval_shape(lambda p, i: unstack_layers(model.init(jax.random.key(0), p, i)['params']), pixels, ids)
+  return {name: tuple(leaf.shape) for name, leaf in flatten(shapes).items()}
 
 
 _TO_TORCH_LAYOUT = {'copy': lambda s: s, 'linear': lambda s: s[::-1], 'conv': lambda s: (s[3], s[2], s[0], s[1])}
@@ -247,7 +247,8 @@ _FROM_TORCH = {'copy': lambda a: a, 'linear': lambda a: a.T, 'conv': lambda a: a
 
 
 def clip_params_from_state_dict(state_dict: dict[str, np.ndarray], spec: CLIPSpec) -> dict:
-  """transformers CLIPModel state dict -> Flax parameter tree (no prompts), every tensor present and shape-checked."""
+  """transformers CLIPModel state dict -> Flax parameter tree (no prompts, layers stacked), every tensor present and
+  shape-checked."""
   shapes = expected_shapes(spec)
   names = torch_names(spec)
   if set(shapes) != set(names):  # a guard on this module's own tables, not on the checkpoint
@@ -272,7 +273,7 @@ def clip_params_from_state_dict(state_dict: dict[str, np.ndarray], spec: CLIPSpe
   if unexpected:
     raise CLIPLoadError(f'CLIP checkpoint has tensors the config does not account for: {unexpected[:10]}'
                         f'{" ..." if len(unexpected) > 10 else ""}')
-  return unflatten(flat)
+  return stack_layers(unflatten(flat))
 
 
 def load_tokenizer(folder: pathlib.Path):
@@ -294,8 +295,8 @@ def load_preprocess(folder: pathlib.Path) -> ImagePreprocess:
     return ImagePreprocess.from_config(json.load(f), source=str(path))
 
 
-def load_clip(path, *, prompt_mode: str = 'deep', num_prompts: int = 5, dtype=jnp.float32, remat: bool = False,
-              attention: str = 'auto', seed: int = 0) -> LoadedCLIP:
+def load_clip(path, *, prompt_mode: str = 'deep', num_prompts: int = 5, dtype=jnp.float32, remat='none',
+              attention: str = 'auto', scan_layers: bool = True, seed: int = 0) -> LoadedCLIP:
   """Loads a local transformers CLIP folder; prompts (if any) are freshly initialised from `seed`."""
   folder = _check_folder(path)
   hf_config = load_hf_config(folder)
@@ -306,7 +307,7 @@ def load_clip(path, *, prompt_mode: str = 'deep', num_prompts: int = 5, dtype=jn
     params['prompts'] = prompts
   params = jax.tree.map(jnp.asarray, params)
   model = CLIP(spec, prompt_mode=prompt_mode, num_prompts=num_prompts, dtype=dtype, remat=remat,
-               attention=attention)
+               attention=attention, scan_layers=scan_layers)
   return LoadedCLIP(model=model, params=params, tokenizer=load_tokenizer(folder),
                     preprocess=load_preprocess(folder), spec=spec, hf_config=hf_config, source=str(folder))
 

@@ -36,7 +36,7 @@ from PIL import Image
 from cg3d_jax import assets
 from cg3d_jax.errors import BadInputError
 from cg3d_jax.models.clip import CLIP, EOS_POOLING_ARGMAX, CLIPSpec, init_prompts
-from cg3d_jax.trees import flatten, unflatten
+from cg3d_jax.trees import flatten, stack_layers, unflatten, unstack_layers
 from cg3d_jax.weights import torch_files
 from cg3d_jax.weights.bpe import END_OF_TEXT, START_OF_TEXT, read_bpe
 from cg3d_jax.weights.hf_clip import CLIPLoadError, ImagePreprocess, LoadedCLIP, expected_shapes
@@ -183,7 +183,8 @@ def _to_flax(name: str, value: np.ndarray) -> np.ndarray:
 
 
 def clip_params_from_slip(path, state: Mapping[str, np.ndarray], spec: CLIPSpec) -> dict:
-  """SLIP state dict -> Flax CLIP parameter tree (no prompts); every tensor present, shape-checked and used."""
+  """SLIP state dict -> Flax CLIP parameter tree (no prompts, layers stacked); every tensor present, shape-checked
+  and used."""
   flat, used = {}, set()
 
   def take(key):
@@ -223,11 +224,11 @@ def clip_params_from_slip(path, state: Mapping[str, np.ndarray], spec: CLIPSpec)
   bad = [k for k in used if not np.all(np.isfinite(state[k]))]
   if bad:
     raise CLIPLoadError(f'{path}: SLIP tensor(s) hold NaN or infinity: {sorted(bad)[:5]}')
-  return unflatten({k: np.array(v, order='C') for k, v in flat.items()})
+  return stack_layers(unflatten({k: np.array(v, order='C') for k, v in flat.items()}))
 
 
-def load_slip(path, *, prompt_mode: str = 'deep', num_prompts: int = 5, dtype=jnp.float32, remat: bool = False,
-              attention: str = 'auto', seed: int = 0) -> LoadedCLIP:
+def load_slip(path, *, prompt_mode: str = 'deep', num_prompts: int = 5, dtype=jnp.float32, remat='none',
+              attention: str = 'auto', scan_layers: bool = True, seed: int = 0) -> LoadedCLIP:
   """A SLIP checkpoint file as the frozen CLIP; prompts (if any) freshly initialised from `seed`."""
   state, args = read_slip_file(path)
   spec = spec_from_state_dict(path, state, args)
@@ -236,7 +237,7 @@ def load_slip(path, *, prompt_mode: str = 'deep', num_prompts: int = 5, dtype=jn
   if prompts is not None:
     params['prompts'] = prompts
   model = CLIP(spec, prompt_mode=prompt_mode, num_prompts=num_prompts, dtype=dtype, remat=remat,
-               attention=attention)
+               attention=attention, scan_layers=scan_layers)
   return LoadedCLIP(model=model, params=jax.tree.map(jnp.asarray, params),
                     tokenizer=SLIPTokenizer(context_length=spec.max_positions),
                     preprocess=slip_preprocess(spec.image_size), spec=spec, hf_config=None, kind='slip',
@@ -254,7 +255,7 @@ def visual_tensors(path) -> dict[str, np.ndarray]:
 def vision_state_dict(params: Mapping[str, Any], spec: CLIPSpec) -> dict[str, np.ndarray]:
   """The Flax image tower -> timm's `VisionTransformer` state dict (CG3D's `visual_clip_model` without prompts), in
   timm's parameter order."""
-  vision = flatten(params['vision'])
+  vision = flatten(unstack_layers(params['vision']))
   out = {'cls_token': np.asarray(vision['class_embedding']).reshape(1, 1, -1),
          'pos_embed': np.asarray(vision['position_embedding/embedding'])[None],
          'patch_embed.proj.weight': np.asarray(vision['patch_embedding/kernel']).transpose(3, 2, 0, 1),

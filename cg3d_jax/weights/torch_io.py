@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from cg3d_jax.trees import flatten, unflatten
+from cg3d_jax.trees import flatten, stack_layers, unflatten, unstack_layers
 
 PARAMS, BATCH_STATS, TORCH_ONLY = 'params', 'batch_stats', ''
 
@@ -203,7 +203,9 @@ def _count_blocks(names: Iterable[str], pattern: str) -> int:
 
 def point_transformer_to_torch(params: Mapping[str, Any], batch_stats: Mapping[str, Any], *,
                                num_batches_tracked: int = 0) -> 'collections.OrderedDict[str, torch.Tensor]':
-  """Flax PointTransformer variables -> the original's `base_model` state dict (strict-loadable)."""
+  """Flax PointTransformer variables (blocks stacked or one by one) -> the original's `base_model` state dict
+  (strict-loadable)."""
+  params = unstack_layers(params)
   depth = _count_blocks(params, r'blocks_(\d+)$')
   entries = point_transformer_entries(depth, with_head='cls_head_0' in params)
   return flax_to_torch({PARAMS: params, BATCH_STATS: batch_stats}, entries, num_batches_tracked=num_batches_tracked)
@@ -236,7 +238,7 @@ def point_transformer_kwargs_from_torch(state_dict: Mapping[str, Any]) -> dict[s
 
 
 def point_transformer_from_torch(state_dict: Mapping[str, Any], model: Any = None) -> tuple[dict, dict]:
-  """The original's `base_model` state dict -> (params, batch_stats) for cg3d_jax's PointTransformer.
+  """The original's `base_model` state dict -> (params (blocks stacked), batch_stats) for cg3d_jax's PointTransformer.
 
   With `model` (a PointTransformer), shapes are checked against that model; without, against a model with the
   sizes read off the state dict itself (so only internal inconsistencies are caught).
@@ -245,7 +247,7 @@ def point_transformer_from_torch(state_dict: Mapping[str, Any], model: Any = Non
   if model is None:
     model = PointTransformer(**point_transformer_kwargs_from_torch(state_dict))
   dummy = jax.ShapeDtypeStruct((1, max(model.group_size, model.num_groups), 3), jnp.float32)
-  template = jax.eval_shape(lambda p: model.init(jax.random.key(0), p, train=False), dummy)
+  template = jax.eval_shape(lambda p: unstack_layers(model.init(jax.random.key(0), p, train=False)), dummy)
   entries = point_transformer_entries(model.depth, with_head=model.num_classes is not None)
   variables = torch_to_flax(state_dict, entries, template)
-  return variables[PARAMS], variables.get(BATCH_STATS, {})
+  return stack_layers(variables[PARAMS]), variables.get(BATCH_STATS, {})

@@ -1,0 +1,62 @@
+"""Compile time of the real CG3D training step: layers scanned (`nn.scan`, the default) against the same layers
+unrolled in the compiled program (`--config.model.scan_layers=False --config.clip.scan_layers=False`).
+
+The real configuration (ViT-B/16 CLIP with random weights and 5 deep prompts, PointTransformer 22 M, 1024 of 8192
+points, text cached), lowered and compiled ahead of time for one device; nothing runs. Scanned and unrolled compiles
+alternate, `--repeats` times each, in one process with JAX's compilation cache off, so that both see the same
+machine state; medians are reported with the ratio. `--remat` compiles both with that rematerialisation policy.
+
+  python bench/bench_compile.py [--batch 8] [--repeats 2] [--remat none|full|dots] [--json out.json]
+"""
+
+import os
+
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench import load  # noqa: E402
+from bench.bench_memory import compile_cg3d_step, real_config  # noqa: E402
+from cg3d_jax.synthetic import random_clip  # noqa: E402
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--batch', type=int, default=8)
+  parser.add_argument('--repeats', type=int, default=2)
+  parser.add_argument('--remat', default='none')
+  parser.add_argument('--json', default=None)
+  args = parser.parse_args(argv)
+  jax.config.update('jax_enable_compilation_cache', False)  # every compile is a real one
+  print(load.report(), flush=True)
+  seconds = {True: [], False: []}
+  with tempfile.TemporaryDirectory() as tmp:
+    folder = random_clip.write_random_clip(os.path.join(tmp, 'clip_b16'), seed=0, **random_clip.VIT_B16)
+    for _ in range(args.repeats):
+      for scan in (True, False):
+        config = real_config(folder, args.batch, remat=args.remat, scan_layers=scan)
+        _, took = compile_cg3d_step(config, args.batch, devices=1)
+        seconds[scan].append(took)
+        print(f"{'scanned' if scan else 'unrolled'}: lower + compile {took:.1f} s", flush=True)
+  scanned, unrolled = statistics.median(seconds[True]), statistics.median(seconds[False])
+  print(load.report())
+  print(f'real CG3D step, batch {args.batch}, remat {args.remat}, one {jax.devices()[0].device_kind} device: '
+        f'scanned {scanned:.1f} s, unrolled {unrolled:.1f} s, unrolled / scanned {unrolled / scanned:.2f}')
+  result = {'machine': load.report(), 'batch': args.batch, 'remat': args.remat, 'scanned_s': seconds[True],
+            'unrolled_s': seconds[False], 'ratio': unrolled / scanned}
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
+  return result
+
+
+if __name__ == '__main__':
+  main()
