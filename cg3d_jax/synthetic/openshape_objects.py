@@ -1,0 +1,81 @@
+"""Procedural objects written in OpenShape's exact layout (data/openshape.py), for tests and offline demos.
+
+Each shape family of synthetic/shapes.py is a class ("sphere", "torus", ...); each object is one pickled-dict `.npy`
+written with `np.save(path, dict)` as OpenShape writes them, y-up like OpenShape's files, with a colour per class.
+Features stand in for a CLIP's: every class has a random unit direction in a `feature_dim`-wide space; an object's
+views, thumbnail, texts and captions are that direction plus noise, so a point encoder trained against them can
+learn the classes, and the class-name feature table (`lvis_cat_name_pt_feat.npy`, classes in sorted order as
+OpenShape's evaluation reads them) scores zero-shot.
+
+  root/meta_data/split/train_all.json, root/meta_data/split/lvis.json, root/meta_data/gpt4_filtering.json,
+  root/meta_data/lvis_cat_name_pt_feat.npy, root/data/<dataset>/<uid>.npy
+"""
+
+import json
+import pathlib
+
+import numpy as np
+
+from cg3d_jax.synthetic.shapes import FAMILIES, sample_surface
+
+DATASETS = ('Objaverse', 'ShapeNet')
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+  return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def _text_feature(direction, rng, noise):
+  return {'original': _unit(direction + noise * rng.standard_normal(direction.shape)).astype(np.float32),
+          'prompt_avg': _unit(direction + noise * rng.standard_normal(direction.shape)).astype(np.float32)}
+
+
+def write_openshape_layout(root, *, classes=('sphere', 'box', 'cylinder', 'torus', 'cone', 'table'),
+                           train_per_class: int = 6, lvis_per_class: int = 3, num_points: int = 2048,
+                           feature_dim: int = 32, views: int = 12, noise: float = 0.3, seed: int = 0) -> pathlib.Path:
+  """Writes the layout under `root` and returns it. Training objects alternate between Objaverse and ShapeNet
+  entries (the two target-sampling rules); the LVIS-style evaluation set is Objaverse objects of every class."""
+  root = pathlib.Path(root)
+  rng = np.random.default_rng(seed)
+  directions = _unit(rng.standard_normal((len(classes), feature_dim)))
+  colours = rng.uniform(0.1, 0.9, (len(classes), 3))
+  split, lvis, flags = [], [], {}
+  for c, name in enumerate(classes):
+    for i in range(train_per_class + lvis_per_class):
+      evaluation = i >= train_per_class
+      dataset = 'Objaverse' if evaluation or i % 2 == 0 else 'ShapeNet'
+      uid = f'{name}_{i:03d}'
+      xyz, _ = sample_surface(rng, FAMILIES[name](rng), num_points)
+      xyz = xyz - xyz.mean(0)
+      xyz = (xyz / np.max(np.linalg.norm(xyz, axis=1)))[:, [0, 2, 1]]  # stored y-up, as OpenShape's files
+      rgb = np.clip(colours[c] + 0.05 * rng.standard_normal((num_points, 3)), 0, 1)
+      direction = directions[c]
+      data = {
+          'xyz': xyz.astype(np.float32), 'rgb': rgb.astype(np.float32),
+          'image_feat': _unit(direction + noise * rng.standard_normal((views, feature_dim))).astype(np.float32),
+          'text': [f'a {name}'], 'text_feat': [_text_feature(direction, rng, noise)],
+          'blip_caption': f'a 3d model of a {name}', 'blip_caption_feat': _text_feature(direction, rng, noise),
+          'msft_caption': '' if i % 3 == 0 else f'a {name} shape',
+          'msft_caption_feat': _text_feature(direction, rng, noise),
+          'retrieval_text': [f'{name} object', f'{name}'],
+          'retrieval_text_feat': [_text_feature(direction, rng, noise) for _ in range(2)],
+      }
+      if dataset == 'Objaverse':
+        data['thumbnail_feat'] = _unit(direction + noise * rng.standard_normal(feature_dim)).astype(np.float32)
+      relative = pathlib.Path('data') / dataset / f'{uid}.npy'
+      (root / relative).parent.mkdir(parents=True, exist_ok=True)
+      np.save(root / relative, data, allow_pickle=True)
+      if evaluation:
+        lvis.append({'uid': uid, 'category': name, 'group': 'synthetic', 'data_path': str(relative)})
+      else:
+        split.append({'id': uid, 'dataset': dataset, 'group': 'synthetic', 'data_path': str(relative)})
+        if dataset == 'Objaverse':
+          flags[uid] = {'flag': 'N' if i % 4 == 0 else 'Y', 'name': name}
+  meta = root / 'meta_data'
+  (meta / 'split').mkdir(parents=True, exist_ok=True)
+  (meta / 'split' / 'train_all.json').write_text(json.dumps(split, indent=1))
+  (meta / 'split' / 'lvis.json').write_text(json.dumps(lvis, indent=1))
+  (meta / 'gpt4_filtering.json').write_text(json.dumps(flags, indent=1))
+  order = np.argsort(np.array(classes))  # OpenShape's categories are sorted names
+  np.save(meta / 'lvis_cat_name_pt_feat.npy', directions[order].astype(np.float32))
+  return root
