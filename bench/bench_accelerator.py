@@ -88,9 +88,9 @@ def bench_jax_step(args, clip_folder: str, name: str, devices) -> dict:
                         state_shardings=setup.shardings['state'], frozen_shardings=setup.shardings['frozen'],
                         table_sharding=setup.shardings['table'], batch_shardings=setup.shardings['batch'])
   start = time.perf_counter()
-  compiled = step.lower(setup.state, setup.frozen, setup.text_table, batch).compile()
+  compiled, cost = step_cost.compile_and_analyse(step, (setup.state, setup.frozen, setup.text_table, batch),
+                                                 jnp.dtype(dtype), devices[0])
   compile_s = time.perf_counter() - start
-  cost = step_cost.analyse(compiled, jnp.dtype(dtype), devices[0])
   row = {'implementation': f'JAX {name}', 'compile_s': round(compile_s, 1), 'gflop_per_device': cost.flops / 1e9,
          'xla_peak_gib': cost.peak_bytes / 2 ** 30}
   if cost.device_limit_bytes and cost.peak_bytes > cost.device_limit_bytes:

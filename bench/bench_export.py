@@ -75,7 +75,6 @@ def main():
                                           pathlib.Path(tmp) / f'{name}.pth'))
   for line in verifications:
     print(line)
-  print(load.report())
 
 
 def _verify_timing(name: str, model, variables, path: pathlib.Path) -> str:

@@ -95,7 +95,6 @@ def main():
           f"{row['eval_s']:.2f} s; eval {args.votes} votes compile+1st {row[f'eval_{args.votes}_votes_first_s']:.1f} "
           f"s, median {row[f'eval_{args.votes}_votes_s']:.2f} s  (batch {args.batch}, {args.stored} points)",
           flush=True)
-  print(load.report())
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
 

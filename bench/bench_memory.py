@@ -52,16 +52,15 @@ TEXT_STUB = dict(text_width=512, text_layers=1, text_heads=8, text_mlp_dim=2048,
                  eos_pooling='argmax_id', vision_layer_norm_eps=1e-5, num_channels=3)
 
 
-def _row(name, compiled, dtype, devices, **extra) -> dict:
-  cost = step_cost.analyse(compiled, jnp.dtype(dtype))
+def _row(name, cost, dtype, devices, **extra) -> dict:
   return {'step': name, 'dtype': dtype, 'devices': devices, **extra,
           'arguments_gib': cost.argument_bytes / GIB, 'temporaries_gib': cost.temp_bytes / GIB,
           'peak_gib': cost.peak_bytes / GIB, 'gflop_per_device': cost.flops / 1e9}
 
 
 def compile_cg3d_step(config, batch: int, devices: int):
-  """(compiled joint training step of `config` on the first `devices` devices, lower + compile seconds); nothing
-  runs, the batch is abstract."""
+  """(StepCost of the joint training step of `config` compiled for the first `devices` devices, trace + lower +
+  compile seconds); nothing runs, the batch is abstract."""
   setup = pretrain.build_setup(config, train_classes=['chair'], steps_per_epoch=1000, devices=jax.devices()[:devices])
   size = setup.clip.spec.image_size
   shard = setup.shardings['batch']
@@ -73,8 +72,9 @@ def compile_cg3d_step(config, batch: int, devices: int):
                         state_shardings=setup.shardings['state'], frozen_shardings=setup.shardings['frozen'],
                         table_sharding=setup.shardings['table'], batch_shardings=setup.shardings['batch'])
   start = time.perf_counter()
-  compiled = step.lower(setup.state, setup.frozen, setup.text_table, batch_shapes).compile()
-  return compiled, time.perf_counter() - start
+  _, cost = step_cost.compile_and_analyse(step, (setup.state, setup.frozen, setup.text_table, batch_shapes),
+                                          jnp.dtype(config.model.dtype))
+  return cost, time.perf_counter() - start
 
 
 def real_config(folder: str, batch: int, *, dtype: str = 'float32', remat: str = 'none', scan_layers: bool = True,
@@ -95,8 +95,8 @@ def cg3d_rows(batch: int, folder: str) -> list[dict]:
     for dtype in ('float32', 'bfloat16'):
       for remat in ('none', 'full', 'dots'):
         config = real_config(folder, batch, dtype=dtype, remat=remat, devices=devices, fsdp=fsdp)
-        compiled, seconds = compile_cg3d_step(config, batch, devices)
-        rows.append(_row('CG3D joint step (ViT-B/16 + PointTransformer)', compiled, dtype, devices, fsdp=fsdp,
+        cost, seconds = compile_cg3d_step(config, batch, devices)
+        rows.append(_row('CG3D joint step (ViT-B/16 + PointTransformer)', cost, dtype, devices, fsdp=fsdp,
                          remat=remat, compile_s=round(seconds, 1)))
         print(json.dumps(rows[-1]), flush=True)
   return rows
@@ -128,9 +128,9 @@ def tower_rows(batch: int, devices: int = 8) -> list[dict]:
           return jnp.sum(feats.astype(jnp.float32) ** 2)
 
         start = time.perf_counter()
-        compiled = jax.jit(jax.grad(loss)).lower(prompts, frozen, pixels).compile()
+        _, cost = step_cost.compile_and_analyse(jax.jit(jax.grad(loss)), (prompts, frozen, pixels), jnp.dtype(dtype))
         params_b = sum(np.prod(x.shape) for x in jax.tree.leaves(params))
-        rows.append(_row(f'{name} frozen tower, prompt step', compiled, dtype, devices, fsdp=devices, remat=remat,
+        rows.append(_row(f'{name} frozen tower, prompt step', cost, dtype, devices, fsdp=devices, remat=remat,
                          frozen_params_m=round(params_b / 1e6, 1), compile_s=round(time.perf_counter() - start, 1)))
         print(json.dumps(rows[-1]), flush=True)
   return rows

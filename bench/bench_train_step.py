@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from bench import load  # noqa: E402
 
 sys.path.insert(0, str(ROOT / 'bench'))
+from cg3d_jax import step_cost  # noqa: E402
 from cg3d_jax.configs import pretrain_pointbert  # noqa: E402
 from cg3d_jax.synthetic import random_clip  # noqa: E402
 from cg3d_jax.training import pretrain  # noqa: E402
@@ -91,6 +92,8 @@ def main(argv=None):
   parser.add_argument('--framework', choices=('both', 'jax', 'torch'), default='both',
                       help='one framework per process avoids their thread pools interfering (PyTorch\'s OpenMP '
                       'threads spin after each call, which slows an XLA call that follows at once)')
+  parser.add_argument('--unrolled', action='store_true',
+                      help='JAX with the layer loops unrolled (scan_layers=False) instead of scanned')
   args = parser.parse_args(argv)
   print(load.report())  # a ratio taken under load can reverse on an idle machine
   from transformers import CLIPModel
@@ -98,6 +101,7 @@ def main(argv=None):
   config = pretrain_pointbert.get_config()
   config.train.batch_size = args.batch
   config.mesh.data = 1
+  config.model.scan_layers = config.clip.scan_layers = not args.unrolled
   with tempfile.TemporaryDirectory() as tmp:
     folder = random_clip.write_random_clip(os.path.join(tmp, 'clip_b16'), seed=0,
                                            **random_clip.VIT_B16)
@@ -118,11 +122,10 @@ def main(argv=None):
                          table_sharding=setup.shardings['table'], batch_shardings=setup.shardings['batch'])
   jbatch = jax.device_put(batch, setup.shardings['batch'])
   start = time.perf_counter()
-  compiled = jstep.lower(setup.state, setup.frozen, setup.text_table, jbatch).compile()
+  compiled, cost = step_cost.compile_and_analyse(jstep, (setup.state, setup.frozen, setup.text_table, jbatch),
+                                                 jnp.float32)
   compile_s = time.perf_counter() - start
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get('flops', float('nan')))
+  flops = cost.flops  # matmul FLOPs of the step, scanned layers counted per layer
 
   encoder = PointTransformerProject(num_classes=55)
   table = torch.nn.functional.normalize(torch.randn(*setup.text_table.shape), dim=-1)
@@ -156,7 +159,8 @@ def main(argv=None):
         f' batch {args.batch}, fp32')
   print(f'machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; jax {jax.__version__}, '
         f'torch {torch.__version__} ({torch.get_num_threads()} threads); median of {args.iters} alternating steps')
-  print(f'XLA cost analysis: {flops / 1e9:.1f} GFLOP per step; measured fp32 matmul rate {gflops:.1f} GFLOP/s; '
+  print(f'matmul FLOPs of the step (step_cost.matmul_flops): {flops / 1e9:.1f} GFLOP per step (XLA cost analysis, '
+        f'loop bodies once: {cost.xla_flops / 1e9:.1f}); measured fp32 matmul rate {gflops:.1f} GFLOP/s; '
         f'JAX compile {compile_s:.1f} s')
   print()
   print('| implementation | s / step (median) | samples / s | GFLOP/s achieved | utilisation | torch / this |')

@@ -124,6 +124,36 @@ def test_eval_parity_with_twin(small_pair, points, highest_precision):
   assert np.abs(want[0]).max() > 0.1  # a real signal, not two zero vectors
 
 
+def test_coloured_encoder_matches_the_twin_and_converts_both_ways(points, highest_precision):
+  """6 input channels (xyz + rgb), ULIP-2's coloured Point-BERT: grouping on xyz, each neighbour's colour beside its
+  centred xyz; the export loads strictly into the twin built with in_channels=6, gives its features, and reads
+  back into the same Flax variables with in_channels found from the weights."""
+  rgb = np.random.default_rng(7).uniform(0, 1, points.shape[:2] + (3,)).astype(np.float32)
+  coloured = np.concatenate([points, rgb], axis=-1)
+  model = PointTransformer(**SMALL, drop_path_rate=0.0, in_channels=6)
+  variables = jax.jit(model.init, static_argnames='train')(jax.random.key(2), jnp.asarray(coloured), train=False)
+  params, stats = variables['params'], randomised_batch_stats(variables['batch_stats'])
+  assert params['encoder']['first_conv_0']['kernel'].shape == (6, 128)
+  state_dict = torch_io.point_transformer_to_torch(params, stats)
+  assert tuple(state_dict['encoder.first_conv.0.weight'].shape) == (128, 6, 1)
+  twin = torch_twin.PointTransformerProject(**SMALL, drop_path_rate=0.0, in_channels=6)
+  twin.load_state_dict(state_dict, strict=True)
+  with torch.no_grad():
+    want = twin.eval()(torch.from_numpy(coloured)).numpy()
+  got = np.asarray(jax.jit(lambda v: model.apply(v, coloured, train=False))({'params': params, 'batch_stats': stats}))
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+  # Colour matters: the same xyz in other colours gives other features.
+  other = np.concatenate([points, 1 - rgb], axis=-1)
+  assert not np.allclose(np.asarray(model.apply({'params': params, 'batch_stats': stats}, other, train=False)), got,
+                         atol=1e-3)
+  assert torch_io.point_transformer_kwargs_from_torch(state_dict)['in_channels'] == 6
+  back, back_stats = torch_io.point_transformer_from_torch(state_dict)
+  for a, b in zip(jax.tree.leaves((back, back_stats)), jax.tree.leaves((params, stats))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match=r'\(batch, num_points, 6\), got shape \(4, 1024, 3\) \(xyz \+ 3 colour'):
+    model.apply({'params': params, 'batch_stats': stats}, points, train=False)
+
+
 def test_attention_implementations_give_the_same_features(small_pair, points, highest_precision):
   """The default kernel (jax.nn.dot_product_attention, XLA on CPU) and the written-out einsum form, on real objects."""
   model, params, batch_stats, _ = small_pair

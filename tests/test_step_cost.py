@@ -64,7 +64,36 @@ def test_compiled_step_runs_what_jit_runs_and_records_its_cost():
   step = step_cost.CompiledStep(jax.jit(lambda x: (x @ x.T).sum()), jnp.float32, 'a test step')
   x = jnp.asarray(np.arange(12.0).reshape(3, 4), jnp.float32)
   assert float(step(x)) == float((np.arange(12.0).reshape(3, 4) @ np.arange(12.0).reshape(3, 4).T).sum())
-  assert step.cost.flops >= 2 * 3 * 4 * 3
+  assert step.cost.flops == 2 * 3 * 4 * 3
+
+
+def _layer_stack_loss(unroll: int):
+  def loss(w, x):
+    body = lambda carry, wi: (jnp.tanh(carry @ wi), None)  # noqa: E731
+    return jax.lax.scan(body, x, w, unroll=unroll)[0].sum()
+  return jax.grad(loss, argnums=(0, 1))
+
+
+def test_flops_count_every_layer_of_a_scan_where_xla_counts_one():
+  """A stack of L (m x k) @ (k x k) layers under lax.scan, differentiated: per layer the forward product, the input
+  gradient and the weight gradient, 3 x 2mk^2, times L. XLA's cost analysis counts a loop body once; on the same
+  program unrolled it sees every layer (plus the elementwise work): the count lies just under it."""
+  layers, m, k = 6, 16, 32
+  w = jax.ShapeDtypeStruct((layers, k, k), jnp.float32)
+  x = jax.ShapeDtypeStruct((m, k), jnp.float32)
+  expected = 3 * layers * 2 * m * k * k
+  assert step_cost.matmul_flops(jax.make_jaxpr(_layer_stack_loss(1))(w, x)) == expected
+  _, scanned = step_cost.compile_and_analyse(jax.jit(_layer_stack_loss(1)), (w, x), jnp.float32)
+  _, unrolled = step_cost.compile_and_analyse(jax.jit(_layer_stack_loss(layers)), (w, x), jnp.float32)
+  assert scanned.flops == unrolled.flops == expected
+  assert scanned.xla_flops < expected / 2  # one layer's worth, not six
+  assert expected <= unrolled.xla_flops < 1.15 * expected
+  # Shared over the devices the inputs are sharded on, as XLA's per-device figures are.
+  mesh = sharding.make_mesh({'data': -1})
+  xs = jax.ShapeDtypeStruct((8 * m, k), jnp.float32, sharding=NamedSharding(mesh, P('data')))
+  ws = jax.ShapeDtypeStruct((layers, k, k), jnp.float32, sharding=NamedSharding(mesh, P()))
+  _, sharded = step_cost.compile_and_analyse(jax.jit(_layer_stack_loss(1)), (ws, xs), jnp.float32)
+  assert sharded.flops == 8 * expected / mesh.size
 
 
 def test_profiler_writes_a_trace_of_the_chosen_steps(tmp_path):

@@ -117,25 +117,32 @@ def knn(queries: jax.Array, points: jax.Array, k: int) -> jax.Array:
 
 
 def sample_points(points: jax.Array, num_points: int) -> jax.Array:
-  """FPS from stored clouds (B, S, 3) down to (B, num_points, 3), as the original does on device before encoding."""
+  """FPS from stored clouds (B, S, C) down to (B, num_points, C), as the original does on device before encoding;
+  distances on xyz (the first 3 channels), colours carried along."""
   if points.shape[1] == num_points:
     return points
   if points.shape[1] < num_points:
     raise ValueError(f'cannot sample {num_points} points from clouds of {points.shape[1]}: the stored clouds must '
                      'hold at least the encoder\'s num_points')
-  return gather_points(points, farthest_point_sample(points, num_points))
+  return gather_points(points, farthest_point_sample(points[..., :3], num_points))
 
 
 def group(points: jax.Array, num_groups: int, group_size: int) -> tuple[jax.Array, jax.Array]:
   """Point-BERT grouping: FPS centres, then each centre's `group_size` nearest points, centred on the centre.
 
-  points (B, N, 3) -> neighbourhood (B, G, K, 3), centres (B, G, 3). Gradients flow to `points` through the
-  gathers; the index selection itself is not differentiable.
+  points (B, N, 3) -> neighbourhood (B, G, K, 3), centres (B, G, 3). Coloured clouds (B, N, 3 + F), as ULIP-2's
+  coloured Point-BERT: centres and neighbours from xyz alone, neighbourhood (B, G, K, 3 + F) = [xyz - centre |
+  the neighbours' own F channels]. Gradients flow to `points` through the gathers; the index selection itself is
+  not differentiable.
   """
-  if points.ndim != 3 or points.shape[-1] != 3:
-    raise ValueError(f'group expects points of shape (B, N, 3), got {points.shape}')
+  if points.ndim != 3 or points.shape[-1] < 3:
+    raise ValueError(f'group expects points of shape (B, N, 3 + channels), got {points.shape}')
   if points.shape[1] < group_size:
     raise ValueError(f'group: need at least group_size={group_size} points per cloud, got N={points.shape[1]}')
-  centers = gather_points(points, farthest_point_sample(points, num_groups))
-  neighbours = gather_points(points, knn(centers, points, group_size))
-  return neighbours - centers[:, :, None, :], centers
+  xyz = points[..., :3]
+  centers = gather_points(xyz, farthest_point_sample(xyz, num_groups))
+  neighbours = gather_points(points, knn(centers, xyz, group_size))
+  centred = neighbours[..., :3] - centers[:, :, None, :]
+  if points.shape[-1] == 3:
+    return centred, centers
+  return jnp.concatenate([centred, neighbours[..., 3:]], axis=-1), centers

@@ -1,6 +1,7 @@
 """CG3D's main 3D encoder: the Point-BERT-style point transformer, projected into CLIP's joint space.
 
-points (B, N, 3) -> FPS + kNN groups (G x K) -> mini-PointNet token per group -> Linear to the width -> [cls | groups]
+points (B, N, 3) (or (B, N, 6) xyz + rgb with in_channels=6, ULIP-2's coloured Point-BERT) -> FPS + kNN groups
+(G x K) -> mini-PointNet token per group -> Linear to the width -> [cls | groups]
 -> `depth` pre-norm blocks with the position embedding added to every block's input -> LayerNorm
 -> [cls | max over groups] (2 x width, "the pooled feature") -> Linear to `embed_dim` (CLIP space, not normalised).
 An optional head (2 x width -> head_hidden -> ReLU -> Dropout -> num_classes) is kept for fine-tuning and so that
@@ -35,7 +36,7 @@ weight_init = nn.initializers.truncated_normal(stddev=_INIT_STD, lower=-2.0 / _I
 exact_gelu = functools.partial(nn.gelu, approximate=False)
 
 
-def validate_points(points: Any, group_size: int) -> None:
+def validate_points(points: Any, group_size: int, in_channels: int = 3) -> None:
   """Clear errors for unusable point clouds, before any compute.
 
   Shapes are checked always (they are static even under jit). Values (NaN/Inf) can only be checked on concrete
@@ -43,8 +44,10 @@ def validate_points(points: Any, group_size: int) -> None:
   data at the input pipeline or call this function on the host batch first.
   """
   shape = getattr(points, 'shape', None)
-  if shape is None or len(shape) != 3 or shape[-1] != 3:
-    raise ValueError(f'PointTransformer expects points of shape (batch, num_points, 3), got shape {shape}')
+  if shape is None or len(shape) != 3 or shape[-1] != in_channels:
+    what = '' if in_channels == 3 else f' (xyz + {in_channels - 3} colour channels: model in_channels={in_channels})'
+    raise ValueError(f'PointTransformer expects points of shape (batch, num_points, {in_channels}), got shape '
+                     f'{shape}{what}')
   if shape[1] < group_size:
     raise ValueError(f'PointTransformer needs at least group_size={group_size} points per cloud to form its '
                      f'neighbourhoods, got {shape[1]} points (shape {tuple(shape)})')
@@ -141,6 +144,7 @@ class PointTransformer(nn.Module):
   drop_path_rate: float = 0.1
   embed_dim: int = 512
   num_classes: int | None = None  # None: no head. 55: the pre-training head that exports keep.
+  in_channels: int = 3  # 6: xyz + rgb, ULIP-2's coloured Point-BERT (grouping on xyz, colours into the PointNet)
   head_hidden: int = 256
   head_dropout: float = 0.5
   dtype: Any = jnp.float32
@@ -158,7 +162,8 @@ class PointTransformer(nn.Module):
                drop_path_rate=pt.drop_path_rate, embed_dim=model_config.embed_dim,
                num_classes=model_config.num_classes or None, head_hidden=pt.head_hidden,
                head_dropout=pt.head_dropout, dtype=jnp.dtype(model_config.dtype), remat=model_config.remat,
-               attention=model_config.get('attention', 'auto'), scan_layers=model_config.get('scan_layers', True))
+               attention=model_config.get('attention', 'auto'), scan_layers=model_config.get('scan_layers', True),
+               in_channels=model_config.get('in_channels', 3))
 
   @nn.compact
   def __call__(self, points: jax.Array, *, train: bool, return_logits: bool = False,
@@ -167,7 +172,7 @@ class PointTransformer(nn.Module):
 
     return_logits: the classification head's logits (fine-tuning); return_features: the pooled 2 x width feature.
     """
-    validate_points(points, self.group_size)
+    validate_points(points, self.group_size, self.in_channels)
     if return_logits and return_features:
       raise ValueError('PointTransformer: ask for return_logits or return_features, not both')
     if return_logits and self.num_classes is None:

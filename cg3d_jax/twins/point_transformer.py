@@ -60,27 +60,32 @@ def torch_gather_points(points: torch.Tensor, idx: torch.Tensor) -> torch.Tensor
   return out.reshape(*idx.shape, points.shape[-1])
 
 
-def torch_group(xyz: torch.Tensor, num_groups: int, group_size: int):
-  """Point-BERT's Group: (B, N, 3) -> neighbourhood (B, G, K, 3) centred, centres (B, G, 3)."""
+def torch_group(pts: torch.Tensor, num_groups: int, group_size: int):
+  """Point-BERT's Group: (B, N, 3) -> neighbourhood (B, G, K, 3) centred, centres (B, G, 3); with colours
+  (B, N, 3 + F), ULIP-2's: grouped on xyz, the neighbours' colours appended after the centred xyz."""
+  xyz = pts[..., :3]
   centres = torch_gather_points(xyz, torch_farthest_point_sample(xyz, num_groups))
-  neighbourhood = torch_gather_points(xyz, torch_knn(centres, xyz, group_size))
-  return neighbourhood - centres[:, :, None, :], centres
+  idx = torch_knn(centres, xyz, group_size)
+  neighbourhood = torch_gather_points(xyz, idx) - centres[:, :, None, :]
+  if pts.shape[-1] > 3:
+    neighbourhood = torch.cat([neighbourhood, torch_gather_points(pts[..., 3:].contiguous(), idx)], dim=-1)
+  return neighbourhood, centres
 
 
 class Encoder(nn.Module):
   """Point-BERT's mini-PointNet (Conv1d 1x1 stacks over each group's points)."""
 
-  def __init__(self, encoder_channel: int):
+  def __init__(self, encoder_channel: int, input_dim: int = 3):
     super().__init__()
     self.encoder_channel = encoder_channel
-    self.first_conv = nn.Sequential(nn.Conv1d(3, 128, 1), nn.BatchNorm1d(128), nn.ReLU(inplace=True),
+    self.first_conv = nn.Sequential(nn.Conv1d(input_dim, 128, 1), nn.BatchNorm1d(128), nn.ReLU(inplace=True),
                                     nn.Conv1d(128, 256, 1))
     self.second_conv = nn.Sequential(nn.Conv1d(512, 512, 1), nn.BatchNorm1d(512), nn.ReLU(inplace=True),
                                      nn.Conv1d(512, encoder_channel, 1))
 
   def forward(self, point_groups: torch.Tensor) -> torch.Tensor:
-    bs, g, n, _ = point_groups.shape
-    feature = self.first_conv(point_groups.reshape(bs * g, n, 3).transpose(2, 1))
+    bs, g, n, c = point_groups.shape
+    feature = self.first_conv(point_groups.reshape(bs * g, n, c).transpose(2, 1))
     feature_global = torch.max(feature, dim=2, keepdim=True)[0]
     feature = torch.cat([feature_global.expand(-1, -1, n), feature], dim=1)
     feature = self.second_conv(feature)
@@ -159,12 +164,12 @@ class PointTransformerProject(nn.Module):
   def __init__(self, width: int = 384, depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0,
                num_groups: int = 64, group_size: int = 32, encoder_dim: int = 256, drop_path_rate: float = 0.1,
                embed_dim: int = 512, num_classes: int | None = 55, head_hidden: int = 256,
-               head_dropout: float = 0.5):
+               head_dropout: float = 0.5, in_channels: int = 3):
     super().__init__()
     self.num_groups, self.group_size = num_groups, group_size
     self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
     self.cls_pos = nn.Parameter(torch.randn(1, 1, width))
-    self.encoder = Encoder(encoder_dim)
+    self.encoder = Encoder(encoder_dim, input_dim=in_channels)  # 6: ULIP-2's PointTransformer_Colored
     self.reduce_dim = nn.Linear(encoder_dim, width)
     self.projection = nn.Linear(2 * width, embed_dim)
     self.pos_embed = nn.Sequential(nn.Linear(3, 128), nn.GELU(), nn.Linear(128, width))
@@ -188,7 +193,7 @@ class PointTransformerProject(nn.Module):
       nn.init.zeros_(m.bias)
 
   def pooled_features(self, pts: torch.Tensor) -> torch.Tensor:
-    """(B, N, 3) -> (B, 2 * width): [cls | max over group tokens] after the final LayerNorm."""
+    """(B, N, 3 or 6) -> (B, 2 * width): [cls | max over group tokens] after the final LayerNorm."""
     neighborhood, center = torch_group(pts, self.num_groups, self.group_size)
     tokens = self.reduce_dim(self.encoder(neighborhood))
     b = tokens.shape[0]

@@ -28,7 +28,7 @@ def twin_for(encoder: str, model, num_points: int) -> torch.nn.Module:
         width=model.width, depth=model.depth, num_heads=model.num_heads, mlp_ratio=model.mlp_ratio,
         num_groups=model.num_groups, group_size=model.group_size, encoder_dim=model.encoder_dim,
         drop_path_rate=model.drop_path_rate, embed_dim=model.embed_dim, num_classes=model.num_classes,
-        head_hidden=model.head_hidden, head_dropout=model.head_dropout)
+        head_hidden=model.head_hidden, head_dropout=model.head_dropout, in_channels=model.in_channels)
   if encoder == cg3d_pth.POINTMLP:
     return PointMLPProject(
         points=num_points, embed_dim=model.embed_dim, res_expansion=model.res_expansion,

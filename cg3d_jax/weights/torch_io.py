@@ -228,7 +228,8 @@ def point_transformer_kwargs_from_torch(state_dict: Mapping[str, Any]) -> dict[s
   encoder_dim = _vote(state_dict, [('reduce_dim.weight', 1), ('encoder.second_conv.3.weight', 0),
                                    ('encoder.second_conv.3.bias', 0)])
   kwargs = dict(width=width, depth=_count_blocks(state_dict, r'blocks\.blocks\.(\d+)\.'),
-                encoder_dim=encoder_dim,
+                encoder_dim=encoder_dim, in_channels=int(state_dict['encoder.first_conv.0.weight'].shape[1])
+                if 'encoder.first_conv.0.weight' in state_dict else 3,
                 mlp_ratio=state_dict['blocks.blocks.0.mlp.fc1.weight'].shape[0] / width,
                 embed_dim=state_dict['projection.weight'].shape[0], num_heads=1, num_classes=None)
   if 'cls_head_finetune.0.weight' in state_dict and 'cls_head_finetune.3.weight' in state_dict:
@@ -246,7 +247,7 @@ def point_transformer_from_torch(state_dict: Mapping[str, Any], model: Any = Non
   from cg3d_jax.models.point_transformer import PointTransformer  # models do not import weights; this is one-way
   if model is None:
     model = PointTransformer(**point_transformer_kwargs_from_torch(state_dict))
-  dummy = jax.ShapeDtypeStruct((1, max(model.group_size, model.num_groups), 3), jnp.float32)
+  dummy = jax.ShapeDtypeStruct((1, max(model.group_size, model.num_groups), model.in_channels), jnp.float32)
   template = jax.eval_shape(lambda p: unstack_layers(model.init(jax.random.key(0), p, train=False)), dummy)
   entries = point_transformer_entries(model.depth, with_head=model.num_classes is not None)
   variables = torch_to_flax(state_dict, entries, template)
