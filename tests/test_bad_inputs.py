@@ -314,6 +314,9 @@ CONFIG_CASES = [
     ('train.mode', 'both', r"config.train.mode='both': expected 'joint' or 'alternating'"),
     ('model.attention', 'flash', r"config.model.attention='flash': expected one of \['auto', 'xla', 'cudnn'"),
     ('clip.attention', 'sdpa', r"config.clip.attention='sdpa'"),
+    ('model.remat', 'True',  # what --config.model.remat=True gives now that the field is a policy name
+     r"config.model.remat='True': expected one of \['none', 'full', 'dots'\] \(what was True is now 'full'\)"),
+    ('clip.remat', 'some', r"config.clip.remat='some'"),
 ]
 
 
