@@ -35,8 +35,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from orbax.checkpoint import checkpoint_managers as policies
 
 from cg3d_jax.errors import InputError
@@ -261,7 +259,7 @@ class Checkpointer:
     try:
       unrolled = _saved_unrolled(self._manager, step)
       restored = self._manager.restore(step, args=ocp.args.Composite(**{
-          _STATE: ocp.args.StandardRestore(_unrolled_target(target) if unrolled else target),
+          _STATE: ocp.args.StandardRestore(unstack_layers(target) if unrolled else target),
           _EXTRAS: ocp.args.JsonRestore(), _CONFIG: ocp.args.JsonRestore()}))
     except Exception as err:  # TensorStore and orbax raise many types for missing or truncated files
       raise damaged_step_error(pathlib.Path(str(self.directory)) / str(step), step, err,
@@ -318,15 +316,6 @@ def _saved_unrolled(manager, step: int) -> bool:
   found = []
   jax.tree_util.tree_map_with_path(lambda path, _: found.append(path_to_str(path)), dict(metadata))
   return any(in_numbered_layer(name) for name in found)
-
-
-def _unrolled_target(target):
-  """The restore target in the one-subtree-per-layer layout: each stacked leaf split along its layer axis."""
-  def take(leaf, _):
-    sharding = leaf.sharding
-    return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype,
-                                sharding=NamedSharding(sharding.mesh, P(*tuple(sharding.spec)[1:])))
-  return unstack_layers(target, take=take)
 
 
 @dataclasses.dataclass

@@ -119,15 +119,19 @@ def stack_layers(tree):
 
 
 def _layer(x, i: int):
-  if isinstance(x, jax.ShapeDtypeStruct):
-    return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+  if isinstance(x, jax.ShapeDtypeStruct):  # a shape (a restore target): one layer's, its sharding without the axis
+    sharding = x.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*tuple(sharding.spec)[1:]))
+    return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=sharding)
   return x[i]
 
 
 def unstack_layers(tree, take=_layer):
   """Inverse of `stack_layers`: each `layers`/`blocks` subtree -> `layers_{i}` siblings, one per leading index.
 
-  take(leaf, i): layer i of a stacked leaf (default: indexing, or the shape of one layer for a ShapeDtypeStruct).
+  take(leaf, i): layer i of a stacked leaf (default: indexing, or one layer's shape and sharding for a
+  ShapeDtypeStruct).
   """
   def unstack_dict(node: dict) -> dict:
     for base in STACKS:

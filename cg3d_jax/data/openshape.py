@@ -32,12 +32,12 @@ from typing import Any, Mapping
 import numpy as np
 
 from cg3d_jax.data.pickled_npy import read_pickled_dict
+from cg3d_jax.data.transforms import normalize_unit_sphere_np
 from cg3d_jax.errors import BadInputError
 
 OBJAVERSE = 'Objaverse'
 SPLIT_KEYS = ('id', 'dataset', 'group', 'data_path')
 LVIS_KEYS = ('uid', 'category', 'group', 'data_path')
-TEXT_VERSIONS = ('prompt_avg', 'original')
 RGB_DROP_VALUE = 0.4
 
 
@@ -133,12 +133,6 @@ def read_shape(path, *, objaverse: bool) -> dict:
 
 # --- per-sample sampling (OpenShape's Four dataset, with an explicit generator) ------------------------------------
 
-def normalize_pc(xyz: np.ndarray) -> np.ndarray:
-  xyz = xyz - xyz.mean(0)
-  radius = np.max(np.linalg.norm(xyz, axis=1))
-  return np.zeros_like(xyz) if radius < 1e-6 else xyz / radius
-
-
 def augment_pc(xyz: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   """Point dropout to the first point, scale, shift and a small rotation (OpenShape's utils/data.augment_pc)."""
   xyz = xyz.copy()
@@ -168,8 +162,11 @@ def sample_points(data: Mapping[str, Any], config: SampleConfig, rng: np.random.
   xyz, rgb = xyz[chosen].copy(), rgb[chosen]
   if config.y_up:
     xyz[:, [1, 2]] = xyz[:, [2, 1]]
-  if config.normalize:
-    xyz = normalize_pc(xyz)
+  if config.normalize:  # a cloud whose points all coincide is an error here, not OpenShape's silent zeros
+    try:
+      xyz = normalize_unit_sphere_np(xyz)
+    except ValueError as err:
+      raise BadInputError(path or 'shape', str(err)) from None
   if train and config.augment:
     xyz = augment_pc(xyz, rng)
   if train and config.random_z_rotate:

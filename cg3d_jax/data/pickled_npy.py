@@ -33,7 +33,7 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
     if (module, name) in ALLOWED_GLOBALS:
       return super().find_class(module, name)
     raise _Refused(f'it names {module}.{name}, which is not a NumPy array, dtype or plain container '
-                                 '(refused before anything in the file ran)')
+                   '(refused before anything in the file ran)')
 
 
 def read_pickled_dict(path) -> dict:

@@ -76,7 +76,7 @@ def remat_policy_name(value) -> str:
   return value
 
 
-def layer_stack(layer_cls, *, length: int, remat='none', scan: bool = True, in_axes=(), static_argnums=()):
+def layer_stack(layer_cls, *, length: int, remat='none', scan: bool = True, in_axes=()):
   """`layer_cls` repeated `length` times as one module with parameters stacked on a leading layer axis (nn.scan).
 
   The layer's __call__ takes (carry, *inputs) and returns (carry, None); in_axes says per input whether it is
@@ -88,7 +88,7 @@ def layer_stack(layer_cls, *, length: int, remat='none', scan: bool = True, in_a
   if policy != 'none':
     saveable = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if policy == 'dots' else None
     # prevent_cse only matters outside a scan; inside one it just blocks optimisations.
-    layer_cls = nn.remat(layer_cls, policy=saveable, prevent_cse=not scan, static_argnums=static_argnums)
+    layer_cls = nn.remat(layer_cls, policy=saveable, prevent_cse=not scan)
   return nn.scan(layer_cls, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
                  in_axes=in_axes, length=length, unroll=1 if scan else length)
 

@@ -16,9 +16,8 @@ import pathlib
 
 import numpy as np
 
+from cg3d_jax.data.transforms import normalize_unit_sphere_np
 from cg3d_jax.synthetic.shapes import FAMILIES, sample_surface
-
-DATASETS = ('Objaverse', 'ShapeNet')
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -46,8 +45,7 @@ def write_openshape_layout(root, *, classes=('sphere', 'box', 'cylinder', 'torus
       dataset = 'Objaverse' if evaluation or i % 2 == 0 else 'ShapeNet'
       uid = f'{name}_{i:03d}'
       xyz, _ = sample_surface(rng, FAMILIES[name](rng), num_points)
-      xyz = xyz - xyz.mean(0)
-      xyz = (xyz / np.max(np.linalg.norm(xyz, axis=1)))[:, [0, 2, 1]]  # stored y-up, as OpenShape's files
+      xyz = normalize_unit_sphere_np(xyz)[:, [0, 2, 1]]  # stored y-up, as OpenShape's files
       rgb = np.clip(colours[c] + 0.05 * rng.standard_normal((num_points, 3)), 0, 1)
       direction = directions[c]
       data = {
