@@ -20,7 +20,7 @@ from PIL import Image
 
 from cg3d_jax import evaluate, sharding, trained
 from cg3d_jax.configs import retrieval_shapenet55, zeroshot_modelnet40
-from cg3d_jax.data import builders, pipeline
+from cg3d_jax.data import builders, host_batches, pipeline
 from cg3d_jax.data import templates as template_sets
 from cg3d_jax.evaluators import metrics, retrieval, zeroshot
 from cg3d_jax.models.cg3d import CG3D
@@ -54,7 +54,7 @@ def global_batches(points, labels, batch_size, mesh):
     host.append({'points': np.concatenate([p, np.full((pad,) + p.shape[1:], 1e3, np.float32)]),
                  'label': np.concatenate([y, np.full(pad, 7, np.int32)]).astype(np.int32),
                  'mask': np.arange(batch_size) < len(y)})
-  return pipeline.to_global(host, sharding.batch_sharding(mesh))
+  return host_batches.to_global(host, sharding.batch_sharding(mesh))
 
 
 @pytest.fixture(scope='module')

@@ -36,8 +36,9 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
                    '(refused before anything in the file ran)')
 
 
-def read_pickled_dict(path) -> dict:
-  """The dict a pickled-dict `.npy` holds (OpenShape's per-shape files), through the restricted unpickler."""
+def read_pickled(path):
+  """What a pickled `.npy` holds, through the restricted unpickler: a dict (OpenShape's per-shape files, its
+  xyz_label.npy and cat_name_pt_feat.npy) or an object array (its ModelNet40 test_pc.npy: one dict per cloud)."""
   try:
     with open(path, 'rb') as f:
       version = np.lib.format.read_magic(f)
@@ -56,6 +57,12 @@ def read_pickled_dict(path) -> dict:
     raise BadInputError(path, f'is not a readable pickled-dict .npy file ({type(err).__name__}: {err})') from None
   if isinstance(value, np.ndarray) and value.dtype == object and value.shape == ():
     value = value.item()
+  return value
+
+
+def read_pickled_dict(path) -> dict:
+  """The dict a pickled-dict `.npy` holds, through the restricted unpickler."""
+  value = read_pickled(path)
   if not isinstance(value, dict):
     raise BadInputError(path, f'holds a {type(value).__name__}, expected a dict (OpenShape layout)')
   return value

@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from cg3d_jax.data import builders, transforms
+from cg3d_jax.data import builders, host_batches, transforms
 
 class_names = builders.class_names
 
@@ -40,11 +40,6 @@ try:
 except RuntimeError:
   pass
 _EPOCH_STRIDE = 1 << 32  # example seeds are (seed, epoch * stride + index): unique while index < 2**32
-
-
-def _process(process_index, process_count):
-  return (jax.process_index() if process_index is None else process_index,
-          jax.process_count() if process_count is None else process_count)
 
 
 def _shard_bounds(n: int, process_index: int, process_count: int) -> tuple[int, int]:
@@ -97,19 +92,13 @@ def prepare_cloud(points: tf.Tensor, num_points: int) -> tf.Tensor:
   return tf.ensure_shape(transforms.tf_normalize_unit_sphere(points), (num_points, 3))
 
 
-def _check_batch(global_batch_size, process_count):
-  if global_batch_size % process_count:
-    raise ValueError(f'global batch size {global_batch_size} must divide evenly over {process_count} processes')
-  return global_batch_size // process_count
-
-
 def pretrain_local_dataset(data_config, *, global_batch_size: int, image_size: int, image_mean, image_std,
                            image_resample: str = 'bicubic',
                            num_templates: int, seed: int, start_step: int = 0, process_index: int | None = None,
                            process_count: int | None = None) -> tf.data.Dataset:
   """This process's infinite stream of host batches (dicts of tensors), starting at global step `start_step`."""
-  process_index, process_count = _process(process_index, process_count)
-  local_batch = _check_batch(global_batch_size, process_count)
+  process_index, process_count = host_batches.process(process_index, process_count)
+  local_batch = host_batches.local_batch_size(global_batch_size, process_count)
   builder = _builder(data_config, process_count)
   split = data_config.train_split
   stored_views = builder.info.features['views'].shape[0]
@@ -157,11 +146,6 @@ def pretrain_local_dataset(data_config, *, global_batch_size: int, image_size: i
   return ds.prefetch(data_config.prefetch)
 
 
-def to_global(batches, sharding) -> Iterator[dict[str, jax.Array]]:
-  for batch in batches:
-    yield {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
-
-
 def make_pretrain_iterator(data_config, *, global_batch_size, sharding, image_size, image_mean, image_std,
                            image_resample: str = 'bicubic',
                            num_templates, seed, start_step=0, process_index=None,
@@ -175,7 +159,7 @@ def make_pretrain_iterator(data_config, *, global_batch_size, sharding, image_si
                               image_mean=image_mean, image_std=image_std, image_resample=image_resample,
                               num_templates=num_templates, seed=seed,
                               start_step=start_step, process_index=process_index, process_count=process_count)
-  return to_global(ds.as_numpy_iterator(), sharding)
+  return host_batches.to_global(ds.as_numpy_iterator(), sharding)
 
 
 def num_examples(data_config, split: str | None = None) -> int:
@@ -199,8 +183,8 @@ def labelled_local_dataset(data_config, *, global_batch_size: int, seed: int, st
                            process_index: int | None = None, process_count: int | None = None) -> tf.data.Dataset:
   """This process's infinite stream of fine-tuning host batches {'points' (b, S, 3), 'label' (b,)} from global step
   start_step; order and resume as the pretraining stream's."""
-  process_index, process_count = _process(process_index, process_count)
-  local_batch = _check_batch(global_batch_size, process_count)
+  process_index, process_count = host_batches.process(process_index, process_count)
+  local_batch = host_batches.local_batch_size(global_batch_size, process_count)
   builder = _builder(data_config, process_count)
   n_total = num_examples(data_config)
   start, end = _shard_bounds(n_total, process_index, process_count)
@@ -232,7 +216,7 @@ def make_labelled_iterator(data_config, *, global_batch_size: int, sharding, see
                            start_step: int = 0) -> Iterator[dict[str, jax.Array]]:
   """Infinite iterator of fine-tuning global batches 'points' (B, S, 3) and 'label' (B,) int32."""
   ds = labelled_local_dataset(data_config, global_batch_size=global_batch_size, seed=seed, start_step=start_step)
-  return to_global(ds.as_numpy_iterator(), sharding)
+  return host_batches.to_global(ds.as_numpy_iterator(), sharding)
 
 
 def eval_local_batches(name: str, *, data_dir, batch_size: int, num_points_stored: int, split: str = 'test',
@@ -246,8 +230,8 @@ def eval_local_batches(name: str, *, data_dir, batch_size: int, num_points_store
   keep their first `num_points_stored` points (cycled when shorter, which farthest-point sampling ignores), then
   are centred and scaled to the unit sphere, as Point-BERT's evaluation datasets do.
   """
-  process_index, process_count = _process(process_index, process_count)
-  local_batch = _check_batch(batch_size, process_count)
+  process_index, process_count = host_batches.process(process_index, process_count)
+  local_batch = host_batches.local_batch_size(batch_size, process_count)
   builder = builders.get_builder(name, data_dir=data_dir, manual_dir=manual_dir, skip_bad=skip_bad,
                                  process_count=process_count)
   n = builder.info.splits[split].num_examples
@@ -279,5 +263,5 @@ def make_eval_iterator(name: str, *, data_dir, batch_size: int, sharding, num_po
                        **kwargs) -> Iterator[dict[str, jax.Array]]:
   """One in-order pass over a split as global batches: 'points', 'label', 'mask' (and 'image' for ShapeNet-55
   when image_size is given); keyword arguments as eval_local_batches."""
-  return to_global(eval_local_batches(name, data_dir=data_dir, batch_size=batch_size,
+  return host_batches.to_global(eval_local_batches(name, data_dir=data_dir, batch_size=batch_size,
                                       num_points_stored=num_points_stored, **kwargs), sharding)

@@ -9,6 +9,11 @@ OpenShape's evaluation reads them) scores zero-shot.
 
   root/meta_data/split/train_all.json, root/meta_data/split/lvis.json, root/meta_data/gpt4_filtering.json,
   root/meta_data/lvis_cat_name_pt_feat.npy, root/data/<dataset>/<uid>.npy
+  root/lvis_testset.txt                       Uni3D's list of the same LVIS-style shapes (cate_id,cate_name,uid,path)
+  root/meta_data/modelnet40/{test_pc.npy, test_split.json, cat_name_pt_feat.npy}
+  root/meta_data/scanobjectnn/{xyz_label.npy, cat_name_pt_feat.npy}
+                                              OpenShape's ModelNet40 / ScanObjectNN files, over the same classes
+                                              (ScanObjectNN's 15 names; the first len(classes) carry the shapes)
 """
 
 import json
@@ -16,6 +21,7 @@ import pathlib
 
 import numpy as np
 
+from cg3d_jax.data.openshape import SCANOBJECTNN_CLASSES
 from cg3d_jax.data.transforms import normalize_unit_sphere_np
 from cg3d_jax.synthetic.shapes import FAMILIES, sample_surface
 
@@ -76,4 +82,44 @@ def write_openshape_layout(root, *, classes=('sphere', 'box', 'cylinder', 'torus
   (meta / 'gpt4_filtering.json').write_text(json.dumps(flags, indent=1))
   order = np.argsort(np.array(classes))  # OpenShape's categories are sorted names
   np.save(meta / 'lvis_cat_name_pt_feat.npy', directions[order].astype(np.float32))
+  # Uni3D lists the same shapes with ids in its own (here: the writer's) class order; paths begin with '/'.
+  (root / 'lvis_testset.txt').write_text(''.join(
+      f'{classes.index(e["category"])},{e["category"]},{e["uid"]},/{e["data_path"]}\n' for e in lvis))
+  _write_test_sets(root, classes, directions, colours, rng, num_points)
   return root
+
+
+def _write_test_sets(root: pathlib.Path, classes, directions, colours, rng, num_points: int) -> None:
+  """OpenShape's ModelNet40 and ScanObjectNN evaluation files: two clouds per class, stored y-up."""
+  folder = root / 'meta_data' / 'modelnet40'
+  folder.mkdir(parents=True, exist_ok=True)
+  clouds, split = [], []
+  for c, name in enumerate(classes):
+    for i in range(2):
+      xyz, _ = sample_surface(rng, FAMILIES[name](rng), num_points)
+      clouds.append({'xyz': normalize_unit_sphere_np(xyz)[:, [0, 2, 1]],
+                     'rgb': np.full((num_points, 3), 102.0, np.float32)})  # OpenShape's ~0.4 grey, stored 0-255
+      split.append({'name': f'{name}_{i:04d}', 'category': name})
+  holder = np.empty(len(clouds), dtype=object)
+  holder[:] = clouds
+  np.save(folder / 'test_pc.npy', holder, allow_pickle=True)
+  (folder / 'test_split.json').write_text(json.dumps(split, indent=1))
+  # The feature dict's key order is the class order (reversed here, so that a reader that sorts would be wrong).
+  np.save(folder / 'cat_name_pt_feat.npy', {name: {'open_clip_text_feat': directions[c][None].astype(np.float32)}
+                                            for c, name in reversed(list(enumerate(classes)))}, allow_pickle=True)
+
+  folder = root / 'meta_data' / 'scanobjectnn'
+  folder.mkdir(parents=True, exist_ok=True)
+  names = SCANOBJECTNN_CLASSES
+  xyz, labels = [], []
+  for c, name in enumerate(classes[:len(names)]):
+    for _ in range(2):
+      points, _ = sample_surface(rng, FAMILIES[name](rng), num_points)
+      xyz.append(normalize_unit_sphere_np(points)[:, [0, 2, 1]])
+      labels.append(c)
+  np.save(folder / 'xyz_label.npy', {'xyz': np.stack(xyz).astype(np.float32), 'label': np.array(labels)},
+          allow_pickle=True)
+  extra = _unit(rng.standard_normal((len(names), directions.shape[1])))
+  features = {name: {'open_clip_text_feat': (directions[c] if c < len(classes) else extra[c])[None]
+                     .astype(np.float32)} for c, name in enumerate(names)}
+  np.save(folder / 'cat_name_pt_feat.npy', features, allow_pickle=True)
