@@ -49,7 +49,7 @@ def evaluate(config, checkpoint: str, workdir: str, devices=None, step: int | No
   """Evaluates `checkpoint` as `config.eval` says; writes the reports into `workdir`; returns the summary."""
   from cg3d_jax import trained
   from cg3d_jax.data import builders
-  from cg3d_jax.evaluators import reports, retrieval, zeroshot
+  from cg3d_jax.evaluators import evaluation_sets, reports, retrieval, zeroshot
 
   ev = config.eval
   if ev.task not in ('zeroshot', 'retrieval'):
@@ -59,6 +59,8 @@ def evaluate(config, checkpoint: str, workdir: str, devices=None, step: int | No
     raise ConfigError(f'config.eval.batch_size={ev.batch_size} must be a positive multiple of the {mesh.size} '
                       f'devices the split is sharded over, e.g. --config.eval.batch_size='
                       f'{mesh.size * max(1, ev.batch_size // mesh.size)}')
+  if evaluation_sets.is_layout_set(ev.dataset):
+    return evaluate_layout_set(config, checkpoint, workdir, mesh, step)
   source = dict(data_dir=ev.data_dir, manual_dir=ev.manual_dir, skip_bad=ev.skip_bad,
                 process_count=jax.process_count(), fields=builders.EVAL_FIELDS)
   builders.checked_builder(ev.dataset, **source)  # a bad dataset setting costs no model
@@ -104,6 +106,52 @@ def evaluate(config, checkpoint: str, workdir: str, devices=None, step: int | No
                          num_matches=ev.grid_matches)
     print(reports.format_table(retrieval.results_table(results)))
     print(f'wrote {retrieval.RESULTS_FILE}, {retrieval.GRID_PNG} to {workdir}')
+  return summary
+
+
+def evaluate_layout_set(config, checkpoint: str, workdir: str, mesh, step: int | None = None) -> dict:
+  """Zero-shot on a set in OpenShape's or Uni3D's layout (evaluators/evaluation_sets.py); with precomputed class
+  features no CLIP is loaded."""
+  from cg3d_jax import trained
+  from cg3d_jax.evaluators import evaluation_sets, reports, zeroshot
+  from cg3d_jax.models.cg3d import CG3D
+
+  ev = config.eval
+  evalset = evaluation_sets.open_eval_set(ev)  # a bad data setting costs no model
+  loaded = trained.load_trained(checkpoint, step=step if step is not None else ev.get('step'),
+                                num_points=config.model.num_points)
+  channels = 6 if ev.use_color else 3
+  if getattr(loaded.encoder, 'in_channels', 3) != channels:
+    raise ConfigError(f'{loaded.source}: the encoder takes {getattr(loaded.encoder, "in_channels", 3)} channels per '
+                      f'point but config.eval.use_color={ev.use_color} gives {channels}')
+  if ev.get('prompts', 'precomputed') == 'precomputed':
+    model, clip_params, tokenizer, clip_info = CG3D(encoder=loaded.encoder, clip=None,
+                                                    num_points=loaded.num_points), None, None, None
+  else:
+    scoring = trained.with_clip(loaded, config.clip.path)
+    model, clip_params, tokenizer = scoring.model, scoring.clip_params, scoring.clip.tokenizer
+    clip_info = {'kind': scoring.clip.kind, 'path': scoring.clip.source}
+  classifier = evaluation_sets.classifier(evalset, ev, model, clip_params, tokenizer)
+  if classifier.shape[1] != loaded.embed_dim:
+    raise ConfigError(f'{loaded.source} projects to {loaded.embed_dim} dimensions but the class features of '
+                      f'{evalset.source} have {classifier.shape[1]}: not the joint space it was trained in')
+  logging.info('evaluating %s (step %d) on %s (%d shapes) with %d devices', loaded.source, loaded.step, evalset.name,
+               len(evalset), mesh.size)
+  batches = functools.partial(evaluation_sets.eval_iterator, evalset, ev, sharding.batch_sharding(mesh))
+  outputs = zeroshot.ZeroShotEvaluator(model, clip_params, tokenizer, batches=batches,
+                                       class_names=evalset.class_names, mesh=mesh, classifier=classifier,
+                                       ks=tuple(ev.ks)).outputs({'encoder': loaded.encoder_vars, 'clip': clip_params})
+  info = {'checkpoint': loaded.source, 'step': loaded.step, 'clip': clip_info, 'num_points': loaded.num_points,
+          'devices': mesh.size, **evaluation_sets.prompt_record(evalset, ev)}
+  summary = {}
+  if jax.process_index() == 0:
+    summary = reports.write_classification_report(workdir, dataset=evalset.name, class_names=evalset.class_names,
+                                                  logits=outputs.scores, labels=outputs.labels, ks=tuple(ev.ks),
+                                                  extra=info)
+    columns = ['dataset', 'num_objects', *(f'top{k}_acc' for k in ev.ks), 'class_mean_acc', 'prompts']
+    print(reports.format_table([summary], columns))
+    print(f'wrote {reports.RESULTS_FILE}, {reports.PER_CLASS_CSV}, {reports.PER_CLASS_JSON}, '
+          f'{reports.CONFUSION_PNG} to {workdir}')
   return summary
 
 

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from cg3d_jax.data import openshape
+from cg3d_jax.data import openshape, openshape_stream
 from cg3d_jax.data.pickled_npy import read_pickled_dict
 from cg3d_jax.errors import BadInputError
 from cg3d_jax.synthetic.openshape_objects import write_openshape_layout
@@ -167,3 +167,205 @@ def test_targets_are_sampled_by_openshape_rules(layout):
   none = openshape.make_example(shape, data, openshape.SampleConfig(num_points=32, text_source=()),
                                 np.random.default_rng(0))
   assert not none['has_text'] and not np.any(none['text_feat'])
+
+
+# --- evaluation sets in both layouts ------------------------------------------------------------------------------
+
+def test_evaluation_sets_read_in_each_layout(layout, tmp_path):
+  """OpenShape's LVIS (sorted categories, precomputed table rows in that order), Uni3D's list (ids from the file,
+  the same files, stored axes), OpenShape's ModelNet40 (classes in the feature dict's key order, rgb / 255) and
+  ScanObjectNN (OpenShape's 15-name order, resampled with replacement, grey without rgb)."""
+  lvis = openshape.lvis_openshape(layout)
+  entries = json.loads((layout / 'meta_data' / 'split' / 'lvis.json').read_text())
+  assert lvis.class_names == sorted(CLASSES) and len(lvis) == len(entries) and lvis.y_up
+  assert [lvis.class_names[i] for i in lvis.labels] == [e['category'] for e in entries]
+  np.testing.assert_array_equal(lvis.class_features, np.load(layout / 'meta_data' / 'lvis_cat_name_pt_feat.npy'))
+
+  uni3d = openshape.lvis_uni3d(layout / 'lvis_testset.txt')
+  lines = [line.split(',') for line in (layout / 'lvis_testset.txt').read_text().splitlines()]
+  assert uni3d.class_names == list(CLASSES) and list(uni3d.labels) == [int(p[0]) for p in lines]
+  assert uni3d.class_features is None and not uni3d.y_up
+  xyz, rgb = uni3d.cloud(0)
+  stored = np.load(layout / lines[0][3].lstrip('/'), allow_pickle=True).item()  # our own procedural file
+  np.testing.assert_array_equal(xyz, stored['xyz'])
+  np.testing.assert_array_equal(rgb, stored['rgb'])
+  points = openshape.eval_points(xyz, rgb, 512, np.random.default_rng(0), y_up=True, use_color=True)
+  assert points.shape == (512, 6)  # every stored point, in order: the swap and the unit sphere by hand
+  swapped = stored['xyz'][:, [0, 2, 1]].astype(np.float64)
+  swapped -= swapped.mean(axis=0)
+  np.testing.assert_allclose(points[:, :3], swapped / np.linalg.norm(swapped, axis=1).max(), atol=1e-6)
+
+  modelnet = openshape.modelnet40_openshape(layout)
+  features = np.load(layout / 'meta_data' / 'modelnet40' / 'cat_name_pt_feat.npy', allow_pickle=True).item()
+  assert modelnet.class_names == list(features) == list(reversed(CLASSES))
+  split = json.loads((layout / 'meta_data' / 'modelnet40' / 'test_split.json').read_text())
+  assert [modelnet.class_names[i] for i in modelnet.labels] == [e['category'] for e in split]
+  np.testing.assert_allclose(modelnet.cloud(0)[1], 0.4)  # 102 / 255
+
+  scan = openshape.scanobjectnn_openshape(layout)
+  assert scan.class_names == list(openshape.SCANOBJECTNN_CLASSES) and scan.class_features.shape == (15, 16)
+  assert scan.replace
+  np.testing.assert_allclose(scan.cloud(0)[1], 0.4)  # no rgb stored: OpenShape's grey
+  points = openshape.eval_points(*scan.cloud(0), 600, np.random.default_rng(1), y_up=True, use_color=False,
+                                 replace=True)
+  assert points.shape == (600, 3)  # more than stored: drawn with replacement
+
+  bad = tmp_path / 'lvis_testset.txt'
+  bad.write_text('0,sphere,a,/x.npy\nseven,box,b,/y.npy\n')
+  with pytest.raises(BadInputError, match=r"lvis_testset.txt: line 2 is 'seven,box,b,/y.npy', expected cate_id"):
+    openshape.lvis_uni3d(bad)
+  bad.write_text('0,sphere,a,/x.npy\n2,box,b,/y.npy\n')
+  with pytest.raises(BadInputError, match=r'class ids are not 0..1'):
+    openshape.lvis_uni3d(bad)
+
+
+def test_eval_batches_are_padded_masked_and_split_over_processes(layout):
+  evalset = openshape.lvis_openshape(layout)
+  n = len(evalset)
+  single = list(openshape_stream.eval_local_batches(evalset, batch_size=4, num_points=128, use_color=True,
+                                                    process_index=0, process_count=1))
+  assert len(single) == -(-n // 4) and sum(int(b['mask'].sum()) for b in single) == n
+  halves = [list(openshape_stream.eval_local_batches(evalset, batch_size=4, num_points=128, use_color=True,
+                                                     process_index=p, process_count=2)) for p in range(2)]
+  for whole, first, second in zip(single, *halves):
+    for key in ('points', 'label', 'mask'):
+      np.testing.assert_array_equal(whole[key], np.concatenate([first[key], second[key]]))
+  labels = np.concatenate([b['label'][b['mask']] for b in single])
+  np.testing.assert_array_equal(labels, evalset.labels)
+
+
+# --- the training stream ------------------------------------------------------------------------------------------
+
+def _source(layout, **overrides):
+  from cg3d_jax.configs import pretrain_openshape
+  config = pretrain_openshape.get_config()
+  config.data.manual_dir = str(layout)
+  config.data.num_stored_points = 128
+  for key, value in overrides.items():
+    config.data.openshape[key] = value
+  return openshape_stream.open_train_source(config.data)
+
+
+def test_training_stream_is_openshapes_draws_resumable_and_the_same_for_any_process_count(layout):
+  source = _source(layout)
+  assert source.feature_dim == 16 and len(source.shapes) == 4 * len(CLASSES)
+  stream = openshape_stream.train_local_batches(source, global_batch_size=8, seed=3, process_index=0,
+                                                process_count=1)
+  batches = [next(stream) for _ in range(3)]  # 24 examples: two epochs of 12
+  assert batches[0]['points'].shape == (8, 128, 6) and batches[0]['has_text'].dtype == bool
+  # Each row is make_example of the epoch's permutation entry, with the generator seeded (seed, epoch, index).
+  n = len(source.shapes)
+  for position in (0, 13, 23):
+    epoch, offset = divmod(position, n)
+    index = np.random.default_rng((3, epoch, openshape_stream._PERMUTATION_TAG)).permutation(n)[offset]
+    shape = source.shapes[index]
+    expected = openshape.make_example(shape, openshape.read_shape(shape.path, objaverse=shape.dataset == 'Objaverse'),
+                                      source.sample, np.random.default_rng((3, epoch, index)), flags=source.flags)
+    row = batches[position // 8]
+    for key in ('points', 'text_feat', 'has_text', 'image_feat'):
+      np.testing.assert_array_equal(row[key][position % 8], expected[key])
+  # Every shape once per epoch.
+  first_epoch = np.concatenate([batches[0]['image_feat'], batches[1]['image_feat'][:4]])
+  assert len({tuple(np.round(f, 5)) for f in first_epoch}) == n
+
+  resumed = next(openshape_stream.train_local_batches(source, global_batch_size=8, seed=3, start_step=2,
+                                                      process_index=0, process_count=1))
+  halves = [next(openshape_stream.train_local_batches(source, global_batch_size=8, seed=3, start_step=2,
+                                                      process_index=p, process_count=2)) for p in range(2)]
+  for key in batches[2]:
+    np.testing.assert_array_equal(resumed[key], batches[2][key])
+    np.testing.assert_array_equal(np.concatenate([halves[0][key], halves[1][key]]), batches[2][key])
+
+  xyz_only = next(openshape_stream.train_local_batches(_source(layout, use_color=False), global_batch_size=4, seed=0,
+                                                       process_index=0, process_count=1))
+  assert xyz_only['points'].shape == (4, 128, 3)
+
+
+def test_text_loss_over_the_samples_with_text_is_openshapes(layout):
+  """contrastive_loss(valid=has_text) equals OpenShape's contras_loss on pred_feat[has_text_idx] vs the stacked text
+  features (PyTorch, written as OpenShape_code @abe5aa4 src/train.py computes it on one GPU)."""
+  import torch
+  import torch.nn.functional as F
+
+  from cg3d_jax.training.losses import contrastive_loss
+
+  rng = np.random.default_rng(0)
+  pred, text = rng.standard_normal((2, 10, 16))
+  has_text = rng.random(10) < 0.6
+  scale = 14.28
+
+  def openshape_loss(feat1, feat2):
+    logits = scale * F.normalize(feat1, dim=1) @ F.normalize(feat2, dim=1).T
+    labels = torch.arange(logits.shape[0])
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+  idx = np.nonzero(has_text)[0]
+  expected = openshape_loss(torch.tensor(pred)[idx], torch.tensor(text)[idx]).item()
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+  ours = contrastive_loss(unit(pred), unit(text), scale, valid=has_text)
+  assert float(ours) == pytest.approx(expected, rel=1e-5)
+  assert float(contrastive_loss(unit(pred), unit(text), scale, valid=np.zeros(10, bool))) == 0.0
+
+
+# --- a demo-sized run against stored features, evaluated as the peers report -----------------------------------
+
+TINY_RUN = ['--config.data.num_stored_points=512', '--config.data.openshape.workers=4', '--config.model.embed_dim=32',
+            '--config.model.num_points=128', '--config.model.point_transformer.width=32',
+            '--config.model.point_transformer.depth=2', '--config.model.point_transformer.num_heads=2',
+            '--config.model.point_transformer.num_groups=16', '--config.model.point_transformer.group_size=16',
+            '--config.model.point_transformer.encoder_dim=32', '--config.train.batch_size=16',
+            '--config.train.total_steps=80', '--config.train.log_every=40', '--config.train.encoder_optim.lr=0.002',
+            '--config.train.encoder_optim.end_lr=0.0001', '--config.train.encoder_optim.warmup_epochs=0',
+            '--config.eval.every_steps=0', '--config.checkpoint.async_save=false', '--config.logging.tensorboard=false']
+
+
+def test_a_stored_feature_run_learns_and_scores_on_each_layout(tmp_path, capsys):
+  """`train --config pretrain_openshape` on procedural objects in OpenShape's layout (no CLIP anywhere), then
+  `evaluate` with OpenShape's precomputed LVIS class features, its ModelNet40 files, and Uni3D's list (which has no
+  precomputed features: one clear error). Six classes: chance is 1/6."""
+  from cg3d_jax import evaluate, train
+  from tests.conftest import run_command
+
+  def openshape_classes():
+    return np.load(root / 'meta_data' / 'modelnet40' / 'cat_name_pt_feat.npy', allow_pickle=True).item()
+
+  root = write_openshape_layout(tmp_path / 'data', train_per_class=8, lvis_per_class=4, num_points=1024,
+                                feature_dim=32, seed=1)
+  workdir = tmp_path / 'run'
+  assert run_command(train.main, ['--config', 'pretrain_openshape', '--workdir', str(workdir),
+                                  f'--config.data.manual_dir={root}', *TINY_RUN]) == 0
+  log = [json.loads(line) for line in (workdir / 'train.jsonl').read_text().splitlines()]
+  assert log[-1]['loss'] < log[0]['loss'] and 0 < log[-1]['text_fraction'] <= 1
+
+  results = {}
+  for name, config in (('lvis', 'zeroshot_objaverse_lvis'), ('modelnet', 'zeroshot_openshape:modelnet40')):
+    assert run_command(evaluate.main, ['--config', config, '--checkpoint', str(workdir), '--workdir',
+                                       str(tmp_path / name), f'--config.eval.manual_dir={root}',
+                                       '--config.eval.num_stored_points=512', '--config.eval.batch_size=8']) == 0
+    results[name] = json.loads((tmp_path / name / 'results.json').read_text())
+  lvis = results['lvis']
+  assert lvis['num_objects'] == 24 and lvis['prompts'] == 'precomputed' and lvis['y_up_swapped'] is True
+  assert lvis['top1_acc'] >= 60 and lvis['top5_acc'] >= lvis['top3_acc'] >= lvis['top1_acc']
+  # OpenShape's ModelNet40 clouds are grey, and 80 steps learn colour before shape: only the reading is checked.
+  assert results['modelnet']['num_objects'] == 12 and results['modelnet']['num_classes'] == len(openshape_classes())
+
+  # predict with the coloured encoder: an xyz + rgb text file's colours go in; an xyz-only file gets OpenShape's grey.
+  from cg3d_jax import predict
+  from cg3d_jax.synthetic.random_clip import write_random_clip
+  clip = write_random_clip(tmp_path / 'clip', projection_dim=32)
+  shape = np.load(root / 'data' / 'Objaverse' / 'torus_008.npy', allow_pickle=True).item()  # our own file
+  np.savetxt(tmp_path / 'torus.txt', np.concatenate([shape['xyz'][:, [0, 2, 1]], np.round(shape['rgb'] * 255)],
+                                                    axis=1), fmt=['%.5f'] * 3 + ['%d'] * 3)
+  np.savetxt(tmp_path / 'grey.txt', shape['xyz'][:, [0, 2, 1]], fmt='%.5f')
+  for name, colours in (('torus', 'from the file'), ('grey', 'none in the file: grey 0.4')):
+    assert run_command(predict.main, ['--checkpoint', str(workdir), f'--clip_path={clip}', '--points',
+                                      str(tmp_path / f'{name}.txt'), '--columns', 'xyz' if name == 'grey' else
+                                      'xyz,rgb', '--labels', 'torus,box', '--json', str(tmp_path / f'{name}.json')]) == 0
+    assert json.loads((tmp_path / f'{name}.json').read_text())['colours'] == colours
+
+  capsys.readouterr()
+  assert run_command(evaluate.main, ['--config', 'zeroshot_objaverse_lvis:uni3d', '--checkpoint', str(workdir),
+                                     '--workdir', str(tmp_path / 'uni3d'), f'--config.eval.manual_dir={root}',
+                                     '--config.eval.prompts=precomputed']) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1].startswith('error: ') and 'lvis_testset.txt stores no class-name features' in err[-1]

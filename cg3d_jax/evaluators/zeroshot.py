@@ -170,7 +170,8 @@ def summarize(outputs: ZeroShotOutputs, ks: Sequence[int] = DEFAULT_KS) -> dict[
 class ZeroShotEvaluator:
   """Zero-shot top-k and class-mean accuracy of a CG3D model on one split (evaluators/common.py's interface).
 
-  The class weights come from the frozen, prompt-less text tower, so they are built once here; `run` embeds the
+  The class weights come from the frozen, prompt-less text tower, so they are built once here (or are given:
+  `classifier` (C, D), e.g. a layout's precomputed class-name features, and then no CLIP is needed); `run` embeds the
   split's clouds with the given encoder variables. `batches` makes a fresh pass over the split each call (global
   batches with a 'mask', e.g. a partial of pipeline.make_eval_iterator).
   """
@@ -178,11 +179,13 @@ class ZeroShotEvaluator:
   def __init__(self, model: CG3D, clip_params: dict, tokenizer, *, batches: Callable[[], Iterable[dict]],
                class_names: Sequence[str], mesh: jax.sharding.Mesh, templates: str | Sequence[str] = 'cg3d_zeroshot',
                normalize_text: bool = True, name_style: str = 'raw', ks: Sequence[int] = DEFAULT_KS,
-               prefix: str = 'val/'):
+               prefix: str = 'val/', classifier=None):
     self.model, self.mesh, self.batches, self.prefix = model, mesh, batches, prefix
     self.class_names, self.ks = list(class_names), tuple(ks)
-    self.classifier = text_classifier(model.clip, clip_params, tokenizer, class_names, templates,
-                                      normalize=normalize_text, name_style=name_style)
+    if classifier is None:
+      classifier = text_classifier(model.clip, clip_params, tokenizer, class_names, templates,
+                                   normalize=normalize_text, name_style=name_style)
+    self.classifier = np.asarray(classifier)
 
   def outputs(self, variables: dict) -> ZeroShotOutputs:
     return run_zero_shot(self.model, variables['encoder'], variables['clip'], None, self.batches(), self.class_names,

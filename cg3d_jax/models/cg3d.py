@@ -35,7 +35,7 @@ class CG3D:
   num_points: int
 
   def point_features(self, encoder_vars: dict, points, *, train: bool = False, rngs: dict | None = None):
-    """(B, N, 3) clouds at the encoder's input size -> (normalised features (B, D), updated batch_stats or None)."""
+    """(B, N, 3 | 6) clouds at the encoder's input size -> (normalised features (B, D), updated batch_stats or None)."""
     if train:
       out, updates = self.encoder.apply(encoder_vars, points, train=True, rngs=rngs, mutable=['batch_stats'])
       return l2_normalize(out), updates.get('batch_stats')
@@ -69,6 +69,9 @@ class CG3D:
     dummy = jnp.zeros((batch_size, self.num_points, 3), jnp.float32)
     # A non-degenerate dummy cloud: FPS skips points at the origin, so all-zero input would be a poor example.
     dummy = dummy + jnp.linspace(-1.0, 1.0, self.num_points)[None, :, None] * jnp.array([1.0, 0.5, 0.25])
+    channels = getattr(self.encoder, 'in_channels', 3)
+    if channels > 3:  # coloured clouds: a grey colour per point beside xyz
+      dummy = jnp.concatenate([dummy, jnp.full(dummy.shape[:2] + (channels - 3,), 0.4, dummy.dtype)], axis=-1)
     params_rng, dropout_rng = jax.random.split(rng)
     # One compiled program instead of hundreds of eager op dispatches (tens of seconds at start-up on a CPU).
     init = jax.jit(lambda rngs, x: self.encoder.init(rngs, x, train=False))

@@ -7,7 +7,8 @@ restarted with the same command.
 
 import dataclasses
 import functools
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -16,14 +17,17 @@ from absl import logging
 
 from cg3d_jax import sharding, step_cost
 from cg3d_jax.checkpoints import Checkpointer
-from cg3d_jax.data import builders, pipeline, templates
+from cg3d_jax.data import builders, host_batches, openshape_stream, pipeline, templates
 from cg3d_jax.errors import ConfigError
+from cg3d_jax.evaluators import evaluation_sets
 from cg3d_jax.evaluators.zeroshot import ZeroShotEvaluator
 from cg3d_jax.models.cg3d import CG3D, build_encoder
 from cg3d_jax.training import common, optim
-from cg3d_jax.training.pretrain_step import ENCODER, PROMPTS, jit_train_step, merge_clip
+from cg3d_jax.training.pretrain_step import ENCODER, PROMPTS, jit_features_train_step, jit_train_step, merge_clip
 from cg3d_jax.weights.clip_files import load_clip
 from cg3d_jax.weights.hf_clip import tokenize
+
+OPENSHAPE = 'openshape'  # config.data.name of OpenShape's layout (stored CLIP features)
 
 
 def optimizer_rules(config) -> list:
@@ -151,55 +155,157 @@ def eval_variables(setup: Setup, state: dict) -> dict:
           'clip': merge_clip(setup.frozen, state['params'])}
 
 
-def train(config, workdir: str) -> dict:
-  """Train (or resume) in `workdir`; returns the last validation metrics (and the final training metrics)."""
-  common.validate_config(config, device_count=jax.device_count())
-  if config.train.get('mode') not in ('joint', 'alternating'):
-    raise ConfigError(f"config.train.mode={config.train.get('mode')!r}: expected 'joint' or 'alternating'")
+def uses_stored_features(config) -> bool:
+  """The data decides the recipe: OpenShape's layout stores CLIP features, so its step runs no CLIP tower."""
+  return config.data.name == OPENSHAPE
+
+
+@dataclasses.dataclass
+class Recipe:
+  """What differs between the two pretraining recipes; the loop around them is one (`train`)."""
+  setup: Setup
+  batches: Callable[[int], Iterator[dict]]  # start step -> global batches
+  step: Callable[[int], Any]  # global step -> the compiled step (state, *fixed_inputs, batch) -> (state, metrics)
+  fixed_inputs: tuple  # what every step also takes: frozen CLIP and the caption table, or nothing
+  evaluator: Callable[[], Any]  # -> an evaluator (run(variables) -> metrics), built on first use
+  eval_variables: Callable[[dict], dict]
+  rules: list
+  what: str  # for the log line
+
+
+def clip_recipe(config) -> Recipe:
+  """CG3D's recipe: renders through the frozen, prompt-tuned image tower; captions from class-name templates."""
   builder = builders.get_builder(config.data.name, data_dir=config.data.data_dir, manual_dir=config.data.manual_dir,
                                  skip_bad=config.data.skip_bad, process_count=jax.process_count())
   class_names = builders.class_names(builder)
   spe = pipeline.steps_per_epoch(config.data, config.train.batch_size)
   setup = build_setup(config, train_classes=class_names, steps_per_epoch=spe)
-  common.check_batch_sizes(config, setup.mesh)
-  total = setup.total_steps
-  logging.info('mesh %s; %d classes; %d steps per epoch; %d steps', dict(setup.mesh.shape), len(class_names), spe,
-               total)
-
-  ckpt = common.make_checkpointer(config, workdir)
-  state, _ = common.restore_or_start(ckpt, setup.state, setup.shardings['state'], config)
-  start = int(state['step'])
-  batches = pipeline.make_pretrain_iterator(
-      config.data, global_batch_size=config.train.batch_size, sharding=setup.shardings['batch'],
-      num_templates=setup.text_table.shape[0], seed=config.seed, start_step=start,
-      **setup.clip.preprocess.pipeline_settings())
-  steps = {}
-
   compute_dtype = jnp.promote_types(jnp.dtype(config.model.dtype), jnp.dtype(config.clip.dtype))
+  compiled = {}
 
-  def step_fn(step: int):
-    groups = active_groups(config, state['params'], step)
-    if groups not in steps:
-      steps[groups] = step_cost.CompiledStep(jit_train_step(
+  def step(global_step: int):
+    groups = active_groups(config, setup.state['params'], global_step)
+    if groups not in compiled:
+      compiled[groups] = step_cost.CompiledStep(jit_train_step(
           setup.model, setup.tx, setup.labels_fn, active=groups, state_shardings=setup.shardings['state'],
           frozen_shardings=setup.shardings['frozen'], table_sharding=setup.shardings['table'],
           batch_shardings=setup.shardings['batch'], same_class_mask=config.train.same_class_mask,
           augment=config.data.augment), compute_dtype, f'the training step ({"+".join(groups)})')
-    return steps[groups]
+    return compiled[groups]
 
+  def batches(start: int):
+    return pipeline.make_pretrain_iterator(
+        config.data, global_batch_size=config.train.batch_size, sharding=setup.shardings['batch'],
+        num_templates=setup.text_table.shape[0], seed=config.seed, start_step=start,
+        **setup.clip.preprocess.pipeline_settings())
+
+  return Recipe(setup=setup, batches=batches, step=step, fixed_inputs=(setup.frozen, setup.text_table),
+                evaluator=lambda: validation_evaluator(setup),
+                eval_variables=functools.partial(eval_variables, setup), rules=optimizer_rules(config),
+                what=f'{len(class_names)} classes')
+
+
+def feature_optimizer_rules(config) -> list:
+  """The encoder and the temperature in one AdamW group (OpenShape optimises both together); the scalar
+  temperature never decays, nor does the unused classification head."""
+  return [('^(encoder/|logit_scale$)', dict(config.train.encoder_optim, group=ENCODER,
+                                            no_decay_regex='^encoder/cls_head_|^logit_scale$'))]
+
+
+def build_features_setup(config, *, feature_dim: int, use_color: bool, steps_per_epoch: int,
+                         devices=None) -> Setup:
+  """The stored-feature recipe's model and state: the encoder and log(temperature) train; no CLIP is loaded."""
+  mesh = common.make_mesh(config, devices)
+  if config.model.embed_dim != feature_dim:
+    raise ConfigError(f'config.model.embed_dim={config.model.embed_dim} but the stored CLIP features are '
+                      f'{feature_dim}-dimensional: the point encoder must project into their space, e.g. '
+                      f'--config.model.embed_dim={feature_dim}')
+  channels = 6 if use_color else 3
+  if config.model.get('in_channels', 3) != channels:
+    raise ConfigError(f'config.model.in_channels={config.model.get("in_channels", 3)} but the data gives '
+                      f'{channels} channels per point (config.data.openshape.use_color={use_color})')
+  model = CG3D(encoder=build_encoder(config.model), clip=None, num_points=config.model.num_points)
+  init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+  encoder_vars = model.init_encoder(init_rng)
+  trainable = {'encoder': encoder_vars['params'],
+               'logit_scale': jnp.log(jnp.asarray(config.train.logit_scale_init, jnp.float32))}
+  total = common.total_steps(config, steps_per_epoch)
+  tx, labels_fn = optim.make_optimizer(feature_optimizer_rules(config), steps_per_epoch=steps_per_epoch,
+                                       total_steps=total)
+  state = dict(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=tx.init(trainable),
+               batch_stats=encoder_vars.get('batch_stats', {}), rng=jax.random.key_data(train_rng),
+               bad_steps=jnp.zeros((), jnp.int32))
+  state, state_sh = common.place_state(state, mesh, config)
+  return Setup(config=config, mesh=mesh, model=model, clip=None, tx=tx, labels_fn=labels_fn, state=state, frozen={},
+               text_table=None, class_names=[], shardings=dict(state=state_sh, batch=sharding.batch_sharding(mesh)),
+               steps_per_epoch=steps_per_epoch, total_steps=total)
+
+
+def features_recipe(config) -> Recipe:
+  """OpenShape's recipe on its layout: stored image and text features are the targets; no CLIP in the step."""
+  source = openshape_stream.open_train_source(config.data)
+  if len(source.shapes) < config.train.batch_size:
+    raise ConfigError(f'the training split {config.data.train_split} has {len(source.shapes)} shapes, fewer than '
+                      f'one global batch of {config.train.batch_size} (config.train.batch_size)')
+  spe = len(source.shapes) // config.train.batch_size
+  setup = build_features_setup(config, feature_dim=source.feature_dim, use_color=source.sample.use_color,
+                               steps_per_epoch=spe)
+  compiled = step_cost.CompiledStep(jit_features_train_step(
+      setup.model, setup.tx, state_shardings=setup.shardings['state'], batch_shardings=setup.shardings['batch'],
+      lambda_text=config.train.lambda_text, lambda_image=config.train.lambda_image),
+      jnp.dtype(config.model.dtype), 'the training step (stored features)')
+
+  def batches(start: int):
+    return host_batches.to_global(openshape_stream.train_local_batches(
+        source, global_batch_size=config.train.batch_size, seed=config.seed, start_step=start,
+        workers=config.data.openshape.workers, prefetch=config.data.prefetch), setup.shardings['batch'])
+
+  def evaluator():
+    evalset = evaluation_sets.open_eval_set(config.eval, default_root=config.data.manual_dir)
+    return ZeroShotEvaluator(
+        setup.model, None, None, class_names=evalset.class_names, mesh=setup.mesh,
+        classifier=evaluation_sets.classifier(evalset, config.eval),
+        batches=functools.partial(evaluation_sets.eval_iterator, evalset, config.eval, setup.shardings['batch']))
+
+  def variables(state):
+    return {'encoder': {'params': state['params']['encoder'], 'batch_stats': state['batch_stats']}, 'clip': None}
+
+  return Recipe(setup=setup, batches=batches, step=lambda _: compiled, fixed_inputs=(), evaluator=evaluator,
+                eval_variables=variables,
+                rules=feature_optimizer_rules(config),
+                what=f'{len(source.shapes)} shapes with stored {source.feature_dim}-d features')
+
+
+def train(config, workdir: str) -> dict:
+  """Train (or resume) in `workdir`; returns the last validation metrics (and the final training metrics)."""
+  common.validate_config(config, device_count=jax.device_count())
+  if config.train.get('mode') not in ('joint', 'alternating'):
+    raise ConfigError(f"config.train.mode={config.train.get('mode')!r}: expected 'joint' or 'alternating'")
+  recipe = features_recipe(config) if uses_stored_features(config) else clip_recipe(config)
+  setup = recipe.setup
+  common.check_batch_sizes(config, setup.mesh)
+  total, spe = setup.total_steps, setup.steps_per_epoch
+  logging.info('mesh %s; %s; %d steps per epoch; %d steps', dict(setup.mesh.shape), recipe.what, spe, total)
+
+  ckpt = common.make_checkpointer(config, workdir)
+  state, _ = common.restore_or_start(ckpt, setup.state, setup.shardings['state'], config)
+  start = int(state['step'])
+  batches = recipe.batches(start)
   writer = common.metrics_writer(config, workdir, 'train', resume_step=start)
-  rules = optimizer_rules(config)
   evaluator = None
   val_metrics: dict = {}
   last: dict = {}
   pending = None
   progress = common.Progress(start, total, config.train.batch_size)
   profiler = step_cost.Profiler(config.logging.get('profile_steps'), workdir)
+  used = {}
   try:
     for step in range(start, total):
       batch = next(batches)
       profiler.before(step)
-      state, metrics = step_fn(step)(state, setup.frozen, setup.text_table, batch)
+      step_fn = recipe.step(step)
+      used[id(step_fn)] = step_fn
+      state, metrics = step_fn(state, *recipe.fixed_inputs, batch)
       profiler.after(step, metrics)
       # The non-finite check reads the previous step's flag, so the host never waits on the step just dispatched.
       if pending is not None:
@@ -208,17 +314,17 @@ def train(config, workdir: str) -> dict:
       done = step + 1
       if common.itstime(done, config.train.log_every, total):
         last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        for group, lr in optim.learning_rates(rules, done, steps_per_epoch=spe, total_steps=total).items():
+        for group, lr in optim.learning_rates(recipe.rules, done, steps_per_epoch=spe, total_steps=total).items():
           last[f'lr/{group}'] = float(lr)
         last['samples_per_s'] = progress.samples_per_s(done)
-        last.update(step_cost.rate_metrics([s.cost for s in steps.values()], progress.recent_samples_per_s(done),
+        last.update(step_cost.rate_metrics([s.cost for s in used.values()], progress.recent_samples_per_s(done),
                                            config.train.batch_size))
         writer.write_scalars(done, last)
         logging.info('step %d/%d  loss %.4f  %.1f samples/s  %s  ETA %s', done, total, last['loss'],
                      last['samples_per_s'], step_cost.format_rate(last), progress.eta(done))
       if config.eval.every_steps and common.itstime(done, config.eval.every_steps, total):
-        evaluator = evaluator or validation_evaluator(setup)
-        val_metrics = evaluator.run(eval_variables(setup, state))
+        evaluator = evaluator or recipe.evaluator()
+        val_metrics = evaluator.run(recipe.eval_variables(state))
         writer.write_scalars(done, val_metrics)
         logging.info('step %d  zero-shot top-1 %.4f on %d %s shapes', done, val_metrics['val/top1'],
                      val_metrics['val/count'], config.eval.split)

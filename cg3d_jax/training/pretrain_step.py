@@ -10,6 +10,11 @@ Update modes:
   stop-gradient image features, the prompts from image<->text; both groups step together.
 - alternating: the original schedule; even steps update the encoder (against the current prompted image
   features), odd steps the prompts. Each group's parameters and optimizer state stand still on the other's steps.
+
+`features_train_step` is the step against precomputed CLIP features (OpenShape's layout): no CLIP tower in the
+program at all; the encoder learns point<->text (over the samples that have a text) and point<->image InfoNCE over
+the global batch against the stored features, with a learned temperature (`params['logit_scale']`, log of the
+scale, OpenShape's LogitScaleNetwork initialised at 1/0.07).
 """
 
 import functools
@@ -21,6 +26,7 @@ import optax
 
 from cg3d_jax.data.transforms import scale_and_translate
 from cg3d_jax.models.cg3d import CG3D
+from cg3d_jax.models.layers import l2_normalize
 from cg3d_jax.models.point_ops import sample_points
 from cg3d_jax.training import optim
 from cg3d_jax.training.losses import contrastive_loss
@@ -49,7 +55,7 @@ def _with_groups(params: dict, groups: dict) -> dict:
   return out
 
 
-def _all_finite(tree) -> jax.Array:
+def all_finite(tree) -> jax.Array:
   leaves = jax.tree.leaves(tree)
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
 
@@ -109,7 +115,7 @@ def train_step(state: dict, frozen: dict, text_table, batch: dict, *, model: CG3
   new_params = optax.apply_updates(params, updates)
 
   # A NaN point need not reach the loss (farthest-point sampling can pass over it), so the inputs are checked too.
-  ok = jnp.isfinite(loss) & _all_finite(grads) & _all_finite([batch['points'], batch['image']])
+  ok = jnp.isfinite(loss) & all_finite(grads) & all_finite([batch['points'], batch['image']])
 
   def keep(new, old):
     return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
@@ -136,3 +142,55 @@ def jit_train_step(model: CG3D, tx, labels_fn, *, active, state_shardings, froze
                          same_class_mask=same_class_mask, augment=augment)
   return jax.jit(fn, in_shardings=(state_shardings, frozen_shardings, table_sharding, batch_shardings),
                  out_shardings=(state_shardings, None), donate_argnums=(0,))
+
+
+def _features_losses(encoder_params: dict, logit_scale, batch_stats, batch, key, *, model: CG3D,
+                     lambda_text: float, lambda_image: float):
+  points = sample_points(batch['points'], model.num_points)  # the host already augmented them, as OpenShape does
+  feats, new_stats = model.point_features({'params': encoder_params, 'batch_stats': batch_stats}, points, train=True,
+                                          rngs={'dropout': key})
+  scale = jnp.exp(logit_scale.astype(jnp.float32))
+  text, image = l2_normalize(batch['text_feat']), l2_normalize(batch['image_feat'])
+  metrics = {'loss/point_text': contrastive_loss(feats, text, scale, valid=batch['has_text']),
+             'loss/point_image': contrastive_loss(feats, image, scale)}
+  total = lambda_text * metrics['loss/point_text'] + lambda_image * metrics['loss/point_image']
+  metrics['loss'] = total
+  metrics['logit_scale'] = scale
+  metrics['text_fraction'] = jnp.mean(batch['has_text'].astype(jnp.float32))
+  return total, (metrics, new_stats)
+
+
+def features_train_step(state: dict, batch: dict, *, model: CG3D, tx: optax.GradientTransformation,
+                        lambda_text: float = 1.0, lambda_image: float = 1.0):
+  """One update of the encoder and the temperature against stored features; returns (new state, metrics).
+
+  batch: 'points' (B, S, C), 'text_feat' (B, D), 'has_text' (B,) bool, 'image_feat' (B, D)."""
+  params = state['params']
+  key = jax.random.fold_in(state['rng'], state['step'])
+
+  def loss_fn(trainable):
+    return _features_losses(trainable['encoder'], trainable['logit_scale'], state['batch_stats'], batch, key,
+                            model=model, lambda_text=lambda_text, lambda_image=lambda_image)
+
+  (loss, (metrics, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  updates, new_opt_state = tx.update(grads, state['opt_state'], params)
+  new_params = optax.apply_updates(params, updates)
+  ok = jnp.isfinite(loss) & all_finite(grads) & all_finite([batch['points'], batch['text_feat'], batch['image_feat']])
+
+  def keep(new, old):
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+  new_state = dict(state, step=state['step'] + 1, params=keep(new_params, params),
+                   opt_state=keep(new_opt_state, state['opt_state']), batch_stats=keep(new_stats, state['batch_stats']),
+                   bad_steps=jnp.where(ok, 0, state['bad_steps'] + 1))
+  metrics[f'grad_norm/{ENCODER}'] = optax.tree.norm(grads['encoder'])
+  metrics['finite'] = ok.astype(jnp.float32)
+  metrics['bad_steps'] = new_state['bad_steps']
+  return new_state, metrics
+
+
+def jit_features_train_step(model: CG3D, tx, *, state_shardings, batch_shardings, lambda_text: float = 1.0,
+                            lambda_image: float = 1.0) -> Callable[..., Any]:
+  fn = functools.partial(features_train_step, model=model, tx=tx, lambda_text=lambda_text, lambda_image=lambda_image)
+  return jax.jit(fn, in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None),
+                 donate_argnums=(0,))
