@@ -59,7 +59,7 @@ def main(argv):
   spec = VOCABULARY.value or 'training'
   vocabulary = (queries.training_vocabulary(model) if spec == 'training' else list(s3dis.S3DIS_CLASSES)
                 if spec == 's3dis' else [] if spec == 'none' else cli.parse_labels(spec, '--vocabulary'))
-  result = queries.query_scene(model, xyz, queries_, vocabulary, settings=settings)
+  result = queries.query_scene(model, xyz, queries_, vocabulary, settings=settings, rgb=rgb)
   summary = outputs.write_query_outputs(out, xyz, rgb, result, scene=scene, up=settings.regions.scene_up,
                                         image_size=IMAGE_SIZE.value)
   print(format_summary(summary))

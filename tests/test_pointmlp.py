@@ -234,7 +234,7 @@ def test_sizes_are_read_off_a_state_dict_of_another_configuration(highest_precis
   torch.manual_seed(7)
   twin = PointMLPProject(points=128, **kwargs).eval()
   _randomize_twin(twin, seed=8)
-  assert torch_io_pointmlp.pointmlp_kwargs_from_torch(twin.state_dict()) == kwargs
+  assert torch_io_pointmlp.pointmlp_kwargs_from_torch(twin.state_dict()) == dict(kwargs, in_channels=3)
   params, batch_stats = pointmlp_from_torch(twin.state_dict())
   model = PointMLP(**kwargs)
   points = _load_clouds(128)
@@ -244,6 +244,38 @@ def test_sizes_are_read_off_a_state_dict_of_another_configuration(highest_precis
     expected = twin(torch.from_numpy(points)).numpy()
   got = jax.jit(lambda v, p: model.apply(v, p, train=False))({'params': params, 'batch_stats': batch_stats}, points)
   np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=0)
+
+
+def test_coloured_pointmlp_matches_the_twin_and_converts_both_ways(highest_precision):
+  """6 input channels (xyz + rgb), OpenShape's coloured PointMLP: the embedding sees every channel, sampling and
+  neighbour search xyz alone; the Flax encoder gives the twin's features, and its state dict reads back exactly with
+  in_channels found from the weights."""
+  kwargs = dict(embed_dim=8, res_expansion=0.5, dim_expansion=(2, 1), pre_blocks=(1, 2), pos_blocks=(2, 0),
+                k_neighbors=(24, 24), reducers=(2, 2), projection_dim=32, in_channels=6)
+  torch.manual_seed(9)
+  twin = PointMLPProject(points=128, **kwargs).eval()
+  _randomize_twin(twin, seed=10)
+  state_dict = twin.state_dict()
+  assert tuple(state_dict['embedding.net.0.weight'].shape) == (8, 6, 1)
+  assert torch_io_pointmlp.pointmlp_kwargs_from_torch(state_dict) == kwargs
+  params, batch_stats = pointmlp_from_torch(state_dict)
+  model = PointMLP(**kwargs)
+  xyz = _load_clouds(128)
+  rgb = np.random.default_rng(11).uniform(0, 1, xyz.shape).astype(np.float32)
+  coloured = np.concatenate([xyz, rgb], axis=-1)
+  with torch.no_grad():
+    expected = twin(torch.from_numpy(coloured)).numpy()
+  apply = jax.jit(lambda v, p: model.apply(v, p, train=False))
+  got = apply({'params': params, 'batch_stats': batch_stats}, coloured)
+  np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=0)
+  other = apply({'params': params, 'batch_stats': batch_stats}, np.concatenate([xyz, 1 - rgb], axis=-1))
+  assert not np.allclose(np.asarray(other), expected, atol=1e-3)  # colour matters
+  again = pointmlp_to_torch(params, batch_stats)
+  for key, value in state_dict.items():
+    if not key.endswith('num_batches_tracked'):
+      assert torch.equal(again[key], value), key
+  with pytest.raises(ValueError, match=r'\(batch, num_points, 6\), got shape \(2, 128, 3\) \(xyz \+ 3 colour'):
+    model.apply({'params': params, 'batch_stats': batch_stats}, xyz, train=False)
 
 
 def test_round_trip_torch_flax_torch_is_exact(small_twin):

@@ -335,3 +335,27 @@ def test_evaluate_scenes_json_matches_its_room_scores(rooms, demo_run, tmp_path)
     assert result['per_class'][c]['rooms_present'] == truth.sum()
   assert result['mAP'] == pytest.approx(np.mean(aps)) and result['classes_in_mAP'] == len(aps)
   assert result['mean_auroc'] == pytest.approx(np.mean(aurocs))
+
+
+def test_region_colours_ride_with_their_points():
+  """With colours (a coloured encoder's input), every region row carries its own point's colour: colours that encode
+  each point's scene position, normalised as the region is, give back the row's xyz; the xyz rows are unchanged."""
+  rng = np.random.default_rng(0)
+  xyz = rng.uniform(0, 4, (3000, 3))
+  colours = ((xyz - xyz.min(0)) / (xyz.max(0) - xyz.min(0))).astype(np.float32)
+  settings = scene_regions.RegionSettings(radius=0.8, points_per_region=64, exclude_floor=False)
+  plain = scene_regions.split_regions(xyz, settings)
+  coloured = scene_regions.split_regions(xyz, settings, colours)
+  assert coloured.encoder_points.shape == plain.encoder_points.shape[:2] + (6,)
+  np.testing.assert_array_equal(coloured.encoder_points[..., :3], plain.encoder_points)
+  rotation = scene_regions.up_rotation(settings.scene_up, settings.model_up)
+  for m in range(len(coloured)):
+    scene = coloured.encoder_points[m, :, 3:] * (xyz.max(0) - xyz.min(0)) + xyz.min(0)  # back to positions
+    members = xyz[coloured.member_point[coloured.member_region == m]]
+    assert np.abs(scene[:, None] - members[None]).max(axis=-1).min(axis=1).max() < 1e-5  # each row is a member
+    distinct = scene[:min(coloured.sizes[m], 64)]  # a cycled region's first rows are its members once
+    centred = scene - distinct.mean(axis=0)
+    np.testing.assert_allclose(centred / np.linalg.norm(centred, axis=1).max() @ rotation.T,
+                               coloured.encoder_points[m, :, :3], atol=1e-4)
+  with pytest.raises(ValueError, match=r'colours of shape \(5, 3\)'):
+    scene_regions.split_regions(xyz, settings, colours[:5])

@@ -1,6 +1,7 @@
 """Zero-shot prediction for one object: candidate labels (and, optionally, photos) ranked against one point cloud.
 
-The cloud is centred and scaled to the unit sphere as in training, then farthest-point sampling on device picks the
+The cloud is centred and scaled to the unit sphere as in training (a coloured encoder also gets the file's colours
+in [0, 1], or OpenShape's grey 0.4 with a warning when it has none), then farthest-point sampling on device picks the
 encoder's N points (clouds with fewer than N points are cycled, which FPS ignores). Labels are ranked by cosine
 similarity to their text features (templates x label, as in zero-shot evaluation) with probabilities
 softmax(CLIP's logit scale x similarity). Images are preprocessed as the CLIP's preprocessor says, go through the
@@ -46,11 +47,32 @@ def read_cloud(path, columns: str | None = None) -> point_files.PointCloud:
   return cloud
 
 
-def prepare_points(xyz, num_points: int, source: str | None = None) -> np.ndarray:
-  """Training's normalisation (centre, unit sphere); clouds shorter than num_points are cycled up to it (with a
-  warning), clouds of fewer than MIN_POINTS distinct points are refused."""
+GREY = 0.4  # OpenShape's colour for clouds without one (its dropped colours, ScanObjectNN without rgb)
+
+
+def colour_channels(encoder, rgb, num_points: int, source: str | None = None) -> np.ndarray | None:
+  """The colour channels a coloured encoder (in_channels 6) takes: the file's rgb (uint8 0-255) as [0, 1], or
+  OpenShape's grey 0.4 with a warning when the file has none; None for an xyz-only encoder (colours unused)."""
+  if getattr(encoder, 'in_channels', 3) == 3:
+    return None
+  if rgb is None:
+    logging.warning('%s has no colours but the encoder takes xyz + rgb: every point is given grey %.1f, as OpenShape '
+                    'does for uncoloured clouds', source or 'the cloud', GREY)
+    return np.full((num_points, 3), GREY, np.float32)
+  rgb = np.asarray(rgb)
+  if rgb.shape != (num_points, 3):
+    raise BadInputError(source or 'the cloud', f'colours of shape {rgb.shape} for {num_points} points')
+  return (rgb.astype(np.float32) / 255.0) if rgb.dtype == np.uint8 else rgb.astype(np.float32)
+
+
+def prepare_points(xyz, num_points: int, source: str | None = None, colours=None) -> np.ndarray:
+  """Training's normalisation (centre, unit sphere), `colours` (N, 3) in [0, 1] appended when given; clouds
+  shorter than num_points are cycled up to it (with a warning), clouds of fewer than MIN_POINTS distinct points are
+  refused."""
   where = source or 'the cloud'
   xyz = _normalised(xyz, source)
+  if colours is not None:
+    xyz = np.concatenate([xyz, np.asarray(colours, np.float32)], axis=1)
   if xyz.shape[0] < num_points:
     logging.warning('%s: %d points, fewer than the encoder\'s %d: repeated to fill them (farthest-point sampling '
                     'then sees each point once)', where, xyz.shape[0], num_points)
@@ -85,7 +107,8 @@ def predict(model, points, labels: Sequence[str], images: Sequence[str] = (), *,
   is a point-cloud file or what `read_cloud` returned for one."""
   cloud = points if isinstance(points, point_files.PointCloud) else point_files.read_points(points)
   points_path = cloud.source
-  points = prepare_points(cloud.xyz, model.model.num_points, os.fspath(points_path))
+  colours = colour_channels(model.model.encoder, cloud.rgb, cloud.xyz.shape[0], os.fspath(points_path))
+  points = prepare_points(cloud.xyz, model.model.num_points, os.fspath(points_path), colours)
   encode = jax.jit(lambda v, p: model.model.point_features(v, sample_points(p, model.model.num_points))[0])
   feature = np.asarray(encode(model.encoder_vars, jnp.asarray(points)[None]))[0]
   classifier = zeroshot.text_classifier(model.clip.model, model.clip_params, model.clip.tokenizer, labels, templates,
@@ -93,6 +116,8 @@ def predict(model, points, labels: Sequence[str], images: Sequence[str] = (), *,
   scale = float(CG3D.logit_scale(model.clip_params))
   result = {'points': os.fspath(points_path), 'num_points_read': int(cloud.xyz.shape[0]),
             'from_mesh': cloud.from_mesh, 'num_points_encoded': model.model.num_points, 'logit_scale': scale,
+            'colours': (None if colours is None else 'from the file' if cloud.rgb is not None else
+                        f'none in the file: grey {GREY}'),
             'labels': ranked(list(labels), np.asarray(metrics.zero_shot_scores(feature[None], classifier))[0], scale)}
   if images:
     pixels = np.stack([read_image(path, model.clip.preprocess) for path in images])

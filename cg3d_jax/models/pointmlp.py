@@ -1,11 +1,11 @@
 """PointMLP, CG3D's second 3D encoder (Ma et al., ICLR 2022), with CG3D's projection into CLIP space.
 
-Data flow for (B, N, 3) points with CG3D's settings: a per-point 1x1 conv embeds xyz into 64 channels; four stages
-each pick N_i // 2 anchors by farthest-point sampling, gather the 24 nearest neighbours of every anchor, normalise the
-neighbourhood relative to its anchor ("anchor" normalisation, one std per cloud, learnable affine), run residual
-point-wise MLPs over each neighbourhood (PreExtraction, max over the neighbours) and then over the anchors
-(PosExtraction). Channels double every stage (128, 256, 512, 1024). A global max pool and a 1x1 conv with bias
-(1024 -> 512) give the CLIP-space feature.
+Data flow for (B, N, 3) points (or (B, N, 6) xyz + rgb with in_channels=6) with CG3D's settings: a per-point 1x1
+conv embeds the input channels into 64; four stages each pick N_i // 2 anchors by farthest-point sampling (on xyz),
+gather the 24 nearest neighbours of every anchor, normalise the neighbourhood relative to its anchor ("anchor"
+normalisation, one std per cloud, learnable affine), run residual point-wise MLPs over each neighbourhood
+(PreExtraction, max over the neighbours) and then over the anchors (PosExtraction). Channels double every stage
+(128, 256, 512, 1024). A global max pool and a 1x1 conv with bias (1024 -> 512) give the CLIP-space feature.
 
 Layout is channels-last throughout: a 1x1 Conv1d is a Dense over the last axis. Every conv has no bias except the
 projection (the original sets bias=False). BatchNorm follows PyTorch exactly (see `layers.TorchBatchNorm`). Sampling and
@@ -143,11 +143,12 @@ def stage_point_counts(num_points: int, reducers: Sequence[int]) -> list[int]:
   return counts
 
 
-def check_points(points, k_neighbors: Sequence[int], reducers: Sequence[int]) -> None:
+def check_points(points, k_neighbors: Sequence[int], reducers: Sequence[int], in_channels: int = 3) -> None:
   """Clear errors for input the network cannot process; runs on shapes, and on values when they are concrete."""
   shape = getattr(points, 'shape', None)
-  if shape is None or len(shape) != 3 or shape[-1] != 3:
-    raise ValueError(f'PointMLP expects points of shape (batch, num_points, 3), got shape {shape}')
+  if shape is None or len(shape) != 3 or shape[-1] != in_channels:
+    what = '' if in_channels == 3 else f' (xyz + {in_channels - 3} colour channels: model in_channels={in_channels})'
+    raise ValueError(f'PointMLP expects points of shape (batch, num_points, {in_channels}), got shape {shape}{what}')
   if not jnp.issubdtype(points.dtype, jnp.floating):
     raise ValueError(f'PointMLP expects floating-point points, got dtype {points.dtype}')
   counts = stage_point_counts(shape[1], reducers)
@@ -166,7 +167,10 @@ def check_points(points, k_neighbors: Sequence[int], reducers: Sequence[int]) ->
 
 
 class PointMLP(nn.Module):
-  """PointMLP encoder with CG3D's projection; __call__(points (B, N, 3), train=...) -> (B, projection_dim).
+  """PointMLP encoder with CG3D's projection; __call__(points (B, N, in_channels), train=...) -> (B, projection_dim).
+
+  in_channels=6 (xyz + rgb) is OpenShape's coloured PointMLP (openpoints' PointMLPEncoder with in_channels 6): the
+  embedding conv sees every channel, sampling and neighbour search use xyz alone.
 
   Anchor counts follow the input: N // 2, N // 4, ... The original fixes them at construction from `points=1024`
   (CG3D always feeds 1024 points), which is the same network for N = 1024.
@@ -180,6 +184,7 @@ class PointMLP(nn.Module):
   reducers: Sequence[int] = (2, 2, 2, 2)
   projection_dim: int = 512
   dtype: Any = jnp.float32
+  in_channels: int = 3
 
   @classmethod
   def from_config(cls, model_config) -> 'PointMLP':
@@ -188,7 +193,8 @@ class PointMLP(nn.Module):
     return cls(embed_dim=p.embed_dim, res_expansion=p.res_expansion, dim_expansion=tuple(p.dim_expansion),
                pre_blocks=tuple(p.pre_blocks), pos_blocks=tuple(p.pos_blocks),
                k_neighbors=tuple(p.k_neighbors), reducers=tuple(p.reducers),
-               projection_dim=model_config.embed_dim, dtype=jnp.dtype(model_config.dtype))
+               projection_dim=model_config.embed_dim, dtype=jnp.dtype(model_config.dtype),
+               in_channels=model_config.get('in_channels', 3))
 
   def _check_settings(self) -> None:
     lengths = {name: len(getattr(self, name)) for name in
@@ -199,10 +205,10 @@ class PointMLP(nn.Module):
   @nn.compact
   def __call__(self, points, *, train: bool):
     self._check_settings()
-    check_points(points, self.k_neighbors, self.reducers)
-    xyz = points  # point_ops samples and searches in float32 (float64 for float64 clouds) whatever the dtype
+    check_points(points, self.k_neighbors, self.reducers, self.in_channels)
+    xyz = points[..., :3]  # point_ops samples and searches in float32 (float64 for float64 clouds) whatever the dtype
     counts = stage_point_counts(points.shape[1], self.reducers)
-    x = ConvBNReLU(self.embed_dim, dtype=self.dtype, name='embedding')(xyz.astype(self.dtype), train=train)
+    x = ConvBNReLU(self.embed_dim, dtype=self.dtype, name='embedding')(points.astype(self.dtype), train=train)
     channels = self.embed_dim
     for i in range(len(self.reducers)):
       channels *= self.dim_expansion[i]

@@ -26,7 +26,7 @@ import numpy as np
 from cg3d_jax import sharding
 from cg3d_jax.data import point_files, shapenet55
 from cg3d_jax.errors import BadInputError, InputError
-from cg3d_jax.evaluators import zeroshot
+from cg3d_jax.evaluators import prediction, zeroshot
 from cg3d_jax.models.cg3d import CG3D
 from cg3d_jax.scenes import detection_metrics, s3dis
 from cg3d_jax.scenes import regions as scene_regions
@@ -156,14 +156,17 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def query_scene(model: ScoringModel, xyz, queries: Sequence[str], vocabulary: Sequence[str], *,
                 settings: QuerySettings = QuerySettings(), mesh: jax.sharding.Mesh | None = None,
-                classifier: np.ndarray | None = None, embedder: RegionEmbedder | None = None) -> SceneQuery:
+                classifier: np.ndarray | None = None, embedder: RegionEmbedder | None = None,
+                rgb=None) -> SceneQuery:
   """Scores every query over the scene (N, 3). `classifier` (L, D) and `embedder` let a caller that queries many
-  scenes encode the label texts and compile the encoder once."""
+  scenes encode the label texts and compile the encoder once. `rgb` (N, 3) uint8: the scene's colours, which a
+  coloured encoder (in_channels 6) sees (without them: OpenShape's grey, with a warning); others ignore them."""
   if not queries:
     raise ValueError('query_scene: no queries')
   labels = label_set(queries, vocabulary)
   settings = resolve_settings(settings, model)
-  regions = scene_regions.split_regions(xyz, settings.regions)
+  colours = prediction.colour_channels(model.model.encoder, rgb, len(xyz), 'the scene')
+  regions = scene_regions.split_regions(xyz, settings.regions, colours)
   if embedder is None:
     embedder = RegionEmbedder(model.model, model.encoder_vars, mesh or local_mesh(),
                               settings.batch_size)

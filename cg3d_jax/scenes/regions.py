@@ -75,7 +75,7 @@ class Regions:
   member_point: np.ndarray  # (P,) int32: scene point of each pair
   member_weight: np.ndarray  # (P,) float32: closeness weight of the point in that region
   sizes: np.ndarray  # (M,) points in each region
-  encoder_points: np.ndarray  # (M, points_per_region, 3) float32, normalised and turned to the model's up axis
+  encoder_points: np.ndarray  # (M, points_per_region, 3 | 6) float32, normalised, turned to the model's up axis
   num_scene_points: int
   excluded: np.ndarray  # (N,) bool: points kept out of every region (the floor band)
 
@@ -126,8 +126,9 @@ def farthest_centres(candidates: np.ndarray, stop_distance: float, max_centres: 
   return np.asarray(chosen)
 
 
-def split_regions(xyz, settings: RegionSettings = RegionSettings()) -> Regions:
-  """Regions of a scene (N, 3); see the module docstring for every rule."""
+def split_regions(xyz, settings: RegionSettings = RegionSettings(), colours=None) -> Regions:
+  """Regions of a scene (N, 3); see the module docstring for every rule. `colours` (N, 3) in [0, 1], for a
+  coloured encoder, ride along with each region's points (encoder_points then (M, S, 6))."""
   settings.check()
   if settings.points_per_region is None:
     raise ValueError('split_regions: points_per_region is None; scenes.query_scene fills it from the checkpoint')
@@ -136,6 +137,8 @@ def split_regions(xyz, settings: RegionSettings = RegionSettings()) -> Regions:
     raise ValueError(f'split_regions: expected a non-empty (N, 3) scene, got shape {xyz.shape}')
   if not np.all(np.isfinite(xyz)):
     raise ValueError('split_regions: the scene has NaN or Inf coordinates')
+  if colours is not None and np.shape(colours) != xyz.shape:
+    raise ValueError(f'split_regions: colours of shape {np.shape(colours)} for a scene of shape {xyz.shape}')
   excluded = floor_mask(xyz, settings) if settings.exclude_floor else np.zeros(xyz.shape[0], bool)
   usable = np.flatnonzero(~excluded)
   if usable.size < settings.min_points:
@@ -164,7 +167,8 @@ def split_regions(xyz, settings: RegionSettings = RegionSettings()) -> Regions:
   region, member, dist = renumber[region[in_kept]].astype(np.int32), member[in_kept], dist[in_kept]
   centres, sizes = centres[keep], sizes[keep]
   weight = np.exp(-(dist / (settings.sigma * settings.radius)) ** 2 / 2).astype(np.float32)
-  encoder_points = _encoder_inputs(points, region, member, sizes, settings)
+  encoder_points = _encoder_inputs(points, region, member, sizes, settings,
+                                   None if colours is None else np.asarray(colours, np.float32)[usable])
   return Regions(centres=centres.astype(np.float32), member_region=region, member_point=usable[member].astype(np.int32),
                  member_weight=weight, sizes=sizes, encoder_points=encoder_points, num_scene_points=xyz.shape[0],
                  excluded=excluded)
@@ -198,12 +202,13 @@ def _merge_close(centres, distance):
   return centres[[i for i in range(len(centres)) if i not in drop]]
 
 
-def _encoder_inputs(points, region, member, sizes, settings: RegionSettings) -> np.ndarray:
-  """(M, S, 3): S members per region (random without replacement, or all cycled), normalised, turned up."""
+def _encoder_inputs(points, region, member, sizes, settings: RegionSettings, colours=None) -> np.ndarray:
+  """(M, S, 3): S members per region (random without replacement, or all cycled), normalised, turned up; with
+  `colours`, (M, S, 6): each member's colour beside its xyz."""
   rng = np.random.default_rng(settings.seed)
   starts = np.r_[0, np.cumsum(sizes)[:-1]]  # pairs are sorted by region
   count = settings.points_per_region
-  out = np.empty((len(sizes), count, 3), np.float32)
+  out = np.empty((len(sizes), count, 3 if colours is None else 6), np.float32)
   rotation = up_rotation(settings.scene_up, settings.model_up)
   for m, (start, size) in enumerate(zip(starts, sizes)):
     pick = rng.choice(size, count, replace=False) if size > count else np.arange(count) % size
@@ -211,7 +216,9 @@ def _encoder_inputs(points, region, member, sizes, settings: RegionSettings) -> 
     distinct = cloud[:min(size, count)]  # a cycled region's first `size` rows are its members, each once
     cloud = cloud - distinct.mean(axis=0)
     cloud /= max(np.sqrt((cloud ** 2).sum(axis=1)).max(), 1e-12)
-    out[m] = cloud @ rotation.T
+    out[m, :, :3] = cloud @ rotation.T
+    if colours is not None:
+      out[m, :, 3:] = colours[member[start + pick]]
   return out
 
 

@@ -104,11 +104,12 @@ class PointMLPProject(nn.Module):
 
   def __init__(self, points: int = 1024, embed_dim: int = 64, res_expansion: float = 1.0,
                dim_expansion=(2, 2, 2, 2), pre_blocks=(2, 2, 2, 2), pos_blocks=(2, 2, 2, 2),
-               k_neighbors=(24, 24, 24, 24), reducers=(2, 2, 2, 2), projection_dim: int = 512):
+               k_neighbors=(24, 24, 24, 24), reducers=(2, 2, 2, 2), projection_dim: int = 512,
+               in_channels: int = 3):
     super().__init__()
     self.stages = len(pre_blocks)
     self.points = points
-    self.embedding = ConvBNReLU1D(3, embed_dim)
+    self.embedding = ConvBNReLU1D(in_channels, embed_dim)  # 6: OpenShape's coloured PointMLP (xyz + rgb)
     self.local_grouper_list = nn.ModuleList()
     self.pre_blocks_list = nn.ModuleList()
     self.pos_blocks_list = nn.ModuleList()
@@ -124,7 +125,7 @@ class PointMLPProject(nn.Module):
     self.projection = nn.Conv1d(last_channel, projection_dim, kernel_size=1)
 
   def forward(self, pts):
-    xyz = pts
+    xyz = pts[..., :3].contiguous()
     x = self.embedding(pts.permute(0, 2, 1))
     for i in range(self.stages):
       xyz, x = self.local_grouper_list[i](xyz, x.permute(0, 2, 1))

@@ -34,7 +34,7 @@ def twin_for(encoder: str, model, num_points: int) -> torch.nn.Module:
         points=num_points, embed_dim=model.embed_dim, res_expansion=model.res_expansion,
         dim_expansion=tuple(model.dim_expansion), pre_blocks=tuple(model.pre_blocks),
         pos_blocks=tuple(model.pos_blocks), k_neighbors=tuple(model.k_neighbors), reducers=tuple(model.reducers),
-        projection_dim=model.projection_dim)
+        projection_dim=model.projection_dim, in_channels=model.in_channels)
   raise ValueError(f'unknown encoder {encoder!r}; expected {cg3d_pth.POINT_TRANSFORMER!r} or {cg3d_pth.POINTMLP!r}')
 
 

@@ -99,7 +99,8 @@ def pointmlp_kwargs_from_torch(state_dict: Mapping[str, Any]) -> dict[str, Any]:
               pre_blocks=tuple(blocks('pre', i) for i in range(stages)),
               pos_blocks=tuple(blocks('pos', i) for i in range(stages)),
               k_neighbors=(24,) * stages, reducers=(2,) * stages,
-              projection_dim=int(state_dict['projection.weight'].shape[0]))
+              projection_dim=int(state_dict['projection.weight'].shape[0]),
+              in_channels=int(state_dict['embedding.net.0.weight'].shape[1]))
 
 
 def _numpy_dtype(value) -> np.dtype:
@@ -112,7 +113,7 @@ def _numpy_dtype(value) -> np.dtype:
 def expected_variables(model: PointMLP) -> dict:
   """Shapes of `model`'s Flax variables ({'params', 'batch_stats'} of ShapeDtypeStructs). Cached; read-only."""
   num_points = int(np.prod(model.reducers)) * max(model.k_neighbors)  # enough points for every stage
-  points = jax.ShapeDtypeStruct((1, num_points, 3), jnp.float32)
+  points = jax.ShapeDtypeStruct((1, num_points, model.in_channels), jnp.float32)
   return jax.eval_shape(lambda p: model.init(jax.random.key(0), p, train=False), points)
 
 
