@@ -39,8 +39,8 @@ def _timed(fn, *args):
 
 
 def feature_step(config, batch_size: int, feature_dim: int, channels: int, stored_points: int, rng):
-  setup = pretrain.build_features_setup(config, feature_dim=feature_dim, use_color=channels == 6,
-                                        steps_per_epoch=1000, devices=jax.devices()[:1])
+  setup = pretrain.build_features_setup(config, feature_dim=feature_dim, steps_per_epoch=1000,
+                                        devices=jax.devices()[:1])
   step = jit_features_train_step(setup.model, setup.tx, state_shardings=setup.shardings['state'],
                                  batch_shardings=setup.shardings['batch'])
   points = rng.normal(size=(batch_size, stored_points, 3)).astype(np.float32)
@@ -94,8 +94,8 @@ def main(argv=None):
   features_config.mesh.data = 1
   feat_compiled, feat_state, feat_batch, feat_compile_s = feature_step(features_config, args.batch, 512, 3, 8192, rng)
 
-  image_state, _ = _timed(lambda s: image_compiled(s, setup.frozen, setup.text_table, image_batch), image_state)
-  feat_state, _ = _timed(lambda s: feat_compiled(s, feat_batch), feat_state)
+  (image_state, _), _ = _timed(lambda s: image_compiled(s, setup.frozen, setup.text_table, image_batch), image_state)
+  (feat_state, _), _ = _timed(lambda s: feat_compiled(s, feat_batch), feat_state)
   image_times, feat_times = [], []
   for _ in range(args.iters):  # interleaved, so that a change in the machine's load hits both alike
     (image_state, _), t = _timed(lambda s: image_compiled(s, setup.frozen, setup.text_table, image_batch), image_state)
@@ -107,7 +107,7 @@ def main(argv=None):
   openshape_config.train.batch_size = args.batch
   openshape_config.mesh.data = 1
   os_compiled, os_state, os_batch, os_compile_s = feature_step(openshape_config, args.batch, 1280, 6, 10000, rng)
-  os_state, _ = _timed(lambda s: os_compiled(s, os_batch), os_state)
+  (os_state, _), _ = _timed(lambda s: os_compiled(s, os_batch), os_state)
   os_times = []
   for _ in range(args.iters):
     (os_state, _), t = _timed(lambda s: os_compiled(s, os_batch), os_state)

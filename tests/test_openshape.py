@@ -2,11 +2,13 @@
 and augmentation against the rules of OpenShape_code @abe5aa4 src/data.py, on procedural objects written in that
 layout (np.save of a dict, as OpenShape writes them)."""
 
+import dataclasses
 import json
 import os
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from cg3d_jax.data import openshape, openshape_stream
 from cg3d_jax.data.pickled_npy import read_pickled_dict
@@ -358,9 +360,10 @@ def test_a_stored_feature_run_learns_and_scores_on_each_layout(tmp_path, capsys)
                                                     axis=1), fmt=['%.5f'] * 3 + ['%d'] * 3)
   np.savetxt(tmp_path / 'grey.txt', shape['xyz'][:, [0, 2, 1]], fmt='%.5f')
   for name, colours in (('torus', 'from the file'), ('grey', 'none in the file: grey 0.4')):
+    columns = 'xyz' if name == 'grey' else 'xyz,rgb'
     assert run_command(predict.main, ['--checkpoint', str(workdir), f'--clip_path={clip}', '--points',
-                                      str(tmp_path / f'{name}.txt'), '--columns', 'xyz' if name == 'grey' else
-                                      'xyz,rgb', '--labels', 'torus,box', '--json', str(tmp_path / f'{name}.json')]) == 0
+                                      str(tmp_path / f'{name}.txt'), '--columns', columns, '--labels', 'torus,box',
+                                      '--json', str(tmp_path / f'{name}.json')]) == 0
     assert json.loads((tmp_path / f'{name}.json').read_text())['colours'] == colours
 
   capsys.readouterr()
@@ -369,3 +372,54 @@ def test_a_stored_feature_run_learns_and_scores_on_each_layout(tmp_path, capsys)
                                      '--config.eval.prompts=precomputed']) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert err[-1].startswith('error: ') and 'lvis_testset.txt stores no class-name features' in err[-1]
+
+
+def test_renders_train_the_prompts_through_the_image_tower(tmp_path):
+  """pretrain_openshape:renders (CG3D's method on OpenShape's data): a random one of the shape's 12 renders, through
+  the CLIP's preprocessing, is the batch's image; the stored text features are the text targets; the prompts and the
+  encoder both train; no stored image feature is used."""
+  import jax
+
+  from cg3d_jax.configs import pretrain_openshape
+  from cg3d_jax.synthetic.random_clip import write_random_clip
+  from cg3d_jax.training import pretrain
+  from cg3d_jax.weights.clip_files import load_clip
+  from tests.conftest import apply_overrides
+
+  root = write_openshape_layout(tmp_path / 'data', classes=CLASSES, train_per_class=4, lvis_per_class=1,
+                                num_points=512, feature_dim=32, render_size=32)
+  clip = write_random_clip(tmp_path / 'clip', projection_dim=32, image_size=32, patch_size=8)
+  config = apply_overrides(pretrain_openshape.get_config('renders'), {
+      'clip.path': clip, 'data.manual_dir': str(root), 'data.num_stored_points': 256, 'model.embed_dim': 32,
+      'model.num_points': 64, 'train.batch_size': 8, 'train.total_steps': 3, 'train.log_every': 1,
+      'eval.every_steps': 3, 'eval.batch_size': 8, 'eval.num_stored_points': 256,
+      'checkpoint.async_save': False, 'logging.tensorboard': False})
+  config.model.point_transformer.update(dict(width=32, depth=2, num_heads=2, num_groups=16, group_size=8,
+                                             encoder_dim=32))
+
+  source = dataclasses.replace(openshape_stream.open_train_source(config.data),
+                               preprocess=load_clip(clip).preprocess)
+  batch = next(openshape_stream.train_local_batches(source, global_batch_size=4, seed=0, process_index=0,
+                                                    process_count=1))
+  assert 'image_feat' not in batch and batch['image'].shape == (4, 32, 32, 3)
+  index = np.random.default_rng((0, 0, openshape_stream._PERMUTATION_TAG)).permutation(len(source.shapes))[0]
+  shape, rng = source.shapes[index], np.random.default_rng((0, 0, index))
+  openshape.make_example(shape, openshape.read_shape(shape.path, objaverse=shape.dataset == 'Objaverse'),
+                         source.sample, rng, flags=source.flags)  # the draws before the view's
+  render = root / 'rendered_images' / shape.id / f'colors_{rng.integers(12)}.png'
+  np.testing.assert_array_equal(batch['image'][0], source.preprocess(Image.open(render)))
+
+  initial = pretrain.build_setup(config, train_classes=None, steps_per_epoch=1).state['params']
+  result = pretrain.train(config, str(tmp_path / 'run'))
+  assert np.isfinite(result['loss']) and result['loss/image_text'] > 0 and result['val/count'] == len(CLASSES)
+  from cg3d_jax import checkpoints
+  trained = checkpoints.read_step(tmp_path / 'run').state['params']
+  for part in ('encoder', 'clip'):
+    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), trained[part],
+                         initial[part])
+    assert max(jax.tree.leaves(moved)) > 0, part
+
+  missing = root / 'rendered_images' / shape.id / 'colors_3.png'
+  missing.unlink()
+  with pytest.raises(BadInputError, match=r'colors_3.png: is missing: with data.openshape.renders set'):
+    openshape.read_render(missing, source.preprocess)

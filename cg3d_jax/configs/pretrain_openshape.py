@@ -15,8 +15,12 @@ Objaverse-LVIS with the precomputed class-name features.
 Differences from OpenShape's train.yaml, on purpose: a per-step cosine schedule (OpenShape: x0.95 every 10k steps
 after 10k warm-up steps), global batch 256 (OpenShape: 200 per GPU, all-gathered), gradient clipping at 10.
 arg 'no_lvis' trains on train_no_lvis.json (the split OpenShape reports LVIS zero-shot with); 'shapenet' on the
-ShapeNet-only ablation split.
+ShapeNet-only ablation split; 'renders' uses OpenShape's raw renders through CG3D's prompt-tuned image tower instead
+of the stored image features (then --config.clip.path is required: see data.openshape.renders); combine with commas,
+e.g. --config pretrain_openshape:no_lvis,renders.
 """
+
+from ml_collections import config_dict
 
 from cg3d_jax.configs import base
 from cg3d_jax.configs.zeroshot_objaverse_lvis import layout_eval
@@ -34,18 +38,27 @@ def openshape_data(c):
       text_source=('text', 'caption', 'retrieval_text'), use_text_filtering=True, use_prompt_engineering=True,
       gpt4_filtering='meta_data/gpt4_filtering.json',
       workers=0,  # reader threads per process; 0 = min(16, CPUs)
+      # None: image targets are the stored image features (no CLIP tower). A folder (under manual_dir, or absolute)
+      # of OpenShape's raw renders (rendered_images/<uid>/colors_0..11.png): CG3D's method instead, a random render
+      # through the frozen, prompt-tuned image tower of config.clip.path, which must be the CLIP the stored text
+      # features came from (OpenShape's: OpenCLIP ViT-bigG-14 laion2b_s39b_b160k, as a transformers folder).
+      renders=config_dict.placeholder(str),
   )
   return c
 
 
 def get_config(arg=None):
   c = openshape_data(base.get_base_config())
-  if arg == 'no_lvis':
-    c.data.train_split = 'train_no_lvis'
-  elif arg == 'shapenet':
-    c.data.train_split = 'train_shapenet_only'
-  elif arg not in (None, ''):
-    raise ValueError(f"pretrain_openshape: arg must be '', 'no_lvis' or 'shapenet', got {arg!r}")
+  for part in (arg or '').split(','):
+    if part == 'no_lvis':
+      c.data.train_split = 'train_no_lvis'
+    elif part == 'shapenet':
+      c.data.train_split = 'train_shapenet_only'
+    elif part == 'renders':
+      c.data.openshape.renders = 'rendered_images'
+    elif part:
+      raise ValueError(f"pretrain_openshape: arg must be '', 'no_lvis', 'shapenet', 'renders' or a comma-separated "
+                       f'combination, got {arg!r}')
   c.model.encoder = 'point_transformer'
   c.model.in_channels = 6
   c.model.embed_dim = 1280

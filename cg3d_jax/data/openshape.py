@@ -32,6 +32,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from cg3d_jax.data.pickled_npy import read_pickled, read_pickled_dict
+from cg3d_jax.data.readers import read_image
 from cg3d_jax.data.transforms import normalize_unit_sphere_np
 from cg3d_jax.errors import BadInputError
 
@@ -39,6 +40,7 @@ OBJAVERSE = 'Objaverse'
 SPLIT_KEYS = ('id', 'dataset', 'group', 'data_path')
 LVIS_KEYS = ('uid', 'category', 'group', 'data_path')
 RGB_DROP_VALUE = 0.4
+RENDER_VIEWS = 12  # OpenShape's renders: rendered_images/<uid>/colors_{0..11}.png (336 px)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -414,3 +416,14 @@ def eval_points(xyz: np.ndarray, rgb: np.ndarray, num_points: int, rng: np.rando
   except ValueError as err:
     raise BadInputError(path or 'cloud', str(err)) from None
   return np.concatenate([xyz, rgb], axis=1).astype(np.float32) if use_color else xyz.astype(np.float32)
+
+
+def render_path(renders_root, uid: str, view: int) -> pathlib.Path:
+  """One of OpenShape's raw renders of a shape: <renders_root>/<uid>/colors_<view>.png."""
+  return pathlib.Path(renders_root) / uid / f'colors_{view}.png'
+
+
+def read_render(path, preprocess) -> np.ndarray:
+  """A render through the CLIP's image preprocessing."""
+  return read_image(path, preprocess, missing='is missing: with data.openshape.renders set, every shape of the split '
+                    'needs its 12 renders')

@@ -21,6 +21,7 @@ import functools
 import math
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -39,12 +40,15 @@ def _workers(workers: int | None) -> int:
 @dataclasses.dataclass(frozen=True)
 class TrainSource:
   """A training split of the layout, its GPT-4 text flags and the per-sample rules; `feature_dim` is D of the
-  stored CLIP features (read off the first shape)."""
+  stored CLIP features (read off the first shape). With `renders` (the rendered_images folder) and `preprocess`
+  (the CLIP's image preprocessing), examples carry a random render as 'image' instead of a stored image feature."""
   shapes: list
   flags: dict
   sample: openshape.SampleConfig
   feature_dim: int
   root: str
+  renders: str | None = None
+  preprocess: Any = None
 
 
 def sample_config(data_config) -> openshape.SampleConfig:
@@ -71,8 +75,14 @@ def open_train_source(data_config) -> TrainSource:
   if config.use_text_filtering and 'text' in config.text_source:
     flags = openshape.read_text_filter(os.path.join(root, data_config.openshape.gpt4_filtering))
   first = openshape.read_shape(shapes[0].path, objaverse=shapes[0].dataset == openshape.OBJAVERSE)
+  renders = data_config.openshape.get('renders')
+  if renders:
+    renders = os.path.join(root, os.path.expanduser(renders))
+    if not os.path.isdir(renders):
+      raise ConfigError(f'config.data.openshape.renders={data_config.openshape.renders!r}: {renders} is not a '
+                        'folder (OpenShape\'s rendered_images/, one folder of colors_0..11.png per shape)')
   return TrainSource(shapes=shapes, flags=flags, sample=config, feature_dim=int(np.shape(first['image_feat'])[-1]),
-                     root=root)
+                     root=root, renders=renders or None)
 
 
 def _example(source: TrainSource, seed: int, epoch: int, index: int) -> dict:
@@ -85,6 +95,10 @@ def _example(source: TrainSource, seed: int, epoch: int, index: int) -> dict:
       raise BadInputError(shape.path, f'{key} has {example[key].shape[0]} values, expected {source.feature_dim} '
                           'as the first shape of the split (features of one CLIP)')
   del example['text']
+  if source.renders:  # CG3D's method on Objaverse: a random render through the prompt-tuned image tower
+    view = int(rng.integers(openshape.RENDER_VIEWS))
+    example['image'] = openshape.read_render(openshape.render_path(source.renders, shape.id, view), source.preprocess)
+    del example['image_feat']
   return example
 
 
@@ -108,7 +122,8 @@ def train_local_batches(source: TrainSource, *, global_batch_size: int, seed: in
                         process_index: int | None = None, process_count: int | None = None,
                         workers: int | None = None, prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
   """This process's infinite stream of host batches from global step `start_step`: 'points' (b, S, 6 | 3),
-  'text_feat' (b, D) (zeros where 'has_text' is False), 'has_text' (b,) bool, 'image_feat' (b, D)."""
+  'text_feat' (b, D) (zeros where 'has_text' is False), 'has_text' (b,) bool, 'image_feat' (b, D) (with renders:
+  'image' (b, H, W, 3), one of the shape's 12 renders preprocessed for the CLIP)."""
   process_index, process_count = host_batches.process(process_index, process_count)
   local = host_batches.local_batch_size(global_batch_size, process_count)
   n = len(source.shapes)

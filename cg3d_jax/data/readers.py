@@ -14,7 +14,7 @@ import re
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from cg3d_jax.errors import BadInputError
 
@@ -223,3 +223,15 @@ def text_lines(path, data: bytes) -> tuple[list[str], Sequence[int]]:
       lines.append(line)
       numbers.append(number)
   return lines, numbers
+
+
+def read_image(path, preprocess, missing: str = 'image file not found') -> np.ndarray:
+  """An image file through a CLIP's preprocessing (a callable on PIL images); one clear error when it is missing
+  (`missing` says what that means here) or unreadable."""
+  try:
+    with Image.open(path) as image:
+      return preprocess(image)
+  except FileNotFoundError:
+    raise BadInputError(path, missing) from None
+  except (UnidentifiedImageError, OSError) as err:
+    raise BadInputError(path, f'cannot be read as an image ({err})') from None

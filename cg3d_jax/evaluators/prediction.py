@@ -17,6 +17,7 @@ import numpy as np
 from absl import logging
 
 from cg3d_jax.data import point_files, transforms
+from cg3d_jax.data.readers import read_image
 from cg3d_jax.errors import BadInputError
 from cg3d_jax.evaluators import metrics, zeroshot
 from cg3d_jax.models.cg3d import CG3D
@@ -78,17 +79,6 @@ def prepare_points(xyz, num_points: int, source: str | None = None, colours=None
                     'then sees each point once)', where, xyz.shape[0], num_points)
     xyz = xyz[np.arange(num_points) % xyz.shape[0]]
   return xyz
-
-
-def read_image(path, preprocess) -> np.ndarray:
-  from PIL import Image, UnidentifiedImageError
-  try:
-    with Image.open(path) as image:
-      return preprocess(image)
-  except FileNotFoundError:
-    raise BadInputError(path, 'image file not found') from None
-  except (UnidentifiedImageError, OSError) as e:
-    raise BadInputError(path, f'cannot be read as an image ({e})') from None
 
 
 def ranked(names: Sequence[str], similarities: np.ndarray, scale: float) -> list[dict]:

@@ -20,9 +20,11 @@ import json
 import pathlib
 
 import numpy as np
+from PIL import Image
 
-from cg3d_jax.data.openshape import SCANOBJECTNN_CLASSES
+from cg3d_jax.data.openshape import RENDER_VIEWS, SCANOBJECTNN_CLASSES
 from cg3d_jax.data.transforms import normalize_unit_sphere_np
+from cg3d_jax.synthetic.render import orbit_views
 from cg3d_jax.synthetic.shapes import FAMILIES, sample_surface
 
 
@@ -37,9 +39,11 @@ def _text_feature(direction, rng, noise):
 
 def write_openshape_layout(root, *, classes=('sphere', 'box', 'cylinder', 'torus', 'cone', 'table'),
                            train_per_class: int = 6, lvis_per_class: int = 3, num_points: int = 2048,
-                           feature_dim: int = 32, views: int = 12, noise: float = 0.3, seed: int = 0) -> pathlib.Path:
+                           feature_dim: int = 32, views: int = 12, noise: float = 0.3, seed: int = 0,
+                           render_size: int = 0) -> pathlib.Path:
   """Writes the layout under `root` and returns it. Training objects alternate between Objaverse and ShapeNet
-  entries (the two target-sampling rules); the LVIS-style evaluation set is Objaverse objects of every class."""
+  entries (the two target-sampling rules); the LVIS-style evaluation set is Objaverse objects of every class.
+  render_size > 0 also writes OpenShape's raw renders, rendered_images/<uid>/colors_{0..11}.png of that size."""
   root = pathlib.Path(root)
   rng = np.random.default_rng(seed)
   directions = _unit(rng.standard_normal((len(classes), feature_dim)))
@@ -50,8 +54,14 @@ def write_openshape_layout(root, *, classes=('sphere', 'box', 'cylinder', 'torus
       evaluation = i >= train_per_class
       dataset = 'Objaverse' if evaluation or i % 2 == 0 else 'ShapeNet'
       uid = f'{name}_{i:03d}'
-      xyz, _ = sample_surface(rng, FAMILIES[name](rng), num_points)
+      xyz, normals = sample_surface(rng, FAMILIES[name](rng), num_points)
       xyz = normalize_unit_sphere_np(xyz)[:, [0, 2, 1]]  # stored y-up, as OpenShape's files
+      if render_size:  # the renderer orbits the y axis: the stored y-up object stands upright
+        folder = root / 'rendered_images' / uid
+        folder.mkdir(parents=True, exist_ok=True)
+        for k, view in enumerate(orbit_views(xyz, normals[:, [0, 2, 1]], colours[c] * 255,
+                                             num_views=RENDER_VIEWS, image_size=render_size)):
+          Image.fromarray(view).save(folder / f'colors_{k}.png')
       rgb = np.clip(colours[c] + 0.05 * rng.standard_normal((num_points, 3)), 0, 1)
       direction = directions[c]
       data = {

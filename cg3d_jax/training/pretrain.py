@@ -83,7 +83,9 @@ class Setup:
   total_steps: int
 
 
-def build_setup(config, *, train_classes: list[str], steps_per_epoch: int, devices=None) -> Setup:
+def build_setup(config, *, train_classes: list[str] | None, steps_per_epoch: int, devices=None) -> Setup:
+  """CG3D's model, frozen CLIP and state. train_classes None: the batches carry their own text features (OpenShape's
+  layout with renders), so no caption table is built (a one-row placeholder keeps the step's signature)."""
   mesh = common.make_mesh(config, devices)
   if not config.clip.path:
     raise ConfigError('config.clip.path is not set: give a local CLIP folder, e.g. '
@@ -104,10 +106,13 @@ def build_setup(config, *, train_classes: list[str], steps_per_epoch: int, devic
   tx, labels_fn = optim.make_optimizer(rules, steps_per_epoch=steps_per_epoch, total_steps=total)
 
   # One caption per (template, class); the table is replicated and looked up by (template_idx, label).
-  caption_templates = templates.get_templates(config.data.templates)
-  captions = [t.format(c) for t in caption_templates for c in train_classes]
-  ids = tokenize(clip.tokenizer, captions).reshape(len(caption_templates), len(train_classes), -1)
-  text_table = model.caption_table(merge_clip(frozen, trainable), ids)
+  if train_classes is None:
+    text_table = jnp.zeros((1, 1, clip.spec.projection_dim), jnp.float32)
+  else:
+    caption_templates = templates.get_templates(config.data.templates)
+    captions = [t.format(c) for t in caption_templates for c in train_classes]
+    ids = tokenize(clip.tokenizer, captions).reshape(len(caption_templates), len(train_classes), -1)
+    text_table = model.caption_table(merge_clip(frozen, trainable), ids)
 
   state = dict(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=tx.init(trainable),
                batch_stats=encoder_vars.get('batch_stats', {}), rng=jax.random.key_data(train_rng),
@@ -118,7 +123,7 @@ def build_setup(config, *, train_classes: list[str], steps_per_epoch: int, devic
                    batch=sharding.batch_sharding(mesh))
   return Setup(config=config, mesh=mesh, model=model, clip=clip, tx=tx, labels_fn=labels_fn, state=state,
                frozen=jax.device_put(frozen, frozen_sh), text_table=jax.device_put(text_table, shardings['table']),
-               class_names=list(train_classes), shardings=shardings, steps_per_epoch=steps_per_epoch,
+               class_names=list(train_classes or []), shardings=shardings, steps_per_epoch=steps_per_epoch,
                total_steps=total)
 
 
@@ -173,13 +178,15 @@ class Recipe:
   what: str  # for the log line
 
 
-def clip_recipe(config) -> Recipe:
-  """CG3D's recipe: renders through the frozen, prompt-tuned image tower; captions from class-name templates."""
-  builder = builders.get_builder(config.data.name, data_dir=config.data.data_dir, manual_dir=config.data.manual_dir,
-                                 skip_bad=config.data.skip_bad, process_count=jax.process_count())
-  class_names = builders.class_names(builder)
-  spe = pipeline.steps_per_epoch(config.data, config.train.batch_size)
-  setup = build_setup(config, train_classes=class_names, steps_per_epoch=spe)
+def clip_recipe(config, setup: Setup | None = None) -> Recipe:
+  """CG3D's recipe: renders through the frozen, prompt-tuned image tower; captions from class-name templates (the
+  TFDS data of config.data.name; with a given `setup`, the step and schedule alone, for renders_recipe)."""
+  if setup is None:
+    builder = builders.get_builder(config.data.name, data_dir=config.data.data_dir,
+                                   manual_dir=config.data.manual_dir, skip_bad=config.data.skip_bad,
+                                   process_count=jax.process_count())
+    spe = pipeline.steps_per_epoch(config.data, config.train.batch_size)
+    setup = build_setup(config, train_classes=builders.class_names(builder), steps_per_epoch=spe)
   compute_dtype = jnp.promote_types(jnp.dtype(config.model.dtype), jnp.dtype(config.clip.dtype))
   compiled = {}
 
@@ -202,7 +209,7 @@ def clip_recipe(config) -> Recipe:
   return Recipe(setup=setup, batches=batches, step=step, fixed_inputs=(setup.frozen, setup.text_table),
                 evaluator=lambda: validation_evaluator(setup),
                 eval_variables=functools.partial(eval_variables, setup), rules=optimizer_rules(config),
-                what=f'{len(class_names)} classes')
+                what=f'{len(setup.class_names)} classes')
 
 
 def feature_optimizer_rules(config) -> list:
@@ -212,18 +219,13 @@ def feature_optimizer_rules(config) -> list:
                                             no_decay_regex='^encoder/cls_head_|^logit_scale$'))]
 
 
-def build_features_setup(config, *, feature_dim: int, use_color: bool, steps_per_epoch: int,
-                         devices=None) -> Setup:
+def build_features_setup(config, *, feature_dim: int, steps_per_epoch: int, devices=None) -> Setup:
   """The stored-feature recipe's model and state: the encoder and log(temperature) train; no CLIP is loaded."""
   mesh = common.make_mesh(config, devices)
   if config.model.embed_dim != feature_dim:
     raise ConfigError(f'config.model.embed_dim={config.model.embed_dim} but the stored CLIP features are '
                       f'{feature_dim}-dimensional: the point encoder must project into their space, e.g. '
                       f'--config.model.embed_dim={feature_dim}')
-  channels = 6 if use_color else 3
-  if config.model.get('in_channels', 3) != channels:
-    raise ConfigError(f'config.model.in_channels={config.model.get("in_channels", 3)} but the data gives '
-                      f'{channels} channels per point (config.data.openshape.use_color={use_color})')
   model = CG3D(encoder=build_encoder(config.model), clip=None, num_points=config.model.num_points)
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
   encoder_vars = model.init_encoder(init_rng)
@@ -244,12 +246,9 @@ def build_features_setup(config, *, feature_dim: int, use_color: bool, steps_per
 def features_recipe(config) -> Recipe:
   """OpenShape's recipe on its layout: stored image and text features are the targets; no CLIP in the step."""
   source = openshape_stream.open_train_source(config.data)
-  if len(source.shapes) < config.train.batch_size:
-    raise ConfigError(f'the training split {config.data.train_split} has {len(source.shapes)} shapes, fewer than '
-                      f'one global batch of {config.train.batch_size} (config.train.batch_size)')
-  spe = len(source.shapes) // config.train.batch_size
-  setup = build_features_setup(config, feature_dim=source.feature_dim, use_color=source.sample.use_color,
-                               steps_per_epoch=spe)
+  spe = _steps_per_epoch(source, config)
+  _check_channels(config, source)
+  setup = build_features_setup(config, feature_dim=source.feature_dim, steps_per_epoch=spe)
   compiled = step_cost.CompiledStep(jit_features_train_step(
       setup.model, setup.tx, state_shardings=setup.shardings['state'], batch_shardings=setup.shardings['batch'],
       lambda_text=config.train.lambda_text, lambda_image=config.train.lambda_image),
@@ -261,11 +260,7 @@ def features_recipe(config) -> Recipe:
         workers=config.data.openshape.workers, prefetch=config.data.prefetch), setup.shardings['batch'])
 
   def evaluator():
-    evalset = evaluation_sets.open_eval_set(config.eval, default_root=config.data.manual_dir)
-    return ZeroShotEvaluator(
-        setup.model, None, None, class_names=evalset.class_names, mesh=setup.mesh,
-        classifier=evaluation_sets.classifier(evalset, config.eval),
-        batches=functools.partial(evaluation_sets.eval_iterator, evalset, config.eval, setup.shardings['batch']))
+    return _layout_evaluator(config, setup, None, None)
 
   def variables(state):
     return {'encoder': {'params': state['params']['encoder'], 'batch_stats': state['batch_stats']}, 'clip': None}
@@ -276,12 +271,69 @@ def features_recipe(config) -> Recipe:
                 what=f'{len(source.shapes)} shapes with stored {source.feature_dim}-d features')
 
 
+def renders_recipe(config) -> Recipe:
+  """CG3D's method on OpenShape's data: its renders through the frozen, prompt-tuned image tower (config.clip.path:
+  the CLIP the stored text features came from), the stored per-sample text features as text targets."""
+  source = openshape_stream.open_train_source(config.data)
+  spe = _steps_per_epoch(source, config)
+  if config.train.same_class_mask:
+    raise ConfigError('config.train.same_class_mask needs class labels; OpenShape\'s layout has none: set it False')
+  setup = build_setup(config, train_classes=None, steps_per_epoch=spe)
+  if setup.clip.spec.projection_dim != source.feature_dim:
+    raise ConfigError(f'the CLIP at {config.clip.path} projects to {setup.clip.spec.projection_dim} but the stored '
+                      f'text features are {source.feature_dim}-dimensional: give the CLIP they came from '
+                      '(OpenShape: OpenCLIP ViT-bigG-14, laion2b_s39b_b160k, 1280)')
+  _check_channels(config, source)
+  source = dataclasses.replace(source, preprocess=setup.clip.preprocess)
+  recipe = clip_recipe(config, setup)
+
+  def batches(start: int):
+    return host_batches.to_global(openshape_stream.train_local_batches(
+        source, global_batch_size=config.train.batch_size, seed=config.seed, start_step=start,
+        workers=config.data.openshape.workers, prefetch=config.data.prefetch), setup.shardings['batch'])
+
+  def evaluator():
+    clip_params = merge_clip(setup.frozen, setup.state['params'])  # the text tower is frozen and prompt-less
+    return _layout_evaluator(config, setup, clip_params, setup.clip.tokenizer)
+
+  return dataclasses.replace(recipe, batches=batches, evaluator=evaluator,
+                             what=f'{len(source.shapes)} shapes with renders and stored {source.feature_dim}-d text '
+                             'features')
+
+
+def _steps_per_epoch(source, config) -> int:
+  if len(source.shapes) < config.train.batch_size:
+    raise ConfigError(f'the training split {config.data.train_split} has {len(source.shapes)} shapes, fewer than '
+                      f'one global batch of {config.train.batch_size} (config.train.batch_size)')
+  return len(source.shapes) // config.train.batch_size
+
+
+def _check_channels(config, source) -> None:
+  channels = 6 if source.sample.use_color else 3
+  if config.model.get('in_channels', 3) != channels:
+    raise ConfigError(f'config.model.in_channels={config.model.get("in_channels", 3)} but the data gives '
+                      f'{channels} channels per point (config.data.openshape.use_color={source.sample.use_color})')
+
+
+def _layout_evaluator(config, setup: Setup, clip_params, tokenizer) -> ZeroShotEvaluator:
+  evalset = evaluation_sets.open_eval_set(config.eval, default_root=config.data.manual_dir)
+  return ZeroShotEvaluator(
+      setup.model, clip_params, tokenizer, class_names=evalset.class_names, mesh=setup.mesh,
+      classifier=evaluation_sets.classifier(evalset, config.eval, setup.model, clip_params, tokenizer),
+      batches=functools.partial(evaluation_sets.eval_iterator, evalset, config.eval, setup.shardings['batch']))
+
+
 def train(config, workdir: str) -> dict:
   """Train (or resume) in `workdir`; returns the last validation metrics (and the final training metrics)."""
   common.validate_config(config, device_count=jax.device_count())
   if config.train.get('mode') not in ('joint', 'alternating'):
     raise ConfigError(f"config.train.mode={config.train.get('mode')!r}: expected 'joint' or 'alternating'")
-  recipe = features_recipe(config) if uses_stored_features(config) else clip_recipe(config)
+  if not uses_stored_features(config):
+    recipe = clip_recipe(config)
+  elif config.data.openshape.get('renders'):
+    recipe = renders_recipe(config)
+  else:
+    recipe = features_recipe(config)
   setup = recipe.setup
   common.check_batch_sizes(config, setup.mesh)
   total, spe = setup.total_steps, setup.steps_per_epoch

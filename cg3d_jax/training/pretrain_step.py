@@ -11,6 +11,10 @@ Update modes:
 - alternating: the original schedule; even steps update the encoder (against the current prompted image
   features), odd steps the prompts. Each group's parameters and optimizer state stand still on the other's steps.
 
+Text targets are the caption table's rows (template_idx, label), or, when the batch carries 'text_feat' (OpenShape's
+layout with its renders: CG3D's method on Objaverse), the stored per-sample text features, the text losses then over
+the samples that have one ('has_text').
+
 `features_train_step` is the step against precomputed CLIP features (OpenShape's layout): no CLIP tower in the
 program at all; the encoder learns point<->text (over the samples that have a text) and point<->image InfoNCE over
 the global batch against the stored features, with a learned temperature (`params['logit_scale']`, log of the
@@ -67,7 +71,10 @@ def _losses(model: CG3D, groups: dict, params: dict, frozen: dict, batch_stats, 
   clip_params = merge_clip(frozen, params)
   scale = model.logit_scale(clip_params)
   labels = batch['label'] if same_class_mask else None
-  text = text_table[batch['template_idx'], batch['label']]
+  if 'text_feat' in batch:  # OpenShape's layout with renders: a stored text feature per sample, some have none
+    text, valid = l2_normalize(batch['text_feat']), batch['has_text']
+  else:
+    text, valid = text_table[batch['template_idx'], batch['label']], None
   image = model.image_features(clip_params, batch['image'])
   metrics, total = {}, 0.0
   new_stats = batch_stats
@@ -79,12 +86,12 @@ def _losses(model: CG3D, groups: dict, params: dict, frozen: dict, batch_stats, 
     feats, new_stats = model.point_features({'params': params['encoder'], 'batch_stats': batch_stats}, points,
                                             train=True, rngs={'dropout': drop_key})
     # The encoder learns to reach CLIP's image features; it must not pull the prompts toward itself.
-    metrics['loss/point_text'] = contrastive_loss(feats, text, scale, mask_same_class_labels=labels)
+    metrics['loss/point_text'] = contrastive_loss(feats, text, scale, mask_same_class_labels=labels, valid=valid)
     metrics['loss/point_image'] = contrastive_loss(feats, jax.lax.stop_gradient(image), scale,
                                                    mask_same_class_labels=labels)
     total = total + metrics['loss/point_text'] + metrics['loss/point_image']
   if PROMPTS in active:
-    metrics['loss/image_text'] = contrastive_loss(image, text, scale, mask_same_class_labels=labels)
+    metrics['loss/image_text'] = contrastive_loss(image, text, scale, mask_same_class_labels=labels, valid=valid)
     total = total + metrics['loss/image_text']
   metrics['loss'] = total
   return total, (metrics, new_stats)
