@@ -197,7 +197,9 @@ def clip_recipe(config, setup: Setup | None = None) -> Recipe:
           setup.model, setup.tx, setup.labels_fn, active=groups, state_shardings=setup.shardings['state'],
           frozen_shardings=setup.shardings['frozen'], table_sharding=setup.shardings['table'],
           batch_shardings=setup.shardings['batch'], same_class_mask=config.train.same_class_mask,
-          augment=config.data.augment), compute_dtype, f'the training step ({"+".join(groups)})')
+          # OpenShape's layout is augmented on the host, by its own rules; the device adds nothing to it.
+          augment=config.data.augment and not uses_stored_features(config)),
+          compute_dtype, f'the training step ({"+".join(groups)})')
     return compiled[groups]
 
   def batches(start: int):
