@@ -66,6 +66,9 @@ def evaluate(config, checkpoint: str, workdir: str, devices=None, step: int | No
   builders.checked_builder(ev.dataset, **source)  # a bad dataset setting costs no model
   model = trained.with_clip(trained.load_trained(checkpoint, step=step if step is not None else ev.get('step'),
                                                  num_points=config.model.num_points), config.clip.path)
+  if getattr(model.model.encoder, 'in_channels', 3) != 3:
+    raise ConfigError(f'{model.source}: a coloured encoder (xyz + rgb) but {ev.dataset} is xyz only; score it on '
+                      "OpenShape's files instead (--config zeroshot_openshape:modelnet40 or :scanobjectnn)")
   builder = builders.get_builder(ev.dataset, **source)
   class_names = builders.class_names(builder)
   info = {'checkpoint': model.source, 'step': model.step, 'templates': ev.templates, 'name_style': ev.name_style,

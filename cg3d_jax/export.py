@@ -108,7 +108,7 @@ def _export_finetune(finetuned, out: pathlib.Path, fmt: str):
 
 def _verify(out: pathlib.Path, encoder: str, model, variables, num_points: int, *, logits: bool) -> None:
   from cg3d_jax.twins import verify
-  names, clouds = verify.verify_clouds(POINTS.value, MODELNET_DIR.value, num_points)
+  names, clouds = verify.verify_clouds(POINTS.value, MODELNET_DIR.value, num_points, getattr(model, 'in_channels', 3))
   twin = verify.load_twin(out, encoder, model, num_points, allow_missing_projection=logits)
   print(f'verify: {out} loads into the PyTorch twin with strict=True')
   diff, got, _ = verify.compare_features(twin, model, variables, clouds, logits=logits)
@@ -144,7 +144,7 @@ def main(argv):
   model = trained.load_trained(checkpoint, step=CHECKPOINT.step.value)
   if VERIFY.value:  # read the clouds first: a bad --points file should not cost an export
     from cg3d_jax.twins import verify
-    verify.verify_clouds(POINTS.value, MODELNET_DIR.value, model.num_points)
+    verify.verify_clouds(POINTS.value, MODELNET_DIR.value, model.num_points, getattr(model.encoder, 'in_channels', 3))
   _export_pretraining(model, out, fmt)
   if VERIFY.value:
     _verify(out, model.encoder_name, model.encoder, model.encoder_vars, model.num_points, logits=False)

@@ -317,6 +317,9 @@ CONFIG_CASES = [
     ('model.remat', 'True',  # what --config.model.remat=True gives now that the field is a policy name
      r"config.model.remat='True': expected one of \['none', 'full', 'dots'\] \(what was True is now 'full'\)"),
     ('clip.remat', 'some', r"config.clip.remat='some'"),
+    ('model.in_channels', 4, r'config.model.in_channels=4: expected 3 \(xyz\) or 6'),
+    ('model.in_channels', 6, r"config.model.in_channels=6: the TFDS datasets \(.*\) carry xyz only; coloured encoders "
+                             r"train on OpenShape's layout"),
 ]
 
 

@@ -366,7 +366,14 @@ def test_a_stored_feature_run_learns_and_scores_on_each_layout(tmp_path, capsys)
                                       '--json', str(tmp_path / f'{name}.json')]) == 0
     assert json.loads((tmp_path / f'{name}.json').read_text())['colours'] == colours
 
+  # The coloured encoder exports in the original format and loads strictly into the 6-channel twin, same features.
+  from cg3d_jax import export
   capsys.readouterr()
+  assert run_command(export.main, ['--checkpoint', str(workdir), '--out', str(tmp_path / 'coloured.pth'),
+                                   '--verify']) == 0
+  printed = capsys.readouterr().out
+  assert 'loads into the PyTorch twin with strict=True' in printed and 'verify: OK' in printed
+
   assert run_command(evaluate.main, ['--config', 'zeroshot_objaverse_lvis:uni3d', '--checkpoint', str(workdir),
                                      '--workdir', str(tmp_path / 'uni3d'), f'--config.eval.manual_dir={root}',
                                      '--config.eval.prompts=precomputed']) == 2
@@ -423,3 +430,60 @@ def test_renders_train_the_prompts_through_the_image_tower(tmp_path):
   missing.unlink()
   with pytest.raises(BadInputError, match=r'colors_3.png: is missing: with data.openshape.renders set'):
     openshape.read_render(missing, source.preprocess)
+
+
+def test_openshape_settings_fail_before_a_model_is_built(layout, tmp_path):
+  from cg3d_jax.configs import pretrain_openshape
+  from cg3d_jax.errors import ConfigError
+  from cg3d_jax.training import pretrain
+  from tests.conftest import apply_overrides
+
+  def train(**overrides):
+    config = apply_overrides(pretrain_openshape.get_config(), {'data.manual_dir': str(layout), 'train.batch_size': 8,
+                                                               'data.num_stored_points': 128, **overrides})
+    pretrain.train(config, str(tmp_path / 'run'))
+
+  with pytest.raises(ConfigError, match=r'config.model.embed_dim=1280 but the stored CLIP features are '
+                                        r'16-dimensional.*--config.model.embed_dim=16'):
+    train()
+  with pytest.raises(ConfigError, match=r'config.model.in_channels=6 but the data gives 3 channels per point '
+                                        r'\(config.data.openshape.use_color=False\)'):
+    train(**{'model.embed_dim': 16, 'data.openshape.use_color': False})
+  with pytest.raises(ConfigError, match=r"data.openshape.renders='renders_here': .*renders_here is not a folder"):
+    train(**{'data.openshape.renders': 'renders_here'})
+  with pytest.raises(ConfigError, match=r'config.data.manual_dir is not set'):
+    train(**{'data.manual_dir': None})
+  with pytest.raises(ConfigError, match=r'has 12 shapes, fewer than one global batch of 16'):
+    train(**{'train.batch_size': 16})
+  assert not (tmp_path / 'run').exists()
+
+
+def test_a_pod_of_two_processes_trains_as_one_process_on_the_same_global_batches(tmp_path):
+  """launch/local_multihost.sh 2 4 on OpenShape's layout: each process reads only its rows of every global batch,
+  and the losses equal a 1-process x 8-device run of the same command (the stream's global batch does not depend on
+  the process count), to the last bits that gloo's reduction order changes."""
+  import subprocess
+
+  from cg3d_jax import train
+  from tests.conftest import REPO_ROOT, run_command
+  from tests.test_multihost import LOCAL_LAUNCH, _env, _read_losses, _tail
+
+  root = write_openshape_layout(tmp_path / 'data', classes=CLASSES, train_per_class=6, lvis_per_class=1,
+                                num_points=512, feature_dim=32)
+
+  def args(workdir):
+    return ['--config', 'pretrain_openshape', '--workdir', str(workdir), f'--config.data.manual_dir={root}',
+            *TINY_RUN, '--config.train.total_steps=3', '--config.train.log_every=1',
+            '--config.train.encoder_optim.schedule=constant']
+
+  pod = subprocess.run(['bash', str(LOCAL_LAUNCH), '2', '4', '--', *args(tmp_path / 'pod')], cwd=REPO_ROOT,
+                       env=_env() | {'CG3D_LOG_DIR': str(tmp_path / 'logs'), 'CG3D_HEARTBEAT_TIMEOUT_S': '120'},
+                       capture_output=True, text=True, timeout=400)
+  assert pod.returncode == 0, (pod.stderr, _tail(tmp_path / 'logs' / 'process_0.log'))
+  assert run_command(train.main, args(tmp_path / 'one')) == 0
+  got, want = _read_losses(tmp_path / 'pod'), _read_losses(tmp_path / 'one')
+  assert sorted(got) == sorted(want) == [1, 2, 3]
+  for step in want:
+    for key in ('loss', 'loss/point_text', 'loss/point_image'):
+      np.testing.assert_allclose(got[step][key], want[step][key], rtol=1e-4, err_msg=f'step {step} {key}')
+  assert len({round(want[s]['loss'], 6) for s in want}) > 1

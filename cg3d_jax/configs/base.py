@@ -16,8 +16,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.encoder = 'point_transformer'  # or 'pointmlp'
   c.model.num_points = 1024  # points per cloud fed to the encoder (FPS from the stored 8192)
-  # Input channels of the PointTransformer: 3 (xyz) or 6 (xyz + rgb, ULIP-2's coloured Point-BERT). The pretraining
-  # and evaluation pipelines carry xyz only so far (issue 20): 6 needs a coloured data source.
+  # Input channels of either encoder: 3 (xyz) or 6 (xyz + rgb: ULIP-2's coloured Point-BERT, OpenShape's coloured
+  # PointMLP). The TFDS datasets are xyz only; OpenShape's layout (pretrain_openshape) carries colours.
   c.model.in_channels = 3
   c.model.embed_dim = 512  # CLIP joint-space width the projection maps into
   c.model.dtype = 'float32'  # compute dtype; parameters stay float32

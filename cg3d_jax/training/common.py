@@ -48,6 +48,9 @@ def validate_config(config, *, device_count: int) -> None:
   if config.model.get('encoder') not in ('point_transformer', 'pointmlp'):
     raise ConfigError(f"config.model.encoder={config.model.get('encoder')!r}: expected 'point_transformer' or "
                       "'pointmlp'")
+  channels = config.model.get('in_channels', 3)
+  if channels not in (3, 6):
+    raise ConfigError(f'config.model.in_channels={channels!r}: expected 3 (xyz) or 6 (xyz + rgb)')
   points = config.model.get('num_points')
   if not isinstance(points, int) or points < 1:
     raise ConfigError(f'config.model.num_points={points!r} must be a positive integer')

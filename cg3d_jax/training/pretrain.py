@@ -182,6 +182,9 @@ def clip_recipe(config, setup: Setup | None = None) -> Recipe:
   """CG3D's recipe: renders through the frozen, prompt-tuned image tower; captions from class-name templates (the
   TFDS data of config.data.name; with a given `setup`, the step and schedule alone, for renders_recipe)."""
   if setup is None:
+    if config.model.get('in_channels', 3) != 3:
+      raise ConfigError(f'config.model.in_channels={config.model.in_channels}: the TFDS datasets ({config.data.name}) '
+                        'carry xyz only; coloured encoders train on OpenShape\'s layout (--config pretrain_openshape)')
     builder = builders.get_builder(config.data.name, data_dir=config.data.data_dir,
                                    manual_dir=config.data.manual_dir, skip_bad=config.data.skip_bad,
                                    process_count=jax.process_count())

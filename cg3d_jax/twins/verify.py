@@ -80,12 +80,20 @@ def compare_features(twin: torch.nn.Module, model, variables, clouds: np.ndarray
   return float(np.max(np.abs(got - want))), got, want
 
 
-def verify_clouds(files, modelnet_dir, num_points: int) -> tuple[list[str], np.ndarray]:
-  """(names, (B, num_points, 3)) clouds to compare on: point files, four ModelNet40 objects read from a
+def verify_clouds(files, modelnet_dir, num_points: int, in_channels: int = 3) -> tuple[list[str], np.ndarray]:
+  """(names, (B, num_points, in_channels)) clouds to compare on: point files, four ModelNet40 objects read from a
   modelnet40_normal_resampled folder, or (default) the same four objects' xyz that the package ships; each centred,
-  scaled to the unit sphere and farthest-point sampled to num_points."""
+  scaled to the unit sphere and farthest-point sampled to num_points. For a coloured encoder (in_channels 6) each
+  point also gets a colour: the file's, or (files without colours, the ModelNet objects) 0.5 + 0.5 xyz, which varies
+  over the cloud so that a wrongly converted colour weight shows."""
+  colours = {}
   if files:
-    named = [(str(f), read_points(f).xyz) for f in files]  # the reader tells the columns apart, or asks for them
+    named = []
+    for f in files:
+      cloud = read_points(f)  # the reader tells the columns apart, or asks for them
+      named.append((str(f), cloud.xyz))
+      if cloud.rgb is not None:
+        colours[str(f)] = cloud.rgb.astype(np.float32) / 255.0
   elif modelnet_dir:
     root = pathlib.Path(modelnet_dir)
     if not root.is_dir():
@@ -101,5 +109,7 @@ def verify_clouds(files, modelnet_dir, num_points: int) -> tuple[list[str], np.n
     xyz = normalize_unit_sphere_np(xyz, name)
     if len(xyz) < num_points:
       raise BadInputError(name, f'{len(xyz)} points, but the encoder takes {num_points} (config.model.num_points)')
+    if in_channels == 6:
+      xyz = np.concatenate([xyz, colours.get(name, 0.5 + 0.5 * xyz).astype(np.float32)], axis=1)
     clouds.append(np.asarray(sample_points(jnp.asarray(xyz)[None], num_points))[0])
   return [name for name, _ in named], np.stack(clouds)
