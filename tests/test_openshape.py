@@ -487,3 +487,41 @@ def test_a_pod_of_two_processes_trains_as_one_process_on_the_same_global_batches
     for key in ('loss', 'loss/point_text', 'loss/point_image'):
       np.testing.assert_allclose(got[step][key], want[step][key], rtol=1e-4, err_msg=f'step {step} {key}')
   assert len({round(want[s]['loss'], 6) for s in want}) > 1
+
+
+def test_a_layout_with_a_clips_features_scores_through_that_clip(tmp_path):
+  """Procedural objects whose every feature is a random CLIP's, computed by transformers' PyTorch model as OpenShape
+  computes its OpenCLIP features: the precomputed LVIS table equals what the package's Flax CLIP gives for the
+  'templates' prompt set (64 templates), the 'names' set is the bare names' features, and a shape's image features
+  are its renders' through the package's CLIP preprocessing and image tower."""
+  from cg3d_jax.configs import zeroshot_objaverse_lvis
+  from cg3d_jax.evaluators import evaluation_sets
+  from cg3d_jax.models.cg3d import CG3D
+  from cg3d_jax.synthetic.openshape_objects import ClipFeatures
+  from cg3d_jax.synthetic.random_clip import write_random_clip
+  from cg3d_jax.weights.clip_files import load_clip
+
+  clip_dir = write_random_clip(tmp_path / 'clip', projection_dim=32, image_size=32, patch_size=8)
+  root = write_openshape_layout(tmp_path / 'data', classes=CLASSES, train_per_class=2, lvis_per_class=1,
+                                num_points=256, render_size=32, clip_folder=clip_dir)
+  evalset = openshape.lvis_openshape(root)
+  clip = load_clip(clip_dir, prompt_mode='none')
+  model = CG3D(encoder=None, clip=clip.model, num_points=64)
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+
+  ev = zeroshot_objaverse_lvis.get_config().eval
+  precomputed = evaluation_sets.classifier(evalset, ev)
+  ev.prompts = 'templates'  # 'ulip': the writer's prompt engineering
+  np.testing.assert_allclose(evaluation_sets.classifier(evalset, ev, model, clip.params, clip.tokenizer),
+                             precomputed, atol=2e-5)
+  ev.prompts = 'names'
+  np.testing.assert_allclose(evaluation_sets.classifier(evalset, ev, model, clip.params, clip.tokenizer),
+                             unit(ClipFeatures(clip_dir).text(evalset.class_names)), atol=2e-5)
+
+  shape = openshape.read_split(root / 'meta_data' / 'split' / 'lvis.json', lvis=True)[0]
+  data = read_pickled_dict(shape.path)
+  views = np.stack([clip.preprocess(Image.open(root / 'rendered_images' / shape.id / f'colors_{k}.png'))
+                    for k in range(12)])
+  np.testing.assert_allclose(np.asarray(model.image_features(clip.params, views)), unit(data['image_feat']),
+                             atol=1e-4)
+  np.testing.assert_array_equal(data['thumbnail_feat'], data['image_feat'][0])

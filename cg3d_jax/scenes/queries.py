@@ -192,6 +192,7 @@ class LabelledScene:
   xyz: np.ndarray  # (N, 3)
   labels: np.ndarray  # (N,) int indices into class_names
   class_names: Sequence[str]
+  rgb: np.ndarray | None = None  # (N, 3) uint8: what a coloured encoder sees
 
 
 def evaluate_scenes(model: ScoringModel, scenes: Iterable[LabelledScene], query_classes: Sequence[str],
@@ -215,7 +216,7 @@ def evaluate_scenes(model: ScoringModel, scenes: Iterable[LabelledScene], query_
     if missing:
       raise ValueError(f'{scene.name}: query classes {missing} are not among its classes {list(scene.class_names)}')
     result = query_scene(model, scene.xyz, words, labels, settings=settings, classifier=classifier,
-                         embedder=embedder)
+                         embedder=embedder, rgb=scene.rgb)
     presence = result.presence()
     room = {'scene': scene.name, 'points': int(scene.xyz.shape[0]), 'regions': len(result.regions), 'classes': {}}
     truth_row, auroc_row = [], []
@@ -294,4 +295,4 @@ def labelled_rooms(rooms, class_names, *, cache=None, skip_bad_lines=False) -> I
     room = s3dis.read_room(room_dir, class_names=class_names, unknown_class=unknown_class, cache_dir=cache,
                            skip_bad_lines=skip_bad_lines)
     yield LabelledScene(name=f'{room.area}/{room.name}', xyz=room.xyz, labels=room.labels,
-                        class_names=room.class_names)
+                        class_names=room.class_names, rgb=room.rgb)

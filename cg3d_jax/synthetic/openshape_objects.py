@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from cg3d_jax.data.openshape import RENDER_VIEWS, SCANOBJECTNN_CLASSES
+from cg3d_jax.data.templates import get_templates
 from cg3d_jax.data.transforms import normalize_unit_sphere_np
 from cg3d_jax.synthetic.render import orbit_views
 from cg3d_jax.synthetic.shapes import FAMILIES, sample_surface
@@ -37,15 +38,72 @@ def _text_feature(direction, rng, noise):
           'prompt_avg': _unit(direction + noise * rng.standard_normal(direction.shape)).astype(np.float32)}
 
 
+class ClipFeatures:
+  """Features as OpenShape computes them, from a transformers CLIP folder through transformers' own PyTorch model
+  (so that a test compares the package's CLIP and prompt averaging with an outside computation): raw projected
+  text and image features; 'prompt_avg' of a name = the normalised mean of its normalised features over the 64
+  `ulip` templates."""
+
+  def __init__(self, folder):
+    import torch
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+    self._torch = torch
+    self.model = CLIPModel.from_pretrained(folder, local_files_only=True).eval()
+    self.tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    self.processor = CLIPImageProcessor.from_pretrained(folder, local_files_only=True)
+    self.dim = int(self.model.config.projection_dim)
+
+  def _out(self, out) -> np.ndarray:
+    return getattr(out, 'pooler_output', out).numpy().astype(np.float32)
+
+  def text(self, texts) -> np.ndarray:
+    with self._torch.no_grad():
+      return self._out(self.model.get_text_features(**self.tokenizer(list(texts), padding=True, return_tensors='pt')))
+
+  def prompt_avg(self, name: str) -> np.ndarray:
+    unit = _unit(self.text([t.format(name) for t in get_templates(PROMPT_TEMPLATES)]).astype(np.float64))
+    return _unit(unit.mean(axis=0)).astype(np.float32)
+
+  def images(self, images) -> np.ndarray:
+    with self._torch.no_grad():
+      return self._out(self.model.get_image_features(**self.processor(images=list(images), return_tensors='pt')))
+
+
+PROMPT_TEMPLATES = 'ulip'  # what ClipFeatures averages names over (the eval's `templates` prompt set, by default)
+
+
+def _clip_features(clip: ClipFeatures, data: dict, name: str, views: list) -> dict:
+  """The feature fields of one shape's dict from the CLIP: views -> image_feat (thumbnail: the first view)."""
+  def text_pair(text):
+    return {'original': clip.text([text])[0], 'prompt_avg': clip.text([text])[0]}
+  out = {'image_feat': clip.images(views),
+         'text_feat': [{'original': clip.text([t])[0], 'prompt_avg': clip.prompt_avg(name)} for t in data['text']],
+         'blip_caption_feat': text_pair(data['blip_caption']),
+         'msft_caption_feat': text_pair(data['msft_caption'] or name),
+         'retrieval_text_feat': [{'original': clip.text([t])[0]} for t in data['retrieval_text']]}
+  if 'thumbnail_feat' in data:
+    out['thumbnail_feat'] = out['image_feat'][0]
+  return out
+
+
 def write_openshape_layout(root, *, classes=('sphere', 'box', 'cylinder', 'torus', 'cone', 'table'),
                            train_per_class: int = 6, lvis_per_class: int = 3, num_points: int = 2048,
                            feature_dim: int = 32, views: int = 12, noise: float = 0.3, seed: int = 0,
-                           render_size: int = 0) -> pathlib.Path:
+                           render_size: int = 0, clip_folder=None) -> pathlib.Path:
   """Writes the layout under `root` and returns it. Training objects alternate between Objaverse and ShapeNet
   entries (the two target-sampling rules); the LVIS-style evaluation set is Objaverse objects of every class.
-  render_size > 0 also writes OpenShape's raw renders, rendered_images/<uid>/colors_{0..11}.png of that size."""
+  render_size > 0 also writes OpenShape's raw renders, rendered_images/<uid>/colors_{0..11}.png of that size.
+  clip_folder (a transformers CLIP folder; needs render_size): every feature is that CLIP's (ClipFeatures), as
+  OpenShape's are OpenCLIP's: views and thumbnail from the renders, texts and captions as written, names and the
+  class tables averaged over the `ulip` templates; otherwise class directions plus noise stand in for them."""
   root = pathlib.Path(root)
   rng = np.random.default_rng(seed)
+  clip = None
+  if clip_folder is not None:
+    if not render_size:
+      raise ValueError('write_openshape_layout: clip_folder needs render_size > 0 (image features come from renders)')
+    clip = ClipFeatures(clip_folder)
+    feature_dim = clip.dim
   directions = _unit(rng.standard_normal((len(classes), feature_dim)))
   colours = rng.uniform(0.1, 0.9, (len(classes), 3))
   split, lvis, flags = [], [], {}
@@ -56,11 +114,13 @@ def write_openshape_layout(root, *, classes=('sphere', 'box', 'cylinder', 'torus
       uid = f'{name}_{i:03d}'
       xyz, normals = sample_surface(rng, FAMILIES[name](rng), num_points)
       xyz = normalize_unit_sphere_np(xyz)[:, [0, 2, 1]]  # stored y-up, as OpenShape's files
+      renders = []
       if render_size:  # the renderer orbits the y axis: the stored y-up object stands upright
         folder = root / 'rendered_images' / uid
         folder.mkdir(parents=True, exist_ok=True)
-        for k, view in enumerate(orbit_views(xyz, normals[:, [0, 2, 1]], colours[c] * 255,
-                                             num_views=RENDER_VIEWS, image_size=render_size)):
+        renders = orbit_views(xyz, normals[:, [0, 2, 1]], colours[c] * 255, num_views=RENDER_VIEWS,
+                              image_size=render_size)
+        for k, view in enumerate(renders):
           Image.fromarray(view).save(folder / f'colors_{k}.png')
       rgb = np.clip(colours[c] + 0.05 * rng.standard_normal((num_points, 3)), 0, 1)
       direction = directions[c]
@@ -76,6 +136,8 @@ def write_openshape_layout(root, *, classes=('sphere', 'box', 'cylinder', 'torus
       }
       if dataset == 'Objaverse':
         data['thumbnail_feat'] = _unit(direction + noise * rng.standard_normal(feature_dim)).astype(np.float32)
+      if clip is not None:
+        data.update(_clip_features(clip, data, name, renders))
       relative = pathlib.Path('data') / dataset / f'{uid}.npy'
       (root / relative).parent.mkdir(parents=True, exist_ok=True)
       np.save(root / relative, data, allow_pickle=True)
@@ -90,16 +152,18 @@ def write_openshape_layout(root, *, classes=('sphere', 'box', 'cylinder', 'torus
   (meta / 'split' / 'train_all.json').write_text(json.dumps(split, indent=1))
   (meta / 'split' / 'lvis.json').write_text(json.dumps(lvis, indent=1))
   (meta / 'gpt4_filtering.json').write_text(json.dumps(flags, indent=1))
+  if clip is not None:  # the class tables are the CLIP's too
+    directions = np.stack([clip.prompt_avg(name) for name in classes])
   order = np.argsort(np.array(classes))  # OpenShape's categories are sorted names
   np.save(meta / 'lvis_cat_name_pt_feat.npy', directions[order].astype(np.float32))
   # Uni3D lists the same shapes with ids in its own (here: the writer's) class order; paths begin with '/'.
   (root / 'lvis_testset.txt').write_text(''.join(
       f'{classes.index(e["category"])},{e["category"]},{e["uid"]},/{e["data_path"]}\n' for e in lvis))
-  _write_test_sets(root, classes, directions, colours, rng, num_points)
+  _write_test_sets(root, classes, directions, colours, rng, num_points, clip)
   return root
 
 
-def _write_test_sets(root: pathlib.Path, classes, directions, colours, rng, num_points: int) -> None:
+def _write_test_sets(root: pathlib.Path, classes, directions, colours, rng, num_points: int, clip=None) -> None:
   """OpenShape's ModelNet40 and ScanObjectNN evaluation files: two clouds per class, stored y-up."""
   folder = root / 'meta_data' / 'modelnet40'
   folder.mkdir(parents=True, exist_ok=True)
@@ -129,7 +193,8 @@ def _write_test_sets(root: pathlib.Path, classes, directions, colours, rng, num_
       labels.append(c)
   np.save(folder / 'xyz_label.npy', {'xyz': np.stack(xyz).astype(np.float32), 'label': np.array(labels)},
           allow_pickle=True)
-  extra = _unit(rng.standard_normal((len(names), directions.shape[1])))
+  extra = (np.stack([clip.prompt_avg(name) for name in names]) if clip is not None else
+           _unit(rng.standard_normal((len(names), directions.shape[1]))))
   features = {name: {'open_clip_text_feat': (directions[c] if c < len(classes) else extra[c])[None]
                      .astype(np.float32)} for c, name in enumerate(names)}
   np.save(folder / 'cat_name_pt_feat.npy', features, allow_pickle=True)
