@@ -167,7 +167,8 @@ def uses_stored_features(config) -> bool:
 
 @dataclasses.dataclass
 class Recipe:
-  """What differs between the two pretraining recipes; the loop around them is one (`train`)."""
+  """What differs between the pretraining recipes (CG3D's on TFDS data, stored features, renders); the loop around
+  them is one (`train`)."""
   setup: Setup
   batches: Callable[[int], Iterator[dict]]  # start step -> global batches
   step: Callable[[int], Any]  # global step -> the compiled step (state, *fixed_inputs, batch) -> (state, metrics)
@@ -259,19 +260,14 @@ def features_recipe(config) -> Recipe:
       lambda_text=config.train.lambda_text, lambda_image=config.train.lambda_image),
       jnp.dtype(config.model.dtype), 'the training step (stored features)')
 
-  def batches(start: int):
-    return host_batches.to_global(openshape_stream.train_local_batches(
-        source, global_batch_size=config.train.batch_size, seed=config.seed, start_step=start,
-        workers=config.data.openshape.workers, prefetch=config.data.prefetch), setup.shardings['batch'])
-
   def evaluator():
     return _layout_evaluator(config, setup, None, None)
 
   def variables(state):
     return {'encoder': {'params': state['params']['encoder'], 'batch_stats': state['batch_stats']}, 'clip': None}
 
-  return Recipe(setup=setup, batches=batches, step=lambda _: compiled, fixed_inputs=(), evaluator=evaluator,
-                eval_variables=variables,
+  return Recipe(setup=setup, batches=functools.partial(_layout_batches, config, source, setup),
+                step=lambda _: compiled, fixed_inputs=(), evaluator=evaluator, eval_variables=variables,
                 rules=feature_optimizer_rules(config),
                 what=f'{len(source.shapes)} shapes with stored {source.feature_dim}-d features')
 
@@ -283,27 +279,30 @@ def renders_recipe(config) -> Recipe:
   spe = _steps_per_epoch(source, config)
   if config.train.same_class_mask:
     raise ConfigError('config.train.same_class_mask needs class labels; OpenShape\'s layout has none: set it False')
+  _check_channels(config, source)
   setup = build_setup(config, train_classes=None, steps_per_epoch=spe)
   if setup.clip.spec.projection_dim != source.feature_dim:
     raise ConfigError(f'the CLIP at {config.clip.path} projects to {setup.clip.spec.projection_dim} but the stored '
                       f'text features are {source.feature_dim}-dimensional: give the CLIP they came from '
                       '(OpenShape: OpenCLIP ViT-bigG-14, laion2b_s39b_b160k, 1280)')
-  _check_channels(config, source)
   source = dataclasses.replace(source, preprocess=setup.clip.preprocess)
   recipe = clip_recipe(config, setup)
-
-  def batches(start: int):
-    return host_batches.to_global(openshape_stream.train_local_batches(
-        source, global_batch_size=config.train.batch_size, seed=config.seed, start_step=start,
-        workers=config.data.openshape.workers, prefetch=config.data.prefetch), setup.shardings['batch'])
 
   def evaluator():
     clip_params = merge_clip(setup.frozen, setup.state['params'])  # the text tower is frozen and prompt-less
     return _layout_evaluator(config, setup, clip_params, setup.clip.tokenizer)
 
-  return dataclasses.replace(recipe, batches=batches, evaluator=evaluator,
+  return dataclasses.replace(recipe, batches=functools.partial(_layout_batches, config, source, setup),
+                             evaluator=evaluator,
                              what=f'{len(source.shapes)} shapes with renders and stored {source.feature_dim}-d text '
                              'features')
+
+
+def _layout_batches(config, source, setup: Setup, start: int) -> Iterator[dict]:
+  """Global batches of OpenShape's layout from global step `start`, each process reading its own rows."""
+  return host_batches.to_global(openshape_stream.train_local_batches(
+      source, global_batch_size=config.train.batch_size, seed=config.seed, start_step=start,
+      workers=config.data.openshape.workers, prefetch=config.data.prefetch), setup.shardings['batch'])
 
 
 def _steps_per_epoch(source, config) -> int:
