@@ -322,17 +322,20 @@ TINY_RUN = ['--config.data.num_stored_points=512', '--config.data.openshape.work
 
 
 def test_a_stored_feature_run_learns_and_scores_on_each_layout(tmp_path, capsys):
-  """`train --config pretrain_openshape` on procedural objects in OpenShape's layout (no CLIP anywhere), then
-  `evaluate` with OpenShape's precomputed LVIS class features, its ModelNet40 files, and Uni3D's list (which has no
-  precomputed features: one clear error). Six classes: chance is 1/6."""
+  """`train --config pretrain_openshape` on procedural objects in OpenShape's layout whose features are a small
+  random CLIP's (no CLIP runs in training), then `evaluate` with OpenShape's precomputed LVIS class features, with the
+  bare class names through that CLIP, on its ModelNet40 files, and on Uni3D's list (which has no precomputed
+  features: one clear error). Six classes: chance is 1/6."""
   from cg3d_jax import evaluate, train
+  from cg3d_jax.synthetic.random_clip import write_random_clip
   from tests.conftest import run_command
 
   def openshape_classes():
     return np.load(root / 'meta_data' / 'modelnet40' / 'cat_name_pt_feat.npy', allow_pickle=True).item()
 
-  root = write_openshape_layout(tmp_path / 'data', train_per_class=8, lvis_per_class=4, num_points=1024,
-                                feature_dim=32, seed=1)
+  clip = write_random_clip(tmp_path / 'clip', projection_dim=32, image_size=32, patch_size=8)
+  root = write_openshape_layout(tmp_path / 'data', train_per_class=8, lvis_per_class=4, num_points=1024, seed=1,
+                                render_size=32, clip_folder=clip)
   workdir = tmp_path / 'run'
   assert run_command(train.main, ['--config', 'pretrain_openshape', '--workdir', str(workdir),
                                   f'--config.data.manual_dir={root}', *TINY_RUN]) == 0
@@ -340,21 +343,25 @@ def test_a_stored_feature_run_learns_and_scores_on_each_layout(tmp_path, capsys)
   assert log[-1]['loss'] < log[0]['loss'] and 0 < log[-1]['text_fraction'] <= 1
 
   results = {}
-  for name, config in (('lvis', 'zeroshot_objaverse_lvis'), ('modelnet', 'zeroshot_openshape:modelnet40')):
+  for name, config, extra in (('lvis', 'zeroshot_objaverse_lvis', []),
+                              ('lvis_names', 'zeroshot_objaverse_lvis:names', [f'--config.clip.path={clip}']),
+                              ('modelnet', 'zeroshot_openshape:modelnet40', [])):
     assert run_command(evaluate.main, ['--config', config, '--checkpoint', str(workdir), '--workdir',
                                        str(tmp_path / name), f'--config.eval.manual_dir={root}',
-                                       '--config.eval.num_stored_points=512', '--config.eval.batch_size=8']) == 0
+                                       '--config.eval.num_stored_points=512', '--config.eval.batch_size=8',
+                                       *extra]) == 0
     results[name] = json.loads((tmp_path / name / 'results.json').read_text())
   lvis = results['lvis']
   assert lvis['num_objects'] == 24 and lvis['prompts'] == 'precomputed' and lvis['y_up_swapped'] is True
+  assert lvis['clip'] is None  # precomputed class features: no CLIP was loaded
   assert lvis['top1_acc'] >= 60 and lvis['top5_acc'] >= lvis['top3_acc'] >= lvis['top1_acc']
+  names = results['lvis_names']  # the names' own features are not the prompt-averaged ones trained against
+  assert names['prompts'] == 'names' and names['clip']['path'] and names['top1_acc'] >= 40
   # OpenShape's ModelNet40 clouds are grey, and 80 steps learn colour before shape: only the reading is checked.
   assert results['modelnet']['num_objects'] == 12 and results['modelnet']['num_classes'] == len(openshape_classes())
 
   # predict with the coloured encoder: an xyz + rgb text file's colours go in; an xyz-only file gets OpenShape's grey.
   from cg3d_jax import predict
-  from cg3d_jax.synthetic.random_clip import write_random_clip
-  clip = write_random_clip(tmp_path / 'clip', projection_dim=32)
   shape = np.load(root / 'data' / 'Objaverse' / 'torus_008.npy', allow_pickle=True).item()  # our own file
   np.savetxt(tmp_path / 'torus.txt', np.concatenate([shape['xyz'][:, [0, 2, 1]], np.round(shape['rgb'] * 255)],
                                                     axis=1), fmt=['%.5f'] * 3 + ['%d'] * 3)
