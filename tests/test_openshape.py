@@ -471,6 +471,8 @@ def test_a_pod_of_two_processes_trains_as_one_process_on_the_same_global_batches
   the process count), to the last bits that gloo's reduction order changes."""
   import subprocess
 
+  import jax
+
   from cg3d_jax import train
   from tests.conftest import REPO_ROOT, run_command
   from tests.test_multihost import LOCAL_LAUNCH, _env, _read_losses, _tail
@@ -478,10 +480,10 @@ def test_a_pod_of_two_processes_trains_as_one_process_on_the_same_global_batches
   root = write_openshape_layout(tmp_path / 'data', classes=CLASSES, train_per_class=6, lvis_per_class=1,
                                 num_points=512, feature_dim=32)
 
-  def args(workdir):
+  def args(workdir, steps=3):
     return ['--config', 'pretrain_openshape', '--workdir', str(workdir), f'--config.data.manual_dir={root}',
-            *TINY_RUN, '--config.train.total_steps=3', '--config.train.log_every=1',
-            '--config.train.encoder_optim.schedule=constant']
+            *TINY_RUN, f'--config.train.total_steps={steps}', '--config.train.log_every=1',
+            '--config.train.encoder_optim.schedule=constant', '--config.checkpoint.every_steps=1']
 
   pod = subprocess.run(['bash', str(LOCAL_LAUNCH), '2', '4', '--', *args(tmp_path / 'pod')], cwd=REPO_ROOT,
                        env=_env() | {'CG3D_LOG_DIR': str(tmp_path / 'logs'), 'CG3D_HEARTBEAT_TIMEOUT_S': '120'},
@@ -494,6 +496,17 @@ def test_a_pod_of_two_processes_trains_as_one_process_on_the_same_global_batches
     for key in ('loss', 'loss/point_text', 'loss/point_image'):
       np.testing.assert_allclose(got[step][key], want[step][key], rtol=1e-4, err_msg=f'step {step} {key}')
   assert len({round(want[s]['loss'], 6) for s in want}) > 1
+
+  # Stopped after step 2 and started again with the same command: step 3 and the final state are bitwise the
+  # uninterrupted run's (the stream restarts at the global step; the state, its RNG and the temperature restore).
+  from cg3d_jax import checkpoints
+  assert run_command(train.main, args(tmp_path / 'resumed', steps=2)) == 0
+  assert run_command(train.main, args(tmp_path / 'resumed')) == 0
+  assert _read_losses(tmp_path / 'resumed')[3]['loss'] == want[3]['loss']
+  final = [checkpoints.read_step(tmp_path / name).state for name in ('one', 'resumed')]
+  for a, b in zip(*(jax.tree.leaves(state) for state in final)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert float(final[0]['params']['logit_scale']) != pytest.approx(np.log(14.28))  # the temperature trained
 
 
 def test_a_layout_with_a_clips_features_scores_through_that_clip(tmp_path):
