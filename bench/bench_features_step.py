@@ -124,7 +124,6 @@ def main(argv=None):
           ('stored-feature step, OpenShape size (6 ch, 10,000 pts, 512 x 32 groups, 1280-d)', os_s, os_compile_s)]
   for name, s, compile_s in rows:
     print(f'| {name} | {s:.2f} | {args.batch / s:.2f} | {image_s / s:.2f}x | {compile_s:.1f} |')
-  print(load.report())
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps({
         'batch': args.batch, 'iters': args.iters, 'load_at_start': start_load,

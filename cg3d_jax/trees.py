@@ -127,11 +127,9 @@ def _layer(x, i: int):
   return x[i]
 
 
-def unstack_layers(tree, take=_layer):
-  """Inverse of `stack_layers`: each `layers`/`blocks` subtree -> `layers_{i}` siblings, one per leading index.
-
-  take(leaf, i): layer i of a stacked leaf (default: indexing, or one layer's shape and sharding for a
-  ShapeDtypeStruct).
+def unstack_layers(tree):
+  """Inverse of `stack_layers`: each `layers`/`blocks` subtree -> `layers_{i}` siblings, one per leading index
+  (arrays are indexed; a ShapeDtypeStruct gives one layer's shape and sharding).
   """
   def unstack_dict(node: dict) -> dict:
     for base in STACKS:
@@ -143,6 +141,6 @@ def unstack_layers(tree, take=_layer):
         raise ValueError(f'{base!r} leaves do not share one leading layer axis: sizes {sorted(map(str, sizes))}')
       del node[base]
       for i in range(sizes.pop()):
-        node[f'{base}_{i}'] = jax.tree.map(lambda x, i=i: take(x, i), stacked)
+        node[f'{base}_{i}'] = jax.tree.map(lambda x, i=i: _layer(x, i), stacked)
     return node
   return _map_dicts(tree, unstack_dict)

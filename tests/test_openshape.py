@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cg3d_jax.data import openshape, openshape_stream
+from cg3d_jax.data import openshape, openshape_eval, openshape_stream
 from cg3d_jax.data.pickled_npy import read_pickled_dict
 from cg3d_jax.errors import BadInputError
 from cg3d_jax.synthetic.openshape_objects import write_openshape_layout
@@ -177,13 +177,13 @@ def test_evaluation_sets_read_in_each_layout(layout, tmp_path):
   """OpenShape's LVIS (sorted categories, precomputed table rows in that order), Uni3D's list (ids from the file,
   the same files, stored axes), OpenShape's ModelNet40 (classes in the feature dict's key order, rgb / 255) and
   ScanObjectNN (OpenShape's 15-name order, resampled with replacement, grey without rgb)."""
-  lvis = openshape.lvis_openshape(layout)
+  lvis = openshape_eval.lvis_openshape(layout)
   entries = json.loads((layout / 'meta_data' / 'split' / 'lvis.json').read_text())
   assert lvis.class_names == sorted(CLASSES) and len(lvis) == len(entries) and lvis.y_up
   assert [lvis.class_names[i] for i in lvis.labels] == [e['category'] for e in entries]
   np.testing.assert_array_equal(lvis.class_features, np.load(layout / 'meta_data' / 'lvis_cat_name_pt_feat.npy'))
 
-  uni3d = openshape.lvis_uni3d(layout / 'lvis_testset.txt')
+  uni3d = openshape_eval.lvis_uni3d(layout / 'lvis_testset.txt')
   lines = [line.split(',') for line in (layout / 'lvis_testset.txt').read_text().splitlines()]
   assert uni3d.class_names == list(CLASSES) and list(uni3d.labels) == [int(p[0]) for p in lines]
   assert uni3d.class_features is None and not uni3d.y_up
@@ -191,38 +191,38 @@ def test_evaluation_sets_read_in_each_layout(layout, tmp_path):
   stored = np.load(layout / lines[0][3].lstrip('/'), allow_pickle=True).item()  # our own procedural file
   np.testing.assert_array_equal(xyz, stored['xyz'])
   np.testing.assert_array_equal(rgb, stored['rgb'])
-  points = openshape.eval_points(xyz, rgb, 512, np.random.default_rng(0), y_up=True, use_color=True)
+  points = openshape_eval.eval_points(xyz, rgb, 512, np.random.default_rng(0), y_up=True, use_color=True)
   assert points.shape == (512, 6)  # every stored point, in order: the swap and the unit sphere by hand
   swapped = stored['xyz'][:, [0, 2, 1]].astype(np.float64)
   swapped -= swapped.mean(axis=0)
   np.testing.assert_allclose(points[:, :3], swapped / np.linalg.norm(swapped, axis=1).max(), atol=1e-6)
 
-  modelnet = openshape.modelnet40_openshape(layout)
+  modelnet = openshape_eval.modelnet40_openshape(layout)
   features = np.load(layout / 'meta_data' / 'modelnet40' / 'cat_name_pt_feat.npy', allow_pickle=True).item()
   assert modelnet.class_names == list(features) == list(reversed(CLASSES))
   split = json.loads((layout / 'meta_data' / 'modelnet40' / 'test_split.json').read_text())
   assert [modelnet.class_names[i] for i in modelnet.labels] == [e['category'] for e in split]
   np.testing.assert_allclose(modelnet.cloud(0)[1], 0.4)  # 102 / 255
 
-  scan = openshape.scanobjectnn_openshape(layout)
-  assert scan.class_names == list(openshape.SCANOBJECTNN_CLASSES) and scan.class_features.shape == (15, 16)
+  scan = openshape_eval.scanobjectnn_openshape(layout)
+  assert scan.class_names == list(openshape_eval.SCANOBJECTNN_CLASSES) and scan.class_features.shape == (15, 16)
   assert scan.replace
   np.testing.assert_allclose(scan.cloud(0)[1], 0.4)  # no rgb stored: OpenShape's grey
-  points = openshape.eval_points(*scan.cloud(0), 600, np.random.default_rng(1), y_up=True, use_color=False,
+  points = openshape_eval.eval_points(*scan.cloud(0), 600, np.random.default_rng(1), y_up=True, use_color=False,
                                  replace=True)
   assert points.shape == (600, 3)  # more than stored: drawn with replacement
 
   bad = tmp_path / 'lvis_testset.txt'
   bad.write_text('0,sphere,a,/x.npy\nseven,box,b,/y.npy\n')
   with pytest.raises(BadInputError, match=r"lvis_testset.txt: line 2 is 'seven,box,b,/y.npy', expected cate_id"):
-    openshape.lvis_uni3d(bad)
+    openshape_eval.lvis_uni3d(bad)
   bad.write_text('0,sphere,a,/x.npy\n2,box,b,/y.npy\n')
   with pytest.raises(BadInputError, match=r'class ids are not 0..1'):
-    openshape.lvis_uni3d(bad)
+    openshape_eval.lvis_uni3d(bad)
 
 
 def test_eval_batches_are_padded_masked_and_split_over_processes(layout):
-  evalset = openshape.lvis_openshape(layout)
+  evalset = openshape_eval.lvis_openshape(layout)
   n = len(evalset)
   single = list(openshape_stream.eval_local_batches(evalset, batch_size=4, num_points=128, use_color=True,
                                                     process_index=0, process_count=1))
@@ -524,7 +524,7 @@ def test_a_layout_with_a_clips_features_scores_through_that_clip(tmp_path):
   clip_dir = write_random_clip(tmp_path / 'clip', projection_dim=32, image_size=32, patch_size=8)
   root = write_openshape_layout(tmp_path / 'data', classes=CLASSES, train_per_class=2, lvis_per_class=1,
                                 num_points=256, render_size=32, clip_folder=clip_dir)
-  evalset = openshape.lvis_openshape(root)
+  evalset = openshape_eval.lvis_openshape(root)
   clip = load_clip(clip_dir, prompt_mode='none')
   model = CG3D(encoder=None, clip=clip.model, num_points=64)
   unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731

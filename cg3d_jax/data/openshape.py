@@ -31,7 +31,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from cg3d_jax.data.pickled_npy import read_pickled, read_pickled_dict
+from cg3d_jax.data.pickled_npy import read_pickled_dict
 from cg3d_jax.data.readers import read_image
 from cg3d_jax.data.transforms import normalize_unit_sphere_np
 from cg3d_jax.errors import BadInputError
@@ -68,7 +68,7 @@ class SampleConfig:
   text_version: str = 'prompt_avg'  # use_prompt_engineering=True
 
 
-def _read_json(path) -> Any:
+def read_json(path) -> Any:
   path = pathlib.Path(path)
   try:
     return json.loads(path.read_text(encoding='utf-8'))
@@ -82,7 +82,7 @@ def read_split(path, root=None, *, lvis: bool = False) -> list[Shape]:
   """A split file (training: id/dataset/group/data_path; `lvis`: uid/category/group/data_path) as Shapes, data paths
   resolved against `root` (default: the folder holding meta_data/, i.e. the split file's grandparent's parent)."""
   path = pathlib.Path(path)
-  entries = _read_json(path)
+  entries = read_json(path)
   keys = LVIS_KEYS if lvis else SPLIT_KEYS
   if not isinstance(entries, list):
     raise BadInputError(path, f'holds a {type(entries).__name__}, expected a list of {{{", ".join(keys)}}}')
@@ -108,7 +108,7 @@ def _layout_root(split_path: pathlib.Path) -> pathlib.Path:
 
 def read_text_filter(path) -> dict[str, str]:
   """gpt4_filtering.json -> {uid: flag}; a flag of "N" drops the Objaverse name as a text target."""
-  table = _read_json(path)
+  table = read_json(path)
   if not isinstance(table, Mapping):
     raise BadInputError(path, 'expected {uid: {"flag": ..., "name": ...}}')
   try:
@@ -117,20 +117,52 @@ def read_text_filter(path) -> dict[str, str]:
     raise BadInputError(path, 'an entry has no "flag"; expected {uid: {"flag": ..., "name": ...}}') from None
 
 
-def read_shape(path, *, objaverse: bool) -> dict:
-  """One shape's dict, its point arrays checked (shapes, finiteness); the feature fields are checked where used."""
-  data = read_pickled_dict(path)
-  for key in ('xyz', 'rgb', 'image_feat') + (('thumbnail_feat',) if objaverse else ()):
+def _require(data: Mapping, keys, path) -> None:
+  for key in keys:
     if key not in data:
       raise BadInputError(path, f'has no {key!r} (keys: {sorted(data)}); expected the OpenShape layout')
-  xyz, rgb = np.asarray(data['xyz']), np.asarray(data['rgb'])
+
+
+def checked_cloud(xyz, rgb, path) -> tuple[np.ndarray, np.ndarray]:
+  """(xyz, rgb) as float32 (N, 3) arrays, both finite; rgb None -> OpenShape's grey 0.4."""
+  xyz = np.asarray(xyz, np.float32)
+  rgb = np.full_like(xyz, RGB_DROP_VALUE) if rgb is None else np.asarray(rgb, np.float32)
   if xyz.ndim != 2 or xyz.shape[1] != 3 or rgb.shape != xyz.shape:
     raise BadInputError(path, f'xyz {xyz.shape} and rgb {rgb.shape}: expected two (N, 3) arrays')
   if not (np.all(np.isfinite(xyz)) and np.all(np.isfinite(rgb))):
     raise BadInputError(path, 'xyz or rgb holds NaN or infinity')
+  return xyz, rgb
+
+
+def read_shape(path, *, objaverse: bool) -> dict:
+  """One shape's dict, its point arrays checked (shapes, finiteness); the feature fields are checked where used."""
+  data = read_pickled_dict(path)
+  _require(data, ('xyz', 'rgb', 'image_feat') + (('thumbnail_feat',) if objaverse else ()), path)
+  checked_cloud(data['xyz'], data['rgb'], path)
   if np.asarray(data['image_feat']).ndim != 2:
     raise BadInputError(path, f"image_feat has shape {np.shape(data['image_feat'])}, expected (views, D)")
   return data
+
+
+def read_cloud(path) -> tuple[np.ndarray, np.ndarray]:
+  """A shape's (xyz, rgb) alone, checked: what evaluation reads of the same files."""
+  data = read_pickled_dict(path)
+  _require(data, ('xyz', 'rgb'), path)
+  return checked_cloud(data['xyz'], data['rgb'], path)
+
+
+def oriented(xyz, *, y_up: bool, normalize: bool = True, path=None) -> np.ndarray:
+  """A float32 copy of xyz as the model sees it: y and z swapped when stored y-up, centred and scaled to the unit
+  sphere (a cloud whose points all coincide is an error here, not OpenShape's silent zeros)."""
+  xyz = np.array(xyz, np.float32)
+  if y_up:
+    xyz[:, [1, 2]] = xyz[:, [2, 1]]
+  if normalize:
+    try:
+      xyz = normalize_unit_sphere_np(xyz)
+    except ValueError as err:
+      raise BadInputError(path or 'shape', str(err)) from None
+  return xyz
 
 
 # --- per-sample sampling (OpenShape's Four dataset, with an explicit generator) ------------------------------------
@@ -161,14 +193,7 @@ def sample_points(data: Mapping[str, Any], config: SampleConfig, rng: np.random.
   if len(xyz) < config.num_points:
     raise BadInputError(path or 'shape', f'has {len(xyz)} points, fewer than num_points={config.num_points}')
   chosen = rng.choice(len(xyz), config.num_points, replace=False)
-  xyz, rgb = xyz[chosen].copy(), rgb[chosen]
-  if config.y_up:
-    xyz[:, [1, 2]] = xyz[:, [2, 1]]
-  if config.normalize:  # a cloud whose points all coincide is an error here, not OpenShape's silent zeros
-    try:
-      xyz = normalize_unit_sphere_np(xyz)
-    except ValueError as err:
-      raise BadInputError(path or 'shape', str(err)) from None
+  xyz, rgb = oriented(xyz[chosen], y_up=config.y_up, normalize=config.normalize, path=path), rgb[chosen]
   if train and config.augment:
     xyz = augment_pc(xyz, rng)
   if train and config.random_z_rotate:
@@ -226,196 +251,6 @@ def make_example(shape: Shape, data: Mapping[str, Any], config: SampleConfig, rn
     image_feat = _feature(views[rng.integers(len(views))], shape.path, 'image_feat')
   return {'points': points, 'text_feat': text_feat if text_feat is not None else np.zeros_like(image_feat),
           'has_text': text_feat is not None, 'text': text, 'image_feat': image_feat}
-
-
-# --- evaluation sets (OpenShape's ObjaverseLVIS / ModelNet40Test / ScanObjectNNTest, Uni3D's Objaverse_lvis) --------
-
-# OpenShape's ScanObjectNNTest class order (its labels index this list; cat_name_pt_feat.npy is keyed by these names).
-SCANOBJECTNN_CLASSES = ('bag', 'bin', 'box', 'cabinet', 'chair', 'desk', 'display', 'door', 'shelf', 'table', 'bed',
-                        'pillow', 'sink', 'sofa', 'toilet')
-
-
-@dataclasses.dataclass
-class EvalSet:
-  """One evaluation split: labelled clouds and what the layout stores to score them with.
-
-  `cloud(i)` -> (xyz (P, 3), rgb (P, 3) in [0, 1]) of example i, as stored (before sampling, axis swap, normalising);
-  `class_features` (C, D) the layout's precomputed class-name text features (None where it has none); `y_up` the
-  layout's axis convention as its own evaluation reads it; `replace` whether clouds are resampled with replacement
-  (OpenShape's ScanObjectNN) or without (the others)."""
-  name: str
-  class_names: list[str]
-  labels: np.ndarray
-  cloud: Any
-  class_features: np.ndarray | None
-  y_up: bool
-  replace: bool = False
-  source: str = ''
-
-  def __len__(self) -> int:
-    return len(self.labels)
-
-
-def _class_feature_dict(path, class_names=None) -> tuple[list[str], np.ndarray]:
-  """cat_name_pt_feat.npy of ModelNet40 / ScanObjectNN: {category: {'open_clip_text_feat': (1, D)}} -> (names, (C, D))
-  in the dict's order, or in `class_names`' order when given (every name must be present)."""
-  table = read_pickled_dict(path)
-  names = list(class_names) if class_names is not None else list(table)
-  missing = [n for n in names if n not in table]
-  if missing:
-    raise BadInputError(path, f'has no features for {missing[:5]}; expected a key per class')
-  try:
-    rows = [np.asarray(table[n]['open_clip_text_feat'], np.float32).reshape(-1) for n in names]
-  except (TypeError, KeyError, IndexError):
-    raise BadInputError(path, "expected {category: {'open_clip_text_feat': (1, D) array}}") from None
-  return names, _checked_features(np.stack(rows), path, len(names))
-
-
-def _checked_features(table, path, num_classes: int) -> np.ndarray:
-  table = np.asarray(table, np.float32)
-  if table.ndim != 2 or table.shape[0] != num_classes:
-    raise BadInputError(path, f'holds features of shape {table.shape}, expected ({num_classes}, D): one row per class')
-  if not np.all(np.isfinite(table)):
-    raise BadInputError(path, 'holds NaN or infinity')
-  return table
-
-
-def _shape_cloud(path) -> tuple[np.ndarray, np.ndarray]:
-  data = read_pickled_dict(path)
-  for key in ('xyz', 'rgb'):
-    if key not in data:
-      raise BadInputError(path, f'has no {key!r} (keys: {sorted(data)}); expected the OpenShape layout')
-  return _checked_cloud(data['xyz'], data['rgb'], path)
-
-
-def _checked_cloud(xyz, rgb, path) -> tuple[np.ndarray, np.ndarray]:
-  xyz = np.asarray(xyz, np.float32)
-  rgb = np.full_like(xyz, RGB_DROP_VALUE) if rgb is None else np.asarray(rgb, np.float32)
-  if xyz.ndim != 2 or xyz.shape[1] != 3 or rgb.shape != xyz.shape:
-    raise BadInputError(path, f'xyz {xyz.shape} and rgb {rgb.shape}: expected two (N, 3) arrays')
-  if not (np.all(np.isfinite(xyz)) and np.all(np.isfinite(rgb))):
-    raise BadInputError(path, 'xyz or rgb holds NaN or infinity')
-  return xyz, rgb
-
-
-def lvis_openshape(root, split: str = 'meta_data/split/lvis.json',
-                   features: str | None = 'meta_data/lvis_cat_name_pt_feat.npy') -> EvalSet:
-  """Objaverse-LVIS as OpenShape evaluates it: lvis.json, categories = sorted unique names (1,156), the features of
-  `features` (C, D) in that order; stored y-up (OpenShape swaps y and z)."""
-  root = pathlib.Path(root)
-  shapes = read_split(root / split, root, lvis=True)
-  if not shapes:
-    raise BadInputError(root / split, 'lists no shape')
-  names = sorted({s.category for s in shapes})
-  index = {n: i for i, n in enumerate(names)}
-  table = None
-  if features:
-    table = _checked_features(np.load(root / features, allow_pickle=False), root / features, len(names))
-  return EvalSet(name='objaverse_lvis', class_names=names, labels=np.array([index[s.category] for s in shapes]),
-                 cloud=lambda i: _shape_cloud(shapes[i].path), class_features=table, y_up=True,
-                 source=str(root / split))
-
-
-def lvis_uni3d(list_file, root=None) -> EvalSet:
-  """Objaverse-LVIS as Uni3D evaluates it: lvis_testset.txt lines `cate_id,cate_name,model_id,point_path` over the
-  same pickled dicts (point_path under `root`, default the list's folder); classes by cate_id; no precomputed
-  features (Uni3D prompts its CLIP with the 64 templates); stored axes fed as they are (Uni3D without
-  --openshape_setting)."""
-  list_file = pathlib.Path(list_file)
-  root = pathlib.Path(root) if root is not None else list_file.parent
-  try:
-    lines = [line.strip() for line in list_file.read_text(encoding='utf-8').splitlines() if line.strip()]
-  except FileNotFoundError:
-    raise BadInputError(list_file, 'is missing') from None
-  except (OSError, UnicodeDecodeError) as err:
-    raise BadInputError(list_file, f'is not readable ({err})') from None
-  names: dict[int, str] = {}
-  labels, paths = [], []
-  for n, line in enumerate(lines, 1):
-    parts = line.split(',')
-    if len(parts) != 4 or not parts[0].strip().isdigit():
-      raise BadInputError(list_file, f'line {n} is {line!r:.120}, expected cate_id,cate_name,model_id,point_path')
-    cate_id, name = int(parts[0]), parts[1]
-    if names.setdefault(cate_id, name) != name:
-      raise BadInputError(list_file, f'line {n}: class {cate_id} is {name!r} here and {names[cate_id]!r} before')
-    labels.append(cate_id)
-    paths.append(root / parts[3].strip().lstrip('/'))
-  if not labels:
-    raise BadInputError(list_file, 'lists no shape')
-  if sorted(names) != list(range(len(names))):
-    raise BadInputError(list_file, f'class ids are not 0..{len(names) - 1} (found {len(names)} ids up to '
-                        f'{max(names)}); expected one id per class')
-  return EvalSet(name='objaverse_lvis', class_names=[names[i] for i in range(len(names))], labels=np.array(labels),
-                 cloud=lambda i: _shape_cloud(paths[i]), class_features=None, y_up=False, source=str(list_file))
-
-
-def modelnet40_openshape(root) -> EvalSet:
-  """OpenShape's ModelNet40: meta_data/modelnet40/test_pc.npy (an object array of {'xyz', 'rgb' (0-255)} dicts),
-  test_split.json ([{'name', 'category'}]), cat_name_pt_feat.npy (classes in its key order); stored y-up."""
-  folder = pathlib.Path(root) / 'meta_data' / 'modelnet40'
-  split = _read_json(folder / 'test_split.json')
-  if not isinstance(split, list) or not all(isinstance(e, Mapping) and 'category' in e for e in split):
-    raise BadInputError(folder / 'test_split.json', "expected a list of {'name', 'category'}")
-  clouds = read_pickled(folder / 'test_pc.npy')
-  if not isinstance(clouds, np.ndarray) or clouds.ndim != 1 or len(clouds) != len(split):
-    count = len(clouds) if hasattr(clouds, '__len__') else '?'
-    raise BadInputError(folder / 'test_pc.npy', f'holds a {type(clouds).__name__} of {count} items, expected one '
-                        f'dict per entry of test_split.json ({len(split)})')
-  names, table = _class_feature_dict(folder / 'cat_name_pt_feat.npy')
-  index = {n: i for i, n in enumerate(names)}
-  unknown = sorted({e['category'] for e in split} - set(index))
-  if unknown:
-    raise BadInputError(folder / 'test_split.json', f'names categories without features: {unknown[:5]}')
-
-  def cloud(i):
-    item = clouds[i]
-    if not isinstance(item, Mapping) or 'xyz' not in item:
-      raise BadInputError(folder / 'test_pc.npy', f'item {i} is not a dict with xyz')
-    rgb = None if item.get('rgb') is None else np.asarray(item['rgb'], np.float32) / 255.0  # stored 0-255
-    return _checked_cloud(item['xyz'], rgb, f'{folder / "test_pc.npy"} item {i}')
-
-  return EvalSet(name='modelnet40_openshape', class_names=names,
-                 labels=np.array([index[e['category']] for e in split]), cloud=cloud, class_features=table,
-                 y_up=True, source=str(folder))
-
-
-def scanobjectnn_openshape(root) -> EvalSet:
-  """OpenShape's ScanObjectNN: meta_data/scanobjectnn/xyz_label.npy ({'xyz', 'label', optional 'rgb'}; no rgb ->
-  0.4) and cat_name_pt_feat.npy, its 15 classes in OpenShape's order; resampled with replacement; y-up."""
-  folder = pathlib.Path(root) / 'meta_data' / 'scanobjectnn'
-  data = read_pickled_dict(folder / 'xyz_label.npy')
-  if 'xyz' not in data or 'label' not in data or len(data['xyz']) != len(data['label']):
-    raise BadInputError(folder / 'xyz_label.npy', "expected {'xyz': clouds, 'label': one per cloud[, 'rgb']}")
-  labels = np.asarray(data['label']).astype(np.int64).reshape(-1)
-  if labels.size and (labels.min() < 0 or labels.max() >= len(SCANOBJECTNN_CLASSES)):
-    raise BadInputError(folder / 'xyz_label.npy', f'labels span {labels.min()}..{labels.max()}, expected 0..14')
-  names, table = _class_feature_dict(folder / 'cat_name_pt_feat.npy', SCANOBJECTNN_CLASSES)
-  rgb = data.get('rgb')
-  return EvalSet(name='scanobjectnn_openshape', class_names=names, labels=labels,
-                 cloud=lambda i: _checked_cloud(data['xyz'][i], None if rgb is None else rgb[i],
-                                                f'{folder / "xyz_label.npy"} cloud {i}'),
-                 class_features=table, y_up=True, replace=True, source=str(folder))
-
-
-def eval_points(xyz: np.ndarray, rgb: np.ndarray, num_points: int, rng: np.random.Generator, *, y_up: bool,
-                use_color: bool, replace: bool = False, path=None) -> np.ndarray:
-  """An evaluation cloud as OpenShape's test sets prepare it: `num_points` drawn (without replacement, or with it
-  when `replace` and the count differs), y/z swapped when stored y-up, unit sphere; (num_points, 6 | 3) float32."""
-  n = len(xyz)
-  if replace:
-    chosen = rng.choice(n, num_points) if n != num_points else np.arange(n)
-  else:
-    if n < num_points:
-      raise BadInputError(path or 'cloud', f'has {n} points, fewer than num_points={num_points}')
-    chosen = rng.choice(n, num_points, replace=False) if n != num_points else np.arange(n)
-  xyz, rgb = np.array(xyz[chosen], np.float32), rgb[chosen]
-  if y_up:
-    xyz[:, [1, 2]] = xyz[:, [2, 1]]
-  try:
-    xyz = normalize_unit_sphere_np(xyz)
-  except ValueError as err:
-    raise BadInputError(path or 'cloud', str(err)) from None
-  return np.concatenate([xyz, rgb], axis=1).astype(np.float32) if use_color else xyz.astype(np.float32)
 
 
 def render_path(renders_root, uid: str, view: int) -> pathlib.Path:

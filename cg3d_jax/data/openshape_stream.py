@@ -1,5 +1,5 @@
 """Host batches from OpenShape's layout: the training stream (OpenShape's per-sample targets, precomputed CLIP
-features) and one in-order pass over an evaluation set (data/openshape.py's EvalSet), per process of a pod.
+features) and one in-order pass over an evaluation set (data/openshape_eval.py's EvalSet), per process of a pod.
 
 Not TFDS: an Objaverse shape is one pickled-dict file of ~0.5 MB whose targets are drawn per sample from lists of
 texts and views. Re-encoding 800k of them as TFRecords would double the storage for no gain, so the files are read
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from cg3d_jax.data import host_batches, openshape
+from cg3d_jax.data import host_batches, openshape, openshape_eval
 from cg3d_jax.errors import BadInputError, ConfigError
 
 TRAIN_SPLITS = {'train_all': 'meta_data/split/train_all.json', 'train_no_lvis': 'meta_data/split/train_no_lvis.json',
@@ -46,7 +46,6 @@ class TrainSource:
   flags: dict
   sample: openshape.SampleConfig
   feature_dim: int
-  root: str
   renders: str | None = None
   preprocess: Any = None
 
@@ -82,7 +81,7 @@ def open_train_source(data_config) -> TrainSource:
       raise ConfigError(f'config.data.openshape.renders={data_config.openshape.renders!r}: {renders} is not a '
                         'folder (OpenShape\'s rendered_images/, one folder of colors_0..11.png per shape)')
   return TrainSource(shapes=shapes, flags=flags, sample=config, feature_dim=int(np.shape(first['image_feat'])[-1]),
-                     root=root, renders=renders or None)
+                     renders=renders or None)
 
 
 def _example(source: TrainSource, seed: int, epoch: int, index: int) -> dict:
@@ -145,7 +144,7 @@ def train_local_batches(source: TrainSource, *, global_batch_size: int, seed: in
     yield _stack(examples)
 
 
-def eval_local_batches(evalset: openshape.EvalSet, *, batch_size: int, num_points: int, use_color: bool,
+def eval_local_batches(evalset: openshape_eval.EvalSet, *, batch_size: int, num_points: int, use_color: bool,
                        y_up: bool | None = None, seed: int = 0, process_index: int | None = None,
                        process_count: int | None = None, workers: int | None = None,
                        max_examples: int | None = None) -> Iterator[dict[str, np.ndarray]]:
@@ -160,7 +159,7 @@ def eval_local_batches(evalset: openshape.EvalSet, *, batch_size: int, num_point
 
   def load(i):
     xyz, rgb = evalset.cloud(i)
-    points = openshape.eval_points(xyz, rgb, num_points, np.random.default_rng((seed, i)), y_up=swap,
+    points = openshape_eval.eval_points(xyz, rgb, num_points, np.random.default_rng((seed, i)), y_up=swap,
                                    use_color=use_color, replace=evalset.replace, path=f'{evalset.source} item {i}')
     return {'points': points, 'label': np.int32(evalset.labels[i])}
 
@@ -170,10 +169,6 @@ def eval_local_batches(evalset: openshape.EvalSet, *, batch_size: int, num_point
       yield [functools.partial(load, i) for i in range(first, min(first + local, n))]
 
   for examples in _prefetched(jobs(), _workers(workers), 2):
-    real = len(examples)
     batch = (_stack(examples) if examples else
              {'points': np.zeros((0, num_points, channels), np.float32), 'label': np.zeros((0,), np.int32)})
-    pad = local - real
-    batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
-    batch['mask'] = np.arange(local) < real
-    yield batch
+    yield host_batches.padded(batch, local)

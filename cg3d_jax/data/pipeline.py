@@ -249,14 +249,10 @@ def eval_local_batches(name: str, *, data_dir, batch_size: int, num_points_store
   batches = ds.as_numpy_iterator()
   for _ in range(math.ceil(n / batch_size)):
     batch = next(batches, None)
-    real = 0 if batch is None else len(batch['label'])
     if batch is None:  # this process's part of the last global batch is all padding
       batch = {k: np.zeros((0,) + tuple(spec.shape[1:]), spec.dtype.as_numpy_dtype)
                for k, spec in ds.element_spec.items()}
-    pad = local_batch - real
-    batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
-    batch['mask'] = np.arange(local_batch) < real
-    yield batch
+    yield host_batches.padded(batch, local_batch)
 
 
 def make_eval_iterator(name: str, *, data_dir, batch_size: int, sharding, num_points_stored: int,

@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from cg3d_jax.data import host_batches, openshape, openshape_stream
+from cg3d_jax.data import host_batches, openshape_eval, openshape_stream
 from cg3d_jax.errors import ConfigError
 from cg3d_jax.evaluators import metrics
 from cg3d_jax.evaluators.zeroshot import text_classifier
@@ -29,7 +29,7 @@ def is_layout_set(name: str) -> bool:
   return name in SETS
 
 
-def open_eval_set(ev, default_root=None) -> openshape.EvalSet:
+def open_eval_set(ev, default_root=None) -> openshape_eval.EvalSet:
   """The EvalSet config.eval names (dataset, layout, manual_dir, list_file); `default_root`: the training data's."""
   root = ev.get('manual_dir') or default_root
   if not root:
@@ -39,18 +39,18 @@ def open_eval_set(ev, default_root=None) -> openshape.EvalSet:
   if ev.dataset == 'objaverse_lvis':
     layout = ev.get('layout', 'openshape')
     if layout == 'openshape':
-      return openshape.lvis_openshape(root)
+      return openshape_eval.lvis_openshape(root)
     if layout == 'uni3d':
-      return openshape.lvis_uni3d(ev.get('list_file') or os.path.join(root, 'lvis_testset.txt'), root)
+      return openshape_eval.lvis_uni3d(ev.get('list_file') or os.path.join(root, 'lvis_testset.txt'), root)
     raise ConfigError(f'config.eval.layout={layout!r}: expected one of {LAYOUTS}')
   if ev.dataset == 'modelnet40_openshape':
-    return openshape.modelnet40_openshape(root)
+    return openshape_eval.modelnet40_openshape(root)
   if ev.dataset == 'scanobjectnn_openshape':
-    return openshape.scanobjectnn_openshape(root)
+    return openshape_eval.scanobjectnn_openshape(root)
   raise ConfigError(f'config.eval.dataset={ev.dataset!r}: expected one of {SETS}')
 
 
-def classifier(evalset: openshape.EvalSet, ev, model=None, clip_params=None, tokenizer=None) -> np.ndarray:
+def classifier(evalset: openshape_eval.EvalSet, ev, model=None, clip_params=None, tokenizer=None) -> np.ndarray:
   """(C, D) class weights from the prompt set config.eval.prompts names (the CLIP is needed for names/templates)."""
   prompts = ev.get('prompts', 'precomputed')
   if prompts not in PROMPT_SETS:
@@ -68,7 +68,7 @@ def classifier(evalset: openshape.EvalSet, ev, model=None, clip_params=None, tok
                          name_style=ev.get('name_style', 'raw'))
 
 
-def prompt_record(evalset: openshape.EvalSet, ev) -> dict:
+def prompt_record(evalset: openshape_eval.EvalSet, ev) -> dict:
   """What the scores were computed with, for results.json."""
   prompts = ev.get('prompts', 'precomputed')
   return {'prompts': prompts, 'templates': ev.templates if prompts == 'templates' else None,
@@ -78,7 +78,7 @@ def prompt_record(evalset: openshape.EvalSet, ev) -> dict:
           'num_stored_points': ev.num_stored_points, 'source': evalset.source}
 
 
-def eval_iterator(evalset: openshape.EvalSet, ev, sharding, seed: int = 0):
+def eval_iterator(evalset: openshape_eval.EvalSet, ev, sharding, seed: int = 0):
   """One pass over the set as global batches ('points', 'label', 'mask')."""
   return host_batches.to_global(openshape_stream.eval_local_batches(
       evalset, batch_size=ev.batch_size, num_points=ev.num_stored_points, use_color=ev.use_color, y_up=ev.get('y_up'),

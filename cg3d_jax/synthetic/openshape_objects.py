@@ -22,7 +22,8 @@ import pathlib
 import numpy as np
 from PIL import Image
 
-from cg3d_jax.data.openshape import RENDER_VIEWS, SCANOBJECTNN_CLASSES
+from cg3d_jax.data.openshape import RENDER_VIEWS
+from cg3d_jax.data.openshape_eval import SCANOBJECTNN_CLASSES
 from cg3d_jax.data.templates import get_templates
 from cg3d_jax.data.transforms import normalize_unit_sphere_np
 from cg3d_jax.synthetic.render import orbit_views
@@ -52,6 +53,7 @@ class ClipFeatures:
     self.tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
     self.processor = CLIPImageProcessor.from_pretrained(folder, local_files_only=True)
     self.dim = int(self.model.config.projection_dim)
+    self._prompt_avg = {}
 
   def _out(self, out) -> np.ndarray:
     return getattr(out, 'pooler_output', out).numpy().astype(np.float32)
@@ -61,8 +63,10 @@ class ClipFeatures:
       return self._out(self.model.get_text_features(**self.tokenizer(list(texts), padding=True, return_tensors='pt')))
 
   def prompt_avg(self, name: str) -> np.ndarray:
-    unit = _unit(self.text([t.format(name) for t in get_templates(PROMPT_TEMPLATES)]).astype(np.float64))
-    return _unit(unit.mean(axis=0)).astype(np.float32)
+    if name not in self._prompt_avg:  # asked for by every shape of a class and by the class tables
+      unit = _unit(self.text([t.format(name) for t in get_templates(PROMPT_TEMPLATES)]).astype(np.float64))
+      self._prompt_avg[name] = _unit(unit.mean(axis=0)).astype(np.float32)
+    return self._prompt_avg[name]
 
   def images(self, images) -> np.ndarray:
     with self._torch.no_grad():
@@ -75,7 +79,8 @@ PROMPT_TEMPLATES = 'ulip'  # what ClipFeatures averages names over (the eval's `
 def _clip_features(clip: ClipFeatures, data: dict, name: str, views: list) -> dict:
   """The feature fields of one shape's dict from the CLIP: views -> image_feat (thumbnail: the first view)."""
   def text_pair(text):
-    return {'original': clip.text([text])[0], 'prompt_avg': clip.text([text])[0]}
+    feature = clip.text([text])[0]
+    return {'original': feature, 'prompt_avg': feature}
   out = {'image_feat': clip.images(views),
          'text_feat': [{'original': clip.text([t])[0], 'prompt_avg': clip.prompt_avg(name)} for t in data['text']],
          'blip_caption_feat': text_pair(data['blip_caption']),

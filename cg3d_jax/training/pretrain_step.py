@@ -59,7 +59,7 @@ def _with_groups(params: dict, groups: dict) -> dict:
   return out
 
 
-def all_finite(tree) -> jax.Array:
+def _all_finite(tree) -> jax.Array:
   leaves = jax.tree.leaves(tree)
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
 
@@ -121,25 +121,25 @@ def train_step(state: dict, frozen: dict, text_table, batch: dict, *, model: CG3
     updates, new_opt_state = optim.select_groups(activity, updates, new_opt_state, state['opt_state'], labels_fn)
   new_params = optax.apply_updates(params, updates)
 
-  # A NaN point need not reach the loss (farthest-point sampling can pass over it), so the inputs are checked too.
-  ok = jnp.isfinite(loss) & all_finite(grads) & all_finite([batch['points'], batch['image']])
-
-  def keep(new, old):
-    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-
-  new_state = dict(
-      state,
-      step=state['step'] + 1,
-      params=keep(new_params, params),
-      opt_state=keep(new_opt_state, state['opt_state']),
-      batch_stats=keep(new_stats, state['batch_stats']) if ENCODER in active else state['batch_stats'],
-      bad_steps=jnp.where(ok, 0, state['bad_steps'] + 1),
-  )
   for g, tree in grads.items():
     metrics[f'grad_norm/{g}'] = optax.tree.norm(tree)
+  # A NaN point need not reach the loss (farthest-point sampling can pass over it), so the inputs are checked too.
+  ok = jnp.isfinite(loss) & _all_finite(grads) & _all_finite([batch['points'], batch['image']])
+  new = dict(params=new_params, opt_state=new_opt_state)
+  if ENCODER in active:
+    new['batch_stats'] = new_stats
+  return _apply_if_finite(state, ok, metrics, **new), metrics
+
+
+def _apply_if_finite(state: dict, ok, metrics: dict, **new) -> dict:
+  """The next state: `new` (params, optimizer state, BatchNorm statistics) where the step was finite, the old values
+  where it was not; the step counter advances either way and bad_steps counts the non-finite steps in a row (both
+  also reported in `metrics`)."""
+  kept = {k: jax.tree.map(lambda n, o: jnp.where(ok, n, o), v, state[k]) for k, v in new.items()}
+  next_state = dict(state, step=state['step'] + 1, bad_steps=jnp.where(ok, 0, state['bad_steps'] + 1), **kept)
   metrics['finite'] = ok.astype(jnp.float32)
-  metrics['bad_steps'] = new_state['bad_steps']
-  return new_state, metrics
+  metrics['bad_steps'] = next_state['bad_steps']
+  return next_state
 
 
 def jit_train_step(model: CG3D, tx, labels_fn, *, active, state_shardings, frozen_shardings, table_sharding,
@@ -182,18 +182,10 @@ def features_train_step(state: dict, batch: dict, *, model: CG3D, tx: optax.Grad
   (loss, (metrics, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   updates, new_opt_state = tx.update(grads, state['opt_state'], params)
   new_params = optax.apply_updates(params, updates)
-  ok = jnp.isfinite(loss) & all_finite(grads) & all_finite([batch['points'], batch['text_feat'], batch['image_feat']])
-
-  def keep(new, old):
-    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-
-  new_state = dict(state, step=state['step'] + 1, params=keep(new_params, params),
-                   opt_state=keep(new_opt_state, state['opt_state']), batch_stats=keep(new_stats, state['batch_stats']),
-                   bad_steps=jnp.where(ok, 0, state['bad_steps'] + 1))
   metrics[f'grad_norm/{ENCODER}'] = optax.tree.norm(grads['encoder'])
-  metrics['finite'] = ok.astype(jnp.float32)
-  metrics['bad_steps'] = new_state['bad_steps']
-  return new_state, metrics
+  ok = jnp.isfinite(loss) & _all_finite(grads) & _all_finite([batch['points'], batch['text_feat'], batch['image_feat']])
+  return _apply_if_finite(state, ok, metrics, params=new_params, opt_state=new_opt_state,
+                          batch_stats=new_stats), metrics
 
 
 def jit_features_train_step(model: CG3D, tx, *, state_shardings, batch_shardings, lambda_text: float = 1.0,
