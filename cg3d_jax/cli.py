@@ -182,9 +182,9 @@ def require_config():
 
 
 def require_workdir() -> str:
-  """--workdir, created if missing; an input error when it is missing or names a file."""
+  """--workdir; an input error when it is missing or names a file. Not created here: what writes into it creates it
+  (metrics, checkpoints, reports), after the settings were checked, so that a refused run leaves no empty folder."""
   workdir = require(WORKDIR, '--workdir /tmp/run (the directory for checkpoints, metrics and outputs)')
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise InputError(f'--workdir {workdir} is a file; expected a directory (new or existing)')
-  os.makedirs(workdir, exist_ok=True)
   return workdir

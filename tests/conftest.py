@@ -12,22 +12,59 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')  # tests must never reach a hub
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 # Many tests train the same tiny programs again (resume tests run the loop three times, subprocess launches compile
 # what the session already compiled): a session-wide persistent compilation cache halves those tests' time. A
-# fresh folder per session, so a run never reads executables from another checkout.
+# fresh folder per session, so a run never reads executables from another checkout. Every program is cached, however
+# quick to compile: a tiny training run compiles ~235 programs, ~230 of them small eager operations (~40 ms each),
+# and each worker and each launched process would otherwise compile them all again (a second process's 4-step run
+# went from 15 s to 8 s with them cached; /tmp measurement, 2026-12-06, AMD EPYC, 2 cores).
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='cg3d_jax_test_cache_'))
-os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 import atexit  # noqa: E402
 import functools  # noqa: E402
 import pathlib  # noqa: E402
 import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import tarfile  # noqa: E402
+import types  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 
+import filelock  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = REPO_ROOT / 'tests' / 'fixtures'  # real data the tests check against; tests/fixtures/SOURCES.md
+
+
+# How the suite is spread over pytest-xdist workers (`--dist loadgroup --no-loadscope-reorder`, README): a module
+# named here runs whole on one worker (its module fixtures are built once), in this order, longest first, so that the
+# two longest groups start at once on the two workers; every other test is scheduled on its own. The demo group is the
+# users of demo_run (built once per run, for both workers), so no worker waits on the other's build.
+GROUPS = {
+    'test_standalone': 'demo', 'test_demo': 'demo', 'test_scenes': 'demo',
+    'test_multihost': 'multihost',
+    'test_openshape': 'openshape',
+    'test_finetune': 'finetune',
+    'test_slip': 'slip',
+    'test_clip': 'clip',
+    'test_zeroshot': 'zeroshot',
+    'test_export': 'export',
+    'test_bad_inputs': 'bad_inputs',
+    'test_checkpoint': 'checkpoint',
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
+def pytest_collection_modifyitems(items):
+  order = list(dict.fromkeys(GROUPS.values()))
+  for item in items:
+    group = GROUPS.get(item.module.__name__.rsplit('.', 1)[-1])
+    if group:
+      item.add_marker(pytest.mark.xdist_group(group))
+  items.sort(key=lambda item: order.index(GROUPS[m]) if (m := item.module.__name__.rsplit('.', 1)[-1]) in GROUPS
+             else len(order))
 
 
 @pytest.fixture(scope='session')
@@ -44,6 +81,15 @@ def modelnet_root() -> pathlib.Path:
   with tarfile.open(FIXTURES / 'modelnet40_normal_resampled.tar.xz') as archive:
     archive.extractall(target, filter='data')
   return target / 'modelnet40_normal_resampled'
+
+
+@pytest.fixture(scope='session')
+def modelnet40_prepared(tmp_path_factory) -> str:
+  """data_dir of the fixture ModelNet40 objects prepared by the real TFDS builder (skip_bad: the fixtures hold 23 of
+  the 12,311 listed objects), once per run for every worker."""
+  from cg3d_jax.data import builders
+  return str(built_once(tmp_path_factory, 'modelnet40_tfds', lambda data_dir: builders.get_builder(
+      'modelnet40', data_dir=str(data_dir), manual_dir=str(modelnet_root()), skip_bad=True)))
 
 
 @pytest.fixture
@@ -114,12 +160,31 @@ TINY_CLIP = dict(vision_width=32, vision_layers=1, vision_heads=2, patch_size=16
                  text_layers=1, text_heads=2, projection_dim=32, seed=0)
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[pathlib.Path], None]) -> pathlib.Path:
+  """The folder `name`, filled by `build(folder)` once per test run: the first pytest-xdist worker that asks builds it
+  under a file lock, the other waits and reuses it (as pytest-xdist documents for session fixtures). A build that
+  failed halfway leaves no marker, so the next worker that asks builds it again and reports its own failure.
+
+  Users must treat the folder as read-only: workers share it.
+  """
+  shared = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    shared = shared.parent  # this run's folder, above every worker's own
+  folder, done = shared / name, shared / f'{name}.built'
+  with filelock.FileLock(str(shared / f'{name}.lock')):
+    if not done.exists():
+      shutil.rmtree(folder, ignore_errors=True)
+      folder.mkdir()
+      build(folder)
+      done.touch()
+  return folder
+
+
 @pytest.fixture(scope='session')
 def tiny_clip_dir(tmp_path_factory):
   from cg3d_jax.synthetic.random_clip import write_random_clip
-  path = tmp_path_factory.mktemp('tiny_clip') / 'clip'
-  write_random_clip(path, **TINY_CLIP)  # the package's own copy of the real BPE vocabulary
-  return str(path)
+  folder = built_once(tmp_path_factory, 'tiny_clip', lambda f: write_random_clip(f / 'clip', **TINY_CLIP))
+  return str(folder / 'clip')  # the package's own copy of the real BPE vocabulary
 
 
 @pytest.fixture(scope='session')
@@ -127,13 +192,15 @@ def tiny_shapenet(tmp_path_factory):
   """(manual_dir, data_dir) of a prepared procedural ShapeNet-55-layout dataset: 13 families, 6 + 2 objects each."""
   from cg3d_jax.data import builders
   from cg3d_jax.synthetic.objects import SyntheticSettings, ensure_synthetic_shapenet
-  root = tmp_path_factory.mktemp('tiny_shapenet')
-  settings = SyntheticSettings(seed=0, num_train_per_class=6, num_test_per_class=2, num_points=256, image_size=32,
-                               num_views=5)
-  manual = str(ensure_synthetic_shapenet(root / 'manual', settings))
-  data_dir = str(root / 'tfds')
-  builders.get_builder('shapenet55_cg3d', data_dir=data_dir, manual_dir=manual)
-  return manual, data_dir
+
+  def build(root):
+    settings = SyntheticSettings(seed=0, num_train_per_class=6, num_test_per_class=2, num_points=256, image_size=32,
+                                 num_views=5)
+    ensure_synthetic_shapenet(root / 'manual', settings)
+    builders.get_builder('shapenet55_cg3d', data_dir=str(root / 'tfds'), manual_dir=str(root / 'manual'))
+
+  root = built_once(tmp_path_factory, 'tiny_shapenet', build)
+  return str(root / 'manual'), str(root / 'tfds')
 
 
 def tiny_config(clip_dir, shapenet, **overrides):
@@ -180,45 +247,72 @@ def apply_overrides(config, overrides: dict):
 
 @pytest.fixture(scope='session')
 def tiny_checkpoint(tmp_path_factory, tiny_clip_dir, tiny_shapenet):
-  """A training workdir after 4 steps of the tiny config (PointTransformer, deep prompts), checkpoint at step 4."""
+  """A training workdir after 4 steps of the tiny config (PointTransformer, deep prompts), checkpoints at steps 2 and
+  4. Shared by every worker: copy it before training on from it."""
   from cg3d_jax.training import pretrain
-  workdir = tmp_path_factory.mktemp('tiny_run')
   config = tiny_config(tiny_clip_dir, tiny_shapenet, **{'train.total_steps': 4})
-  pretrain.train(config, str(workdir))
-  return workdir
+  return built_once(tmp_path_factory, 'tiny_run', lambda workdir: pretrain.train(config, str(workdir)))
+
+
+def tracked_files() -> list[str]:
+  done = subprocess.run(['git', 'ls-files', '-z'], cwd=REPO_ROOT, capture_output=True, text=True)
+  if done.returncode:
+    pytest.fail(f'git ls-files failed in {REPO_ROOT}: {done.stderr.strip()} (these tests need the git checkout)')
+  return [name for name in done.stdout.split('\0') if name]
+
+
+def copy_tracked_files(root: pathlib.Path) -> pathlib.Path:
+  """The tracked files copied into <root>/cg3d-jax: no sibling folders, no untracked or ignored files."""
+  copy = root / 'cg3d-jax'
+  for name in tracked_files():
+    target = copy / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(REPO_ROOT / name, target)
+  return copy
+
+
+# The demo recipe shrunk for tests, as `python -m cg3d_jax.demo --override` values. The model sizes repeat
+# tiny_test's on purpose (the session's compilation cache then holds these programs): starting from tiny_test would
+# also take its 64-example shuffle buffer, and that run learns less (zero-shot top-1 31% instead of 51%, right at
+# test_demo's bound) for no time saved.
+DEMO_OVERRIDES = {
+    'demo.synthetic.num_train_per_class': 8, 'demo.synthetic.num_test_per_class': 3,
+    'demo.synthetic.num_points': 256, 'demo.synthetic.image_size': 32,
+    **{f'demo.clip.{k}': v for k, v in TINY_CLIP.items()},
+    'model.embed_dim': TINY_CLIP['projection_dim'], 'model.num_points': 64,
+    **{f'model.point_transformer.{k}': v for k, v in dict(width=32, depth=2, num_heads=2, num_groups=16, group_size=8,
+                                                             encoder_dim=32).items()},
+    'data.num_stored_points': 256, 'train.batch_size': 16, 'eval.batch_size': 16, 'train.total_steps': 300,
+    'train.encoder_optim.lr': 2e-3, 'train.log_every': 50, 'eval.every_steps': 300, 'checkpoint.every_steps': 300,
+    'checkpoint.async_save': False, 'logging.tensorboard': False,
+}
 
 
 @pytest.fixture(scope='session')
 def demo_run(tmp_path_factory):
-  """The demo recipe shrunk for tests and trained once (300 steps, ~1.5 min): its assets, config, final metrics.
+  """The whole demo command (`python -m cg3d_jax.demo`, its six steps each a `python -m` of its own) run once, from
+  a lone copy of the tracked files (nothing beside it, the copy's own package, another working folder), at the test
+  size of DEMO_OVERRIDES (300 steps): the commands a stranger runs first, and the trained demo model the scene and
+  zero-shot tests query.
 
-  test_demo checks that it learned zero-shot; the scene tests query procedural rooms with it. The model sizes repeat
-  tiny_test's on purpose: starting from tiny_test would also take its 64-example shuffle buffer, and that
-  run learns less (zero-shot top-1 31% instead of 51%, right at test_demo's bound) for no time saved.
+  root: the run's folder; copy: the lone copy; workdir: the demo's --workdir (training run, demo_assets, zeroshot,
+  export, scene_query); stdout: what the demo printed; package: the cg3d_jax the demo imported.
   """
-  import types
+  def build(root):
+    copy = copy_tracked_files(root / 'lone')
+    elsewhere = root / 'elsewhere'
+    elsewhere.mkdir()
+    env = {**os.environ, 'PYTHONPATH': str(copy)}  # the copy's package comes before the installed one
+    found = subprocess.run([sys.executable, '-c', 'import cg3d_jax; print(cg3d_jax.__file__)'], cwd=elsewhere,
+                           env=env, capture_output=True, text=True)
+    (root / 'package.txt').write_text(found.stdout.strip() + found.stderr)
+    done = subprocess.run([sys.executable, '-m', 'cg3d_jax.demo', '--workdir', str(root / 'demo'),
+                           *(f'--override={k}={v}' for k, v in DEMO_OVERRIDES.items())],
+                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=1200)
+    (root / 'demo_stdout.txt').write_text(done.stdout)
+    assert done.returncode == 0, f'the demo failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}'
 
-  from cg3d_jax.configs import demo
-  from cg3d_jax.synthetic import demo_assets
-  from cg3d_jax.training import pretrain
-  root = tmp_path_factory.mktemp('demo')
-  c = demo.get_config()
-  c.demo.synthetic.update(dict(num_train_per_class=8, num_test_per_class=3, num_points=256, image_size=32))
-  c.demo.clip.update(TINY_CLIP)
-  c.model.embed_dim = TINY_CLIP['projection_dim']
-  c.model.num_points = 64
-  c.model.point_transformer.update(dict(width=32, depth=2, num_heads=2, num_groups=16, group_size=8,
-                                        encoder_dim=32))
-  c.data.num_stored_points = 256
-  c.train.batch_size = 16
-  c.train.total_steps = 300
-  c.train.encoder_optim.lr = 2e-3
-  c.train.log_every = 50
-  c.eval.every_steps = 300
-  c.checkpoint.every_steps = 300
-  c.checkpoint.async_save = False
-  c.logging.tensorboard = False
-  demo_assets.write(root / 'assets', c.demo).apply(c)  # as `python -m cg3d_jax.demo_assets` does
-  workdir = root / 'run'
-  result = pretrain.train(c, str(workdir))
-  return types.SimpleNamespace(config=c, result=result, root=root, workdir=workdir)
+  root = built_once(tmp_path_factory, 'demo', build)
+  return types.SimpleNamespace(root=root, copy=root / 'lone' / 'cg3d-jax', workdir=root / 'demo',
+                               stdout=(root / 'demo_stdout.txt').read_text(),
+                               package=(root / 'package.txt').read_text())

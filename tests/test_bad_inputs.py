@@ -9,6 +9,8 @@ import collections
 import os
 import pathlib
 import pickle
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +33,13 @@ TINY_PT = dict(width=48, depth=1, num_heads=6, encoder_dim=32, embed_dim=32, num
 
 
 class _Payload:
+  """Pickles as a call of os.system(touch <marker>): loading the file unsafely would create the marker."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
   def __reduce__(self):
-    return (os.system, ('touch /tmp/cg3d_pwned',))
+    return (os.system, (f'touch {self.marker}',))
 
 
 @pytest.fixture(scope='module')
@@ -57,7 +64,7 @@ def files(tmp_path_factory):
   (root / 'notes.pth').write_text('my notes\n')
   np.save(root / 'array.npy', np.zeros(3))
   os.replace(root / 'array.npy', root / 'array.pth')
-  torch.save({'base_model': state, 'epoch': _Payload()}, root / 'evil.pth')
+  torch.save({'base_model': state, 'epoch': _Payload(root / 'pwned')}, root / 'evil.pth')
   (root / 'plain_pickle.pth').write_bytes(pickle.dumps({'base_model': 1}))
 
   xyz = np.random.default_rng(1).normal(size=(200, 3)).astype(np.float32)
@@ -289,18 +296,72 @@ COMMAND_CASES = [
 ]
 
 
+def _with_output(name, argv):
+  """predict writes its answer only where --json says: every predict case names one, so that 'nothing written'
+  means something there too."""
+  return [*argv, '--json', '{out}/prediction.json'] if name.startswith('predict') else argv
+
+
+def _snapshot(folder: pathlib.Path) -> dict:
+  return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob('*')}
+
+
 @pytest.mark.parametrize('name,command,argv,message', COMMAND_CASES, ids=[c[0] for c in COMMAND_CASES])
-def test_command_stops_with_one_clear_line(files, tmp_path, capsys, name, command, argv, message):
-  out = tmp_path / 'out'
-  argv = [a.format(root=files, out=out) for a in argv]
+def test_command_stops_with_one_clear_line(files, tmp_path, capsys, monkeypatch, name, command, argv, message):
+  """Exit 2; stderr holds exactly one line, `error: ...` naming the file or setting, and no traceback; nothing is
+  written: not the output (every case names one under {out}, or the command has none), not the working folder, not
+  beside the inputs. Shown to fail by letting a case's exception escape cli.guard (a traceback and exit 1) and by
+  writing predict's --json before reading the cloud (a file under {out})."""
+  out, cwd = tmp_path / 'out', tmp_path / 'cwd'
+  cwd.mkdir()
+  monkeypatch.chdir(cwd)
+  argv = [a.format(root=files, out=out) for a in _with_output(name, argv)]
+  before = _snapshot(files)
   code, err = _run(command.main, argv, capsys)
   assert code == 2, (name, err)
   lines = err.splitlines()
-  assert lines and lines[-1].startswith('error: ') and 'Traceback' not in err, err
-  assert message.format(root=files) in lines[-1], (message, lines[-1])
+  assert len(lines) == 1 and lines[0].startswith('error: ') and 'Traceback' not in err, err
+  assert message.format(root=files) in lines[0], (message, lines[0])
   written = sorted(p for p in out.rglob('*') if not p.is_dir()) if out.exists() else []
   assert not written, f'{name}: wrote {written}'
-  assert not pathlib.Path('/tmp/cg3d_pwned').exists()
+  # Empty folders only where TFDS was pointed (--data_dir, config.*.data_dir): its builder creates them before it
+  # reads the raw folder (still to be checked before, issue 32); any other folder left behind fails.
+  data_dirs = [pathlib.Path(a.split('=')[-1]) for a in argv if a.startswith(str(out))
+               and ('data_dir' in argv[max(argv.index(a) - 1, 0)] or 'data_dir=' in a)]
+  folders = [p for p in ([out] if out.exists() else []) + sorted(out.rglob('*')) if p.is_dir()]
+  assert all(any(f == d or d.is_relative_to(f) or f.is_relative_to(d) for d in data_dirs) for f in folders), (
+      f'{name}: left {folders} behind')
+  assert not list(cwd.iterdir()), f'{name}: wrote {list(cwd.iterdir())} in the working folder'
+  assert _snapshot(files) == before, f'{name}: changed the input folder'
+
+
+def test_every_command_case_names_an_output_or_points_it_at_an_input():
+  """The table itself: a case points its output under {out}, or points it at the inputs on purpose (a folder or a
+  file where the output should go: the inputs' snapshot then shows that nothing was written), or omits it on
+  purpose. A new case without an output fails here until it names one."""
+  without = [name for name, _, argv, _ in COMMAND_CASES if not any('{out}' in a for a in _with_output(name, argv))]
+  assert without == ['export: --out is a folder', 'evaluate: --workdir is a file', 'evaluate_scenes: no --out',
+                     'train: --workdir is a file']
+
+
+# A sample of the cases above as a user meets them: `python -m cg3d_jax.<command>` in a fresh process, exit 2, one
+# line on stderr, no traceback (absl's and ml_collections' own flag parsing included).
+COLD_CASES = ['predict: truncated .pth', 'export: format does not match --out', 'train: zero batch',
+              'evaluate: unknown dataset']
+
+
+@pytest.mark.parametrize('name', COLD_CASES)
+def test_command_stops_with_one_clear_line_as_a_user_runs_it(files, tmp_path, name):
+  (_, command, argv, message), = [c for c in COMMAND_CASES if c[0] == name]
+  out = tmp_path / 'out'
+  argv = [a.format(root=files, out=out) for a in _with_output(name, argv)]
+  done = subprocess.run([sys.executable, '-m', command.__name__, *argv], cwd=tmp_path, capture_output=True,
+                        text=True, timeout=300)
+  assert done.returncode == 2, done.stderr[-3000:]
+  lines = [line for line in done.stderr.splitlines() if line.strip()]
+  assert lines and lines[-1].startswith('error: ') and 'Traceback' not in done.stderr, done.stderr[-3000:]
+  assert message.format(root=files) in lines[-1]
+  assert not out.exists()
 
 
 # Settings a config carries: checked before any data is prepared or a model built.

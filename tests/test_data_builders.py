@@ -6,8 +6,6 @@ import json
 import pathlib
 import re
 import shutil
-import subprocess
-import sys
 
 import h5py
 import numpy as np
@@ -15,8 +13,9 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from cg3d_jax import build_data
 from cg3d_jax.data import builders, modelnet, readers, scanobjectnn, shapenet55
-from tests.conftest import modelnet_root
+from tests.conftest import modelnet_root, run_command
 
 
 def _prepare(builder, manual_dir):
@@ -32,10 +31,11 @@ def _read_all(builder, split):
 
 
 @pytest.fixture(scope='session')
-def modelnet40(tmp_path_factory, fixtures_dir):
-  # The fixture folder holds 23 of the 12,311 listed objects: skip_bad skips and counts the missing ones.
-  builder = modelnet.Modelnet(data_dir=str(tmp_path_factory.mktemp('tfds_mn40')), config='modelnet40', skip_bad=True)
-  return _prepare(builder, modelnet_root())
+def modelnet40(modelnet40_prepared):
+  # The fixture folder holds 23 of the 12,311 listed objects: skip_bad skipped and counted the missing ones.
+  builder = modelnet.Modelnet(data_dir=modelnet40_prepared, config='modelnet40')
+  assert builder.is_prepared()
+  return builder
 
 
 def test_modelnet40_fixture_split_labels_and_points(modelnet40, fixtures_dir):
@@ -58,21 +58,23 @@ def test_modelnet40_fixture_split_labels_and_points(modelnet40, fixtures_dir):
   assert len(_read_all(modelnet40, 'test')) == 20 and len(_read_all(modelnet40, 'train')) == 3
 
 
-def test_build_data_command_prepares_the_builder_and_names_a_missing_file(tmp_path):
+def test_build_data_command_prepares_the_builder_and_names_a_missing_file(tmp_path, capsys):
+  """The command in this process (its one cold `python -m` is test_foundation's --help)."""
   def build(data_dir, *extra):
-    return subprocess.run([sys.executable, '-m', 'cg3d_jax.build_data', '--dataset', 'modelnet40', '--manual_dir',
-                           str(modelnet_root()), '--data_dir', str(data_dir), *extra], capture_output=True, text=True,
-                          timeout=600)
+    code = run_command(build_data.main, ['--dataset', 'modelnet40', '--manual_dir', str(modelnet_root()),
+                                         '--data_dir', str(data_dir), *extra])
+    return code, *capsys.readouterr()
 
-  done = build(tmp_path / 'skip', '--skip_bad')
-  assert done.returncode == 0, done.stderr[-3000:]
-  assert 'train 3 examples' in done.stdout and 'test 20 examples' in done.stdout
+  code, out, err = build(tmp_path / 'skip', '--skip_bad')
+  assert code == 0, err[-3000:]
+  assert 'train 3 examples' in out and 'test 20 examples' in out
   prepared = modelnet.Modelnet(data_dir=str(tmp_path / 'skip'), config='modelnet40')
   assert prepared.is_prepared() and len(_read_all(prepared, 'test')) == 20
   # Without --skip_bad the first listed object the fixture lacks stops the build, named in one last line.
-  done = build(tmp_path / 'strict')
-  assert done.returncode != 0
-  assert re.search(r'error: .*airplane_\d{4}\.txt', done.stderr.strip().splitlines()[-1]), done.stderr[-2000:]
+  code, out, err = build(tmp_path / 'strict')
+  assert code == 2
+  assert re.search(r'^error: .*airplane_\d{4}\.txt', err.strip().splitlines()[-1]), err[-2000:]
+  assert 'Traceback' not in err
 
 
 def test_modelnet10_labels_follow_its_own_shape_names(tmp_path, fixtures_dir):

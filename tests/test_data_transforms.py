@@ -29,8 +29,13 @@ def test_rotation_matrices_match_numpy_and_cg3d_convention():
   for angle in (0.0, 0.3, np.pi / 2, 2.5):
     np.testing.assert_allclose(transforms.tf_rotation_y(tf.constant(angle, tf.float32)).numpy(),
                                transforms.rotation_y_np(angle), atol=1e-6)
-  # Hand-computed: a quarter turn about y sends x to -z when rows rotate as `p @ R` (CG3D's np.dot(data, R)).
-  np.testing.assert_allclose(np.array([1.0, 0, 0]) @ transforms.rotation_y_np(np.pi / 2), [0, 0, 1], atol=1e-12)
+  # Hand-computed: CG3D's rotation about y is [[c, 0, s], [0, 1, 0], [-s, 0, c]] applied to rows as `p @ R`
+  # (np.dot(data, R)), so a quarter turn sends x to +z and z to -x.
+  quarter = transforms.rotation_y_np(np.pi / 2)
+  np.testing.assert_allclose(np.array([1.0, 0, 0]) @ quarter, [0, 0, 1], atol=1e-12)
+  np.testing.assert_allclose(np.array([0, 0, 1.0]) @ quarter, [-1, 0, 0], atol=1e-12)
+  c, s = np.cos(0.3), np.sin(0.3)
+  np.testing.assert_allclose(transforms.rotation_y_np(0.3), [[c, 0, s], [0, 1, 0], [-s, 0, c]], atol=1e-12)
   angles = np.array([0.1, -0.05, 0.17])
   np.testing.assert_allclose(transforms.tf_perturbation_rotation(tf.constant(angles, tf.float32)).numpy(),
                              transforms.perturbation_rotation_np(angles), atol=1e-6)

@@ -7,11 +7,12 @@ keys, the tiny training checkpoint's own variables (bitwise round trips), and to
 
 import ast
 import collections
+import contextlib
+import io
 import json
 import os
 import re
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cg3d_jax import trees
+from cg3d_jax import export, trees
 from cg3d_jax.configs import base as base_config
 from cg3d_jax.errors import BadInputError
 from cg3d_jax.models.point_transformer import PointTransformer
@@ -30,7 +31,7 @@ from cg3d_jax.twins import verify
 from cg3d_jax.twins.point_transformer import PointTransformerProject
 from cg3d_jax.twins.pointmlp import PointMLPProject
 from cg3d_jax.weights import cg3d_pth as ckpt
-from tests.conftest import FIXTURES, REPO_ROOT, modelnet_root
+from tests.conftest import FIXTURES, modelnet_root, run_command
 
 OBJECTS = ('airplane/airplane_0001', 'airplane/airplane_0627', 'bathtub/bathtub_0107', 'bathtub/bathtub_0111')
 
@@ -88,12 +89,13 @@ def trained(tiny_checkpoint):
 
 @pytest.fixture(scope='module')
 def exported(tiny_checkpoint, tmp_path_factory):
-  """The command itself, run once: export the tiny checkpoint with --verify on the real ModelNet40 fixtures."""
+  """The command itself, run once in this process (its cold `python -m` is the demo's, tests/test_standalone.py):
+  export the tiny checkpoint with --verify on the real ModelNet40 fixtures."""
   out = tmp_path_factory.mktemp('export') / 'model.pth'
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  result = subprocess.run([sys.executable, '-m', 'cg3d_jax.export', f'--checkpoint={tiny_checkpoint}', f'--out={out}',
-                           '--verify'], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-  return out, result
+  stdout, stderr = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+    code = run_command(export.main, [f'--checkpoint={tiny_checkpoint}', f'--out={out}', '--verify'])
+  return out, subprocess.CompletedProcess([], code, stdout.getvalue(), stderr.getvalue())
 
 
 def test_export_command_verifies_and_loads_strictly(exported, trained):

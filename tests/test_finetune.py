@@ -9,8 +9,6 @@ answers one class gets a class-mean accuracy of 0.5.
 
 import functools
 import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +18,7 @@ import optax
 import pytest
 import torch
 
-from cg3d_jax import checkpoints, sharding, trained, trees
+from cg3d_jax import checkpoints, export, finetune, sharding, trained, trees
 from cg3d_jax.configs import finetune_modelnet40
 from cg3d_jax.data import builders, pipeline, transforms
 from cg3d_jax.evaluators.classification import ClassificationEvaluator
@@ -30,7 +28,7 @@ from cg3d_jax.models.pointmlp import PointMLP
 from cg3d_jax.training import finetune as ft
 from cg3d_jax.twins import point_transformer as torch_twin
 from cg3d_jax.weights import cg3d_pth, torch_io, torch_io_pointmlp
-from tests.conftest import apply_overrides, modelnet_root
+from tests.conftest import apply_overrides, modelnet_root, run_command
 
 NUM_STORED = 128  # points kept per fixture cloud (the first 128 of 10,000), FPS'd to 64 per step
 TINY_PT = dict(width=32, depth=2, num_heads=2, num_groups=16, group_size=8, encoder_dim=32)  # = tiny_checkpoint's
@@ -229,7 +227,7 @@ def test_voting_with_augmentation_averages_augmented_views(finetuned_run):
   np.testing.assert_allclose(voted['logits'], np.mean(passes, 0)[real], rtol=1e-5, atol=1e-5)
 
 
-def test_export_loads_into_the_original_classifier(finetuned_run, modelnet_fixture):
+def test_export_loads_into_the_original_classifier(finetuned_run, modelnet_fixture, tmp_path, capsys):
   workdir, config, _ = finetuned_run
   finetuned = trained.load_finetuned(workdir)
   params, stats = finetuned.variables['params'], finetuned.variables['batch_stats']
@@ -254,11 +252,11 @@ def test_export_loads_into_the_original_classifier(finetuned_run, modelnet_fixtu
   np.testing.assert_allclose(torch_logits, np.asarray(jax_logits), rtol=0, atol=1e-9 * np.abs(torch_logits).max())
 
   # The export command writes Point-BERT's fine-tune container, and --verify compares the twin's logits.
-  path = workdir / 'export' / 'finetuned.pth'
-  done = subprocess.run([sys.executable, '-m', 'cg3d_jax.export', '--checkpoint', str(workdir), '--out', str(path),
-                         '--verify'], capture_output=True, text=True, timeout=600)
-  assert done.returncode == 0, done.stderr[-3000:]
-  assert 'verify: OK' in done.stdout and 'logits' in done.stdout
+  path = tmp_path / 'finetuned.pth'
+  code = run_command(export.main, ['--checkpoint', str(workdir), '--out', str(path), '--verify'])
+  out, err = capsys.readouterr()
+  assert code == 0, err[-3000:]
+  assert 'verify: OK' in out and 'logits' in out
   container = torch.load(path, weights_only=True)
   assert set(container) == {'base_model', 'epoch', 'metrics', 'best_metrics'}
   assert container['metrics']['acc'] == 100.0 and container['epoch'] == 75  # 150 steps of 2-step epochs
@@ -372,9 +370,11 @@ def test_configs():
   assert pathlib.Path(ft.__file__).name == 'finetune.py'
 
 
-def test_interrupted_finetune_resumes_bitwise_through_the_command(modelnet_fixture, tiny_checkpoint, tmp_path):
-  """4 steps straight equal 2 steps in-process, a stop, and `python -m cg3d_jax.finetune` resuming to 4 (parameters
-  and statistics bitwise). The command runs the recipe's final evaluation by augmented voting (2 passes here)."""
+def test_interrupted_finetune_resumes_bitwise_through_the_command(modelnet_fixture, tiny_checkpoint, tmp_path,
+                                                                   caplog):
+  """4 steps straight equal 2 steps in-process, a stop, and the finetune command resuming to 4 (parameters and
+  statistics bitwise). The command runs the recipe's final evaluation by augmented voting (2 passes here). The
+  command runs in this process; its one cold `python -m` is test_foundation's --help."""
   def config(total):
     return tiny_finetune_config(modelnet_fixture, **{'train.total_steps': total, 'checkpoint.every_steps': 2})
 
@@ -382,12 +382,12 @@ def test_interrupted_finetune_resumes_bitwise_through_the_command(modelnet_fixtu
   ft.finetune(config(2), str(tmp_path / 'resumed'), init=str(tiny_checkpoint))
   flags = {**tiny_finetune_overrides(modelnet_fixture), 'train.total_steps': 4, 'checkpoint.every_steps': 2,
            'finetune.votes': 2}
-  done = subprocess.run(
-      [sys.executable, '-m', 'cg3d_jax.finetune', '--config', 'finetune_modelnet40', '--workdir',
-       str(tmp_path / 'resumed'), '--init', str(tiny_checkpoint), *[f'--config.{k}={v}' for k, v in flags.items()]],
-      capture_output=True, text=True, timeout=900)
-  assert done.returncode == 0, done.stderr[-3000:]
-  assert 'voting (2 passes)' in done.stderr
+  caplog.set_level('INFO', logger='absl')
+  code = run_command(finetune.main, ['--config', 'finetune_modelnet40', '--workdir', str(tmp_path / 'resumed'),
+                                     '--init', str(tiny_checkpoint), '--verbosity=0',  # absl's INFO lines
+                                     *[f'--config.{k}={v}' for k, v in flags.items()]])
+  assert code == 0, caplog.text[-3000:]
+  assert 'voting (2 passes)' in caplog.text
   a, b = trained.load_finetuned(tmp_path / 'straight'), trained.load_finetuned(tmp_path / 'resumed')
   assert a.step == b.step == 4
   for x, y in zip(jax.tree.leaves(a.variables), jax.tree.leaves(b.variables)):

@@ -5,8 +5,6 @@ normalised points and the same prediction), NumPy softmax and cosine re-computat
 """
 
 import json
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +20,7 @@ from cg3d_jax.evaluators import prediction
 from cg3d_jax.models.point_ops import sample_points
 from cg3d_jax.twins.prompted_clip import torch_prompted_image_features
 from cg3d_jax.weights.hf_clip import tokenize
-from tests.conftest import REPO_ROOT, run_command
+from tests.conftest import run_command
 
 LABELS = ['owl', 'chicken', 'penguin']
 
@@ -130,16 +128,19 @@ def test_predict_ranks_labels_and_images(eval_model, owl_copies, owl_dir):
     np.testing.assert_allclose([got[n] for n in names], rows @ feature, atol=2e-5)
 
 
-def test_command_end_to_end_on_the_owl(tiny_checkpoint, owl_dir, tmp_path):
+def test_command_end_to_end_on_the_owl(tiny_checkpoint, owl_dir, tmp_path, capfd, caplog):
+  """The command in this process (its one cold `python -m` run is tests/test_standalone.py's, from the lone copy)."""
   out = tmp_path / 'owl.json'
-  cmd = [sys.executable, '-m', 'cg3d_jax.predict', '--checkpoint', str(tiny_checkpoint), '--points',
-         str(owl_dir / 'owl.ply'), '--labels', 'owl, chicken,penguin', '--images',
-         ','.join(str(owl_dir / f'{name}.jpg') for name in 'abc'), '--json', str(out)]
-  done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-  assert done.returncode == 0, done.stderr[-3000:]
+  caplog.set_level('WARNING')
+  code = run_command(predict.main, ['--checkpoint', str(tiny_checkpoint), '--points', str(owl_dir / 'owl.ply'),
+                                    '--labels', 'owl, chicken,penguin', '--images',
+                                    ','.join(str(owl_dir / f'{name}.jpg') for name in 'abc'), '--json', str(out)])
+  stdout, stderr = capfd.readouterr()
+  assert code == 0, stderr[-3000:]
   # A good checkpoint reads without orbax's warnings about what we asked for (read-only, no metadata).
-  assert not [line for line in done.stderr.splitlines() if line.startswith('W') and 'checkpoint' in line], done.stderr
-  assert 'owl.ply: 10000 points' in done.stdout and 'images ranked against the cloud' in done.stdout
+  warned = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING' and 'checkpoint' in r.getMessage()]
+  assert not warned, warned
+  assert 'owl.ply: 10000 points' in stdout and 'images ranked against the cloud' in stdout
   result = json.loads(out.read_text())
   assert [r['rank'] for r in result['labels']] == [1, 2, 3]
   assert sum(r['probability'] for r in result['labels']) == pytest.approx(1.0)

@@ -10,8 +10,6 @@ import argparse
 import io
 import json
 import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from cg3d_jax import predict, trained
+from cg3d_jax import evaluate, predict, trained
 from cg3d_jax.errors import InputError
 from cg3d_jax.export import main as export_main
 from cg3d_jax.models.clip import CLIP
@@ -233,16 +231,16 @@ def test_original_pth_predicts_with_its_slip(original_pair, small_slip, tmp_path
   np.testing.assert_allclose([similarity[x] for x in labels], text @ point, atol=1e-5)
 
 
-def test_original_pth_evaluates_zero_shot_with_the_original_protocol(original_pair, tmp_path):
+def test_original_pth_evaluates_zero_shot_with_the_original_protocol(original_pair, modelnet40_prepared, tmp_path,
+                                                                      capsys):
   pth, slip_path, _ = original_pair
-  done = subprocess.run([
-      sys.executable, '-m', 'cg3d_jax.evaluate', '--config', 'zeroshot_modelnet40:original', '--checkpoint', str(pth),
+  code = run_command(evaluate.main, [
+      '--config', 'zeroshot_modelnet40:original', '--checkpoint', str(pth),
       '--workdir', str(tmp_path / 'zs'), f'--config.clip.path={slip_path}',
-      f'--config.eval.manual_dir={modelnet_root()}', f'--config.eval.data_dir={tmp_path / "tfds"}',
+      f'--config.eval.manual_dir={modelnet_root()}', f'--config.eval.data_dir={modelnet40_prepared}',
       '--config.eval.skip_bad=true', '--config.eval.batch_size=8', '--config.model.num_points=64',
-      '--config.eval.num_stored_points=256'],
-      capture_output=True, text=True, timeout=600)
-  assert done.returncode == 0, done.stderr[-3000:]
+      '--config.eval.num_stored_points=256'])
+  assert code == 0, capsys.readouterr().err[-3000:]
   results = json.loads((tmp_path / 'zs' / 'results.json').read_text())
   assert results['protocol'] == 'cg3d_original' and results['normalize_text'] is False
   assert results['clip'] == {'kind': 'slip', 'path': str(slip_path)}
@@ -348,3 +346,52 @@ def test_slip_s_b_l_sizes_come_from_the_shapes(model, width, layers, heads):
   other = 'SLIP_VITB16' if model == 'SLIP_VITS16' else 'SLIP_VITS16'
   with pytest.raises(CLIPLoadError, match=f'args.model is {other} but the image tower is {width} wide'):
     slip.spec_from_state_dict('f.pt', state, argparse.Namespace(model=other))
+
+
+def test_original_pth_retrieves_with_its_slip(original_pair, small_slip, tiny_shapenet, tmp_path, capsys):
+  """`evaluate --config retrieval_shapenet55` with a CG3D .pth and its SLIP file: the command ranks, and the text
+  queries it ranks with are the reference SLIP's ("This is a {class}", L2-normalised)."""
+  from cg3d_jax import sharding
+  from cg3d_jax.configs import retrieval_shapenet55
+  from cg3d_jax.data import builders
+  from cg3d_jax.evaluators import retrieval
+  pth, slip_path, _ = original_pair
+  manual, data_dir = tiny_shapenet
+  code = run_command(evaluate.main, ['--config', 'retrieval_shapenet55', '--checkpoint', str(pth), '--workdir',
+                                     str(tmp_path / 'ret'), f'--config.clip.path={slip_path}',
+                                     f'--config.eval.data_dir={data_dir}', f'--config.eval.manual_dir={manual}',
+                                     '--config.eval.num_stored_points=256', '--config.eval.batch_size=16',
+                                     '--config.model.num_points=64'])
+  assert code == 0, capsys.readouterr().err[-3000:]
+  saved = json.loads((tmp_path / 'ret' / retrieval.RESULTS_FILE).read_text())
+  assert saved['text_to_3d']['num_queries'] == 13 and saved['image_to_3d']['num_queries'] == 26
+  assert all(0 <= saved[d]['recall@1'] <= saved[d]['recall@10'] <= 1 for d in retrieval.DIRECTIONS)
+
+  model = trained.with_clip(trained.load_trained(pth, num_points=64), str(slip_path))
+  names = builders.class_names(builders.get_builder('shapenet55_cg3d', data_dir=data_dir))
+  config = retrieval_shapenet55.get_config()
+  evaluator = retrieval.RetrievalEvaluator(model.model, model.clip_params, model.clip.tokenizer, batches=None,
+                                           class_names=names, mesh=sharding.make_mesh({'data': -1, 'fsdp': 1}),
+                                           templates=config.eval.templates)
+  _, reference = small_slip
+  with torch.no_grad():
+    text = reference.encode_text(torch.from_numpy(slip.SLIPTokenizer().token_ids(
+        [f'This is a {x}' for x in names]).astype(np.int64))).numpy()
+  assert config.eval.templates == 'cg3d_zeroshot'
+  np.testing.assert_allclose(evaluator.text_features, text / np.linalg.norm(text, axis=1, keepdims=True), atol=1e-5)
+
+
+def test_original_pth_queries_a_scene_with_its_slip(original_pair, tmp_path, capsys):
+  """`query_scene` end to end with a CG3D .pth and its SLIP file, on the owl cloud as a one-object scene."""
+  from cg3d_jax import query_scene
+  pth, slip_path, _ = original_pair
+  owl = pathlib.Path(__file__).parent / 'fixtures' / 'openshape_owl' / 'owl.ply'
+  out = tmp_path / 'out'
+  code = run_command(query_scene.main, ['--checkpoint', str(pth), '--clip_path', str(slip_path), '--scene', str(owl),
+                                        '--queries', 'owl,chair', '--num_points', '64', '--radius', '0.5',
+                                        '--out', str(out)])
+  assert code == 0, capsys.readouterr().err[-3000:]
+  summary = json.loads((out / 'summary.json').read_text())
+  assert summary['queries'] == ['owl', 'chair'] and summary['scene_points'] == 10000
+  scores = np.load(out / 'point_scores.npy')
+  assert scores.shape == (10000, 2) and ((scores >= 0) & (scores <= 1)).all()

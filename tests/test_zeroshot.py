@@ -8,8 +8,6 @@ padded sharded one, and the real ModelNet40 fixture files through the real `pyth
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -27,7 +25,7 @@ from cg3d_jax.models.cg3d import CG3D
 from cg3d_jax.models.layers import l2_normalize
 from cg3d_jax.models.point_ops import sample_points
 from cg3d_jax.weights.hf_clip import load_clip, tokenize
-from tests.conftest import REPO_ROOT, assert_no_near_ties, modelnet_root
+from tests.conftest import assert_no_near_ties, modelnet_root, run_command
 
 
 class FlatEncoder(nn.Module):
@@ -201,19 +199,19 @@ def test_padded_sharded_split_equals_one_unpadded_batch(eval_model, tiny_shapene
     np.testing.assert_allclose(split['point_features'], np.asarray(ref), atol=2e-5)
 
 
-def test_evaluate_command_on_modelnet40_fixture(tiny_checkpoint, fixtures_dir, tmp_path):
-  data_dir = str(tmp_path / 'tfds')
-  builder = builders.get_builder('modelnet40', data_dir=data_dir,
-                                 manual_dir=str(modelnet_root()), skip_bad=True)
+def test_evaluate_command_on_modelnet40_fixture(tiny_checkpoint, modelnet40_prepared, tmp_path, capsys):
+  """The command in this process (its cold `python -m` run is the demo's, tests/test_standalone.py)."""
+  data_dir = modelnet40_prepared
+  builder = builders.get_builder('modelnet40', data_dir=data_dir, manual_dir=str(modelnet_root()), skip_bad=True)
   num_test = builder.info.splits['test'].num_examples
   assert num_test == 20  # the fixture's 10 test airplanes and 10 bathtubs
   workdir = tmp_path / 'eval'
-  cmd = [sys.executable, '-m', 'cg3d_jax.evaluate', '--config', 'zeroshot_modelnet40',
-         '--checkpoint', str(tiny_checkpoint), '--workdir', str(workdir), f'--config.eval.data_dir={data_dir}',
-         '--config.eval.batch_size=8']  # 20 = 2 x 8 + 4: the last batch is padded
-  done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-  assert done.returncode == 0, done.stderr[-3000:]
-  assert 'class_mean_acc' in done.stdout and 'modelnet40' in done.stdout
+  code = run_command(evaluate.main, ['--config', 'zeroshot_modelnet40', '--checkpoint', str(tiny_checkpoint),
+                                     '--workdir', str(workdir), f'--config.eval.data_dir={data_dir}',
+                                     '--config.eval.batch_size=8'])  # 20 = 2 x 8 + 4: the last batch is padded
+  out, err = capsys.readouterr()
+  assert code == 0, err[-3000:]
+  assert 'class_mean_acc' in out and 'modelnet40' in out
   for name in ('results.json', 'per_class.csv', 'per_class.json', 'confusion.png'):
     assert (workdir / name).is_file(), name
   results = json.loads((workdir / 'results.json').read_text())

@@ -1,10 +1,12 @@
-"""The tests' tiny training config (tests/conftest.py tiny_config) for subprocess runs, e.g. the multi-host tests.
+"""The tests' tiny training config: the demo shrunk so that a training step compiles and runs in seconds on a CPU.
 
   python -m cg3d_jax.train --config tiny_test --workdir W --config.clip.path=C \
       --config.data.manual_dir=M --config.data.data_dir=D
 
-The CLIP folder and the prepared dataset are given on the command line (the tests' fixtures write them).
-tests/test_multihost.py checks that this equals tiny_config(...), so the two cannot drift apart silently.
+tests/conftest.py's tiny_config builds the in-process tests' configs from this file, and the multi-process tests
+launch it by name; the CLIP folder and the prepared dataset are given on the command line (the tests' fixtures write
+them). tests/test_multihost.py checks that the config a launched process parsed from `--config tiny_test` and its
+`--config.*` overrides equals the in-process one, so the two runs it compares train the same thing.
 """
 
 from cg3d_jax.configs import demo

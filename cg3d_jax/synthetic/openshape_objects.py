@@ -7,7 +7,8 @@ views, thumbnail, texts and captions are that direction plus noise, so a point e
 learn the classes, and the class-name feature table (`lvis_cat_name_pt_feat.npy`, classes in sorted order as
 OpenShape's evaluation reads them) scores zero-shot.
 
-  root/meta_data/split/train_all.json, root/meta_data/split/lvis.json, root/meta_data/gpt4_filtering.json,
+  root/meta_data/split/{train_all,train_no_lvis,lvis}.json, root/meta_data/split/ablation/train_shapenet_only.json,
+  root/meta_data/gpt4_filtering.json,
   root/meta_data/lvis_cat_name_pt_feat.npy, root/data/<dataset>/<uid>.npy
   root/lvis_testset.txt                       Uni3D's list of the same LVIS-style shapes (cate_id,cate_name,uid,path)
   root/meta_data/modelnet40/{test_pc.npy, test_split.json, cat_name_pt_feat.npy}
@@ -155,6 +156,12 @@ def write_openshape_layout(root, *, classes=('sphere', 'box', 'cylinder', 'torus
   meta = root / 'meta_data'
   (meta / 'split').mkdir(parents=True, exist_ok=True)
   (meta / 'split' / 'train_all.json').write_text(json.dumps(split, indent=1))
+  # OpenShape's other training splits: without the LVIS shapes (here the LVIS-style objects are never training
+  # objects, so the same entries), and ShapeNet's alone (its ablation).
+  (meta / 'split' / 'train_no_lvis.json').write_text(json.dumps(split, indent=1))
+  (meta / 'split' / 'ablation').mkdir(exist_ok=True)
+  (meta / 'split' / 'ablation' / 'train_shapenet_only.json').write_text(
+      json.dumps([entry for entry in split if entry['dataset'] == 'ShapeNet'], indent=1))
   (meta / 'split' / 'lvis.json').write_text(json.dumps(lvis, indent=1))
   (meta / 'gpt4_filtering.json').write_text(json.dumps(flags, indent=1))
   if clip is not None:  # the class tables are the CLIP's too
