@@ -346,7 +346,7 @@ def test_every_command_case_names_an_output_or_points_it_at_an_input():
 
 # A sample of the cases above as a user meets them: `python -m cg3d_jax.<command>` in a fresh process, exit 2, one
 # line on stderr, no traceback (absl's and ml_collections' own flag parsing included).
-COLD_CASES = ['predict: truncated .pth', 'export: format does not match --out', 'train: zero batch',
+COLD_CASES = ['predict: truncated .pth', 'train: zero batch',
               'evaluate: unknown dataset']
 
 
