@@ -46,6 +46,7 @@ GROUPS = {
     'test_standalone': 'demo', 'test_demo': 'demo', 'test_scenes': 'demo',
     'test_multihost': 'multihost',
     'test_openshape': 'openshape',
+    'test_shipped_configs': 'shipped_configs',
     'test_finetune': 'finetune',
     'test_slip': 'slip',
     'test_clip': 'clip',
