@@ -310,8 +310,9 @@ def _snapshot(folder: pathlib.Path) -> dict:
 def test_command_stops_with_one_clear_line(files, tmp_path, capsys, monkeypatch, name, command, argv, message):
   """Exit 2; stderr holds exactly one line, `error: ...` naming the file or setting, and no traceback; nothing is
   written: not the output (every case names one under {out}, or the command has none), not the working folder, not
-  beside the inputs. Shown to fail by letting a case's exception escape cli.guard (a traceback and exit 1) and by
-  writing predict's --json before reading the cloud (a file under {out})."""
+  beside the inputs. Shown to fail by letting InputError escape cli.guard (a traceback and exit 1), and by
+  cli.require_workdir creating --workdir before the settings were checked (an empty folder left behind: what the
+  `python -m` sample below first found)."""
   out, cwd = tmp_path / 'out', tmp_path / 'cwd'
   cwd.mkdir()
   monkeypatch.chdir(cwd)
