@@ -84,6 +84,26 @@ def modelnet_root() -> pathlib.Path:
   return target / 'modelnet40_normal_resampled'
 
 
+def modelnet10_layout(root: pathlib.Path) -> pathlib.Path:
+  """The fixture objects ModelNet10 lists (its 10 real test bathtubs) in the official layout under `root`. The
+  fixtures hold no ModelNet10 training object: a copy of a real test bathtub stands in as bathtub_0001, the first one
+  the training list names."""
+  target = root / 'modelnet40_normal_resampled'
+  shutil.copytree(modelnet_root(), target, ignore=shutil.ignore_patterns('airplane'))
+  shutil.copy(target / 'bathtub' / 'bathtub_0107.txt', target / 'bathtub' / 'bathtub_0001.txt')
+  return target
+
+
+def write_scanobjectnn_h5(path: pathlib.Path, data, label) -> None:
+  """One ScanObjectNN h5 file as the official ones are laid out (data, label, and a mask the builder ignores)."""
+  import h5py
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with h5py.File(path, 'w') as f:
+    f['data'] = data
+    f['label'] = label
+    f['mask'] = np.zeros(data.shape[:2], np.int64)
+
+
 @pytest.fixture(scope='session')
 def modelnet40_prepared(tmp_path_factory) -> str:
   """data_dir of the fixture ModelNet40 objects prepared by the real TFDS builder (skip_bad: the fixtures hold 23 of
@@ -204,6 +224,18 @@ def tiny_shapenet(tmp_path_factory):
   return str(root / 'manual'), str(root / 'tfds')
 
 
+def _tiny_model_overrides() -> dict:
+  """configs/tiny_test.py's model sizes as {'model.a.b': value} overrides: runs of other configs at these sizes
+  compile the programs the session's cache already holds."""
+  from cg3d_jax.configs import tiny_test
+  model = tiny_test.get_config().model
+  return {'model.embed_dim': model.embed_dim, 'model.num_points': model.num_points,
+          **{f'model.point_transformer.{k}': v for k, v in model.point_transformer.items()}}
+
+
+TINY_MODEL_OVERRIDES = _tiny_model_overrides()
+
+
 def tiny_config(clip_dir, shapenet, **overrides):
   """cg3d_jax/configs/tiny_test.py (the demo shrunk for tests) pointed at the fixtures; overrides as {'a.b': value}."""
   from cg3d_jax.configs import tiny_test
@@ -280,9 +312,7 @@ DEMO_OVERRIDES = {
     'demo.synthetic.num_train_per_class': 8, 'demo.synthetic.num_test_per_class': 3,
     'demo.synthetic.num_points': 256, 'demo.synthetic.image_size': 32,
     **{f'demo.clip.{k}': v for k, v in TINY_CLIP.items()},
-    'model.embed_dim': TINY_CLIP['projection_dim'], 'model.num_points': 64,
-    **{f'model.point_transformer.{k}': v for k, v in dict(width=32, depth=2, num_heads=2, num_groups=16, group_size=8,
-                                                             encoder_dim=32).items()},
+    **TINY_MODEL_OVERRIDES,
     'data.num_stored_points': 256, 'train.batch_size': 16, 'eval.batch_size': 16, 'train.total_steps': 300,
     'train.encoder_optim.lr': 2e-3, 'train.log_every': 50, 'eval.every_steps': 300, 'checkpoint.every_steps': 300,
     'checkpoint.async_save': False, 'logging.tensorboard': False,

@@ -15,7 +15,7 @@ from PIL import Image
 
 from cg3d_jax import build_data
 from cg3d_jax.data import builders, modelnet, readers, scanobjectnn, shapenet55
-from tests.conftest import modelnet_root, run_command
+from tests.conftest import modelnet10_layout, modelnet_root, run_command, write_scanobjectnn_h5
 
 
 def _prepare(builder, manual_dir):
@@ -78,11 +78,8 @@ def test_build_data_command_prepares_the_builder_and_names_a_missing_file(tmp_pa
 
 
 def test_modelnet10_labels_follow_its_own_shape_names(tmp_path, fixtures_dir):
-  # The fixtures hold no ModelNet10 training object: a copy of a real test bathtub stands in as bathtub_0001.
   src = modelnet_root()
-  root = tmp_path / 'manual' / 'modelnet40_normal_resampled'
-  shutil.copytree(src, root, ignore=shutil.ignore_patterns('airplane'))
-  shutil.copy(root / 'bathtub' / 'bathtub_0107.txt', root / 'bathtub' / 'bathtub_0001.txt')
+  modelnet10_layout(tmp_path / 'manual')
   builder = _prepare(modelnet.Modelnet(data_dir=str(tmp_path / 'out'), config='modelnet10', skip_bad=True),
                      tmp_path / 'manual')
   names = (src / 'modelnet10_shape_names.txt').read_text().split()
@@ -129,14 +126,6 @@ def test_modelnet_malformed_txt_line_names_file_and_line(tmp_path, fixtures_dir)
 # ------------------------------------------------------------------------------------------------ ScanObjectNN
 
 
-def _write_h5(path, data, label):
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with h5py.File(path, 'w') as f:
-    f['data'] = data
-    f['label'] = label
-    f['mask'] = np.zeros(data.shape[:2], np.int64)  # the official files carry a mask the builder ignores
-
-
 @pytest.mark.parametrize('variant', ['obj_only', 'obj_bg', 'pb_t50_rs'])
 def test_scanobjectnn_variants_read_back_equal(tmp_path, fixtures_dir, variant):
   rng = np.random.default_rng(len(variant))
@@ -145,7 +134,7 @@ def test_scanobjectnn_variants_read_back_equal(tmp_path, fixtures_dir, variant):
   for split, name, n in (('train', train_name, 6), ('test', test_name, 4)):
     data = rng.normal(size=(n, 2048, 3)).astype(np.float32)
     label = rng.integers(0, 15, size=n).astype(np.int64)
-    _write_h5(tmp_path / 'h5_files' / folder / name, data, label)
+    write_scanobjectnn_h5(tmp_path / 'h5_files' / folder / name, data, label)
     written[split] = (data, label)
   builder = _prepare(scanobjectnn.Scanobjectnn(data_dir=str(tmp_path / 'out'), config=variant), tmp_path)
   assert builders.class_names(builder) == (fixtures_dir / 'prompts/scanobjectnn_shape_names.txt').read_text().split()
@@ -161,8 +150,8 @@ def test_scanobjectnn_nan_names_file_and_object(tmp_path):
   data = np.random.default_rng(0).normal(size=(3, 2048, 3)).astype(np.float32)
   data[2, 10, 1] = np.nan
   folder, train_name, test_name = scanobjectnn.FILES['obj_bg']
-  _write_h5(tmp_path / folder / train_name, data, np.zeros(3, np.int64))
-  _write_h5(tmp_path / folder / test_name, data[:2], np.zeros(2, np.int64))
+  write_scanobjectnn_h5(tmp_path / folder / train_name, data, np.zeros(3, np.int64))
+  write_scanobjectnn_h5(tmp_path / folder / test_name, data[:2], np.zeros(2, np.int64))
   with pytest.raises(readers.BadInputError, match=r'training_objectdataset\.h5 \(object 2\): non-finite'):
     _prepare(scanobjectnn.Scanobjectnn(data_dir=str(tmp_path / 'out'), config='obj_bg'), tmp_path)
 
@@ -172,7 +161,7 @@ def test_scanobjectnn_labels_stored_as_a_column_read_as_a_vector(tmp_path):
   data = np.random.default_rng(1).normal(size=(4, 2048, 3)).astype(np.float32)
   labels = np.array([[3], [14], [0], [7]], np.int64)
   path = tmp_path / 'column.h5'
-  _write_h5(path, data, labels)
+  write_scanobjectnn_h5(path, data, labels)
   read_data, read_labels = scanobjectnn.read_h5(path, 15)
   np.testing.assert_array_equal(read_data, data)
   np.testing.assert_array_equal(read_labels, [3, 14, 0, 7])
@@ -189,7 +178,7 @@ def test_scanobjectnn_labels_stored_as_a_column_read_as_a_vector(tmp_path):
 ])
 def test_scanobjectnn_bad_files_name_the_problem(tmp_path, edit, message):
   path = tmp_path / 'bad.h5'
-  _write_h5(path, np.zeros((3, 2048, 3), np.float32), np.zeros(3, np.int64))
+  write_scanobjectnn_h5(path, np.zeros((3, 2048, 3), np.float32), np.zeros(3, np.int64))
   with h5py.File(path, 'a') as f:
     edit(f)
   with pytest.raises(readers.BadInputError, match=r'bad\.h5: ' + message):

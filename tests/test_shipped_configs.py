@@ -9,9 +9,7 @@ wrote.
 
 import json
 import pathlib
-import shutil
 
-import h5py
 import numpy as np
 import pytest
 
@@ -19,7 +17,7 @@ from cg3d_jax import checkpoints, evaluate, finetune, train
 from cg3d_jax.data import openshape_stream, scanobjectnn
 from cg3d_jax.metric_writer import read_jsonl
 from cg3d_jax.synthetic.openshape_objects import write_openshape_layout
-from tests.conftest import REPO_ROOT, TINY_CLIP, modelnet_root, run_command
+from tests.conftest import REPO_ROOT, TINY_MODEL_OVERRIDES, modelnet10_layout, run_command, write_scanobjectnn_h5
 
 # Where each shipped config (name or name:arg) runs. A new config file, or a new arg, must be added here.
 SHIPPED = {
@@ -54,9 +52,7 @@ SHIPPED = {
     'finetune_scanobjectnn': 'tests/test_shipped_configs.py',
 }
 
-TINY_MODEL = {'model.embed_dim': TINY_CLIP['projection_dim'], 'model.num_points': 64,
-              **{f'model.point_transformer.{k}': v for k, v in dict(width=32, depth=2, num_heads=2, num_groups=16,
-                                                                       group_size=8, encoder_dim=32).items()}}
+TINY_MODEL = TINY_MODEL_OVERRIDES
 QUICK = {'train.total_steps': 1, 'train.log_every': 1, 'eval.every_steps': 0, 'checkpoint.async_save': False,
          'logging.tensorboard': False}
 
@@ -80,7 +76,7 @@ def test_every_shipped_config_file_is_listed():
 @pytest.fixture(scope='module')
 def openshape_root(tmp_path_factory):
   return write_openshape_layout(tmp_path_factory.mktemp('openshape'), train_per_class=4, lvis_per_class=1,
-                                num_points=256, feature_dim=TINY_CLIP['projection_dim'])
+                                num_points=256, feature_dim=TINY_MODEL['model.embed_dim'])
 
 
 @pytest.fixture(scope='module')
@@ -90,22 +86,14 @@ def scanobjectnn_h5(tmp_path_factory):
   rng = np.random.default_rng(0)
   folder, train_name, test_name = scanobjectnn.FILES['pb_t50_rs']
   for name, n in ((train_name, 16), (test_name, 6)):
-    (root / folder).mkdir(parents=True, exist_ok=True)
-    with h5py.File(root / folder / name, 'w') as f:
-      f['data'] = rng.normal(size=(n, 2048, 3)).astype(np.float32)
-      f['label'] = np.arange(n, dtype=np.int64) % 15
+    write_scanobjectnn_h5(root / folder / name, rng.normal(size=(n, 2048, 3)).astype(np.float32),
+                          np.arange(n, dtype=np.int64) % 15)
   return root
 
 
 @pytest.fixture(scope='module')
 def modelnet10_raw(tmp_path_factory):
-  """The fixture files in ModelNet10's layout: its 10 real test bathtubs, and a copy of one of them as the one
-  training object (the fixtures hold no ModelNet10 training object)."""
-  root = tmp_path_factory.mktemp('modelnet10') / 'modelnet40_normal_resampled'
-  shutil.copytree(modelnet_root(), root)
-  shutil.copy(root / 'bathtub' / 'bathtub_0107.txt', root / 'bathtub' / 'bathtub_0001.txt')
-  (root / 'modelnet10_train.txt').write_text('bathtub_0001\n')
-  return root
+  return modelnet10_layout(tmp_path_factory.mktemp('modelnet10'))
 
 
 def _pretrain(config, workdir, **extra):
