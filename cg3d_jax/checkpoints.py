@@ -23,6 +23,7 @@ state itself must hold numeric arrays only (store key data, not typed keys, if t
 """
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -109,6 +110,25 @@ def _drop_expected_orbax_warnings() -> None:
   absl_logger = std_logging.getLogger('absl')
   if not any(isinstance(f, _OrbaxNoiseFilter) for f in absl_logger.filters):
     absl_logger.addFilter(_OrbaxNoiseFilter())
+
+
+@functools.cache
+def _write_cpu_arrays_whole() -> None:
+  """On CPU devices, save each replicated array from one replica instead of orbax's replica-parallel slices.
+
+  Replica-parallel saving (orbax's default off GPU) has every replica copy a slice of a replicated array to the
+  host, which spreads device-to-host transfers over TPU chips. CPU "devices" already live in host memory, so there
+  it only adds one compiled slice per array and replica: the first save of the demo's 129 arrays over 8 simulated
+  CPU devices took 10 s, and 0.3 s with whole arrays (2026-12-06, AMD EPYC, 2 cores; every test process and
+  every launched test command pays it). The files are the same either way. This replaces orbax's process-wide
+  jax.Array handler, with its other settings at their defaults, in processes whose devices are all CPUs.
+  """
+  if any(device.platform != 'cpu' for device in jax.devices()):
+    return
+  from orbax.checkpoint._src.metadata import array_metadata_store  # what orbax's default handler is built with
+  ocp.type_handlers.register_type_handler(
+      jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False,
+                                                array_metadata_store=array_metadata_store.Store()), override=True)
 
 
 def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
@@ -200,6 +220,7 @@ class Checkpointer:
         cleanup_tmp_directories=not read_only,  # what a killed save left half-written goes when the run restarts
     )
     _drop_expected_orbax_warnings()
+    _write_cpu_arrays_whole()
     self._manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=_handler_registry())
 
   def should_save(self, step: int) -> bool:

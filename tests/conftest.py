@@ -3,7 +3,9 @@
 XLA_FLAGS must be set before JAX is first imported, so it lives at the very top of this file.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
@@ -16,13 +18,15 @@ os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 # quick to compile: a tiny training run compiles ~235 programs, ~230 of them small eager operations (~40 ms each),
 # and each worker and each launched process would otherwise compile them all again (a second process's 4-step run
 # went from 15 s to 8 s with them cached; /tmp measurement, 2026-12-06, AMD EPYC, 2 cores).
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='cg3d_jax_test_cache_'))
+# The process that makes the folder (pytest's main process: the workers and every launched command inherit the
+# variable) removes it at exit.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='cg3d_jax_test_cache_')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
-import atexit  # noqa: E402
 import functools  # noqa: E402
 import pathlib  # noqa: E402
-import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tarfile  # noqa: E402
@@ -54,6 +58,7 @@ GROUPS = {
     'test_export': 'export',
     'test_bad_inputs': 'bad_inputs',
     'test_checkpoint': 'checkpoint',
+    'test_device_check': 'device_check',
 }
 
 
