@@ -230,6 +230,16 @@ def test_global_iterator_gives_sharded_arrays_equal_to_host_batches(synth):
 # ------------------------------------------------------------------------------------------------ evaluation
 
 
+def test_the_training_streams_run_without_the_autotune_thread(synth):
+  """tf.data's autotuning model thread made destroying an iterator wait up to its optimisation period (10-30 s
+  seen: pipeline._without_autotune_thread); the streams training and fine-tuning iterate switch it off, and the
+  batches stay those of the tests above. Fails with the option removed from either stream."""
+  config = _data_config(synth)
+  streams = [pipeline.pretrain_local_dataset(config, global_batch_size=8, num_templates=63, seed=11, **IMAGE_KW),
+             pipeline.labelled_local_dataset(config, global_batch_size=8, seed=11)]
+  assert [ds.options().autotune.enabled for ds in streams] == [False, False]
+
+
 def test_eval_pass_in_order_padded_with_mask(synth):
   manual, data_dir, builder = synth
   import tensorflow_datasets as tfds

@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from cg3d_jax.data import builders, host_batches, transforms
+from cg3d_jax.data import builders, host_batches, tf_transforms
 
 class_names = builders.class_names
 
@@ -53,6 +53,18 @@ def _read(builder, split: str, start: int, end: int) -> tf.data.Dataset:
                           read_config=tfds.ReadConfig(try_autocache=False))
   options = tf.data.Options()
   options.deterministic = True
+  return ds.with_options(options)
+
+
+def _without_autotune_thread(ds: tf.data.Dataset) -> tf.data.Dataset:
+  """The stream with tf.data's autotuning model off: its thread sleeps through the iterator's cancellation, so
+  destroying an iterator (the end of every training run and evaluation pass) waited out the thread's current
+  optimisation period, which grows with the iterator's age: up to 30 s after a 300-step demo run, 10 s in one of two
+  teardowns of a 30 s-old pretraining stream and never without the model (tensorflow-cpu 2.21, 2026-12-06, AMD
+  EPYC, 2 cores). Parallel maps then run as many calls as the host has cores (tf.data's default, at most 16) and
+  the prefetch buffers keep their own sizes."""
+  options = tf.data.Options()
+  options.autotune.enabled = False
   return ds.with_options(options)
 
 
@@ -89,7 +101,7 @@ def _builder(data_config, process_count: int):
 def prepare_cloud(points: tf.Tensor, num_points: int) -> tf.Tensor:
   """First `num_points` points (cycled), centred and scaled to the unit sphere: (num_points, 3) float32."""
   points = tf.gather(points, tf.range(num_points) % tf.shape(points)[0])
-  return tf.ensure_shape(transforms.tf_normalize_unit_sphere(points), (num_points, 3))
+  return tf.ensure_shape(tf_transforms.tf_normalize_unit_sphere(points), (num_points, 3))
 
 
 def pretrain_local_dataset(data_config, *, global_batch_size: int, image_size: int, image_mean, image_std,
@@ -129,10 +141,10 @@ def pretrain_local_dataset(data_config, *, global_batch_size: int, image_size: i
 
   def finish(ex):
     seeds = ex['seeds']
-    points = transforms.tf_normalize_unit_sphere(ex['points'])
-    points = transforms.tf_resample(seeds[0], points, num_points)
+    points = tf_transforms.tf_normalize_unit_sphere(ex['points'])
+    points = tf_transforms.tf_resample(seeds[0], points, num_points)
     if prob > 0:
-      points = transforms.tf_augment(seeds[1], points, prob)
+      points = tf_transforms.tf_augment(seeds[1], points, prob)
     template = tf.random.stateless_uniform([], seeds[2], minval=0, maxval=num_templates, dtype=tf.int32)
     return {'points': tf.ensure_shape(points, (num_points, 3)),
             'image': preprocess_image(ex['png'], image_size, image_mean, image_std, image_resample),
@@ -143,7 +155,7 @@ def pretrain_local_dataset(data_config, *, global_batch_size: int, image_size: i
   ds = ds.skip(first % n_local)
   ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(local_batch, drop_remainder=True)
-  return ds.prefetch(data_config.prefetch)
+  return _without_autotune_thread(ds.prefetch(data_config.prefetch))
 
 
 def make_pretrain_iterator(data_config, *, global_batch_size, sharding, image_size, image_mean, image_std,
@@ -209,7 +221,7 @@ def labelled_local_dataset(data_config, *, global_batch_size: int, seed: int, st
   ds = tf.data.Dataset.range(first // n_local, np.iinfo(np.int64).max).flat_map(epoch_stream)
   ds = ds.skip(first % n_local)
   ds = ds.batch(local_batch, drop_remainder=True)
-  return ds.prefetch(data_config.prefetch)
+  return _without_autotune_thread(ds.prefetch(data_config.prefetch))
 
 
 def make_labelled_iterator(data_config, *, global_batch_size: int, sharding, seed: int,
@@ -245,7 +257,7 @@ def eval_local_batches(name: str, *, data_dir, batch_size: int, num_points_store
     return out
 
   ds = _read(builder, split, 0, n).map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(local_batch).shard(process_count, process_index).prefetch(2)
+  ds = _without_autotune_thread(ds.batch(local_batch).shard(process_count, process_index).prefetch(2))
   batches = ds.as_numpy_iterator()
   for _ in range(math.ceil(n / batch_size)):
     batch = next(batches, None)
