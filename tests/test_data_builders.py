@@ -14,7 +14,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from cg3d_jax import build_data
-from cg3d_jax.data import builders, modelnet, readers, scanobjectnn, shapenet55
+from cg3d_jax.data import builders, modelnet, readers, scanobjectnn, shapenet55, shapenet55_names
 from tests.conftest import modelnet10_layout, modelnet_root, run_command, write_scanobjectnn_h5
 
 
@@ -240,11 +240,12 @@ def test_shapenet_real_synsets_use_package_dictionary_and_cg3d_renames(tmp_path)
 
 def test_package_synset_dictionary_matches_cg3d_shape_names(fixtures_dir):
   # The package's first names + CG3D's renames give exactly CG3D's 55 class names, for the 55 real synsets.
-  synsets = shapenet55.read_synset_dictionary(None)
+  synsets = shapenet55_names.read_synset_dictionary(None)
   reference = json.loads((fixtures_dir / 'shapenet55/shapenet_synset_dict.json').read_text())
   assert set(synsets) == set(reference)
   assert sorted(synsets.values()) == sorted((fixtures_dir / 'shapenet55/shape_names.txt').read_text().splitlines())
-  assert shapenet55.read_shape_names(None) == (fixtures_dir / 'shapenet55/shape_names.txt').read_text().splitlines()
+  names = (fixtures_dir / 'shapenet55/shape_names.txt').read_text().splitlines()
+  assert shapenet55_names.read_shape_names(None) == names
 
 
 def _expect_bad(tmp_path, pattern):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 
-from cg3d_jax.data import transforms
+from cg3d_jax.data import tf_transforms, transforms
 
 
 def _cloud(n=512, seed=0):
@@ -19,7 +19,7 @@ def _tf_seed(i):
 def _augment_many(pts, prob, num_seeds):
   """(outputs, flags) for seeds 0..num_seeds-1, run as one graph (eager calls one by one are slow)."""
   ds = tf.data.Dataset.range(num_seeds).map(
-      lambda i: transforms.tf_augment(tf.stack([tf.constant(7, tf.int64), i]), tf.constant(pts), prob,
+      lambda i: tf_transforms.tf_augment(tf.stack([tf.constant(7, tf.int64), i]), tf.constant(pts), prob,
                                       return_flags=True))
   outs, flags = zip(*ds.as_numpy_iterator())
   return np.stack(outs), np.stack(flags)
@@ -27,7 +27,7 @@ def _augment_many(pts, prob, num_seeds):
 
 def test_rotation_matrices_match_numpy_and_cg3d_convention():
   for angle in (0.0, 0.3, np.pi / 2, 2.5):
-    np.testing.assert_allclose(transforms.tf_rotation_y(tf.constant(angle, tf.float32)).numpy(),
+    np.testing.assert_allclose(tf_transforms.tf_rotation_y(tf.constant(angle, tf.float32)).numpy(),
                                transforms.rotation_y_np(angle), atol=1e-6)
   # Hand-computed: CG3D's rotation about y is [[c, 0, s], [0, 1, 0], [-s, 0, c]] applied to rows as `p @ R`
   # (np.dot(data, R)), so a quarter turn sends x to +z and z to -x.
@@ -37,7 +37,7 @@ def test_rotation_matrices_match_numpy_and_cg3d_convention():
   c, s = np.cos(0.3), np.sin(0.3)
   np.testing.assert_allclose(transforms.rotation_y_np(0.3), [[c, 0, s], [0, 1, 0], [-s, 0, c]], atol=1e-12)
   angles = np.array([0.1, -0.05, 0.17])
-  np.testing.assert_allclose(transforms.tf_perturbation_rotation(tf.constant(angles, tf.float32)).numpy(),
+  np.testing.assert_allclose(tf_transforms.tf_perturbation_rotation(tf.constant(angles, tf.float32)).numpy(),
                              transforms.perturbation_rotation_np(angles), atol=1e-6)
   r = transforms.perturbation_rotation_np(angles)
   np.testing.assert_allclose(r @ r.T, np.eye(3), atol=1e-12)
@@ -46,7 +46,7 @@ def test_rotation_matrices_match_numpy_and_cg3d_convention():
 def test_normalize_unit_sphere_tf_matches_numpy():
   pts = _cloud() * 3 + 5
   ref = transforms.normalize_unit_sphere_np(pts)
-  got = transforms.tf_normalize_unit_sphere(tf.constant(pts)).numpy()
+  got = tf_transforms.tf_normalize_unit_sphere(tf.constant(pts)).numpy()
   np.testing.assert_allclose(got, ref, atol=1e-5)
   np.testing.assert_allclose(np.linalg.norm(ref, axis=1).max(), 1.0, rtol=1e-6)
   np.testing.assert_allclose(ref.mean(axis=0), 0.0, atol=1e-6)
@@ -54,7 +54,7 @@ def test_normalize_unit_sphere_tf_matches_numpy():
 
 def test_resample_draws_rows_of_the_input_with_replacement():
   pts = _cloud(64)
-  out = transforms.tf_resample(_tf_seed(0), tf.constant(pts), 500).numpy()
+  out = tf_transforms.tf_resample(_tf_seed(0), tf.constant(pts), 500).numpy()
   assert out.shape == (500, 3)
   matches = (np.abs(out[:, None, :] - pts[None]) < 1e-7).all(-1)
   assert matches.any(axis=1).all()
@@ -75,7 +75,7 @@ def _with_flags(pts, wanted, prob=0.5):
   _, flags = _augment_many(pts[:8], prob, 200)
   hits = np.flatnonzero((flags == np.array(wanted, bool)).all(axis=1))
   assert len(hits), f'no seed gave flags {wanted}'
-  return transforms.tf_augment(_tf_seed(int(hits[0])), tf.constant(pts), prob).numpy()
+  return tf_transforms.tf_augment(_tf_seed(int(hits[0])), tf.constant(pts), prob).numpy()
 
 
 def test_rotations_preserve_norms_and_quarter_turns_are_exact():
@@ -111,9 +111,9 @@ def test_jitter_and_drop_follow_the_recipe():
 
 def test_same_seed_same_augmentation():
   pts = tf.constant(_cloud())
-  a = transforms.tf_augment(_tf_seed(3), pts, 1.0).numpy()
-  b = transforms.tf_augment(_tf_seed(3), pts, 1.0).numpy()
-  c = transforms.tf_augment(_tf_seed(4), pts, 1.0).numpy()
+  a = tf_transforms.tf_augment(_tf_seed(3), pts, 1.0).numpy()
+  b = tf_transforms.tf_augment(_tf_seed(3), pts, 1.0).numpy()
+  c = tf_transforms.tf_augment(_tf_seed(4), pts, 1.0).numpy()
   np.testing.assert_array_equal(a, b)
   assert np.abs(a - c).max() > 1e-3
 
@@ -148,7 +148,7 @@ def test_farthest_point_sample_np_hand_computed():
 
 def _drawn_params(num_seeds: int, num_points: int = 16, prob: float = 1.0) -> dict[str, np.ndarray]:
   ds = tf.data.Dataset.range(num_seeds).map(
-      lambda i: transforms.tf_augment_params(tf.stack([tf.constant(7, tf.int64), i]), num_points, prob))
+      lambda i: tf_transforms.tf_augment_params(tf.stack([tf.constant(7, tf.int64), i]), num_points, prob))
   draws = list(ds.as_numpy_iterator())
   return {k: np.stack([d[k] for d in draws]) for k in draws[0]}
 
@@ -181,8 +181,8 @@ def test_tf_and_numpy_augmentations_compose_in_the_same_order():
   jitter), so a different order in either would show."""
   pts = _cloud(64)
   for i in range(5):
-    params = transforms.tf_augment_params(_tf_seed(i), 64, 1.0)
-    got = transforms.tf_apply_augment(tf.constant(pts), params).numpy()
+    params = tf_transforms.tf_augment_params(_tf_seed(i), 64, 1.0)
+    got = tf_transforms.tf_apply_augment(tf.constant(pts), params).numpy()
     want = transforms.apply_augment_np(pts, {k: v.numpy() for k, v in params.items()})
     np.testing.assert_allclose(got, want, atol=2e-5)
     reordered = dict({k: v.numpy() for k, v in params.items()}, apply=np.array([0, 0, 1, 0, 0], bool))

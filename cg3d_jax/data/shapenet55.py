@@ -14,50 +14,13 @@ ashcan->trashcan); label = its line in shape_names.txt, as in CG3D's dataset cod
   tfds build cg3d_jax/data/shapenet55.py --manual_dir /data/shapenet55 --data_dir ~/tensorflow_datasets
 """
 
-import json
 import pathlib
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from cg3d_jax import assets
 from cg3d_jax.data import builder_base, readers
-
-CG3D_RENAMES = {'display': 'monitor', 'vessel': 'ship', 'ashcan': 'trashcan'}
-
-
-def class_name_of(synset_name: str) -> str:
-  first = synset_name.split(',')[0].strip()
-  return CG3D_RENAMES.get(first, first)
-
-
-def read_synset_dictionary(path: pathlib.Path | None) -> dict[str, str]:
-  """synset id -> class name, from ShapeNet's taxonomy.json at `path` (list or dict form), or the package copy."""
-  if path is None:
-    raw = json.loads(assets.read_text('shapenet55_synsets.json'))
-  else:
-    try:
-      raw = json.loads(path.read_text(encoding='utf-8'))
-    except (OSError, ValueError) as e:
-      raise readers.BadInputError(f'{path}: not a readable JSON synset dictionary ({e})') from e
-    if isinstance(raw, list):
-      try:
-        raw = {entry['synsetId']: entry['name'] for entry in raw}
-      except (TypeError, KeyError) as e:
-        raise readers.BadInputError(f'{path}: expected a list of {{"synsetId": ..., "name": ...}} entries') from e
-    if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
-      raise readers.BadInputError(f'{path}: expected a synset dictionary {{synset id: name}}')
-  return {synset: class_name_of(name) for synset, name in raw.items()}
-
-
-def read_shape_names(path: pathlib.Path | None) -> list[str]:
-  if path is None:
-    return [line.strip() for line in assets.read_text('shapenet55_shape_names.txt').splitlines()
-            if line.strip()]
-  names = [text for _, text in readers.read_lines(path)]
-  if len(set(names)) != len(names):
-    raise readers.BadInputError(f'{path}: class names must be unique')
-  return names
+from cg3d_jax.data.shapenet55_names import read_shape_names, read_synset_dictionary
 
 
 class Layout:

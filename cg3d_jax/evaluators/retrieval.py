@@ -11,16 +11,18 @@ Every similarity is cosine (features L2-normalised), also when the classifier ke
 """
 
 import dataclasses
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import jax
 import numpy as np
-import tensorflow_datasets as tfds
 
 from cg3d_jax import sharding
 from cg3d_jax.evaluators import metrics, reports, zeroshot
 from cg3d_jax.models.cg3d import CG3D
 from cg3d_jax.models.layers import l2_normalize
+
+if TYPE_CHECKING:
+  import tensorflow_datasets as tfds
 
 DIRECTIONS = ('text_to_3d', 'image_to_3d', '3d_to_image', '3d_to_text')
 RESULTS_FILE = 'retrieval.json'
@@ -138,8 +140,9 @@ def write_grid(path, features: RetrievalFeatures, fetch_view: Callable[[int], np
   reports.write_retrieval_grid(path, queries, matches, captions, correct)
 
 
-def view_reader(builder: tfds.core.DatasetBuilder, split: str, view_index: int = 0) -> Callable[[int], np.ndarray]:
+def view_reader(builder: 'tfds.core.DatasetBuilder', split: str, view_index: int = 0) -> Callable[[int], np.ndarray]:
   """fetch_view for write_grid: reads one object's render straight from the prepared TFDS files (cached)."""
+  import tensorflow_datasets as tfds  # only a TFDS split has renders to show: other evaluations run without TF
   cache = {}
 
   def fetch(index: int) -> np.ndarray:

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from cg3d_jax import sharding
-from cg3d_jax.data import point_files, shapenet55
+from cg3d_jax.data import point_files, shapenet55_names
 from cg3d_jax.errors import BadInputError, InputError
 from cg3d_jax.evaluators import prediction, zeroshot
 from cg3d_jax.models.cg3d import CG3D
@@ -283,7 +283,7 @@ def training_vocabulary(model: ScoringModel) -> list[str]:
                      'names this tool does not know; pass --vocabulary "word1,word2,..."')
   manual = data.get('manual_dir')
   names_file = pathlib.Path(manual) / 'shape_names.txt' if manual else None
-  names = shapenet55.read_shape_names(names_file if names_file and names_file.is_file() else None)
+  names = shapenet55_names.read_shape_names(names_file if names_file and names_file.is_file() else None)
   return [n.replace('_', ' ') for n in names]
 
 

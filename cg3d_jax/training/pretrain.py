@@ -17,7 +17,7 @@ from absl import logging
 
 from cg3d_jax import sharding, step_cost
 from cg3d_jax.checkpoints import Checkpointer
-from cg3d_jax.data import builders, host_batches, openshape_stream, pipeline, templates
+from cg3d_jax.data import host_batches, openshape_stream, templates
 from cg3d_jax.errors import ConfigError
 from cg3d_jax.evaluators import evaluation_sets
 from cg3d_jax.evaluators.zeroshot import ZeroShotEvaluator
@@ -144,6 +144,7 @@ class NonFiniteError(RuntimeError):
 
 def validation_evaluator(setup: Setup) -> ZeroShotEvaluator:
   """Zero-shot on config.eval.split; the text tower is frozen and prompt-less, so its classifier is built once."""
+  from cg3d_jax.data import pipeline  # TFDS, with TensorFlow: imported by the recipe that reads it alone
   config = setup.config
   batches = functools.partial(
       pipeline.make_eval_iterator, config.data.name, data_dir=config.data.data_dir,
@@ -182,6 +183,7 @@ class Recipe:
 def clip_recipe(config, setup: Setup | None = None) -> Recipe:
   """CG3D's recipe: renders through the frozen, prompt-tuned image tower; captions from class-name templates (the
   TFDS data of config.data.name; with a given `setup`, the step and schedule alone, for renders_recipe)."""
+  from cg3d_jax.data import builders, pipeline  # TFDS, with TensorFlow: OpenShape's layout trains without it
   if setup is None:
     if config.model.get('in_channels', 3) != 3:
       raise ConfigError(f'config.model.in_channels={config.model.in_channels}: the TFDS datasets ({config.data.name}) '
