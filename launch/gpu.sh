@@ -8,7 +8,7 @@
 # SLURM: `srun` starts one process per node (default; each drives all GPUs of its node) or, with --per-gpu, one per
 # GPU (--gpus-per-task=1, so each process sees exactly its own GPU). The coordinator is the allocation's first node
 # (port CG3D_PORT, default derived from the job id); CG3D_NUM_PROCESSES is the task count and CG3D_PROCESS_ID each
-# task's SLURM_PROCID (see cg3d_jax/distributed.py). Requirements: `pip install "jax[cuda12]" -r requirements.txt`.
+# task's SLURM_PROCID (see cg3d_jax/distributed.py). Requirements: `pip install "jax[cuda13]" -r requirements.txt` (cuda12 for drivers older than 580).
 # Rerunning the same command after a failure or preemption resumes from the newest checkpoint in --workdir.
 #
 #   sbatch --nodes=4 --gpus-per-node=8 --wrap "launch/gpu.sh --slurm -- --config pretrain_pointbert \
