@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import tempfile
@@ -129,7 +128,7 @@ def main(argv=None):
   jax_s, torch_s = {k: statistics.median(v) for k, v in jax_times.items()}, statistics.median(torch_times)
   print(f'{args.backbone} ViT-B/16 image tower, deep prompts (12 x 5), forward + backward to the prompts only; '
         f'batch {args.batch}, {spec.image_size} px, fp32')
-  print(f'machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; jax {jax.__version__} '
+  print(f'machine: {load.cpu_model()}, {os.cpu_count()} CPUs; jax {jax.__version__} '
         f'({jax.devices()[0].platform}), torch {torch.__version__} ({torch_device}, {torch.get_num_threads()} '
         'threads); '
         f'median of {args.iters} alternating iterations')

@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import tempfile
@@ -114,7 +113,7 @@ def main(argv=None):
     os_times.append(t)
 
   image_s, feat_s, os_s = (statistics.median(t) for t in (image_times, feat_times, os_times))
-  print(f'batch {args.batch}, fp32, one device; machine: {platform.processor() or platform.machine()}, '
+  print(f'batch {args.batch}, fp32, one device; machine: {load.cpu_model()}, '
         f'{os.cpu_count()} CPUs; jax {jax.__version__}; median of {args.iters} steps (the first two interleaved)')
   print()
   print('| step | s / step | samples / s | vs image-tower step | compile s |')

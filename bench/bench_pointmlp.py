@@ -13,7 +13,6 @@ together, run them one at a time with --framework.
 import argparse
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -88,7 +87,7 @@ def main():
       times[name].append(time.perf_counter() - start)
 
   print(f'PointMLP (CG3D config) train-mode forward+backward, batch {args.batch} x {args.points} points, fp32')
-  print(f'machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; jax {jax.__version__} '
+  print(f'machine: {load.cpu_model()}, {os.cpu_count()} CPUs; jax {jax.__version__} '
         f'({jax.devices()[0].platform}), torch {torch.__version__} ({torch.get_num_threads()} threads)')
   print(f'{"framework":10s} {"median s":>9s} {"all runs s":>24s}')
   for name, runs in times.items():

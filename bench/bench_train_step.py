@@ -14,7 +14,6 @@ measured fp32 matmul rate.
 import argparse
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import tempfile
@@ -157,7 +156,7 @@ def main(argv=None):
   jax_s, torch_s = median(jax_times), median(torch_times)
   print(f'CG3D joint step, PointTransformer 1024 points (FPS from 8192) + ViT-B/16 CLIP, 5 deep prompts, text cached;'
         f' batch {args.batch}, fp32')
-  print(f'machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; jax {jax.__version__}, '
+  print(f'machine: {load.cpu_model()}, {os.cpu_count()} CPUs; jax {jax.__version__}, '
         f'torch {torch.__version__} ({torch.get_num_threads()} threads); median of {args.iters} alternating steps')
   print(f'matmul FLOPs of the step (step_cost.matmul_flops): {flops / 1e9:.1f} GFLOP per step (XLA cost analysis, '
         f'loop bodies once: {cost.xla_flops / 1e9:.1f}); measured fp32 matmul rate {gflops:.1f} GFLOP/s; '
