@@ -42,11 +42,6 @@ def resolve_format(out: pathlib.Path, fmt: str | None) -> str:
   return fmt
 
 
-def encoder_update_count(config, step: int) -> int:
-  """BatchNorm updates of the encoder (torch's num_batches_tracked): every step, or the even ones when alternating."""
-  return (step + 1) // 2 if config.train.get('mode') == 'alternating' else step
-
-
 def _frozen_visual(trained):
   """A run on SLIP exports its frozen image tower beside the prompts, as the original saves `visual_clip_model`."""
   from cg3d_jax.weights import clip_files, slip
@@ -70,7 +65,7 @@ def _export_pretraining(trained, out: pathlib.Path, fmt: str):
       trained.encoder_name, trained.encoder_vars['params'], trained.encoder_vars['batch_stats'],
       prompts=trained.prompts, prompt_mode=trained.prompt_mode, step=trained.step, epoch=EPOCH.value,
       metrics=trained.metrics, config=config.to_dict(),
-      num_batches_tracked=encoder_update_count(config, trained.step), frozen_visual=_frozen_visual(trained))
+      num_batches_tracked=trained.step, frozen_visual=_frozen_visual(trained))
   if trained.encoder_name == 'point_transformer' and 'cls_head_finetune.0.weight' not in container['base_model']:
     logging.warning('no classification head (config.model.num_classes is unset): the original '
                     'PointTransformerProject builds cls_head_finetune, so its strict load will report it missing')

@@ -197,8 +197,10 @@ def test_alternating_mode_lowers_the_losses(config, batches):
 
 
 def test_alternating_mode_moves_one_group_per_step(config, batches):
-  """Even steps move the encoder (parameters, BatchNorm statistics, AdamW's moments and count) and leave the prompts
-  and SGD's momentum bitwise as they were; odd steps the reverse."""
+  """Even steps move the encoder (parameters, AdamW's moments and count) and leave the prompts and SGD's momentum
+  bitwise as they were; odd steps the reverse. The encoder's BatchNorm statistics move on every step, prompt steps
+  too, as the original runner forwards the encoder in train mode on every batch (shown to fail with the statistics
+  kept on prompt steps, this project's earlier rule)."""
   c = _alternating(config)
   setup = make_setup(c)
   states = [jax.device_get(setup.state)]
@@ -208,7 +210,7 @@ def test_alternating_mode_moves_one_group_per_step(config, batches):
 
   def parts(s):
     inner = s['opt_state'].inner_states
-    return {'encoder': (s['params']['encoder'], s['batch_stats'], inner[ENCODER]),
+    return {'encoder': (s['params']['encoder'], inner[ENCODER]),
             'prompts': (s['params']['clip']['prompts'], inner[PROMPTS])}
 
   def same(a, b):
@@ -219,11 +221,9 @@ def test_alternating_mode_moves_one_group_per_step(config, batches):
     moving, still = ('encoder', 'prompts') if step % 2 == 0 else ('prompts', 'encoder')
     assert same(before[still], after[still]), (step, still)
     assert not np.array_equal(jax.tree.leaves(before[moving][0])[0], jax.tree.leaves(after[moving][0])[0]), step
+    assert not same(states[step]['batch_stats'], states[step + 1]['batch_stats']), step
   assert pretrain.active_groups(c, states[1]['params'], 1) == (PROMPTS,)
   assert pretrain.active_groups(c, states[1]['params'], 2) == (ENCODER,)
-  # The export's BatchNorm update count follows: two encoder steps out of three.
-  from cg3d_jax.export import encoder_update_count
-  assert encoder_update_count(c, 3) == 2
 
 
 def _continue(setup, host_state, batch, config, step):

@@ -9,7 +9,10 @@ all L2-normalised; s = exp(CLIP's frozen logit_scale); three symmetric InfoNCE l
   joint        the encoder from point<->text + point<->image (image features detached), the prompts from
                image<->text, both optimizers step;
   alternating  even steps: the encoder from point<->text + point<->image, against the current prompted image
-               features; odd steps: the prompts from image<->text.
+               features; odd steps: the prompts from image<->text. The encoder runs in train mode on every batch
+               (the runner forwards it before the branch), so its BatchNorm statistics move on prompt steps too.
+               (The runner alternates on the batch's index within its epoch, not on the global step: the same
+               when an epoch has an even number of batches; issue 36.)
 """
 
 import math
@@ -80,8 +83,11 @@ class ReferenceStep:
       text = F.normalize(getattr(text, 'pooler_output', text), dim=-1)  # transformers 5 returns an output object
     image = F.normalize(self.features(self.clip, pixels, self.prompts), dim=-1)
     losses, total = {}, 0.0
+    self.encoder.train()
+    if not encoder_step:
+      with torch.no_grad():  # the runner forwards the encoder in train mode on every batch: its statistics move
+        self.encoder(points)
     if encoder_step:
-      self.encoder.train()
       point = F.normalize(self.encoder(points), dim=-1)
       losses['loss/point_text'] = info_nce(point, text, scale)
       losses['loss/point_image'] = info_nce(point, image.detach(), scale)

@@ -128,6 +128,9 @@ def build_setup(config, *, train_classes: list[str] | None, steps_per_epoch: int
 
 
 def active_groups(config, setup_params: dict, step: int) -> tuple[str, ...]:
+  """The groups that global step `step` updates. Alternating mode: the encoder on even steps, the prompts on odd
+  ones. (The original runner alternates on the batch's index within its epoch; the two part at epoch boundaries
+  when an epoch has an odd number of batches: issue 36, which needs the schedules evaluated at the global step.)"""
   has_prompts = 'clip' in setup_params
   if not has_prompts:
     return (ENCODER,)

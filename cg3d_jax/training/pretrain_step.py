@@ -77,14 +77,17 @@ def _losses(model: CG3D, groups: dict, params: dict, frozen: dict, batch_stats, 
     text, valid = text_table[batch['template_idx'], batch['label']], None
   image = model.image_features(clip_params, batch['image'])
   metrics, total = {}, 0.0
-  new_stats = batch_stats
+  # The encoder runs in train mode on every batch, also when only the prompts step (alternating mode), as the
+  # original runner does (it forwards the point encoder before choosing which group steps): its BatchNorm running
+  # statistics are updated by every batch. On a prompt step its features reach no loss and `groups` holds no
+  # encoder parameter, so it gets no gradient.
+  aug_key, drop_key = jax.random.split(key)
+  points = sample_points(batch['points'], model.num_points)
+  if augment:
+    points = scale_and_translate(aug_key, points)
+  feats, new_stats = model.point_features({'params': params['encoder'], 'batch_stats': batch_stats}, points,
+                                          train=True, rngs={'dropout': drop_key})
   if ENCODER in active:
-    aug_key, drop_key = jax.random.split(key)
-    points = sample_points(batch['points'], model.num_points)
-    if augment:
-      points = scale_and_translate(aug_key, points)
-    feats, new_stats = model.point_features({'params': params['encoder'], 'batch_stats': batch_stats}, points,
-                                            train=True, rngs={'dropout': drop_key})
     # The encoder learns to reach CLIP's image features; it must not pull the prompts toward itself.
     metrics['loss/point_text'] = contrastive_loss(feats, text, scale, mask_same_class_labels=labels, valid=valid)
     metrics['loss/point_image'] = contrastive_loss(feats, jax.lax.stop_gradient(image), scale,
@@ -125,9 +128,7 @@ def train_step(state: dict, frozen: dict, text_table, batch: dict, *, model: CG3
     metrics[f'grad_norm/{g}'] = optax.tree.norm(tree)
   # A NaN point need not reach the loss (farthest-point sampling can pass over it), so the inputs are checked too.
   ok = jnp.isfinite(loss) & _all_finite(grads) & _all_finite([batch['points'], batch['image']])
-  new = dict(params=new_params, opt_state=new_opt_state)
-  if ENCODER in active:
-    new['batch_stats'] = new_stats
+  new = dict(params=new_params, opt_state=new_opt_state, batch_stats=new_stats)
   return _apply_if_finite(state, ok, metrics, **new), metrics
 
 
