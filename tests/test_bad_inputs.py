@@ -373,6 +373,7 @@ CONFIG_CASES = [
     ('model.encoder', 'pointnet', r"config.model.encoder='pointnet'"),
     ('model.num_points', 0, r'config.model.num_points=0 must be a positive integer'),
     ('train.mode', 'both', r"config.train.mode='both': expected 'joint' or 'alternating'"),
+    ('train.lr_schedule', 'timm', r"config.train.lr_schedule='timm': expected one of \('per_epoch', 'original'\)"),
     ('model.attention', 'flash', r"config.model.attention='flash': expected one of \['auto', 'xla', 'cudnn'"),
     ('clip.attention', 'sdpa', r"config.clip.attention='sdpa'"),
     ('model.remat', 'True',  # what --config.model.remat=True gives now that the field is a policy name

@@ -360,8 +360,8 @@ def test_per_step_cosine_endpoints():
 
 
 def test_select_groups_alternates_like_two_separate_optimizers():
-  rules = [('^encoder/', dict(name='sgd', lr=0.1, end_lr=0.001, schedule='cosine_per_epoch', updates_every=2)),
-           ('^clip/prompts/', dict(name='sgd', lr=0.02, momentum=0.9, weight_decay=0.01, updates_every=2)),
+  rules = [('^encoder/', dict(name='sgd', lr=0.1, end_lr=0.001, schedule='cosine_per_epoch', steps_on='even')),
+           ('^clip/prompts/', dict(name='sgd', lr=0.02, momentum=0.9, weight_decay=0.01, steps_on='odd')),
            ('^clip/', None)]
   tx, labels_fn = optim.make_optimizer(rules, steps_per_epoch=2, total_steps=8)  # 4 epochs of 2 global steps
   params = _params()
@@ -394,3 +394,29 @@ def test_select_groups_alternates_like_two_separate_optimizers():
                              rtol=1e-5, atol=1e-7)
   lrs = optim.learning_rates(rules, 6, steps_per_epoch=2, total_steps=8)
   np.testing.assert_allclose(float(lrs['encoder']), _timm_cosine(3, 0.1, 0.001, 4), rtol=1e-5)
+
+
+def test_updates_on_in_epoch_parity_map_to_the_runners_global_steps_and_epochs():
+  """steps_on 'even'/'odd' recover the global step of a group's n-th update when the runner alternates on the
+  batch's index within its epoch: with 3 batches per epoch the encoder steps at 0, 2, 3, 5, 6, 8 and the prompts at
+  1, 4, 7 (hand-listed); lr_stepping 'original' takes lr(e - 1) for a group whose scheduler the runner steps
+  (the last index, 2, is even: the encoder's) and lr(0) for the other, against timm's per-epoch cosine."""
+  assert [int(optim.update_step_fn('even', 3)(n)) for n in range(6)] == [0, 2, 3, 5, 6, 8]
+  assert [int(optim.update_step_fn('odd', 3)(n)) for n in range(3)] == [1, 4, 7]
+  assert [int(optim.update_step_fn('odd', 2)(n)) for n in range(3)] == [1, 3, 5]
+  with pytest.raises(ValueError, match='never be updated'):
+    optim.update_step_fn('odd', 1)
+  settings = dict(name='sgd', lr=0.1, end_lr=0.001, schedule='cosine_per_epoch', epochs=4, lr_stepping='original')
+  with jax.enable_x64(True):  # computed in the parameters' precision: float64 values to float64 rounding
+    encoder = optim.make_schedule(dict(settings, scheduler_parity='even'), steps_per_epoch=3, total_steps=15)
+    prompts = optim.make_schedule(dict(settings, scheduler_parity='odd'), steps_per_epoch=3, total_steps=15)
+    per_epoch = optim.make_schedule(settings | {'lr_stepping': 'per_epoch'}, steps_per_epoch=3, total_steps=15)
+    assert encoder(4).dtype == jnp.float64
+    for step in range(15):
+      epoch = step // 3
+      np.testing.assert_allclose(float(encoder(step)), _timm_cosine(max(epoch - 1, 0), 0.1, 0.001, 4), rtol=1e-14)
+      np.testing.assert_allclose(float(prompts(step)), 0.1, rtol=1e-14)
+      np.testing.assert_allclose(float(per_epoch(step)), _timm_cosine(epoch, 0.1, 0.001, 4), rtol=1e-14)
+  # With 2 batches per epoch the last index is odd: the prompts' scheduler steps, the encoder's never does.
+  encoder = optim.make_schedule(dict(settings, scheduler_parity='even'), steps_per_epoch=2, total_steps=10)
+  np.testing.assert_allclose([float(encoder(step)) for step in range(10)], 0.1, rtol=1e-7)

@@ -36,7 +36,7 @@ def run_steps(setup, batches, mode='joint'):
   config = setup.config.copy_and_resolve_references()
   config.train.mode = mode
   for i, host in enumerate(batches):
-    groups = pretrain.active_groups(config, state['params'], i)
+    groups = pretrain.active_groups(config, state['params'], i, setup.steps_per_epoch)
     if groups not in cache:
       cache[groups] = jit_train_step(setup.model, setup.tx, setup.labels_fn, active=groups,
                                      state_shardings=setup.shardings['state'],
@@ -222,12 +222,24 @@ def test_alternating_mode_moves_one_group_per_step(config, batches):
     assert same(before[still], after[still]), (step, still)
     assert not np.array_equal(jax.tree.leaves(before[moving][0])[0], jax.tree.leaves(after[moving][0])[0]), step
     assert not same(states[step]['batch_stats'], states[step + 1]['batch_stats']), step
-  assert pretrain.active_groups(c, states[1]['params'], 1) == (PROMPTS,)
-  assert pretrain.active_groups(c, states[1]['params'], 2) == (ENCODER,)
+  assert pretrain.active_groups(c, states[1]['params'], 1, 4) == (PROMPTS,)
+  assert pretrain.active_groups(c, states[1]['params'], 2, 4) == (ENCODER,)
+  # By batch index within the epoch (the original's idx % 2): with 3 batches per epoch, steps 2 and 3 (an epoch's
+  # last batch and the next one's first) both train the encoder.
+  assert [pretrain.active_groups(c, states[1]['params'], i, 3) for i in range(6)] == [
+      (ENCODER,), (PROMPTS,), (ENCODER,), (ENCODER,), (PROMPTS,), (ENCODER,)]
+
+
+def test_alternating_mode_refuses_one_batch_per_epoch(config):
+  """With one batch per epoch every batch index is 0, so the runner's alternation would never train the prompts:
+  one clear error instead of a run that silently trains the encoder alone."""
+  from cg3d_jax.errors import ConfigError
+  with pytest.raises(ConfigError, match=r"mode='alternating' with 1 batch per epoch: the prompts train on odd"):
+    pretrain.build_setup(_alternating(config), train_classes=['chair', 'lamp'], steps_per_epoch=1)
 
 
 def _continue(setup, host_state, batch, config, step):
-  groups = pretrain.active_groups(config, host_state['params'], step)
+  groups = pretrain.active_groups(config, host_state['params'], step, setup.steps_per_epoch)
   fn = jit_train_step(setup.model, setup.tx, setup.labels_fn, active=groups, state_shardings=setup.shardings['state'],
                       frozen_shardings=setup.shardings['frozen'], table_sharding=setup.shardings['table'],
                       batch_shardings=setup.shardings['batch'])

@@ -34,8 +34,8 @@ import torch
 from cg3d_jax.data import builders, templates, transforms
 from cg3d_jax.models.cg3d import CG3D
 from cg3d_jax.synthetic import random_clip
-from cg3d_jax.training import pretrain
-from cg3d_jax.training.pretrain_step import merge_clip, train_step
+from cg3d_jax.training import optim, pretrain
+from cg3d_jax.training.pretrain_step import ENCODER, PROMPTS, merge_clip, train_step
 from cg3d_jax.trees import unstack_layers
 from cg3d_jax.twins.point_transformer import PointTransformerProject
 from cg3d_jax.twins.prompted_clip import torch_prompted_image_features
@@ -97,34 +97,44 @@ def _classes(config):
                                                    manual_dir=config.data.manual_dir))
 
 
-def run_jax(config, batch, dtype):
-  """K steps of the project's train_step (unsharded, jitted) in `dtype`: (setup, first state, final state, losses)."""
-  setup = pretrain.build_setup(config, train_classes=_classes(config), steps_per_epoch=1,
+def run_jax(config, batch, dtype, steps_per_epoch=1):
+  """config.train.total_steps steps of the project's train_step (unsharded, jitted) in `dtype`: (setup, first
+  state, the state after each step, losses, learning rates of the groups each step updated)."""
+  setup = pretrain.build_setup(config, train_classes=_classes(config), steps_per_epoch=steps_per_epoch,
                                devices=jax.devices()[:1])
+  steps = config.train.total_steps
   with jax.enable_x64(dtype == jnp.float64):
     cast = lambda tree: jax.tree.map(
         lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.asarray(x), tree)
     model = CG3D(encoder=setup.model.encoder.clone(dtype=dtype), clip=setup.model.clip.clone(dtype=dtype),
                  num_points=setup.model.num_points)
+    # The optimizer again, inside the x64 scope, so that its schedules run in the parameters' precision.
+    tx, _ = optim.make_optimizer(pretrain.optimizer_rules(config), steps_per_epoch=steps_per_epoch,
+                                 total_steps=steps)
     start, frozen = cast(jax.device_get(setup.state)), cast(jax.device_get(setup.frozen))
     caption_templates = templates.get_templates(config.data.templates)
     ids = tokenize(setup.clip.tokenizer, [t.format(c) for t in caption_templates for c in setup.class_names])
     table = model.caption_table(merge_clip(frozen, start['params']), ids.reshape(len(caption_templates),
                                                                                len(setup.class_names), -1))
-    state, losses, compiled = start, [], {}
-    for i in range(K):
-      groups = pretrain.active_groups(config, state['params'], i)
+    state, states, losses, lrs, compiled = start, [], [], [], {}
+    for i in range(steps):
+      groups = pretrain.active_groups(config, state['params'], i, steps_per_epoch)
       if groups not in compiled:
-        compiled[groups] = jax.jit(functools.partial(train_step, model=model, tx=setup.tx, labels_fn=setup.labels_fn,
+        compiled[groups] = jax.jit(functools.partial(train_step, model=model, tx=tx, labels_fn=setup.labels_fn,
                                                      active=groups, augment=False))
       state, metrics = compiled[groups](state, frozen, table, cast(batch))
+      states.append(jax.device_get(state))
       losses.append({k: float(v) for k, v in metrics.items() if k.startswith('loss')})
-    return setup, jax.device_get(start), jax.device_get(state), losses
+      rates = optim.learning_rates(pretrain.optimizer_rules(config), i, steps_per_epoch=steps_per_epoch,
+                                   total_steps=steps)
+      lrs.append({g: float(rates[g]) for g in groups})
+    return setup, jax.device_get(start), states, losses, lrs
 
 
-def run_torch(config, setup, start, batch, dtype):
-  """The same K steps in the PyTorch reference: (reference, losses)."""
+def run_torch(config, setup, start, batch, dtype, steps_per_epoch=1):
+  """The same steps in the PyTorch reference: (reference, losses, a snapshot of its state after each step)."""
   from transformers import CLIPModel
+  steps = config.train.total_steps
   pt = config.model.point_transformer
   twin = PointTransformerProject(width=pt.width, depth=pt.depth, num_heads=pt.num_heads, num_groups=pt.num_groups,
                                  group_size=pt.group_size, encoder_dim=pt.encoder_dim, drop_path_rate=0.0,
@@ -135,15 +145,34 @@ def run_torch(config, setup, start, batch, dtype):
   clip = CLIPModel.from_pretrained(config.clip.path, local_files_only=True).eval()
   twin, clip = twin.to(dtype), clip.to(dtype)
   prompts = torch.from_numpy(np.array(start['params']['clip']['prompts']['tokens'])).to(dtype)
+  epochs = config.train.epochs if config.train.lr_schedule == 'original' else -(-steps // steps_per_epoch)
   reference = ReferenceStep(twin, clip, prompts, encoder_optim=config.train.encoder_optim.to_dict(),
-                            prompt_optim=config.train.prompt_optim.to_dict(), steps_per_epoch=1, epochs=K,
-                            mode=config.train.mode, prompted_image_features=torch_prompted_image_features)
+                            prompt_optim=config.train.prompt_optim.to_dict(), steps_per_epoch=steps_per_epoch,
+                            epochs=epochs, mode=config.train.mode, lr_schedule=config.train.lr_schedule,
+                            prompted_image_features=torch_prompted_image_features)
   caption_templates = templates.get_templates(config.data.templates)
   captions = [caption_templates[t].format(setup.class_names[c]) for t, c in zip(batch['template_idx'], batch['label'])]
   ids = torch.from_numpy(tokenize(setup.clip.tokenizer, captions).astype(np.int64))
   points = torch.from_numpy(np.asarray(batch['points'])).to(dtype)
   pixels = torch.from_numpy(np.asarray(batch['image']).transpose(0, 3, 1, 2).copy()).to(dtype)
-  return reference, [reference(points, pixels, ids) for _ in range(K)]
+  losses, snapshots = [], []
+  for _ in range(steps):
+    losses.append(reference(points, pixels, ids))
+    snapshots.append(_snapshot(reference))
+  return reference, losses, snapshots
+
+
+def _snapshot(reference) -> dict:
+  """The reference's state after a step, copied: parameters, buffers (BatchNorm statistics), AdamW's moments by
+  parameter name, the prompts and SGD's momentum buffer."""
+  named = dict(reference.encoder.named_parameters())
+  adam = {name: {m: reference.adamw.state[p][m].clone().numpy() for m in ('exp_avg', 'exp_avg_sq')}
+          for name, p in named.items() if p in reference.adamw.state}
+  momentum = reference.sgd.state.get(reference.prompts, {}).get('momentum_buffer')
+  return {'params': {k: v.detach().clone().numpy() for k, v in named.items()},
+          'buffers': {k: v.clone().numpy() for k, v in reference.encoder.state_dict().items()},
+          'adam': adam, 'prompts': reference.prompts.detach().clone().numpy(),
+          'momentum': None if momentum is None else momentum.clone().numpy()}
 
 
 def _assert_updates_close(name, before, after_jax, after_torch, lr):
@@ -152,23 +181,46 @@ def _assert_updates_close(name, before, after_jax, after_torch, lr):
   np.testing.assert_allclose(have, want, rtol=0, atol=1e-5 * np.abs(want).max() + 1e-6 * lr, err_msg=name)
 
 
-@pytest.mark.parametrize('mode', ['joint', 'alternating'])
-def test_k_steps_equal_the_pytorch_reference_in_float64(two_layer_clip, tiny_shapenet, batch, mode):
+@pytest.mark.parametrize('mode, steps_per_epoch, lr_schedule', [
+    ('joint', 1, 'per_epoch'), ('alternating', 2, 'original'), ('alternating', 3, 'original')])
+def test_steps_equal_the_pytorch_reference_in_float64(two_layer_clip, tiny_shapenet, batch, mode, steps_per_epoch,
+                                                      lr_schedule):
+  """Joint: K steps, one batch per epoch. Alternating with the runner's schedule stepping: across two epoch
+  boundaries (2 x batches per epoch + 1 steps) with an even and an odd number of batches per epoch. At every step:
+  the losses, each stepping group's learning rate, the encoder's parameters, BatchNorm statistics and AdamW moments,
+  the prompts and SGD's momentum. Shown to fail, once each: with the alternation on the global step (the 3-batch
+  case parts at step 3, the first of the second epoch), with the statistics kept on prompt steps (the running
+  statistics), with lr(e) instead of the runner's stepping (the 3-batch case's encoder lr at step 3), and with
+  the encoder's schedule evaluated at its own update count (the 3-batch case's parameters at step 6)."""
   config = parity_config(two_layer_clip, tiny_shapenet, mode)
-  setup, start, final, jax_losses = run_jax(config, batch, jnp.float64)
-  reference, torch_losses = run_torch(config, setup, start, batch, torch.float64)
-  for step, (have, want) in enumerate(zip(jax_losses, torch_losses)):
-    assert set(have) == set(want), (step, have, want)  # the same losses were computed (alternating: by parity)
+  steps = K if mode == 'joint' else 2 * steps_per_epoch + 1
+  config.train.total_steps = steps
+  config.train.lr_schedule = lr_schedule
+  config.train.epochs = 3  # the cosine's length under 'original' (t_initial): its lr moves at every epoch here
+  setup, start, states, jax_losses, jax_lrs = run_jax(config, batch, jnp.float64, steps_per_epoch)
+  reference, torch_losses, snapshots = run_torch(config, setup, start, batch, torch.float64, steps_per_epoch)
+  assert len(states) == len(snapshots) == steps
+  groups = {'encoder': ENCODER, 'prompts': PROMPTS}
+  for step in range(steps):
+    have, want = jax_losses[step], torch_losses[step]
+    assert set(have) == set(want), (step, have, want)  # the same losses were computed (alternating: by index)
     for key in want:
       # Step 0 has no update behind it; later steps carry the 1e-6 clipping difference (module docstring).
       assert have[key] == pytest.approx(want[key], rel=1e-10 if step == 0 else 1e-6), (step, key)
+    assert {groups[g]: lr for g, lr in reference.lrs[step].items()} == pytest.approx(jax_lrs[step], rel=1e-14), step
+    _assert_state_matches(config, start, states[step], snapshots[step], step)
+  if lr_schedule == 'original' and steps_per_epoch == 3:  # the last index is even: the encoder's scheduler steps
+    lrs = [r.get('encoder') for r in reference.lrs]
+    assert lrs[0] == lrs[3] > lrs[6]  # epochs 0 and 1 at lr(0), epoch 2 at lr(1)
 
-  # Encoder parameters and AdamW's two moments, in the original names and layouts.
+
+def _assert_state_matches(config, start, final, snapshot, step):
+  """The JAX state after `step` against the reference's snapshot, in the original names and layouts."""
+  # Encoder parameters and AdamW's two moments.
   encoder_state = final['opt_state'].inner_states['encoder']
   adam = {m: optax.tree_utils.tree_get(encoder_state, m) for m in ('mu', 'nu')}
   lr = config.train.encoder_optim.lr
-  named = dict(reference.encoder.named_parameters())
-  largest = {m: max(float(state[m].abs().max()) for state in reference.adamw.state.values())
+  largest = {m: max([float(np.abs(state[m]).max()) for state in snapshot['adam'].values()] or [0.0])
              for m in ('exp_avg', 'exp_avg_sq')}
   checked = 0
   for e in torch_io.point_transformer_entries(config.model.point_transformer.depth, with_head=True):
@@ -177,48 +229,51 @@ def test_k_steps_equal_the_pytorch_reference_in_float64(two_layer_clip, tiny_sha
     path = e.flax_path.split('/')  # the name map's layout: blocks one by one
     pick = lambda tree: functools.reduce(lambda t, k: t[k], path, unstack_layers(tree))
     layout = lambda x: np.asarray(torch_io._to_torch_layout(e.kind, np.asarray(x, np.float64)))
-    param = named[e.torch_key]
-    _assert_updates_close(e.torch_key, layout(pick(start['params']['encoder'])),
-                          layout(pick(final['params']['encoder'])), param.detach().numpy(), lr)
-    moments = reference.adamw.state[param]
+    _assert_updates_close(f'step {step} {e.torch_key}', layout(pick(start['params']['encoder'])),
+                          layout(pick(final['params']['encoder'])), snapshot['params'][e.torch_key], lr)
+    moments = snapshot['adam'].get(e.torch_key)
     for ours, theirs in (('mu', 'exp_avg'), ('nu', 'exp_avg_sq')):
+      if moments is None:  # no encoder step yet: torch has no state, optax's moments are still zero
+        assert not np.any(layout(pick(adam[ours]['encoder']))), (step, e.torch_key)
+        continue
       # 2e-5: the clipping difference, squared for nu; the zero-gradient biases' moments are rounding noise, so no
       # tensor's scale is taken below 1e-6 of the largest moment of any tensor.
-      want = moments[theirs].numpy()
+      want = moments[theirs]
       scale = max(np.abs(want).max(), 1e-6 * largest[theirs])
       np.testing.assert_allclose(layout(pick(adam[ours]['encoder'])), want, rtol=0, atol=2e-5 * scale,
-                                 err_msg=f'{e.torch_key} {ours}')
+                                 err_msg=f'step {step} {e.torch_key} {ours}')
     checked += 1
-  assert checked == len([n for n in named if not n.startswith('cls_head')])
+  assert checked == len([n for n in snapshot['params'] if not n.startswith('cls_head')])
   np.testing.assert_array_equal(final['params']['encoder']['cls_head_1']['kernel'],
                                 start['params']['encoder']['cls_head_1']['kernel'])
 
-  # BatchNorm running statistics: one update per step, prompt steps too (the runner forwards the encoder in train
-  # mode on every batch), from weights that carry the clipping difference. Shown to fail with the statistics kept on
-  # prompt steps (alternating: the running statistics and num_batches_tracked, 2 of 3).
-  state_dict = reference.encoder.state_dict()
+  # BatchNorm running statistics: one update per batch, prompt steps too (the runner forwards the encoder in train
+  # mode on every batch), from weights that carry the clipping difference.
   for stage in ('first', 'second'):
     for ours, theirs in (('mean', 'running_mean'), ('var', 'running_var')):
-      want = state_dict[f'encoder.{stage}_conv.1.{theirs}'].numpy()
+      want = snapshot['buffers'][f'encoder.{stage}_conv.1.{theirs}']
       np.testing.assert_allclose(final['batch_stats']['encoder'][f'{stage}_bn'][ours], want, rtol=0,
-                                 atol=1e-5 * np.abs(want).max())
-  assert int(state_dict['encoder.first_conv.1.num_batches_tracked']) == K
+                                 atol=1e-5 * np.abs(want).max(), err_msg=f'step {step} {stage} {ours}')
+  assert int(snapshot['buffers']['encoder.first_conv.1.num_batches_tracked']) == step + 1
 
   # The prompts and SGD's momentum buffer.
-  _assert_updates_close('prompts', np.asarray(start['params']['clip']['prompts']['tokens']),
-                        np.asarray(final['params']['clip']['prompts']['tokens']), reference.prompts.detach().numpy(),
+  _assert_updates_close(f'step {step} prompts', np.asarray(start['params']['clip']['prompts']['tokens']),
+                        np.asarray(final['params']['clip']['prompts']['tokens']), snapshot['prompts'],
                         config.train.prompt_optim.lr)
   trace = optax.tree_utils.tree_get(final['opt_state'].inner_states['prompts'], 'trace')
-  want = reference.sgd.state[reference.prompts]['momentum_buffer'].numpy()
-  np.testing.assert_allclose(trace['clip']['prompts']['tokens'], want, rtol=0, atol=2e-5 * np.abs(want).max())
+  if snapshot['momentum'] is None:
+    assert not np.any(trace['clip']['prompts']['tokens']), step
+  else:
+    np.testing.assert_allclose(trace['clip']['prompts']['tokens'], snapshot['momentum'], rtol=0,
+                               atol=2e-5 * np.abs(snapshot['momentum']).max(), err_msg=f'step {step} momentum')
 
 
 def test_losses_equal_the_pytorch_reference_in_float32(two_layer_clip, tiny_shapenet, batch):
   """float32 both sides: the first step's losses to float32 rounding; later steps within 1e-3, the room that
   Adam's sign flips of near-zero gradients leave (module docstring)."""
   config = parity_config(two_layer_clip, tiny_shapenet, 'joint')
-  setup, start, _, jax_losses = run_jax(config, batch, jnp.float32)
-  _, torch_losses = run_torch(config, setup, start, batch, torch.float32)
+  setup, start, _, jax_losses, _ = run_jax(config, batch, jnp.float32)
+  _, torch_losses, _ = run_torch(config, setup, start, batch, torch.float32)
   for step, (have, want) in enumerate(zip(jax_losses, torch_losses)):
     for key in want:
       assert have[key] == pytest.approx(want[key], rel=1e-5 if step == 0 else 1e-3), (step, key)

@@ -8,11 +8,12 @@ Per step: text features of the batch's captions from the frozen text tower, prom
 all L2-normalised; s = exp(CLIP's frozen logit_scale); three symmetric InfoNCE losses. Which loss trains what:
   joint        the encoder from point<->text + point<->image (image features detached), the prompts from
                image<->text, both optimizers step;
-  alternating  even steps: the encoder from point<->text + point<->image, against the current prompted image
-               features; odd steps: the prompts from image<->text. The encoder runs in train mode on every batch
-               (the runner forwards it before the branch), so its BatchNorm statistics move on prompt steps too.
-               (The runner alternates on the batch's index within its epoch, not on the global step: the same
-               when an epoch has an even number of batches; issue 36.)
+  alternating  batches at an even index within their epoch (the runner's `idx % 2 == 0`): the encoder from
+               point<->text + point<->image, against the current prompted image features; odd indices: the prompts
+               from image<->text. The encoder runs in train mode on every batch (the runner forwards it before the
+               branch), so its BatchNorm statistics move on prompt steps too.
+Learning rates: 'per_epoch' evaluates timm's cosine at the batch's epoch; 'original' keeps each optimizer at the lr
+its scheduler was last stepped to by the runner's end-of-epoch rule (see `_end_of_batch`).
 """
 
 import math
@@ -52,7 +53,8 @@ class ReferenceStep:
   """The original's training of the encoder twin and the prompts, one step at a time."""
 
   def __init__(self, encoder: torch.nn.Module, clip, prompts: torch.Tensor, *, encoder_optim: dict,
-               prompt_optim: dict, steps_per_epoch: int, epochs: int, mode: str, prompted_image_features):
+               prompt_optim: dict, steps_per_epoch: int, epochs: int, mode: str, prompted_image_features,
+               lr_schedule: str = 'per_epoch'):
     self.encoder, self.clip, self.mode = encoder, clip, mode
     self.prompts = torch.nn.Parameter(prompts.clone())
     self.features = prompted_image_features
@@ -66,17 +68,31 @@ class ReferenceStep:
     for p in clip.parameters():
       p.requires_grad_(False)
     self.step_index = 0
+    self.lr_schedule = lr_schedule
+    self.lrs = []  # per step: {'encoder': lr, 'prompts': lr} of the optimizers that stepped
+    # The runner's schedulers: at the end of each epoch it steps the encoder's when the epoch's last batch index is
+    # even and the prompts' when it is odd (`scheduler.step(epoch)`: the lr for the next epoch is the schedule's value
+    # at the epoch just finished). Until a scheduler is first stepped, its optimizer keeps the initial lr.
+    self.epoch_lr = {'encoder': 0, 'prompts': 0}
 
-  def _lr(self, settings: dict) -> float:
+  def _lr(self, settings: dict, group: str) -> float:
     epoch = self.step_index // self.steps_per_epoch
     if settings['schedule'] == 'constant':
       return settings['lr']
+    if self.lr_schedule == 'original':
+      epoch = self.epoch_lr[group]
     return cosine_per_epoch(settings['lr'], settings['end_lr'], self.epochs, epoch)
+
+  def _end_of_batch(self, index: int) -> None:
+    if index == self.steps_per_epoch - 1:  # the runner's `if idx % 2 == 0: scheduler.step(epoch) else: ...`
+      finished = self.step_index // self.steps_per_epoch
+      self.epoch_lr['encoder' if index % 2 == 0 else 'prompts'] = finished
 
   def __call__(self, points, pixels, caption_ids) -> dict[str, float]:
     """One step on a batch: points (B, N, 3), pixels (B, 3, H, W), caption token ids (B, L). Returns the losses."""
-    encoder_step = self.mode == 'joint' or self.step_index % 2 == 0
-    prompt_step = self.mode == 'joint' or self.step_index % 2 == 1
+    index = self.step_index % self.steps_per_epoch  # the runner's idx: the batch's index within its epoch
+    encoder_step = self.mode == 'joint' or index % 2 == 0
+    prompt_step = self.mode == 'joint' or index % 2 == 1
     scale = self.clip.logit_scale.exp()
     with torch.no_grad():
       text = self.clip.get_text_features(input_ids=caption_ids)
@@ -98,16 +114,21 @@ class ReferenceStep:
     self.adamw.zero_grad()
     self.sgd.zero_grad()
     total.backward()
+    lrs = {}
     if encoder_step:
       torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), self.encoder_optim['clip_norm'])
+      lrs['encoder'] = self._lr(self.encoder_optim, 'encoder')
       for group in self.adamw.param_groups:
-        group['lr'] = self._lr(self.encoder_optim)
+        group['lr'] = lrs['encoder']
       self.adamw.step()
     if prompt_step:
       torch.nn.utils.clip_grad_norm_([self.prompts], self.prompt_optim['clip_norm'])
+      lrs['prompts'] = self._lr(self.prompt_optim, 'prompts')
       for group in self.sgd.param_groups:
-        group['lr'] = self._lr(self.prompt_optim)
+        group['lr'] = lrs['prompts']
       self.sgd.step()
+    self.lrs.append(lrs)
+    self._end_of_batch(index)
     self.step_index += 1
     out = {k: float(v) for k, v in losses.items()}
     out['loss'] = float(total)

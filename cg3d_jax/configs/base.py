@@ -67,6 +67,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.train.epochs = 100
   c.train.total_steps = config_dict.placeholder(int)  # overrides epochs when set
   c.train.mode = 'joint'  # 'joint' or 'alternating' (the original's even/odd schedule)
+  # Which epoch's learning rate a batch trains at: 'per_epoch', epoch e at lr(e) (the cosine the paper describes);
+  # 'original', the original runner's scheduler calls (optim's docstring: with an odd number of batches per epoch
+  # the encoder trains epoch e at lr(e - 1), with an even number at lr(0) throughout; one epoch more than epochs).
+  c.train.lr_schedule = 'per_epoch'
   c.train.same_class_mask = False  # the original keeps same-class captions as negatives
   c.train.log_every = 50
   c.train.max_bad_steps = 5  # consecutive non-finite steps before the run stops

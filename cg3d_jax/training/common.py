@@ -65,8 +65,12 @@ def validate_config(config, *, device_count: int) -> None:
 
 
 def total_steps(config, steps_per_epoch: int) -> int:
-  """config.train.total_steps when set, else epochs x steps per epoch."""
-  return int(config.train.total_steps) if config.train.total_steps else int(config.train.epochs * steps_per_epoch)
+  """config.train.total_steps when set, else epochs x steps per epoch (epochs + 1 under train.lr_schedule
+  'original': the original runner loops over range(start_epoch, max_epoch + 1))."""
+  if config.train.total_steps:
+    return int(config.train.total_steps)
+  extra = 1 if config.train.get('lr_schedule', 'per_epoch') == 'original' else 0
+  return int((config.train.epochs + extra) * steps_per_epoch)
 
 
 def place_state(state: dict, mesh: jax.sharding.Mesh, config) -> tuple[dict, Any]:

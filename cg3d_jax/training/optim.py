@@ -29,11 +29,18 @@ group's `weight_decay_mask`:
 in a phase of training (the pretraining run's classification head), which torch's optimizers skip entirely, decay
 included.
 
-Schedules. A group's schedule is evaluated at the global step of its update: first_update_step (default 0) plus
-the number of updates that group's transform has seen (optax's own counter) times its `updates_every` (default 1).
-With every group updated every step that is the global step; under the original's alternating schedule
-(`select_groups` below, each group updated every other step) set updates_every=2, and first_update_step=1 for the
-group that steps on odd steps, so that the schedule still follows the global step and epochs:
+Schedules. A group's schedule is evaluated at the global step of its update, which `steps_on` recovers from the
+number of updates that group's transform has seen (optax's own counter): 'all' (default), the group updates on
+every step; 'even' / 'odd', on the batches whose index within their epoch is even / odd, as the original runner
+alternates its two optimizers (`select_groups` below keeps the other steps out). With an odd number of batches per
+epoch an epoch's last batch and the next one's first are both even, so the mapping goes through the epoch.
+`lr_stepping` says which epoch's value a batch trains at:
+  'per_epoch' (default): epoch e trains at lr(e);
+  'original':  the runner's stepping: it calls a group's scheduler.step(e) at the end of epoch e only when that
+               epoch's last batch index has the group's `scheduler_parity` ('even': the encoder's scheduler, 'odd':
+               the prompts'), so with such epochs epoch e trains at lr(e - 1) (epoch 0 at lr(0)), and otherwise at
+               lr(0) throughout.
+Values are computed in the default float precision (float64 where x64 is on, as in the parity tests). The kinds:
   'constant':          lr.
   'cosine_per_epoch':  timm's CosineLRScheduler(t_initial=epochs, lr_min=end_lr, warmup_t=warmup_epochs,
                        warmup_lr_init=warmup_lr, cycle_limit=1, t_in_epochs=True), which the original steps once per
@@ -55,8 +62,10 @@ from cg3d_jax.trees import in_stack, path_to_str
 FROZEN = 'frozen'
 
 _COMMON_KEYS = {'name', 'lr', 'schedule', 'end_lr', 'warmup_epochs', 'warmup_lr', 'epochs', 'clip_norm',
-                'weight_decay', 'weight_decay_mask', 'no_decay_regex', 'group', 'updates_every',
-                'first_update_step'}
+                'weight_decay', 'weight_decay_mask', 'no_decay_regex', 'group', 'steps_on', 'lr_stepping',
+                'scheduler_parity'}
+STEPS_ON = ('all', 'even', 'odd')
+LR_STEPPINGS = ('per_epoch', 'original')
 _OPTIMIZER_KEYS = {'adamw': {'b1', 'b2', 'eps'}, 'sgd': {'momentum', 'nesterov'}}
 _DEFAULT_DECAY_MASK = {'adamw': 'original', 'sgd': 'all'}
 _SCHEDULES = ('constant', 'cosine_per_epoch', 'cosine')
@@ -192,16 +201,25 @@ def make_schedule(settings, *, steps_per_epoch: int, total_steps: int) -> optax.
   warmup_lr = float(settings.get('warmup_lr', end_lr))
   warmup_epochs = float(settings.get('warmup_epochs', 0) or 0)
   kind = settings.get('schedule', 'constant')
+  dtype = jnp.result_type(float)  # float64 under x64: a float32 lr moved float64 Adam updates by ~3e-6 relative
   if kind == 'constant':
-    return lambda step: jnp.full((), lr, jnp.float32)
+    return lambda step: jnp.full((), lr, dtype)
   if kind == 'cosine':
     warmup_steps = int(round(warmup_epochs * steps_per_epoch))
     return optax.warmup_cosine_decay_schedule(warmup_lr, lr, warmup_steps, max(total_steps, warmup_steps + 1),
                                               end_value=end_lr)
   num_epochs = _num_epochs(settings, steps_per_epoch, total_steps)
+  stepping = settings.get('lr_stepping', 'per_epoch')
+  if stepping not in LR_STEPPINGS:
+    raise ValueError(f'lr_stepping must be one of {LR_STEPPINGS}, got {stepping!r}')
+  # The runner steps this group's scheduler at an epoch's end when the last batch index has the group's parity.
+  stepped = (steps_per_epoch - 1) % 2 == (0 if settings.get('scheduler_parity', 'even') == 'even' else 1)
 
   def cosine_per_epoch(step):
-    epoch = (jnp.asarray(step) // steps_per_epoch).astype(jnp.float32)
+    epoch = jnp.asarray(step) // steps_per_epoch
+    if stepping == 'original':
+      epoch = jnp.maximum(epoch - 1, 0) if stepped else jnp.zeros_like(epoch)
+    epoch = epoch.astype(dtype)
     cosine = end_lr + 0.5 * (lr - end_lr) * (1 + jnp.cos(jnp.pi * epoch / num_epochs))
     value = jnp.where(epoch < num_epochs, cosine, end_lr)  # timm's cycle_limit=1: lr_min after the last epoch
     if warmup_epochs:
@@ -215,9 +233,8 @@ def make_group_transform(settings, *, steps_per_epoch: int, total_steps: int) ->
   """clip_by_global_norm -> weight decay -> optimizer with its schedule, for the leaves of one group."""
   settings = _as_dict(settings)
   global_schedule = make_schedule(settings, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-  updates_every = int(settings.get('updates_every', 1) or 1)
-  first = int(settings.get('first_update_step', 0) or 0)
-  schedule = lambda count: global_schedule(first + count * updates_every)
+  at_step = update_step_fn(settings.get('steps_on', 'all'), steps_per_epoch)
+  schedule = lambda count: global_schedule(at_step(count))
   weight_decay = float(settings.get('weight_decay', 0.0) or 0.0)
   parts = []
   if settings.get('clip_norm'):
@@ -232,6 +249,20 @@ def make_group_transform(settings, *, steps_per_epoch: int, total_steps: int) ->
     momentum = float(settings.get('momentum', 0.0) or 0.0)
     parts.append(optax.sgd(schedule, momentum=momentum or None, nesterov=bool(settings.get('nesterov', False))))
   return optax.chain(*parts)
+
+
+def update_step_fn(steps_on: str, steps_per_epoch: int) -> Callable[[Any], Any]:
+  """count -> the global step of a group's count-th update (0-based), for `steps_on` (module docstring)."""
+  if steps_on not in STEPS_ON:
+    raise ValueError(f'steps_on must be one of {STEPS_ON}, got {steps_on!r}')
+  if steps_on == 'all':
+    return lambda count: count
+  offset = 0 if steps_on == 'even' else 1
+  per_epoch = (steps_per_epoch + 1 - offset) // 2  # even indices: ceil(spe / 2); odd ones: floor(spe / 2)
+  if per_epoch < 1:
+    raise ValueError(f"steps_on='odd' with {steps_per_epoch} batch per epoch: no batch index is odd, so the group "
+                     'would never be updated')
+  return lambda count: (count // per_epoch) * steps_per_epoch + 2 * (count % per_epoch) + offset
 
 
 def make_optimizer(rules: Rules, *, steps_per_epoch: int, total_steps: int):
@@ -274,8 +305,8 @@ def select_groups(active: Mapping[str, Any], updates, new_state, old_state, labe
   """For alternating updates: groups whose `active[group]` is False get zero updates and keep their old state.
 
   `updates, new_state` come from `tx.update(grads, old_state, params)` with the multi_transform of
-  `make_optimizer`; `active` maps group names to (traced) booleans, e.g. {'encoder': step % 2 == 0,
-  'clip_prompts': step % 2 == 1}. Groups not named stay as updated. Keeping the old state means an inactive
+  `make_optimizer`; `active` maps group names to (traced) booleans, e.g. {'encoder': index % 2 == 0,
+  'clip_prompts': index % 2 == 1} for the batch's index within its epoch. Groups not named stay as updated. Keeping the old state means an inactive
   group's momentum and schedule counter do not move, as when the original skipped that optimizer's step.
   """
   unknown = set(active) - set(new_state.inner_states)

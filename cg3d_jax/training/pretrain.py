@@ -32,17 +32,22 @@ OPENSHAPE = 'openshape'  # config.data.name of OpenShape's layout (stored CLIP f
 
 def optimizer_rules(config) -> list:
   """big_vision-style (regex, settings | None) list: the first match decides; None freezes."""
-  # In alternating mode each group is updated every other step; updates_every=2 keeps its schedule on the global
-  # step (and epoch) rather than on its own update count.
-  every = 2 if config.train.mode == 'alternating' else 1
+  # Alternating mode updates the encoder on the batches with an even index within their epoch and the prompts on
+  # the odd ones (the original runner's idx % 2); steps_on lets each group's schedule follow the global step and
+  # epoch rather than its own update count. lr_stepping 'original' applies the runner's end-of-epoch scheduler
+  # calls (optim module docstring), whose cosine spans config.train.epochs although the runner trains one more.
+  alternating = config.train.mode == 'alternating'
+  stepping = dict(lr_stepping=config.train.get('lr_schedule', 'per_epoch'))
+  if stepping['lr_stepping'] == 'original':
+    stepping['epochs'] = int(config.train.epochs)
   return [
       # The classification head (kept for strict exports and fine-tuning) gets no gradient in pretraining; torch's
       # AdamW skips a parameter without a gradient, decay included, so it must not decay here either.
-      ('^encoder/', dict(config.train.encoder_optim, group=ENCODER, updates_every=every,
+      ('^encoder/', dict(stepping, **config.train.encoder_optim, group=ENCODER,
+                         steps_on='even' if alternating else 'all', scheduler_parity='even',
                          no_decay_regex='^encoder/cls_head_')),
-      # The prompts' updates fall on the odd steps: their n-th is global step 2n + 1, whose epoch it must take.
-      ('^clip/prompts/', dict(config.train.prompt_optim, group=PROMPTS, updates_every=every,
-                              first_update_step=every - 1)),
+      ('^clip/prompts/', dict(stepping, **config.train.prompt_optim, group=PROMPTS,
+                              steps_on='odd' if alternating else 'all', scheduler_parity='odd')),
       ('^clip/', None),
   ]
 
@@ -101,6 +106,10 @@ def build_setup(config, *, train_classes: list[str] | None, steps_per_epoch: int
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
   encoder_vars = model.init_encoder(init_rng)
   rules = optimizer_rules(config)
+  if config.train.mode == 'alternating' and steps_per_epoch < 2 and config.clip.prompt.mode != 'none':
+    raise ConfigError(f"config.train.mode='alternating' with {steps_per_epoch} batch per epoch: the prompts train on "
+                      'odd batch indices within an epoch (the original runner\'s idx % 2), so they would never be '
+                      "updated; use config.train.mode='joint', or a smaller config.train.batch_size")
   trainable, frozen = split_trainable({'encoder': encoder_vars['params'], 'clip': clip.params}, rules)
   total = common.total_steps(config, steps_per_epoch)
   tx, labels_fn = optim.make_optimizer(rules, steps_per_epoch=steps_per_epoch, total_steps=total)
@@ -127,17 +136,17 @@ def build_setup(config, *, train_classes: list[str] | None, steps_per_epoch: int
                total_steps=total)
 
 
-def active_groups(config, setup_params: dict, step: int) -> tuple[str, ...]:
-  """The groups that global step `step` updates. Alternating mode: the encoder on even steps, the prompts on odd
-  ones. (The original runner alternates on the batch's index within its epoch; the two part at epoch boundaries
-  when an epoch has an odd number of batches: issue 36, which needs the schedules evaluated at the global step.)"""
+def active_groups(config, setup_params: dict, step: int, steps_per_epoch: int) -> tuple[str, ...]:
+  """The groups that global step `step` updates. Alternating mode follows the original runner, which alternates on
+  the batch's index within its epoch (`idx % 2`): the encoder on even indices, the prompts on odd ones, so with an
+  odd number of batches per epoch an epoch's last batch and the next epoch's first both train the encoder."""
   has_prompts = 'clip' in setup_params
   if not has_prompts:
     return (ENCODER,)
   if config.train.mode == 'joint':
     return (ENCODER, PROMPTS)
   if config.train.mode == 'alternating':
-    return (ENCODER,) if step % 2 == 0 else (PROMPTS,)
+    return (ENCODER,) if (step % steps_per_epoch) % 2 == 0 else (PROMPTS,)
   raise ConfigError(f"config.train.mode must be 'joint' or 'alternating', got {config.train.mode!r}")
 
 
@@ -200,7 +209,7 @@ def clip_recipe(config, setup: Setup | None = None) -> Recipe:
   compiled = {}
 
   def step(global_step: int):
-    groups = active_groups(config, setup.state['params'], global_step)
+    groups = active_groups(config, setup.state['params'], global_step, setup.steps_per_epoch)
     if groups not in compiled:
       compiled[groups] = step_cost.CompiledStep(jit_train_step(
           setup.model, setup.tx, setup.labels_fn, active=groups, state_shardings=setup.shardings['state'],
@@ -337,6 +346,8 @@ def train(config, workdir: str) -> dict:
   common.validate_config(config, device_count=jax.device_count())
   if config.train.get('mode') not in ('joint', 'alternating'):
     raise ConfigError(f"config.train.mode={config.train.get('mode')!r}: expected 'joint' or 'alternating'")
+  if config.train.get('lr_schedule', 'per_epoch') not in optim.LR_STEPPINGS:
+    raise ConfigError(f"config.train.lr_schedule={config.train.lr_schedule!r}: expected one of {optim.LR_STEPPINGS}")
   if not uses_stored_features(config):
     recipe = clip_recipe(config)
   elif config.data.openshape.get('renders'):
