@@ -420,3 +420,17 @@ def test_updates_on_in_epoch_parity_map_to_the_runners_global_steps_and_epochs()
   # With 2 batches per epoch the last index is odd: the prompts' scheduler steps, the encoder's never does.
   encoder = optim.make_schedule(dict(settings, scheduler_parity='even'), steps_per_epoch=2, total_steps=10)
   np.testing.assert_allclose([float(encoder(step)) for step in range(10)], 0.1, rtol=1e-7)
+
+
+def test_the_runners_schedule_trains_one_epoch_more():
+  """The original runner loops over range(start_epoch, max_epoch + 1): with lr_schedule 'original' a run of epochs E
+  is E + 1 epochs of batches (its cosine still spans E: optimizer_rules sets the groups' epochs); 'per_epoch' runs E;
+  an explicit total_steps wins either way. 655 = 41,969 // 64, the shipped recipe's batches per epoch."""
+  from cg3d_jax.training import common, pretrain
+  config = base.get_base_config()
+  assert common.total_steps(config, 655) == 100 * 655
+  config.train.lr_schedule = 'original'
+  assert common.total_steps(config, 655) == 101 * 655
+  assert {settings['epochs'] for _, settings in pretrain.optimizer_rules(config) if settings} == {100}
+  config.train.total_steps = 7
+  assert common.total_steps(config, 655) == 7

@@ -306,8 +306,9 @@ def select_groups(active: Mapping[str, Any], updates, new_state, old_state, labe
 
   `updates, new_state` come from `tx.update(grads, old_state, params)` with the multi_transform of
   `make_optimizer`; `active` maps group names to (traced) booleans, e.g. {'encoder': index % 2 == 0,
-  'clip_prompts': index % 2 == 1} for the batch's index within its epoch. Groups not named stay as updated. Keeping the old state means an inactive
-  group's momentum and schedule counter do not move, as when the original skipped that optimizer's step.
+  'clip_prompts': index % 2 == 1} for the batch's index within its epoch. Groups not named stay as updated.
+  Keeping the old state means an inactive group's momentum and schedule counter do not move, as when the original
+  skipped that optimizer's step.
   """
   unknown = set(active) - set(new_state.inner_states)
   if unknown:
