@@ -8,8 +8,10 @@ neither differentiated nor given optimizer state.
 Update modes:
 - joint (default): one pass through the image tower; the encoder learns from point<->text + point<->image against
   stop-gradient image features, the prompts from image<->text; both groups step together.
-- alternating: the original schedule; even steps update the encoder (against the current prompted image
-  features), odd steps the prompts. Each group's parameters and optimizer state stand still on the other's steps.
+- alternating: the original runner's schedule; batches at an even index within their epoch update the encoder
+  (against the current prompted image features), odd ones the prompts (pretrain.active_groups). Each group's
+  parameters and optimizer state stand still on the other's steps; the encoder runs in train mode on every batch,
+  so its BatchNorm statistics move on every step, as in the runner.
 
 Text targets are the caption table's rows (template_idx, label), or, when the batch carries 'text_feat' (OpenShape's
 layout with its renders: CG3D's method on Objaverse), the stored per-sample text features, the text losses then over
