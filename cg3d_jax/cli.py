@@ -84,9 +84,21 @@ def guard(main):
   return guarded
 
 
+def _list_command_flags_in_help(main) -> None:
+  """absl's --help lists the key flags registered for sys.argv[0]'s module. Under `python -m cg3d_jax.<name>` that
+  is the command's own module, but a console script's main module is its generated stub, so `cg3d-<name> --help`
+  listed no flag at all; the command module's key flags are registered for sys.argv[0] too."""
+  module = getattr(main, '__module__', '__main__')
+  if module == '__main__' or not sys.argv:
+    return
+  for flag in flags.FLAGS.get_key_flags_for_module(module):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+
 def run(main) -> None:
   """app.run(main) with --config names resolved and input errors as one line (`guard`): what every command's
   `if __name__ == '__main__'` and console script call."""
+  _list_command_flags_in_help(main)
   app.run(guard(main), flags_parser=parse_flags)
 
 

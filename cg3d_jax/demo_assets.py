@@ -11,8 +11,8 @@ from absl import flags
 
 from cg3d_jax import cli
 
-flags.adopt_module_key_flags(cli)
 ROOT = cli.root_flag()  # receives shapenet55/, clip/ and (at the first training run) tfds/
+flags.adopt_module_key_flags(cli)  # after the definitions above: adopting copies the key flags defined so far
 
 
 def main(argv):

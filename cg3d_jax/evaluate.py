@@ -22,8 +22,8 @@ from absl import flags, logging
 from cg3d_jax import cli, sharding
 from cg3d_jax.errors import ConfigError, InputError
 
-flags.adopt_module_key_flags(cli)  # so that --help lists --config and --workdir
 CHECKPOINT = cli.checkpoint_flags()
+flags.adopt_module_key_flags(cli)  # after the definitions above: adopting copies the key flags defined so far
 
 
 def _batches(ev, mesh, preprocess=None):
