@@ -38,11 +38,24 @@ from cg3d_jax.training import pretrain  # noqa: E402
 from cg3d_jax.training.pretrain_step import ENCODER, PROMPTS, jit_train_step  # noqa: E402
 
 VARIANTS = {  # name -> (compute dtype, remat policy: models/layers.REMAT_POLICIES)
-    'fp32': ('float32', 'none'), 'fp32-remat': ('float32', 'full'), 'fp32-dots': ('float32', 'dots'),
-    'bf16': ('bfloat16', 'none'), 'bf16-remat': ('bfloat16', 'full'), 'bf16-dots': ('bfloat16', 'dots'),
+  'fp32': ('float32', 'none'),
+  'fp32-remat': ('float32', 'full'),
+  'fp32-dots': ('float32', 'dots'),
+  'bf16': ('bfloat16', 'none'),
+  'bf16-remat': ('bfloat16', 'full'),
+  'bf16-dots': ('bfloat16', 'dots'),
 }
-SMALL_CLIP = dict(vision_width=64, vision_layers=2, vision_heads=4, patch_size=16, image_size=64, text_width=64,
-                  text_layers=1, text_heads=4, projection_dim=64)
+SMALL_CLIP = dict(
+  vision_width=64,
+  vision_layers=2,
+  vision_heads=4,
+  patch_size=16,
+  image_size=64,
+  text_width=64,
+  text_layers=1,
+  text_heads=4,
+  projection_dim=64,
+)
 SMALL_ENCODER = dict(width=64, depth=2, num_heads=4, num_groups=16, group_size=8, encoder_dim=64)
 
 
@@ -74,9 +87,12 @@ def _batch(args, setup, num_stored: int):
   points = rng.normal(size=(args.batch, num_stored, 3)).astype(np.float32)
   points /= np.linalg.norm(points, axis=-1, keepdims=True)
   size = setup.clip.spec.image_size
-  return {'points': points, 'image': rng.normal(size=(args.batch, size, size, 3)).astype(np.float32),
-          'label': np.zeros(args.batch, np.int32),
-          'template_idx': rng.integers(0, setup.text_table.shape[0], args.batch).astype(np.int32)}
+  return {
+    'points': points,
+    'image': rng.normal(size=(args.batch, size, size, 3)).astype(np.float32),
+    'label': np.zeros(args.batch, np.int32),
+    'template_idx': rng.integers(0, setup.text_table.shape[0], args.batch).astype(np.int32),
+  }
 
 
 def bench_jax_step(args, clip_folder: str, name: str, devices) -> dict:
@@ -84,18 +100,32 @@ def bench_jax_step(args, clip_folder: str, name: str, devices) -> dict:
   config = _config(args, clip_folder, dtype, remat)
   setup = pretrain.build_setup(config, train_classes=['chair'], steps_per_epoch=1000, devices=devices)
   batch = jax.device_put(_batch(args, setup, 8192 if not args.small else 1024), setup.shardings['batch'])
-  step = jit_train_step(setup.model, setup.tx, setup.labels_fn, active=(ENCODER, PROMPTS),
-                        state_shardings=setup.shardings['state'], frozen_shardings=setup.shardings['frozen'],
-                        table_sharding=setup.shardings['table'], batch_shardings=setup.shardings['batch'])
+  step = jit_train_step(
+    setup.model,
+    setup.tx,
+    setup.labels_fn,
+    active=(ENCODER, PROMPTS),
+    state_shardings=setup.shardings['state'],
+    frozen_shardings=setup.shardings['frozen'],
+    table_sharding=setup.shardings['table'],
+    batch_shardings=setup.shardings['batch'],
+  )
   start = time.perf_counter()
-  compiled, cost = step_cost.compile_and_analyse(step, (setup.state, setup.frozen, setup.text_table, batch),
-                                                 jnp.dtype(dtype), devices[0])
+  compiled, cost = step_cost.compile_and_analyse(
+    step, (setup.state, setup.frozen, setup.text_table, batch), jnp.dtype(dtype), devices[0]
+  )
   compile_s = time.perf_counter() - start
-  row = {'implementation': f'JAX {name}', 'compile_s': round(compile_s, 1), 'gflop_per_device': cost.flops / 1e9,
-         'xla_peak_gib': cost.peak_bytes / 2 ** 30}
+  row = {
+    'implementation': f'JAX {name}',
+    'compile_s': round(compile_s, 1),
+    'gflop_per_device': cost.flops / 1e9,
+    'xla_peak_gib': cost.peak_bytes / 2**30,
+  }
   if cost.device_limit_bytes and cost.peak_bytes > cost.device_limit_bytes:
-    return {**row, 'note': f'does not fit: needs {cost.peak_bytes / 2 ** 30:.1f} GiB of '
-                           f'{cost.device_limit_bytes / 2 ** 30:.1f}'}
+    return {
+      **row,
+      'note': f'does not fit: needs {cost.peak_bytes / 2**30:.1f} GiB of {cost.device_limit_bytes / 2**30:.1f}',
+    }
   state = setup.state
   holder = {'state': state}
 
@@ -107,9 +137,15 @@ def bench_jax_step(args, clip_folder: str, name: str, devices) -> dict:
   seconds = _median_time(run, args.iters)
   steps_per_s = 1 / seconds
   stats = devices[0].memory_stats() or {}
-  row.update({'s_per_step': seconds, 'samples_per_s': args.batch / seconds,
-              'tflops_per_device': cost.tflops_per_device(steps_per_s), 'mfu': cost.mfu(steps_per_s),
-              'device_peak_gib': stats.get('peak_bytes_in_use', 0) / 2 ** 30 or None})
+  row.update(
+    {
+      's_per_step': seconds,
+      'samples_per_s': args.batch / seconds,
+      'tflops_per_device': cost.tflops_per_device(steps_per_s),
+      'mfu': cost.mfu(steps_per_s),
+      'device_peak_gib': stats.get('peak_bytes_in_use', 0) / 2**30 or None,
+    }
+  )
   return row
 
 
@@ -135,9 +171,12 @@ def bench_torch_step(args, clip_folder: str, num_prompts_shape) -> dict:
   size = clip_model.config.vision_config.image_size
   points = rng.normal(size=(args.batch, 1024 if args.small else 8192, 3)).astype(np.float32)
   points /= np.linalg.norm(points, axis=-1, keepdims=True)
-  inputs = (torch.tensor(points, device=device), torch.randn(args.batch, 3, size, size, device=device),
-            torch.zeros(args.batch, dtype=torch.long, device=device),
-            torch.zeros(args.batch, dtype=torch.long, device=device))
+  inputs = (
+    torch.tensor(points, device=device),
+    torch.randn(args.batch, 3, size, size, device=device),
+    torch.zeros(args.batch, dtype=torch.long, device=device),
+    torch.zeros(args.batch, dtype=torch.long, device=device),
+  )
 
   def run():
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
@@ -147,9 +186,13 @@ def bench_torch_step(args, clip_folder: str, num_prompts_shape) -> dict:
 
   run()
   seconds = _median_time(run, args.iters)
-  peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None
-  return {'implementation': f'PyTorch {"bf16 autocast" if cuda else "fp32"} + SDPA', 's_per_step': seconds,
-          'samples_per_s': args.batch / seconds, 'device_peak_gib': peak}
+  peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+  return {
+    'implementation': f'PyTorch {"bf16 autocast" if cuda else "fp32"} + SDPA',
+    's_per_step': seconds,
+    'samples_per_s': args.batch / seconds,
+    'device_peak_gib': peak,
+  }
 
 
 def bench_points(args, devices) -> dict:
@@ -169,6 +212,7 @@ def bench_points(args, devices) -> dict:
 def bench_eval(args, clip_folder: str, devices) -> dict:
   """Zero-shot evaluation's per-object work: 8192 stored points -> FPS 1024 -> encoder features, jitted."""
   from cg3d_jax.models.cg3d import build_encoder
+
   config = _config(args, clip_folder, 'float32', 'none')
   encoder = build_encoder(config.model)
   n = config.model.num_points
@@ -197,12 +241,19 @@ def main(argv=None) -> dict:
   unknown = [n for n in names if n not in VARIANTS]
   if unknown:
     parser.error(f'--variants {unknown}: expected some of {sorted(VARIANTS)}')
-  result = {'device': device.device_kind, 'platform': device.platform, 'jax': jax.__version__, 'batch': args.batch,
-            'size': 'small' if args.small else 'real (ViT-B/16 + PointTransformer 22M, 1024 of 8192 points)',
-            'machine': load.report(), 'rows': []}
+  result = {
+    'device': device.device_kind,
+    'platform': device.platform,
+    'jax': jax.__version__,
+    'batch': args.batch,
+    'size': 'small' if args.small else 'real (ViT-B/16 + PointTransformer 22M, 1024 of 8192 points)',
+    'machine': load.report(),
+    'rows': [],
+  }
   with tempfile.TemporaryDirectory() as tmp:
-    clip_folder = random_clip.write_random_clip(os.path.join(tmp, 'clip'), seed=0,
-                                                **(SMALL_CLIP if args.small else random_clip.VIT_B16))
+    clip_folder = random_clip.write_random_clip(
+      os.path.join(tmp, 'clip'), seed=0, **(SMALL_CLIP if args.small else random_clip.VIT_B16)
+    )
     prompts_shape = None
     for name in names:
       row = bench_jax_step(args, clip_folder, name, devices)
@@ -219,18 +270,24 @@ def main(argv=None) -> dict:
     result.update(bench_points(args, devices))
     result.update(bench_eval(args, clip_folder, devices))
   print()
-  print(f"{result['device']} ({result['platform']}), jax {result['jax']}, batch {args.batch}, {result['size']}")
-  print('| implementation | compile s | s / step | samples / s | TFLOP/s / device | MFU | XLA peak GiB | '
-        'device peak GiB | note |')
+  print(f'{result["device"]} ({result["platform"]}), jax {result["jax"]}, batch {args.batch}, {result["size"]}')
+  print(
+    '| implementation | compile s | s / step | samples / s | TFLOP/s / device | MFU | XLA peak GiB | '
+    'device peak GiB | note |'
+  )
   print('| --- | --- | --- | --- | --- | --- | --- | --- | --- |')
   for r in result['rows']:
-    cell = lambda key, fmt: (fmt.format(r[key]) if r.get(key) is not None else '')  # noqa: E731
-    print(f"| {r['implementation']} | {cell('compile_s', '{:.1f}')} | {cell('s_per_step', '{:.3f}')} | "
-          f"{cell('samples_per_s', '{:.1f}')} | {cell('tflops_per_device', '{:.3g}')} | {cell('mfu', '{:.1%}')} | "
-          f"{cell('xla_peak_gib', '{:.2f}')} | {cell('device_peak_gib', '{:.2f}')} | {r.get('note', '')}")
-  print(f"FPS 8192->1024: {result['fps_8192_to_1024_clouds_per_s']:.1f} clouds/s; grouping (64 x 32 of 1024): "
-        f"{result['grouping_1024_64x32_clouds_per_s']:.1f} clouds/s; zero-shot features: "
-        f"{result['eval_objects_per_s']:.1f} objects/s")
+    cell = lambda key, fmt: fmt.format(r[key]) if r.get(key) is not None else ''  # noqa: E731
+    print(
+      f'| {r["implementation"]} | {cell("compile_s", "{:.1f}")} | {cell("s_per_step", "{:.3f}")} | '
+      f'{cell("samples_per_s", "{:.1f}")} | {cell("tflops_per_device", "{:.3g}")} | {cell("mfu", "{:.1%}")} | '
+      f'{cell("xla_peak_gib", "{:.2f}")} | {cell("device_peak_gib", "{:.2f}")} | {r.get("note", "")}'
+    )
+  print(
+    f'FPS 8192->1024: {result["fps_8192_to_1024_clouds_per_s"]:.1f} clouds/s; grouping (64 x 32 of 1024): '
+    f'{result["grouping_1024_64x32_clouds_per_s"]:.1f} clouds/s; zero-shot features: '
+    f'{result["eval_objects_per_s"]:.1f} objects/s'
+  )
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
   return result

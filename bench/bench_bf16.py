@@ -59,16 +59,27 @@ def feature_cosines() -> dict:
     feats[name] = np.asarray(out, np.float64)
   a, b = feats['float32'], feats['bfloat16']
   cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-  return {'objects': len(names), 'min_cosine': float(cos.min()), 'mean_cosine': float(cos.mean()),
-          'per_object': dict(zip(names, map(float, cos)))}
+  return {
+    'objects': len(names),
+    'min_cosine': float(cos.min()),
+    'mean_cosine': float(cos.mean()),
+    'per_object': dict(zip(names, map(float, cos))),
+  }
 
 
 def demo_top1(workdir: pathlib.Path) -> dict:
   out = {}
   for dtype in ('float32', 'bfloat16'):
     run = workdir / dtype
-    args = [sys.executable, '-m', 'cg3d_jax.demo', '--workdir', str(run), f'--override=model.dtype={dtype}',
-            f'--override=clip.dtype={dtype}']
+    args = [
+      sys.executable,
+      '-m',
+      'cg3d_jax.demo',
+      '--workdir',
+      str(run),
+      f'--override=model.dtype={dtype}',
+      f'--override=clip.dtype={dtype}',
+    ]
     subprocess.run(args, check=True, capture_output=True, text=True)
     results = json.loads((run / 'zeroshot' / 'results.json').read_text())
     out[dtype] = {k: results[k] for k in ('top1_acc', 'top5_acc', 'class_mean_acc', 'num_objects') if k in results}
@@ -87,14 +98,19 @@ def main(argv=None) -> dict:
   if args.part in ('features', 'both'):
     result['features'] = feature_cosines()
     f = result['features']
-    print(f"real-size PointTransformer, {f['objects']} ModelNet40 objects: cosine(fp32, bf16) min "
-          f"{f['min_cosine']:.5f}, mean {f['mean_cosine']:.5f}", flush=True)
+    print(
+      f'real-size PointTransformer, {f["objects"]} ModelNet40 objects: cosine(fp32, bf16) min '
+      f'{f["min_cosine"]:.5f}, mean {f["mean_cosine"]:.5f}',
+      flush=True,
+    )
   if args.part in ('demo', 'both'):
     with tempfile.TemporaryDirectory() as tmp:
       result['demo'] = demo_top1(pathlib.Path(args.workdir or tmp))
     d = result['demo']
-    print(f"demo zero-shot top-1: float32 {d['float32']['top1_acc']:.4f}, bfloat16 {d['bfloat16']['top1_acc']:.4f} "
-          f"({d['top1_gap_points']:+.1f} points)")
+    print(
+      f'demo zero-shot top-1: float32 {d["float32"]["top1_acc"]:.4f}, bfloat16 {d["bfloat16"]["top1_acc"]:.4f} '
+      f'({d["top1_gap_points"]:+.1f} points)'
+    )
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
   return result

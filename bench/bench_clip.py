@@ -45,7 +45,9 @@ def make_jax_step(loaded):
     def loss(p):
       features = model.apply({'params': {**frozen, 'prompts': p}}, pixels, method=CLIP.encode_image)
       return jnp.sum(features * direction)
+
     return jax.value_and_grad(loss)(prompts)
+
   return step
 
 
@@ -60,6 +62,7 @@ def make_torch_step(torch_model, features=torch_prompted_image_features):
     if prompts.is_cuda:
       torch.cuda.synchronize()
     return loss.detach(), prompts.grad
+
   return step
 
 
@@ -68,10 +71,13 @@ def main(argv=None):
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--iters', type=int, default=5)
   parser.add_argument('--backbone', choices=['transformers', 'slip'], default='transformers')
-  parser.add_argument('--folder', help='an existing CLIP (transformers folder, or SLIP file with --backbone slip); '
-                      'default: write a random ViT-B/16')
-  parser.add_argument('--attention', default='auto', help='comma-separated attention kernels to time: auto, xla, '
-                      'einsum, cudnn (GPU)')
+  parser.add_argument(
+    '--folder',
+    help='an existing CLIP (transformers folder, or SLIP file with --backbone slip); default: write a random ViT-B/16',
+  )
+  parser.add_argument(
+    '--attention', default='auto', help='comma-separated attention kernels to time: auto, xla, einsum, cudnn (GPU)'
+  )
   args = parser.parse_args(argv)
   print(load.report())
 
@@ -82,7 +88,8 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory() as tmp:
       folder = args.folder or random_clip.write_random_clip(
-          os.path.join(tmp, 'clip_b16'), seed=0, **random_clip.VIT_B16)
+        os.path.join(tmp, 'clip_b16'), seed=0, **random_clip.VIT_B16
+      )
       loaded = hf_clip.load_clip(folder, prompt_mode='deep', num_prompts=5)
       torch_model = CLIPModel.from_pretrained(folder, local_files_only=True).eval()
     features, reference_name = torch_prompted_image_features, 'transformers PyTorch'
@@ -126,12 +133,16 @@ def main(argv=None):
     torch_times.append(time.perf_counter() - start)
 
   jax_s, torch_s = {k: statistics.median(v) for k, v in jax_times.items()}, statistics.median(torch_times)
-  print(f'{args.backbone} ViT-B/16 image tower, deep prompts (12 x 5), forward + backward to the prompts only; '
-        f'batch {args.batch}, {spec.image_size} px, fp32')
-  print(f'machine: {load.cpu_model()}, {os.cpu_count()} CPUs; jax {jax.__version__} '
-        f'({jax.devices()[0].platform}), torch {torch.__version__} ({torch_device}, {torch.get_num_threads()} '
-        'threads); '
-        f'median of {args.iters} alternating iterations')
+  print(
+    f'{args.backbone} ViT-B/16 image tower, deep prompts (12 x 5), forward + backward to the prompts only; '
+    f'batch {args.batch}, {spec.image_size} px, fp32'
+  )
+  print(
+    f'machine: {load.cpu_model()}, {os.cpu_count()} CPUs; jax {jax.__version__} '
+    f'({jax.devices()[0].platform}), torch {torch.__version__} ({torch_device}, {torch.get_num_threads()} '
+    'threads); '
+    f'median of {args.iters} alternating iterations'
+  )
   print(f'prompt gradients agree: max |dJAX - dtorch| / max |dtorch| = {grad_diff:.1e}')
   print()
   print('| implementation | s / batch (median) | min | first call (incl. compile) | images / s | torch / this |')
@@ -139,8 +150,9 @@ def main(argv=None):
   rows = [(f'JAX (jit), attention={impl}', jax_times[impl], jax_first[impl]) for impl in jax_steps]
   for name, times, first in (*rows, (reference_name, torch_times, torch_first)):
     median = statistics.median(times)
-    print(f'| {name} | {median:.3f} | {min(times):.3f} | {first:.2f} | {args.batch / median:.2f} | '
-          f'{torch_s / median:.2f} |')
+    print(
+      f'| {name} | {median:.3f} | {min(times):.3f} | {first:.2f} | {args.batch / median:.2f} | {torch_s / median:.2f} |'
+    )
   return jax_s, torch_s
 
 

@@ -47,12 +47,20 @@ def main(argv=None) -> dict:
         config = real_config(folder, args.batch, remat=args.remat, scan_layers=scan)
         _, took = compile_cg3d_step(config, args.batch, devices=1)
         seconds[scan].append(took)
-        print(f"{'scanned' if scan else 'unrolled'}: lower + compile {took:.1f} s", flush=True)
+        print(f'{"scanned" if scan else "unrolled"}: lower + compile {took:.1f} s', flush=True)
   scanned, unrolled = statistics.median(seconds[True]), statistics.median(seconds[False])
-  print(f'real CG3D step, batch {args.batch}, remat {args.remat}, one {jax.devices()[0].device_kind} device: '
-        f'scanned {scanned:.1f} s, unrolled {unrolled:.1f} s, unrolled / scanned {unrolled / scanned:.2f}')
-  result = {'machine': machine, 'batch': args.batch, 'remat': args.remat, 'scanned_s': seconds[True],
-            'unrolled_s': seconds[False], 'ratio': unrolled / scanned}
+  print(
+    f'real CG3D step, batch {args.batch}, remat {args.remat}, one {jax.devices()[0].device_kind} device: '
+    f'scanned {scanned:.1f} s, unrolled {unrolled:.1f} s, unrolled / scanned {unrolled / scanned:.2f}'
+  )
+  result = {
+    'machine': machine,
+    'batch': args.batch,
+    'remat': args.remat,
+    'scanned_s': seconds[True],
+    'unrolled_s': seconds[False],
+    'ratio': unrolled / scanned,
+  }
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
   return result

@@ -55,7 +55,7 @@ def bench_jax(clouds, batch, variables, mesh):
   run(clouds[:batch])
   first = time.perf_counter() - start
   start = time.perf_counter()
-  out = [run(clouds[i:i + batch]) for i in range(0, len(clouds), batch)]
+  out = [run(clouds[i : i + batch]) for i in range(0, len(clouds), batch)]
   return time.perf_counter() - start, first, np.concatenate(out)
 
 
@@ -73,7 +73,7 @@ def bench_torch(clouds, batch, variables):
 
   run(clouds[:batch])
   start = time.perf_counter()
-  out = [run(clouds[i:i + batch]) for i in range(0, len(clouds), batch)]
+  out = [run(clouds[i : i + batch]) for i in range(0, len(clouds), batch)]
   return time.perf_counter() - start, np.concatenate(out)
 
 
@@ -91,10 +91,13 @@ def main():
   objects = -(-args.objects // args.batch) * args.batch  # whole batches
   clouds = unit_sphere_clouds(objects, args.stored)
   variables = jax.jit(PointTransformer(num_classes=55).init, static_argnames='train')(
-      jax.random.key(0), jnp.asarray(clouds[:2, :1024]), train=False)
-  print(f'jax {jax.__version__} on {mesh.size} {jax.devices()[0].platform} device(s) ({os.cpu_count()} CPUs seen), '
-        f'torch {torch.__version__} with {torch.get_num_threads()} threads; {objects} objects of {args.stored} '
-        f'points -> 1024, batch {args.batch}')
+    jax.random.key(0), jnp.asarray(clouds[:2, :1024]), train=False
+  )
+  print(
+    f'jax {jax.__version__} on {mesh.size} {jax.devices()[0].platform} device(s) ({os.cpu_count()} CPUs seen), '
+    f'torch {torch.__version__} with {torch.get_num_threads()} threads; {objects} objects of {args.stored} '
+    f'points -> 1024, batch {args.batch}'
+  )
   jax_s, jax_first, jax_out = bench_jax(clouds, args.batch, variables, mesh)
   rows = [('jax', jax_s)]
   if not args.skip_torch:

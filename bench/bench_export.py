@@ -62,17 +62,22 @@ def main():
       count = sum(x.size for x in jax.tree.leaves(params))
       for suffix, write in WRITERS.items():
         convert_s, container = median_seconds(
-            lambda: cg3d_pth.build_container(name, params, stats, prompts=prompts, prompt_mode='deep'), args.iters)
+          lambda: cg3d_pth.build_container(name, params, stats, prompts=prompts, prompt_mode='deep'), args.iters
+        )
         path = pathlib.Path(tmp) / f'{name}{suffix}'
         write_s, _ = median_seconds(lambda: write(path, container), args.iters)
         import_s, loaded = median_seconds(lambda: cg3d_pth.load_cg3d_checkpoint(path), args.iters)
         back = flatten(loaded[1])
         same = all(np.array_equal(back[k], v) for k, v in flatten(params).items() if k in back)
         size = path.stat().st_size / 2**20
-        print(f'| {name} ({count / 1e6:.2f} M) | {suffix} | {convert_s:.2f} s | {write_s:.2f} s | {import_s:.2f} s '
-              f'| {size:.1f} MiB |' + ('' if same else '  MISMATCH after import'), flush=True)
-      verifications.append(_verify_timing(name, model, {'params': params, 'batch_stats': stats},
-                                          pathlib.Path(tmp) / f'{name}.pth'))
+        print(
+          f'| {name} ({count / 1e6:.2f} M) | {suffix} | {convert_s:.2f} s | {write_s:.2f} s | {import_s:.2f} s '
+          f'| {size:.1f} MiB |' + ('' if same else '  MISMATCH after import'),
+          flush=True,
+        )
+      verifications.append(
+        _verify_timing(name, model, {'params': params, 'batch_stats': stats}, pathlib.Path(tmp) / f'{name}.pth')
+      )
   for line in verifications:
     print(line)
 
@@ -85,9 +90,11 @@ def _verify_timing(name: str, model, variables, path: pathlib.Path) -> str:
   start = time.perf_counter()
   diff, got, _ = verify.compare_features(twin, model, variables, clouds)
   compare_s = time.perf_counter() - start
-  return (f'--verify {name}: strict load into the twin {load_s:.2f} s; float64 features of {len(clouds)} objects, '
-          f'JAX (compile + run) and PyTorch, {compare_s:.2f} s; max |difference| {diff:.2g} (largest |feature| '
-          f'{np.abs(got).max():.2g})')
+  return (
+    f'--verify {name}: strict load into the twin {load_s:.2f} s; float64 features of {len(clouds)} objects, '
+    f'JAX (compile + run) and PyTorch, {compare_s:.2f} s; max |difference| {diff:.2g} (largest |feature| '
+    f'{np.abs(got).max():.2g})'
+  )
 
 
 if __name__ == '__main__':

@@ -38,19 +38,26 @@ def _timed(fn, *args):
 
 
 def feature_step(config, batch_size: int, feature_dim: int, channels: int, stored_points: int, rng):
-  setup = pretrain.build_features_setup(config, feature_dim=feature_dim, steps_per_epoch=1000,
-                                        devices=jax.devices()[:1])
-  step = jit_features_train_step(setup.model, setup.tx, state_shardings=setup.shardings['state'],
-                                 batch_shardings=setup.shardings['batch'])
+  setup = pretrain.build_features_setup(
+    config, feature_dim=feature_dim, steps_per_epoch=1000, devices=jax.devices()[:1]
+  )
+  step = jit_features_train_step(
+    setup.model, setup.tx, state_shardings=setup.shardings['state'], batch_shardings=setup.shardings['batch']
+  )
   points = rng.normal(size=(batch_size, stored_points, 3)).astype(np.float32)
   points /= np.linalg.norm(points, axis=-1, keepdims=True)
   if channels == 6:
     points = np.concatenate([points, rng.uniform(0, 1, points.shape).astype(np.float32)], axis=-1)
   unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
-  batch = jax.device_put({'points': points, 'has_text': rng.random(batch_size) < 0.8,
-                          'text_feat': unit(rng.normal(size=(batch_size, feature_dim))).astype(np.float32),
-                          'image_feat': unit(rng.normal(size=(batch_size, feature_dim))).astype(np.float32)},
-                         setup.shardings['batch'])
+  batch = jax.device_put(
+    {
+      'points': points,
+      'has_text': rng.random(batch_size) < 0.8,
+      'text_feat': unit(rng.normal(size=(batch_size, feature_dim))).astype(np.float32),
+      'image_feat': unit(rng.normal(size=(batch_size, feature_dim))).astype(np.float32),
+    },
+    setup.shardings['batch'],
+  )
   start = time.perf_counter()
   compiled = step.lower(setup.state, batch).compile()
   compile_s = time.perf_counter() - start
@@ -76,12 +83,25 @@ def main(argv=None):
   size = setup.clip.spec.image_size
   points = rng.normal(size=(args.batch, 8192, 3)).astype(np.float32)
   points /= np.linalg.norm(points, axis=-1, keepdims=True)
-  image_batch = jax.device_put({'points': points, 'image': rng.normal(size=(args.batch, size, size, 3)).astype(
-      np.float32), 'label': np.zeros(args.batch, np.int32), 'template_idx': np.zeros(args.batch, np.int32)},
-      setup.shardings['batch'])
-  image_step = jit_train_step(setup.model, setup.tx, setup.labels_fn, active=(ENCODER, PROMPTS),
-                              state_shardings=setup.shardings['state'], frozen_shardings=setup.shardings['frozen'],
-                              table_sharding=setup.shardings['table'], batch_shardings=setup.shardings['batch'])
+  image_batch = jax.device_put(
+    {
+      'points': points,
+      'image': rng.normal(size=(args.batch, size, size, 3)).astype(np.float32),
+      'label': np.zeros(args.batch, np.int32),
+      'template_idx': np.zeros(args.batch, np.int32),
+    },
+    setup.shardings['batch'],
+  )
+  image_step = jit_train_step(
+    setup.model,
+    setup.tx,
+    setup.labels_fn,
+    active=(ENCODER, PROMPTS),
+    state_shardings=setup.shardings['state'],
+    frozen_shardings=setup.shardings['frozen'],
+    table_sharding=setup.shardings['table'],
+    batch_shardings=setup.shardings['batch'],
+  )
   start = time.perf_counter()
   image_compiled = image_step.lower(setup.state, setup.frozen, setup.text_table, image_batch).compile()
   image_compile_s = time.perf_counter() - start
@@ -113,21 +133,35 @@ def main(argv=None):
     os_times.append(t)
 
   image_s, feat_s, os_s = (statistics.median(t) for t in (image_times, feat_times, os_times))
-  print(f'batch {args.batch}, fp32, one device; machine: {load.cpu_model()}, '
-        f'{os.cpu_count()} CPUs; jax {jax.__version__}; median of {args.iters} steps (the first two interleaved)')
+  print(
+    f'batch {args.batch}, fp32, one device; machine: {load.cpu_model()}, '
+    f'{os.cpu_count()} CPUs; jax {jax.__version__}; median of {args.iters} steps (the first two interleaved)'
+  )
   print()
   print('| step | s / step | samples / s | vs image-tower step | compile s |')
   print('| --- | --- | --- | --- | --- |')
-  rows = [('CG3D image-tower step (PointTransformer 1024 pts + ViT-B/16, 5 deep prompts)', image_s, image_compile_s),
-          ('stored-feature step, same encoder, 512-d features (no CLIP tower)', feat_s, feat_compile_s),
-          ('stored-feature step, OpenShape size (6 ch, 10,000 pts, 512 x 32 groups, 1280-d)', os_s, os_compile_s)]
+  rows = [
+    ('CG3D image-tower step (PointTransformer 1024 pts + ViT-B/16, 5 deep prompts)', image_s, image_compile_s),
+    ('stored-feature step, same encoder, 512-d features (no CLIP tower)', feat_s, feat_compile_s),
+    ('stored-feature step, OpenShape size (6 ch, 10,000 pts, 512 x 32 groups, 1280-d)', os_s, os_compile_s),
+  ]
   for name, s, compile_s in rows:
     print(f'| {name} | {s:.2f} | {args.batch / s:.2f} | {image_s / s:.2f}x | {compile_s:.1f} |')
   if args.json:
-    pathlib.Path(args.json).write_text(json.dumps({
-        'batch': args.batch, 'iters': args.iters, 'load_at_start': start_load,
-        'image_tower_s': image_times, 'stored_features_s': feat_times, 'openshape_size_s': os_times,
-        'samples_per_s_ratio': image_s / feat_s}, indent=1))
+    pathlib.Path(args.json).write_text(
+      json.dumps(
+        {
+          'batch': args.batch,
+          'iters': args.iters,
+          'load_at_start': start_load,
+          'image_tower_s': image_times,
+          'stored_features_s': feat_times,
+          'openshape_size_s': os_times,
+          'samples_per_s_ratio': image_s / feat_s,
+        },
+        indent=1,
+      )
+    )
 
 
 if __name__ == '__main__':

@@ -50,20 +50,35 @@ def bench_encoder(encoder: str, *, batch: int, stored: int, iters: int, votes: i
   model = build_classifier(config.model, NUM_CLASSES)
   variables = init_variables(model, jax.random.key(0), config.model.num_points)
   tx, _ = optim.make_optimizer(finetune.optimizer_rules(config), steps_per_epoch=100, total_steps=30000)
-  state = dict(step=jnp.zeros((), jnp.int32), params=variables['params'], opt_state=tx.init(variables['params']),
-               batch_stats=variables['batch_stats'], rng=jax.random.key_data(jax.random.key(1)))
+  state = dict(
+    step=jnp.zeros((), jnp.int32),
+    params=variables['params'],
+    opt_state=tx.init(variables['params']),
+    batch_stats=variables['batch_stats'],
+    rng=jax.random.key_data(jax.random.key(1)),
+  )
   fps_points = fps_count(config.model.num_points, stored, config.finetune.fps_points)
   rng = np.random.default_rng(0)
   points = rng.normal(size=(batch, stored, 3)).astype(np.float32)
   points /= np.linalg.norm(points, axis=-1, keepdims=True)
   batch_data = {'points': jnp.asarray(points), 'label': jnp.asarray(rng.integers(0, NUM_CLASSES, batch), jnp.int32)}
-  step = jax.jit(functools.partial(finetune.train_step, model=model, tx=tx, num_points=config.model.num_points,
-                                   fps_points=fps_points, augment=True, label_smoothing=0.0))
+  step = jax.jit(
+    functools.partial(
+      finetune.train_step,
+      model=model,
+      tx=tx,
+      num_points=config.model.num_points,
+      fps_points=fps_points,
+      augment=True,
+      label_smoothing=0.0,
+    )
+  )
   holder = {'state': state}
 
   def train_call():
     holder['state'], metrics = step(holder['state'], batch_data)
     return metrics
+
   count = sum(int(np.size(x)) for x in jax.tree.leaves(variables['params']))
   row = {'encoder': encoder, 'parameters': count, 'batch': batch, 'stored': stored}
   row['step_first_s'], row['step_s'] = timed(train_call, iters)
@@ -71,7 +86,8 @@ def bench_encoder(encoder: str, *, batch: int, stored: int, iters: int, votes: i
     predict = make_predict(model, num_points=config.model.num_points, fps_points=fps_points, votes=n)
     eval_vars = {'params': holder['state']['params'], 'batch_stats': holder['state']['batch_stats']}
     row[f'{name}_first_s'], row[f'{name}_s'] = timed(
-        lambda: predict(eval_vars, batch_data['points'], jax.random.key(2)), iters)
+      lambda: predict(eval_vars, batch_data['points'], jax.random.key(2)), iters
+    )
   return row
 
 
@@ -90,11 +106,13 @@ def main():
   for encoder in args.encoders.split(','):
     row = bench_encoder(encoder, batch=args.batch, stored=args.stored, iters=args.iters, votes=args.votes)
     rows.append(row)
-    print(f"{encoder}: {row['parameters']:,} parameters; train step compile+1st {row['step_first_s']:.1f} s, "
-          f"median {row['step_s']:.2f} s; eval single pass compile+1st {row['eval_first_s']:.1f} s, median "
-          f"{row['eval_s']:.2f} s; eval {args.votes} votes compile+1st {row[f'eval_{args.votes}_votes_first_s']:.1f} "
-          f"s, median {row[f'eval_{args.votes}_votes_s']:.2f} s  (batch {args.batch}, {args.stored} points)",
-          flush=True)
+    print(
+      f'{encoder}: {row["parameters"]:,} parameters; train step compile+1st {row["step_first_s"]:.1f} s, '
+      f'median {row["step_s"]:.2f} s; eval single pass compile+1st {row["eval_first_s"]:.1f} s, median '
+      f'{row["eval_s"]:.2f} s; eval {args.votes} votes compile+1st {row[f"eval_{args.votes}_votes_first_s"]:.1f} '
+      f's, median {row[f"eval_{args.votes}_votes_s"]:.2f} s  (batch {args.batch}, {args.stored} points)',
+      flush=True,
+    )
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
 

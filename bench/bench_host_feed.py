@@ -48,14 +48,24 @@ def tfds_stream(root: str, batch: int, batches: int) -> dict:
   from cg3d_jax.configs import base
   from cg3d_jax.data import pipeline
   from cg3d_jax.synthetic import objects
-  settings = objects.SyntheticSettings(seed=0, num_train_per_class=2, num_test_per_class=1, num_points=8192,
-                                       image_size=224, num_views=5)
+
+  settings = objects.SyntheticSettings(
+    seed=0, num_train_per_class=2, num_test_per_class=1, num_points=8192, image_size=224, num_views=5
+  )
   manual = objects.ensure_synthetic_shapenet(os.path.join(root, 'shapenet55'), settings)
   c = base.get_base_config().data
   c.manual_dir, c.data_dir = str(manual), os.path.join(root, 'tfds')
-  ds = pipeline.pretrain_local_dataset(c, global_batch_size=batch, image_size=224, image_mean=CLIP_MEAN,
-                                       image_std=CLIP_STD, num_templates=63, seed=0, process_index=0,
-                                       process_count=1)
+  ds = pipeline.pretrain_local_dataset(
+    c,
+    global_batch_size=batch,
+    image_size=224,
+    image_mean=CLIP_MEAN,
+    image_std=CLIP_STD,
+    num_templates=63,
+    seed=0,
+    process_index=0,
+    process_count=1,
+  )
   result = _measure(ds.as_numpy_iterator(), batch, batches)
   out = result.pop('last')
   assert out['points'].shape == (batch, 8192, 3) and out['image'].shape == (batch, 224, 224, 3)
@@ -66,14 +76,16 @@ def openshape_stream(root: str, batch: int, batches: int, workers: int | None) -
   from cg3d_jax.configs import pretrain_openshape
   from cg3d_jax.data import openshape_stream as stream
   from cg3d_jax.synthetic.openshape_objects import write_openshape_layout
+
   layout = os.path.join(root, 'openshape')
   if not os.path.isdir(os.path.join(layout, 'meta_data')):
     write_openshape_layout(layout, train_per_class=12, lvis_per_class=1, num_points=10_000, feature_dim=1280)
   config = pretrain_openshape.get_config()
   config.data.manual_dir = layout
   source = stream.open_train_source(config.data)
-  batches_iter = stream.train_local_batches(source, global_batch_size=batch, seed=0, process_index=0,
-                                            process_count=1, workers=workers)
+  batches_iter = stream.train_local_batches(
+    source, global_batch_size=batch, seed=0, process_index=0, process_count=1, workers=workers
+  )
   result = _measure(batches_iter, batch, batches)
   out = result.pop('last')
   assert out['points'].shape == (batch, config.data.num_stored_points, 6), out['points'].shape
@@ -88,17 +100,22 @@ def flops_per_sample(which: str) -> float:
   from cg3d_jax.synthetic import random_clip
   from cg3d_jax.training import pretrain
   from cg3d_jax.training.pretrain_step import ENCODER, PROMPTS, jit_features_train_step, jit_train_step
+
   devices = jax.devices()[:1]
   rng = np.random.default_rng(0)
   if which == 'openshape':
     config = pretrain_openshape.get_config()
     config.train.batch_size, config.mesh.data = 2, 1
     setup = pretrain.build_features_setup(config, feature_dim=1280, steps_per_epoch=1000, devices=devices)
-    step = jit_features_train_step(setup.model, setup.tx, state_shardings=setup.shardings['state'],
-                                   batch_shardings=setup.shardings['batch'])
-    batch = {'points': np.zeros((2, config.data.num_stored_points, 6), np.float32),
-             'has_text': np.ones(2, bool), 'text_feat': np.zeros((2, 1280), np.float32),
-             'image_feat': np.zeros((2, 1280), np.float32)}
+    step = jit_features_train_step(
+      setup.model, setup.tx, state_shardings=setup.shardings['state'], batch_shardings=setup.shardings['batch']
+    )
+    batch = {
+      'points': np.zeros((2, config.data.num_stored_points, 6), np.float32),
+      'has_text': np.ones(2, bool),
+      'text_feat': np.zeros((2, 1280), np.float32),
+      'image_feat': np.zeros((2, 1280), np.float32),
+    }
     jaxpr = step.trace(setup.state, batch).jaxpr
   else:
     config = pretrain_pointbert.get_config()
@@ -106,12 +123,22 @@ def flops_per_sample(which: str) -> float:
     with tempfile.TemporaryDirectory() as tmp:
       config.clip.path = random_clip.write_random_clip(os.path.join(tmp, 'clip'), seed=0, **random_clip.VIT_B16)
       setup = pretrain.build_setup(config, train_classes=['chair'], steps_per_epoch=1000, devices=devices)
-    step = jit_train_step(setup.model, setup.tx, setup.labels_fn, active=(ENCODER, PROMPTS),
-                          state_shardings=setup.shardings['state'], frozen_shardings=setup.shardings['frozen'],
-                          table_sharding=setup.shardings['table'], batch_shardings=setup.shardings['batch'])
-    batch = {'points': rng.normal(size=(2, 8192, 3)).astype(np.float32),
-             'image': np.zeros((2, 224, 224, 3), np.float32), 'label': np.zeros(2, np.int32),
-             'template_idx': np.zeros(2, np.int32)}
+    step = jit_train_step(
+      setup.model,
+      setup.tx,
+      setup.labels_fn,
+      active=(ENCODER, PROMPTS),
+      state_shardings=setup.shardings['state'],
+      frozen_shardings=setup.shardings['frozen'],
+      table_sharding=setup.shardings['table'],
+      batch_shardings=setup.shardings['batch'],
+    )
+    batch = {
+      'points': rng.normal(size=(2, 8192, 3)).astype(np.float32),
+      'image': np.zeros((2, 224, 224, 3), np.float32),
+      'label': np.zeros(2, np.int32),
+      'template_idx': np.zeros(2, np.int32),
+    }
     jaxpr = step.trace(setup.state, setup.frozen, setup.text_table, batch).jaxpr
   return step_cost.matmul_flops(jaxpr) / 2
 
@@ -135,16 +162,24 @@ def main(argv=None) -> dict:
       measured = openshape_stream(args.root, args.batch, args.batches, args.workers)
     flops = flops_per_sample(name)
     device_rate = MFU * H100_BF16_TFLOPS * 1e12 / flops
-    results[name] = {**measured, 'gflop_per_sample': flops / 1e9, 'h100_samples_per_s_at_45pct': device_rate,
-                     'cores_per_h100': device_rate / measured['samples_per_cpu_s']}
+    results[name] = {
+      **measured,
+      'gflop_per_sample': flops / 1e9,
+      'h100_samples_per_s_at_45pct': device_rate,
+      'cores_per_h100': device_rate / measured['samples_per_cpu_s'],
+    }
     print(name, results[name], flush=True)
   print(f'\n{load.report()}; batch {args.batch}, {args.batches} batches after 2 warm-up\n')
-  print('| pipeline | samples/s (wall) | samples per CPU-second | GFLOP per sample | H100 samples/s at 45% MFU | '
-        'cores per H100 |')
+  print(
+    '| pipeline | samples/s (wall) | samples per CPU-second | GFLOP per sample | H100 samples/s at 45% MFU | '
+    'cores per H100 |'
+  )
   print('| --- | --- | --- | --- | --- | --- |')
   for name, r in results.items():
-    print(f"| {name} | {r['samples_per_s']:.1f} | {r['samples_per_cpu_s']:.1f} | {r['gflop_per_sample']:.1f} | "
-          f"{r['h100_samples_per_s_at_45pct']:,.0f} | {r['cores_per_h100']:.1f} |")
+    print(
+      f'| {name} | {r["samples_per_s"]:.1f} | {r["samples_per_cpu_s"]:.1f} | {r["gflop_per_sample"]:.1f} | '
+      f'{r["h100_samples_per_s_at_45pct"]:,.0f} | {r["cores_per_h100"]:.1f} |'
+    )
   return results
 
 

@@ -39,23 +39,57 @@ from cg3d_jax.synthetic import random_clip  # noqa: E402
 from cg3d_jax.training import pretrain  # noqa: E402
 from cg3d_jax.training.pretrain_step import ENCODER, PROMPTS, jit_train_step  # noqa: E402
 
-GIB = 2.0 ** 30
+GIB = 2.0**30
 # OpenAI ViT-L/14 and OpenCLIP ViT-bigG/14 image towers (text towers are not in the step: text features are cached).
 TOWERS = {
-    'ViT-L/14': dict(vision_width=1024, vision_layers=24, vision_heads=16, vision_mlp_dim=4096, patch_size=14,
-                     image_size=224, projection_dim=768, vision_activation='quick_gelu'),
-    'ViT-bigG/14': dict(vision_width=1664, vision_layers=48, vision_heads=16, vision_mlp_dim=8192, patch_size=14,
-                        image_size=224, projection_dim=1280, vision_activation='gelu'),
+  'ViT-L/14': dict(
+    vision_width=1024,
+    vision_layers=24,
+    vision_heads=16,
+    vision_mlp_dim=4096,
+    patch_size=14,
+    image_size=224,
+    projection_dim=768,
+    vision_activation='quick_gelu',
+  ),
+  'ViT-bigG/14': dict(
+    vision_width=1664,
+    vision_layers=48,
+    vision_heads=16,
+    vision_mlp_dim=8192,
+    patch_size=14,
+    image_size=224,
+    projection_dim=1280,
+    vision_activation='gelu',
+  ),
 }
-TEXT_STUB = dict(text_width=512, text_layers=1, text_heads=8, text_mlp_dim=2048, text_activation='gelu',
-                 text_layer_norm_eps=1e-5, vocab_size=49408, max_positions=77, eos_token_id=49407,
-                 eos_pooling='argmax_id', vision_layer_norm_eps=1e-5, num_channels=3)
+TEXT_STUB = dict(
+  text_width=512,
+  text_layers=1,
+  text_heads=8,
+  text_mlp_dim=2048,
+  text_activation='gelu',
+  text_layer_norm_eps=1e-5,
+  vocab_size=49408,
+  max_positions=77,
+  eos_token_id=49407,
+  eos_pooling='argmax_id',
+  vision_layer_norm_eps=1e-5,
+  num_channels=3,
+)
 
 
 def _row(name, cost, dtype, devices, **extra) -> dict:
-  return {'step': name, 'dtype': dtype, 'devices': devices, **extra,
-          'arguments_gib': cost.argument_bytes / GIB, 'temporaries_gib': cost.temp_bytes / GIB,
-          'peak_gib': cost.peak_bytes / GIB, 'gflop_per_device': cost.flops / 1e9}
+  return {
+    'step': name,
+    'dtype': dtype,
+    'devices': devices,
+    **extra,
+    'arguments_gib': cost.argument_bytes / GIB,
+    'temporaries_gib': cost.temp_bytes / GIB,
+    'peak_gib': cost.peak_bytes / GIB,
+    'gflop_per_device': cost.flops / 1e9,
+  }
 
 
 def compile_cg3d_step(config, batch: int, devices: int):
@@ -64,21 +98,39 @@ def compile_cg3d_step(config, batch: int, devices: int):
   setup = pretrain.build_setup(config, train_classes=['chair'], steps_per_epoch=1000, devices=jax.devices()[:devices])
   size = setup.clip.spec.image_size
   shard = setup.shardings['batch']
-  batch_shapes = {'points': jax.ShapeDtypeStruct((batch, 8192, 3), jnp.float32, sharding=shard),
-                  'image': jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32, sharding=shard),
-                  'label': jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=shard),
-                  'template_idx': jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=shard)}
-  step = jit_train_step(setup.model, setup.tx, setup.labels_fn, active=(ENCODER, PROMPTS),
-                        state_shardings=setup.shardings['state'], frozen_shardings=setup.shardings['frozen'],
-                        table_sharding=setup.shardings['table'], batch_shardings=setup.shardings['batch'])
+  batch_shapes = {
+    'points': jax.ShapeDtypeStruct((batch, 8192, 3), jnp.float32, sharding=shard),
+    'image': jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32, sharding=shard),
+    'label': jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=shard),
+    'template_idx': jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=shard),
+  }
+  step = jit_train_step(
+    setup.model,
+    setup.tx,
+    setup.labels_fn,
+    active=(ENCODER, PROMPTS),
+    state_shardings=setup.shardings['state'],
+    frozen_shardings=setup.shardings['frozen'],
+    table_sharding=setup.shardings['table'],
+    batch_shardings=setup.shardings['batch'],
+  )
   start = time.perf_counter()
-  _, cost = step_cost.compile_and_analyse(step, (setup.state, setup.frozen, setup.text_table, batch_shapes),
-                                          jnp.dtype(config.model.dtype))
+  _, cost = step_cost.compile_and_analyse(
+    step, (setup.state, setup.frozen, setup.text_table, batch_shapes), jnp.dtype(config.model.dtype)
+  )
   return cost, time.perf_counter() - start
 
 
-def real_config(folder: str, batch: int, *, dtype: str = 'float32', remat: str = 'none', scan_layers: bool = True,
-                devices: int = 1, fsdp: int = 1):
+def real_config(
+  folder: str,
+  batch: int,
+  *,
+  dtype: str = 'float32',
+  remat: str = 'none',
+  scan_layers: bool = True,
+  devices: int = 1,
+  fsdp: int = 1,
+):
   config = pretrain_pointbert.get_config()
   config.clip.path = folder
   config.train.batch_size = config.eval.batch_size = batch
@@ -96,8 +148,17 @@ def cg3d_rows(batch: int, folder: str) -> list[dict]:
       for remat in ('none', 'full', 'dots'):
         config = real_config(folder, batch, dtype=dtype, remat=remat, devices=devices, fsdp=fsdp)
         cost, seconds = compile_cg3d_step(config, batch, devices)
-        rows.append(_row('CG3D joint step (ViT-B/16 + PointTransformer)', cost, dtype, devices, fsdp=fsdp,
-                         remat=remat, compile_s=round(seconds, 1)))
+        rows.append(
+          _row(
+            'CG3D joint step (ViT-B/16 + PointTransformer)',
+            cost,
+            dtype,
+            devices,
+            fsdp=fsdp,
+            remat=remat,
+            compile_s=round(seconds, 1),
+          )
+        )
         print(json.dumps(rows[-1]), flush=True)
   return rows
 
@@ -112,11 +173,13 @@ def tower_rows(batch: int, devices: int = 8) -> list[dict]:
     for dtype in ('bfloat16',):
       for remat in ('none', 'full', 'dots'):
         model = CLIP(spec, prompt_mode='deep', num_prompts=5, dtype=jnp.dtype(dtype), remat=remat)
-        pixels = jax.ShapeDtypeStruct((batch, spec.image_size, spec.image_size, 3), jnp.float32,
-                                      sharding=sharding.batch_sharding(mesh))
+        pixels = jax.ShapeDtypeStruct(
+          (batch, spec.image_size, spec.image_size, 3), jnp.float32, sharding=sharding.batch_sharding(mesh)
+        )
         ids = jnp.zeros((1, 8), jnp.int32)
-        params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, spec.image_size,
-                                                                                    spec.image_size, 3)), ids))
+        params = jax.eval_shape(
+          lambda: model.init(jax.random.key(0), jnp.zeros((1, spec.image_size, spec.image_size, 3)), ids)
+        )
         params = dict(params['params'])
         prompts = params.pop('prompts')
         frozen_sh = sharding.param_shardings(params, mesh)
@@ -130,8 +193,18 @@ def tower_rows(batch: int, devices: int = 8) -> list[dict]:
         start = time.perf_counter()
         _, cost = step_cost.compile_and_analyse(jax.jit(jax.grad(loss)), (prompts, frozen, pixels), jnp.dtype(dtype))
         params_b = sum(np.prod(x.shape) for x in jax.tree.leaves(params))
-        rows.append(_row(f'{name} frozen tower, prompt step', cost, dtype, devices, fsdp=devices, remat=remat,
-                         frozen_params_m=round(params_b / 1e6, 1), compile_s=round(time.perf_counter() - start, 1)))
+        rows.append(
+          _row(
+            f'{name} frozen tower, prompt step',
+            cost,
+            dtype,
+            devices,
+            fsdp=devices,
+            remat=remat,
+            frozen_params_m=round(params_b / 1e6, 1),
+            compile_s=round(time.perf_counter() - start, 1),
+          )
+        )
         print(json.dumps(rows[-1]), flush=True)
   return rows
 
@@ -156,9 +229,11 @@ def main(argv=None) -> dict:
   print('| step | dtype | remat | devices (fsdp) | arguments GiB | temporaries GiB | peak GiB | GFLOP / device |')
   print('| --- | --- | --- | --- | --- | --- | --- | --- |')
   for r in rows:
-    print(f"| {r['step']} | {r['dtype']} | {r['remat']} | {r['devices']} ({r['fsdp']}) | "
-          f"{r['arguments_gib']:.2f} | {r['temporaries_gib']:.2f} | {r['peak_gib']:.2f} | "
-          f"{r['gflop_per_device']:.0f} |")
+    print(
+      f'| {r["step"]} | {r["dtype"]} | {r["remat"]} | {r["devices"]} ({r["fsdp"]}) | '
+      f'{r["arguments_gib"]:.2f} | {r["temporaries_gib"]:.2f} | {r["peak_gib"]:.2f} | '
+      f'{r["gflop_per_device"]:.0f} |'
+    )
   result = {'machine': load.report(), 'batch': args.batch, 'rows': rows}
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(result, indent=1))

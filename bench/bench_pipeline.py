@@ -34,16 +34,25 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 
 
 def bench_pipeline(root: str, batch: int, batches: int, per_class: int) -> dict:
-  settings = objects.SyntheticSettings(seed=0, num_train_per_class=per_class, num_test_per_class=1,
-                                         num_points=8192, image_size=224, num_views=5)
+  settings = objects.SyntheticSettings(
+    seed=0, num_train_per_class=per_class, num_test_per_class=1, num_points=8192, image_size=224, num_views=5
+  )
   start = time.perf_counter()
   manual = objects.ensure_synthetic_shapenet(os.path.join(root, 'manual'), settings)
   written = time.perf_counter() - start
   c = base.get_base_config().data
   c.manual_dir, c.data_dir = str(manual), os.path.join(root, 'tfds')
-  ds = pipeline.pretrain_local_dataset(c, global_batch_size=batch, image_size=224, image_mean=CLIP_MEAN,
-                                       image_std=CLIP_STD, num_templates=63, seed=0, process_index=0,
-                                       process_count=1)
+  ds = pipeline.pretrain_local_dataset(
+    c,
+    global_batch_size=batch,
+    image_size=224,
+    image_mean=CLIP_MEAN,
+    image_std=CLIP_STD,
+    num_templates=63,
+    seed=0,
+    process_index=0,
+    process_count=1,
+  )
   it = ds.as_numpy_iterator()
   for _ in range(2):
     next(it)
@@ -76,8 +85,12 @@ def bench_fps(batch: int, repeats: int) -> dict:
     device.append(time.perf_counter() - start)
   # The same indices both ways (random clouds have no exact ties), so the comparison is like for like.
   np.testing.assert_array_equal(np.asarray(fps(x[:1], 1024))[0], transforms.farthest_point_sample_np(clouds[0], 1024))
-  return {'host_ms_per_cloud': 1e3 * statistics.median(host), 'device_ms_per_batch': 1e3 * statistics.median(device),
-          'device_compile_s': compile_s, 'device': str(jax.devices()[0].platform)}
+  return {
+    'host_ms_per_cloud': 1e3 * statistics.median(host),
+    'device_ms_per_batch': 1e3 * statistics.median(device),
+    'device_compile_s': compile_s,
+    'device': str(jax.devices()[0].platform),
+  }
 
 
 def main():
@@ -93,15 +106,21 @@ def main():
   print(f'cpu cores: {os.cpu_count()}, jax devices: {jax.devices()}')
   if args.only != 'fps':
     r = bench_pipeline(args.root, args.batch, args.batches, args.per_class)
-    print(f"pipeline: {r['samples_per_s']:.1f} samples/s ({r['batch_s']:.2f} s per batch of {args.batch}); "
-          f"folder ready in {r['folder_s']:.0f} s")
+    print(
+      f'pipeline: {r["samples_per_s"]:.1f} samples/s ({r["batch_s"]:.2f} s per batch of {args.batch}); '
+      f'folder ready in {r["folder_s"]:.0f} s'
+    )
   if args.only != 'pipeline':
     r = bench_fps(args.batch, args.repeats)
     per_batch_host = r['host_ms_per_cloud'] * args.batch / 1e3
-    print(f"fps_host: {r['host_ms_per_cloud']:.1f} ms per cloud = {per_batch_host:.2f} s per batch of "
-          f"{args.batch} on one core ({1e3 / r['host_ms_per_cloud']:.1f} clouds/s/core)")
-    print(f"fps_device ({r['device']}): {r['device_ms_per_batch']:.1f} ms per batch of {args.batch} "
-          f"(compile {r['device_compile_s']:.1f} s)")
+    print(
+      f'fps_host: {r["host_ms_per_cloud"]:.1f} ms per cloud = {per_batch_host:.2f} s per batch of '
+      f'{args.batch} on one core ({1e3 / r["host_ms_per_cloud"]:.1f} clouds/s/core)'
+    )
+    print(
+      f'fps_device ({r["device"]}): {r["device_ms_per_batch"]:.1f} ms per batch of {args.batch} '
+      f'(compile {r["device_compile_s"]:.1f} s)'
+    )
 
 
 if __name__ == '__main__':

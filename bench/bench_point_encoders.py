@@ -76,14 +76,16 @@ def bench_point_transformer(batch: int, repeats: int, n: int = 1024):
   direction = np.random.default_rng(1).normal(size=(batch, model.embed_dim)).astype(np.float32)
 
   def loss_fn(params, batch_stats, points, key):
-    out, updates = model.apply({'params': params, 'batch_stats': batch_stats}, points, train=True,
-                               mutable=['batch_stats'], rngs={'dropout': key})
+    out, updates = model.apply(
+      {'params': params, 'batch_stats': batch_stats}, points, train=True, mutable=['batch_stats'], rngs={'dropout': key}
+    )
     return jnp.sum(out * direction), updates['batch_stats']
 
   step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
   x, key = jnp.asarray(pts), jax.random.key(2)
   jax_first, jax_s = time_runs(
-      lambda: jax.block_until_ready(step(variables['params'], variables['batch_stats'], x, key)), repeats)
+    lambda: jax.block_until_ready(step(variables['params'], variables['batch_stats'], x, key)), repeats
+  )
 
   twin = torch_twin.PointTransformerProject()
   twin.load_state_dict(torch_io.point_transformer_to_torch(variables['params'], variables['batch_stats']))
@@ -108,8 +110,10 @@ def main():
   parser.add_argument('--only', choices=sorted(CASES), action='append', help='run only these cases (repeatable)')
   args = parser.parse_args()
   print(load.report())  # a ratio taken under load can reverse on an idle machine
-  print(f'jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} CPUs seen), torch {torch.__version__} '
-        f'with {torch.get_num_threads()} threads; batch {args.batch}, median of {args.repeats} after a warm-up')
+  print(
+    f'jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} CPUs seen), torch {torch.__version__} '
+    f'with {torch.get_num_threads()} threads; batch {args.batch}, median of {args.repeats} after a warm-up'
+  )
   print(f'{"case":20s} {"jax s":>9s} {"torch s":>9s} {"torch/jax":>9s} {"jax 1st call s":>15s}')
   for name in args.only or list(CASES):
     jax_s, torch_s, jax_first = CASES[name](args.batch, args.repeats)

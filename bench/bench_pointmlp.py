@@ -36,9 +36,11 @@ def sphere_points(batch: int, n: int, seed: int = 0) -> np.ndarray:
 
 def make_jax_step(model: PointMLP, direction: np.ndarray):
   def loss_fn(params, batch_stats, points):
-    out, updates = model.apply({'params': params, 'batch_stats': batch_stats}, points, train=True,
-                               mutable=['batch_stats'])
+    out, updates = model.apply(
+      {'params': params, 'batch_stats': batch_stats}, points, train=True, mutable=['batch_stats']
+    )
     return jnp.sum(out * direction), updates['batch_stats']
+
   return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
 
 
@@ -74,6 +76,7 @@ def main():
     def torch_step():
       twin.zero_grad(set_to_none=True)
       torch.sum(twin(xt) * dt).backward()
+
     steps['torch'] = torch_step
 
   for _ in range(args.warmup):  # first-run allocation, torch's lazy init
@@ -87,8 +90,10 @@ def main():
       times[name].append(time.perf_counter() - start)
 
   print(f'PointMLP (CG3D config) train-mode forward+backward, batch {args.batch} x {args.points} points, fp32')
-  print(f'machine: {load.cpu_model()}, {os.cpu_count()} CPUs; jax {jax.__version__} '
-        f'({jax.devices()[0].platform}), torch {torch.__version__} ({torch.get_num_threads()} threads)')
+  print(
+    f'machine: {load.cpu_model()}, {os.cpu_count()} CPUs; jax {jax.__version__} '
+    f'({jax.devices()[0].platform}), torch {torch.__version__} ({torch.get_num_threads()} threads)'
+  )
   print(f'{"framework":10s} {"median s":>9s} {"all runs s":>24s}')
   for name, runs in times.items():
     print(f'{name:10s} {statistics.median(runs):9.2f} {" ".join(f"{t:.2f}" for t in runs):>24s}')

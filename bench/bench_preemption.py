@@ -31,25 +31,58 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from bench import load  # noqa: E402
 
 # The demo CLIP shrunk to the tiny config's sizes (the tests' TINY_CLIP).
-TINY_CLIP = dict(vision_width=32, vision_layers=1, vision_heads=2, patch_size=16, image_size=32, text_width=32,
-                 text_layers=1, text_heads=2, projection_dim=32)
-TINY_DATA = {'demo.synthetic.num_train_per_class': 2, 'demo.synthetic.num_test_per_class': 1,
-             'demo.synthetic.num_points': 256, 'demo.synthetic.image_size': 32, 'model.embed_dim': 32}
+TINY_CLIP = dict(
+  vision_width=32,
+  vision_layers=1,
+  vision_heads=2,
+  patch_size=16,
+  image_size=32,
+  text_width=32,
+  text_layers=1,
+  text_heads=2,
+  projection_dim=32,
+)
+TINY_DATA = {
+  'demo.synthetic.num_train_per_class': 2,
+  'demo.synthetic.num_test_per_class': 1,
+  'demo.synthetic.num_points': 256,
+  'demo.synthetic.image_size': 32,
+  'model.embed_dim': 32,
+}
 
 
 def _assets(root: pathlib.Path) -> list[str]:
-  args = [sys.executable, '-m', 'cg3d_jax.demo_assets', '--config', 'demo', '--root', str(root),
-          *(f'--config.{k}={v}' for k, v in TINY_DATA.items()),
-          *(f'--config.demo.clip.{k}={v}' for k, v in TINY_CLIP.items())]
+  args = [
+    sys.executable,
+    '-m',
+    'cg3d_jax.demo_assets',
+    '--config',
+    'demo',
+    '--root',
+    str(root),
+    *(f'--config.{k}={v}' for k, v in TINY_DATA.items()),
+    *(f'--config.demo.clip.{k}={v}' for k, v in TINY_CLIP.items()),
+  ]
   done = subprocess.run(args, capture_output=True, text=True, check=True)
   return done.stdout.split()  # --config.clip.path=... --config.data.manual_dir=... --config.data.data_dir=...
 
 
 def _train_args(workdir: pathlib.Path, paths: list[str], steps: int, every: int) -> list[str]:
-  return [sys.executable, '-m', 'cg3d_jax.train', '--config', 'tiny_test', '--workdir', str(workdir), *paths,
-          f'--config.train.total_steps={steps}', '--config.train.log_every=1',
-          f'--config.checkpoint.every_steps={every}', '--config.checkpoint.async_save=True',
-          '--config.checkpoint.keep=2']
+  return [
+    sys.executable,
+    '-m',
+    'cg3d_jax.train',
+    '--config',
+    'tiny_test',
+    '--workdir',
+    str(workdir),
+    *paths,
+    f'--config.train.total_steps={steps}',
+    '--config.train.log_every=1',
+    f'--config.checkpoint.every_steps={every}',
+    '--config.checkpoint.async_save=True',
+    '--config.checkpoint.keep=2',
+  ]
 
 
 def _logged_steps(workdir: pathlib.Path) -> list[int]:
@@ -93,8 +126,13 @@ def _run_and_kill(args, workdir: pathlib.Path, kind: str, rng: random.Random, ti
       proc.send_signal(signal.SIGKILL)
       proc.wait()
       logged = max(_logged_steps(workdir), default=0)
-      return {'kind': kind, 'killed': killed_at, 'save_in_progress': saving, 'last_logged_step': logged,
-              'partial_saves_left': sorted(_partial_saves(workdir))}
+      return {
+        'kind': kind,
+        'killed': killed_at,
+        'save_in_progress': saving,
+        'last_logged_step': logged,
+        'partial_saves_left': sorted(_partial_saves(workdir)),
+      }
     time.sleep(0.02)
   proc.wait()
   return {'kind': kind, 'killed': None, 'last_logged_step': max(_logged_steps(workdir), default=0)}
@@ -109,9 +147,11 @@ def _final_state(workdir: pathlib.Path):
   import jax
 
   from cg3d_jax import checkpoints
+
   saved = checkpoints.read_step(workdir)
-  return saved.step, {jax.tree_util.keystr(p): np.asarray(v)
-                      for p, v in jax.tree_util.tree_flatten_with_path(saved.state)[0]}
+  return saved.step, {
+    jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(saved.state)[0]
+  }
 
 
 def main():
@@ -125,7 +165,7 @@ def main():
   print(load.report(), flush=True)
   rng = random.Random(args.seed)
   kinds = ['during a save'] * max(1, args.kills // 3 + 1) + ['mid-training'] * args.kills
-  kinds = kinds[:args.kills]
+  kinds = kinds[: args.kills]
   rng.shuffle(kinds)
   with tempfile.TemporaryDirectory() as tmp:
     tmp = pathlib.Path(tmp)
@@ -149,28 +189,43 @@ def main():
       event['steps_redone'] = event['last_logged_step'] - step
     step_a, state_a = _final_state(reference)
     step_b, state_b = _final_state(interrupted)
-    equal = step_a == step_b and state_a.keys() == state_b.keys() and all(
-        state_a[k].dtype == state_b[k].dtype and np.array_equal(state_a[k], state_b[k], equal_nan=True)
-        for k in state_a)
+    equal = (
+      step_a == step_b
+      and state_a.keys() == state_b.keys()
+      and all(
+        state_a[k].dtype == state_b[k].dtype and np.array_equal(state_a[k], state_b[k], equal_nan=True) for k in state_a
+      )
+    )
     different = [k for k in state_a if k in state_b and not np.array_equal(state_a[k], state_b[k], equal_nan=True)]
     rows_a, rows_b = _logged_steps(reference), _logged_steps(interrupted)
     losses = {}
     for name in ('uninterrupted', 'interrupted'):
       rows = map(json.loads, (tmp / name / 'train.jsonl').read_text().splitlines())
       losses[name] = {row['step']: row.get('loss') for row in rows}
-  result = {'machine': load.report(), 'steps': args.steps, 'checkpoint_every': args.every, 'kills': events,
-            'finished_after_kills': finish['killed'] is None, 'final_step': [step_a, step_b],
-            'arrays_compared': len(state_a), 'bitwise_equal': bool(equal), 'differing_arrays': different[:10],
-            'steps_redone_total': sum(e.get('steps_redone', 0) for e in events),
-            'metric_rows_duplicated': len(rows_b) - len(set(rows_b)), 'metric_rows': [len(rows_a), len(rows_b)],
-            'logged_losses_equal': losses['uninterrupted'] == losses['interrupted'],
-            'wall_s': {'uninterrupted': round(reference_s, 1), 'interrupted_with_restarts': round(interrupted_s, 1)}}
+  result = {
+    'machine': load.report(),
+    'steps': args.steps,
+    'checkpoint_every': args.every,
+    'kills': events,
+    'finished_after_kills': finish['killed'] is None,
+    'final_step': [step_a, step_b],
+    'arrays_compared': len(state_a),
+    'bitwise_equal': bool(equal),
+    'differing_arrays': different[:10],
+    'steps_redone_total': sum(e.get('steps_redone', 0) for e in events),
+    'metric_rows_duplicated': len(rows_b) - len(set(rows_b)),
+    'metric_rows': [len(rows_a), len(rows_b)],
+    'logged_losses_equal': losses['uninterrupted'] == losses['interrupted'],
+    'wall_s': {'uninterrupted': round(reference_s, 1), 'interrupted_with_restarts': round(interrupted_s, 1)},
+  }
   print(json.dumps(result, indent=1))
-  print(f"\n{len(events)} SIGKILLs ({sum(e['kind'] == 'during a save' for e in events)} during an async save): "
-        f"{result['steps_redone_total']} steps redone in all; final state "
-        f"{'bitwise EQUAL' if equal else 'DIFFERENT'} to the uninterrupted run over {len(state_a)} arrays; "
-        f"{result['metric_rows_duplicated']} duplicated metric rows; logged losses equal: "
-        f"{result['logged_losses_equal']}")
+  print(
+    f'\n{len(events)} SIGKILLs ({sum(e["kind"] == "during a save" for e in events)} during an async save): '
+    f'{result["steps_redone_total"]} steps redone in all; final state '
+    f'{"bitwise EQUAL" if equal else "DIFFERENT"} to the uninterrupted run over {len(state_a)} arrays; '
+    f'{result["metric_rows_duplicated"]} duplicated metric rows; logged losses equal: '
+    f'{result["logged_losses_equal"]}'
+  )
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
   return 0 if equal and result['metric_rows_duplicated'] == 0 else 1

@@ -55,8 +55,9 @@ def main():
   work = args.workdir or tempfile.mkdtemp(prefix='bench_scenes_')
   print(f'devices: {jax.devices()}')
 
-  settings = synthetic_rooms.SceneSettings(num_rooms=1, objects_per_room=13, floor_size=tuple(args.floor),
-                                            points_per_m2=args.points_per_m2, min_gap=0.2)
+  settings = synthetic_rooms.SceneSettings(
+    num_rooms=1, objects_per_room=13, floor_size=tuple(args.floor), points_per_m2=args.points_per_m2, min_gap=0.2
+  )
   _, write_s = timed(synthetic_rooms.ensure_synthetic_scenes, work, settings)
   room = s3dis.list_rooms(work, [settings.area])[0]
   (xyz, rgb), read_s = timed(s3dis.read_room_cloud, room)
@@ -64,31 +65,55 @@ def main():
 
   region_settings = scene_regions.RegionSettings(radius=args.radius, points_per_region=args.stored)
   regions, split_s = timed(scene_regions.split_regions, xyz, region_settings)
-  print(f'regions: {len(regions)} (radius {region_settings.radius} m, {regions.sizes.mean():,.0f} points each on '
-        f'average) in {split_s:.1f} s')
+  print(
+    f'regions: {len(regions)} (radius {region_settings.radius} m, {regions.sizes.mean():,.0f} points each on '
+    f'average) in {split_s:.1f} s'
+  )
 
   encoder = PointTransformer(num_classes=55)
   mesh = sharding.make_mesh({'data': -1, 'fsdp': 1})
   model = CG3D(encoder=encoder, clip=None, num_points=1024)
-  variables = jax.jit(encoder.init, static_argnames='train')(jax.random.PRNGKey(0), jnp.zeros((2, 1024, 3)),
-                                                             train=False)
+  variables = jax.jit(encoder.init, static_argnames='train')(
+    jax.random.PRNGKey(0), jnp.zeros((2, 1024, 3)), train=False
+  )
   embedder = queries.RegionEmbedder(model, variables, mesh, args.batch)
-  sample = regions.encoder_points[:args.regions]
+  sample = regions.encoder_points[: args.regions]
   if sample.shape[0] < args.regions:
     sample = sample[np.arange(args.regions) % sample.shape[0]]
-  _, warm_s = timed(embedder, sample[:embedder.batch])
+  _, warm_s = timed(embedder, sample[: embedder.batch])
   features, embed_s = timed(embedder, sample)
   assert np.allclose(np.linalg.norm(features, axis=1), 1, atol=1e-4)
-  print(f'encoder: {args.regions / embed_s:.1f} regions/s (real-config PointTransformer, {args.stored} -> 1024 '
-        f'points, batch {embedder.batch}; warm-up incl. compile {warm_s:.1f} s); this scene\'s {len(regions)} regions '
-        f'-> {len(regions) / (args.regions / embed_s):.1f} s')
+  print(
+    f'encoder: {args.regions / embed_s:.1f} regions/s (real-config PointTransformer, {args.stored} -> 1024 '
+    f"points, batch {embedder.batch}; warm-up incl. compile {warm_s:.1f} s); this scene's {len(regions)} regions "
+    f'-> {len(regions) / (args.regions / embed_s):.1f} s'
+  )
 
   if args.checkpoint:
     out = os.path.join(work, 'query')
-    command = [sys.executable, '-m', 'cg3d_jax.query_scene', '--checkpoint', args.checkpoint, '--scene', str(room),
-               '--queries', 'mug,table,torus', '--radius', str(args.radius), '--exclude_floor', '--out', out]
-    done, command_s = timed(subprocess.run, command, capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    command = [
+      sys.executable,
+      '-m',
+      'cg3d_jax.query_scene',
+      '--checkpoint',
+      args.checkpoint,
+      '--scene',
+      str(room),
+      '--queries',
+      'mug,table,torus',
+      '--radius',
+      str(args.radius),
+      '--exclude_floor',
+      '--out',
+      out,
+    ]
+    done, command_s = timed(
+      subprocess.run,
+      command,
+      capture_output=True,
+      text=True,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     if done.returncode:
       sys.exit(f'query_scene failed:\n{done.stderr[-3000:]}')
     print(done.stdout.strip())

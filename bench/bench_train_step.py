@@ -46,7 +46,7 @@ def matmul_gflops(n: int = 2048, iters: int = 5) -> float:
   start = time.perf_counter()
   for _ in range(iters):
     jax.block_until_ready(f(a))
-  return 2 * n ** 3 * iters / (time.perf_counter() - start) / 1e9
+  return 2 * n**3 * iters / (time.perf_counter() - start) / 1e9
 
 
 def torch_contrastive(a, b, scale):
@@ -71,8 +71,11 @@ def make_torch_step(clip_model, encoder, prompts, table, num_points):
     text = table[template_idx, labels]
     image = torch.nn.functional.normalize(torch_prompted_image_features(clip_model, pixels, prompts), dim=-1)
     feats = torch.nn.functional.normalize(encoder(pts), dim=-1)
-    loss = (torch_contrastive(feats, text, scale) + torch_contrastive(feats, image.detach(), scale)
-            + torch_contrastive(image, text, scale))
+    loss = (
+      torch_contrastive(feats, text, scale)
+      + torch_contrastive(feats, image.detach(), scale)
+      + torch_contrastive(image, text, scale)
+    )
     enc_opt.zero_grad()
     prompt_opt.zero_grad()
     loss.backward()
@@ -81,6 +84,7 @@ def make_torch_step(clip_model, encoder, prompts, table, num_points):
     enc_opt.step()
     prompt_opt.step()
     return float(loss)
+
   return step
 
 
@@ -88,11 +92,16 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--iters', type=int, default=3)
-  parser.add_argument('--framework', choices=('both', 'jax', 'torch'), default='both',
-                      help='one framework per process avoids their thread pools interfering (PyTorch\'s OpenMP '
-                      'threads spin after each call, which slows an XLA call that follows at once)')
-  parser.add_argument('--unrolled', action='store_true',
-                      help='JAX with the layer loops unrolled (scan_layers=False) instead of scanned')
+  parser.add_argument(
+    '--framework',
+    choices=('both', 'jax', 'torch'),
+    default='both',
+    help="one framework per process avoids their thread pools interfering (PyTorch's OpenMP "
+    'threads spin after each call, which slows an XLA call that follows at once)',
+  )
+  parser.add_argument(
+    '--unrolled', action='store_true', help='JAX with the layer loops unrolled (scan_layers=False) instead of scanned'
+  )
   args = parser.parse_args(argv)
   print(load.report())  # a ratio taken under load can reverse on an idle machine
   from transformers import CLIPModel
@@ -102,8 +111,7 @@ def main(argv=None):
   config.mesh.data = 1
   config.model.scan_layers = config.clip.scan_layers = not args.unrolled
   with tempfile.TemporaryDirectory() as tmp:
-    folder = random_clip.write_random_clip(os.path.join(tmp, 'clip_b16'), seed=0,
-                                           **random_clip.VIT_B16)
+    folder = random_clip.write_random_clip(os.path.join(tmp, 'clip_b16'), seed=0, **random_clip.VIT_B16)
     config.clip.path = folder
     # One class is enough for timing: the step looks text rows up by index whatever the table holds.
     setup = pretrain.build_setup(config, train_classes=['chair'], steps_per_epoch=1000, devices=jax.devices()[:1])
@@ -113,16 +121,27 @@ def main(argv=None):
   points = rng.normal(size=(args.batch, 8192, 3)).astype(np.float32)
   points /= np.linalg.norm(points, axis=-1, keepdims=True)
   size = setup.clip.spec.image_size
-  batch = {'points': points, 'image': rng.normal(size=(args.batch, size, size, 3)).astype(np.float32),
-           'label': np.zeros(args.batch, np.int32),
-           'template_idx': rng.integers(0, setup.text_table.shape[0], args.batch).astype(np.int32)}
-  jstep = jit_train_step(setup.model, setup.tx, setup.labels_fn, active=(ENCODER, PROMPTS),
-                         state_shardings=setup.shardings['state'], frozen_shardings=setup.shardings['frozen'],
-                         table_sharding=setup.shardings['table'], batch_shardings=setup.shardings['batch'])
+  batch = {
+    'points': points,
+    'image': rng.normal(size=(args.batch, size, size, 3)).astype(np.float32),
+    'label': np.zeros(args.batch, np.int32),
+    'template_idx': rng.integers(0, setup.text_table.shape[0], args.batch).astype(np.int32),
+  }
+  jstep = jit_train_step(
+    setup.model,
+    setup.tx,
+    setup.labels_fn,
+    active=(ENCODER, PROMPTS),
+    state_shardings=setup.shardings['state'],
+    frozen_shardings=setup.shardings['frozen'],
+    table_sharding=setup.shardings['table'],
+    batch_shardings=setup.shardings['batch'],
+  )
   jbatch = jax.device_put(batch, setup.shardings['batch'])
   start = time.perf_counter()
-  compiled, cost = step_cost.compile_and_analyse(jstep, (setup.state, setup.frozen, setup.text_table, jbatch),
-                                                 jnp.float32)
+  compiled, cost = step_cost.compile_and_analyse(
+    jstep, (setup.state, setup.frozen, setup.text_table, jbatch), jnp.float32
+  )
   compile_s = time.perf_counter() - start
   flops = cost.flops  # matmul FLOPs of the step, scanned layers counted per layer
 
@@ -130,8 +149,12 @@ def main(argv=None):
   table = torch.nn.functional.normalize(torch.randn(*setup.text_table.shape), dim=-1)
   prompts = torch.tensor(np.asarray(setup.state['params']['clip']['prompts']['tokens']))
   tstep = make_torch_step(clip_model, encoder, prompts, table, config.model.num_points)
-  t_batch = (torch.tensor(points), torch.tensor(batch['image'].transpose(0, 3, 1, 2)),
-             torch.tensor(batch['label']).long(), torch.tensor(batch['template_idx']).long())
+  t_batch = (
+    torch.tensor(points),
+    torch.tensor(batch['image'].transpose(0, 3, 1, 2)),
+    torch.tensor(batch['label']).long(),
+    torch.tensor(batch['template_idx']).long(),
+  )
 
   state = setup.state
   run_jax, run_torch = args.framework in ('both', 'jax'), args.framework in ('both', 'torch')
@@ -154,13 +177,19 @@ def main(argv=None):
 
   median = lambda times: statistics.median(times) if times else float('nan')  # noqa: E731
   jax_s, torch_s = median(jax_times), median(torch_times)
-  print(f'CG3D joint step, PointTransformer 1024 points (FPS from 8192) + ViT-B/16 CLIP, 5 deep prompts, text cached;'
-        f' batch {args.batch}, fp32')
-  print(f'machine: {load.cpu_model()}, {os.cpu_count()} CPUs; jax {jax.__version__}, '
-        f'torch {torch.__version__} ({torch.get_num_threads()} threads); median of {args.iters} alternating steps')
-  print(f'matmul FLOPs of the step (step_cost.matmul_flops): {flops / 1e9:.1f} GFLOP per step (XLA cost analysis, '
-        f'loop bodies once: {cost.xla_flops / 1e9:.1f}); measured fp32 matmul rate {gflops:.1f} GFLOP/s; '
-        f'JAX compile {compile_s:.1f} s')
+  print(
+    f'CG3D joint step, PointTransformer 1024 points (FPS from 8192) + ViT-B/16 CLIP, 5 deep prompts, text cached;'
+    f' batch {args.batch}, fp32'
+  )
+  print(
+    f'machine: {load.cpu_model()}, {os.cpu_count()} CPUs; jax {jax.__version__}, '
+    f'torch {torch.__version__} ({torch.get_num_threads()} threads); median of {args.iters} alternating steps'
+  )
+  print(
+    f'matmul FLOPs of the step (step_cost.matmul_flops): {flops / 1e9:.1f} GFLOP per step (XLA cost analysis, '
+    f'loop bodies once: {cost.xla_flops / 1e9:.1f}); measured fp32 matmul rate {gflops:.1f} GFLOP/s; '
+    f'JAX compile {compile_s:.1f} s'
+  )
   print()
   print('| implementation | s / step (median) | samples / s | GFLOP/s achieved | utilisation | torch / this |')
   print('| --- | --- | --- | --- | --- | --- |')
@@ -168,8 +197,7 @@ def main(argv=None):
     if s != s:  # not measured in this process (--framework)
       continue
     achieved = flops / s / 1e9
-    print(f'| {name} | {s:.2f} | {args.batch / s:.2f} | {achieved:.1f} | {achieved / gflops:.0%} | '
-          f'{torch_s / s:.2f} |')
+    print(f'| {name} | {s:.2f} | {args.batch / s:.2f} | {achieved:.1f} | {achieved / gflops:.0%} | {torch_s / s:.2f} |')
 
 
 if __name__ == '__main__':

@@ -59,21 +59,49 @@ PARITY_CLIP = dict(bench_accelerator.SMALL_CLIP, vision_layers=2, seed=3)  # the
 def _sizes(rehearsal: bool) -> dict:
   """Everything that differs between the GPU run and the CPU rehearsal."""
   if rehearsal:
-    return dict(clip=dict(bench_accelerator.SMALL_CLIP, seed=0), clip_batch=2, encoder=bench_accelerator.SMALL_ENCODER,
-                encoder_points=256, encoder_batch=2, pointmlp=dict(points=256, embed_dim=16, k_neighbors=(8,) * 4),
-                step_batch=8, step_variants=('bf16',), iters=1, features_batch=8,
-                features=dict(num_groups=32, group_size=8, width=64, depth=2, num_heads=4, encoder_dim=64),
-                features_points=1024, features_dim=64, eval_objects=32, eval_stored=1024, eval_batch=16)
-  return dict(clip=dict(random_clip.VIT_B16, seed=0), clip_batch=8, encoder={}, encoder_points=1024, encoder_batch=8,
-              pointmlp=dict(points=1024), step_batch=64, step_variants=('bf16', 'fp32', 'bf16-remat'), iters=5,
-              features_batch=256, features={}, features_points=10_000, features_dim=1280,
-              eval_objects=MODELNET40_TEST, eval_stored=8192, eval_batch=64)
+    return dict(
+      clip=dict(bench_accelerator.SMALL_CLIP, seed=0),
+      clip_batch=2,
+      encoder=bench_accelerator.SMALL_ENCODER,
+      encoder_points=256,
+      encoder_batch=2,
+      pointmlp=dict(points=256, embed_dim=16, k_neighbors=(8,) * 4),
+      step_batch=8,
+      step_variants=('bf16',),
+      iters=1,
+      features_batch=8,
+      features=dict(num_groups=32, group_size=8, width=64, depth=2, num_heads=4, encoder_dim=64),
+      features_points=1024,
+      features_dim=64,
+      eval_objects=32,
+      eval_stored=1024,
+      eval_batch=16,
+    )
+  return dict(
+    clip=dict(random_clip.VIT_B16, seed=0),
+    clip_batch=8,
+    encoder={},
+    encoder_points=1024,
+    encoder_batch=8,
+    pointmlp=dict(points=1024),
+    step_batch=64,
+    step_variants=('bf16', 'fp32', 'bf16-remat'),
+    iters=5,
+    features_batch=256,
+    features={},
+    features_points=10_000,
+    features_dim=1280,
+    eval_objects=MODELNET40_TEST,
+    eval_stored=8192,
+    eval_batch=64,
+  )
 
 
 @contextlib.contextmanager
 def _exact_float32():
   """float32 products in float32 on both sides: XLA's and PyTorch's GPU defaults use TF32 (10-bit mantissas)."""
   import torch
+
   saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
   torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
   try:
@@ -85,6 +113,7 @@ def _exact_float32():
 
 def _torch_device():
   import torch
+
   return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 
 
@@ -100,22 +129,32 @@ def check_clip(sizes, clip_dir: str) -> list[dict]:
   from transformers import CLIPModel
 
   from cg3d_jax.weights.hf_clip import load_clip, tokenize
+
   device = _torch_device()
   rng = np.random.default_rng(0)
   loaded = load_clip(clip_dir, prompt_mode='none')
   size = loaded.spec.image_size
   pixels = rng.normal(size=(sizes['clip_batch'], size, size, 3)).astype(np.float32)
-  ids = tokenize(loaded.tokenizer, [f'a photo of a {name}.' for name in ('chair', 'lamp', 'car', 'plant', 'bed',
-                                                                          'sofa', 'cup', 'desk')][:sizes['clip_batch']])
+  ids = tokenize(
+    loaded.tokenizer,
+    [f'a photo of a {name}.' for name in ('chair', 'lamp', 'car', 'plant', 'bed', 'sofa', 'cup', 'desk')][
+      : sizes['clip_batch']
+    ],
+  )
   reference = CLIPModel.from_pretrained(clip_dir, local_files_only=True, attn_implementation='sdpa').eval().to(device)
   with _exact_float32(), torch.no_grad():
-    out = reference(input_ids=torch.tensor(ids, dtype=torch.long, device=device),
-                    pixel_values=torch.tensor(pixels.transpose(0, 3, 1, 2), device=device))
-    want = {k: torch.nn.functional.normalize(getattr(out, k), dim=-1).cpu().numpy()
-            for k in ('image_embeds', 'text_embeds')}
+    out = reference(
+      input_ids=torch.tensor(ids, dtype=torch.long, device=device),
+      pixel_values=torch.tensor(pixels.transpose(0, 3, 1, 2), device=device),
+    )
+    want = {
+      k: torch.nn.functional.normalize(getattr(out, k), dim=-1).cpu().numpy() for k in ('image_embeds', 'text_embeds')
+    }
     ours = jax.jit(loaded.model.apply)({'params': loaded.params}, pixels, ids)
-    got = {k: np.asarray(ours[k], np.float32) / np.linalg.norm(np.asarray(ours[k], np.float32), axis=-1,
-                                                                 keepdims=True) for k in want}
+    got = {
+      k: np.asarray(ours[k], np.float32) / np.linalg.norm(np.asarray(ours[k], np.float32), axis=-1, keepdims=True)
+      for k in want
+    }
   rows = []
   for key in ('image_embeds', 'text_embeds'):
     diff = float(np.abs(got[key] - want[key]).max())
@@ -128,13 +167,21 @@ def check_clip(sizes, clip_dir: str) -> list[dict]:
     a = np.asarray(bf16[key], np.float32)
     a = a / np.linalg.norm(a, axis=-1, keepdims=True)
     cosine = float(np.min(np.sum(a * want[key], axis=-1)))
-    rows.append(_row('correctness', f'CLIP bf16 ({attention} attention) {key}: min cosine to fp32', cosine,
-                     '>= 0.999', cosine >= 0.999))
+    rows.append(
+      _row(
+        'correctness',
+        f'CLIP bf16 ({attention} attention) {key}: min cosine to fp32',
+        cosine,
+        '>= 0.999',
+        cosine >= 0.999,
+      )
+    )
   return rows
 
 
 def _compare_encoder(name: str, model, twin, variables, clouds) -> dict:
   import torch
+
   device = _torch_device()
   with _exact_float32():
     got = np.asarray(jax.jit(lambda v, p: model.apply(v, p, train=False))(variables, clouds))
@@ -142,8 +189,13 @@ def _compare_encoder(name: str, model, twin, variables, clouds) -> dict:
       want = twin.to(device).eval()(torch.from_numpy(clouds).to(device)).cpu().numpy()
   scale = float(np.abs(want).max())
   diff = float(np.abs(got - want).max())
-  return _row('correctness', f'{name} fp32 features vs PyTorch twin (max |diff| / max |feature|)', diff / scale,
-              '<= 1e-4', diff <= 1e-4 * scale and scale > 0)
+  return _row(
+    'correctness',
+    f'{name} fp32 features vs PyTorch twin (max |diff| / max |feature|)',
+    diff / scale,
+    '<= 1e-4',
+    diff <= 1e-4 * scale and scale > 0,
+  )
 
 
 def check_encoders(sizes) -> list[dict]:
@@ -155,6 +207,7 @@ def check_encoders(sizes) -> list[dict]:
   from cg3d_jax.twins.pointmlp import PointMLPProject
   from cg3d_jax.weights.torch_io import point_transformer_from_torch
   from cg3d_jax.weights.torch_io_pointmlp import pointmlp_from_torch
+
   torch.manual_seed(0)
   rng = np.random.default_rng(1)
   n = sizes['encoder_points']
@@ -168,8 +221,15 @@ def check_encoders(sizes) -> list[dict]:
   twin = PointMLPProject(**sizes['pointmlp'])
   params, stats = pointmlp_from_torch(twin.state_dict())
   kwargs = {k: v for k, v in sizes['pointmlp'].items() if k != 'points'}
-  rows.append(_compare_encoder('PointMLP', PointMLP(**kwargs), twin, {'params': params, 'batch_stats': stats},
-                               clouds[:, :sizes['pointmlp']['points']]))
+  rows.append(
+    _compare_encoder(
+      'PointMLP',
+      PointMLP(**kwargs),
+      twin,
+      {'params': params, 'batch_stats': stats},
+      clouds[:, : sizes['pointmlp']['points']],
+    )
+  )
   return rows
 
 
@@ -187,6 +247,7 @@ def check_step(clip_dir: str) -> list[dict]:
   from cg3d_jax.weights import torch_io
   from cg3d_jax.weights.hf_clip import tokenize
   from tests.torch_reference_step import ReferenceStep
+
   config = pretrain_pointbert.get_config()
   config.clip.path = clip_dir
   config.model.embed_dim = PARITY_CLIP['projection_dim']
@@ -195,49 +256,82 @@ def check_step(clip_dir: str) -> list[dict]:
   config.data.augment = False
   config.train.batch_size, config.mesh.data = 8, 1
   # The reference's optimizers (tests/test_step_parity.py's settings); the losses compared precede any update.
-  config.train.encoder_optim.update(dict(lr=2e-3, end_lr=1e-4, weight_decay=0.05, schedule='cosine_per_epoch',
-                                         clip_norm=0.5))
-  config.train.prompt_optim.update(dict(lr=5e-2, end_lr=1e-3, momentum=0.9, weight_decay=1e-4,
-                                        schedule='cosine_per_epoch', clip_norm=0.05))
+  config.train.encoder_optim.update(
+    dict(lr=2e-3, end_lr=1e-4, weight_decay=0.05, schedule='cosine_per_epoch', clip_norm=0.5)
+  )
+  config.train.prompt_optim.update(
+    dict(lr=5e-2, end_lr=1e-3, momentum=0.9, weight_decay=1e-4, schedule='cosine_per_epoch', clip_norm=0.05)
+  )
   classes = ['airplane', 'bathtub', 'bed', 'bench', 'bookshelf', 'bottle', 'bowl', 'car']
   setup = pretrain.build_setup(config, train_classes=classes, steps_per_epoch=1, devices=jax.devices()[:1])
   rng = np.random.default_rng(2)
   size = setup.clip.spec.image_size
   points = rng.normal(size=(8, 64, 3)).astype(np.float32)
   points /= np.abs(points).max(axis=(1, 2), keepdims=True)
-  batch = {'points': points, 'image': rng.normal(size=(8, size, size, 3)).astype(np.float32),
-           'label': np.arange(8, dtype=np.int32), 'template_idx': np.array([0, 13, 20, 62, 5, 40, 14, 1], np.int32)}
+  batch = {
+    'points': points,
+    'image': rng.normal(size=(8, size, size, 3)).astype(np.float32),
+    'label': np.arange(8, dtype=np.int32),
+    'template_idx': np.array([0, 13, 20, 62, 5, 40, 14, 1], np.int32),
+  }
   start = jax.device_get(setup.state)
   with _exact_float32():
-    step = jax.jit(lambda s, f, t, b: train_step(s, f, t, b, model=setup.model, tx=setup.tx,
-                                                 labels_fn=setup.labels_fn, active=(ENCODER, PROMPTS),
-                                                 augment=False))
+    step = jax.jit(
+      lambda s, f, t, b: train_step(
+        s, f, t, b, model=setup.model, tx=setup.tx, labels_fn=setup.labels_fn, active=(ENCODER, PROMPTS), augment=False
+      )
+    )
     _, metrics = step(setup.state, setup.frozen, setup.text_table, batch)
     got = {k: float(v) for k, v in metrics.items() if k.startswith('loss/')}
     device = _torch_device()
     pt = config.model.point_transformer
-    twin = PointTransformerProject(width=pt.width, depth=pt.depth, num_heads=pt.num_heads, num_groups=pt.num_groups,
-                                   group_size=pt.group_size, encoder_dim=pt.encoder_dim, drop_path_rate=0.0,
-                                   embed_dim=config.model.embed_dim, num_classes=config.model.num_classes)
+    twin = PointTransformerProject(
+      width=pt.width,
+      depth=pt.depth,
+      num_heads=pt.num_heads,
+      num_groups=pt.num_groups,
+      group_size=pt.group_size,
+      encoder_dim=pt.encoder_dim,
+      drop_path_rate=0.0,
+      embed_dim=config.model.embed_dim,
+      num_classes=config.model.num_classes,
+    )
     twin.load_state_dict(torch_io.point_transformer_to_torch(start['params']['encoder'], start['batch_stats']))
     clip = CLIPModel.from_pretrained(clip_dir, local_files_only=True).eval()
     caption_templates = templates.get_templates(config.data.templates)
     captions = [caption_templates[t].format(classes[c]) for t, c in zip(batch['template_idx'], batch['label'])]
     with torch.device(device):  # the reference makes its targets with torch.arange
       reference = ReferenceStep(
-          twin.to(device), clip.to(device),
-          torch.from_numpy(np.array(start['params']['clip']['prompts']['tokens'])).to(device),
-          encoder_optim=config.train.encoder_optim.to_dict(), prompt_optim=config.train.prompt_optim.to_dict(),
-          steps_per_epoch=1, epochs=1, mode='joint', prompted_image_features=torch_prompted_image_features)
-      want = reference(torch.from_numpy(points).to(device),
-                       torch.from_numpy(batch['image'].transpose(0, 3, 1, 2).copy()).to(device),
-                       torch.from_numpy(tokenize(setup.clip.tokenizer, captions).astype(np.int64)).to(device))
+        twin.to(device),
+        clip.to(device),
+        torch.from_numpy(np.array(start['params']['clip']['prompts']['tokens'])).to(device),
+        encoder_optim=config.train.encoder_optim.to_dict(),
+        prompt_optim=config.train.prompt_optim.to_dict(),
+        steps_per_epoch=1,
+        epochs=1,
+        mode='joint',
+        prompted_image_features=torch_prompted_image_features,
+      )
+      want = reference(
+        torch.from_numpy(points).to(device),
+        torch.from_numpy(batch['image'].transpose(0, 3, 1, 2).copy()).to(device),
+        torch.from_numpy(tokenize(setup.clip.tokenizer, captions).astype(np.int64)).to(device),
+      )
   rows = []
   for key in ('loss/point_text', 'loss/point_image', 'loss/image_text'):
     have, ref = got[key], float(want[key])
     rel = abs(have - ref) / abs(ref)
-    rows.append(_row('correctness', f'one joint step, {key} vs the PyTorch reference (relative)', rel, '<= 1e-4',
-                     rel <= 1e-4, jax=have, pytorch=ref))
+    rows.append(
+      _row(
+        'correctness',
+        f'one joint step, {key} vs the PyTorch reference (relative)',
+        rel,
+        '<= 1e-4',
+        rel <= 1e-4,
+        jax=have,
+        pytorch=ref,
+      )
+    )
   return rows
 
 
@@ -251,24 +345,25 @@ def bench_steps(sizes, clip_dir: str) -> tuple[list[dict], list[dict]]:
   for name in sizes['step_variants']:
     result = bench_accelerator.bench_jax_step(args, clip_dir, name, devices)
     raw.append(result)
-    rows.append(_speed_row(f"CG3D step, {result['implementation']}, batch {args.batch}", result))
+    rows.append(_speed_row(f'CG3D step, {result["implementation"]}, batch {args.batch}', result))
   from cg3d_jax.configs import pretrain_pointbert
+
   num_tokens = pretrain_pointbert.get_config().clip.prompt.num_tokens
   spec = sizes['clip']
   result = bench_accelerator.bench_torch_step(args, clip_dir, (spec['vision_layers'], num_tokens, spec['vision_width']))
   raw.append(result)
-  rows.append(_speed_row(f"CG3D step, {result['implementation']}, batch {args.batch}", result))
+  rows.append(_speed_row(f'CG3D step, {result["implementation"]}, batch {args.batch}', result))
   return rows, raw
 
 
 def _speed_row(check: str, result: dict) -> dict:
   if 'note' in result:
     return _row('speed', check, result['note'], ok=False)
-  value = f"{result['s_per_step']:.3f} s/step, {result['samples_per_s']:.1f} samples/s"
+  value = f'{result["s_per_step"]:.3f} s/step, {result["samples_per_s"]:.1f} samples/s'
   if result.get('tflops_per_device') is not None:
-    value += f", {result['tflops_per_device']:.1f} TFLOP/s"
+    value += f', {result["tflops_per_device"]:.1f} TFLOP/s'
   if result.get('mfu') is not None:
-    value += f", MFU {result['mfu']:.1%}"
+    value += f', MFU {result["mfu"]:.1%}'
   peak = result.get('device_peak_gib') or result.get('xla_peak_gib')
   if peak:
     value += f', peak {peak:.1f} GiB'
@@ -278,6 +373,7 @@ def _speed_row(check: str, result: dict) -> dict:
 def bench_features_step(sizes) -> dict:
   from bench.bench_features_step import feature_step
   from cg3d_jax.configs import pretrain_openshape
+
   config = pretrain_openshape.get_config()
   config.train.batch_size, config.mesh.data = sizes['features_batch'], 1
   config.model.dtype = 'bfloat16'
@@ -285,8 +381,9 @@ def bench_features_step(sizes) -> dict:
     config.model.point_transformer.update(sizes['features'])
     config.model.num_points = sizes['features_points'] // 2
     config.model.embed_dim = sizes['features_dim']
-  compiled, state, batch, compile_s = feature_step(config, sizes['features_batch'], sizes['features_dim'], 6,
-                                                   sizes['features_points'], np.random.default_rng(3))
+  compiled, state, batch, compile_s = feature_step(
+    config, sizes['features_batch'], sizes['features_dim'], 6, sizes['features_points'], np.random.default_rng(3)
+  )
   cost = step_cost.analyse(compiled, jnp.bfloat16, jax.devices()[0])
   holder = {'state': state}
 
@@ -296,13 +393,21 @@ def bench_features_step(sizes) -> dict:
 
   run()
   seconds = bench_accelerator._median_time(run, sizes['iters'])
-  result = {'implementation': 'JAX bf16', 'compile_s': compile_s, 's_per_step': seconds,
-            'samples_per_s': sizes['features_batch'] / seconds, 'gflop_per_device': cost.flops / 1e9,
-            'tflops_per_device': cost.tflops_per_device(1 / seconds), 'mfu': cost.mfu(1 / seconds),
-            'xla_peak_gib': cost.peak_bytes / 2 ** 30}
-  channels = f"6 ch, {sizes['features_points']:,} points, {config.model.point_transformer.num_groups} x " \
-             f"{config.model.point_transformer.group_size} groups, {sizes['features_dim']}-d"
-  return _speed_row(f"stored-feature step, bf16, batch {sizes['features_batch']} ({channels})", result)
+  result = {
+    'implementation': 'JAX bf16',
+    'compile_s': compile_s,
+    's_per_step': seconds,
+    'samples_per_s': sizes['features_batch'] / seconds,
+    'gflop_per_device': cost.flops / 1e9,
+    'tflops_per_device': cost.tflops_per_device(1 / seconds),
+    'mfu': cost.mfu(1 / seconds),
+    'xla_peak_gib': cost.peak_bytes / 2**30,
+  }
+  channels = (
+    f'6 ch, {sizes["features_points"]:,} points, {config.model.point_transformer.num_groups} x '
+    f'{config.model.point_transformer.group_size} groups, {sizes["features_dim"]}-d'
+  )
+  return _speed_row(f'stored-feature step, bf16, batch {sizes["features_batch"]} ({channels})', result)
 
 
 def bench_zeroshot(sizes) -> dict:
@@ -311,14 +416,16 @@ def bench_zeroshot(sizes) -> dict:
   from cg3d_jax.evaluators import zeroshot
   from cg3d_jax.models.cg3d import CG3D
   from cg3d_jax.models.point_transformer import PointTransformer
+
   encoder = PointTransformer(**sizes['encoder'], num_classes=55)
   num_points = sizes['encoder_points']
   clouds = unit_sphere_clouds(sizes['eval_objects'], sizes['eval_stored'])
   start = time.perf_counter()
   mesh = sharding.make_mesh({'data': -1, 'fsdp': 1}, jax.local_devices()[:1])
   model = CG3D(encoder=encoder, clip=None, num_points=num_points)
-  variables = jax.jit(encoder.init, static_argnames='train')(jax.random.key(0), jnp.asarray(clouds[:2, :num_points]),
-                                                             train=False)
+  variables = jax.jit(encoder.init, static_argnames='train')(
+    jax.random.key(0), jnp.asarray(clouds[:2, :num_points]), train=False
+  )
   features_fn, replicated = zeroshot.point_feature_fn(model, mesh)
   variables = jax.device_put(variables, replicated)
   batch_sharding = sharding.batch_sharding(mesh)
@@ -327,13 +434,18 @@ def bench_zeroshot(sizes) -> dict:
   compile_s = time.perf_counter() - start
   start = time.perf_counter()
   for i in range(0, len(clouds) - batch + 1, batch):
-    out = np.asarray(features_fn(variables, jax.device_put(clouds[i:i + batch], batch_sharding)))
+    out = np.asarray(features_fn(variables, jax.device_put(clouds[i : i + batch], batch_sharding)))
   seconds = time.perf_counter() - start
   done = (len(clouds) // batch) * batch
   assert np.isfinite(out).all()
-  return _row('speed', f"zero-shot features: {done:,} clouds of {sizes['eval_stored']:,} points, FPS to {num_points}, "
-              f'batch {batch}', f'{done / seconds:.0f} objects/s, {seconds:.1f} s after data load',
-              objects_per_s=done / seconds, seconds=seconds, compile_s=compile_s)
+  return _row(
+    'speed',
+    f'zero-shot features: {done:,} clouds of {sizes["eval_stored"]:,} points, FPS to {num_points}, batch {batch}',
+    f'{done / seconds:.0f} objects/s, {seconds:.1f} s after data load',
+    objects_per_s=done / seconds,
+    seconds=seconds,
+    compile_s=compile_s,
+  )
 
 
 def scaling_note(step_rows: list[dict]) -> dict:
@@ -342,8 +454,11 @@ def scaling_note(step_rows: list[dict]) -> dict:
     return _row('on paper', 'Objaverse epoch on 64 GPUs', 'no bf16 step figure to scale')
   rate = bf16[0]['samples_per_s']
   hours = OBJAVERSE_SHAPES / (64 * rate) / 3600
-  return _row('on paper', f'one Objaverse epoch ({OBJAVERSE_SHAPES:,} shapes) on 64 of this device at the bf16 rate, '
-              'perfect scaling assumed', f'{hours * 60:.1f} min ({64 * rate:,.0f} samples/s)')
+  return _row(
+    'on paper',
+    f'one Objaverse epoch ({OBJAVERSE_SHAPES:,} shapes) on 64 of this device at the bf16 rate, perfect scaling assumed',
+    f'{hours * 60:.1f} min ({64 * rate:,.0f} samples/s)',
+  )
 
 
 # -------------------------------------------------------------------------------------------------------- main
@@ -352,9 +467,9 @@ def scaling_note(step_rows: list[dict]) -> dict:
 def _table(rows: list[dict]) -> str:
   lines = ['| section | check | value | target | result |', '| --- | --- | --- | --- | --- |']
   for r in rows:
-    value = r['value'] if isinstance(r['value'], str) else f"{r['value']:.3g}"
+    value = r['value'] if isinstance(r['value'], str) else f'{r["value"]:.3g}'
     verdict = {True: 'pass', False: 'FAIL', None: ''}[r['ok']]
-    lines.append(f"| {r['section']} | {r['check']} | {value} | {r['target']} | {verdict} |")
+    lines.append(f'| {r["section"]} | {r["check"]} | {value} | {r["target"]} | {verdict} |')
   return '\n'.join(lines)
 
 
@@ -362,8 +477,12 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('out_dir', help='folder for device_check.json and device_check.md (created)')
   parser.add_argument('--cpu-rehearsal', action='store_true', help='tiny sizes, for a CPU (the test suite)')
-  parser.add_argument('--budget_s', type=float, default=420.0,
-                      help='start no new section after this many seconds (default 420: the run ends within 8 min)')
+  parser.add_argument(
+    '--budget_s',
+    type=float,
+    default=420.0,
+    help='start no new section after this many seconds (default 420: the run ends within 8 min)',
+  )
   args = parser.parse_args(argv)
   out = pathlib.Path(args.out_dir)
   out.mkdir(parents=True, exist_ok=True)
@@ -371,20 +490,29 @@ def main(argv=None) -> dict:
   sizes = _sizes(args.cpu_rehearsal)
   device = jax.devices()[0]
   import torch
-  header = {'device': device.device_kind, 'platform': device.platform, 'jax': jax.__version__,
-            'torch': torch.__version__, 'torch_device': str(_torch_device()), 'host': load.report(),
-            'mode': 'cpu rehearsal (tiny sizes)' if args.cpu_rehearsal else 'full'}
+
+  header = {
+    'device': device.device_kind,
+    'platform': device.platform,
+    'jax': jax.__version__,
+    'torch': torch.__version__,
+    'torch_device': str(_torch_device()),
+    'host': load.report(),
+    'mode': 'cpu rehearsal (tiny sizes)' if args.cpu_rehearsal else 'full',
+  }
   print(json.dumps(header), flush=True)
   rows: list[dict] = []
   with tempfile.TemporaryDirectory() as tmp:
     clip_dir = random_clip.write_random_clip(os.path.join(tmp, 'clip'), **sizes['clip'])
     parity_dir = random_clip.write_random_clip(os.path.join(tmp, 'parity_clip'), **PARITY_CLIP)
-    sections = [('CLIP parity', lambda: check_clip(sizes, clip_dir)),
-                ('encoder parity', lambda: check_encoders(sizes)),
-                ('step parity', lambda: check_step(parity_dir)),
-                ('CG3D step speed', lambda: bench_steps(sizes, clip_dir)[0]),
-                ('stored-feature step speed', lambda: [bench_features_step(sizes)]),
-                ('zero-shot throughput', lambda: [bench_zeroshot(sizes)])]
+    sections = [
+      ('CLIP parity', lambda: check_clip(sizes, clip_dir)),
+      ('encoder parity', lambda: check_encoders(sizes)),
+      ('step parity', lambda: check_step(parity_dir)),
+      ('CG3D step speed', lambda: bench_steps(sizes, clip_dir)[0]),
+      ('stored-feature step speed', lambda: [bench_features_step(sizes)]),
+      ('zero-shot throughput', lambda: [bench_zeroshot(sizes)]),
+    ]
     for name, run in sections:
       elapsed = time.perf_counter() - began
       if elapsed > args.budget_s:
@@ -401,11 +529,16 @@ def main(argv=None) -> dict:
       print(f'# {name}: {time.perf_counter() - start:.1f} s', flush=True)
       rows.extend(new)
   rows.append(scaling_note(rows))
-  result = {**header, 'seconds': time.perf_counter() - began, 'rows': rows,
-            'all_correct': all(r['ok'] for r in rows if r['section'] == 'correctness')}
-  table = (f"{header['device']} ({header['platform']}), jax {header['jax']}, torch {header['torch']} on "
-           f"{header['torch_device']}; {header['mode']}; {header['host']}; {result['seconds']:.0f} s\n\n"
-           + _table(rows) + '\n')
+  result = {
+    **header,
+    'seconds': time.perf_counter() - began,
+    'rows': rows,
+    'all_correct': all(r['ok'] for r in rows if r['section'] == 'correctness'),
+  }
+  table = (
+    f'{header["device"]} ({header["platform"]}), jax {header["jax"]}, torch {header["torch"]} on '
+    f'{header["torch_device"]}; {header["mode"]}; {header["host"]}; {result["seconds"]:.0f} s\n\n' + _table(rows) + '\n'
+  )
   for name, text in (('device_check.json', json.dumps(result, indent=1, default=str)), ('device_check.md', table)):
     partial = out / f'.{name}.partial'  # never a half-written result
     partial.write_text(text)

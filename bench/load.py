@@ -26,7 +26,7 @@ def cpu_model() -> str:
     fields.setdefault(key.strip(), value.strip())
   name = fields.get('model name') or fields.get('Hardware') or platform.machine()
   flags = set((fields.get('flags') or fields.get('Features') or '').split())
-  return f"{name} ({', '.join(f for f in _ISA if f in flags) or 'no listed vector extensions'})"
+  return f'{name} ({", ".join(f for f in _ISA if f in flags) or "no listed vector extensions"})'
 
 
 def report() -> str:
@@ -34,6 +34,7 @@ def report() -> str:
   one, five, fifteen = os.getloadavg()
   line = f'machine: {cpu_model()}, {cores} CPUs; load average {one:.2f} {five:.2f} {fifteen:.2f}'
   if one > 0.5 * cores:
-    line += (f'  WARNING: busy machine (1-min load {one:.2f} on {cores} cores): figures are inflated and ratios '
-             'unreliable')
+    line += (
+      f'  WARNING: busy machine (1-min load {one:.2f} on {cores} cores): figures are inflated and ratios unreliable'
+    )
   return line

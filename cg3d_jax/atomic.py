@@ -39,6 +39,7 @@ def atomic_write_bytes(path, data: bytes) -> None:
 def atomic_write_npy(path, array) -> None:
   """np.save, atomically."""
   import numpy as np
+
   atomic_write(path, lambda f: np.save(f, np.asarray(array)))
 
 
@@ -46,6 +47,7 @@ def atomic_write_png(path, image) -> None:
   """An (H, W, 3) or (H, W) uint8 image as PNG, atomically."""
   import numpy as np
   from PIL import Image
+
   buffer = io.BytesIO()
   Image.fromarray(np.asarray(image)).save(buffer, format='PNG')
   atomic_write_bytes(path, buffer.getvalue())

@@ -14,26 +14,40 @@ from absl import flags, logging
 
 from cg3d_jax import cli
 
-DATASET = flags.DEFINE_string('dataset', None, 'Dataset to prepare: shapenet55_cg3d, modelnet40, modelnet10, '
-                              'obj_only, obj_bg or pb_t50_rs (or builder/config).')
+DATASET = flags.DEFINE_string(
+  'dataset',
+  None,
+  'Dataset to prepare: shapenet55_cg3d, modelnet40, modelnet10, obj_only, obj_bg or pb_t50_rs (or builder/config).',
+)
 MANUAL_DIR = flags.DEFINE_string('manual_dir', None, 'Folder holding the official raw files.')
 DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data folder to write the prepared dataset into.')
-SKIP_BAD = flags.DEFINE_bool('skip_bad', False, 'Skip bad raw files, counting and logging them, instead of stopping '
-                             'at the first one.')
+SKIP_BAD = flags.DEFINE_bool(
+  'skip_bad', False, 'Skip bad raw files, counting and logging them, instead of stopping at the first one.'
+)
 
 
 # Flags defined once in cli (or scenes.flags) that this command takes: listed by its --help.
 for _shared in ('verbose',):
   flags.declare_key_flag(_shared)
 
+
 def main(argv):
   del argv
-  for flag, example in ((DATASET, 'modelnet40'), (MANUAL_DIR, '/data/modelnet40_normal_resampled'),
-                        (DATA_DIR, '/data/tfds')):
+  for flag, example in (
+    (DATASET, 'modelnet40'),
+    (MANUAL_DIR, '/data/modelnet40_normal_resampled'),
+    (DATA_DIR, '/data/tfds'),
+  ):
     cli.require(flag, f'--{flag.name} {example}')
   from cg3d_jax.data import builders  # TensorFlow loads slowly: after the flags are checked
-  builder = builders.get_builder(DATASET.value, data_dir=DATA_DIR.value, manual_dir=MANUAL_DIR.value,
-                                 skip_bad=SKIP_BAD.value, fields=builders.FLAG_FIELDS)
+
+  builder = builders.get_builder(
+    DATASET.value,
+    data_dir=DATA_DIR.value,
+    manual_dir=MANUAL_DIR.value,
+    skip_bad=SKIP_BAD.value,
+    fields=builders.FLAG_FIELDS,
+  )
   splits = {name: split.num_examples for name, split in builder.info.splits.items()}
   logging.info('prepared %s', builder.info.full_name)
   print(f'{builder.info.full_name} in {builder.data_dir}: ' + ', '.join(f'{n} {c} examples' for n, c in splits.items()))

@@ -58,8 +58,10 @@ class CheckpointDamagedError(InputError):
     file = re.search(r'(/[^\s"\']+/(?:ocdbt\.process_\d+/)?d/[0-9a-f]+)', detail)
     where = f'; damaged file: {file.group(1)}' if file else ''
     intact = f'other saved steps: {others}' if others else 'no other step is saved'
-    super().__init__(f'{step_dir}: the checkpoint of step {step} cannot be read ({detail[:160]}...{where}): a file '
-                     f'of it is missing or truncated; {intact}. {advice}')
+    super().__init__(
+      f'{step_dir}: the checkpoint of step {step} cannot be read ({detail[:160]}...{where}): a file '
+      f'of it is missing or truncated; {intact}. {advice}'
+    )
 
 
 def _silence_closed_loop_noise() -> None:
@@ -68,6 +70,7 @@ def _silence_closed_loop_noise() -> None:
   noise about the damage the error already names. Only that exact error and that logger are silenced."""
   import logging as std_logging
   import sys
+
   previous = sys.excepthook
   if getattr(previous, 'drops_closed_loop_noise', False):
     return
@@ -89,8 +92,11 @@ def _silence_closed_loop_noise() -> None:
 
 
 def damaged_step_error(step_dir, step: int, err: Exception, others: list[int]) -> CheckpointDamagedError:
-  advice = (f'Read an intact step with --step {max(s for s in others if s < step)}'
-            if any(s < step for s in others) else 'Retrain, or restore the folder from a copy')
+  advice = (
+    f'Read an intact step with --step {max(s for s in others if s < step)}'
+    if any(s < step for s in others)
+    else 'Retrain, or restore the folder from a copy'
+  )
   return CheckpointDamagedError(step_dir, step, err, others, advice)
 
 
@@ -98,8 +104,12 @@ class _OrbaxNoiseFilter:
   """Drops orbax's warnings that describe what this module asked for, not a fault: every read-only manager (each
   downstream command) announces that it is read-only, and a save between evaluations (no metrics to rank) says it
   got no metrics. Anything else orbax says still shows."""
-  EXPECTED = ('Given directory is read only', 'CheckpointManagerOptions.read_only=True, setting',
-              'Requested `tracked_metric`; did not provide metrics')
+
+  EXPECTED = (
+    'Given directory is read only',
+    'CheckpointManagerOptions.read_only=True, setting',
+    'Requested `tracked_metric`; did not provide metrics',
+  )
 
   def filter(self, record) -> bool:
     return not str(record.msg).startswith(self.EXPECTED)
@@ -107,6 +117,7 @@ class _OrbaxNoiseFilter:
 
 def _drop_expected_orbax_warnings() -> None:
   import logging as std_logging
+
   absl_logger = std_logging.getLogger('absl')
   if not any(isinstance(f, _OrbaxNoiseFilter) for f in absl_logger.filters):
     absl_logger.addFilter(_OrbaxNoiseFilter())
@@ -126,9 +137,12 @@ def _write_cpu_arrays_whole() -> None:
   if any(device.platform != 'cpu' for device in jax.devices()):
     return
   from orbax.checkpoint._src.metadata import array_metadata_store  # what orbax's default handler is built with
+
   ocp.type_handlers.register_type_handler(
-      jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False,
-                                                array_metadata_store=array_metadata_store.Store()), override=True)
+    jax.Array,
+    ocp.type_handlers.ArrayHandler(use_replica_parallel=False, array_metadata_store=array_metadata_store.Store()),
+    override=True,
+  )
 
 
 def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
@@ -160,6 +174,7 @@ def _rng_from_json(saved: Mapping[str, Any]):
 
 def _plain_json(name: str, value):
   """value as plain JSON types, checked now: a bad value would otherwise fail later, in orbax's save thread."""
+
   def convert(obj):
     if isinstance(obj, (np.generic, np.ndarray, jax.Array)):
       return np.asarray(obj).tolist()
@@ -185,15 +200,27 @@ def _metrics_to_json(metrics) -> dict | None:
 def _check_no_typed_keys(state) -> None:
   for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
     if hasattr(leaf, 'dtype') and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-      raise TypeError(f'checkpoint state leaf {jax.tree_util.keystr(path)} is a typed PRNG key; pass keys through '
-                      '`rng`, or store jax.random.key_data(key) in the state')
+      raise TypeError(
+        f'checkpoint state leaf {jax.tree_util.keystr(path)} is a typed PRNG key; pass keys through '
+        '`rng`, or store jax.random.key_data(key) in the state'
+      )
 
 
 class Checkpointer:
   """An orbax CheckpointManager for one run's directory (see the module docstring for the layout)."""
 
-  def __init__(self, directory: str, *, keep: int = 3, keep_best: bool = True, best_metric: str = 'val/top1',
-               best_mode: str = 'max', async_save: bool = True, every_steps: int = 1000, read_only: bool = False):
+  def __init__(
+    self,
+    directory: str,
+    *,
+    keep: int = 3,
+    keep_best: bool = True,
+    best_metric: str = 'val/top1',
+    best_mode: str = 'max',
+    async_save: bool = True,
+    every_steps: int = 1000,
+    read_only: bool = False,
+  ):
     if keep < 1:
       raise ValueError(f'checkpoint keep must be >= 1, got {keep}')
     if every_steps < 1:
@@ -206,18 +233,20 @@ class Checkpointer:
     best_fn = None
     if keep_best:
       best_fn = lambda metrics: metrics[best_metric]  # noqa: E731  (only metrics holding it are passed on)
-      preserve.append(policies.BestN(get_metric_fn=best_fn, reverse=best_mode == 'min', n=1,
-                                     keep_checkpoints_without_metrics=False))
+      preserve.append(
+        policies.BestN(get_metric_fn=best_fn, reverse=best_mode == 'min', n=1, keep_checkpoints_without_metrics=False)
+      )
     options = ocp.CheckpointManagerOptions(
-        best_fn=best_fn,  # also what makes orbax record metrics and answer best_step()
-        best_mode=best_mode,
-        preservation_policy=policies.AnyPreservationPolicy(preserve),
-        save_decision_policy=policies.AnySavePolicy([policies.FixedIntervalPolicy(every_steps),
-                                                     policies.PreemptionCheckpointingPolicy()]),
-        enable_async_checkpointing=async_save,
-        read_only=read_only,
-        create=not read_only,
-        cleanup_tmp_directories=not read_only,  # what a killed save left half-written goes when the run restarts
+      best_fn=best_fn,  # also what makes orbax record metrics and answer best_step()
+      best_mode=best_mode,
+      preservation_policy=policies.AnyPreservationPolicy(preserve),
+      save_decision_policy=policies.AnySavePolicy(
+        [policies.FixedIntervalPolicy(every_steps), policies.PreemptionCheckpointingPolicy()]
+      ),
+      enable_async_checkpointing=async_save,
+      read_only=read_only,
+      create=not read_only,
+      cleanup_tmp_directories=not read_only,  # what a killed save left half-written goes when the run restarts
     )
     _drop_expected_orbax_warnings()
     _write_cpu_arrays_whole()
@@ -230,8 +259,17 @@ class Checkpointer:
   def reached_preemption(self, step: int) -> bool:
     return self._manager.reached_preemption(step)
 
-  def save(self, step: int, state, *, data_step: int, rng, config, metrics: Mapping[str, Any] | None = None,
-           force: bool = False) -> bool:
+  def save(
+    self,
+    step: int,
+    state,
+    *,
+    data_step: int,
+    rng,
+    config,
+    metrics: Mapping[str, Any] | None = None,
+    force: bool = False,
+  ) -> bool:
     """Starts saving (in the background when async) if `should_save(step)` or force; returns whether it did.
 
     The state's arrays are copied to host memory before this returns, so the caller may donate them to the
@@ -239,14 +277,25 @@ class Checkpointer:
     """
     _check_no_typed_keys(state)
     metrics = _metrics_to_json(metrics)
-    extras = {'step': int(step), 'data_step': _plain_json('data_step', data_step), 'rng': _rng_to_json(rng),
-              'metrics': metrics}
+    extras = {
+      'step': int(step),
+      'data_step': _plain_json('data_step', data_step),
+      'rng': _rng_to_json(rng),
+      'metrics': metrics,
+    }
     ranked = metrics if metrics is not None and self.best_metric in metrics else None
     return self._manager.save(
-        int(step),
-        args=ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state), _EXTRAS: ocp.args.JsonSave(extras),
-                                   _CONFIG: ocp.args.JsonSave(_config_to_json(config))}),
-        metrics=ranked, force=force)
+      int(step),
+      args=ocp.args.Composite(
+        **{
+          _STATE: ocp.args.StandardSave(state),
+          _EXTRAS: ocp.args.JsonSave(extras),
+          _CONFIG: ocp.args.JsonSave(_config_to_json(config)),
+        }
+      ),
+      metrics=ranked,
+      force=force,
+    )
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -271,20 +320,33 @@ class Checkpointer:
       raise FileNotFoundError(f'no checkpoint for step {step} in {self.directory}; available steps: {steps}')
     target = target_state_shapes_with_shardings
     _check_no_typed_keys(target)
-    missing = [jax.tree_util.keystr(p) for p, leaf in jax.tree_util.tree_flatten_with_path(target)[0]
-               if getattr(leaf, 'sharding', None) is None]
+    missing = [
+      jax.tree_util.keystr(p)
+      for p, leaf in jax.tree_util.tree_flatten_with_path(target)[0]
+      if getattr(leaf, 'sharding', None) is None
+    ]
     if missing:
-      raise ValueError(f'restore target leaves need a sharding (jax.ShapeDtypeStruct(..., sharding=...)); missing '
-                       f'on {missing[:5]}{"..." if len(missing) > 5 else ""}')
+      raise ValueError(
+        f'restore target leaves need a sharding (jax.ShapeDtypeStruct(..., sharding=...)); missing '
+        f'on {missing[:5]}{"..." if len(missing) > 5 else ""}'
+      )
     _silence_closed_loop_noise()  # before the attempt: the noise starts as soon as a read fails
     try:
       unrolled = _saved_unrolled(self._manager, step)
-      restored = self._manager.restore(step, args=ocp.args.Composite(**{
-          _STATE: ocp.args.StandardRestore(unstack_layers(target) if unrolled else target),
-          _EXTRAS: ocp.args.JsonRestore(), _CONFIG: ocp.args.JsonRestore()}))
+      restored = self._manager.restore(
+        step,
+        args=ocp.args.Composite(
+          **{
+            _STATE: ocp.args.StandardRestore(unstack_layers(target) if unrolled else target),
+            _EXTRAS: ocp.args.JsonRestore(),
+            _CONFIG: ocp.args.JsonRestore(),
+          }
+        ),
+      )
     except Exception as err:  # TensorStore and orbax raise many types for missing or truncated files
-      raise damaged_step_error(pathlib.Path(str(self.directory)) / str(step), step, err,
-                               [s for s in steps if s != step]) from err
+      raise damaged_step_error(
+        pathlib.Path(str(self.directory)) / str(step), step, err, [s for s in steps if s != step]
+      ) from err
     if unrolled:  # written before the layer scan: one subtree per layer -> the stacked layout, on the target
       logging.info('checkpoint step %d holds layers one by one (written before scanned layers): stacking them', step)
       state = jax.jit(stack_layers, out_shardings=jax.tree.map(lambda t: t.sharding, target))(restored[_STATE])
@@ -331,6 +393,7 @@ class Checkpointer:
 
 # --- reading a saved step (evaluation, export, fine-tuning from a pretraining run) --------------------------------
 
+
 def _saved_unrolled(manager, step: int) -> bool:
   """True when the step's state names its layers one by one (`blocks_0`, `layers_0`: before the layer scan)."""
   metadata = manager.item_metadata(step)[_STATE]
@@ -342,6 +405,7 @@ def _saved_unrolled(manager, step: int) -> bool:
 @dataclasses.dataclass
 class SavedStep:
   """One saved step, read onto one device: what downstream commands build their models from."""
+
   path: pathlib.Path  # the step folder
   step: int
   config: ml_collections.ConfigDict  # the config the run was trained with
@@ -361,8 +425,10 @@ def find_step_dir(path, step: int | None = None) -> pathlib.Path:
   root = path / CHECKPOINTS_DIR if (path / CHECKPOINTS_DIR).is_dir() else path
   steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / _STATE).is_dir())
   if not steps:
-    raise CheckpointNotFoundError(f'no checkpoint under {root}: expected step folders such as {root}/1000/state '
-                                  '(a training workdir, its checkpoints/ folder or one step folder)')
+    raise CheckpointNotFoundError(
+      f'no checkpoint under {root}: expected step folders such as {root}/1000/state '
+      '(a training workdir, its checkpoints/ folder or one step folder)'
+    )
   if step is None:
     return root / str(steps[-1])
   if step not in steps:
@@ -372,8 +438,11 @@ def find_step_dir(path, step: int | None = None) -> pathlib.Path:
 
 def _read_only_manager(step_dir: pathlib.Path) -> ocp.CheckpointManager:
   _drop_expected_orbax_warnings()
-  return ocp.CheckpointManager(step_dir.parent, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-                               handler_registry=_handler_registry())
+  return ocp.CheckpointManager(
+    step_dir.parent,
+    options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+    handler_registry=_handler_registry(),
+  )
 
 
 def read_config(path, step: int | None = None) -> ml_collections.ConfigDict:
@@ -405,11 +474,13 @@ def read_step(path, step: int | None = None, device=None) -> SavedStep:
       if metadata[_STATE] is None:
         raise CheckpointNotFoundError(f'{step_dir} is not a cg3d-jax training checkpoint (it has no state item)')
       sharding = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
-      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
-                            dict(metadata[_STATE]))
-      restored = manager.restore(number, args=ocp.args.Composite(**{
-          _STATE: ocp.args.StandardRestore(target), _EXTRAS: ocp.args.JsonRestore(),
-          _CONFIG: ocp.args.JsonRestore()}))
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), dict(metadata[_STATE]))
+      restored = manager.restore(
+        number,
+        args=ocp.args.Composite(
+          **{_STATE: ocp.args.StandardRestore(target), _EXTRAS: ocp.args.JsonRestore(), _CONFIG: ocp.args.JsonRestore()}
+        ),
+      )
     except InputError:
       raise
     except Exception as err:  # TensorStore and orbax raise many types for missing or truncated files
@@ -419,5 +490,10 @@ def read_step(path, step: int | None = None, device=None) -> SavedStep:
   extras = dict(restored[_EXTRAS] or {})
   if not restored[_CONFIG]:
     raise CheckpointNotFoundError(f'{step_dir} has no config item: not a cg3d-jax training checkpoint')
-  return SavedStep(path=step_dir, step=int(restored[_STATE]['step']), config=ml_collections.ConfigDict(
-      restored[_CONFIG]), state=stack_layers(restored[_STATE]), metrics=extras.get('metrics'))
+  return SavedStep(
+    path=step_dir,
+    step=int(restored[_STATE]['step']),
+    config=ml_collections.ConfigDict(restored[_CONFIG]),
+    state=stack_layers(restored[_STATE]),
+    metrics=extras.get('metrics'),
+  )

@@ -21,11 +21,13 @@ from cg3d_jax.errors import InputError
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent / 'configs'
 
 CONFIG = config_flags.DEFINE_config_file(
-    'config', None,
-    'Experiment config: the name of a shipped config (e.g. demo, pretrain_pointbert:8192; see cg3d_jax/configs/) '
-    'or a Python file with get_config(arg), e.g. my_config.py:arg. Override any field with --config.<path>=<value>, '
-    'e.g. --config.train.batch_size=32; unknown keys are errors.',
-    lock_config=True)
+  'config',
+  None,
+  'Experiment config: the name of a shipped config (e.g. demo, pretrain_pointbert:8192; see cg3d_jax/configs/) '
+  'or a Python file with get_config(arg), e.g. my_config.py:arg. Override any field with --config.<path>=<value>, '
+  'e.g. --config.train.batch_size=32; unknown keys are errors.',
+  lock_config=True,
+)
 WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics (JSONL + TensorBoard) and outputs.')
 VERBOSE = flags.DEFINE_bool('verbose', False, 'Show the full traceback of an input error, not only its message.')
 
@@ -42,8 +44,9 @@ def resolve_config(value: str) -> str:
   shipped = CONFIG_DIR / f'{name}.py'
   if os.sep not in name and '/' not in name and not name.endswith('.py') and shipped.is_file():
     return f'{shipped}{sep}{arg}'
-  raise app.UsageError(f'--config {value!r}: no such file, and {name!r} is not a shipped config; shipped: '
-                       f'{", ".join(shipped_configs())}')
+  raise app.UsageError(
+    f'--config {value!r}: no such file, and {name!r} is not a shipped config; shipped: {", ".join(shipped_configs())}'
+  )
 
 
 def _with_resolved_config(argv: list[str]) -> list[str]:
@@ -52,7 +55,7 @@ def _with_resolved_config(argv: list[str]) -> list[str]:
     if arg == '--config' and i + 1 < len(out):
       out[i + 1] = resolve_config(out[i + 1])
     elif arg.startswith('--config='):
-      out[i] = '--config=' + resolve_config(arg[len('--config='):])
+      out[i] = '--config=' + resolve_config(arg[len('--config=') :])
   return out
 
 
@@ -70,6 +73,7 @@ def guard(main):
   """main, with input errors reported as one line: an `errors.InputError` (a bad file, setting or checkpoint; what
   the user can fix) prints `error: <message>` and exits with status 2 (its traceback too with --verbose); any other
   exception is a bug and keeps its traceback."""
+
   def guarded(argv):
     if len(argv) > 1:
       raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -111,30 +115,43 @@ def entry_point(main):
 def checkpoint_flags() -> types.SimpleNamespace:
   """--checkpoint and --step, defined once for every command that reads a trained model."""
   return types.SimpleNamespace(
-      checkpoint=flags.DEFINE_string('checkpoint', None, 'A training (or fine-tuning) workdir, its checkpoints/ '
-                                     'folder or one step folder, or an original CG3D / exported .pth or '
-                                     '.safetensors.'),
-      step=flags.DEFINE_integer('step', None, 'Checkpoint step to read (default: the newest).'))
+    checkpoint=flags.DEFINE_string(
+      'checkpoint',
+      None,
+      'A training (or fine-tuning) workdir, its checkpoints/ '
+      'folder or one step folder, or an original CG3D / exported .pth or '
+      '.safetensors.',
+    ),
+    step=flags.DEFINE_integer('step', None, 'Checkpoint step to read (default: the newest).'),
+  )
 
 
 @functools.cache
 def clip_flags() -> types.SimpleNamespace:
   """--clip_path and --num_points, for commands without a config that score with a trained model and its CLIP."""
   return types.SimpleNamespace(
-      clip_path=flags.DEFINE_string('clip_path', None, 'The CLIP (a transformers folder or a SLIP .pt file), if not '
-                                    'the one recorded in the checkpoint (an original CG3D .pth records none: pass '
-                                    'the slip_base_100ep.pt it was trained with).'),
-      num_points=flags.DEFINE_integer('num_points', 1024, "The encoder's input size, only for a .pth that does not "
-                                      'record its config.'))
+    clip_path=flags.DEFINE_string(
+      'clip_path',
+      None,
+      'The CLIP (a transformers folder or a SLIP .pt file), if not '
+      'the one recorded in the checkpoint (an original CG3D .pth records none: pass '
+      'the slip_base_100ep.pt it was trained with).',
+    ),
+    num_points=flags.DEFINE_integer(
+      'num_points', 1024, "The encoder's input size, only for a .pth that does not record its config."
+    ),
+  )
 
 
 # Flags that several commands take, each defined once (absl flags are global: commands imported into one process,
 # as the tests do, would otherwise define them twice). Each command reads them its own way; their help says so.
 
+
 @functools.cache
 def out_flag():
-  return flags.DEFINE_string('out', None, 'Where the command writes: the export file (export), the output folder '
-                             '(query_scene, evaluate_scenes).')
+  return flags.DEFINE_string(
+    'out', None, 'Where the command writes: the export file (export), the output folder (query_scene, evaluate_scenes).'
+  )
 
 
 @functools.cache
@@ -144,28 +161,41 @@ def root_flag():
 
 @functools.cache
 def seed_flag():
-  return flags.DEFINE_integer('seed', 0, 'Seed: of the room layouts (synthetic_scenes), of the points drawn per '
-                              'region (scene commands).')
+  return flags.DEFINE_integer(
+    'seed', 0, 'Seed: of the room layouts (synthetic_scenes), of the points drawn per region (scene commands).'
+  )
 
 
 @functools.cache
 def points_flag():
-  return flags.DEFINE_multi_string('points', None, 'Point-cloud file(s): .ply .npy .off .txt .xyz .csv (predict takes '
-                                   'one; export --verify compares on every one given).')
+  return flags.DEFINE_multi_string(
+    'points',
+    None,
+    'Point-cloud file(s): .ply .npy .off .txt .xyz .csv (predict takes '
+    'one; export --verify compares on every one given).',
+  )
 
 
 @functools.cache
 def templates_flag():
-  return flags.DEFINE_string('templates', None, "Caption template set ('cg3d_zeroshot', 'cg3d', 'ulip', ...) or one "
-                             "template with {}; default: predict's 'cg3d_zeroshot', the scene commands' the "
-                             "checkpoint's eval.templates.")
+  return flags.DEFINE_string(
+    'templates',
+    None,
+    "Caption template set ('cg3d_zeroshot', 'cg3d', 'ulip', ...) or one "
+    "template with {}; default: predict's 'cg3d_zeroshot', the scene commands' the "
+    "checkpoint's eval.templates.",
+  )
 
 
 @functools.cache
 def vocabulary_flag():
-  return flags.DEFINE_string('vocabulary', None, "Labels the queries compete with in each region: 'training' (the "
-                             "checkpoint's classes; query_scene's default), 's3dis' (its 13 classes; evaluate_scenes' "
-                             "default), 'none', or comma-separated words.")
+  return flags.DEFINE_string(
+    'vocabulary',
+    None,
+    "Labels the queries compete with in each region: 'training' (the "
+    "checkpoint's classes; query_scene's default), 's3dis' (its 13 classes; evaluate_scenes' "
+    "default), 'none', or comma-separated words.",
+  )
 
 
 def require(flag, example: str):

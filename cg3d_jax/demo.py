@@ -28,8 +28,12 @@ from cg3d_jax.errors import InputError
 DEFAULT_WORKDIR = '/tmp/cg3d_demo'
 flags.adopt_module_key_flags(cli)  # --workdir: where the demo writes everything (default /tmp/cg3d_demo)
 STEPS = flags.DEFINE_integer('steps', None, 'Training steps (default: the demo config, 300).')
-OVERRIDES = flags.DEFINE_multi_string('override', [], 'A field of the demo config for the asset and training steps, '
-                                      'e.g. --override train.batch_size=16 (repeatable; becomes --config.<field>).')
+OVERRIDES = flags.DEFINE_multi_string(
+  'override',
+  [],
+  'A field of the demo config for the asset and training steps, '
+  'e.g. --override train.batch_size=16 (repeatable; becomes --config.<field>).',
+)
 
 # room_1 of the procedural scenes holds a capsule, a cross and a torus: two of these are there, two are not.
 SCENE_QUERIES = 'torus,cross,mug,cone'
@@ -55,17 +59,47 @@ def main(argv):
   if STEPS.value:
     train.append(f'--config.train.total_steps={STEPS.value}')
   _run(train)
-  _run([python, '-m', 'cg3d_jax.evaluate', '--config', 'zeroshot_demo', '--checkpoint', workdir,
-        f'--config.eval.data_dir={assets}/tfds', '--workdir', f'{workdir}/zeroshot'])
-  _run([python, '-m', 'cg3d_jax.export', '--checkpoint', workdir, '--out', f'{workdir}/export/cg3d_demo.pth',
-        '--verify'])
+  _run(
+    [
+      python,
+      '-m',
+      'cg3d_jax.evaluate',
+      '--config',
+      'zeroshot_demo',
+      '--checkpoint',
+      workdir,
+      f'--config.eval.data_dir={assets}/tfds',
+      '--workdir',
+      f'{workdir}/zeroshot',
+    ]
+  )
+  _run(
+    [python, '-m', 'cg3d_jax.export', '--checkpoint', workdir, '--out', f'{workdir}/export/cg3d_demo.pth', '--verify']
+  )
   scenes = f'{assets}/scenes'
   _run([python, '-m', 'cg3d_jax.synthetic_scenes', '--root', scenes])
-  _run([python, '-m', 'cg3d_jax.query_scene', '--checkpoint', workdir, '--scene',
-        f'{scenes}/Stanford3dDataset_v1.2_Aligned_Version/Area_5/room_1', '--queries', SCENE_QUERIES,
-        '--radius', '0.6', '--exclude_floor', '--out', f'{workdir}/scene_query'])
-  print(f'\ndemo finished: zero-shot results in {workdir}/zeroshot, PyTorch export in {workdir}/export, '
-        f'scene query outputs in {workdir}/scene_query')
+  _run(
+    [
+      python,
+      '-m',
+      'cg3d_jax.query_scene',
+      '--checkpoint',
+      workdir,
+      '--scene',
+      f'{scenes}/Stanford3dDataset_v1.2_Aligned_Version/Area_5/room_1',
+      '--queries',
+      SCENE_QUERIES,
+      '--radius',
+      '0.6',
+      '--exclude_floor',
+      '--out',
+      f'{workdir}/scene_query',
+    ]
+  )
+  print(
+    f'\ndemo finished: zero-shot results in {workdir}/zeroshot, PyTorch export in {workdir}/export, '
+    f'scene query outputs in {workdir}/scene_query'
+  )
 
 
 run = cli.entry_point(main)  # what `python -m` and the console script call

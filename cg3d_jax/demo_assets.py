@@ -20,6 +20,7 @@ def main(argv):
   config = cli.require_config()
   root = cli.require(ROOT, '--root /tmp/cg3d_demo/demo_assets')
   from cg3d_jax.synthetic import demo_assets
+
   assets = demo_assets.write(root, config.demo)
   print(' '.join(assets.overrides()))
 

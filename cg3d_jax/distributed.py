@@ -17,16 +17,22 @@ import jax
 from absl import flags, logging
 
 COORDINATOR = flags.DEFINE_string(
-    'coordinator', None, 'host:port of process 0 for a multi-process run (env CG3D_COORDINATOR). Not needed on '
-    'TPU pods or under SLURM, where JAX finds the cluster itself.')
+  'coordinator',
+  None,
+  'host:port of process 0 for a multi-process run (env CG3D_COORDINATOR). Not needed on '
+  'TPU pods or under SLURM, where JAX finds the cluster itself.',
+)
 NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run (env CG3D_NUM_PROCESSES).')
-PROCESS_ID = flags.DEFINE_integer('process_id', None, "This process's index, 0..num_processes-1 "
-                                  '(env CG3D_PROCESS_ID).')
+PROCESS_ID = flags.DEFINE_integer('process_id', None, "This process's index, 0..num_processes-1 (env CG3D_PROCESS_ID).")
 HEARTBEAT_S = flags.DEFINE_integer(
-    'heartbeat_timeout_s', 100, 'Seconds without a heartbeat after which the cluster declares a process dead and the '
-    'others exit with an error (env CG3D_HEARTBEAT_TIMEOUT_S).')
+  'heartbeat_timeout_s',
+  100,
+  'Seconds without a heartbeat after which the cluster declares a process dead and the '
+  'others exit with an error (env CG3D_HEARTBEAT_TIMEOUT_S).',
+)
 INIT_TIMEOUT_S = flags.DEFINE_integer(
-    'init_timeout_s', 300, 'Seconds to wait for every process to join the cluster (env CG3D_INIT_TIMEOUT_S).')
+  'init_timeout_s', 300, 'Seconds to wait for every process to join the cluster (env CG3D_INIT_TIMEOUT_S).'
+)
 
 ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = 'CG3D_COORDINATOR', 'CG3D_NUM_PROCESSES', 'CG3D_PROCESS_ID'
 
@@ -63,13 +69,16 @@ def explicit_settings() -> tuple[str, int, int] | None:
   if all(v is None for v in given):
     return None
   if any(v is None for v in given):
-    raise ValueError('a multi-process run needs all of --coordinator, --num_processes and --process_id (or '
-                     f'{ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}); got coordinator={coordinator!r}, '
-                     f'num_processes={num_processes!r}, process_id={process_id!r}')
+    raise ValueError(
+      'a multi-process run needs all of --coordinator, --num_processes and --process_id (or '
+      f'{ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}); got coordinator={coordinator!r}, '
+      f'num_processes={num_processes!r}, process_id={process_id!r}'
+    )
   host, _, port = coordinator.rpartition(':')
   if not host or not port.isdigit():
-    raise ValueError(f'--coordinator / {ENV_COORDINATOR} must be host:port (process 0 listens there), '
-                     f'got {coordinator!r}')
+    raise ValueError(
+      f'--coordinator / {ENV_COORDINATOR} must be host:port (process 0 listens there), got {coordinator!r}'
+    )
   if num_processes < 1:
     raise ValueError(f'--num_processes / {ENV_NUM_PROCESSES} must be >= 1, got {num_processes}')
   if not 0 <= process_id < num_processes:
@@ -89,8 +98,9 @@ def initialize() -> None:
       # CPU processes need a cross-process collectives backend (gloo; the default in recent JAX, not in all).
       if jax.config.jax_cpu_collectives_implementation in (None, 'none'):
         jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-      logging.info('joining a %d-process JAX cluster as process %d (coordinator %s)', num_processes, process_id,
-                   coordinator)
+      logging.info(
+        'joining a %d-process JAX cluster as process %d (coordinator %s)', num_processes, process_id, coordinator
+      )
       jax.distributed.initialize(coordinator, num_processes, process_id, **timeouts)
       if jax.devices()[0].platform == 'cpu':
         warm_cpu_collectives()
@@ -114,8 +124,9 @@ def warm_cpu_collectives() -> None:
 
   devices = sorted(jax.devices(), key=lambda d: d.id)
   mesh = jax.make_mesh((len(devices),), ('all',), devices=devices)
-  ones = jax.make_array_from_process_local_data(NamedSharding(mesh, P('all')),
-                                                np.ones((jax.local_device_count(),), np.int32))
+  ones = jax.make_array_from_process_local_data(
+    NamedSharding(mesh, P('all')), np.ones((jax.local_device_count(),), np.int32)
+  )
   total = jax.jit(lambda x: x.sum(), out_shardings=NamedSharding(mesh, P()))(ones)
   if int(total.addressable_data(0)) != len(devices):
     raise RuntimeError(f'the CPU collectives check summed {int(total.addressable_data(0))} over {len(devices)} devices')
@@ -123,13 +134,26 @@ def warm_cpu_collectives() -> None:
 
 def topology() -> dict:
   """What this process sees of the cluster (for logs)."""
-  return dict(host=socket.gethostname(), process_index=jax.process_index(), process_count=jax.process_count(),
-              local_devices=jax.local_device_count(), global_devices=jax.device_count(),
-              platform=jax.devices()[0].platform, device_kind=jax.devices()[0].device_kind)
+  return dict(
+    host=socket.gethostname(),
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    local_devices=jax.local_device_count(),
+    global_devices=jax.device_count(),
+    platform=jax.devices()[0].platform,
+    device_kind=jax.devices()[0].device_kind,
+  )
 
 
 def log_topology() -> None:
   t = topology()
-  logging.info('JAX process %d of %d on %s: %d local devices, %d global devices (%s, %s)', t['process_index'],
-               t['process_count'], t['host'], t['local_devices'], t['global_devices'], t['platform'],
-               t['device_kind'])
+  logging.info(
+    'JAX process %d of %d on %s: %d local devices, %d global devices (%s, %s)',
+    t['process_index'],
+    t['process_count'],
+    t['host'],
+    t['local_devices'],
+    t['global_devices'],
+    t['platform'],
+    t['device_kind'],
+  )

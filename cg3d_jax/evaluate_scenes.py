@@ -23,27 +23,31 @@ S3DIS_CLASSES = s3dis.S3DIS_CLASSES
 
 CHECKPOINT = cli.checkpoint_flags()
 CLIP = cli.clip_flags()
-S3DIS = flags.DEFINE_string('s3dis', None, 'Folder holding Stanford3dDataset_v1.2_Aligned_Version (or that folder '
-                            'itself).')
+S3DIS = flags.DEFINE_string(
+  's3dis', None, 'Folder holding Stanford3dDataset_v1.2_Aligned_Version (or that folder itself).'
+)
 AREAS = flags.DEFINE_string('areas', '5', 'Comma-separated area numbers.')
-CLASSES = flags.DEFINE_string('classes', ','.join(S3DIS_CLASSES), 'Classes to query (default: all 13); names as in '
-                              'the annotation files.')
+CLASSES = flags.DEFINE_string(
+  'classes', ','.join(S3DIS_CLASSES), 'Classes to query (default: all 13); names as in the annotation files.'
+)
 VOCABULARY = cli.vocabulary_flag()  # default here: 's3dis'
 
-CLASS_NAMES = flags.DEFINE_string('class_names', None, "The dataset's class list when it is not S3DIS's 13 (e.g. "
-                                  'procedural scenes).')
+CLASS_NAMES = flags.DEFINE_string(
+  'class_names', None, "The dataset's class list when it is not S3DIS's 13 (e.g. procedural scenes)."
+)
 CACHE = flags.DEFINE_string('cache', None, 'Folder for parsed rooms (.npz), reused across runs.')
-SKIP_BAD_LINES = flags.DEFINE_bool('skip_bad_lines', False, 'Drop malformed annotation lines with a warning instead '
-                                   'of stopping.')
+SKIP_BAD_LINES = flags.DEFINE_bool(
+  'skip_bad_lines', False, 'Drop malformed annotation lines with a warning instead of stopping.'
+)
 MAX_ROOMS = flags.DEFINE_integer('max_rooms', None, 'Evaluate only the first N rooms (smoke runs).')
 OUT = cli.out_flag()
 flags.adopt_module_key_flags(scene_flags)
 
 
 # Flags defined once in cli (or scenes.flags) that this command takes: listed by its --help.
-for _shared in ('checkpoint', 'step', 'clip_path', 'num_points', 'vocabulary', 'out', 'templates', 'seed',
-                'verbose'):
+for _shared in ('checkpoint', 'step', 'clip_path', 'num_points', 'vocabulary', 'out', 'templates', 'seed', 'verbose'):
   flags.declare_key_flag(_shared)
+
 
 def main(argv):
   del argv
@@ -67,20 +71,30 @@ def main(argv):
   from cg3d_jax import trained
   from cg3d_jax.evaluators import reports
   from cg3d_jax.scenes import queries
-  rooms = s3dis.list_rooms(root, areas)[:MAX_ROOMS.value]
-  model = trained.with_clip(trained.load_trained(checkpoint, step=CHECKPOINT.step.value,
-                                                 num_points=CLIP.num_points.value), CLIP.clip_path.value)
+
+  rooms = s3dis.list_rooms(root, areas)[: MAX_ROOMS.value]
+  model = trained.with_clip(
+    trained.load_trained(checkpoint, step=CHECKPOINT.step.value, num_points=CLIP.num_points.value), CLIP.clip_path.value
+  )
   result = queries.evaluate_scenes(
-      model, queries.labelled_rooms(rooms, class_names, cache=CACHE.value, skip_bad_lines=SKIP_BAD_LINES.value),
-      classes, vocabulary, settings=settings)
+    model,
+    queries.labelled_rooms(rooms, class_names, cache=CACHE.value, skip_bad_lines=SKIP_BAD_LINES.value),
+    classes,
+    vocabulary,
+    settings=settings,
+  )
   result.update({'checkpoint': checkpoint, 'step': model.step, 's3dis': root, 'areas': areas})
   out.mkdir(parents=True, exist_ok=True)
   reports.write_json(out / RESULTS_JSON, result)
-  rows = [{'class': name, **{k: v[k] for k in ('ap', 'auroc', 'rooms_present', 'presence_accuracy')}}
-          for name, v in result['per_class'].items()]
+  rows = [
+    {'class': name, **{k: v[k] for k in ('ap', 'auroc', 'rooms_present', 'presence_accuracy')}}
+    for name, v in result['per_class'].items()
+  ]
   print(reports.format_table(rows, ['class', 'ap', 'auroc', 'rooms_present', 'presence_accuracy'], '{:.4f}'))
-  print(f"mAP {result['mAP']:.4f} over {result['classes_in_mAP']} classes, mean AUROC {result['mean_auroc']:.4f}, "
-        f"{result['num_rooms']} rooms -> {out / RESULTS_JSON}")
+  print(
+    f'mAP {result["mAP"]:.4f} over {result["classes_in_mAP"]} classes, mean AUROC {result["mean_auroc"]:.4f}, '
+    f'{result["num_rooms"]} rooms -> {out / RESULTS_JSON}'
+  )
 
 
 run = cli.entry_point(main)  # what `python -m` and the console script call

@@ -18,20 +18,33 @@ from cg3d_jax.errors import InputError
 
 CHECKPOINT = cli.checkpoint_flags()
 OUT = cli.out_flag()
-FORMAT = flags.DEFINE_enum('format', None, ['cg3d', 'safetensors'],
-                           'Container format; default from --out: *.safetensors -> safetensors, else cg3d.')
+FORMAT = flags.DEFINE_enum(
+  'format',
+  None,
+  ['cg3d', 'safetensors'],
+  'Container format; default from --out: *.safetensors -> safetensors, else cg3d.',
+)
 EPOCH = flags.DEFINE_integer('epoch', -1, "Value of the container's 'epoch' entry (-1: unknown, as the original).")
 VERIFY = flags.DEFINE_bool('verify', False, 'Reload the export into the PyTorch twin and compare outputs.')
 POINTS = cli.points_flag()  # for --verify; default: four real ModelNet40 objects
-MODELNET_DIR = flags.DEFINE_string('modelnet_dir', None, 'A modelnet40_normal_resampled folder to read the --verify '
-                                   "objects from; default: the package's own copy of their xyz.")
-TOLERANCE = flags.DEFINE_float('tolerance', 1e-6, 'Largest max |JAX - PyTorch| difference --verify accepts (both '
-                               'run in float64, where a correct export agrees to ~1e-12).')
+MODELNET_DIR = flags.DEFINE_string(
+  'modelnet_dir',
+  None,
+  'A modelnet40_normal_resampled folder to read the --verify '
+  "objects from; default: the package's own copy of their xyz.",
+)
+TOLERANCE = flags.DEFINE_float(
+  'tolerance',
+  1e-6,
+  'Largest max |JAX - PyTorch| difference --verify accepts (both '
+  'run in float64, where a correct export agrees to ~1e-12).',
+)
 
 
 # Flags defined once in cli (or scenes.flags) that this command takes: listed by its --help.
 for _shared in ('checkpoint', 'step', 'out', 'points', 'verbose'):
   flags.declare_key_flag(_shared)
+
 
 def resolve_format(out: pathlib.Path, fmt: str | None) -> str:
   inferred = 'safetensors' if out.suffix == '.safetensors' else 'cg3d'
@@ -45,6 +58,7 @@ def resolve_format(out: pathlib.Path, fmt: str | None) -> str:
 def _frozen_visual(trained):
   """A run on SLIP exports its frozen image tower beside the prompts, as the original saves `visual_clip_model`."""
   from cg3d_jax.weights import clip_files, slip
+
   if trained.frozen_visual:  # re-exporting an original .pth
     return trained.frozen_visual
   path = trained.config.get('clip', {}).get('path')
@@ -52,28 +66,46 @@ def _frozen_visual(trained):
     return None
   if not clip_files.is_slip_path(path):
     if not pathlib.Path(path).is_dir():
-      raise InputError(f'{trained.source} was trained with the CLIP at {path}, which is not here: the export needs '
-                       'it to tell a SLIP run (whose frozen image tower is exported too) from a transformers one')
+      raise InputError(
+        f'{trained.source} was trained with the CLIP at {path}, which is not here: the export needs '
+        'it to tell a SLIP run (whose frozen image tower is exported too) from a transformers one'
+      )
     return None
   return slip.visual_tensors(path)
 
 
 def _export_pretraining(trained, out: pathlib.Path, fmt: str):
   from cg3d_jax.weights import cg3d_pth
+
   config = trained.config
   container = cg3d_pth.build_container(
-      trained.encoder_name, trained.encoder_vars['params'], trained.encoder_vars['batch_stats'],
-      prompts=trained.prompts, prompt_mode=trained.prompt_mode, step=trained.step, epoch=EPOCH.value,
-      metrics=trained.metrics, config=config.to_dict(),
-      num_batches_tracked=trained.step, frozen_visual=_frozen_visual(trained))
+    trained.encoder_name,
+    trained.encoder_vars['params'],
+    trained.encoder_vars['batch_stats'],
+    prompts=trained.prompts,
+    prompt_mode=trained.prompt_mode,
+    step=trained.step,
+    epoch=EPOCH.value,
+    metrics=trained.metrics,
+    config=config.to_dict(),
+    num_batches_tracked=trained.step,
+    frozen_visual=_frozen_visual(trained),
+  )
   if trained.encoder_name == 'point_transformer' and 'cls_head_finetune.0.weight' not in container['base_model']:
-    logging.warning('no classification head (config.model.num_classes is unset): the original '
-                    'PointTransformerProject builds cls_head_finetune, so its strict load will report it missing')
-  written = ([cg3d_pth.write_cg3d_checkpoint(out, container)] if fmt == 'cg3d'
-             else list(cg3d_pth.write_safetensors_checkpoint(out, container)))
-  print(f'exported step {trained.step} of {trained.source} ({trained.encoder_name}, {len(container["base_model"])} '
-        f'state-dict entries, visual_clip_model: {_describe_visual(container.get("visual_clip_model"))}) to '
-        f'{", ".join(map(str, written))}')
+    logging.warning(
+      'no classification head (config.model.num_classes is unset): the original '
+      'PointTransformerProject builds cls_head_finetune, so its strict load will report it missing'
+    )
+  written = (
+    [cg3d_pth.write_cg3d_checkpoint(out, container)]
+    if fmt == 'cg3d'
+    else list(cg3d_pth.write_safetensors_checkpoint(out, container))
+  )
+  print(
+    f'exported step {trained.step} of {trained.source} ({trained.encoder_name}, {len(container["base_model"])} '
+    f'state-dict entries, visual_clip_model: {_describe_visual(container.get("visual_clip_model"))}) to '
+    f'{", ".join(map(str, written))}'
+  )
 
 
 def _describe_visual(visual) -> str:
@@ -87,33 +119,45 @@ def _describe_visual(visual) -> str:
 def _export_finetune(finetuned, out: pathlib.Path, fmt: str):
   from cg3d_jax.atomic import atomic_write
   from cg3d_jax.weights import cg3d_pth
+
   if fmt != 'cg3d':
     raise InputError(f'--out {out}: a fine-tuned classifier is exported in the original .pth format only')
   import torch
+
   config = finetuned.config
   metrics = finetuned.metrics or {}
-  state_dict = cg3d_pth.classifier_state_dict(config.model.encoder, finetuned.variables['params'],
-                                              finetuned.variables['batch_stats'], num_batches_tracked=finetuned.step)
+  state_dict = cg3d_pth.classifier_state_dict(
+    config.model.encoder,
+    finetuned.variables['params'],
+    finetuned.variables['batch_stats'],
+    num_batches_tracked=finetuned.step,
+  )
   epoch = int(metrics.get('epoch', 0)) if EPOCH.value < 0 else EPOCH.value
   container = cg3d_pth.finetune_container(state_dict, epoch=epoch, accuracy=100.0 * float(metrics.get('val/top1', 0)))
   atomic_write(out, lambda f: torch.save(container, f))
-  print(f'exported fine-tuned step {finetuned.step} of {finetuned.source} ({config.model.encoder}, '
-        f'{len(state_dict)} state-dict entries, {config.model.num_classes} classes) to {out}')
+  print(
+    f'exported fine-tuned step {finetuned.step} of {finetuned.source} ({config.model.encoder}, '
+    f'{len(state_dict)} state-dict entries, {config.model.num_classes} classes) to {out}'
+  )
 
 
 def _verify(out: pathlib.Path, encoder: str, model, variables, num_points: int, *, logits: bool) -> None:
   from cg3d_jax.twins import verify
+
   names, clouds = verify.verify_clouds(POINTS.value, MODELNET_DIR.value, num_points, getattr(model, 'in_channels', 3))
   twin = verify.load_twin(out, encoder, model, num_points, allow_missing_projection=logits)
   print(f'verify: {out} loads into the PyTorch twin with strict=True')
   diff, got, _ = verify.compare_features(twin, model, variables, clouds, logits=logits)
   what = 'logits' if logits else 'features'
-  print(f'verify: max |JAX - PyTorch| over {got.shape[1]}-d {what} of {len(names)} clouds '
-        f'({", ".join(pathlib.Path(n).stem for n in names)}), both in float64: {diff:.3g} (tolerance '
-        f'{TOLERANCE.value:g}); largest |output| {np.abs(got).max():.3g}')
+  print(
+    f'verify: max |JAX - PyTorch| over {got.shape[1]}-d {what} of {len(names)} clouds '
+    f'({", ".join(pathlib.Path(n).stem for n in names)}), both in float64: {diff:.3g} (tolerance '
+    f'{TOLERANCE.value:g}); largest |output| {np.abs(got).max():.3g}'
+  )
   if not diff <= TOLERANCE.value:  # also fails on NaN
-    raise InputError(f'--verify failed: the export of {out} differs from the JAX model by {diff:.3g} > '
-                     f'{TOLERANCE.value:g}')
+    raise InputError(
+      f'--verify failed: the export of {out} differs from the JAX model by {diff:.3g} > {TOLERANCE.value:g}'
+    )
   print('verify: OK')
 
 
@@ -125,20 +169,26 @@ def main(argv):
     raise InputError(f'--out {out} is a directory; give the file to write, e.g. {out / "model.pth"}')
   fmt = resolve_format(out, FORMAT.value)
   from cg3d_jax import checkpoints, trained
+
   if not str(checkpoint).endswith(trained.TORCH_SUFFIXES) and 'finetune' in checkpoints.read_config(
-      checkpoint, CHECKPOINT.step.value):
+    checkpoint, CHECKPOINT.step.value
+  ):
     finetuned = trained.load_finetuned(checkpoint, CHECKPOINT.step.value)
     _export_finetune(finetuned, out, fmt)
     if VERIFY.value:
       if finetuned.config.model.encoder != 'point_transformer':
-        raise InputError('--verify of a fine-tuned PointMLP is not available: the PyTorch twin has no pointMLP '
-                         'classifier head (the export itself is written)')
-      _verify(out, 'point_transformer', finetuned.model, finetuned.variables, finetuned.config.model.num_points,
-              logits=True)
+        raise InputError(
+          '--verify of a fine-tuned PointMLP is not available: the PyTorch twin has no pointMLP '
+          'classifier head (the export itself is written)'
+        )
+      _verify(
+        out, 'point_transformer', finetuned.model, finetuned.variables, finetuned.config.model.num_points, logits=True
+      )
     return
   model = trained.load_trained(checkpoint, step=CHECKPOINT.step.value)
   if VERIFY.value:  # read the clouds first: a bad --points file should not cost an export
     from cg3d_jax.twins import verify
+
     verify.verify_clouds(POINTS.value, MODELNET_DIR.value, model.num_points, getattr(model.encoder, 'in_channels', 3))
   _export_pretraining(model, out, fmt)
   if VERIFY.value:

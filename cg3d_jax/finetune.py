@@ -17,16 +17,22 @@ from cg3d_jax.errors import InputError
 flags.adopt_module_key_flags(cli)  # so that --help lists --config and --workdir
 flags.adopt_module_key_flags(distributed)
 
-INIT = flags.DEFINE_string('init', None, 'Pretrained weights: a CG3D pretraining workdir/step folder or an '
-                           'original CG3D .pth (overrides config.finetune.init).')
+INIT = flags.DEFINE_string(
+  'init',
+  None,
+  'Pretrained weights: a CG3D pretraining workdir/step folder or an '
+  'original CG3D .pth (overrides config.finetune.init).',
+)
 
 
 def main(argv):
   del argv
   config = cli.require_config()
   if 'finetune' not in config:
-    raise InputError('--config is not a fine-tuning config (it has no `finetune` block); use --config '
-                     'finetune_modelnet40 or --config finetune_scanobjectnn:<variant>')
+    raise InputError(
+      '--config is not a fine-tuning config (it has no `finetune` block); use --config '
+      'finetune_modelnet40 or --config finetune_scanobjectnn:<variant>'
+    )
   workdir = cli.require_workdir()
   distributed.initialize()
   from cg3d_jax.training import finetune  # after distributed.initialize: importing the stack touches JAX backends

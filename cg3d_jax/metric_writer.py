@@ -26,12 +26,21 @@ def _to_float(name: str, value: Any) -> float:
 class MetricsWriter:
   """Writes scalar metrics to `<workdir>/<name>.jsonl` and TensorBoard events under `<workdir>/tb/<name>`."""
 
-  def __init__(self, workdir: str, name: str = 'train', *, tensorboard: bool = True, jsonl: bool = True,
-               enabled: bool | None = None, resume_step: int | None = None):
+  def __init__(
+    self,
+    workdir: str,
+    name: str = 'train',
+    *,
+    tensorboard: bool = True,
+    jsonl: bool = True,
+    enabled: bool | None = None,
+    resume_step: int | None = None,
+  ):
     """resume_step: the step a resumed run restarts from. Rows the earlier run wrote after it (steps that will be
     run again) are dropped from the JSONL file, with a log line, so that no step is written twice."""
     if enabled is None:
       import jax  # imported lazily so that data-only tools can use the writer without initialising JAX
+
       enabled = jax.process_index() == 0
     self.enabled = enabled
     self._jsonl = None
@@ -58,8 +67,7 @@ class MetricsWriter:
       self._jsonl.write(json.dumps(row) + '\n')
       self._jsonl.flush()
     if self._tb is not None:
-      summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=k, simple_value=v)
-                                           for k, v in values.items()])
+      summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in values.items()])
       self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
 
   def flush(self) -> None:
@@ -91,6 +99,7 @@ def _drop_rows_after(path: str, step: int) -> None:
   from absl import logging
 
   from cg3d_jax.atomic import atomic_write_bytes
+
   with open(path, encoding='utf-8') as f:
     lines = [line for line in f.read().split('\n') if line.strip()]
   kept, dropped, cut = [], 0, 0
@@ -105,6 +114,11 @@ def _drop_rows_after(path: str, step: int) -> None:
     else:
       kept.append(line)
   if dropped or cut:
-    logging.warning('%s: resuming at step %d, dropped %d row(s) of later steps (they are run again)%s', path, step,
-                    dropped, f' and {cut} unfinished line(s)' if cut else '')
+    logging.warning(
+      '%s: resuming at step %d, dropped %d row(s) of later steps (they are run again)%s',
+      path,
+      step,
+      dropped,
+      f' and {cut} unfinished line(s)' if cut else '',
+    )
     atomic_write_bytes(path, ''.join(line + '\n' for line in kept).encode('utf-8'))

@@ -20,27 +20,39 @@ POINTS = cli.points_flag()
 LABELS = flags.DEFINE_string('labels', None, 'Comma-separated candidate labels, e.g. "owl,chicken,penguin".')
 IMAGES = flags.DEFINE_list('images', [], 'Comma-separated image files to rank against the cloud.')
 TEMPLATES = cli.templates_flag()
-NO_NORMALIZE_TEXT = flags.DEFINE_bool('no_normalize_text', False, "The original CG3D quirk: don't L2-normalise text "
-                                      'features.')
+NO_NORMALIZE_TEXT = flags.DEFINE_bool(
+  'no_normalize_text', False, "The original CG3D quirk: don't L2-normalise text features."
+)
 JSON = flags.DEFINE_string('json', None, 'Also write the result as JSON here.')
-COLUMNS = flags.DEFINE_string('columns', None, "What the columns of a .npy or text cloud are, for files whose columns "
-                              "4-6 (7-9) could be normals or colours: groups xyz, normals, rgb (3 columns each) and "
-                              "skip (1 column), e.g. 'xyz,normals' or 'xyz,skip,rgb'.")
+COLUMNS = flags.DEFINE_string(
+  'columns',
+  None,
+  'What the columns of a .npy or text cloud are, for files whose columns '
+  '4-6 (7-9) could be normals or colours: groups xyz, normals, rgb (3 columns each) and '
+  "skip (1 column), e.g. 'xyz,normals' or 'xyz,skip,rgb'.",
+)
 
 
 # Flags defined once in cli (or scenes.flags) that this command takes: listed by its --help.
 for _shared in ('checkpoint', 'step', 'clip_path', 'num_points', 'points', 'templates', 'verbose'):
   flags.declare_key_flag(_shared)
 
+
 def format_result(result: dict) -> str:
   from cg3d_jax.evaluators import reports
-  lines = [f"{result['points']}: {result['num_points_read']} points"
-           f"{' sampled on the mesh' if result['from_mesh'] else ''}, normalised, "
-           f"{result['num_points_encoded']} by farthest-point sampling",
-           reports.format_table(result['labels'], ['rank', 'name', 'probability', 'similarity'], '{:.4f}')]
+
+  lines = [
+    f'{result["points"]}: {result["num_points_read"]} points'
+    f'{" sampled on the mesh" if result["from_mesh"] else ""}, normalised, '
+    f'{result["num_points_encoded"]} by farthest-point sampling',
+    reports.format_table(result['labels'], ['rank', 'name', 'probability', 'similarity'], '{:.4f}'),
+  ]
   if 'images' in result:
-    lines += ['', 'images ranked against the cloud:',
-              reports.format_table(result['images'], ['rank', 'name', 'probability', 'similarity'], '{:.4f}')]
+    lines += [
+      '',
+      'images ranked against the cloud:',
+      reports.format_table(result['images'], ['rank', 'name', 'probability', 'similarity'], '{:.4f}'),
+    ]
   return '\n'.join(lines)
 
 
@@ -59,11 +71,14 @@ def main(argv):
       raise BadInputError(path, 'does not exist or is not a file')
   from cg3d_jax import trained
   from cg3d_jax.evaluators import prediction, reports
+
   points = prediction.read_cloud(points, COLUMNS.value)  # a bad cloud costs no model
-  model = trained.with_clip(trained.load_trained(checkpoint, step=CHECKPOINT.step.value,
-                                                 num_points=CLIP.num_points.value), CLIP.clip_path.value)
-  result = prediction.predict(model, points, labels, IMAGES.value, templates=templates,
-                              normalize_text=not NO_NORMALIZE_TEXT.value)
+  model = trained.with_clip(
+    trained.load_trained(checkpoint, step=CHECKPOINT.step.value, num_points=CLIP.num_points.value), CLIP.clip_path.value
+  )
+  result = prediction.predict(
+    model, points, labels, IMAGES.value, templates=templates, normalize_text=not NO_NORMALIZE_TEXT.value
+  )
   print(format_result(result))
   if JSON.value:
     reports.write_json(JSON.value, result)

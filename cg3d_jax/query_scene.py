@@ -31,17 +31,28 @@ flags.adopt_module_key_flags(scene_flags)
 
 
 # Flags defined once in cli (or scenes.flags) that this command takes: listed by its --help.
-for _shared in ('checkpoint', 'step', 'clip_path', 'num_points', 'vocabulary', 'out', 'templates', 'seed',
-                'verbose'):
+for _shared in ('checkpoint', 'step', 'clip_path', 'num_points', 'vocabulary', 'out', 'templates', 'seed', 'verbose'):
   flags.declare_key_flag(_shared)
+
 
 def format_summary(summary: dict) -> str:
   from cg3d_jax.evaluators import reports
-  rows = [{'query': r['query'], 'present': 'yes' if r['present'] else 'no', 'score': r['score'],
-           'regions won': r['regions_won'], 'files': r['files']['ply']} for r in summary['results']]
-  return (f"{summary['scene']}: {summary['scene_points']} points, {summary['regions']} regions "
-          f"(radius {summary['region_settings']['radius']}), labels {summary['labels']}\n"
-          + reports.format_table(rows, ['query', 'present', 'score', 'regions won', 'files'], '{:.4f}'))
+
+  rows = [
+    {
+      'query': r['query'],
+      'present': 'yes' if r['present'] else 'no',
+      'score': r['score'],
+      'regions won': r['regions_won'],
+      'files': r['files']['ply'],
+    }
+    for r in summary['results']
+  ]
+  return (
+    f'{summary["scene"]}: {summary["scene_points"]} points, {summary["regions"]} regions '
+    f'(radius {summary["region_settings"]["radius"]}), labels {summary["labels"]}\n'
+    + reports.format_table(rows, ['query', 'present', 'score', 'regions won', 'files'], '{:.4f}')
+  )
 
 
 def main(argv):
@@ -53,15 +64,25 @@ def main(argv):
   out = OUT.value or f'{pathlib.Path(scene.rstrip("/")).stem}_query'
   from cg3d_jax import trained
   from cg3d_jax.scenes import outputs, queries, s3dis
+
   xyz, rgb = queries.read_scene(scene)  # before the model loads: a bad scene costs no model
-  model = trained.with_clip(trained.load_trained(checkpoint, step=CHECKPOINT.step.value,
-                                                 num_points=CLIP.num_points.value), CLIP.clip_path.value)
+  model = trained.with_clip(
+    trained.load_trained(checkpoint, step=CHECKPOINT.step.value, num_points=CLIP.num_points.value), CLIP.clip_path.value
+  )
   spec = VOCABULARY.value or 'training'
-  vocabulary = (queries.training_vocabulary(model) if spec == 'training' else list(s3dis.S3DIS_CLASSES)
-                if spec == 's3dis' else [] if spec == 'none' else cli.parse_labels(spec, '--vocabulary'))
+  vocabulary = (
+    queries.training_vocabulary(model)
+    if spec == 'training'
+    else list(s3dis.S3DIS_CLASSES)
+    if spec == 's3dis'
+    else []
+    if spec == 'none'
+    else cli.parse_labels(spec, '--vocabulary')
+  )
   result = queries.query_scene(model, xyz, queries_, vocabulary, settings=settings, rgb=rgb)
-  summary = outputs.write_query_outputs(out, xyz, rgb, result, scene=scene, up=settings.regions.scene_up,
-                                        image_size=IMAGE_SIZE.value)
+  summary = outputs.write_query_outputs(
+    out, xyz, rgb, result, scene=scene, up=settings.regions.scene_up, image_size=IMAGE_SIZE.value
+  )
   print(format_summary(summary))
   print(f'outputs in {os.path.abspath(out)}')
 

@@ -48,12 +48,13 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, .
   fixed = math.prod(s for s in shape if s != -1)
   if -1 in shape:
     if num_devices % fixed:
-      raise ValueError(f'mesh config {sizes}: {num_devices} devices do not divide into the fixed axes of size '
-                       f'{fixed}')
+      raise ValueError(f'mesh config {sizes}: {num_devices} devices do not divide into the fixed axes of size {fixed}')
     shape[shape.index(-1)] = num_devices // fixed
   elif fixed != num_devices:
-    raise ValueError(f'mesh config {sizes} needs {fixed} devices, but {num_devices} are available; use -1 for one '
-                     'axis to take the rest')
+    raise ValueError(
+      f'mesh config {sizes} needs {fixed} devices, but {num_devices} are available; use -1 for one '
+      'axis to take the rest'
+    )
   return tuple(shape)
 
 

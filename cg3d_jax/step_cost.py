@@ -26,15 +26,15 @@ from cg3d_jax.errors import ConfigError
 
 # device_kind substring -> {compute dtype: dense peak TFLOP/s per chip}; the first match wins (most specific first).
 PEAK_TFLOPS = (
-    ('H200', {'bfloat16': 989.4, 'float32': 494.7}),
-    ('H100', {'bfloat16': 989.4, 'float32': 494.7}),  # SXM; PCIe parts are ~25% lower
-    ('A100', {'bfloat16': 312.0, 'float32': 156.0}),
-    ('L4', {'bfloat16': 121.0, 'float32': 60.0}),
-    ('TPU v6 lite', {'bfloat16': 918.0}),  # v6e (Trillium)
-    ('TPU v5 lite', {'bfloat16': 197.0}),  # v5e
-    ('TPU v5p', {'bfloat16': 459.0}),
-    ('TPU v5', {'bfloat16': 459.0}),
-    ('TPU v4', {'bfloat16': 275.0}),
+  ('H200', {'bfloat16': 989.4, 'float32': 494.7}),
+  ('H100', {'bfloat16': 989.4, 'float32': 494.7}),  # SXM; PCIe parts are ~25% lower
+  ('A100', {'bfloat16': 312.0, 'float32': 156.0}),
+  ('L4', {'bfloat16': 121.0, 'float32': 60.0}),
+  ('TPU v6 lite', {'bfloat16': 918.0}),  # v6e (Trillium)
+  ('TPU v5 lite', {'bfloat16': 197.0}),  # v5e
+  ('TPU v5p', {'bfloat16': 459.0}),
+  ('TPU v5', {'bfloat16': 459.0}),
+  ('TPU v4', {'bfloat16': 275.0}),
 )
 
 
@@ -59,8 +59,13 @@ def _dot_flops(eqn) -> int:
   (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = eqn.params['dimension_numbers']
   lhs_free = [d for i, d in enumerate(lhs) if i not in lhs_contract and i not in lhs_batch]
   rhs_free = [d for i, d in enumerate(rhs) if i not in rhs_contract and i not in rhs_batch]
-  return 2 * _product(lhs[i] for i in lhs_batch) * _product(lhs[i] for i in lhs_contract) * _product(
-      lhs_free) * _product(rhs_free)
+  return (
+    2
+    * _product(lhs[i] for i in lhs_batch)
+    * _product(lhs[i] for i in lhs_contract)
+    * _product(lhs_free)
+    * _product(rhs_free)
+  )
 
 
 def _conv_flops(eqn) -> int:
@@ -71,7 +76,7 @@ def _conv_flops(eqn) -> int:
 
 
 def _sub_jaxprs(value):
-  for item in (value if isinstance(value, (list, tuple)) else [value]):
+  for item in value if isinstance(value, (list, tuple)) else [value]:
     if isinstance(item, jax.extend.core.ClosedJaxpr):
       yield item.jaxpr
     elif isinstance(item, jax.extend.core.Jaxpr):
@@ -100,14 +105,16 @@ def matmul_flops(jaxpr) -> int:
 
 def _device_count(args) -> int:
   """How many devices the step's inputs are spread over (its SPMD program runs once on each)."""
-  counts = [len(leaf.sharding.device_set) for leaf in jax.tree.leaves(args)
-            if getattr(leaf, 'sharding', None) is not None]
+  counts = [
+    len(leaf.sharding.device_set) for leaf in jax.tree.leaves(args) if getattr(leaf, 'sharding', None) is not None
+  ]
   return max(counts, default=1)
 
 
 @dataclasses.dataclass
 class StepCost:
   """One compiled step, per device."""
+
   flops: float  # FLOPs per device per step: matmul_flops of the step's jaxpr / devices (XLA's where no jaxpr)
   argument_bytes: int
   output_bytes: int
@@ -126,13 +133,15 @@ class StepCost:
     return self.tflops_per_device(steps_per_s) / self.peak_tflops if self.peak_tflops else None
 
   def describe(self) -> str:
-    gib = 2.0 ** 30
+    gib = 2.0**30
     limit = f' of {self.device_limit_bytes / gib:.1f} GiB' if self.device_limit_bytes else ''
     peak = f'; peak {self.peak_tflops:g} TFLOP/s' if self.peak_tflops else '; peak unknown (no MFU)'
-    return (f'{self.flops / 1e9:.1f} GFLOP per device per step on {self.device_kind}{peak}; memory per device: '
-            f'arguments {self.argument_bytes / gib:.2f} GiB, outputs {self.output_bytes / gib:.2f} GiB (aliased '
-            f'{self.alias_bytes / gib:.2f}), temporaries {self.temp_bytes / gib:.2f} GiB, peak '
-            f'{self.peak_bytes / gib:.2f} GiB{limit}')
+    return (
+      f'{self.flops / 1e9:.1f} GFLOP per device per step on {self.device_kind}{peak}; memory per device: '
+      f'arguments {self.argument_bytes / gib:.2f} GiB, outputs {self.output_bytes / gib:.2f} GiB (aliased '
+      f'{self.alias_bytes / gib:.2f}), temporaries {self.temp_bytes / gib:.2f} GiB, peak '
+      f'{self.peak_bytes / gib:.2f} GiB{limit}'
+    )
 
 
 def _device_limit(device) -> int | None:
@@ -157,10 +166,18 @@ def analyse(compiled, compute_dtype, device=None, *, jaxpr=None, num_devices: in
   # XLA's own peak where it is larger; on CPU it reports about the arguments alone, so the sum (what MaxText prints
   # too) is the figure the fit check uses: an upper bound when temporaries could overlap the outputs.
   peak = max(int(getattr(memory, 'peak_memory_in_bytes', 0) or 0), args + outs - alias + temp)
-  return StepCost(flops=flops, argument_bytes=args, output_bytes=outs, alias_bytes=alias,
-                  temp_bytes=temp, peak_bytes=peak, device_kind=device.device_kind,
-                  device_limit_bytes=_device_limit(device), peak_tflops=peak_tflops(device.device_kind, compute_dtype),
-                  xla_flops=xla_flops)
+  return StepCost(
+    flops=flops,
+    argument_bytes=args,
+    output_bytes=outs,
+    alias_bytes=alias,
+    temp_bytes=temp,
+    peak_bytes=peak,
+    device_kind=device.device_kind,
+    device_limit_bytes=_device_limit(device),
+    peak_tflops=peak_tflops(device.device_kind, compute_dtype),
+    xla_flops=xla_flops,
+  )
 
 
 def compile_and_analyse(jitted, args, compute_dtype, device=None):
@@ -174,13 +191,15 @@ def check_fits(cost: StepCost, what: str = 'the training step') -> None:
   """Stops before training when the device says the step cannot fit, with the numbers and the knobs."""
   if cost.device_limit_bytes is None or cost.peak_bytes <= cost.device_limit_bytes:
     return
-  gib = 2.0 ** 30
-  raise ConfigError(f'{what} needs {cost.peak_bytes / gib:.1f} GiB per device (arguments '
-                    f'{cost.argument_bytes / gib:.1f}, temporaries {cost.temp_bytes / gib:.1f}) but a '
-                    f'{cost.device_kind} holds {cost.device_limit_bytes / gib:.1f} GiB: lower '
-                    '--config.train.batch_size, turn on --config.model.remat / --config.clip.remat, compute in '
-                    "--config.model.dtype=bfloat16 / --config.clip.dtype=bfloat16, or shard the state with "
-                    '--config.mesh.fsdp=<devices>')
+  gib = 2.0**30
+  raise ConfigError(
+    f'{what} needs {cost.peak_bytes / gib:.1f} GiB per device (arguments '
+    f'{cost.argument_bytes / gib:.1f}, temporaries {cost.temp_bytes / gib:.1f}) but a '
+    f'{cost.device_kind} holds {cost.device_limit_bytes / gib:.1f} GiB: lower '
+    '--config.train.batch_size, turn on --config.model.remat / --config.clip.remat, compute in '
+    '--config.model.dtype=bfloat16 / --config.clip.dtype=bfloat16, or shard the state with '
+    '--config.mesh.fsdp=<devices>'
+  )
 
 
 class CompiledStep:
@@ -218,8 +237,8 @@ def format_rate(metrics: dict) -> str:
   """'12.3 TFLOP/s/device  MFU 41.2%' (MFU only where the peak is known) for a log line."""
   if 'tflops_per_device' not in metrics:
     return ''
-  mfu = f"  MFU {100 * metrics['mfu']:.1f}%" if 'mfu' in metrics else ''
-  return f"{metrics['tflops_per_device']:.3g} TFLOP/s/device{mfu}"
+  mfu = f'  MFU {100 * metrics["mfu"]:.1f}%' if 'mfu' in metrics else ''
+  return f'{metrics["tflops_per_device"]:.3g} TFLOP/s/device{mfu}'
 
 
 class Profiler:
@@ -229,8 +248,7 @@ class Profiler:
   def __init__(self, steps, workdir: str):
     self.start, self.stop = (int(steps[0]), int(steps[1])) if steps else (None, None)
     if steps and not 0 <= self.start < self.stop:
-      raise ConfigError(f'config.logging.profile_steps={tuple(steps)!r}: expected (start, stop) with 0 <= start < '
-                        'stop')
+      raise ConfigError(f'config.logging.profile_steps={tuple(steps)!r}: expected (start, stop) with 0 <= start < stop')
     self.directory = f'{workdir}/profile'
     self.active = False
 

@@ -23,6 +23,7 @@ POINTS_PER_M2 = flags.DEFINE_float('points_per_m2', _DEFAULTS.points_per_m2, 'Po
 for _shared in ('root', 'seed', 'verbose'):
   flags.declare_key_flag(_shared)
 
+
 def main(argv):
   del argv
   root = cli.require(ROOT, '--root /tmp/rooms')
@@ -32,9 +33,14 @@ def main(argv):
     floor = ()
   if len(floor) != 2:
     raise InputError(f'--floor_size {",".join(FLOOR_SIZE.value)!r}: expected two numbers X,Y in metres')
-  settings = synthetic_rooms.SceneSettings(seed=SEED.value, area=AREA.value, num_rooms=NUM_ROOMS.value,
-                                           objects_per_room=OBJECTS_PER_ROOM.value, floor_size=floor,
-                                           points_per_m2=POINTS_PER_M2.value)
+  settings = synthetic_rooms.SceneSettings(
+    seed=SEED.value,
+    area=AREA.value,
+    num_rooms=NUM_ROOMS.value,
+    objects_per_room=OBJECTS_PER_ROOM.value,
+    floor_size=floor,
+    points_per_m2=POINTS_PER_M2.value,
+  )
   area = synthetic_rooms.ensure_synthetic_scenes(root, settings)
   for room, classes in synthetic_rooms.scene_classes(root).items():
     print(f'{area / room}: {", ".join(classes)}')

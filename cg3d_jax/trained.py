@@ -33,6 +33,7 @@ TORCH_SUFFIXES = ('.pth', '.pt', '.safetensors')
 @dataclasses.dataclass
 class TrainedModel:
   """A pretrained point encoder and the visual prompts trained with it."""
+
   encoder: nn.Module
   encoder_vars: dict  # {'params': ..., 'batch_stats': ...}
   prompts: np.ndarray | None  # (layers or 1, tokens, width); None when the run trained no prompts
@@ -65,11 +66,14 @@ def load_trained(path, *, step: int | None = None, num_points: int = 1024, model
     file's own config, else CG3D's released sizes.
   """
   model = _load(path, step, num_points, model_config)
-  bad = trees.non_finite({'encoder': model.encoder_vars, 'prompts': {} if model.prompts is None else
-                          {'tokens': model.prompts}})
+  bad = trees.non_finite(
+    {'encoder': model.encoder_vars, 'prompts': {} if model.prompts is None else {'tokens': model.prompts}}
+  )
   if bad:
-    raise InputError(f'{model.source}: {len(bad)} weight tensor(s) hold NaN or infinity (e.g. {", ".join(bad[:3])}); '
-                     'nothing was computed from them. An earlier checkpoint step (--step) may be intact.')
+    raise InputError(
+      f'{model.source}: {len(bad)} weight tensor(s) hold NaN or infinity (e.g. {", ".join(bad[:3])}); '
+      'nothing was computed from them. An earlier checkpoint step (--step) may be intact.'
+    )
   return model
 
 
@@ -82,11 +86,15 @@ def _load(path, step, num_points, model_config) -> TrainedModel:
     raise InputError(f'{saved.path} is a fine-tuning checkpoint (a classifier), not a pretraining run')
   prompts = saved.state['params'].get('clip', {}).get('prompts', {}).get('tokens')
   return TrainedModel(
-      encoder=build_encoder(config.model),
-      encoder_vars={'params': saved.state['params']['encoder'], 'batch_stats': saved.state['batch_stats']},
-      prompts=None if prompts is None else np.asarray(prompts),
-      prompt_mode=config.clip.prompt.mode if prompts is not None else 'none', config=config, step=saved.step,
-      source=str(saved.path), metrics=saved.metrics)
+    encoder=build_encoder(config.model),
+    encoder_vars={'params': saved.state['params']['encoder'], 'batch_stats': saved.state['batch_stats']},
+    prompts=None if prompts is None else np.asarray(prompts),
+    prompt_mode=config.clip.prompt.mode if prompts is not None else 'none',
+    config=config,
+    step=saved.step,
+    source=str(saved.path),
+    metrics=saved.metrics,
+  )
 
 
 def _sized_from_file(path: pathlib.Path, model_config, state_dict) -> nn.Module:
@@ -95,8 +103,10 @@ def _sized_from_file(path: pathlib.Path, model_config, state_dict) -> nn.Module:
   if model_config.encoder == 'point_transformer':
     model = PointTransformer.from_config(model_config)
     hidden, head = state_dict.get('cls_head_finetune.0.weight'), state_dict.get('cls_head_finetune.3.weight')
-    model = model.clone(num_classes=None if head is None else int(head.shape[0]),
-                        head_hidden=model.head_hidden if hidden is None else int(hidden.shape[0]))
+    model = model.clone(
+      num_classes=None if head is None else int(head.shape[0]),
+      head_hidden=model.head_hidden if hidden is None else int(hidden.shape[0]),
+    )
     return model if projection is None else model.clone(embed_dim=int(projection.shape[0]))
   model = PointMLP.from_config(model_config)
   return model if projection is None else model.clone(projection_dim=int(projection.shape[0]))
@@ -115,19 +125,30 @@ def _load_torch_file(path: pathlib.Path, num_points: int, model_config) -> Train
     config = ml_collections.ConfigDict(saved)
   else:
     num_tokens = 5 if prompts is None else int(prompts.shape[1])
-    config = ml_collections.ConfigDict({
+    config = ml_collections.ConfigDict(
+      {
         'model': {'encoder': encoder_name, 'num_points': num_points},
-        'clip': {'path': None, 'prompt': {'mode': info['prompt_mode'], 'num_tokens': num_tokens}}})
+        'clip': {'path': None, 'prompt': {'mode': info['prompt_mode'], 'num_tokens': num_tokens}},
+      }
+    )
   step = info['step'] if isinstance(info['step'], int) else max(info['epoch'], 0)
-  return TrainedModel(encoder=info['model'], encoder_vars={'params': jax.tree.map(jnp.asarray, params),
-                                                           'batch_stats': jax.tree.map(jnp.asarray, batch_stats)},
-                      prompts=prompts, prompt_mode=info['prompt_mode'], config=config, step=step,
-                      source=str(path), metrics=info['metrics'] or None, frozen_visual=info['frozen_visual'])
+  return TrainedModel(
+    encoder=info['model'],
+    encoder_vars={'params': jax.tree.map(jnp.asarray, params), 'batch_stats': jax.tree.map(jnp.asarray, batch_stats)},
+    prompts=prompts,
+    prompt_mode=info['prompt_mode'],
+    config=config,
+    step=step,
+    source=str(path),
+    metrics=info['metrics'] or None,
+    frozen_visual=info['frozen_visual'],
+  )
 
 
 @dataclasses.dataclass
 class ScoringModel:
   """A trained encoder beside its frozen CLIP, with the trained prompts in CLIP's parameters."""
+
   trained: TrainedModel
   model: CG3D
   clip: LoadedCLIP  # clip.params['prompts'] holds the trained prompts (when the model has any)
@@ -157,57 +178,79 @@ def with_clip(trained: TrainedModel, clip_path: str | None = None) -> ScoringMod
   """Loads the frozen CLIP (clip_path, else the one the run recorded) and puts the trained prompts into it."""
   path = clip_path or trained.config.get('clip', {}).get('path')
   if not path:
-    raise InputError(f'{trained.source} does not say which CLIP it was trained with (an original CG3D checkpoint '
-                     'records none): give the local CLIP folder with --config.clip.path=... (or --clip_path)')
+    raise InputError(
+      f'{trained.source} does not say which CLIP it was trained with (an original CG3D checkpoint '
+      'records none): give the local CLIP folder with --config.clip.path=... (or --clip_path)'
+    )
   clip_config = trained.config.get('clip', {})
   num_tokens = int(clip_config.get('prompt', {}).get('num_tokens', 5))
   if trained.prompts is not None:
     num_tokens = int(trained.prompts.shape[1])
-  clip = load_clip(path, prompt_mode=trained.prompt_mode, num_prompts=num_tokens,
-                   dtype=jnp.dtype(clip_config.get('dtype', 'float32')), seed=int(trained.config.get('seed', 0)))
+  clip = load_clip(
+    path,
+    prompt_mode=trained.prompt_mode,
+    num_prompts=num_tokens,
+    dtype=jnp.dtype(clip_config.get('dtype', 'float32')),
+    seed=int(trained.config.get('seed', 0)),
+  )
   if trained.frozen_visual:  # first: the most telling mismatch
     _check_frozen_tower(trained, clip, path)
   expected = None if 'prompts' not in clip.params else tuple(clip.params['prompts']['tokens'].shape)
   found = None if trained.prompts is None else tuple(trained.prompts.shape)
   if expected != found:
-    raise InputError(f'{trained.source}: trained prompts have shape {found} but the CLIP at {path} with prompt mode '
-                     f'{trained.prompt_mode!r} expects {expected}: is this the CLIP it was trained with?')
+    raise InputError(
+      f'{trained.source}: trained prompts have shape {found} but the CLIP at {path} with prompt mode '
+      f'{trained.prompt_mode!r} expects {expected}: is this the CLIP it was trained with?'
+    )
   if found is not None:
     clip.params['prompts'] = {'tokens': jnp.asarray(trained.prompts)}
   if trained.embed_dim != clip.spec.projection_dim:
-    raise InputError(f'{trained.source}: the encoder projects to {trained.embed_dim} but the CLIP at {path} to '
-                     f'{clip.spec.projection_dim}: not the joint space it was trained in')
-  return ScoringModel(trained=trained, model=CG3D(encoder=trained.encoder, clip=clip.model,
-                                                  num_points=trained.num_points), clip=clip)
+    raise InputError(
+      f'{trained.source}: the encoder projects to {trained.embed_dim} but the CLIP at {path} to '
+      f'{clip.spec.projection_dim}: not the joint space it was trained in'
+    )
+  return ScoringModel(
+    trained=trained, model=CG3D(encoder=trained.encoder, clip=clip.model, num_points=trained.num_points), clip=clip
+  )
 
 
 def _check_frozen_tower(trained: TrainedModel, clip: LoadedCLIP, path) -> None:
   """The image tower an original CG3D .pth saved beside its prompts must be the SLIP tower loaded from `path`."""
   if clip.kind != 'slip':
-    raise InputError(f'{trained.source} holds a SLIP image tower beside its prompts (visual_clip_model), but {path} '
-                     'is a transformers CLIP folder: pass the SLIP checkpoint it was trained with, e.g. '
-                     '--config.clip.path=slip_base_100ep.pt')
+    raise InputError(
+      f'{trained.source} holds a SLIP image tower beside its prompts (visual_clip_model), but {path} '
+      'is a transformers CLIP folder: pass the SLIP checkpoint it was trained with, e.g. '
+      '--config.clip.path=slip_base_100ep.pt'
+    )
   from cg3d_jax.weights import slip  # torch-free, but only this path needs it
 
   ours = slip.vision_state_dict(clip.params, clip.spec)
   missing = sorted(set(ours) - set(trained.frozen_visual))
   extra = sorted(set(trained.frozen_visual) - set(ours))
   if missing or extra:
-    raise InputError(f'{trained.source}: visual_clip_model does not hold the image tower of {path} (missing '
-                     f'{missing[:3]}, unexpected {extra[:3]}): is this the SLIP it was trained with?')
+    raise InputError(
+      f'{trained.source}: visual_clip_model does not hold the image tower of {path} (missing '
+      f'{missing[:3]}, unexpected {extra[:3]}): is this the SLIP it was trained with?'
+    )
   for key, value in ours.items():
     saved = trained.frozen_visual[key]
     if saved.shape != value.shape or not np.array_equal(saved, value):
-      detail = (f'shape {saved.shape} vs {value.shape}' if saved.shape != value.shape else
-                f'max |difference| {float(np.max(np.abs(saved - value))):.3g}')
-      raise InputError(f'{trained.source}: visual_clip_model.{key} differs from the same tensor of {path} ({detail}): '
-                       'the prompts were trained inside another image tower; pass the SLIP checkpoint it was '
-                       'trained with')
+      detail = (
+        f'shape {saved.shape} vs {value.shape}'
+        if saved.shape != value.shape
+        else f'max |difference| {float(np.max(np.abs(saved - value))):.3g}'
+      )
+      raise InputError(
+        f'{trained.source}: visual_clip_model.{key} differs from the same tensor of {path} ({detail}): '
+        'the prompts were trained inside another image tower; pass the SLIP checkpoint it was '
+        'trained with'
+      )
 
 
 @dataclasses.dataclass
 class Finetuned:
   """A fine-tuned classifier and its variables."""
+
   config: ml_collections.ConfigDict
   step: int
   model: nn.Module
@@ -222,6 +265,11 @@ def load_finetuned(path, step: int | None = None) -> Finetuned:
   if 'finetune' not in saved.config:
     raise InputError(f'{saved.path} is not a cg3d-jax fine-tuning checkpoint (its config has no finetune block)')
   config = saved.config
-  return Finetuned(config=config, step=saved.step, model=build_classifier(config.model, int(config.model.num_classes)),
-                   variables={'params': saved.state['params'], 'batch_stats': saved.state['batch_stats']},
-                   metrics=saved.metrics, source=str(saved.path))
+  return Finetuned(
+    config=config,
+    step=saved.step,
+    model=build_classifier(config.model, int(config.model.num_classes)),
+    variables={'params': saved.state['params'], 'batch_stats': saved.state['batch_stats']},
+    metrics=saved.metrics,
+    source=str(saved.path),
+  )

@@ -59,6 +59,7 @@ def path_to_str(path) -> str:
 def non_finite(tree: Mapping[str, Any]) -> list[str]:
   """'a/b/c' names of the float leaves holding NaN or infinity (weights read from a file must hold none)."""
   import numpy as np
+
   bad = []
   for name, leaf in flatten(tree).items():
     value = np.asarray(leaf)
@@ -102,6 +103,7 @@ def stack_layers(tree):
   Numbering must run from 0 without gaps; the layers' subtrees must have the same structure. Trees already stacked
   pass unchanged.
   """
+
   def stack_dict(node: dict) -> dict:
     groups: dict[str, dict[int, str]] = {}
     for key in node:
@@ -115,6 +117,7 @@ def stack_layers(tree):
       layers = [node.pop(numbered[i]) for i in range(len(numbered))]
       node[base] = jax.tree.map(lambda *xs: _stack_leaves(xs), *layers)
     return node
+
   return _map_dicts(tree, stack_dict)
 
 
@@ -131,6 +134,7 @@ def unstack_layers(tree):
   """Inverse of `stack_layers`: each `layers`/`blocks` subtree -> `layers_{i}` siblings, one per leading index
   (arrays are indexed; a ShapeDtypeStruct gives one layer's shape and sharding).
   """
+
   def unstack_dict(node: dict) -> dict:
     for base in STACKS:
       stacked = node.get(base)
@@ -143,4 +147,5 @@ def unstack_layers(tree):
       for i in range(sizes.pop()):
         node[f'{base}_{i}'] = jax.tree.map(lambda x, i=i: _layer(x, i), stacked)
     return node
+
   return _map_dicts(tree, unstack_dict)

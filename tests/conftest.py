@@ -47,18 +47,20 @@ FIXTURES = REPO_ROOT / 'tests' / 'fixtures'  # real data the tests check against
 # two longest groups start at once on the two workers; every other test is scheduled on its own. The demo group is the
 # users of demo_run (built once per run, for both workers), so no worker waits on the other's build.
 GROUPS = {
-    'test_standalone': 'demo', 'test_demo': 'demo', 'test_scenes': 'demo',
-    'test_multihost': 'multihost',
-    'test_openshape': 'openshape',
-    'test_shipped_configs': 'shipped_configs',
-    'test_finetune': 'finetune',
-    'test_slip': 'slip',
-    'test_clip': 'clip',
-    'test_zeroshot': 'zeroshot',
-    'test_export': 'export',
-    'test_bad_inputs': 'bad_inputs',
-    'test_checkpoint': 'checkpoint',
-    'test_device_check': 'device_check',
+  'test_standalone': 'demo',
+  'test_demo': 'demo',
+  'test_scenes': 'demo',
+  'test_multihost': 'multihost',
+  'test_openshape': 'openshape',
+  'test_shipped_configs': 'shipped_configs',
+  'test_finetune': 'finetune',
+  'test_slip': 'slip',
+  'test_clip': 'clip',
+  'test_zeroshot': 'zeroshot',
+  'test_export': 'export',
+  'test_bad_inputs': 'bad_inputs',
+  'test_checkpoint': 'checkpoint',
+  'test_device_check': 'device_check',
 }
 
 
@@ -69,8 +71,9 @@ def pytest_collection_modifyitems(items):
     group = GROUPS.get(item.module.__name__.rsplit('.', 1)[-1])
     if group:
       item.add_marker(pytest.mark.xdist_group(group))
-  items.sort(key=lambda item: order.index(GROUPS[m]) if (m := item.module.__name__.rsplit('.', 1)[-1]) in GROUPS
-             else len(order))
+  items.sort(
+    key=lambda item: order.index(GROUPS[m]) if (m := item.module.__name__.rsplit('.', 1)[-1]) in GROUPS else len(order)
+  )
 
 
 @pytest.fixture(scope='session')
@@ -102,6 +105,7 @@ def modelnet10_layout(root: pathlib.Path) -> pathlib.Path:
 def write_scanobjectnn_h5(path: pathlib.Path, data, label) -> None:
   """One ScanObjectNN h5 file as the official ones are laid out (data, label, and a mask the builder ignores)."""
   import h5py
+
   path.parent.mkdir(parents=True, exist_ok=True)
   with h5py.File(path, 'w') as f:
     f['data'] = data
@@ -114,8 +118,16 @@ def modelnet40_prepared(tmp_path_factory) -> str:
   """data_dir of the fixture ModelNet40 objects prepared by the real TFDS builder (skip_bad: the fixtures hold 23 of
   the 12,311 listed objects), once per run for every worker."""
   from cg3d_jax.data import builders
-  return str(built_once(tmp_path_factory, 'modelnet40_tfds', lambda data_dir: builders.get_builder(
-      'modelnet40', data_dir=str(data_dir), manual_dir=str(modelnet_root()), skip_bad=True)))
+
+  return str(
+    built_once(
+      tmp_path_factory,
+      'modelnet40_tfds',
+      lambda data_dir: builders.get_builder(
+        'modelnet40', data_dir=str(data_dir), manual_dir=str(modelnet_root()), skip_bad=True
+      ),
+    )
+  )
 
 
 @pytest.fixture
@@ -173,7 +185,7 @@ def grouping_margin(cloud, stages) -> float:
       rows = np.arange(len(anchors))
       inside, outside = order[:, k - 1], order[:, k]
       distinct = np.any(xyz[inside] != xyz[outside], axis=1)
-      scale = np.sum(anchors ** 2, axis=1) + np.max(np.sum(xyz ** 2, axis=1))
+      scale = np.sum(anchors**2, axis=1) + np.max(np.sum(xyz**2, axis=1))
       gaps = (dist[rows, outside] - dist[rows, inside]) / scale
       worst = min(worst, gaps[distinct].min(initial=np.inf))
     xyz = anchors
@@ -182,8 +194,18 @@ def grouping_margin(cloud, stages) -> float:
 
 # Small real artefacts shared by the training, evaluation and export tests: a random transformers CLIP folder with
 # the real vocabulary, and a procedural ShapeNet-55-layout dataset prepared by the real TFDS builder.
-TINY_CLIP = dict(vision_width=32, vision_layers=1, vision_heads=2, patch_size=16, image_size=32, text_width=32,
-                 text_layers=1, text_heads=2, projection_dim=32, seed=0)
+TINY_CLIP = dict(
+  vision_width=32,
+  vision_layers=1,
+  vision_heads=2,
+  patch_size=16,
+  image_size=32,
+  text_width=32,
+  text_layers=1,
+  text_heads=2,
+  projection_dim=32,
+  seed=0,
+)
 
 
 def built_once(tmp_path_factory, name: str, build: Callable[[pathlib.Path], None]) -> pathlib.Path:
@@ -209,6 +231,7 @@ def built_once(tmp_path_factory, name: str, build: Callable[[pathlib.Path], None
 @pytest.fixture(scope='session')
 def tiny_clip_dir(tmp_path_factory):
   from cg3d_jax.synthetic.random_clip import write_random_clip
+
   folder = built_once(tmp_path_factory, 'tiny_clip', lambda f: write_random_clip(f / 'clip', **TINY_CLIP))
   return str(folder / 'clip')  # the package's own copy of the real BPE vocabulary
 
@@ -220,8 +243,9 @@ def tiny_shapenet(tmp_path_factory):
   from cg3d_jax.synthetic.objects import SyntheticSettings, ensure_synthetic_shapenet
 
   def build(root):
-    settings = SyntheticSettings(seed=0, num_train_per_class=6, num_test_per_class=2, num_points=256, image_size=32,
-                                 num_views=5)
+    settings = SyntheticSettings(
+      seed=0, num_train_per_class=6, num_test_per_class=2, num_points=256, image_size=32, num_views=5
+    )
     ensure_synthetic_shapenet(root / 'manual', settings)
     builders.get_builder('shapenet55_cg3d', data_dir=str(root / 'tfds'), manual_dir=str(root / 'manual'))
 
@@ -233,9 +257,13 @@ def _tiny_model_overrides() -> dict:
   """configs/tiny_test.py's model sizes as {'model.a.b': value} overrides: runs of other configs at these sizes
   compile the programs the session's cache already holds."""
   from cg3d_jax.configs import tiny_test
+
   model = tiny_test.get_config().model
-  return {'model.embed_dim': model.embed_dim, 'model.num_points': model.num_points,
-          **{f'model.point_transformer.{k}': v for k, v in model.point_transformer.items()}}
+  return {
+    'model.embed_dim': model.embed_dim,
+    'model.num_points': model.num_points,
+    **{f'model.point_transformer.{k}': v for k, v in model.point_transformer.items()},
+  }
 
 
 TINY_MODEL_OVERRIDES = _tiny_model_overrides()
@@ -244,6 +272,7 @@ TINY_MODEL_OVERRIDES = _tiny_model_overrides()
 def tiny_config(clip_dir, shapenet, **overrides):
   """cg3d_jax/configs/tiny_test.py (the demo shrunk for tests) pointed at the fixtures; overrides as {'a.b': value}."""
   from cg3d_jax.configs import tiny_test
+
   c = tiny_test.get_config()
   c.clip.path = clip_dir
   c.data.manual_dir, c.data.data_dir = shapenet
@@ -259,6 +288,7 @@ def run_command(main, argv: list[str]) -> int:
   from absl import flags
 
   from cg3d_jax import cli
+
   flags.FLAGS.unparse_flags()
   for name in [n for n in flags.FLAGS if n.startswith('config.')]:
     delattr(flags.FLAGS, name)  # a previous run's --config.<field> overrides: each parse registers its own
@@ -288,6 +318,7 @@ def tiny_checkpoint(tmp_path_factory, tiny_clip_dir, tiny_shapenet):
   """A training workdir after 4 steps of the tiny config (PointTransformer, deep prompts), checkpoints at steps 2 and
   4. Shared by every worker: copy it before training on from it."""
   from cg3d_jax.training import pretrain
+
   config = tiny_config(tiny_clip_dir, tiny_shapenet, **{'train.total_steps': 4})
   return built_once(tmp_path_factory, 'tiny_run', lambda workdir: pretrain.train(config, str(workdir)))
 
@@ -314,13 +345,22 @@ def copy_tracked_files(root: pathlib.Path) -> pathlib.Path:
 # also take its 64-example shuffle buffer, and that run learns less (zero-shot top-1 31% instead of 51%, right at
 # test_demo's bound) for no time saved.
 DEMO_OVERRIDES = {
-    'demo.synthetic.num_train_per_class': 8, 'demo.synthetic.num_test_per_class': 3,
-    'demo.synthetic.num_points': 256, 'demo.synthetic.image_size': 32,
-    **{f'demo.clip.{k}': v for k, v in TINY_CLIP.items()},
-    **TINY_MODEL_OVERRIDES,
-    'data.num_stored_points': 256, 'train.batch_size': 16, 'eval.batch_size': 16, 'train.total_steps': 300,
-    'train.encoder_optim.lr': 2e-3, 'train.log_every': 50, 'eval.every_steps': 300, 'checkpoint.every_steps': 300,
-    'checkpoint.async_save': False, 'logging.tensorboard': False,
+  'demo.synthetic.num_train_per_class': 8,
+  'demo.synthetic.num_test_per_class': 3,
+  'demo.synthetic.num_points': 256,
+  'demo.synthetic.image_size': 32,
+  **{f'demo.clip.{k}': v for k, v in TINY_CLIP.items()},
+  **TINY_MODEL_OVERRIDES,
+  'data.num_stored_points': 256,
+  'train.batch_size': 16,
+  'eval.batch_size': 16,
+  'train.total_steps': 300,
+  'train.encoder_optim.lr': 2e-3,
+  'train.log_every': 50,
+  'eval.every_steps': 300,
+  'checkpoint.every_steps': 300,
+  'checkpoint.async_save': False,
+  'logging.tensorboard': False,
 }
 
 
@@ -334,21 +374,43 @@ def demo_run(tmp_path_factory):
   root: the run's folder; copy: the lone copy; workdir: the demo's --workdir (training run, demo_assets, zeroshot,
   export, scene_query); stdout: what the demo printed; package: the cg3d_jax the demo imported.
   """
+
   def build(root):
     copy = copy_tracked_files(root / 'lone')
     elsewhere = root / 'elsewhere'
     elsewhere.mkdir()
     env = {**os.environ, 'PYTHONPATH': str(copy)}  # the copy's package comes before the installed one
-    found = subprocess.run([sys.executable, '-c', 'import cg3d_jax; print(cg3d_jax.__file__)'], cwd=elsewhere,
-                           env=env, capture_output=True, text=True)
+    found = subprocess.run(
+      [sys.executable, '-c', 'import cg3d_jax; print(cg3d_jax.__file__)'],
+      cwd=elsewhere,
+      env=env,
+      capture_output=True,
+      text=True,
+    )
     (root / 'package.txt').write_text(found.stdout.strip() + found.stderr)
-    done = subprocess.run([sys.executable, '-m', 'cg3d_jax.demo', '--workdir', str(root / 'demo'),
-                           *(f'--override={k}={v}' for k, v in DEMO_OVERRIDES.items())],
-                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=1200)
+    done = subprocess.run(
+      [
+        sys.executable,
+        '-m',
+        'cg3d_jax.demo',
+        '--workdir',
+        str(root / 'demo'),
+        *(f'--override={k}={v}' for k, v in DEMO_OVERRIDES.items()),
+      ],
+      cwd=elsewhere,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=1200,
+    )
     (root / 'demo_stdout.txt').write_text(done.stdout)
     assert done.returncode == 0, f'the demo failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}'
 
   root = built_once(tmp_path_factory, 'demo', build)
-  return types.SimpleNamespace(root=root, copy=root / 'lone' / 'cg3d-jax', workdir=root / 'demo',
-                               stdout=(root / 'demo_stdout.txt').read_text(),
-                               package=(root / 'package.txt').read_text())
+  return types.SimpleNamespace(
+    root=root,
+    copy=root / 'lone' / 'cg3d-jax',
+    workdir=root / 'demo',
+    stdout=(root / 'demo_stdout.txt').read_text(),
+    package=(root / 'package.txt').read_text(),
+  )

@@ -28,8 +28,10 @@ _SCHEMAS = None
 def _import_timm():
   global _SCHEMAS
   if not (REFERENCE_LIBS / 'timm').is_dir():
-    raise RuntimeError(f'{REFERENCE_LIBS} has no timm: install the reference libraries with `pip install --no-deps '
-                       f'--upgrade --target .reference_libs -r tests/reference_requirements.txt` (README, Install)')
+    raise RuntimeError(
+      f'{REFERENCE_LIBS} has no timm: install the reference libraries with `pip install --no-deps '
+      f'--upgrade --target .reference_libs -r tests/reference_requirements.txt` (README, Install)'
+    )
   if _SCHEMAS is None:
     _SCHEMAS = torch.library.Library('torchvision', 'DEF')  # kept alive: the schemas live as long as this object
     for op in ('nms', 'qnms'):
@@ -37,14 +39,23 @@ def _import_timm():
   if str(REFERENCE_LIBS) not in sys.path:
     sys.path.append(str(REFERENCE_LIBS))
   from timm.models.vision_transformer import VisionTransformer
+
   return VisionTransformer
 
 
 def vision_transformer(*, width: int, layers: int, heads: int, patch_size: int, image_size: int) -> nn.Module:
   """timm's VisionTransformer as SLIP builds its image tower (the vit_*_patch16_224 defaults, num_classes=0)."""
   VisionTransformer = _import_timm()
-  return VisionTransformer(img_size=image_size, patch_size=patch_size, embed_dim=width, depth=layers, num_heads=heads,
-                           mlp_ratio=4.0, qkv_bias=True, num_classes=0)
+  return VisionTransformer(
+    img_size=image_size,
+    patch_size=patch_size,
+    embed_dim=width,
+    depth=layers,
+    num_heads=heads,
+    mlp_ratio=4.0,
+    qkv_bias=True,
+    num_classes=0,
+  )
 
 
 class QuickGELU(nn.Module):
@@ -57,8 +68,11 @@ class ResidualAttentionBlock(nn.Module):
     super().__init__()
     self.attn = nn.MultiheadAttention(width, heads)
     self.ln_1 = nn.LayerNorm(width)
-    self.mlp = nn.Sequential(collections.OrderedDict([('c_fc', nn.Linear(width, 4 * width)), ('gelu', QuickGELU()),
-                                                      ('c_proj', nn.Linear(4 * width, width))]))
+    self.mlp = nn.Sequential(
+      collections.OrderedDict(
+        [('c_fc', nn.Linear(width, 4 * width)), ('gelu', QuickGELU()), ('c_proj', nn.Linear(4 * width, width))]
+      )
+    )
     self.ln_2 = nn.LayerNorm(width)
     self.register_buffer('mask', mask, persistent=False)
 
@@ -71,25 +85,50 @@ class ResidualAttentionBlock(nn.Module):
 class SLIPCLIP(nn.Module):
   """SLIP's CLIP with its SSL head, in SLIP's parameter names (`state_dict()` loads a SLIP file's, prefix stripped)."""
 
-  def __init__(self, *, vision_width, vision_layers, vision_heads, patch_size, image_size, text_width, text_layers,
-               embed_dim, vocab_size=49408, context_length=77, ssl_mlp_dim=64, ssl_emb_dim=32):
+  def __init__(
+    self,
+    *,
+    vision_width,
+    vision_layers,
+    vision_heads,
+    patch_size,
+    image_size,
+    text_width,
+    text_layers,
+    embed_dim,
+    vocab_size=49408,
+    context_length=77,
+    ssl_mlp_dim=64,
+    ssl_emb_dim=32,
+  ):
     super().__init__()
-    self.visual = vision_transformer(width=vision_width, layers=vision_layers, heads=vision_heads,
-                                     patch_size=patch_size, image_size=image_size)
+    self.visual = vision_transformer(
+      width=vision_width, layers=vision_layers, heads=vision_heads, patch_size=patch_size, image_size=image_size
+    )
     mask = torch.full((context_length, context_length), float('-inf')).triu_(1)
     self.transformer = nn.Module()
-    self.transformer.resblocks = nn.Sequential(*[ResidualAttentionBlock(text_width, text_width // 64, mask)
-                                                 for _ in range(text_layers)])
+    self.transformer.resblocks = nn.Sequential(
+      *[ResidualAttentionBlock(text_width, text_width // 64, mask) for _ in range(text_layers)]
+    )
     self.token_embedding = nn.Embedding(vocab_size, text_width)
     self.positional_embedding = nn.Parameter(torch.empty(context_length, text_width))
     self.ln_final = nn.LayerNorm(text_width)
     self.image_projection = nn.Parameter(torch.empty(vision_width, embed_dim))
     self.text_projection = nn.Parameter(torch.empty(text_width, embed_dim))
     self.logit_scale = nn.Parameter(torch.ones([]))
-    self.image_mlp = nn.Sequential(collections.OrderedDict([
-        ('layer1', nn.Linear(vision_width, ssl_mlp_dim)), ('bn1', nn.BatchNorm1d(ssl_mlp_dim)), ('relu1', nn.ReLU()),
-        ('layer2', nn.Linear(ssl_mlp_dim, ssl_mlp_dim)), ('bn2', nn.BatchNorm1d(ssl_mlp_dim)), ('relu2', nn.ReLU()),
-        ('layer3', nn.Linear(ssl_mlp_dim, ssl_emb_dim))]))
+    self.image_mlp = nn.Sequential(
+      collections.OrderedDict(
+        [
+          ('layer1', nn.Linear(vision_width, ssl_mlp_dim)),
+          ('bn1', nn.BatchNorm1d(ssl_mlp_dim)),
+          ('relu1', nn.ReLU()),
+          ('layer2', nn.Linear(ssl_mlp_dim, ssl_mlp_dim)),
+          ('bn2', nn.BatchNorm1d(ssl_mlp_dim)),
+          ('relu2', nn.ReLU()),
+          ('layer3', nn.Linear(ssl_mlp_dim, ssl_emb_dim)),
+        ]
+      )
+    )
 
   def encode_image(self, image):  # NCHW
     return self.visual(image) @ self.image_projection
@@ -101,8 +140,9 @@ class SLIPCLIP(nn.Module):
     return x[torch.arange(x.shape[0]), text.argmax(dim=-1)] @ self.text_projection
 
 
-def prompted_class_token(visual: nn.Module, pixels: torch.Tensor, prompts: torch.Tensor,
-                         deep: torch.Tensor | None) -> torch.Tensor:
+def prompted_class_token(
+  visual: nn.Module, pixels: torch.Tensor, prompts: torch.Tensor, deep: torch.Tensor | None
+) -> torch.Tensor:
   """CG3D's VisionTransformerPromptDeep forward to the normed class token: prompts (1, n, D) after the class token
   (no position embedding), deep (layers - 1, n, D) overwriting the n prompt positions before blocks 1.."""
   x = visual._pos_embed(visual.patch_embed(pixels))
@@ -112,6 +152,6 @@ def prompted_class_token(visual: nn.Module, pixels: torch.Tensor, prompts: torch
   x = torch.cat([x[:, :1], prompts.expand(batch, -1, -1), x[:, 1:]], dim=1)
   for i, block in enumerate(visual.blocks):
     if i > 0 and deep is not None:
-      x = torch.cat([x[:, :1], deep[i - 1][None].expand(batch, -1, -1), x[:, 1 + n:]], dim=1)
+      x = torch.cat([x[:, :1], deep[i - 1][None].expand(batch, -1, -1), x[:, 1 + n :]], dim=1)
     x = block(x)
   return visual.norm(x)[:, 0]

@@ -12,8 +12,19 @@ import pytest
 from tests.conftest import REPO_ROOT
 
 PACKAGE = REPO_ROOT / 'cg3d_jax'
-COMMANDS = {'train', 'finetune', 'evaluate', 'predict', 'export', 'demo', 'demo_assets', 'query_scene',
-            'evaluate_scenes', 'build_data', 'synthetic_scenes'}
+COMMANDS = {
+  'train',
+  'finetune',
+  'evaluate',
+  'predict',
+  'export',
+  'demo',
+  'demo_assets',
+  'query_scene',
+  'evaluate_scenes',
+  'build_data',
+  'synthetic_scenes',
+}
 
 
 def allowed_imports() -> dict[str, set[str]]:
@@ -44,7 +55,7 @@ def imported_modules(path: pathlib.Path) -> set[str]:
   for node in ast.walk(ast.parse(path.read_text())):
     if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith('cg3d_jax'):
       parts = node.module.split('.')
-      found |= ({f'{node.module}.{a.name}' for a in node.names} if len(parts) == 1 else {node.module})
+      found |= {f'{node.module}.{a.name}' for a in node.names} if len(parts) == 1 else {node.module}
     elif isinstance(node, ast.Import):
       found |= {a.name for a in node.names if a.name.startswith('cg3d_jax')}
   return found
@@ -52,8 +63,11 @@ def imported_modules(path: pathlib.Path) -> set[str]:
 
 def test_the_table_covers_every_unit_of_the_package():
   rules = allowed_imports()
-  units = {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir()
-           if (p.suffix == '.py' and p.stem != '__init__') or (p.is_dir() and (p / '__init__.py').is_file())}
+  units = {
+    p.stem if p.is_file() else p.name
+    for p in PACKAGE.iterdir()
+    if (p.suffix == '.py' and p.stem != '__init__') or (p.is_dir() and (p / '__init__.py').is_file())
+  }
   units = {'commands' if u in COMMANDS else u for u in units}
   assert units == set(rules), f'units without a rule: {units - set(rules)}; rules without a unit: {set(rules) - units}'
 
@@ -95,10 +109,18 @@ def test_ruff_lints_the_whole_tree():
 
 # The modules that read TFDS (and the two benchmarks that measure them), and so import TensorFlow. Nothing else may:
 # GPU images (and users who evaluate on OpenShape's files) have no TensorFlow, and importing it costs a command 6 s.
-TENSORFLOW_MODULES = {'cg3d_jax.data.builder_base', 'cg3d_jax.data.builders', 'cg3d_jax.data.modelnet',
-                      'cg3d_jax.data.pipeline', 'cg3d_jax.data.scanobjectnn', 'cg3d_jax.data.shapenet55',
-                      'cg3d_jax.data.tf_transforms', 'cg3d_jax.training.finetune', 'bench.bench_pipeline',
-                      'bench.bench_finetune'}
+TENSORFLOW_MODULES = {
+  'cg3d_jax.data.builder_base',
+  'cg3d_jax.data.builders',
+  'cg3d_jax.data.modelnet',
+  'cg3d_jax.data.pipeline',
+  'cg3d_jax.data.scanobjectnn',
+  'cg3d_jax.data.shapenet55',
+  'cg3d_jax.data.tf_transforms',
+  'cg3d_jax.training.finetune',
+  'bench.bench_pipeline',
+  'bench.bench_finetune',
+}
 _IMPORT_EVERYTHING = """
 import importlib, json, pathlib, pkgutil, sys
 
@@ -131,12 +153,20 @@ def test_every_module_imports_in_one_process_and_tensorflow_only_where_tfds_is_r
   other benchmarks import without it). Shown to fail with `import tensorflow as tf` put back at the top of
   data/transforms.py (the training step, the OpenShape stream and ten more modules are then listed)."""
   import json
-  done = subprocess.run([sys.executable, '-c', _IMPORT_EVERYTHING], cwd=REPO_ROOT, capture_output=True, text=True,
-                        timeout=300)
+
+  done = subprocess.run(
+    [sys.executable, '-c', _IMPORT_EVERYTHING], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+  )
   assert done.returncode == 0, done.stderr[-2000:]
   result = json.loads(done.stdout.strip().splitlines()[-1])
   assert set(result['needs_tensorflow']) == TENSORFLOW_MODULES
   imported = set(result['imported'])
   assert {f'cg3d_jax.{c}' for c in COMMANDS} <= imported
-  assert {'cg3d_jax.training.pretrain_step', 'cg3d_jax.training.pretrain', 'cg3d_jax.data.openshape_stream',
-          'cg3d_jax.evaluators.evaluation_sets', 'cg3d_jax.models.cg3d', 'bench.bench_accelerator'} <= imported
+  assert {
+    'cg3d_jax.training.pretrain_step',
+    'cg3d_jax.training.pretrain',
+    'cg3d_jax.data.openshape_stream',
+    'cg3d_jax.evaluators.evaluation_sets',
+    'cg3d_jax.models.cg3d',
+    'bench.bench_accelerator',
+  } <= imported

@@ -58,7 +58,7 @@ def files(tmp_path_factory):
   bad_shape = collections.OrderedDict(state)
   bad_shape['reduce_dim.weight'] = torch.zeros(48, 7)
   torch.save({'base_model': bad_shape}, root / 'bad_shape.pth')
-  (root / 'truncated.pth').write_bytes(data[:len(data) // 2])
+  (root / 'truncated.pth').write_bytes(data[: len(data) // 2])
   (root / 'random.pth').write_bytes(np.random.default_rng(0).integers(128, 256, 4096, dtype=np.uint8).tobytes())
   (root / 'empty.pth').write_bytes(b'')
   (root / 'notes.pth').write_text('my notes\n')
@@ -73,13 +73,15 @@ def files(tmp_path_factory):
   (root / 'ascii_trailing.ply').write_text(text.replace('element vertex 200', 'element vertex 20'))
   ply_files.write_ply(root / 'cloud_bin.ply', xyz, binary=True)
   (root / 'binary_trailing.ply').write_bytes(
-      (root / 'cloud_bin.ply').read_bytes().replace(b'element vertex 200', b'element vertex 100'))
+    (root / 'cloud_bin.ply').read_bytes().replace(b'element vertex 200', b'element vertex 100')
+  )
   np.savetxt(root / 'two_points.txt', xyz[:2])
   np.savetxt(root / 'same_point.txt', np.zeros((500, 3)))
   np.savetxt(root / 'nan_point.txt', np.r_[xyz[:50], [[np.nan, 0, 0]]])
   np.save(root / 'objects.npy', np.array([{'x': 1}], dtype=object), allow_pickle=True)
-  (root / 'header_only.ply').write_text('ply\nformat ascii 1.0\nelement vertex 5\nproperty float x\nproperty float y\n'
-                                        'property float z\nend_header\n0 0 0\n')
+  (root / 'header_only.ply').write_text(
+    'ply\nformat ascii 1.0\nelement vertex 5\nproperty float x\nproperty float y\nproperty float z\nend_header\n0 0 0\n'
+  )
 
   square = '0 0 0\n1 0 0\n1 1 0\n0 1 0\n3 0 1 2\n3 0 2 3\n'
   (root / 'short.off').write_text('OFF\n6 2 0\n' + square)  # 4 vertices and 2 faces, declared 6 and 2
@@ -92,8 +94,9 @@ def files(tmp_path_factory):
   np.savetxt(root / 'seven_columns.txt', np.c_[xyz, xyz, xyz[:, :1]])
 
   slip = root / 'slip.pt'
-  random_clip.write_random_slip(slip, vision_width=64, vision_layers=1, patch_size=16, image_size=32, text_width=64,
-                                text_layers=1, embed_dim=32)
+  random_clip.write_random_slip(
+    slip, vision_width=64, vision_layers=1, patch_size=16, image_size=32, text_width=64, text_layers=1, embed_dim=32
+  )
   (root / 'junk_slip.pt').write_bytes(b'\x00' * 100)
   return root
 
@@ -106,193 +109,684 @@ def _run(main, argv, capsys):
 
 # (name, command, argv with {root} and {out}, text the one error line must hold)
 COMMAND_CASES = [
-    ('predict: missing cloud', predict, ['--checkpoint', '{root}/good.pth', '--points', '{root}/absent.ply',
-                                         '--labels', 'a,b'], 'absent.ply: does not exist'),
-    ('predict: two points', predict, ['--checkpoint', '{root}/good.pth', '--clip_path', '{root}/slip.pt',
-                                      '--points', '{root}/two_points.txt', '--labels', 'a,b', '--num_points', '64'],
-     'two_points.txt: 2 distinct point(s)'),
-    ('predict: one point repeated', predict, ['--checkpoint', '{root}/good.pth', '--clip_path', '{root}/slip.pt',
-                                              '--points', '{root}/same_point.txt', '--labels', 'a,b',
-                                              '--num_points', '64'], 'same_point.txt: 1 distinct point(s)'),
-    ('predict: NaN coordinate', predict, ['--checkpoint', '{root}/good.pth', '--clip_path', '{root}/slip.pt',
-                                          '--points', '{root}/nan_point.txt', '--labels', 'a,b', '--num_points', '64'],
-     'nan_point.txt'),
-    ('predict: ASCII PLY longer than its header', predict,
-     ['--checkpoint', '{root}/good.pth', '--clip_path', '{root}/slip.pt', '--points', '{root}/ascii_trailing.ply',
-      '--labels', 'a,b', '--num_points', '64'], 'ascii_trailing.ply, line 29: 180 more lines after the 20 vertex'),
-    ('predict: binary PLY longer than its header', predict,
-     ['--checkpoint', '{root}/good.pth', '--clip_path', '{root}/slip.pt', '--points', '{root}/binary_trailing.ply',
-      '--labels', 'a,b', '--num_points', '64'], 'binary_trailing.ply: 1200 bytes after the 100 vertex rows'),
-    ('predict: PLY shorter than its header', predict,
-     ['--checkpoint', '{root}/good.pth', '--clip_path', '{root}/slip.pt', '--points', '{root}/header_only.ply',
-      '--labels', 'a,b', '--num_points', '64'], 'header_only.ply: truncated: header promises 5 vertex lines'),
-    ('predict: OFF shorter than its counts', predict,
-     ['--checkpoint', '{root}/good.pth', '--clip_path', '{root}/slip.pt', '--points', '{root}/short.off',
-      '--labels', 'a,b', '--num_points', '64'],
-     'short.off: truncated: header promises 6 vertices and 2 faces (8 lines), the file has 6 line(s) after the header'),
-    ('predict: OFF longer than its counts', predict,
-     ['--checkpoint', '{root}/good.pth', '--clip_path', '{root}/slip.pt', '--points', '{root}/long.off',
-      '--labels', 'a,b', '--num_points', '64'], 'long.off, line 8: 1 more line(s) after the 4 vertices and 1 faces'),
-    ('predict: object .npy', predict, ['--checkpoint', '{root}/good.pth', '--clip_path', '{root}/slip.pt',
-                                       '--points', '{root}/objects.npy', '--labels', 'a,b', '--num_points', '64'],
-     'objects.npy'),
-    ('predict: NaN weights', predict, ['--checkpoint', '{root}/nan.pth', '--clip_path', '{root}/slip.pt', '--points',
-                                       '{root}/cloud.ply', '--labels', 'a,b', '--num_points', '64'],
-     'nan.pth: 1 weight tensor(s) hold NaN or infinity (e.g. encoder/params/norm/scale)'),
-    ('predict: truncated .pth', predict, ['--checkpoint', '{root}/truncated.pth', '--points', '{root}/cloud.ply',
-                                          '--labels', 'a,b'], 'truncated.pth: truncated or damaged'),
-    ('predict: random bytes .pth', predict, ['--checkpoint', '{root}/random.pth', '--points', '{root}/cloud.ply',
-                                             '--labels', 'a,b'], 'random.pth: not a PyTorch checkpoint: the file is '
-                                                                 'neither a zip archive nor a pickle'),
-    ('predict: empty .pth', predict, ['--checkpoint', '{root}/empty.pth', '--points', '{root}/cloud.ply', '--labels',
-                                      'a,b'], 'empty.pth: not a PyTorch checkpoint: the file is empty'),
-    ('predict: text .pth', predict, ['--checkpoint', '{root}/notes.pth', '--points', '{root}/cloud.ply', '--labels',
-                                     'a,b'], 'notes.pth: not a PyTorch checkpoint: the file is text'),
-    ('predict: .npy named .pth', predict, ['--checkpoint', '{root}/array.pth', '--points', '{root}/cloud.ply',
-                                           '--labels', 'a,b'], 'array.pth: not a PyTorch checkpoint: the file is a '
-                                                               'NumPy'),
-    ('predict: untrusted pickle', predict, ['--checkpoint', '{root}/evil.pth', '--points', '{root}/cloud.ply',
-                                            '--labels', 'a,b'], 'evil.pth: refused'),
-    ('predict: plain pickle', predict, ['--checkpoint', '{root}/plain_pickle.pth', '--points', '{root}/cloud.ply',
-                                        '--labels', 'a,b'], 'plain_pickle.pth: not a PyTorch checkpoint: a pickle'),
-    ('predict: mis-shaped tensor', predict, ['--checkpoint', '{root}/bad_shape.pth', '--points', '{root}/cloud.ply',
-                                             '--labels', 'a,b'],
-     'bad_shape.pth: base_model does not fit the point_transformer: state dict has mis-shaped entries: '
-     'reduce_dim.weight: got (48, 7), expected (48, 32)'),
-    ('predict: no CLIP for an original .pth', predict, ['--checkpoint', '{root}/good.pth', '--points',
-                                                        '{root}/cloud.ply', '--labels', 'a,b'],
-     'does not say which CLIP it was trained with'),
-    ('predict: damaged SLIP file', predict, ['--checkpoint', '{root}/good.pth', '--clip_path', '{root}/junk_slip.pt',
-                                             '--points', '{root}/cloud.ply', '--labels', 'a,b', '--num_points', '64'],
-     'junk_slip.pt: not a SLIP checkpoint'),
-    ('predict: hub name as CLIP', predict, ['--checkpoint', '{root}/good.pth', '--clip_path',
-                                            'openai/clip-vit-base-patch16', '--points', '{root}/cloud.ply',
-                                            '--labels', 'a,b'], 'looks like a Hugging Face hub name'),
-    ('predict: missing image', predict, ['--checkpoint', '{root}/good.pth', '--points', '{root}/cloud.ply',
-                                         '--labels', 'a,b', '--images', '{root}/absent.jpg'], 'absent.jpg'),
-    ('predict: missing checkpoint', predict, ['--checkpoint', '{root}/absent_run', '--points', '{root}/cloud.ply',
-                                              '--labels', 'a,b'], 'absent_run'),
-    ('export: --out is a folder', export, ['--checkpoint', '{root}/good.pth', '--out', '{root}'],
-     'is a directory'),
-    ('export: random bytes .pth', export, ['--checkpoint', '{root}/random.pth', '--out', '{out}/x.pth'],
-     'random.pth: not a PyTorch checkpoint'),
-    ('export: format does not match --out', export, ['--checkpoint', '{root}/good.pth', '--out', '{out}/x.pth',
-                                                     '--format', 'safetensors'], 'does not match the extension'),
-    ('export: NaN weights', export, ['--checkpoint', '{root}/nan.pth', '--out', '{out}/x.pth'],
-     'nan.pth: 1 weight tensor(s) hold NaN'),
-    ('query_scene: missing scene', query_scene, ['--checkpoint', '{root}/good.pth', '--clip_path', '{root}/slip.pt',
-                                                 '--scene', '{root}/absent_room', '--queries', 'chair',
-                                                 '--out', '{out}'], 'absent_room'),
-    ('query_scene: NaN weights', query_scene, ['--checkpoint', '{root}/nan.pth', '--clip_path', '{root}/slip.pt',
-                                               '--scene', '{root}/cloud.ply', '--queries', 'chair', '--out',
-                                               '{out}'], 'nan.pth: 1 weight tensor(s) hold NaN'),
-    ('query_scene: bad --radius', query_scene, ['--checkpoint', '{root}/good.pth', '--scene', '{root}/cloud.ply',
-                                                '--queries', 'chair', '--radius', '-1', '--out', '{out}'],
-     'region radius (--radius) must be > 0'),
-    ('query_scene: empty query', query_scene, ['--checkpoint', '{root}/good.pth', '--scene', '{root}/cloud.ply',
-                                               '--queries', 'chair,,table', '--out', '{out}'],
-     "--queries 'chair,,table': expected comma-separated non-empty labels"),
-    ('query_scene: text .pth', query_scene, ['--checkpoint', '{root}/notes.pth', '--clip_path', '{root}/slip.pt',
-                                             '--scene', '{root}/cloud.ply', '--queries', 'chair', '--out', '{out}'],
-     'notes.pth: not a PyTorch checkpoint: the file is text'),
-    ('predict: ambiguous columns', predict, ['--checkpoint', '{root}/good.pth', '--points', '{root}/six_columns.txt',
-                                             '--labels', 'a,b'], 'six_columns.txt: cannot tell whether columns 4-6 '
-                                                                 'are normals or colours; name them: --columns'),
-    ('predict: seven columns', predict, ['--checkpoint', '{root}/good.pth', '--points', '{root}/seven_columns.txt',
-                                         '--labels', 'a,b'], 'seven_columns.txt: 7 columns per point'),
-    ('predict: --columns that do not fit', predict, ['--checkpoint', '{root}/good.pth', '--points',
-                                                     '{root}/seven_columns.txt', '--labels', 'a,b', '--columns',
-                                                     'xyz,rgb'], "columns ['xyz', 'rgb'] describe 6 columns"),
-    ('predict: repeated labels', predict, ['--checkpoint', '{root}/good.pth', '--points', '{root}/cloud.ply',
-                                           '--labels', 'owl,owl'], "['owl'] appear more than once"),
-    ('evaluate: no --config', evaluate, ['--checkpoint', '{root}/good.pth', '--workdir', '{out}'],
-     '--config is required'),
-    ('evaluate: unknown config name', evaluate, ['--config', 'zeroshot_modelnet4', '--checkpoint', '{root}/good.pth',
-                                                 '--workdir', '{out}'],
-     "--config 'zeroshot_modelnet4': no such file, and 'zeroshot_modelnet4' is not a shipped config"),
-    ('evaluate: unknown dataset', evaluate, ['--config', 'zeroshot_modelnet40', '--config.eval.dataset=modelnet7',
-                                             '--checkpoint', '{root}/good.pth', '--workdir', '{out}'],
-     "config.eval.dataset='modelnet7': unknown dataset"),
-    ('evaluate: unknown dataset variant', evaluate, ['--config', 'zeroshot_modelnet40',
-                                                     '--config.eval.dataset=scanobjectnn/pb_t25',
-                                                     '--checkpoint', '{root}/good.pth', '--workdir', '{out}'],
-     "scanobjectnn has no config 'pb_t25'"),
-    ('evaluate: missing raw folder', evaluate, ['--config', 'zeroshot_modelnet40', '--config.eval.manual_dir',
-                                                '{root}/absent_modelnet', '--config.eval.data_dir', '{out}/tfds',
-                                                '--checkpoint', '{root}/good.pth', '--workdir', '{out}'],
-     "absent_modelnet': no such folder; expected the raw files of 'modelnet/modelnet40'"),
-    ('evaluate: batch not a multiple of the devices', evaluate, ['--config', 'zeroshot_modelnet40',
-                                                                 '--config.eval.batch_size=12', '--checkpoint',
-                                                                 '{root}/good.pth', '--workdir', '{out}'],
-     'config.eval.batch_size=12 must be a positive multiple of the 8 devices'),
-    ('evaluate: missing checkpoint', evaluate, ['--config', 'zeroshot_modelnet40', '--config.eval.manual_dir',
-                                                '{root}/raw_junk', '--config.eval.data_dir', '{out}/tfds',
-                                                '--checkpoint', '{root}/absent_run', '--workdir', '{out}'],
-     'absent_run'),
-    ('evaluate: NaN weights', evaluate, ['--config', 'zeroshot_modelnet40', '--config.eval.manual_dir',
-                                         '{root}/raw_junk', '--config.eval.data_dir', '{out}/tfds',
-                                         '--config.clip.path', '{root}/slip.pt', '--checkpoint', '{root}/nan.pth',
-                                         '--workdir', '{out}'], 'nan.pth: 1 weight tensor(s) hold NaN'),
-    ('evaluate: raw folder without ModelNet', evaluate, ['--config', 'zeroshot_modelnet40', '--config.eval.manual_dir',
-                                                         '{root}/raw_junk', '--config.eval.data_dir', '{out}/tfds',
-                                                         '--config.clip.path', '{root}/slip.pt', '--config.'
-                                                         'model.num_points=64', '--checkpoint', '{root}/good.pth',
-                                                         '--workdir', '{out}'],
-     'raw_junk: no modelnet40_shape_names.txt'),
-    ('evaluate: --workdir is a file', evaluate, ['--config', 'zeroshot_modelnet40', '--checkpoint', '{root}/good.pth',
-                                                 '--workdir', '{root}/cloud.ply'], 'cloud.ply is a file'),
-    ('evaluate_scenes: missing S3DIS folder', evaluate_scenes, ['--checkpoint', '{root}/good.pth', '--s3dis',
-                                                                '{root}/absent_s3dis', '--out', '{out}'],
-     'absent_s3dis'),
-    ('evaluate_scenes: unknown class', evaluate_scenes, ['--checkpoint', '{root}/good.pth', '--s3dis', '{root}',
-                                                         '--classes', 'chair,sofaa', '--out', '{out}'],
-     "--classes ['sofaa'] are not dataset classes"),
-    ('evaluate_scenes: bad --areas', evaluate_scenes, ['--checkpoint', '{root}/good.pth', '--s3dis', '{root}',
-                                                       '--areas', 'five', '--out', '{out}'],
-     "--areas 'five': expected comma-separated area numbers"),
-    ('evaluate_scenes: bad --cover', evaluate_scenes, ['--checkpoint', '{root}/good.pth', '--s3dis', '{root}',
-                                                       '--cover', '1.5', '--out', '{out}'],
-     'region cover (--cover) must be in (0, 1]'),
-    ('evaluate_scenes: no --out', evaluate_scenes, ['--checkpoint', '{root}/good.pth', '--s3dis', '{root}'],
-     '--out is required'),
-    ('train: no --config', train, ['--workdir', '{out}'], '--config is required'),
-    ('train: zero batch', train, ['--config', 'demo', '--config.train.batch_size=0', '--workdir', '{out}'],
-     'config.train.batch_size=0 must be a positive multiple of the 8 devices'),
-    ('train: unknown encoder', train, ['--config', 'demo', '--config.model.encoder=pointnet', '--workdir', '{out}'],
-     "config.model.encoder='pointnet'"),
-    ('train: missing raw folder', train, ['--config', 'demo', '--config.data.manual_dir', '{root}/absent_shapenet',
-                                          '--config.data.data_dir', '{out}/tfds', '--workdir', '{out}'],
-     "config.data.manual_dir='{root}/absent_shapenet': no such folder"),
-    ('train: raw folder without ShapeNet-55', train, ['--config', 'demo', '--config.data.manual_dir',
-                                                      '{root}/raw_junk', '--config.data.data_dir', '{out}/tfds',
-                                                      '--workdir', '{out}'], 'raw_junk: no train_img.txt'),
-    ('train: --workdir is a file', train, ['--config', 'demo', '--workdir', '{root}/cloud.ply'],
-     'cloud.ply is a file'),
-    ('finetune: not a fine-tuning config', finetune, ['--config', 'demo', '--workdir', '{out}'],
-     'is not a fine-tuning config'),
-    ('finetune: missing --init', finetune, ['--config', 'finetune_modelnet40', '--init', '{root}/absent.pth',
-                                            '--workdir', '{out}'], 'absent.pth: no such pretraining run or .pth'),
-    ('finetune: random bytes --init', finetune, ['--config', 'finetune_modelnet40', '--init', '{root}/random.pth',
-                                                 '--workdir', '{out}'], 'random.pth: not a PyTorch checkpoint'),
-    ('finetune: zero steps', finetune, ['--config', 'finetune_modelnet40', '--config.train.total_steps=-1',
-                                        '--workdir', '{out}'], 'config.train.total_steps=-1'),
-    ('build_data: no --dataset', build_data, ['--manual_dir', '{root}', '--data_dir', '{out}'],
-     '--dataset is required'),
-    ('build_data: unknown dataset', build_data, ['--dataset', 'modelnet7', '--manual_dir', '{root}/raw_junk',
-                                                 '--data_dir', '{out}'], '--dataset modelnet7: unknown dataset'),
-    ('build_data: missing raw folder', build_data, ['--dataset', 'modelnet40', '--manual_dir', '{root}/absent_raw',
-                                                    '--data_dir', '{out}'], '--manual_dir {root}/absent_raw: no such'),
-    ('build_data: empty raw folder', build_data, ['--dataset', 'obj_bg', '--manual_dir', '{root}/empty_raw',
-                                                  '--data_dir', '{out}'], '--manual_dir {root}/empty_raw: is empty'),
-    ('build_data: ModelNet40 without its lists', build_data, ['--dataset', 'modelnet40', '--manual_dir',
-                                                              '{root}/raw_junk', '--data_dir', '{out}'],
-     'raw_junk: no modelnet40_shape_names.txt'),
-    ('build_data: ShapeNet-55 without its lists', build_data, ['--dataset', 'shapenet55_cg3d', '--manual_dir',
-                                                               '{root}/raw_junk', '--data_dir', '{out}'],
-     'raw_junk: no train_img.txt'),
-    ('build_data: ScanObjectNN without its h5', build_data, ['--dataset', 'pb_t50_rs', '--manual_dir',
-                                                             '{root}/raw_junk', '--data_dir', '{out}'],
-     'training_objectdataset_augmentedrot_scale75.h5: file not found'),
+  (
+    'predict: missing cloud',
+    predict,
+    ['--checkpoint', '{root}/good.pth', '--points', '{root}/absent.ply', '--labels', 'a,b'],
+    'absent.ply: does not exist',
+  ),
+  (
+    'predict: two points',
+    predict,
+    [
+      '--checkpoint',
+      '{root}/good.pth',
+      '--clip_path',
+      '{root}/slip.pt',
+      '--points',
+      '{root}/two_points.txt',
+      '--labels',
+      'a,b',
+      '--num_points',
+      '64',
+    ],
+    'two_points.txt: 2 distinct point(s)',
+  ),
+  (
+    'predict: one point repeated',
+    predict,
+    [
+      '--checkpoint',
+      '{root}/good.pth',
+      '--clip_path',
+      '{root}/slip.pt',
+      '--points',
+      '{root}/same_point.txt',
+      '--labels',
+      'a,b',
+      '--num_points',
+      '64',
+    ],
+    'same_point.txt: 1 distinct point(s)',
+  ),
+  (
+    'predict: NaN coordinate',
+    predict,
+    [
+      '--checkpoint',
+      '{root}/good.pth',
+      '--clip_path',
+      '{root}/slip.pt',
+      '--points',
+      '{root}/nan_point.txt',
+      '--labels',
+      'a,b',
+      '--num_points',
+      '64',
+    ],
+    'nan_point.txt',
+  ),
+  (
+    'predict: ASCII PLY longer than its header',
+    predict,
+    [
+      '--checkpoint',
+      '{root}/good.pth',
+      '--clip_path',
+      '{root}/slip.pt',
+      '--points',
+      '{root}/ascii_trailing.ply',
+      '--labels',
+      'a,b',
+      '--num_points',
+      '64',
+    ],
+    'ascii_trailing.ply, line 29: 180 more lines after the 20 vertex',
+  ),
+  (
+    'predict: binary PLY longer than its header',
+    predict,
+    [
+      '--checkpoint',
+      '{root}/good.pth',
+      '--clip_path',
+      '{root}/slip.pt',
+      '--points',
+      '{root}/binary_trailing.ply',
+      '--labels',
+      'a,b',
+      '--num_points',
+      '64',
+    ],
+    'binary_trailing.ply: 1200 bytes after the 100 vertex rows',
+  ),
+  (
+    'predict: PLY shorter than its header',
+    predict,
+    [
+      '--checkpoint',
+      '{root}/good.pth',
+      '--clip_path',
+      '{root}/slip.pt',
+      '--points',
+      '{root}/header_only.ply',
+      '--labels',
+      'a,b',
+      '--num_points',
+      '64',
+    ],
+    'header_only.ply: truncated: header promises 5 vertex lines',
+  ),
+  (
+    'predict: OFF shorter than its counts',
+    predict,
+    [
+      '--checkpoint',
+      '{root}/good.pth',
+      '--clip_path',
+      '{root}/slip.pt',
+      '--points',
+      '{root}/short.off',
+      '--labels',
+      'a,b',
+      '--num_points',
+      '64',
+    ],
+    'short.off: truncated: header promises 6 vertices and 2 faces (8 lines), the file has 6 line(s) after the header',
+  ),
+  (
+    'predict: OFF longer than its counts',
+    predict,
+    [
+      '--checkpoint',
+      '{root}/good.pth',
+      '--clip_path',
+      '{root}/slip.pt',
+      '--points',
+      '{root}/long.off',
+      '--labels',
+      'a,b',
+      '--num_points',
+      '64',
+    ],
+    'long.off, line 8: 1 more line(s) after the 4 vertices and 1 faces',
+  ),
+  (
+    'predict: object .npy',
+    predict,
+    [
+      '--checkpoint',
+      '{root}/good.pth',
+      '--clip_path',
+      '{root}/slip.pt',
+      '--points',
+      '{root}/objects.npy',
+      '--labels',
+      'a,b',
+      '--num_points',
+      '64',
+    ],
+    'objects.npy',
+  ),
+  (
+    'predict: NaN weights',
+    predict,
+    [
+      '--checkpoint',
+      '{root}/nan.pth',
+      '--clip_path',
+      '{root}/slip.pt',
+      '--points',
+      '{root}/cloud.ply',
+      '--labels',
+      'a,b',
+      '--num_points',
+      '64',
+    ],
+    'nan.pth: 1 weight tensor(s) hold NaN or infinity (e.g. encoder/params/norm/scale)',
+  ),
+  (
+    'predict: truncated .pth',
+    predict,
+    ['--checkpoint', '{root}/truncated.pth', '--points', '{root}/cloud.ply', '--labels', 'a,b'],
+    'truncated.pth: truncated or damaged',
+  ),
+  (
+    'predict: random bytes .pth',
+    predict,
+    ['--checkpoint', '{root}/random.pth', '--points', '{root}/cloud.ply', '--labels', 'a,b'],
+    'random.pth: not a PyTorch checkpoint: the file is neither a zip archive nor a pickle',
+  ),
+  (
+    'predict: empty .pth',
+    predict,
+    ['--checkpoint', '{root}/empty.pth', '--points', '{root}/cloud.ply', '--labels', 'a,b'],
+    'empty.pth: not a PyTorch checkpoint: the file is empty',
+  ),
+  (
+    'predict: text .pth',
+    predict,
+    ['--checkpoint', '{root}/notes.pth', '--points', '{root}/cloud.ply', '--labels', 'a,b'],
+    'notes.pth: not a PyTorch checkpoint: the file is text',
+  ),
+  (
+    'predict: .npy named .pth',
+    predict,
+    ['--checkpoint', '{root}/array.pth', '--points', '{root}/cloud.ply', '--labels', 'a,b'],
+    'array.pth: not a PyTorch checkpoint: the file is a NumPy',
+  ),
+  (
+    'predict: untrusted pickle',
+    predict,
+    ['--checkpoint', '{root}/evil.pth', '--points', '{root}/cloud.ply', '--labels', 'a,b'],
+    'evil.pth: refused',
+  ),
+  (
+    'predict: plain pickle',
+    predict,
+    ['--checkpoint', '{root}/plain_pickle.pth', '--points', '{root}/cloud.ply', '--labels', 'a,b'],
+    'plain_pickle.pth: not a PyTorch checkpoint: a pickle',
+  ),
+  (
+    'predict: mis-shaped tensor',
+    predict,
+    ['--checkpoint', '{root}/bad_shape.pth', '--points', '{root}/cloud.ply', '--labels', 'a,b'],
+    'bad_shape.pth: base_model does not fit the point_transformer: state dict has mis-shaped entries: '
+    'reduce_dim.weight: got (48, 7), expected (48, 32)',
+  ),
+  (
+    'predict: no CLIP for an original .pth',
+    predict,
+    ['--checkpoint', '{root}/good.pth', '--points', '{root}/cloud.ply', '--labels', 'a,b'],
+    'does not say which CLIP it was trained with',
+  ),
+  (
+    'predict: damaged SLIP file',
+    predict,
+    [
+      '--checkpoint',
+      '{root}/good.pth',
+      '--clip_path',
+      '{root}/junk_slip.pt',
+      '--points',
+      '{root}/cloud.ply',
+      '--labels',
+      'a,b',
+      '--num_points',
+      '64',
+    ],
+    'junk_slip.pt: not a SLIP checkpoint',
+  ),
+  (
+    'predict: hub name as CLIP',
+    predict,
+    [
+      '--checkpoint',
+      '{root}/good.pth',
+      '--clip_path',
+      'openai/clip-vit-base-patch16',
+      '--points',
+      '{root}/cloud.ply',
+      '--labels',
+      'a,b',
+    ],
+    'looks like a Hugging Face hub name',
+  ),
+  (
+    'predict: missing image',
+    predict,
+    [
+      '--checkpoint',
+      '{root}/good.pth',
+      '--points',
+      '{root}/cloud.ply',
+      '--labels',
+      'a,b',
+      '--images',
+      '{root}/absent.jpg',
+    ],
+    'absent.jpg',
+  ),
+  (
+    'predict: missing checkpoint',
+    predict,
+    ['--checkpoint', '{root}/absent_run', '--points', '{root}/cloud.ply', '--labels', 'a,b'],
+    'absent_run',
+  ),
+  ('export: --out is a folder', export, ['--checkpoint', '{root}/good.pth', '--out', '{root}'], 'is a directory'),
+  (
+    'export: random bytes .pth',
+    export,
+    ['--checkpoint', '{root}/random.pth', '--out', '{out}/x.pth'],
+    'random.pth: not a PyTorch checkpoint',
+  ),
+  (
+    'export: format does not match --out',
+    export,
+    ['--checkpoint', '{root}/good.pth', '--out', '{out}/x.pth', '--format', 'safetensors'],
+    'does not match the extension',
+  ),
+  (
+    'export: NaN weights',
+    export,
+    ['--checkpoint', '{root}/nan.pth', '--out', '{out}/x.pth'],
+    'nan.pth: 1 weight tensor(s) hold NaN',
+  ),
+  (
+    'query_scene: missing scene',
+    query_scene,
+    [
+      '--checkpoint',
+      '{root}/good.pth',
+      '--clip_path',
+      '{root}/slip.pt',
+      '--scene',
+      '{root}/absent_room',
+      '--queries',
+      'chair',
+      '--out',
+      '{out}',
+    ],
+    'absent_room',
+  ),
+  (
+    'query_scene: NaN weights',
+    query_scene,
+    [
+      '--checkpoint',
+      '{root}/nan.pth',
+      '--clip_path',
+      '{root}/slip.pt',
+      '--scene',
+      '{root}/cloud.ply',
+      '--queries',
+      'chair',
+      '--out',
+      '{out}',
+    ],
+    'nan.pth: 1 weight tensor(s) hold NaN',
+  ),
+  (
+    'query_scene: bad --radius',
+    query_scene,
+    [
+      '--checkpoint',
+      '{root}/good.pth',
+      '--scene',
+      '{root}/cloud.ply',
+      '--queries',
+      'chair',
+      '--radius',
+      '-1',
+      '--out',
+      '{out}',
+    ],
+    'region radius (--radius) must be > 0',
+  ),
+  (
+    'query_scene: empty query',
+    query_scene,
+    ['--checkpoint', '{root}/good.pth', '--scene', '{root}/cloud.ply', '--queries', 'chair,,table', '--out', '{out}'],
+    "--queries 'chair,,table': expected comma-separated non-empty labels",
+  ),
+  (
+    'query_scene: text .pth',
+    query_scene,
+    [
+      '--checkpoint',
+      '{root}/notes.pth',
+      '--clip_path',
+      '{root}/slip.pt',
+      '--scene',
+      '{root}/cloud.ply',
+      '--queries',
+      'chair',
+      '--out',
+      '{out}',
+    ],
+    'notes.pth: not a PyTorch checkpoint: the file is text',
+  ),
+  (
+    'predict: ambiguous columns',
+    predict,
+    ['--checkpoint', '{root}/good.pth', '--points', '{root}/six_columns.txt', '--labels', 'a,b'],
+    'six_columns.txt: cannot tell whether columns 4-6 are normals or colours; name them: --columns',
+  ),
+  (
+    'predict: seven columns',
+    predict,
+    ['--checkpoint', '{root}/good.pth', '--points', '{root}/seven_columns.txt', '--labels', 'a,b'],
+    'seven_columns.txt: 7 columns per point',
+  ),
+  (
+    'predict: --columns that do not fit',
+    predict,
+    [
+      '--checkpoint',
+      '{root}/good.pth',
+      '--points',
+      '{root}/seven_columns.txt',
+      '--labels',
+      'a,b',
+      '--columns',
+      'xyz,rgb',
+    ],
+    "columns ['xyz', 'rgb'] describe 6 columns",
+  ),
+  (
+    'predict: repeated labels',
+    predict,
+    ['--checkpoint', '{root}/good.pth', '--points', '{root}/cloud.ply', '--labels', 'owl,owl'],
+    "['owl'] appear more than once",
+  ),
+  (
+    'evaluate: no --config',
+    evaluate,
+    ['--checkpoint', '{root}/good.pth', '--workdir', '{out}'],
+    '--config is required',
+  ),
+  (
+    'evaluate: unknown config name',
+    evaluate,
+    ['--config', 'zeroshot_modelnet4', '--checkpoint', '{root}/good.pth', '--workdir', '{out}'],
+    "--config 'zeroshot_modelnet4': no such file, and 'zeroshot_modelnet4' is not a shipped config",
+  ),
+  (
+    'evaluate: unknown dataset',
+    evaluate,
+    [
+      '--config',
+      'zeroshot_modelnet40',
+      '--config.eval.dataset=modelnet7',
+      '--checkpoint',
+      '{root}/good.pth',
+      '--workdir',
+      '{out}',
+    ],
+    "config.eval.dataset='modelnet7': unknown dataset",
+  ),
+  (
+    'evaluate: unknown dataset variant',
+    evaluate,
+    [
+      '--config',
+      'zeroshot_modelnet40',
+      '--config.eval.dataset=scanobjectnn/pb_t25',
+      '--checkpoint',
+      '{root}/good.pth',
+      '--workdir',
+      '{out}',
+    ],
+    "scanobjectnn has no config 'pb_t25'",
+  ),
+  (
+    'evaluate: missing raw folder',
+    evaluate,
+    [
+      '--config',
+      'zeroshot_modelnet40',
+      '--config.eval.manual_dir',
+      '{root}/absent_modelnet',
+      '--config.eval.data_dir',
+      '{out}/tfds',
+      '--checkpoint',
+      '{root}/good.pth',
+      '--workdir',
+      '{out}',
+    ],
+    "absent_modelnet': no such folder; expected the raw files of 'modelnet/modelnet40'",
+  ),
+  (
+    'evaluate: batch not a multiple of the devices',
+    evaluate,
+    [
+      '--config',
+      'zeroshot_modelnet40',
+      '--config.eval.batch_size=12',
+      '--checkpoint',
+      '{root}/good.pth',
+      '--workdir',
+      '{out}',
+    ],
+    'config.eval.batch_size=12 must be a positive multiple of the 8 devices',
+  ),
+  (
+    'evaluate: missing checkpoint',
+    evaluate,
+    [
+      '--config',
+      'zeroshot_modelnet40',
+      '--config.eval.manual_dir',
+      '{root}/raw_junk',
+      '--config.eval.data_dir',
+      '{out}/tfds',
+      '--checkpoint',
+      '{root}/absent_run',
+      '--workdir',
+      '{out}',
+    ],
+    'absent_run',
+  ),
+  (
+    'evaluate: NaN weights',
+    evaluate,
+    [
+      '--config',
+      'zeroshot_modelnet40',
+      '--config.eval.manual_dir',
+      '{root}/raw_junk',
+      '--config.eval.data_dir',
+      '{out}/tfds',
+      '--config.clip.path',
+      '{root}/slip.pt',
+      '--checkpoint',
+      '{root}/nan.pth',
+      '--workdir',
+      '{out}',
+    ],
+    'nan.pth: 1 weight tensor(s) hold NaN',
+  ),
+  (
+    'evaluate: raw folder without ModelNet',
+    evaluate,
+    [
+      '--config',
+      'zeroshot_modelnet40',
+      '--config.eval.manual_dir',
+      '{root}/raw_junk',
+      '--config.eval.data_dir',
+      '{out}/tfds',
+      '--config.clip.path',
+      '{root}/slip.pt',
+      '--config.model.num_points=64',
+      '--checkpoint',
+      '{root}/good.pth',
+      '--workdir',
+      '{out}',
+    ],
+    'raw_junk: no modelnet40_shape_names.txt',
+  ),
+  (
+    'evaluate: --workdir is a file',
+    evaluate,
+    ['--config', 'zeroshot_modelnet40', '--checkpoint', '{root}/good.pth', '--workdir', '{root}/cloud.ply'],
+    'cloud.ply is a file',
+  ),
+  (
+    'evaluate_scenes: missing S3DIS folder',
+    evaluate_scenes,
+    ['--checkpoint', '{root}/good.pth', '--s3dis', '{root}/absent_s3dis', '--out', '{out}'],
+    'absent_s3dis',
+  ),
+  (
+    'evaluate_scenes: unknown class',
+    evaluate_scenes,
+    ['--checkpoint', '{root}/good.pth', '--s3dis', '{root}', '--classes', 'chair,sofaa', '--out', '{out}'],
+    "--classes ['sofaa'] are not dataset classes",
+  ),
+  (
+    'evaluate_scenes: bad --areas',
+    evaluate_scenes,
+    ['--checkpoint', '{root}/good.pth', '--s3dis', '{root}', '--areas', 'five', '--out', '{out}'],
+    "--areas 'five': expected comma-separated area numbers",
+  ),
+  (
+    'evaluate_scenes: bad --cover',
+    evaluate_scenes,
+    ['--checkpoint', '{root}/good.pth', '--s3dis', '{root}', '--cover', '1.5', '--out', '{out}'],
+    'region cover (--cover) must be in (0, 1]',
+  ),
+  (
+    'evaluate_scenes: no --out',
+    evaluate_scenes,
+    ['--checkpoint', '{root}/good.pth', '--s3dis', '{root}'],
+    '--out is required',
+  ),
+  ('train: no --config', train, ['--workdir', '{out}'], '--config is required'),
+  (
+    'train: zero batch',
+    train,
+    ['--config', 'demo', '--config.train.batch_size=0', '--workdir', '{out}'],
+    'config.train.batch_size=0 must be a positive multiple of the 8 devices',
+  ),
+  (
+    'train: unknown encoder',
+    train,
+    ['--config', 'demo', '--config.model.encoder=pointnet', '--workdir', '{out}'],
+    "config.model.encoder='pointnet'",
+  ),
+  (
+    'train: missing raw folder',
+    train,
+    [
+      '--config',
+      'demo',
+      '--config.data.manual_dir',
+      '{root}/absent_shapenet',
+      '--config.data.data_dir',
+      '{out}/tfds',
+      '--workdir',
+      '{out}',
+    ],
+    "config.data.manual_dir='{root}/absent_shapenet': no such folder",
+  ),
+  (
+    'train: raw folder without ShapeNet-55',
+    train,
+    [
+      '--config',
+      'demo',
+      '--config.data.manual_dir',
+      '{root}/raw_junk',
+      '--config.data.data_dir',
+      '{out}/tfds',
+      '--workdir',
+      '{out}',
+    ],
+    'raw_junk: no train_img.txt',
+  ),
+  ('train: --workdir is a file', train, ['--config', 'demo', '--workdir', '{root}/cloud.ply'], 'cloud.ply is a file'),
+  (
+    'finetune: not a fine-tuning config',
+    finetune,
+    ['--config', 'demo', '--workdir', '{out}'],
+    'is not a fine-tuning config',
+  ),
+  (
+    'finetune: missing --init',
+    finetune,
+    ['--config', 'finetune_modelnet40', '--init', '{root}/absent.pth', '--workdir', '{out}'],
+    'absent.pth: no such pretraining run or .pth',
+  ),
+  (
+    'finetune: random bytes --init',
+    finetune,
+    ['--config', 'finetune_modelnet40', '--init', '{root}/random.pth', '--workdir', '{out}'],
+    'random.pth: not a PyTorch checkpoint',
+  ),
+  (
+    'finetune: zero steps',
+    finetune,
+    ['--config', 'finetune_modelnet40', '--config.train.total_steps=-1', '--workdir', '{out}'],
+    'config.train.total_steps=-1',
+  ),
+  ('build_data: no --dataset', build_data, ['--manual_dir', '{root}', '--data_dir', '{out}'], '--dataset is required'),
+  (
+    'build_data: unknown dataset',
+    build_data,
+    ['--dataset', 'modelnet7', '--manual_dir', '{root}/raw_junk', '--data_dir', '{out}'],
+    '--dataset modelnet7: unknown dataset',
+  ),
+  (
+    'build_data: missing raw folder',
+    build_data,
+    ['--dataset', 'modelnet40', '--manual_dir', '{root}/absent_raw', '--data_dir', '{out}'],
+    '--manual_dir {root}/absent_raw: no such',
+  ),
+  (
+    'build_data: empty raw folder',
+    build_data,
+    ['--dataset', 'obj_bg', '--manual_dir', '{root}/empty_raw', '--data_dir', '{out}'],
+    '--manual_dir {root}/empty_raw: is empty',
+  ),
+  (
+    'build_data: ModelNet40 without its lists',
+    build_data,
+    ['--dataset', 'modelnet40', '--manual_dir', '{root}/raw_junk', '--data_dir', '{out}'],
+    'raw_junk: no modelnet40_shape_names.txt',
+  ),
+  (
+    'build_data: ShapeNet-55 without its lists',
+    build_data,
+    ['--dataset', 'shapenet55_cg3d', '--manual_dir', '{root}/raw_junk', '--data_dir', '{out}'],
+    'raw_junk: no train_img.txt',
+  ),
+  (
+    'build_data: ScanObjectNN without its h5',
+    build_data,
+    ['--dataset', 'pb_t50_rs', '--manual_dir', '{root}/raw_junk', '--data_dir', '{out}'],
+    'training_objectdataset_augmentedrot_scale75.h5: file not found',
+  ),
 ]
 
 
@@ -330,7 +824,8 @@ def test_command_stops_with_one_clear_line(files, tmp_path, capsys, monkeypatch,
   data_dirs = [pathlib.Path(value) for flag, value in zip(argv, argv[1:]) if 'data_dir' in flag]
   folders = [p for p in ([out] if out.exists() else []) + sorted(out.rglob('*')) if p.is_dir()]
   assert all(any(d.is_relative_to(f) or f.is_relative_to(d) for d in data_dirs) for f in folders), (
-      f'{name}: left {folders} behind')
+    f'{name}: left {folders} behind'
+  )
   assert not list(cwd.iterdir()), f'{name}: wrote {list(cwd.iterdir())} in the working folder'
   assert _snapshot(files) == before, f'{name}: changed the input folder'
 
@@ -340,23 +835,27 @@ def test_every_command_case_names_an_output_or_points_it_at_an_input():
   file where the output should go: the inputs' snapshot then shows that nothing was written), or omits it on
   purpose. A new case without an output fails here until it names one."""
   without = [name for name, _, argv, _ in COMMAND_CASES if not any('{out}' in a for a in _with_output(name, argv))]
-  assert without == ['export: --out is a folder', 'evaluate: --workdir is a file', 'evaluate_scenes: no --out',
-                     'train: --workdir is a file']
+  assert without == [
+    'export: --out is a folder',
+    'evaluate: --workdir is a file',
+    'evaluate_scenes: no --out',
+    'train: --workdir is a file',
+  ]
 
 
 # A sample of the cases above as a user meets them: `python -m cg3d_jax.<command>` in a fresh process, exit 2, one
 # line on stderr, no traceback (absl's and ml_collections' own flag parsing included).
-COLD_CASES = ['predict: truncated .pth', 'train: zero batch',
-              'evaluate: unknown dataset']
+COLD_CASES = ['predict: truncated .pth', 'train: zero batch', 'evaluate: unknown dataset']
 
 
 @pytest.mark.parametrize('name', COLD_CASES)
 def test_command_stops_with_one_clear_line_as_a_user_runs_it(files, tmp_path, name):
-  (_, command, argv, message), = [c for c in COMMAND_CASES if c[0] == name]
+  ((_, command, argv, message),) = [c for c in COMMAND_CASES if c[0] == name]
   out = tmp_path / 'out'
   argv = [a.format(root=files, out=out) for a in _with_output(name, argv)]
-  done = subprocess.run([sys.executable, '-m', command.__name__, *argv], cwd=tmp_path, capture_output=True,
-                        text=True, timeout=300)
+  done = subprocess.run(
+    [sys.executable, '-m', command.__name__, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=300
+  )
   assert done.returncode == 2, done.stderr[-3000:]
   lines = [line for line in done.stderr.splitlines() if line.strip()]
   assert lines and lines[-1].startswith('error: ') and 'Traceback' not in done.stderr, done.stderr[-3000:]
@@ -366,22 +865,29 @@ def test_command_stops_with_one_clear_line_as_a_user_runs_it(files, tmp_path, na
 
 # Settings a config carries: checked before any data is prepared or a model built.
 CONFIG_CASES = [
-    ('train.batch_size', 0, r'config.train.batch_size=0 must be a positive multiple of the 8 devices'),
-    ('train.batch_size', 12, r'config.train.batch_size=12 must be a positive multiple of the 8 devices'),
-    ('eval.batch_size', -8, r'config.eval.batch_size=-8'),
-    ('train.total_steps', -1, r'config.train.total_steps=-1 must be a non-negative integer'),
-    ('model.encoder', 'pointnet', r"config.model.encoder='pointnet'"),
-    ('model.num_points', 0, r'config.model.num_points=0 must be a positive integer'),
-    ('train.mode', 'both', r"config.train.mode='both': expected 'joint' or 'alternating'"),
-    ('train.lr_schedule', 'timm', r"config.train.lr_schedule='timm': expected one of \('per_epoch', 'original'\)"),
-    ('model.attention', 'flash', r"config.model.attention='flash': expected one of \['auto', 'xla', 'cudnn'"),
-    ('clip.attention', 'sdpa', r"config.clip.attention='sdpa'"),
-    ('model.remat', 'True',  # what --config.model.remat=True gives now that the field is a policy name
-     r"config.model.remat='True': expected one of \['none', 'full', 'dots'\] \(what was True is now 'full'\)"),
-    ('clip.remat', 'some', r"config.clip.remat='some'"),
-    ('model.in_channels', 4, r'config.model.in_channels=4: expected 3 \(xyz\) or 6'),
-    ('model.in_channels', 6, r"config.model.in_channels=6: the TFDS datasets \(.*\) carry xyz only; coloured encoders "
-                             r"train on OpenShape's layout"),
+  ('train.batch_size', 0, r'config.train.batch_size=0 must be a positive multiple of the 8 devices'),
+  ('train.batch_size', 12, r'config.train.batch_size=12 must be a positive multiple of the 8 devices'),
+  ('eval.batch_size', -8, r'config.eval.batch_size=-8'),
+  ('train.total_steps', -1, r'config.train.total_steps=-1 must be a non-negative integer'),
+  ('model.encoder', 'pointnet', r"config.model.encoder='pointnet'"),
+  ('model.num_points', 0, r'config.model.num_points=0 must be a positive integer'),
+  ('train.mode', 'both', r"config.train.mode='both': expected 'joint' or 'alternating'"),
+  ('train.lr_schedule', 'timm', r"config.train.lr_schedule='timm': expected one of \('per_epoch', 'original'\)"),
+  ('model.attention', 'flash', r"config.model.attention='flash': expected one of \['auto', 'xla', 'cudnn'"),
+  ('clip.attention', 'sdpa', r"config.clip.attention='sdpa'"),
+  (
+    'model.remat',
+    'True',  # what --config.model.remat=True gives now that the field is a policy name
+    r"config.model.remat='True': expected one of \['none', 'full', 'dots'\] \(what was True is now 'full'\)",
+  ),
+  ('clip.remat', 'some', r"config.clip.remat='some'"),
+  ('model.in_channels', 4, r'config.model.in_channels=4: expected 3 \(xyz\) or 6'),
+  (
+    'model.in_channels',
+    6,
+    r'config.model.in_channels=6: the TFDS datasets \(.*\) carry xyz only; coloured encoders '
+    r"train on OpenShape's layout",
+  ),
 ]
 
 
@@ -408,16 +914,18 @@ def test_clip_folders_with_bad_weights_name_the_file_or_tensor(tmp_path, tiny_cl
   import shutil
 
   from cg3d_jax.weights import safetensors_files
+
   folder = tmp_path / 'clip'
   shutil.copytree(tiny_clip_dir, folder)
   weights = folder / 'model.safetensors'
   data = weights.read_bytes()
-  weights.write_bytes(data[:len(data) // 2])
+  weights.write_bytes(data[: len(data) // 2])
   with pytest.raises(InputError, match=r'model.safetensors: not a readable safetensors file'):
     clip_files.load_clip(folder)
   tensors = safetensors_files.read_tensors(pathlib.Path(tiny_clip_dir) / 'model.safetensors')
   tensors['text_model.final_layer_norm.weight'] = np.full_like(tensors['text_model.final_layer_norm.weight'], np.inf)
   from safetensors.numpy import save_file
+
   save_file(tensors, str(weights))
   with pytest.raises(InputError, match=r"NaN or infinity: \['text_model.final_layer_norm.weight'\]"):
     clip_files.load_clip(folder)
@@ -436,13 +944,16 @@ def test_a_resumed_writer_drops_the_rows_of_steps_run_again(tmp_path, caplog):
   """A run killed after logging step 6 but checkpointing step 4 resumes at 4: rows 5 and 6 (and a line the kill
   cut short) go, with a warning, so that steps 5 and 6 are not in the file twice."""
   from cg3d_jax.metric_writer import MetricsWriter, read_jsonl
+
   with MetricsWriter(str(tmp_path), 'train', tensorboard=False, enabled=True) as writer:
     for step in (2, 4, 5, 6):
       writer.write_scalars(step, {'loss': 1.0 / step})
   with open(tmp_path / 'train.jsonl', 'a') as f:
     f.write('{"step": 7, "lo')  # killed mid-line
-  with caplog.at_level('WARNING'), MetricsWriter(str(tmp_path), 'train', tensorboard=False, enabled=True,
-                                                 resume_step=4) as writer:
+  with (
+    caplog.at_level('WARNING'),
+    MetricsWriter(str(tmp_path), 'train', tensorboard=False, enabled=True, resume_step=4) as writer,
+  ):
     writer.write_scalars(6, {'loss': 0.5})
   assert [r['step'] for r in read_jsonl(str(tmp_path / 'train.jsonl'))] == [2, 4, 6]
   assert 'dropped 2 row(s) of later steps' in caplog.text and '1 unfinished line' in caplog.text

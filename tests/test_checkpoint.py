@@ -12,8 +12,11 @@ from cg3d_jax import checkpoints, sharding, trees
 from cg3d_jax.configs import base
 from cg3d_jax.training import optim
 
-RULES = [('^encoder/', dict(name='adamw', lr=1e-3, weight_decay=0.05, clip_norm=1.0)),
-         ('^clip/prompts/', dict(name='sgd', lr=1e-2, momentum=0.9)), ('^clip/', None)]
+RULES = [
+  ('^encoder/', dict(name='adamw', lr=1e-3, weight_decay=0.05, clip_norm=1.0)),
+  ('^clip/prompts/', dict(name='sgd', lr=1e-2, momentum=0.9)),
+  ('^clip/', None),
+]
 MIN_FSDP = 1024  # small enough that the test matrices really are split over fsdp
 
 
@@ -21,15 +24,24 @@ def _train_state():
   """A small train state after one optimizer step, so that every optimizer-state leaf is non-trivial."""
   rng = np.random.default_rng(0)
   normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
-  params = {'encoder': {'dense': {'kernel': normal(64, 32), 'bias': normal(32)}, 'cls_token': normal(1, 1, 32)},
-            'clip': {'vision': {'kernel': normal(32, 128)}, 'logit_scale': jnp.asarray(4.6, jnp.float32),
-                     'prompts': {'tokens': normal(2, 5, 32)}}}
+  params = {
+    'encoder': {'dense': {'kernel': normal(64, 32), 'bias': normal(32)}, 'cls_token': normal(1, 1, 32)},
+    'clip': {
+      'vision': {'kernel': normal(32, 128)},
+      'logit_scale': jnp.asarray(4.6, jnp.float32),
+      'prompts': {'tokens': normal(2, 5, 32)},
+    },
+  }
   tx, _ = optim.make_optimizer(RULES, steps_per_epoch=10, total_steps=100)
   opt_state = tx.init(params)
   grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
   _, opt_state = tx.update(grads, opt_state, params)
-  return {'params': params, 'opt_state': opt_state, 'batch_stats': {'bn': {'mean': normal(32), 'var': normal(32)}},
-          'step': jnp.asarray(7, jnp.int32)}
+  return {
+    'params': params,
+    'opt_state': opt_state,
+    'batch_stats': {'bn': {'mean': normal(32), 'var': normal(32)}},
+    'step': jnp.asarray(7, jnp.int32),
+  }
 
 
 def _on_mesh(state, mesh):
@@ -59,8 +71,14 @@ def saved_on_4x2(tmp_path_factory):
   config = base.get_base_config()
   config.train.batch_size = 48
   with checkpoints.Checkpointer(str(directory), every_steps=1) as ckpt:
-    assert ckpt.save(7, sharded, data_step=7 * 48, rng=jax.random.key(11), config=config,
-                     metrics={'val/top1': 0.25, 'train/loss': np.float32(1.5)})
+    assert ckpt.save(
+      7,
+      sharded,
+      data_step=7 * 48,
+      rng=jax.random.key(11),
+      config=config,
+      metrics={'val/top1': 0.25, 'train/loss': np.float32(1.5)},
+    )
     ckpt.wait()
   return directory, jax.device_get(state), config
 
@@ -68,9 +86,11 @@ def saved_on_4x2(tmp_path_factory):
 @pytest.mark.parametrize('target_mesh', ['one_device', '8x1', '2x4'])
 def test_restore_onto_other_meshes_is_bitwise_equal(saved_on_4x2, target_mesh):
   directory, expected, _ = saved_on_4x2
-  mesh = {'one_device': lambda: sharding.make_mesh(dict(data=1, fsdp=1), devices=jax.devices()[:1]),
-          '8x1': lambda: sharding.make_mesh(dict(data=8, fsdp=1)),
-          '2x4': lambda: sharding.make_mesh(dict(data=2, fsdp=4))}[target_mesh]()
+  mesh = {
+    'one_device': lambda: sharding.make_mesh(dict(data=1, fsdp=1), devices=jax.devices()[:1]),
+    '8x1': lambda: sharding.make_mesh(dict(data=8, fsdp=1)),
+    '2x4': lambda: sharding.make_mesh(dict(data=2, fsdp=4)),
+  }[target_mesh]()
   target = _target(expected, mesh)
   with checkpoints.Checkpointer(str(directory)) as ckpt:
     assert ckpt.latest_step() == 7
@@ -116,8 +136,14 @@ def test_keep_prunes_to_the_last_k(tmp_path):
   state = {'w': jnp.arange(4.0)}
   with checkpoints.Checkpointer(str(tmp_path), keep=2, keep_best=False, every_steps=1) as ckpt:
     for step in range(1, 7):
-      ckpt.save(step, jax.tree.map(lambda x: x + step, state), data_step=step, rng=jax.random.key(0), config=None,
-                metrics={'val/top1': float(step == 2)})
+      ckpt.save(
+        step,
+        jax.tree.map(lambda x: x + step, state),
+        data_step=step,
+        rng=jax.random.key(0),
+        config=None,
+        metrics={'val/top1': float(step == 2)},
+      )
     ckpt.wait()
     assert ckpt.all_steps() == [5, 6]
   assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ['5', '6']
@@ -141,6 +167,7 @@ def test_a_save_cut_short_by_a_kill_is_cleared_when_the_run_restarts(tmp_path):
   """SIGKILL during an async save leaves orbax's temporary step folder (written under that name, renamed when
   complete); the restarted run's checkpointer removes it before its first save."""
   import shutil
+
   state = {'w': jnp.arange(4.0)}
   with checkpoints.Checkpointer(str(tmp_path), every_steps=1) as ckpt:
     ckpt.save(2, state, data_step=2, rng=jax.random.key(0), config=None)
@@ -206,13 +233,24 @@ def test_checkpoint_written_before_the_layer_scan_restores_stacked(tmp_path):
   """A state saved with one subtree per layer (`blocks_0`, `blocks_1`: before the scan) resumes into the stacked
   layout on the target's shardings, and `read_step` gives the stacked layout too."""
   rng = np.random.default_rng(5)
-  per_layer = [{'fc': {'kernel': rng.normal(size=(32, 64)).astype(np.float32),
-                       'bias': rng.normal(size=64).astype(np.float32)}} for _ in range(3)]
-  stacked = {'encoder': {'blocks': {'fc': {'kernel': np.stack([p['fc']['kernel'] for p in per_layer]),
-                                           'bias': np.stack([p['fc']['bias'] for p in per_layer])}},
-                         'cls_token': rng.normal(size=(1, 1, 32)).astype(np.float32)}}
-  tx, _ = optim.make_optimizer([('^encoder/', dict(name='adamw', lr=1e-3, weight_decay=0.05))], steps_per_epoch=10,
-                               total_steps=100)
+  per_layer = [
+    {'fc': {'kernel': rng.normal(size=(32, 64)).astype(np.float32), 'bias': rng.normal(size=64).astype(np.float32)}}
+    for _ in range(3)
+  ]
+  stacked = {
+    'encoder': {
+      'blocks': {
+        'fc': {
+          'kernel': np.stack([p['fc']['kernel'] for p in per_layer]),
+          'bias': np.stack([p['fc']['bias'] for p in per_layer]),
+        }
+      },
+      'cls_token': rng.normal(size=(1, 1, 32)).astype(np.float32),
+    }
+  }
+  tx, _ = optim.make_optimizer(
+    [('^encoder/', dict(name='adamw', lr=1e-3, weight_decay=0.05))], steps_per_epoch=10, total_steps=100
+  )
   _, opt_state = tx.update(jax.tree.map(jnp.ones_like, stacked), tx.init(stacked), stacked)
   state = {'params': stacked, 'opt_state': opt_state, 'step': jnp.asarray(3, jnp.int32)}
   old = trees.unstack_layers(jax.device_get(state))
@@ -228,5 +266,6 @@ def test_checkpoint_written_before_the_layer_scan_restores_stacked(tmp_path):
     assert leaf.sharding == want.sharding
   assert restored['params']['encoder']['blocks']['fc']['kernel'].sharding.spec == P(None, None, 'fsdp')
   saved = checkpoints.read_step(str(tmp_path))
-  np.testing.assert_array_equal(saved.state['params']['encoder']['blocks']['fc']['kernel'],
-                                stacked['encoder']['blocks']['fc']['kernel'])
+  np.testing.assert_array_equal(
+    saved.state['params']['encoder']['blocks']['fc']['kernel'], stacked['encoder']['blocks']['fc']['kernel']
+  )

@@ -50,15 +50,30 @@ def small_folder(tmp_path_factory, bpe_path):
 def gelu_folder(tmp_path_factory, bpe_path):
   # New-style eos pooling, exact GELU, odd sizes, and two added tokens above <|endoftext|>.
   return random_clip.write_random_clip(
-      tmp_path_factory.mktemp('clip') / 'gelu', vocab_path=bpe_path, seed=1, vision_width=48, vision_layers=3,
-      vision_heads=3, patch_size=16, image_size=48, text_width=40, text_layers=3, text_heads=5, projection_dim=24,
-      hidden_act='gelu', eos_token_id=49407, vocab_size=49410, layer_norm_eps=1e-6)
+    tmp_path_factory.mktemp('clip') / 'gelu',
+    vocab_path=bpe_path,
+    seed=1,
+    vision_width=48,
+    vision_layers=3,
+    vision_heads=3,
+    patch_size=16,
+    image_size=48,
+    text_width=40,
+    text_layers=3,
+    text_heads=5,
+    projection_dim=24,
+    hidden_act='gelu',
+    eos_token_id=49407,
+    vocab_size=49410,
+    layer_norm_eps=1e-6,
+  )
 
 
 @pytest.fixture(scope='session')
 def b16_folder(tmp_path_factory, bpe_path):
-  return random_clip.write_random_clip(tmp_path_factory.mktemp('clip') / 'b16', vocab_path=bpe_path, seed=2,
-                                       **random_clip.VIT_B16)
+  return random_clip.write_random_clip(
+    tmp_path_factory.mktemp('clip') / 'b16', vocab_path=bpe_path, seed=2, **random_clip.VIT_B16
+  )
 
 
 @pytest.fixture(scope='session')
@@ -81,16 +96,17 @@ def _pixels(loaded, images):
 
 
 def _encode_image(loaded, pixels):
-  return np.asarray(jax.jit(functools.partial(loaded.model.apply, method=CLIP.encode_image))(
-      {'params': loaded.params}, pixels))
+  return np.asarray(
+    jax.jit(functools.partial(loaded.model.apply, method=CLIP.encode_image))({'params': loaded.params}, pixels)
+  )
 
 
 def _torch_outputs(torch_model, pixels, ids):
   with torch.no_grad():
-    out = torch_model(input_ids=torch.tensor(ids, dtype=torch.long),
-                      pixel_values=torch.tensor(pixels.transpose(0, 3, 1, 2)))
-  return {k: getattr(out, k).numpy() for k in ('image_embeds', 'text_embeds', 'logits_per_image',
-                                               'logits_per_text')}
+    out = torch_model(
+      input_ids=torch.tensor(ids, dtype=torch.long), pixel_values=torch.tensor(pixels.transpose(0, 3, 1, 2))
+    )
+  return {k: getattr(out, k).numpy() for k in ('image_embeds', 'text_embeds', 'logits_per_image', 'logits_per_text')}
 
 
 def _max_diffs(ours, theirs):
@@ -213,8 +229,7 @@ def test_attention_kernels_match_numpy_and_each_other(small_folder, photos, high
     pixels, ids = _pixels(loaded, photos), hf_clip.tokenize(loaded.tokenizer, CAPTIONS)
     outputs[impl] = jax.jit(loaded.model.apply)({'params': loaded.params}, pixels, ids)
   for key in ('image_embeds', 'text_embeds'):
-    np.testing.assert_allclose(np.asarray(outputs['auto'][key]), np.asarray(outputs['einsum'][key]), atol=1e-6,
-                               rtol=0)
+    np.testing.assert_allclose(np.asarray(outputs['auto'][key]), np.asarray(outputs['einsum'][key]), atol=1e-6, rtol=0)
 
 
 # --- prompts --------------------------------------------------------------------------------------------------------
@@ -223,8 +238,7 @@ def test_attention_kernels_match_numpy_and_each_other(small_folder, photos, high
 def test_prompt_parameters_layout(small_folder, small_deep):
   width, layers = small_deep.spec.vision_width, small_deep.spec.vision_layers
   tokens = small_deep.params['prompts']['tokens']
-  assert set(small_deep.params) == {'vision', 'text', 'visual_projection', 'text_projection', 'logit_scale',
-                                    'prompts'}
+  assert set(small_deep.params) == {'vision', 'text', 'visual_projection', 'text_projection', 'logit_scale', 'prompts'}
   assert tokens.shape == (layers, 5, width) and tokens.dtype == jnp.float32
   bound = prompt_init_bound(width)
   assert bound == pytest.approx(np.sqrt(6 / (48 + width)))
@@ -232,29 +246,34 @@ def test_prompt_parameters_layout(small_folder, small_deep):
   shallow = hf_clip.load_clip(small_folder, prompt_mode='shallow', num_prompts=3)
   assert shallow.params['prompts']['tokens'].shape == (1, 3, width)
   # The module's own initialiser builds the same tree as the loader.
-  init_shapes = jax.eval_shape(small_deep.model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
-                               jnp.zeros((1, 77), jnp.int32))['params']
+  init_shapes = jax.eval_shape(
+    small_deep.model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 77), jnp.int32)
+  )['params']
   assert jax.tree.map(lambda a: a.shape, init_shapes) == jax.tree.map(lambda a: a.shape, small_deep.params)
 
 
 @pytest.mark.parametrize('mode', ['shallow', 'deep'])
-def test_prompted_image_tower_matches_torch_reference(mode, small_folder, small_plain, small_torch, photos,
-                                                      highest_precision):
+def test_prompted_image_tower_matches_torch_reference(
+  mode, small_folder, small_plain, small_torch, photos, highest_precision
+):
   loaded = hf_clip.load_clip(small_folder, prompt_mode=mode, num_prompts=5, seed=4)
   pixels = _pixels(loaded, photos)
   prompts = np.asarray(loaded.params['prompts']['tokens'])
   ours = _encode_image(loaded, pixels)
   with torch.no_grad():
-    theirs = torch_prompted_image_features(small_torch, torch.tensor(pixels.transpose(0, 3, 1, 2)),
-                                           torch.tensor(prompts)).numpy()
+    theirs = torch_prompted_image_features(
+      small_torch, torch.tensor(pixels.transpose(0, 3, 1, 2)), torch.tensor(prompts)
+    ).numpy()
   np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5 * max(1.0, np.abs(theirs).max()))
   plain = small_plain
   unprompted = _encode_image(plain, pixels)
   assert np.abs(ours - unprompted).max() > 1e-3  # the prompts do change the features
   # The text tower carries no prompts: its output is plain CLIP's.
   ids = hf_clip.tokenize(loaded.tokenizer, CAPTIONS)
-  np.testing.assert_array_equal(loaded.model.apply({'params': loaded.params}, ids, method=CLIP.encode_text),
-                                plain.model.apply({'params': plain.params}, ids, method=CLIP.encode_text))
+  np.testing.assert_array_equal(
+    loaded.model.apply({'params': loaded.params}, ids, method=CLIP.encode_text),
+    plain.model.apply({'params': plain.params}, ids, method=CLIP.encode_text),
+  )
 
 
 def _image_loss_fn(loaded, pixels, direction):
@@ -263,6 +282,7 @@ def _image_loss_fn(loaded, pixels, direction):
   def loss(prompts):
     features = loaded.model.apply({'params': {**frozen, 'prompts': prompts}}, pixels, method=CLIP.encode_image)
     return jnp.sum(features * direction)
+
   return loss
 
 
@@ -287,7 +307,7 @@ def _matmul_output_shapes(jaxpr) -> list[tuple[int, ...]]:
     if eqn.primitive.name in ('dot_general', 'conv_general_dilated'):
       shapes.extend(tuple(sorted(v.aval.shape)) for v in eqn.outvars)
     for param in eqn.params.values():
-      for sub in (param if isinstance(param, (list, tuple)) else [param]):
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
         if isinstance(sub, jax.extend.core.ClosedJaxpr):
           shapes.extend(_matmul_output_shapes(sub.jaxpr))
         elif isinstance(sub, jax.extend.core.Jaxpr):
@@ -303,8 +323,9 @@ def test_grad_wrt_prompts_computes_no_backbone_weight_gradients(remat, small_fol
   # Weight matrices of the image path, compared up to axis order (a weight gradient may come out transposed), one
   # layer at a time: inside the layer scan a weight gradient is one layer's matrix.
   # The position embedding is added, never multiplied, so no matmul could produce its gradient anyway.
-  image_path = unstack_layers({'vision': loaded.params['vision'],
-                               'visual_projection': loaded.params['visual_projection']})
+  image_path = unstack_layers(
+    {'vision': loaded.params['vision'], 'visual_projection': loaded.params['visual_projection']}
+  )
   frozen_matrices = {tuple(sorted(p.shape)) for p in jax.tree.leaves(image_path) if p.ndim >= 2}
   frozen_matrices.discard(tuple(sorted(loaded.params['vision']['position_embedding']['embedding'].shape)))
 
@@ -316,6 +337,7 @@ def test_grad_wrt_prompts_computes_no_backbone_weight_gradients(remat, small_fol
   def full_loss(params):
     features = loaded.model.apply({'params': params}, pixels, method=CLIP.encode_image)
     return jnp.sum(features * direction)
+
   full_shapes = _matmul_output_shapes(jax.make_jaxpr(jax.grad(full_loss))(loaded.params).jaxpr)
   assert frozen_matrices <= set(full_shapes)
 
@@ -334,7 +356,7 @@ def _equations(jaxpr, name: str) -> list:
     if eqn.primitive.name == name:
       found.append(eqn)
     for param in eqn.params.values():
-      for sub in (param if isinstance(param, (list, tuple)) else [param]):
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
         if isinstance(sub, jax.extend.core.ClosedJaxpr):
           found.extend(_equations(sub.jaxpr, name))
         elif isinstance(sub, jax.extend.core.Jaxpr):
@@ -351,7 +373,8 @@ def test_layers_are_one_scan_with_stacked_parameters(small_folder, photos, scan_
   assert loaded.params['text']['layers']['self_attn']['q_proj']['bias'].shape == (spec.text_layers, spec.text_width)
   pixels = _pixels(loaded, photos)
   jaxpr = jax.make_jaxpr(lambda p: loaded.model.apply({'params': p}, pixels, method=CLIP.encode_image))(
-      loaded.params).jaxpr
+    loaded.params
+  ).jaxpr
   scans = _equations(jaxpr, 'scan')
   assert [e.params['length'] for e in scans] == [spec.vision_layers]
   assert scans[0].params['unroll'] == (1 if scan_layers else spec.vision_layers)
@@ -359,12 +382,14 @@ def test_layers_are_one_scan_with_stacked_parameters(small_folder, photos, scan_
   assert len(checkpoints) == (0 if remat == 'none' else 1)
   if checkpoints:
     assert checkpoints[0].params['policy'] == (
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == 'dots' else None)
+      jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == 'dots' else None
+    )
   ids = jnp.asarray(hf_clip.tokenize(loaded.tokenizer, CAPTIONS))
   text = loaded.model.apply({'params': loaded.params}, ids, method=CLIP.encode_text)
   other = hf_clip.load_clip(small_folder, prompt_mode='deep', scan_layers=not scan_layers)
-  np.testing.assert_allclose(other.model.apply({'params': other.params}, ids, method=CLIP.encode_text), text,
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    other.model.apply({'params': other.params}, ids, method=CLIP.encode_text), text, rtol=1e-5, atol=1e-6
+  )
 
 
 def test_remat_policies_unrolled_layers_and_bfloat16(small_folder, small_deep, photos):
@@ -373,8 +398,13 @@ def test_remat_policies_unrolled_layers_and_bfloat16(small_folder, small_deep, p
   plain_grad = jax.jit(jax.grad(_image_loss_fn(small_deep, pixels, direction)))(small_deep.params['prompts'])
   # Rematerialisation recomputes the same values, and the unrolled loop runs the same layers on the same
   # parameters: the prompt gradients agree with the scanned, non-rematerialised ones (which the twin checks above).
-  for kwargs in (dict(remat='full'), dict(remat='dots'), dict(remat=True), dict(scan_layers=False),
-                 dict(scan_layers=False, remat='dots')):
+  for kwargs in (
+    dict(remat='full'),
+    dict(remat='dots'),
+    dict(remat=True),
+    dict(scan_layers=False),
+    dict(scan_layers=False, remat='dots'),
+  ):
     other = hf_clip.load_clip(small_folder, prompt_mode='deep', seed=3, **kwargs)
     other_grad = jax.jit(jax.grad(_image_loss_fn(other, pixels, direction)))(other.params['prompts'])
     np.testing.assert_allclose(other_grad['tokens'], plain_grad['tokens'], rtol=1e-5, atol=1e-6, err_msg=kwargs)
@@ -415,7 +445,7 @@ def test_folder_without_weights(small_folder, tmp_path):
 def test_not_a_clip_config(small_folder, tmp_path):
   folder = _copy_folder(small_folder, tmp_path / 'clip')
   (folder / 'config.json').write_text(json.dumps({'model_type': 'bert', 'hidden_size': 64}))
-  with pytest.raises(hf_clip.CLIPLoadError, match="model_type 'bert'.*expected \"clip\""):
+  with pytest.raises(hf_clip.CLIPLoadError, match='model_type \'bert\'.*expected "clip"'):
     hf_clip.load_clip(folder)
   (folder / 'config.json').unlink()
   with pytest.raises(hf_clip.CLIPLoadError, match='config.json is missing'):
@@ -428,13 +458,19 @@ def test_missing_and_misshaped_tensors(small_folder, tmp_path):
   key = 'vision_model.encoder.layers.1.mlp.fc1.weight'
   assert weights[key].shape == (256, 64)
   save_file({**weights, key: np.zeros((256, 60), np.float32)}, folder / 'model.safetensors')
-  with pytest.raises(hf_clip.CLIPLoadError, match=r"'vision_model.encoder.layers.1.mlp.fc1.weight' has shape "
-                                                  r"\(256, 60\), expected \(256, 64\)"):
+  with pytest.raises(
+    hf_clip.CLIPLoadError,
+    match=r"'vision_model.encoder.layers.1.mlp.fc1.weight' has shape "
+    r'\(256, 60\), expected \(256, 64\)',
+  ):
     hf_clip.load_clip(folder)
   del weights['text_model.final_layer_norm.bias']
   save_file(weights, folder / 'model.safetensors')
-  with pytest.raises(hf_clip.CLIPLoadError, match=r"missing tensor 'text_model.final_layer_norm.bias' "
-                                                  r"\(expected shape \(48,\)\)"):
+  with pytest.raises(
+    hf_clip.CLIPLoadError,
+    match=r"missing tensor 'text_model.final_layer_norm.bias' "
+    r'\(expected shape \(48,\)\)',
+  ):
     hf_clip.load_clip(folder)
 
 

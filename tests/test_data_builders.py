@@ -60,9 +60,12 @@ def test_modelnet40_fixture_split_labels_and_points(modelnet40, fixtures_dir):
 
 def test_build_data_command_prepares_the_builder_and_names_a_missing_file(tmp_path, capsys):
   """The command in this process (its one cold `python -m` is test_foundation's --help)."""
+
   def build(data_dir, *extra):
-    code = run_command(build_data.main, ['--dataset', 'modelnet40', '--manual_dir', str(modelnet_root()),
-                                         '--data_dir', str(data_dir), *extra])
+    code = run_command(
+      build_data.main,
+      ['--dataset', 'modelnet40', '--manual_dir', str(modelnet_root()), '--data_dir', str(data_dir), *extra],
+    )
     return code, *capsys.readouterr()
 
   code, out, err = build(tmp_path / 'skip', '--skip_bad')
@@ -80,8 +83,9 @@ def test_build_data_command_prepares_the_builder_and_names_a_missing_file(tmp_pa
 def test_modelnet10_labels_follow_its_own_shape_names(tmp_path, fixtures_dir):
   src = modelnet_root()
   modelnet10_layout(tmp_path / 'manual')
-  builder = _prepare(modelnet.Modelnet(data_dir=str(tmp_path / 'out'), config='modelnet10', skip_bad=True),
-                     tmp_path / 'manual')
+  builder = _prepare(
+    modelnet.Modelnet(data_dir=str(tmp_path / 'out'), config='modelnet10', skip_bad=True), tmp_path / 'manual'
+  )
   names = (src / 'modelnet10_shape_names.txt').read_text().split()
   assert builders.class_names(builder) == names
   assert [e['name'] for e in _read_all(builder, 'train')] == [b'bathtub_0001']
@@ -167,15 +171,22 @@ def test_scanobjectnn_labels_stored_as_a_column_read_as_a_vector(tmp_path):
   np.testing.assert_array_equal(read_labels, [3, 14, 0, 7])
 
 
-@pytest.mark.parametrize('edit, message', [
+@pytest.mark.parametrize(
+  'edit, message',
+  [
     (lambda f: f.__delitem__('label'), r'expected datasets `data` and `label`, found \['),
     (lambda f: f.__delitem__('data'), r'expected datasets `data` and `label`'),
-    (lambda f: (f.__delitem__('label'), f.__setitem__('label', np.array([0, 15, 1], np.int64))),
-     r'label 15 of object 1 is outside'),
-    (lambda f: (f.__delitem__('label'), f.__setitem__('label', np.array([0, -1, 1], np.int64))),
-     r'label -1 of object 1 is outside'),
+    (
+      lambda f: (f.__delitem__('label'), f.__setitem__('label', np.array([0, 15, 1], np.int64))),
+      r'label 15 of object 1 is outside',
+    ),
+    (
+      lambda f: (f.__delitem__('label'), f.__setitem__('label', np.array([0, -1, 1], np.int64))),
+      r'label -1 of object 1 is outside',
+    ),
     (lambda f: (f.__delitem__('label'), f.__setitem__('label', np.zeros((3, 2), np.int64))), r'`label` must be'),
-])
+  ],
+)
 def test_scanobjectnn_bad_files_name_the_problem(tmp_path, edit, message):
   path = tmp_path / 'bad.h5'
   write_scanobjectnn_h5(path, np.zeros((3, 2048, 3), np.float32), np.zeros(3, np.int64))
@@ -218,6 +229,7 @@ def _tiny_shapenet(root: pathlib.Path, num_views=2):
 
 class _TwoViews(shapenet55.Shapenet55Cg3d):
   """The same builder with 2 views per object, as a config would give it."""
+
   BUILDER_CONFIGS = [shapenet55.Shapenet55Cg3dConfig(name='two_views', num_views=2)]
 
 
@@ -234,8 +246,9 @@ def test_shapenet_real_synsets_use_package_dictionary_and_cg3d_renames(tmp_path)
   train = {e['synset'].decode(): e for e in _read_all(builder, 'train')}
   assert train[SYNSET_B]['class_name'] == b'ship' and train[SYNSET_B]['label'] == names.index('ship')
   assert train[SYNSET_A]['class_name'] == b'chair' and train[SYNSET_A]['label'] == names.index('chair')
-  np.testing.assert_array_equal(train[SYNSET_A]['points'],
-                                np.load(tmp_path / 'manual/shapenet_pc' / f'{SYNSET_A}-aaa1.npy'))
+  np.testing.assert_array_equal(
+    train[SYNSET_A]['points'], np.load(tmp_path / 'manual/shapenet_pc' / f'{SYNSET_A}-aaa1.npy')
+  )
 
 
 def test_package_synset_dictionary_matches_cg3d_shape_names(fixtures_dir):

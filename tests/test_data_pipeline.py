@@ -15,8 +15,9 @@ from cg3d_jax.data import builders, pipeline, transforms
 from cg3d_jax.synthetic import objects, shapes
 from tests.conftest import modelnet_root
 
-SETTINGS = objects.SyntheticSettings(seed=3, num_train_per_class=2, num_test_per_class=1, num_points=512,
-                                       image_size=64, num_views=5)
+SETTINGS = objects.SyntheticSettings(
+  seed=3, num_train_per_class=2, num_test_per_class=1, num_points=512, image_size=64, num_views=5
+)
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's
 IMAGE_KW = dict(image_size=64, image_mean=MEAN, image_std=STD)
 
@@ -46,8 +47,10 @@ def _files(manual):
       synset, model = line[:-4].split('-')
       label = int(synset) - 90000000
       cloud = np.load(manual / 'shapenet_pc' / line)
-      views = [np.asarray(Image.open(manual / 'img' / synset / model / f'{v:03d}.png').convert('RGB'))
-               for v in range(SETTINGS.num_views)]
+      views = [
+        np.asarray(Image.open(manual / 'img' / synset / model / f'{v:03d}.png').convert('RGB'))
+        for v in range(SETTINGS.num_views)
+      ]
       out[line] = (names.index(list(shapes.FAMILIES)[label]), cloud, views, split)
   return out
 
@@ -73,8 +76,15 @@ def _local(synth, steps, **kwargs):
 
 
 def test_synthetic_objects_are_deterministic_from_the_seed(tmp_path):
-  small = objects.SyntheticSettings(seed=5, num_train_per_class=1, num_test_per_class=1, num_points=128,
-                                      image_size=24, num_views=2, families=('torus', 'mug'))
+  small = objects.SyntheticSettings(
+    seed=5,
+    num_train_per_class=1,
+    num_test_per_class=1,
+    num_points=128,
+    image_size=24,
+    num_views=2,
+    families=('torus', 'mug'),
+  )
   a = objects.write_synthetic_shapenet(tmp_path / 'a', small)
   b = objects.write_synthetic_shapenet(tmp_path / 'b', small)
   files_a = sorted(p.relative_to(a) for p in a.rglob('*') if p.is_file())
@@ -96,8 +106,12 @@ def test_synthetic_families_differ_in_geometry(synth):
   def describe(cloud):
     c = transforms.normalize_unit_sphere_np(cloud)
     d = np.linalg.norm(c[:, None] - c[None], axis=-1)[np.triu_indices(len(c), 1)]
-    return np.concatenate([np.histogram(d, 24, (0, 2), density=True)[0],
-                           np.histogram(np.linalg.norm(c, axis=1), 12, (0, 1), density=True)[0]])
+    return np.concatenate(
+      [
+        np.histogram(d, 24, (0, 2), density=True)[0],
+        np.histogram(np.linalg.norm(c, axis=1), 12, (0, 1), density=True)[0],
+      ]
+    )
 
   train = [(describe(c), label) for label, c, _, split in files.values() if split == 'train']
   test = [(describe(c), label) for label, c, _, split in files.values() if split == 'test']
@@ -121,6 +135,7 @@ def test_synthetic_renders_are_shaded_objects_on_white(synth):
 def test_builder_counts_labels_points_and_views(synth):
   manual, _, builder = synth
   import tensorflow_datasets as tfds
+
   families = list(SETTINGS.families)
   assert builders.class_names(builder) == families
   assert builder.info.splits['train'].num_examples == 2 * len(families)
@@ -128,7 +143,7 @@ def test_builder_counts_labels_points_and_views(synth):
   files = _files(manual)
   for split in ('train', 'test'):
     for e in tfds.as_numpy(builder.as_dataset(split=split)):
-      key = f"{e['synset'].decode()}-{e['model_id'].decode()}.npy"
+      key = f'{e["synset"].decode()}-{e["model_id"].decode()}.npy'
       label, cloud, views, file_split = files[key]
       assert file_split == split and e['label'] == label and e['class_name'].decode() == families[label]
       np.testing.assert_array_equal(e['points'], cloud)
@@ -139,6 +154,7 @@ def test_builder_counts_labels_points_and_views(synth):
 
 def test_builder_reads_the_synthetic_synset_dictionary(synth):
   import json
+
   taxonomy = json.loads((synth[0] / 'taxonomy.json').read_text())
   assert [t['name'] for t in taxonomy] == list(SETTINGS.families)
   assert all(t['synsetId'].startswith('9') and len(t['synsetId']) == 8 for t in taxonomy)
@@ -217,8 +233,7 @@ def test_global_iterator_gives_sharded_arrays_equal_to_host_batches(synth):
   mesh = Mesh(np.array(jax.devices()[:8]), ('data',))
   sharding = NamedSharding(mesh, P('data'))
   c = _data_config(synth)
-  it = pipeline.make_pretrain_iterator(c, global_batch_size=8, sharding=sharding, num_templates=63, seed=11,
-                                       **IMAGE_KW)
+  it = pipeline.make_pretrain_iterator(c, global_batch_size=8, sharding=sharding, num_templates=63, seed=11, **IMAGE_KW)
   first = next(it)
   local = _local(synth, 1)[0]
   for k, v in local.items():
@@ -235,17 +250,21 @@ def test_the_training_streams_run_without_the_autotune_thread(synth):
   seen: pipeline._without_autotune_thread); the streams training and fine-tuning iterate switch it off, and the
   batches stay those of the tests above. Fails with the option removed from either stream."""
   config = _data_config(synth)
-  streams = [pipeline.pretrain_local_dataset(config, global_batch_size=8, num_templates=63, seed=11, **IMAGE_KW),
-             pipeline.labelled_local_dataset(config, global_batch_size=8, seed=11)]
+  streams = [
+    pipeline.pretrain_local_dataset(config, global_batch_size=8, num_templates=63, seed=11, **IMAGE_KW),
+    pipeline.labelled_local_dataset(config, global_batch_size=8, seed=11),
+  ]
   assert [ds.options().autotune.enabled for ds in streams] == [False, False]
 
 
 def test_eval_pass_in_order_padded_with_mask(synth):
   manual, data_dir, builder = synth
   import tensorflow_datasets as tfds
+
   order = [e for e in tfds.as_numpy(builder.as_dataset(split='test', shuffle_files=False))]
-  kw = dict(data_dir=data_dir, batch_size=8, num_points_stored=600, image_size=64, image_mean=MEAN, image_std=STD,
-            view_index=2)
+  kw = dict(
+    data_dir=data_dir, batch_size=8, num_points_stored=600, image_size=64, image_mean=MEAN, image_std=STD, view_index=2
+  )
   batches = list(pipeline.eval_local_batches('shapenet55_cg3d', **kw))
   assert len(batches) == 2 and [b['mask'].sum() for b in batches] == [8, 5]
   rows = {k: np.concatenate([b[k] for b in batches])[:13] for k in ('points', 'label', 'image')}
@@ -257,8 +276,9 @@ def test_eval_pass_in_order_padded_with_mask(synth):
     np.testing.assert_allclose(rows['points'][i], expected, atol=1e-6)
     np.testing.assert_allclose(rows['image'][i] * np.array(STD) + np.array(MEAN), e['views'][2] / 255.0, atol=1e-6)
   # Two processes: process p holds rows [t*8 + 4p, t*8 + 4p + 4) of global step t; together they give the same rows.
-  parts = [list(pipeline.eval_local_batches('shapenet55_cg3d', process_index=p, process_count=2, **kw))
-           for p in range(2)]
+  parts = [
+    list(pipeline.eval_local_batches('shapenet55_cg3d', process_index=p, process_count=2, **kw)) for p in range(2)
+  ]
   assert [len(x) for x in parts] == [2, 2]
   for t in range(2):
     joined = np.concatenate([parts[0][t]['label'], parts[1][t]['label']])
@@ -267,8 +287,14 @@ def test_eval_pass_in_order_padded_with_mask(synth):
 
 
 def test_eval_of_a_dataset_without_images(tmp_path, fixtures_dir):
-  it = pipeline.eval_local_batches('modelnet40', data_dir=str(tmp_path), manual_dir=str(modelnet_root().parent),
-                                   skip_bad=True, batch_size=16, num_points_stored=1024)
+  it = pipeline.eval_local_batches(
+    'modelnet40',
+    data_dir=str(tmp_path),
+    manual_dir=str(modelnet_root().parent),
+    skip_bad=True,
+    batch_size=16,
+    num_points_stored=1024,
+  )
   batches = list(it)
   assert [b['mask'].sum() for b in batches] == [16, 4] and set(batches[0]) == {'points', 'label', 'mask'}
   norms = np.linalg.norm(batches[0]['points'], axis=-1)

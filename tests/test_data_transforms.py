@@ -19,16 +19,19 @@ def _tf_seed(i):
 def _augment_many(pts, prob, num_seeds):
   """(outputs, flags) for seeds 0..num_seeds-1, run as one graph (eager calls one by one are slow)."""
   ds = tf.data.Dataset.range(num_seeds).map(
-      lambda i: tf_transforms.tf_augment(tf.stack([tf.constant(7, tf.int64), i]), tf.constant(pts), prob,
-                                      return_flags=True))
+    lambda i: tf_transforms.tf_augment(
+      tf.stack([tf.constant(7, tf.int64), i]), tf.constant(pts), prob, return_flags=True
+    )
+  )
   outs, flags = zip(*ds.as_numpy_iterator())
   return np.stack(outs), np.stack(flags)
 
 
 def test_rotation_matrices_match_numpy_and_cg3d_convention():
   for angle in (0.0, 0.3, np.pi / 2, 2.5):
-    np.testing.assert_allclose(tf_transforms.tf_rotation_y(tf.constant(angle, tf.float32)).numpy(),
-                               transforms.rotation_y_np(angle), atol=1e-6)
+    np.testing.assert_allclose(
+      tf_transforms.tf_rotation_y(tf.constant(angle, tf.float32)).numpy(), transforms.rotation_y_np(angle), atol=1e-6
+    )
   # Hand-computed: CG3D's rotation about y is [[c, 0, s], [0, 1, 0], [-s, 0, c]] applied to rows as `p @ R`
   # (np.dot(data, R)), so a quarter turn sends x to +z and z to -x.
   quarter = transforms.rotation_y_np(np.pi / 2)
@@ -37,8 +40,11 @@ def test_rotation_matrices_match_numpy_and_cg3d_convention():
   c, s = np.cos(0.3), np.sin(0.3)
   np.testing.assert_allclose(transforms.rotation_y_np(0.3), [[c, 0, s], [0, 1, 0], [-s, 0, c]], atol=1e-12)
   angles = np.array([0.1, -0.05, 0.17])
-  np.testing.assert_allclose(tf_transforms.tf_perturbation_rotation(tf.constant(angles, tf.float32)).numpy(),
-                             transforms.perturbation_rotation_np(angles), atol=1e-6)
+  np.testing.assert_allclose(
+    tf_transforms.tf_perturbation_rotation(tf.constant(angles, tf.float32)).numpy(),
+    transforms.perturbation_rotation_np(angles),
+    atol=1e-6,
+  )
   r = transforms.perturbation_rotation_np(angles)
   np.testing.assert_allclose(r @ r.T, np.eye(3), atol=1e-12)
 
@@ -148,7 +154,8 @@ def test_farthest_point_sample_np_hand_computed():
 
 def _drawn_params(num_seeds: int, num_points: int = 16, prob: float = 1.0) -> dict[str, np.ndarray]:
   ds = tf.data.Dataset.range(num_seeds).map(
-      lambda i: tf_transforms.tf_augment_params(tf.stack([tf.constant(7, tf.int64), i]), num_points, prob))
+    lambda i: tf_transforms.tf_augment_params(tf.stack([tf.constant(7, tf.int64), i]), num_points, prob)
+  )
   draws = list(ds.as_numpy_iterator())
   return {k: np.stack([d[k] for d in draws]) for k in draws[0]}
 
@@ -187,5 +194,6 @@ def test_tf_and_numpy_augmentations_compose_in_the_same_order():
     np.testing.assert_allclose(got, want, atol=2e-5)
     reordered = dict({k: v.numpy() for k, v in params.items()}, apply=np.array([0, 0, 1, 0, 0], bool))
     then_rotated = transforms.apply_augment_np(
-        transforms.apply_augment_np(pts, reordered), dict(reordered, apply=np.array([1, 1, 0, 1, 1], bool)))
+      transforms.apply_augment_np(pts, reordered), dict(reordered, apply=np.array([1, 1, 0, 1, 1], bool))
+    )
     assert np.abs(then_rotated - want).max() > 1e-3  # the order is observable

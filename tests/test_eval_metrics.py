@@ -36,7 +36,7 @@ def _reference_retrieval(queries, gallery, relevance, ks):
     relevant = [bool(relevance[q, g]) for g in order]
     for k in ks:
       recalls[k].append(any(relevant[:k]))
-    precisions = [sum(relevant[:i + 1]) / (i + 1) for i in range(len(relevant)) if relevant[i]]
+    precisions = [sum(relevant[: i + 1]) / (i + 1) for i in range(len(relevant)) if relevant[i]]
     aps.append(sum(precisions) / len(precisions))
   return {**{f'recall@{k}': float(np.mean(recalls[k])) for k in ks}, 'mAP': float(np.mean(aps))}
 
@@ -67,7 +67,8 @@ def test_per_class_class_mean_and_confusion_match_reference(random_case):
   np.testing.assert_allclose(per_class, _reference_per_class(preds, labels, num_classes), equal_nan=True)
   assert np.isnan(per_class[-1])
   assert metrics.class_mean_accuracy(preds, labels, num_classes) == pytest.approx(
-      np.mean(_reference_per_class(preds, labels, num_classes)[:-1]))
+    np.mean(_reference_per_class(preds, labels, num_classes)[:-1])
+  )
   expected = np.zeros((num_classes, num_classes), np.int64)
   for t, p in zip(labels, preds):
     expected[t, p] += 1
@@ -75,10 +76,14 @@ def test_per_class_class_mean_and_confusion_match_reference(random_case):
 
 
 def test_hand_computed_case():
-  scores = np.array([[0.9, 0.05, 0.05],   # label 0: rank 0
-                     [0.5, 0.3, 0.2],     # label 1: rank 1
-                     [0.2, 0.2, 0.6],     # label 1: tie with class 0 at 0.2, lower index first -> rank 2
-                     [0.1, 0.7, 0.2]])    # label 1: rank 0
+  scores = np.array(
+    [
+      [0.9, 0.05, 0.05],  # label 0: rank 0
+      [0.5, 0.3, 0.2],  # label 1: rank 1
+      [0.2, 0.2, 0.6],  # label 1: tie with class 0 at 0.2, lower index first -> rank 2
+      [0.1, 0.7, 0.2],
+    ]
+  )  # label 1: rank 0
   labels = np.array([0, 1, 1, 1])
   np.testing.assert_array_equal(metrics.label_ranks(scores, labels), [0, 1, 2, 0])
   assert metrics.topk_accuracy(scores, labels, ks=(1, 2, 3)) == {1: 0.5, 2: 0.75, 3: 1.0}
@@ -96,13 +101,17 @@ def test_padded_rows_change_nothing(random_case, tmp_path):
   assert metrics.topk_accuracy(padded_scores, padded_labels, mask=mask) == metrics.topk_accuracy(scores, labels)
   preds = metrics.predictions(scores)
   padded_preds = np.concatenate([preds, np.zeros(5, preds.dtype)])
-  np.testing.assert_array_equal(metrics.confusion_matrix(padded_preds, padded_labels, num_classes, mask),
-                                metrics.confusion_matrix(preds, labels, num_classes))
+  np.testing.assert_array_equal(
+    metrics.confusion_matrix(padded_preds, padded_labels, num_classes, mask),
+    metrics.confusion_matrix(preds, labels, num_classes),
+  )
   names = [f'class{i}' for i in range(num_classes)]
-  plain = reports.write_classification_report(tmp_path / 'plain', dataset='toy', class_names=names, logits=scores,
-                                              labels=labels)
-  masked = reports.write_classification_report(tmp_path / 'masked', dataset='toy', class_names=names,
-                                               logits=padded_scores, labels=padded_labels, mask=mask)
+  plain = reports.write_classification_report(
+    tmp_path / 'plain', dataset='toy', class_names=names, logits=scores, labels=labels
+  )
+  masked = reports.write_classification_report(
+    tmp_path / 'masked', dataset='toy', class_names=names, logits=padded_scores, labels=padded_labels, mask=mask
+  )
   assert plain == masked
   for name in ('results.json', 'per_class.csv', 'per_class.json'):
     assert (tmp_path / 'plain' / name).read_bytes() == (tmp_path / 'masked' / name).read_bytes()
@@ -130,8 +139,9 @@ def test_unnormalised_text_features_reproduce_the_cg3d_quirk():
   np.testing.assert_allclose(metrics.zero_shot_classifier(text, normalize=False), [[2.0, 0.0], [0.0, 1.0]])
   # A long class-0 text feature steals a point that is nearer (in angle) to class 1.
   point = np.array([[0.6, 0.8]])
-  quirk = np.asarray(metrics.zero_shot_scores(point, metrics.zero_shot_classifier(text[:1] * [[[3.0], [1.0]]],
-                                                                                   normalize=False)))
+  quirk = np.asarray(
+    metrics.zero_shot_scores(point, metrics.zero_shot_classifier(text[:1] * [[[3.0], [1.0]]], normalize=False))
+  )
   fair = np.asarray(metrics.zero_shot_scores(point, metrics.zero_shot_classifier(text[:1] * [[[3.0], [1.0]]])))
   assert metrics.predictions(quirk)[0] == 0 and metrics.predictions(fair)[0] == 1
 
@@ -144,8 +154,10 @@ def test_retrieval_matches_reference_for_class_and_instance_relevance():
   gallery_ids = np.arange(num_gallery)
   query_ids = rng.permutation(num_gallery)[:num_queries]
   queries = (gallery[query_ids] + 0.8 * rng.normal(size=(num_queries, dim))).astype(np.float32)
-  for relevance in (metrics.instance_relevance(query_ids, gallery_ids),
-                    metrics.class_relevance(gallery_labels[query_ids], gallery_labels)):
+  for relevance in (
+    metrics.instance_relevance(query_ids, gallery_ids),
+    metrics.class_relevance(gallery_labels[query_ids], gallery_labels),
+  ):
     expected = _reference_retrieval(queries, gallery, relevance, (1, 5, 10))
     for chunk, method in ((1024, 'auto'), (7, 'sort'), (7, 'count')):
       got = metrics.retrieval_metrics(queries, gallery, relevance, (1, 5, 10), query_chunk=chunk, method=method)
@@ -155,12 +167,10 @@ def test_retrieval_matches_reference_for_class_and_instance_relevance():
 
 
 def test_retrieval_hand_computed_case():
-  scores = np.array([[0.9, 0.8, 0.7, 0.6],
-                     [0.1, 0.2, 0.3, 0.4],
-                     [0.5, 0.5, 0.5, 0.5]])
-  relevance = np.array([[False, True, False, True],
-                        [False, False, False, True],
-                        [False, False, False, False]])  # no relevant item: left out and counted
+  scores = np.array([[0.9, 0.8, 0.7, 0.6], [0.1, 0.2, 0.3, 0.4], [0.5, 0.5, 0.5, 0.5]])
+  relevance = np.array(
+    [[False, True, False, True], [False, False, False, True], [False, False, False, False]]
+  )  # no relevant item: left out and counted
   for method in ('sort', 'count'):
     got = metrics.retrieval_metrics_from_scores(scores, relevance, ks=(1, 2), method=method)
     assert got['recall@1'] == 0.5 and got['recall@2'] == 1.0
@@ -168,8 +178,9 @@ def test_retrieval_hand_computed_case():
     assert got['num_queries'] == 2 and got['num_queries_without_relevant'] == 1
   # Exact ties rank the lower gallery index first: item 2 (relevant) comes third behind items 0 and 1.
   for method in ('sort', 'count'):
-    tied = metrics.retrieval_metrics_from_scores(np.full((1, 4), 0.5), np.array([[False, False, True, False]]),
-                                                 ks=(2, 3), method=method)
+    tied = metrics.retrieval_metrics_from_scores(
+      np.full((1, 4), 0.5), np.array([[False, False, True, False]]), ks=(2, 3), method=method
+    )
     assert (tied['recall@2'], tied['recall@3'], tied['mAP']) == (0.0, 1.0, pytest.approx(1 / 3))
 
 
@@ -187,8 +198,9 @@ def test_bad_metric_inputs_raise_clear_errors():
 def test_classification_report_files(random_case, tmp_path):
   scores, labels, num_classes = random_case
   names = [f'class {i}' for i in range(num_classes)]
-  summary = reports.write_classification_report(tmp_path, dataset='toy40', class_names=names, logits=scores,
-                                                labels=labels, extra={'templates': 'cg3d'})
+  summary = reports.write_classification_report(
+    tmp_path, dataset='toy40', class_names=names, logits=scores, labels=labels, extra={'templates': 'cg3d'}
+  )
   results = json.loads((tmp_path / 'results.json').read_text())
   assert results == summary
   assert results['templates'] == 'cg3d' and results['num_objects'] == len(labels)
@@ -208,8 +220,12 @@ def test_classification_report_files(random_case, tmp_path):
 
 
 def test_format_table():
-  table = reports.format_table([{'dataset': 'modelnet40', 'top1_acc': 48.7, 'n': 2468},
-                                {'dataset': 'scanobjectnn', 'top1_acc': float('nan'), 'n': 581}])
+  table = reports.format_table(
+    [
+      {'dataset': 'modelnet40', 'top1_acc': 48.7, 'n': 2468},
+      {'dataset': 'scanobjectnn', 'top1_acc': float('nan'), 'n': 581},
+    ]
+  )
   lines = table.splitlines()
   assert lines[0].split() == ['dataset', 'top1_acc', 'n']
   assert lines[2].split() == ['modelnet40', '48.70', '2468']
@@ -221,13 +237,17 @@ def test_retrieval_grid_png(tmp_path):
   rng = np.random.default_rng(0)
   image = lambda: rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)  # noqa: E731
   points = rng.normal(size=(500, 3)).astype(np.float32)
-  coloured = point_files.PointCloud(xyz=points, rgb=rng.integers(0, 256, (500, 3), dtype=np.uint8), normals=None,
-                                    source='memory')
+  coloured = point_files.PointCloud(
+    xyz=points, rgb=rng.integers(0, 256, (500, 3), dtype=np.uint8), normals=None, source='memory'
+  )
   path = tmp_path / 'grid.png'
-  reports.write_retrieval_grid(path, ['a chair', image(), points],
-                               [[image(), image(), image()], [points, coloured], ['an owl', 'a penguin']],
-                               captions=['text→3D', ['image', 'obj 1', 'obj 2'], '3D→text'],
-                               correct=[[True, False, True], [True, False], [False, True]])
+  reports.write_retrieval_grid(
+    path,
+    ['a chair', image(), points],
+    [[image(), image(), image()], [points, coloured], ['an owl', 'a penguin']],
+    captions=['text→3D', ['image', 'obj 1', 'obj 2'], '3D→text'],
+    correct=[[True, False, True], [True, False], [False, True]],
+  )
   with Image.open(path) as png:
     assert png.format == 'PNG' and png.size[0] > png.size[1] > 100
   with pytest.raises(ValueError, match='same'):

@@ -71,15 +71,26 @@ def random_like(shapes, seed: int):
   """Random float32 values for a tree of ShapeDtypeStructs; positive where a BatchNorm variance goes."""
   rng = np.random.default_rng(seed)
   return jax.tree.map_with_path(
-      lambda path, s: (rng.uniform(0.5, 2.0, s.shape) if path[-1].key == 'var' else rng.normal(0, 0.1, s.shape)
-                       ).astype(np.float32), shapes)
+    lambda path, s: (rng.uniform(0.5, 2.0, s.shape) if path[-1].key == 'var' else rng.normal(0, 0.1, s.shape)).astype(
+      np.float32
+    ),
+    shapes,
+  )
 
 
 def tiny_twin(config) -> PointTransformerProject:
   pt = config.model.point_transformer
-  return PointTransformerProject(width=pt.width, depth=pt.depth, num_heads=pt.num_heads, mlp_ratio=pt.mlp_ratio,
-                                 num_groups=pt.num_groups, group_size=pt.group_size, encoder_dim=pt.encoder_dim,
-                                 embed_dim=config.model.embed_dim, num_classes=config.model.num_classes)
+  return PointTransformerProject(
+    width=pt.width,
+    depth=pt.depth,
+    num_heads=pt.num_heads,
+    mlp_ratio=pt.mlp_ratio,
+    num_groups=pt.num_groups,
+    group_size=pt.group_size,
+    encoder_dim=pt.encoder_dim,
+    embed_dim=config.model.embed_dim,
+    num_classes=config.model.num_classes,
+  )
 
 
 @pytest.fixture(scope='module')
@@ -107,8 +118,16 @@ def test_export_command_verifies_and_loads_strictly(exported, trained):
   assert diff <= 1e-9  # float64 on both sides
 
   container = torch.load(out, weights_only=True)
-  assert set(container) == {'base_model', 'visual_clip_model', 'epoch', 'metrics', 'best_metrics', 'step', 'encoder',
-                            'config'}
+  assert set(container) == {
+    'base_model',
+    'visual_clip_model',
+    'epoch',
+    'metrics',
+    'best_metrics',
+    'step',
+    'encoder',
+    'config',
+  }
   assert (container['epoch'], container['step'], container['encoder']) == (-1, 4, 'point_transformer')
   assert container['config'] == json.loads(trained.config.to_json())  # the run's config as plain values
   base = container['base_model']
@@ -128,8 +147,11 @@ def test_export_command_verifies_and_loads_strictly(exported, trained):
     want = twin.eval().double()(torch.from_numpy(clouds.astype(np.float64))).numpy()
   with jax.enable_x64(True):  # float64 on both sides: no grouping near-tie can go two ways (see compare_features)
     model = trained.encoder.clone(dtype=jnp.float64)
-    got = np.asarray(model.apply(jax.tree.map(lambda x: np.asarray(x, np.float64), trained.encoder_vars),
-                                 clouds.astype(np.float64), train=False))
+    got = np.asarray(
+      model.apply(
+        jax.tree.map(lambda x: np.asarray(x, np.float64), trained.encoder_vars), clouds.astype(np.float64), train=False
+      )
+    )
   assert got.shape == (4, 32) and np.abs(want).max() > 0.05
   np.testing.assert_allclose(got, want, atol=1e-9, rtol=0)
 
@@ -145,14 +167,23 @@ def test_export_import_round_trip_is_bitwise(exported, trained, tmp_path):
   assert info['model'].num_heads == trained.config.model.point_transformer.num_heads  # built from the saved config
 
   # safetensors: the same tensors under flat names, the rest in the JSON sidecar, and the same round trip.
-  container = ckpt.build_container('point_transformer', trained.encoder_vars['params'],
-                                   trained.encoder_vars['batch_stats'], prompts=trained.prompts, prompt_mode='deep',
-                                   step=trained.step, config=trained.config.to_dict(), num_batches_tracked=4)
+  container = ckpt.build_container(
+    'point_transformer',
+    trained.encoder_vars['params'],
+    trained.encoder_vars['batch_stats'],
+    prompts=trained.prompts,
+    prompt_mode='deep',
+    step=trained.step,
+    config=trained.config.to_dict(),
+    num_batches_tracked=4,
+  )
   path, sidecar = ckpt.write_safetensors_checkpoint(tmp_path / 'model.safetensors', container)
   flat = load_file(str(path))
   reference = torch.load(out, weights_only=True)
-  assert set(flat) == ({f'base_model.{k}' for k in reference['base_model']}
-                       | {f'visual_clip_model.{k}' for k in reference['visual_clip_model']})
+  assert set(flat) == (
+    {f'base_model.{k}' for k in reference['base_model']}
+    | {f'visual_clip_model.{k}' for k in reference['visual_clip_model']}
+  )
   for key, value in reference['base_model'].items():
     assert torch.equal(flat[f'base_model.{key}'], value), key
   assert json.loads(sidecar.read_text())['config'] == reference['config']
@@ -166,13 +197,22 @@ def test_export_import_round_trip_is_bitwise(exported, trained, tmp_path):
 def test_real_config_keys_match_the_original_and_round_trip(tmp_path):
   config = base_config.get_config()
   model = PointTransformer.from_config(config.model)
-  shapes = jax.eval_shape(lambda p: model.init(jax.random.key(0), p, train=False),
-                          jax.ShapeDtypeStruct((1, 1024, 3), jnp.float32))
+  shapes = jax.eval_shape(
+    lambda p: model.init(jax.random.key(0), p, train=False), jax.ShapeDtypeStruct((1, 1024, 3), jnp.float32)
+  )
   variables = random_like(shapes, seed=0)
   prompts = np.random.default_rng(1).uniform(-0.1, 0.1, (12, 5, 768)).astype(np.float32)
-  container = ckpt.build_container('point_transformer', variables['params'], variables['batch_stats'],
-                                   prompts=prompts, prompt_mode='deep', step=1000, epoch=3, config=config.to_dict(),
-                                   metrics={'acc': np.float32(41.5)})
+  container = ckpt.build_container(
+    'point_transformer',
+    variables['params'],
+    variables['batch_stats'],
+    prompts=prompts,
+    prompt_mode='deep',
+    step=1000,
+    epoch=3,
+    config=config.to_dict(),
+    metrics={'acc': np.float32(41.5)},
+  )
   path = ckpt.write_cg3d_checkpoint(tmp_path / 'real.pth', container)
   loaded = torch.load(path, weights_only=True)
   reference = tsv_section('pointtransformer')
@@ -197,8 +237,9 @@ def test_real_config_keys_match_the_original_and_round_trip(tmp_path):
   assert 'num_heads=6' in info['assumed'][0]
 
   # PointMLP at the real config: the same key list as the original's ModelProject.
-  mlp_shapes = jax.eval_shape(lambda p: PointMLP().init(jax.random.key(0), p, train=False),
-                              jax.ShapeDtypeStruct((1, 1024, 3), jnp.float32))
+  mlp_shapes = jax.eval_shape(
+    lambda p: PointMLP().init(jax.random.key(0), p, train=False), jax.ShapeDtypeStruct((1, 1024, 3), jnp.float32)
+  )
   zeros = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), mlp_shapes)
   mlp = ckpt.build_container('pointmlp', zeros['params'], zeros['batch_stats'])
   assert {k: (tuple(v.shape), str(v.dtype)) for k, v in mlp['base_model'].items()} == tsv_section('pointmlp')
@@ -208,8 +249,9 @@ def test_real_config_keys_match_the_original_and_round_trip(tmp_path):
 def test_original_checkpoint_layout_is_imported(tmp_path, highest_precision):
   """A file as the original code saves it: DataParallel names, full visual state dict, optimizer, plain metrics."""
   torch.manual_seed(0)
-  twin = PointTransformerProject(width=32, depth=2, num_heads=2, num_groups=16, group_size=8, encoder_dim=32,
-                                 embed_dim=32).eval()
+  twin = PointTransformerProject(
+    width=32, depth=2, num_heads=2, num_groups=16, group_size=8, encoder_dim=32, embed_dim=32
+  ).eval()
   with torch.no_grad():
     for name, buf in twin.named_buffers():
       if name.endswith('running_mean'):
@@ -217,26 +259,50 @@ def test_original_checkpoint_layout_is_imported(tmp_path, highest_precision):
       elif name.endswith('running_var'):
         buf.uniform_(0.5, 2.0)
   deep = torch.randn(11, 5, 768)
-  visual = collections.OrderedDict([
-      ('cls_token', torch.zeros(1, 1, 768)), ('prompt_embeddings', torch.randn(1, 5, 768)),
-      ('deep_prompt_embeddings', deep), ('blocks.0.attn.qkv.weight', torch.zeros(8, 4))])
+  visual = collections.OrderedDict(
+    [
+      ('cls_token', torch.zeros(1, 1, 768)),
+      ('prompt_embeddings', torch.randn(1, 5, 768)),
+      ('deep_prompt_embeddings', deep),
+      ('blocks.0.attn.qkv.weight', torch.zeros(8, 4)),
+    ]
+  )
   optimizer = torch.optim.AdamW(twin.parameters())
-  torch.save({'base_model': collections.OrderedDict((f'module.{k}', v) for k, v in twin.state_dict().items()),
-              'visual_clip_model': visual, 'optimizer': optimizer.state_dict(), 'epoch': 7,
-              'metrics': {'acc': 48.7}, 'best_metrics': {'acc': 49.0}}, tmp_path / 'ckpt-best.pth')
+  torch.save(
+    {
+      'base_model': collections.OrderedDict((f'module.{k}', v) for k, v in twin.state_dict().items()),
+      'visual_clip_model': visual,
+      'optimizer': optimizer.state_dict(),
+      'epoch': 7,
+      'metrics': {'acc': 48.7},
+      'best_metrics': {'acc': 49.0},
+    },
+    tmp_path / 'ckpt-best.pth',
+  )
 
-  model = PointTransformer(width=32, depth=2, num_heads=2, num_groups=16, group_size=8, encoder_dim=32,
-                           embed_dim=32, num_classes=55, drop_path_rate=0.0)
+  model = PointTransformer(
+    width=32,
+    depth=2,
+    num_heads=2,
+    num_groups=16,
+    group_size=8,
+    encoder_dim=32,
+    embed_dim=32,
+    num_classes=55,
+    drop_path_rate=0.0,
+  )
   encoder, params, batch_stats, prompts, info = ckpt.load_cg3d_checkpoint(tmp_path / 'ckpt-best.pth', model)
   assert encoder == 'point_transformer'
   assert (info['epoch'], info['metrics'], info['best_metrics']) == (7, {'acc': 48.7}, {'acc': 49.0})
   assert info['ignored_visual_keys'] == ['blocks.0.attn.qkv.weight', 'cls_token']
   np.testing.assert_array_equal(prompts[1:], deep.numpy())
   np.testing.assert_array_equal(params['reduce_dim']['kernel'], twin.reduce_dim.weight.detach().numpy().T)
-  np.testing.assert_array_equal(batch_stats['encoder']['first_bn']['var'],
-                                twin.encoder.first_conv[1].running_var.numpy())
-  diff, got, _ = verify.compare_features(twin, model, {'params': params, 'batch_stats': batch_stats},
-                                       modelnet_clouds(64))
+  np.testing.assert_array_equal(
+    batch_stats['encoder']['first_bn']['var'], twin.encoder.first_conv[1].running_var.numpy()
+  )
+  diff, got, _ = verify.compare_features(
+    twin, model, {'params': params, 'batch_stats': batch_stats}, modelnet_clouds(64)
+  )
   assert diff <= 1e-9 and np.abs(got).max() > 0.05
 
 
@@ -301,8 +367,13 @@ def test_unsafe_and_broken_files_are_refused(exported, tmp_path):
 
 
 def test_interrupted_export_leaves_no_partial_file(trained, tmp_path, monkeypatch):
-  container = ckpt.build_container('point_transformer', trained.encoder_vars['params'],
-                                   trained.encoder_vars['batch_stats'], prompts=trained.prompts, prompt_mode='deep')
+  container = ckpt.build_container(
+    'point_transformer',
+    trained.encoder_vars['params'],
+    trained.encoder_vars['batch_stats'],
+    prompts=trained.prompts,
+    prompt_mode='deep',
+  )
 
   def dies_midway(obj, f):
     f.write(b'PK\x03\x04 half of a zip archive')
@@ -321,10 +392,12 @@ def test_interrupted_export_leaves_no_partial_file(trained, tmp_path, monkeypatc
   monkeypatch.undo()
 
   real_atomic_write = ckpt.atomic_write
+
   def fails_on_tensors(path, write):
     if path.suffix == '.safetensors':
       raise OSError('No space left on device')
     real_atomic_write(path, write)
+
   monkeypatch.setattr(ckpt, 'atomic_write', fails_on_tensors)
   with pytest.raises(OSError, match='No space left'):
     ckpt.write_safetensors_checkpoint(tmp_path / 'model.safetensors', container)
@@ -332,15 +405,24 @@ def test_interrupted_export_leaves_no_partial_file(trained, tmp_path, monkeypatc
 
 
 def test_pointmlp_export_loads_strictly_matches_twin_and_round_trips(tmp_path, highest_precision):
-  sizes = dict(embed_dim=8, res_expansion=1.0, dim_expansion=(2, 2), pre_blocks=(1, 2), pos_blocks=(2, 1),
-               k_neighbors=(8, 8), reducers=(2, 2))
+  sizes = dict(
+    embed_dim=8,
+    res_expansion=1.0,
+    dim_expansion=(2, 2),
+    pre_blocks=(1, 2),
+    pos_blocks=(2, 1),
+    k_neighbors=(8, 8),
+    reducers=(2, 2),
+  )
   model = PointMLP(**sizes, projection_dim=16)
   clouds = modelnet_clouds(128)
-  shapes = jax.eval_shape(lambda p: model.init(jax.random.key(0), p, train=False), jax.ShapeDtypeStruct(
-      clouds.shape, jnp.float32))
+  shapes = jax.eval_shape(
+    lambda p: model.init(jax.random.key(0), p, train=False), jax.ShapeDtypeStruct(clouds.shape, jnp.float32)
+  )
   variables = random_like(shapes, seed=2)
-  container = ckpt.build_container('pointmlp', variables['params'], variables['batch_stats'], step=10,
-                                   num_batches_tracked=10)
+  container = ckpt.build_container(
+    'pointmlp', variables['params'], variables['batch_stats'], step=10, num_batches_tracked=10
+  )
   path = ckpt.write_cg3d_checkpoint(tmp_path / 'pointmlp.pth', container)
 
   twin = PointMLPProject(points=128, **sizes, projection_dim=16)

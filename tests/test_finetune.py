@@ -35,7 +35,7 @@ TINY_PT = dict(width=32, depth=2, num_heads=2, num_groups=16, group_size=8, enco
 
 
 TRAIN_IDS = [f'airplane_{i:04d}' for i in range(627, 635)] + [f'bathtub_{i:04d}' for i in range(107, 115)]
-HELD_OUT_IDS = ([f'airplane_{i:04d}' for i in (1, 2, 3, 635, 636)] + ['bathtub_0115', 'bathtub_0116'])
+HELD_OUT_IDS = [f'airplane_{i:04d}' for i in (1, 2, 3, 635, 636)] + ['bathtub_0115', 'bathtub_0116']
 
 
 @pytest.fixture(scope='session')
@@ -58,17 +58,28 @@ def tiny_finetune_overrides(modelnet) -> dict:
   """The fine-tune recipe shrunk for tests, as {'a.b': value} (applied in-process or passed as --config.a.b=value)."""
   manual, data_dir = modelnet
   return {
-      'data.manual_dir': manual, 'data.data_dir': data_dir,
-      'eval.split': 'train',  # measured on the training objects; the held-out ones are checked apart
-      'data.num_stored_points': NUM_STORED, 'data.shuffle_buffer': 32,
-      'model.embed_dim': 32, 'model.num_points': 64,
-      **{f'model.point_transformer.{k}': v for k, v in TINY_PT.items()},
-      'finetune.fps_points': 80, 'finetune.votes': 1, 'finetune.eval_every_epochs': 0,
-      # Constant lr: the recipe's 300-epoch cosine with 10 warmup epochs means nothing over 2-example epochs.
-      'finetune.optim.point_transformer.lr': 3e-3, 'finetune.optim.point_transformer.schedule': 'constant',
-      'finetune.optim.point_transformer.warmup_epochs': 0,
-      'train.batch_size': 8, 'train.total_steps': 150, 'train.log_every': 10, 'eval.batch_size': 8,
-      'checkpoint.async_save': False, 'checkpoint.every_steps': 1000, 'logging.tensorboard': False,
+    'data.manual_dir': manual,
+    'data.data_dir': data_dir,
+    'eval.split': 'train',  # measured on the training objects; the held-out ones are checked apart
+    'data.num_stored_points': NUM_STORED,
+    'data.shuffle_buffer': 32,
+    'model.embed_dim': 32,
+    'model.num_points': 64,
+    **{f'model.point_transformer.{k}': v for k, v in TINY_PT.items()},
+    'finetune.fps_points': 80,
+    'finetune.votes': 1,
+    'finetune.eval_every_epochs': 0,
+    # Constant lr: the recipe's 300-epoch cosine with 10 warmup epochs means nothing over 2-example epochs.
+    'finetune.optim.point_transformer.lr': 3e-3,
+    'finetune.optim.point_transformer.schedule': 'constant',
+    'finetune.optim.point_transformer.warmup_epochs': 0,
+    'train.batch_size': 8,
+    'train.total_steps': 150,
+    'train.log_every': 10,
+    'eval.batch_size': 8,
+    'checkpoint.async_save': False,
+    'checkpoint.every_steps': 1000,
+    'logging.tensorboard': False,
   }
 
 
@@ -92,8 +103,9 @@ def test_init_from_pretraining_copies_encoder_and_keeps_fresh_head(modelnet_fixt
   fresh_params = _flat(fresh['params'])
 
   trunk = [k for k in pre_params if not k.startswith(('projection', 'cls_head_'))]
-  assert len(trunk) > 30 and set(params) == set(trunk) | {k for k in fresh_params if k.startswith(
-      ('projection', 'cls_head_'))}
+  assert len(trunk) > 30 and set(params) == set(trunk) | {
+    k for k in fresh_params if k.startswith(('projection', 'cls_head_'))
+  }
   for k in trunk:
     np.testing.assert_array_equal(params[k], pre_params[k], err_msg=k)
   assert set(stats) == set(pre_stats)
@@ -160,19 +172,34 @@ def test_short_finetune_reaches_full_training_accuracy(finetuned_run):
 
 def _read_jsonl(path):
   from cg3d_jax.metric_writer import read_jsonl
+
   return read_jsonl(str(path))
 
 
 def _eval_on(finetuned, config, *, split, votes=1, vote_augment=True):
   mesh = sharding.make_mesh({'data': -1, 'fsdp': 1})
   batches = functools.partial(
-      pipeline.make_eval_iterator, config.data.name, data_dir=config.data.data_dir, manual_dir=config.data.manual_dir,
-      batch_size=config.eval.batch_size, sharding=sharding.batch_sharding(mesh),
-      num_points_stored=config.data.num_stored_points, split=split, skip_bad=config.data.skip_bad)
+    pipeline.make_eval_iterator,
+    config.data.name,
+    data_dir=config.data.data_dir,
+    manual_dir=config.data.manual_dir,
+    batch_size=config.eval.batch_size,
+    sharding=sharding.batch_sharding(mesh),
+    num_points_stored=config.data.num_stored_points,
+    split=split,
+    skip_bad=config.data.skip_bad,
+  )
   evaluator = ClassificationEvaluator(
-      finetuned.model, batches=batches, mesh=mesh, num_classes=40, num_points=config.model.num_points,
-      fps_points=transforms.fps_count(config.model.num_points, NUM_STORED, config.finetune.fps_points), votes=votes,
-      vote_augment=vote_augment, prefix='')
+    finetuned.model,
+    batches=batches,
+    mesh=mesh,
+    num_classes=40,
+    num_points=config.model.num_points,
+    fps_points=transforms.fps_count(config.model.num_points, NUM_STORED, config.finetune.fps_points),
+    votes=votes,
+    vote_augment=vote_augment,
+    prefix='',
+  )
   outputs = evaluator.outputs(jax.device_put(finetuned.variables, sharding.replicated(mesh)))
   return {**evaluator.metrics(outputs), 'logits': outputs['logits'], 'labels': outputs['label']}
 
@@ -201,19 +228,29 @@ def test_voting_with_augmentation_averages_augmented_views(finetuned_run):
   assert np.abs(voted['logits'] - single['logits']).max() > 1e-3  # the passes were augmented
 
   mesh = sharding.make_mesh({'data': -1, 'fsdp': 1})
-  batch = next(pipeline.make_eval_iterator(
-      'modelnet40', data_dir=config.data.data_dir, batch_size=8, sharding=sharding.batch_sharding(mesh),
-      num_points_stored=NUM_STORED, split='test', skip_bad=True))
+  batch = next(
+    pipeline.make_eval_iterator(
+      'modelnet40',
+      data_dir=config.data.data_dir,
+      batch_size=8,
+      sharding=sharding.batch_sharding(mesh),
+      num_points_stored=NUM_STORED,
+      split='test',
+      skip_bad=True,
+    )
+  )
   real = np.asarray(batch['mask'])
   assert real.sum() == 7
   fps = transforms.fps_count(config.model.num_points, NUM_STORED, config.finetune.fps_points)
   sampled = np.asarray(sample_points(batch['points'], fps))
   passes = []
   for pass_key in jax.random.split(jax.random.fold_in(jax.random.key(0), 0), votes):
-    view = np.asarray(transforms.sample_training_points(pass_key, jnp.asarray(sampled), config.model.num_points,
-                                                        augment=True))
-    subset = np.asarray(jax.random.choice(jax.random.split(pass_key)[0], fps, (config.model.num_points,),
-                                          replace=False))
+    view = np.asarray(
+      transforms.sample_training_points(pass_key, jnp.asarray(sampled), config.model.num_points, augment=True)
+    )
+    subset = np.asarray(
+      jax.random.choice(jax.random.split(pass_key)[0], fps, (config.model.num_points,), replace=False)
+    )
     assert len(set(subset.tolist())) == config.model.num_points  # a subset of the FPS points, without repeats
     for b in np.flatnonzero(real):
       # One affine map per cloud: fit it by least squares and check it is a per-axis scale and shift in range.
@@ -222,8 +259,9 @@ def test_voting_with_augmentation_averages_augmented_views(finetuned_run):
       np.testing.assert_allclose(fit[:3], np.diag(scale), atol=1e-5)  # no rotation, no shear
       np.testing.assert_allclose(view[b], sampled[b, subset] * scale + shift, atol=1e-5)
       assert np.all((2 / 3 - 1e-5 <= scale) & (scale <= 1.5 + 1e-5)) and np.all(np.abs(shift) <= 0.2 + 1e-5)
-    passes.append(np.asarray(classifiers.classifier_logits(finetuned.model, finetuned.variables, jnp.asarray(view),
-                                                           train=False)[0]))
+    passes.append(
+      np.asarray(classifiers.classifier_logits(finetuned.model, finetuned.variables, jnp.asarray(view), train=False)[0])
+    )
   np.testing.assert_allclose(voted['logits'], np.mean(passes, 0)[real], rtol=1e-5, atol=1e-5)
 
 
@@ -239,14 +277,19 @@ def test_export_loads_into_the_original_classifier(finetuned_run, modelnet_fixtu
   twin = torch_twin.PointTransformerProject(embed_dim=32, num_classes=40, **TINY_PT).eval()
   missing, unexpected = twin.load_state_dict(state_dict, strict=False)
   assert sorted(missing) == ['projection.bias', 'projection.weight'] and not unexpected
-  batch = next(iter(pipeline.eval_local_batches('modelnet40', data_dir=modelnet_fixture[1], batch_size=4,
-                                                   num_points_stored=NUM_STORED, skip_bad=True)))
+  batch = next(
+    iter(
+      pipeline.eval_local_batches(
+        'modelnet40', data_dir=modelnet_fixture[1], batch_size=4, num_points_stored=NUM_STORED, skip_bad=True
+      )
+    )
+  )
   points = np.asarray(sample_points(jnp.asarray(batch['points']), config.model.num_points), np.float64)
   # Float64 on both sides, grouping included: no near-tie among distances can be decided two ways.
   with jax.enable_x64(True):
     jax_logits = finetuned.model.clone(dtype=jnp.float64).apply(
-        jax.tree.map(lambda x: np.asarray(x, np.float64), finetuned.variables), points, train=False,
-        return_logits=True)
+      jax.tree.map(lambda x: np.asarray(x, np.float64), finetuned.variables), points, train=False, return_logits=True
+    )
   with torch.no_grad():
     torch_logits = twin.double().forward_logits(torch.from_numpy(points)).numpy()
   np.testing.assert_allclose(torch_logits, np.asarray(jax_logits), rtol=0, atol=1e-9 * np.abs(torch_logits).max())
@@ -273,23 +316,31 @@ def test_smoothed_cross_entropy_matches_numpy():
   shifted = logits - logits.max(1, keepdims=True)
   log_probs = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
   expected = -(target * log_probs).sum(1).mean()
-  np.testing.assert_allclose(ft.smoothed_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), eps), expected,
-                             rtol=1e-6)
-  np.testing.assert_allclose(ft.smoothed_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), 0.0),
-                             optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), rtol=1e-6)
+  np.testing.assert_allclose(
+    ft.smoothed_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), eps), expected, rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    ft.smoothed_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), 0.0),
+    optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(),
+    rtol=1e-6,
+  )
 
 
 def test_train_stream_is_the_fixture_data_and_resumes(modelnet_fixture):
   config = tiny_finetune_config(modelnet_fixture)
   # NumPy reference: the first NUM_STORED points of each raw fixture file, centred and scaled to the unit sphere.
   root = modelnet_root()
-  reference = {n: transforms.normalize_unit_sphere_np(np.loadtxt(root / n.rsplit('_', 1)[0] / f'{n}.txt',
-                                                                 delimiter=',')[:NUM_STORED, :3])
-               for n in TRAIN_IDS}
+  reference = {
+    n: transforms.normalize_unit_sphere_np(
+      np.loadtxt(root / n.rsplit('_', 1)[0] / f'{n}.txt', delimiter=',')[:NUM_STORED, :3]
+    )
+    for n in TRAIN_IDS
+  }
 
   def stream(start, count):
-    ds = pipeline.labelled_local_dataset(config.data, global_batch_size=8, seed=3, start_step=start,
-                                               process_index=0, process_count=1)
+    ds = pipeline.labelled_local_dataset(
+      config.data, global_batch_size=8, seed=3, start_step=start, process_index=0, process_count=1
+    )
     return [b for _, b in zip(range(count), ds.as_numpy_iterator())]
 
   full, resumed = stream(0, 6), stream(3, 3)
@@ -307,8 +358,9 @@ def test_train_stream_is_the_fixture_data_and_resumes(modelnet_fixture):
   assert pipeline.steps_per_epoch(config.data, 8) == 2
 
 
-TINY_MLP = dict(embed_dim=8, dim_expansion=(2, 2), pre_blocks=(1, 1), pos_blocks=(1, 2), k_neighbors=(4, 4),
-                reducers=(2, 2))
+TINY_MLP = dict(
+  embed_dim=8, dim_expansion=(2, 2), pre_blocks=(1, 1), pos_blocks=(1, 2), k_neighbors=(4, 4), reducers=(2, 2)
+)
 
 
 def test_pointmlp_classifier_trunk_init_and_export():
@@ -320,13 +372,20 @@ def test_pointmlp_classifier_trunk_init_and_export():
   pre_stats = jax.tree.map(lambda x: x + 0.5, pre['batch_stats'])
   fresh = classifiers.init_variables(classifier, jax.random.key(3), 32)
   pretrained = trained.TrainedModel(
-      encoder=encoder, encoder_vars={'params': pre['params'], 'batch_stats': pre_stats}, prompts=None,
-      prompt_mode='none', config=ml_collections.ConfigDict({'model': {'encoder': 'pointmlp', 'num_points': 32}}),
-      step=0, source='test')
+    encoder=encoder,
+    encoder_vars={'params': pre['params'], 'batch_stats': pre_stats},
+    prompts=None,
+    prompt_mode='none',
+    config=ml_collections.ConfigDict({'model': {'encoder': 'pointmlp', 'num_points': 32}}),
+    step=0,
+    source='test',
+  )
   variables = ft.transfer_encoder(fresh, pretrained, 'pointmlp')
   flat, pre_flat = _flat(variables['params']), _flat(pre['params'])
-  assert set(flat) == ({k for k in pre_flat if not k.startswith('projection')}
-                       | {k for k in _flat(fresh['params']) if k.startswith('classifier_')})
+  assert set(flat) == (
+    {k for k in pre_flat if not k.startswith('projection')}
+    | {k for k in _flat(fresh['params']) if k.startswith('classifier_')}
+  )
   # The classifier's trunk is PointMLP's: its pooled feature through PointMLP's projection is PointMLP's output.
   pooled = classifier.apply(variables, points, train=False, return_features=True)
   proj = pre['params']['projection']
@@ -336,14 +395,24 @@ def test_pointmlp_classifier_trunk_init_and_export():
   # Export: CG3D's PointMLP keys without the projection, plus the original pointMLP classifier Sequential.
   stats = jax.tree.map(lambda x: x + 0.25, variables['batch_stats'])
   state_dict = cg3d_pth.classifier_state_dict('pointmlp', variables['params'], stats)
-  trunk_keys = [k for k in torch_io_pointmlp.pointmlp_to_torch(pre['params'], pre_stats) if
-                not k.startswith('projection.')]
-  assert list(state_dict)[:len(trunk_keys)] == trunk_keys
-  head = torch.nn.Sequential(torch.nn.Linear(32, 512), torch.nn.BatchNorm1d(512), torch.nn.ReLU(),
-                             torch.nn.Dropout(0.5), torch.nn.Linear(512, 256), torch.nn.BatchNorm1d(256),
-                             torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Linear(256, 7)).eval()
-  head.load_state_dict({k[len('classifier.'):]: v for k, v in state_dict.items() if k.startswith('classifier.')},
-                       strict=True)
+  trunk_keys = [
+    k for k in torch_io_pointmlp.pointmlp_to_torch(pre['params'], pre_stats) if not k.startswith('projection.')
+  ]
+  assert list(state_dict)[: len(trunk_keys)] == trunk_keys
+  head = torch.nn.Sequential(
+    torch.nn.Linear(32, 512),
+    torch.nn.BatchNorm1d(512),
+    torch.nn.ReLU(),
+    torch.nn.Dropout(0.5),
+    torch.nn.Linear(512, 256),
+    torch.nn.BatchNorm1d(256),
+    torch.nn.ReLU(),
+    torch.nn.Dropout(0.5),
+    torch.nn.Linear(256, 7),
+  ).eval()
+  head.load_state_dict(
+    {k[len('classifier.') :]: v for k, v in state_dict.items() if k.startswith('classifier.')}, strict=True
+  )
   assert len(state_dict) == len(trunk_keys) + len(head.state_dict())
   exported = {'params': variables['params'], 'batch_stats': stats}
   logits = classifier.apply(exported, points, train=False)
@@ -355,6 +424,7 @@ def test_pointmlp_classifier_trunk_init_and_export():
 
 def test_configs():
   from cg3d_jax.configs import finetune_scanobjectnn
+
   c = finetune_modelnet40.get_config()
   assert (c.model.num_classes, c.train.batch_size, c.model.num_points, c.finetune.fps_points) == (40, 32, 1024, 1200)
   rules = ft.optimizer_rules(c)
@@ -370,22 +440,36 @@ def test_configs():
   assert pathlib.Path(ft.__file__).name == 'finetune.py'
 
 
-def test_interrupted_finetune_resumes_bitwise_through_the_command(modelnet_fixture, tiny_checkpoint, tmp_path,
-                                                                   caplog):
+def test_interrupted_finetune_resumes_bitwise_through_the_command(modelnet_fixture, tiny_checkpoint, tmp_path, caplog):
   """4 steps straight equal 2 steps in-process, a stop, and the finetune command resuming to 4 (parameters and
   statistics bitwise). The command runs the recipe's final evaluation by augmented voting (2 passes here). The
   command runs in this process; its one cold `python -m` is test_foundation's --help."""
+
   def config(total):
     return tiny_finetune_config(modelnet_fixture, **{'train.total_steps': total, 'checkpoint.every_steps': 2})
 
   ft.finetune(config(4), str(tmp_path / 'straight'), init=str(tiny_checkpoint))
   ft.finetune(config(2), str(tmp_path / 'resumed'), init=str(tiny_checkpoint))
-  flags = {**tiny_finetune_overrides(modelnet_fixture), 'train.total_steps': 4, 'checkpoint.every_steps': 2,
-           'finetune.votes': 2}
+  flags = {
+    **tiny_finetune_overrides(modelnet_fixture),
+    'train.total_steps': 4,
+    'checkpoint.every_steps': 2,
+    'finetune.votes': 2,
+  }
   caplog.set_level('INFO', logger='absl')
-  code = run_command(finetune.main, ['--config', 'finetune_modelnet40', '--workdir', str(tmp_path / 'resumed'),
-                                     '--init', str(tiny_checkpoint), '--verbosity=0',  # absl's INFO lines
-                                     *[f'--config.{k}={v}' for k, v in flags.items()]])
+  code = run_command(
+    finetune.main,
+    [
+      '--config',
+      'finetune_modelnet40',
+      '--workdir',
+      str(tmp_path / 'resumed'),
+      '--init',
+      str(tiny_checkpoint),
+      '--verbosity=0',  # absl's INFO lines
+      *[f'--config.{k}={v}' for k, v in flags.items()],
+    ],
+  )
   assert code == 0, caplog.text[-3000:]
   assert 'voting (2 passes)' in caplog.text
   a, b = trained.load_finetuned(tmp_path / 'straight'), trained.load_finetuned(tmp_path / 'resumed')

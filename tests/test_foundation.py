@@ -31,9 +31,9 @@ def _parse_config(argv):
 # The paper's recipes (CG3D, ICCVW 2023, and its released runner; DESIGN.md's "Recipe"), as the files must give them
 # through the command line: encoder, points, batch, epochs, encoder AdamW lr / wd, prompt SGD lr, prompt tokens.
 RECIPES = {
-    'pretrain_pointbert': ('point_transformer', 1024, 64, 100, 5e-5, 0.05, 2e-3, 5),
-    'pretrain_pointbert:8192': ('point_transformer', 8192, 64, 100, 5e-5, 0.05, 2e-3, 5),
-    'pretrain_pointmlp': ('pointmlp', 1024, 32, 100, 1e-4, 0.1, 1e-2, 5),
+  'pretrain_pointbert': ('point_transformer', 1024, 64, 100, 5e-5, 0.05, 2e-3, 5),
+  'pretrain_pointbert:8192': ('point_transformer', 8192, 64, 100, 5e-5, 0.05, 2e-3, 5),
+  'pretrain_pointmlp': ('pointmlp', 1024, 32, 100, 1e-4, 0.1, 1e-2, 5),
 }
 
 
@@ -42,14 +42,28 @@ def test_pretraining_configs_are_the_papers_recipes(name):
   file, _, arg = name.partition(':')
   config = _parse_config([f'--config={REPO_ROOT}/cg3d_jax/configs/{file}.py' + (f':{arg}' if arg else '')])
   t = config.train
-  assert (config.model.encoder, config.model.num_points, t.batch_size, t.epochs, t.encoder_optim.lr,
-          t.encoder_optim.weight_decay, t.prompt_optim.lr, config.clip.prompt.num_tokens) == RECIPES[name]
+  assert (
+    config.model.encoder,
+    config.model.num_points,
+    t.batch_size,
+    t.epochs,
+    t.encoder_optim.lr,
+    t.encoder_optim.weight_decay,
+    t.prompt_optim.lr,
+    config.clip.prompt.num_tokens,
+  ) == RECIPES[name]
   assert config.model.point_transformer.depth == 12 and config.model.point_transformer.width == 384
 
 
 def test_config_override_reaches_configdict():
-  config = _parse_config([f'--config={REPO_ROOT}/cg3d_jax/configs/base.py', '--config.train.batch_size=32',
-                          '--config.clip.path=/models/clip', '--config.mesh.fsdp=2'])
+  config = _parse_config(
+    [
+      f'--config={REPO_ROOT}/cg3d_jax/configs/base.py',
+      '--config.train.batch_size=32',
+      '--config.clip.path=/models/clip',
+      '--config.mesh.fsdp=2',
+    ]
+  )
   assert config.train.batch_size == 32
   assert config.clip.path == '/models/clip'
   assert config.mesh.fsdp == 2
@@ -86,13 +100,18 @@ def test_metrics_writer_rejects_non_scalars(tmp_path):
 # Each command runs cold (`python -m`) once in the suite; the rest of the suite calls the entry functions in-process.
 # The demo (tests/test_standalone.py, from the lone copy) runs demo_assets, train, evaluate, export, synthetic_scenes
 # and query_scene, and the lone copy runs predict; the other three run here, as --help.
-@pytest.mark.parametrize('command, listed', [
+@pytest.mark.parametrize(
+  'command, listed',
+  [
     ('finetune', ('--config', '--workdir', '--init')),
     ('build_data', ('--dataset', '--manual_dir', '--data_dir', 'skip_bad')),
-    ('evaluate_scenes', ('--checkpoint', '--s3dis', '--out', '--areas', '--classes'))])
+    ('evaluate_scenes', ('--checkpoint', '--s3dis', '--out', '--areas', '--classes')),
+  ],
+)
 def test_entry_point_help_lists_flags(command, listed):
-  out = subprocess.run([sys.executable, '-m', f'cg3d_jax.{command}', '--help'], capture_output=True, text=True,
-                       cwd=REPO_ROOT, timeout=300)
+  out = subprocess.run(
+    [sys.executable, '-m', f'cg3d_jax.{command}', '--help'], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300
+  )
   # absl exits with status 1 after printing --help; what matters is that the usage text, not a traceback, came out.
   assert 'Traceback' not in out.stderr, out.stderr
   assert all(flag in out.stdout for flag in listed), out.stdout[-3000:]
@@ -115,25 +134,30 @@ def test_console_script_takes_a_config_name_from_any_folder(tmp_path):
   """The installed `cg3d-train` script, run outside the repository, parses `--config demo` with an override."""
   script = shutil.which('cg3d-train')
   assert script, 'the cg3d-train console script is not installed (pip install -r requirements.txt)'
-  out = subprocess.run([script, '--config', 'demo', '--config.train.total_steps=bad', '--workdir', str(tmp_path)],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+  out = subprocess.run(
+    [script, '--config', 'demo', '--config.train.total_steps=bad', '--workdir', str(tmp_path)],
+    capture_output=True,
+    text=True,
+    cwd=tmp_path,
+    timeout=300,
+  )
   # The name resolved to the shipped file and the override reached it: the value, not the file, is what is refused.
   assert out.returncode != 0 and 'total_steps' in out.stderr and 'no such file' not in out.stderr, out.stderr[-2000:]
 
 
 # Each installed console script's own flags (a sample), as `python -m cg3d_jax.<command> --help` lists them.
 SCRIPT_FLAGS = {
-    'cg3d-train': ('--config', '--workdir', '--coordinator'),
-    'cg3d-finetune': ('--config', '--workdir', '--init'),
-    'cg3d-evaluate': ('--config', '--checkpoint', '--step', '--workdir'),
-    'cg3d-predict': ('--checkpoint', '--points', '--labels', '--json'),
-    'cg3d-export': ('--checkpoint', '--out', '--[no]verify'),
-    'cg3d-query-scene': ('--checkpoint', '--scene', '--queries'),
-    'cg3d-evaluate-scenes': ('--checkpoint', '--s3dis', '--areas'),
-    'cg3d-demo': ('--workdir', '--override', '--steps'),
-    'cg3d-demo-assets': ('--config', '--root'),
-    'cg3d-build-data': ('--dataset', '--manual_dir', '--data_dir'),
-    'cg3d-synthetic-scenes': ('--root', '--num_rooms'),
+  'cg3d-train': ('--config', '--workdir', '--coordinator'),
+  'cg3d-finetune': ('--config', '--workdir', '--init'),
+  'cg3d-evaluate': ('--config', '--checkpoint', '--step', '--workdir'),
+  'cg3d-predict': ('--checkpoint', '--points', '--labels', '--json'),
+  'cg3d-export': ('--checkpoint', '--out', '--[no]verify'),
+  'cg3d-query-scene': ('--checkpoint', '--scene', '--queries'),
+  'cg3d-evaluate-scenes': ('--checkpoint', '--s3dis', '--areas'),
+  'cg3d-demo': ('--workdir', '--override', '--steps'),
+  'cg3d-demo-assets': ('--config', '--root'),
+  'cg3d-build-data': ('--dataset', '--manual_dir', '--data_dir'),
+  'cg3d-synthetic-scenes': ('--root', '--num_rooms'),
 }
 
 
@@ -144,14 +168,16 @@ def test_every_console_script_help_lists_its_own_flags(tmp_path):
   this test without cli._list_command_flags_in_help); evaluate and demo_assets also adopted cli's flags before
   defining theirs, so --checkpoint and --root were missing from their help under `python -m` too."""
   import tomllib
+
   scripts = tomllib.loads((REPO_ROOT / 'pyproject.toml').read_text())['project']['scripts']
   assert set(scripts) == set(SCRIPT_FLAGS)
   running = {}
   for name in scripts:
     path = shutil.which(name)
     assert path, f'the {name} console script is not installed (pip install -r requirements.txt)'
-    running[name] = subprocess.Popen([path, '--help'], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
+    running[name] = subprocess.Popen(
+      [path, '--help'], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
   for name, proc in running.items():
     out, err = proc.communicate(timeout=300)
     assert 'Traceback' not in err, (name, err[-2000:])
@@ -162,13 +188,17 @@ def test_every_console_script_help_lists_its_own_flags(tmp_path):
 
 def test_layer_stacks_round_trip_and_refuse_gaps():
   rng = np.random.default_rng(0)
-  unrolled = {'vision': {f'layers_{i}': {'mlp': {'kernel': rng.normal(size=(3, 4)), 'bias': rng.normal(size=4)}}
-                         for i in range(3)},
-              'pre_blocks_0': {'w': rng.normal(size=2)}}  # PointMLP's stages are not a layer stack
+  unrolled = {
+    'vision': {
+      f'layers_{i}': {'mlp': {'kernel': rng.normal(size=(3, 4)), 'bias': rng.normal(size=4)}} for i in range(3)
+    },
+    'pre_blocks_0': {'w': rng.normal(size=2)},
+  }  # PointMLP's stages are not a layer stack
   stacked = trees.stack_layers(unrolled)
   assert set(stacked['vision']) == {'layers'} and 'pre_blocks_0' in stacked
-  np.testing.assert_array_equal(stacked['vision']['layers']['mlp']['kernel'][2],
-                                unrolled['vision']['layers_2']['mlp']['kernel'])
+  np.testing.assert_array_equal(
+    stacked['vision']['layers']['mlp']['kernel'][2], unrolled['vision']['layers_2']['mlp']['kernel']
+  )
   back = trees.unstack_layers(stacked)
   assert jax.tree.structure(back) == jax.tree.structure(unrolled)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(unrolled)):

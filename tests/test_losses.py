@@ -63,8 +63,9 @@ def test_swapping_the_towers_leaves_the_loss_unchanged():
   # Swapping a and b swaps the two directions, so the symmetric loss must not change.
   rng = np.random.default_rng(1)
   a, b = _random_features(rng, 6, 8), _random_features(rng, 6, 8)
-  np.testing.assert_allclose(float(losses.contrastive_loss(a, b, 3.0)), float(losses.contrastive_loss(b, a, 3.0)),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    float(losses.contrastive_loss(a, b, 3.0)), float(losses.contrastive_loss(b, a, 3.0)), rtol=1e-6
+  )
 
 
 def test_same_class_mask_removes_exactly_the_same_label_negatives():
@@ -88,8 +89,9 @@ def test_masked_loss_has_finite_gradients():
   rng = np.random.default_rng(3)
   a, b = _random_features(rng, 4, 8), _random_features(rng, 4, 8)
   labels = jnp.array([0, 0, 1, 1])
-  grads = jax.grad(lambda x, y: losses.contrastive_loss(x, y, 10.0, mask_same_class_labels=labels),
-                   argnums=(0, 1))(jnp.asarray(a), jnp.asarray(b))
+  grads = jax.grad(lambda x, y: losses.contrastive_loss(x, y, 10.0, mask_same_class_labels=labels), argnums=(0, 1))(
+    jnp.asarray(a), jnp.asarray(b)
+  )
   assert all(np.isfinite(np.asarray(g)).all() for g in grads)
 
 
@@ -118,11 +120,15 @@ def test_shape_errors_are_clear():
 
 def test_loss_over_a_sharded_batch_is_the_global_loss():
   from cg3d_jax import sharding  # the batch split over all 8 simulated devices, as in the train step
+
   mesh = sharding.make_mesh(dict(data=4, fsdp=2))
   rng = np.random.default_rng(5)
   a, b = _random_features(rng, 16, 32), _random_features(rng, 16, 32)
   batch = sharding.batch_sharding(mesh)
-  loss_fn = jax.jit(lambda x, y: losses.contrastive_loss(x, y, 30.0), in_shardings=(batch, batch),
-                    out_shardings=sharding.replicated(mesh))
+  loss_fn = jax.jit(
+    lambda x, y: losses.contrastive_loss(x, y, 30.0),
+    in_shardings=(batch, batch),
+    out_shardings=sharding.replicated(mesh),
+  )
   got = float(loss_fn(jax.device_put(a, batch), jax.device_put(b, batch)))
   np.testing.assert_allclose(got, _numpy_infonce(a, b, 30.0), rtol=1e-5)

@@ -48,8 +48,9 @@ def _train_args(workdir, clip_dir, shapenet, **extra) -> list[str]:
 def _env() -> dict:
   env = dict(os.environ)
   env.pop('XLA_FLAGS', None)  # the test session's 8 devices; each process sets its own count
-  env.update(PYTHONPATH=str(REPO_ROOT), JAX_PLATFORMS='cpu', CG3D_HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_S),
-             CG3D_INIT_TIMEOUT_S='120')
+  env.update(
+    PYTHONPATH=str(REPO_ROOT), JAX_PLATFORMS='cpu', CG3D_HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_S), CG3D_INIT_TIMEOUT_S='120'
+  )
   return env
 
 
@@ -72,11 +73,20 @@ def pod_run(tmp_path_factory, tiny_clip_dir, tiny_shapenet):
   root = tmp_path_factory.mktemp('multihost')
   workdir, env = root / 'run', _env()
   first = subprocess.run(
-      ['bash', str(LOCAL_LAUNCH), '2', '4', '--',
-       *_train_args(workdir, tiny_clip_dir, tiny_shapenet, **{'train.total_steps': FIRST_STEPS})],
-      cwd=REPO_ROOT, env=env | {'CG3D_LOG_DIR': str(root / 'logs1'),
-                                'CG3D_HEARTBEAT_TIMEOUT_S': str(FIRST_LAUNCH_HEARTBEAT_S)},
-      capture_output=True, text=True, timeout=400)
+    [
+      'bash',
+      str(LOCAL_LAUNCH),
+      '2',
+      '4',
+      '--',
+      *_train_args(workdir, tiny_clip_dir, tiny_shapenet, **{'train.total_steps': FIRST_STEPS}),
+    ],
+    cwd=REPO_ROOT,
+    env=env | {'CG3D_LOG_DIR': str(root / 'logs1'), 'CG3D_HEARTBEAT_TIMEOUT_S': str(FIRST_LAUNCH_HEARTBEAT_S)},
+    capture_output=True,
+    text=True,
+    timeout=400,
+  )
   assert first.returncode == 0, (first.stderr, _tail(root / 'logs1' / 'process_0.log'))
   after_first = _read_losses(workdir)
 
@@ -84,13 +94,27 @@ def pod_run(tmp_path_factory, tiny_clip_dir, tiny_shapenet):
   port = _free_port()
   procs = []
   for i in range(2):
-    penv = env | {'CG3D_COORDINATOR': f'127.0.0.1:{port}', 'CG3D_NUM_PROCESSES': '2', 'CG3D_PROCESS_ID': str(i),
-                  'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
+    penv = env | {
+      'CG3D_COORDINATOR': f'127.0.0.1:{port}',
+      'CG3D_NUM_PROCESSES': '2',
+      'CG3D_PROCESS_ID': str(i),
+      'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
+    }
     with open(logs[i], 'w') as log:
-      procs.append(subprocess.Popen(
-          [sys.executable, '-m', 'cg3d_jax.train',
-           *_train_args(workdir, tiny_clip_dir, tiny_shapenet, **{'train.total_steps': 1000})],
-          cwd=REPO_ROOT, env=penv, stdout=log, stderr=subprocess.STDOUT))
+      procs.append(
+        subprocess.Popen(
+          [
+            sys.executable,
+            '-m',
+            'cg3d_jax.train',
+            *_train_args(workdir, tiny_clip_dir, tiny_shapenet, **{'train.total_steps': 1000}),
+          ],
+          cwd=REPO_ROOT,
+          env=penv,
+          stdout=log,
+          stderr=subprocess.STDOUT,
+        )
+      )
   try:
     deadline = time.monotonic() + 300
     while COMPARED_STEPS not in _read_losses(workdir):
@@ -110,29 +134,46 @@ def pod_run(tmp_path_factory, tiny_clip_dir, tiny_shapenet):
       if p.poll() is None:
         p.kill()
         p.wait()
-  return dict(workdir=workdir, after_first=after_first, losses=_read_losses(workdir), logs=logs,
-              first_log=root / 'logs1' / 'process_0.log', survivor_rc=survivor_rc, survivor_s=survivor_s)
+  return dict(
+    workdir=workdir,
+    after_first=after_first,
+    losses=_read_losses(workdir),
+    logs=logs,
+    first_log=root / 'logs1' / 'process_0.log',
+    survivor_rc=survivor_rc,
+    survivor_s=survivor_s,
+  )
 
 
 def _free_port() -> int:
   import socket
+
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
 
 
-def _concatenated_host_batches(data_config, *, global_batch_size, sharding, start_step=0, process_count=2,
-                               **kwargs):
+def _concatenated_host_batches(data_config, *, global_batch_size, sharding, start_step=0, process_count=2, **kwargs):
   """What a 1-process run is fed instead of its own stream: both processes' host batches, process 0 first."""
   import jax
 
   from cg3d_jax.data import pipeline
-  streams = [pipeline.pretrain_local_dataset(data_config, global_batch_size=global_batch_size, start_step=start_step,
-                                             process_index=p, process_count=process_count,
-                                             **kwargs).as_numpy_iterator() for p in range(process_count)]
+
+  streams = [
+    pipeline.pretrain_local_dataset(
+      data_config,
+      global_batch_size=global_batch_size,
+      start_step=start_step,
+      process_index=p,
+      process_count=process_count,
+      **kwargs,
+    ).as_numpy_iterator()
+    for p in range(process_count)
+  ]
   for parts in zip(*streams):
-    yield {k: jax.make_array_from_process_local_data(sharding, np.concatenate([part[k] for part in parts]))
-           for k in parts[0]}
+    yield {
+      k: jax.make_array_from_process_local_data(sharding, np.concatenate([part[k] for part in parts])) for k in parts[0]
+    }
 
 
 @pytest.fixture(scope='module')
@@ -140,6 +181,7 @@ def reference_losses(tmp_path_factory, tiny_clip_dir, tiny_shapenet):
   """1 process x 8 devices, the same loop and config, fed the two processes' batches concatenated."""
   from cg3d_jax.data import pipeline
   from cg3d_jax.training import pretrain
+
   config = tiny_config(tiny_clip_dir, tiny_shapenet, **COMMON, **{'train.total_steps': COMPARED_STEPS})
   workdir = tmp_path_factory.mktemp('multihost_reference')
   with pytest.MonkeyPatch.context() as patch:
@@ -153,6 +195,7 @@ def test_the_launched_config_is_the_in_process_one(pod_run, tiny_clip_dir, tiny_
   `--config tiny_test` and `--config.*` overrides) equals the config the in-process reference run is built from
   (conftest's tiny_config with the same overrides set in Python): the loss comparison compares like with like."""
   from cg3d_jax import checkpoints
+
   saved = checkpoints.read_config(pod_run['workdir'], FIRST_STEPS)
   built = tiny_config(tiny_clip_dir, tiny_shapenet, **COMMON, **{'train.total_steps': FIRST_STEPS})
   assert json.loads(saved.to_json_best_effort()) == json.loads(built.to_json_best_effort())
@@ -189,38 +232,45 @@ def test_killed_process_makes_the_other_exit_with_an_error(pod_run):
   """Process 0 hosts the coordination service: it names process 1 as having stopped sending heartbeats and stops
   itself (JAX's fatal-error path), instead of waiting on a collective forever."""
   assert pod_run['survivor_rc'] is not None, (
-      f'process 0 still running {pod_run["survivor_s"]:.0f} s after process 1 was killed:\n'
-      f'{_tail(pod_run["logs"][0])}')
+    f'process 0 still running {pod_run["survivor_s"]:.0f} s after process 1 was killed:\n{_tail(pod_run["logs"][0])}'
+  )
   assert pod_run['survivor_rc'] != 0
   log0 = pod_run['logs'][0].read_text(errors='replace')
   assert 'The following tasks are unhealthy (stopped sending heartbeats)' in log0, _tail(pod_run['logs'][0])
   assert 'Terminating process because the JAX distributed service detected fatal errors' in log0, _tail(
-      pod_run['logs'][0])
+    pod_run['logs'][0]
+  )
 
 
 def test_pod_global_batch_differs_from_one_process_by_design(tiny_clip_dir, tiny_shapenet):
   """Documents why 2x4 is compared with the concatenation: per-process shards give other global batches."""
   from cg3d_jax.data import pipeline
+
   config = tiny_config(tiny_clip_dir, tiny_shapenet, **{'data.augment': False})
-  kw = dict(global_batch_size=16, image_size=32, image_mean=(0.5,) * 3, image_std=(0.5,) * 3, num_templates=63,
-            seed=0)
+  kw = dict(global_batch_size=16, image_size=32, image_mean=(0.5,) * 3, image_std=(0.5,) * 3, num_templates=63, seed=0)
   one = next(pipeline.pretrain_local_dataset(config.data, process_index=0, process_count=1, **kw).as_numpy_iterator())
-  parts = [next(pipeline.pretrain_local_dataset(config.data, process_index=p, process_count=2,
-                                                **kw).as_numpy_iterator()) for p in range(2)]
+  parts = [
+    next(pipeline.pretrain_local_dataset(config.data, process_index=p, process_count=2, **kw).as_numpy_iterator())
+    for p in range(2)
+  ]
   assert all(len(part['label']) == 8 for part in parts)
   assert not np.array_equal(np.concatenate([p['points'] for p in parts]), one['points'])
 
 
-@pytest.mark.parametrize('env, message', [
+@pytest.mark.parametrize(
+  'env, message',
+  [
     ({'CG3D_COORDINATOR': 'h:1', 'CG3D_NUM_PROCESSES': '2'}, 'needs all of --coordinator'),
     ({'CG3D_COORDINATOR': 'nohost', 'CG3D_NUM_PROCESSES': '2', 'CG3D_PROCESS_ID': '0'}, 'must be host:port'),
     ({'CG3D_COORDINATOR': 'h:1', 'CG3D_NUM_PROCESSES': '2', 'CG3D_PROCESS_ID': '2'}, r'must be in \[0, 2\)'),
     ({'CG3D_COORDINATOR': 'h:1', 'CG3D_NUM_PROCESSES': 'two', 'CG3D_PROCESS_ID': '0'}, 'CG3D_NUM_PROCESSES'),
-])
+  ],
+)
 def test_cluster_settings_are_checked(monkeypatch, env, message):
   from absl import flags
 
   from cg3d_jax import distributed
+
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
   for key in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID):
@@ -237,13 +287,17 @@ def test_cluster_settings_are_checked(monkeypatch, env, message):
 
 
 def _run_local(args, env, timeout=120):
-  return subprocess.run(['bash', str(LOCAL_LAUNCH), *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                        timeout=timeout)
+  return subprocess.run(
+    ['bash', str(LOCAL_LAUNCH), *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout
+  )
 
 
 def test_local_launcher_stops_the_others_when_one_fails(tmp_path):
-  env = dict(os.environ) | {'CG3D_MODULE': 'tests.launcher_stand_in', 'CG3D_LOG_DIR': str(tmp_path),
-                            'PYTHONPATH': str(REPO_ROOT)}
+  env = dict(os.environ) | {
+    'CG3D_MODULE': 'tests.launcher_stand_in',
+    'CG3D_LOG_DIR': str(tmp_path),
+    'PYTHONPATH': str(REPO_ROOT),
+  }
   start = time.monotonic()
   result = _run_local(['3', '2', '--', '--fail_process', '1'], env)
   assert result.returncode == 3, result.stderr
@@ -259,14 +313,34 @@ def test_local_launcher_stops_the_others_when_one_fails(tmp_path):
 
 def test_tpu_pod_dry_run_prints_the_commands_for_every_worker():
   result = subprocess.run(
-      ['bash', str(TPU_LAUNCH), '--dry-run', '--tpu', 'my-pod', '--zone', 'us-central2-b', '--project', 'my-proj',
-       '--', '--config', 'pretrain_pointbert', '--workdir', 'gs://bucket/runs/pb'],
-      cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    [
+      'bash',
+      str(TPU_LAUNCH),
+      '--dry-run',
+      '--tpu',
+      'my-pod',
+      '--zone',
+      'us-central2-b',
+      '--project',
+      'my-proj',
+      '--',
+      '--config',
+      'pretrain_pointbert',
+      '--workdir',
+      'gs://bucket/runs/pb',
+    ],
+    cwd=REPO_ROOT,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert result.returncode == 0, result.stderr
   lines = [line for line in result.stdout.splitlines() if line.startswith('gcloud ')]
   ssh = [line for line in lines if ' ssh ' in line]
-  assert ssh and all('--worker=all' in line and '--zone=us-central2-b' in line and '--project=my-proj' in line
-                     and 'my-pod' in line for line in ssh)
+  assert ssh and all(
+    '--worker=all' in line and '--zone=us-central2-b' in line and '--project=my-proj' in line and 'my-pod' in line
+    for line in ssh
+  )
   assert any('pip install' in line and 'jax[tpu]' in line for line in ssh)
   train = [line for line in ssh if 'python3 -m cg3d_jax.train' in line]
   assert len(train) == 1 and '--workdir gs://bucket/runs/pb' in train[0]

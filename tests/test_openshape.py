@@ -20,8 +20,14 @@ CLASSES = ('sphere', 'box', 'torus')
 
 @pytest.fixture(scope='module')
 def layout(tmp_path_factory):
-  return write_openshape_layout(tmp_path_factory.mktemp('openshape'), classes=CLASSES, train_per_class=4,
-                                lvis_per_class=2, num_points=512, feature_dim=16)
+  return write_openshape_layout(
+    tmp_path_factory.mktemp('openshape'),
+    classes=CLASSES,
+    train_per_class=4,
+    lvis_per_class=2,
+    num_points=512,
+    feature_dim=16,
+  )
 
 
 class _Exploit:
@@ -86,18 +92,27 @@ def test_points_swap_y_and_z_and_augment_as_openshape(layout):
   points = openshape.sample_points(data, plain, np.random.default_rng(3), train=True, path=path)
   chosen = np.random.default_rng(3).choice(512, 256, replace=False)  # the same draw, by hand
   np.testing.assert_array_equal(points[:, :3], data['xyz'][chosen][:, [0, 2, 1]])  # y-up -> z-up
-  np.testing.assert_array_equal(openshape.sample_points(data, openshape.SampleConfig(
-      num_points=256, normalize=False, augment=False, random_z_rotate=False, y_up=False), np.random.default_rng(3),
-      train=True)[:, :3], data['xyz'][chosen])  # Uni3D / ULIP-2 convention: stored axes
+  np.testing.assert_array_equal(
+    openshape.sample_points(
+      data,
+      openshape.SampleConfig(num_points=256, normalize=False, augment=False, random_z_rotate=False, y_up=False),
+      np.random.default_rng(3),
+      train=True,
+    )[:, :3],
+    data['xyz'][chosen],
+  )  # Uni3D / ULIP-2 convention: stored axes
   # A rotation about z keeps z and every point's distance from the z axis.
-  turned = openshape.sample_points(data, openshape.SampleConfig(num_points=256, augment=False, use_color=False),
-                                   np.random.default_rng(4), train=True)
-  unturned = openshape.sample_points(data, openshape.SampleConfig(num_points=256, augment=False, use_color=False,
-                                                                   random_z_rotate=False),
-                                     np.random.default_rng(4), train=True)
+  turned = openshape.sample_points(
+    data, openshape.SampleConfig(num_points=256, augment=False, use_color=False), np.random.default_rng(4), train=True
+  )
+  unturned = openshape.sample_points(
+    data,
+    openshape.SampleConfig(num_points=256, augment=False, use_color=False, random_z_rotate=False),
+    np.random.default_rng(4),
+    train=True,
+  )
   np.testing.assert_allclose(turned[:, 2], unturned[:, 2], atol=1e-6)
-  np.testing.assert_allclose(np.linalg.norm(turned[:, :2], axis=1), np.linalg.norm(unturned[:, :2], axis=1),
-                             atol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(turned[:, :2], axis=1), np.linalg.norm(unturned[:, :2], axis=1), atol=1e-5)
   assert not np.allclose(turned, unturned, atol=1e-3)
   # Colour replaced by 0.4 in about half the training samples, never in evaluation.
   rng = np.random.default_rng(5)
@@ -138,8 +153,7 @@ def test_targets_are_sampled_by_openshape_rules(layout):
   # Objaverse image target: the thumbnail half the time, else one of the 12 views.
   thumb = [np.array_equal(d['image_feat'], data['thumbnail_feat']) for d in draws]
   assert np.mean(thumb) == pytest.approx(0.5, abs=0.03)
-  assert all(any(np.array_equal(d['image_feat'], v) for v in data['image_feat']) for d, t in zip(draws, thumb)
-             if not t)
+  assert all(any(np.array_equal(d['image_feat'], v) for v in data['image_feat']) for d, t in zip(draws, thumb) if not t)
   # The text feature is the chosen text's own: the name's prompt_avg, a retrieval text's 'original'.
   for d in draws[:50]:
     if d['text'] == 'a box':
@@ -166,12 +180,14 @@ def test_targets_are_sampled_by_openshape_rules(layout):
   assert all(any(np.array_equal(d['image_feat'], v) for v in data['image_feat']) for d in draws)
   assert all(d['has_text'] for d in draws)
   # No text source at all: no text target, a zero feature and has_text False.
-  none = openshape.make_example(shape, data, openshape.SampleConfig(num_points=32, text_source=()),
-                                np.random.default_rng(0))
+  none = openshape.make_example(
+    shape, data, openshape.SampleConfig(num_points=32, text_source=()), np.random.default_rng(0)
+  )
   assert not none['has_text'] and not np.any(none['text_feat'])
 
 
 # --- evaluation sets in both layouts ------------------------------------------------------------------------------
+
 
 def test_evaluation_sets_read_in_each_layout(layout, tmp_path):
   """OpenShape's LVIS (sorted categories, precomputed table rows in that order), Uni3D's list (ids from the file,
@@ -208,8 +224,9 @@ def test_evaluation_sets_read_in_each_layout(layout, tmp_path):
   assert scan.class_names == list(openshape_eval.SCANOBJECTNN_CLASSES) and scan.class_features.shape == (15, 16)
   assert scan.replace
   np.testing.assert_allclose(scan.cloud(0)[1], 0.4)  # no rgb stored: OpenShape's grey
-  points = openshape_eval.eval_points(*scan.cloud(0), 600, np.random.default_rng(1), y_up=True, use_color=False,
-                                 replace=True)
+  points = openshape_eval.eval_points(
+    *scan.cloud(0), 600, np.random.default_rng(1), y_up=True, use_color=False, replace=True
+  )
   assert points.shape == (600, 3)  # more than stored: drawn with replacement
 
   bad = tmp_path / 'lvis_testset.txt'
@@ -224,11 +241,20 @@ def test_evaluation_sets_read_in_each_layout(layout, tmp_path):
 def test_eval_batches_are_padded_masked_and_split_over_processes(layout):
   evalset = openshape_eval.lvis_openshape(layout)
   n = len(evalset)
-  single = list(openshape_stream.eval_local_batches(evalset, batch_size=4, num_points=128, use_color=True,
-                                                    process_index=0, process_count=1))
+  single = list(
+    openshape_stream.eval_local_batches(
+      evalset, batch_size=4, num_points=128, use_color=True, process_index=0, process_count=1
+    )
+  )
   assert len(single) == -(-n // 4) and sum(int(b['mask'].sum()) for b in single) == n
-  halves = [list(openshape_stream.eval_local_batches(evalset, batch_size=4, num_points=128, use_color=True,
-                                                     process_index=p, process_count=2)) for p in range(2)]
+  halves = [
+    list(
+      openshape_stream.eval_local_batches(
+        evalset, batch_size=4, num_points=128, use_color=True, process_index=p, process_count=2
+      )
+    )
+    for p in range(2)
+  ]
   for whole, first, second in zip(single, *halves):
     for key in ('points', 'label', 'mask'):
       np.testing.assert_array_equal(whole[key], np.concatenate([first[key], second[key]]))
@@ -238,8 +264,10 @@ def test_eval_batches_are_padded_masked_and_split_over_processes(layout):
 
 # --- the training stream ------------------------------------------------------------------------------------------
 
+
 def _source(layout, **overrides):
   from cg3d_jax.configs import pretrain_openshape
+
   config = pretrain_openshape.get_config()
   config.data.manual_dir = str(layout)
   config.data.num_stored_points = 128
@@ -251,8 +279,7 @@ def _source(layout, **overrides):
 def test_training_stream_is_openshapes_draws_resumable_and_the_same_for_any_process_count(layout):
   source = _source(layout)
   assert source.feature_dim == 16 and len(source.shapes) == 4 * len(CLASSES)
-  stream = openshape_stream.train_local_batches(source, global_batch_size=8, seed=3, process_index=0,
-                                                process_count=1)
+  stream = openshape_stream.train_local_batches(source, global_batch_size=8, seed=3, process_index=0, process_count=1)
   batches = [next(stream) for _ in range(3)]  # 24 examples: two epochs of 12
   assert batches[0]['points'].shape == (8, 128, 6) and batches[0]['has_text'].dtype == bool
   # Each row is make_example of the epoch's permutation entry, with the generator seeded (seed, epoch, index).
@@ -261,8 +288,13 @@ def test_training_stream_is_openshapes_draws_resumable_and_the_same_for_any_proc
     epoch, offset = divmod(position, n)
     index = np.random.default_rng((3, epoch, openshape_stream._PERMUTATION_TAG)).permutation(n)[offset]
     shape = source.shapes[index]
-    expected = openshape.make_example(shape, openshape.read_shape(shape.path, objaverse=shape.dataset == 'Objaverse'),
-                                      source.sample, np.random.default_rng((3, epoch, index)), flags=source.flags)
+    expected = openshape.make_example(
+      shape,
+      openshape.read_shape(shape.path, objaverse=shape.dataset == 'Objaverse'),
+      source.sample,
+      np.random.default_rng((3, epoch, index)),
+      flags=source.flags,
+    )
     row = batches[position // 8]
     for key in ('points', 'text_feat', 'has_text', 'image_feat'):
       np.testing.assert_array_equal(row[key][position % 8], expected[key])
@@ -270,16 +302,28 @@ def test_training_stream_is_openshapes_draws_resumable_and_the_same_for_any_proc
   first_epoch = np.concatenate([batches[0]['image_feat'], batches[1]['image_feat'][:4]])
   assert len({tuple(np.round(f, 5)) for f in first_epoch}) == n
 
-  resumed = next(openshape_stream.train_local_batches(source, global_batch_size=8, seed=3, start_step=2,
-                                                      process_index=0, process_count=1))
-  halves = [next(openshape_stream.train_local_batches(source, global_batch_size=8, seed=3, start_step=2,
-                                                      process_index=p, process_count=2)) for p in range(2)]
+  resumed = next(
+    openshape_stream.train_local_batches(
+      source, global_batch_size=8, seed=3, start_step=2, process_index=0, process_count=1
+    )
+  )
+  halves = [
+    next(
+      openshape_stream.train_local_batches(
+        source, global_batch_size=8, seed=3, start_step=2, process_index=p, process_count=2
+      )
+    )
+    for p in range(2)
+  ]
   for key in batches[2]:
     np.testing.assert_array_equal(resumed[key], batches[2][key])
     np.testing.assert_array_equal(np.concatenate([halves[0][key], halves[1][key]]), batches[2][key])
 
-  xyz_only = next(openshape_stream.train_local_batches(_source(layout, use_color=False), global_batch_size=4, seed=0,
-                                                       process_index=0, process_count=1))
+  xyz_only = next(
+    openshape_stream.train_local_batches(
+      _source(layout, use_color=False), global_batch_size=4, seed=0, process_index=0, process_count=1
+    )
+  )
   assert xyz_only['points'].shape == (4, 128, 3)
 
 
@@ -311,14 +355,27 @@ def test_text_loss_over_the_samples_with_text_is_openshapes(layout):
 
 # --- a demo-sized run against stored features, evaluated as the peers report -----------------------------------
 
-TINY_RUN = ['--config.data.num_stored_points=512', '--config.data.openshape.workers=4', '--config.model.embed_dim=32',
-            '--config.model.num_points=128', '--config.model.point_transformer.width=32',
-            '--config.model.point_transformer.depth=2', '--config.model.point_transformer.num_heads=2',
-            '--config.model.point_transformer.num_groups=16', '--config.model.point_transformer.group_size=16',
-            '--config.model.point_transformer.encoder_dim=32', '--config.train.batch_size=16',
-            '--config.train.total_steps=80', '--config.train.log_every=40', '--config.train.encoder_optim.lr=0.002',
-            '--config.train.encoder_optim.end_lr=0.0001', '--config.train.encoder_optim.warmup_epochs=0',
-            '--config.eval.every_steps=0', '--config.checkpoint.async_save=false', '--config.logging.tensorboard=false']
+TINY_RUN = [
+  '--config.data.num_stored_points=512',
+  '--config.data.openshape.workers=4',
+  '--config.model.embed_dim=32',
+  '--config.model.num_points=128',
+  '--config.model.point_transformer.width=32',
+  '--config.model.point_transformer.depth=2',
+  '--config.model.point_transformer.num_heads=2',
+  '--config.model.point_transformer.num_groups=16',
+  '--config.model.point_transformer.group_size=16',
+  '--config.model.point_transformer.encoder_dim=32',
+  '--config.train.batch_size=16',
+  '--config.train.total_steps=80',
+  '--config.train.log_every=40',
+  '--config.train.encoder_optim.lr=0.002',
+  '--config.train.encoder_optim.end_lr=0.0001',
+  '--config.train.encoder_optim.warmup_epochs=0',
+  '--config.eval.every_steps=0',
+  '--config.checkpoint.async_save=false',
+  '--config.logging.tensorboard=false',
+]
 
 
 def test_a_stored_feature_run_learns_and_scores_on_each_layout(tmp_path, capsys):
@@ -334,22 +391,44 @@ def test_a_stored_feature_run_learns_and_scores_on_each_layout(tmp_path, capsys)
     return np.load(root / 'meta_data' / 'modelnet40' / 'cat_name_pt_feat.npy', allow_pickle=True).item()
 
   clip = write_random_clip(tmp_path / 'clip', projection_dim=32, image_size=32, patch_size=8)
-  root = write_openshape_layout(tmp_path / 'data', train_per_class=8, lvis_per_class=4, num_points=1024, seed=1,
-                                render_size=32, clip_folder=clip)
+  root = write_openshape_layout(
+    tmp_path / 'data', train_per_class=8, lvis_per_class=4, num_points=1024, seed=1, render_size=32, clip_folder=clip
+  )
   workdir = tmp_path / 'run'
-  assert run_command(train.main, ['--config', 'pretrain_openshape', '--workdir', str(workdir),
-                                  f'--config.data.manual_dir={root}', *TINY_RUN]) == 0
+  assert (
+    run_command(
+      train.main,
+      ['--config', 'pretrain_openshape', '--workdir', str(workdir), f'--config.data.manual_dir={root}', *TINY_RUN],
+    )
+    == 0
+  )
   log = [json.loads(line) for line in (workdir / 'train.jsonl').read_text().splitlines()]
   assert log[-1]['loss'] < log[0]['loss'] and 0 < log[-1]['text_fraction'] <= 1
 
   results = {}
-  for name, config, extra in (('lvis', 'zeroshot_objaverse_lvis', []),
-                              ('lvis_names', 'zeroshot_objaverse_lvis:names', [f'--config.clip.path={clip}']),
-                              ('modelnet', 'zeroshot_openshape:modelnet40', [])):
-    assert run_command(evaluate.main, ['--config', config, '--checkpoint', str(workdir), '--workdir',
-                                       str(tmp_path / name), f'--config.eval.manual_dir={root}',
-                                       '--config.eval.num_stored_points=512', '--config.eval.batch_size=8',
-                                       *extra]) == 0
+  for name, config, extra in (
+    ('lvis', 'zeroshot_objaverse_lvis', []),
+    ('lvis_names', 'zeroshot_objaverse_lvis:names', [f'--config.clip.path={clip}']),
+    ('modelnet', 'zeroshot_openshape:modelnet40', []),
+  ):
+    assert (
+      run_command(
+        evaluate.main,
+        [
+          '--config',
+          config,
+          '--checkpoint',
+          str(workdir),
+          '--workdir',
+          str(tmp_path / name),
+          f'--config.eval.manual_dir={root}',
+          '--config.eval.num_stored_points=512',
+          '--config.eval.batch_size=8',
+          *extra,
+        ],
+      )
+      == 0
+    )
     results[name] = json.loads((tmp_path / name / 'results.json').read_text())
   lvis = results['lvis']
   assert lvis['num_objects'] == 24 and lvis['prompts'] == 'precomputed' and lvis['y_up_swapped'] is True
@@ -362,28 +441,63 @@ def test_a_stored_feature_run_learns_and_scores_on_each_layout(tmp_path, capsys)
 
   # predict with the coloured encoder: an xyz + rgb text file's colours go in; an xyz-only file gets OpenShape's grey.
   from cg3d_jax import predict
+
   shape = np.load(root / 'data' / 'Objaverse' / 'torus_008.npy', allow_pickle=True).item()  # our own file
-  np.savetxt(tmp_path / 'torus.txt', np.concatenate([shape['xyz'][:, [0, 2, 1]], np.round(shape['rgb'] * 255)],
-                                                    axis=1), fmt=['%.5f'] * 3 + ['%d'] * 3)
+  np.savetxt(
+    tmp_path / 'torus.txt',
+    np.concatenate([shape['xyz'][:, [0, 2, 1]], np.round(shape['rgb'] * 255)], axis=1),
+    fmt=['%.5f'] * 3 + ['%d'] * 3,
+  )
   np.savetxt(tmp_path / 'grey.txt', shape['xyz'][:, [0, 2, 1]], fmt='%.5f')
   for name, colours in (('torus', 'from the file'), ('grey', 'none in the file: grey 0.4')):
     columns = 'xyz' if name == 'grey' else 'xyz,rgb'
-    assert run_command(predict.main, ['--checkpoint', str(workdir), f'--clip_path={clip}', '--points',
-                                      str(tmp_path / f'{name}.txt'), '--columns', columns, '--labels', 'torus,box',
-                                      '--json', str(tmp_path / f'{name}.json')]) == 0
+    assert (
+      run_command(
+        predict.main,
+        [
+          '--checkpoint',
+          str(workdir),
+          f'--clip_path={clip}',
+          '--points',
+          str(tmp_path / f'{name}.txt'),
+          '--columns',
+          columns,
+          '--labels',
+          'torus,box',
+          '--json',
+          str(tmp_path / f'{name}.json'),
+        ],
+      )
+      == 0
+    )
     assert json.loads((tmp_path / f'{name}.json').read_text())['colours'] == colours
 
   # The coloured encoder exports in the original format and loads strictly into the 6-channel twin, same features.
   from cg3d_jax import export
+
   capsys.readouterr()
-  assert run_command(export.main, ['--checkpoint', str(workdir), '--out', str(tmp_path / 'coloured.pth'),
-                                   '--verify']) == 0
+  assert (
+    run_command(export.main, ['--checkpoint', str(workdir), '--out', str(tmp_path / 'coloured.pth'), '--verify']) == 0
+  )
   printed = capsys.readouterr().out
   assert 'loads into the PyTorch twin with strict=True' in printed and 'verify: OK' in printed
 
-  assert run_command(evaluate.main, ['--config', 'zeroshot_objaverse_lvis:uni3d', '--checkpoint', str(workdir),
-                                     '--workdir', str(tmp_path / 'uni3d'), f'--config.eval.manual_dir={root}',
-                                     '--config.eval.prompts=precomputed']) == 2
+  assert (
+    run_command(
+      evaluate.main,
+      [
+        '--config',
+        'zeroshot_objaverse_lvis:uni3d',
+        '--checkpoint',
+        str(workdir),
+        '--workdir',
+        str(tmp_path / 'uni3d'),
+        f'--config.eval.manual_dir={root}',
+        '--config.eval.prompts=precomputed',
+      ],
+    )
+    == 2
+  )
   err = capsys.readouterr().err.strip().splitlines()
   assert err[-1].startswith('error: ') and 'lvis_testset.txt stores no class-name features' in err[-1]
 
@@ -400,26 +514,52 @@ def test_renders_train_the_prompts_through_the_image_tower(tmp_path):
   from cg3d_jax.weights.clip_files import load_clip
   from tests.conftest import apply_overrides
 
-  root = write_openshape_layout(tmp_path / 'data', classes=CLASSES, train_per_class=4, lvis_per_class=1,
-                                num_points=512, feature_dim=32, render_size=32)
+  root = write_openshape_layout(
+    tmp_path / 'data',
+    classes=CLASSES,
+    train_per_class=4,
+    lvis_per_class=1,
+    num_points=512,
+    feature_dim=32,
+    render_size=32,
+  )
   clip = write_random_clip(tmp_path / 'clip', projection_dim=32, image_size=32, patch_size=8)
-  config = apply_overrides(pretrain_openshape.get_config('renders'), {
-      'clip.path': clip, 'data.manual_dir': str(root), 'data.num_stored_points': 256, 'model.embed_dim': 32,
-      'model.num_points': 64, 'train.batch_size': 8, 'train.total_steps': 3, 'train.log_every': 1,
-      'eval.every_steps': 3, 'eval.batch_size': 8, 'eval.num_stored_points': 256,
-      'checkpoint.async_save': False, 'logging.tensorboard': False})
-  config.model.point_transformer.update(dict(width=32, depth=2, num_heads=2, num_groups=16, group_size=8,
-                                             encoder_dim=32))
+  config = apply_overrides(
+    pretrain_openshape.get_config('renders'),
+    {
+      'clip.path': clip,
+      'data.manual_dir': str(root),
+      'data.num_stored_points': 256,
+      'model.embed_dim': 32,
+      'model.num_points': 64,
+      'train.batch_size': 8,
+      'train.total_steps': 3,
+      'train.log_every': 1,
+      'eval.every_steps': 3,
+      'eval.batch_size': 8,
+      'eval.num_stored_points': 256,
+      'checkpoint.async_save': False,
+      'logging.tensorboard': False,
+    },
+  )
+  config.model.point_transformer.update(
+    dict(width=32, depth=2, num_heads=2, num_groups=16, group_size=8, encoder_dim=32)
+  )
 
-  source = dataclasses.replace(openshape_stream.open_train_source(config.data),
-                               preprocess=load_clip(clip).preprocess)
-  batch = next(openshape_stream.train_local_batches(source, global_batch_size=4, seed=0, process_index=0,
-                                                    process_count=1))
+  source = dataclasses.replace(openshape_stream.open_train_source(config.data), preprocess=load_clip(clip).preprocess)
+  batch = next(
+    openshape_stream.train_local_batches(source, global_batch_size=4, seed=0, process_index=0, process_count=1)
+  )
   assert 'image_feat' not in batch and batch['image'].shape == (4, 32, 32, 3)
   index = np.random.default_rng((0, 0, openshape_stream._PERMUTATION_TAG)).permutation(len(source.shapes))[0]
   shape, rng = source.shapes[index], np.random.default_rng((0, 0, index))
-  openshape.make_example(shape, openshape.read_shape(shape.path, objaverse=shape.dataset == 'Objaverse'),
-                         source.sample, rng, flags=source.flags)  # the draws before the view's
+  openshape.make_example(
+    shape,
+    openshape.read_shape(shape.path, objaverse=shape.dataset == 'Objaverse'),
+    source.sample,
+    rng,
+    flags=source.flags,
+  )  # the draws before the view's
   render = root / 'rendered_images' / shape.id / f'colors_{rng.integers(12)}.png'
   np.testing.assert_array_equal(batch['image'][0], source.preprocess(Image.open(render)))
 
@@ -427,10 +567,12 @@ def test_renders_train_the_prompts_through_the_image_tower(tmp_path):
   result = pretrain.train(config, str(tmp_path / 'run'))
   assert np.isfinite(result['loss']) and result['loss/image_text'] > 0 and result['val/count'] == len(CLASSES)
   from cg3d_jax import checkpoints
+
   trained = checkpoints.read_step(tmp_path / 'run').state['params']
   for part in ('encoder', 'clip'):
-    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), trained[part],
-                         initial[part])
+    moved = jax.tree.map(
+      lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), trained[part], initial[part]
+    )
     assert max(jax.tree.leaves(moved)) > 0, part
 
   missing = root / 'rendered_images' / shape.id / 'colors_3.png'
@@ -446,15 +588,23 @@ def test_openshape_settings_fail_before_a_model_is_built(layout, tmp_path):
   from tests.conftest import apply_overrides
 
   def train(**overrides):
-    config = apply_overrides(pretrain_openshape.get_config(), {'data.manual_dir': str(layout), 'train.batch_size': 8,
-                                                               'data.num_stored_points': 128, **overrides})
+    config = apply_overrides(
+      pretrain_openshape.get_config(),
+      {'data.manual_dir': str(layout), 'train.batch_size': 8, 'data.num_stored_points': 128, **overrides},
+    )
     pretrain.train(config, str(tmp_path / 'run'))
 
-  with pytest.raises(ConfigError, match=r'config.model.embed_dim=1280 but the stored CLIP features are '
-                                        r'16-dimensional.*--config.model.embed_dim=16'):
+  with pytest.raises(
+    ConfigError,
+    match=r'config.model.embed_dim=1280 but the stored CLIP features are '
+    r'16-dimensional.*--config.model.embed_dim=16',
+  ):
     train()
-  with pytest.raises(ConfigError, match=r'config.model.in_channels=6 but the data gives 3 channels per point '
-                                        r'\(config.data.openshape.use_color=False\)'):
+  with pytest.raises(
+    ConfigError,
+    match=r'config.model.in_channels=6 but the data gives 3 channels per point '
+    r'\(config.data.openshape.use_color=False\)',
+  ):
     train(**{'model.embed_dim': 16, 'data.openshape.use_color': False})
   with pytest.raises(ConfigError, match=r"data.openshape.renders='renders_here': .*renders_here is not a folder"):
     train(**{'data.openshape.renders': 'renders_here'})
@@ -477,17 +627,32 @@ def test_a_pod_of_two_processes_trains_as_one_process_on_the_same_global_batches
   from tests.conftest import REPO_ROOT, run_command
   from tests.test_multihost import LOCAL_LAUNCH, _env, _read_losses, _tail
 
-  root = write_openshape_layout(tmp_path / 'data', classes=CLASSES, train_per_class=6, lvis_per_class=1,
-                                num_points=512, feature_dim=32)
+  root = write_openshape_layout(
+    tmp_path / 'data', classes=CLASSES, train_per_class=6, lvis_per_class=1, num_points=512, feature_dim=32
+  )
 
   def args(workdir, steps=3):
-    return ['--config', 'pretrain_openshape', '--workdir', str(workdir), f'--config.data.manual_dir={root}',
-            *TINY_RUN, f'--config.train.total_steps={steps}', '--config.train.log_every=1',
-            '--config.train.encoder_optim.schedule=constant', '--config.checkpoint.every_steps=1']
+    return [
+      '--config',
+      'pretrain_openshape',
+      '--workdir',
+      str(workdir),
+      f'--config.data.manual_dir={root}',
+      *TINY_RUN,
+      f'--config.train.total_steps={steps}',
+      '--config.train.log_every=1',
+      '--config.train.encoder_optim.schedule=constant',
+      '--config.checkpoint.every_steps=1',
+    ]
 
-  pod = subprocess.run(['bash', str(LOCAL_LAUNCH), '2', '4', '--', *args(tmp_path / 'pod')], cwd=REPO_ROOT,
-                       env=_env() | {'CG3D_LOG_DIR': str(tmp_path / 'logs'), 'CG3D_HEARTBEAT_TIMEOUT_S': '120'},
-                       capture_output=True, text=True, timeout=400)
+  pod = subprocess.run(
+    ['bash', str(LOCAL_LAUNCH), '2', '4', '--', *args(tmp_path / 'pod')],
+    cwd=REPO_ROOT,
+    env=_env() | {'CG3D_LOG_DIR': str(tmp_path / 'logs'), 'CG3D_HEARTBEAT_TIMEOUT_S': '120'},
+    capture_output=True,
+    text=True,
+    timeout=400,
+  )
   assert pod.returncode == 0, (pod.stderr, _tail(tmp_path / 'logs' / 'process_0.log'))
   assert run_command(train.main, args(tmp_path / 'one')) == 0
   got, want = _read_losses(tmp_path / 'pod'), _read_losses(tmp_path / 'one')
@@ -500,6 +665,7 @@ def test_a_pod_of_two_processes_trains_as_one_process_on_the_same_global_batches
   # Stopped after step 2 and started again with the same command: step 3 and the final state are bitwise the
   # uninterrupted run's (the stream restarts at the global step; the state, its RNG and the temperature restore).
   from cg3d_jax import checkpoints
+
   assert run_command(train.main, args(tmp_path / 'resumed', steps=2)) == 0
   assert run_command(train.main, args(tmp_path / 'resumed')) == 0
   assert _read_losses(tmp_path / 'resumed')[3]['loss'] == want[3]['loss']
@@ -522,8 +688,15 @@ def test_a_layout_with_a_clips_features_scores_through_that_clip(tmp_path):
   from cg3d_jax.weights.clip_files import load_clip
 
   clip_dir = write_random_clip(tmp_path / 'clip', projection_dim=32, image_size=32, patch_size=8)
-  root = write_openshape_layout(tmp_path / 'data', classes=CLASSES, train_per_class=2, lvis_per_class=1,
-                                num_points=256, render_size=32, clip_folder=clip_dir)
+  root = write_openshape_layout(
+    tmp_path / 'data',
+    classes=CLASSES,
+    train_per_class=2,
+    lvis_per_class=1,
+    num_points=256,
+    render_size=32,
+    clip_folder=clip_dir,
+  )
   evalset = openshape_eval.lvis_openshape(root)
   clip = load_clip(clip_dir, prompt_mode='none')
   model = CG3D(encoder=None, clip=clip.model, num_points=64)
@@ -532,16 +705,20 @@ def test_a_layout_with_a_clips_features_scores_through_that_clip(tmp_path):
   ev = zeroshot_objaverse_lvis.get_config().eval
   precomputed = evaluation_sets.classifier(evalset, ev)
   ev.prompts = 'templates'  # 'ulip': the writer's prompt engineering
-  np.testing.assert_allclose(evaluation_sets.classifier(evalset, ev, model, clip.params, clip.tokenizer),
-                             precomputed, atol=2e-5)
+  np.testing.assert_allclose(
+    evaluation_sets.classifier(evalset, ev, model, clip.params, clip.tokenizer), precomputed, atol=2e-5
+  )
   ev.prompts = 'names'
-  np.testing.assert_allclose(evaluation_sets.classifier(evalset, ev, model, clip.params, clip.tokenizer),
-                             unit(ClipFeatures(clip_dir).text(evalset.class_names)), atol=2e-5)
+  np.testing.assert_allclose(
+    evaluation_sets.classifier(evalset, ev, model, clip.params, clip.tokenizer),
+    unit(ClipFeatures(clip_dir).text(evalset.class_names)),
+    atol=2e-5,
+  )
 
   shape = openshape.read_split(root / 'meta_data' / 'split' / 'lvis.json', lvis=True)[0]
   data = read_pickled_dict(shape.path)
-  views = np.stack([clip.preprocess(Image.open(root / 'rendered_images' / shape.id / f'colors_{k}.png'))
-                    for k in range(12)])
-  np.testing.assert_allclose(np.asarray(model.image_features(clip.params, views)), unit(data['image_feat']),
-                             atol=1e-4)
+  views = np.stack(
+    [clip.preprocess(Image.open(root / 'rendered_images' / shape.id / f'colors_{k}.png')) for k in range(12)]
+  )
+  np.testing.assert_allclose(np.asarray(model.image_features(clip.params, views)), unit(data['image_feat']), atol=1e-4)
   np.testing.assert_array_equal(data['thumbnail_feat'], data['image_feat'][0])

@@ -12,8 +12,9 @@ from cg3d_jax.configs import base
 from cg3d_jax.training import optim
 from cg3d_jax.trees import path_to_str, stack_layers, unstack_layers
 
-ENCODER = dict(name='adamw', lr=5e-3, end_lr=1e-6, weight_decay=0.05, schedule='constant', b1=0.9, b2=0.999,
-               clip_norm=1e6)
+ENCODER = dict(
+  name='adamw', lr=5e-3, end_lr=1e-6, weight_decay=0.05, schedule='constant', b1=0.9, b2=0.999, clip_norm=1e6
+)
 PROMPTS = dict(name='sgd', lr=2e-2, momentum=0.9, weight_decay=1e-2, schedule='constant', clip_norm=1e6)
 RULES = [('^encoder/', ENCODER), ('^clip/prompts/', PROMPTS), ('^clip/', None)]
 
@@ -23,14 +24,21 @@ def _params(seed=0):
   rng = np.random.default_rng(seed)
   normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
   return {
-      'encoder': {'cls_token': normal(1, 1, 6), 'cls_pos': normal(1, 1, 6),
-                  'block_0': {'dense': {'kernel': normal(6, 6), 'bias': normal(6)},
-                              'norm': {'scale': normal(6), 'bias': normal(6)}},
-                  'conv': {'kernel': normal(1, 3, 6)}},
-      'clip': {'vision': {'layer': {'kernel': normal(6, 8), 'bias': normal(8)}},
-               'text': {'embedding': normal(10, 6)},
-               'logit_scale': jnp.asarray(4.6, jnp.float32),
-               'prompts': {'tokens': normal(2, 3, 6)}},
+    'encoder': {
+      'cls_token': normal(1, 1, 6),
+      'cls_pos': normal(1, 1, 6),
+      'block_0': {
+        'dense': {'kernel': normal(6, 6), 'bias': normal(6)},
+        'norm': {'scale': normal(6), 'bias': normal(6)},
+      },
+      'conv': {'kernel': normal(1, 3, 6)},
+    },
+    'clip': {
+      'vision': {'layer': {'kernel': normal(6, 8), 'bias': normal(8)}},
+      'text': {'embedding': normal(10, 6)},
+      'logit_scale': jnp.asarray(4.6, jnp.float32),
+      'prompts': {'tokens': normal(2, 3, 6)},
+    },
   }
 
 
@@ -40,8 +48,10 @@ def _grads_like(params, seed, scale=1.0):
 
 
 def _flat(tree):
-  return {path_to_str(path): leaf if isinstance(leaf, (str, bool)) else np.asarray(leaf)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    path_to_str(path): leaf if isinstance(leaf, (str, bool)) else np.asarray(leaf)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def _run(rules, params, grads_list, steps_per_epoch=10, total_steps=100):
@@ -71,16 +81,20 @@ def test_labels_first_matching_rule_wins():
 
 def test_unmatched_leaf_is_an_error_naming_it():
   with pytest.raises(ValueError, match="'clip/text/embedding' matches no optimizer rule"):
-    optim.make_optimizer(RULES[:2] + [('^clip/vision/', None), ('^clip/logit', None)],
-                         steps_per_epoch=1, total_steps=1)[0].init(_params())
+    optim.make_optimizer(
+      RULES[:2] + [('^clip/vision/', None), ('^clip/logit', None)], steps_per_epoch=1, total_steps=1
+    )[0].init(_params())
 
 
-@pytest.mark.parametrize('bad,message', [
+@pytest.mark.parametrize(
+  'bad,message',
+  [
     (dict(ENCODER, lr_typo=1.0), 'unknown settings'),
     (dict(ENCODER, name='lamb'), 'name must be one of'),
     (dict(ENCODER, schedule='linear'), 'schedule must be one of'),
     ({'name': 'sgd'}, 'lr is required'),
-])
+  ],
+)
 def test_bad_settings_are_errors(bad, message):
   with pytest.raises(ValueError, match=message):
     optim.make_optimizer([('^encoder/', bad), ('.*', None)], steps_per_epoch=1, total_steps=1)
@@ -92,11 +106,20 @@ def test_the_base_config_is_the_papers_recipe_and_updates_as_torch_does():
   three steps inside epoch 0 exactly as torch's AdamW and SGD do (NumPy re-implementations above). Shown to fail
   by changing a value in base.py or by dropping the ConfigDict-to-settings conversion in optim."""
   c = base.get_base_config()
-  assert dict(c.train.encoder_optim) == dict(name='adamw', lr=5e-5, end_lr=1e-6, weight_decay=0.05,
-                                             schedule='cosine_per_epoch', warmup_epochs=0, b1=0.9, b2=0.999,
-                                             clip_norm=10.0)
-  assert dict(c.train.prompt_optim) == dict(name='sgd', lr=2e-3, momentum=0.9, weight_decay=1e-4,
-                                            schedule='constant', clip_norm=10.0)
+  assert dict(c.train.encoder_optim) == dict(
+    name='adamw',
+    lr=5e-5,
+    end_lr=1e-6,
+    weight_decay=0.05,
+    schedule='cosine_per_epoch',
+    warmup_epochs=0,
+    b1=0.9,
+    b2=0.999,
+    clip_norm=10.0,
+  )
+  assert dict(c.train.prompt_optim) == dict(
+    name='sgd', lr=2e-3, momentum=0.9, weight_decay=1e-4, schedule='constant', clip_norm=10.0
+  )
   rules = [('^encoder/', c.train.encoder_optim), ('^clip/prompts/', c.train.prompt_optim), ('^clip/', None)]
   params = _params()
   grads = [_grads_like(params, s, scale=0.1) for s in range(3)]  # global norms < 10: no clipping
@@ -117,8 +140,13 @@ def test_the_base_config_is_the_papers_recipe_and_updates_as_torch_does():
 def test_original_decay_mask():
   mask = _flat(optim.original_decay_mask(_params()))
   decayed = {name for name, m in mask.items() if m}
-  assert decayed == {'encoder/cls_pos', 'encoder/block_0/dense/kernel', 'encoder/conv/kernel',
-                     'clip/vision/layer/kernel', 'clip/text/embedding'}
+  assert decayed == {
+    'encoder/cls_pos',
+    'encoder/block_0/dense/kernel',
+    'encoder/conv/kernel',
+    'clip/vision/layer/kernel',
+    'clip/text/embedding',
+  }
   # Not decayed: 1-D leaves (biases, norm scales), 0-D logit_scale, anything named *token* (cls_token, prompts).
 
 
@@ -126,15 +154,21 @@ def test_decay_mask_and_update_of_a_scanned_stack_match_its_layers_one_by_one():
   """A scanned stack's leaves carry a leading layer axis: a stacked norm scale (layers, C) is still a 1-D leaf for
   weight decay, and AdamW on the stack is AdamW on each layer."""
   rng = np.random.default_rng(3)
-  layers = [{'norm': {'scale': rng.normal(size=6), 'bias': rng.normal(size=6)},
-             'fc': {'kernel': rng.normal(size=(6, 4)), 'bias': rng.normal(size=4)}} for _ in range(3)]
+  layers = [
+    {
+      'norm': {'scale': rng.normal(size=6), 'bias': rng.normal(size=6)},
+      'fc': {'kernel': rng.normal(size=(6, 4)), 'bias': rng.normal(size=4)},
+    }
+    for _ in range(3)
+  ]
   unrolled = {'encoder': {f'blocks_{i}': jax.tree.map(jnp.float32, layer) for i, layer in enumerate(layers)}}
   stacked = stack_layers(unrolled)
   assert stacked['encoder']['blocks']['norm']['scale'].shape == (3, 6)
   mask = _flat(optim.original_decay_mask(stacked))
   assert {n for n, m in mask.items() if m} == {'encoder/blocks/fc/kernel'}
-  assert _flat(optim.original_decay_mask(unrolled)) == {n: m for n, m in _flat(optim.original_decay_mask(
-      unstack_layers(stacked))).items()}
+  assert _flat(optim.original_decay_mask(unrolled)) == {
+    n: m for n, m in _flat(optim.original_decay_mask(unstack_layers(stacked))).items()
+  }
   tx, _ = optim.make_optimizer([('^encoder/', ENCODER)], steps_per_epoch=10, total_steps=100)
   grads = _grads_like(unrolled, 4)
   updates_unrolled, _ = tx.update(grads, tx.init(unrolled), unrolled)
@@ -270,8 +304,11 @@ def test_adamw_group_matches_optax_adamw_with_explicit_mask():
 
 def test_gradient_clipping_is_per_group_over_trainable_leaves():
   plain_sgd = dict(name='sgd', lr=1.0, schedule='constant')
-  rules = [('^encoder/', dict(plain_sgd, clip_norm=1.0)), ('^clip/prompts/', dict(plain_sgd, clip_norm=2.0)),
-           ('^clip/', None)]
+  rules = [
+    ('^encoder/', dict(plain_sgd, clip_norm=1.0)),
+    ('^clip/prompts/', dict(plain_sgd, clip_norm=2.0)),
+    ('^clip/', None),
+  ]
   params = _params()
   grads = _grads_like(params, 3, scale=10.0)
   grads['clip']['vision']['layer']['kernel'] = grads['clip']['vision']['layer']['kernel'] * 1e6  # frozen: ignored
@@ -299,8 +336,7 @@ def test_global_norms_per_group_match_numpy():
   assert set(norms) == {'encoder', 'clip_prompts'}
   flat = _flat(grads)
   for group, prefix in (('encoder', 'encoder/'), ('clip_prompts', 'clip/prompts/')):
-    expected = math.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for n, v in flat.items()
-                             if n.startswith(prefix)))
+    expected = math.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for n, v in flat.items() if n.startswith(prefix)))
     np.testing.assert_allclose(float(norms[group]), expected, rtol=1e-6)
   trainable, _ = optim.partition(grads, RULES)
   np.testing.assert_allclose(float(optim.global_norms(trainable, RULES)['encoder']), float(norms['encoder']))
@@ -328,8 +364,9 @@ def test_cosine_per_epoch_matches_timm_staircase():
 
 
 def test_cosine_per_epoch_with_warmup_and_explicit_epochs():
-  settings = dict(name='adamw', lr=1e-3, end_lr=1e-6, warmup_lr=1e-6, warmup_epochs=2, epochs=8,
-                  schedule='cosine_per_epoch')
+  settings = dict(
+    name='adamw', lr=1e-3, end_lr=1e-6, warmup_lr=1e-6, warmup_epochs=2, epochs=8, schedule='cosine_per_epoch'
+  )
   schedule = optim.make_schedule(settings, steps_per_epoch=4, total_steps=1000)
   for step in (0, 3, 4, 7, 8, 12, 31, 32):
     expected = _timm_cosine(step // 4, 1e-3, 1e-6, 8, warmup_t=2, warmup_lr_init=1e-6)
@@ -351,8 +388,9 @@ def test_schedule_drives_the_update_and_learning_rates_reports_it():
 
 
 def test_per_step_cosine_endpoints():
-  schedule = optim.make_schedule(dict(name='sgd', lr=1.0, end_lr=0.1, schedule='cosine'), steps_per_epoch=10,
-                                 total_steps=100)
+  schedule = optim.make_schedule(
+    dict(name='sgd', lr=1.0, end_lr=0.1, schedule='cosine'), steps_per_epoch=10, total_steps=100
+  )
   np.testing.assert_allclose([float(schedule(s)) for s in (0, 50, 100)], [1.0, 0.55, 0.1], rtol=1e-6)
 
 
@@ -360,9 +398,11 @@ def test_per_step_cosine_endpoints():
 
 
 def test_select_groups_alternates_like_two_separate_optimizers():
-  rules = [('^encoder/', dict(name='sgd', lr=0.1, end_lr=0.001, schedule='cosine_per_epoch', steps_on='even')),
-           ('^clip/prompts/', dict(name='sgd', lr=0.02, momentum=0.9, weight_decay=0.01, steps_on='odd')),
-           ('^clip/', None)]
+  rules = [
+    ('^encoder/', dict(name='sgd', lr=0.1, end_lr=0.001, schedule='cosine_per_epoch', steps_on='even')),
+    ('^clip/prompts/', dict(name='sgd', lr=0.02, momentum=0.9, weight_decay=0.01, steps_on='odd')),
+    ('^clip/', None),
+  ]
   tx, labels_fn = optim.make_optimizer(rules, steps_per_epoch=2, total_steps=8)  # 4 epochs of 2 global steps
   params = _params()
   grads = [_grads_like(params, s) for s in range(8)]
@@ -370,8 +410,9 @@ def test_select_groups_alternates_like_two_separate_optimizers():
   @jax.jit
   def step(i, params, state, grads):
     updates, new_state = tx.update(grads, state, params)
-    updates, new_state = optim.select_groups({'encoder': i % 2 == 0, 'clip_prompts': i % 2 == 1}, updates,
-                                             new_state, state, labels_fn)
+    updates, new_state = optim.select_groups(
+      {'encoder': i % 2 == 0, 'clip_prompts': i % 2 == 1}, updates, new_state, state, labels_fn
+    )
     return optax.apply_updates(params, updates), new_state, updates
 
   state = tx.init(params)
@@ -383,15 +424,22 @@ def test_select_groups_alternates_like_two_separate_optimizers():
     if i % 2:  # odd: the encoder holds still
       assert not flat_u['encoder/cls_pos'].any()
     else:  # even: plain SGD at the global step's per-epoch cosine
-      np.testing.assert_allclose(flat_u['encoder/cls_pos'], -_timm_cosine(i // 2, 0.1, 0.001, 4) *
-                                 _flat(grads[i])['encoder/cls_pos'], rtol=1e-5, err_msg=f'step {i}')
+      np.testing.assert_allclose(
+        flat_u['encoder/cls_pos'],
+        -_timm_cosine(i // 2, 0.1, 0.001, 4) * _flat(grads[i])['encoder/cls_pos'],
+        rtol=1e-5,
+        err_msg=f'step {i}',
+      )
       assert not flat_u['clip/prompts/tokens'].any()
     np.testing.assert_array_equal(_flat(current)['clip/vision/layer/kernel'], before['clip/vision/layer/kernel'])
 
   odd_grads = [_flat(grads[i])['clip/prompts/tokens'] for i in (1, 3, 5, 7)]
-  np.testing.assert_allclose(_flat(current)['clip/prompts/tokens'],
-                             _numpy_sgd(_flat(params)['clip/prompts/tokens'], odd_grads, 0.02, 0.9, 0.01),
-                             rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(
+    _flat(current)['clip/prompts/tokens'],
+    _numpy_sgd(_flat(params)['clip/prompts/tokens'], odd_grads, 0.02, 0.9, 0.01),
+    rtol=1e-5,
+    atol=1e-7,
+  )
   lrs = optim.learning_rates(rules, 6, steps_per_epoch=2, total_steps=8)
   np.testing.assert_allclose(float(lrs['encoder']), _timm_cosine(3, 0.1, 0.001, 4), rtol=1e-5)
 
@@ -427,6 +475,7 @@ def test_the_runners_schedule_trains_one_epoch_more():
   is E + 1 epochs of batches (its cosine still spans E: optimizer_rules sets the groups' epochs); 'per_epoch' runs E;
   an explicit total_steps wins either way. 655 = 41,969 // 64, the shipped recipe's batches per epoch."""
   from cg3d_jax.training import common, pretrain
+
   config = base.get_base_config()
   assert common.total_steps(config, 655) == 100 * 655
   config.train.lr_schedule = 'original'

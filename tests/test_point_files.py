@@ -18,11 +18,14 @@ def _reference_normalize(xyz):
 def _write_big_endian_ply(path, xyz, rgb):
   """A hand-written big-endian PLY in a different layout: colours first, double coordinates, an extra property,
   and an empty face element after the vertices."""
-  header = ('ply\nformat binary_big_endian 1.0\ncomment by the test\nelement vertex {}\nproperty uchar red\n'
-            'property uchar green\nproperty uchar blue\nproperty double x\nproperty double y\nproperty double z\n'
-            'property float intensity\nelement face 0\nproperty list uchar int vertex_indices\nend_header\n')
-  rows = np.empty(len(xyz), dtype=[('r', 'u1'), ('g', 'u1'), ('b', 'u1'), ('x', '>f8'), ('y', '>f8'),
-                                   ('z', '>f8'), ('i', '>f4')])
+  header = (
+    'ply\nformat binary_big_endian 1.0\ncomment by the test\nelement vertex {}\nproperty uchar red\n'
+    'property uchar green\nproperty uchar blue\nproperty double x\nproperty double y\nproperty double z\n'
+    'property float intensity\nelement face 0\nproperty list uchar int vertex_indices\nend_header\n'
+  )
+  rows = np.empty(
+    len(xyz), dtype=[('r', 'u1'), ('g', 'u1'), ('b', 'u1'), ('x', '>f8'), ('y', '>f8'), ('z', '>f8'), ('i', '>f4')]
+  )
   rows['r'], rows['g'], rows['b'] = rgb.T
   rows['x'], rows['y'], rows['z'] = xyz.astype(np.float64).T
   rows['i'] = 0.5
@@ -54,10 +57,16 @@ def test_owl_in_every_format_gives_identical_points_and_colours(owl, tmp_path):
   write_ply(tmp_path / 'ascii.ply', xyz, rgb, binary=False)
   _write_big_endian_ply(tmp_path / 'big_endian.ply', xyz, rgb)
   np.save(tmp_path / 'points.npy', np.concatenate([xyz, rgb.astype(np.float32)], axis=1))
-  np.savetxt(tmp_path / 'space.txt', np.concatenate([xyz.astype(object), rgb.astype(object)], 1),
-             fmt=['%.9g'] * 3 + ['%d'] * 3)
-  np.savetxt(tmp_path / 'comma.txt', np.concatenate([xyz.astype(object), rgb.astype(object)], 1),
-             fmt=['%.9g'] * 3 + ['%d'] * 3, delimiter=', ', header='x, y, z, r, g, b')
+  np.savetxt(
+    tmp_path / 'space.txt', np.concatenate([xyz.astype(object), rgb.astype(object)], 1), fmt=['%.9g'] * 3 + ['%d'] * 3
+  )
+  np.savetxt(
+    tmp_path / 'comma.txt',
+    np.concatenate([xyz.astype(object), rgb.astype(object)], 1),
+    fmt=['%.9g'] * 3 + ['%d'] * 3,
+    delimiter=', ',
+    header='x, y, z, r, g, b',
+  )
   expected = normalize_points(xyz)
   np.testing.assert_allclose(expected, _reference_normalize(xyz), atol=1e-6)
   for name in ('binary.ply', 'ascii.ply', 'big_endian.ply', 'points.npy', 'space.txt', 'comma.txt'):
@@ -87,17 +96,22 @@ def test_modelnet_txt_in_every_format_gives_identical_points(airplane, tmp_path)
 def _cube_off(path, header='OFF\n8 6 12\n', quads=True, colour=None):
   centre, half = np.array([1.0, -2.0, 0.5]), 0.75
   corners = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)]) * half + centre
-  vertex_lines = [' '.join(f'{v:.6f}' for v in c) + ('' if colour is None else ' ' + ' '.join(map(str, colour)))
-                  for c in corners]
+  vertex_lines = [
+    ' '.join(f'{v:.6f}' for v in c) + ('' if colour is None else ' ' + ' '.join(map(str, colour))) for c in corners
+  ]
   quads_list = [(0, 1, 3, 2), (4, 6, 7, 5), (0, 4, 5, 1), (2, 3, 7, 6), (0, 2, 6, 4), (1, 5, 7, 3)]
-  faces = ([f'4 {" ".join(map(str, q))}' for q in quads_list] if quads else
-           [f'3 {q[0]} {q[i]} {q[i + 1]}' for q in quads_list for i in (1, 2)])
+  faces = (
+    [f'4 {" ".join(map(str, q))}' for q in quads_list]
+    if quads
+    else [f'3 {q[0]} {q[i]} {q[i + 1]}' for q in quads_list for i in (1, 2)]
+  )
   path.write_text(header + '\n'.join(vertex_lines + faces) + '\n')
   return centre, half
 
 
-@pytest.mark.parametrize('header,quads', [('OFF\n8 6 12\n', True), ('OFF8 12 18\n', False)],
-                         ids=['quads', 'modelnet_glued_header_triangles'])
+@pytest.mark.parametrize(
+  'header,quads', [('OFF\n8 6 12\n', True), ('OFF8 12 18\n', False)], ids=['quads', 'modelnet_glued_header_triangles']
+)
 def test_off_cube_points_lie_on_the_surface_uniformly(tmp_path, header, quads):
   centre, half = _cube_off(tmp_path / 'cube.off', header, quads)
   cloud = read_points(tmp_path / 'cube.off', mesh_points=6000, seed=1)
@@ -106,8 +120,9 @@ def test_off_cube_points_lie_on_the_surface_uniformly(tmp_path, header, quads):
   np.testing.assert_allclose(offset.max(axis=1), half, atol=1e-5)  # on a face ...
   assert np.all(offset <= half + 1e-5)  # ... and inside the square
   # Equal-area faces get equal shares: each of the 6 faces holds 1000 ± a few standard deviations (≈29).
-  face = np.argmax(offset, axis=1) * 2 + (cloud.xyz[np.arange(6000), np.argmax(offset, axis=1)] > centre[
-      np.argmax(offset, axis=1)])
+  face = np.argmax(offset, axis=1) * 2 + (
+    cloud.xyz[np.arange(6000), np.argmax(offset, axis=1)] > centre[np.argmax(offset, axis=1)]
+  )
   assert np.all(np.abs(np.bincount(face, minlength=6) - 1000) < 150)
   again = read_points(tmp_path / 'cube.off', mesh_points=6000, seed=1)
   other = read_points(tmp_path / 'cube.off', mesh_points=6000, seed=2)
@@ -123,9 +138,20 @@ def test_coloured_off_and_ply_mesh(tmp_path):
   corners = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)]) * half + centre
   red = np.where(corners[:, 0] > centre[0], 255, 0)
   quads = [(0, 1, 3, 2), (4, 6, 7, 5), (0, 4, 5, 1), (2, 3, 7, 6), (0, 2, 6, 4), (1, 5, 7, 3)]
-  lines = ['ply', 'format ascii 1.0', 'element vertex 8', 'property float x', 'property float y',
-           'property float z', 'property uchar red', 'property uchar green', 'property uchar blue',
-           'element face 6', 'property list uchar int vertex_indices', 'end_header']
+  lines = [
+    'ply',
+    'format ascii 1.0',
+    'element vertex 8',
+    'property float x',
+    'property float y',
+    'property float z',
+    'property uchar red',
+    'property uchar green',
+    'property uchar blue',
+    'element face 6',
+    'property list uchar int vertex_indices',
+    'end_header',
+  ]
   lines += [f'{c[0]} {c[1]} {c[2]} {r} 0 0' for c, r in zip(corners, red)]
   lines += ['4 ' + ' '.join(map(str, q)) for q in quads]
   (tmp_path / 'cube.ply').write_text('\n'.join(lines) + '\n')
@@ -143,10 +169,13 @@ def test_binary_ply_mesh(tmp_path, mixed):
   corners = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)]) * half + centre
   quads = [(0, 1, 3, 2), (4, 6, 7, 5), (0, 4, 5, 1), (2, 3, 7, 6), (0, 2, 6, 4), (1, 5, 7, 3)]
   faces = quads[:4] + [q[:3] for q in quads[4:]] + [(q[0], q[2], q[3]) for q in quads[4:]] if mixed else quads
-  header = (f'ply\nformat binary_little_endian 1.0\nelement vertex 8\nproperty float x\nproperty float y\n'
-            f'property float z\nelement face {len(faces)}\nproperty list uchar int vertex_indices\nend_header\n')
+  header = (
+    f'ply\nformat binary_little_endian 1.0\nelement vertex 8\nproperty float x\nproperty float y\n'
+    f'property float z\nelement face {len(faces)}\nproperty list uchar int vertex_indices\nend_header\n'
+  )
   body = corners.astype('<f4').tobytes() + b''.join(
-      np.uint8(len(f)).tobytes() + np.asarray(f, '<i4').tobytes() for f in faces)
+    np.uint8(len(f)).tobytes() + np.asarray(f, '<i4').tobytes() for f in faces
+  )
   (tmp_path / 'cube.ply').write_bytes(header.encode() + body)
   cloud = read_points(tmp_path / 'cube.ply', mesh_points=3000, seed=5)
   assert cloud.from_mesh and cloud.rgb is None and cloud.xyz.shape == (3000, 3)

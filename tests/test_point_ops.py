@@ -44,8 +44,11 @@ def numpy_fps(xyz: np.ndarray, num_samples: int) -> np.ndarray:
   old = 0
   for step in range(1, num_samples):
     best, besti = np.float32(-1.0), 0
-    d = ((xyz[:, 0] - xyz[old, 0]) * (xyz[:, 0] - xyz[old, 0]) + (xyz[:, 1] - xyz[old, 1]) * (xyz[:, 1] - xyz[old, 1])
-         + (xyz[:, 2] - xyz[old, 2]) * (xyz[:, 2] - xyz[old, 2]))
+    d = (
+      (xyz[:, 0] - xyz[old, 0]) * (xyz[:, 0] - xyz[old, 0])
+      + (xyz[:, 1] - xyz[old, 1]) * (xyz[:, 1] - xyz[old, 1])
+      + (xyz[:, 2] - xyz[old, 2]) * (xyz[:, 2] - xyz[old, 2])
+    )
     for k in range(n):  # the kernel's per-thread scan, as one thread; strict '>' keeps the lowest index
       if skipped[k]:
         continue

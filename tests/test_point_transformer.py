@@ -20,8 +20,12 @@ from tests.conftest import FIXTURES, NEAR_TIE, grouping_margin, modelnet_root
 
 # Real objects, each a 1024-row window of its file chosen so that no grouping decision (FPS argmax, 32nd neighbour)
 # is a near-tie: float32 comparisons with the twin then group the same points on every machine (conftest.NEAR_TIE).
-OBJECTS = (('airplane/airplane_0001', 5), ('airplane/airplane_0628', 0), ('bathtub/bathtub_0107', 3),
-           ('bathtub/bathtub_0115', 8))
+OBJECTS = (
+  ('airplane/airplane_0001', 5),
+  ('airplane/airplane_0628', 0),
+  ('bathtub/bathtub_0107', 3),
+  ('bathtub/bathtub_0115', 8),
+)
 SMALL = dict(depth=2, num_classes=55)  # real widths, two blocks: parity at a size that compiles quickly
 
 
@@ -43,8 +47,9 @@ def load_objects(fixtures_dir, num_points: int = 1024) -> np.ndarray:
   """Real ModelNet40 objects, centred and scaled to the unit sphere as the zero-shot pipeline does."""
   clouds = []
   for name, window in OBJECTS:
-    xyz = np.loadtxt(modelnet_root() / f'{name}.txt', delimiter=',',
-                     dtype=np.float32)[window * num_points:(window + 1) * num_points, :3]
+    xyz = np.loadtxt(modelnet_root() / f'{name}.txt', delimiter=',', dtype=np.float32)[
+      window * num_points : (window + 1) * num_points, :3
+    ]
     xyz = xyz - xyz.mean(0)
     clouds.append(xyz / np.max(np.linalg.norm(xyz, axis=1)))
   return np.stack(clouds).astype(np.float32)
@@ -62,8 +67,11 @@ def randomised_batch_stats(batch_stats, seed=1):
   """Non-trivial running statistics so that eval-mode BatchNorm is really exercised."""
   rng = np.random.default_rng(seed)
   return jax.tree.map_with_path(
-      lambda path, x: jnp.asarray(rng.uniform(0.5, 2.0, x.shape) if path[-1].key == 'var'
-                                  else rng.normal(0.0, 0.1, x.shape), jnp.float32), batch_stats)
+    lambda path, x: jnp.asarray(
+      rng.uniform(0.5, 2.0, x.shape) if path[-1].key == 'var' else rng.normal(0.0, 0.1, x.shape), jnp.float32
+    ),
+    batch_stats,
+  )
 
 
 @pytest.fixture(scope='module')
@@ -116,8 +124,11 @@ def test_eval_parity_with_twin(small_pair, points, highest_precision):
   with torch.no_grad():
     pts = torch.from_numpy(points)
     want = twin(pts).numpy(), twin.forward_logits(pts).numpy(), twin.pooled_features(pts).numpy()
-  got = (apply(variables, points, train=False), apply(variables, points, train=False, return_logits=True),
-         apply(variables, points, train=False, return_features=True))
+  got = (
+    apply(variables, points, train=False),
+    apply(variables, points, train=False, return_logits=True),
+    apply(variables, points, train=False, return_features=True),
+  )
   for g, w, width in zip(got, want, (512, 55, 768)):
     assert g.shape == (len(OBJECTS), width)
     np.testing.assert_allclose(np.asarray(g), w, atol=1e-4, rtol=0)
@@ -144,8 +155,9 @@ def test_coloured_encoder_matches_the_twin_and_converts_both_ways(points, highes
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
   # Colour matters: the same xyz in other colours gives other features.
   other = np.concatenate([points, 1 - rgb], axis=-1)
-  assert not np.allclose(np.asarray(model.apply({'params': params, 'batch_stats': stats}, other, train=False)), got,
-                         atol=1e-3)
+  assert not np.allclose(
+    np.asarray(model.apply({'params': params, 'batch_stats': stats}, other, train=False)), got, atol=1e-3
+  )
   assert torch_io.point_transformer_kwargs_from_torch(state_dict)['in_channels'] == 6
   back, back_stats = torch_io.point_transformer_from_torch(state_dict)
   for a, b in zip(jax.tree.leaves((back, back_stats)), jax.tree.leaves((params, stats))):
@@ -158,8 +170,12 @@ def test_attention_implementations_give_the_same_features(small_pair, points, hi
   """The default kernel (jax.nn.dot_product_attention, XLA on CPU) and the written-out einsum form, on real objects."""
   model, params, batch_stats, _ = small_pair
   variables = {'params': params, 'batch_stats': batch_stats}
-  features = {impl: np.asarray(jax.jit(model.clone(attention=impl).apply, static_argnames='train')(
-      variables, points, train=False)) for impl in ('einsum', 'auto', 'xla')}
+  features = {
+    impl: np.asarray(
+      jax.jit(model.clone(attention=impl).apply, static_argnames='train')(variables, points, train=False)
+    )
+    for impl in ('einsum', 'auto', 'xla')
+  }
   np.testing.assert_array_equal(features['auto'], features['einsum'])  # on CPU, auto is the head-major einsum
   # float32 rounding apart: the two layouts sum the products in different orders (measured max 1.6e-6 on features
   # up to ~1 after two blocks; the twin agrees with either to 1e-4)
@@ -171,8 +187,7 @@ def test_train_mode_batch_stats_match_twin(small_pair, points, highest_precision
   direction = np.random.default_rng(3).normal(size=(len(OBJECTS), 512)).astype(np.float32)
 
   def loss_fn(p):
-    out, updates = model.apply({'params': p, 'batch_stats': batch_stats}, points, train=True,
-                               mutable=['batch_stats'])
+    out, updates = model.apply({'params': p, 'batch_stats': batch_stats}, points, train=True, mutable=['batch_stats'])
     return jnp.sum(out * direction), updates['batch_stats']
 
   loss, new_stats = jax.jit(loss_fn)(params)
@@ -185,12 +200,17 @@ def test_train_mode_batch_stats_match_twin(small_pair, points, highest_precision
   state = twin.state_dict()
   for stage in ('first', 'second'):
     for ours, theirs in (('mean', 'running_mean'), ('var', 'running_var')):
-      np.testing.assert_allclose(np.asarray(new_stats['encoder'][f'{stage}_bn'][ours]),
-                                 state[f'encoder.{stage}_conv.1.{theirs}'].numpy(), rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(
+        np.asarray(new_stats['encoder'][f'{stage}_bn'][ours]),
+        state[f'encoder.{stage}_conv.1.{theirs}'].numpy(),
+        rtol=1e-5,
+        atol=1e-6,
+      )
     assert int(state[f'encoder.{stage}_conv.1.num_batches_tracked']) == 1
   # The running variance moved toward the unbiased batch variance, not stayed put.
-  assert not np.allclose(np.asarray(new_stats['encoder']['first_bn']['var']),
-                         np.asarray(batch_stats['encoder']['first_bn']['var']))
+  assert not np.allclose(
+    np.asarray(new_stats['encoder']['first_bn']['var']), np.asarray(batch_stats['encoder']['first_bn']['var'])
+  )
 
 
 def test_gradients_match_twin_in_float64(small_pair, points):
@@ -215,8 +235,9 @@ def test_gradients_match_twin_in_float64(small_pair, points):
     stats64 = to64(batch_stats)
 
     def loss_fn(p):
-      out, _ = model64.apply({'params': p, 'batch_stats': stats64}, points.astype(np.float64), train=True,
-                             mutable=['batch_stats'])
+      out, _ = model64.apply(
+        {'params': p, 'batch_stats': stats64}, points.astype(np.float64), train=True, mutable=['batch_stats']
+      )
       return jnp.sum(out * direction)
 
     grads = trees.flatten(trees.unstack_layers(jax.jit(jax.grad(loss_fn))(to64(params))))
@@ -309,8 +330,10 @@ def test_remat_unrolled_blocks_and_stochastic_depth(small_pair, points):
   dropping = model.clone(drop_path_rate=0.5)
 
   def run(key, m=dropping):
-    return np.asarray(jax.jit(lambda k: m.apply(variables, points, train=True, mutable=['batch_stats'],
-                                                rngs={'dropout': k})[0])(key))
+    return np.asarray(
+      jax.jit(lambda k: m.apply(variables, points, train=True, mutable=['batch_stats'], rngs={'dropout': k})[0])(key)
+    )
+
   outputs = [run(jax.random.key(seed)) for seed in range(4)]
   np.testing.assert_array_equal(run(jax.random.key(0)), outputs[0])
   assert any(not np.allclose(outputs[0], other) for other in outputs[1:])
@@ -319,12 +342,14 @@ def test_remat_unrolled_blocks_and_stochastic_depth(small_pair, points):
 
 def test_bfloat16_compute_keeps_float32_state(points):
   """Compute dtype bf16: parameters and BatchNorm statistics stay float32, outputs are close to fp32's."""
-  model = PointTransformer(width=64, depth=1, num_heads=2, num_groups=16, group_size=8, encoder_dim=32,
-                           num_classes=5, dtype=jnp.bfloat16)
+  model = PointTransformer(
+    width=64, depth=1, num_heads=2, num_groups=16, group_size=8, encoder_dim=32, num_classes=5, dtype=jnp.bfloat16
+  )
   variables = jax.jit(model.init, static_argnames='train')(jax.random.key(0), points, train=False)
   assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
-  out, updates = jax.jit(lambda v: model.apply(v, points, train=True, mutable=['batch_stats'],
-                                               rngs={'dropout': jax.random.key(1)}))(variables)
+  out, updates = jax.jit(
+    lambda v: model.apply(v, points, train=True, mutable=['batch_stats'], rngs={'dropout': jax.random.key(1)})
+  )(variables)
   assert out.dtype == jnp.bfloat16 and out.shape == (len(OBJECTS), 512)
   assert {x.dtype for x in jax.tree.leaves(updates)} == {jnp.dtype(jnp.float32)}
   fp32 = jax.jit(lambda v: model.clone(dtype=jnp.float32).apply(v, points, train=False))(variables)

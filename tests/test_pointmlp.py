@@ -27,7 +27,7 @@ def _reference_layout() -> list[tuple[str, tuple[int, ...]]]:
   lines = (FIXTURES / 'reference' / 'cg3d_torch_state_dict_keys.tsv').read_text().splitlines()
   start = lines.index('# pointmlp ModelProject')
   rows = []
-  for line in lines[start + 1:]:
+  for line in lines[start + 1 :]:
     if line.startswith('#'):
       break
     if line:
@@ -129,8 +129,9 @@ def test_eval_parity_with_twin_on_modelnet40(real_twin):
     expected = copy.deepcopy(real_twin).double()(torch.from_numpy(points)).numpy()
   params, batch_stats = pointmlp_from_torch(real_twin.state_dict())
   model = PointMLP(dtype=jnp.float64)
-  got = _in_float64(jax.jit(lambda v, p: model.apply(v, p, train=False)),
-                    {'params': params, 'batch_stats': batch_stats}, points)
+  got = _in_float64(
+    jax.jit(lambda v, p: model.apply(v, p, train=False)), {'params': params, 'batch_stats': batch_stats}, points
+  )
   assert got.shape == (2, 512) and got.dtype == np.float64
   assert np.abs(expected).max() > 0.1  # a meaningful comparison, not two near-zero vectors
   np.testing.assert_allclose(got, expected, atol=1e-9 * np.abs(expected).max(), rtol=0)
@@ -151,9 +152,9 @@ def _train_step_twin(twin, points, weights):
 
 def _gradients_jax(model, params, batch_stats, points, weights):
   def loss(p):
-    y, updates = model.apply({'params': p, 'batch_stats': batch_stats}, points, train=True,
-                             mutable=['batch_stats'])
+    y, updates = model.apply({'params': p, 'batch_stats': batch_stats}, points, train=True, mutable=['batch_stats'])
     return jnp.sum(y * weights), (y, updates['batch_stats'])
+
   return jax.jit(jax.grad(loss, has_aux=True))(params)[0]
 
 
@@ -171,15 +172,19 @@ def test_train_mode_running_statistics_match_twin(small_twin):
   params, batch_stats = pointmlp_from_torch(small_twin.state_dict(), PointMLP(**SMALL))
   expected_out, merged = _train_step_twin(copy.deepcopy(small_twin).double(), points, weights)
   _, expected_stats = pointmlp_from_torch(merged, PointMLP(**SMALL))
-  out, new_stats = _in_float64(jax.jit(lambda v, p: model.apply(v, p, train=True, mutable=['batch_stats'])),
-                               {'params': params, 'batch_stats': batch_stats}, points)
+  out, new_stats = _in_float64(
+    jax.jit(lambda v, p: model.apply(v, p, train=True, mutable=['batch_stats'])),
+    {'params': params, 'batch_stats': batch_stats},
+    points,
+  )
   new_stats = new_stats['batch_stats']
   np.testing.assert_allclose(out, expected_out, atol=1e-9 * np.abs(expected_out).max(), rtol=0)
   # The converter hands the twin's float64 statistics back as float32: compare at float32 resolution.
   _assert_trees_close(new_stats, expected_stats, atol=1e-9, rtol=1e-6)
   # One forward moves the statistics (momentum 0.1, unbiased variance), so the comparison above is not vacuous.
-  assert not np.allclose(np.asarray(new_stats['embedding']['bn']['var']),
-                         np.asarray(batch_stats['embedding']['bn']['var']), rtol=1e-3)
+  assert not np.allclose(
+    np.asarray(new_stats['embedding']['bn']['var']), np.asarray(batch_stats['embedding']['bn']['var']), rtol=1e-3
+  )
 
 
 def test_gradients_match_twin_in_float64(small_twin):
@@ -196,8 +201,9 @@ def test_gradients_match_twin_in_float64(small_twin):
   twin = copy.deepcopy(small_twin).double()
   _, merged = _train_step_twin(twin, points, weights)
   params, batch_stats = pointmlp_from_torch(small_twin.state_dict(), PointMLP(**SMALL))
-  grads = trees.flatten(_in_float64(lambda p, s, x, w: _gradients_jax(model, p, s, x, w), params, batch_stats,
-                                       points, weights))
+  grads = trees.flatten(
+    _in_float64(lambda p, s, x, w: _gradients_jax(model, p, s, x, w), params, batch_stats, points, weights)
+  )
   checked = 0
   for e in torch_io_pointmlp.pointmlp_entries(model.pre_blocks, model.pos_blocks):
     if e.collection != torch_io.PARAMS:
@@ -229,8 +235,16 @@ def test_round_trip_flax_torch_flax_is_exact():
 
 
 def test_sizes_are_read_off_a_state_dict_of_another_configuration(highest_precision):
-  kwargs = dict(embed_dim=8, res_expansion=0.5, dim_expansion=(2, 1), pre_blocks=(1, 2), pos_blocks=(2, 0),
-                k_neighbors=(24, 24), reducers=(2, 2), projection_dim=32)
+  kwargs = dict(
+    embed_dim=8,
+    res_expansion=0.5,
+    dim_expansion=(2, 1),
+    pre_blocks=(1, 2),
+    pos_blocks=(2, 0),
+    k_neighbors=(24, 24),
+    reducers=(2, 2),
+    projection_dim=32,
+  )
   torch.manual_seed(7)
   twin = PointMLPProject(points=128, **kwargs).eval()
   _randomize_twin(twin, seed=8)
@@ -250,8 +264,17 @@ def test_coloured_pointmlp_matches_the_twin_and_converts_both_ways(highest_preci
   """6 input channels (xyz + rgb), OpenShape's coloured PointMLP: the embedding sees every channel, sampling and
   neighbour search xyz alone; the Flax encoder gives the twin's features, and its state dict reads back exactly with
   in_channels found from the weights."""
-  kwargs = dict(embed_dim=8, res_expansion=0.5, dim_expansion=(2, 1), pre_blocks=(1, 2), pos_blocks=(2, 0),
-                k_neighbors=(24, 24), reducers=(2, 2), projection_dim=32, in_channels=6)
+  kwargs = dict(
+    embed_dim=8,
+    res_expansion=0.5,
+    dim_expansion=(2, 1),
+    pre_blocks=(1, 2),
+    pos_blocks=(2, 0),
+    k_neighbors=(24, 24),
+    reducers=(2, 2),
+    projection_dim=32,
+    in_channels=6,
+  )
   torch.manual_seed(9)
   twin = PointMLPProject(points=128, **kwargs).eval()
   _randomize_twin(twin, seed=10)
@@ -287,14 +310,19 @@ def test_round_trip_torch_flax_torch_is_exact(small_twin):
       assert torch.equal(again[key], value), key
 
 
-@pytest.mark.parametrize('points, message', [
+@pytest.mark.parametrize(
+  'points, message',
+  [
     (np.zeros((1024, 3), np.float32), r'shape \(batch, num_points, 3\)'),
     (np.zeros((2, 1024, 6), np.float32), r'shape \(batch, num_points, 3\)'),
     (np.zeros((2, 1024, 3), np.int32), 'floating-point'),
     (np.ones((2, 40, 3), np.float32), 'stage 1 needs at least 24 points'),
-    (np.where(np.arange(2 * 1024 * 3).reshape(2, 1024, 3) == 3001, np.nan, 1.0).astype(np.float32),
-     r'NaN or infinite coordinates in clouds \[0\]'),
-])
+    (
+      np.where(np.arange(2 * 1024 * 3).reshape(2, 1024, 3) == 3001, np.nan, 1.0).astype(np.float32),
+      r'NaN or infinite coordinates in clouds \[0\]',
+    ),
+  ],
+)
 def test_bad_points_raise_clear_errors(points, message):
   model = PointMLP()
   variables = _random_variables(model, seed=6)

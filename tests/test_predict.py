@@ -40,8 +40,12 @@ def owl_copies(owl_dir, tmp_path_factory):
   """The owl's points in other formats: {'ply_ascii': fixture, 'ply_binary', 'npy', 'txt'}."""
   root = tmp_path_factory.mktemp('owl')
   cloud = point_files.read_points(owl_dir / 'owl.ply')
-  paths = {'ply_ascii': owl_dir / 'owl.ply', 'ply_binary': root / 'owl_binary.ply', 'npy': root / 'owl.npy',
-           'txt': root / 'owl.txt'}
+  paths = {
+    'ply_ascii': owl_dir / 'owl.ply',
+    'ply_binary': root / 'owl_binary.ply',
+    'npy': root / 'owl.npy',
+    'txt': root / 'owl.txt',
+  }
   ply_files.write_ply(paths['ply_binary'], cloud.xyz, cloud.rgb, binary=True)
   np.save(paths['npy'], cloud.xyz)
   np.savetxt(paths['txt'], cloud.xyz, fmt='%.9g')  # 9 significant digits round-trip float32 exactly
@@ -49,8 +53,9 @@ def owl_copies(owl_dir, tmp_path_factory):
 
 
 def test_every_format_gives_the_same_normalised_points(owl_copies):
-  prepared = {name: prediction.prepare_points(point_files.read_points(path).xyz, 1024)
-              for name, path in owl_copies.items()}
+  prepared = {
+    name: prediction.prepare_points(point_files.read_points(path).xyz, 1024) for name, path in owl_copies.items()
+  }
   reference = prepared['ply_ascii']
   assert reference.shape == (10_000, 3)
   assert np.max(np.linalg.norm(reference, axis=1)) == pytest.approx(1.0, abs=1e-6)
@@ -67,9 +72,11 @@ def test_a_mesh_as_off_and_as_ply_gives_the_same_points(eval_model, tmp_path):
   vertices = '\n'.join(' '.join(f'{v:g}' for v in row) for row in CUBE_VERTICES)
   faces = '\n'.join('4 ' + ' '.join(map(str, q)) for q in CUBE_QUADS)
   (tmp_path / 'box.off').write_text(f'OFF\n8 6 0\n{vertices}\n{faces}\n')
-  (tmp_path / 'box.ply').write_text('ply\nformat ascii 1.0\nelement vertex 8\nproperty float x\nproperty float y\n'
-                                    'property float z\nelement face 6\nproperty list uchar int vertex_indices\n'
-                                    f'end_header\n{vertices}\n{faces}\n')
+  (tmp_path / 'box.ply').write_text(
+    'ply\nformat ascii 1.0\nelement vertex 8\nproperty float x\nproperty float y\n'
+    'property float z\nelement face 6\nproperty list uchar int vertex_indices\n'
+    f'end_header\n{vertices}\n{faces}\n'
+  )
   off, ply = (point_files.read_points(tmp_path / name) for name in ('box.off', 'box.ply'))
   assert off.from_mesh and ply.from_mesh and len(off) == point_files.DEFAULT_MESH_POINTS
   np.testing.assert_array_equal(prediction.prepare_points(off.xyz, 64), prediction.prepare_points(ply.xyz, 64))
@@ -93,15 +100,18 @@ def test_short_clouds_are_cycled_up_to_the_encoder_size_and_tiny_ones_refused():
 
 def test_predict_ranks_labels_and_images(eval_model, owl_copies, owl_dir):
   images = [str(owl_dir / name) for name in ('a.jpg', 'b.jpg', 'c.jpg')]
-  results = {name: prediction.predict(eval_model, path, LABELS, images if name == 'ply_ascii' else ())
-             for name, path in owl_copies.items()}
+  results = {
+    name: prediction.predict(eval_model, path, LABELS, images if name == 'ply_ascii' else ())
+    for name, path in owl_copies.items()
+  }
   result = results['ply_ascii']
   assert result['num_points_read'] == 10_000 and not result['from_mesh']
   assert sorted(r['name'] for r in result['labels']) == sorted(LABELS)
   for other in results.values():  # the same object in another format gives the same prediction
     assert [r['name'] for r in other['labels']] == [r['name'] for r in result['labels']]
-    np.testing.assert_allclose([r['similarity'] for r in other['labels']],
-                               [r['similarity'] for r in result['labels']], atol=1e-6)
+    np.testing.assert_allclose(
+      [r['similarity'] for r in other['labels']], [r['similarity'] for r in result['labels']], atol=1e-6
+    )
   for ranked in (result['labels'], result['images']):
     sims = np.array([r['similarity'] for r in ranked])
     probs = np.array([r['probability'] for r in ranked])
@@ -112,8 +122,11 @@ def test_predict_ranks_labels_and_images(eval_model, owl_copies, owl_dir):
   # The similarities recomputed outside the prediction code: the owl's feature (normalised cloud, FPS, encoder)
   # against "This is a <label>" and the photos through transformers' PyTorch CLIP (prompts inserted as CG3D does).
   cloud = prediction.prepare_points(point_files.read_points(owl_copies['ply_ascii']).xyz, eval_model.model.num_points)
-  feature = np.asarray(eval_model.model.point_features(
-      eval_model.encoder_vars, sample_points(jnp.asarray(cloud)[None], eval_model.model.num_points))[0])[0]
+  feature = np.asarray(
+    eval_model.model.point_features(
+      eval_model.encoder_vars, sample_points(jnp.asarray(cloud)[None], eval_model.model.num_points)
+    )[0]
+  )[0]
   torch_clip = CLIPModel.from_pretrained(eval_model.config.clip.path, local_files_only=True).eval()
   ids = tokenize(eval_model.clip.tokenizer, [f'This is a {label}' for label in LABELS])
   pixels = np.stack([eval_model.clip.preprocess(Image.open(path)) for path in images]).transpose(0, 3, 1, 2)
@@ -132,9 +145,21 @@ def test_command_end_to_end_on_the_owl(tiny_checkpoint, owl_dir, tmp_path, capfd
   """The command in this process (its one cold `python -m` run is tests/test_standalone.py's, from the lone copy)."""
   out = tmp_path / 'owl.json'
   caplog.set_level('WARNING')
-  code = run_command(predict.main, ['--checkpoint', str(tiny_checkpoint), '--points', str(owl_dir / 'owl.ply'),
-                                    '--labels', 'owl, chicken,penguin', '--images',
-                                    ','.join(str(owl_dir / f'{name}.jpg') for name in 'abc'), '--json', str(out)])
+  code = run_command(
+    predict.main,
+    [
+      '--checkpoint',
+      str(tiny_checkpoint),
+      '--points',
+      str(owl_dir / 'owl.ply'),
+      '--labels',
+      'owl, chicken,penguin',
+      '--images',
+      ','.join(str(owl_dir / f'{name}.jpg') for name in 'abc'),
+      '--json',
+      str(out),
+    ],
+  )
   stdout, stderr = capfd.readouterr()
   assert code == 0, stderr[-3000:]
   # A good checkpoint reads without orbax's warnings about what we asked for (read-only, no metadata).
@@ -157,20 +182,32 @@ def test_columns_name_the_columns_of_an_ambiguous_text_cloud(tiny_checkpoint, ow
   assert run_command(predict.main, [*base, '--points', str(tmp_path / 'six.txt')]) == 2
   assert '--columns xyz,normals' in capsys.readouterr().err
   for name, extra in (('six', ['--columns', 'xyz,normals']), ('three', [])):
-    assert run_command(predict.main, [*base, '--points', str(tmp_path / f'{name}.txt'), '--json',
-                                      str(tmp_path / f'{name}.json'), *extra]) == 0
+    assert (
+      run_command(
+        predict.main,
+        [*base, '--points', str(tmp_path / f'{name}.txt'), '--json', str(tmp_path / f'{name}.json'), *extra],
+      )
+      == 0
+    )
   six, three = (json.loads((tmp_path / f'{n}.json').read_text())['labels'] for n in ('six', 'three'))
   assert six == three
 
 
-@pytest.mark.parametrize('name, content, message', [
+@pytest.mark.parametrize(
+  'name, content, message',
+  [
     ('empty.ply', b'', 'file is empty'),
     ('blank.txt', b'  \n\n', 'file is empty'),
     ('garbage.ply', b'not a ply file at all\n1 2 3\n', 'not a PLY file'),
-    ('truncated.ply', b'ply\nformat binary_little_endian 1.0\nelement vertex 100\nproperty float x\n'
-                      b'property float y\nproperty float z\nend_header\n\x00\x00', 'truncated'),
+    (
+      'truncated.ply',
+      b'ply\nformat binary_little_endian 1.0\nelement vertex 100\nproperty float x\n'
+      b'property float y\nproperty float z\nend_header\n\x00\x00',
+      'truncated',
+    ),
     ('cloud.obj', b'v 0 0 0\n', 'unknown point-cloud extension'),
-])
+  ],
+)
 def test_unreadable_or_empty_files_are_clear_errors(tiny_checkpoint, tmp_path, capsys, name, content, message):
   path = tmp_path / name
   path.write_bytes(content)
@@ -180,13 +217,16 @@ def test_unreadable_or_empty_files_are_clear_errors(tiny_checkpoint, tmp_path, c
   assert str(path) in err and message in err
 
 
-@pytest.mark.parametrize('args, message', [
+@pytest.mark.parametrize(
+  'args, message',
+  [
     (['--points', 'missing.ply', '--labels', 'a,b'], 'missing.ply: does not exist'),
     (['--points', 'OWL', '--points', 'OWL', '--labels', 'a,b'], 'predict takes one point-cloud file, got 2'),
     (['--points', 'OWL', '--labels', 'a,,b'], 'comma-separated non-empty labels'),
     (['--points', 'OWL', '--labels', 'owl,owl'], "['owl'] appear more than once"),
     (['--points', 'OWL', '--labels', 'a,b', '--images', 'nope.jpg'], 'nope.jpg: does not exist'),
-])
+  ],
+)
 def test_bad_arguments_are_clear_errors(tiny_checkpoint, owl_dir, capsys, args, message):
   args = [str(owl_dir / 'owl.ply') if a == 'OWL' else a for a in args]
   rc = run_command(predict.main, ['--checkpoint', str(tiny_checkpoint), *args])

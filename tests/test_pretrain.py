@@ -18,10 +18,17 @@ from tests.conftest import tiny_config
 
 
 def host_batches(config, n):
-  ds = pipeline.pretrain_local_dataset(config.data, global_batch_size=config.train.batch_size, image_size=32,
-                                       image_mean=(0.48145466, 0.4578275, 0.40821073),
-                                       image_std=(0.26862954, 0.26130258, 0.27577711), num_templates=63,
-                                       seed=config.seed, process_index=0, process_count=1)
+  ds = pipeline.pretrain_local_dataset(
+    config.data,
+    global_batch_size=config.train.batch_size,
+    image_size=32,
+    image_mean=(0.48145466, 0.4578275, 0.40821073),
+    image_std=(0.26862954, 0.26130258, 0.27577711),
+    num_templates=63,
+    seed=config.seed,
+    process_index=0,
+    process_count=1,
+  )
   return [b for _, b in zip(range(n), ds.as_numpy_iterator())]
 
 
@@ -38,10 +45,16 @@ def run_steps(setup, batches, mode='joint'):
   for i, host in enumerate(batches):
     groups = pretrain.active_groups(config, state['params'], i, setup.steps_per_epoch)
     if groups not in cache:
-      cache[groups] = jit_train_step(setup.model, setup.tx, setup.labels_fn, active=groups,
-                                     state_shardings=setup.shardings['state'],
-                                     frozen_shardings=setup.shardings['frozen'],
-                                     table_sharding=setup.shardings['table'], batch_shardings=setup.shardings['batch'])
+      cache[groups] = jit_train_step(
+        setup.model,
+        setup.tx,
+        setup.labels_fn,
+        active=groups,
+        state_shardings=setup.shardings['state'],
+        frozen_shardings=setup.shardings['frozen'],
+        table_sharding=setup.shardings['table'],
+        batch_shardings=setup.shardings['batch'],
+      )
     batch = jax.device_put(host, setup.shardings['batch'])
     state, metrics = cache[groups](state, setup.frozen, setup.text_table, batch)
     losses.append(float(metrics['loss']))
@@ -93,23 +106,30 @@ def _relative_close(a, b, rtol):
   """||a - b|| / ||b|| over the whole tree (single leaves of tiny scale would only measure float rounding)."""
   x = np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in jax.tree.leaves(a)])
   y = np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in jax.tree.leaves(b)])
-  worst = sorted(((np.linalg.norm(np.asarray(u, np.float64) - np.asarray(v, np.float64)), jax.tree_util.keystr(p))
-                  for (p, u), v in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b))))[-4:]
+  worst = sorted(
+    (
+      (np.linalg.norm(np.asarray(u, np.float64) - np.asarray(v, np.float64)), jax.tree_util.keystr(p))
+      for (p, u), v in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b))
+    )
+  )[-4:]
   assert np.linalg.norm(x - y) <= rtol * np.linalg.norm(y), worst
 
 
 def test_sharding_equivalence_one_device_data_and_fsdp(config, batches):
   runs = {}
-  for name, mesh, devices in [('1', dict(data=1, fsdp=1), jax.devices()[:1]),
-                              ('8x1', dict(data=8, fsdp=1), None),
-                              ('4x2', dict(data=4, fsdp=2), None)]:
+  for name, mesh, devices in [
+    ('1', dict(data=1, fsdp=1), jax.devices()[:1]),
+    ('8x1', dict(data=8, fsdp=1), None),
+    ('4x2', dict(data=4, fsdp=2), None),
+  ]:
     c = config.copy_and_resolve_references()
     c.mesh.update(mesh)
     c.mesh.min_fsdp_size = 256  # so that the tiny model's matrices really are split over fsdp
     # SGD rather than AdamW here: conv biases right before a BatchNorm have a gradient that is zero up to float
     # rounding, and Adam's normalisation turns that rounding into full-lr steps, which would compare noise.
-    c.train.encoder_optim = dict(name='sgd', lr=0.05, momentum=0.9, weight_decay=0.05, schedule='constant',
-                                 clip_norm=10.0)
+    c.train.encoder_optim = dict(
+      name='sgd', lr=0.05, momentum=0.9, weight_decay=0.05, schedule='constant', clip_norm=10.0
+    )
     setup = make_setup(c, devices)
     if name == '4x2':
       specs = [s.spec for s in jax.tree.leaves(setup.shardings['state'])]
@@ -131,6 +151,7 @@ def test_interrupt_resume_and_a_damaged_newest_checkpoint(config, tiny_checkpoin
   from cg3d_jax import checkpoints
   from cg3d_jax.errors import ConfigError
   from cg3d_jax.metric_writer import read_jsonl
+
   straight = config.copy_and_resolve_references()
   straight.train.total_steps = 4  # checkpoints at 2 and 4 (tiny_test saves every 2 steps)
   shutil.copytree(tiny_checkpoint, tmp_path / 'straight')  # a copy: this test damages it
@@ -151,8 +172,10 @@ def test_interrupt_resume_and_a_damaged_newest_checkpoint(config, tiny_checkpoin
   a, b = final_params(tmp_path / 'straight'), final_params(tmp_path / 'resumed')
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
-  steps = {name: [r['step'] for r in read_jsonl(str(tmp_path / name / 'train.jsonl')) if 'loss' in r]
-           for name in ('straight', 'resumed')}
+  steps = {
+    name: [r['step'] for r in read_jsonl(str(tmp_path / name / 'train.jsonl')) if 'loss' in r]
+    for name in ('straight', 'resumed')
+  }
   assert steps['resumed'] == steps['straight'] == sorted(set(steps['straight'])), steps
 
   workdir = tmp_path / 'straight'
@@ -160,8 +183,11 @@ def test_interrupt_resume_and_a_damaged_newest_checkpoint(config, tiny_checkpoin
   assert files
   for f in files:
     f.write_bytes(f.read_bytes()[:8])
-  with pytest.raises(checkpoints.CheckpointDamagedError, match=r'the checkpoint of step 4 cannot be read.*'
-                                                                r'Read an intact step with --step 2'):
+  with pytest.raises(
+    checkpoints.CheckpointDamagedError,
+    match=r'the checkpoint of step 4 cannot be read.*'
+    r'Read an intact step with --step 2',
+  ):
     checkpoints.read_step(workdir)
   with caplog.at_level('WARNING'):
     pretrain.train(straight, str(workdir))
@@ -205,13 +231,16 @@ def test_alternating_mode_moves_one_group_per_step(config, batches):
   setup = make_setup(c)
   states = [jax.device_get(setup.state)]
   for i in range(3):
-    states.append(run_steps(setup, batches[:1], mode='alternating')[0] if i == 0 else
-                  _continue(setup, states[-1], batches[i], c, i))
+    states.append(
+      run_steps(setup, batches[:1], mode='alternating')[0] if i == 0 else _continue(setup, states[-1], batches[i], c, i)
+    )
 
   def parts(s):
     inner = s['opt_state'].inner_states
-    return {'encoder': (s['params']['encoder'], inner[ENCODER]),
-            'prompts': (s['params']['clip']['prompts'], inner[PROMPTS])}
+    return {
+      'encoder': (s['params']['encoder'], inner[ENCODER]),
+      'prompts': (s['params']['clip']['prompts'], inner[PROMPTS]),
+    }
 
   def same(a, b):
     return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
@@ -227,22 +256,36 @@ def test_alternating_mode_moves_one_group_per_step(config, batches):
   # By batch index within the epoch (the original's idx % 2): with 3 batches per epoch, steps 2 and 3 (an epoch's
   # last batch and the next one's first) both train the encoder.
   assert [pretrain.active_groups(c, states[1]['params'], i, 3) for i in range(6)] == [
-      (ENCODER,), (PROMPTS,), (ENCODER,), (ENCODER,), (PROMPTS,), (ENCODER,)]
+    (ENCODER,),
+    (PROMPTS,),
+    (ENCODER,),
+    (ENCODER,),
+    (PROMPTS,),
+    (ENCODER,),
+  ]
 
 
 def test_alternating_mode_refuses_one_batch_per_epoch(config):
   """With one batch per epoch every batch index is 0, so the runner's alternation would never train the prompts:
   one clear error instead of a run that silently trains the encoder alone."""
   from cg3d_jax.errors import ConfigError
+
   with pytest.raises(ConfigError, match=r"mode='alternating' with 1 batch per epoch: the prompts train on odd"):
     pretrain.build_setup(_alternating(config), train_classes=['chair', 'lamp'], steps_per_epoch=1)
 
 
 def _continue(setup, host_state, batch, config, step):
   groups = pretrain.active_groups(config, host_state['params'], step, setup.steps_per_epoch)
-  fn = jit_train_step(setup.model, setup.tx, setup.labels_fn, active=groups, state_shardings=setup.shardings['state'],
-                      frozen_shardings=setup.shardings['frozen'], table_sharding=setup.shardings['table'],
-                      batch_shardings=setup.shardings['batch'])
+  fn = jit_train_step(
+    setup.model,
+    setup.tx,
+    setup.labels_fn,
+    active=groups,
+    state_shardings=setup.shardings['state'],
+    frozen_shardings=setup.shardings['frozen'],
+    table_sharding=setup.shardings['table'],
+    batch_shardings=setup.shardings['batch'],
+  )
   state = jax.device_put(host_state, setup.shardings['state'])
   return jax.device_get(fn(state, setup.frozen, setup.text_table, jax.device_put(batch, setup.shardings['batch']))[0])
 
@@ -252,15 +295,30 @@ def test_each_loss_reaches_only_its_group(config, batches):
   image<->text trains the prompts only. Checked by breaking it: without the stop-gradient the prompts get a
   non-zero point<->image gradient and this test fails."""
   from cg3d_jax.training.pretrain_step import _losses
+
   setup = make_setup(config)
   state = jax.device_get(setup.state)
   params, batch = state['params'], batches[0]
   groups = {ENCODER: params['encoder'], PROMPTS: params['clip']}
   norms = {}
   for name in ('loss/point_text', 'loss/point_image', 'loss/image_text'):
-    grads = jax.jit(jax.grad(lambda g: _losses(
-        setup.model, g, params, jax.device_get(setup.frozen), state['batch_stats'], setup.text_table, batch,
-        jax.random.key(0), active=(ENCODER, PROMPTS), same_class_mask=False, augment=False)[1][0][name]))(groups)
+    grads = jax.jit(
+      jax.grad(
+        lambda g: _losses(
+          setup.model,
+          g,
+          params,
+          jax.device_get(setup.frozen),
+          state['batch_stats'],
+          setup.text_table,
+          batch,
+          jax.random.key(0),
+          active=(ENCODER, PROMPTS),
+          same_class_mask=False,
+          augment=False,
+        )[1][0][name]
+      )
+    )(groups)
     norms[name] = {g: float(optax.tree.norm(grads[g])) for g in groups}
   assert norms['loss/point_text'][ENCODER] > 0 and norms['loss/point_text'][PROMPTS] == 0, norms
   assert norms['loss/point_image'][ENCODER] > 0 and norms['loss/point_image'][PROMPTS] == 0, norms

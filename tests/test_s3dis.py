@@ -11,10 +11,10 @@ from cg3d_jax.scenes import s3dis
 
 # Hand-chosen objects of Area_5/office_1 (exact in float32); the reader must concatenate them in file-name order.
 OFFICE_1 = {
-    'floor_1.txt': [(0.0, 0.0, 0.0, 10, 20, 30), (4.5, 0.0, 0.0, 11, 21, 31), (4.5, 3.25, 0.0, 12, 22, 32)],
-    'chair_2.txt': [(2.0, 1.0, 0.5, 200, 0, 0), (2.125, 1.0, 0.75, 201, 1, 1)],
-    'chair_1.txt': [(1.0, 1.0, 0.5, 0, 255, 0)],
-    'board_1.txt': [(-0.5, 3.0, 1.5, 255, 255, 255), (-0.5, 3.0, 2.0, 254, 253, 252)],
+  'floor_1.txt': [(0.0, 0.0, 0.0, 10, 20, 30), (4.5, 0.0, 0.0, 11, 21, 31), (4.5, 3.25, 0.0, 12, 22, 32)],
+  'chair_2.txt': [(2.0, 1.0, 0.5, 200, 0, 0), (2.125, 1.0, 0.75, 201, 1, 1)],
+  'chair_1.txt': [(1.0, 1.0, 0.5, 0, 255, 0)],
+  'board_1.txt': [(-0.5, 3.0, 1.5, 255, 255, 255), (-0.5, 3.0, 2.0, 254, 253, 252)],
 }
 # Independently: sorted names are board_1, chair_1, chair_2, floor_1; board=11, chair=8, floor=1 in PointNet's order.
 OFFICE_1_ORDER = ['board_1.txt', 'chair_1.txt', 'chair_2.txt', 'floor_1.txt']
@@ -22,15 +22,14 @@ OFFICE_1_LABELS = [11, 11, 8, 8, 8, 1, 1, 1]
 OFFICE_1_INSTANCES = [0, 0, 1, 2, 2, 3, 3, 3]
 
 HALLWAY_2 = {
-    'wall_1.txt': [(0.0, 0.0, 0.0, 1, 2, 3), (0.0, 5.0, 2.5, 4, 5, 6)],
-    'stairs_1.txt': [(1.0, 2.0, 0.25, 7, 8, 9), (1.0, 2.5, 0.5, 7, 8, 9), (1.0, 3.0, 0.75, 7, 8, 9)],
+  'wall_1.txt': [(0.0, 0.0, 0.0, 1, 2, 3), (0.0, 5.0, 2.5, 4, 5, 6)],
+  'stairs_1.txt': [(1.0, 2.0, 0.25, 7, 8, 9), (1.0, 2.5, 0.5, 7, 8, 9), (1.0, 3.0, 0.75, 7, 8, 9)],
 }
 CONFERENCE_1 = {'table_1.txt': [(3.0, 3.0, 0.75, 90, 60, 30)], 'ceiling_1.txt': [(3.0, 3.0, 3.0, 250, 250, 250)]}
 
 
 def _lines(rows):
-  return ''.join(' '.join(f'{v:.6f}' for v in row[:3]) + ' ' + ' '.join(str(c) for c in row[3:]) + '\n'
-                 for row in rows)
+  return ''.join(' '.join(f'{v:.6f}' for v in row[:3]) + ' ' + ' '.join(str(c) for c in row[3:]) + '\n' for row in rows)
 
 
 def _write_room(area_dir, name, objects, whole_rows=None):
@@ -79,8 +78,7 @@ def test_read_room_points_colours_labels_instances(s3dis_root):
 
 
 def test_read_room_with_own_class_list(s3dis_root):
-  room = s3dis.read_room(_office(s3dis_root), class_names=('chair', 'other', 'board', 'floor'),
-                         unknown_class='other')
+  room = s3dis.read_room(_office(s3dis_root), class_names=('chair', 'other', 'board', 'floor'), unknown_class='other')
   np.testing.assert_array_equal(room.labels, [2, 2, 0, 0, 0, 3, 3, 3])
   with pytest.raises(ValueError, match='unknown_class'):
     s3dis.read_room(_office(s3dis_root), class_names=('chair', 'board', 'floor'), unknown_class='clutter')
@@ -142,13 +140,16 @@ def test_unknown_class_goes_to_clutter_with_count_and_warning(s3dis_root, caplog
     s3dis.read_room(hallway, unknown_class=None)
 
 
-@pytest.mark.parametrize('bad_line, shown', [
+@pytest.mark.parametrize(
+  'bad_line, shown',
+  [
     ('1.0 2.0 3.0 4 5\n', '1.0 2.0 3.0 4 5'),  # a column short
     ('1.0 2.0 3.0 4 5 6 7\n', '1.0 2.0 3.0 4 5 6 7'),  # a column too many
     ('1.0 2.0 abc 4 5 6\n', 'abc'),  # not a number
     ('1.0 2.0 3.0 185\x00187 5 6\n', r'185\x00187'),  # a NUL byte, as in the real Area_5/hallway_6 ceiling_1.txt
     ('1.0 2.0-3.0 3.0 4 5 6\n', '2.0-3.0'),  # two numbers run together
-])
+  ],
+)
 def test_malformed_line_names_file_and_line(tmp_path, bad_line, shown):
   room = _write_room(tmp_path / 'Area_5', 'office_1', OFFICE_1)
   path = room / 'Annotations' / 'chair_2.txt'
@@ -166,8 +167,9 @@ def test_skip_bad_lines_drops_and_counts(tmp_path, caplog):
   with caplog.at_level(logging.WARNING):
     result = s3dis.read_room(room, skip_bad_lines=True)
   assert result.skipped_lines == {'floor_1.txt': 2}
-  assert any('dropped 2 malformed line(s)' in r.getMessage() and 'floor_1.txt' in r.getMessage()
-             for r in caplog.records)
+  assert any(
+    'dropped 2 malformed line(s)' in r.getMessage() and 'floor_1.txt' in r.getMessage() for r in caplog.records
+  )
   np.testing.assert_array_equal(result.xyz[-3:], np.array(rows, np.float32)[:, :3])
   np.testing.assert_array_equal(result.instances, OFFICE_1_INSTANCES)
 
@@ -191,13 +193,16 @@ def test_skip_bad_lines_across_blocks(tmp_path, monkeypatch, block_lines):
     s3dis.read_room_cloud(path)
 
 
-@pytest.mark.parametrize('line, message', [
+@pytest.mark.parametrize(
+  'line, message',
+  [
     ('1.0 2.0 3.0 256 0 0\n', 'colours must be integers in 0..255'),
     ('1.0 2.0 3.0 -1 0 0\n', 'colours must be integers in 0..255'),
     ('1.0 2.0 3.0 1.5 0 0\n', 'colours must be integers in 0..255'),
     ('1.0 nan 3.0 1 0 0\n', 'non-finite'),
     ('inf 2.0 3.0 1 0 0\n', 'non-finite'),
-])
+  ],
+)
 def test_bad_values_are_errors(tmp_path, line, message):
   path = tmp_path / 'office_1.txt'
   path.write_text('0 0 0 0 0 0\n' + line)
@@ -270,7 +275,10 @@ def test_cache_is_reused_and_rebuilt_when_a_source_changes(s3dis_root, tmp_path,
     assert getattr(cached, field).dtype == getattr(fresh, field).dtype
   assert (cached.name, cached.area, cached.path) == (fresh.name, fresh.area, fresh.path)
   assert (cached.instance_classes, cached.remapped, cached.class_names) == (
-      fresh.instance_classes, fresh.remapped, fresh.class_names)
+    fresh.instance_classes,
+    fresh.remapped,
+    fresh.class_names,
+  )
 
   wall = hallway / 'Annotations' / 'wall_1.txt'
   stat = wall.stat()

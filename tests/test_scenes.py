@@ -21,6 +21,7 @@ FAMILIES = list(shapes.FAMILIES)
 # ---------------------------------------------------------------------------------------------------------------
 # Metrics against their definitions, on fixed scores with ties.
 
+
 def _ap_by_definition(scores, targets):
   """Mean over positives of the precision among everything scored at least as high."""
   return np.mean([np.sum(targets[scores >= s]) / np.sum(scores >= s) for s in scores[targets]])
@@ -59,6 +60,7 @@ def test_metrics_hand_values_and_undefined_cases():
 # ---------------------------------------------------------------------------------------------------------------
 # Regions and per-point scores against brute force.
 
+
 @pytest.fixture(scope='module')
 def small_scene():
   rng = np.random.default_rng(1)
@@ -78,7 +80,7 @@ def test_regions_hold_exactly_the_points_within_radius(small_scene, recentre):
   got[regions.member_region, regions.member_point] = True
   assert np.array_equal(got, inside)
   assert np.array_equal(regions.sizes, inside.sum(axis=1))
-  np.testing.assert_allclose(regions.member_weight, np.exp(-(dist[inside] / 0.25) ** 2 / 2), rtol=1e-5)
+  np.testing.assert_allclose(regions.member_weight, np.exp(-((dist[inside] / 0.25) ** 2) / 2), rtol=1e-5)
   assert regions.covered().all()  # the FPS stopping rule leaves no point outside every ball
   if recentre == 0:
     assert (dist.min(axis=0) <= 0.75 * 0.5 + 1e-6).all()
@@ -103,7 +105,7 @@ def test_point_scores_equal_brute_force(small_scene):
   region_scores = np.random.default_rng(2).uniform(size=(len(regions), 2))
   dist = np.linalg.norm(small_scene[None] - regions.centres[:, None].astype(np.float64), axis=-1)
   inside = dist <= 0.6
-  w = np.where(inside, np.exp(-(dist / 0.3) ** 2 / 2), 0.0)
+  w = np.where(inside, np.exp(-((dist / 0.3) ** 2) / 2), 0.0)
   expected_mean = (w.T @ region_scores) / w.sum(axis=0)[:, None]
   expected_max = np.stack([np.where(inside, region_scores[:, [j]], 0).max(axis=0) for j in range(2)], axis=1)
   np.testing.assert_allclose(scene_regions.point_scores(regions, region_scores, 'mean'), expected_mean, rtol=1e-5)
@@ -140,10 +142,7 @@ def test_top_view_shows_the_highest_point_of_each_pixel():
   xyz = np.r_[xyz, [[0.5, 0.5, 0.5]]]
   rgb = np.r_[rgb, [[255, 0, 0]]].astype(np.uint8)
   g, b, r, w = [0, 255, 0], [0, 0, 255], [255, 0, 0], [255, 255, 255]
-  expected = [[w, w, b, b],
-              [w, r, r, r],
-              [g, g, r, r],
-              [g, g, r, r]]
+  expected = [[w, w, b, b], [w, r, r, r], [g, g, r, r], [g, g, r, r]]
   assert outputs.top_view(xyz, rgb, size=4, splat=1).tolist() == expected
 
 
@@ -173,8 +172,10 @@ def room_queries(rooms, demo_model):
   _, room_list = rooms
   settings = queries.resolve_settings(QUERY_SETTINGS, demo_model)
   classifier = queries.label_classifier(demo_model, FAMILIES, settings)
-  return [queries.query_scene(demo_model, room.xyz, FAMILIES, [], settings=settings, classifier=classifier)
-          for room in room_list]
+  return [
+    queries.query_scene(demo_model, room.xyz, FAMILIES, [], settings=settings, classifier=classifier)
+    for room in room_list
+  ]
 
 
 def test_reader_sees_the_rooms_the_writer_placed(rooms):
@@ -189,8 +190,12 @@ def test_read_scene_takes_room_folders_room_files_and_point_files(rooms, tmp_pat
   room = rooms[1][0]
   np.save(tmp_path / 'scene.npy', room.xyz)
   ply_files.write_ply(tmp_path / 'scene.ply', room.xyz, room.rgb)
-  for path, colours in [(room.path, room.rgb), (room.path / f'{room.name}.txt', room.rgb),
-                        (tmp_path / 'scene.ply', room.rgb), (tmp_path / 'scene.npy', None)]:
+  for path, colours in [
+    (room.path, room.rgb),
+    (room.path / f'{room.name}.txt', room.rgb),
+    (tmp_path / 'scene.ply', room.rgb),
+    (tmp_path / 'scene.npy', None),
+  ]:
     xyz, rgb = queries.read_scene(path)
     np.testing.assert_array_equal(xyz, room.xyz)  # the room file is the annotations concatenated, in order
     assert (rgb is None) if colours is None else np.array_equal(rgb, colours)
@@ -203,20 +208,25 @@ def test_sharded_padded_region_batches_equal_one_unsharded_call(rooms, demo_mode
 
   from cg3d_jax import sharding
   from cg3d_jax.models.point_ops import sample_points
+
   settings = scene_regions.RegionSettings(radius=0.6, points_per_region=256)
   model = demo_model.model
   encoder = model.encoder
   # Regions whose sampling and grouping hold no near-tie, so that programs compiled for other batch shapes (whose
   # float32 rounding may differ) pick the same points; 13: not a multiple of either batch size.
   stages = [(model.num_points, settings.points_per_region), (encoder.num_groups, encoder.group_size)]
-  regions = [r for r in scene_regions.split_regions(rooms[1][0].xyz, settings).encoder_points
-             if grouping_margin(r, stages) > NEAR_TIE][:13]
+  regions = [
+    r
+    for r in scene_regions.split_regions(rooms[1][0].xyz, settings).encoder_points
+    if grouping_margin(r, stages) > NEAR_TIE
+  ][:13]
   assert len(regions) == 13
   regions = np.stack(regions)
   direct = np.asarray(model.point_features(demo_model.encoder_vars, sample_points(regions, model.num_points))[0])
   eight = queries.RegionEmbedder(model, demo_model.encoder_vars, queries.local_mesh(), batch_size=8)(regions)
-  one = queries.RegionEmbedder(model, demo_model.encoder_vars, sharding.make_mesh({'data': 1}, jax.devices()[:1]),
-                              batch_size=5)(regions)
+  one = queries.RegionEmbedder(
+    model, demo_model.encoder_vars, sharding.make_mesh({'data': 1}, jax.devices()[:1]), batch_size=5
+  )(regions)
   assert len(jax.local_devices()) == 8 and eight.shape == one.shape == direct.shape
   np.testing.assert_allclose(eight, direct, atol=2e-5)
   np.testing.assert_allclose(one, direct, atol=2e-5)
@@ -250,15 +260,14 @@ def test_presence_summary_equals_numpy_from_region_similarities(room_queries):
     summary = result.presence()
     assert [e['query'] for e in summary] == list(FAMILIES)
     for q, entry in enumerate(summary):
-      others = np.concatenate([probs[:, :q], probs[:, q + 1:]], axis=1)
+      others = np.concatenate([probs[:, :q], probs[:, q + 1 :]], axis=1)
       margins = probs[:, q] - others.max(1)
       assert entry['score'] == pytest.approx(margins.max(), abs=1e-5)
       assert entry['present'] == (margins.max() > QUERY_SETTINGS.threshold)
       assert entry['regions_won'] == int((probs.argmax(1) == q).sum())
       top = [r['region'] for r in entry['top_regions']]
       assert len(top) == QUERY_SETTINGS.top_regions
-      np.testing.assert_allclose(sorted(probs[top, q], reverse=True), np.sort(probs[:, q])[::-1][:len(top)],
-                                 atol=1e-6)
+      np.testing.assert_allclose(sorted(probs[top, q], reverse=True), np.sort(probs[:, q])[::-1][: len(top)], atol=1e-6)
       for r in entry['top_regions']:
         assert r['margin'] == pytest.approx(margins[r['region']], abs=1e-5)
   # Both answers occur over the 4 rooms, so the threshold comparison is exercised each way.
@@ -283,9 +292,24 @@ def test_query_scene_command_writes_every_output(rooms, demo_run, tmp_path, caps
   root, room_list = rooms
   room = room_list[0]
   out = tmp_path / 'out'
-  code = run_command(query_scene.main, ['--checkpoint', str(demo_run.workdir), '--scene', str(room.path), '--queries',
-                           'box, mug', '--vocabulary', 'training', '--radius', '0.6', '--exclude_floor',
-                           '--out', str(out)])
+  code = run_command(
+    query_scene.main,
+    [
+      '--checkpoint',
+      str(demo_run.workdir),
+      '--scene',
+      str(room.path),
+      '--queries',
+      'box, mug',
+      '--vocabulary',
+      'training',
+      '--radius',
+      '0.6',
+      '--exclude_floor',
+      '--out',
+      str(out),
+    ],
+  )
   assert code == 0, capsys.readouterr().err
   summary = json.loads((out / 'summary.json').read_text())
   assert summary['queries'] == ['box', 'mug'] and summary['labels'][:2] == ['box', 'mug']
@@ -318,9 +342,28 @@ def test_evaluate_scenes_json_matches_its_room_scores(rooms, demo_run, tmp_path)
   root, room_list = rooms
   out = tmp_path / 'eval'
   classes = ','.join(FAMILIES)
-  code = run_command(evaluate_scenes.main, ['--checkpoint', str(demo_run.workdir), '--s3dis', str(root), '--areas', '5',
-                               '--class_names', ','.join(FAMILIES + ['floor']), '--classes', classes,
-                               '--vocabulary', 'none', '--radius', '0.6', '--exclude_floor', '--out', str(out)])
+  code = run_command(
+    evaluate_scenes.main,
+    [
+      '--checkpoint',
+      str(demo_run.workdir),
+      '--s3dis',
+      str(root),
+      '--areas',
+      '5',
+      '--class_names',
+      ','.join(FAMILIES + ['floor']),
+      '--classes',
+      classes,
+      '--vocabulary',
+      'none',
+      '--radius',
+      '0.6',
+      '--exclude_floor',
+      '--out',
+      str(out),
+    ],
+  )
   assert code == 0
   result = json.loads((out / evaluate_scenes.RESULTS_JSON).read_text())
   assert result['num_rooms'] == len(room_list)
@@ -353,9 +396,10 @@ def test_region_colours_ride_with_their_points():
     scene = coloured.encoder_points[m, :, 3:] * (xyz.max(0) - xyz.min(0)) + xyz.min(0)  # back to positions
     members = xyz[coloured.member_point[coloured.member_region == m]]
     assert np.abs(scene[:, None] - members[None]).max(axis=-1).min(axis=1).max() < 1e-5  # each row is a member
-    distinct = scene[:min(coloured.sizes[m], 64)]  # a cycled region's first rows are its members once
+    distinct = scene[: min(coloured.sizes[m], 64)]  # a cycled region's first rows are its members once
     centred = scene - distinct.mean(axis=0)
-    np.testing.assert_allclose(centred / np.linalg.norm(centred, axis=1).max() @ rotation.T,
-                               coloured.encoder_points[m, :, :3], atol=1e-4)
+    np.testing.assert_allclose(
+      centred / np.linalg.norm(centred, axis=1).max() @ rotation.T, coloured.encoder_points[m, :, :3], atol=1e-4
+    )
   with pytest.raises(ValueError, match=r'colours of shape \(5, 3\)'):
     scene_regions.split_regions(xyz, settings, colours[:5])

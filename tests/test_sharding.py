@@ -16,14 +16,17 @@ def test_eight_simulated_devices():
   assert jax.device_count() == 8
 
 
-@pytest.mark.parametrize('config,shape', [
+@pytest.mark.parametrize(
+  'config,shape',
+  [
     (dict(data=-1, fsdp=1), (8, 1)),
     (dict(data=-1, fsdp=2), (4, 2)),
     (dict(data=2, fsdp=-1), (2, 4)),
     (dict(data=4, fsdp=2), (4, 2)),
     (dict(data=-1), (8, 1)),
     (ml_collections.ConfigDict(dict(data=1, fsdp=-1)), (1, 8)),
-])
+  ],
+)
 def test_make_mesh_sizes(config, shape):
   mesh = sharding.make_mesh(config)
   assert mesh.axis_names == ('data', 'fsdp')
@@ -38,19 +41,24 @@ def test_make_mesh_on_given_devices():
   assert sorted(d.id for d in mesh.devices.flat) == [4, 5, 6, 7]
 
 
-@pytest.mark.parametrize('config,message', [
+@pytest.mark.parametrize(
+  'config,message',
+  [
     (dict(data=3, fsdp=-1), 'do not divide'),
     (dict(data=4, fsdp=4), 'needs 16 devices, but 8'),
     (dict(data=-1, fsdp=-1), 'at most one axis'),
     (dict(data=-1, model=2), 'unknown axes'),
     (dict(data=0, fsdp=-1), 'positive or -1'),
-])
+  ],
+)
 def test_make_mesh_errors(config, message):
   with pytest.raises(ValueError, match=message):
     sharding.make_mesh(config)
 
 
-@pytest.mark.parametrize('shape,fsdp,spec', [
+@pytest.mark.parametrize(
+  'shape,fsdp,spec',
+  [
     ((1024, 512), 2, P('fsdp', None)),  # largest dimension
     ((512, 1024), 2, P(None, 'fsdp')),
     ((768, 768), 2, P(None, 'fsdp')),  # ties: the last dimension
@@ -61,16 +69,21 @@ def test_make_mesh_errors(config, message):
     ((512,), 2, P()),  # a bias
     ((), 2, P()),  # a scalar (logit_scale, step counter)
     ((1024, 512), 1, P()),  # fsdp of size 1: plain data parallelism
-])
+  ],
+)
 def test_fsdp_rule(shape, fsdp, spec):
   assert sharding.fsdp_spec(shape, fsdp) == spec
 
 
 def _mlp_params(rng):
-  return {'big': {'kernel': rng.normal(size=(512, 1024)).astype(np.float32) / 30,
-                  'bias': rng.normal(size=(1024,)).astype(np.float32)},
-          'head': {'kernel': rng.normal(size=(1024, 16)).astype(np.float32) / 30},
-          'logit_scale': np.float32(2.0)}
+  return {
+    'big': {
+      'kernel': rng.normal(size=(512, 1024)).astype(np.float32) / 30,
+      'bias': rng.normal(size=(1024,)).astype(np.float32),
+    },
+    'head': {'kernel': rng.normal(size=(1024, 16)).astype(np.float32) / 30},
+    'logit_scale': np.float32(2.0),
+  }
 
 
 def test_param_shardings_of_shapes_and_arrays_agree():
@@ -90,9 +103,15 @@ def test_param_shardings_of_shapes_and_arrays_agree():
 def test_a_scanned_stack_is_sharded_layer_by_layer():
   """The layer axis of a stacked leaf is never split (the scan slices it) and the size threshold is per layer."""
   mesh = sharding.make_mesh(dict(data=1, fsdp=8))
-  shapes = {'blocks': {'fc': {'kernel': jax.ShapeDtypeStruct((12, 384, 1536), jnp.float32),
-                              'bias': jax.ShapeDtypeStruct((16, 8), jnp.float32)}},
-            'layers_wide': jax.ShapeDtypeStruct((16, 8), jnp.float32)}  # not a stack: the plain rule
+  shapes = {
+    'blocks': {
+      'fc': {
+        'kernel': jax.ShapeDtypeStruct((12, 384, 1536), jnp.float32),
+        'bias': jax.ShapeDtypeStruct((16, 8), jnp.float32),
+      }
+    },
+    'layers_wide': jax.ShapeDtypeStruct((16, 8), jnp.float32),
+  }  # not a stack: the plain rule
   specs = jax.tree.map(lambda s: s.spec, sharding.param_shardings(shapes, mesh, min_fsdp_size=64))
   assert specs['blocks']['fc']['kernel'] == P(None, None, 'fsdp')
   assert specs['blocks']['fc']['bias'] == P(None)  # 8 elements per layer: replicated, as the bias of one layer
@@ -102,8 +121,12 @@ def test_a_scanned_stack_is_sharded_layer_by_layer():
 def test_optimizer_state_follows_its_parameter():
   mesh = sharding.make_mesh(dict(data=2, fsdp=4))
   params = jax.eval_shape(lambda: _mlp_params(np.random.default_rng(0)))
-  state = {'params': params, 'opt_state': jax.eval_shape(optax.adamw(1e-3).init, params),
-           'step': jax.ShapeDtypeStruct((), jnp.int32), 'rng': jax.eval_shape(lambda: jax.random.key(0))}
+  state = {
+    'params': params,
+    'opt_state': jax.eval_shape(optax.adamw(1e-3).init, params),
+    'step': jax.ShapeDtypeStruct((), jnp.int32),
+    'rng': jax.eval_shape(lambda: jax.random.key(0)),
+  }
   shardings = sharding.state_shardings(state, mesh)
   adam = shardings['opt_state'][0]
   for moments in (adam.mu, adam.nu):
@@ -131,8 +154,12 @@ def test_jitted_step_with_these_shardings_matches_numpy(config):
     loss, grads = jax.value_and_grad(loss_fn)(p, x, y)
     return loss, jax.tree.map(lambda w, g: w - 0.1 * g, p, grads)
 
-  step = jax.jit(sgd_step, in_shardings=(param_sh, batch_sh, batch_sh),
-                 out_shardings=(sharding.replicated(mesh), param_sh), donate_argnums=0)
+  step = jax.jit(
+    sgd_step,
+    in_shardings=(param_sh, batch_sh, batch_sh),
+    out_shardings=(sharding.replicated(mesh), param_sh),
+    donate_argnums=0,
+  )
   sharded_params = jax.device_put(params, param_sh)
   xs, ys = jax.device_put(x, batch_sh), jax.device_put(y, batch_sh)
   assert xs.addressable_shards[0].data.shape == (16 // mesh.size, 512)
@@ -152,12 +179,18 @@ def test_jitted_step_with_these_shardings_matches_numpy(config):
   d_head = 2.0 * h.T @ dlogits
   dh = 2.0 * dlogits @ params['head']['kernel'].T * (h_pre > 0)
   np.testing.assert_allclose(float(loss), expected_loss, rtol=1e-5)
-  np.testing.assert_allclose(np.asarray(new_params['head']['kernel']), params['head']['kernel'] - 0.1 * d_head,
-                             rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(new_params['big']['kernel']),
-                             params['big']['kernel'] - 0.1 * x.astype(np.float64).T @ dh, rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(new_params['big']['bias']), params['big']['bias'] - 0.1 * dh.sum(0),
-                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(new_params['head']['kernel']), params['head']['kernel'] - 0.1 * d_head, rtol=1e-4, atol=1e-6
+  )
+  np.testing.assert_allclose(
+    np.asarray(new_params['big']['kernel']),
+    params['big']['kernel'] - 0.1 * x.astype(np.float64).T @ dh,
+    rtol=1e-4,
+    atol=1e-6,
+  )
+  np.testing.assert_allclose(
+    np.asarray(new_params['big']['bias']), params['big']['bias'] - 0.1 * dh.sum(0), rtol=1e-4, atol=1e-6
+  )
 
 
 def test_with_shardings_builds_abstract_targets():

@@ -29,8 +29,9 @@ from cg3d_jax.weights.hf_clip import CLIPLoadError, tokenize
 from tests import slip_reference
 from tests.conftest import modelnet_root, run_command, tiny_config
 
-SMALL = dict(vision_width=128, vision_layers=2, patch_size=16, image_size=32, text_width=128, text_layers=2,
-             embed_dim=32)
+SMALL = dict(
+  vision_width=128, vision_layers=2, patch_size=16, image_size=32, text_width=128, text_layers=2, embed_dim=32
+)
 TOL = 1e-5
 
 
@@ -87,8 +88,11 @@ def test_prompted_tower_matches_vpt_deep_reference(small_slip, mode):
   ours = np.asarray(loaded.model.apply({'params': loaded.params}, pixels, method=CLIP.encode_image))
   with torch.no_grad():
     cls = slip_reference.prompted_class_token(
-        reference.visual, torch.from_numpy(pixels).permute(0, 3, 1, 2), torch.from_numpy(tokens[:1]),
-        torch.from_numpy(tokens[1:]) if mode == 'deep' else None)
+      reference.visual,
+      torch.from_numpy(pixels).permute(0, 3, 1, 2),
+      torch.from_numpy(tokens[:1]),
+      torch.from_numpy(tokens[1:]) if mode == 'deep' else None,
+    )
     ref = (cls @ reference.image_projection).numpy()
     plain = reference.encode_image(torch.from_numpy(pixels).permute(0, 3, 1, 2)).numpy()
   assert np.abs(ref - plain).max() > 1e-2  # the prompts change the answer
@@ -105,9 +109,20 @@ def test_real_vit_b16_shapes_match_the_reference(tmp_path):
   loaded = clip_files.load_clip(path, prompt_mode='none')
   spec = loaded.spec
   assert (spec.vision_width, spec.vision_layers, spec.vision_heads, spec.image_size, spec.patch_size) == (
-      768, 12, 12, 224, 16)
-  assert (spec.text_width, spec.text_layers, spec.text_heads, spec.vocab_size, spec.max_positions,
-          spec.projection_dim) == (512, 12, 8, 49408, 77, 512)
+    768,
+    12,
+    12,
+    224,
+    16,
+  )
+  assert (
+    spec.text_width,
+    spec.text_layers,
+    spec.text_heads,
+    spec.vocab_size,
+    spec.max_positions,
+    spec.projection_dim,
+  ) == (512, 12, 8, 49408, 77, 512)
   reference = reference_model(state, sizes)
   del state
   _compare_towers(loaded, reference, 224, ['This is a airplane', 'This is a flower_pot'])
@@ -133,9 +148,15 @@ def test_image_preprocessing_matches_torchvision():
   slip_reference._import_timm()  # puts the reference libraries (torchvision's transforms) on sys.path
   from PIL import Image
   from torchvision import transforms as T
+
   image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (301, 250, 3), dtype=np.uint8))
-  expected = T.Compose([T.Resize(224), T.CenterCrop(224), T.ToTensor(),
-                        T.Normalize(slip.IMAGENET_MEAN, slip.IMAGENET_STD)])(image).permute(1, 2, 0).numpy()
+  expected = (
+    T.Compose([T.Resize(224), T.CenterCrop(224), T.ToTensor(), T.Normalize(slip.IMAGENET_MEAN, slip.IMAGENET_STD)])(
+      image
+    )
+    .permute(1, 2, 0)
+    .numpy()
+  )
   ours = slip.slip_preprocess()(image)
   assert ours.shape == (224, 224, 3)
   np.testing.assert_allclose(ours, expected, atol=1e-5)
@@ -160,15 +181,21 @@ def test_bad_slip_files_are_refused_in_one_line(small_slip, tmp_path):
     return out
 
   cases = {
-      'evil.pt': ({**good, 'args': Evil()}, 'weights_only'),
-      'no_state.pt': ({'model': good['state_dict']}, 'a dict with a "state_dict" entry'),
-      'not_slip.pt': ({'state_dict': {'module.weight': torch.zeros(3)}}, 'not a SLIP CLIP checkpoint'),
-      'missing.pt': ({**good, 'state_dict': {k: v for k, v in good['state_dict'].items()
-                                            if k != 'module.ln_final.bias'}}, "missing tensor 'ln_final.bias'"),
-      'extra.pt': ({**good, 'state_dict': {**good['state_dict'], 'module.visual.head.weight': torch.zeros(2, 2)}},
-                   'visual.head.weight'),
-      'nan.pt': ({**good, 'state_dict': {**good['state_dict'],
-                                          'module.visual.norm.weight': torch.full((128,), float('nan'))}}, 'NaN'),
+    'evil.pt': ({**good, 'args': Evil()}, 'weights_only'),
+    'no_state.pt': ({'model': good['state_dict']}, 'a dict with a "state_dict" entry'),
+    'not_slip.pt': ({'state_dict': {'module.weight': torch.zeros(3)}}, 'not a SLIP CLIP checkpoint'),
+    'missing.pt': (
+      {**good, 'state_dict': {k: v for k, v in good['state_dict'].items() if k != 'module.ln_final.bias'}},
+      "missing tensor 'ln_final.bias'",
+    ),
+    'extra.pt': (
+      {**good, 'state_dict': {**good['state_dict'], 'module.visual.head.weight': torch.zeros(2, 2)}},
+      'visual.head.weight',
+    ),
+    'nan.pt': (
+      {**good, 'state_dict': {**good['state_dict'], 'module.visual.norm.weight': torch.full((128,), float('nan'))}},
+      'NaN',
+    ),
   }
   for name, (container, message) in cases.items():
     with pytest.raises(CLIPLoadError, match=message) as err:
@@ -194,10 +221,16 @@ def original_pair(small_slip, tmp_path_factory):
   encoder = PointTransformer(**TINY_PT)
   variables = encoder.init(jax.random.key(0), jnp.zeros((1, 64, 3)), train=False)
   prompts = np.random.default_rng(4).uniform(-0.1, 0.1, (2, 3, 128)).astype(np.float32)
-  container = {'base_model': torch_io.point_transformer_to_torch(variables['params'], variables['batch_stats']),
-               'visual_clip_model': {**{k: torch.from_numpy(v) for k, v in slip.visual_tensors(slip_path).items()},
-                                     **cg3d_pth.prompts_to_torch(prompts, 'deep')},
-               'epoch': 99, 'metrics': {}, 'best_metrics': {}}
+  container = {
+    'base_model': torch_io.point_transformer_to_torch(variables['params'], variables['batch_stats']),
+    'visual_clip_model': {
+      **{k: torch.from_numpy(v) for k, v in slip.visual_tensors(slip_path).items()},
+      **cg3d_pth.prompts_to_torch(prompts, 'deep'),
+    },
+    'epoch': 99,
+    'metrics': {},
+    'best_metrics': {},
+  }
   pth = tmp_path_factory.mktemp('original') / 'cg3d_pointbert.pth'
   torch.save(container, pth)
   return pth, slip_path, prompts
@@ -207,9 +240,23 @@ def test_original_pth_predicts_with_its_slip(original_pair, small_slip, tmp_path
   pth, slip_path, prompts = original_pair
   owl = pathlib.Path(__file__).parent / 'fixtures' / 'openshape_owl' / 'owl.ply'
   labels = ['owl', 'chair', 'airplane']
-  code = run_command(predict.main, ['--checkpoint', str(pth), '--clip_path', str(slip_path), '--points', str(owl),
-                                    '--labels', ','.join(labels), '--num_points', '64', '--json',
-                                    str(tmp_path / 'p.json')])
+  code = run_command(
+    predict.main,
+    [
+      '--checkpoint',
+      str(pth),
+      '--clip_path',
+      str(slip_path),
+      '--points',
+      str(owl),
+      '--labels',
+      ','.join(labels),
+      '--num_points',
+      '64',
+      '--json',
+      str(tmp_path / 'p.json'),
+    ],
+  )
   assert code == 0, capsys.readouterr().err
   result = json.loads((tmp_path / 'p.json').read_text())
   # The text side, recomputed by the reference SLIP: "This is a {label}", L2-normalised, cosine with the point
@@ -217,29 +264,44 @@ def test_original_pth_predicts_with_its_slip(original_pair, small_slip, tmp_path
   _, reference = small_slip
   tokenizer = slip.SLIPTokenizer()
   with torch.no_grad():
-    text = reference.encode_text(torch.from_numpy(tokenizer.token_ids([f'This is a {x}' for x in labels])
-                                                  .astype(np.int64))).numpy()
+    text = reference.encode_text(
+      torch.from_numpy(tokenizer.token_ids([f'This is a {x}' for x in labels]).astype(np.int64))
+    ).numpy()
   text /= np.linalg.norm(text, axis=1, keepdims=True)
   model = trained.with_clip(trained.load_trained(pth, num_points=64), str(slip_path))
   np.testing.assert_array_equal(model.clip.params['prompts']['tokens'], prompts)
   from cg3d_jax.data import point_files
   from cg3d_jax.evaluators.prediction import prepare_points
   from cg3d_jax.models.point_ops import sample_points
+
   cloud = prepare_points(point_files.read_points(owl).xyz, 64)
   point = np.asarray(model.model.point_features(model.encoder_vars, sample_points(jnp.asarray(cloud)[None], 64))[0])[0]
   similarity = {row['name']: row['similarity'] for row in result['labels']}
   np.testing.assert_allclose([similarity[x] for x in labels], text @ point, atol=1e-5)
 
 
-def test_original_pth_evaluates_zero_shot_with_the_original_protocol(original_pair, modelnet40_prepared, tmp_path,
-                                                                      capsys):
+def test_original_pth_evaluates_zero_shot_with_the_original_protocol(
+  original_pair, modelnet40_prepared, tmp_path, capsys
+):
   pth, slip_path, _ = original_pair
-  code = run_command(evaluate.main, [
-      '--config', 'zeroshot_modelnet40:original', '--checkpoint', str(pth),
-      '--workdir', str(tmp_path / 'zs'), f'--config.clip.path={slip_path}',
-      f'--config.eval.manual_dir={modelnet_root()}', f'--config.eval.data_dir={modelnet40_prepared}',
-      '--config.eval.skip_bad=true', '--config.eval.batch_size=8', '--config.model.num_points=64',
-      '--config.eval.num_stored_points=256'])
+  code = run_command(
+    evaluate.main,
+    [
+      '--config',
+      'zeroshot_modelnet40:original',
+      '--checkpoint',
+      str(pth),
+      '--workdir',
+      str(tmp_path / 'zs'),
+      f'--config.clip.path={slip_path}',
+      f'--config.eval.manual_dir={modelnet_root()}',
+      f'--config.eval.data_dir={modelnet40_prepared}',
+      '--config.eval.skip_bad=true',
+      '--config.eval.batch_size=8',
+      '--config.model.num_points=64',
+      '--config.eval.num_stored_points=256',
+    ],
+  )
   assert code == 0, capsys.readouterr().err[-3000:]
   results = json.loads((tmp_path / 'zs' / 'results.json').read_text())
   assert results['protocol'] == 'cg3d_original' and results['normalize_text'] is False
@@ -263,8 +325,9 @@ def test_pretraining_on_slip_exports_the_original_visual_clip_model(small_slip, 
   token then equals the JAX image features of the trained run."""
   slip_path, reference = small_slip
   workdir = tmp_path / 'run'
-  config = tiny_config(str(slip_path), tiny_shapenet, **{'train.total_steps': 2, 'eval.every_steps': 0,
-                                                        'clip.prompt.num_tokens': 3})
+  config = tiny_config(
+    str(slip_path), tiny_shapenet, **{'train.total_steps': 2, 'eval.every_steps': 0, 'clip.prompt.num_tokens': 3}
+  )
   pretrain.train(config, str(workdir))
   out = tmp_path / 'slip_run.pth'
   assert run_command(export_main, ['--checkpoint', str(workdir), '--out', str(out)]) == 0, capsys.readouterr().err
@@ -284,8 +347,12 @@ def test_pretraining_on_slip_exports_the_original_visual_clip_model(small_slip, 
   np.testing.assert_array_equal(visual['prompt_embeddings'].numpy(), tokens[:1])
   pixels = _images(2, 32, seed=7)
   with torch.no_grad():
-    cls = slip_reference.prompted_class_token(prompted.eval(), torch.from_numpy(pixels).permute(0, 3, 1, 2),
-                                              prompted.prompt_embeddings, prompted.deep_prompt_embeddings)
+    cls = slip_reference.prompted_class_token(
+      prompted.eval(),
+      torch.from_numpy(pixels).permute(0, 3, 1, 2),
+      prompted.prompt_embeddings,
+      prompted.deep_prompt_embeddings,
+    )
   ours = model.clip.model.apply({'params': model.clip_params}, pixels, method=CLIP.encode_image)
   np.testing.assert_allclose(np.asarray(ours), (cls @ reference.image_projection).detach().numpy(), atol=TOL, rtol=0)
 
@@ -308,6 +375,7 @@ def test_demo_assets_can_write_a_random_slip(tmp_path):
   from cg3d_jax.configs import demo
   from cg3d_jax.errors import ConfigError
   from cg3d_jax.synthetic import demo_assets
+
   config = demo.get_config()
   config.demo.clip_kind = 'slip'
   config.demo.synthetic.update(dict(num_train_per_class=1, num_test_per_class=1, num_points=64, image_size=32))
@@ -315,8 +383,10 @@ def test_demo_assets_can_write_a_random_slip(tmp_path):
   assert assets.clip_path.endswith('slip.pt')
   loaded = clip_files.load_clip(assets.clip_path, prompt_mode='deep', num_prompts=5)
   assert loaded.kind == 'slip' and loaded.spec.projection_dim == config.model.embed_dim
-  assert (loaded.spec.vision_width, loaded.spec.image_size) == (config.demo.clip.vision_width,
-                                                               config.demo.clip.image_size)
+  assert (loaded.spec.vision_width, loaded.spec.image_size) == (
+    config.demo.clip.vision_width,
+    config.demo.clip.image_size,
+  )
   config.demo.clip.vision_width = 96
   with pytest.raises(ConfigError, match='multiple of 64'):
     demo_assets.write(tmp_path / 'other', config.demo)
@@ -329,15 +399,22 @@ class _Shape:
     self.shape = shape
 
 
-@pytest.mark.parametrize('model,width,layers,heads', [('SLIP_VITS16', 384, 12, 12), ('SLIP_VITB16', 768, 12, 12),
-                                                      ('SLIP_VITL16', 1024, 24, 16)])
+@pytest.mark.parametrize(
+  'model,width,layers,heads',
+  [('SLIP_VITS16', 384, 12, 12), ('SLIP_VITB16', 768, 12, 12), ('SLIP_VITL16', 1024, 24, 16)],
+)
 def test_slip_s_b_l_sizes_come_from_the_shapes(model, width, layers, heads):
   """SLIP's three image towers (models.py: vit_small_mocov3 384 x 12 with 12 heads, vit_base 768 x 12 with 12,
   vit_large 1024 x 24 with 16), each with OpenAI's 512-wide, 8-head text tower."""
-  state = {'visual.pos_embed': _Shape(1, 197, width), 'visual.patch_embed.proj.weight': _Shape(width, 3, 16, 16),
-           'token_embedding.weight': _Shape(49408, 512), 'positional_embedding': _Shape(77, 512),
-           'image_projection': _Shape(width, 512), 'visual.blocks.0.mlp.fc1.weight': _Shape(4 * width, width),
-           'transformer.resblocks.0.mlp.c_fc.weight': _Shape(2048, 512)}
+  state = {
+    'visual.pos_embed': _Shape(1, 197, width),
+    'visual.patch_embed.proj.weight': _Shape(width, 3, 16, 16),
+    'token_embedding.weight': _Shape(49408, 512),
+    'positional_embedding': _Shape(77, 512),
+    'image_projection': _Shape(width, 512),
+    'visual.blocks.0.mlp.fc1.weight': _Shape(4 * width, width),
+    'transformer.resblocks.0.mlp.c_fc.weight': _Shape(2048, 512),
+  }
   state.update({f'visual.blocks.{i}.norm1.weight': _Shape(width) for i in range(layers)})
   state.update({f'transformer.resblocks.{i}.ln_1.weight': _Shape(512) for i in range(12)})
   spec = slip.spec_from_state_dict('f.pt', state, argparse.Namespace(model=model))
@@ -355,13 +432,26 @@ def test_original_pth_retrieves_with_its_slip(original_pair, small_slip, tiny_sh
   from cg3d_jax.configs import retrieval_shapenet55
   from cg3d_jax.data import builders
   from cg3d_jax.evaluators import retrieval
+
   pth, slip_path, _ = original_pair
   manual, data_dir = tiny_shapenet
-  code = run_command(evaluate.main, ['--config', 'retrieval_shapenet55', '--checkpoint', str(pth), '--workdir',
-                                     str(tmp_path / 'ret'), f'--config.clip.path={slip_path}',
-                                     f'--config.eval.data_dir={data_dir}', f'--config.eval.manual_dir={manual}',
-                                     '--config.eval.num_stored_points=256', '--config.eval.batch_size=16',
-                                     '--config.model.num_points=64'])
+  code = run_command(
+    evaluate.main,
+    [
+      '--config',
+      'retrieval_shapenet55',
+      '--checkpoint',
+      str(pth),
+      '--workdir',
+      str(tmp_path / 'ret'),
+      f'--config.clip.path={slip_path}',
+      f'--config.eval.data_dir={data_dir}',
+      f'--config.eval.manual_dir={manual}',
+      '--config.eval.num_stored_points=256',
+      '--config.eval.batch_size=16',
+      '--config.model.num_points=64',
+    ],
+  )
   assert code == 0, capsys.readouterr().err[-3000:]
   saved = json.loads((tmp_path / 'ret' / retrieval.RESULTS_FILE).read_text())
   assert saved['text_to_3d']['num_queries'] == 13 and saved['image_to_3d']['num_queries'] == 26
@@ -370,13 +460,20 @@ def test_original_pth_retrieves_with_its_slip(original_pair, small_slip, tiny_sh
   model = trained.with_clip(trained.load_trained(pth, num_points=64), str(slip_path))
   names = builders.class_names(builders.get_builder('shapenet55_cg3d', data_dir=data_dir))
   config = retrieval_shapenet55.get_config()
-  evaluator = retrieval.RetrievalEvaluator(model.model, model.clip_params, model.clip.tokenizer, batches=None,
-                                           class_names=names, mesh=sharding.make_mesh({'data': -1, 'fsdp': 1}),
-                                           templates=config.eval.templates)
+  evaluator = retrieval.RetrievalEvaluator(
+    model.model,
+    model.clip_params,
+    model.clip.tokenizer,
+    batches=None,
+    class_names=names,
+    mesh=sharding.make_mesh({'data': -1, 'fsdp': 1}),
+    templates=config.eval.templates,
+  )
   _, reference = small_slip
   with torch.no_grad():
-    text = reference.encode_text(torch.from_numpy(slip.SLIPTokenizer().token_ids(
-        [f'This is a {x}' for x in names]).astype(np.int64))).numpy()
+    text = reference.encode_text(
+      torch.from_numpy(slip.SLIPTokenizer().token_ids([f'This is a {x}' for x in names]).astype(np.int64))
+    ).numpy()
   assert config.eval.templates == 'cg3d_zeroshot'
   np.testing.assert_allclose(evaluator.text_features, text / np.linalg.norm(text, axis=1, keepdims=True), atol=1e-5)
 
@@ -384,12 +481,29 @@ def test_original_pth_retrieves_with_its_slip(original_pair, small_slip, tiny_sh
 def test_original_pth_queries_a_scene_with_its_slip(original_pair, tmp_path, capsys):
   """`query_scene` end to end with a CG3D .pth and its SLIP file, on the owl cloud as a one-object scene."""
   from cg3d_jax import query_scene
+
   pth, slip_path, _ = original_pair
   owl = pathlib.Path(__file__).parent / 'fixtures' / 'openshape_owl' / 'owl.ply'
   out = tmp_path / 'out'
-  code = run_command(query_scene.main, ['--checkpoint', str(pth), '--clip_path', str(slip_path), '--scene', str(owl),
-                                        '--queries', 'owl,chair', '--num_points', '64', '--radius', '0.5',
-                                        '--out', str(out)])
+  code = run_command(
+    query_scene.main,
+    [
+      '--checkpoint',
+      str(pth),
+      '--clip_path',
+      str(slip_path),
+      '--scene',
+      str(owl),
+      '--queries',
+      'owl,chair',
+      '--num_points',
+      '64',
+      '--radius',
+      '0.5',
+      '--out',
+      str(out),
+    ],
+  )
   assert code == 0, capsys.readouterr().err[-3000:]
   summary = json.loads((out / 'summary.json').read_text())
   assert summary['queries'] == ['owl', 'chair'] and summary['scene_points'] == 10000

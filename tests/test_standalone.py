@@ -50,10 +50,28 @@ def test_a_lone_copy_predicts_with_the_demo_model(demo_run, tmp_path):
   its entry function in-process) on the copy's own owl cloud, with the model the demo trained."""
   owl = demo_run.copy / 'tests' / 'fixtures' / 'openshape_owl'
   out = tmp_path / 'owl.json'
-  done = subprocess.run([sys.executable, '-m', 'cg3d_jax.predict', '--checkpoint', str(demo_run.workdir), '--points',
-                         str(owl / 'owl.ply'), '--labels', 'torus,cross,mug', '--images', str(owl / 'a.jpg'),
-                         '--json', str(out)], cwd=tmp_path, env={**os.environ, 'PYTHONPATH': str(demo_run.copy)},
-                        capture_output=True, text=True, timeout=600)
+  done = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'cg3d_jax.predict',
+      '--checkpoint',
+      str(demo_run.workdir),
+      '--points',
+      str(owl / 'owl.ply'),
+      '--labels',
+      'torus,cross,mug',
+      '--images',
+      str(owl / 'a.jpg'),
+      '--json',
+      str(out),
+    ],
+    cwd=tmp_path,
+    env={**os.environ, 'PYTHONPATH': str(demo_run.copy)},
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   assert 'owl.ply: 10000 points' in done.stdout
   result = json.loads(out.read_text())
@@ -62,21 +80,53 @@ def test_a_lone_copy_predicts_with_the_demo_model(demo_run, tmp_path):
 
 
 def test_the_wheel_holds_assets_configs_and_console_scripts(demo_run, tmp_path):
-  done = subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q',
-                         '-w', str(tmp_path), str(demo_run.copy)], capture_output=True, text=True, timeout=600)
+  done = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'pip',
+      'wheel',
+      '--no-deps',
+      '--no-build-isolation',
+      '-q',
+      '-w',
+      str(tmp_path),
+      str(demo_run.copy),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   (wheel,) = tmp_path.glob('cg3d_jax-*.whl')
   names = set(zipfile.ZipFile(wheel).namelist())
-  for asset in ('bpe_simple_vocab_16e6.txt.gz', 'cg3d_templates.json', 'ulip_templates.json',
-                'modelnet40_verify_clouds.npz', 'shapenet55_synsets.json', 'SOURCES.md'):
+  for asset in (
+    'bpe_simple_vocab_16e6.txt.gz',
+    'cg3d_templates.json',
+    'ulip_templates.json',
+    'modelnet40_verify_clouds.npz',
+    'shapenet55_synsets.json',
+    'SOURCES.md',
+  ):
     assert f'cg3d_jax/assets/{asset}' in names, asset
   shipped = {p.name for p in (REPO_ROOT / 'cg3d_jax' / 'configs').glob('*.py')}
   assert shipped >= {'demo.py', 'pretrain_pointbert.py', 'zeroshot_modelnet40.py', 'finetune_modelnet40.py'}
   assert {f'cg3d_jax/configs/{name}' for name in shipped} <= names
   (entry_points,) = [n for n in names if n.endswith('.dist-info/entry_points.txt')]
   scripts = zipfile.ZipFile(wheel).read(entry_points).decode()
-  for script in ('cg3d-train', 'cg3d-evaluate', 'cg3d-predict', 'cg3d-export', 'cg3d-finetune', 'cg3d-query-scene',
-                 'cg3d-evaluate-scenes', 'cg3d-demo', 'cg3d-demo-assets', 'cg3d-build-data', 'cg3d-synthetic-scenes'):
+  for script in (
+    'cg3d-train',
+    'cg3d-evaluate',
+    'cg3d-predict',
+    'cg3d-export',
+    'cg3d-finetune',
+    'cg3d-query-scene',
+    'cg3d-evaluate-scenes',
+    'cg3d-demo',
+    'cg3d-demo-assets',
+    'cg3d-build-data',
+    'cg3d-synthetic-scenes',
+  ):
     assert f'{script} =' in scripts, script
 
 

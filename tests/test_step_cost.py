@@ -28,7 +28,8 @@ def test_flops_and_memory_are_per_device_and_match_hand_counts():
   assert cost.peak_bytes >= cost.argument_bytes + cost.output_bytes - cost.alias_bytes + cost.temp_bytes
   assert cost.device_kind == jax.devices()[0].device_kind and cost.peak_tflops is None  # a CPU: no MFU
   assert step_cost.rate_metrics([cost], samples_per_s=80.0, batch_size=8) == {
-      'tflops_per_device': pytest.approx(cost.flops * 10 / 1e12)}
+    'tflops_per_device': pytest.approx(cost.flops * 10 / 1e12)
+  }
 
 
 def test_peak_table_and_mfu():
@@ -39,8 +40,17 @@ def test_peak_table_and_mfu():
   assert step_cost.peak_tflops('TPU v5p', jnp.bfloat16) == 459.0
   assert step_cost.peak_tflops('TPU v6 lite', jnp.bfloat16) == 918.0
   assert step_cost.peak_tflops('cpu', jnp.float32) is None
-  cost = step_cost.StepCost(flops=5.6e12, argument_bytes=0, output_bytes=0, alias_bytes=0, temp_bytes=0,
-                            peak_bytes=0, device_kind='NVIDIA H100', device_limit_bytes=None, peak_tflops=989.4)
+  cost = step_cost.StepCost(
+    flops=5.6e12,
+    argument_bytes=0,
+    output_bytes=0,
+    alias_bytes=0,
+    temp_bytes=0,
+    peak_bytes=0,
+    device_kind='NVIDIA H100',
+    device_limit_bytes=None,
+    peak_tflops=989.4,
+  )
   # 5.6 TFLOP per step at 2 steps/s (batch 64, 128 samples/s): 11.2 TFLOP/s, 1.13% of 989.4.
   metrics = step_cost.rate_metrics([cost], samples_per_s=128.0, batch_size=64)
   assert metrics['tflops_per_device'] == pytest.approx(11.2)
@@ -49,13 +59,24 @@ def test_peak_table_and_mfu():
 
 
 def test_a_step_that_cannot_fit_stops_with_the_numbers_and_the_knobs():
-  gib = 2 ** 30
-  cost = step_cost.StepCost(flops=1.0, argument_bytes=30 * gib, output_bytes=0, alias_bytes=0, temp_bytes=60 * gib,
-                            peak_bytes=90 * gib, device_kind='NVIDIA H100 80GB HBM3', device_limit_bytes=80 * gib,
-                            peak_tflops=989.4)
-  with pytest.raises(ConfigError, match=r'needs 90.0 GiB per device \(arguments 30.0, temporaries 60.0\) but a '
-                                        r'NVIDIA H100 80GB HBM3 holds 80.0 GiB: lower --config.train.batch_size.*remat'
-                                        r'.*bfloat16.*fsdp'):
+  gib = 2**30
+  cost = step_cost.StepCost(
+    flops=1.0,
+    argument_bytes=30 * gib,
+    output_bytes=0,
+    alias_bytes=0,
+    temp_bytes=60 * gib,
+    peak_bytes=90 * gib,
+    device_kind='NVIDIA H100 80GB HBM3',
+    device_limit_bytes=80 * gib,
+    peak_tflops=989.4,
+  )
+  with pytest.raises(
+    ConfigError,
+    match=r'needs 90.0 GiB per device \(arguments 30.0, temporaries 60.0\) but a '
+    r'NVIDIA H100 80GB HBM3 holds 80.0 GiB: lower --config.train.batch_size.*remat'
+    r'.*bfloat16.*fsdp',
+  ):
     step_cost.check_fits(cost)
   step_cost.check_fits(step_cost.StepCost(**{**cost.__dict__, 'device_limit_bytes': None}))  # unknown: no check
 
@@ -71,6 +92,7 @@ def _layer_stack_loss(unroll: int):
   def loss(w, x):
     body = lambda carry, wi: (jnp.tanh(carry @ wi), None)  # noqa: E731
     return jax.lax.scan(body, x, w, unroll=unroll)[0].sum()
+
   return jax.grad(loss, argnums=(0, 1))
 
 

@@ -66,10 +66,12 @@ def parity_config(clip_dir, shapenet, mode):
   c.train.batch_size = BATCH
   c.train.total_steps = K
   c.mesh.data = 1
-  c.train.encoder_optim.update(dict(lr=2e-3, end_lr=1e-4, weight_decay=0.05, schedule='cosine_per_epoch',
-                                    clip_norm=0.5))
-  c.train.prompt_optim.update(dict(lr=5e-2, momentum=0.9, weight_decay=1e-4, schedule='cosine_per_epoch',
-                                   clip_norm=0.05))
+  c.train.encoder_optim.update(
+    dict(lr=2e-3, end_lr=1e-4, weight_decay=0.05, schedule='cosine_per_epoch', clip_norm=0.5)
+  )
+  c.train.prompt_optim.update(
+    dict(lr=5e-2, momentum=0.9, weight_decay=1e-4, schedule='cosine_per_epoch', clip_norm=0.05)
+  )
   c.train.prompt_optim.end_lr = 1e-3
   return c
 
@@ -78,55 +80,78 @@ def parity_config(clip_dir, shapenet, mode):
 def batch(two_layer_clip, tiny_shapenet):
   """One real pipeline batch: clouds FPS-sampled (NumPy) to the encoder's 64 points, views, labels, templates."""
   from cg3d_jax.data import pipeline
+
   c = parity_config(two_layer_clip, tiny_shapenet, 'joint')
-  host = next(pipeline.pretrain_local_dataset(
-      c.data, global_batch_size=16, image_size=32, image_mean=(0.48145466, 0.4578275, 0.40821073),
-      image_std=(0.26862954, 0.26130258, 0.27577711), num_templates=63, seed=0, process_index=0,
-      process_count=1).as_numpy_iterator())
+  host = next(
+    pipeline.pretrain_local_dataset(
+      c.data,
+      global_batch_size=16,
+      image_size=32,
+      image_mean=(0.48145466, 0.4578275, 0.40821073),
+      image_std=(0.26862954, 0.26130258, 0.27577711),
+      num_templates=63,
+      seed=0,
+      process_index=0,
+      process_count=1,
+    ).as_numpy_iterator()
+  )
   points = np.stack([p[transforms.farthest_point_sample_np(p, c.model.num_points)] for p in host['points'][:BATCH]])
   for cloud in points:  # float32 selections agree on every machine (the float32 test relies on it)
-    assert grouping_margin(cloud, [(c.model.point_transformer.num_groups, c.model.point_transformer.group_size)]) \
-        > NEAR_TIE
+    assert (
+      grouping_margin(cloud, [(c.model.point_transformer.num_groups, c.model.point_transformer.group_size)]) > NEAR_TIE
+    )
   assert set(np.unique(host['label'][:BATCH])) != {0} and TEMPLATE_IDS.max() > 13
-  return {'points': points.astype(np.float32), 'image': host['image'][:BATCH], 'label': host['label'][:BATCH],
-          'template_idx': TEMPLATE_IDS}
+  return {
+    'points': points.astype(np.float32),
+    'image': host['image'][:BATCH],
+    'label': host['label'][:BATCH],
+    'template_idx': TEMPLATE_IDS,
+  }
 
 
 def _classes(config):
-  return builders.class_names(builders.get_builder(config.data.name, data_dir=config.data.data_dir,
-                                                   manual_dir=config.data.manual_dir))
+  return builders.class_names(
+    builders.get_builder(config.data.name, data_dir=config.data.data_dir, manual_dir=config.data.manual_dir)
+  )
 
 
 def run_jax(config, batch, dtype, steps_per_epoch=1):
   """config.train.total_steps steps of the project's train_step (unsharded, jitted) in `dtype`: (setup, first
   state, the state after each step, losses, learning rates of the groups each step updated)."""
-  setup = pretrain.build_setup(config, train_classes=_classes(config), steps_per_epoch=steps_per_epoch,
-                               devices=jax.devices()[:1])
+  setup = pretrain.build_setup(
+    config, train_classes=_classes(config), steps_per_epoch=steps_per_epoch, devices=jax.devices()[:1]
+  )
   steps = config.train.total_steps
   with jax.enable_x64(dtype == jnp.float64):
     cast = lambda tree: jax.tree.map(
-        lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.asarray(x), tree)
-    model = CG3D(encoder=setup.model.encoder.clone(dtype=dtype), clip=setup.model.clip.clone(dtype=dtype),
-                 num_points=setup.model.num_points)
+      lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.asarray(x), tree
+    )
+    model = CG3D(
+      encoder=setup.model.encoder.clone(dtype=dtype),
+      clip=setup.model.clip.clone(dtype=dtype),
+      num_points=setup.model.num_points,
+    )
     # The optimizer again, inside the x64 scope, so that its schedules run in the parameters' precision.
-    tx, _ = optim.make_optimizer(pretrain.optimizer_rules(config), steps_per_epoch=steps_per_epoch,
-                                 total_steps=steps)
+    tx, _ = optim.make_optimizer(pretrain.optimizer_rules(config), steps_per_epoch=steps_per_epoch, total_steps=steps)
     start, frozen = cast(jax.device_get(setup.state)), cast(jax.device_get(setup.frozen))
     caption_templates = templates.get_templates(config.data.templates)
     ids = tokenize(setup.clip.tokenizer, [t.format(c) for t in caption_templates for c in setup.class_names])
-    table = model.caption_table(merge_clip(frozen, start['params']), ids.reshape(len(caption_templates),
-                                                                               len(setup.class_names), -1))
+    table = model.caption_table(
+      merge_clip(frozen, start['params']), ids.reshape(len(caption_templates), len(setup.class_names), -1)
+    )
     state, states, losses, lrs, compiled = start, [], [], [], {}
     for i in range(steps):
       groups = pretrain.active_groups(config, state['params'], i, steps_per_epoch)
       if groups not in compiled:
-        compiled[groups] = jax.jit(functools.partial(train_step, model=model, tx=tx, labels_fn=setup.labels_fn,
-                                                     active=groups, augment=False))
+        compiled[groups] = jax.jit(
+          functools.partial(train_step, model=model, tx=tx, labels_fn=setup.labels_fn, active=groups, augment=False)
+        )
       state, metrics = compiled[groups](state, frozen, table, cast(batch))
       states.append(jax.device_get(state))
       losses.append({k: float(v) for k, v in metrics.items() if k.startswith('loss')})
-      rates = optim.learning_rates(pretrain.optimizer_rules(config), i, steps_per_epoch=steps_per_epoch,
-                                   total_steps=steps)
+      rates = optim.learning_rates(
+        pretrain.optimizer_rules(config), i, steps_per_epoch=steps_per_epoch, total_steps=steps
+      )
       lrs.append({g: float(rates[g]) for g in groups})
     return setup, jax.device_get(start), states, losses, lrs
 
@@ -134,22 +159,43 @@ def run_jax(config, batch, dtype, steps_per_epoch=1):
 def run_torch(config, setup, start, batch, dtype, steps_per_epoch=1):
   """The same steps in the PyTorch reference: (reference, losses, a snapshot of its state after each step)."""
   from transformers import CLIPModel
+
   steps = config.train.total_steps
   pt = config.model.point_transformer
-  twin = PointTransformerProject(width=pt.width, depth=pt.depth, num_heads=pt.num_heads, num_groups=pt.num_groups,
-                                 group_size=pt.group_size, encoder_dim=pt.encoder_dim, drop_path_rate=0.0,
-                                 embed_dim=config.model.embed_dim, num_classes=config.model.num_classes)
-  twin.load_state_dict(torch_io.point_transformer_to_torch(
+  twin = PointTransformerProject(
+    width=pt.width,
+    depth=pt.depth,
+    num_heads=pt.num_heads,
+    num_groups=pt.num_groups,
+    group_size=pt.group_size,
+    encoder_dim=pt.encoder_dim,
+    drop_path_rate=0.0,
+    embed_dim=config.model.embed_dim,
+    num_classes=config.model.num_classes,
+  )
+  twin.load_state_dict(
+    torch_io.point_transformer_to_torch(
       jax.tree.map(lambda x: np.asarray(x, np.float32), start['params']['encoder']),
-      jax.tree.map(lambda x: np.asarray(x, np.float32), start['batch_stats'])), strict=True)
+      jax.tree.map(lambda x: np.asarray(x, np.float32), start['batch_stats']),
+    ),
+    strict=True,
+  )
   clip = CLIPModel.from_pretrained(config.clip.path, local_files_only=True).eval()
   twin, clip = twin.to(dtype), clip.to(dtype)
   prompts = torch.from_numpy(np.array(start['params']['clip']['prompts']['tokens'])).to(dtype)
   epochs = config.train.epochs if config.train.lr_schedule == 'original' else -(-steps // steps_per_epoch)
-  reference = ReferenceStep(twin, clip, prompts, encoder_optim=config.train.encoder_optim.to_dict(),
-                            prompt_optim=config.train.prompt_optim.to_dict(), steps_per_epoch=steps_per_epoch,
-                            epochs=epochs, mode=config.train.mode, lr_schedule=config.train.lr_schedule,
-                            prompted_image_features=torch_prompted_image_features)
+  reference = ReferenceStep(
+    twin,
+    clip,
+    prompts,
+    encoder_optim=config.train.encoder_optim.to_dict(),
+    prompt_optim=config.train.prompt_optim.to_dict(),
+    steps_per_epoch=steps_per_epoch,
+    epochs=epochs,
+    mode=config.train.mode,
+    lr_schedule=config.train.lr_schedule,
+    prompted_image_features=torch_prompted_image_features,
+  )
   caption_templates = templates.get_templates(config.data.templates)
   captions = [caption_templates[t].format(setup.class_names[c]) for t, c in zip(batch['template_idx'], batch['label'])]
   ids = torch.from_numpy(tokenize(setup.clip.tokenizer, captions).astype(np.int64))
@@ -166,13 +212,19 @@ def _snapshot(reference) -> dict:
   """The reference's state after a step, copied: parameters, buffers (BatchNorm statistics), AdamW's moments by
   parameter name, the prompts and SGD's momentum buffer."""
   named = dict(reference.encoder.named_parameters())
-  adam = {name: {m: reference.adamw.state[p][m].clone().numpy() for m in ('exp_avg', 'exp_avg_sq')}
-          for name, p in named.items() if p in reference.adamw.state}
+  adam = {
+    name: {m: reference.adamw.state[p][m].clone().numpy() for m in ('exp_avg', 'exp_avg_sq')}
+    for name, p in named.items()
+    if p in reference.adamw.state
+  }
   momentum = reference.sgd.state.get(reference.prompts, {}).get('momentum_buffer')
-  return {'params': {k: v.detach().clone().numpy() for k, v in named.items()},
-          'buffers': {k: v.clone().numpy() for k, v in reference.encoder.state_dict().items()},
-          'adam': adam, 'prompts': reference.prompts.detach().clone().numpy(),
-          'momentum': None if momentum is None else momentum.clone().numpy()}
+  return {
+    'params': {k: v.detach().clone().numpy() for k, v in named.items()},
+    'buffers': {k: v.clone().numpy() for k, v in reference.encoder.state_dict().items()},
+    'adam': adam,
+    'prompts': reference.prompts.detach().clone().numpy(),
+    'momentum': None if momentum is None else momentum.clone().numpy(),
+  }
 
 
 def _assert_updates_close(name, before, after_jax, after_torch, lr):
@@ -181,10 +233,13 @@ def _assert_updates_close(name, before, after_jax, after_torch, lr):
   np.testing.assert_allclose(have, want, rtol=0, atol=1e-5 * np.abs(want).max() + 1e-6 * lr, err_msg=name)
 
 
-@pytest.mark.parametrize('mode, steps_per_epoch, lr_schedule', [
-    ('joint', 1, 'per_epoch'), ('alternating', 2, 'original'), ('alternating', 3, 'original')])
-def test_steps_equal_the_pytorch_reference_in_float64(two_layer_clip, tiny_shapenet, batch, mode, steps_per_epoch,
-                                                      lr_schedule):
+@pytest.mark.parametrize(
+  'mode, steps_per_epoch, lr_schedule',
+  [('joint', 1, 'per_epoch'), ('alternating', 2, 'original'), ('alternating', 3, 'original')],
+)
+def test_steps_equal_the_pytorch_reference_in_float64(
+  two_layer_clip, tiny_shapenet, batch, mode, steps_per_epoch, lr_schedule
+):
   """Joint: K steps, one batch per epoch. Alternating with the runner's schedule stepping: across two epoch
   boundaries (2 x batches per epoch + 1 steps) with an even and an odd number of batches per epoch. At every step:
   the losses, each stepping group's learning rate, the encoder's parameters, BatchNorm statistics and AdamW moments,
@@ -220,8 +275,10 @@ def _assert_state_matches(config, start, final, snapshot, step):
   encoder_state = final['opt_state'].inner_states['encoder']
   adam = {m: optax.tree_utils.tree_get(encoder_state, m) for m in ('mu', 'nu')}
   lr = config.train.encoder_optim.lr
-  largest = {m: max([float(np.abs(state[m]).max()) for state in snapshot['adam'].values()] or [0.0])
-             for m in ('exp_avg', 'exp_avg_sq')}
+  largest = {
+    m: max([float(np.abs(state[m]).max()) for state in snapshot['adam'].values()] or [0.0])
+    for m in ('exp_avg', 'exp_avg_sq')
+  }
   checked = 0
   for e in torch_io.point_transformer_entries(config.model.point_transformer.depth, with_head=True):
     if e.collection != torch_io.PARAMS or e.torch_key.startswith('cls_head'):
@@ -229,8 +286,13 @@ def _assert_state_matches(config, start, final, snapshot, step):
     path = e.flax_path.split('/')  # the name map's layout: blocks one by one
     pick = lambda tree: functools.reduce(lambda t, k: t[k], path, unstack_layers(tree))
     layout = lambda x: np.asarray(torch_io._to_torch_layout(e.kind, np.asarray(x, np.float64)))
-    _assert_updates_close(f'step {step} {e.torch_key}', layout(pick(start['params']['encoder'])),
-                          layout(pick(final['params']['encoder'])), snapshot['params'][e.torch_key], lr)
+    _assert_updates_close(
+      f'step {step} {e.torch_key}',
+      layout(pick(start['params']['encoder'])),
+      layout(pick(final['params']['encoder'])),
+      snapshot['params'][e.torch_key],
+      lr,
+    )
     moments = snapshot['adam'].get(e.torch_key)
     for ours, theirs in (('mu', 'exp_avg'), ('nu', 'exp_avg_sq')):
       if moments is None:  # no encoder step yet: torch has no state, optax's moments are still zero
@@ -240,32 +302,52 @@ def _assert_state_matches(config, start, final, snapshot, step):
       # tensor's scale is taken below 1e-6 of the largest moment of any tensor.
       want = moments[theirs]
       scale = max(np.abs(want).max(), 1e-6 * largest[theirs])
-      np.testing.assert_allclose(layout(pick(adam[ours]['encoder'])), want, rtol=0, atol=2e-5 * scale,
-                                 err_msg=f'step {step} {e.torch_key} {ours}')
+      np.testing.assert_allclose(
+        layout(pick(adam[ours]['encoder'])),
+        want,
+        rtol=0,
+        atol=2e-5 * scale,
+        err_msg=f'step {step} {e.torch_key} {ours}',
+      )
     checked += 1
   assert checked == len([n for n in snapshot['params'] if not n.startswith('cls_head')])
-  np.testing.assert_array_equal(final['params']['encoder']['cls_head_1']['kernel'],
-                                start['params']['encoder']['cls_head_1']['kernel'])
+  np.testing.assert_array_equal(
+    final['params']['encoder']['cls_head_1']['kernel'], start['params']['encoder']['cls_head_1']['kernel']
+  )
 
   # BatchNorm running statistics: one update per batch, prompt steps too (the runner forwards the encoder in train
   # mode on every batch), from weights that carry the clipping difference.
   for stage in ('first', 'second'):
     for ours, theirs in (('mean', 'running_mean'), ('var', 'running_var')):
       want = snapshot['buffers'][f'encoder.{stage}_conv.1.{theirs}']
-      np.testing.assert_allclose(final['batch_stats']['encoder'][f'{stage}_bn'][ours], want, rtol=0,
-                                 atol=1e-5 * np.abs(want).max(), err_msg=f'step {step} {stage} {ours}')
+      np.testing.assert_allclose(
+        final['batch_stats']['encoder'][f'{stage}_bn'][ours],
+        want,
+        rtol=0,
+        atol=1e-5 * np.abs(want).max(),
+        err_msg=f'step {step} {stage} {ours}',
+      )
   assert int(snapshot['buffers']['encoder.first_conv.1.num_batches_tracked']) == step + 1
 
   # The prompts and SGD's momentum buffer.
-  _assert_updates_close(f'step {step} prompts', np.asarray(start['params']['clip']['prompts']['tokens']),
-                        np.asarray(final['params']['clip']['prompts']['tokens']), snapshot['prompts'],
-                        config.train.prompt_optim.lr)
+  _assert_updates_close(
+    f'step {step} prompts',
+    np.asarray(start['params']['clip']['prompts']['tokens']),
+    np.asarray(final['params']['clip']['prompts']['tokens']),
+    snapshot['prompts'],
+    config.train.prompt_optim.lr,
+  )
   trace = optax.tree_utils.tree_get(final['opt_state'].inner_states['prompts'], 'trace')
   if snapshot['momentum'] is None:
     assert not np.any(trace['clip']['prompts']['tokens']), step
   else:
-    np.testing.assert_allclose(trace['clip']['prompts']['tokens'], snapshot['momentum'], rtol=0,
-                               atol=2e-5 * np.abs(snapshot['momentum']).max(), err_msg=f'step {step} momentum')
+    np.testing.assert_allclose(
+      trace['clip']['prompts']['tokens'],
+      snapshot['momentum'],
+      rtol=0,
+      atol=2e-5 * np.abs(snapshot['momentum']).max(),
+      err_msg=f'step {step} momentum',
+    )
 
 
 def test_losses_equal_the_pytorch_reference_in_float32(two_layer_clip, tiny_shapenet, batch):
@@ -287,9 +369,9 @@ def test_caption_table_rows_are_the_text_tower_on_template_by_class(two_layer_cl
   lookup by (template_idx, label) is checked against the reference's own captions in the parity test above.
   """
   from transformers import CLIPModel
+
   config = parity_config(two_layer_clip, tiny_shapenet, 'joint')
-  setup = pretrain.build_setup(config, train_classes=_classes(config), steps_per_epoch=1,
-                               devices=jax.devices()[:1])
+  setup = pretrain.build_setup(config, train_classes=_classes(config), steps_per_epoch=1, devices=jax.devices()[:1])
   caption_templates = templates.get_templates(config.data.templates)
   table = np.asarray(setup.text_table)
   assert table.shape[:2] == (len(caption_templates), len(setup.class_names)) == (63, 13)

@@ -13,12 +13,29 @@ import pytest
 
 from cg3d_jax.scenes import synthetic_rooms as ss
 
-SMALL = ss.SceneSettings(seed=1, area=3, num_rooms=3, objects_per_room=2,
-                         families=('sphere', 'box', 'cylinder', 'cone', 'mug'), floor_size=(2.5, 2.0),
-                         object_radius=(0.3, 0.4), points_per_m2=300.0, min_gap=0.2)
+SMALL = ss.SceneSettings(
+  seed=1,
+  area=3,
+  num_rooms=3,
+  objects_per_room=2,
+  families=('sphere', 'box', 'cylinder', 'cone', 'mug'),
+  floor_size=(2.5, 2.0),
+  object_radius=(0.3, 0.4),
+  points_per_m2=300.0,
+  min_gap=0.2,
+)
 # Noise-free and without lean: the shapes can be checked exactly.
-EXACT = ss.SceneSettings(seed=2, area=1, num_rooms=1, objects_per_room=2, families=('cylinder', 'cone'),
-                         floor_size=(3.0, 3.0), points_per_m2=800.0, noise=0.0, max_tilt=0.0)
+EXACT = ss.SceneSettings(
+  seed=2,
+  area=1,
+  num_rooms=1,
+  objects_per_room=2,
+  families=('cylinder', 'cone'),
+  floor_size=(3.0, 3.0),
+  points_per_m2=800.0,
+  noise=0.0,
+  max_tilt=0.0,
+)
 LINE = re.compile(rb'^-?\d+\.\d{6} -?\d+\.\d{6} -?\d+\.\d{6} \d{1,3} \d{1,3} \d{1,3}$')
 
 
@@ -110,12 +127,12 @@ def test_objects_stand_on_the_floor_inside_their_circles_without_overlap(small_r
 def _circle_fit(xy):
   """Least-squares circle through points (Kasa): exact for points on a circle."""
   a = np.c_[2 * xy, np.ones(len(xy))]
-  (cx, cy, c), *_ = np.linalg.lstsq(a, (xy ** 2).sum(1), rcond=None)
-  return np.array([cx, cy]), np.sqrt(c + cx ** 2 + cy ** 2)
+  (cx, cy, c), *_ = np.linalg.lstsq(a, (xy**2).sum(1), rcond=None)
+  return np.array([cx, cy]), np.sqrt(c + cx**2 + cy**2)
 
 
 def test_objects_are_upright_and_sampled_at_the_set_density(exact_root):
-  (_, cylinder, pts), = [x for x in _objects(exact_root, EXACT) if x[1]['class'] == 'cylinder']
+  ((_, cylinder, pts),) = [x for x in _objects(exact_root, EXACT) if x[1]['class'] == 'cylinder']
   z = pts[:, 2]
   height = z.max()
   caps = (z < 1e-5) | (z > height - 1e-5)
@@ -125,9 +142,9 @@ def test_objects_are_upright_and_sampled_at_the_set_density(exact_root):
   np.testing.assert_allclose(np.linalg.norm(pts[~caps, :2] - centre, axis=1), radius, atol=2e-5)
   assert np.linalg.norm(pts[caps, :2] - centre, axis=1).max() <= radius + 2e-5
   # Area from the measured shape: the point count follows points_per_m2.
-  area_m2 = 2 * np.pi * radius * height + 2 * np.pi * radius ** 2
+  area_m2 = 2 * np.pi * radius * height + 2 * np.pi * radius**2
   assert len(pts) == pytest.approx(EXACT.points_per_m2 * area_m2, rel=0.002)
-  (_, cone, pts), = [x for x in _objects(exact_root, EXACT) if x[1]['class'] == 'cone']
+  ((_, cone, pts),) = [x for x in _objects(exact_root, EXACT) if x[1]['class'] == 'cone']
   base = pts[pts[:, 2] < 1e-5]
   assert len(base) > 20  # the flat base lies on the floor
   apex = pts[np.argmax(pts[:, 2]), :2]
@@ -145,8 +162,9 @@ def test_rewrite_is_bit_identical(small_root, tmp_path):
 
 
 def test_ensure_reuses_a_matching_folder_and_refuses_other_settings(tmp_path):
-  tiny = ss.SceneSettings(num_rooms=1, objects_per_room=1, families=('box',), floor_size=(1.5, 1.5),
-                          points_per_m2=100.0)
+  tiny = ss.SceneSettings(
+    num_rooms=1, objects_per_room=1, families=('box',), floor_size=(1.5, 1.5), points_per_m2=100.0
+  )
   area = ss.ensure_synthetic_scenes(tmp_path, tiny)
   room_file = area / 'room_1' / 'room_1.txt'
   room_file.write_bytes(b'sentinel')  # a reuse leaves it alone
@@ -156,8 +174,9 @@ def test_ensure_reuses_a_matching_folder_and_refuses_other_settings(tmp_path):
 
 
 def test_stray_files_are_refused(tmp_path):
-  tiny = ss.SceneSettings(num_rooms=1, objects_per_room=1, families=('box',), floor_size=(1.5, 1.5),
-                          points_per_m2=100.0)
+  tiny = ss.SceneSettings(
+    num_rooms=1, objects_per_room=1, families=('box',), floor_size=(1.5, 1.5), points_per_m2=100.0
+  )
   area = ss.write_synthetic_scenes(tmp_path, tiny)
   (area / 'room_1' / 'Annotations' / 'cone_1.txt').write_text('0 0 0 1 1 1\n')
   with pytest.raises(ValueError, match='cone_1.txt'):

@@ -30,16 +30,17 @@ from tests.conftest import assert_no_near_ties, modelnet_root, run_command
 
 class FlatEncoder(nn.Module):
   """A parameter-free 'encoder' whose feature is the first `dim` coordinates of the cloud: features set by hand."""
+
   dim: int
 
   def __call__(self, points, train: bool = False):
-    return points.reshape(points.shape[0], -1)[:, :self.dim]
+    return points.reshape(points.shape[0], -1)[:, : self.dim]
 
 
 def clouds_from_features(features: np.ndarray, num_points: int) -> np.ndarray:
   """(N, D) -> (N, num_points, 3) clouds whose flattened first D coordinates are the features."""
   flat = np.zeros((features.shape[0], num_points * 3), np.float32)
-  flat[:, :features.shape[1]] = features
+  flat[:, : features.shape[1]] = features
   return flat.reshape(-1, num_points, 3)
 
 
@@ -47,11 +48,15 @@ def global_batches(points, labels, batch_size, mesh):
   """Padded, masked global batches as pipeline.make_eval_iterator yields; padding rows hold large garbage."""
   host = []
   for start in range(0, len(labels), batch_size):
-    p, y = points[start:start + batch_size], labels[start:start + batch_size]
+    p, y = points[start : start + batch_size], labels[start : start + batch_size]
     pad = batch_size - len(y)
-    host.append({'points': np.concatenate([p, np.full((pad,) + p.shape[1:], 1e3, np.float32)]),
-                 'label': np.concatenate([y, np.full(pad, 7, np.int32)]).astype(np.int32),
-                 'mask': np.arange(batch_size) < len(y)})
+    host.append(
+      {
+        'points': np.concatenate([p, np.full((pad,) + p.shape[1:], 1e3, np.float32)]),
+        'label': np.concatenate([y, np.full(pad, 7, np.int32)]).astype(np.int32),
+        'mask': np.arange(batch_size) < len(y),
+      }
+    )
   return host_batches.to_global(host, sharding.batch_sharding(mesh))
 
 
@@ -83,6 +88,7 @@ def numpy_topk_and_class_mean(features, classifier, labels, ks):
 
 def test_text_classifier_matches_transformers_clip(tiny_clip, tiny_clip_dir):
   from transformers import CLIPModel
+
   names = ['chair', 'flower_pot', 'owl']
   templates = ('a photo of a {}.', 'This is a {}', 'a 3D model of {}, rendered')
   ids = tokenize(tiny_clip.tokenizer, [t.format(c) for t in templates for c in names])
@@ -95,12 +101,14 @@ def test_text_classifier_matches_transformers_clip(tiny_clip, tiny_clip_dir):
   got = zeroshot.text_classifier(tiny_clip.model, tiny_clip.params, tiny_clip.tokenizer, names, templates)
   np.testing.assert_allclose(got, expected, atol=2e-5)
   # The original quirk: the raw (un-normalised) mean over templates.
-  quirk = zeroshot.text_classifier(tiny_clip.model, tiny_clip.params, tiny_clip.tokenizer, names, templates,
-                                   normalize=False)
+  quirk = zeroshot.text_classifier(
+    tiny_clip.model, tiny_clip.params, tiny_clip.tokenizer, names, templates, normalize=False
+  )
   np.testing.assert_allclose(quirk, raw.mean(0), rtol=1e-4, atol=1e-5)
   # Chunking (with a padded last chunk) changes nothing.
-  chunked = zeroshot.encode_texts(tiny_clip.model, tiny_clip.params, ids.reshape(len(templates), len(names), -1),
-                                  chunk=4)
+  chunked = zeroshot.encode_texts(
+    tiny_clip.model, tiny_clip.params, ids.reshape(len(templates), len(names), -1), chunk=4
+  )
   np.testing.assert_allclose(chunked, raw, rtol=1e-4, atol=1e-5)
 
 
@@ -109,9 +117,12 @@ def test_template_sets_are_the_published_lists(fixtures_dir):
   the projects published them (tests/fixtures/prompts, copied from their repositories), in their order."""
   cg3d = json.loads((fixtures_dir / 'prompts' / 'cg3d_templates.json').read_text())
   ulip = json.loads((fixtures_dir / 'prompts' / 'ulip_templates.json').read_text())
-  published = {'cg3d': [t.replace('{category}', '{}') for t in cg3d['cg3d_pretrain_captions']],
-               'cg3d_zeroshot': [t.replace('{category}', '{}') for t in cg3d['cg3d_zero_shot']],
-               'ulip': ulip['modelnet40_64'], 'ulip_shapenet': ulip['shapenet_64']}
+  published = {
+    'cg3d': [t.replace('{category}', '{}') for t in cg3d['cg3d_pretrain_captions']],
+    'cg3d_zeroshot': [t.replace('{category}', '{}') for t in cg3d['cg3d_zero_shot']],
+    'ulip': ulip['modelnet40_64'],
+    'ulip_shapenet': ulip['shapenet_64'],
+  }
   assert [len(v) for v in published.values()] == [63, 1, 64, 64]
   for name, want in published.items():
     assert list(template_sets.get_templates(name)) == want, name
@@ -140,15 +151,20 @@ def test_zero_shot_on_fixed_features_matches_numpy(mesh, batch_size):
   # Noisy copies of the class weights, so accuracies are strictly between 0 and 1.
   features = (classifier[labels] + 0.9 * rng.normal(size=(n, dim))).astype(np.float32)
   model = CG3D(encoder=FlatEncoder(dim), clip=None, num_points=5)
-  split = zeroshot.split_point_features(model, {'params': {}}, global_batches(
-      clouds_from_features(features, 5), labels, batch_size, mesh), mesh)
+  split = zeroshot.split_point_features(
+    model, {'params': {}}, global_batches(clouds_from_features(features, 5), labels, batch_size, mesh), mesh
+  )
   np.testing.assert_array_equal(split['label'], labels)
-  np.testing.assert_allclose(split['point_features'], features / np.linalg.norm(features, axis=1, keepdims=True),
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    split['point_features'], features / np.linalg.norm(features, axis=1, keepdims=True), atol=1e-6
+  )
   outputs = zeroshot.ZeroShotOutputs(
-      scores=np.asarray(metrics.zero_shot_scores(split['point_features'], classifier)), labels=split['label'],
-      class_names=[f'c{i}' for i in range(num_classes)], point_features=split['point_features'],
-      classifier=classifier)
+    scores=np.asarray(metrics.zero_shot_scores(split['point_features'], classifier)),
+    labels=split['label'],
+    class_names=[f'c{i}' for i in range(num_classes)],
+    point_features=split['point_features'],
+    classifier=classifier,
+  )
   got = zeroshot.summarize(outputs)
   expected = numpy_topk_and_class_mean(features, classifier, labels, (1, 3, 5))
   assert got['count'] == n
@@ -164,15 +180,26 @@ def test_features_equal_to_class_text_score_100_percent(mesh, tiny_clip):
   dim = classifier.shape[1]
   num_points = -(-dim // 3)
   model = CG3D(encoder=FlatEncoder(dim), clip=tiny_clip.model, num_points=num_points)
-  outputs = zeroshot.run_zero_shot(model, {'params': {}}, tiny_clip.params, tiny_clip.tokenizer,
-                                   global_batches(clouds_from_features(classifier[labels], num_points), labels, 16,
-                                                  mesh), names, mesh)
+  outputs = zeroshot.run_zero_shot(
+    model,
+    {'params': {}},
+    tiny_clip.params,
+    tiny_clip.tokenizer,
+    global_batches(clouds_from_features(classifier[labels], num_points), labels, 16, mesh),
+    names,
+    mesh,
+  )
   summary = zeroshot.summarize(outputs)
   assert summary == {'top1': 1.0, 'top3': 1.0, 'top5': 1.0, 'class_mean': 1.0, 'count': len(labels)}
   # The evaluator the training loop validates with reports the same, under its prefix (classifier built once).
   evaluator = zeroshot.ZeroShotEvaluator(
-      model, tiny_clip.params, tiny_clip.tokenizer, class_names=names, mesh=mesh,
-      batches=lambda: global_batches(clouds_from_features(classifier[labels], num_points), labels, 8, mesh))
+    model,
+    tiny_clip.params,
+    tiny_clip.tokenizer,
+    class_names=names,
+    mesh=mesh,
+    batches=lambda: global_batches(clouds_from_features(classifier[labels], num_points), labels, 8, mesh),
+  )
   np.testing.assert_array_equal(evaluator.classifier, classifier)
   metrics_ = evaluator.run({'encoder': {'params': {}}, 'clip': tiny_clip.params})
   assert metrics_['val/top1'] == 1.0 and metrics_['val/count'] == len(labels)
@@ -183,16 +210,36 @@ def test_padded_sharded_split_equals_one_unpadded_batch(eval_model, tiny_shapene
   n = 26  # 13 classes x 2 test objects
 
   def features(batch_size):
-    return zeroshot.split_point_features(eval_model.model, eval_model.encoder_vars, pipeline.make_eval_iterator(
-        'shapenet55_cg3d', data_dir=data_dir, manual_dir=manual, batch_size=batch_size,
-        sharding=sharding.batch_sharding(mesh), num_points_stored=256), mesh)
+    return zeroshot.split_point_features(
+      eval_model.model,
+      eval_model.encoder_vars,
+      pipeline.make_eval_iterator(
+        'shapenet55_cg3d',
+        data_dir=data_dir,
+        manual_dir=manual,
+        batch_size=batch_size,
+        sharding=sharding.batch_sharding(mesh),
+        num_points_stored=256,
+      ),
+      mesh,
+    )
 
   # The reference: every object in one unpadded batch on one device, no jit, no sharding.
-  (whole,) = list(pipeline.eval_local_batches('shapenet55_cg3d', data_dir=data_dir, manual_dir=manual, batch_size=n,
-                                              num_points_stored=256, process_index=0, process_count=1))
+  (whole,) = list(
+    pipeline.eval_local_batches(
+      'shapenet55_cg3d',
+      data_dir=data_dir,
+      manual_dir=manual,
+      batch_size=n,
+      num_points_stored=256,
+      process_index=0,
+      process_count=1,
+    )
+  )
   assert whole['mask'].all()
   ref = eval_model.model.point_features(
-      eval_model.encoder_vars, sample_points(whole['points'], eval_model.model.num_points))[0]
+    eval_model.encoder_vars, sample_points(whole['points'], eval_model.model.num_points)
+  )[0]
   for batch_size in (8, 32):  # 26 = 3 x 8 + 2 and 26 < 32: both pad the last batch
     split = features(batch_size)
     np.testing.assert_array_equal(split['label'], whole['label'])
@@ -206,9 +253,19 @@ def test_evaluate_command_on_modelnet40_fixture(tiny_checkpoint, modelnet40_prep
   num_test = builder.info.splits['test'].num_examples
   assert num_test == 20  # the fixture's 10 test airplanes and 10 bathtubs
   workdir = tmp_path / 'eval'
-  code = run_command(evaluate.main, ['--config', 'zeroshot_modelnet40', '--checkpoint', str(tiny_checkpoint),
-                                     '--workdir', str(workdir), f'--config.eval.data_dir={data_dir}',
-                                     '--config.eval.batch_size=8'])  # 20 = 2 x 8 + 4: the last batch is padded
+  code = run_command(
+    evaluate.main,
+    [
+      '--config',
+      'zeroshot_modelnet40',
+      '--checkpoint',
+      str(tiny_checkpoint),
+      '--workdir',
+      str(workdir),
+      f'--config.eval.data_dir={data_dir}',
+      '--config.eval.batch_size=8',
+    ],
+  )  # 20 = 2 x 8 + 4: the last batch is padded
   out, err = capsys.readouterr()
   assert code == 0, err[-3000:]
   assert 'class_mean_acc' in out and 'modelnet40' in out
@@ -254,15 +311,20 @@ def test_retrieval_results_match_numpy():
   text = rng.normal(size=(num_classes, dim))
   points = text[labels] + rng.normal(size=(n, dim))
   images = points + 0.8 * rng.normal(size=(n, dim))
-  feats = retrieval.RetrievalFeatures(point_features=points, image_features=images, labels=labels,
-                                      text_features=text, class_names=[str(i) for i in range(num_classes)])
+  feats = retrieval.RetrievalFeatures(
+    point_features=points,
+    image_features=images,
+    labels=labels,
+    text_features=text,
+    class_names=[str(i) for i in range(num_classes)],
+  )
   results = retrieval.retrieval_results(feats, (1, 5, 10))
   same_object = np.eye(n, dtype=bool)
   expected = {
-      'text_to_3d': _numpy_retrieval(text, points, np.arange(num_classes)[:, None] == labels[None], (1, 5, 10)),
-      'image_to_3d': _numpy_retrieval(images, points, same_object, (1, 5, 10)),
-      '3d_to_image': _numpy_retrieval(points, images, same_object, (1, 5, 10)),
-      '3d_to_text': _numpy_retrieval(points, text, labels[:, None] == np.arange(num_classes)[None], (1, 5, 10)),
+    'text_to_3d': _numpy_retrieval(text, points, np.arange(num_classes)[:, None] == labels[None], (1, 5, 10)),
+    'image_to_3d': _numpy_retrieval(images, points, same_object, (1, 5, 10)),
+    '3d_to_image': _numpy_retrieval(points, images, same_object, (1, 5, 10)),
+    '3d_to_text': _numpy_retrieval(points, text, labels[:, None] == np.arange(num_classes)[None], (1, 5, 10)),
   }
   assert results['text_to_3d']['num_queries'] == len(np.unique(labels))
   for direction, values in expected.items():
@@ -288,17 +350,23 @@ def test_retrieval_and_zero_shot_on_tiny_shapenet(tiny_checkpoint, tiny_shapenet
   model = trained.with_clip(trained.load_trained(tiny_checkpoint))
   mesh = sharding.make_mesh({'data': -1, 'fsdp': 1})
   features = retrieval.RetrievalEvaluator(
-      model.model, model.clip_params, model.clip.tokenizer, batches=evaluate._batches(config.eval, mesh,
-                                                                                         model.clip.preprocess),
-      class_names=builders.class_names(builders.get_builder('shapenet55_cg3d', data_dir=data_dir)), mesh=mesh,
-      templates=config.eval.templates).features({'encoder': model.encoder_vars, 'clip': model.clip_params})
+    model.model,
+    model.clip_params,
+    model.clip.tokenizer,
+    batches=evaluate._batches(config.eval, mesh, model.clip.preprocess),
+    class_names=builders.class_names(builders.get_builder('shapenet55_cg3d', data_dir=data_dir)),
+    mesh=mesh,
+    templates=config.eval.templates,
+  ).features({'encoder': model.encoder_vars, 'clip': model.clip_params})
   unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
   points, images, texts = unit(features.point_features), unit(features.image_features), unit(features.text_features)
   labels = features.labels
   for direction, queries, gallery, relevant in (
-      ('image_to_3d', images, points, lambda i: [i]), ('3d_to_image', points, images, lambda i: [i]),
-      ('3d_to_text', points, texts, lambda i: [labels[i]]),
-      ('text_to_3d', texts[np.unique(labels)], points, lambda q: np.flatnonzero(labels == np.unique(labels)[q]))):
+    ('image_to_3d', images, points, lambda i: [i]),
+    ('3d_to_image', points, images, lambda i: [i]),
+    ('3d_to_text', points, texts, lambda i: [labels[i]]),
+    ('text_to_3d', texts[np.unique(labels)], points, lambda q: np.flatnonzero(labels == np.unique(labels)[q])),
+  ):
     best_rank = []
     for q, query in enumerate(queries):
       scores = gallery @ query
@@ -306,7 +374,9 @@ def test_retrieval_and_zero_shot_on_tiny_shapenet(tiny_checkpoint, tiny_shapenet
       best_rank.append(min(int(np.flatnonzero(order == r)[0]) for r in relevant(q)))
     for k in (1, 5, 10):
       assert saved[direction][f'recall@{k}'] == pytest.approx(np.mean(np.array(best_rank) < k), abs=1e-9), (
-          direction, k)
+        direction,
+        k,
+      )
   with Image.open(tmp_path / 'ret' / retrieval.GRID_PNG) as image:
     assert image.size[1] > image.size[0]  # 8 query rows of 6 cells
   # 3D->text recall@1 is zero-shot top-1 over the same classes: the zero-shot task on the same split must agree.
@@ -326,18 +396,24 @@ def test_evaluate_rejects_a_batch_size_the_devices_do_not_divide(tiny_checkpoint
   assert not os.path.exists(tmp_path / 'results.json')
 
 
-def test_original_pth_checkpoint_evaluates_like_the_training_checkpoint(eval_model, tiny_checkpoint, tiny_clip_dir,
-                                                                       tiny_shapenet, tmp_path):
+def test_original_pth_checkpoint_evaluates_like_the_training_checkpoint(
+  eval_model, tiny_checkpoint, tiny_clip_dir, tiny_shapenet, tmp_path
+):
   from cg3d_jax.weights import cg3d_pth
+
   config = eval_model.config
   # An exported container whose config lost its CLIP folder (as an original .pth, which records none): the CLIP
   # folder must come from the command line. (The tiny encoder's sizes are not CG3D's, so the config stays.)
   saved = config.to_dict()
   saved['clip']['path'] = None
   container = cg3d_pth.build_container(
-      config.model.encoder, eval_model.encoder_vars['params'], eval_model.encoder_vars['batch_stats'],
-      prompts=np.asarray(eval_model.clip_params['prompts']['tokens']), prompt_mode=config.clip.prompt.mode,
-      config=saved)
+    config.model.encoder,
+    eval_model.encoder_vars['params'],
+    eval_model.encoder_vars['batch_stats'],
+    prompts=np.asarray(eval_model.clip_params['prompts']['tokens']),
+    prompt_mode=config.clip.prompt.mode,
+    config=saved,
+  )
   path = cg3d_pth.write_cg3d_checkpoint(tmp_path / 'ckpt-last.pth', container)
   with pytest.raises(ValueError, match='--config.clip.path'):
     trained.with_clip(trained.load_trained(path))
@@ -345,8 +421,9 @@ def test_original_pth_checkpoint_evaluates_like_the_training_checkpoint(eval_mod
   assert loaded.model.num_points == config.model.num_points
   np.testing.assert_array_equal(loaded.clip_params['prompts']['tokens'], eval_model.clip_params['prompts']['tokens'])
   clouds = jax.numpy.asarray(np.random.default_rng(0).normal(size=(4, 128, 3)), np.float32)
-  features = [m.model.point_features(m.encoder_vars, sample_points(clouds, m.model.num_points))[0]
-              for m in (eval_model, loaded)]
+  features = [
+    m.model.point_features(m.encoder_vars, sample_points(clouds, m.model.num_points))[0] for m in (eval_model, loaded)
+  ]
   np.testing.assert_allclose(features[1], features[0], atol=1e-6)
 
   manual, data_dir = tiny_shapenet
@@ -362,8 +439,13 @@ def test_original_pth_checkpoint_evaluates_like_the_training_checkpoint(eval_mod
 
 def test_every_eval_config_names_a_known_dataset():
   from cg3d_jax.configs import zeroshot_modelnet10, zeroshot_scanobjectnn
-  configs = [zeroshot_modelnet40.get_config(), zeroshot_modelnet40.get_config('ulip'), zeroshot_modelnet10.get_config(),
-             retrieval_shapenet55.get_config()]
+
+  configs = [
+    zeroshot_modelnet40.get_config(),
+    zeroshot_modelnet40.get_config('ulip'),
+    zeroshot_modelnet10.get_config(),
+    retrieval_shapenet55.get_config(),
+  ]
   configs += [zeroshot_scanobjectnn.get_config(v) for v in zeroshot_scanobjectnn.VARIANTS]
   for config in configs:
     assert config.eval.dataset in builders.SHORT_NAMES or config.eval.dataset in builders.BUILDER_CLASSES
@@ -377,6 +459,7 @@ def test_scanobjectnn_variant_through_evaluate(tiny_checkpoint, tmp_path):
   import h5py
 
   from cg3d_jax.configs import zeroshot_scanobjectnn
+
   rng = np.random.default_rng(0)
   labels = np.arange(15).repeat(2)[:27]  # 27 objects (class 14 absent): batch 8 pads the last batch with 5 rows
   folder = tmp_path / 'h5_files' / 'main_split'

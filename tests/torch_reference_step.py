@@ -52,19 +52,37 @@ def cosine_per_epoch(lr: float, end_lr: float, epochs: int, epoch: int) -> float
 class ReferenceStep:
   """The original's training of the encoder twin and the prompts, one step at a time."""
 
-  def __init__(self, encoder: torch.nn.Module, clip, prompts: torch.Tensor, *, encoder_optim: dict,
-               prompt_optim: dict, steps_per_epoch: int, epochs: int, mode: str, prompted_image_features,
-               lr_schedule: str = 'per_epoch'):
+  def __init__(
+    self,
+    encoder: torch.nn.Module,
+    clip,
+    prompts: torch.Tensor,
+    *,
+    encoder_optim: dict,
+    prompt_optim: dict,
+    steps_per_epoch: int,
+    epochs: int,
+    mode: str,
+    prompted_image_features,
+    lr_schedule: str = 'per_epoch',
+  ):
     self.encoder, self.clip, self.mode = encoder, clip, mode
     self.prompts = torch.nn.Parameter(prompts.clone())
     self.features = prompted_image_features
     self.steps_per_epoch, self.epochs = steps_per_epoch, epochs
     self.encoder_optim, self.prompt_optim = dict(encoder_optim), dict(prompt_optim)
-    self.adamw = torch.optim.AdamW(point_bert_groups(encoder, encoder_optim['weight_decay']),
-                                   lr=encoder_optim['lr'], betas=(encoder_optim['b1'], encoder_optim['b2']),
-                                   eps=1e-8)
-    self.sgd = torch.optim.SGD([self.prompts], lr=prompt_optim['lr'], momentum=prompt_optim['momentum'],
-                               weight_decay=prompt_optim['weight_decay'])
+    self.adamw = torch.optim.AdamW(
+      point_bert_groups(encoder, encoder_optim['weight_decay']),
+      lr=encoder_optim['lr'],
+      betas=(encoder_optim['b1'], encoder_optim['b2']),
+      eps=1e-8,
+    )
+    self.sgd = torch.optim.SGD(
+      [self.prompts],
+      lr=prompt_optim['lr'],
+      momentum=prompt_optim['momentum'],
+      weight_decay=prompt_optim['weight_decay'],
+    )
     for p in clip.parameters():
       p.requires_grad_(False)
     self.step_index = 0

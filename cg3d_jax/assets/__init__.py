@@ -14,8 +14,9 @@ def path(name: str) -> pathlib.Path:
   """The installed file `name` of this folder (an error naming it when the installation lacks it)."""
   found = importlib.resources.files(__name__).joinpath(name)
   if not found.is_file():
-    raise FileNotFoundError(f'package asset {name!r} is missing from {found}: the cg3d_jax installation is '
-                            'incomplete (reinstall it)')
+    raise FileNotFoundError(
+      f'package asset {name!r} is missing from {found}: the cg3d_jax installation is incomplete (reinstall it)'
+    )
   return pathlib.Path(str(found))
 
 

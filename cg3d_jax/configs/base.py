@@ -30,12 +30,31 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Attention kernel: 'auto' (cuDNN flash attention on GPUs in bf16/fp16, XLA elsewhere), 'xla', 'cudnn', 'einsum'.
   c.model.attention = 'auto'
   c.model.num_classes = 55  # classification head kept for strict PyTorch exports and fine-tuning
-  c.model.point_transformer = ml_collections.ConfigDict(dict(
-      width=384, depth=12, num_heads=6, mlp_ratio=4.0, num_groups=64, group_size=32,
-      encoder_dim=256, drop_path_rate=0.1, head_hidden=256, head_dropout=0.5))
-  c.model.pointmlp = ml_collections.ConfigDict(dict(
-      embed_dim=64, res_expansion=1.0, dim_expansion=(2, 2, 2, 2), pre_blocks=(2, 2, 2, 2),
-      pos_blocks=(2, 2, 2, 2), k_neighbors=(24, 24, 24, 24), reducers=(2, 2, 2, 2)))
+  c.model.point_transformer = ml_collections.ConfigDict(
+    dict(
+      width=384,
+      depth=12,
+      num_heads=6,
+      mlp_ratio=4.0,
+      num_groups=64,
+      group_size=32,
+      encoder_dim=256,
+      drop_path_rate=0.1,
+      head_hidden=256,
+      head_dropout=0.5,
+    )
+  )
+  c.model.pointmlp = ml_collections.ConfigDict(
+    dict(
+      embed_dim=64,
+      res_expansion=1.0,
+      dim_expansion=(2, 2, 2, 2),
+      pre_blocks=(2, 2, 2, 2),
+      pos_blocks=(2, 2, 2, 2),
+      k_neighbors=(24, 24, 24, 24),
+      reducers=(2, 2, 2, 2),
+    )
+  )
 
   # The frozen CLIP: a local transformers CLIP folder, or a SLIP checkpoint file (slip_base_100ep.pt, the paper's
   # backbone); image preprocessing and tokenisation follow the kind. Only the prompts train.
@@ -74,11 +93,22 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.train.same_class_mask = False  # the original keeps same-class captions as negatives
   c.train.log_every = 50
   c.train.max_bad_steps = 5  # consecutive non-finite steps before the run stops
-  c.train.encoder_optim = ml_collections.ConfigDict(dict(
-      name='adamw', lr=5e-5, end_lr=1e-6, weight_decay=0.05, schedule='cosine_per_epoch', warmup_epochs=0,
-      b1=0.9, b2=0.999, clip_norm=10.0))
-  c.train.prompt_optim = ml_collections.ConfigDict(dict(
-      name='sgd', lr=2e-3, momentum=0.9, weight_decay=1e-4, schedule='constant', clip_norm=10.0))
+  c.train.encoder_optim = ml_collections.ConfigDict(
+    dict(
+      name='adamw',
+      lr=5e-5,
+      end_lr=1e-6,
+      weight_decay=0.05,
+      schedule='cosine_per_epoch',
+      warmup_epochs=0,
+      b1=0.9,
+      b2=0.999,
+      clip_norm=10.0,
+    )
+  )
+  c.train.prompt_optim = ml_collections.ConfigDict(
+    dict(name='sgd', lr=2e-3, momentum=0.9, weight_decay=1e-4, schedule='constant', clip_norm=10.0)
+  )
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 1000
@@ -102,11 +132,23 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.demo = ml_collections.ConfigDict()
   c.demo.clip_kind = 'transformers'
   c.demo.vocab_path = config_dict.placeholder(str)  # the CLIP BPE file; default: the package's own copy
-  c.demo.synthetic = ml_collections.ConfigDict(dict(
-      num_train_per_class=24, num_test_per_class=6, num_points=1024, image_size=64, num_views=5, seed=0))
-  c.demo.clip = ml_collections.ConfigDict(dict(
-      vision_width=64, vision_layers=2, vision_heads=4, patch_size=16, image_size=64, text_width=64,
-      text_layers=2, text_heads=4, projection_dim=64, seed=0))
+  c.demo.synthetic = ml_collections.ConfigDict(
+    dict(num_train_per_class=24, num_test_per_class=6, num_points=1024, image_size=64, num_views=5, seed=0)
+  )
+  c.demo.clip = ml_collections.ConfigDict(
+    dict(
+      vision_width=64,
+      vision_layers=2,
+      vision_heads=4,
+      patch_size=16,
+      image_size=64,
+      text_width=64,
+      text_layers=2,
+      text_heads=4,
+      projection_dim=64,
+      seed=0,
+    )
+  )
   return c
 
 

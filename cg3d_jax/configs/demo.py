@@ -15,8 +15,7 @@ def get_config(arg=None):
   c = base.get_base_config()
   c.model.num_points = 256
   c.model.embed_dim = c.demo.clip.projection_dim  # the encoder projects into the small CLIP's joint space
-  c.model.point_transformer.update(dict(width=96, depth=3, num_heads=3, num_groups=32, group_size=16,
-                                        encoder_dim=96))
+  c.model.point_transformer.update(dict(width=96, depth=3, num_heads=3, num_groups=32, group_size=16, encoder_dim=96))
   c.data.num_stored_points = 1024
   c.train.batch_size = 32
   c.train.total_steps = 300

@@ -23,20 +23,25 @@ DATASETS = {'modelnet40': 40, 'modelnet10': 10, 'obj_only': 15, 'obj_bg': 15, 'p
 
 def finetune_block() -> ml_collections.ConfigDict:
   """The `finetune` fields (what base.py lacks); shared by the ScanObjectNN configs."""
-  schedule = dict(schedule='cosine_per_epoch', epochs=300, warmup_epochs=10, warmup_lr=1e-6, end_lr=1e-6,
-                  clip_norm=10.0)
-  return ml_collections.ConfigDict(dict(
+  schedule = dict(
+    schedule='cosine_per_epoch', epochs=300, warmup_epochs=10, warmup_lr=1e-6, end_lr=1e-6, clip_norm=10.0
+  )
+  return ml_collections.ConfigDict(
+    dict(
       init=config_dict.placeholder(str),  # pretraining workdir or original .pth; --init overrides
       fps_points=1200,  # FPS count before the random num_points subset; 0: the original's table by num_points
       label_smoothing=0.0,
       eval_every_epochs=1,  # 0: evaluate only at the end
       votes=10,  # > 1: a final voting evaluation averaging this many augmented passes; 1: none
       vote_augment=True,  # False: each voting pass is the plain single pass (a check, not a recipe)
-      optim=ml_collections.ConfigDict(dict(
+      optim=ml_collections.ConfigDict(
+        dict(
           point_transformer=dict(name='adamw', lr=2e-4, weight_decay=0.05, b1=0.9, b2=0.999, **schedule),
           pointmlp=dict(name='sgd', lr=0.02, momentum=0.9, nesterov=True, weight_decay=2e-4, **schedule),
-      )),
-  ))
+        )
+      ),
+    )
+  )
 
 
 def get_finetune_config(dataset: str, encoder: str = 'point_transformer') -> ml_collections.ConfigDict:
@@ -72,8 +77,10 @@ def parse_arg(arg, default_dataset: str) -> tuple[str, str]:
     elif part in DATASETS:
       dataset = part
     else:
-      raise ValueError(f'config arg {arg!r}: unknown part {part!r}; expected pointmlp/point_transformer and/or a '
-                       f'dataset of {sorted(DATASETS)}')
+      raise ValueError(
+        f'config arg {arg!r}: unknown part {part!r}; expected pointmlp/point_transformer and/or a '
+        f'dataset of {sorted(DATASETS)}'
+      )
   return dataset, encoder
 
 

@@ -14,6 +14,5 @@ from cg3d_jax.configs import finetune_modelnet40
 def get_config(arg=None):
   dataset, encoder = finetune_modelnet40.parse_arg(arg, 'pb_t50_rs')
   if dataset.startswith('modelnet'):
-    raise ValueError(f'finetune_scanobjectnn: arg {arg!r} names a ModelNet dataset; use '
-                     'finetune_modelnet40')
+    raise ValueError(f'finetune_scanobjectnn: arg {arg!r} names a ModelNet dataset; use finetune_modelnet40')
   return finetune_modelnet40.get_finetune_config(dataset, encoder)

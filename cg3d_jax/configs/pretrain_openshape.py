@@ -33,16 +33,20 @@ def openshape_data(c):
   c.data.num_stored_points = 10000  # drawn without replacement from each stored cloud
   c.data.augment = True
   c.data.openshape = dict(
-      y_up=True,  # OpenShape's files are y-up and fed z-up; False feeds the stored axes (Uni3D / ULIP-2)
-      random_z_rotate=True, use_color=True, rgb_random_drop_prob=0.5,
-      text_source=('text', 'caption', 'retrieval_text'), use_text_filtering=True, use_prompt_engineering=True,
-      gpt4_filtering='meta_data/gpt4_filtering.json',
-      workers=0,  # reader threads per process; 0 = min(16, CPUs)
-      # None: image targets are the stored image features (no CLIP tower). A folder (under manual_dir, or absolute)
-      # of OpenShape's raw renders (rendered_images/<uid>/colors_0..11.png): CG3D's method instead, a random render
-      # through the frozen, prompt-tuned image tower of config.clip.path, which must be the CLIP the stored text
-      # features came from (OpenShape's: OpenCLIP ViT-bigG-14 laion2b_s39b_b160k, as a transformers folder).
-      renders=config_dict.placeholder(str),
+    y_up=True,  # OpenShape's files are y-up and fed z-up; False feeds the stored axes (Uni3D / ULIP-2)
+    random_z_rotate=True,
+    use_color=True,
+    rgb_random_drop_prob=0.5,
+    text_source=('text', 'caption', 'retrieval_text'),
+    use_text_filtering=True,
+    use_prompt_engineering=True,
+    gpt4_filtering='meta_data/gpt4_filtering.json',
+    workers=0,  # reader threads per process; 0 = min(16, CPUs)
+    # None: image targets are the stored image features (no CLIP tower). A folder (under manual_dir, or absolute)
+    # of OpenShape's raw renders (rendered_images/<uid>/colors_0..11.png): CG3D's method instead, a random render
+    # through the frozen, prompt-tuned image tower of config.clip.path, which must be the CLIP the stored text
+    # features came from (OpenShape's: OpenCLIP ViT-bigG-14 laion2b_s39b_b160k, as a transformers folder).
+    renders=config_dict.placeholder(str),
   )
   return c
 
@@ -57,8 +61,10 @@ def get_config(arg=None):
     elif part == 'renders':
       c.data.openshape.renders = 'rendered_images'
     elif part:
-      raise ValueError(f"pretrain_openshape: arg must be '', 'no_lvis', 'shapenet', 'renders' or a comma-separated "
-                       f'combination, got {arg!r}')
+      raise ValueError(
+        f"pretrain_openshape: arg must be '', 'no_lvis', 'shapenet', 'renders' or a comma-separated "
+        f'combination, got {arg!r}'
+      )
   c.model.encoder = 'point_transformer'
   c.model.in_channels = 6
   c.model.embed_dim = 1280

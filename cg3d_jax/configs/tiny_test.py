@@ -19,8 +19,7 @@ def get_config(arg=None):
   c.data.shuffle_buffer = 64
   c.model.embed_dim = 32
   c.model.num_points = 64
-  c.model.point_transformer.update(dict(width=32, depth=2, num_heads=2, num_groups=16, group_size=8,
-                                        encoder_dim=32))
+  c.model.point_transformer.update(dict(width=32, depth=2, num_heads=2, num_groups=16, group_size=8, encoder_dim=32))
   c.train.batch_size = 16
   c.train.total_steps = 6
   c.train.log_every = 2

@@ -44,8 +44,10 @@ def zeroshot_config(dataset: str, num_stored_points: int, arg=None):
   elif arg == 'original':
     c.eval.normalize_text = False  # the original eval.py's validate_ZS, text features as the text tower gives them
   else:
-    raise ValueError(f"zero-shot config arg must be '' (CG3D's template), 'original' (CG3D's template and "
-                     f"unnormalised text, as the original eval.py) or 'ulip' (64-template ensemble), got {arg!r}")
+    raise ValueError(
+      f"zero-shot config arg must be '' (CG3D's template), 'original' (CG3D's template and "
+      f"unnormalised text, as the original eval.py) or 'ulip' (64-template ensemble), got {arg!r}"
+    )
   return c
 
 

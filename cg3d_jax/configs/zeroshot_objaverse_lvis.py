@@ -45,6 +45,8 @@ def get_config(arg=None):
   elif arg == 'names':
     c.eval.prompts = 'names'
   elif arg not in (None, ''):
-    raise ValueError(f"zeroshot_objaverse_lvis: arg must be '' (OpenShape's layout, precomputed features), 'uni3d' "
-                     f"or 'names', got {arg!r}")
+    raise ValueError(
+      f"zeroshot_objaverse_lvis: arg must be '' (OpenShape's layout, precomputed features), 'uni3d' "
+      f"or 'names', got {arg!r}"
+    )
   return c

@@ -15,6 +15,8 @@ VARIANTS = ('obj_only', 'obj_bg', 'pb_t50_rs')
 def get_config(arg=None):
   variant, _, templates = (arg or '').partition(',')
   if variant not in VARIANTS:
-    raise ValueError(f'zeroshot_scanobjectnn needs the variant as arg, one of {VARIANTS} (optionally '
-                     f'",ulip"), e.g. zeroshot_scanobjectnn:pb_t50_rs; got {arg!r}')
+    raise ValueError(
+      f'zeroshot_scanobjectnn needs the variant as arg, one of {VARIANTS} (optionally '
+      f'",ulip"), e.g. zeroshot_scanobjectnn:pb_t50_rs; got {arg!r}'
+    )
   return zeroshot_modelnet40.zeroshot_config(variant, 2048, templates)

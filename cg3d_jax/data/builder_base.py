@@ -32,4 +32,5 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC, skip_registration=
   @classmethod
   def code_path(cls) -> epath.Path:
     import sys
+
     return epath.Path(sys.modules[cls.__module__].__file__)

@@ -17,13 +17,16 @@ from cg3d_jax.errors import ConfigError
 log = logging.getLogger(__name__)
 
 BUILDER_CLASSES = {
-    'shapenet55_cg3d': shapenet55.Shapenet55Cg3d,
-    'modelnet': modelnet.Modelnet,
-    'scanobjectnn': scanobjectnn.Scanobjectnn,
+  'shapenet55_cg3d': shapenet55.Shapenet55Cg3d,
+  'modelnet': modelnet.Modelnet,
+  'scanobjectnn': scanobjectnn.Scanobjectnn,
 }
 SHORT_NAMES = {
-    'modelnet40': 'modelnet/modelnet40', 'modelnet10': 'modelnet/modelnet10',
-    'obj_only': 'scanobjectnn/obj_only', 'obj_bg': 'scanobjectnn/obj_bg', 'pb_t50_rs': 'scanobjectnn/pb_t50_rs',
+  'modelnet40': 'modelnet/modelnet40',
+  'modelnet10': 'modelnet/modelnet10',
+  'obj_only': 'scanobjectnn/obj_only',
+  'obj_bg': 'scanobjectnn/obj_bg',
+  'pb_t50_rs': 'scanobjectnn/pb_t50_rs',
 }
 
 
@@ -42,18 +45,28 @@ def _builder(name: str, data_dir, skip_bad: bool, fields) -> tfds.core.DatasetBu
   full = SHORT_NAMES.get(name, name)
   builder_name, _, config = full.partition('/')
   if builder_name not in BUILDER_CLASSES:
-    raise ConfigError(f'{_setting(fields[0], name)}: unknown dataset; expected one of {sorted(BUILDER_CLASSES)} '
-                      f'(with /config) or {sorted(SHORT_NAMES)}')
+    raise ConfigError(
+      f'{_setting(fields[0], name)}: unknown dataset; expected one of {sorted(BUILDER_CLASSES)} '
+      f'(with /config) or {sorted(SHORT_NAMES)}'
+    )
   cls = BUILDER_CLASSES[builder_name]
   configs = [c.name for c in cls.BUILDER_CONFIGS]
   if configs and config and config not in configs:
-    raise ConfigError(f'{_setting(fields[0], name)}: {builder_name} has no config {config!r}; expected one of '
-                      f'{configs}')
+    raise ConfigError(
+      f'{_setting(fields[0], name)}: {builder_name} has no config {config!r}; expected one of {configs}'
+    )
   return cls(data_dir=data_dir, config=config or None, skip_bad=skip_bad)
 
 
-def checked_builder(name: str, *, data_dir: str | None = None, manual_dir: str | None = None, skip_bad: bool = False,
-                    process_count: int = 1, fields=DATA_FIELDS) -> tfds.core.DatasetBuilder:
+def checked_builder(
+  name: str,
+  *,
+  data_dir: str | None = None,
+  manual_dir: str | None = None,
+  skip_bad: bool = False,
+  process_count: int = 1,
+  fields=DATA_FIELDS,
+) -> tfds.core.DatasetBuilder:
   """The builder for `name`, not prepared yet, after the checks that cost nothing (a known name; a prepared copy
   under data_dir, or a manual_dir folder to prepare one from): what commands call before loading a model.
   Errors name the settings as `fields` (name, manual_dir, data_dir) say."""
@@ -61,30 +74,45 @@ def checked_builder(name: str, *, data_dir: str | None = None, manual_dir: str |
   full = builder.info.full_name.rsplit('/', 1)[0]
   if not builder.is_prepared():
     if manual_dir is None:
-      raise ConfigError(f'dataset {full!r} is not prepared under {_setting(fields[2], data_dir)} and no '
-                        f'{fields[1]} says where its raw files are')
+      raise ConfigError(
+        f'dataset {full!r} is not prepared under {_setting(fields[2], data_dir)} and no '
+        f'{fields[1]} says where its raw files are'
+      )
     if not os.path.isdir(manual_dir) or not any(os.scandir(manual_dir)):
       state = 'is empty' if os.path.isdir(manual_dir) else 'no such folder'
-      raise ConfigError(f'{_setting(fields[1], manual_dir)}: {state}; expected the raw files of {full!r} '
-                        f'({builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip().splitlines()[0]}), which is not prepared '
-                        f'under {_setting(fields[2], data_dir)}')
+      raise ConfigError(
+        f'{_setting(fields[1], manual_dir)}: {state}; expected the raw files of {full!r} '
+        f'({builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip().splitlines()[0]}), which is not prepared '
+        f'under {_setting(fields[2], data_dir)}'
+      )
     if process_count > 1:
-      raise ConfigError(f'dataset {full!r} is not prepared under {_setting(fields[2], data_dir)}; prepare it once '
-                        f'before a multi-process run: python -m cg3d_jax.build_data --dataset {full} --manual_dir '
-                        f'{manual_dir} --data_dir {data_dir}')
+      raise ConfigError(
+        f'dataset {full!r} is not prepared under {_setting(fields[2], data_dir)}; prepare it once '
+        f'before a multi-process run: python -m cg3d_jax.build_data --dataset {full} --manual_dir '
+        f'{manual_dir} --data_dir {data_dir}'
+      )
   return builder
 
 
-def get_builder(name: str, *, data_dir: str | None = None, manual_dir: str | None = None, skip_bad: bool = False,
-                prepare: bool = True, process_count: int = 1, fields=DATA_FIELDS) -> tfds.core.DatasetBuilder:
+def get_builder(
+  name: str,
+  *,
+  data_dir: str | None = None,
+  manual_dir: str | None = None,
+  skip_bad: bool = False,
+  prepare: bool = True,
+  process_count: int = 1,
+  fields=DATA_FIELDS,
+) -> tfds.core.DatasetBuilder:
   """The builder for `name`; prepares it under data_dir from manual_dir when it is not prepared yet.
 
   A multi-process run does not prepare (processes would race on the same folder): run cg3d_jax.build_data first.
   """
   if not prepare:
     return _builder(name, data_dir, skip_bad, fields)
-  builder = checked_builder(name, data_dir=data_dir, manual_dir=manual_dir, skip_bad=skip_bad,
-                            process_count=process_count, fields=fields)
+  builder = checked_builder(
+    name, data_dir=data_dir, manual_dir=manual_dir, skip_bad=skip_bad, process_count=process_count, fields=fields
+  )
   if not builder.is_prepared():
     log.info('preparing %s from %s into %s', builder.info.full_name, manual_dir, data_dir)
     root = pathlib.Path(builder.data_dir).parents[2]  # <data_dir>/<builder>/<config>/<version>

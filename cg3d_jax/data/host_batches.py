@@ -12,8 +12,10 @@ from cg3d_jax.errors import ConfigError
 
 def process(process_index=None, process_count=None) -> tuple[int, int]:
   """(index, count), JAX's unless given (given only to simulate processes in tests)."""
-  return (jax.process_index() if process_index is None else process_index,
-          jax.process_count() if process_count is None else process_count)
+  return (
+    jax.process_index() if process_index is None else process_index,
+    jax.process_count() if process_count is None else process_count,
+  )
 
 
 def local_batch_size(global_batch_size: int, process_count: int) -> int:

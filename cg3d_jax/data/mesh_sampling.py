@@ -53,8 +53,9 @@ def triangulate(path, faces, num_vertices: int) -> np.ndarray:
       fans.extend((face[0], face[i], face[i + 1]) for i in range(1, len(face) - 1))
     triangles = np.asarray(fans, dtype=np.int64).reshape(-1, 3)
   if triangles.min() < 0 or triangles.max() >= num_vertices:
-    raise BadInputError(path, f'face vertex indices must lie in [0, {num_vertices}), got range '
-                               f'[{triangles.min()}, {triangles.max()}]')
+    raise BadInputError(
+      path, f'face vertex indices must lie in [0, {num_vertices}), got range [{triangles.min()}, {triangles.max()}]'
+    )
   return triangles
 
 

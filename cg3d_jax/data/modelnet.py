@@ -28,8 +28,10 @@ def resolve_root(manual_dir) -> pathlib.Path:
   if (root / FOLDER).is_dir():
     root = root / FOLDER
   if not (root / 'modelnet40_shape_names.txt').is_file():
-    raise readers.BadInputError(f'{manual_dir}: no modelnet40_shape_names.txt; expected the folder '
-                                f'{FOLDER}/ (or one holding it) with the official split lists')
+    raise readers.BadInputError(
+      f'{manual_dir}: no modelnet40_shape_names.txt; expected the folder '
+      f'{FOLDER}/ (or one holding it) with the official split lists'
+    )
   return root
 
 
@@ -37,20 +39,24 @@ class Modelnet(builder_base.ManualBuilder):
   """ModelNet40 / ModelNet10, resampled to 10,000 points with normals."""
 
   VERSION = tfds.core.Version('1.0.0')
-  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name='modelnet40', description='40 classes'),
-                     tfds.core.BuilderConfig(name='modelnet10', description='10 classes')]
+  BUILDER_CONFIGS = [
+    tfds.core.BuilderConfig(name='modelnet40', description='40 classes'),
+    tfds.core.BuilderConfig(name='modelnet10', description='10 classes'),
+  ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
 
   def _info(self):
     return self.dataset_info_from_configs(
-        description='ModelNet (PointNet++ resampled, xyz and normals).',
-        features=tfds.features.FeaturesDict({
-            'points': tfds.features.Tensor(shape=(None, 3), dtype=np.float32),
-            'normals': tfds.features.Tensor(shape=(None, 3), dtype=np.float32),
-            'label': tfds.features.ClassLabel(names=package_shape_names(self.builder_config.name)),
-            'name': tfds.features.Text(),
-        }),
-        metadata=tfds.core.MetadataDict(),
+      description='ModelNet (PointNet++ resampled, xyz and normals).',
+      features=tfds.features.FeaturesDict(
+        {
+          'points': tfds.features.Tensor(shape=(None, 3), dtype=np.float32),
+          'normals': tfds.features.Tensor(shape=(None, 3), dtype=np.float32),
+          'label': tfds.features.ClassLabel(names=package_shape_names(self.builder_config.name)),
+          'name': tfds.features.Text(),
+        }
+      ),
+      metadata=tfds.core.MetadataDict(),
     )
 
   def _split_generators(self, dl_manager):
@@ -59,8 +65,9 @@ class Modelnet(builder_base.ManualBuilder):
     names_path = root / f'{prefix}_shape_names.txt'
     names = [text for _, text in readers.read_lines(names_path)]
     if names != self.info.features['label'].names:
-      raise readers.BadInputError(f'{names_path}: class names differ from the official {prefix} list '
-                                  f'{self.info.features["label"].names}')
+      raise readers.BadInputError(
+        f'{names_path}: class names differ from the official {prefix} list {self.info.features["label"].names}'
+      )
     self.info.metadata['skipped'] = self.bad_inputs.skipped
     return {split: self._generate_examples(root, names, split) for split in ('train', 'test')}
 
@@ -80,8 +87,9 @@ class Modelnet(builder_base.ManualBuilder):
   def _example(self, root, names, list_path, number, shape_id):
     class_name = shape_id.rsplit('_', 1)[0]
     if class_name not in names or not shape_id.rsplit('_', 1)[-1].isdigit():
-      raise readers.BadInputError(f'{list_path}:{number}: expected `<class>_<NNNN>` with a class of the '
-                                  f'shape-names file, got {shape_id!r}')
+      raise readers.BadInputError(
+        f'{list_path}:{number}: expected `<class>_<NNNN>` with a class of the shape-names file, got {shape_id!r}'
+      )
     path = root / class_name / f'{shape_id}.txt'
     if not path.is_file():
       raise readers.BadInputError(f'{list_path}:{number}: {path} is missing')

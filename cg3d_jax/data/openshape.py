@@ -46,6 +46,7 @@ RENDER_VIEWS = 12  # OpenShape's renders: rendered_images/<uid>/colors_{0..11}.p
 @dataclasses.dataclass(frozen=True)
 class Shape:
   """One entry of a split file."""
+
   id: str
   dataset: str
   group: str
@@ -56,6 +57,7 @@ class Shape:
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
   """OpenShape's train.yaml `dataset` block (defaults = its released configuration)."""
+
   num_points: int = 10000
   y_up: bool = True
   normalize: bool = True
@@ -92,9 +94,15 @@ def read_split(path, root=None, *, lvis: bool = False) -> list[Shape]:
     if not isinstance(entry, Mapping) or any(k not in entry for k in keys):
       raise BadInputError(path, f'entry {i} is {entry!r:.120}, expected the keys {list(keys)}')
     data_path = pathlib.Path(entry['data_path'])
-    shapes.append(Shape(id=str(entry['uid' if lvis else 'id']), dataset=OBJAVERSE if lvis else str(entry['dataset']),
-                        group=str(entry['group']), path=data_path if data_path.is_absolute() else root / data_path,
-                        category=str(entry['category']) if lvis else None))
+    shapes.append(
+      Shape(
+        id=str(entry['uid' if lvis else 'id']),
+        dataset=OBJAVERSE if lvis else str(entry['dataset']),
+        group=str(entry['group']),
+        path=data_path if data_path.is_absolute() else root / data_path,
+        category=str(entry['category']) if lvis else None,
+      )
+    )
   return shapes
 
 
@@ -140,7 +148,7 @@ def read_shape(path, *, objaverse: bool) -> dict:
   _require(data, ('xyz', 'rgb', 'image_feat') + (('thumbnail_feat',) if objaverse else ()), path)
   checked_cloud(data['xyz'], data['rgb'], path)
   if np.asarray(data['image_feat']).ndim != 2:
-    raise BadInputError(path, f"image_feat has shape {np.shape(data['image_feat'])}, expected (views, D)")
+    raise BadInputError(path, f'image_feat has shape {np.shape(data["image_feat"])}, expected (views, D)')
   return data
 
 
@@ -167,6 +175,7 @@ def oriented(xyz, *, y_up: bool, normalize: bool = True, path=None) -> np.ndarra
 
 # --- per-sample sampling (OpenShape's Four dataset, with an explicit generator) ------------------------------------
 
+
 def augment_pc(xyz: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   """Point dropout to the first point, scale, shift and a small rotation (OpenShape's utils/data.augment_pc)."""
   xyz = xyz.copy()
@@ -186,8 +195,9 @@ def rotate_z(xyz: np.ndarray, theta: float) -> np.ndarray:
   return xyz @ rotation
 
 
-def sample_points(data: Mapping[str, Any], config: SampleConfig, rng: np.random.Generator, *,
-                  train: bool, path=None) -> np.ndarray:
+def sample_points(
+  data: Mapping[str, Any], config: SampleConfig, rng: np.random.Generator, *, train: bool, path=None
+) -> np.ndarray:
   """(num_points, 6) float32 [xyz | rgb] (or (num_points, 3) without colour), z-up when the data is y-up."""
   xyz, rgb = np.asarray(data['xyz'], np.float32), np.asarray(data['rgb'], np.float32)
   if len(xyz) < config.num_points:
@@ -212,8 +222,13 @@ def _feature(value, path, what: str) -> np.ndarray:
   return feature
 
 
-def text_candidates(data: Mapping[str, Any], shape: Shape, config: SampleConfig, rng: np.random.Generator,
-                    flags: Mapping[str, str] | None = None) -> list[tuple[str, np.ndarray]]:
+def text_candidates(
+  data: Mapping[str, Any],
+  shape: Shape,
+  config: SampleConfig,
+  rng: np.random.Generator,
+  flags: Mapping[str, str] | None = None,
+) -> list[tuple[str, np.ndarray]]:
   """The (text, feature) candidates OpenShape collects for one sample, in its order and with its random draws."""
   out = []
   version = config.text_version
@@ -234,8 +249,15 @@ def text_candidates(data: Mapping[str, Any], shape: Shape, config: SampleConfig,
   return out
 
 
-def make_example(shape: Shape, data: Mapping[str, Any], config: SampleConfig, rng: np.random.Generator, *,
-                 train: bool = True, flags: Mapping[str, str] | None = None) -> dict:
+def make_example(
+  shape: Shape,
+  data: Mapping[str, Any],
+  config: SampleConfig,
+  rng: np.random.Generator,
+  *,
+  train: bool = True,
+  flags: Mapping[str, str] | None = None,
+) -> dict:
   """{'points' (num_points, 6|3), 'text_feat' (D,) (zeros when absent), 'has_text', 'text', 'image_feat' (D,)}."""
   points = sample_points(data, config, rng, train=train, path=shape.path)
   candidates = text_candidates(data, shape, config, rng, flags)
@@ -249,8 +271,13 @@ def make_example(shape: Shape, data: Mapping[str, Any], config: SampleConfig, rn
   else:
     views = np.asarray(data['image_feat'])
     image_feat = _feature(views[rng.integers(len(views))], shape.path, 'image_feat')
-  return {'points': points, 'text_feat': text_feat if text_feat is not None else np.zeros_like(image_feat),
-          'has_text': text_feat is not None, 'text': text, 'image_feat': image_feat}
+  return {
+    'points': points,
+    'text_feat': text_feat if text_feat is not None else np.zeros_like(image_feat),
+    'has_text': text_feat is not None,
+    'text': text,
+    'image_feat': image_feat,
+  }
 
 
 def render_path(renders_root, uid: str, view: int) -> pathlib.Path:
@@ -260,5 +287,8 @@ def render_path(renders_root, uid: str, view: int) -> pathlib.Path:
 
 def read_render(path, preprocess) -> np.ndarray:
   """A render through the CLIP's image preprocessing."""
-  return read_image(path, preprocess, missing='is missing: with data.openshape.renders set, every shape of the split '
-                    'needs its 12 renders')
+  return read_image(
+    path,
+    preprocess,
+    missing='is missing: with data.openshape.renders set, every shape of the split needs its 12 renders',
+  )

@@ -16,8 +16,23 @@ from cg3d_jax.data.pickled_npy import read_pickled, read_pickled_dict
 from cg3d_jax.errors import BadInputError
 
 # OpenShape's ScanObjectNNTest class order (its labels index this list; cat_name_pt_feat.npy is keyed by these names).
-SCANOBJECTNN_CLASSES = ('bag', 'bin', 'box', 'cabinet', 'chair', 'desk', 'display', 'door', 'shelf', 'table', 'bed',
-                        'pillow', 'sink', 'sofa', 'toilet')
+SCANOBJECTNN_CLASSES = (
+  'bag',
+  'bin',
+  'box',
+  'cabinet',
+  'chair',
+  'desk',
+  'display',
+  'door',
+  'shelf',
+  'table',
+  'bed',
+  'pillow',
+  'sink',
+  'sofa',
+  'toilet',
+)
 
 
 @dataclasses.dataclass
@@ -28,6 +43,7 @@ class EvalSet:
   `class_features` (C, D) the layout's precomputed class-name text features (None where it has none); `y_up` the
   layout's axis convention as its own evaluation reads it; `replace` whether clouds are resampled with replacement
   (OpenShape's ScanObjectNN) or without (the others)."""
+
   name: str
   class_names: list[str]
   labels: np.ndarray
@@ -65,8 +81,9 @@ def _checked_features(table, path, num_classes: int) -> np.ndarray:
   return table
 
 
-def lvis_openshape(root, split: str = 'meta_data/split/lvis.json',
-                   features: str | None = 'meta_data/lvis_cat_name_pt_feat.npy') -> EvalSet:
+def lvis_openshape(
+  root, split: str = 'meta_data/split/lvis.json', features: str | None = 'meta_data/lvis_cat_name_pt_feat.npy'
+) -> EvalSet:
   """Objaverse-LVIS as OpenShape evaluates it: lvis.json, categories = sorted unique names (1,156), the features of
   `features` (C, D) in that order; stored y-up (OpenShape swaps y and z)."""
   root = pathlib.Path(root)
@@ -78,9 +95,15 @@ def lvis_openshape(root, split: str = 'meta_data/split/lvis.json',
   table = None
   if features:
     table = _checked_features(np.load(root / features, allow_pickle=False), root / features, len(names))
-  return EvalSet(name='objaverse_lvis', class_names=names, labels=np.array([index[s.category] for s in shapes]),
-                 cloud=lambda i: read_cloud(shapes[i].path), class_features=table, y_up=True,
-                 source=str(root / split))
+  return EvalSet(
+    name='objaverse_lvis',
+    class_names=names,
+    labels=np.array([index[s.category] for s in shapes]),
+    cloud=lambda i: read_cloud(shapes[i].path),
+    class_features=table,
+    y_up=True,
+    source=str(root / split),
+  )
 
 
 def lvis_uni3d(list_file, root=None) -> EvalSet:
@@ -110,10 +133,19 @@ def lvis_uni3d(list_file, root=None) -> EvalSet:
   if not labels:
     raise BadInputError(list_file, 'lists no shape')
   if sorted(names) != list(range(len(names))):
-    raise BadInputError(list_file, f'class ids are not 0..{len(names) - 1} (found {len(names)} ids up to '
-                        f'{max(names)}); expected one id per class')
-  return EvalSet(name='objaverse_lvis', class_names=[names[i] for i in range(len(names))], labels=np.array(labels),
-                 cloud=lambda i: read_cloud(paths[i]), class_features=None, y_up=False, source=str(list_file))
+    raise BadInputError(
+      list_file,
+      f'class ids are not 0..{len(names) - 1} (found {len(names)} ids up to {max(names)}); expected one id per class',
+    )
+  return EvalSet(
+    name='objaverse_lvis',
+    class_names=[names[i] for i in range(len(names))],
+    labels=np.array(labels),
+    cloud=lambda i: read_cloud(paths[i]),
+    class_features=None,
+    y_up=False,
+    source=str(list_file),
+  )
 
 
 def modelnet40_openshape(root) -> EvalSet:
@@ -126,8 +158,11 @@ def modelnet40_openshape(root) -> EvalSet:
   clouds = read_pickled(folder / 'test_pc.npy')
   if not isinstance(clouds, np.ndarray) or clouds.ndim != 1 or len(clouds) != len(split):
     count = len(clouds) if hasattr(clouds, '__len__') else '?'
-    raise BadInputError(folder / 'test_pc.npy', f'holds a {type(clouds).__name__} of {count} items, expected one '
-                        f'dict per entry of test_split.json ({len(split)})')
+    raise BadInputError(
+      folder / 'test_pc.npy',
+      f'holds a {type(clouds).__name__} of {count} items, expected one '
+      f'dict per entry of test_split.json ({len(split)})',
+    )
   names, table = _class_feature_dict(folder / 'cat_name_pt_feat.npy')
   index = {n: i for i, n in enumerate(names)}
   unknown = sorted({e['category'] for e in split} - set(index))
@@ -141,9 +176,15 @@ def modelnet40_openshape(root) -> EvalSet:
     rgb = None if item.get('rgb') is None else np.asarray(item['rgb'], np.float32) / 255.0  # stored 0-255
     return checked_cloud(item['xyz'], rgb, f'{folder / "test_pc.npy"} item {i}')
 
-  return EvalSet(name='modelnet40_openshape', class_names=names,
-                 labels=np.array([index[e['category']] for e in split]), cloud=cloud, class_features=table,
-                 y_up=True, source=str(folder))
+  return EvalSet(
+    name='modelnet40_openshape',
+    class_names=names,
+    labels=np.array([index[e['category']] for e in split]),
+    cloud=cloud,
+    class_features=table,
+    y_up=True,
+    source=str(folder),
+  )
 
 
 def scanobjectnn_openshape(root) -> EvalSet:
@@ -158,14 +199,31 @@ def scanobjectnn_openshape(root) -> EvalSet:
     raise BadInputError(folder / 'xyz_label.npy', f'labels span {labels.min()}..{labels.max()}, expected 0..14')
   names, table = _class_feature_dict(folder / 'cat_name_pt_feat.npy', SCANOBJECTNN_CLASSES)
   rgb = data.get('rgb')
-  return EvalSet(name='scanobjectnn_openshape', class_names=names, labels=labels,
-                 cloud=lambda i: checked_cloud(data['xyz'][i], None if rgb is None else rgb[i],
-                                                f'{folder / "xyz_label.npy"} cloud {i}'),
-                 class_features=table, y_up=True, replace=True, source=str(folder))
+  return EvalSet(
+    name='scanobjectnn_openshape',
+    class_names=names,
+    labels=labels,
+    cloud=lambda i: checked_cloud(
+      data['xyz'][i], None if rgb is None else rgb[i], f'{folder / "xyz_label.npy"} cloud {i}'
+    ),
+    class_features=table,
+    y_up=True,
+    replace=True,
+    source=str(folder),
+  )
 
 
-def eval_points(xyz: np.ndarray, rgb: np.ndarray, num_points: int, rng: np.random.Generator, *, y_up: bool,
-                use_color: bool, replace: bool = False, path=None) -> np.ndarray:
+def eval_points(
+  xyz: np.ndarray,
+  rgb: np.ndarray,
+  num_points: int,
+  rng: np.random.Generator,
+  *,
+  y_up: bool,
+  use_color: bool,
+  replace: bool = False,
+  path=None,
+) -> np.ndarray:
   """An evaluation cloud as OpenShape's test sets prepare it: `num_points` drawn (without replacement, or with it
   when `replace` and the count differs), y/z swapped when stored y-up, unit sphere; (num_points, 6 | 3) float32."""
   n = len(xyz)

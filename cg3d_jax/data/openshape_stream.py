@@ -28,8 +28,11 @@ import numpy as np
 from cg3d_jax.data import host_batches, openshape, openshape_eval
 from cg3d_jax.errors import BadInputError, ConfigError
 
-TRAIN_SPLITS = {'train_all': 'meta_data/split/train_all.json', 'train_no_lvis': 'meta_data/split/train_no_lvis.json',
-                'train_shapenet_only': 'meta_data/split/ablation/train_shapenet_only.json'}
+TRAIN_SPLITS = {
+  'train_all': 'meta_data/split/train_all.json',
+  'train_no_lvis': 'meta_data/split/train_no_lvis.json',
+  'train_shapenet_only': 'meta_data/split/ablation/train_shapenet_only.json',
+}
 _PERMUTATION_TAG = 0x5EED  # keeps the epoch permutation's stream apart from every example's
 
 
@@ -42,6 +45,7 @@ class TrainSource:
   """A training split of the layout, its GPT-4 text flags and the per-sample rules; `feature_dim` is D of the
   stored CLIP features (read off the first shape). With `renders` (the rendered_images folder) and `preprocess`
   (the CLIP's image preprocessing), examples carry a random render as 'image' instead of a stored image feature."""
+
   shapes: list
   flags: dict
   sample: openshape.SampleConfig
@@ -52,18 +56,27 @@ class TrainSource:
 
 def sample_config(data_config) -> openshape.SampleConfig:
   o = data_config.openshape
-  return openshape.SampleConfig(num_points=data_config.num_stored_points, y_up=o.y_up, normalize=True,
-                                augment=data_config.augment, random_z_rotate=o.random_z_rotate,
-                                use_color=o.use_color, rgb_random_drop_prob=o.rgb_random_drop_prob,
-                                text_source=tuple(o.text_source), use_text_filtering=o.use_text_filtering,
-                                text_version='prompt_avg' if o.use_prompt_engineering else 'original')
+  return openshape.SampleConfig(
+    num_points=data_config.num_stored_points,
+    y_up=o.y_up,
+    normalize=True,
+    augment=data_config.augment,
+    random_z_rotate=o.random_z_rotate,
+    use_color=o.use_color,
+    rgb_random_drop_prob=o.rgb_random_drop_prob,
+    text_source=tuple(o.text_source),
+    use_text_filtering=o.use_text_filtering,
+    text_version='prompt_avg' if o.use_prompt_engineering else 'original',
+  )
 
 
 def open_train_source(data_config) -> TrainSource:
   """The split named by config.data.train_split (a key of TRAIN_SPLITS or a path under the layout root)."""
   if not data_config.manual_dir:
-    raise ConfigError('config.data.manual_dir is not set: give the folder that holds OpenShape\'s meta_data/ '
-                      '(e.g. --config.data.manual_dir=/data/openshape)')
+    raise ConfigError(
+      "config.data.manual_dir is not set: give the folder that holds OpenShape's meta_data/ "
+      '(e.g. --config.data.manual_dir=/data/openshape)'
+    )
   root = os.path.expanduser(data_config.manual_dir)
   split = TRAIN_SPLITS.get(data_config.train_split, data_config.train_split)
   shapes = openshape.read_split(os.path.join(root, split), root)
@@ -78,10 +91,17 @@ def open_train_source(data_config) -> TrainSource:
   if renders:
     renders = os.path.join(root, os.path.expanduser(renders))
     if not os.path.isdir(renders):
-      raise ConfigError(f'config.data.openshape.renders={data_config.openshape.renders!r}: {renders} is not a '
-                        'folder (OpenShape\'s rendered_images/, one folder of colors_0..11.png per shape)')
-  return TrainSource(shapes=shapes, flags=flags, sample=config, feature_dim=int(np.shape(first['image_feat'])[-1]),
-                     renders=renders or None)
+      raise ConfigError(
+        f'config.data.openshape.renders={data_config.openshape.renders!r}: {renders} is not a '
+        "folder (OpenShape's rendered_images/, one folder of colors_0..11.png per shape)"
+      )
+  return TrainSource(
+    shapes=shapes,
+    flags=flags,
+    sample=config,
+    feature_dim=int(np.shape(first['image_feat'])[-1]),
+    renders=renders or None,
+  )
 
 
 def _example(source: TrainSource, seed: int, epoch: int, index: int) -> dict:
@@ -91,8 +111,11 @@ def _example(source: TrainSource, seed: int, epoch: int, index: int) -> dict:
   example = openshape.make_example(shape, data, source.sample, rng, train=True, flags=source.flags)
   for key in ('text_feat', 'image_feat'):
     if example[key].shape != (source.feature_dim,):
-      raise BadInputError(shape.path, f'{key} has {example[key].shape[0]} values, expected {source.feature_dim} '
-                          'as the first shape of the split (features of one CLIP)')
+      raise BadInputError(
+        shape.path,
+        f'{key} has {example[key].shape[0]} values, expected {source.feature_dim} '
+        'as the first shape of the split (features of one CLIP)',
+      )
   del example['text']
   if source.renders:  # CG3D's method on Objaverse: a random render through the prompt-tuned image tower
     view = int(rng.integers(openshape.RENDER_VIEWS))
@@ -117,9 +140,17 @@ def _prefetched(jobs: Iterator[list], workers: int, depth: int) -> Iterator[list
       yield [f.result() for f in pending.popleft()]
 
 
-def train_local_batches(source: TrainSource, *, global_batch_size: int, seed: int, start_step: int = 0,
-                        process_index: int | None = None, process_count: int | None = None,
-                        workers: int | None = None, prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
+def train_local_batches(
+  source: TrainSource,
+  *,
+  global_batch_size: int,
+  seed: int,
+  start_step: int = 0,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  workers: int | None = None,
+  prefetch: int = 2,
+) -> Iterator[dict[str, np.ndarray]]:
   """This process's infinite stream of host batches from global step `start_step`: 'points' (b, S, 6 | 3),
   'text_feat' (b, D) (zeros where 'has_text' is False), 'has_text' (b,) bool, 'image_feat' (b, D) (with renders:
   'image' (b, H, W, 3), one of the shape's 12 renders preprocessed for the CLIP)."""
@@ -127,7 +158,8 @@ def train_local_batches(source: TrainSource, *, global_batch_size: int, seed: in
   local = host_batches.local_batch_size(global_batch_size, process_count)
   n = len(source.shapes)
   permutation = functools.lru_cache(maxsize=2)(
-      lambda epoch: np.random.default_rng((seed, epoch, _PERMUTATION_TAG)).permutation(n))
+    lambda epoch: np.random.default_rng((seed, epoch, _PERMUTATION_TAG)).permutation(n)
+  )
 
   def jobs():
     step = start_step
@@ -144,10 +176,19 @@ def train_local_batches(source: TrainSource, *, global_batch_size: int, seed: in
     yield _stack(examples)
 
 
-def eval_local_batches(evalset: openshape_eval.EvalSet, *, batch_size: int, num_points: int, use_color: bool,
-                       y_up: bool | None = None, seed: int = 0, process_index: int | None = None,
-                       process_count: int | None = None, workers: int | None = None,
-                       max_examples: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+def eval_local_batches(
+  evalset: openshape_eval.EvalSet,
+  *,
+  batch_size: int,
+  num_points: int,
+  use_color: bool,
+  y_up: bool | None = None,
+  seed: int = 0,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  workers: int | None = None,
+  max_examples: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
   """One in-order pass: global step t covers examples [t*B, (t+1)*B), process p holds rows [p*b, (p+1)*b) of it,
   padded, with a bool 'mask'. Example i's point draw is seeded by (seed, i), so a pass is reproducible.
   y_up: None = the layout's own convention (evalset.y_up)."""
@@ -159,8 +200,16 @@ def eval_local_batches(evalset: openshape_eval.EvalSet, *, batch_size: int, num_
 
   def load(i):
     xyz, rgb = evalset.cloud(i)
-    points = openshape_eval.eval_points(xyz, rgb, num_points, np.random.default_rng((seed, i)), y_up=swap,
-                                   use_color=use_color, replace=evalset.replace, path=f'{evalset.source} item {i}')
+    points = openshape_eval.eval_points(
+      xyz,
+      rgb,
+      num_points,
+      np.random.default_rng((seed, i)),
+      y_up=swap,
+      use_color=use_color,
+      replace=evalset.replace,
+      path=f'{evalset.source} item {i}',
+    )
     return {'points': points, 'label': np.int32(evalset.labels[i])}
 
   def jobs():
@@ -169,6 +218,9 @@ def eval_local_batches(evalset: openshape_eval.EvalSet, *, batch_size: int, num_
       yield [functools.partial(load, i) for i in range(first, min(first + local, n))]
 
   for examples in _prefetched(jobs(), _workers(workers), 2):
-    batch = (_stack(examples) if examples else
-             {'points': np.zeros((0, num_points, channels), np.float32), 'label': np.zeros((0,), np.int32)})
+    batch = (
+      _stack(examples)
+      if examples
+      else {'points': np.zeros((0, num_points, channels), np.float32), 'label': np.zeros((0,), np.int32)}
+    )
     yield host_batches.padded(batch, local)

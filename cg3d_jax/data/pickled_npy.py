@@ -15,13 +15,23 @@ from cg3d_jax.errors import BadInputError
 
 # (module, name) pairs a NumPy array pickle needs, under NumPy 1.x and 2.x module names; `_codecs.encode` is how
 # protocol-2 pickles spell bytes. Nothing here can execute code or touch files.
-ALLOWED_GLOBALS = frozenset({
-    ('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
-    ('numpy.core.multiarray', 'scalar'), ('numpy._core.multiarray', 'scalar'),
-    ('numpy.core.numeric', '_frombuffer'), ('numpy._core.numeric', '_frombuffer'),
-    ('numpy', 'ndarray'), ('numpy', 'dtype'), ('_codecs', 'encode'),
-    ('builtins', 'set'), ('builtins', 'frozenset'), ('builtins', 'bytearray'), ('builtins', 'complex'),
-})
+ALLOWED_GLOBALS = frozenset(
+  {
+    ('numpy.core.multiarray', '_reconstruct'),
+    ('numpy._core.multiarray', '_reconstruct'),
+    ('numpy.core.multiarray', 'scalar'),
+    ('numpy._core.multiarray', 'scalar'),
+    ('numpy.core.numeric', '_frombuffer'),
+    ('numpy._core.numeric', '_frombuffer'),
+    ('numpy', 'ndarray'),
+    ('numpy', 'dtype'),
+    ('_codecs', 'encode'),
+    ('builtins', 'set'),
+    ('builtins', 'frozenset'),
+    ('builtins', 'bytearray'),
+    ('builtins', 'complex'),
+  }
+)
 
 
 class _Refused(pickle.UnpicklingError):
@@ -32,8 +42,10 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
   def find_class(self, module, name):
     if (module, name) in ALLOWED_GLOBALS:
       return super().find_class(module, name)
-    raise _Refused(f'it names {module}.{name}, which is not a NumPy array, dtype or plain container '
-                   '(refused before anything in the file ran)')
+    raise _Refused(
+      f'it names {module}.{name}, which is not a NumPy array, dtype or plain container '
+      '(refused before anything in the file ran)'
+    )
 
 
 def read_pickled(path):

@@ -49,8 +49,12 @@ def _shard_bounds(n: int, process_index: int, process_count: int) -> tuple[int, 
 def _read(builder, split: str, start: int, end: int) -> tf.data.Dataset:
   """Examples [start, end) of a split, in the prepared files' fixed order, with the views left PNG-encoded."""
   decoders = {'views': tfds.decode.SkipDecoding()} if 'views' in builder.info.features else None
-  ds = builder.as_dataset(split=f'{split}[{start}:{end}]', shuffle_files=False, decoders=decoders,
-                          read_config=tfds.ReadConfig(try_autocache=False))
+  ds = builder.as_dataset(
+    split=f'{split}[{start}:{end}]',
+    shuffle_files=False,
+    decoders=decoders,
+    read_config=tfds.ReadConfig(try_autocache=False),
+  )
   options = tf.data.Options()
   options.deterministic = True
   return ds.with_options(options)
@@ -83,19 +87,28 @@ def preprocess_image(png: tf.Tensor, image_size: int, mean, std, resample: str =
   # torchvision's Resize(int): the short side becomes image_size, the long side int(image_size * long / short).
   new_h = tf.where(h == short, image_size, (image_size * h) // short)
   new_w = tf.where(w == short, image_size, (image_size * w) // short)
-  image = tf.cond(tf.logical_and(new_h == h, new_w == w), lambda: image,
-                  lambda: tf.clip_by_value(tf.round(tf.image.resize(image, tf.stack([new_h, new_w]), resample,
-                                                                    antialias=True)), 0.0, 255.0))
+  image = tf.cond(
+    tf.logical_and(new_h == h, new_w == w),
+    lambda: image,
+    lambda: tf.clip_by_value(
+      tf.round(tf.image.resize(image, tf.stack([new_h, new_w]), resample, antialias=True)), 0.0, 255.0
+    ),
+  )
   top = tf.cast(tf.round(tf.cast(new_h - image_size, tf.float32) / 2), tf.int32)
   left = tf.cast(tf.round(tf.cast(new_w - image_size, tf.float32) / 2), tf.int32)
-  image = image[top:top + image_size, left:left + image_size]
+  image = image[top : top + image_size, left : left + image_size]
   image = tf.ensure_shape(image, (image_size, image_size, 3)) / 255.0
   return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
 
 def _builder(data_config, process_count: int):
-  return builders.get_builder(data_config.name, data_dir=data_config.data_dir, manual_dir=data_config.manual_dir,
-                              skip_bad=data_config.skip_bad, process_count=process_count)
+  return builders.get_builder(
+    data_config.name,
+    data_dir=data_config.data_dir,
+    manual_dir=data_config.manual_dir,
+    skip_bad=data_config.skip_bad,
+    process_count=process_count,
+  )
 
 
 def prepare_cloud(points: tf.Tensor, num_points: int) -> tf.Tensor:
@@ -104,10 +117,20 @@ def prepare_cloud(points: tf.Tensor, num_points: int) -> tf.Tensor:
   return tf.ensure_shape(tf_transforms.tf_normalize_unit_sphere(points), (num_points, 3))
 
 
-def pretrain_local_dataset(data_config, *, global_batch_size: int, image_size: int, image_mean, image_std,
-                           image_resample: str = 'bicubic',
-                           num_templates: int, seed: int, start_step: int = 0, process_index: int | None = None,
-                           process_count: int | None = None) -> tf.data.Dataset:
+def pretrain_local_dataset(
+  data_config,
+  *,
+  global_batch_size: int,
+  image_size: int,
+  image_mean,
+  image_std,
+  image_resample: str = 'bicubic',
+  num_templates: int,
+  seed: int,
+  start_step: int = 0,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> tf.data.Dataset:
   """This process's infinite stream of host batches (dicts of tensors), starting at global step `start_step`."""
   process_index, process_count = host_batches.process(process_index, process_count)
   local_batch = host_batches.local_batch_size(global_batch_size, process_count)
@@ -131,8 +154,12 @@ def pretrain_local_dataset(data_config, *, global_batch_size: int, image_size: i
     seeds = example_seeds(seed, epoch, index, 4)
     view = tf.random.stateless_uniform([], seeds[0], minval=0, maxval=num_views, dtype=tf.int32)
     # Only the drawn view travels through the shuffle buffer: it is a fifth of the bytes.
-    return {'points': ex['points'], 'png': ex['views'][view], 'label': tf.cast(ex['label'], tf.int32),
-            'seeds': seeds[1:]}
+    return {
+      'points': ex['points'],
+      'png': ex['views'][view],
+      'label': tf.cast(ex['label'], tf.int32),
+      'seeds': seeds[1:],
+    }
 
   def epoch_stream(epoch):
     ds = shard.enumerate().map(lambda position, ex: pick_view(epoch, position, ex))
@@ -146,9 +173,12 @@ def pretrain_local_dataset(data_config, *, global_batch_size: int, image_size: i
     if prob > 0:
       points = tf_transforms.tf_augment(seeds[1], points, prob)
     template = tf.random.stateless_uniform([], seeds[2], minval=0, maxval=num_templates, dtype=tf.int32)
-    return {'points': tf.ensure_shape(points, (num_points, 3)),
-            'image': preprocess_image(ex['png'], image_size, image_mean, image_std, image_resample),
-            'label': ex['label'], 'template_idx': template}
+    return {
+      'points': tf.ensure_shape(points, (num_points, 3)),
+      'image': preprocess_image(ex['png'], image_size, image_mean, image_std, image_resample),
+      'label': ex['label'],
+      'template_idx': template,
+    }
 
   first = start_step * local_batch
   ds = tf.data.Dataset.range(first // n_local, np.iinfo(np.int64).max).flat_map(epoch_stream)
@@ -158,19 +188,39 @@ def pretrain_local_dataset(data_config, *, global_batch_size: int, image_size: i
   return _without_autotune_thread(ds.prefetch(data_config.prefetch))
 
 
-def make_pretrain_iterator(data_config, *, global_batch_size, sharding, image_size, image_mean, image_std,
-                           image_resample: str = 'bicubic',
-                           num_templates, seed, start_step=0, process_index=None,
-                           process_count=None) -> Iterator[dict[str, jax.Array]]:
+def make_pretrain_iterator(
+  data_config,
+  *,
+  global_batch_size,
+  sharding,
+  image_size,
+  image_mean,
+  image_std,
+  image_resample: str = 'bicubic',
+  num_templates,
+  seed,
+  start_step=0,
+  process_index=None,
+  process_count=None,
+) -> Iterator[dict[str, jax.Array]]:
   """Infinite iterator of global batches: 'points' (B, S, 3) augmented, 'image' (B, H, W, 3) normalised,
   'label' (B,) int32, 'template_idx' (B,) int32; the first batch is global step `start_step`'s.
 
   process_index / process_count default to JAX's; pass them explicitly only to simulate processes with
   `pretrain_local_dataset` (global arrays need the real process layout)."""
-  ds = pretrain_local_dataset(data_config, global_batch_size=global_batch_size, image_size=image_size,
-                              image_mean=image_mean, image_std=image_std, image_resample=image_resample,
-                              num_templates=num_templates, seed=seed,
-                              start_step=start_step, process_index=process_index, process_count=process_count)
+  ds = pretrain_local_dataset(
+    data_config,
+    global_batch_size=global_batch_size,
+    image_size=image_size,
+    image_mean=image_mean,
+    image_std=image_std,
+    image_resample=image_resample,
+    num_templates=num_templates,
+    seed=seed,
+    start_step=start_step,
+    process_index=process_index,
+    process_count=process_count,
+  )
   return host_batches.to_global(ds.as_numpy_iterator(), sharding)
 
 
@@ -186,13 +236,22 @@ def steps_per_epoch(data_config, global_batch_size: int) -> int:
   """Full global batches per pass over the training split (for per-epoch schedules; batches run across epochs)."""
   n = num_examples(data_config)
   if n < global_batch_size:
-    raise ValueError(f'the training split {data_config.name}/{data_config.train_split} has {n} examples, fewer '
-                     f'than one global batch of {global_batch_size} (config.train.batch_size)')
+    raise ValueError(
+      f'the training split {data_config.name}/{data_config.train_split} has {n} examples, fewer '
+      f'than one global batch of {global_batch_size} (config.train.batch_size)'
+    )
   return n // global_batch_size
 
 
-def labelled_local_dataset(data_config, *, global_batch_size: int, seed: int, start_step: int = 0,
-                           process_index: int | None = None, process_count: int | None = None) -> tf.data.Dataset:
+def labelled_local_dataset(
+  data_config,
+  *,
+  global_batch_size: int,
+  seed: int,
+  start_step: int = 0,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> tf.data.Dataset:
   """This process's infinite stream of fine-tuning host batches {'points' (b, S, 3), 'label' (b,)} from global step
   start_step; order and resume as the pretraining stream's."""
   process_index, process_count = host_batches.process(process_index, process_count)
@@ -202,16 +261,18 @@ def labelled_local_dataset(data_config, *, global_batch_size: int, seed: int, st
   start, end = _shard_bounds(n_total, process_index, process_count)
   n_local = end - start
   if n_local < 1:
-    raise ValueError(f'process {process_index} of {process_count} gets no example of '
-                     f'{data_config.train_split} ({n_total} in all)')
+    raise ValueError(
+      f'process {process_index} of {process_count} gets no example of {data_config.train_split} ({n_total} in all)'
+    )
   num_points = data_config.num_stored_points
 
   def prepare(ex):
     return {'points': prepare_cloud(ex['points'], num_points), 'label': tf.cast(ex['label'], tf.int32)}
 
   # Prepared before the shuffle so that the buffer holds fixed-size clouds and no normals or names.
-  shard = _read(builder, data_config.train_split, start, end).map(prepare, num_parallel_calls=tf.data.AUTOTUNE,
-                                                                  deterministic=True)
+  shard = _read(builder, data_config.train_split, start, end).map(
+    prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+  )
 
   def epoch_stream(epoch):
     shuffle_seed = tf.constant(seed, tf.int64) * 1_000_003 + epoch
@@ -224,18 +285,32 @@ def labelled_local_dataset(data_config, *, global_batch_size: int, seed: int, st
   return _without_autotune_thread(ds.prefetch(data_config.prefetch))
 
 
-def make_labelled_iterator(data_config, *, global_batch_size: int, sharding, seed: int,
-                           start_step: int = 0) -> Iterator[dict[str, jax.Array]]:
+def make_labelled_iterator(
+  data_config, *, global_batch_size: int, sharding, seed: int, start_step: int = 0
+) -> Iterator[dict[str, jax.Array]]:
   """Infinite iterator of fine-tuning global batches 'points' (B, S, 3) and 'label' (B,) int32."""
   ds = labelled_local_dataset(data_config, global_batch_size=global_batch_size, seed=seed, start_step=start_step)
   return host_batches.to_global(ds.as_numpy_iterator(), sharding)
 
 
-def eval_local_batches(name: str, *, data_dir, batch_size: int, num_points_stored: int, split: str = 'test',
-                       manual_dir=None, skip_bad: bool = False, max_examples: int | None = None,
-                       image_size: int | None = None, image_mean=None, image_std=None,
-                       image_resample: str = 'bicubic', view_index: int = 0,
-                       process_index: int | None = None, process_count: int | None = None) -> Iterator[dict]:
+def eval_local_batches(
+  name: str,
+  *,
+  data_dir,
+  batch_size: int,
+  num_points_stored: int,
+  split: str = 'test',
+  manual_dir=None,
+  skip_bad: bool = False,
+  max_examples: int | None = None,
+  image_size: int | None = None,
+  image_mean=None,
+  image_std=None,
+  image_resample: str = 'bicubic',
+  view_index: int = 0,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> Iterator[dict]:
   """This process's host batches (NumPy) for one in-order pass over a split, padded, with a bool 'mask'.
 
   Global step t covers examples [t*B, (t+1)*B); process p holds rows [t*B + p*b, t*B + (p+1)*b) of it. Clouds
@@ -244,8 +319,9 @@ def eval_local_batches(name: str, *, data_dir, batch_size: int, num_points_store
   """
   process_index, process_count = host_batches.process(process_index, process_count)
   local_batch = host_batches.local_batch_size(batch_size, process_count)
-  builder = builders.get_builder(name, data_dir=data_dir, manual_dir=manual_dir, skip_bad=skip_bad,
-                                 process_count=process_count)
+  builder = builders.get_builder(
+    name, data_dir=data_dir, manual_dir=manual_dir, skip_bad=skip_bad, process_count=process_count
+  )
   n = builder.info.splits[split].num_examples
   n = n if max_examples is None else min(n, max_examples)
   with_image = 'views' in builder.info.features and image_size is not None
@@ -262,14 +338,18 @@ def eval_local_batches(name: str, *, data_dir, batch_size: int, num_points_store
   for _ in range(math.ceil(n / batch_size)):
     batch = next(batches, None)
     if batch is None:  # this process's part of the last global batch is all padding
-      batch = {k: np.zeros((0,) + tuple(spec.shape[1:]), spec.dtype.as_numpy_dtype)
-               for k, spec in ds.element_spec.items()}
+      batch = {
+        k: np.zeros((0,) + tuple(spec.shape[1:]), spec.dtype.as_numpy_dtype) for k, spec in ds.element_spec.items()
+      }
     yield host_batches.padded(batch, local_batch)
 
 
-def make_eval_iterator(name: str, *, data_dir, batch_size: int, sharding, num_points_stored: int,
-                       **kwargs) -> Iterator[dict[str, jax.Array]]:
+def make_eval_iterator(
+  name: str, *, data_dir, batch_size: int, sharding, num_points_stored: int, **kwargs
+) -> Iterator[dict[str, jax.Array]]:
   """One in-order pass over a split as global batches: 'points', 'label', 'mask' (and 'image' for ShapeNet-55
   when image_size is given); keyword arguments as eval_local_batches."""
-  return host_batches.to_global(eval_local_batches(name, data_dir=data_dir, batch_size=batch_size,
-                                      num_points_stored=num_points_stored, **kwargs), sharding)
+  return host_batches.to_global(
+    eval_local_batches(name, data_dir=data_dir, batch_size=batch_size, num_points_stored=num_points_stored, **kwargs),
+    sharding,
+  )

@@ -36,8 +36,15 @@ def write_ply(path, xyz, rgb=None, *, binary: bool = True) -> None:
   fields = [('x', '<f4'), ('y', '<f4'), ('z', '<f4')]
   if rgb is not None:
     fields += [('red', 'u1'), ('green', 'u1'), ('blue', 'u1')]
-  header = ['ply', f'format {"binary_little_endian" if binary else "ascii"} 1.0', 'comment written by cg3d_jax',
-            f'element vertex {xyz.shape[0]}', 'property float x', 'property float y', 'property float z']
+  header = [
+    'ply',
+    f'format {"binary_little_endian" if binary else "ascii"} 1.0',
+    'comment written by cg3d_jax',
+    f'element vertex {xyz.shape[0]}',
+    'property float x',
+    'property float y',
+    'property float z',
+  ]
   if rgb is not None:
     header += ['property uchar red', 'property uchar green', 'property uchar blue']
   header.append('end_header')
@@ -60,9 +67,23 @@ def write_ply(path, xyz, rgb=None, *, binary: bool = True) -> None:
 
 
 _PLY_TYPES = {
-    'char': 'i1', 'int8': 'i1', 'uchar': 'u1', 'uint8': 'u1', 'short': 'i2', 'int16': 'i2', 'ushort': 'u2',
-    'uint16': 'u2', 'int': 'i4', 'int32': 'i4', 'uint': 'u4', 'uint32': 'u4', 'float': 'f4', 'float32': 'f4',
-    'double': 'f8', 'float64': 'f8'}
+  'char': 'i1',
+  'int8': 'i1',
+  'uchar': 'u1',
+  'uint8': 'u1',
+  'short': 'i2',
+  'int16': 'i2',
+  'ushort': 'u2',
+  'uint16': 'u2',
+  'int': 'i4',
+  'int32': 'i4',
+  'uint': 'u4',
+  'uint32': 'u4',
+  'float': 'f4',
+  'float32': 'f4',
+  'double': 'f8',
+  'float64': 'f8',
+}
 _PLY_FORMATS = {'ascii': None, 'binary_little_endian': '<', 'binary_big_endian': '>'}
 _COLOUR_NAMES = (('red', 'green', 'blue'), ('r', 'g', 'b'), ('diffuse_red', 'diffuse_green', 'diffuse_blue'))
 _FACE_LIST_NAMES = ('vertex_indices', 'vertex_index')
@@ -86,7 +107,7 @@ def _parse_ply_header(path, data: bytes):
   end = re.search(rb'end_header[ \t]*\r?\n', data)
   if not data.startswith(b'ply') or end is None:
     raise BadInputError(path, "not a PLY file: expected 'ply' first and an 'end_header' line")
-  header_lines = data[:end.start()].decode('ascii', errors='replace').splitlines()
+  header_lines = data[: end.start()].decode('ascii', errors='replace').splitlines()
   fmt, elements = None, []
   for number, line in enumerate(header_lines, start=1):
     tokens = line.split()
@@ -127,7 +148,7 @@ def read_ply(path, data: bytes, mesh_points: int, seed: int) -> PointCloud:
   props = {p.name: p for p in vertex.properties}
   missing = [a for a in 'xyz' if a not in props or props[a].count_dtype is not None]
   if missing:
-    raise BadInputError(path, f"PLY vertices lack scalar properties {missing} (have {list(props)})")
+    raise BadInputError(path, f'PLY vertices lack scalar properties {missing} (have {list(props)})')
   if vertex.count == 0:
     raise BadInputError(path, 'PLY holds no vertices')
   xyz = np.stack([np.asarray(columns[a]) for a in 'xyz'], axis=1)
@@ -161,8 +182,9 @@ def _read_ply_binary(path, data: bytes, offset: int, elements, byte_order: str) 
       dtype = np.dtype([(p.name, byte_order + p.dtype) for p in element.properties])
       end = offset + dtype.itemsize * element.count
       if end > len(data):
-        raise BadInputError(path, f'truncated: {element.count} {element.name} rows need {end} bytes, file has '
-                                   f'{len(data)}')
+        raise BadInputError(
+          path, f'truncated: {element.count} {element.name} rows need {end} bytes, file has {len(data)}'
+        )
       rows = np.frombuffer(data, dtype=dtype, count=element.count, offset=offset)
       tables[element.name] = {p.name: rows[p.name] for p in element.properties}
       offset = end
@@ -170,8 +192,11 @@ def _read_ply_binary(path, data: bytes, offset: int, elements, byte_order: str) 
     tables[element.name], offset = _read_ply_binary_lists(path, data, offset, element, byte_order)
   extra = data[offset:]
   if extra.strip(b' \r\n\t\x00'):  # a writer's final newline or padding is harmless; data is not
-    raise BadInputError(path, f'{len(extra)} bytes after the {_declared(elements)} the header declares: its element '
-                              'counts do not describe the body (a cloud read from it would be silently cut)')
+    raise BadInputError(
+      path,
+      f'{len(extra)} bytes after the {_declared(elements)} the header declares: its element '
+      'counts do not describe the body (a cloud read from it would be silently cut)',
+    )
   return tables
 
 
@@ -181,6 +206,7 @@ def _declared(elements) -> str:
 
 def _read_ply_binary_lists(path, data, offset, element, byte_order):
   """Elements with list properties (faces). Fast path: every list as long as the first one; else row by row."""
+
   def item(code):
     return np.dtype(byte_order + code)
 
@@ -231,14 +257,16 @@ def _read_ply_binary_lists(path, data, offset, element, byte_order):
 def _read_ply_ascii(path, data: bytes, body_start: int, elements) -> dict:
   header_line_count = data[:body_start].count(b'\n')
   lines, numbers = text_lines(path, data[body_start:])
-  numbers = (range(numbers.start + header_line_count, numbers.stop + header_line_count) if isinstance(numbers, range)
-             else [n + header_line_count for n in numbers])
+  numbers = (
+    range(numbers.start + header_line_count, numbers.stop + header_line_count)
+    if isinstance(numbers, range)
+    else [n + header_line_count for n in numbers]
+  )
   tables, start = {}, 0
   for element in elements:
-    rows, row_numbers = lines[start:start + element.count], numbers[start:start + element.count]
+    rows, row_numbers = lines[start : start + element.count], numbers[start : start + element.count]
     if len(rows) < element.count:
-      raise BadInputError(path, f'truncated: header promises {element.count} {element.name} lines, found '
-                                 f'{len(rows)}')
+      raise BadInputError(path, f'truncated: header promises {element.count} {element.name} lines, found {len(rows)}')
     start += element.count
     if element.count == 0:
       tables[element.name] = {p.name: [] for p in element.properties}
@@ -248,16 +276,23 @@ def _read_ply_ascii(path, data: bytes, body_start: int, elements) -> dict:
       continue
     values = parse_rows(path, rows, row_numbers, f'{element.name} row')
     if values.shape[1] != len(element.properties):
-      raise BadInputError(path, f'{element.name} rows need {len(element.properties)} numbers '
-                                 f'({", ".join(p.name for p in element.properties)}), found {values.shape[1]}',
-                           row_numbers[0])
+      raise BadInputError(
+        path,
+        f'{element.name} rows need {len(element.properties)} numbers '
+        f'({", ".join(p.name for p in element.properties)}), found {values.shape[1]}',
+        row_numbers[0],
+      )
     if element.name == 'vertex':
       check_finite(path, values, 'vertex row', row_numbers)
     tables[element.name] = {p.name: values[:, i] for i, p in enumerate(element.properties)}
   if start < len(lines):
-    raise BadInputError(path, f'{len(lines) - start} more lines after the {_declared(elements)} the header declares: '
-                              'its element counts do not describe the body (a cloud read from it would be silently '
-                              'cut)', numbers[start])
+    raise BadInputError(
+      path,
+      f'{len(lines) - start} more lines after the {_declared(elements)} the header declares: '
+      'its element counts do not describe the body (a cloud read from it would be silently '
+      'cut)',
+      numbers[start],
+    )
   return tables
 
 
@@ -272,15 +307,15 @@ def _parse_ply_ascii_lists(path, rows, row_numbers, element):
           position += 1
         else:
           n = int(tokens[position])
-          values = [int(t) for t in tokens[position + 1:position + 1 + n]]
+          values = [int(t) for t in tokens[position + 1 : position + 1 + n]]
           if len(values) != n:
-            raise BadInputError(path, f'{element.name} list {p.name} promises {n} values, found {len(values)}',
-                                 number)
+            raise BadInputError(path, f'{element.name} list {p.name} promises {n} values, found {len(values)}', number)
           table[p.name].append(values)
           position += 1 + n
     except (ValueError, IndexError):
       raise BadInputError(path, f'cannot read {element.name} row {row[:60]!r}', number) from None
     if position != len(tokens):
-      raise BadInputError(path, f'{element.name} row has {len(tokens) - position} numbers more than its properties',
-                           number)
+      raise BadInputError(
+        path, f'{element.name} row has {len(tokens) - position} numbers more than its properties', number
+      )
   return table

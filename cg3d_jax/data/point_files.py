@@ -28,8 +28,9 @@ SUPPORTED_EXTENSIONS = ('.ply', '.npy', '.off') + TEXT_EXTENSIONS
 DEFAULT_MESH_POINTS = 10_000  # as many as a ModelNet40 resampled file holds
 
 
-def read_points(path, *, mesh_points: int = DEFAULT_MESH_POINTS, seed: int = 0,
-                columns: str | Sequence[str] | None = None) -> PointCloud:
+def read_points(
+  path, *, mesh_points: int = DEFAULT_MESH_POINTS, seed: int = 0, columns: str | Sequence[str] | None = None
+) -> PointCloud:
   """Reads a point cloud from .ply, .npy, .off, .txt/.xyz/.csv (chosen by extension).
 
   mesh_points, seed: how many points to sample on a mesh surface (OFF, PLY with faces), and the sampler's seed.
@@ -45,8 +46,9 @@ def read_points(path, *, mesh_points: int = DEFAULT_MESH_POINTS, seed: int = 0,
   if mesh_points < 1:
     raise ValueError(f'mesh_points must be at least 1, got {mesh_points}')
   if columns is not None and ext not in ('.npy',) + TEXT_EXTENSIONS:
-    raise BadInputError(path, f'columns (--columns) apply to .npy and text files; {ext} files name their own '
-                              'properties')
+    raise BadInputError(
+      path, f'columns (--columns) apply to .npy and text files; {ext} files name their own properties'
+    )
   with open(path, 'rb') as f:
     data = f.read()
   if not data or data.isspace():
@@ -65,7 +67,7 @@ def read_points(path, *, mesh_points: int = DEFAULT_MESH_POINTS, seed: int = 0,
 
 
 def _looks_like_normals(values: np.ndarray) -> bool:
-  norms = np.sqrt((values ** 2).sum(axis=1))
+  norms = np.sqrt((values**2).sum(axis=1))
   return bool(np.all((np.abs(norms - 1) < 0.02) | (norms == 0)))
 
 
@@ -85,34 +87,47 @@ def _split_columns(path, values: np.ndarray, columns) -> tuple[np.ndarray, np.nd
       extra = values[:, 3:6]
       normals, colours = _looks_like_normals(extra), _looks_like_colours(extra)
       if normals == colours:
-        raise BadInputError(path, "cannot tell whether columns 4-6 are normals or colours; name them: "
-                                   "--columns xyz,normals or --columns xyz,rgb (columns= in read_points)")
+        raise BadInputError(
+          path,
+          'cannot tell whether columns 4-6 are normals or colours; name them: '
+          '--columns xyz,normals or --columns xyz,rgb (columns= in read_points)',
+        )
       groups = ['xyz', 'normals' if normals else 'rgb']
     elif num_cols == 9:
       first_normals = _looks_like_normals(values[:, 3:6]) and _looks_like_colours(values[:, 6:9])
       first_colours = _looks_like_colours(values[:, 3:6]) and _looks_like_normals(values[:, 6:9])
       if first_normals == first_colours:
-        raise BadInputError(path, "cannot tell which of columns 4-6 and 7-9 are normals and which colours; name "
-                                   "them: --columns xyz,normals,rgb or --columns xyz,rgb,normals (columns= in "
-                                   "read_points)")
+        raise BadInputError(
+          path,
+          'cannot tell which of columns 4-6 and 7-9 are normals and which colours; name '
+          'them: --columns xyz,normals,rgb or --columns xyz,rgb,normals (columns= in '
+          'read_points)',
+        )
       groups = ['xyz', 'normals', 'rgb'] if first_normals else ['xyz', 'rgb', 'normals']
     else:
-      raise BadInputError(path, f'{num_cols} columns per point; expected 3 (xyz), 6 (xyz + normals or colours) or 9 '
-                                 "(xyz + both), or name them with --columns (columns= in read_points), e.g. "
-                                 'xyz,skip,rgb')
+      raise BadInputError(
+        path,
+        f'{num_cols} columns per point; expected 3 (xyz), 6 (xyz + normals or colours) or 9 '
+        '(xyz + both), or name them with --columns (columns= in read_points), e.g. '
+        'xyz,skip,rgb',
+      )
   else:
     groups = [g.strip() for g in columns.split(',')] if isinstance(columns, str) else list(columns)
   widths = {'xyz': 3, 'normals': 3, 'rgb': 3, 'skip': 1}
   unknown = [g for g in groups if g not in widths]
   if unknown or 'xyz' not in groups or any(groups.count(g) > 1 for g in ('xyz', 'normals', 'rgb')):
-    raise BadInputError(path, f"columns (--columns) must name 'xyz' once and optionally 'normals', 'rgb' (3 columns "
-                              f"each) and 'skip' (1 column), got {groups}")
+    raise BadInputError(
+      path,
+      f"columns (--columns) must name 'xyz' once and optionally 'normals', 'rgb' (3 columns "
+      f"each) and 'skip' (1 column), got {groups}",
+    )
   if sum(widths[g] for g in groups) != num_cols:
-    raise BadInputError(path, f'columns {groups} describe {sum(widths[g] for g in groups)} columns, the file has '
-                               f'{num_cols}')
+    raise BadInputError(
+      path, f'columns {groups} describe {sum(widths[g] for g in groups)} columns, the file has {num_cols}'
+    )
   parts, start = {}, 0
   for group in groups:
-    parts[group] = values[:, start:start + widths[group]]
+    parts[group] = values[:, start : start + widths[group]]
     start += widths[group]
   rgb = colours_to_uint8(path, parts['rgb'], False) if 'rgb' in parts else None
   normals = parts['normals'].astype(np.float32) if 'normals' in parts else None

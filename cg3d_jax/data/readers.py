@@ -45,8 +45,7 @@ class BadInputLog:
     if not num_written:
       raise BadInputError(f'{source}: no readable example for split {split!r} ({count} skipped as bad)')
     if count:
-      log.warning('skip_bad: skipped %d bad example(s) in split %r (first: %s)', count, split,
-                  self.skipped[split][0])
+      log.warning('skip_bad: skipped %d bad example(s) in split %r (first: %s)', count, split, self.skipped[split][0])
 
 
 def read_lines(path: pathlib.Path) -> list[tuple[int, str]]:
@@ -79,8 +78,9 @@ def check_points(path, points: np.ndarray, *, columns: int = 3) -> np.ndarray:
     row = int(np.argmin(finite))
     raise BadInputError(f'{path}: non-finite value (NaN or Inf) in point {row}: {points[row].tolist()}')
   if not (points.max(axis=0) > points.min(axis=0)).any():
-    raise BadInputError(f'{path}: all {len(points)} points are the same point; a cloud needs extent to be scaled '
-                        'to the unit sphere')
+    raise BadInputError(
+      f'{path}: all {len(points)} points are the same point; a cloud needs extent to be scaled to the unit sphere'
+    )
   return points.astype(np.float32)
 
 
@@ -144,6 +144,7 @@ def read_png(path: pathlib.Path) -> bytes:
 
 # --- what every point-file reader shares ----------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class PointCloud:
   xyz: np.ndarray  # (N, 3) float32
@@ -163,8 +164,7 @@ def parse_rows(path, lines: Sequence[str], line_numbers: Sequence[int], what: st
   names the bad line or accepts a file that merely mixes separators.
   """
   try:
-    values = np.loadtxt(lines, delimiter=',' if ',' in lines[0] else None, comments=None, dtype=np.float64,
-                        ndmin=2)
+    values = np.loadtxt(lines, delimiter=',' if ',' in lines[0] else None, comments=None, dtype=np.float64, ndmin=2)
     if values.shape[0] == len(lines):
       return values
   except ValueError:
@@ -173,8 +173,7 @@ def parse_rows(path, lines: Sequence[str], line_numbers: Sequence[int], what: st
   num_cols = len(split[0])
   for row, number in zip(split, line_numbers):
     if len(row) != num_cols:
-      raise BadInputError(path, f'{what}: expected {num_cols} numbers (as on the first row), found {len(row)}',
-                           number)
+      raise BadInputError(path, f'{what}: expected {num_cols} numbers (as on the first row), found {len(row)}', number)
     for token in row:
       try:
         float(token)
@@ -200,8 +199,9 @@ def colours_to_uint8(path, values: np.ndarray, integer_typed: bool) -> np.ndarra
       raise BadInputError(path, f'colours must lie in 0..255, got range [{values.min()}, {values.max()}]')
     return values.astype(np.uint8)
   if values.min() < 0 or values.max() > 1:
-    raise BadInputError(path, f'float colours must lie in [0, 1] (or be integers 0..255), got range '
-                               f'[{values.min()}, {values.max()}]')
+    raise BadInputError(
+      path, f'float colours must lie in [0, 1] (or be integers 0..255), got range [{values.min()}, {values.max()}]'
+    )
   return np.round(values * 255).astype(np.uint8)
 
 

@@ -20,10 +20,13 @@ from cg3d_jax import assets
 from cg3d_jax.data import builder_base, readers
 
 FILES = {
-    'obj_only': ('main_split_nobg', 'training_objectdataset.h5', 'test_objectdataset.h5'),
-    'obj_bg': ('main_split', 'training_objectdataset.h5', 'test_objectdataset.h5'),
-    'pb_t50_rs': ('main_split', 'training_objectdataset_augmentedrot_scale75.h5',
-                  'test_objectdataset_augmentedrot_scale75.h5'),
+  'obj_only': ('main_split_nobg', 'training_objectdataset.h5', 'test_objectdataset.h5'),
+  'obj_bg': ('main_split', 'training_objectdataset.h5', 'test_objectdataset.h5'),
+  'pb_t50_rs': (
+    'main_split',
+    'training_objectdataset_augmentedrot_scale75.h5',
+    'test_objectdataset_augmentedrot_scale75.h5',
+  ),
 }
 
 
@@ -38,8 +41,10 @@ def h5_path(manual_dir, variant: str, split: str) -> pathlib.Path:
   for base in (root / 'h5_files', root, root.parent):
     if (base / folder / name).is_file():
       return base / folder / name
-  raise readers.BadInputError(f'{root / folder / name}: file not found (ScanObjectNN {variant} {split} split; also '
-                              f'looked under {root / "h5_files"})')
+  raise readers.BadInputError(
+    f'{root / folder / name}: file not found (ScanObjectNN {variant} {split} split; also '
+    f'looked under {root / "h5_files"})'
+  )
 
 
 def read_h5(path: pathlib.Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -54,12 +59,12 @@ def read_h5(path: pathlib.Path, num_classes: int) -> tuple[np.ndarray, np.ndarra
   if data.ndim != 3 or data.shape[2] != 3 or data.dtype.kind != 'f':
     raise readers.BadInputError(f'{path}: `data` must be float (N, points, 3), got {data.dtype} {data.shape}')
   if label.shape != (data.shape[0],) or label.dtype.kind not in 'iu':
-    raise readers.BadInputError(f'{path}: `label` must be integer ({data.shape[0]},), got {label.dtype} '
-                                f'{label.shape}')
+    raise readers.BadInputError(f'{path}: `label` must be integer ({data.shape[0]},), got {label.dtype} {label.shape}')
   bad = (label < 0) | (label >= num_classes)
   if bad.any():
-    raise readers.BadInputError(f'{path}: label {int(label[bad][0])} of object {int(np.argmax(bad))} is outside '
-                                f'[0, {num_classes})')
+    raise readers.BadInputError(
+      f'{path}: label {int(label[bad][0])} of object {int(np.argmax(bad))} is outside [0, {num_classes})'
+    )
   return data, label
 
 
@@ -72,19 +77,23 @@ class Scanobjectnn(builder_base.ManualBuilder):
 
   def _info(self):
     return self.dataset_info_from_configs(
-        description='ScanObjectNN real scans.',
-        features=tfds.features.FeaturesDict({
-            'points': tfds.features.Tensor(shape=(None, 3), dtype=np.float32),
-            'label': tfds.features.ClassLabel(names=shape_names()),
-            'index': np.int32,  # position in the h5 file, to compare with other tools' predictions
-        }),
-        metadata=tfds.core.MetadataDict(),
+      description='ScanObjectNN real scans.',
+      features=tfds.features.FeaturesDict(
+        {
+          'points': tfds.features.Tensor(shape=(None, 3), dtype=np.float32),
+          'label': tfds.features.ClassLabel(names=shape_names()),
+          'index': np.int32,  # position in the h5 file, to compare with other tools' predictions
+        }
+      ),
+      metadata=tfds.core.MetadataDict(),
     )
 
   def _split_generators(self, dl_manager):
     self.info.metadata['skipped'] = self.bad_inputs.skipped
-    return {split: self._generate_examples(h5_path(dl_manager.manual_dir, self.builder_config.name, split), split)
-            for split in ('train', 'test')}
+    return {
+      split: self._generate_examples(h5_path(dl_manager.manual_dir, self.builder_config.name, split), split)
+      for split in ('train', 'test')
+    }
 
   def _generate_examples(self, path, split):
     data, label = read_h5(path, self.info.features['label'].num_classes)

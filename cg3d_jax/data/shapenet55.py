@@ -32,8 +32,9 @@ class Layout:
     self.points = root / 'ShapeNet55' / 'shapenet_pc' if (root / 'ShapeNet55').is_dir() else root / 'shapenet_pc'
     self.images = self.meta / 'img'
     if not (self.meta / 'train_img.txt').is_file():
-      raise readers.BadInputError(f'{root}: no train_img.txt; expected the ShapeNet-55 layout '
-                                  '(shapenet_pc/, img/, train_img.txt, test_img.txt)')
+      raise readers.BadInputError(
+        f'{root}: no train_img.txt; expected the ShapeNet-55 layout (shapenet_pc/, img/, train_img.txt, test_img.txt)'
+      )
 
   def optional(self, name: str) -> pathlib.Path | None:
     path = self.meta / name
@@ -41,7 +42,6 @@ class Layout:
 
 
 class Shapenet55Cg3dConfig(tfds.core.BuilderConfig):
-
   def __init__(self, *, num_views: int = 5, **kwargs):
     super().__init__(version='1.0.0', **kwargs)
     self.num_views = num_views
@@ -56,18 +56,21 @@ class Shapenet55Cg3d(builder_base.ManualBuilder):
 
   def _info(self):
     return self.dataset_info_from_configs(
-        description='ShapeNet-55 triplets as CG3D trains on them.',
-        features=tfds.features.FeaturesDict({
-            'points': tfds.features.Tensor(shape=(None, 3), dtype=np.float32),
-            'views': tfds.features.Sequence(tfds.features.Image(shape=(None, None, 3), encoding_format='png'),
-                                            length=self.builder_config.num_views),
-            # Names come from the manual folder (the procedural set has its own), so they are set at build time.
-            'label': tfds.features.ClassLabel(),
-            'class_name': tfds.features.Text(),
-            'synset': tfds.features.Text(),
-            'model_id': tfds.features.Text(),
-        }),
-        metadata=tfds.core.MetadataDict(),
+      description='ShapeNet-55 triplets as CG3D trains on them.',
+      features=tfds.features.FeaturesDict(
+        {
+          'points': tfds.features.Tensor(shape=(None, 3), dtype=np.float32),
+          'views': tfds.features.Sequence(
+            tfds.features.Image(shape=(None, None, 3), encoding_format='png'), length=self.builder_config.num_views
+          ),
+          # Names come from the manual folder (the procedural set has its own), so they are set at build time.
+          'label': tfds.features.ClassLabel(),
+          'class_name': tfds.features.Text(),
+          'synset': tfds.features.Text(),
+          'model_id': tfds.features.Text(),
+        }
+      ),
+      metadata=tfds.core.MetadataDict(),
     )
 
   def _split_generators(self, dl_manager):
@@ -103,7 +106,14 @@ class Shapenet55Cg3d(builder_base.ManualBuilder):
     if not points_path.is_file():
       raise readers.BadInputError(f'{where}: point cloud {points_path} is missing')
     points = readers.read_npy_points(points_path)
-    views = [readers.read_png(layout.images / synset / model / f'{v:03d}.png')
-             for v in range(self.builder_config.num_views)]
-    return f'{synset}-{model}', {'points': points, 'views': views, 'label': names.index(class_name),
-                                 'class_name': class_name, 'synset': synset, 'model_id': model}
+    views = [
+      readers.read_png(layout.images / synset / model / f'{v:03d}.png') for v in range(self.builder_config.num_views)
+    ]
+    return f'{synset}-{model}', {
+      'points': points,
+      'views': views,
+      'label': names.index(class_name),
+      'class_name': class_name,
+      'synset': synset,
+      'model_id': model,
+    }

@@ -38,8 +38,7 @@ def read_synset_dictionary(path: pathlib.Path | None) -> dict[str, str]:
 
 def read_shape_names(path: pathlib.Path | None) -> list[str]:
   if path is None:
-    return [line.strip() for line in assets.read_text('shapenet55_shape_names.txt').splitlines()
-            if line.strip()]
+    return [line.strip() for line in assets.read_text('shapenet55_shape_names.txt').splitlines() if line.strip()]
   names = [text for _, text in readers.read_lines(path)]
   if len(set(names)) != len(names):
     raise readers.BadInputError(f'{path}: class names must be unique')

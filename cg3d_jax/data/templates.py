@@ -14,10 +14,10 @@ import json
 from cg3d_jax import assets
 
 _SETS = {
-    'cg3d': ('cg3d_templates.json', 'cg3d_pretrain_captions'),
-    'cg3d_zeroshot': ('cg3d_templates.json', 'cg3d_zero_shot'),
-    'ulip': ('ulip_templates.json', 'modelnet40_64'),
-    'ulip_shapenet': ('ulip_templates.json', 'shapenet_64'),
+  'cg3d': ('cg3d_templates.json', 'cg3d_pretrain_captions'),
+  'cg3d_zeroshot': ('cg3d_templates.json', 'cg3d_zero_shot'),
+  'ulip': ('ulip_templates.json', 'modelnet40_64'),
+  'ulip_shapenet': ('ulip_templates.json', 'shapenet_64'),
 }
 
 

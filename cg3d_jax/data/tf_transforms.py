@@ -41,15 +41,18 @@ def tf_augment_params(seed: tf.Tensor, num_points, prob: float = 0.3) -> dict[st
   """The random draws of CG3D's five augmentations for one cloud of `num_points` (what apply_augment_np takes)."""
   seeds = tf.random.experimental.stateless_split(seed, num=7)
   return {
-      'apply': tf.random.stateless_uniform([5], seeds[0]) < prob,
-      'quarter_turns': tf.random.stateless_uniform([], seeds[1], minval=0, maxval=4, dtype=tf.int32),
-      'angle': tf.random.stateless_uniform([], seeds[2]) * 2 * tf.constant(np.pi, tf.float32),
-      'angles': tf.clip_by_value(ROTATION_SIGMA * tf.random.stateless_normal([3], seeds[3]), -ROTATION_CLIP,
-                                 ROTATION_CLIP),
-      'noise': tf.clip_by_value(JITTER_SIGMA * tf.random.stateless_normal([num_points, 3], seeds[4]), -JITTER_CLIP,
-                                JITTER_CLIP),
-      'dropped': tf.random.stateless_uniform([num_points // DROP_FRACTION], seeds[5], minval=0, maxval=num_points,
-                                             dtype=tf.int32),
+    'apply': tf.random.stateless_uniform([5], seeds[0]) < prob,
+    'quarter_turns': tf.random.stateless_uniform([], seeds[1], minval=0, maxval=4, dtype=tf.int32),
+    'angle': tf.random.stateless_uniform([], seeds[2]) * 2 * tf.constant(np.pi, tf.float32),
+    'angles': tf.clip_by_value(
+      ROTATION_SIGMA * tf.random.stateless_normal([3], seeds[3]), -ROTATION_CLIP, ROTATION_CLIP
+    ),
+    'noise': tf.clip_by_value(
+      JITTER_SIGMA * tf.random.stateless_normal([num_points, 3], seeds[4]), -JITTER_CLIP, JITTER_CLIP
+    ),
+    'dropped': tf.random.stateless_uniform(
+      [num_points // DROP_FRACTION], seeds[5], minval=0, maxval=num_points, dtype=tf.int32
+    ),
   }
 
 

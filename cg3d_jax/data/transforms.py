@@ -41,7 +41,7 @@ def normalize_unit_sphere_np(points, source: str | None = None) -> np.ndarray:
   if not np.all(np.isfinite(points)):
     raise ValueError(f'{where}points contain NaN or Inf')
   centred = points.astype(np.float64) - points.astype(np.float64).mean(axis=0)
-  radius = np.sqrt((centred ** 2).sum(axis=1)).max()
+  radius = np.sqrt((centred**2).sum(axis=1)).max()
   if not radius > 0:
     raise ValueError(f'{where}all {len(points)} points coincide: there is no scale to normalise to the unit sphere')
   return (centred / radius).astype(np.float32)
@@ -83,11 +83,14 @@ def apply_augment_np(points: np.ndarray, params: dict) -> np.ndarray:
 def augment_np(rng: np.random.Generator, points: np.ndarray, prob: float = 0.3) -> np.ndarray:
   """CG3D's five augmentations, each applied with probability `prob`, in the original's order."""
   n = len(points)
-  params = {'apply': rng.uniform(size=5) < prob, 'quarter_turns': rng.integers(0, 4),
-            'angle': rng.uniform() * 2 * np.pi,
-            'angles': np.clip(ROTATION_SIGMA * rng.standard_normal(3), -ROTATION_CLIP, ROTATION_CLIP),
-            'noise': np.clip(JITTER_SIGMA * rng.standard_normal((n, 3)), -JITTER_CLIP, JITTER_CLIP),
-            'dropped': rng.integers(0, n, size=n // DROP_FRACTION)}
+  params = {
+    'apply': rng.uniform(size=5) < prob,
+    'quarter_turns': rng.integers(0, 4),
+    'angle': rng.uniform() * 2 * np.pi,
+    'angles': np.clip(ROTATION_SIGMA * rng.standard_normal(3), -ROTATION_CLIP, ROTATION_CLIP),
+    'noise': np.clip(JITTER_SIGMA * rng.standard_normal((n, 3)), -JITTER_CLIP, JITTER_CLIP),
+    'dropped': rng.integers(0, n, size=n // DROP_FRACTION),
+  }
   return apply_augment_np(points, params)
 
 
@@ -96,7 +99,7 @@ def farthest_point_sample_np(points: np.ndarray, num_samples: int) -> np.ndarray
 
   The host-side variant used to measure host against device sampling (bench/bench_pipeline.py).
   """
-  valid = (points ** 2).sum(axis=1) > 1e-3
+  valid = (points**2).sum(axis=1) > 1e-3
   min_dist = np.full(len(points), 1e10)
   chosen = np.zeros(num_samples, np.int64)
   last = 0

@@ -21,9 +21,11 @@ from cg3d_jax.models.classifiers import classifier_logits
 from cg3d_jax.models.point_ops import sample_points
 
 
-def make_predict(model: nn.Module, *, num_points: int, fps_points: int, votes: int = 1, vote_augment: bool = True,
-                 out_sharding=None):
+def make_predict(
+  model: nn.Module, *, num_points: int, fps_points: int, votes: int = 1, vote_augment: bool = True, out_sharding=None
+):
   """jit(variables, points, key) -> logits (B, C); with votes > 1, the mean logits of `votes` passes."""
+
   def predict(variables, points, key):
     if votes <= 1:
       return classifier_logits(model, variables, sample_points(points, num_points), train=False)[0]
@@ -43,18 +45,41 @@ def make_predict(model: nn.Module, *, num_points: int, fps_points: int, votes: i
 class ClassificationEvaluator:
   """Overall and class-mean accuracy (`prefix` + 'top1', 'class_mean', 'count'); `outputs` adds logits and labels."""
 
-  def __init__(self, model: nn.Module, *, batches: Callable[[], Iterable[dict]], mesh: jax.sharding.Mesh,
-               num_classes: int, num_points: int, fps_points: int, votes: int = 1, vote_augment: bool = True,
-               seed: int = 0, prefix: str = 'val/'):
+  def __init__(
+    self,
+    model: nn.Module,
+    *,
+    batches: Callable[[], Iterable[dict]],
+    mesh: jax.sharding.Mesh,
+    num_classes: int,
+    num_points: int,
+    fps_points: int,
+    votes: int = 1,
+    vote_augment: bool = True,
+    seed: int = 0,
+    prefix: str = 'val/',
+  ):
     self.batches, self.num_classes, self.seed, self.prefix = batches, num_classes, seed, prefix
-    self.predict = make_predict(model, num_points=num_points, fps_points=fps_points, votes=votes,
-                                vote_augment=vote_augment, out_sharding=sharding.replicated(mesh))
+    self.predict = make_predict(
+      model,
+      num_points=num_points,
+      fps_points=fps_points,
+      votes=votes,
+      vote_augment=vote_augment,
+      out_sharding=sharding.replicated(mesh),
+    )
 
   def outputs(self, variables: dict) -> dict[str, np.ndarray]:
     """{'logits' (N, C), 'label' (N,)} of every real example of the split, in order."""
     key = jax.random.key(self.seed)
-    rows = [{'logits': self.predict(variables, batch['points'], jax.random.fold_in(key, i)),
-             'label': batch['label'], 'mask': batch['mask']} for i, batch in enumerate(self.batches())]
+    rows = [
+      {
+        'logits': self.predict(variables, batch['points'], jax.random.fold_in(key, i)),
+        'label': batch['label'],
+        'mask': batch['mask'],
+      }
+      for i, batch in enumerate(self.batches())
+    ]
     return common.real_rows(rows)
 
   def run(self, variables: dict) -> dict[str, float]:
@@ -62,7 +87,8 @@ class ClassificationEvaluator:
 
   def metrics(self, outputs: dict[str, np.ndarray]) -> dict[str, float]:
     logits, labels = outputs['logits'], outputs['label']
-    return {self.prefix + 'top1': metrics.topk_accuracy(logits, labels, ks=(1,))[1],
-            self.prefix + 'class_mean': metrics.class_mean_accuracy(metrics.predictions(logits), labels,
-                                                                    self.num_classes),
-            self.prefix + 'count': int(labels.shape[0])}
+    return {
+      self.prefix + 'top1': metrics.topk_accuracy(logits, labels, ks=(1,))[1],
+      self.prefix + 'class_mean': metrics.class_mean_accuracy(metrics.predictions(logits), labels, self.num_classes),
+      self.prefix + 'count': int(labels.shape[0]),
+    }

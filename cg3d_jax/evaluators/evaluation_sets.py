@@ -33,8 +33,10 @@ def open_eval_set(ev, default_root=None) -> openshape_eval.EvalSet:
   """The EvalSet config.eval names (dataset, layout, manual_dir, list_file); `default_root`: the training data's."""
   root = ev.get('manual_dir') or default_root
   if not root:
-    raise ConfigError(f'config.eval.manual_dir is not set: give the folder that holds the {ev.dataset} files '
-                      '(OpenShape: the folder with meta_data/; Uni3D: the objaverse_lvis folder)')
+    raise ConfigError(
+      f'config.eval.manual_dir is not set: give the folder that holds the {ev.dataset} files '
+      '(OpenShape: the folder with meta_data/; Uni3D: the objaverse_lvis folder)'
+    )
   root = os.path.expanduser(root)
   if ev.dataset == 'objaverse_lvis':
     layout = ev.get('layout', 'openshape')
@@ -57,29 +59,48 @@ def classifier(evalset: openshape_eval.EvalSet, ev, model=None, clip_params=None
     raise ConfigError(f'config.eval.prompts={prompts!r}: expected one of {PROMPT_SETS}')
   if prompts == 'precomputed':
     if evalset.class_features is None:
-      raise ConfigError(f'{evalset.source} stores no class-name features (Uni3D prompts its CLIP): use '
-                        '--config.eval.prompts=templates (or names) with --config.clip.path=<the CLIP of the features>')
+      raise ConfigError(
+        f'{evalset.source} stores no class-name features (Uni3D prompts its CLIP): use '
+        '--config.eval.prompts=templates (or names) with --config.clip.path=<the CLIP of the features>'
+      )
     return np.asarray(metrics.zero_shot_classifier(evalset.class_features))
   if model is None or model.clip is None:
-    raise ConfigError(f'config.eval.prompts={prompts!r} runs a CLIP text tower: give the CLIP the features came from '
-                      'with --config.clip.path')
+    raise ConfigError(
+      f'config.eval.prompts={prompts!r} runs a CLIP text tower: give the CLIP the features came from '
+      'with --config.clip.path'
+    )
   templates = ('{}',) if prompts == 'names' else ev.templates
-  return text_classifier(model.clip, clip_params, tokenizer, evalset.class_names, templates,
-                         name_style=ev.get('name_style', 'raw'))
+  return text_classifier(
+    model.clip, clip_params, tokenizer, evalset.class_names, templates, name_style=ev.get('name_style', 'raw')
+  )
 
 
 def prompt_record(evalset: openshape_eval.EvalSet, ev) -> dict:
   """What the scores were computed with, for results.json."""
   prompts = ev.get('prompts', 'precomputed')
-  return {'prompts': prompts, 'templates': ev.templates if prompts == 'templates' else None,
-          'name_style': ev.get('name_style', 'raw') if prompts != 'precomputed' else None,
-          'layout': ev.get('layout', 'openshape') if ev.dataset == 'objaverse_lvis' else 'openshape',
-          'y_up_swapped': evalset.y_up if ev.get('y_up') is None else bool(ev.y_up), 'use_color': ev.use_color,
-          'num_stored_points': ev.num_stored_points, 'source': evalset.source}
+  return {
+    'prompts': prompts,
+    'templates': ev.templates if prompts == 'templates' else None,
+    'name_style': ev.get('name_style', 'raw') if prompts != 'precomputed' else None,
+    'layout': ev.get('layout', 'openshape') if ev.dataset == 'objaverse_lvis' else 'openshape',
+    'y_up_swapped': evalset.y_up if ev.get('y_up') is None else bool(ev.y_up),
+    'use_color': ev.use_color,
+    'num_stored_points': ev.num_stored_points,
+    'source': evalset.source,
+  }
 
 
 def eval_iterator(evalset: openshape_eval.EvalSet, ev, sharding, seed: int = 0):
   """One pass over the set as global batches ('points', 'label', 'mask')."""
-  return host_batches.to_global(openshape_stream.eval_local_batches(
-      evalset, batch_size=ev.batch_size, num_points=ev.num_stored_points, use_color=ev.use_color, y_up=ev.get('y_up'),
-      seed=seed, max_examples=ev.get('max_examples')), sharding)
+  return host_batches.to_global(
+    openshape_stream.eval_local_batches(
+      evalset,
+      batch_size=ev.batch_size,
+      num_points=ev.num_stored_points,
+      use_color=ev.use_color,
+      y_up=ev.get('y_up'),
+      seed=seed,
+      max_examples=ev.get('max_examples'),
+    ),
+    sharding,
+  )

@@ -158,9 +158,16 @@ def instance_relevance(query_ids, gallery_ids) -> np.ndarray:
   return class_relevance(query_ids, gallery_ids)
 
 
-def retrieval_metrics(query_features, gallery_features, relevance, ks: Sequence[int] = (1, 5, 10), *,
-                      normalize: bool = True, query_chunk: int = 1024,
-                      method: str = 'auto') -> dict[str, float | int]:
+def retrieval_metrics(
+  query_features,
+  gallery_features,
+  relevance,
+  ks: Sequence[int] = (1, 5, 10),
+  *,
+  normalize: bool = True,
+  query_chunk: int = 1024,
+  method: str = 'auto',
+) -> dict[str, float | int]:
   """Recall@k and mAP of ranking the gallery by cosine similarity to each query.
 
   Definitions (each over queries with at least one relevant gallery item; `num_queries` says how many):
@@ -177,33 +184,40 @@ def retrieval_metrics(query_features, gallery_features, relevance, ks: Sequence[
   query_features = np.asarray(query_features, dtype=np.float32)
   gallery_features = np.asarray(gallery_features, dtype=np.float32)
   if query_features.ndim != 2 or gallery_features.ndim != 2 or query_features.shape[1] != gallery_features.shape[1]:
-    raise ValueError(f'retrieval_metrics: features must be (Q, D) and (G, D), got {query_features.shape} and '
-                     f'{gallery_features.shape}')
+    raise ValueError(
+      f'retrieval_metrics: features must be (Q, D) and (G, D), got {query_features.shape} and {gallery_features.shape}'
+    )
   if normalize:
     query_features = np.asarray(l2_normalize(query_features))
     gallery_features = np.asarray(l2_normalize(gallery_features))
   relevance = np.asarray(relevance)
   expected = (query_features.shape[0], gallery_features.shape[0])
   if relevance.shape != expected or relevance.dtype != bool:
-    raise ValueError(f'retrieval_metrics: relevance must be bool of shape {expected}, got {relevance.dtype} '
-                     f'{relevance.shape}')
+    raise ValueError(
+      f'retrieval_metrics: relevance must be bool of shape {expected}, got {relevance.dtype} {relevance.shape}'
+    )
   return retrieval_metrics_from_scores(
-      _chunked_scores(query_features, gallery_features, query_chunk), relevance, ks, query_chunk=query_chunk,
-      method=method)
+    _chunked_scores(query_features, gallery_features, query_chunk),
+    relevance,
+    ks,
+    query_chunk=query_chunk,
+    method=method,
+  )
 
 
 def _chunked_scores(query_features, gallery_features, query_chunk):
   for start in range(0, query_features.shape[0], query_chunk):
-    yield query_features[start:start + query_chunk] @ gallery_features.T
+    yield query_features[start : start + query_chunk] @ gallery_features.T
 
 
 def _row_chunks(array, chunk):
   for start in range(0, array.shape[0], chunk):
-    yield array[start:start + chunk]
+    yield array[start : start + chunk]
 
 
-def retrieval_metrics_from_scores(scores, relevance, ks: Sequence[int] = (1, 5, 10), *, query_chunk: int = 1024,
-                                  method: str = 'auto') -> dict[str, float | int]:
+def retrieval_metrics_from_scores(
+  scores, relevance, ks: Sequence[int] = (1, 5, 10), *, query_chunk: int = 1024, method: str = 'auto'
+) -> dict[str, float | int]:
   """`retrieval_metrics` on precomputed (Q, G) scores (or an iterable of row chunks of them).
 
   method picks how the ranks of the relevant items are found; every method gives the same numbers. 'sort' sorts
@@ -228,7 +242,7 @@ def retrieval_metrics_from_scores(scores, relevance, ks: Sequence[int] = (1, 5, 
   ap_sum, num_scored, start = 0.0, 0, 0
   for chunk in scores:
     chunk = _check_scores('retrieval_metrics', chunk)
-    rel = relevance[start:start + chunk.shape[0]]
+    rel = relevance[start : start + chunk.shape[0]]
     if rel.shape != chunk.shape:
       raise ValueError(f'retrieval_metrics: score rows {start}.. have shape {chunk.shape}, relevance {rel.shape}')
     start += chunk.shape[0]
@@ -241,8 +255,7 @@ def retrieval_metrics_from_scores(scores, relevance, ks: Sequence[int] = (1, 5, 
     precision = (np.arange(rows.size) - first[rows] + 1) / (ranks + 1)
     scored = num_relevant > 0
     num_scored += int(scored.sum())
-    ap_sum += float(np.sum(np.bincount(rows, weights=precision, minlength=rel.shape[0])[scored] /
-                           num_relevant[scored]))
+    ap_sum += float(np.sum(np.bincount(rows, weights=precision, minlength=rel.shape[0])[scored] / num_relevant[scored]))
     for k in ks:
       hits[k] += int(np.sum(np.bincount(rows, weights=ranks < k, minlength=rel.shape[0]) > 0))
   if start != relevance.shape[0]:
@@ -272,10 +285,10 @@ def _relevant_ranks_by_counting(scores, relevance, max_elements: int = 1 << 22):
   gallery_index = np.arange(scores.shape[1])
   step = max(1, max_elements // max(scores.shape[1], 1))
   for i in range(0, rows.size, step):
-    r, c = rows[i:i + step], cols[i:i + step]
+    r, c = rows[i : i + step], cols[i : i + step]
     row_scores = scores[r]
     target = row_scores[np.arange(r.size), c][:, None]
     before = (row_scores > target) | ((row_scores == target) & (gallery_index[None, :] < c[:, None]))
-    ranks[i:i + step] = before.sum(axis=1)
+    ranks[i : i + step] = before.sum(axis=1)
   order = np.lexsort((ranks, rows))
   return rows[order], ranks[order]

@@ -32,8 +32,9 @@ def _normalised(xyz, source: str | None) -> np.ndarray:
   """Training's normalisation (centre, unit sphere), after refusing clouds of fewer than MIN_POINTS distinct points."""
   distinct = len(np.unique(np.asarray(xyz, np.float32), axis=0)) if len(xyz) else 0
   if distinct < MIN_POINTS:
-    raise BadInputError(source or 'the cloud', f'{distinct} distinct point(s); a cloud needs at least {MIN_POINTS} to '
-                        'be classified')
+    raise BadInputError(
+      source or 'the cloud', f'{distinct} distinct point(s); a cloud needs at least {MIN_POINTS} to be classified'
+    )
   try:
     return transforms.normalize_unit_sphere_np(xyz, source)
   except ValueError as err:
@@ -57,8 +58,12 @@ def colour_channels(encoder, rgb, num_points: int, source: str | None = None) ->
   if getattr(encoder, 'in_channels', 3) == 3:
     return None
   if rgb is None:
-    logging.warning('%s has no colours but the encoder takes xyz + rgb: every point is given grey %.1f, as OpenShape '
-                    'does for uncoloured clouds', source or 'the cloud', GREY)
+    logging.warning(
+      '%s has no colours but the encoder takes xyz + rgb: every point is given grey %.1f, as OpenShape '
+      'does for uncoloured clouds',
+      source or 'the cloud',
+      GREY,
+    )
     return np.full((num_points, 3), GREY, np.float32)
   rgb = np.asarray(rgb)
   if rgb.shape != (num_points, 3):
@@ -75,8 +80,13 @@ def prepare_points(xyz, num_points: int, source: str | None = None, colours=None
   if colours is not None:
     xyz = np.concatenate([xyz, np.asarray(colours, np.float32)], axis=1)
   if xyz.shape[0] < num_points:
-    logging.warning('%s: %d points, fewer than the encoder\'s %d: repeated to fill them (farthest-point sampling '
-                    'then sees each point once)', where, xyz.shape[0], num_points)
+    logging.warning(
+      "%s: %d points, fewer than the encoder's %d: repeated to fill them (farthest-point sampling "
+      'then sees each point once)',
+      where,
+      xyz.shape[0],
+      num_points,
+    )
     xyz = xyz[np.arange(num_points) % xyz.shape[0]]
   return xyz
 
@@ -87,12 +97,21 @@ def ranked(names: Sequence[str], similarities: np.ndarray, scale: float) -> list
   probs = np.exp(logits - logits.max())
   probs /= probs.sum()
   order = np.argsort(-similarities, kind='stable')
-  return [{'rank': r + 1, 'name': names[i], 'probability': float(probs[i]), 'similarity': float(similarities[i])}
-          for r, i in enumerate(order)]
+  return [
+    {'rank': r + 1, 'name': names[i], 'probability': float(probs[i]), 'similarity': float(similarities[i])}
+    for r, i in enumerate(order)
+  ]
 
 
-def predict(model, points, labels: Sequence[str], images: Sequence[str] = (), *, templates='cg3d_zeroshot',
-            normalize_text: bool = True) -> dict:
+def predict(
+  model,
+  points,
+  labels: Sequence[str],
+  images: Sequence[str] = (),
+  *,
+  templates='cg3d_zeroshot',
+  normalize_text: bool = True,
+) -> dict:
   """{'points', 'num_points_read', 'labels': ranked, 'images': ranked} for a trained.ScoringModel `model`; `points`
   is a point-cloud file or what `read_cloud` returned for one."""
   cloud = points if isinstance(points, point_files.PointCloud) else point_files.read_points(points)
@@ -101,14 +120,21 @@ def predict(model, points, labels: Sequence[str], images: Sequence[str] = (), *,
   points = prepare_points(cloud.xyz, model.model.num_points, os.fspath(points_path), colours)
   encode = jax.jit(lambda v, p: model.model.point_features(v, sample_points(p, model.model.num_points))[0])
   feature = np.asarray(encode(model.encoder_vars, jnp.asarray(points)[None]))[0]
-  classifier = zeroshot.text_classifier(model.clip.model, model.clip_params, model.clip.tokenizer, labels, templates,
-                                        normalize=normalize_text)
+  classifier = zeroshot.text_classifier(
+    model.clip.model, model.clip_params, model.clip.tokenizer, labels, templates, normalize=normalize_text
+  )
   scale = float(CG3D.logit_scale(model.clip_params))
-  result = {'points': os.fspath(points_path), 'num_points_read': int(cloud.xyz.shape[0]),
-            'from_mesh': cloud.from_mesh, 'num_points_encoded': model.model.num_points, 'logit_scale': scale,
-            'colours': (None if colours is None else 'from the file' if cloud.rgb is not None else
-                        f'none in the file: grey {GREY}'),
-            'labels': ranked(list(labels), np.asarray(metrics.zero_shot_scores(feature[None], classifier))[0], scale)}
+  result = {
+    'points': os.fspath(points_path),
+    'num_points_read': int(cloud.xyz.shape[0]),
+    'from_mesh': cloud.from_mesh,
+    'num_points_encoded': model.model.num_points,
+    'logit_scale': scale,
+    'colours': (
+      None if colours is None else 'from the file' if cloud.rgb is not None else f'none in the file: grey {GREY}'
+    ),
+    'labels': ranked(list(labels), np.asarray(metrics.zero_shot_scores(feature[None], classifier))[0], scale),
+  }
   if images:
     pixels = np.stack([read_image(path, model.clip.preprocess) for path in images])
     image_features = np.asarray(jax.jit(model.model.image_features)(model.clip_params, pixels))

@@ -45,8 +45,17 @@ def write_json(path, obj) -> None:
   atomic_write_bytes(path, (json.dumps(_json_value(obj), indent=2, default=str) + '\n').encode('utf-8'))
 
 
-def write_classification_report(outdir, *, dataset: str, class_names: Sequence[str], logits, labels, mask=None,
-                                ks: Sequence[int] = (1, 3, 5), extra: Mapping[str, Any] | None = None) -> dict:
+def write_classification_report(
+  outdir,
+  *,
+  dataset: str,
+  class_names: Sequence[str],
+  logits,
+  labels,
+  mask=None,
+  ks: Sequence[int] = (1, 3, 5),
+  extra: Mapping[str, Any] | None = None,
+) -> dict:
   """Scores (N, C) logits against labels and writes results.json, per_class.csv/json and confusion.png.
 
   Rows where `mask` is False (padding of the last batch) are ignored. Returns the summary written to
@@ -57,8 +66,7 @@ def write_classification_report(outdir, *, dataset: str, class_names: Sequence[s
   logits, labels = np.asarray(logits), np.asarray(labels)
   num_classes = len(class_names)
   if logits.ndim != 2 or logits.shape[1] != num_classes:
-    raise ValueError(f'{dataset}: logits must be (N, {num_classes}) for {num_classes} class names, got '
-                     f'{logits.shape}')
+    raise ValueError(f'{dataset}: logits must be (N, {num_classes}) for {num_classes} class names, got {logits.shape}')
   valid = np.ones(logits.shape[0], bool) if mask is None else np.asarray(mask, dtype=bool)
   if valid.shape != (logits.shape[0],) or labels.shape != (logits.shape[0],):
     raise ValueError(f'{dataset}: labels {labels.shape} and mask {valid.shape} must be ({logits.shape[0]},)')
@@ -68,8 +76,12 @@ def write_classification_report(outdir, *, dataset: str, class_names: Sequence[s
   confusion = metrics.confusion_matrix(preds, labels, num_classes)
   counts = confusion.sum(axis=1)
   per_class = metrics.per_class_accuracy(preds, labels, num_classes)
-  summary = {'dataset': dataset, 'num_objects': int(labels.shape[0]), 'num_classes': num_classes,
-             'num_classes_present': int((counts > 0).sum())}
+  summary = {
+    'dataset': dataset,
+    'num_objects': int(labels.shape[0]),
+    'num_classes': num_classes,
+    'num_classes_present': int((counts > 0).sum()),
+  }
   summary.update({f'top{k}_acc': 100 * v for k, v in topk.items()})
   summary['class_mean_acc'] = 100 * float(np.nanmean(per_class))
   clashes = sorted(set(extra or {}) & set(summary))
@@ -77,15 +89,28 @@ def write_classification_report(outdir, *, dataset: str, class_names: Sequence[s
     raise ValueError(f'{dataset}: extra fields {clashes} would overwrite computed results')
   summary.update(extra or {})
 
-  rows = [{'class_index': i, 'class_name': name, 'num_objects': int(counts[i]), 'num_correct': int(confusion[i, i]),
-           'accuracy': 100 * float(per_class[i])} for i, name in enumerate(class_names)]
+  rows = [
+    {
+      'class_index': i,
+      'class_name': name,
+      'num_objects': int(counts[i]),
+      'num_correct': int(confusion[i, i]),
+      'accuracy': 100 * float(per_class[i]),
+    }
+    for i, name in enumerate(class_names)
+  ]
   os.makedirs(outdir, exist_ok=True)
   write_json(os.path.join(outdir, RESULTS_FILE), summary)
   write_json(os.path.join(outdir, PER_CLASS_JSON), rows)
   _write_per_class_csv(os.path.join(outdir, PER_CLASS_CSV), rows)
-  write_confusion_png(os.path.join(outdir, CONFUSION_PNG), confusion, class_names,
-                      title=f'{dataset}: top-1 {summary["top1_acc"]:.2f}%, class mean {summary["class_mean_acc"]:.2f}%'
-                      if 1 in topk else dataset)
+  write_confusion_png(
+    os.path.join(outdir, CONFUSION_PNG),
+    confusion,
+    class_names,
+    title=f'{dataset}: top-1 {summary["top1_acc"]:.2f}%, class mean {summary["class_mean_acc"]:.2f}%'
+    if 1 in topk
+    else dataset,
+  )
   return summary
 
 
@@ -102,9 +127,16 @@ def _write_per_class_csv(path, rows) -> None:
 def read_per_class_csv(path) -> list[dict]:
   """The rows of per_class.csv with numbers parsed back; accuracy is None for absent classes."""
   with open(path, encoding='utf-8', newline='') as f:
-    return [{'class_index': int(r['class_index']), 'class_name': r['class_name'],
-             'num_objects': int(r['num_objects']), 'num_correct': int(r['num_correct']),
-             'accuracy': float(r['accuracy']) if r['accuracy'] else None} for r in csv.DictReader(f)]
+    return [
+      {
+        'class_index': int(r['class_index']),
+        'class_name': r['class_name'],
+        'num_objects': int(r['num_objects']),
+        'num_correct': int(r['num_correct']),
+        'accuracy': float(r['accuracy']) if r['accuracy'] else None,
+      }
+      for r in csv.DictReader(f)
+    ]
 
 
 def _save_figure(fig: Figure, path, dpi: int = 100) -> None:
@@ -136,8 +168,9 @@ def write_confusion_png(path, confusion, class_names: Sequence[str], *, title: s
   _save_figure(fig, path)
 
 
-def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None,
-                 float_format: str = '{:.2f}') -> str:
+def format_table(
+  rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, float_format: str = '{:.2f}'
+) -> str:
   """A plain fixed-width text table; columns default to the keys of the first row, in order."""
   if not rows:
     return ''
@@ -160,9 +193,15 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | Non
   return '\n'.join([line(columns), line(['-' * w for w in widths])] + [line(r) for r in cells])
 
 
-def write_retrieval_grid(path, queries: Sequence[Any], matches: Sequence[Sequence[Any]],
-                         captions: Sequence[Any] | None = None, correct: Sequence[Sequence[bool]] | None = None,
-                         *, cell_inches: float = 1.8) -> None:
+def write_retrieval_grid(
+  path,
+  queries: Sequence[Any],
+  matches: Sequence[Sequence[Any]],
+  captions: Sequence[Any] | None = None,
+  correct: Sequence[Sequence[bool]] | None = None,
+  *,
+  cell_inches: float = 1.8,
+) -> None:
   """A PNG with one row per query: the query, then its top matches left to right.
 
   Queries and matches may each be an image (H, W, 3) or (H, W) uint8, a text (str), or a point cloud drawn as a
@@ -171,8 +210,9 @@ def write_retrieval_grid(path, queries: Sequence[Any], matches: Sequence[Sequenc
   `correct[i][j]` outlines match j green (relevant) or red.
   """
   if len(queries) != len(matches) or not queries:
-    raise ValueError(f'write_retrieval_grid: {len(queries)} queries and {len(matches)} match lists; need the same '
-                     'non-zero number')
+    raise ValueError(
+      f'write_retrieval_grid: {len(queries)} queries and {len(matches)} match lists; need the same non-zero number'
+    )
   num_cols = 1 + max(len(m) for m in matches)
   fig = Figure(figsize=(cell_inches * num_cols, cell_inches * len(queries) * 1.15))
   for row, (query, row_matches) in enumerate(zip(queries, matches)):
@@ -202,7 +242,7 @@ def _row_captions(captions, row: int, num_matches: int) -> list[str]:
   if isinstance(caption, str):
     return [caption] + [''] * num_matches
   caption = [str(c) for c in caption]
-  return (caption + [''] * (1 + num_matches))[:1 + num_matches]
+  return (caption + [''] * (1 + num_matches))[: 1 + num_matches]
 
 
 def _draw_item(ax, item) -> None:
@@ -225,5 +265,7 @@ def _draw_item(ax, item) -> None:
   if item.ndim == 3 and item.shape[2] in (3, 4) or item.ndim == 2:
     ax.imshow(item, cmap='gray' if item.ndim == 2 else None)
     return
-  raise ValueError(f'write_retrieval_grid: cannot draw an item of shape {item.shape} dtype {item.dtype}; expected '
-                   'an image (H, W[, 3]), a string, an (N, 3) float point cloud or a PointCloud')
+  raise ValueError(
+    f'write_retrieval_grid: cannot draw an item of shape {item.shape} dtype {item.dtype}; expected '
+    'an image (H, W[, 3]), a string, an (N, 3) float point cloud or a PointCloud'
+  )

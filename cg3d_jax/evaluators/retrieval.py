@@ -38,23 +38,38 @@ class RetrievalFeatures:
   class_names: list[str]
 
 
-def split_features(model: CG3D, encoder_vars: dict, clip_params: dict, batches, mesh: jax.sharding.Mesh,
-                   text_features, class_names: Sequence[str]) -> RetrievalFeatures:
+def split_features(
+  model: CG3D,
+  encoder_vars: dict,
+  clip_params: dict,
+  batches,
+  mesh: jax.sharding.Mesh,
+  text_features,
+  class_names: Sequence[str],
+) -> RetrievalFeatures:
   """Point and image features of every real example of `batches` (which must carry 'image')."""
   replicated, batch_sharded = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  image_fn = jax.jit(lambda params, pixels: model.image_features(params, pixels),
-                     in_shardings=(replicated, batch_sharded), out_shardings=batch_sharded)
+  image_fn = jax.jit(
+    lambda params, pixels: model.image_features(params, pixels),
+    in_shardings=(replicated, batch_sharded),
+    out_shardings=batch_sharded,
+  )
 
   def images(params, batch):
     if 'image' not in batch:
-      raise ValueError("retrieval needs images: build the eval iterator with image_size (ShapeNet-55 renders)")
+      raise ValueError('retrieval needs images: build the eval iterator with image_size (ShapeNet-55 renders)')
     return {'image_features': image_fn(params, batch['image'])}
 
-  split = zeroshot.split_point_features(model, encoder_vars, batches, mesh, extra_fn=images,
-                                        extra_params=jax.device_put(clip_params, replicated))
-  return RetrievalFeatures(point_features=split['point_features'], image_features=split['image_features'],
-                           labels=split['label'].astype(np.int64), text_features=np.asarray(text_features),
-                           class_names=list(class_names))
+  split = zeroshot.split_point_features(
+    model, encoder_vars, batches, mesh, extra_fn=images, extra_params=jax.device_put(clip_params, replicated)
+  )
+  return RetrievalFeatures(
+    point_features=split['point_features'],
+    image_features=split['image_features'],
+    labels=split['label'].astype(np.int64),
+    text_features=np.asarray(text_features),
+    class_names=list(class_names),
+  )
 
 
 def retrieval_results(features: RetrievalFeatures, ks: Sequence[int] = (1, 5, 10)) -> dict[str, dict]:
@@ -63,10 +78,10 @@ def retrieval_results(features: RetrievalFeatures, ks: Sequence[int] = (1, 5, 10
   classes, objects = np.arange(num_classes), np.arange(n)
   pts, img, txt = features.point_features, features.image_features, features.text_features
   return {
-      'text_to_3d': metrics.retrieval_metrics(txt, pts, metrics.class_relevance(classes, features.labels), ks),
-      'image_to_3d': metrics.retrieval_metrics(img, pts, metrics.instance_relevance(objects, objects), ks),
-      '3d_to_image': metrics.retrieval_metrics(pts, img, metrics.instance_relevance(objects, objects), ks),
-      '3d_to_text': metrics.retrieval_metrics(pts, txt, metrics.class_relevance(features.labels, classes), ks),
+    'text_to_3d': metrics.retrieval_metrics(txt, pts, metrics.class_relevance(classes, features.labels), ks),
+    'image_to_3d': metrics.retrieval_metrics(img, pts, metrics.instance_relevance(objects, objects), ks),
+    '3d_to_image': metrics.retrieval_metrics(pts, img, metrics.instance_relevance(objects, objects), ks),
+    '3d_to_text': metrics.retrieval_metrics(pts, txt, metrics.class_relevance(features.labels, classes), ks),
   }
 
 
@@ -74,23 +89,45 @@ class RetrievalEvaluator:
   """Recall@k and mAP in the four directions (evaluators/common.py's interface); the text queries are the class
   rows of the zero-shot text classifier, built once. `batches` makes a fresh pass over a split with 'image'."""
 
-  def __init__(self, model: CG3D, clip_params: dict, tokenizer, *, batches: Callable[[], Iterable[dict]],
-               class_names: Sequence[str], mesh: jax.sharding.Mesh, templates='cg3d_zeroshot',
-               normalize_text: bool = True, name_style: str = 'raw', ks: Sequence[int] = (1, 5, 10),
-               prefix: str = 'retrieval/'):
+  def __init__(
+    self,
+    model: CG3D,
+    clip_params: dict,
+    tokenizer,
+    *,
+    batches: Callable[[], Iterable[dict]],
+    class_names: Sequence[str],
+    mesh: jax.sharding.Mesh,
+    templates='cg3d_zeroshot',
+    normalize_text: bool = True,
+    name_style: str = 'raw',
+    ks: Sequence[int] = (1, 5, 10),
+    prefix: str = 'retrieval/',
+  ):
     self.model, self.mesh, self.batches, self.prefix, self.ks = model, mesh, batches, prefix, tuple(ks)
     self.class_names = list(class_names)
-    self.text_features = zeroshot.text_classifier(model.clip, clip_params, tokenizer, class_names, templates,
-                                                  normalize=normalize_text, name_style=name_style)
+    self.text_features = zeroshot.text_classifier(
+      model.clip, clip_params, tokenizer, class_names, templates, normalize=normalize_text, name_style=name_style
+    )
 
   def features(self, variables: dict) -> RetrievalFeatures:
-    return split_features(self.model, variables['encoder'], variables['clip'], self.batches(), self.mesh,
-                          self.text_features, self.class_names)
+    return split_features(
+      self.model,
+      variables['encoder'],
+      variables['clip'],
+      self.batches(),
+      self.mesh,
+      self.text_features,
+      self.class_names,
+    )
 
   def run(self, variables: dict) -> dict[str, float]:
     results = retrieval_results(self.features(variables), self.ks)
-    return {f'{self.prefix}{direction}/{name}': float(value) for direction, values in results.items()
-            for name, value in values.items()}
+    return {
+      f'{self.prefix}{direction}/{name}': float(value)
+      for direction, values in results.items()
+      for name, value in values.items()
+    }
 
 
 def results_table(results: dict[str, dict]) -> list[dict]:
@@ -116,8 +153,15 @@ def _spread(candidates: np.ndarray, count: int) -> np.ndarray:
   return candidates[np.linspace(0, candidates.size - 1, count).round().astype(int)]
 
 
-def write_grid(path, features: RetrievalFeatures, fetch_view: Callable[[int], np.ndarray], *, num_queries: int = 4,
-               num_matches: int = 5, query_texts: Sequence[str] | None = None) -> None:
+def write_grid(
+  path,
+  features: RetrievalFeatures,
+  fetch_view: Callable[[int], np.ndarray],
+  *,
+  num_queries: int = 4,
+  num_matches: int = 5,
+  query_texts: Sequence[str] | None = None,
+) -> None:
   """A PNG: `num_queries` text->3D rows, then `num_queries` image->3D rows; matches shown as rendered views.
 
   fetch_view(i) returns the uint8 (H, W, 3) render of object i; green frames mark relevant matches.
@@ -143,12 +187,14 @@ def write_grid(path, features: RetrievalFeatures, fetch_view: Callable[[int], np
 def view_reader(builder: 'tfds.core.DatasetBuilder', split: str, view_index: int = 0) -> Callable[[int], np.ndarray]:
   """fetch_view for write_grid: reads one object's render straight from the prepared TFDS files (cached)."""
   import tensorflow_datasets as tfds  # only a TFDS split has renders to show: other evaluations run without TF
+
   cache = {}
 
   def fetch(index: int) -> np.ndarray:
     if index not in cache:
-      example = next(iter(tfds.as_numpy(builder.as_dataset(split=f'{split}[{index}:{index + 1}]',
-                                                           shuffle_files=False))))
+      example = next(
+        iter(tfds.as_numpy(builder.as_dataset(split=f'{split}[{index}:{index + 1}]', shuffle_files=False)))
+      )
       views = example['views']
       if not 0 <= view_index < len(views):
         raise ValueError(f'object {index} of {split} has {len(views)} views; view_index={view_index} is out of range')

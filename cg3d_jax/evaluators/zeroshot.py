@@ -56,8 +56,9 @@ def prompt_class_names(class_names: Sequence[str], style: str = 'raw') -> list[s
   if style != 'words':
     raise ValueError(f"class name style must be 'raw' or 'words', got {style!r}")
   ulip = template_sets.ulip_modelnet40_names()
-  if len(class_names) == len(ulip) and all(c.replace('_', ' ') == u or c == u.replace(' ', '_')
-                                           for c, u in zip(class_names, ulip)):
+  if len(class_names) == len(ulip) and all(
+    c.replace('_', ' ') == u or c == u.replace(' ', '_') for c, u in zip(class_names, ulip)
+  ):
     return list(ulip)
   return [c.replace('_', ' ') for c in class_names]
 
@@ -73,7 +74,7 @@ def encode_texts(clip: CLIP, clip_params: dict, token_ids, chunk: int = TEXT_CHU
   size = min(chunk, flat.shape[0])
   out = []
   for start in range(0, flat.shape[0], size):
-    ids = flat[start:start + size]
+    ids = flat[start : start + size]
     real = ids.shape[0]
     if real < size:  # pad with copies of a real caption: garbage-free and the same compiled shape
       ids = np.concatenate([ids, np.repeat(ids[:1], size - real, axis=0)])
@@ -81,9 +82,16 @@ def encode_texts(clip: CLIP, clip_params: dict, token_ids, chunk: int = TEXT_CHU
   return np.concatenate(out).reshape(*lead, -1)
 
 
-def text_classifier(clip: CLIP, clip_params: dict, tokenizer, class_names: Sequence[str],
-                    templates: str | Sequence[str] = 'cg3d_zeroshot', *, normalize: bool = True,
-                    name_style: str = 'raw') -> np.ndarray:
+def text_classifier(
+  clip: CLIP,
+  clip_params: dict,
+  tokenizer,
+  class_names: Sequence[str],
+  templates: str | Sequence[str] = 'cg3d_zeroshot',
+  *,
+  normalize: bool = True,
+  name_style: str = 'raw',
+) -> np.ndarray:
   """(C, D) class weights from every (template, class) caption; see metrics.zero_shot_classifier for `normalize`."""
   texts = resolve_templates(templates)
   names = prompt_class_names(class_names, name_style)
@@ -103,8 +111,9 @@ def point_feature_fn(model: CG3D, mesh: jax.sharding.Mesh):
   return jax.jit(features, in_shardings=(replicated, batch), out_shardings=batch), replicated
 
 
-def split_point_features(model: CG3D, encoder_vars: dict, batches: Iterable[dict], mesh: jax.sharding.Mesh,
-                         extra_fn=None, extra_params=None) -> dict[str, np.ndarray]:
+def split_point_features(
+  model: CG3D, encoder_vars: dict, batches: Iterable[dict], mesh: jax.sharding.Mesh, extra_fn=None, extra_params=None
+) -> dict[str, np.ndarray]:
   """Features of every real example of `batches` (global arrays from pipeline.make_eval_iterator), in order.
 
   Returns {'point_features': (N, D), 'label': (N,)} on the host, rows whose 'mask' is False removed. `extra_fn`
@@ -118,8 +127,7 @@ def split_point_features(model: CG3D, encoder_vars: dict, batches: Iterable[dict
   for batch in batches:
     if 'mask' not in batch:
       raise ValueError("split_point_features: batches need a 'mask' (use pipeline.make_eval_iterator)")
-    out = {'point_features': features_fn(encoder_vars, batch['points']), 'label': batch['label'],
-           'mask': batch['mask']}
+    out = {'point_features': features_fn(encoder_vars, batch['points']), 'label': batch['label'], 'mask': batch['mask']}
     if extra_fn is not None:
       out.update(extra_fn(extra_params, batch))
     pending.append(out)
@@ -135,10 +143,20 @@ class ZeroShotOutputs:
   classifier: np.ndarray  # (C, D)
 
 
-def run_zero_shot(model: CG3D, encoder_vars: dict, clip_params: dict, tokenizer, batches: Iterable[dict],
-                  class_names: Sequence[str], mesh: jax.sharding.Mesh, *,
-                  templates: str | Sequence[str] = 'cg3d_zeroshot', normalize_text: bool = True,
-                  name_style: str = 'raw', classifier=None) -> ZeroShotOutputs:
+def run_zero_shot(
+  model: CG3D,
+  encoder_vars: dict,
+  clip_params: dict,
+  tokenizer,
+  batches: Iterable[dict],
+  class_names: Sequence[str],
+  mesh: jax.sharding.Mesh,
+  *,
+  templates: str | Sequence[str] = 'cg3d_zeroshot',
+  normalize_text: bool = True,
+  name_style: str = 'raw',
+  classifier=None,
+) -> ZeroShotOutputs:
   """Scores of every example of the split against every class.
 
   classifier: (C, D) class weights from `text_classifier`, to skip recomputing them (the text tower is frozen, so
@@ -146,23 +164,30 @@ def run_zero_shot(model: CG3D, encoder_vars: dict, clip_params: dict, tokenizer,
   name_style are not used.
   """
   if classifier is None:
-    classifier = text_classifier(model.clip, clip_params, tokenizer, class_names, templates,
-                                 normalize=normalize_text, name_style=name_style)
+    classifier = text_classifier(
+      model.clip, clip_params, tokenizer, class_names, templates, normalize=normalize_text, name_style=name_style
+    )
   classifier = np.asarray(classifier)
   if classifier.shape[0] != len(class_names):
     raise ValueError(f'run_zero_shot: classifier has {classifier.shape[0]} rows for {len(class_names)} classes')
   split = split_point_features(model, encoder_vars, batches, mesh)
   scores = np.asarray(metrics.zero_shot_scores(split['point_features'], classifier))
-  return ZeroShotOutputs(scores=scores, labels=split['label'].astype(np.int64), class_names=list(class_names),
-                         point_features=split['point_features'], classifier=classifier)
+  return ZeroShotOutputs(
+    scores=scores,
+    labels=split['label'].astype(np.int64),
+    class_names=list(class_names),
+    point_features=split['point_features'],
+    classifier=classifier,
+  )
 
 
 def summarize(outputs: ZeroShotOutputs, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float | int]:
   """{'top1', 'top3', 'top5', 'class_mean'} as fractions and 'count', the number of examples scored."""
   topk = metrics.topk_accuracy(outputs.scores, outputs.labels, ks)
   summary = {f'top{k}': v for k, v in topk.items()}
-  summary['class_mean'] = metrics.class_mean_accuracy(metrics.predictions(outputs.scores), outputs.labels,
-                                                      len(outputs.class_names))
+  summary['class_mean'] = metrics.class_mean_accuracy(
+    metrics.predictions(outputs.scores), outputs.labels, len(outputs.class_names)
+  )
   summary['count'] = int(outputs.labels.shape[0])
   return summary
 
@@ -176,20 +201,41 @@ class ZeroShotEvaluator:
   batches with a 'mask', e.g. a partial of pipeline.make_eval_iterator).
   """
 
-  def __init__(self, model: CG3D, clip_params: dict, tokenizer, *, batches: Callable[[], Iterable[dict]],
-               class_names: Sequence[str], mesh: jax.sharding.Mesh, templates: str | Sequence[str] = 'cg3d_zeroshot',
-               normalize_text: bool = True, name_style: str = 'raw', ks: Sequence[int] = DEFAULT_KS,
-               prefix: str = 'val/', classifier=None):
+  def __init__(
+    self,
+    model: CG3D,
+    clip_params: dict,
+    tokenizer,
+    *,
+    batches: Callable[[], Iterable[dict]],
+    class_names: Sequence[str],
+    mesh: jax.sharding.Mesh,
+    templates: str | Sequence[str] = 'cg3d_zeroshot',
+    normalize_text: bool = True,
+    name_style: str = 'raw',
+    ks: Sequence[int] = DEFAULT_KS,
+    prefix: str = 'val/',
+    classifier=None,
+  ):
     self.model, self.mesh, self.batches, self.prefix = model, mesh, batches, prefix
     self.class_names, self.ks = list(class_names), tuple(ks)
     if classifier is None:
-      classifier = text_classifier(model.clip, clip_params, tokenizer, class_names, templates,
-                                   normalize=normalize_text, name_style=name_style)
+      classifier = text_classifier(
+        model.clip, clip_params, tokenizer, class_names, templates, normalize=normalize_text, name_style=name_style
+      )
     self.classifier = np.asarray(classifier)
 
   def outputs(self, variables: dict) -> ZeroShotOutputs:
-    return run_zero_shot(self.model, variables['encoder'], variables['clip'], None, self.batches(), self.class_names,
-                         self.mesh, classifier=self.classifier)
+    return run_zero_shot(
+      self.model,
+      variables['encoder'],
+      variables['clip'],
+      None,
+      self.batches(),
+      self.class_names,
+      self.mesh,
+      classifier=self.classifier,
+    )
 
   def run(self, variables: dict) -> dict[str, float]:
     return {self.prefix + k: v for k, v in summarize(self.outputs(variables), self.ks).items()}

@@ -30,6 +30,7 @@ def build_encoder(model_config) -> nn.Module:
 @dataclasses.dataclass(frozen=True)
 class CG3D:
   """Both towers and how they are called; holds modules, not parameters."""
+
   encoder: nn.Module
   clip: CLIP
   num_points: int
@@ -56,7 +57,7 @@ class CG3D:
     lead, length = token_ids.shape[:-1], token_ids.shape[-1]
     flat = jnp.asarray(token_ids).reshape(-1, length)
     encode = jax.jit(self.text_features)
-    chunks = [encode(clip_params, flat[i:i + batch_size]) for i in range(0, flat.shape[0], batch_size)]
+    chunks = [encode(clip_params, flat[i : i + batch_size]) for i in range(0, flat.shape[0], batch_size)]
     return jnp.concatenate(chunks).reshape(*lead, -1)
 
   @staticmethod
@@ -76,4 +77,3 @@ class CG3D:
     # One compiled program instead of hundreds of eager op dispatches (tens of seconds at start-up on a CPU).
     init = jax.jit(lambda rngs, x: self.encoder.init(rngs, x, train=False))
     return dict(init({'params': params_rng, 'dropout': dropout_rng}, dummy))
-

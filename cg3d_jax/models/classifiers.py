@@ -32,6 +32,7 @@ class PointMLPClassifier(pointmlp.PointMLP):
   The trunk is PointMLP's, with the same submodule names (so pretrained leaves copy by name), but it stops at the
   global max pool: PointMLP.__call__ has no switch to return the pooled feature before its projection.
   """
+
   num_classes: int = 40
   head_dropout: float = 0.5
 
@@ -45,12 +46,15 @@ class PointMLPClassifier(pointmlp.PointMLP):
     channels = self.embed_dim
     for i in range(len(self.reducers)):
       channels *= self.dim_expansion[i]
-      xyz, grouped = pointmlp.LocalGrouper(counts[i + 1], self.k_neighbors[i], dtype=self.dtype,
-                                           name=f'local_grouper_{i}')(xyz, x)
-      x = pointmlp.PreExtraction(channels, self.pre_blocks[i], self.res_expansion, dtype=self.dtype,
-                                 name=f'pre_blocks_{i}')(grouped, train=train)
-      x = pointmlp.PosExtraction(self.pos_blocks[i], self.res_expansion, dtype=self.dtype,
-                                 name=f'pos_blocks_{i}')(x, train=train)
+      xyz, grouped = pointmlp.LocalGrouper(
+        counts[i + 1], self.k_neighbors[i], dtype=self.dtype, name=f'local_grouper_{i}'
+      )(xyz, x)
+      x = pointmlp.PreExtraction(
+        channels, self.pre_blocks[i], self.res_expansion, dtype=self.dtype, name=f'pre_blocks_{i}'
+      )(grouped, train=train)
+      x = pointmlp.PosExtraction(self.pos_blocks[i], self.res_expansion, dtype=self.dtype, name=f'pos_blocks_{i}')(
+        x, train=train
+      )
     pooled = jnp.max(x, axis=1)
     if return_features:
       return pooled
@@ -59,13 +63,18 @@ class PointMLPClassifier(pointmlp.PointMLP):
 
     def linear(features, fan_in, name):
       bound = 1.0 / math.sqrt(fan_in)
-      return nn.Dense(features, dtype=self.dtype, kernel_init=kernel_init, name=name,
-                      bias_init=lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound,
-                                                                                         bound))
+      return nn.Dense(
+        features,
+        dtype=self.dtype,
+        kernel_init=kernel_init,
+        name=name,
+        bias_init=lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound),
+      )
 
     h = pooled
-    for (fc, bn), (fan_in, width) in zip((('classifier_0', 'classifier_1'), ('classifier_4', 'classifier_5')),
-                                         ((channels, 512), (512, 256))):
+    for (fc, bn), (fan_in, width) in zip(
+      (('classifier_0', 'classifier_1'), ('classifier_4', 'classifier_5')), ((channels, 512), (512, 256))
+    ):
       h = nn.relu(TorchBatchNorm(dtype=self.dtype, name=bn)(linear(width, fan_in, fc)(h), train=train))
       h = nn.Dropout(self.head_dropout, deterministic=not train)(h)
     return linear(self.num_classes, 256, 'classifier_8')(h)
@@ -92,7 +101,6 @@ def init_variables(model: nn.Module, rng: jax.Array, num_points: int) -> dict:
 def classifier_logits(model: nn.Module, variables: dict, points: jax.Array, *, train: bool, rngs=None):
   """(logits (B, C), updated batch_stats in train mode, else None)."""
   if train:
-    logits, updates = model.apply(variables, points, train=True, return_logits=True, rngs=rngs,
-                                  mutable=['batch_stats'])
+    logits, updates = model.apply(variables, points, train=True, return_logits=True, rngs=rngs, mutable=['batch_stats'])
     return logits, updates['batch_stats']
   return model.apply(variables, points, train=False, return_logits=True), None

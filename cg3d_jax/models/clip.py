@@ -40,6 +40,7 @@ _LEGACY_EOS_TOKEN_ID = 2
 @dataclasses.dataclass(frozen=True)
 class TowerSpec:
   """The shape of one transformer tower."""
+
   width: int
   layers: int
   heads: int
@@ -51,6 +52,7 @@ class TowerSpec:
 @dataclasses.dataclass(frozen=True)
 class CLIPSpec:
   """Everything the Flax modules need, read from a transformers `CLIPConfig`."""
+
   vision_width: int
   vision_layers: int
   vision_heads: int
@@ -90,13 +92,25 @@ class CLIPSpec:
 
   @property
   def vision(self) -> TowerSpec:
-    return TowerSpec(self.vision_width, self.vision_layers, self.vision_heads, self.vision_mlp_dim,
-                     self.vision_activation, self.vision_layer_norm_eps)
+    return TowerSpec(
+      self.vision_width,
+      self.vision_layers,
+      self.vision_heads,
+      self.vision_mlp_dim,
+      self.vision_activation,
+      self.vision_layer_norm_eps,
+    )
 
   @property
   def text(self) -> TowerSpec:
-    return TowerSpec(self.text_width, self.text_layers, self.text_heads, self.text_mlp_dim,
-                     self.text_activation, self.text_layer_norm_eps)
+    return TowerSpec(
+      self.text_width,
+      self.text_layers,
+      self.text_heads,
+      self.text_mlp_dim,
+      self.text_activation,
+      self.text_layer_norm_eps,
+    )
 
   @property
   def grid_size(self) -> int:
@@ -104,14 +118,16 @@ class CLIPSpec:
 
   @property
   def num_patches(self) -> int:
-    return self.grid_size ** 2
+    return self.grid_size**2
 
   @classmethod
   def from_hf_config(cls, hf_config) -> 'CLIPSpec':
     """Builds the spec from a transformers `CLIPConfig` (or anything with its `vision_config`/`text_config`)."""
     v, t = hf_config.vision_config, hf_config.text_config
-    image_size, patch_size = _square(v.image_size, 'vision_config.image_size'), _square(
-        v.patch_size, 'vision_config.patch_size')
+    image_size, patch_size = (
+      _square(v.image_size, 'vision_config.image_size'),
+      _square(v.patch_size, 'vision_config.patch_size'),
+    )
     eos = t.eos_token_id
     if isinstance(eos, (list, tuple)):
       if len(eos) != 1:
@@ -121,15 +137,27 @@ class CLIPSpec:
       raise ValueError('text_config.eos_token_id is missing: CLIP pools the text at the end-of-text token')
     pooling = EOS_POOLING_ARGMAX if eos == _LEGACY_EOS_TOKEN_ID else EOS_POOLING_FIRST_EOS
     return cls(
-        vision_width=v.hidden_size, vision_layers=v.num_hidden_layers, vision_heads=v.num_attention_heads,
-        vision_mlp_dim=v.intermediate_size, vision_activation=v.hidden_act,
-        vision_layer_norm_eps=float(v.layer_norm_eps), patch_size=patch_size, image_size=image_size,
-        num_channels=getattr(v, 'num_channels', 3),
-        text_width=t.hidden_size, text_layers=t.num_hidden_layers, text_heads=t.num_attention_heads,
-        text_mlp_dim=t.intermediate_size, text_activation=t.hidden_act,
-        text_layer_norm_eps=float(t.layer_norm_eps), vocab_size=t.vocab_size,
-        max_positions=t.max_position_embeddings, eos_token_id=int(eos), eos_pooling=pooling,
-        projection_dim=hf_config.projection_dim)
+      vision_width=v.hidden_size,
+      vision_layers=v.num_hidden_layers,
+      vision_heads=v.num_attention_heads,
+      vision_mlp_dim=v.intermediate_size,
+      vision_activation=v.hidden_act,
+      vision_layer_norm_eps=float(v.layer_norm_eps),
+      patch_size=patch_size,
+      image_size=image_size,
+      num_channels=getattr(v, 'num_channels', 3),
+      text_width=t.hidden_size,
+      text_layers=t.num_hidden_layers,
+      text_heads=t.num_attention_heads,
+      text_mlp_dim=t.intermediate_size,
+      text_activation=t.hidden_act,
+      text_layer_norm_eps=float(t.layer_norm_eps),
+      vocab_size=t.vocab_size,
+      max_positions=t.max_position_embeddings,
+      eos_token_id=int(eos),
+      eos_pooling=pooling,
+      projection_dim=hf_config.projection_dim,
+    )
 
 
 def _square(value, name: str) -> int:
@@ -146,11 +174,11 @@ def quick_gelu(x):
 
 
 _ACTIVATIONS = {
-    'quick_gelu': quick_gelu,
-    'gelu': lambda x: jax.nn.gelu(x, approximate=False),  # transformers' 'gelu' is the exact erf form
-    'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),
-    'gelu_pytorch_tanh': lambda x: jax.nn.gelu(x, approximate=True),
-    'relu': jax.nn.relu,
+  'quick_gelu': quick_gelu,
+  'gelu': lambda x: jax.nn.gelu(x, approximate=False),  # transformers' 'gelu' is the exact erf form
+  'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),
+  'gelu_pytorch_tanh': lambda x: jax.nn.gelu(x, approximate=True),
+  'relu': jax.nn.relu,
 }
 
 
@@ -197,6 +225,7 @@ def _layer_norm(eps: float, dtype, name: str) -> nn.LayerNorm:
 
 class Attention(nn.Module):
   """Multi-head self-attention with separate q/k/v projections, as transformers' `CLIPAttention`."""
+
   width: int
   heads: int
   dtype: Any = jnp.float32
@@ -233,6 +262,7 @@ class EncoderLayer(nn.Module):
   prompt, replace (deep prompts): this layer's (n, width) prompt tokens and whether they overwrite the n prompt
   positions before the layer (every layer but the first, CG3D's deep VPT).
   """
+
   tower: TowerSpec
   causal: bool = False
   dtype: Any = jnp.float32
@@ -261,11 +291,12 @@ def replace_prompts(x, prompts):
   n = prompts.shape[0]
   batch = x.shape[0]
   prompts = jnp.broadcast_to(prompts.astype(x.dtype)[None], (batch, *prompts.shape))
-  return jnp.concatenate([x[:, :1], prompts, x[:, 1 + n:]], axis=1)
+  return jnp.concatenate([x[:, :1], prompts, x[:, 1 + n :]], axis=1)
 
 
 class VisionTower(nn.Module):
   """ViT image tower; returns the post-LayerNorm class token (B, width), before the visual projection."""
+
   spec: CLIPSpec
   dtype: Any = jnp.float32
   remat: Any = 'none'  # layers.REMAT_POLICIES
@@ -276,13 +307,22 @@ class VisionTower(nn.Module):
   def __call__(self, pixels, prompts=None):
     s, t = self.spec, self.spec.vision
     if pixels.ndim != 4 or pixels.shape[1:] != (s.image_size, s.image_size, s.num_channels):
-      raise ValueError(f'CLIP image tower expects pixels (B, {s.image_size}, {s.image_size}, {s.num_channels}) '
-                       f'NHWC, got {pixels.shape}')
-    x = nn.Conv(t.width, (s.patch_size, s.patch_size), strides=(s.patch_size, s.patch_size), padding='VALID',
-                use_bias=s.patch_bias, dtype=self.dtype, name='patch_embedding')(pixels.astype(self.dtype))
+      raise ValueError(
+        f'CLIP image tower expects pixels (B, {s.image_size}, {s.image_size}, {s.num_channels}) '
+        f'NHWC, got {pixels.shape}'
+      )
+    x = nn.Conv(
+      t.width,
+      (s.patch_size, s.patch_size),
+      strides=(s.patch_size, s.patch_size),
+      padding='VALID',
+      use_bias=s.patch_bias,
+      dtype=self.dtype,
+      name='patch_embedding',
+    )(pixels.astype(self.dtype))
     batch = x.shape[0]
     x = x.reshape(batch, s.num_patches, t.width)
-    class_embedding = self.param('class_embedding', nn.initializers.normal(t.width ** -0.5), (t.width,))
+    class_embedding = self.param('class_embedding', nn.initializers.normal(t.width**-0.5), (t.width,))
     cls = jnp.broadcast_to(class_embedding.astype(self.dtype), (batch, 1, t.width))
     x = jnp.concatenate([cls, x], axis=1)
     positions = nn.Embed(s.num_patches + 1, t.width, dtype=self.dtype, name='position_embedding')
@@ -294,8 +334,9 @@ class VisionTower(nn.Module):
     deep = prompts is not None and prompts.shape[0] > 1
     if deep and prompts.shape[0] != t.layers:
       raise ValueError(f'deep prompts need one row per image-tower layer ({t.layers}), got {prompts.shape[0]}')
-    stack = layer_stack(EncoderLayer, length=t.layers, remat=self.remat, scan=self.scan_layers,
-                        in_axes=(0, 0) if deep else ())
+    stack = layer_stack(
+      EncoderLayer, length=t.layers, remat=self.remat, scan=self.scan_layers, in_axes=(0, 0) if deep else ()
+    )
     layers = stack(t, causal=False, dtype=self.dtype, attention=self.attention, name='layers')
     x, _ = layers(x, prompts, jnp.arange(t.layers) > 0) if deep else layers(x)
     return _layer_norm(t.layer_norm_eps, self.dtype, 'post_layernorm')(x[:, 0])
@@ -303,6 +344,7 @@ class VisionTower(nn.Module):
 
 class TextTower(nn.Module):
   """Causal text transformer; returns the final-LayerNorm state at the end-of-text token (B, width)."""
+
   spec: CLIPSpec
   dtype: Any = jnp.float32
   remat: Any = 'none'  # layers.REMAT_POLICIES
@@ -313,8 +355,7 @@ class TextTower(nn.Module):
   def __call__(self, input_ids):
     s, t = self.spec, self.spec.text
     if input_ids.ndim != 2 or input_ids.shape[1] > s.max_positions:
-      raise ValueError(f'CLIP text tower expects token ids (B, L) with L <= {s.max_positions}, '
-                       f'got {input_ids.shape}')
+      raise ValueError(f'CLIP text tower expects token ids (B, L) with L <= {s.max_positions}, got {input_ids.shape}')
     length = input_ids.shape[1]
     x = nn.Embed(s.vocab_size, t.width, dtype=self.dtype, name='token_embedding')(input_ids)
     positions = nn.Embed(s.max_positions, t.width, dtype=self.dtype, name='position_embedding')
@@ -342,6 +383,7 @@ class VisualPrompts(nn.Module):
 
 class CLIP(nn.Module):
   """Both CLIP towers, projections, temperature, and optional visual prompts (the only trainable part)."""
+
   spec: CLIPSpec
   prompt_mode: str = 'none'  # 'none' | 'shallow' | 'deep'
   num_prompts: int = 5
@@ -372,5 +414,9 @@ class CLIP(nn.Module):
     image_embeds = l2_normalize(self.encode_image(pixels))
     text_embeds = l2_normalize(self.encode_text(input_ids))
     logits_per_text = text_embeds @ image_embeds.T * jnp.exp(self.logit_scale)
-    return dict(image_embeds=image_embeds, text_embeds=text_embeds, logits_per_image=logits_per_text.T,
-                logits_per_text=logits_per_text)
+    return dict(
+      image_embeds=image_embeds,
+      text_embeds=text_embeds,
+      logits_per_image=logits_per_text.T,
+      logits_per_text=logits_per_text,
+    )

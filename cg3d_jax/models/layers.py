@@ -28,8 +28,9 @@ ATTENTION_IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'einsum')
 
 def _use_cudnn(q) -> bool:
   head_dim = q.shape[-1]
-  return (jax.default_backend() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
-          and head_dim <= 128)
+  return (
+    jax.default_backend() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
+  )
 
 
 def attend(q, k, v, *, causal: bool = False, implementation: str = 'auto'):
@@ -89,8 +90,14 @@ def layer_stack(layer_cls, *, length: int, remat='none', scan: bool = True, in_a
     saveable = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if policy == 'dots' else None
     # prevent_cse only matters outside a scan; inside one it just blocks optimisations.
     layer_cls = nn.remat(layer_cls, policy=saveable, prevent_cse=not scan)
-  return nn.scan(layer_cls, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
-                 in_axes=in_axes, length=length, unroll=1 if scan else length)
+  return nn.scan(
+    layer_cls,
+    variable_axes={'params': 0},
+    split_rngs={'params': True, 'dropout': True},
+    in_axes=in_axes,
+    length=length,
+    unroll=1 if scan else length,
+  )
 
 
 def stats_dtype(dtype):
@@ -106,6 +113,7 @@ class TorchBatchNorm(nn.Module):
   running + (1 - momentum) * batch, so 0.9 here is PyTorch's 0.1. Names match nn.BatchNorm (params scale/bias,
   batch_stats mean/var) so that code treating norms generically (weight-decay masks) sees the usual leaves.
   """
+
   momentum: float = 0.9
   epsilon: float = 1e-5
   dtype: Any = jnp.float32

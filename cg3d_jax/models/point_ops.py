@@ -63,16 +63,19 @@ def farthest_point_sample(points: jax.Array, num_samples: int) -> jax.Array:
   def step(j, carry):
     min_sq_dist, indices, last = carry
     last_point = jnp.take_along_axis(points, last[:, None, None], axis=1)[:, 0]
-    min_sq_dist = jnp.where(is_candidate, jnp.minimum(min_sq_dist, _squared_distance_to(points, last_point)),
-                            min_sq_dist)
+    min_sq_dist = jnp.where(
+      is_candidate, jnp.minimum(min_sq_dist, _squared_distance_to(points, last_point)), min_sq_dist
+    )
     # Skipped points score -1, below every real distance; all-skipped clouds therefore give index 0, as in CUDA.
     score = jnp.where(is_candidate, min_sq_dist, -1.0)
     last = jnp.argmax(score, axis=1).astype(jnp.int32)  # argmax returns the first (lowest) index on ties
     return min_sq_dist, indices.at[:, j].set(last), last
 
-  init = (jnp.full(points.shape[:2], _INITIAL_MIN_SQ_DIST, points.dtype),
-          jnp.zeros((batch, num_samples), jnp.int32),
-          jnp.zeros((batch,), jnp.int32))
+  init = (
+    jnp.full(points.shape[:2], _INITIAL_MIN_SQ_DIST, points.dtype),
+    jnp.zeros((batch, num_samples), jnp.int32),
+    jnp.zeros((batch,), jnp.int32),
+  )
   _, indices, _ = jax.lax.fori_loop(1, num_samples, step, init)
   return indices
 
@@ -96,8 +99,8 @@ def pairwise_squared_distance(queries: jax.Array, points: jax.Array) -> jax.Arra
   """
   cross = jnp.einsum('bsc,bnc->bsn', queries, points, precision=jax.lax.Precision.HIGHEST)
   dist = -2.0 * cross
-  dist = dist + jnp.sum(queries ** 2, axis=-1)[:, :, None]
-  return dist + jnp.sum(points ** 2, axis=-1)[:, None, :]
+  dist = dist + jnp.sum(queries**2, axis=-1)[:, :, None]
+  return dist + jnp.sum(points**2, axis=-1)[:, None, :]
 
 
 def knn(queries: jax.Array, points: jax.Array, k: int) -> jax.Array:
@@ -122,8 +125,10 @@ def sample_points(points: jax.Array, num_points: int) -> jax.Array:
   if points.shape[1] == num_points:
     return points
   if points.shape[1] < num_points:
-    raise ValueError(f'cannot sample {num_points} points from clouds of {points.shape[1]}: the stored clouds must '
-                     'hold at least the encoder\'s num_points')
+    raise ValueError(
+      f'cannot sample {num_points} points from clouds of {points.shape[1]}: the stored clouds must '
+      "hold at least the encoder's num_points"
+    )
   return gather_points(points, farthest_point_sample(points[..., :3], num_points))
 
 

@@ -46,21 +46,27 @@ def validate_points(points: Any, group_size: int, in_channels: int = 3) -> None:
   shape = getattr(points, 'shape', None)
   if shape is None or len(shape) != 3 or shape[-1] != in_channels:
     what = '' if in_channels == 3 else f' (xyz + {in_channels - 3} colour channels: model in_channels={in_channels})'
-    raise ValueError(f'PointTransformer expects points of shape (batch, num_points, {in_channels}), got shape '
-                     f'{shape}{what}')
+    raise ValueError(
+      f'PointTransformer expects points of shape (batch, num_points, {in_channels}), got shape {shape}{what}'
+    )
   if shape[1] < group_size:
-    raise ValueError(f'PointTransformer needs at least group_size={group_size} points per cloud to form its '
-                     f'neighbourhoods, got {shape[1]} points (shape {tuple(shape)})')
+    raise ValueError(
+      f'PointTransformer needs at least group_size={group_size} points per cloud to form its '
+      f'neighbourhoods, got {shape[1]} points (shape {tuple(shape)})'
+    )
   if not isinstance(points, jax.core.Tracer):
     finite = np.isfinite(np.asarray(points))
     if not finite.all():
       bad = sorted(set(np.nonzero(~finite)[0].tolist()))
-      raise ValueError(f'PointTransformer got non-finite (NaN/Inf) point coordinates in batch rows {bad[:10]}'
-                       f'{" ..." if len(bad) > 10 else ""}')
+      raise ValueError(
+        f'PointTransformer got non-finite (NaN/Inf) point coordinates in batch rows {bad[:10]}'
+        f'{" ..." if len(bad) > 10 else ""}'
+      )
 
 
 class GroupEncoder(nn.Module):
   """Mini-PointNet turning each (K, 3) neighbourhood into one token: (B, G, K, 3) -> (B, G, out_dim)."""
+
   out_dim: int = 256
   dtype: Any = jnp.float32
 
@@ -117,6 +123,7 @@ class Mlp(nn.Module):
 
 class Block(nn.Module):
   """Pre-norm transformer block on x + pos (the position embedding enters every block); one step of the scan."""
+
   num_heads: int
   mlp_hidden: int
   stochastic_depth: bool  # training with drop_path_rate > 0 (needs a 'dropout' rng)
@@ -134,6 +141,7 @@ class Block(nn.Module):
 
 class PointTransformer(nn.Module):
   """points (B, N, 3) -> (B, embed_dim) CLIP-space embedding (or head logits, or the 2 x width pooled feature)."""
+
   width: int = 384
   depth: int = 12
   num_heads: int = 6
@@ -157,17 +165,30 @@ class PointTransformer(nn.Module):
     """From `config.model` (configs/base.py): model.point_transformer.* plus embed_dim, num_classes, dtype, remat,
     attention, scan_layers."""
     pt = model_config.point_transformer
-    return cls(width=pt.width, depth=pt.depth, num_heads=pt.num_heads, mlp_ratio=pt.mlp_ratio,
-               num_groups=pt.num_groups, group_size=pt.group_size, encoder_dim=pt.encoder_dim,
-               drop_path_rate=pt.drop_path_rate, embed_dim=model_config.embed_dim,
-               num_classes=model_config.num_classes or None, head_hidden=pt.head_hidden,
-               head_dropout=pt.head_dropout, dtype=jnp.dtype(model_config.dtype), remat=model_config.remat,
-               attention=model_config.get('attention', 'auto'), scan_layers=model_config.get('scan_layers', True),
-               in_channels=model_config.get('in_channels', 3))
+    return cls(
+      width=pt.width,
+      depth=pt.depth,
+      num_heads=pt.num_heads,
+      mlp_ratio=pt.mlp_ratio,
+      num_groups=pt.num_groups,
+      group_size=pt.group_size,
+      encoder_dim=pt.encoder_dim,
+      drop_path_rate=pt.drop_path_rate,
+      embed_dim=model_config.embed_dim,
+      num_classes=model_config.num_classes or None,
+      head_hidden=pt.head_hidden,
+      head_dropout=pt.head_dropout,
+      dtype=jnp.dtype(model_config.dtype),
+      remat=model_config.remat,
+      attention=model_config.get('attention', 'auto'),
+      scan_layers=model_config.get('scan_layers', True),
+      in_channels=model_config.get('in_channels', 3),
+    )
 
   @nn.compact
-  def __call__(self, points: jax.Array, *, train: bool, return_logits: bool = False,
-               return_features: bool = False) -> jax.Array:
+  def __call__(
+    self, points: jax.Array, *, train: bool, return_logits: bool = False, return_features: bool = False
+  ) -> jax.Array:
     """train: BatchNorm batch statistics (updating `batch_stats`), stochastic depth and head dropout ('dropout' rng).
 
     return_logits: the classification head's logits (fine-tuning); return_features: the pooled 2 x width feature.
@@ -182,11 +203,9 @@ class PointTransformer(nn.Module):
 
     # Neighbours are selected on float32 distances whatever the dtype (point_ops), but gathered in at least float32
     # so that a float64 model sees float64 coordinates.
-    neighbourhoods, centres = point_ops.group(points.astype(stats_dtype(self.dtype)), self.num_groups,
-                                              self.group_size)
+    neighbourhoods, centres = point_ops.group(points.astype(stats_dtype(self.dtype)), self.num_groups, self.group_size)
     dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=weight_init)
-    tokens = GroupEncoder(self.encoder_dim, self.dtype, name='encoder')(neighbourhoods.astype(self.dtype),
-                                                                        train=train)
+    tokens = GroupEncoder(self.encoder_dim, self.dtype, name='encoder')(neighbourhoods.astype(self.dtype), train=train)
     tokens = dense(self.width, name='reduce_dim')(tokens)
     pos = dense(self.width, name='pos_embed_1')(exact_gelu(dense(128, name='pos_embed_0')(centres.astype(self.dtype))))
 
@@ -196,10 +215,15 @@ class PointTransformer(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(cls_token, (batch, 1, self.width)).astype(self.dtype), tokens], axis=1)
     pos = jnp.concatenate([jnp.broadcast_to(cls_pos, (batch, 1, self.width)).astype(self.dtype), pos], axis=1)
 
-    stack = layer_stack(Block, length=self.depth, remat=self.remat, scan=self.scan_layers,
-                        in_axes=(nn.broadcast, 0))
-    blocks = stack(self.num_heads, int(self.width * self.mlp_ratio), train and self.drop_path_rate > 0, self.dtype,
-                   self.attention, name='blocks')
+    stack = layer_stack(Block, length=self.depth, remat=self.remat, scan=self.scan_layers, in_axes=(nn.broadcast, 0))
+    blocks = stack(
+      self.num_heads,
+      int(self.width * self.mlp_ratio),
+      train and self.drop_path_rate > 0,
+      self.dtype,
+      self.attention,
+      name='blocks',
+    )
     drop_rates = np.linspace(0.0, self.drop_path_rate, self.depth, dtype=np.float32)  # torch.linspace(0, rate, depth)
     x, _ = blocks(x, pos, jnp.asarray(drop_rates))
     x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name='norm')(x)

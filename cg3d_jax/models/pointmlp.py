@@ -38,12 +38,14 @@ def _torch_bias_init(fan_in: int):
 
 def _conv1x1(features: int, dtype, name: str, use_bias: bool = False, fan_in: int | None = None) -> nn.Dense:
   bias_init = _torch_bias_init(fan_in) if use_bias else nn.initializers.zeros
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, kernel_init=_torch_kernel_init, bias_init=bias_init,
-                  name=name)
+  return nn.Dense(
+    features, use_bias=use_bias, dtype=dtype, kernel_init=_torch_kernel_init, bias_init=bias_init, name=name
+  )
 
 
 class ConvBNReLU(nn.Module):
   """1x1 conv (no bias), BatchNorm, ReLU: the original's ConvBNReLU1D."""
+
   features: int
   dtype: Any = jnp.float32
 
@@ -56,6 +58,7 @@ class ConvBNReLU(nn.Module):
 
 class ResidualBlock(nn.Module):
   """conv-bn-relu, conv-bn, add the input, relu: the original's ConvBNReLURes1D (groups=1)."""
+
   res_expansion: float = 1.0
   dtype: Any = jnp.float32
 
@@ -87,6 +90,7 @@ class LocalGrouper(nn.Module):
 
   Returns the anchors' xyz (B, S, 3) and the grouped features (B, S, K, 2C).
   """
+
   num_anchors: int
   num_neighbors: int
   dtype: Any = jnp.float32
@@ -109,6 +113,7 @@ class LocalGrouper(nn.Module):
 
 class PreExtraction(nn.Module):
   """Per-neighbourhood MLP: transfer conv to the stage width, residual blocks, max over the neighbours."""
+
   features: int
   num_blocks: int
   res_expansion: float = 1.0
@@ -124,6 +129,7 @@ class PreExtraction(nn.Module):
 
 class PosExtraction(nn.Module):
   """Per-anchor residual blocks."""
+
   num_blocks: int
   res_expansion: float = 1.0
   dtype: Any = jnp.float32
@@ -155,9 +161,10 @@ def check_points(points, k_neighbors: Sequence[int], reducers: Sequence[int], in
   for i, k in enumerate(k_neighbors):
     if counts[i + 1] < 1 or counts[i] < k:
       raise ValueError(
-          f'PointMLP stage {i} needs at least {k} points for its {k}-neighbourhoods and at least one anchor, '
-          f'but {shape[1]} input points leave {counts[i]} points and {counts[i + 1]} anchors there '
-          f'(reducers={tuple(reducers)}, k_neighbors={tuple(k_neighbors)})')
+        f'PointMLP stage {i} needs at least {k} points for its {k}-neighbourhoods and at least one anchor, '
+        f'but {shape[1]} input points leave {counts[i]} points and {counts[i + 1]} anchors there '
+        f'(reducers={tuple(reducers)}, k_neighbors={tuple(k_neighbors)})'
+      )
   # Under jit the values are abstract (and a multi-host array is not all here); the data pipeline is then the
   # place that rejects non-finite clouds.
   if not isinstance(points, jax.core.Tracer) and getattr(points, 'is_fully_addressable', True):
@@ -175,6 +182,7 @@ class PointMLP(nn.Module):
   Anchor counts follow the input: N // 2, N // 4, ... The original fixes them at construction from `points=1024`
   (CG3D always feeds 1024 points), which is the same network for N = 1024.
   """
+
   embed_dim: int = 64
   res_expansion: float = 1.0
   dim_expansion: Sequence[int] = (2, 2, 2, 2)
@@ -190,15 +198,24 @@ class PointMLP(nn.Module):
   def from_config(cls, model_config) -> 'PointMLP':
     """Builds from `config.model` (cg3d_jax/configs/base.py): model.pointmlp.* sizes, model.embed_dim, model.dtype."""
     p = model_config.pointmlp
-    return cls(embed_dim=p.embed_dim, res_expansion=p.res_expansion, dim_expansion=tuple(p.dim_expansion),
-               pre_blocks=tuple(p.pre_blocks), pos_blocks=tuple(p.pos_blocks),
-               k_neighbors=tuple(p.k_neighbors), reducers=tuple(p.reducers),
-               projection_dim=model_config.embed_dim, dtype=jnp.dtype(model_config.dtype),
-               in_channels=model_config.get('in_channels', 3))
+    return cls(
+      embed_dim=p.embed_dim,
+      res_expansion=p.res_expansion,
+      dim_expansion=tuple(p.dim_expansion),
+      pre_blocks=tuple(p.pre_blocks),
+      pos_blocks=tuple(p.pos_blocks),
+      k_neighbors=tuple(p.k_neighbors),
+      reducers=tuple(p.reducers),
+      projection_dim=model_config.embed_dim,
+      dtype=jnp.dtype(model_config.dtype),
+      in_channels=model_config.get('in_channels', 3),
+    )
 
   def _check_settings(self) -> None:
-    lengths = {name: len(getattr(self, name)) for name in
-               ('dim_expansion', 'pre_blocks', 'pos_blocks', 'k_neighbors', 'reducers')}
+    lengths = {
+      name: len(getattr(self, name))
+      for name in ('dim_expansion', 'pre_blocks', 'pos_blocks', 'k_neighbors', 'reducers')
+    }
     if len(set(lengths.values())) != 1:
       raise ValueError(f'PointMLP per-stage settings must all have one entry per stage, got lengths {lengths}')
 
@@ -212,11 +229,14 @@ class PointMLP(nn.Module):
     channels = self.embed_dim
     for i in range(len(self.reducers)):
       channels *= self.dim_expansion[i]
-      xyz, grouped = LocalGrouper(counts[i + 1], self.k_neighbors[i], dtype=self.dtype,
-                                  name=f'local_grouper_{i}')(xyz, x)
-      x = PreExtraction(channels, self.pre_blocks[i], self.res_expansion, dtype=self.dtype,
-                        name=f'pre_blocks_{i}')(grouped, train=train)
-      x = PosExtraction(self.pos_blocks[i], self.res_expansion, dtype=self.dtype,
-                        name=f'pos_blocks_{i}')(x, train=train)
+      xyz, grouped = LocalGrouper(counts[i + 1], self.k_neighbors[i], dtype=self.dtype, name=f'local_grouper_{i}')(
+        xyz, x
+      )
+      x = PreExtraction(channels, self.pre_blocks[i], self.res_expansion, dtype=self.dtype, name=f'pre_blocks_{i}')(
+        grouped, train=train
+      )
+      x = PosExtraction(self.pos_blocks[i], self.res_expansion, dtype=self.dtype, name=f'pos_blocks_{i}')(
+        x, train=train
+      )
     pooled = jnp.max(x, axis=1)
     return _conv1x1(self.projection_dim, self.dtype, 'projection', use_bias=True, fan_in=channels)(pooled)

@@ -15,8 +15,9 @@ def _check(name: str, scores, targets) -> tuple[np.ndarray, np.ndarray]:
   scores = np.asarray(scores, np.float64)
   targets = np.asarray(targets)
   if scores.ndim != 1 or targets.shape != scores.shape:
-    raise ValueError(f'{name}: scores and targets must be 1-D of the same length, got {scores.shape} and '
-                     f'{targets.shape}')
+    raise ValueError(
+      f'{name}: scores and targets must be 1-D of the same length, got {scores.shape} and {targets.shape}'
+    )
   if targets.dtype != bool:
     raise ValueError(f'{name}: targets must be boolean, got dtype {targets.dtype}')
   if not np.all(np.isfinite(scores)):

@@ -28,6 +28,7 @@ BACKGROUND = np.array([255, 255, 255], np.uint8)
 def heat_colours(scores) -> np.ndarray:
   """(N,) scores in [0, 1] -> (N, 3) uint8 through matplotlib's perceptually uniform 'inferno' map."""
   from matplotlib import colormaps
+
   scores = np.clip(np.asarray(scores, np.float64), 0.0, 1.0)
   return (colormaps['inferno'](scores)[:, :3] * 255).round().astype(np.uint8)
 
@@ -81,8 +82,8 @@ def _splat(image: np.ndarray, height: np.ndarray, passes: int) -> np.ndarray:
     best_h, best_c = height.copy(), image.copy()
     empty = np.isneginf(height)
     for dr, dc in [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]:
-      h = padded_h[1 + dr:1 + dr + height.shape[0], 1 + dc:1 + dc + height.shape[1]]
-      c = padded_c[1 + dr:1 + dr + height.shape[0], 1 + dc:1 + dc + height.shape[1]]
+      h = padded_h[1 + dr : 1 + dr + height.shape[0], 1 + dc : 1 + dc + height.shape[1]]
+      c = padded_c[1 + dr : 1 + dr + height.shape[0], 1 + dc : 1 + dc + height.shape[1]]
       take = empty & (h > best_h)
       best_h = np.where(take, h, best_h)
       best_c = np.where(take[..., None], c, best_c)

@@ -45,6 +45,7 @@ class QuerySettings:
 @dataclasses.dataclass
 class SceneQuery:
   """Everything one query run produced; `summary()` is its JSON."""
+
   queries: list[str]
   labels: list[str]  # queries first, then the vocabulary words that are not queries
   regions: scene_regions.Regions
@@ -68,31 +69,52 @@ class SceneQuery:
     best_label = self.region_probability.argmax(axis=1)
     for q, query in enumerate(self.queries):
       relevance = self.region_probability[:, q]
-      order = np.argsort(-relevance, kind='stable')[:self.settings.top_regions]
+      order = np.argsort(-relevance, kind='stable')[: self.settings.top_regions]
       score = float(margins[:, q].max())
-      out.append({
-          'query': query, 'present': bool(score > self.settings.threshold), 'score': score,
-          'threshold': self.settings.threshold, 'best_probability': float(relevance.max()),
+      out.append(
+        {
+          'query': query,
+          'present': bool(score > self.settings.threshold),
+          'score': score,
+          'threshold': self.settings.threshold,
+          'best_probability': float(relevance.max()),
           'regions_won': int((best_label == q).sum()),
-          'top_regions': [{'region': int(m), 'centre': [round(float(c), 4) for c in self.regions.centres[m]],
-                           'radius': self.settings.regions.radius, 'points': int(self.regions.sizes[m]),
-                           'probability': float(relevance[m]), 'margin': float(margins[m, q]),
-                           'similarity': float(self.region_similarity[m, q]),
-                           'top_label': self.labels[int(best_label[m])]} for m in order]})
+          'top_regions': [
+            {
+              'region': int(m),
+              'centre': [round(float(c), 4) for c in self.regions.centres[m]],
+              'radius': self.settings.regions.radius,
+              'points': int(self.regions.sizes[m]),
+              'probability': float(relevance[m]),
+              'margin': float(margins[m, q]),
+              'similarity': float(self.region_similarity[m, q]),
+              'top_label': self.labels[int(best_label[m])],
+            }
+            for m in order
+          ],
+        }
+      )
     return out
 
   def summary(self) -> dict:
     r = self.regions
-    return {'queries': self.queries, 'labels': self.labels, 'logit_scale': self.logit_scale,
-            'scene_points': r.num_scene_points, 'regions': len(r),
-            'region_settings': dataclasses.asdict(self.settings.regions),
-            'points_in_no_region': int((~r.covered()).sum()), 'points_excluded_as_floor': int(r.excluded.sum()),
-            'mean_points_per_region': float(r.sizes.mean()), 'results': self.presence()}
+    return {
+      'queries': self.queries,
+      'labels': self.labels,
+      'logit_scale': self.logit_scale,
+      'scene_points': r.num_scene_points,
+      'regions': len(r),
+      'region_settings': dataclasses.asdict(self.settings.regions),
+      'points_in_no_region': int((~r.covered()).sum()),
+      'points_excluded_as_floor': int(r.excluded.sum()),
+      'mean_points_per_region': float(r.sizes.mean()),
+      'results': self.presence(),
+    }
 
 
 def _padded_batches(points: np.ndarray, batch: int):
   for start in range(0, points.shape[0], batch):
-    chunk = points[start:start + batch]
+    chunk = points[start : start + batch]
     real = chunk.shape[0]
     if real < batch:  # copies of a real region: the same compiled shape, results dropped below
       chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch - real, axis=0)])
@@ -118,8 +140,10 @@ class RegionEmbedder:
     self.sharding = sharding.batch_sharding(mesh)
 
   def __call__(self, encoder_points: np.ndarray) -> np.ndarray:
-    pending = [(self.features_fn(self.encoder_vars, jax.device_put(chunk, self.sharding)), real)
-               for chunk, real in _padded_batches(encoder_points, self.batch)]  # all dispatched, then fetched
+    pending = [
+      (self.features_fn(self.encoder_vars, jax.device_put(chunk, self.sharding)), real)
+      for chunk, real in _padded_batches(encoder_points, self.batch)
+    ]  # all dispatched, then fetched
     return np.concatenate([np.asarray(f)[:real] for f, real in pending])
 
 
@@ -135,8 +159,9 @@ def resolve_settings(settings: QuerySettings, model: ScoringModel) -> QuerySetti
 
 
 def label_classifier(model: ScoringModel, labels: Sequence[str], settings: QuerySettings) -> np.ndarray:
-  return zeroshot.text_classifier(model.clip.model, model.clip_params, model.clip.tokenizer, labels,
-                                  resolve_settings(settings, model).templates)
+  return zeroshot.text_classifier(
+    model.clip.model, model.clip_params, model.clip.tokenizer, labels, resolve_settings(settings, model).templates
+  )
 
 
 def label_set(queries: Sequence[str], vocabulary: Sequence[str]) -> list[str]:
@@ -144,8 +169,10 @@ def label_set(queries: Sequence[str], vocabulary: Sequence[str]) -> list[str]:
   labels = list(queries)
   labels += [v for v in dict.fromkeys(vocabulary) if v not in labels]
   if len(labels) < 2:
-    raise InputError(f'a scene query needs at least two labels to compare (--queries {list(queries)} plus the '
-                     f'--vocabulary); got {labels}')
+    raise InputError(
+      f'a scene query needs at least two labels to compare (--queries {list(queries)} plus the '
+      f'--vocabulary); got {labels}'
+    )
   return labels
 
 
@@ -154,10 +181,18 @@ def softmax(logits: np.ndarray) -> np.ndarray:
   return z / z.sum(axis=1, keepdims=True)
 
 
-def query_scene(model: ScoringModel, xyz, queries: Sequence[str], vocabulary: Sequence[str], *,
-                settings: QuerySettings = QuerySettings(), mesh: jax.sharding.Mesh | None = None,
-                classifier: np.ndarray | None = None, embedder: RegionEmbedder | None = None,
-                rgb=None) -> SceneQuery:
+def query_scene(
+  model: ScoringModel,
+  xyz,
+  queries: Sequence[str],
+  vocabulary: Sequence[str],
+  *,
+  settings: QuerySettings = QuerySettings(),
+  mesh: jax.sharding.Mesh | None = None,
+  classifier: np.ndarray | None = None,
+  embedder: RegionEmbedder | None = None,
+  rgb=None,
+) -> SceneQuery:
   """Scores every query over the scene (N, 3). `classifier` (L, D) and `embedder` let a caller that queries many
   scenes encode the label texts and compile the encoder once. `rgb` (N, 3) uint8: the scene's colours, which a
   coloured encoder (in_channels 6) sees (without them: OpenShape's grey, with a warning); others ignore them."""
@@ -168,8 +203,7 @@ def query_scene(model: ScoringModel, xyz, queries: Sequence[str], vocabulary: Se
   colours = prediction.colour_channels(model.model.encoder, rgb, len(xyz), 'the scene')
   regions = scene_regions.split_regions(xyz, settings.regions, colours)
   if embedder is None:
-    embedder = RegionEmbedder(model.model, model.encoder_vars, mesh or local_mesh(),
-                              settings.batch_size)
+    embedder = RegionEmbedder(model.model, model.encoder_vars, mesh or local_mesh(), settings.batch_size)
   features = embedder(regions.encoder_points)
   if classifier is None:
     classifier = label_classifier(model, labels, settings)
@@ -178,13 +212,22 @@ def query_scene(model: ScoringModel, xyz, queries: Sequence[str], vocabulary: Se
   similarity = features.astype(np.float64) @ np.asarray(classifier, np.float64).T
   scale = float(CG3D.logit_scale(model.clip_params))
   probability = softmax(scale * similarity)
-  scores = scene_regions.point_scores(regions, probability[:, :len(queries)], settings.regions.aggregate)
-  return SceneQuery(queries=list(queries), labels=labels, regions=regions, region_similarity=similarity,
-                    region_probability=probability, point_scores=scores, logit_scale=scale, settings=settings)
+  scores = scene_regions.point_scores(regions, probability[:, : len(queries)], settings.regions.aggregate)
+  return SceneQuery(
+    queries=list(queries),
+    labels=labels,
+    regions=regions,
+    region_similarity=similarity,
+    region_probability=probability,
+    point_scores=scores,
+    logit_scale=scale,
+    settings=settings,
+  )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation over labelled rooms.
+
 
 @dataclasses.dataclass
 class LabelledScene:
@@ -195,9 +238,17 @@ class LabelledScene:
   rgb: np.ndarray | None = None  # (N, 3) uint8: what a coloured encoder sees
 
 
-def evaluate_scenes(model: ScoringModel, scenes: Iterable[LabelledScene], query_classes: Sequence[str],
-                    vocabulary: Sequence[str] = (), *, settings: QuerySettings = QuerySettings(),
-                    mesh: jax.sharding.Mesh | None = None, min_points: int = 1, log=print) -> dict:
+def evaluate_scenes(
+  model: ScoringModel,
+  scenes: Iterable[LabelledScene],
+  query_classes: Sequence[str],
+  vocabulary: Sequence[str] = (),
+  *,
+  settings: QuerySettings = QuerySettings(),
+  mesh: jax.sharding.Mesh | None = None,
+  min_points: int = 1,
+  log=print,
+) -> dict:
   """Presence mAP over classes and per-point AUROC, with per-class and per-room detail (a JSON-ready dict).
 
   A class is present in a room when at least `min_points` of its points are there. Query words are the class
@@ -208,15 +259,15 @@ def evaluate_scenes(model: ScoringModel, scenes: Iterable[LabelledScene], query_
   labels = label_set(words, [v.replace('_', ' ') for v in vocabulary])
   settings = resolve_settings(settings, model)
   classifier = label_classifier(model, labels, settings)
-  embedder = RegionEmbedder(model.model, model.encoder_vars, mesh or local_mesh(),
-                            settings.batch_size)
+  embedder = RegionEmbedder(model.model, model.encoder_vars, mesh or local_mesh(), settings.batch_size)
   presence_scores, presence_truth, aurocs, rooms = [], [], [], []
   for scene in scenes:
     missing = [c for c in query_classes if c not in scene.class_names]
     if missing:
       raise ValueError(f'{scene.name}: query classes {missing} are not among its classes {list(scene.class_names)}')
-    result = query_scene(model, scene.xyz, words, labels, settings=settings, classifier=classifier,
-                         embedder=embedder, rgb=scene.rgb)
+    result = query_scene(
+      model, scene.xyz, words, labels, settings=settings, classifier=classifier, embedder=embedder, rgb=scene.rgb
+    )
     presence = result.presence()
     room = {'scene': scene.name, 'points': int(scene.xyz.shape[0]), 'regions': len(result.regions), 'classes': {}}
     truth_row, auroc_row = [], []
@@ -226,39 +277,64 @@ def evaluate_scenes(model: ScoringModel, scenes: Iterable[LabelledScene], query_
       auroc = detection_metrics.roc_auc(result.point_scores[:, q], truth) if present else float('nan')
       truth_row.append(present)
       auroc_row.append(auroc)
-      room['classes'][name] = {'present': present, 'points': int(truth.sum()), 'score': presence[q]['score'],
-                               'predicted_present': presence[q]['present'], 'auroc': auroc}
+      room['classes'][name] = {
+        'present': present,
+        'points': int(truth.sum()),
+        'score': presence[q]['score'],
+        'predicted_present': presence[q]['present'],
+        'auroc': auroc,
+      }
     presence_scores.append([p['score'] for p in presence])
     presence_truth.append(truth_row)
     aurocs.append(auroc_row)
     rooms.append(room)
-    log(f"{scene.name}: {len(result.regions)} regions; present {[c for c, t in zip(query_classes, truth_row) if t]}")
+    log(f'{scene.name}: {len(result.regions)} regions; present {[c for c, t in zip(query_classes, truth_row) if t]}')
   if not rooms:
     raise ValueError('evaluate_scenes: no scenes to evaluate')
-  return summarize(query_classes, np.array(presence_scores), np.array(presence_truth), np.array(aurocs), rooms,
-                   settings)
+  return summarize(
+    query_classes, np.array(presence_scores), np.array(presence_truth), np.array(aurocs), rooms, settings
+  )
 
 
-def summarize(class_names: Sequence[str], presence_scores: np.ndarray, presence_truth: np.ndarray,
-              aurocs: np.ndarray, rooms: list[dict], settings: QuerySettings) -> dict:
+def summarize(
+  class_names: Sequence[str],
+  presence_scores: np.ndarray,
+  presence_truth: np.ndarray,
+  aurocs: np.ndarray,
+  rooms: list[dict],
+  settings: QuerySettings,
+) -> dict:
   """Per-class AP (presence over rooms) and mean AUROC (over rooms holding the class), and their means."""
   per_class = {}
   for c, name in enumerate(class_names):
     truth = presence_truth[:, c].astype(bool)
     predicted = presence_scores[:, c] > settings.threshold
     auroc, auroc_rooms = detection_metrics.nan_mean(aurocs[:, c])
-    per_class[name] = {'ap': detection_metrics.average_precision(presence_scores[:, c], truth),
-                       'auroc': auroc, 'rooms_present': int(truth.sum()), 'rooms_with_auroc': auroc_rooms,
-                       'presence_accuracy': float((predicted == truth).mean())}
+    per_class[name] = {
+      'ap': detection_metrics.average_precision(presence_scores[:, c], truth),
+      'auroc': auroc,
+      'rooms_present': int(truth.sum()),
+      'rooms_with_auroc': auroc_rooms,
+      'presence_accuracy': float((predicted == truth).mean()),
+    }
   m_ap, ap_classes = detection_metrics.nan_mean([v['ap'] for v in per_class.values()])
   m_auroc, auroc_classes = detection_metrics.nan_mean([v['auroc'] for v in per_class.values()])
-  return {'mAP': m_ap, 'classes_in_mAP': ap_classes, 'mean_auroc': m_auroc, 'classes_in_auroc': auroc_classes,
-          'presence_accuracy': float(((presence_scores > settings.threshold) == presence_truth).mean()),
-          'num_rooms': len(rooms), 'threshold': settings.threshold,
-          'region_settings': dataclasses.asdict(settings.regions), 'per_class': per_class, 'rooms': rooms}
+  return {
+    'mAP': m_ap,
+    'classes_in_mAP': ap_classes,
+    'mean_auroc': m_auroc,
+    'classes_in_auroc': auroc_classes,
+    'presence_accuracy': float(((presence_scores > settings.threshold) == presence_truth).mean()),
+    'num_rooms': len(rooms),
+    'threshold': settings.threshold,
+    'region_settings': dataclasses.asdict(settings.regions),
+    'per_class': per_class,
+    'rooms': rooms,
+  }
 
 
 # --- what the scene commands read ---------------------------------------------------------------------------------
+
 
 def read_scene(path) -> tuple[np.ndarray, np.ndarray | None]:
   """(xyz float32 (N, 3), rgb uint8 (N, 3) or None) from an S3DIS room folder / room .txt or a point file."""
@@ -279,8 +355,10 @@ def training_vocabulary(model: ScoringModel) -> list[str]:
   """The class names the checkpoint's encoder was trained on (ShapeNet-55's, or the demo's procedural ones)."""
   data = model.config.get('data', {})
   if data.get('name', 'shapenet55_cg3d') != 'shapenet55_cg3d':
-    raise InputError(f"--vocabulary training: the checkpoint was trained on {data.get('name')!r}, whose class "
-                     'names this tool does not know; pass --vocabulary "word1,word2,..."')
+    raise InputError(
+      f'--vocabulary training: the checkpoint was trained on {data.get("name")!r}, whose class '
+      'names this tool does not know; pass --vocabulary "word1,word2,..."'
+    )
   manual = data.get('manual_dir')
   names_file = pathlib.Path(manual) / 'shape_names.txt' if manual else None
   names = shapenet55_names.read_shape_names(names_file if names_file and names_file.is_file() else None)
@@ -292,7 +370,9 @@ def labelled_rooms(rooms, class_names, *, cache=None, skip_bad_lines=False) -> I
   'clutter' (with a warning) when the list has it, as for S3DIS's few 'stairs' files, and are errors otherwise."""
   unknown_class = 'clutter' if 'clutter' in class_names else None
   for room_dir in rooms:
-    room = s3dis.read_room(room_dir, class_names=class_names, unknown_class=unknown_class, cache_dir=cache,
-                           skip_bad_lines=skip_bad_lines)
-    yield LabelledScene(name=f'{room.area}/{room.name}', xyz=room.xyz, labels=room.labels,
-                        class_names=room.class_names, rgb=room.rgb)
+    room = s3dis.read_room(
+      room_dir, class_names=class_names, unknown_class=unknown_class, cache_dir=cache, skip_bad_lines=skip_bad_lines
+    )
+    yield LabelledScene(
+      name=f'{room.area}/{room.name}', xyz=room.xyz, labels=room.labels, class_names=room.class_names, rgb=room.rgb
+    )

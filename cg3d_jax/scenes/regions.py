@@ -57,8 +57,10 @@ class RegionSettings:
     if not 0 < self.cover <= 1:
       raise ConfigError(f'region cover (--cover) must be in (0, 1], got {self.cover}')
     if self.max_regions < 1 or self.min_points < 1 or (self.points_per_region or 1) < 1:
-      raise ConfigError('--max_regions, --min_points and --points_per_region must be >= 1, got '
-                        f'{self.max_regions}, {self.min_points}, {self.points_per_region}')
+      raise ConfigError(
+        '--max_regions, --min_points and --points_per_region must be >= 1, got '
+        f'{self.max_regions}, {self.min_points}, {self.points_per_region}'
+      )
     for name in ('scene_up', 'model_up'):
       if getattr(self, name) not in AXES:
         raise ConfigError(f"--{name} must be one of 'x', 'y', 'z', got {getattr(self, name)!r}")
@@ -142,14 +144,15 @@ def split_regions(xyz, settings: RegionSettings = RegionSettings(), colours=None
   excluded = floor_mask(xyz, settings) if settings.exclude_floor else np.zeros(xyz.shape[0], bool)
   usable = np.flatnonzero(~excluded)
   if usable.size < settings.min_points:
-    raise ConfigError(f'split_regions: only {usable.size} points remain outside the floor band; a region needs '
-                      f'{settings.min_points} (lower --min_points, or keep the floor with --noexclude_floor; '
-                      'RegionSettings min_points / exclude_floor)')
+    raise ConfigError(
+      f'split_regions: only {usable.size} points remain outside the floor band; a region needs '
+      f'{settings.min_points} (lower --min_points, or keep the floor with --noexclude_floor; '
+      'RegionSettings min_points / exclude_floor)'
+    )
   points = xyz[usable]
   # Voxels this small keep every point within (1 - cover) x radius of a candidate, so within radius of a centre.
   candidates = voxel_representatives(points, (1 - settings.cover) * settings.radius / np.sqrt(3) + 1e-9)
-  centre_idx = candidates[farthest_centres(points[candidates], settings.cover * settings.radius,
-                                           settings.max_regions)]
+  centre_idx = candidates[farthest_centres(points[candidates], settings.cover * settings.radius, settings.max_regions)]
   centres = points[centre_idx]
   if settings.recentre:
     # Object-centred balls look like training objects; the FPS balls stay too, so every point keeps a region.
@@ -160,18 +163,28 @@ def split_regions(xyz, settings: RegionSettings = RegionSettings(), colours=None
   sizes = np.bincount(region, minlength=len(centres))
   keep = sizes >= settings.min_points
   if not keep.any():
-    raise ConfigError(f'split_regions: no region of radius {settings.radius} holds {settings.min_points} points; '
-                      'is --radius in the scene\'s units (metres for S3DIS)?')
+    raise ConfigError(
+      f'split_regions: no region of radius {settings.radius} holds {settings.min_points} points; '
+      "is --radius in the scene's units (metres for S3DIS)?"
+    )
   renumber = np.cumsum(keep) - 1
   in_kept = keep[region]
   region, member, dist = renumber[region[in_kept]].astype(np.int32), member[in_kept], dist[in_kept]
   centres, sizes = centres[keep], sizes[keep]
-  weight = np.exp(-(dist / (settings.sigma * settings.radius)) ** 2 / 2).astype(np.float32)
-  encoder_points = _encoder_inputs(points, region, member, sizes, settings,
-                                   None if colours is None else np.asarray(colours, np.float32)[usable])
-  return Regions(centres=centres.astype(np.float32), member_region=region, member_point=usable[member].astype(np.int32),
-                 member_weight=weight, sizes=sizes, encoder_points=encoder_points, num_scene_points=xyz.shape[0],
-                 excluded=excluded)
+  weight = np.exp(-((dist / (settings.sigma * settings.radius)) ** 2) / 2).astype(np.float32)
+  encoder_points = _encoder_inputs(
+    points, region, member, sizes, settings, None if colours is None else np.asarray(colours, np.float32)[usable]
+  )
+  return Regions(
+    centres=centres.astype(np.float32),
+    member_region=region,
+    member_point=usable[member].astype(np.int32),
+    member_weight=weight,
+    sizes=sizes,
+    encoder_points=encoder_points,
+    num_scene_points=xyz.shape[0],
+    excluded=excluded,
+  )
 
 
 def _ball_members(tree: spatial.cKDTree, centres, radius):
@@ -213,9 +226,9 @@ def _encoder_inputs(points, region, member, sizes, settings: RegionSettings, col
   for m, (start, size) in enumerate(zip(starts, sizes)):
     pick = rng.choice(size, count, replace=False) if size > count else np.arange(count) % size
     cloud = points[member[start + pick]]
-    distinct = cloud[:min(size, count)]  # a cycled region's first `size` rows are its members, each once
+    distinct = cloud[: min(size, count)]  # a cycled region's first `size` rows are its members, each once
     cloud = cloud - distinct.mean(axis=0)
-    cloud /= max(np.sqrt((cloud ** 2).sum(axis=1)).max(), 1e-12)
+    cloud /= max(np.sqrt((cloud**2).sum(axis=1)).max(), 1e-12)
     out[m, :, :3] = cloud @ rotation.T
     if colours is not None:
       out[m, :, 3:] = colours[member[start + pick]]

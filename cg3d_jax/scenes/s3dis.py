@@ -28,8 +28,21 @@ from cg3d_jax.data.readers import BadInputError
 log = logging.getLogger(__name__)
 
 # The official 13 classes in PointNet's g_classes order (indoor3d_util.py); label i is S3DIS_CLASSES[i].
-S3DIS_CLASSES = ('ceiling', 'floor', 'wall', 'beam', 'column', 'window', 'door', 'table', 'chair', 'sofa',
-                 'bookcase', 'board', 'clutter')
+S3DIS_CLASSES = (
+  'ceiling',
+  'floor',
+  'wall',
+  'beam',
+  'column',
+  'window',
+  'door',
+  'table',
+  'chair',
+  'sofa',
+  'bookcase',
+  'board',
+  'clutter',
+)
 ALIGNED = 'Stanford3dDataset_v1.2_Aligned_Version'
 ANNOTATIONS = 'Annotations'
 
@@ -51,6 +64,7 @@ _IS_SPACE[list(b' \t\n\r\v\f')] = True
 @dataclasses.dataclass
 class Room:
   """One labelled room; labels index `class_names`, instances number the annotation files in file-name order."""
+
   name: str
   area: str
   path: pathlib.Path
@@ -132,7 +146,7 @@ def _parse_by_line(path: pathlib.Path, data: bytes, skip_bad_lines: bool) -> tup
   lines = data.split(b'\n')
   values, line_indices, bad = [], [], []
   for first in range(0, len(lines), _BLOCK_LINES):
-    block = lines[first:first + _BLOCK_LINES]
+    block = lines[first : first + _BLOCK_LINES]
     parsed = _parse_fast(b'\n'.join(block))
     if parsed is not None:
       values.append(parsed[0])
@@ -148,8 +162,13 @@ def _parse_by_line(path: pathlib.Path, data: bytes, skip_bad_lines: bool) -> tup
         line_indices.append(np.array([index]))
   if bad:
     first_index, first_line = bad[0]
-    log.warning('%s: skip_bad_lines: dropped %d malformed line(s); first at line %d: %s', path, len(bad),
-                first_index + 1, _show_line(first_line))
+    log.warning(
+      '%s: skip_bad_lines: dropped %d malformed line(s); first at line %d: %s',
+      path,
+      len(bad),
+      first_index + 1,
+      _show_line(first_line),
+    )
   if not values:
     return np.zeros((0, _COLUMNS)), np.zeros((0,), np.int64), len(bad)
   return np.concatenate(values), np.concatenate(line_indices), len(bad)
@@ -174,8 +193,9 @@ def parse_xyzrgb(path, data: bytes, *, skip_bad_lines: bool = False) -> tuple[np
   colour_ok = ((colours >= 0) & (colours <= 255) & (colours == np.round(colours))).all(axis=1)
   if not colour_ok.all():
     row = int(np.argmin(colour_ok))
-    raise BadInputError(f'{path}:{line_indices[row] + 1}: colours must be integers in 0..255, got '
-                        f'{colours[row].tolist()}')
+    raise BadInputError(
+      f'{path}:{line_indices[row] + 1}: colours must be integers in 0..255, got {colours[row].tolist()}'
+    )
   return values[:, :3].astype(np.float32), colours.astype(np.uint8), dropped
 
 
@@ -223,8 +243,10 @@ def _aligned_folder(root) -> pathlib.Path:
     return root / ALIGNED
   if root.name == ALIGNED:
     return root
-  raise BadInputError(f'{root}: expected the folder {ALIGNED} here, or this to be that folder; found '
-                      f'{sorted(p.name for p in root.iterdir())[:20]}')
+  raise BadInputError(
+    f'{root}: expected the folder {ALIGNED} here, or this to be that folder; found '
+    f'{sorted(p.name for p in root.iterdir())[:20]}'
+  )
 
 
 def _area_name(area) -> str:
@@ -244,8 +266,10 @@ def list_rooms(root, areas=(5,)) -> list[pathlib.Path]:
     areas = (areas,)
   names = None if areas is None else [_area_name(a) for a in areas]
   aligned = _aligned_folder(root)
-  existing = sorted((p.name for p in aligned.iterdir() if p.is_dir() and _AREA_NAME.match(p.name)),
-                    key=lambda name: int(name.split('_')[1]))
+  existing = sorted(
+    (p.name for p in aligned.iterdir() if p.is_dir() and _AREA_NAME.match(p.name)),
+    key=lambda name: int(name.split('_')[1]),
+  )
   names = existing if names is None else names
   rooms = []
   for name in names:
@@ -267,13 +291,15 @@ def _annotation_files(room_dir: pathlib.Path) -> tuple[list[pathlib.Path], list[
   """
   folder = room_dir / ANNOTATIONS
   if not folder.is_dir():
-    raise BadInputError(f'{room_dir}: no {ANNOTATIONS} folder; a labelled S3DIS room needs '
-                        f'{ANNOTATIONS}/<class>_<k>.txt files (one per object instance)')
+    raise BadInputError(
+      f'{room_dir}: no {ANNOTATIONS} folder; a labelled S3DIS room needs '
+      f'{ANNOTATIONS}/<class>_<k>.txt files (one per object instance)'
+    )
   files = sorted((p for p in folder.iterdir() if p.suffix == '.txt' and p.is_file()), key=lambda p: p.name)
   if not files:
     raise BadInputError(f'{folder}: no <class>_<k>.txt annotation files in room {room_dir}')
   names = {p.name for p in files}
-  copies = [p for p in files if (m := _COPY_NAME.match(p.name)) and f"{m['original']}.txt" in names]
+  copies = [p for p in files if (m := _COPY_NAME.match(p.name)) and f'{m["original"]}.txt' in names]
   return [p for p in files if p not in copies], copies
 
 
@@ -282,8 +308,9 @@ def _annotation_files(room_dir: pathlib.Path) -> tuple[list[pathlib.Path], list[
 
 def _room_from_files(room_dir, area, files, copies, class_names, unknown_class, skip_bad_lines) -> Room:
   for copy in copies:
-    log.warning('%s: left out as a copy of %s.txt (its points would count twice)', copy,
-                _COPY_NAME.match(copy.name)['original'])
+    log.warning(
+      '%s: left out as a copy of %s.txt (its points would count twice)', copy, _COPY_NAME.match(copy.name)['original']
+    )
   class_index = {name: i for i, name in enumerate(class_names)}
   xyz_parts, rgb_parts, label_parts, instance_parts = [], [], [], []
   instance_classes, remapped, skipped = [], {}, {}
@@ -308,13 +335,23 @@ def _room_from_files(room_dir, area, files, copies, class_names, unknown_class, 
     instance_parts.append(np.full(len(xyz), instance, np.int32))
     instance_classes.append(cls)
   for cls, count in remapped.items():
-    log.warning('%s: class %r is not in the class list; its %d point(s) are labelled %r', room_dir, cls, count,
-                unknown_class)
-  return Room(name=room_dir.name, area=area, path=room_dir, xyz=np.concatenate(xyz_parts),
-              rgb=np.concatenate(rgb_parts), labels=np.concatenate(label_parts),
-              instances=np.concatenate(instance_parts), class_names=tuple(class_names),
-              instance_classes=tuple(instance_classes), remapped=remapped, skipped_lines=skipped,
-              ignored_copies=tuple(p.name for p in copies))
+    log.warning(
+      '%s: class %r is not in the class list; its %d point(s) are labelled %r', room_dir, cls, count, unknown_class
+    )
+  return Room(
+    name=room_dir.name,
+    area=area,
+    path=room_dir,
+    xyz=np.concatenate(xyz_parts),
+    rgb=np.concatenate(rgb_parts),
+    labels=np.concatenate(label_parts),
+    instances=np.concatenate(instance_parts),
+    class_names=tuple(class_names),
+    instance_classes=tuple(instance_classes),
+    remapped=remapped,
+    skipped_lines=skipped,
+    ignored_copies=tuple(p.name for p in copies),
+  )
 
 
 def _cache_key(area, room_dir, files, class_names, unknown_class, skip_bad_lines) -> str:
@@ -322,10 +359,19 @@ def _cache_key(area, room_dir, files, class_names, unknown_class, skip_bad_lines
   for path in files:
     stat = path.stat()
     sources.append([path.name, stat.st_size, stat.st_mtime_ns])
-  return json.dumps({'version': _CACHE_VERSION, 'area': area, 'room': room_dir.name,
-                     'folder': str(room_dir.resolve()), 'sources': sources,
-                     'class_names': list(class_names), 'unknown_class': unknown_class,
-                     'skip_bad_lines': bool(skip_bad_lines)}, sort_keys=True)
+  return json.dumps(
+    {
+      'version': _CACHE_VERSION,
+      'area': area,
+      'room': room_dir.name,
+      'folder': str(room_dir.resolve()),
+      'sources': sources,
+      'class_names': list(class_names),
+      'unknown_class': unknown_class,
+      'skip_bad_lines': bool(skip_bad_lines),
+    },
+    sort_keys=True,
+  )
 
 
 def _load_cached(cache_path: pathlib.Path, key: str, room_dir: pathlib.Path, class_names) -> Room | None:
@@ -341,13 +387,26 @@ def _load_cached(cache_path: pathlib.Path, key: str, room_dir: pathlib.Path, cla
   except Exception as e:  # a damaged cache file is rebuilt, never trusted
     log.warning('%s: unreadable cache (%s: %s); rebuilding', cache_path, type(e).__name__, e)
     return None
-  room = Room(name=room_dir.name, area=meta['area'], path=room_dir, class_names=tuple(class_names),
-              instance_classes=tuple(meta['instance_classes']), remapped=meta['remapped'],
-              skipped_lines=meta['skipped_lines'], ignored_copies=tuple(meta['ignored_copies']), **arrays)
+  room = Room(
+    name=room_dir.name,
+    area=meta['area'],
+    path=room_dir,
+    class_names=tuple(class_names),
+    instance_classes=tuple(meta['instance_classes']),
+    remapped=meta['remapped'],
+    skipped_lines=meta['skipped_lines'],
+    ignored_copies=tuple(meta['ignored_copies']),
+    **arrays,
+  )
   # The warnings of the first read are repeated, so that a cached read is no quieter than a fresh one.
   for cls, count in room.remapped.items():
-    log.warning('%s: class %r is not in the class list; its %d point(s) are labelled %r (cached)', room_dir, cls,
-                count, meta['unknown_class'])
+    log.warning(
+      '%s: class %r is not in the class list; its %d point(s) are labelled %r (cached)',
+      room_dir,
+      cls,
+      count,
+      meta['unknown_class'],
+    )
   for name, count in room.skipped_lines.items():
     log.warning('%s: skip_bad_lines: dropped %d malformed line(s) (cached)', room_dir / ANNOTATIONS / name, count)
   for name in room.ignored_copies:
@@ -356,17 +415,35 @@ def _load_cached(cache_path: pathlib.Path, key: str, room_dir: pathlib.Path, cla
 
 
 def _store_cached(cache_path: pathlib.Path, key: str, room: Room, unknown_class) -> None:
-  meta = {'area': room.area, 'instance_classes': list(room.instance_classes), 'remapped': room.remapped,
-          'skipped_lines': room.skipped_lines, 'ignored_copies': list(room.ignored_copies),
-          'unknown_class': unknown_class}
+  meta = {
+    'area': room.area,
+    'instance_classes': list(room.instance_classes),
+    'remapped': room.remapped,
+    'skipped_lines': room.skipped_lines,
+    'ignored_copies': list(room.ignored_copies),
+    'unknown_class': unknown_class,
+  }
   buffer = io.BytesIO()
-  np.savez(buffer, key=np.array(key), meta=np.array(json.dumps(meta)), xyz=room.xyz, rgb=room.rgb,
-           labels=room.labels, instances=room.instances)
+  np.savez(
+    buffer,
+    key=np.array(key),
+    meta=np.array(json.dumps(meta)),
+    xyz=room.xyz,
+    rgb=room.rgb,
+    labels=room.labels,
+    instances=room.instances,
+  )
   atomic.atomic_write_bytes(cache_path, buffer.getvalue())
 
 
-def read_room(room_dir, *, class_names=S3DIS_CLASSES, unknown_class: str | None = 'clutter',
-              skip_bad_lines: bool = False, cache_dir=None) -> Room:
+def read_room(
+  room_dir,
+  *,
+  class_names=S3DIS_CLASSES,
+  unknown_class: str | None = 'clutter',
+  skip_bad_lines: bool = False,
+  cache_dir=None,
+) -> Room:
   """A labelled room from its Annotations/<class>_<k>.txt files (concatenated in file-name order).
 
   An annotation class missing from `class_names` (the real data has a few `stairs`) is labelled `unknown_class`,

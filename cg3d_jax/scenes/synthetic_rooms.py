@@ -35,9 +35,7 @@ FLOOR_GREY = np.array([128.0, 128.0, 128.0])
 
 # The procedural families are y-up; S3DIS is z-up. This proper rotation (det +1) takes object +y to scene +z:
 # (x, y, z)_object -> (x, -z, y)_scene.
-Z_UP_FROM_Y_UP = np.array([[1.0, 0.0, 0.0],
-                           [0.0, 0.0, -1.0],
-                           [0.0, 1.0, 0.0]])
+Z_UP_FROM_Y_UP = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +88,7 @@ def make_scene_object(settings: SceneSettings, family: str, rng: np.random.Gener
   probe, _ = shapes.sample_surface(rng, primitives, 8192)
   probe_centre = probe.mean(axis=0)
   metres_per_unit = radius_m / np.linalg.norm(probe - probe_centre, axis=1).max()
-  area_m2 = sum(area for _, area in primitives) * metres_per_unit ** 2
+  area_m2 = sum(area for _, area in primitives) * metres_per_unit**2
   n = max(16, int(round(settings.points_per_m2 * area_m2)))
   pts, _ = shapes.sample_surface(rng, primitives, n)
   pts = ((pts - probe_centre) * metres_per_unit) @ pose.T
@@ -127,9 +125,10 @@ def _place(settings: SceneSettings, radii: list[float], rng: np.random.Generator
     if len(centres) == len(radii):
       return np.array(centres)
   raise ValueError(
-      f'{room}: cannot place {len(radii)} objects with bounding radii {[round(r, 3) for r in radii]} m and '
-      f'min_gap={settings.min_gap} m on a floor of floor_size={settings.floor_size} m (rejection sampling gave up); '
-      'enlarge floor_size or reduce objects_per_room, object_radius or min_gap.')
+    f'{room}: cannot place {len(radii)} objects with bounding radii {[round(r, 3) for r in radii]} m and '
+    f'min_gap={settings.min_gap} m on a floor of floor_size={settings.floor_size} m (rejection sampling gave up); '
+    'enlarge floor_size or reduce objects_per_room, object_radius or min_gap.'
+  )
 
 
 def _lines(points: np.ndarray, colours: np.ndarray) -> bytes:
@@ -148,8 +147,10 @@ def make_room(settings: SceneSettings, room_index: int):
   rng = np.random.default_rng([settings.seed, settings.area, room_index])
   chosen = rng.choice(len(settings.families), size=settings.objects_per_room, replace=False)
   families = [settings.families[i] for i in chosen]
-  objects = [make_scene_object(settings, f, np.random.default_rng([settings.seed, settings.area, room_index, 1 + k]))
-             for k, f in enumerate(families)]
+  objects = [
+    make_scene_object(settings, f, np.random.default_rng([settings.seed, settings.area, room_index, 1 + k]))
+    for k, f in enumerate(families)
+  ]
   # Bounding circles from the points actually written (noise included), so no written point leaves its circle.
   radii = [float(np.linalg.norm(p[:, :2], axis=1).max()) for p, _ in objects]
   centres = _place(settings, radii, rng, room)
@@ -158,9 +159,15 @@ def make_room(settings: SceneSettings, room_index: int):
     pts = pts + np.array([c[0], c[1], 0.0])
     name = f'{family}_1.txt'  # families are distinct within a room
     files[name] = _lines(pts, cols)
-    records.append({'class': family, 'file': f'{room}/Annotations/{name}',
-                    'centre': [float(v) for v in pts.mean(axis=0)], 'radius': r,
-                    'num_points': len(pts)})
+    records.append(
+      {
+        'class': family,
+        'file': f'{room}/Annotations/{name}',
+        'centre': [float(v) for v in pts.mean(axis=0)],
+        'radius': r,
+        'num_points': len(pts),
+      }
+    )
   floor_pts, floor_cols = _floor(settings, np.random.default_rng([settings.seed, settings.area, room_index, 0]))
   files[f'{FLOOR_CLASS}_1.txt'] = _lines(floor_pts, floor_cols)
   return files, records, len(floor_pts)
@@ -173,8 +180,10 @@ def _check_settings(settings: SceneSettings) -> None:
   if FLOOR_CLASS in settings.families:
     raise ValueError(f'SceneSettings.families may not contain {FLOOR_CLASS!r}: it is the floor class')
   if not 0 < settings.objects_per_room <= len(settings.families):
-    raise ValueError(f'SceneSettings.objects_per_room={settings.objects_per_room} must be between 1 and the number '
-                     f'of families ({len(settings.families)}): each room holds distinct families')
+    raise ValueError(
+      f'SceneSettings.objects_per_room={settings.objects_per_room} must be between 1 and the number '
+      f'of families ({len(settings.families)}): each room holds distinct families'
+    )
   if settings.num_rooms < 1:
     raise ValueError(f'SceneSettings.num_rooms={settings.num_rooms} must be at least 1')
   lo, hi = settings.object_radius
@@ -195,8 +204,9 @@ def _refuse_foreign_annotations(room_dir: pathlib.Path, expected: set[str]) -> N
   annotations = room_dir / 'Annotations'
   stray = sorted(p.name for p in annotations.iterdir() if p.name not in expected) if annotations.exists() else []
   if stray:
-    raise ValueError(f'{annotations} holds files this writer would not write: {stray}; choose another folder or '
-                     'delete it.')
+    raise ValueError(
+      f'{annotations} holds files this writer would not write: {stray}; choose another folder or delete it.'
+    )
 
 
 def _settings_json(settings: SceneSettings):
@@ -217,8 +227,10 @@ def write_synthetic_scenes(root, settings: SceneSettings = SceneSettings()) -> p
     for name, data in files.items():
       atomic_write_bytes(area / room / 'Annotations' / name, data)
     atomic_write_bytes(area / room / f'{room}.txt', b''.join(files[name] for name in sorted(files)))
-    rooms[room] = {'objects': records,
-                   'floor': {'file': f'{room}/Annotations/{FLOOR_CLASS}_1.txt', 'num_points': floor_points}}
+    rooms[room] = {
+      'objects': records,
+      'floor': {'file': f'{room}/Annotations/{FLOOR_CLASS}_1.txt', 'num_points': floor_points},
+    }
   marker = {'settings': _settings_json(settings), 'area_dir': str(area.relative_to(root)), 'rooms': rooms}
   atomic_write_bytes(root / MARKER, json.dumps(marker, indent=1).encode())
   return area
@@ -233,16 +245,19 @@ def ensure_synthetic_scenes(root, settings: SceneSettings = SceneSettings()) -> 
     wanted = _settings_json(settings)
     if found == wanted:
       return area_dir(root, settings)
-    raise ValueError(f'{root} holds synthetic scenes with other settings ({found}); expected {wanted}. '
-                     'Choose another folder or delete this one.')
+    raise ValueError(
+      f'{root} holds synthetic scenes with other settings ({found}); expected {wanted}. '
+      'Choose another folder or delete this one.'
+    )
   return write_synthetic_scenes(root, settings)
 
 
 def read_marker(root) -> dict:
   marker = pathlib.Path(root) / MARKER
   if not marker.exists():
-    raise FileNotFoundError(f'{marker} not found: {root} is not a complete synthetic scene folder '
-                            '(write it with write_synthetic_scenes)')
+    raise FileNotFoundError(
+      f'{marker} not found: {root} is not a complete synthetic scene folder (write it with write_synthetic_scenes)'
+    )
   return json.loads(marker.read_text())
 
 

@@ -23,8 +23,11 @@ class DemoAssets:
 
   def overrides(self) -> list[str]:
     """The command-line overrides that point a config at these assets."""
-    return [f'--config.data.manual_dir={self.manual_dir}', f'--config.data.data_dir={self.data_dir}',
-            f'--config.clip.path={self.clip_path}']
+    return [
+      f'--config.data.manual_dir={self.manual_dir}',
+      f'--config.data.data_dir={self.data_dir}',
+      f'--config.clip.path={self.clip_path}',
+    ]
 
   def apply(self, config) -> None:
     config.data.manual_dir, config.data.data_dir, config.clip.path = self.manual_dir, self.data_dir, self.clip_path
@@ -34,23 +37,33 @@ def write(root, demo_config) -> DemoAssets:
   """Writes what is missing under `root` (shapenet55/, clip/; tfds/ is filled by the first training run)."""
   root = pathlib.Path(root).resolve()
   syn = demo_config.synthetic
-  settings = SyntheticSettings(seed=syn.seed, num_train_per_class=syn.num_train_per_class,
-                               num_test_per_class=syn.num_test_per_class, num_points=syn.num_points,
-                               image_size=syn.image_size, num_views=syn.num_views)
+  settings = SyntheticSettings(
+    seed=syn.seed,
+    num_train_per_class=syn.num_train_per_class,
+    num_test_per_class=syn.num_test_per_class,
+    num_points=syn.num_points,
+    image_size=syn.image_size,
+    num_views=syn.num_views,
+  )
   logging.info('demo: procedural dataset in %s', root / 'shapenet55')
   ensure_synthetic_shapenet(root / 'shapenet55', settings)
   kind = demo_config.get('clip_kind', 'transformers')
   if kind == 'slip':
-    return DemoAssets(manual_dir=str(root / 'shapenet55'), data_dir=str(root / 'tfds'),
-                      clip_path=_write_slip(root / 'slip.pt', demo_config.clip))
+    return DemoAssets(
+      manual_dir=str(root / 'shapenet55'),
+      data_dir=str(root / 'tfds'),
+      clip_path=_write_slip(root / 'slip.pt', demo_config.clip),
+    )
   if kind != 'transformers':
     raise ConfigError(f"config.demo.clip_kind={kind!r}: expected 'transformers' or 'slip'")
   clip_dir = root / 'clip'
   if not (clip_dir / 'config.json').is_file():
     vocab = demo_config.vocab_path
     if vocab and not pathlib.Path(vocab).is_file():
-      raise ConfigError(f'config.demo.vocab_path: the CLIP BPE vocabulary {vocab} does not exist (leave it unset to '
-                        "use the package's own copy)")
+      raise ConfigError(
+        f'config.demo.vocab_path: the CLIP BPE vocabulary {vocab} does not exist (leave it unset to '
+        "use the package's own copy)"
+      )
     logging.info('demo: writing a random CLIP to %s', clip_dir)
     write_random_clip(clip_dir, vocab_path=vocab or None, **dict(demo_config.clip))
   return DemoAssets(manual_dir=str(root / 'shapenet55'), data_dir=str(root / 'tfds'), clip_path=str(clip_dir))
@@ -59,11 +72,21 @@ def write(root, demo_config) -> DemoAssets:
 def _write_slip(path: pathlib.Path, sizes) -> str:
   for name in ('vision_width', 'text_width'):
     if sizes[name] % 64:
-      raise ConfigError(f'config.demo.clip.{name}={sizes[name]}: a SLIP tower\'s heads are width / 64, so the width '
-                        'must be a multiple of 64')
+      raise ConfigError(
+        f"config.demo.clip.{name}={sizes[name]}: a SLIP tower's heads are width / 64, so the width "
+        'must be a multiple of 64'
+      )
   if not path.is_file():
     logging.info('demo: writing a random SLIP checkpoint to %s', path)
-    write_random_slip(path, vision_width=sizes.vision_width, vision_layers=sizes.vision_layers,
-                      patch_size=sizes.patch_size, image_size=sizes.image_size, text_width=sizes.text_width,
-                      text_layers=sizes.text_layers, embed_dim=sizes.projection_dim, seed=sizes.seed)
+    write_random_slip(
+      path,
+      vision_width=sizes.vision_width,
+      vision_layers=sizes.vision_layers,
+      patch_size=sizes.patch_size,
+      image_size=sizes.image_size,
+      text_width=sizes.text_width,
+      text_layers=sizes.text_layers,
+      embed_dim=sizes.projection_dim,
+      seed=sizes.seed,
+    )
   return str(path)

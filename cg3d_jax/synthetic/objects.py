@@ -21,8 +21,19 @@ from cg3d_jax.atomic import atomic_write_bytes, atomic_write_npy, atomic_write_p
 from cg3d_jax.synthetic import render, shapes
 
 MARKER = 'synthetic.json'
-PALETTE = np.array([[200, 80, 70], [70, 130, 200], [90, 170, 90], [210, 170, 60], [150, 100, 190],
-                    [80, 170, 170], [190, 120, 60], [150, 150, 150]], float)
+PALETTE = np.array(
+  [
+    [200, 80, 70],
+    [70, 130, 200],
+    [90, 170, 90],
+    [210, 170, 60],
+    [150, 100, 190],
+    [80, 170, 170],
+    [190, 120, 60],
+    [150, 150, 150],
+  ],
+  float,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,11 +77,17 @@ def make_object(settings: SyntheticSettings, family: str, index: int):
   to_world = lambda p: ((p - centre) / radius * scale) @ pose.T  # noqa: E731
   cloud = to_world(pts) + rng.normal(0.0, settings.noise, size=pts.shape)
   # Renders use a denser sample of the same surface, so views have no holes at the chosen size.
-  dense_n = int(1.3 * settings.image_size ** 2)
+  dense_n = int(1.3 * settings.image_size**2)
   dpts, dnrm = shapes.sample_surface(rng, primitives, dense_n)
   colour = PALETTE[rng.integers(len(PALETTE))] * rng.uniform(0.85, 1.15)
-  views = render.orbit_views(to_world(dpts), dnrm @ pose.T, colour, num_views=settings.num_views,
-                             image_size=settings.image_size, azimuth0=rng.uniform(0, 2 * np.pi / settings.num_views))
+  views = render.orbit_views(
+    to_world(dpts),
+    dnrm @ pose.T,
+    colour,
+    num_views=settings.num_views,
+    image_size=settings.image_size,
+    azimuth0=rng.uniform(0, 2 * np.pi / settings.num_views),
+  )
   return cloud.astype(np.float32), views
 
 
@@ -102,9 +119,15 @@ def write_synthetic_shapenet(root, settings: SyntheticSettings = SyntheticSettin
         index += 1
   for split, lines in splits.items():
     atomic_write_bytes(root / f'{split}_img.txt', ('\n'.join(lines) + '\n').encode())
-  taxonomy = [{'synsetId': synset_id(list(shapes.FAMILIES).index(f)), 'name': f, 'children': [],
-               'numInstances': settings.num_train_per_class + settings.num_test_per_class}
-              for f in settings.families]
+  taxonomy = [
+    {
+      'synsetId': synset_id(list(shapes.FAMILIES).index(f)),
+      'name': f,
+      'children': [],
+      'numInstances': settings.num_train_per_class + settings.num_test_per_class,
+    }
+    for f in settings.families
+  ]
   atomic_write_bytes(root / 'taxonomy.json', json.dumps(taxonomy, indent=1).encode())
   atomic_write_bytes(root / 'shape_names.txt', ('\n'.join(settings.families) + '\n').encode())
   atomic_write_bytes(root / MARKER, json.dumps(dataclasses.asdict(settings), indent=1).encode())
@@ -120,6 +143,8 @@ def ensure_synthetic_shapenet(root, settings: SyntheticSettings = SyntheticSetti
     wanted = json.loads(json.dumps(dataclasses.asdict(settings)))
     if found == wanted:
       return root
-    raise ValueError(f'{root} holds a synthetic dataset with other settings ({found}); expected {wanted}. '
-                     'Choose another folder or delete this one.')
+    raise ValueError(
+      f'{root} holds a synthetic dataset with other settings ({found}); expected {wanted}. '
+      'Choose another folder or delete this one.'
+    )
   return write_synthetic_shapenet(root, settings)

@@ -36,8 +36,10 @@ def _unit(v: np.ndarray) -> np.ndarray:
 
 
 def _text_feature(direction, rng, noise):
-  return {'original': _unit(direction + noise * rng.standard_normal(direction.shape)).astype(np.float32),
-          'prompt_avg': _unit(direction + noise * rng.standard_normal(direction.shape)).astype(np.float32)}
+  return {
+    'original': _unit(direction + noise * rng.standard_normal(direction.shape)).astype(np.float32),
+    'prompt_avg': _unit(direction + noise * rng.standard_normal(direction.shape)).astype(np.float32),
+  }
 
 
 class ClipFeatures:
@@ -49,6 +51,7 @@ class ClipFeatures:
   def __init__(self, folder):
     import torch
     from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
     self._torch = torch
     self.model = CLIPModel.from_pretrained(folder, local_files_only=True).eval()
     self.tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
@@ -79,23 +82,37 @@ PROMPT_TEMPLATES = 'ulip'  # what ClipFeatures averages names over (the eval's `
 
 def _clip_features(clip: ClipFeatures, data: dict, name: str, views: list) -> dict:
   """The feature fields of one shape's dict from the CLIP: views -> image_feat (thumbnail: the first view)."""
+
   def text_pair(text):
     feature = clip.text([text])[0]
     return {'original': feature, 'prompt_avg': feature}
-  out = {'image_feat': clip.images(views),
-         'text_feat': [{'original': clip.text([t])[0], 'prompt_avg': clip.prompt_avg(name)} for t in data['text']],
-         'blip_caption_feat': text_pair(data['blip_caption']),
-         'msft_caption_feat': text_pair(data['msft_caption'] or name),
-         'retrieval_text_feat': [{'original': clip.text([t])[0]} for t in data['retrieval_text']]}
+
+  out = {
+    'image_feat': clip.images(views),
+    'text_feat': [{'original': clip.text([t])[0], 'prompt_avg': clip.prompt_avg(name)} for t in data['text']],
+    'blip_caption_feat': text_pair(data['blip_caption']),
+    'msft_caption_feat': text_pair(data['msft_caption'] or name),
+    'retrieval_text_feat': [{'original': clip.text([t])[0]} for t in data['retrieval_text']],
+  }
   if 'thumbnail_feat' in data:
     out['thumbnail_feat'] = out['image_feat'][0]
   return out
 
 
-def write_openshape_layout(root, *, classes=('sphere', 'box', 'cylinder', 'torus', 'cone', 'table'),
-                           train_per_class: int = 6, lvis_per_class: int = 3, num_points: int = 2048,
-                           feature_dim: int = 32, views: int = 12, noise: float = 0.3, seed: int = 0,
-                           render_size: int = 0, clip_folder=None) -> pathlib.Path:
+def write_openshape_layout(
+  root,
+  *,
+  classes=('sphere', 'box', 'cylinder', 'torus', 'cone', 'table'),
+  train_per_class: int = 6,
+  lvis_per_class: int = 3,
+  num_points: int = 2048,
+  feature_dim: int = 32,
+  views: int = 12,
+  noise: float = 0.3,
+  seed: int = 0,
+  render_size: int = 0,
+  clip_folder=None,
+) -> pathlib.Path:
   """Writes the layout under `root` and returns it. Training objects alternate between Objaverse and ShapeNet
   entries (the two target-sampling rules); the LVIS-style evaluation set is Objaverse objects of every class.
   render_size > 0 also writes OpenShape's raw renders, rendered_images/<uid>/colors_{0..11}.png of that size.
@@ -124,21 +141,25 @@ def write_openshape_layout(root, *, classes=('sphere', 'box', 'cylinder', 'torus
       if render_size:  # the renderer orbits the y axis: the stored y-up object stands upright
         folder = root / 'rendered_images' / uid
         folder.mkdir(parents=True, exist_ok=True)
-        renders = orbit_views(xyz, normals[:, [0, 2, 1]], colours[c] * 255, num_views=RENDER_VIEWS,
-                              image_size=render_size)
+        renders = orbit_views(
+          xyz, normals[:, [0, 2, 1]], colours[c] * 255, num_views=RENDER_VIEWS, image_size=render_size
+        )
         for k, view in enumerate(renders):
           Image.fromarray(view).save(folder / f'colors_{k}.png')
       rgb = np.clip(colours[c] + 0.05 * rng.standard_normal((num_points, 3)), 0, 1)
       direction = directions[c]
       data = {
-          'xyz': xyz.astype(np.float32), 'rgb': rgb.astype(np.float32),
-          'image_feat': _unit(direction + noise * rng.standard_normal((views, feature_dim))).astype(np.float32),
-          'text': [f'a {name}'], 'text_feat': [_text_feature(direction, rng, noise)],
-          'blip_caption': f'a 3d model of a {name}', 'blip_caption_feat': _text_feature(direction, rng, noise),
-          'msft_caption': '' if i % 3 == 0 else f'a {name} shape',
-          'msft_caption_feat': _text_feature(direction, rng, noise),
-          'retrieval_text': [f'{name} object', f'{name}'],
-          'retrieval_text_feat': [_text_feature(direction, rng, noise) for _ in range(2)],
+        'xyz': xyz.astype(np.float32),
+        'rgb': rgb.astype(np.float32),
+        'image_feat': _unit(direction + noise * rng.standard_normal((views, feature_dim))).astype(np.float32),
+        'text': [f'a {name}'],
+        'text_feat': [_text_feature(direction, rng, noise)],
+        'blip_caption': f'a 3d model of a {name}',
+        'blip_caption_feat': _text_feature(direction, rng, noise),
+        'msft_caption': '' if i % 3 == 0 else f'a {name} shape',
+        'msft_caption_feat': _text_feature(direction, rng, noise),
+        'retrieval_text': [f'{name} object', f'{name}'],
+        'retrieval_text_feat': [_text_feature(direction, rng, noise) for _ in range(2)],
       }
       if dataset == 'Objaverse':
         data['thumbnail_feat'] = _unit(direction + noise * rng.standard_normal(feature_dim)).astype(np.float32)
@@ -161,7 +182,8 @@ def write_openshape_layout(root, *, classes=('sphere', 'box', 'cylinder', 'torus
   (meta / 'split' / 'train_no_lvis.json').write_text(json.dumps(split, indent=1))
   (meta / 'split' / 'ablation').mkdir(exist_ok=True)
   (meta / 'split' / 'ablation' / 'train_shapenet_only.json').write_text(
-      json.dumps([entry for entry in split if entry['dataset'] == 'ShapeNet'], indent=1))
+    json.dumps([entry for entry in split if entry['dataset'] == 'ShapeNet'], indent=1)
+  )
   (meta / 'split' / 'lvis.json').write_text(json.dumps(lvis, indent=1))
   (meta / 'gpt4_filtering.json').write_text(json.dumps(flags, indent=1))
   if clip is not None:  # the class tables are the CLIP's too
@@ -169,8 +191,9 @@ def write_openshape_layout(root, *, classes=('sphere', 'box', 'cylinder', 'torus
   order = np.argsort(np.array(classes))  # OpenShape's categories are sorted names
   np.save(meta / 'lvis_cat_name_pt_feat.npy', directions[order].astype(np.float32))
   # Uni3D lists the same shapes with ids in its own (here: the writer's) class order; paths begin with '/'.
-  (root / 'lvis_testset.txt').write_text(''.join(
-      f'{classes.index(e["category"])},{e["category"]},{e["uid"]},/{e["data_path"]}\n' for e in lvis))
+  (root / 'lvis_testset.txt').write_text(
+    ''.join(f'{classes.index(e["category"])},{e["category"]},{e["uid"]},/{e["data_path"]}\n' for e in lvis)
+  )
   _write_test_sets(root, classes, directions, colours, rng, num_points, clip)
   return root
 
@@ -183,30 +206,43 @@ def _write_test_sets(root: pathlib.Path, classes, directions, colours, rng, num_
   for c, name in enumerate(classes):
     for i in range(2):
       xyz, _ = sample_surface(rng, FAMILIES[name](rng), num_points)
-      clouds.append({'xyz': normalize_unit_sphere_np(xyz)[:, [0, 2, 1]],
-                     'rgb': np.full((num_points, 3), 102.0, np.float32)})  # OpenShape's ~0.4 grey, stored 0-255
+      clouds.append(
+        {'xyz': normalize_unit_sphere_np(xyz)[:, [0, 2, 1]], 'rgb': np.full((num_points, 3), 102.0, np.float32)}
+      )  # OpenShape's ~0.4 grey, stored 0-255
       split.append({'name': f'{name}_{i:04d}', 'category': name})
   holder = np.empty(len(clouds), dtype=object)
   holder[:] = clouds
   np.save(folder / 'test_pc.npy', holder, allow_pickle=True)
   (folder / 'test_split.json').write_text(json.dumps(split, indent=1))
   # The feature dict's key order is the class order (reversed here, so that a reader that sorts would be wrong).
-  np.save(folder / 'cat_name_pt_feat.npy', {name: {'open_clip_text_feat': directions[c][None].astype(np.float32)}
-                                            for c, name in reversed(list(enumerate(classes)))}, allow_pickle=True)
+  np.save(
+    folder / 'cat_name_pt_feat.npy',
+    {
+      name: {'open_clip_text_feat': directions[c][None].astype(np.float32)}
+      for c, name in reversed(list(enumerate(classes)))
+    },
+    allow_pickle=True,
+  )
 
   folder = root / 'meta_data' / 'scanobjectnn'
   folder.mkdir(parents=True, exist_ok=True)
   names = SCANOBJECTNN_CLASSES
   xyz, labels = [], []
-  for c, name in enumerate(classes[:len(names)]):
+  for c, name in enumerate(classes[: len(names)]):
     for _ in range(2):
       points, _ = sample_surface(rng, FAMILIES[name](rng), num_points)
       xyz.append(normalize_unit_sphere_np(points)[:, [0, 2, 1]])
       labels.append(c)
-  np.save(folder / 'xyz_label.npy', {'xyz': np.stack(xyz).astype(np.float32), 'label': np.array(labels)},
-          allow_pickle=True)
-  extra = (np.stack([clip.prompt_avg(name) for name in names]) if clip is not None else
-           _unit(rng.standard_normal((len(names), directions.shape[1]))))
-  features = {name: {'open_clip_text_feat': (directions[c] if c < len(classes) else extra[c])[None]
-                     .astype(np.float32)} for c, name in enumerate(names)}
+  np.save(
+    folder / 'xyz_label.npy', {'xyz': np.stack(xyz).astype(np.float32), 'label': np.array(labels)}, allow_pickle=True
+  )
+  extra = (
+    np.stack([clip.prompt_avg(name) for name in names])
+    if clip is not None
+    else _unit(rng.standard_normal((len(names), directions.shape[1])))
+  )
+  features = {
+    name: {'open_clip_text_feat': (directions[c] if c < len(classes) else extra[c])[None].astype(np.float32)}
+    for c, name in enumerate(names)
+  }
   np.save(folder / 'cat_name_pt_feat.npy', features, allow_pickle=True)

@@ -18,8 +18,17 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # ViT-B/16-shaped CLIP (the size CG3D prompts): for benchmarks and the large parity test.
-VIT_B16 = dict(vision_width=768, vision_layers=12, vision_heads=12, patch_size=16, image_size=224,
-               text_width=512, text_layers=12, text_heads=8, projection_dim=512)
+VIT_B16 = dict(
+  vision_width=768,
+  vision_layers=12,
+  vision_heads=12,
+  patch_size=16,
+  image_size=224,
+  text_width=512,
+  text_layers=12,
+  text_heads=8,
+  projection_dim=512,
+)
 
 
 def write_tokenizer(folder, vocab_path, context_length: int = 77) -> None:
@@ -39,10 +48,18 @@ def write_tokenizer(folder, vocab_path, context_length: int = 77) -> None:
 def preprocessor_config(image_size: int) -> dict:
   """CLIPImageProcessor settings as OpenAI CLIP folders carry them (shortest side, centre crop, CLIP mean/std)."""
   return {
-      'image_processor_type': 'CLIPImageProcessor', 'do_resize': True, 'size': {'shortest_edge': image_size},
-      'resample': 3, 'do_center_crop': True, 'crop_size': {'height': image_size, 'width': image_size},
-      'do_rescale': True, 'rescale_factor': 1 / 255, 'do_normalize': True, 'image_mean': list(OPENAI_CLIP_MEAN),
-      'image_std': list(OPENAI_CLIP_STD), 'do_convert_rgb': True,
+    'image_processor_type': 'CLIPImageProcessor',
+    'do_resize': True,
+    'size': {'shortest_edge': image_size},
+    'resample': 3,
+    'do_center_crop': True,
+    'crop_size': {'height': image_size, 'width': image_size},
+    'do_rescale': True,
+    'rescale_factor': 1 / 255,
+    'do_normalize': True,
+    'image_mean': list(OPENAI_CLIP_MEAN),
+    'image_std': list(OPENAI_CLIP_STD),
+    'do_convert_rgb': True,
   }
 
 
@@ -58,11 +75,27 @@ def _perturb_norms_and_biases(model, seed: int) -> None:
         tensor.add_(0.1 * torch.randn(tensor.shape, generator=generator))
 
 
-def write_random_clip(path, *, vision_width: int = 64, vision_layers: int = 2, vision_heads: int = 4,
-                      patch_size: int = 8, image_size: int = 32, text_width: int = 48, text_layers: int = 2,
-                      text_heads: int = 4, projection_dim: int = 32, hidden_act: str = 'quick_gelu',
-                      eos_token_id: int = 2, vocab_path=None, seed: int = 0, mlp_ratio: int = 4,
-                      layer_norm_eps: float = 1e-5, vocab_size: int | None = None, overwrite: bool = False) -> str:
+def write_random_clip(
+  path,
+  *,
+  vision_width: int = 64,
+  vision_layers: int = 2,
+  vision_heads: int = 4,
+  patch_size: int = 8,
+  image_size: int = 32,
+  text_width: int = 48,
+  text_layers: int = 2,
+  text_heads: int = 4,
+  projection_dim: int = 32,
+  hidden_act: str = 'quick_gelu',
+  eos_token_id: int = 2,
+  vocab_path=None,
+  seed: int = 0,
+  mlp_ratio: int = 4,
+  layer_norm_eps: float = 1e-5,
+  vocab_size: int | None = None,
+  overwrite: bool = False,
+) -> str:
   """Writes a random CLIPModel folder at `path` and returns it. `vocab_path`: the real BPE gz (default: the copy
   the package ships).
 
@@ -82,14 +115,30 @@ def write_random_clip(path, *, vision_width: int = 64, vision_layers: int = 2, v
   if vocab_size is not None and vocab_size < len(vocab):
     raise ValueError(f'vocab_size {vocab_size} is smaller than the BPE vocabulary ({len(vocab)} tokens)')
   text_config = dict(
-      vocab_size=vocab_size or len(vocab), hidden_size=text_width, intermediate_size=mlp_ratio * text_width,
-      num_hidden_layers=text_layers, num_attention_heads=text_heads, max_position_embeddings=77,
-      hidden_act=hidden_act, layer_norm_eps=layer_norm_eps, bos_token_id=vocab[START_OF_TEXT],
-      eos_token_id=eos_token_id, pad_token_id=1, projection_dim=projection_dim)
+    vocab_size=vocab_size or len(vocab),
+    hidden_size=text_width,
+    intermediate_size=mlp_ratio * text_width,
+    num_hidden_layers=text_layers,
+    num_attention_heads=text_heads,
+    max_position_embeddings=77,
+    hidden_act=hidden_act,
+    layer_norm_eps=layer_norm_eps,
+    bos_token_id=vocab[START_OF_TEXT],
+    eos_token_id=eos_token_id,
+    pad_token_id=1,
+    projection_dim=projection_dim,
+  )
   vision_config = dict(
-      hidden_size=vision_width, intermediate_size=mlp_ratio * vision_width, num_hidden_layers=vision_layers,
-      num_attention_heads=vision_heads, patch_size=patch_size, image_size=image_size, hidden_act=hidden_act,
-      layer_norm_eps=layer_norm_eps, projection_dim=projection_dim)
+    hidden_size=vision_width,
+    intermediate_size=mlp_ratio * vision_width,
+    num_hidden_layers=vision_layers,
+    num_attention_heads=vision_heads,
+    patch_size=patch_size,
+    image_size=image_size,
+    hidden_act=hidden_act,
+    layer_norm_eps=layer_norm_eps,
+    projection_dim=projection_dim,
+  )
   config = CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=projection_dim)
   torch.manual_seed(seed)
   model = CLIPModel(config).eval()
@@ -112,14 +161,33 @@ def write_random_clip(path, *, vision_width: int = 64, vision_layers: int = 2, v
 
 
 # SLIP ViT-B/16's shapes (slip_base_100ep.pt): the size CG3D trains against.
-SLIP_VIT_B16 = dict(vision_width=768, vision_layers=12, vision_heads=12, patch_size=16, image_size=224,
-                    text_width=512, text_layers=12, embed_dim=512)
+SLIP_VIT_B16 = dict(
+  vision_width=768,
+  vision_layers=12,
+  vision_heads=12,
+  patch_size=16,
+  image_size=224,
+  text_width=512,
+  text_layers=12,
+  embed_dim=512,
+)
 
 
-def slip_state_dict(*, vision_width: int = 128, vision_layers: int = 2, patch_size: int = 8, image_size: int = 32,
-                    text_width: int = 128, text_layers: int = 2, embed_dim: int = 32, vocab_size: int = 49408,
-                    context_length: int = 77, ssl_mlp_dim: int = 64, ssl_emb_dim: int = 32,
-                    seed: int = 0) -> dict:
+def slip_state_dict(
+  *,
+  vision_width: int = 128,
+  vision_layers: int = 2,
+  patch_size: int = 8,
+  image_size: int = 32,
+  text_width: int = 128,
+  text_layers: int = 2,
+  embed_dim: int = 32,
+  vocab_size: int = 49408,
+  context_length: int = 77,
+  ssl_mlp_dim: int = 64,
+  ssl_emb_dim: int = 32,
+  seed: int = 0,
+) -> dict:
   """A random SLIP state dict in SLIP's own names and order (timm ViT `visual.*`, OpenAI text tower, projections,
   `logit_scale`, the SSL head `image_mlp.*`), without the 'module.' prefix. LayerNorms and biases are random too, so
   that a converter that drops or swaps one cannot pass."""
@@ -135,7 +203,7 @@ def slip_state_dict(*, vision_width: int = 128, vision_layers: int = 2, patch_si
     state[name] = torch.from_numpy((mean + std * rng.standard_normal(shape)).astype(np.float32))
 
   def linear(name, out_dim, in_dim):
-    put(f'{name}.weight', (out_dim, in_dim), std=in_dim ** -0.5)
+    put(f'{name}.weight', (out_dim, in_dim), std=in_dim**-0.5)
     put(f'{name}.bias', (out_dim,), std=0.1)
 
   def norm(name, width):
@@ -145,7 +213,7 @@ def slip_state_dict(*, vision_width: int = 128, vision_layers: int = 2, patch_si
   grid = image_size // patch_size
   put('visual.cls_token', (1, 1, vision_width))
   put('visual.pos_embed', (1, grid * grid + 1, vision_width))
-  put('visual.patch_embed.proj.weight', (vision_width, 3, patch_size, patch_size), std=(3 * patch_size ** 2) ** -0.5)
+  put('visual.patch_embed.proj.weight', (vision_width, 3, patch_size, patch_size), std=(3 * patch_size**2) ** -0.5)
   put('visual.patch_embed.proj.bias', (vision_width,), std=0.1)
   for i in range(vision_layers):
     block = f'visual.blocks.{i}'
@@ -158,7 +226,7 @@ def slip_state_dict(*, vision_width: int = 128, vision_layers: int = 2, patch_si
   norm('visual.norm', vision_width)
   for i in range(text_layers):
     block = f'transformer.resblocks.{i}'
-    put(f'{block}.attn.in_proj_weight', (3 * text_width, text_width), std=text_width ** -0.5)
+    put(f'{block}.attn.in_proj_weight', (3 * text_width, text_width), std=text_width**-0.5)
     put(f'{block}.attn.in_proj_bias', (3 * text_width,), std=0.1)
     linear(f'{block}.attn.out_proj', text_width, text_width)
     norm(f'{block}.ln_1', text_width)
@@ -168,11 +236,12 @@ def slip_state_dict(*, vision_width: int = 128, vision_layers: int = 2, patch_si
   put('token_embedding.weight', (vocab_size, text_width))
   put('positional_embedding', (context_length, text_width), std=0.01)
   norm('ln_final', text_width)
-  put('image_projection', (vision_width, embed_dim), std=vision_width ** -0.5)
-  put('text_projection', (text_width, embed_dim), std=text_width ** -0.5)
+  put('image_projection', (vision_width, embed_dim), std=vision_width**-0.5)
+  put('text_projection', (text_width, embed_dim), std=text_width**-0.5)
   state['logit_scale'] = torch.tensor(float(np.log(1 / 0.07)))
-  for layer, (out_dim, in_dim) in enumerate([(ssl_mlp_dim, vision_width), (ssl_mlp_dim, ssl_mlp_dim),
-                                             (ssl_emb_dim, ssl_mlp_dim)], start=1):
+  for layer, (out_dim, in_dim) in enumerate(
+    [(ssl_mlp_dim, vision_width), (ssl_mlp_dim, ssl_mlp_dim), (ssl_emb_dim, ssl_mlp_dim)], start=1
+  ):
     linear(f'image_mlp.layer{layer}', out_dim, in_dim)
     if layer < 3:
       norm(f'image_mlp.bn{layer}', out_dim)
@@ -192,10 +261,24 @@ def write_slip_checkpoint(path, state_dict, *, model: str = 'SLIP_VITB16', epoch
 
   from cg3d_jax.atomic import atomic_write
 
-  args = argparse.Namespace(model=model, ssl_mlp_dim=4096, ssl_emb_dim=256, ssl_temp=0.1, ssl_scale=1.0,
-                            epochs=epoch, lr=3e-3, wd=0.1, batch_size=64, output_dir='./')
-  container = {'epoch': epoch, 'state_dict': {f'module.{k}': v for k, v in state_dict.items()}, 'args': args,
-               'best_acc1': 0.0}
+  args = argparse.Namespace(
+    model=model,
+    ssl_mlp_dim=4096,
+    ssl_emb_dim=256,
+    ssl_temp=0.1,
+    ssl_scale=1.0,
+    epochs=epoch,
+    lr=3e-3,
+    wd=0.1,
+    batch_size=64,
+    output_dir='./',
+  )
+  container = {
+    'epoch': epoch,
+    'state_dict': {f'module.{k}': v for k, v in state_dict.items()},
+    'args': args,
+    'best_acc1': 0.0,
+  }
   buffer = io.BytesIO()
   torch.save(container, buffer)
   atomic_write(path, lambda f: f.write(buffer.getvalue()))

@@ -19,8 +19,16 @@ def look_at_rotation(azimuth: float, elevation: float) -> np.ndarray:
   return np.stack([right, up, forward])
 
 
-def render_view(points: np.ndarray, normals: np.ndarray, colour: np.ndarray, *, azimuth: float, elevation: float,
-                image_size: int, extent: float = 1.1) -> np.ndarray:
+def render_view(
+  points: np.ndarray,
+  normals: np.ndarray,
+  colour: np.ndarray,
+  *,
+  azimuth: float,
+  elevation: float,
+  image_size: int,
+  extent: float = 1.1,
+) -> np.ndarray:
   """Orthographic render (image_size, image_size, 3) uint8 of oriented points; `extent` is the half-width shown."""
   rotation = look_at_rotation(azimuth, elevation)
   cam = points @ rotation.T
@@ -54,8 +62,20 @@ def render_view(points: np.ndarray, normals: np.ndarray, colour: np.ndarray, *, 
   return image.reshape(image_size, image_size, 3)
 
 
-def orbit_views(points: np.ndarray, normals: np.ndarray, colour: np.ndarray, *, num_views: int, image_size: int,
-                elevation: float = np.deg2rad(25.0), azimuth0: float = np.deg2rad(30.0)) -> list[np.ndarray]:
+def orbit_views(
+  points: np.ndarray,
+  normals: np.ndarray,
+  colour: np.ndarray,
+  *,
+  num_views: int,
+  image_size: int,
+  elevation: float = np.deg2rad(25.0),
+  azimuth0: float = np.deg2rad(30.0),
+) -> list[np.ndarray]:
   """`num_views` renders evenly spaced around the object, as ShapeNet render sets are."""
-  return [render_view(points, normals, colour, azimuth=azimuth0 + 2 * np.pi * i / num_views, elevation=elevation,
-                      image_size=image_size) for i in range(num_views)]
+  return [
+    render_view(
+      points, normals, colour, azimuth=azimuth0 + 2 * np.pi * i / num_views, elevation=elevation, image_size=image_size
+    )
+    for i in range(num_views)
+  ]

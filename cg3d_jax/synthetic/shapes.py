@@ -37,8 +37,22 @@ def triangles(vertices: np.ndarray, faces: np.ndarray, offset=(0.0, 0.0, 0.0)) -
 def box(size, offset=(0.0, 0.0, 0.0)) -> Primitive:
   sx, sy, sz = np.asarray(size) / 2
   v = np.array([[x, y, z] for x in (-sx, sx) for y in (-sy, sy) for z in (-sz, sz)])
-  faces = np.array([[0, 1, 3], [0, 3, 2], [4, 6, 7], [4, 7, 5], [0, 4, 5], [0, 5, 1],
-                    [2, 3, 7], [2, 7, 6], [0, 2, 6], [0, 6, 4], [1, 5, 7], [1, 7, 3]])
+  faces = np.array(
+    [
+      [0, 1, 3],
+      [0, 3, 2],
+      [4, 6, 7],
+      [4, 7, 5],
+      [0, 4, 5],
+      [0, 5, 1],
+      [2, 3, 7],
+      [2, 7, 6],
+      [0, 2, 6],
+      [0, 6, 4],
+      [1, 5, 7],
+      [1, 7, 3],
+    ]
+  )
   return triangles(v, faces, offset)
 
 
@@ -69,7 +83,7 @@ def ellipsoid(radii, offset=(0.0, 0.0, 0.0), y_range=(-1.0, 1.0)) -> Primitive:
     # Uniform in y on the unit sphere is uniform in area (Archimedes); good enough for mildly stretched ellipsoids.
     y = rng.uniform(*y_range, size=n)
     phi = rng.uniform(0, 2 * np.pi, size=n)
-    r = np.sqrt(np.clip(1 - y ** 2, 0, None))
+    r = np.sqrt(np.clip(1 - y**2, 0, None))
     u = np.stack([r * np.cos(phi), y, r * np.sin(phi)], axis=1)
     return u * radii + np.asarray(offset), _normalise(u / radii)
 
@@ -80,7 +94,7 @@ def frustum(r_bottom, r_top, height, offset=(0.0, 0.0, 0.0), caps=True) -> Primi
   """A truncated cone along y from y=0 to y=height (a cylinder when the radii match, a cone when r_top = 0)."""
   slant = np.hypot(height, r_bottom - r_top)
   side = np.pi * (r_bottom + r_top) * slant
-  cap_b, cap_t = (np.pi * r_bottom ** 2, np.pi * r_top ** 2) if caps else (0.0, 0.0)
+  cap_b, cap_t = (np.pi * r_bottom**2, np.pi * r_top**2) if caps else (0.0, 0.0)
   total = side + cap_b + cap_t
 
   def sample(rng, n):
@@ -89,7 +103,7 @@ def frustum(r_bottom, r_top, height, offset=(0.0, 0.0, 0.0), caps=True) -> Primi
     # Side: area density grows with the radius, so draw t with density proportional to r(t).
     s = rng.uniform(size=n)
     if abs(r_bottom - r_top) > 1e-9:
-      t = (r_bottom - np.sqrt(r_bottom ** 2 - s * (r_bottom ** 2 - r_top ** 2))) / (r_bottom - r_top)
+      t = (r_bottom - np.sqrt(r_bottom**2 - s * (r_bottom**2 - r_top**2))) / (r_bottom - r_top)
     else:
       t = s
     r = r_bottom + (r_top - r_bottom) * t
@@ -99,8 +113,9 @@ def frustum(r_bottom, r_top, height, offset=(0.0, 0.0, 0.0), caps=True) -> Primi
     r = np.where(part == 0, r, rc * np.where(part == 1, r_bottom, r_top))
     y = np.where(part == 0, y, np.where(part == 1, 0.0, height))
     pts = np.stack([r * np.cos(phi), y, r * np.sin(phi)], 1) + np.asarray(offset)
-    normals = np.where((part == 0)[:, None], normal_side,
-                       np.where((part == 1)[:, None], [[0.0, -1.0, 0.0]], [[0.0, 1.0, 0.0]]))
+    normals = np.where(
+      (part == 0)[:, None], normal_side, np.where((part == 1)[:, None], [[0.0, -1.0, 0.0]], [[0.0, 1.0, 0.0]])
+    )
     return pts, _normalise(normals)
 
   return sample, float(total)
@@ -123,7 +138,7 @@ def torus(major, minor, offset=(0.0, 0.0, 0.0), axis='y') -> Primitive:
       pts, normal = pts[:, [0, 2, 1]], normal[:, [0, 2, 1]]
     return pts + np.asarray(offset), normal
 
-  return sample, float(4 * np.pi ** 2 * major * minor)
+  return sample, float(4 * np.pi**2 * major * minor)
 
 
 def _u(rng, lo, hi):
@@ -160,8 +175,11 @@ def _pyramid(rng):
 
 def _capsule(rng):
   r, h = _u(rng, 0.25, 0.45), _u(rng, 0.8, 1.5)
-  return [frustum(r, r, h, offset=(0, -h / 2, 0), caps=False), ellipsoid([r] * 3, (0, h / 2, 0), (0.0, 1.0)),
-          ellipsoid([r] * 3, (0, -h / 2, 0), (-1.0, 0.0))]
+  return [
+    frustum(r, r, h, offset=(0, -h / 2, 0), caps=False),
+    ellipsoid([r] * 3, (0, h / 2, 0), (0.0, 1.0)),
+    ellipsoid([r] * 3, (0, -h / 2, 0), (-1.0, 0.0)),
+  ]
 
 
 def _table(rng):
@@ -175,8 +193,11 @@ def _table(rng):
 
 def _dumbbell(rng):
   r, length, rod = _u(rng, 0.25, 0.4), _u(rng, 1.0, 1.6), _u(rng, 0.06, 0.12)
-  return [ellipsoid([r] * 3, (0, length / 2, 0)), ellipsoid([r] * 3, (0, -length / 2, 0)),
-          frustum(rod, rod, length, offset=(0, -length / 2, 0), caps=False)]
+  return [
+    ellipsoid([r] * 3, (0, length / 2, 0)),
+    ellipsoid([r] * 3, (0, -length / 2, 0)),
+    frustum(rod, rod, length, offset=(0, -length / 2, 0), caps=False),
+  ]
 
 
 def _hourglass(rng):
@@ -199,9 +220,19 @@ def _prism(rng):
 
 
 FAMILIES = {
-    'sphere': _sphere, 'box': _box, 'cylinder': _cylinder, 'cone': _cone, 'torus': _torus, 'pyramid': _pyramid,
-    'capsule': _capsule, 'table': _table, 'dumbbell': _dumbbell, 'hourglass': _hourglass, 'mug': _mug,
-    'cross': _cross, 'prism': _prism,
+  'sphere': _sphere,
+  'box': _box,
+  'cylinder': _cylinder,
+  'cone': _cone,
+  'torus': _torus,
+  'pyramid': _pyramid,
+  'capsule': _capsule,
+  'table': _table,
+  'dumbbell': _dumbbell,
+  'hourglass': _hourglass,
+  'mug': _mug,
+  'cross': _cross,
+  'prism': _prism,
 }
 
 

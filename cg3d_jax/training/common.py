@@ -28,8 +28,10 @@ def check_batch_sizes(config, mesh: jax.sharding.Mesh, names=('train', 'eval')) 
   for name in names:
     size = config[name].batch_size
     if size < 1 or size % mesh.size:
-      raise ConfigError(f'config.{name}.batch_size={size} must be a positive multiple of the {mesh.size} devices '
-                        f'of the mesh, e.g. --config.{name}.batch_size={mesh.size * max(1, size // mesh.size)}')
+      raise ConfigError(
+        f'config.{name}.batch_size={size} must be a positive multiple of the {mesh.size} devices '
+        f'of the mesh, e.g. --config.{name}.batch_size={mesh.size * max(1, size // mesh.size)}'
+      )
 
 
 def validate_config(config, *, device_count: int) -> None:
@@ -37,17 +39,20 @@ def validate_config(config, *, device_count: int) -> None:
   for name in ('train', 'eval'):
     size = config[name].get('batch_size')
     if not isinstance(size, int) or size < 1 or size % device_count:
-      raise ConfigError(f'config.{name}.batch_size={size!r} must be a positive multiple of the {device_count} devices '
-                        f'the batch is split over, e.g. --config.{name}.batch_size='
-                        f'{device_count * max(1, (size if isinstance(size, int) else 0) // device_count)}')
+      raise ConfigError(
+        f'config.{name}.batch_size={size!r} must be a positive multiple of the {device_count} devices '
+        f'the batch is split over, e.g. --config.{name}.batch_size='
+        f'{device_count * max(1, (size if isinstance(size, int) else 0) // device_count)}'
+      )
   steps, epochs = config.train.get('total_steps'), config.train.get('epochs')
   if steps is not None and (not isinstance(steps, int) or steps < 0):
     raise ConfigError(f'config.train.total_steps={steps!r} must be a non-negative integer (0 or unset: from epochs)')
   if not steps and not (isinstance(epochs, (int, float)) and epochs > 0):
     raise ConfigError(f'config.train.epochs={epochs!r} must be positive when config.train.total_steps is unset')
   if config.model.get('encoder') not in ('point_transformer', 'pointmlp'):
-    raise ConfigError(f"config.model.encoder={config.model.get('encoder')!r}: expected 'point_transformer' or "
-                      "'pointmlp'")
+    raise ConfigError(
+      f"config.model.encoder={config.model.get('encoder')!r}: expected 'point_transformer' or 'pointmlp'"
+    )
   channels = config.model.get('in_channels', 3)
   if channels not in (3, 6):
     raise ConfigError(f'config.model.in_channels={channels!r}: expected 3 (xyz) or 6 (xyz + rgb)')
@@ -60,8 +65,9 @@ def validate_config(config, *, device_count: int) -> None:
       raise ConfigError(f'config.{group}.attention={attention!r}: expected one of {list(ATTENTION_IMPLEMENTATIONS)}')
     remat = config[group].get('remat', 'none') if group in config else 'none'
     if not (isinstance(remat, bool) or remat in REMAT_POLICIES):
-      raise ConfigError(f'config.{group}.remat={remat!r}: expected one of {list(REMAT_POLICIES)} (what was True is '
-                        "now 'full')")
+      raise ConfigError(
+        f"config.{group}.remat={remat!r}: expected one of {list(REMAT_POLICIES)} (what was True is now 'full')"
+      )
 
 
 def total_steps(config, steps_per_epoch: int) -> int:
@@ -75,15 +81,22 @@ def total_steps(config, steps_per_epoch: int) -> int:
 
 def place_state(state: dict, mesh: jax.sharding.Mesh, config) -> tuple[dict, Any]:
   """The train state on its shardings (sharding.state_shardings), and those shardings."""
-  shardings = sharding.state_shardings(jax.eval_shape(lambda s: s, state), mesh,
-                                       min_fsdp_size=config.mesh.min_fsdp_size)
+  shardings = sharding.state_shardings(
+    jax.eval_shape(lambda s: s, state), mesh, min_fsdp_size=config.mesh.min_fsdp_size
+  )
   return jax.device_put(state, shardings), shardings
 
 
 def make_checkpointer(config, workdir: str, best_metric: str = 'val/top1') -> Checkpointer:
   c = config.checkpoint
-  return Checkpointer(f'{workdir}/{CHECKPOINTS_DIR}', keep=c.keep, keep_best=c.keep_best, best_metric=best_metric,
-                      async_save=c.async_save, every_steps=c.every_steps)
+  return Checkpointer(
+    f'{workdir}/{CHECKPOINTS_DIR}',
+    keep=c.keep,
+    keep_best=c.keep_best,
+    best_metric=best_metric,
+    async_save=c.async_save,
+    every_steps=c.every_steps,
+  )
 
 
 # Settings that fix the shapes of the saved state: a resume under other values cannot restore it. Regularisation and
@@ -99,8 +112,11 @@ def _changed_settings(saved, config) -> list[str]:
     if old is None or new is None:
       continue
     flat_old, flat_new = _flat(old, group), _flat(new, group)
-    out += [f'{k}: saved {flat_old.get(k)!r}, now {flat_new.get(k)!r}' for k in sorted(set(flat_old) | set(flat_new))
-            if flat_old.get(k) != flat_new.get(k) and k.rsplit('.', 1)[-1] not in _FREE_SETTINGS]
+    out += [
+      f'{k}: saved {flat_old.get(k)!r}, now {flat_new.get(k)!r}'
+      for k in sorted(set(flat_old) | set(flat_new))
+      if flat_old.get(k) != flat_new.get(k) and k.rsplit('.', 1)[-1] not in _FREE_SETTINGS
+    ]
   return out
 
 
@@ -130,9 +146,11 @@ def restore_or_start(ckpt: Checkpointer, state: dict, shardings, config=None) ->
   saved = ckpt.saved_config(steps[-1]) if config is not None else None
   changed = _changed_settings(saved, config) if saved is not None else []
   if changed:
-    raise ConfigError(f'{ckpt.directory} holds a run with other model settings than this command: '
-                      f'{"; ".join(changed[:6])}{" ..." if len(changed) > 6 else ""}. Resume it with its own '
-                      'settings, or start a new --workdir')
+    raise ConfigError(
+      f'{ckpt.directory} holds a run with other model settings than this command: '
+      f'{"; ".join(changed[:6])}{" ..." if len(changed) > 6 else ""}. Resume it with its own '
+      'settings, or start a new --workdir'
+    )
   target = sharding.with_shardings(jax.eval_shape(lambda s: s, state), shardings)
   for step in reversed(steps):
     try:
@@ -144,9 +162,15 @@ def restore_or_start(ckpt: Checkpointer, state: dict, shardings, config=None) ->
       continue
     if step != steps[-1]:
       moved = [str(ckpt.set_aside(s)) for s in steps if s > step]
-      logging.warning('RESUMING FROM STEP %d, NOT THE NEWEST SAVED STEP %d, WHICH IS DAMAGED: steps %d..%d run again; '
-                      'the damaged step folders are kept as %s', step, steps[-1], step + 1, steps[-1],
-                      ', '.join(moved))
+      logging.warning(
+        'RESUMING FROM STEP %d, NOT THE NEWEST SAVED STEP %d, WHICH IS DAMAGED: steps %d..%d run again; '
+        'the damaged step folders are kept as %s',
+        step,
+        steps[-1],
+        step + 1,
+        steps[-1],
+        ', '.join(moved),
+      )
     logging.info('resumed from step %d (data step %d)', extras['step'], extras['data_step'])
     return restored, extras
   raise AssertionError('unreachable')
@@ -160,6 +184,7 @@ def itstime(step: int, every: int, total: int) -> bool:
 @dataclasses.dataclass
 class Progress:
   """Throughput and ETA for the log line (samples/s over the steps this process ran, not the resumed ones)."""
+
   start_step: int
   total: int
   batch_size: int
@@ -182,5 +207,6 @@ class Progress:
 
 
 def metrics_writer(config, workdir: str, name: str, resume_step: int | None = None) -> MetricsWriter:
-  return MetricsWriter(workdir, name, tensorboard=config.logging.tensorboard, jsonl=config.logging.jsonl,
-                       resume_step=resume_step)
+  return MetricsWriter(
+    workdir, name, tensorboard=config.logging.tensorboard, jsonl=config.logging.jsonl, resume_step=resume_step
+  )

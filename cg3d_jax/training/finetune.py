@@ -47,8 +47,9 @@ def transfer_encoder(fresh: Mapping[str, Any], pretrained: TrainedModel, encoder
   projection and pretraining head are dropped. Any other difference between the trees is an error.
   """
   if pretrained.encoder_name != encoder:
-    raise ConfigError(f'{pretrained.source} holds a {pretrained.encoder_name} encoder, but config.model.encoder is '
-                      f'{encoder!r}')
+    raise ConfigError(
+      f'{pretrained.source} holds a {pretrained.encoder_name} encoder, but config.model.encoder is {encoder!r}'
+    )
   keep_fresh = HEAD_PREFIXES[encoder] + ('projection',)
   out, problems = {}, []
   for collection in ('params', 'batch_stats'):
@@ -65,8 +66,9 @@ def transfer_encoder(fresh: Mapping[str, Any], pretrained: TrainedModel, encoder
         problems.append(f'{collection}/{name} is missing from the pretrained encoder')
         continue
       if tuple(source[name].shape) != tuple(leaf.shape):
-        problems.append(f'{collection}/{name}: pretrained shape {tuple(source[name].shape)}, model shape '
-                        f'{tuple(leaf.shape)}')
+        problems.append(
+          f'{collection}/{name}: pretrained shape {tuple(source[name].shape)}, model shape {tuple(leaf.shape)}'
+        )
         continue
       flat[name] = jnp.asarray(source[name], leaf.dtype)
       used.add(name)
@@ -74,8 +76,10 @@ def transfer_encoder(fresh: Mapping[str, Any], pretrained: TrainedModel, encoder
     problems += [f'{collection}/{n} of the pretrained encoder has no place in the classifier' for n in extra]
     out[collection] = stack_layers(unflatten(flat))
   if problems:
-    raise ConfigError(f'cannot initialise the classifier from {pretrained.source} (do config.model sizes match the '
-                     f'pretraining run?): ' + '; '.join(problems[:10]) + (' ...' if len(problems) > 10 else ''))
+    raise ConfigError(
+      f'cannot initialise the classifier from {pretrained.source} (do config.model sizes match the '
+      f'pretraining run?): ' + '; '.join(problems[:10]) + (' ...' if len(problems) > 10 else '')
+    )
   return out
 
 
@@ -93,25 +97,42 @@ def smoothed_cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: floa
   return -jnp.mean(jnp.sum(one_hot * log_probs, axis=-1))
 
 
-def train_step(state: dict, batch: dict, *, model: nn.Module, tx, num_points: int, fps_points: int, augment: bool,
-               label_smoothing: float):
+def train_step(
+  state: dict,
+  batch: dict,
+  *,
+  model: nn.Module,
+  tx,
+  num_points: int,
+  fps_points: int,
+  augment: bool,
+  label_smoothing: float,
+):
   """One update; returns (new state, metrics). Pure: jit it with shardings."""
   key = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
   sample_key, drop_key = jax.random.split(key)
-  points = sample_training_points(sample_key, sample_points(batch['points'], fps_points), num_points,
-                                  augment=augment)
+  points = sample_training_points(sample_key, sample_points(batch['points'], fps_points), num_points, augment=augment)
 
   def loss_fn(params):
-    logits, new_stats = classifier_logits(model, {'params': params, 'batch_stats': state['batch_stats']}, points,
-                                          train=True, rngs={'dropout': drop_key})
+    logits, new_stats = classifier_logits(
+      model, {'params': params, 'batch_stats': state['batch_stats']}, points, train=True, rngs={'dropout': drop_key}
+    )
     return smoothed_cross_entropy(logits, batch['label'], label_smoothing), (logits, new_stats)
 
   (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-  new_state = dict(state, step=state['step'] + 1, params=optax.apply_updates(state['params'], updates),
-                   opt_state=opt_state, batch_stats=new_stats)
-  metrics = {'loss': loss, 'train_acc': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
-             'grad_norm': optax.tree.norm(grads)}
+  new_state = dict(
+    state,
+    step=state['step'] + 1,
+    params=optax.apply_updates(state['params'], updates),
+    opt_state=opt_state,
+    batch_stats=new_stats,
+  )
+  metrics = {
+    'loss': loss,
+    'train_acc': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+    'grad_norm': optax.tree.norm(grads),
+  }
   return new_state, metrics
 
 
@@ -143,12 +164,18 @@ class Setup:
 def build_setup(config, *, init: str | None = None, devices=None) -> Setup:
   init = init or config.finetune.init
   pretrained = load_trained(init, model_config=config.model) if init else None  # cheap checks before the data
-  builder = builders.get_builder(config.data.name, data_dir=config.data.data_dir, manual_dir=config.data.manual_dir,
-                                 skip_bad=config.data.skip_bad, process_count=jax.process_count())
+  builder = builders.get_builder(
+    config.data.name,
+    data_dir=config.data.data_dir,
+    manual_dir=config.data.manual_dir,
+    skip_bad=config.data.skip_bad,
+    process_count=jax.process_count(),
+  )
   class_names = builders.class_names(builder)
   if config.model.num_classes != len(class_names):
-    raise ConfigError(f'config.model.num_classes={config.model.num_classes} but {config.data.name} has '
-                      f'{len(class_names)} classes')
+    raise ConfigError(
+      f'config.model.num_classes={config.model.num_classes} but {config.data.name} has {len(class_names)} classes'
+    )
   mesh = common.make_mesh(config, devices)
   common.check_batch_sizes(config, mesh)
   spe = pipeline.steps_per_epoch(config.data, config.train.batch_size)
@@ -159,36 +186,78 @@ def build_setup(config, *, init: str | None = None, devices=None) -> Setup:
   if pretrained is not None:
     variables = transfer_encoder(variables, pretrained, config.model.encoder)
   tx, _ = optim.make_optimizer(optimizer_rules(config), steps_per_epoch=spe, total_steps=total)
-  state = dict(step=jnp.zeros((), jnp.int32), params=variables['params'], opt_state=tx.init(variables['params']),
-               batch_stats=variables['batch_stats'], rng=jax.random.key_data(train_rng))
+  state = dict(
+    step=jnp.zeros((), jnp.int32),
+    params=variables['params'],
+    opt_state=tx.init(variables['params']),
+    batch_stats=variables['batch_stats'],
+    rng=jax.random.key_data(train_rng),
+  )
   state, state_sh = common.place_state(state, mesh, config)
   fps_points = fps_count(config.model.num_points, config.data.num_stored_points, config.finetune.fps_points)
-  return Setup(config=config, mesh=mesh, model=model, tx=tx, state=state, state_shardings=state_sh,
-               batch_sharding=sharding.batch_sharding(mesh), class_names=class_names, steps_per_epoch=spe,
-               total_steps=total, fps_points=fps_points,
-               init_source=pretrained.source if pretrained else 'random initialisation')
+  return Setup(
+    config=config,
+    mesh=mesh,
+    model=model,
+    tx=tx,
+    state=state,
+    state_shardings=state_sh,
+    batch_sharding=sharding.batch_sharding(mesh),
+    class_names=class_names,
+    steps_per_epoch=spe,
+    total_steps=total,
+    fps_points=fps_points,
+    init_source=pretrained.source if pretrained else 'random initialisation',
+  )
 
 
 def jit_train_step(setup: Setup):
   config = setup.config
-  fn = functools.partial(train_step, model=setup.model, tx=setup.tx, num_points=config.model.num_points,
-                         fps_points=setup.fps_points, augment=config.data.augment,
-                         label_smoothing=float(config.finetune.label_smoothing))
-  return jax.jit(fn, in_shardings=(setup.state_shardings, setup.batch_sharding),
-                 out_shardings=(setup.state_shardings, None), donate_argnums=(0,))
+  fn = functools.partial(
+    train_step,
+    model=setup.model,
+    tx=setup.tx,
+    num_points=config.model.num_points,
+    fps_points=setup.fps_points,
+    augment=config.data.augment,
+    label_smoothing=float(config.finetune.label_smoothing),
+  )
+  return jax.jit(
+    fn,
+    in_shardings=(setup.state_shardings, setup.batch_sharding),
+    out_shardings=(setup.state_shardings, None),
+    donate_argnums=(0,),
+  )
 
 
-def evaluator(setup: Setup, *, votes: int = 1, split: str | None = None,
-              prefix: str = 'val/') -> ClassificationEvaluator:
+def evaluator(
+  setup: Setup, *, votes: int = 1, split: str | None = None, prefix: str = 'val/'
+) -> ClassificationEvaluator:
   config = setup.config
   batches = functools.partial(
-      pipeline.make_eval_iterator, config.data.name, data_dir=config.data.data_dir,
-      manual_dir=config.data.manual_dir, batch_size=config.eval.batch_size, sharding=setup.batch_sharding,
-      num_points_stored=config.data.num_stored_points, split=split or config.eval.split,
-      max_examples=config.eval.max_examples, skip_bad=config.data.skip_bad)
-  return ClassificationEvaluator(setup.model, batches=batches, mesh=setup.mesh, num_classes=len(setup.class_names),
-                                 num_points=config.model.num_points, fps_points=setup.fps_points, votes=votes,
-                                 vote_augment=config.finetune.vote_augment, seed=config.seed + 1, prefix=prefix)
+    pipeline.make_eval_iterator,
+    config.data.name,
+    data_dir=config.data.data_dir,
+    manual_dir=config.data.manual_dir,
+    batch_size=config.eval.batch_size,
+    sharding=setup.batch_sharding,
+    num_points_stored=config.data.num_stored_points,
+    split=split or config.eval.split,
+    max_examples=config.eval.max_examples,
+    skip_bad=config.data.skip_bad,
+  )
+  return ClassificationEvaluator(
+    setup.model,
+    batches=batches,
+    mesh=setup.mesh,
+    num_classes=len(setup.class_names),
+    num_points=config.model.num_points,
+    fps_points=setup.fps_points,
+    votes=votes,
+    vote_augment=config.finetune.vote_augment,
+    seed=config.seed + 1,
+    prefix=prefix,
+  )
 
 
 def finetune(config, workdir: str, *, init: str | None = None, devices=None) -> dict:
@@ -202,14 +271,26 @@ def finetune(config, workdir: str, *, init: str | None = None, devices=None) -> 
     raise InputError(f'--init {source}: no such pretraining run or .pth file')
   setup = build_setup(config, init=init, devices=devices)
   spe, total = setup.steps_per_epoch, setup.total_steps
-  logging.info('fine-tuning %s on %s (%d classes) from %s; mesh %s; %d steps per epoch; %d steps',
-               config.model.encoder, config.data.name, len(setup.class_names), setup.init_source,
-               dict(setup.mesh.shape), spe, total)
+  logging.info(
+    'fine-tuning %s on %s (%d classes) from %s; mesh %s; %d steps per epoch; %d steps',
+    config.model.encoder,
+    config.data.name,
+    len(setup.class_names),
+    setup.init_source,
+    dict(setup.mesh.shape),
+    spe,
+    total,
+  )
   ckpt = common.make_checkpointer(config, workdir)
   state, _ = common.restore_or_start(ckpt, setup.state, setup.state_shardings, config)
   start = int(state['step'])
-  batches = pipeline.make_labelled_iterator(config.data, global_batch_size=config.train.batch_size,
-                                            sharding=setup.batch_sharding, seed=config.seed, start_step=start)
+  batches = pipeline.make_labelled_iterator(
+    config.data,
+    global_batch_size=config.train.batch_size,
+    sharding=setup.batch_sharding,
+    seed=config.seed,
+    start_step=start,
+  )
   step_fn = step_cost.CompiledStep(jit_train_step(setup), jnp.dtype(config.model.dtype), 'the fine-tuning step')
   rules = optimizer_rules(config)
   validation = evaluator(setup)
@@ -228,26 +309,52 @@ def finetune(config, workdir: str, *, init: str | None = None, devices=None) -> 
         last = {k: float(v) for k, v in jax.device_get(metrics).items()}
         last['lr'] = float(optim.learning_rates(rules, done, steps_per_epoch=spe, total_steps=total)['classifier'])
         last['samples_per_s'] = progress.samples_per_s(done)
-        last.update(step_cost.rate_metrics([step_fn.cost], progress.recent_samples_per_s(done),
-                                           config.train.batch_size))
+        last.update(
+          step_cost.rate_metrics([step_fn.cost], progress.recent_samples_per_s(done), config.train.batch_size)
+        )
         writer.write_scalars(done, last)
-        logging.info('step %d/%d (epoch %.2f)  loss %.4f  train acc %.3f  %s', done, total, done / spe, last['loss'],
-                     last['train_acc'], step_cost.format_rate(last))
+        logging.info(
+          'step %d/%d (epoch %.2f)  loss %.4f  train acc %.3f  %s',
+          done,
+          total,
+          done / spe,
+          last['loss'],
+          last['train_acc'],
+          step_cost.format_rate(last),
+        )
       if common.itstime(done, eval_every, total):
         val = validation.run({'params': state['params'], 'batch_stats': state['batch_stats']})
         writer.write_scalars(done, val)
-        logging.info('step %d  %s top-1 %.4f  class-mean %.4f  (%d shapes)', done, config.eval.split,
-                     val['val/top1'], val['val/class_mean'], val['val/count'])
+        logging.info(
+          'step %d  %s top-1 %.4f  class-mean %.4f  (%d shapes)',
+          done,
+          config.eval.split,
+          val['val/top1'],
+          val['val/class_mean'],
+          val['val/count'],
+        )
       if ckpt.should_save(done) or done == total:
-        ckpt.save(done, state, data_step=done, rng=state['rng'], config=config,
-                  metrics={**val, 'epoch': done / spe}, force=done == total)
+        ckpt.save(
+          done,
+          state,
+          data_step=done,
+          rng=state['rng'],
+          config=config,
+          metrics={**val, 'epoch': done / spe},
+          force=done == total,
+        )
     if config.finetune.votes > 1:
       voted = evaluator(setup, votes=int(config.finetune.votes), prefix='val_vote/').run(
-          {'params': state['params'], 'batch_stats': state['batch_stats']})
+        {'params': state['params'], 'batch_stats': state['batch_stats']}
+      )
       val.update({k: v for k, v in voted.items() if not k.endswith('count')})
       writer.write_scalars(int(state['step']), val)
-      logging.info('voting (%d passes): top-1 %.4f  class-mean %.4f', config.finetune.votes, val['val_vote/top1'],
-                   val['val_vote/class_mean'])
+      logging.info(
+        'voting (%d passes): top-1 %.4f  class-mean %.4f',
+        config.finetune.votes,
+        val['val_vote/top1'],
+        val['val_vote/class_mean'],
+      )
   finally:
     profiler.close()
     ckpt.wait()

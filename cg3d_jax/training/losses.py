@@ -31,16 +31,16 @@ def contrastive_loss(a: jax.Array, b: jax.Array, scale, *, mask_same_class_label
   only its own diagonal (a loss of exactly 0 with no gradient), and the mean is over valid rows (0 when none is).
   """
   if a.ndim != 2 or a.shape != b.shape:
-    raise ValueError(f'contrastive_loss expects two (B, D) feature arrays of equal shape, got {a.shape} and '
-                     f'{b.shape}')
+    raise ValueError(f'contrastive_loss expects two (B, D) feature arrays of equal shape, got {a.shape} and {b.shape}')
   dtype = stats_dtype(jnp.result_type(a, b))
   a = a.astype(dtype)
   b = b.astype(dtype)
   logits = jnp.asarray(scale, dtype) * (a @ b.T)
   if mask_same_class_labels is not None:
     if jnp.shape(mask_same_class_labels) != (a.shape[0],):
-      raise ValueError(f'mask_same_class_labels must have shape ({a.shape[0]},), got '
-                       f'{jnp.shape(mask_same_class_labels)}')
+      raise ValueError(
+        f'mask_same_class_labels must have shape ({a.shape[0]},), got {jnp.shape(mask_same_class_labels)}'
+      )
     # The mask is symmetric, so the same entries leave the rows of logits and of logits.T.
     logits = jnp.where(same_class_negatives(mask_same_class_labels), -jnp.inf, logits)
   targets = jnp.arange(a.shape[0])

@@ -61,9 +61,23 @@ from cg3d_jax.trees import in_stack, path_to_str
 
 FROZEN = 'frozen'
 
-_COMMON_KEYS = {'name', 'lr', 'schedule', 'end_lr', 'warmup_epochs', 'warmup_lr', 'epochs', 'clip_norm',
-                'weight_decay', 'weight_decay_mask', 'no_decay_regex', 'group', 'steps_on', 'lr_stepping',
-                'scheduler_parity'}
+_COMMON_KEYS = {
+  'name',
+  'lr',
+  'schedule',
+  'end_lr',
+  'warmup_epochs',
+  'warmup_lr',
+  'epochs',
+  'clip_norm',
+  'weight_decay',
+  'weight_decay_mask',
+  'no_decay_regex',
+  'group',
+  'steps_on',
+  'lr_stepping',
+  'scheduler_parity',
+}
 STEPS_ON = ('all', 'even', 'odd')
 LR_STEPPINGS = ('per_epoch', 'original')
 _OPTIMIZER_KEYS = {'adamw': {'b1', 'b2', 'eps'}, 'sgd': {'momentum', 'nesterov'}}
@@ -108,20 +122,27 @@ def _checked_rules(rules: Rules) -> list[tuple[re.Pattern, str, dict | None]]:
       raise ValueError(f'optimizer rule {i} ({regex!r}): name must be one of {sorted(_OPTIMIZER_KEYS)}, got {name!r}')
     unknown = set(settings) - _COMMON_KEYS - _OPTIMIZER_KEYS[name]
     if unknown:
-      raise ValueError(f'optimizer rule {i} ({regex!r}): unknown settings {sorted(unknown)} for {name}; allowed: '
-                       f'{sorted(_COMMON_KEYS | _OPTIMIZER_KEYS[name])}')
+      raise ValueError(
+        f'optimizer rule {i} ({regex!r}): unknown settings {sorted(unknown)} for {name}; allowed: '
+        f'{sorted(_COMMON_KEYS | _OPTIMIZER_KEYS[name])}'
+      )
     if 'lr' not in settings:
       raise ValueError(f'optimizer rule {i} ({regex!r}): lr is required')
     if settings.get('schedule', 'constant') not in _SCHEDULES:
-      raise ValueError(f'optimizer rule {i} ({regex!r}): schedule must be one of {_SCHEDULES}, got '
-                       f'{settings["schedule"]!r}')
+      raise ValueError(
+        f'optimizer rule {i} ({regex!r}): schedule must be one of {_SCHEDULES}, got {settings["schedule"]!r}'
+      )
     if settings.get('weight_decay_mask', 'original') not in ('original', 'all', 'none'):
-      raise ValueError(f'optimizer rule {i} ({regex!r}): weight_decay_mask must be original, all or none, got '
-                       f'{settings["weight_decay_mask"]!r}')
+      raise ValueError(
+        f'optimizer rule {i} ({regex!r}): weight_decay_mask must be original, all or none, got '
+        f'{settings["weight_decay_mask"]!r}'
+      )
     group = _group_name(regex, settings)
     if group == FROZEN or group in seen:
-      raise ValueError(f'optimizer rules {seen.get(group, "?")} and {i} both name group {group!r}; give one a '
-                       "distinct settings['group']")
+      raise ValueError(
+        f'optimizer rules {seen.get(group, "?")} and {i} both name group {group!r}; give one a '
+        "distinct settings['group']"
+      )
     seen[group] = i
     checked.append((pattern, group, settings))
   return checked
@@ -163,6 +184,7 @@ def merge(trainable, frozen):
 
 def original_decay_mask(tree):
   """Point-BERT's add_weight_decay rule (see module docstring): True where weight decay applies."""
+
   def decays(path, leaf):
     name = path_to_str(path)
     ndim = jnp.ndim(leaf) - (1 if in_stack(name) else 0)  # a scanned stack's layer axis is not the leaf's own
@@ -179,8 +201,9 @@ def _decay_mask(settings):
   exempt = re.compile(settings['no_decay_regex'])
 
   def mask(tree):
-    return jax.tree_util.tree_map_with_path(lambda path, decays: decays and not exempt.search(path_to_str(path)),
-                                            base(tree))
+    return jax.tree_util.tree_map_with_path(
+      lambda path, decays: decays and not exempt.search(path_to_str(path)), base(tree)
+    )
 
   return mask
 
@@ -206,8 +229,9 @@ def make_schedule(settings, *, steps_per_epoch: int, total_steps: int) -> optax.
     return lambda step: jnp.full((), lr, dtype)
   if kind == 'cosine':
     warmup_steps = int(round(warmup_epochs * steps_per_epoch))
-    return optax.warmup_cosine_decay_schedule(warmup_lr, lr, warmup_steps, max(total_steps, warmup_steps + 1),
-                                              end_value=end_lr)
+    return optax.warmup_cosine_decay_schedule(
+      warmup_lr, lr, warmup_steps, max(total_steps, warmup_steps + 1), end_value=end_lr
+    )
   num_epochs = _num_epochs(settings, steps_per_epoch, total_steps)
   stepping = settings.get('lr_stepping', 'per_epoch')
   if stepping not in LR_STEPPINGS:
@@ -240,9 +264,16 @@ def make_group_transform(settings, *, steps_per_epoch: int, total_steps: int) ->
   if settings.get('clip_norm'):
     parts.append(optax.clip_by_global_norm(float(settings['clip_norm'])))
   if settings['name'] == 'adamw':
-    parts.append(optax.adamw(schedule, b1=float(settings.get('b1', 0.9)), b2=float(settings.get('b2', 0.999)),
-                             eps=float(settings.get('eps', 1e-8)), weight_decay=weight_decay,
-                             mask=_decay_mask(settings)))
+    parts.append(
+      optax.adamw(
+        schedule,
+        b1=float(settings.get('b1', 0.9)),
+        b2=float(settings.get('b2', 0.999)),
+        eps=float(settings.get('eps', 1e-8)),
+        weight_decay=weight_decay,
+        mask=_decay_mask(settings),
+      )
+    )
   else:  # sgd: torch adds weight_decay * param to the (clipped) gradient before the momentum buffer
     if weight_decay:
       parts.append(optax.add_decayed_weights(weight_decay, mask=_decay_mask(settings)))
@@ -260,8 +291,10 @@ def update_step_fn(steps_on: str, steps_per_epoch: int) -> Callable[[Any], Any]:
   offset = 0 if steps_on == 'even' else 1
   per_epoch = (steps_per_epoch + 1 - offset) // 2  # even indices: ceil(spe / 2); odd ones: floor(spe / 2)
   if per_epoch < 1:
-    raise ValueError(f"steps_on='odd' with {steps_per_epoch} batch per epoch: no batch index is odd, so the group "
-                     'would never be updated')
+    raise ValueError(
+      f"steps_on='odd' with {steps_per_epoch} batch per epoch: no batch index is odd, so the group "
+      'would never be updated'
+    )
   return lambda count: (count // per_epoch) * steps_per_epoch + 2 * (count % per_epoch) + offset
 
 
@@ -283,8 +316,11 @@ def group_names(rules: Rules) -> list[str]:
 
 def learning_rates(rules: Rules, step, *, steps_per_epoch: int, total_steps: int) -> dict[str, jax.Array]:
   """{group: learning rate at `step`} for logging; jit-safe in step."""
-  return {group: make_schedule(settings, steps_per_epoch=steps_per_epoch, total_steps=total_steps)(step)
-          for _p, group, settings in _checked_rules(rules) if settings is not None}
+  return {
+    group: make_schedule(settings, steps_per_epoch=steps_per_epoch, total_steps=total_steps)(step)
+    for _p, group, settings in _checked_rules(rules)
+    if settings is not None
+  }
 
 
 def global_norms(tree, rules: Rules) -> dict[str, jax.Array]:
@@ -314,10 +350,12 @@ def select_groups(active: Mapping[str, Any], updates, new_state, old_state, labe
   if unknown:
     raise ValueError(f'select_groups: unknown groups {sorted(unknown)}; groups: {sorted(new_state.inner_states)}')
   labels = labels_fn(updates)
-  updates = jax.tree.map(lambda u, g: jnp.where(active[g], u, jnp.zeros_like(u)) if g in active else u,
-                         updates, labels)
+  updates = jax.tree.map(lambda u, g: jnp.where(active[g], u, jnp.zeros_like(u)) if g in active else u, updates, labels)
   inner = dict(new_state.inner_states)
   for group, is_active in active.items():
-    inner[group] = jax.tree.map(lambda new, old, on=is_active: jnp.where(on, new, old),
-                                new_state.inner_states[group], old_state.inner_states[group])
+    inner[group] = jax.tree.map(
+      lambda new, old, on=is_active: jnp.where(on, new, old),
+      new_state.inner_states[group],
+      old_state.inner_states[group],
+    )
   return updates, new_state._replace(inner_states=inner)

@@ -41,14 +41,30 @@ def optimizer_rules(config) -> list:
   if stepping['lr_stepping'] == 'original':
     stepping['epochs'] = int(config.train.epochs)
   return [
-      # The classification head (kept for strict exports and fine-tuning) gets no gradient in pretraining; torch's
-      # AdamW skips a parameter without a gradient, decay included, so it must not decay here either.
-      ('^encoder/', dict(stepping, **config.train.encoder_optim, group=ENCODER,
-                         steps_on='even' if alternating else 'all', scheduler_parity='even',
-                         no_decay_regex='^encoder/cls_head_')),
-      ('^clip/prompts/', dict(stepping, **config.train.prompt_optim, group=PROMPTS,
-                              steps_on='odd' if alternating else 'all', scheduler_parity='odd')),
-      ('^clip/', None),
+    # The classification head (kept for strict exports and fine-tuning) gets no gradient in pretraining; torch's
+    # AdamW skips a parameter without a gradient, decay included, so it must not decay here either.
+    (
+      '^encoder/',
+      dict(
+        stepping,
+        **config.train.encoder_optim,
+        group=ENCODER,
+        steps_on='even' if alternating else 'all',
+        scheduler_parity='even',
+        no_decay_regex='^encoder/cls_head_',
+      ),
+    ),
+    (
+      '^clip/prompts/',
+      dict(
+        stepping,
+        **config.train.prompt_optim,
+        group=PROMPTS,
+        steps_on='odd' if alternating else 'all',
+        scheduler_parity='odd',
+      ),
+    ),
+    ('^clip/', None),
   ]
 
 
@@ -73,6 +89,7 @@ def split_trainable(params: dict, rules) -> tuple[dict, dict]:
 @dataclasses.dataclass
 class Setup:
   """Everything the loop needs, built once from the config."""
+
   config: Any
   mesh: jax.sharding.Mesh
   model: CG3D
@@ -93,23 +110,34 @@ def build_setup(config, *, train_classes: list[str] | None, steps_per_epoch: int
   layout with renders), so no caption table is built (a one-row placeholder keeps the step's signature)."""
   mesh = common.make_mesh(config, devices)
   if not config.clip.path:
-    raise ConfigError('config.clip.path is not set: give a local CLIP folder, e.g. '
-                      '--config.clip.path=/models/clip-vit-base-patch16')
-  clip = load_clip(config.clip.path, prompt_mode=config.clip.prompt.mode, num_prompts=config.clip.prompt.num_tokens,
-                   dtype=jnp.dtype(config.clip.dtype), remat=config.clip.remat,
-                   attention=config.clip.get('attention', 'auto'), scan_layers=config.clip.get('scan_layers', True),
-                   seed=config.seed)
+    raise ConfigError(
+      'config.clip.path is not set: give a local CLIP folder, e.g. --config.clip.path=/models/clip-vit-base-patch16'
+    )
+  clip = load_clip(
+    config.clip.path,
+    prompt_mode=config.clip.prompt.mode,
+    num_prompts=config.clip.prompt.num_tokens,
+    dtype=jnp.dtype(config.clip.dtype),
+    remat=config.clip.remat,
+    attention=config.clip.get('attention', 'auto'),
+    scan_layers=config.clip.get('scan_layers', True),
+    seed=config.seed,
+  )
   if config.model.embed_dim != clip.spec.projection_dim:
-    raise ConfigError(f'config.model.embed_dim={config.model.embed_dim} but the CLIP at {config.clip.path} projects '
-                      f'to {clip.spec.projection_dim}: the point encoder must project into the same joint space')
+    raise ConfigError(
+      f'config.model.embed_dim={config.model.embed_dim} but the CLIP at {config.clip.path} projects '
+      f'to {clip.spec.projection_dim}: the point encoder must project into the same joint space'
+    )
   model = CG3D(encoder=build_encoder(config.model), clip=clip.model, num_points=config.model.num_points)
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
   encoder_vars = model.init_encoder(init_rng)
   rules = optimizer_rules(config)
   if config.train.mode == 'alternating' and steps_per_epoch < 2 and config.clip.prompt.mode != 'none':
-    raise ConfigError(f"config.train.mode='alternating' with {steps_per_epoch} batch per epoch: the prompts train on "
-                      'odd batch indices within an epoch (the original runner\'s idx % 2), so they would never be '
-                      "updated; use config.train.mode='joint', or a smaller config.train.batch_size")
+    raise ConfigError(
+      f"config.train.mode='alternating' with {steps_per_epoch} batch per epoch: the prompts train on "
+      "odd batch indices within an epoch (the original runner's idx % 2), so they would never be "
+      "updated; use config.train.mode='joint', or a smaller config.train.batch_size"
+    )
   trainable, frozen = split_trainable({'encoder': encoder_vars['params'], 'clip': clip.params}, rules)
   total = common.total_steps(config, steps_per_epoch)
   tx, labels_fn = optim.make_optimizer(rules, steps_per_epoch=steps_per_epoch, total_steps=total)
@@ -123,17 +151,34 @@ def build_setup(config, *, train_classes: list[str] | None, steps_per_epoch: int
     ids = tokenize(clip.tokenizer, captions).reshape(len(caption_templates), len(train_classes), -1)
     text_table = model.caption_table(merge_clip(frozen, trainable), ids)
 
-  state = dict(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=tx.init(trainable),
-               batch_stats=encoder_vars.get('batch_stats', {}), rng=jax.random.key_data(train_rng),
-               bad_steps=jnp.zeros((), jnp.int32))
+  state = dict(
+    step=jnp.zeros((), jnp.int32),
+    params=trainable,
+    opt_state=tx.init(trainable),
+    batch_stats=encoder_vars.get('batch_stats', {}),
+    rng=jax.random.key_data(train_rng),
+    bad_steps=jnp.zeros((), jnp.int32),
+  )
   state, state_sh = common.place_state(state, mesh, config)
   frozen_sh = sharding.param_shardings(frozen, mesh, min_fsdp_size=config.mesh.min_fsdp_size)
-  shardings = dict(state=state_sh, frozen=frozen_sh, table=sharding.replicated(mesh),
-                   batch=sharding.batch_sharding(mesh))
-  return Setup(config=config, mesh=mesh, model=model, clip=clip, tx=tx, labels_fn=labels_fn, state=state,
-               frozen=jax.device_put(frozen, frozen_sh), text_table=jax.device_put(text_table, shardings['table']),
-               class_names=list(train_classes or []), shardings=shardings, steps_per_epoch=steps_per_epoch,
-               total_steps=total)
+  shardings = dict(
+    state=state_sh, frozen=frozen_sh, table=sharding.replicated(mesh), batch=sharding.batch_sharding(mesh)
+  )
+  return Setup(
+    config=config,
+    mesh=mesh,
+    model=model,
+    clip=clip,
+    tx=tx,
+    labels_fn=labels_fn,
+    state=state,
+    frozen=jax.device_put(frozen, frozen_sh),
+    text_table=jax.device_put(text_table, shardings['table']),
+    class_names=list(train_classes or []),
+    shardings=shardings,
+    steps_per_epoch=steps_per_epoch,
+    total_steps=total,
+  )
 
 
 def active_groups(config, setup_params: dict, step: int, steps_per_epoch: int) -> tuple[str, ...]:
@@ -157,20 +202,36 @@ class NonFiniteError(RuntimeError):
 def validation_evaluator(setup: Setup) -> ZeroShotEvaluator:
   """Zero-shot on config.eval.split; the text tower is frozen and prompt-less, so its classifier is built once."""
   from cg3d_jax.data import pipeline  # TFDS, with TensorFlow: imported by the recipe that reads it alone
+
   config = setup.config
   batches = functools.partial(
-      pipeline.make_eval_iterator, config.data.name, data_dir=config.data.data_dir,
-      manual_dir=config.data.manual_dir, batch_size=config.eval.batch_size, sharding=setup.shardings['batch'],
-      num_points_stored=config.data.num_stored_points, split=config.eval.split,
-      max_examples=config.eval.max_examples, skip_bad=config.data.skip_bad)
-  return ZeroShotEvaluator(setup.model, merge_clip(setup.frozen, setup.state['params']), setup.clip.tokenizer,
-                           batches=batches, class_names=setup.class_names, mesh=setup.mesh,
-                           templates=config.eval.templates)
+    pipeline.make_eval_iterator,
+    config.data.name,
+    data_dir=config.data.data_dir,
+    manual_dir=config.data.manual_dir,
+    batch_size=config.eval.batch_size,
+    sharding=setup.shardings['batch'],
+    num_points_stored=config.data.num_stored_points,
+    split=config.eval.split,
+    max_examples=config.eval.max_examples,
+    skip_bad=config.data.skip_bad,
+  )
+  return ZeroShotEvaluator(
+    setup.model,
+    merge_clip(setup.frozen, setup.state['params']),
+    setup.clip.tokenizer,
+    batches=batches,
+    class_names=setup.class_names,
+    mesh=setup.mesh,
+    templates=config.eval.templates,
+  )
 
 
 def eval_variables(setup: Setup, state: dict) -> dict:
-  return {'encoder': {'params': state['params']['encoder'], 'batch_stats': state['batch_stats']},
-          'clip': merge_clip(setup.frozen, state['params'])}
+  return {
+    'encoder': {'params': state['params']['encoder'], 'batch_stats': state['batch_stats']},
+    'clip': merge_clip(setup.frozen, state['params']),
+  }
 
 
 def uses_stored_features(config) -> bool:
@@ -182,6 +243,7 @@ def uses_stored_features(config) -> bool:
 class Recipe:
   """What differs between the pretraining recipes (CG3D's on TFDS data, stored features, renders); the loop around
   them is one (`train`)."""
+
   setup: Setup
   batches: Callable[[int], Iterator[dict]]  # start step -> global batches
   step: Callable[[int], Any]  # global step -> the compiled step (state, *fixed_inputs, batch) -> (state, metrics)
@@ -196,13 +258,20 @@ def clip_recipe(config, setup: Setup | None = None) -> Recipe:
   """CG3D's recipe: renders through the frozen, prompt-tuned image tower; captions from class-name templates (the
   TFDS data of config.data.name; with a given `setup`, the step and schedule alone, for renders_recipe)."""
   from cg3d_jax.data import builders, pipeline  # TFDS, with TensorFlow: OpenShape's layout trains without it
+
   if setup is None:
     if config.model.get('in_channels', 3) != 3:
-      raise ConfigError(f'config.model.in_channels={config.model.in_channels}: the TFDS datasets ({config.data.name}) '
-                        'carry xyz only; coloured encoders train on OpenShape\'s layout (--config pretrain_openshape)')
-    builder = builders.get_builder(config.data.name, data_dir=config.data.data_dir,
-                                   manual_dir=config.data.manual_dir, skip_bad=config.data.skip_bad,
-                                   process_count=jax.process_count())
+      raise ConfigError(
+        f'config.model.in_channels={config.model.in_channels}: the TFDS datasets ({config.data.name}) '
+        "carry xyz only; coloured encoders train on OpenShape's layout (--config pretrain_openshape)"
+      )
+    builder = builders.get_builder(
+      config.data.name,
+      data_dir=config.data.data_dir,
+      manual_dir=config.data.manual_dir,
+      skip_bad=config.data.skip_bad,
+      process_count=jax.process_count(),
+    )
     spe = pipeline.steps_per_epoch(config.data, config.train.batch_size)
     setup = build_setup(config, train_classes=builders.class_names(builder), steps_per_epoch=spe)
   compute_dtype = jnp.promote_types(jnp.dtype(config.model.dtype), jnp.dtype(config.clip.dtype))
@@ -211,56 +280,103 @@ def clip_recipe(config, setup: Setup | None = None) -> Recipe:
   def step(global_step: int):
     groups = active_groups(config, setup.state['params'], global_step, setup.steps_per_epoch)
     if groups not in compiled:
-      compiled[groups] = step_cost.CompiledStep(jit_train_step(
-          setup.model, setup.tx, setup.labels_fn, active=groups, state_shardings=setup.shardings['state'],
-          frozen_shardings=setup.shardings['frozen'], table_sharding=setup.shardings['table'],
-          batch_shardings=setup.shardings['batch'], same_class_mask=config.train.same_class_mask,
+      compiled[groups] = step_cost.CompiledStep(
+        jit_train_step(
+          setup.model,
+          setup.tx,
+          setup.labels_fn,
+          active=groups,
+          state_shardings=setup.shardings['state'],
+          frozen_shardings=setup.shardings['frozen'],
+          table_sharding=setup.shardings['table'],
+          batch_shardings=setup.shardings['batch'],
+          same_class_mask=config.train.same_class_mask,
           # OpenShape's layout is augmented on the host, by its own rules; the device adds nothing to it.
-          augment=config.data.augment and not uses_stored_features(config)),
-          compute_dtype, f'the training step ({"+".join(groups)})')
+          augment=config.data.augment and not uses_stored_features(config),
+        ),
+        compute_dtype,
+        f'the training step ({"+".join(groups)})',
+      )
     return compiled[groups]
 
   def batches(start: int):
     return pipeline.make_pretrain_iterator(
-        config.data, global_batch_size=config.train.batch_size, sharding=setup.shardings['batch'],
-        num_templates=setup.text_table.shape[0], seed=config.seed, start_step=start,
-        **setup.clip.preprocess.pipeline_settings())
+      config.data,
+      global_batch_size=config.train.batch_size,
+      sharding=setup.shardings['batch'],
+      num_templates=setup.text_table.shape[0],
+      seed=config.seed,
+      start_step=start,
+      **setup.clip.preprocess.pipeline_settings(),
+    )
 
-  return Recipe(setup=setup, batches=batches, step=step, fixed_inputs=(setup.frozen, setup.text_table),
-                evaluator=lambda: validation_evaluator(setup),
-                eval_variables=functools.partial(eval_variables, setup), rules=optimizer_rules(config),
-                what=f'{len(setup.class_names)} classes')
+  return Recipe(
+    setup=setup,
+    batches=batches,
+    step=step,
+    fixed_inputs=(setup.frozen, setup.text_table),
+    evaluator=lambda: validation_evaluator(setup),
+    eval_variables=functools.partial(eval_variables, setup),
+    rules=optimizer_rules(config),
+    what=f'{len(setup.class_names)} classes',
+  )
 
 
 def feature_optimizer_rules(config) -> list:
   """The encoder and the temperature in one AdamW group (OpenShape optimises both together); the scalar
   temperature never decays, nor does the unused classification head."""
-  return [('^(encoder/|logit_scale$)', dict(config.train.encoder_optim, group=ENCODER,
-                                            no_decay_regex='^encoder/cls_head_|^logit_scale$'))]
+  return [
+    (
+      '^(encoder/|logit_scale$)',
+      dict(config.train.encoder_optim, group=ENCODER, no_decay_regex='^encoder/cls_head_|^logit_scale$'),
+    )
+  ]
 
 
 def build_features_setup(config, *, feature_dim: int, steps_per_epoch: int, devices=None) -> Setup:
   """The stored-feature recipe's model and state: the encoder and log(temperature) train; no CLIP is loaded."""
   mesh = common.make_mesh(config, devices)
   if config.model.embed_dim != feature_dim:
-    raise ConfigError(f'config.model.embed_dim={config.model.embed_dim} but the stored CLIP features are '
-                      f'{feature_dim}-dimensional: the point encoder must project into their space, e.g. '
-                      f'--config.model.embed_dim={feature_dim}')
+    raise ConfigError(
+      f'config.model.embed_dim={config.model.embed_dim} but the stored CLIP features are '
+      f'{feature_dim}-dimensional: the point encoder must project into their space, e.g. '
+      f'--config.model.embed_dim={feature_dim}'
+    )
   model = CG3D(encoder=build_encoder(config.model), clip=None, num_points=config.model.num_points)
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
   encoder_vars = model.init_encoder(init_rng)
-  trainable = {'encoder': encoder_vars['params'],
-               'logit_scale': jnp.log(jnp.asarray(config.train.logit_scale_init, jnp.float32))}
+  trainable = {
+    'encoder': encoder_vars['params'],
+    'logit_scale': jnp.log(jnp.asarray(config.train.logit_scale_init, jnp.float32)),
+  }
   total = common.total_steps(config, steps_per_epoch)
-  tx, labels_fn = optim.make_optimizer(feature_optimizer_rules(config), steps_per_epoch=steps_per_epoch,
-                                       total_steps=total)
-  state = dict(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=tx.init(trainable),
-               batch_stats=encoder_vars.get('batch_stats', {}), rng=jax.random.key_data(train_rng),
-               bad_steps=jnp.zeros((), jnp.int32))
+  tx, labels_fn = optim.make_optimizer(
+    feature_optimizer_rules(config), steps_per_epoch=steps_per_epoch, total_steps=total
+  )
+  state = dict(
+    step=jnp.zeros((), jnp.int32),
+    params=trainable,
+    opt_state=tx.init(trainable),
+    batch_stats=encoder_vars.get('batch_stats', {}),
+    rng=jax.random.key_data(train_rng),
+    bad_steps=jnp.zeros((), jnp.int32),
+  )
   state, state_sh = common.place_state(state, mesh, config)
-  return Setup(config=config, mesh=mesh, model=model, clip=None, tx=tx, labels_fn=labels_fn, state=state, frozen={},
-               text_table=None, class_names=[], shardings=dict(state=state_sh, batch=sharding.batch_sharding(mesh)),
-               steps_per_epoch=steps_per_epoch, total_steps=total)
+  return Setup(
+    config=config,
+    mesh=mesh,
+    model=model,
+    clip=None,
+    tx=tx,
+    labels_fn=labels_fn,
+    state=state,
+    frozen={},
+    text_table=None,
+    class_names=[],
+    shardings=dict(state=state_sh, batch=sharding.batch_sharding(mesh)),
+    steps_per_epoch=steps_per_epoch,
+    total_steps=total,
+  )
 
 
 def features_recipe(config) -> Recipe:
@@ -269,10 +385,18 @@ def features_recipe(config) -> Recipe:
   spe = _steps_per_epoch(source, config)
   _check_channels(config, source)
   setup = build_features_setup(config, feature_dim=source.feature_dim, steps_per_epoch=spe)
-  compiled = step_cost.CompiledStep(jit_features_train_step(
-      setup.model, setup.tx, state_shardings=setup.shardings['state'], batch_shardings=setup.shardings['batch'],
-      lambda_text=config.train.lambda_text, lambda_image=config.train.lambda_image),
-      jnp.dtype(config.model.dtype), 'the training step (stored features)')
+  compiled = step_cost.CompiledStep(
+    jit_features_train_step(
+      setup.model,
+      setup.tx,
+      state_shardings=setup.shardings['state'],
+      batch_shardings=setup.shardings['batch'],
+      lambda_text=config.train.lambda_text,
+      lambda_image=config.train.lambda_image,
+    ),
+    jnp.dtype(config.model.dtype),
+    'the training step (stored features)',
+  )
 
   def evaluator():
     return _layout_evaluator(config, setup, None, None)
@@ -280,10 +404,16 @@ def features_recipe(config) -> Recipe:
   def variables(state):
     return {'encoder': {'params': state['params']['encoder'], 'batch_stats': state['batch_stats']}, 'clip': None}
 
-  return Recipe(setup=setup, batches=functools.partial(_layout_batches, config, source, setup),
-                step=lambda _: compiled, fixed_inputs=(), evaluator=evaluator, eval_variables=variables,
-                rules=feature_optimizer_rules(config),
-                what=f'{len(source.shapes)} shapes with stored {source.feature_dim}-d features')
+  return Recipe(
+    setup=setup,
+    batches=functools.partial(_layout_batches, config, source, setup),
+    step=lambda _: compiled,
+    fixed_inputs=(),
+    evaluator=evaluator,
+    eval_variables=variables,
+    rules=feature_optimizer_rules(config),
+    what=f'{len(source.shapes)} shapes with stored {source.feature_dim}-d features',
+  )
 
 
 def renders_recipe(config) -> Recipe:
@@ -292,13 +422,15 @@ def renders_recipe(config) -> Recipe:
   source = openshape_stream.open_train_source(config.data)
   spe = _steps_per_epoch(source, config)
   if config.train.same_class_mask:
-    raise ConfigError('config.train.same_class_mask needs class labels; OpenShape\'s layout has none: set it False')
+    raise ConfigError("config.train.same_class_mask needs class labels; OpenShape's layout has none: set it False")
   _check_channels(config, source)
   setup = build_setup(config, train_classes=None, steps_per_epoch=spe)
   if setup.clip.spec.projection_dim != source.feature_dim:
-    raise ConfigError(f'the CLIP at {config.clip.path} projects to {setup.clip.spec.projection_dim} but the stored '
-                      f'text features are {source.feature_dim}-dimensional: give the CLIP they came from '
-                      '(OpenShape: OpenCLIP ViT-bigG-14, laion2b_s39b_b160k, 1280)')
+    raise ConfigError(
+      f'the CLIP at {config.clip.path} projects to {setup.clip.spec.projection_dim} but the stored '
+      f'text features are {source.feature_dim}-dimensional: give the CLIP they came from '
+      '(OpenShape: OpenCLIP ViT-bigG-14, laion2b_s39b_b160k, 1280)'
+    )
   source = dataclasses.replace(source, preprocess=setup.clip.preprocess)
   recipe = clip_recipe(config, setup)
 
@@ -306,39 +438,58 @@ def renders_recipe(config) -> Recipe:
     clip_params = merge_clip(setup.frozen, setup.state['params'])  # the text tower is frozen and prompt-less
     return _layout_evaluator(config, setup, clip_params, setup.clip.tokenizer)
 
-  return dataclasses.replace(recipe, batches=functools.partial(_layout_batches, config, source, setup),
-                             evaluator=evaluator,
-                             what=f'{len(source.shapes)} shapes with renders and stored {source.feature_dim}-d text '
-                             'features')
+  return dataclasses.replace(
+    recipe,
+    batches=functools.partial(_layout_batches, config, source, setup),
+    evaluator=evaluator,
+    what=f'{len(source.shapes)} shapes with renders and stored {source.feature_dim}-d text features',
+  )
 
 
 def _layout_batches(config, source, setup: Setup, start: int) -> Iterator[dict]:
   """Global batches of OpenShape's layout from global step `start`, each process reading its own rows."""
-  return host_batches.to_global(openshape_stream.train_local_batches(
-      source, global_batch_size=config.train.batch_size, seed=config.seed, start_step=start,
-      workers=config.data.openshape.workers, prefetch=config.data.prefetch), setup.shardings['batch'])
+  return host_batches.to_global(
+    openshape_stream.train_local_batches(
+      source,
+      global_batch_size=config.train.batch_size,
+      seed=config.seed,
+      start_step=start,
+      workers=config.data.openshape.workers,
+      prefetch=config.data.prefetch,
+    ),
+    setup.shardings['batch'],
+  )
 
 
 def _steps_per_epoch(source, config) -> int:
   if len(source.shapes) < config.train.batch_size:
-    raise ConfigError(f'the training split {config.data.train_split} has {len(source.shapes)} shapes, fewer than '
-                      f'one global batch of {config.train.batch_size} (config.train.batch_size)')
+    raise ConfigError(
+      f'the training split {config.data.train_split} has {len(source.shapes)} shapes, fewer than '
+      f'one global batch of {config.train.batch_size} (config.train.batch_size)'
+    )
   return len(source.shapes) // config.train.batch_size
 
 
 def _check_channels(config, source) -> None:
   channels = 6 if source.sample.use_color else 3
   if config.model.get('in_channels', 3) != channels:
-    raise ConfigError(f'config.model.in_channels={config.model.get("in_channels", 3)} but the data gives '
-                      f'{channels} channels per point (config.data.openshape.use_color={source.sample.use_color})')
+    raise ConfigError(
+      f'config.model.in_channels={config.model.get("in_channels", 3)} but the data gives '
+      f'{channels} channels per point (config.data.openshape.use_color={source.sample.use_color})'
+    )
 
 
 def _layout_evaluator(config, setup: Setup, clip_params, tokenizer) -> ZeroShotEvaluator:
   evalset = evaluation_sets.open_eval_set(config.eval, default_root=config.data.manual_dir)
   return ZeroShotEvaluator(
-      setup.model, clip_params, tokenizer, class_names=evalset.class_names, mesh=setup.mesh,
-      classifier=evaluation_sets.classifier(evalset, config.eval, setup.model, clip_params, tokenizer),
-      batches=functools.partial(evaluation_sets.eval_iterator, evalset, config.eval, setup.shardings['batch']))
+    setup.model,
+    clip_params,
+    tokenizer,
+    class_names=evalset.class_names,
+    mesh=setup.mesh,
+    classifier=evaluation_sets.classifier(evalset, config.eval, setup.model, clip_params, tokenizer),
+    batches=functools.partial(evaluation_sets.eval_iterator, evalset, config.eval, setup.shardings['batch']),
+  )
 
 
 def train(config, workdir: str) -> dict:
@@ -347,7 +498,7 @@ def train(config, workdir: str) -> dict:
   if config.train.get('mode') not in ('joint', 'alternating'):
     raise ConfigError(f"config.train.mode={config.train.get('mode')!r}: expected 'joint' or 'alternating'")
   if config.train.get('lr_schedule', 'per_epoch') not in optim.LR_STEPPINGS:
-    raise ConfigError(f"config.train.lr_schedule={config.train.lr_schedule!r}: expected one of {optim.LR_STEPPINGS}")
+    raise ConfigError(f'config.train.lr_schedule={config.train.lr_schedule!r}: expected one of {optim.LR_STEPPINGS}')
   if not uses_stored_features(config):
     recipe = clip_recipe(config)
   elif config.data.openshape.get('renders'):
@@ -389,20 +540,42 @@ def train(config, workdir: str) -> dict:
         for group, lr in optim.learning_rates(recipe.rules, done, steps_per_epoch=spe, total_steps=total).items():
           last[f'lr/{group}'] = float(lr)
         last['samples_per_s'] = progress.samples_per_s(done)
-        last.update(step_cost.rate_metrics([s.cost for s in used.values()], progress.recent_samples_per_s(done),
-                                           config.train.batch_size))
+        last.update(
+          step_cost.rate_metrics(
+            [s.cost for s in used.values()], progress.recent_samples_per_s(done), config.train.batch_size
+          )
+        )
         writer.write_scalars(done, last)
-        logging.info('step %d/%d  loss %.4f  %.1f samples/s  %s  ETA %s', done, total, last['loss'],
-                     last['samples_per_s'], step_cost.format_rate(last), progress.eta(done))
+        logging.info(
+          'step %d/%d  loss %.4f  %.1f samples/s  %s  ETA %s',
+          done,
+          total,
+          last['loss'],
+          last['samples_per_s'],
+          step_cost.format_rate(last),
+          progress.eta(done),
+        )
       if config.eval.every_steps and common.itstime(done, config.eval.every_steps, total):
         evaluator = evaluator or recipe.evaluator()
         val_metrics = evaluator.run(recipe.eval_variables(state))
         writer.write_scalars(done, val_metrics)
-        logging.info('step %d  zero-shot top-1 %.4f on %d %s shapes', done, val_metrics['val/top1'],
-                     val_metrics['val/count'], config.eval.split)
+        logging.info(
+          'step %d  zero-shot top-1 %.4f on %d %s shapes',
+          done,
+          val_metrics['val/top1'],
+          val_metrics['val/count'],
+          config.eval.split,
+        )
       if ckpt.should_save(done) or done == total:
-        ckpt.save(done, state, data_step=done, rng=state['rng'], config=config,
-                  metrics=val_metrics if val_metrics else None, force=done == total)
+        ckpt.save(
+          done,
+          state,
+          data_step=done,
+          rng=state['rng'],
+          config=config,
+          metrics=val_metrics if val_metrics else None,
+          force=done == total,
+        )
     if pending is not None:
       _check_finite(pending, config.train.max_bad_steps, ckpt)
   finally:
@@ -421,6 +594,7 @@ def _check_finite(metrics: dict, max_bad: int, ckpt: Checkpointer) -> None:
   logging.warning('step %d was not applied: non-finite loss or gradients (%s)', values['step'], values)
   if bad >= max_bad:
     raise NonFiniteError(
-        f'{bad} consecutive steps had non-finite losses or gradients (last: step {values["step"]}, {values}); '
-        f'stopping. The last good checkpoint is step {ckpt.latest_step()}. Look for NaN/Inf in the data '
-        '(config.data.skip_bad), lower the learning rates, or use float32 (config.model.dtype, config.clip.dtype).')
+      f'{bad} consecutive steps had non-finite losses or gradients (last: step {values["step"]}, {values}); '
+      f'stopping. The last good checkpoint is step {ckpt.latest_step()}. Look for NaN/Inf in the data '
+      '(config.data.skip_bad), lower the learning rates, or use float32 (config.model.dtype, config.clip.dtype).'
+    )

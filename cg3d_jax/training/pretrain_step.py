@@ -66,8 +66,20 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
 
 
-def _losses(model: CG3D, groups: dict, params: dict, frozen: dict, batch_stats, text_table, batch, key, *,
-            active: tuple[str, ...], same_class_mask: bool, augment: bool):
+def _losses(
+  model: CG3D,
+  groups: dict,
+  params: dict,
+  frozen: dict,
+  batch_stats,
+  text_table,
+  batch,
+  key,
+  *,
+  active: tuple[str, ...],
+  same_class_mask: bool,
+  augment: bool,
+):
   """The three InfoNCE losses; which of them are computed and which inputs carry gradient follow `active`."""
   params = _with_groups(params, groups)
   clip_params = merge_clip(frozen, params)
@@ -87,13 +99,15 @@ def _losses(model: CG3D, groups: dict, params: dict, frozen: dict, batch_stats, 
   points = sample_points(batch['points'], model.num_points)
   if augment:
     points = scale_and_translate(aug_key, points)
-  feats, new_stats = model.point_features({'params': params['encoder'], 'batch_stats': batch_stats}, points,
-                                          train=True, rngs={'dropout': drop_key})
+  feats, new_stats = model.point_features(
+    {'params': params['encoder'], 'batch_stats': batch_stats}, points, train=True, rngs={'dropout': drop_key}
+  )
   if ENCODER in active:
     # The encoder learns to reach CLIP's image features; it must not pull the prompts toward itself.
     metrics['loss/point_text'] = contrastive_loss(feats, text, scale, mask_same_class_labels=labels, valid=valid)
-    metrics['loss/point_image'] = contrastive_loss(feats, jax.lax.stop_gradient(image), scale,
-                                                   mask_same_class_labels=labels)
+    metrics['loss/point_image'] = contrastive_loss(
+      feats, jax.lax.stop_gradient(image), scale, mask_same_class_labels=labels
+    )
     total = total + metrics['loss/point_text'] + metrics['loss/point_image']
   if PROMPTS in active:
     metrics['loss/image_text'] = contrastive_loss(image, text, scale, mask_same_class_labels=labels, valid=valid)
@@ -106,16 +120,37 @@ def trainable_groups(params: dict) -> tuple[str, ...]:
   return (ENCODER, PROMPTS) if 'clip' in params else (ENCODER,)
 
 
-def train_step(state: dict, frozen: dict, text_table, batch: dict, *, model: CG3D, tx: optax.GradientTransformation,
-               labels_fn, active: tuple[str, ...], same_class_mask: bool = False, augment: bool = True):
+def train_step(
+  state: dict,
+  frozen: dict,
+  text_table,
+  batch: dict,
+  *,
+  model: CG3D,
+  tx: optax.GradientTransformation,
+  labels_fn,
+  active: tuple[str, ...],
+  same_class_mask: bool = False,
+  augment: bool = True,
+):
   """One update of the groups in `active`; returns (new state, metrics). Pure: jit it with shardings."""
   params = state['params']
   key = jax.random.fold_in(state['rng'], state['step'])
   groups = {g: _group_tree(params, g) for g in active}
   grad_fn = jax.value_and_grad(_losses, argnums=1, has_aux=True)
   (loss, (metrics, new_stats)), grads = grad_fn(
-      model, groups, params, frozen, state['batch_stats'], text_table, batch, key, active=active,
-      same_class_mask=same_class_mask, augment=augment)
+    model,
+    groups,
+    params,
+    frozen,
+    state['batch_stats'],
+    text_table,
+    batch,
+    key,
+    active=active,
+    same_class_mask=same_class_mask,
+    augment=augment,
+  )
 
   # Groups that sit this step out (alternating mode) get zero gradients, zero updates and keep their optimizer
   # state, so that neither momentum nor weight decay moves them.
@@ -145,24 +180,50 @@ def _apply_if_finite(state: dict, ok, metrics: dict, **new) -> dict:
   return next_state
 
 
-def jit_train_step(model: CG3D, tx, labels_fn, *, active, state_shardings, frozen_shardings, table_sharding,
-                   batch_shardings, same_class_mask: bool = False, augment: bool = True) -> Callable[..., Any]:
+def jit_train_step(
+  model: CG3D,
+  tx,
+  labels_fn,
+  *,
+  active,
+  state_shardings,
+  frozen_shardings,
+  table_sharding,
+  batch_shardings,
+  same_class_mask: bool = False,
+  augment: bool = True,
+) -> Callable[..., Any]:
   """`train_step` compiled with explicit in/out shardings and a donated state (the modern pjit)."""
-  fn = functools.partial(train_step, model=model, tx=tx, labels_fn=labels_fn, active=tuple(active),
-                         same_class_mask=same_class_mask, augment=augment)
-  return jax.jit(fn, in_shardings=(state_shardings, frozen_shardings, table_sharding, batch_shardings),
-                 out_shardings=(state_shardings, None), donate_argnums=(0,))
+  fn = functools.partial(
+    train_step,
+    model=model,
+    tx=tx,
+    labels_fn=labels_fn,
+    active=tuple(active),
+    same_class_mask=same_class_mask,
+    augment=augment,
+  )
+  return jax.jit(
+    fn,
+    in_shardings=(state_shardings, frozen_shardings, table_sharding, batch_shardings),
+    out_shardings=(state_shardings, None),
+    donate_argnums=(0,),
+  )
 
 
-def _features_losses(encoder_params: dict, logit_scale, batch_stats, batch, key, *, model: CG3D,
-                     lambda_text: float, lambda_image: float):
+def _features_losses(
+  encoder_params: dict, logit_scale, batch_stats, batch, key, *, model: CG3D, lambda_text: float, lambda_image: float
+):
   points = sample_points(batch['points'], model.num_points)  # the host already augmented them, as OpenShape does
-  feats, new_stats = model.point_features({'params': encoder_params, 'batch_stats': batch_stats}, points, train=True,
-                                          rngs={'dropout': key})
+  feats, new_stats = model.point_features(
+    {'params': encoder_params, 'batch_stats': batch_stats}, points, train=True, rngs={'dropout': key}
+  )
   scale = jnp.exp(logit_scale.astype(jnp.float32))
   text, image = l2_normalize(batch['text_feat']), l2_normalize(batch['image_feat'])
-  metrics = {'loss/point_text': contrastive_loss(feats, text, scale, valid=batch['has_text']),
-             'loss/point_image': contrastive_loss(feats, image, scale)}
+  metrics = {
+    'loss/point_text': contrastive_loss(feats, text, scale, valid=batch['has_text']),
+    'loss/point_image': contrastive_loss(feats, image, scale),
+  }
   total = lambda_text * metrics['loss/point_text'] + lambda_image * metrics['loss/point_image']
   metrics['loss'] = total
   metrics['logit_scale'] = scale
@@ -170,8 +231,15 @@ def _features_losses(encoder_params: dict, logit_scale, batch_stats, batch, key,
   return total, (metrics, new_stats)
 
 
-def features_train_step(state: dict, batch: dict, *, model: CG3D, tx: optax.GradientTransformation,
-                        lambda_text: float = 1.0, lambda_image: float = 1.0):
+def features_train_step(
+  state: dict,
+  batch: dict,
+  *,
+  model: CG3D,
+  tx: optax.GradientTransformation,
+  lambda_text: float = 1.0,
+  lambda_image: float = 1.0,
+):
   """One update of the encoder and the temperature against stored features; returns (new state, metrics).
 
   batch: 'points' (B, S, C), 'text_feat' (B, D), 'has_text' (B,) bool, 'image_feat' (B, D)."""
@@ -179,20 +247,31 @@ def features_train_step(state: dict, batch: dict, *, model: CG3D, tx: optax.Grad
   key = jax.random.fold_in(state['rng'], state['step'])
 
   def loss_fn(trainable):
-    return _features_losses(trainable['encoder'], trainable['logit_scale'], state['batch_stats'], batch, key,
-                            model=model, lambda_text=lambda_text, lambda_image=lambda_image)
+    return _features_losses(
+      trainable['encoder'],
+      trainable['logit_scale'],
+      state['batch_stats'],
+      batch,
+      key,
+      model=model,
+      lambda_text=lambda_text,
+      lambda_image=lambda_image,
+    )
 
   (loss, (metrics, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   updates, new_opt_state = tx.update(grads, state['opt_state'], params)
   new_params = optax.apply_updates(params, updates)
   metrics[f'grad_norm/{ENCODER}'] = optax.tree.norm(grads['encoder'])
   ok = jnp.isfinite(loss) & _all_finite(grads) & _all_finite([batch['points'], batch['text_feat'], batch['image_feat']])
-  return _apply_if_finite(state, ok, metrics, params=new_params, opt_state=new_opt_state,
-                          batch_stats=new_stats), metrics
+  return _apply_if_finite(
+    state, ok, metrics, params=new_params, opt_state=new_opt_state, batch_stats=new_stats
+  ), metrics
 
 
-def jit_features_train_step(model: CG3D, tx, *, state_shardings, batch_shardings, lambda_text: float = 1.0,
-                            lambda_image: float = 1.0) -> Callable[..., Any]:
+def jit_features_train_step(
+  model: CG3D, tx, *, state_shardings, batch_shardings, lambda_text: float = 1.0, lambda_image: float = 1.0
+) -> Callable[..., Any]:
   fn = functools.partial(features_train_step, model=model, tx=tx, lambda_text=lambda_text, lambda_image=lambda_image)
-  return jax.jit(fn, in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None),
-                 donate_argnums=(0,))
+  return jax.jit(
+    fn, in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None), donate_argnums=(0,)
+  )

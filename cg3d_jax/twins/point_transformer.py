@@ -42,8 +42,8 @@ def torch_farthest_point_sample(xyz: torch.Tensor, num_samples: int) -> torch.Te
 def torch_pairwise_squared_distance(queries: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
   """(B, S, C), (B, N, C) -> (B, S, N): (-2 a.b + |a|^2) + |b|^2, the originals' square_distance."""
   dist = -2 * torch.matmul(queries, points.transpose(1, 2))
-  dist = dist + torch.sum(queries ** 2, -1)[:, :, None]
-  return dist + torch.sum(points ** 2, -1)[:, None, :]
+  dist = dist + torch.sum(queries**2, -1)[:, :, None]
+  return dist + torch.sum(points**2, -1)[:, None, :]
 
 
 def torch_knn(queries: torch.Tensor, points: torch.Tensor, k: int) -> torch.Tensor:
@@ -78,10 +78,12 @@ class Encoder(nn.Module):
   def __init__(self, encoder_channel: int, input_dim: int = 3):
     super().__init__()
     self.encoder_channel = encoder_channel
-    self.first_conv = nn.Sequential(nn.Conv1d(input_dim, 128, 1), nn.BatchNorm1d(128), nn.ReLU(inplace=True),
-                                    nn.Conv1d(128, 256, 1))
-    self.second_conv = nn.Sequential(nn.Conv1d(512, 512, 1), nn.BatchNorm1d(512), nn.ReLU(inplace=True),
-                                     nn.Conv1d(512, encoder_channel, 1))
+    self.first_conv = nn.Sequential(
+      nn.Conv1d(input_dim, 128, 1), nn.BatchNorm1d(128), nn.ReLU(inplace=True), nn.Conv1d(128, 256, 1)
+    )
+    self.second_conv = nn.Sequential(
+      nn.Conv1d(512, 512, 1), nn.BatchNorm1d(512), nn.ReLU(inplace=True), nn.Conv1d(512, encoder_channel, 1)
+    )
 
   def forward(self, point_groups: torch.Tensor) -> torch.Tensor:
     bs, g, n, c = point_groups.shape
@@ -161,10 +163,22 @@ class TransformerEncoder(nn.Module):
 class PointTransformerProject(nn.Module):
   """CG3D's PointTransformerProject: state-dict names/shapes as the original (166 entries at the real config)."""
 
-  def __init__(self, width: int = 384, depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0,
-               num_groups: int = 64, group_size: int = 32, encoder_dim: int = 256, drop_path_rate: float = 0.1,
-               embed_dim: int = 512, num_classes: int | None = 55, head_hidden: int = 256,
-               head_dropout: float = 0.5, in_channels: int = 3):
+  def __init__(
+    self,
+    width: int = 384,
+    depth: int = 12,
+    num_heads: int = 6,
+    mlp_ratio: float = 4.0,
+    num_groups: int = 64,
+    group_size: int = 32,
+    encoder_dim: int = 256,
+    drop_path_rate: float = 0.1,
+    embed_dim: int = 512,
+    num_classes: int | None = 55,
+    head_hidden: int = 256,
+    head_dropout: float = 0.5,
+    in_channels: int = 3,
+  ):
     super().__init__()
     self.num_groups, self.group_size = num_groups, group_size
     self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
@@ -177,8 +191,12 @@ class PointTransformerProject(nn.Module):
     self.blocks = TransformerEncoder(width, depth, num_heads, mlp_ratio, dpr)
     self.norm = nn.LayerNorm(width)
     if num_classes is not None:
-      self.cls_head_finetune = nn.Sequential(nn.Linear(2 * width, head_hidden), nn.ReLU(inplace=True),
-                                             nn.Dropout(head_dropout), nn.Linear(head_hidden, num_classes))
+      self.cls_head_finetune = nn.Sequential(
+        nn.Linear(2 * width, head_hidden),
+        nn.ReLU(inplace=True),
+        nn.Dropout(head_dropout),
+        nn.Linear(head_hidden, num_classes),
+      )
     self.apply(self._init_weights)
     nn.init.trunc_normal_(self.cls_pos, std=0.02)
 

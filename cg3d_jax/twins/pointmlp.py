@@ -22,24 +22,22 @@ def _index_points(points: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 class ConvBNReLU1D(nn.Module):
-
   def __init__(self, in_channels: int, out_channels: int):
     super().__init__()
-    self.net = nn.Sequential(nn.Conv1d(in_channels, out_channels, kernel_size=1, bias=False),
-                             nn.BatchNorm1d(out_channels), nn.ReLU())
+    self.net = nn.Sequential(
+      nn.Conv1d(in_channels, out_channels, kernel_size=1, bias=False), nn.BatchNorm1d(out_channels), nn.ReLU()
+    )
 
   def forward(self, x):
     return self.net(x)
 
 
 class ConvBNReLURes1D(nn.Module):
-
   def __init__(self, channel: int, res_expansion: float = 1.0):
     super().__init__()
     hidden = int(channel * res_expansion)
     self.act = nn.ReLU()
-    self.net1 = nn.Sequential(nn.Conv1d(channel, hidden, kernel_size=1, bias=False), nn.BatchNorm1d(hidden),
-                              nn.ReLU())
+    self.net1 = nn.Sequential(nn.Conv1d(channel, hidden, kernel_size=1, bias=False), nn.BatchNorm1d(hidden), nn.ReLU())
     self.net2 = nn.Sequential(nn.Conv1d(hidden, channel, kernel_size=1, bias=False), nn.BatchNorm1d(channel))
 
   def forward(self, x):
@@ -72,7 +70,6 @@ class LocalGrouper(nn.Module):
 
 
 class PreExtraction(nn.Module):
-
   def __init__(self, channels: int, out_channels: int, blocks: int, res_expansion: float = 1.0):
     super().__init__()
     self.transfer = ConvBNReLU1D(2 * channels, out_channels)
@@ -87,7 +84,6 @@ class PreExtraction(nn.Module):
 
 
 class PosExtraction(nn.Module):
-
   def __init__(self, channels: int, blocks: int, res_expansion: float = 1.0):
     super().__init__()
     self.operation = nn.Sequential(*[ConvBNReLURes1D(channels, res_expansion) for _ in range(blocks)])
@@ -102,10 +98,19 @@ class PointMLPProject(nn.Module):
   As in the original, anchor counts are fixed at construction from `points` (1024 // 2, // 4, ...).
   """
 
-  def __init__(self, points: int = 1024, embed_dim: int = 64, res_expansion: float = 1.0,
-               dim_expansion=(2, 2, 2, 2), pre_blocks=(2, 2, 2, 2), pos_blocks=(2, 2, 2, 2),
-               k_neighbors=(24, 24, 24, 24), reducers=(2, 2, 2, 2), projection_dim: int = 512,
-               in_channels: int = 3):
+  def __init__(
+    self,
+    points: int = 1024,
+    embed_dim: int = 64,
+    res_expansion: float = 1.0,
+    dim_expansion=(2, 2, 2, 2),
+    pre_blocks=(2, 2, 2, 2),
+    pos_blocks=(2, 2, 2, 2),
+    k_neighbors=(24, 24, 24, 24),
+    reducers=(2, 2, 2, 2),
+    projection_dim: int = 512,
+    in_channels: int = 3,
+  ):
     super().__init__()
     self.stages = len(pre_blocks)
     self.points = points

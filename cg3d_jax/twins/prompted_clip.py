@@ -17,6 +17,6 @@ def torch_prompted_image_features(torch_model, pixel_values, prompts):
   x = vision.pre_layrnorm(x)
   for i, layer in enumerate(vision.encoder.layers):
     if 0 < i < prompts.shape[0]:
-      x = torch.cat([x[:, :1], prompts[i].expand(batch, -1, -1), x[:, 1 + n:]], dim=1)
+      x = torch.cat([x[:, :1], prompts[i].expand(batch, -1, -1), x[:, 1 + n :]], dim=1)
     x = layer(x, None)
   return torch_model.visual_projection(vision.post_layernorm(x[:, 0]))

@@ -21,20 +21,38 @@ from cg3d_jax.weights import cg3d_pth
 # Two classes, train and test split (the package ships their xyz: assets.VERIFY_CLOUDS).
 VERIFY_OBJECTS = ('airplane/airplane_0002', 'airplane/airplane_0633', 'bathtub/bathtub_0108', 'bathtub/bathtub_0115')
 
+
 def twin_for(encoder: str, model, num_points: int) -> torch.nn.Module:
   """The PyTorch twin (the original's module and names) with the sizes of the Flax encoder `model`."""
   if encoder == cg3d_pth.POINT_TRANSFORMER:
     return PointTransformerProject(
-        width=model.width, depth=model.depth, num_heads=model.num_heads, mlp_ratio=model.mlp_ratio,
-        num_groups=model.num_groups, group_size=model.group_size, encoder_dim=model.encoder_dim,
-        drop_path_rate=model.drop_path_rate, embed_dim=model.embed_dim, num_classes=model.num_classes,
-        head_hidden=model.head_hidden, head_dropout=model.head_dropout, in_channels=model.in_channels)
+      width=model.width,
+      depth=model.depth,
+      num_heads=model.num_heads,
+      mlp_ratio=model.mlp_ratio,
+      num_groups=model.num_groups,
+      group_size=model.group_size,
+      encoder_dim=model.encoder_dim,
+      drop_path_rate=model.drop_path_rate,
+      embed_dim=model.embed_dim,
+      num_classes=model.num_classes,
+      head_hidden=model.head_hidden,
+      head_dropout=model.head_dropout,
+      in_channels=model.in_channels,
+    )
   if encoder == cg3d_pth.POINTMLP:
     return PointMLPProject(
-        points=num_points, embed_dim=model.embed_dim, res_expansion=model.res_expansion,
-        dim_expansion=tuple(model.dim_expansion), pre_blocks=tuple(model.pre_blocks),
-        pos_blocks=tuple(model.pos_blocks), k_neighbors=tuple(model.k_neighbors), reducers=tuple(model.reducers),
-        projection_dim=model.projection_dim, in_channels=model.in_channels)
+      points=num_points,
+      embed_dim=model.embed_dim,
+      res_expansion=model.res_expansion,
+      dim_expansion=tuple(model.dim_expansion),
+      pre_blocks=tuple(model.pre_blocks),
+      pos_blocks=tuple(model.pos_blocks),
+      k_neighbors=tuple(model.k_neighbors),
+      reducers=tuple(model.reducers),
+      projection_dim=model.projection_dim,
+      in_channels=model.in_channels,
+    )
   raise ValueError(f'unknown encoder {encoder!r}; expected {cg3d_pth.POINT_TRANSFORMER!r} or {cg3d_pth.POINTMLP!r}')
 
 
@@ -49,15 +67,17 @@ def load_twin(path, encoder: str, model, num_points: int, *, allow_missing_proje
   if allow_missing_projection:
     missing, unexpected = twin.load_state_dict(state_dict, strict=False)
     if unexpected or set(missing) != {'projection.weight', 'projection.bias'}:
-      raise BadInputError(path, f'does not load into the twin: missing {sorted(missing)}, unexpected '
-                                f'{sorted(unexpected)}')
+      raise BadInputError(
+        path, f'does not load into the twin: missing {sorted(missing)}, unexpected {sorted(unexpected)}'
+      )
   else:
     twin.load_state_dict(state_dict, strict=True)
   return twin.eval()
 
 
-def compare_features(twin: torch.nn.Module, model, variables, clouds: np.ndarray, *,
-                     logits: bool = False) -> tuple[float, np.ndarray, np.ndarray]:
+def compare_features(
+  twin: torch.nn.Module, model, variables, clouds: np.ndarray, *, logits: bool = False
+) -> tuple[float, np.ndarray, np.ndarray]:
   """Eval-mode outputs of JAX and of the twin on the same clouds -> (max |diff|, jax, torch): the (B, embed_dim)
   features, or with `logits` the classification head's (B, C) logits.
 
@@ -99,8 +119,9 @@ def verify_clouds(files, modelnet_dir, num_points: int, in_channels: int = 3) ->
     if not root.is_dir():
       raise BadInputError(root, 'is not a folder (--modelnet_dir: a modelnet40_normal_resampled folder)')
     # The official layout: x,y,z,nx,ny,nz lines.
-    named = [(str(root / f'{n}.txt'), read_points(root / f'{n}.txt', columns='xyz,normals').xyz)
-             for n in VERIFY_OBJECTS]
+    named = [
+      (str(root / f'{n}.txt'), read_points(root / f'{n}.txt', columns='xyz,normals').xyz) for n in VERIFY_OBJECTS
+    ]
   else:
     with np.load(assets.path(assets.VERIFY_CLOUDS)) as shipped:
       named = [(pathlib.Path(n).name, shipped[pathlib.Path(n).name]) for n in VERIFY_OBJECTS]

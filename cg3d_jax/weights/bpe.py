@@ -15,8 +15,9 @@ START_OF_TEXT, END_OF_TEXT = '<|startoftext|>', '<|endoftext|>'
 
 def bytes_to_unicode() -> dict[int, str]:
   """GPT-2/CLIP byte -> printable character table; its order fixes the ids of the 256 byte tokens."""
-  printable = (list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1))
-               + list(range(ord('®'), ord('ÿ') + 1)))
+  printable = (
+    list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) + list(range(ord('®'), ord('ÿ') + 1))
+  )
   codes = printable[:]
   extra = 0
   for b in range(256):
@@ -36,7 +37,7 @@ def read_bpe(vocab_path) -> tuple[dict[str, int], list[tuple[str, str]]]:
   if len(lines) < NUM_MERGES + 1:
     raise ValueError(f'{path}: expected at least {NUM_MERGES + 1} lines, found {len(lines)}')
   merges = []
-  for number, line in enumerate(lines[1:NUM_MERGES + 1], start=2):
+  for number, line in enumerate(lines[1 : NUM_MERGES + 1], start=2):
     parts = line.split()
     if len(parts) != 2:
       raise ValueError(f'{path}: line {number} is not a merge of two symbols: {line!r}')

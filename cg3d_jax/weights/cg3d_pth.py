@@ -55,8 +55,10 @@ class CheckpointFormatError(InputError):
 
 # --- building the container ---------------------------------------------------------------------------------------
 
-def encoder_state_dict(encoder: str, params: Mapping[str, Any], batch_stats: Mapping[str, Any], *,
-                       num_batches_tracked: int = 0) -> 'collections.OrderedDict[str, torch.Tensor]':
+
+def encoder_state_dict(
+  encoder: str, params: Mapping[str, Any], batch_stats: Mapping[str, Any], *, num_batches_tracked: int = 0
+) -> 'collections.OrderedDict[str, torch.Tensor]':
   """Flax encoder variables -> the original `base_model` state dict (float32 tensors, original key order)."""
   if encoder == POINT_TRANSFORMER:
     return torch_io.point_transformer_to_torch(params, batch_stats, num_batches_tracked=num_batches_tracked)
@@ -82,40 +84,61 @@ def prompts_to_torch(prompts, prompt_mode: str) -> dict[str, torch.Tensor]:
   return {PROMPT_KEY: torch.from_numpy(tokens[:1].copy()), DEEP_PROMPT_KEY: torch.from_numpy(tokens[1:].copy())}
 
 
-def build_container(encoder: str, params, batch_stats, *, prompts=None, prompt_mode: str = 'none', step: int = 0,
-                    epoch: int = -1, metrics: Mapping[str, Any] | None = None, config: Mapping[str, Any] | None = None,
-                    num_batches_tracked: int = 0, frozen_visual: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def build_container(
+  encoder: str,
+  params,
+  batch_stats,
+  *,
+  prompts=None,
+  prompt_mode: str = 'none',
+  step: int = 0,
+  epoch: int = -1,
+  metrics: Mapping[str, Any] | None = None,
+  config: Mapping[str, Any] | None = None,
+  num_batches_tracked: int = 0,
+  frozen_visual: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
   """Everything an export writes, as the `.pth` dict (see the module docstring). frozen_visual: a SLIP run's frozen
   image tower in timm's names, saved beside the prompts as the original saves its whole prompted ViT."""
   metrics = _plain(dict(metrics or {}), 'metrics')
-  container = {'base_model': encoder_state_dict(encoder, params, batch_stats,
-                                                num_batches_tracked=num_batches_tracked)}
+  container = {'base_model': encoder_state_dict(encoder, params, batch_stats, num_batches_tracked=num_batches_tracked)}
   visual = prompts_to_torch(prompts, prompt_mode)
   if visual and frozen_visual:
     visual = {**{k: torch.from_numpy(np.ascontiguousarray(v, np.float32)) for k, v in frozen_visual.items()}, **visual}
   if visual:
     container['visual_clip_model'] = collections.OrderedDict(visual)
-  container.update(epoch=int(epoch), metrics=metrics, best_metrics=dict(metrics), step=int(step), encoder=encoder,
-                   config=_plain(dict(config or {}), 'config'))
+  container.update(
+    epoch=int(epoch),
+    metrics=metrics,
+    best_metrics=dict(metrics),
+    step=int(step),
+    encoder=encoder,
+    config=_plain(dict(config or {}), 'config'),
+  )
   return container
 
 
 def _plain(value, what: str):
   """Plain JSON types (dict, list, str, numbers, bool, None): what weights_only loading and the sidecar accept."""
+
   def convert(obj):
     if isinstance(obj, np.generic):
       return obj.item()
     if isinstance(obj, np.ndarray):
       return obj.tolist()
     raise TypeError(f'{what}: {type(obj).__name__} is not a plain value: {obj!r}')
+
   return json.loads(json.dumps(value, default=convert))
 
 
 # --- fine-tuned classifiers (Point-BERT's fine-tune container) ---------------------------------------------------
 
+
 def _pointmlp_classifier_entries(params: Mapping[str, Any]) -> list:
-  pre = tuple(len([k for k in params[f'pre_blocks_{i}'] if k.startswith('block_')])
-              for i in range(len([k for k in params if k.startswith('pre_blocks_')])))
+  pre = tuple(
+    len([k for k in params[f'pre_blocks_{i}'] if k.startswith('block_')])
+    for i in range(len([k for k in params if k.startswith('pre_blocks_')]))
+  )
   pos = tuple(len([k for k in params.get(f'pos_blocks_{i}', {}) if k.startswith('block_')]) for i in range(len(pre)))
   entries = [e for e in torch_io_pointmlp.pointmlp_entries(pre, pos) if not e.torch_key.startswith('projection.')]
   for i in (0, 4, 8):
@@ -125,8 +148,9 @@ def _pointmlp_classifier_entries(params: Mapping[str, Any]) -> list:
   return entries
 
 
-def classifier_state_dict(encoder: str, params: Mapping[str, Any], batch_stats: Mapping[str, Any], *,
-                          num_batches_tracked: int = 0) -> 'collections.OrderedDict[str, torch.Tensor]':
+def classifier_state_dict(
+  encoder: str, params: Mapping[str, Any], batch_stats: Mapping[str, Any], *, num_batches_tracked: int = 0
+) -> 'collections.OrderedDict[str, torch.Tensor]':
   """Fine-tuned classifier variables -> the original fine-tune `base_model` state dict.
 
   point_transformer: the pretraining keys without `projection.*`, with cls_head_finetune.{0,3} sized to C (what
@@ -136,24 +160,31 @@ def classifier_state_dict(encoder: str, params: Mapping[str, Any], batch_stats: 
   params = {k: v for k, v in unstack_layers(params).items() if k != 'projection'}
   if encoder == POINT_TRANSFORMER:
     depth = len([k for k in params if k.startswith('blocks_')])
-    entries = [e for e in torch_io.point_transformer_entries(depth, with_head=True)
-               if not e.torch_key.startswith('projection.')]
+    entries = [
+      e for e in torch_io.point_transformer_entries(depth, with_head=True) if not e.torch_key.startswith('projection.')
+    ]
   elif encoder == POINTMLP:
     entries = _pointmlp_classifier_entries(params)
   else:
     raise ValueError(f'unknown encoder {encoder!r}; expected {POINT_TRANSFORMER!r} or {POINTMLP!r}')
-  return torch_io.flax_to_torch({'params': params, 'batch_stats': batch_stats}, entries,
-                                num_batches_tracked=num_batches_tracked)
+  return torch_io.flax_to_torch(
+    {'params': params, 'batch_stats': batch_stats}, entries, num_batches_tracked=num_batches_tracked
+  )
 
 
 def finetune_container(state_dict, *, epoch: int, accuracy: float) -> dict[str, Any]:
   """Point-BERT's fine-tune checkpoint: {'base_model', 'epoch', 'metrics': {'acc'}, 'best_metrics': {'acc'}}, the
   accuracy in percent (of the exported step)."""
-  return {'base_model': state_dict, 'epoch': int(epoch), 'metrics': {'acc': float(accuracy)},
-          'best_metrics': {'acc': float(accuracy)}}
+  return {
+    'base_model': state_dict,
+    'epoch': int(epoch),
+    'metrics': {'acc': float(accuracy)},
+    'best_metrics': {'acc': float(accuracy)},
+  }
 
 
 # --- writing ------------------------------------------------------------------------------------------------------
+
 
 def write_cg3d_checkpoint(path, container: Mapping[str, Any]) -> pathlib.Path:
   """The `.pth` container, written with torch.save atomically."""
@@ -172,16 +203,17 @@ def write_safetensors_checkpoint(path, container: Mapping[str, Any]) -> tuple[pa
   The sidecar is renamed into place first, so a present tensor file always has its complete sidecar.
   """
   from safetensors.torch import save as safetensors_bytes
+
   path = pathlib.Path(path)
   if path.suffix == '.json':
     raise ValueError(f'{path}: a safetensors export needs a name not ending in .json (the sidecar is <stem>.json)')
   tensors = {f'base_model.{k}': v.contiguous() for k, v in container['base_model'].items()}
-  tensors.update({f'visual_clip_model.{k}': v.contiguous()
-                  for k, v in container.get('visual_clip_model', {}).items()})
+  tensors.update({f'visual_clip_model.{k}': v.contiguous() for k, v in container.get('visual_clip_model', {}).items()})
   side = {k: v for k, v in container.items() if k not in ('base_model', 'visual_clip_model')}
   side['format'] = SAFETENSORS_FORMAT
-  data = safetensors_bytes(tensors, metadata={'format': 'pt', 'cg3d_jax': SAFETENSORS_FORMAT,
-                                              'encoder': str(container.get('encoder', ''))})
+  data = safetensors_bytes(
+    tensors, metadata={'format': 'pt', 'cg3d_jax': SAFETENSORS_FORMAT, 'encoder': str(container.get('encoder', ''))}
+  )
   atomic_write(sidecar_path(path), lambda f: f.write(json.dumps(side, indent=1).encode()))
   try:
     atomic_write(path, lambda f: f.write(data))
@@ -192,6 +224,7 @@ def write_safetensors_checkpoint(path, container: Mapping[str, Any]) -> tuple[pa
 
 
 # --- reading ------------------------------------------------------------------------------------------------------
+
 
 def _torch_load(path: pathlib.Path):
   try:
@@ -212,8 +245,7 @@ def _read_safetensors(path: pathlib.Path) -> dict[str, Any]:
   for name, value in flat.items():
     group, dot, key = name.partition('.')
     if not dot or group not in ('base_model', 'visual_clip_model'):
-      raise CheckpointFormatError(path, f"tensor {name!r} is neither 'base_model.<key>' nor "
-                                        "'visual_clip_model.<key>'")
+      raise CheckpointFormatError(path, f"tensor {name!r} is neither 'base_model.<key>' nor 'visual_clip_model.<key>'")
     container.setdefault(group, {})[key] = value
   if 'base_model' not in container:
     raise CheckpointFormatError(path, "no 'base_model.<key>' tensors: not a cg3d-jax safetensors export")
@@ -229,13 +261,19 @@ def read_container(path) -> dict[str, Any]:
     return _read_safetensors(path)
   loaded = _torch_load(path)
   if not isinstance(loaded, Mapping):
-    raise CheckpointFormatError(path, f"not a CG3D checkpoint: the file holds a {type(loaded).__name__}, expected a "
-                                      "dict with a 'base_model' state dict")
+    raise CheckpointFormatError(
+      path,
+      f'not a CG3D checkpoint: the file holds a {type(loaded).__name__}, expected a '
+      "dict with a 'base_model' state dict",
+    )
   if 'base_model' not in loaded and 'model' not in loaded:
     if loaded and all(isinstance(v, torch.Tensor) for v in loaded.values()):
       return {'base_model': loaded}  # a bare state dict, as some released encoders are
-    raise CheckpointFormatError(path, "not a CG3D checkpoint: expected a dict with a 'base_model' (or 'model') "
-                                      f"state dict; top-level keys are {sorted(map(str, loaded))[:10]}")
+    raise CheckpointFormatError(
+      path,
+      "not a CG3D checkpoint: expected a dict with a 'base_model' (or 'model') "
+      f'state dict; top-level keys are {sorted(map(str, loaded))[:10]}',
+    )
   container = dict(loaded)
   if 'base_model' not in container:
     container['base_model'] = container.pop('model')
@@ -246,7 +284,7 @@ def strip_module_prefix(path, state_dict: Mapping[str, Any]) -> dict[str, Any]:
   """Drops the `module.` that (Distributed)DataParallel puts in front of every key."""
   out = {}
   for key, value in state_dict.items():
-    name = key[len('module.'):] if key.startswith('module.') else key
+    name = key[len('module.') :] if key.startswith('module.') else key
     if name in out:
       raise CheckpointFormatError(path, f'both {name!r} and module.{name!r} are present')
     out[name] = value
@@ -257,8 +295,10 @@ def detect_encoder(path, state_dict: Mapping[str, Any]) -> str:
   found = [name for name, key in _SIGNATURE_KEYS.items() if key in state_dict]
   if len(found) != 1:
     raise CheckpointFormatError(
-        path, f'cannot tell the point encoder from the base_model keys: expected exactly one of '
-        f'{sorted(_SIGNATURE_KEYS.values())} (PointTransformer / PointMLP); first keys: {list(state_dict)[:8]}')
+      path,
+      f'cannot tell the point encoder from the base_model keys: expected exactly one of '
+      f'{sorted(_SIGNATURE_KEYS.values())} (PointTransformer / PointMLP); first keys: {list(state_dict)[:8]}',
+    )
   return found[0]
 
 
@@ -266,29 +306,36 @@ def _model_for(path, encoder: str, state_dict, config: Mapping[str, Any] | None,
   """The Flax encoder whose shapes the state dict must have: from the saved config, else read off the weights."""
   from cg3d_jax.models.point_transformer import PointTransformer
   from cg3d_jax.models.pointmlp import PointMLP
+
   if config and 'model' in config:
     model_config = config['model']
     if model_config.get('encoder') != encoder:
-      raise CheckpointFormatError(path, f"config says encoder {model_config.get('encoder')!r} but the weights are a "
-                                        f'{encoder}')
+      raise CheckpointFormatError(
+        path, f'config says encoder {model_config.get("encoder")!r} but the weights are a {encoder}'
+      )
     import ml_collections
 
     from cg3d_jax.models.cg3d import build_encoder
+
     try:
       return build_encoder(ml_collections.ConfigDict(dict(model_config)))
     except (AttributeError, KeyError, TypeError, ValueError) as err:
-      raise CheckpointFormatError(path, f"the saved config['model'] does not describe a cg3d-jax encoder ({err}); "
-                                        'pass model= to load_cg3d_checkpoint') from None
+      raise CheckpointFormatError(
+        path,
+        f"the saved config['model'] does not describe a cg3d-jax encoder ({err}); pass model= to load_cg3d_checkpoint",
+      ) from None
   try:
     if encoder == POINT_TRANSFORMER:
       kwargs = torch_io.point_transformer_kwargs_from_torch(state_dict)
       # The weights do not fix the head count or grouping; CG3D's values are the only ones it released.
       kwargs['num_heads'] = PointTransformer.num_heads
-      assumed.append(f'num_heads={PointTransformer.num_heads}, num_groups={PointTransformer.num_groups}, '
-                     f'group_size={PointTransformer.group_size} (CG3D\'s; not recorded in the weights)')
+      assumed.append(
+        f'num_heads={PointTransformer.num_heads}, num_groups={PointTransformer.num_groups}, '
+        f"group_size={PointTransformer.group_size} (CG3D's; not recorded in the weights)"
+      )
       return PointTransformer(**kwargs)
     kwargs = torch_io_pointmlp.pointmlp_kwargs_from_torch(state_dict)
-    assumed.append('k_neighbors=24, reducers=2 in every stage (CG3D\'s; not recorded in the weights)')
+    assumed.append("k_neighbors=24, reducers=2 in every stage (CG3D's; not recorded in the weights)")
     return PointMLP(**kwargs)
   except (ValueError, KeyError, IndexError) as err:
     raise CheckpointFormatError(path, f'base_model is not a usable {encoder} state dict: {err}') from None
@@ -298,19 +345,23 @@ def prompts_from_torch(path, visual: Mapping[str, Any] | None) -> tuple[np.ndarr
   """The original prompted ViT's parameters -> ((layers or 1, n, width) float32 tokens or None, prompt mode)."""
   if not visual or PROMPT_KEY not in visual:
     if visual and DEEP_PROMPT_KEY in visual:
-      raise CheckpointFormatError(path, f"visual_clip_model has {DEEP_PROMPT_KEY} but no {PROMPT_KEY}")
+      raise CheckpointFormatError(path, f'visual_clip_model has {DEEP_PROMPT_KEY} but no {PROMPT_KEY}')
     return None, 'none'
   first = _numpy(visual[PROMPT_KEY])
   if first.ndim != 3 or first.shape[0] != 1:
-    raise CheckpointFormatError(path, f'visual_clip_model.{PROMPT_KEY}: got shape {first.shape}, expected '
-                                      '(1, num_tokens, width)')
+    raise CheckpointFormatError(
+      path, f'visual_clip_model.{PROMPT_KEY}: got shape {first.shape}, expected (1, num_tokens, width)'
+    )
   deep = visual.get(DEEP_PROMPT_KEY)
   if deep is None:
     return first, 'shallow'
   deep = _numpy(deep)
   if deep.ndim != 3 or deep.shape[1:] != first.shape[1:]:
-    raise CheckpointFormatError(path, f'visual_clip_model.{DEEP_PROMPT_KEY}: got shape {deep.shape}, expected '
-                                      f'(layers - 1, {first.shape[1]}, {first.shape[2]})')
+    raise CheckpointFormatError(
+      path,
+      f'visual_clip_model.{DEEP_PROMPT_KEY}: got shape {deep.shape}, expected '
+      f'(layers - 1, {first.shape[1]}, {first.shape[2]})',
+    )
   return np.concatenate([first, deep]), 'deep'
 
 
@@ -353,11 +404,24 @@ def load_cg3d_checkpoint(path, model=None):
   visual = strip_module_prefix(path, visual) if isinstance(visual, Mapping) else None
   prompts, prompt_mode = prompts_from_torch(path, visual)
   tracked = [int(v) for k, v in state_dict.items() if k.endswith('.num_batches_tracked')]
-  info = dict(path=str(path), format='safetensors' if path.suffix == '.safetensors' else 'pth', model=model,
-              epoch=epoch if isinstance(epoch := container.get('epoch'), int) else -1, step=container.get('step'),
-              metrics=container.get('metrics') or {}, best_metrics=container.get('best_metrics') or {},
-              config=config, prompt_mode=prompt_mode, num_batches_tracked=max(tracked, default=0),
-              ignored_visual_keys=sorted(set(visual or {}) - {PROMPT_KEY, DEEP_PROMPT_KEY}), assumed=assumed,
-              frozen_visual={k: _numpy(v) for k, v in (visual or {}).items()
-                             if k not in (PROMPT_KEY, DEEP_PROMPT_KEY) and isinstance(v, torch.Tensor)} or None)
+  info = dict(
+    path=str(path),
+    format='safetensors' if path.suffix == '.safetensors' else 'pth',
+    model=model,
+    epoch=epoch if isinstance(epoch := container.get('epoch'), int) else -1,
+    step=container.get('step'),
+    metrics=container.get('metrics') or {},
+    best_metrics=container.get('best_metrics') or {},
+    config=config,
+    prompt_mode=prompt_mode,
+    num_batches_tracked=max(tracked, default=0),
+    ignored_visual_keys=sorted(set(visual or {}) - {PROMPT_KEY, DEEP_PROMPT_KEY}),
+    assumed=assumed,
+    frozen_visual={
+      k: _numpy(v)
+      for k, v in (visual or {}).items()
+      if k not in (PROMPT_KEY, DEEP_PROMPT_KEY) and isinstance(v, torch.Tensor)
+    }
+    or None,
+  )
   return encoder, params, batch_stats, prompts, info

@@ -14,11 +14,27 @@ def is_slip_path(path) -> bool:
   return pathlib.Path(os.path.expanduser(str(path))).is_file()
 
 
-def load_clip(path, *, prompt_mode: str = 'deep', num_prompts: int = 5, dtype=jnp.float32, remat='none',
-              attention: str = 'auto', scan_layers: bool = True, seed: int = 0) -> LoadedCLIP:
+def load_clip(
+  path,
+  *,
+  prompt_mode: str = 'deep',
+  num_prompts: int = 5,
+  dtype=jnp.float32,
+  remat='none',
+  attention: str = 'auto',
+  scan_layers: bool = True,
+  seed: int = 0,
+) -> LoadedCLIP:
   """A transformers CLIP folder or a SLIP `.pt` file; prompts (if any) freshly initialised from `seed`."""
-  kwargs = dict(prompt_mode=prompt_mode, num_prompts=num_prompts, dtype=dtype, remat=remat, attention=attention,
-                scan_layers=scan_layers, seed=seed)
+  kwargs = dict(
+    prompt_mode=prompt_mode,
+    num_prompts=num_prompts,
+    dtype=dtype,
+    remat=remat,
+    attention=attention,
+    scan_layers=scan_layers,
+    seed=seed,
+  )
   if is_slip_path(path):
     return slip.load_slip(pathlib.Path(os.path.expanduser(str(path))), **kwargs)
   return hf_clip.load_clip(path, **kwargs)

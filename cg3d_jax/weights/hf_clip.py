@@ -36,6 +36,7 @@ class CLIPLoadError(InputError):
 @dataclasses.dataclass
 class ImagePreprocess:
   """CLIPImageProcessor's steps in NumPy/PIL: shortest side to `size` (bicubic), centre crop, /255, normalise."""
+
   size: int
   crop_size: int
   mean: tuple[float, float, float]
@@ -53,8 +54,10 @@ class ImagePreprocess:
           return int(value['height'])
       elif isinstance(value, (int, float)):
         return int(value)
-      raise CLIPLoadError(f'{source}: {key} must be an int or {{"shortest_edge": n}} or a square '
-                          f'{{"height": n, "width": n}}, got {value!r}')
+      raise CLIPLoadError(
+        f'{source}: {key} must be an int or {{"shortest_edge": n}} or a square '
+        f'{{"height": n, "width": n}}, got {value!r}'
+      )
 
     def crop(value):
       if isinstance(value, dict) and value.get('height') is not None and value.get('height') == value.get('width'):
@@ -68,16 +71,18 @@ class ImagePreprocess:
         raise CLIPLoadError(f'{source}: missing {key!r}')
     for flag in ('do_resize', 'do_center_crop', 'do_rescale', 'do_normalize'):
       if config.get(flag, True) is False:
-        raise CLIPLoadError(f'{source}: {flag}=false is not supported (CLIP preprocessing resizes, crops, '
-                            f'rescales and normalises)')
+        raise CLIPLoadError(
+          f'{source}: {flag}=false is not supported (CLIP preprocessing resizes, crops, rescales and normalises)'
+        )
     mean, std = tuple(float(m) for m in config['image_mean']), tuple(float(s) for s in config['image_std'])
     if len(mean) != 3 or len(std) != 3:
       raise CLIPLoadError(f'{source}: image_mean and image_std need 3 values, got {mean} and {std}')
     size, crop_size = shortest_edge(config['size'], 'size'), crop(config['crop_size'])
     if crop_size > size:
       raise CLIPLoadError(f'{source}: crop_size {crop_size} is larger than the resized shortest side {size}')
-    return cls(size=size, crop_size=crop_size, mean=mean, std=std,
-               resample=int(config.get('resample', Image.Resampling.BICUBIC)))
+    return cls(
+      size=size, crop_size=crop_size, mean=mean, std=std, resample=int(config.get('resample', Image.Resampling.BICUBIC))
+    )
 
   def resized_shape(self, height: int, width: int) -> tuple[int, int]:
     # transformers' get_resize_output_image_size(default_to_square=False): the long side is truncated, not rounded.
@@ -98,25 +103,27 @@ class ImagePreprocess:
       top, left = int(round((height - self.crop_size) / 2)), int(round((width - self.crop_size) / 2))
     else:
       top, left = (height - self.crop_size) // 2, (width - self.crop_size) // 2
-    pixels = pixels[top:top + self.crop_size, left:left + self.crop_size]
+    pixels = pixels[top : top + self.crop_size, left : left + self.crop_size]
     # Same arithmetic as transformers: rescale in float64, cast to float32, then normalise in float32.
     pixels = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
     return (pixels - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-
 
   def pipeline_settings(self) -> dict:
     """The data pipeline's image arguments (its TF resize follows `resample`: bicubic or bilinear)."""
     resample = {Image.Resampling.BICUBIC: 'bicubic', Image.Resampling.BILINEAR: 'bilinear'}.get(self.resample)
     if resample is None:
-      raise CLIPLoadError(f'image resample mode {self.resample} is not supported by the data pipeline '
-                          '(bicubic or bilinear)')
-    return dict(image_size=self.crop_size, image_mean=tuple(self.mean), image_std=tuple(self.std),
-                image_resample=resample)
+      raise CLIPLoadError(
+        f'image resample mode {self.resample} is not supported by the data pipeline (bicubic or bilinear)'
+      )
+    return dict(
+      image_size=self.crop_size, image_mean=tuple(self.mean), image_std=tuple(self.std), image_resample=resample
+    )
 
 
 @dataclasses.dataclass
 class LoadedCLIP:
   """A frozen CLIP ready to use: the Flax module, its parameters, how to tokenize and how to preprocess images."""
+
   model: CLIP
   params: dict
   tokenizer: Any  # transformers' CLIPTokenizer, or anything with token_ids(texts, context_length) (SLIP's framing)
@@ -137,10 +144,11 @@ def _check_folder(path) -> pathlib.Path:
     return folder
   if not folder.exists() and _looks_like_hub_name(str(path)):
     raise CLIPLoadError(
-        f'CLIP path {str(path)!r} looks like a Hugging Face hub name but is not a local folder. Nothing is '
-        f'downloaded here: download the model elsewhere (e.g. `huggingface-cli download {path} --local-dir DIR`) '
-        f'and point clip.path at that local folder (config.json, model.safetensors, tokenizer and '
-        f'preprocessor files).')
+      f'CLIP path {str(path)!r} looks like a Hugging Face hub name but is not a local folder. Nothing is '
+      f'downloaded here: download the model elsewhere (e.g. `huggingface-cli download {path} --local-dir DIR`) '
+      f'and point clip.path at that local folder (config.json, model.safetensors, tokenizer and '
+      f'preprocessor files).'
+    )
   if folder.exists():
     raise CLIPLoadError(f'CLIP path {str(folder)!r} is a file; expected a transformers CLIP folder')
   raise CLIPLoadError(f'CLIP folder {str(folder)!r} does not exist')
@@ -156,8 +164,10 @@ def load_hf_config(folder: pathlib.Path):
   with open(config_path, encoding='utf-8') as f:
     raw = json.load(f)
   if raw.get('model_type') != 'clip':
-    raise CLIPLoadError(f'{config_path} describes model_type {raw.get("model_type")!r}, expected "clip" '
-                        f'(a transformers CLIPModel with vision_config and text_config)')
+    raise CLIPLoadError(
+      f'{config_path} describes model_type {raw.get("model_type")!r}, expected "clip" '
+      f'(a transformers CLIPModel with vision_config and text_config)'
+    )
   return CLIPConfig.from_pretrained(str(folder), local_files_only=True)
 
 
@@ -210,23 +220,25 @@ def torch_names(spec: CLIPSpec) -> dict[str, tuple[str, str]]:
   Layout rules: 'copy'; 'linear' (torch [out, in] -> flax [in, out]); 'conv' (torch OIHW -> flax HWIO).
   """
   names = {
-      'vision/patch_embedding/kernel': ('vision_model.embeddings.patch_embedding.weight', 'conv'),
-      'vision/class_embedding': ('vision_model.embeddings.class_embedding', 'copy'),
-      'vision/position_embedding/embedding': ('vision_model.embeddings.position_embedding.weight', 'copy'),
-      'vision/pre_layernorm/scale': ('vision_model.pre_layrnorm.weight', 'copy'),
-      'vision/pre_layernorm/bias': ('vision_model.pre_layrnorm.bias', 'copy'),
-      'vision/post_layernorm/scale': ('vision_model.post_layernorm.weight', 'copy'),
-      'vision/post_layernorm/bias': ('vision_model.post_layernorm.bias', 'copy'),
-      'text/token_embedding/embedding': ('text_model.embeddings.token_embedding.weight', 'copy'),
-      'text/position_embedding/embedding': ('text_model.embeddings.position_embedding.weight', 'copy'),
-      'text/final_layer_norm/scale': ('text_model.final_layer_norm.weight', 'copy'),
-      'text/final_layer_norm/bias': ('text_model.final_layer_norm.bias', 'copy'),
-      'visual_projection/kernel': ('visual_projection.weight', 'linear'),
-      'text_projection/kernel': ('text_projection.weight', 'linear'),
-      'logit_scale': ('logit_scale', 'copy'),
+    'vision/patch_embedding/kernel': ('vision_model.embeddings.patch_embedding.weight', 'conv'),
+    'vision/class_embedding': ('vision_model.embeddings.class_embedding', 'copy'),
+    'vision/position_embedding/embedding': ('vision_model.embeddings.position_embedding.weight', 'copy'),
+    'vision/pre_layernorm/scale': ('vision_model.pre_layrnorm.weight', 'copy'),
+    'vision/pre_layernorm/bias': ('vision_model.pre_layrnorm.bias', 'copy'),
+    'vision/post_layernorm/scale': ('vision_model.post_layernorm.weight', 'copy'),
+    'vision/post_layernorm/bias': ('vision_model.post_layernorm.bias', 'copy'),
+    'text/token_embedding/embedding': ('text_model.embeddings.token_embedding.weight', 'copy'),
+    'text/position_embedding/embedding': ('text_model.embeddings.position_embedding.weight', 'copy'),
+    'text/final_layer_norm/scale': ('text_model.final_layer_norm.weight', 'copy'),
+    'text/final_layer_norm/bias': ('text_model.final_layer_norm.bias', 'copy'),
+    'visual_projection/kernel': ('visual_projection.weight', 'linear'),
+    'text_projection/kernel': ('text_projection.weight', 'linear'),
+    'logit_scale': ('logit_scale', 'copy'),
   }
-  for tower, prefix, layers in (('vision', 'vision_model', spec.vision_layers),
-                                ('text', 'text_model', spec.text_layers)):
+  for tower, prefix, layers in (
+    ('vision', 'vision_model', spec.vision_layers),
+    ('text', 'text_model', spec.text_layers),
+  ):
     for flax_suffix, (torch_suffix, is_linear) in _layer_names(layers).items():
       names[f'{tower}/{flax_suffix}'] = (f'{prefix}.{torch_suffix}', 'linear' if is_linear else 'copy')
   return names
@@ -261,8 +273,9 @@ def clip_params_from_state_dict(state_dict: dict[str, np.ndarray], spec: CLIPSpe
       raise CLIPLoadError(f'CLIP checkpoint is missing tensor {key!r} (expected shape {want})')
     value = np.asarray(state_dict[key])
     if tuple(value.shape) != tuple(want):
-      raise CLIPLoadError(f'CLIP checkpoint tensor {key!r} has shape {tuple(value.shape)}, expected {want} '
-                          f'for the config')
+      raise CLIPLoadError(
+        f'CLIP checkpoint tensor {key!r} has shape {tuple(value.shape)}, expected {want} for the config'
+      )
     # np.array, not np.ascontiguousarray: the latter turns the 0-d logit_scale into shape (1,).
     flat[flax_path] = np.array(_FROM_TORCH[layout](value.astype(np.float32)), order='C')
     used.add(key)
@@ -271,8 +284,10 @@ def clip_params_from_state_dict(state_dict: dict[str, np.ndarray], spec: CLIPSpe
     raise CLIPLoadError(f'CLIP checkpoint tensor(s) hold NaN or infinity: {bad[:5]}')
   unexpected = sorted(k for k in state_dict if k not in used and not _IGNORED_KEYS.match(k))
   if unexpected:
-    raise CLIPLoadError(f'CLIP checkpoint has tensors the config does not account for: {unexpected[:10]}'
-                        f'{" ..." if len(unexpected) > 10 else ""}')
+    raise CLIPLoadError(
+      f'CLIP checkpoint has tensors the config does not account for: {unexpected[:10]}'
+      f'{" ..." if len(unexpected) > 10 else ""}'
+    )
   return stack_layers(unflatten(flat))
 
 
@@ -282,8 +297,9 @@ def load_tokenizer(folder: pathlib.Path):
   has_json = (folder / 'tokenizer.json').is_file()
   has_bpe = (folder / 'vocab.json').is_file() and (folder / 'merges.txt').is_file()
   if not (has_json or has_bpe):
-    raise CLIPLoadError(f'no tokenizer in CLIP folder {str(folder)!r}: expected tokenizer.json or '
-                        f'vocab.json + merges.txt')
+    raise CLIPLoadError(
+      f'no tokenizer in CLIP folder {str(folder)!r}: expected tokenizer.json or vocab.json + merges.txt'
+    )
   return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
@@ -295,8 +311,17 @@ def load_preprocess(folder: pathlib.Path) -> ImagePreprocess:
     return ImagePreprocess.from_config(json.load(f), source=str(path))
 
 
-def load_clip(path, *, prompt_mode: str = 'deep', num_prompts: int = 5, dtype=jnp.float32, remat='none',
-              attention: str = 'auto', scan_layers: bool = True, seed: int = 0) -> LoadedCLIP:
+def load_clip(
+  path,
+  *,
+  prompt_mode: str = 'deep',
+  num_prompts: int = 5,
+  dtype=jnp.float32,
+  remat='none',
+  attention: str = 'auto',
+  scan_layers: bool = True,
+  seed: int = 0,
+) -> LoadedCLIP:
   """Loads a local transformers CLIP folder; prompts (if any) are freshly initialised from `seed`."""
   folder = _check_folder(path)
   hf_config = load_hf_config(folder)
@@ -306,10 +331,24 @@ def load_clip(path, *, prompt_mode: str = 'deep', num_prompts: int = 5, dtype=jn
   if prompts is not None:
     params['prompts'] = prompts
   params = jax.tree.map(jnp.asarray, params)
-  model = CLIP(spec, prompt_mode=prompt_mode, num_prompts=num_prompts, dtype=dtype, remat=remat,
-               attention=attention, scan_layers=scan_layers)
-  return LoadedCLIP(model=model, params=params, tokenizer=load_tokenizer(folder),
-                    preprocess=load_preprocess(folder), spec=spec, hf_config=hf_config, source=str(folder))
+  model = CLIP(
+    spec,
+    prompt_mode=prompt_mode,
+    num_prompts=num_prompts,
+    dtype=dtype,
+    remat=remat,
+    attention=attention,
+    scan_layers=scan_layers,
+  )
+  return LoadedCLIP(
+    model=model,
+    params=params,
+    tokenizer=load_tokenizer(folder),
+    preprocess=load_preprocess(folder),
+    spec=spec,
+    hf_config=hf_config,
+    source=str(folder),
+  )
 
 
 def tokenize(tokenizer, texts: list[str], context_length: int | None = None) -> np.ndarray:
@@ -332,9 +371,13 @@ def tokenize(tokenizer, texts: list[str], context_length: int | None = None) -> 
   for row, ids in enumerate(tokenizer(list(texts), verbose=False)['input_ids']):
     if len(ids) > context_length:
       cut.append(texts[row])
-      ids = ids[:context_length - 1] + ids[-1:]
-    out[row, :len(ids)] = ids
+      ids = ids[: context_length - 1] + ids[-1:]
+    out[row, : len(ids)] = ids
   if cut:
-    logging.warning('%d text(s) longer than the %d-token context were cut (the end kept only its end-of-text '
-                    'token), e.g. %r', len(cut), context_length, cut[0][:80])
+    logging.warning(
+      '%d text(s) longer than the %d-token context were cut (the end kept only its end-of-text token), e.g. %r',
+      len(cut),
+      context_length,
+      cut[0][:80],
+    )
   return out

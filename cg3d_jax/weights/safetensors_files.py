@@ -8,6 +8,7 @@ from cg3d_jax.errors import BadInputError
 def read_tensors(path) -> dict[str, np.ndarray]:
   """Every tensor of the file by name, dtypes kept (bfloat16 as ml_dtypes.bfloat16, which plain NumPy lacks)."""
   from safetensors import SafetensorError, safe_open
+
   try:
     with safe_open(str(path), framework='np') as f:
       return {name: _get(f, name, path) for name in f.keys()}
@@ -20,4 +21,5 @@ def _get(f, name: str, path) -> np.ndarray:
     return f.get_tensor(name)
   except TypeError:  # bfloat16: NumPy has no such dtype; the flax reader returns it as ml_dtypes.bfloat16
     from safetensors.flax import load_file
+
     return np.asarray(load_file(str(path))[name])

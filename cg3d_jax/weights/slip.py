@@ -51,8 +51,14 @@ _TEXT_BLOCK = re.compile(r'^transformer\.resblocks\.(\d+)\.')
 
 
 def slip_preprocess(image_size: int = 224) -> ImagePreprocess:
-  return ImagePreprocess(size=image_size, crop_size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                         resample=Image.Resampling.BILINEAR, crop_offset='round')
+  return ImagePreprocess(
+    size=image_size,
+    crop_size=image_size,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    resample=Image.Resampling.BILINEAR,
+    crop_offset='round',
+  )
 
 
 class SLIPTokenizer:
@@ -76,15 +82,20 @@ class SLIPTokenizer:
       if len(ids) > context:
         cut.append(text)
       ids = ids[:context]
-      out[i, :len(ids)] = ids
+      out[i, : len(ids)] = ids
     if cut:
-      logging.warning('%d text(s) longer than the %d-token context were cut as SLIP cuts them (the end-of-text '
-                      'token is lost; the text is pooled at its largest remaining id), e.g. %r', len(cut), context,
-                      cut[0][:80])
+      logging.warning(
+        '%d text(s) longer than the %d-token context were cut as SLIP cuts them (the end-of-text '
+        'token is lost; the text is pooled at its largest remaining id), e.g. %r',
+        len(cut),
+        context,
+        cut[0][:80],
+      )
     return out
 
 
 # --- reading --------------------------------------------------------------------------------------------------------
+
 
 def read_slip_file(path) -> tuple[dict[str, np.ndarray], Any]:
   """(state dict as float32 NumPy without the 'module.' prefix, the saved args or None)."""
@@ -102,44 +113,68 @@ def read_slip_file(path) -> tuple[dict[str, np.ndarray], Any]:
   for key, value in container['state_dict'].items():
     if not isinstance(value, torch.Tensor):
       raise CLIPLoadError(f'{path}: state_dict[{key!r}] is a {type(value).__name__}, not a tensor')
-    state[key[len('module.'):] if key.startswith('module.') else key] = value.detach().float().numpy()
+    state[key[len('module.') :] if key.startswith('module.') else key] = value.detach().float().numpy()
   if 'visual.pos_embed' not in state or 'token_embedding.weight' not in state:
-    raise CLIPLoadError(f'{path}: not a SLIP CLIP checkpoint (no visual.pos_embed / token_embedding.weight; '
-                        f'found {sorted(state)[:6]} ...)')
+    raise CLIPLoadError(
+      f'{path}: not a SLIP CLIP checkpoint (no visual.pos_embed / token_embedding.weight; '
+      f'found {sorted(state)[:6]} ...)'
+    )
   return state, container.get('args')
 
 
 def spec_from_state_dict(path, state: Mapping[str, np.ndarray], args=None) -> CLIPSpec:
   """The towers' sizes from the tensors' shapes (and the head counts SLIP's model names imply)."""
+
   def count(pattern):
     return len({int(m.group(1)) for k in state if (m := pattern.match(k))})
 
   vision_width = int(state['visual.pos_embed'].shape[-1])
   model_name = getattr(args, 'model', None)
-  if vision_width in VISION_HEADS and model_name and model_name.endswith(('VITS16', 'VITB16', 'VITL16')) and \
-      model_name[-6:] != SLIP_MODELS[vision_width][-6:]:
-    raise CLIPLoadError(f'{path}: args.model is {model_name} but the image tower is {vision_width} wide '
-                        f'({SLIP_MODELS[vision_width]})')
+  if (
+    vision_width in VISION_HEADS
+    and model_name
+    and model_name.endswith(('VITS16', 'VITB16', 'VITL16'))
+    and model_name[-6:] != SLIP_MODELS[vision_width][-6:]
+  ):
+    raise CLIPLoadError(
+      f'{path}: args.model is {model_name} but the image tower is {vision_width} wide ({SLIP_MODELS[vision_width]})'
+    )
   if vision_width % 64:
-    raise CLIPLoadError(f'{path}: image tower width {vision_width} is none of SLIP\'s ViT-S/B/L/16 '
-                        f'({sorted(VISION_HEADS)}) nor a multiple of 64 (timm\'s head width): its head count is '
-                        'unknown')
+    raise CLIPLoadError(
+      f"{path}: image tower width {vision_width} is none of SLIP's ViT-S/B/L/16 "
+      f"({sorted(VISION_HEADS)}) nor a multiple of 64 (timm's head width): its head count is "
+      'unknown'
+    )
   patch = state['visual.patch_embed.proj.weight']
   positions = int(state['visual.pos_embed'].shape[1]) - 1
-  grid = int(round(positions ** 0.5))
+  grid = int(round(positions**0.5))
   if grid * grid != positions:
     raise CLIPLoadError(f'{path}: visual.pos_embed holds {positions} patch positions, not a square grid')
   text_width = int(state['token_embedding.weight'].shape[1])
   return CLIPSpec(
-      vision_width=vision_width, vision_layers=count(_VISION_BLOCK),
-      vision_heads=VISION_HEADS.get(vision_width, vision_width // 64),
-      vision_mlp_dim=int(state['visual.blocks.0.mlp.fc1.weight'].shape[0]), vision_activation='gelu',
-      vision_layer_norm_eps=1e-6, patch_size=int(patch.shape[-1]), image_size=grid * int(patch.shape[-1]),
-      num_channels=int(patch.shape[1]), text_width=text_width, text_layers=count(_TEXT_BLOCK),
-      text_heads=text_width // 64, text_mlp_dim=int(state['transformer.resblocks.0.mlp.c_fc.weight'].shape[0]),
-      text_activation='quick_gelu', text_layer_norm_eps=1e-5, vocab_size=int(state['token_embedding.weight'].shape[0]),
-      max_positions=int(state['positional_embedding'].shape[0]), eos_token_id=-1, eos_pooling=EOS_POOLING_ARGMAX,
-      projection_dim=int(state['image_projection'].shape[1]), vision_pre_norm=False, patch_bias=True)
+    vision_width=vision_width,
+    vision_layers=count(_VISION_BLOCK),
+    vision_heads=VISION_HEADS.get(vision_width, vision_width // 64),
+    vision_mlp_dim=int(state['visual.blocks.0.mlp.fc1.weight'].shape[0]),
+    vision_activation='gelu',
+    vision_layer_norm_eps=1e-6,
+    patch_size=int(patch.shape[-1]),
+    image_size=grid * int(patch.shape[-1]),
+    num_channels=int(patch.shape[1]),
+    text_width=text_width,
+    text_layers=count(_TEXT_BLOCK),
+    text_heads=text_width // 64,
+    text_mlp_dim=int(state['transformer.resblocks.0.mlp.c_fc.weight'].shape[0]),
+    text_activation='quick_gelu',
+    text_layer_norm_eps=1e-5,
+    vocab_size=int(state['token_embedding.weight'].shape[0]),
+    max_positions=int(state['positional_embedding'].shape[0]),
+    eos_token_id=-1,
+    eos_pooling=EOS_POOLING_ARGMAX,
+    projection_dim=int(state['image_projection'].shape[1]),
+    vision_pre_norm=False,
+    patch_bias=True,
+  )
 
 
 def _layer_names(layers: int, block: str, norms, linears) -> dict[str, str]:
@@ -155,21 +190,36 @@ def _layer_names(layers: int, block: str, norms, linears) -> dict[str, str]:
 
 def _vision_names(spec: CLIPSpec) -> dict[str, str]:
   """Flax path under 'vision/' -> timm name (without 'visual.'), for the plain (unfused) tensors."""
-  return {'patch_embedding/kernel': 'patch_embed.proj.weight', 'patch_embedding/bias': 'patch_embed.proj.bias',
-          'class_embedding': 'cls_token', 'position_embedding/embedding': 'pos_embed',
-          'post_layernorm/scale': 'norm.weight', 'post_layernorm/bias': 'norm.bias',
-          **_layer_names(spec.vision_layers, 'blocks.{}', (('layer_norm1', 'norm1'), ('layer_norm2', 'norm2')),
-                         (('self_attn/out_proj', 'attn.proj'), ('mlp/fc1', 'mlp.fc1'), ('mlp/fc2', 'mlp.fc2')))}
+  return {
+    'patch_embedding/kernel': 'patch_embed.proj.weight',
+    'patch_embedding/bias': 'patch_embed.proj.bias',
+    'class_embedding': 'cls_token',
+    'position_embedding/embedding': 'pos_embed',
+    'post_layernorm/scale': 'norm.weight',
+    'post_layernorm/bias': 'norm.bias',
+    **_layer_names(
+      spec.vision_layers,
+      'blocks.{}',
+      (('layer_norm1', 'norm1'), ('layer_norm2', 'norm2')),
+      (('self_attn/out_proj', 'attn.proj'), ('mlp/fc1', 'mlp.fc1'), ('mlp/fc2', 'mlp.fc2')),
+    ),
+  }
 
 
 def _text_names(spec: CLIPSpec) -> dict[str, str]:
   """Flax path under 'text/' -> OpenAI CLIP's text-tower name, for the plain (unfused) tensors."""
-  return {'token_embedding/embedding': 'token_embedding.weight',
-          'position_embedding/embedding': 'positional_embedding',
-          'final_layer_norm/scale': 'ln_final.weight', 'final_layer_norm/bias': 'ln_final.bias',
-          **_layer_names(spec.text_layers, 'transformer.resblocks.{}',
-                         (('layer_norm1', 'ln_1'), ('layer_norm2', 'ln_2')),
-                         (('self_attn/out_proj', 'attn.out_proj'), ('mlp/fc1', 'mlp.c_fc'), ('mlp/fc2', 'mlp.c_proj')))}
+  return {
+    'token_embedding/embedding': 'token_embedding.weight',
+    'position_embedding/embedding': 'positional_embedding',
+    'final_layer_norm/scale': 'ln_final.weight',
+    'final_layer_norm/bias': 'ln_final.bias',
+    **_layer_names(
+      spec.text_layers,
+      'transformer.resblocks.{}',
+      (('layer_norm1', 'ln_1'), ('layer_norm2', 'ln_2')),
+      (('self_attn/out_proj', 'attn.out_proj'), ('mlp/fc1', 'mlp.c_fc'), ('mlp/fc2', 'mlp.c_proj')),
+    ),
+  }
 
 
 def _to_flax(name: str, value: np.ndarray) -> np.ndarray:
@@ -197,12 +247,15 @@ def clip_params_from_slip(path, state: Mapping[str, np.ndarray], spec: CLIPSpec)
     flat[f'vision/{ours}'] = _to_flax(theirs, take(f'visual.{theirs}'))
   for ours, theirs in _text_names(spec).items():
     flat[f'text/{ours}'] = _to_flax(theirs, take(theirs))
-  for tower, count, fused in (('vision', spec.vision_layers, 'visual.blocks.{}.attn.qkv'),
-                              ('text', spec.text_layers, 'transformer.resblocks.{}.attn.in_proj')):
+  for tower, count, fused in (
+    ('vision', spec.vision_layers, 'visual.blocks.{}.attn.qkv'),
+    ('text', spec.text_layers, 'transformer.resblocks.{}.attn.in_proj'),
+  ):
     for i in range(count):
       prefix = fused.format(i)
-      weight_key, bias_key = (f'{prefix}.weight', f'{prefix}.bias') if tower == 'vision' else (
-          f'{prefix}_weight', f'{prefix}_bias')
+      weight_key, bias_key = (
+        (f'{prefix}.weight', f'{prefix}.bias') if tower == 'vision' else (f'{prefix}_weight', f'{prefix}_bias')
+      )
       weights, biases = np.split(take(weight_key), 3), np.split(take(bias_key), 3)  # rows q | k | v
       for proj, w, b in zip(('q_proj', 'k_proj', 'v_proj'), weights, biases):
         flat[f'{tower}/layers_{i}/self_attn/{proj}/kernel'] = w.T
@@ -216,8 +269,10 @@ def clip_params_from_slip(path, state: Mapping[str, np.ndarray], spec: CLIPSpec)
     raise AssertionError(f'SLIP name table disagrees with the Flax CLIP: {sorted(set(shapes) ^ set(flat))}')
   for name, want in shapes.items():
     if flat[name].shape != want:
-      raise CLIPLoadError(f'{path}: SLIP tensor for {name} has shape {flat[name].shape} after conversion, expected '
-                          f'{want} for a tower of these sizes')
+      raise CLIPLoadError(
+        f'{path}: SLIP tensor for {name} has shape {flat[name].shape} after conversion, expected '
+        f'{want} for a tower of these sizes'
+      )
   unexpected = sorted(k for k in state if k not in used and not _IGNORED.match(k))
   if unexpected:
     raise CLIPLoadError(f'{path}: SLIP checkpoint has tensors a SLIP CLIP does not have: {unexpected[:10]}')
@@ -227,8 +282,17 @@ def clip_params_from_slip(path, state: Mapping[str, np.ndarray], spec: CLIPSpec)
   return stack_layers(unflatten({k: np.array(v, order='C') for k, v in flat.items()}))
 
 
-def load_slip(path, *, prompt_mode: str = 'deep', num_prompts: int = 5, dtype=jnp.float32, remat='none',
-              attention: str = 'auto', scan_layers: bool = True, seed: int = 0) -> LoadedCLIP:
+def load_slip(
+  path,
+  *,
+  prompt_mode: str = 'deep',
+  num_prompts: int = 5,
+  dtype=jnp.float32,
+  remat='none',
+  attention: str = 'auto',
+  scan_layers: bool = True,
+  seed: int = 0,
+) -> LoadedCLIP:
   """A SLIP checkpoint file as the frozen CLIP; prompts (if any) freshly initialised from `seed`."""
   state, args = read_slip_file(path)
   spec = spec_from_state_dict(path, state, args)
@@ -236,30 +300,46 @@ def load_slip(path, *, prompt_mode: str = 'deep', num_prompts: int = 5, dtype=jn
   prompts = init_prompts(jax.random.key(seed), spec, prompt_mode, num_prompts)
   if prompts is not None:
     params['prompts'] = prompts
-  model = CLIP(spec, prompt_mode=prompt_mode, num_prompts=num_prompts, dtype=dtype, remat=remat,
-               attention=attention, scan_layers=scan_layers)
-  return LoadedCLIP(model=model, params=jax.tree.map(jnp.asarray, params),
-                    tokenizer=SLIPTokenizer(context_length=spec.max_positions),
-                    preprocess=slip_preprocess(spec.image_size), spec=spec, hf_config=None, kind='slip',
-                    source=str(path))
+  model = CLIP(
+    spec,
+    prompt_mode=prompt_mode,
+    num_prompts=num_prompts,
+    dtype=dtype,
+    remat=remat,
+    attention=attention,
+    scan_layers=scan_layers,
+  )
+  return LoadedCLIP(
+    model=model,
+    params=jax.tree.map(jnp.asarray, params),
+    tokenizer=SLIPTokenizer(context_length=spec.max_positions),
+    preprocess=slip_preprocess(spec.image_size),
+    spec=spec,
+    hf_config=None,
+    kind='slip',
+    source=str(path),
+  )
 
 
 # --- writing: the frozen image tower in timm's names, as CG3D saves it under visual_clip_model -------------------
 
+
 def visual_tensors(path) -> dict[str, np.ndarray]:
   """The SLIP file's image tower as CG3D saves it (timm names without 'visual.', SLIP's order and values)."""
   state, _ = read_slip_file(path)
-  return {k[len('visual.'):]: v for k, v in state.items() if k.startswith('visual.')}
+  return {k[len('visual.') :]: v for k, v in state.items() if k.startswith('visual.')}
 
 
 def vision_state_dict(params: Mapping[str, Any], spec: CLIPSpec) -> dict[str, np.ndarray]:
   """The Flax image tower -> timm's `VisionTransformer` state dict (CG3D's `visual_clip_model` without prompts), in
   timm's parameter order."""
   vision = flatten(unstack_layers(params['vision']))
-  out = {'cls_token': np.asarray(vision['class_embedding']).reshape(1, 1, -1),
-         'pos_embed': np.asarray(vision['position_embedding/embedding'])[None],
-         'patch_embed.proj.weight': np.asarray(vision['patch_embedding/kernel']).transpose(3, 2, 0, 1),
-         'patch_embed.proj.bias': np.asarray(vision['patch_embedding/bias'])}
+  out = {
+    'cls_token': np.asarray(vision['class_embedding']).reshape(1, 1, -1),
+    'pos_embed': np.asarray(vision['position_embedding/embedding'])[None],
+    'patch_embed.proj.weight': np.asarray(vision['patch_embedding/kernel']).transpose(3, 2, 0, 1),
+    'patch_embed.proj.bias': np.asarray(vision['patch_embedding/bias']),
+  }
   names = _vision_names(spec)
   for i in range(spec.vision_layers):
     layer = f'layers_{i}/self_attn'
@@ -267,11 +347,21 @@ def vision_state_dict(params: Mapping[str, Any], spec: CLIPSpec) -> dict[str, np
     for suffix in ('norm1.weight', 'norm1.bias'):
       out[f'blocks.{i}.{suffix}'] = np.asarray(vision[block[f'blocks.{i}.{suffix}']])
     out[f'blocks.{i}.attn.qkv.weight'] = np.concatenate(
-        [np.asarray(vision[f'{layer}/{p}/kernel']).T for p in ('q_proj', 'k_proj', 'v_proj')])
+      [np.asarray(vision[f'{layer}/{p}/kernel']).T for p in ('q_proj', 'k_proj', 'v_proj')]
+    )
     out[f'blocks.{i}.attn.qkv.bias'] = np.concatenate(
-        [np.asarray(vision[f'{layer}/{p}/bias']) for p in ('q_proj', 'k_proj', 'v_proj')])
-    for suffix in ('attn.proj.weight', 'attn.proj.bias', 'norm2.weight', 'norm2.bias', 'mlp.fc1.weight',
-                   'mlp.fc1.bias', 'mlp.fc2.weight', 'mlp.fc2.bias'):
+      [np.asarray(vision[f'{layer}/{p}/bias']) for p in ('q_proj', 'k_proj', 'v_proj')]
+    )
+    for suffix in (
+      'attn.proj.weight',
+      'attn.proj.bias',
+      'norm2.weight',
+      'norm2.bias',
+      'mlp.fc1.weight',
+      'mlp.fc1.bias',
+      'mlp.fc2.weight',
+      'mlp.fc2.bias',
+    ):
       value = np.asarray(vision[block[f'blocks.{i}.{suffix}']])
       out[f'blocks.{i}.{suffix}'] = value.T if value.ndim == 2 else value
   out['norm.weight'] = np.asarray(vision['post_layernorm/scale'])

@@ -50,8 +50,12 @@ def kind_of(path: pathlib.Path) -> str:
   return 'unknown'
 
 
-_NOT_TORCH = {'empty': 'the file is empty', 'numpy': 'the file is a NumPy .npy array', 'text': 'the file is text',
-              'unknown': 'the file is neither a zip archive nor a pickle (corrupt, or another kind of file)'}
+_NOT_TORCH = {
+  'empty': 'the file is empty',
+  'numpy': 'the file is a NumPy .npy array',
+  'text': 'the file is text',
+  'unknown': 'the file is neither a zip archive nor a pickle (corrupt, or another kind of file)',
+}
 
 
 def load(path, *, allowed: tuple = (), what: str = 'a PyTorch checkpoint'):
@@ -63,8 +67,11 @@ def load(path, *, allowed: tuple = (), what: str = 'a PyTorch checkpoint'):
     raise BadInputError(path, 'does not exist or is not a file' + (' (a folder?)' if path.is_dir() else ''))
   kind = kind_of(path)
   if kind.startswith('damaged zip'):
-    raise BadInputError(path, f'truncated or damaged: a zip archive (torch.save\'s format) whose directory cannot '
-                              f'be read ({kind[len("damaged zip: "):]}); copy or download it again')
+    raise BadInputError(
+      path,
+      f"truncated or damaged: a zip archive (torch.save's format) whose directory cannot "
+      f'be read ({kind[len("damaged zip: ") :]}); copy or download it again',
+    )
   if kind in _NOT_TORCH:
     raise BadInputError(path, f'not {what}: {_NOT_TORCH[kind]}; expected a file written by torch.save')
   try:
@@ -73,13 +80,20 @@ def load(path, *, allowed: tuple = (), what: str = 'a PyTorch checkpoint'):
   except Exception as err:  # torch raises many types (UnpicklingError, RuntimeError, EOFError, KeyError)
     text = str(err)
     if 'Weights only load failed' in text and re.search(r'Unsupported (global|class)|GLOBAL', text):
-      raise BadInputError(path, f'refused: {what} that needs pickled objects other than tensors and plain '
-                                f'containers ({refusal_reason(err)}); nothing in it was run (torch.load '
-                                'weights_only=True). Load it only if you trust its source, and re-save its state '
-                                'dicts as plain tensors.') from None
+      raise BadInputError(
+        path,
+        f'refused: {what} that needs pickled objects other than tensors and plain '
+        f'containers ({refusal_reason(err)}); nothing in it was run (torch.load '
+        'weights_only=True). Load it only if you trust its source, and re-save its state '
+        'dicts as plain tensors.',
+      ) from None
     reason = refusal_reason(err)[:200] or 'no detail'
     if kind == 'pickle':
-      raise BadInputError(path, f'not {what}: a pickle that torch.load cannot read as torch.save\'s format '
-                                f'({type(err).__name__}: {reason}); truncated, or not written by torch.save') from None
-    raise BadInputError(path, f'damaged: torch.load cannot read the archive ({type(err).__name__}: {reason}); '
-                              'truncated or corrupted?') from None
+      raise BadInputError(
+        path,
+        f"not {what}: a pickle that torch.load cannot read as torch.save's format "
+        f'({type(err).__name__}: {reason}); truncated, or not written by torch.save',
+      ) from None
+    raise BadInputError(
+      path, f'damaged: torch.load cannot read the archive ({type(err).__name__}: {reason}); truncated or corrupted?'
+    ) from None

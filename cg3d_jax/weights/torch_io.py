@@ -29,6 +29,7 @@ PARAMS, BATCH_STATS, TORCH_ONLY = 'params', 'batch_stats', ''
 @dataclasses.dataclass(frozen=True)
 class Entry:
   """One state-dict key and the Flax leaf it maps to. kind: 'copy', 'linear', 'conv1x1' or 'num_batches_tracked'."""
+
   torch_key: str
   collection: str
   flax_path: str
@@ -36,6 +37,7 @@ class Entry:
 
 
 # --- name-map building blocks -----------------------------------------------------------------------------------
+
 
 def tensor(torch_key: str, flax_path: str, collection: str = PARAMS) -> list[Entry]:
   """A tensor stored with the same layout on both sides (tokens, position embeddings, affine vectors)."""
@@ -54,19 +56,24 @@ def conv1x1(torch_prefix: str, flax_path: str, *, bias: bool = True) -> list[Ent
 
 
 def batch_norm(torch_prefix: str, flax_path: str) -> list[Entry]:
-  return [Entry(f'{torch_prefix}.weight', PARAMS, f'{flax_path}/scale'),
-          Entry(f'{torch_prefix}.bias', PARAMS, f'{flax_path}/bias'),
-          Entry(f'{torch_prefix}.running_mean', BATCH_STATS, f'{flax_path}/mean'),
-          Entry(f'{torch_prefix}.running_var', BATCH_STATS, f'{flax_path}/var'),
-          Entry(f'{torch_prefix}.num_batches_tracked', TORCH_ONLY, '', 'num_batches_tracked')]
+  return [
+    Entry(f'{torch_prefix}.weight', PARAMS, f'{flax_path}/scale'),
+    Entry(f'{torch_prefix}.bias', PARAMS, f'{flax_path}/bias'),
+    Entry(f'{torch_prefix}.running_mean', BATCH_STATS, f'{flax_path}/mean'),
+    Entry(f'{torch_prefix}.running_var', BATCH_STATS, f'{flax_path}/var'),
+    Entry(f'{torch_prefix}.num_batches_tracked', TORCH_ONLY, '', 'num_batches_tracked'),
+  ]
 
 
 def layer_norm(torch_prefix: str, flax_path: str) -> list[Entry]:
-  return [Entry(f'{torch_prefix}.weight', PARAMS, f'{flax_path}/scale'),
-          Entry(f'{torch_prefix}.bias', PARAMS, f'{flax_path}/bias')]
+  return [
+    Entry(f'{torch_prefix}.weight', PARAMS, f'{flax_path}/scale'),
+    Entry(f'{torch_prefix}.bias', PARAMS, f'{flax_path}/bias'),
+  ]
 
 
 # --- tree helpers -------------------------------------------------------------------------------------------------
+
 
 def _to_torch_layout(kind: str, x: np.ndarray) -> np.ndarray:
   if kind == 'linear':
@@ -94,17 +101,21 @@ def _list(names: Iterable[str], limit: int = 20) -> str:
 
 def _check_entries(entries: list[Entry]) -> None:
   dup_keys = [k for k, n in collections.Counter(e.torch_key for e in entries).items() if n > 1]
-  dup_paths = [k for k, n in collections.Counter(f'{e.collection}:{e.flax_path}' for e in entries
-                                                 if e.collection).items() if n > 1]
+  dup_paths = [
+    k for k, n in collections.Counter(f'{e.collection}:{e.flax_path}' for e in entries if e.collection).items() if n > 1
+  ]
   if dup_keys or dup_paths:
-    raise ValueError(f'name map is inconsistent: duplicate torch keys [{_list(dup_keys)}], '
-                     f'duplicate Flax paths [{_list(dup_paths)}]')
+    raise ValueError(
+      f'name map is inconsistent: duplicate torch keys [{_list(dup_keys)}], duplicate Flax paths [{_list(dup_paths)}]'
+    )
 
 
 # --- conversions --------------------------------------------------------------------------------------------------
 
-def flax_to_torch(variables: Mapping[str, Mapping[str, Any]], entries: list[Entry], *,
-                  num_batches_tracked: int = 0) -> 'collections.OrderedDict[str, torch.Tensor]':
+
+def flax_to_torch(
+  variables: Mapping[str, Mapping[str, Any]], entries: list[Entry], *, num_batches_tracked: int = 0
+) -> 'collections.OrderedDict[str, torch.Tensor]':
   """Flax collections {'params': ..., 'batch_stats': ...} -> state dict in the entries' order.
 
   Every Flax leaf of the collections the map uses must be mapped, and every mapped leaf must exist.
@@ -116,9 +127,11 @@ def flax_to_torch(variables: Mapping[str, Mapping[str, Any]], entries: list[Entr
   have = {(c, p) for c in collections_used for p in flat[c]}
   missing, unexpected = wanted - have, have - wanted
   if missing or unexpected:
-    raise ValueError('Flax variables do not match the name map: '
-                     f'missing [{_list(f"{c}/{p}" for c, p in missing)}]; '
-                     f'unexpected [{_list(f"{c}/{p}" for c, p in unexpected)}]')
+    raise ValueError(
+      'Flax variables do not match the name map: '
+      f'missing [{_list(f"{c}/{p}" for c, p in missing)}]; '
+      f'unexpected [{_list(f"{c}/{p}" for c, p in unexpected)}]'
+    )
   state = collections.OrderedDict()
   for e in entries:
     if e.kind == 'num_batches_tracked':
@@ -129,8 +142,9 @@ def flax_to_torch(variables: Mapping[str, Mapping[str, Any]], entries: list[Entr
   return state
 
 
-def torch_to_flax(state_dict: Mapping[str, Any], entries: list[Entry],
-                  template: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+def torch_to_flax(
+  state_dict: Mapping[str, Any], entries: list[Entry], template: Mapping[str, Mapping[str, Any]] | None = None
+) -> dict[str, dict[str, Any]]:
   """State dict -> {'params': ..., 'batch_stats': ...} as float32 jnp arrays.
 
   Refuses missing and unexpected keys. With `template` (Flax variables, concrete or jax.ShapeDtypeStruct), every
@@ -140,8 +154,9 @@ def torch_to_flax(state_dict: Mapping[str, Any], entries: list[Entry],
   wanted = {e.torch_key for e in entries}
   missing, unexpected = wanted - set(state_dict), set(state_dict) - wanted
   if missing or unexpected:
-    raise ValueError(f'state dict does not match the name map: missing keys [{_list(missing)}]; '
-                     f'unexpected keys [{_list(unexpected)}]')
+    raise ValueError(
+      f'state dict does not match the name map: missing keys [{_list(missing)}]; unexpected keys [{_list(unexpected)}]'
+    )
   flat_template = {c: flatten(template.get(c, {})) for c in (PARAMS, BATCH_STATS)} if template else None
   out: dict[str, dict[str, Any]] = {}
   mis_shaped = []
@@ -174,6 +189,7 @@ def torch_to_flax(state_dict: Mapping[str, Any], entries: list[Entry],
 
 # --- PointTransformer (CG3D's PointTransformerProject) ----------------------------------------------------------
 
+
 def point_transformer_entries(depth: int, with_head: bool) -> list[Entry]:
   """The name map, in the original state dict's key order."""
   entries = tensor('cls_token', 'cls_token') + tensor('cls_pos', 'cls_pos')
@@ -201,8 +217,9 @@ def _count_blocks(names: Iterable[str], pattern: str) -> int:
   return len(found)
 
 
-def point_transformer_to_torch(params: Mapping[str, Any], batch_stats: Mapping[str, Any], *,
-                               num_batches_tracked: int = 0) -> 'collections.OrderedDict[str, torch.Tensor]':
+def point_transformer_to_torch(
+  params: Mapping[str, Any], batch_stats: Mapping[str, Any], *, num_batches_tracked: int = 0
+) -> 'collections.OrderedDict[str, torch.Tensor]':
   """Flax PointTransformer variables (blocks stacked or one by one) -> the original's `base_model` state dict
   (strict-loadable)."""
   params = unstack_layers(params)
@@ -212,8 +229,11 @@ def point_transformer_to_torch(params: Mapping[str, Any], batch_stats: Mapping[s
 
 
 def _vote(state_dict: Mapping[str, Any], places: list[tuple[str, int]]) -> int:
-  sizes = [int(state_dict[key].shape[axis]) for key, axis in places
-           if key in state_dict and len(state_dict[key].shape) > (axis if axis >= 0 else -axis - 1)]
+  sizes = [
+    int(state_dict[key].shape[axis])
+    for key, axis in places
+    if key in state_dict and len(state_dict[key].shape) > (axis if axis >= 0 else -axis - 1)
+  ]
   return collections.Counter(sizes).most_common(1)[0][0]
 
 
@@ -225,16 +245,26 @@ def point_transformer_kwargs_from_torch(state_dict: Mapping[str, Any]) -> dict[s
   # Sizes that several tensors carry are read from all of them, the majority wins: one mis-shaped tensor is then
   # named by the shape check instead of resizing the model around it.
   width = _vote(state_dict, [('cls_token', -1), ('cls_pos', -1), ('norm.weight', 0), ('reduce_dim.weight', 0)])
-  encoder_dim = _vote(state_dict, [('reduce_dim.weight', 1), ('encoder.second_conv.3.weight', 0),
-                                   ('encoder.second_conv.3.bias', 0)])
-  kwargs = dict(width=width, depth=_count_blocks(state_dict, r'blocks\.blocks\.(\d+)\.'),
-                encoder_dim=encoder_dim, in_channels=int(state_dict['encoder.first_conv.0.weight'].shape[1])
-                if 'encoder.first_conv.0.weight' in state_dict else 3,
-                mlp_ratio=state_dict['blocks.blocks.0.mlp.fc1.weight'].shape[0] / width,
-                embed_dim=state_dict['projection.weight'].shape[0], num_heads=1, num_classes=None)
+  encoder_dim = _vote(
+    state_dict, [('reduce_dim.weight', 1), ('encoder.second_conv.3.weight', 0), ('encoder.second_conv.3.bias', 0)]
+  )
+  kwargs = dict(
+    width=width,
+    depth=_count_blocks(state_dict, r'blocks\.blocks\.(\d+)\.'),
+    encoder_dim=encoder_dim,
+    in_channels=int(state_dict['encoder.first_conv.0.weight'].shape[1])
+    if 'encoder.first_conv.0.weight' in state_dict
+    else 3,
+    mlp_ratio=state_dict['blocks.blocks.0.mlp.fc1.weight'].shape[0] / width,
+    embed_dim=state_dict['projection.weight'].shape[0],
+    num_heads=1,
+    num_classes=None,
+  )
   if 'cls_head_finetune.0.weight' in state_dict and 'cls_head_finetune.3.weight' in state_dict:
-    kwargs.update(head_hidden=state_dict['cls_head_finetune.0.weight'].shape[0],
-                  num_classes=state_dict['cls_head_finetune.3.weight'].shape[0])
+    kwargs.update(
+      head_hidden=state_dict['cls_head_finetune.0.weight'].shape[0],
+      num_classes=state_dict['cls_head_finetune.3.weight'].shape[0],
+    )
   return kwargs
 
 
@@ -245,6 +275,7 @@ def point_transformer_from_torch(state_dict: Mapping[str, Any], model: Any = Non
   sizes read off the state dict itself (so only internal inconsistencies are caught).
   """
   from cg3d_jax.models.point_transformer import PointTransformer  # models do not import weights; this is one-way
+
   if model is None:
     model = PointTransformer(**point_transformer_kwargs_from_torch(state_dict))
   dummy = jax.ShapeDtypeStruct((1, max(model.group_size, model.num_groups), model.in_channels), jnp.float32)

@@ -24,15 +24,18 @@ from cg3d_jax.weights import torch_io
 from cg3d_jax.weights.torch_io import BATCH_STATS, PARAMS, Entry
 
 
-def _conv_bn(torch_prefix: str, flax_prefix: str, conv: str = 'conv', bn: str = 'bn',
-             torch_conv: str = '0', torch_bn: str = '1') -> list[Entry]:
-  return (torch_io.conv1x1(f'{torch_prefix}.{torch_conv}', f'{flax_prefix}/{conv}', bias=False)
-          + torch_io.batch_norm(f'{torch_prefix}.{torch_bn}', f'{flax_prefix}/{bn}'))
+def _conv_bn(
+  torch_prefix: str, flax_prefix: str, conv: str = 'conv', bn: str = 'bn', torch_conv: str = '0', torch_bn: str = '1'
+) -> list[Entry]:
+  return torch_io.conv1x1(f'{torch_prefix}.{torch_conv}', f'{flax_prefix}/{conv}', bias=False) + torch_io.batch_norm(
+    f'{torch_prefix}.{torch_bn}', f'{flax_prefix}/{bn}'
+  )
 
 
 def _residual_block(torch_prefix: str, flax_prefix: str) -> list[Entry]:
-  return (_conv_bn(f'{torch_prefix}.net1', flax_prefix, 'conv1', 'bn1')
-          + _conv_bn(f'{torch_prefix}.net2', flax_prefix, 'conv2', 'bn2'))
+  return _conv_bn(f'{torch_prefix}.net1', flax_prefix, 'conv1', 'bn1') + _conv_bn(
+    f'{torch_prefix}.net2', flax_prefix, 'conv2', 'bn2'
+  )
 
 
 def pointmlp_entries(pre_blocks: Iterable[int], pos_blocks: Iterable[int]) -> list[Entry]:
@@ -61,10 +64,12 @@ def _numbered(names: Iterable[str], pattern: str, what: str) -> int:
 
 def _block_counts_from_params(params: Mapping[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...]]:
   stages = _numbered(params, r'local_grouper_(\d+)', 'stage')
-  pre = tuple(_numbered(params.get(f'pre_blocks_{i}', {}), r'block_(\d+)', f'pre_blocks_{i} block')
-              for i in range(stages))
-  pos = tuple(_numbered(params.get(f'pos_blocks_{i}', {}), r'block_(\d+)', f'pos_blocks_{i} block')
-              for i in range(stages))
+  pre = tuple(
+    _numbered(params.get(f'pre_blocks_{i}', {}), r'block_(\d+)', f'pre_blocks_{i} block') for i in range(stages)
+  )
+  pos = tuple(
+    _numbered(params.get(f'pos_blocks_{i}', {}), r'block_(\d+)', f'pos_blocks_{i} block') for i in range(stages)
+  )
   return pre, pos
 
 
@@ -89,18 +94,25 @@ def pointmlp_kwargs_from_torch(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
   def blocks(kind: str, i: int) -> int:
     prefix = f'{kind}_blocks_list.{i}.operation.'
-    return _numbered({k[len(prefix):].split('.')[0] for k in state_dict if k.startswith(prefix)}, r'(\d+)',
-                     f'{kind}_blocks_list.{i} block')
+    return _numbered(
+      {k[len(prefix) :].split('.')[0] for k in state_dict if k.startswith(prefix)},
+      r'(\d+)',
+      f'{kind}_blocks_list.{i} block',
+    )
 
   first_block = 'pre_blocks_list.0.operation.0.net1.0.weight'
   res_expansion = state_dict[first_block].shape[0] / widths[1] if first_block in state_dict else 1.0
-  return dict(embed_dim=embed_dim, res_expansion=float(res_expansion),
-              dim_expansion=tuple(b // a for a, b in zip(widths, widths[1:])),
-              pre_blocks=tuple(blocks('pre', i) for i in range(stages)),
-              pos_blocks=tuple(blocks('pos', i) for i in range(stages)),
-              k_neighbors=(24,) * stages, reducers=(2,) * stages,
-              projection_dim=int(state_dict['projection.weight'].shape[0]),
-              in_channels=int(state_dict['embedding.net.0.weight'].shape[1]))
+  return dict(
+    embed_dim=embed_dim,
+    res_expansion=float(res_expansion),
+    dim_expansion=tuple(b // a for a, b in zip(widths, widths[1:])),
+    pre_blocks=tuple(blocks('pre', i) for i in range(stages)),
+    pos_blocks=tuple(blocks('pos', i) for i in range(stages)),
+    k_neighbors=(24,) * stages,
+    reducers=(2,) * stages,
+    projection_dim=int(state_dict['projection.weight'].shape[0]),
+    in_channels=int(state_dict['embedding.net.0.weight'].shape[1]),
+  )
 
 
 def _numpy_dtype(value) -> np.dtype:
@@ -131,16 +143,16 @@ def expected_torch_shapes(model: PointMLP | None = None) -> dict[str, tuple[int,
   return shapes
 
 
-def pointmlp_to_torch(params: Mapping[str, Any], batch_stats: Mapping[str, Any], *,
-                      num_batches_tracked: int = 0):
+def pointmlp_to_torch(params: Mapping[str, Any], batch_stats: Mapping[str, Any], *, num_batches_tracked: int = 0):
   """Flax PointMLP variables -> PyTorch state dict (float32 tensors) that CG3D's `ModelProject` loads strictly.
 
   Flax keeps no BatchNorm step counter; `num_batches_tracked` (unused by PyTorch when momentum is set) is written
   as the given value.
   """
   entries = pointmlp_entries(*_block_counts_from_params(params))
-  return torch_io.flax_to_torch({PARAMS: params, BATCH_STATS: batch_stats}, entries,
-                                num_batches_tracked=num_batches_tracked)
+  return torch_io.flax_to_torch(
+    {PARAMS: params, BATCH_STATS: batch_stats}, entries, num_batches_tracked=num_batches_tracked
+  )
 
 
 def pointmlp_from_torch(state_dict: Mapping[str, Any], model: PointMLP | None = None) -> tuple[dict, dict]:
