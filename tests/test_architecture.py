@@ -99,12 +99,15 @@ def test_a_forbidden_import_is_caught(tmp_path):
   assert targets == {'training'} and 'training' not in rules['evaluators']
 
 
-def test_ruff_lints_the_whole_tree():
+def test_ruff_lints_and_formats_the_whole_tree():
+  """`ruff check` (lint) and `ruff format --check` (the project's format: 2-space indents, single quotes, 120
+  columns; pyproject.toml) are clean over the package, the tests and the benchmarks."""
   ruff = shutil.which('ruff')
   if ruff is None:
     pytest.fail('ruff is not installed (pip install -r requirements.txt installs the test extra)')
-  done = subprocess.run([ruff, 'check', 'cg3d_jax', 'tests', 'bench'], cwd=REPO_ROOT, capture_output=True, text=True)
-  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-1000:]
+  for command in (['check'], ['format', '--check']):
+    done = subprocess.run([ruff, *command, 'cg3d_jax', 'tests', 'bench'], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, (command, done.stdout[-3000:] + done.stderr[-1000:])
 
 
 # The modules that read TFDS (and the two benchmarks that measure them), and so import TensorFlow. Nothing else may:
