@@ -29,7 +29,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import load  # noqa: E402
 from cg3d_jax import step_cost  # noqa: E402
 
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 MFU = 0.45
 H100_BF16_TFLOPS = dict(step_cost.PEAK_TFLOPS)['H100']['bfloat16']
 
@@ -45,27 +44,9 @@ def _measure(batches_iter, batch: int, batches: int) -> dict:
 
 
 def tfds_stream(root: str, batch: int, batches: int) -> dict:
-  from cg3d_jax.configs import base
-  from cg3d_jax.data import pipeline
-  from cg3d_jax.synthetic import objects
+  from bench.bench_pipeline import pretrain_stream  # TFDS, with TensorFlow: imported where it is measured
 
-  settings = objects.SyntheticSettings(
-    seed=0, num_train_per_class=2, num_test_per_class=1, num_points=8192, image_size=224, num_views=5
-  )
-  manual = objects.ensure_synthetic_shapenet(os.path.join(root, 'shapenet55'), settings)
-  c = base.get_base_config().data
-  c.manual_dir, c.data_dir = str(manual), os.path.join(root, 'tfds')
-  ds = pipeline.pretrain_local_dataset(
-    c,
-    global_batch_size=batch,
-    image_size=224,
-    image_mean=CLIP_MEAN,
-    image_std=CLIP_STD,
-    num_templates=63,
-    seed=0,
-    process_index=0,
-    process_count=1,
-  )
+  ds, _ = pretrain_stream(root, batch, per_class=2, folder='shapenet55')
   result = _measure(ds.as_numpy_iterator(), batch, batches)
   out = result.pop('last')
   assert out['points'].shape == (batch, 8192, 3) and out['image'].shape == (batch, 224, 224, 3)

@@ -33,12 +33,14 @@ from cg3d_jax.synthetic import objects  # noqa: E402
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
-def bench_pipeline(root: str, batch: int, batches: int, per_class: int) -> dict:
+def pretrain_stream(root: str, batch: int, per_class: int, folder: str = 'manual'):
+  """(CG3D's pretraining stream at the real sizes, the seconds its folder took): a procedural ShapeNet-55 folder
+  under root/folder (written once, then reused) prepared by the real builder into root/tfds."""
   settings = objects.SyntheticSettings(
     seed=0, num_train_per_class=per_class, num_test_per_class=1, num_points=8192, image_size=224, num_views=5
   )
   start = time.perf_counter()
-  manual = objects.ensure_synthetic_shapenet(os.path.join(root, 'manual'), settings)
+  manual = objects.ensure_synthetic_shapenet(os.path.join(root, folder), settings)
   written = time.perf_counter() - start
   c = base.get_base_config().data
   c.manual_dir, c.data_dir = str(manual), os.path.join(root, 'tfds')
@@ -53,6 +55,11 @@ def bench_pipeline(root: str, batch: int, batches: int, per_class: int) -> dict:
     process_index=0,
     process_count=1,
   )
+  return ds, written
+
+
+def bench_pipeline(root: str, batch: int, batches: int, per_class: int) -> dict:
+  ds, written = pretrain_stream(root, batch, per_class)
   it = ds.as_numpy_iterator()
   for _ in range(2):
     next(it)

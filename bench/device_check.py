@@ -242,9 +242,9 @@ def check_step(clip_dir: str) -> list[dict]:
   from cg3d_jax.data import templates
   from cg3d_jax.training import pretrain
   from cg3d_jax.training.pretrain_step import ENCODER, PROMPTS, train_step
-  from cg3d_jax.twins.point_transformer import PointTransformerProject
+  from cg3d_jax.twins import verify
   from cg3d_jax.twins.prompted_clip import torch_prompted_image_features
-  from cg3d_jax.weights import torch_io
+  from cg3d_jax.weights import cg3d_pth, torch_io
   from cg3d_jax.weights.hf_clip import tokenize
   from tests.torch_reference_step import ReferenceStep
 
@@ -284,18 +284,7 @@ def check_step(clip_dir: str) -> list[dict]:
     _, metrics = step(setup.state, setup.frozen, setup.text_table, batch)
     got = {k: float(v) for k, v in metrics.items() if k.startswith('loss/')}
     device = _torch_device()
-    pt = config.model.point_transformer
-    twin = PointTransformerProject(
-      width=pt.width,
-      depth=pt.depth,
-      num_heads=pt.num_heads,
-      num_groups=pt.num_groups,
-      group_size=pt.group_size,
-      encoder_dim=pt.encoder_dim,
-      drop_path_rate=0.0,
-      embed_dim=config.model.embed_dim,
-      num_classes=config.model.num_classes,
-    )
+    twin = verify.twin_for(cg3d_pth.POINT_TRANSFORMER, setup.model.encoder, config.model.num_points)
     twin.load_state_dict(torch_io.point_transformer_to_torch(start['params']['encoder'], start['batch_stats']))
     clip = CLIPModel.from_pretrained(clip_dir, local_files_only=True).eval()
     caption_templates = templates.get_templates(config.data.templates)
