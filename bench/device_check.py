@@ -246,7 +246,7 @@ def check_step(clip_dir: str) -> list[dict]:
   from cg3d_jax.twins.prompted_clip import torch_prompted_image_features
   from cg3d_jax.weights import cg3d_pth, torch_io
   from cg3d_jax.weights.hf_clip import tokenize
-  from tests.torch_reference_step import ReferenceStep
+  from tests.torch_reference_step import PARITY_ENCODER_OPTIM, PARITY_PROMPT_OPTIM, ReferenceStep
 
   config = pretrain_pointbert.get_config()
   config.clip.path = clip_dir
@@ -255,13 +255,9 @@ def check_step(clip_dir: str) -> list[dict]:
   config.model.point_transformer.update(bench_accelerator.SMALL_ENCODER, drop_path_rate=0.0)
   config.data.augment = False
   config.train.batch_size, config.mesh.data = 8, 1
-  # The reference's optimizers (tests/test_step_parity.py's settings); the losses compared precede any update.
-  config.train.encoder_optim.update(
-    dict(lr=2e-3, end_lr=1e-4, weight_decay=0.05, schedule='cosine_per_epoch', clip_norm=0.5)
-  )
-  config.train.prompt_optim.update(
-    dict(lr=5e-2, end_lr=1e-3, momentum=0.9, weight_decay=1e-4, schedule='cosine_per_epoch', clip_norm=0.05)
-  )
+  # The reference's optimizers, as the parity tests set them; the losses compared precede any update.
+  config.train.encoder_optim.update(PARITY_ENCODER_OPTIM)
+  config.train.prompt_optim.update(PARITY_PROMPT_OPTIM)
   classes = ['airplane', 'bathtub', 'bed', 'bench', 'bookshelf', 'bottle', 'bowl', 'car']
   setup = pretrain.build_setup(config, train_classes=classes, steps_per_epoch=1, devices=jax.devices()[:1])
   rng = np.random.default_rng(2)

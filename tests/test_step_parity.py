@@ -42,7 +42,7 @@ from cg3d_jax.twins.prompted_clip import torch_prompted_image_features
 from cg3d_jax.weights import torch_io
 from cg3d_jax.weights.hf_clip import tokenize
 from tests.conftest import NEAR_TIE, TINY_CLIP, grouping_margin, tiny_config
-from tests.torch_reference_step import ReferenceStep
+from tests.torch_reference_step import PARITY_ENCODER_OPTIM, PARITY_PROMPT_OPTIM, ReferenceStep
 
 K = 3
 BATCH = 8
@@ -66,13 +66,8 @@ def parity_config(clip_dir, shapenet, mode):
   c.train.batch_size = BATCH
   c.train.total_steps = K
   c.mesh.data = 1
-  c.train.encoder_optim.update(
-    dict(lr=2e-3, end_lr=1e-4, weight_decay=0.05, schedule='cosine_per_epoch', clip_norm=0.5)
-  )
-  c.train.prompt_optim.update(
-    dict(lr=5e-2, momentum=0.9, weight_decay=1e-4, schedule='cosine_per_epoch', clip_norm=0.05)
-  )
-  c.train.prompt_optim.end_lr = 1e-3
+  c.train.encoder_optim.update(PARITY_ENCODER_OPTIM)
+  c.train.prompt_optim.update(PARITY_PROMPT_OPTIM)
   return c
 
 
@@ -132,7 +127,8 @@ def run_jax(config, batch, dtype, steps_per_epoch=1):
       num_points=setup.model.num_points,
     )
     # The optimizer again, inside the x64 scope, so that its schedules run in the parameters' precision.
-    tx, _ = optim.make_optimizer(pretrain.optimizer_rules(config), steps_per_epoch=steps_per_epoch, total_steps=steps)
+    rules = pretrain.optimizer_rules(config)
+    tx, _ = optim.make_optimizer(rules, steps_per_epoch=steps_per_epoch, total_steps=steps)
     start, frozen = cast(jax.device_get(setup.state)), cast(jax.device_get(setup.frozen))
     caption_templates = templates.get_templates(config.data.templates)
     ids = tokenize(setup.clip.tokenizer, [t.format(c) for t in caption_templates for c in setup.class_names])
@@ -149,9 +145,7 @@ def run_jax(config, batch, dtype, steps_per_epoch=1):
       state, metrics = compiled[groups](state, frozen, table, cast(batch))
       states.append(jax.device_get(state))
       losses.append({k: float(v) for k, v in metrics.items() if k.startswith('loss')})
-      rates = optim.learning_rates(
-        pretrain.optimizer_rules(config), i, steps_per_epoch=steps_per_epoch, total_steps=steps
-      )
+      rates = optim.learning_rates(rules, i, steps_per_epoch=steps_per_epoch, total_steps=steps)
       lrs.append({g: float(rates[g]) for g in groups})
     return setup, jax.device_get(start), states, losses, lrs
 

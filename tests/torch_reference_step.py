@@ -42,6 +42,14 @@ def point_bert_groups(module: torch.nn.Module, weight_decay: float) -> list[dict
   return [{'params': no_decay, 'weight_decay': 0.0}, {'params': decay, 'weight_decay': weight_decay}]
 
 
+# The optimizer settings the parity checks train with (tests/test_step_parity.py, bench/device_check.py): large
+# enough learning rates that a few steps move every tensor, clipping active, and per-epoch schedules that change.
+PARITY_ENCODER_OPTIM = dict(lr=2e-3, end_lr=1e-4, weight_decay=0.05, schedule='cosine_per_epoch', clip_norm=0.5)
+PARITY_PROMPT_OPTIM = dict(
+  lr=5e-2, end_lr=1e-3, momentum=0.9, weight_decay=1e-4, schedule='cosine_per_epoch', clip_norm=0.05
+)
+
+
 def cosine_per_epoch(lr: float, end_lr: float, epochs: int, epoch: int) -> float:
   """timm's CosineLRScheduler(t_initial=epochs, lr_min=end_lr, cycle_limit=1, no warmup) at `epoch`."""
   if epoch >= epochs:
