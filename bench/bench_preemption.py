@@ -3,15 +3,14 @@ write) and resumed each time ends bitwise where an uninterrupted run ends.
 
   python bench/bench_preemption.py [--kills 5] [--steps 24] [--every 3] [--seed 0] [--json out.json]
 
-Both runs are `python -m cg3d_jax.train --config tiny_test` (the tests' tiny model, asynchronous checkpoints every
---every steps) on the demo's procedural data and a small random CLIP, written first into a temporary folder. The
-interrupted run is started, killed, restarted in the same workdir, ... --kills times, then left to finish. Moments:
-about a third are "during a save" (the kill lands as soon as orbax's temporary step folder appears), the others
-"mid-training" (after a random number of newly logged steps plus a random delay). Each restart resumes from the
-newest intact checkpoint; the steps it runs again are reported. At the end every array of the final state
-(parameters, optimizer state, batch statistics, counters) of both runs is compared bit for bit, and the metric rows
-of train.jsonl are checked for duplicates and compared by loss.
-"""
+Both runs are `python -m cg3d_jax.train --config tests/configs/tiny_test.py` (the tests' tiny model, asynchronous
+checkpoints every --every steps) on the demo's procedural data and a small random CLIP, written first into a temporary
+folder. The interrupted run is started, killed, restarted in the same workdir, ... --kills times, then left to finish.
+Moments: about a third are "during a save" (the kill lands as soon as orbax's temporary step folder appears), the others
+"mid-training" (after a random number of newly logged steps plus a random delay). Each restart resumes from the newest
+intact checkpoint; the steps it runs again are reported. At the end every array of the final state (parameters,
+optimizer state, batch statistics, counters) of both runs is compared bit for bit, and the metric rows of train.jsonl
+are checked for duplicates and compared by loss."""
 
 import argparse
 import json
@@ -73,7 +72,7 @@ def _train_args(workdir: pathlib.Path, paths: list[str], steps: int, every: int)
     '-m',
     'cg3d_jax.train',
     '--config',
-    'tiny_test',
+    str(pathlib.Path(__file__).resolve().parents[1] / 'tests' / 'configs' / 'tiny_test.py'),
     '--workdir',
     str(workdir),
     *paths,

@@ -7,6 +7,7 @@ and outputs. Shipped names resolve to the installed package's own files, so comm
 """
 
 import functools
+import importlib.resources
 import os
 import pathlib
 import sys
@@ -18,12 +19,13 @@ from ml_collections import config_flags
 
 from cg3d_jax.errors import InputError
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parent / 'configs'
+# The shipped experiment configs: configs/ at the repository's top level, installed as cg3d_jax.configs.
+CONFIG_DIR = pathlib.Path(str(importlib.resources.files('cg3d_jax.configs')))
 
 CONFIG = config_flags.DEFINE_config_file(
   'config',
   None,
-  'Experiment config: the name of a shipped config (e.g. demo, pretrain_pointbert:8192; see cg3d_jax/configs/) '
+  'Experiment config: the name of a shipped config (e.g. demo, pretrain_pointbert:8192; see configs/) '
   'or a Python file with get_config(arg), e.g. my_config.py:arg. Override any field with --config.<path>=<value>, '
   'e.g. --config.train.batch_size=32; unknown keys are errors.',
   lock_config=True,

@@ -255,9 +255,9 @@ def tiny_shapenet(tmp_path_factory):
 
 
 def _tiny_model_overrides() -> dict:
-  """configs/tiny_test.py's model sizes as {'model.a.b': value} overrides: runs of other configs at these sizes
+  """tests/configs/tiny_test.py's model sizes as {'model.a.b': value} overrides: runs of other configs at these sizes
   compile the programs the session's cache already holds."""
-  from cg3d_jax.configs import tiny_test
+  from tests.configs import tiny_test
 
   model = tiny_test.get_config().model
   return {
@@ -271,8 +271,8 @@ TINY_MODEL_OVERRIDES = _tiny_model_overrides()
 
 
 def tiny_config(clip_dir, shapenet, **overrides):
-  """cg3d_jax/configs/tiny_test.py (the demo shrunk for tests) pointed at the fixtures; overrides as {'a.b': value}."""
-  from cg3d_jax.configs import tiny_test
+  """tests/configs/tiny_test.py (the demo shrunk for tests) pointed at the fixtures; overrides as {'a.b': value}."""
+  from tests.configs import tiny_test
 
   c = tiny_test.get_config()
   c.clip.path = clip_dir

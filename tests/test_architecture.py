@@ -12,6 +12,7 @@ import pytest
 from tests.conftest import REPO_ROOT
 
 PACKAGE = REPO_ROOT / 'cg3d_jax'
+CONFIGS = REPO_ROOT / 'configs'  # installed as cg3d_jax.configs (pyproject.toml's package-dir)
 COMMANDS = {
   'train',
   'finetune',
@@ -68,15 +69,16 @@ def test_the_table_covers_every_unit_of_the_package():
     for p in PACKAGE.iterdir()
     if (p.suffix == '.py' and p.stem != '__init__') or (p.is_dir() and (p / '__init__.py').is_file())
   }
-  units = {'commands' if u in COMMANDS else u for u in units}
+  units = {'commands' if u in COMMANDS else u for u in units} | {'configs'}
   assert units == set(rules), f'units without a rule: {units - set(rules)}; rules without a unit: {set(rules) - units}'
 
 
 def test_imports_run_one_way():
   rules = allowed_imports()
   offences = []
-  for path in sorted(PACKAGE.rglob('*.py')):
-    module = '.'.join(path.relative_to(REPO_ROOT).with_suffix('').parts)
+  package = {'.'.join(p.relative_to(REPO_ROOT).with_suffix('').parts): p for p in PACKAGE.rglob('*.py')}
+  package |= {f'cg3d_jax.configs.{p.stem}': p for p in CONFIGS.glob('*.py')}
+  for module, path in sorted(package.items()):
     source = unit_of(module) if module.count('.') else None
     if source is None:
       continue
@@ -101,12 +103,14 @@ def test_a_forbidden_import_is_caught(tmp_path):
 
 def test_ruff_lints_and_formats_the_whole_tree():
   """`ruff check` (lint) and `ruff format --check` (the project's format: 2-space indents, single quotes, 120
-  columns; pyproject.toml) are clean over the package, the tests and the benchmarks."""
+  columns; pyproject.toml) are clean over the package, the configs, the tests and the benchmarks."""
   ruff = shutil.which('ruff')
   if ruff is None:
     pytest.fail('ruff is not installed (pip install -r requirements.txt installs the test extra)')
   for command in (['check'], ['format', '--check']):
-    done = subprocess.run([ruff, *command, 'cg3d_jax', 'tests', 'bench'], cwd=REPO_ROOT, capture_output=True, text=True)
+    done = subprocess.run(
+      [ruff, *command, 'cg3d_jax', 'configs', 'tests', 'bench'], cwd=REPO_ROOT, capture_output=True, text=True
+    )
     assert done.returncode == 0, (command, done.stdout[-3000:] + done.stderr[-1000:])
 
 
@@ -135,6 +139,7 @@ class NoTensorFlow:  # as if tensorflow and tensorflow_datasets were not install
 sys.meta_path.insert(0, NoTensorFlow())
 import cg3d_jax
 names = [m.name for m in pkgutil.walk_packages(cg3d_jax.__path__, 'cg3d_jax.')]
+names += [m.name for m in pkgutil.walk_packages(cg3d_jax.configs.__path__, 'cg3d_jax.configs.')]  # configs/
 names += sorted(f'bench.{p.stem}' for p in pathlib.Path('bench').glob('*.py') if p.stem != '__init__')
 needs = []
 for name in names:

@@ -40,7 +40,7 @@ RECIPES = {
 @pytest.mark.parametrize('name', sorted(RECIPES))
 def test_pretraining_configs_are_the_papers_recipes(name):
   file, _, arg = name.partition(':')
-  config = _parse_config([f'--config={REPO_ROOT}/cg3d_jax/configs/{file}.py' + (f':{arg}' if arg else '')])
+  config = _parse_config([f'--config={REPO_ROOT}/configs/{file}.py' + (f':{arg}' if arg else '')])
   t = config.train
   assert (
     config.model.encoder,
@@ -58,7 +58,7 @@ def test_pretraining_configs_are_the_papers_recipes(name):
 def test_config_override_reaches_configdict():
   config = _parse_config(
     [
-      f'--config={REPO_ROOT}/cg3d_jax/configs/base.py',
+      f'--config={REPO_ROOT}/configs/base.py',
       '--config.train.batch_size=32',
       '--config.clip.path=/models/clip',
       '--config.mesh.fsdp=2',
@@ -71,7 +71,7 @@ def test_config_override_reaches_configdict():
 
 def test_unknown_config_key_is_rejected():
   with pytest.raises(Exception, match='batch_szie'):
-    _parse_config([f'--config={REPO_ROOT}/cg3d_jax/configs/base.py', '--config.train.batch_szie=32'])
+    _parse_config([f'--config={REPO_ROOT}/configs/base.py', '--config.train.batch_szie=32'])
 
 
 def test_metrics_writer_round_trip(tmp_path):
@@ -118,7 +118,7 @@ def test_entry_point_help_lists_flags(command, listed):
 
 
 def test_config_names_resolve_to_the_shipped_files(tmp_path):
-  shipped = REPO_ROOT / 'cg3d_jax' / 'configs'
+  shipped = REPO_ROOT / 'configs'
   assert cli.resolve_config('demo') == f'{shipped / "demo.py"}'
   assert cli.resolve_config('pretrain_pointbert:8192') == f'{shipped / "pretrain_pointbert.py"}:8192'
   own = tmp_path / 'mine.py'

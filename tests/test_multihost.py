@@ -23,6 +23,7 @@ import pytest
 from tests.conftest import REPO_ROOT, tiny_config
 
 LOCAL_LAUNCH = REPO_ROOT / 'launch' / 'local_multihost.sh'
+TINY_TEST_CONFIG = REPO_ROOT / 'tests' / 'configs' / 'tiny_test.py'
 TPU_LAUNCH = REPO_ROOT / 'launch' / 'tpu_pod.sh'
 # The same settings for both runs: one log line per step, and a constant encoder lr so that the schedule does not
 # depend on total_steps (the resumed launch runs "forever" until it is killed).
@@ -42,7 +43,7 @@ def _overrides(clip_dir, shapenet, **extra) -> list[str]:
 
 
 def _train_args(workdir, clip_dir, shapenet, **extra) -> list[str]:
-  return ['--config', 'tiny_test', '--workdir', str(workdir), *_overrides(clip_dir, shapenet, **extra)]
+  return ['--config', str(TINY_TEST_CONFIG), '--workdir', str(workdir), *_overrides(clip_dir, shapenet, **extra)]
 
 
 def _env() -> dict:
@@ -192,8 +193,9 @@ def reference_losses(tmp_path_factory, tiny_clip_dir, tiny_shapenet):
 
 def test_the_launched_config_is_the_in_process_one(pod_run, tiny_clip_dir, tiny_shapenet):
   """What the launched processes trained with (the config their checkpoint saved, parsed by the command from
-  `--config tiny_test` and `--config.*` overrides) equals the config the in-process reference run is built from
-  (conftest's tiny_config with the same overrides set in Python): the loss comparison compares like with like."""
+  `--config tests/configs/tiny_test.py` and `--config.*` overrides) equals the config the in-process reference run is
+  built from (conftest's tiny_config with the same overrides set in Python): the loss comparison compares like with
+  like."""
   from cg3d_jax import checkpoints
 
   saved = checkpoints.read_config(pod_run['workdir'], FIRST_STEPS)

@@ -23,7 +23,6 @@ from tests.conftest import REPO_ROOT, TINY_MODEL_OVERRIDES, modelnet10_layout, r
 SHIPPED = {
   'base': 'the base of every config; run through each of them',
   'demo': 'conftest.demo_run (the demo command)',
-  'tiny_test': 'tests/test_multihost.py (launched) and conftest.tiny_checkpoint',
   'zeroshot_demo': 'conftest.demo_run (the demo command)',
   'pretrain_pointbert': 'tests/test_shipped_configs.py (as :8192: the same recipe with 1,024 points)',
   'pretrain_pointbert:8192': 'tests/test_shipped_configs.py',
@@ -71,7 +70,7 @@ def _train_log(workdir) -> list[dict]:
 
 
 def test_every_shipped_config_file_is_listed():
-  files = {p.stem for p in (REPO_ROOT / 'cg3d_jax' / 'configs').glob('*.py')} - {'__init__'}
+  files = {p.stem for p in (REPO_ROOT / 'configs').glob('*.py')} - {'__init__'}
   assert files == {name.split(':')[0] for name in SHIPPED}
   named_here = [name for name, where in SHIPPED.items() if where == 'tests/test_shipped_configs.py']
   assert SHIPPED['pretrain_pointbert'].startswith('tests/test_shipped_configs.py (as :8192')

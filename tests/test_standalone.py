@@ -80,6 +80,10 @@ def test_a_lone_copy_predicts_with_the_demo_model(demo_run, tmp_path):
 
 
 def test_the_wheel_holds_assets_configs_and_console_scripts(demo_run, tmp_path):
+  """configs/ sits at the repository's top level and installs as cg3d_jax.configs (pyproject.toml's package-dir and
+  its listed packages): the wheel holds exactly the package's modules and the shipped configs, not the tests' config,
+  and a shipped config runs by name from the installed wheel in another folder. Shown to fail with the package-dir
+  line removed (no configs in the wheel) and with a package left off the list (its modules missing)."""
   done = subprocess.run(
     [
       sys.executable,
@@ -109,9 +113,27 @@ def test_the_wheel_holds_assets_configs_and_console_scripts(demo_run, tmp_path):
     'SOURCES.md',
   ):
     assert f'cg3d_jax/assets/{asset}' in names, asset
-  shipped = {p.name for p in (REPO_ROOT / 'cg3d_jax' / 'configs').glob('*.py')}
+  shipped = {p.name for p in (REPO_ROOT / 'configs').glob('*.py')}
   assert shipped >= {'demo.py', 'pretrain_pointbert.py', 'zeroshot_modelnet40.py', 'finetune_modelnet40.py'}
-  assert {f'cg3d_jax/configs/{name}' for name in shipped} <= names
+  modules = {f'cg3d_jax/configs/{name}' for name in shipped}
+  modules |= {str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / 'cg3d_jax').rglob('*.py')}
+  assert {n for n in names if n.endswith('.py')} == modules
+
+  # Installed alone into a folder and run from another one: a shipped config by name, with an override.
+  site, elsewhere = tmp_path / 'site', tmp_path / 'elsewhere'
+  elsewhere.mkdir()
+  install = [sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', '--target', str(site), str(wheel)]
+  assert subprocess.run(install, capture_output=True, text=True).returncode == 0
+  code = (
+    'import sys; from cg3d_jax import cli; '
+    "sys.argv = ['cg3d', '--config', 'pretrain_pointbert:8192', '--config.train.batch_size=8']; "
+    'cli.parse_flags(sys.argv); '
+    'c = cli.CONFIG.value; print(cli.CONFIG_DIR, c.model.num_points, c.train.batch_size)'
+  )
+  env = {**os.environ, 'PYTHONPATH': str(site)}
+  done = subprocess.run([sys.executable, '-c', code], cwd=elsewhere, env=env, capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.split() == [str(site / 'cg3d_jax' / 'configs'), '8192', '8']
   (entry_points,) = [n for n in names if n.endswith('.dist-info/entry_points.txt')]
   scripts = zipfile.ZipFile(wheel).read(entry_points).decode()
   for script in (

@@ -196,7 +196,7 @@ class PointMLP(nn.Module):
 
   @classmethod
   def from_config(cls, model_config) -> 'PointMLP':
-    """Builds from `config.model` (cg3d_jax/configs/base.py): model.pointmlp.* sizes, model.embed_dim, model.dtype."""
+    """Builds from `config.model` (configs/base.py): model.pointmlp.* sizes, model.embed_dim, model.dtype."""
     p = model_config.pointmlp
     return cls(
       embed_dim=p.embed_dim,

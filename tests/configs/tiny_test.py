@@ -1,12 +1,13 @@
 """The tests' tiny training config: the demo shrunk so that a training step compiles and runs in seconds on a CPU.
 
-  python -m cg3d_jax.train --config tiny_test --workdir W --config.clip.path=C \
+  python -m cg3d_jax.train --config tests/configs/tiny_test.py --workdir W --config.clip.path=C \
       --config.data.manual_dir=M --config.data.data_dir=D
 
 tests/conftest.py's tiny_config builds the in-process tests' configs from this file, and the multi-process tests
-launch it by name; the CLIP folder and the prepared dataset are given on the command line (the tests' fixtures write
-them). tests/test_multihost.py checks that the config a launched process parsed from `--config tiny_test` and its
-`--config.*` overrides equals the in-process one, so the two runs it compares train the same thing.
+launch it by its path; the CLIP folder and the prepared dataset are given on the command line (the tests' fixtures
+write them). tests/test_multihost.py checks that the config a launched process parsed from this file and its
+`--config.*` overrides equals the in-process one, so the two runs it compares train the same thing. It lives with the
+tests, not in configs/: it is not an experiment, and the wheel does not ship it.
 """
 
 from cg3d_jax.configs import demo
