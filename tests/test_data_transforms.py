@@ -6,6 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 from cg3d_jax.data import tf_transforms, transforms
+from tests import numpy_transforms
 
 
 def _cloud(n=512, seed=0):
@@ -30,22 +31,24 @@ def _augment_many(pts, prob, num_seeds):
 def test_rotation_matrices_match_numpy_and_cg3d_convention():
   for angle in (0.0, 0.3, np.pi / 2, 2.5):
     np.testing.assert_allclose(
-      tf_transforms.tf_rotation_y(tf.constant(angle, tf.float32)).numpy(), transforms.rotation_y_np(angle), atol=1e-6
+      tf_transforms.tf_rotation_y(tf.constant(angle, tf.float32)).numpy(),
+      numpy_transforms.rotation_y_np(angle),
+      atol=1e-6,
     )
   # Hand-computed: CG3D's rotation about y is [[c, 0, s], [0, 1, 0], [-s, 0, c]] applied to rows as `p @ R`
   # (np.dot(data, R)), so a quarter turn sends x to +z and z to -x.
-  quarter = transforms.rotation_y_np(np.pi / 2)
+  quarter = numpy_transforms.rotation_y_np(np.pi / 2)
   np.testing.assert_allclose(np.array([1.0, 0, 0]) @ quarter, [0, 0, 1], atol=1e-12)
   np.testing.assert_allclose(np.array([0, 0, 1.0]) @ quarter, [-1, 0, 0], atol=1e-12)
   c, s = np.cos(0.3), np.sin(0.3)
-  np.testing.assert_allclose(transforms.rotation_y_np(0.3), [[c, 0, s], [0, 1, 0], [-s, 0, c]], atol=1e-12)
+  np.testing.assert_allclose(numpy_transforms.rotation_y_np(0.3), [[c, 0, s], [0, 1, 0], [-s, 0, c]], atol=1e-12)
   angles = np.array([0.1, -0.05, 0.17])
   np.testing.assert_allclose(
     tf_transforms.tf_perturbation_rotation(tf.constant(angles, tf.float32)).numpy(),
-    transforms.perturbation_rotation_np(angles),
+    numpy_transforms.perturbation_rotation_np(angles),
     atol=1e-6,
   )
-  r = transforms.perturbation_rotation_np(angles)
+  r = numpy_transforms.perturbation_rotation_np(angles)
   np.testing.assert_allclose(r @ r.T, np.eye(3), atol=1e-12)
 
 
@@ -96,7 +99,7 @@ def test_rotations_preserve_norms_and_quarter_turns_are_exact():
       moved = np.abs(out[:, 1] - pts[:, 1])
       assert moved.max() > 1e-4 and (moved <= 3 * transforms.ROTATION_CLIP * norms + 1e-5).all()
   out = _with_flags(pts, [1, 0, 0, 0, 0])
-  candidates = [pts @ transforms.rotation_y_np(k * np.pi / 2) for k in range(4)]
+  candidates = [pts @ numpy_transforms.rotation_y_np(k * np.pi / 2) for k in range(4)]
   assert min(np.abs(out - c).max() for c in candidates) < 1e-5
 
 
@@ -126,7 +129,7 @@ def test_same_seed_same_augmentation():
 
 def test_numpy_reference_augment_keeps_shape_and_norm_scale():
   pts = transforms.normalize_unit_sphere_np(_cloud())
-  out = transforms.augment_np(np.random.default_rng(0), pts, prob=1.0)
+  out = numpy_transforms.augment_np(np.random.default_rng(0), pts, prob=1.0)
   assert out.shape == pts.shape and out.dtype == np.float32
   assert np.linalg.norm(out, axis=1).max() < 1.1
 
@@ -149,7 +152,7 @@ def test_farthest_point_sample_np_hand_computed():
   # x=4 is min(4, 6)=4, so index 2 (x=5). The near-origin point (index 4) is never chosen.
   pts = np.array([[0, 0, 0], [4, 0, 0], [5, 0, 0], [10, 0, 0], [0.01, 0, 0]], np.float64)
   pts[0] = [0.5, 0, 0]  # the start point must not itself be near the origin for the example to be clear
-  np.testing.assert_array_equal(transforms.farthest_point_sample_np(pts, 3), [0, 3, 2])
+  np.testing.assert_array_equal(numpy_transforms.farthest_point_sample_np(pts, 3), [0, 3, 2])
 
 
 def _drawn_params(num_seeds: int, num_points: int = 16, prob: float = 1.0) -> dict[str, np.ndarray]:
@@ -190,10 +193,10 @@ def test_tf_and_numpy_augmentations_compose_in_the_same_order():
   for i in range(5):
     params = tf_transforms.tf_augment_params(_tf_seed(i), 64, 1.0)
     got = tf_transforms.tf_apply_augment(tf.constant(pts), params).numpy()
-    want = transforms.apply_augment_np(pts, {k: v.numpy() for k, v in params.items()})
+    want = numpy_transforms.apply_augment_np(pts, {k: v.numpy() for k, v in params.items()})
     np.testing.assert_allclose(got, want, atol=2e-5)
     reordered = dict({k: v.numpy() for k, v in params.items()}, apply=np.array([0, 0, 1, 0, 0], bool))
-    then_rotated = transforms.apply_augment_np(
-      transforms.apply_augment_np(pts, reordered), dict(reordered, apply=np.array([1, 1, 0, 1, 1], bool))
+    then_rotated = numpy_transforms.apply_augment_np(
+      numpy_transforms.apply_augment_np(pts, reordered), dict(reordered, apply=np.array([1, 1, 0, 1, 1], bool))
     )
     assert np.abs(then_rotated - want).max() > 1e-3  # the order is observable

@@ -186,7 +186,7 @@ def test_partition_and_merge_round_trip():
   assert jax.tree.structure(merged) == jax.tree.structure(params)
   for name, value in _flat(merged).items():
     np.testing.assert_array_equal(value, _flat(params)[name])
-  assert _flat(optim.trainable_mask(params, RULES))['clip/prompts/tokens']
+  assert _flat(optim.param_labels(params, RULES))['clip/prompts/tokens'] != optim.FROZEN
 
 
 # --- frozen leaves ----------------------------------------------------------------------------------------------

@@ -11,11 +11,11 @@ import torch
 
 from cg3d_jax import trees
 from cg3d_jax.configs import base, pretrain_pointmlp
-from cg3d_jax.data import transforms
 from cg3d_jax.models.pointmlp import PointMLP, stage_point_counts
 from cg3d_jax.twins.pointmlp import PointMLPProject
 from cg3d_jax.weights import torch_io, torch_io_pointmlp
 from cg3d_jax.weights.torch_io_pointmlp import pointmlp_from_torch, pointmlp_to_torch
+from tests import numpy_transforms
 from tests.conftest import FIXTURES, NEAR_TIE, grouping_margin, modelnet_root
 
 OBJECTS = ('airplane/airplane_0627', 'bathtub/bathtub_0107')
@@ -49,7 +49,7 @@ def _load_clouds(num_points: int, dtype=np.float32) -> np.ndarray:
     xyz = xyz - xyz.mean(axis=0)
     xyz = xyz / np.linalg.norm(xyz, axis=1).max()
     xyz = (xyz + 1e-5 * np.random.default_rng(0).standard_normal(xyz.shape)).astype(np.float32)
-    clouds.append(xyz[transforms.farthest_point_sample_np(xyz, num_points)])
+    clouds.append(xyz[numpy_transforms.farthest_point_sample_np(xyz, num_points)])
   return np.stack(clouds).astype(dtype)
 
 

@@ -31,7 +31,7 @@ import optax
 import pytest
 import torch
 
-from cg3d_jax.data import builders, templates, transforms
+from cg3d_jax.data import builders, templates
 from cg3d_jax.models.cg3d import CG3D
 from cg3d_jax.synthetic import random_clip
 from cg3d_jax.training import optim, pretrain
@@ -41,6 +41,7 @@ from cg3d_jax.twins.point_transformer import PointTransformerProject
 from cg3d_jax.twins.prompted_clip import torch_prompted_image_features
 from cg3d_jax.weights import torch_io
 from cg3d_jax.weights.hf_clip import tokenize
+from tests import numpy_transforms
 from tests.conftest import NEAR_TIE, TINY_CLIP, grouping_margin, tiny_config
 from tests.torch_reference_step import PARITY_ENCODER_OPTIM, PARITY_PROMPT_OPTIM, ReferenceStep
 
@@ -90,7 +91,9 @@ def batch(two_layer_clip, tiny_shapenet):
       process_count=1,
     ).as_numpy_iterator()
   )
-  points = np.stack([p[transforms.farthest_point_sample_np(p, c.model.num_points)] for p in host['points'][:BATCH]])
+  points = np.stack(
+    [p[numpy_transforms.farthest_point_sample_np(p, c.model.num_points)] for p in host['points'][:BATCH]]
+  )
   for cloud in points:  # float32 selections agree on every machine (the float32 test relies on it)
     assert (
       grouping_margin(cloud, [(c.model.point_transformer.num_groups, c.model.point_transformer.group_size)]) > NEAR_TIE

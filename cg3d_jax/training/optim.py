@@ -164,11 +164,6 @@ def param_labels(params, rules: Rules):
   return _label_fn(_checked_rules(rules))(params)
 
 
-def trainable_mask(params, rules: Rules):
-  """True for every leaf that an optimizer updates."""
-  return jax.tree.map(lambda g: g != FROZEN, param_labels(params, rules))
-
-
 def partition(params, rules: Rules):
   """(trainable, frozen): two trees shaped like params, each with `optax.MaskedNode()` where the other has a leaf."""
   labels = param_labels(params, rules)
