@@ -72,7 +72,7 @@ def main(argv):
   from cg3d_jax import trained
   from cg3d_jax.evaluators import prediction, reports
 
-  points = prediction.read_cloud(points, COLUMNS.value)  # a bad cloud costs no model
+  points = prediction.read_checked_cloud(points, COLUMNS.value)  # a bad cloud costs no model
   model = trained.with_clip(
     trained.load_trained(checkpoint, step=CHECKPOINT.step.value, num_points=CLIP.num_points.value), CLIP.clip_path.value
   )

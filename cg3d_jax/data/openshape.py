@@ -152,7 +152,7 @@ def read_shape(path, *, objaverse: bool) -> dict:
   return data
 
 
-def read_cloud(path) -> tuple[np.ndarray, np.ndarray]:
+def read_shape_cloud(path) -> tuple[np.ndarray, np.ndarray]:
   """A shape's (xyz, rgb) alone, checked: what evaluation reads of the same files."""
   data = read_pickled_dict(path)
   _require(data, ('xyz', 'rgb'), path)

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from cg3d_jax.data.openshape import checked_cloud, oriented, read_cloud, read_json, read_split
+from cg3d_jax.data.openshape import checked_cloud, oriented, read_json, read_shape_cloud, read_split
 from cg3d_jax.data.pickled_npy import read_pickled, read_pickled_dict
 from cg3d_jax.errors import BadInputError
 
@@ -99,7 +99,7 @@ def lvis_openshape(
     name='objaverse_lvis',
     class_names=names,
     labels=np.array([index[s.category] for s in shapes]),
-    cloud=lambda i: read_cloud(shapes[i].path),
+    cloud=lambda i: read_shape_cloud(shapes[i].path),
     class_features=table,
     y_up=True,
     source=str(root / split),
@@ -141,7 +141,7 @@ def lvis_uni3d(list_file, root=None) -> EvalSet:
     name='objaverse_lvis',
     class_names=[names[i] for i in range(len(names))],
     labels=np.array(labels),
-    cloud=lambda i: read_cloud(paths[i]),
+    cloud=lambda i: read_shape_cloud(paths[i]),
     class_features=None,
     y_up=False,
     source=str(list_file),

@@ -1,6 +1,6 @@
 """Classification accuracy of a fine-tuned classifier on a labelled split, optionally with voting.
 
-`ClassificationEvaluator.run(variables)` (evaluators/common.py's interface) gives overall top-1 and class-mean
+`ClassificationEvaluator.run(variables)` (evaluators/evaluator.py's interface) gives overall top-1 and class-mean
 accuracy over one in-order pass of the split (padded last batch masked out). Single pass: FPS to the model's N
 points. Voting (the original's test_vote): the mean logits of `votes` passes, each sampled and augmented as
 fine-tuning trains (FPS to fps_points, a random N of those, per-cloud scale and translation) unless vote_augment is
@@ -16,7 +16,7 @@ import numpy as np
 
 from cg3d_jax import sharding
 from cg3d_jax.data.transforms import sample_training_points
-from cg3d_jax.evaluators import common, metrics
+from cg3d_jax.evaluators import evaluator, metrics
 from cg3d_jax.models.classifiers import classifier_logits
 from cg3d_jax.models.point_ops import sample_points
 
@@ -80,7 +80,7 @@ class ClassificationEvaluator:
       }
       for i, batch in enumerate(self.batches())
     ]
-    return common.real_rows(rows)
+    return evaluator.real_rows(rows)
 
   def run(self, variables: dict) -> dict[str, float]:
     return self.metrics(self.outputs(variables))

@@ -41,7 +41,7 @@ def _normalised(xyz, source: str | None) -> np.ndarray:
     raise BadInputError(str(err)) from None
 
 
-def read_cloud(path, columns: str | None = None) -> point_files.PointCloud:
+def read_checked_cloud(path, columns: str | None = None) -> point_files.PointCloud:
   """The cloud in `path`, read and checked (as `prepare_points` will) before any model is loaded: a bad file costs
   no model."""
   cloud = point_files.read_points(path, columns=columns)
@@ -113,7 +113,7 @@ def predict(
   normalize_text: bool = True,
 ) -> dict:
   """{'points', 'num_points_read', 'labels': ranked, 'images': ranked} for a trained.ScoringModel `model`; `points`
-  is a point-cloud file or what `read_cloud` returned for one."""
+  is a point-cloud file or what `read_checked_cloud` returned for one."""
   cloud = points if isinstance(points, point_files.PointCloud) else point_files.read_points(points)
   points_path = cloud.source
   colours = colour_channels(model.model.encoder, cloud.rgb, cloud.xyz.shape[0], os.fspath(points_path))

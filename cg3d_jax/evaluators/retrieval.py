@@ -86,7 +86,7 @@ def retrieval_results(features: RetrievalFeatures, ks: Sequence[int] = (1, 5, 10
 
 
 class RetrievalEvaluator:
-  """Recall@k and mAP in the four directions (evaluators/common.py's interface); the text queries are the class
+  """Recall@k and mAP in the four directions (evaluators/evaluator.py's interface); the text queries are the class
   rows of the zero-shot text classifier, built once. `batches` makes a fresh pass over a split with 'image'."""
 
   def __init__(

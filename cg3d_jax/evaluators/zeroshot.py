@@ -12,7 +12,7 @@ The pieces, each usable alone:
     size on device, sharded over the mesh; rows of the padded last batch are dropped by its mask, never a real one;
   * `run_zero_shot` composes them into (N, C) scores and labels; `summarize` gives top-k and class-mean accuracy.
 
-`ZeroShotEvaluator` is the evaluator (evaluators/common.py) that the training loop validates with and the evaluate
+`ZeroShotEvaluator` is the evaluator (evaluators/evaluator.py) that the training loop validates with and the evaluate
 command runs: built once (the frozen text tower's classifier included), then `run({'encoder', 'clip'})`.
 """
 
@@ -25,7 +25,7 @@ import numpy as np
 
 from cg3d_jax import sharding
 from cg3d_jax.data import templates as template_sets
-from cg3d_jax.evaluators import common, metrics
+from cg3d_jax.evaluators import evaluator, metrics
 from cg3d_jax.models.cg3d import CG3D
 from cg3d_jax.models.clip import CLIP
 from cg3d_jax.models.point_ops import sample_points
@@ -131,7 +131,7 @@ def split_point_features(
     if extra_fn is not None:
       out.update(extra_fn(extra_params, batch))
     pending.append(out)
-  return common.real_rows(pending)
+  return evaluator.real_rows(pending)
 
 
 @dataclasses.dataclass
@@ -193,7 +193,7 @@ def summarize(outputs: ZeroShotOutputs, ks: Sequence[int] = DEFAULT_KS) -> dict[
 
 
 class ZeroShotEvaluator:
-  """Zero-shot top-k and class-mean accuracy of a CG3D model on one split (evaluators/common.py's interface).
+  """Zero-shot top-k and class-mean accuracy of a CG3D model on one split (evaluators/evaluator.py's interface).
 
   The class weights come from the frozen, prompt-less text tower, so they are built once here (or are given:
   `classifier` (C, D), e.g. a layout's precomputed class-name features, and then no CLIP is needed); `run` embeds the
