@@ -90,7 +90,7 @@ def main(argv=None):
       folder = args.folder or random_clip.write_random_clip(
         os.path.join(tmp, 'clip_b16'), seed=0, **random_clip.VIT_B16
       )
-      loaded = hf_clip.load_clip(folder, prompt_mode='deep', num_prompts=5)
+      loaded = hf_clip.load_transformers_clip(folder, prompt_mode='deep', num_prompts=5)
       torch_model = CLIPModel.from_pretrained(folder, local_files_only=True).eval()
     features, reference_name = torch_prompted_image_features, 'transformers PyTorch'
   # Each framework on its best device: JAX's default backend, and CUDA for PyTorch when it has it.

@@ -128,11 +128,11 @@ def check_clip(sizes, clip_dir: str) -> list[dict]:
   import torch
   from transformers import CLIPModel
 
-  from cg3d_jax.weights.hf_clip import load_clip, tokenize
+  from cg3d_jax.weights.hf_clip import load_transformers_clip, tokenize
 
   device = _torch_device()
   rng = np.random.default_rng(0)
-  loaded = load_clip(clip_dir, prompt_mode='none')
+  loaded = load_transformers_clip(clip_dir, prompt_mode='none')
   size = loaded.spec.image_size
   pixels = rng.normal(size=(sizes['clip_batch'], size, size, 3)).astype(np.float32)
   ids = tokenize(
@@ -160,7 +160,7 @@ def check_clip(sizes, clip_dir: str) -> list[dict]:
     diff = float(np.abs(got[key] - want[key]).max())
     rows.append(_row('correctness', f'CLIP fp32 {key} vs transformers', diff, '<= 1e-4', diff <= 1e-4))
   attention = 'cudnn' if jax.default_backend() == 'gpu' else 'auto'
-  low = load_clip(clip_dir, prompt_mode='none', dtype=jnp.bfloat16, attention=attention)
+  low = load_transformers_clip(clip_dir, prompt_mode='none', dtype=jnp.bfloat16, attention=attention)
   fn = jax.jit(lambda p, x, t: low.model.apply({'params': p}, x, t))
   bf16 = fn(low.params, pixels, ids)
   for key in ('image_embeds', 'text_embeds'):

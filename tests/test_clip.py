@@ -78,12 +78,12 @@ def b16_folder(tmp_path_factory, bpe_path):
 
 @pytest.fixture(scope='session')
 def small_deep(small_folder):
-  return hf_clip.load_clip(small_folder, prompt_mode='deep', num_prompts=5, seed=3)
+  return hf_clip.load_transformers_clip(small_folder, prompt_mode='deep', num_prompts=5, seed=3)
 
 
 @pytest.fixture(scope='session')
 def small_plain(small_folder):
-  return hf_clip.load_clip(small_folder, prompt_mode='none')
+  return hf_clip.load_transformers_clip(small_folder, prompt_mode='none')
 
 
 @pytest.fixture(scope='session')
@@ -182,7 +182,7 @@ def test_small_config_matches_transformers(small_plain, small_torch, photos, hig
 
 
 def test_gelu_new_eos_config_matches_transformers(gelu_folder, photos, highest_precision):
-  loaded = hf_clip.load_clip(gelu_folder, prompt_mode='none')
+  loaded = hf_clip.load_transformers_clip(gelu_folder, prompt_mode='none')
   assert loaded.spec.eos_pooling == EOS_POOLING_FIRST_EOS and loaded.spec.text_activation == 'gelu'
   torch_model = CLIPModel.from_pretrained(gelu_folder, local_files_only=True).eval()
   pixels = _pixels(loaded, photos)
@@ -196,7 +196,7 @@ def test_gelu_new_eos_config_matches_transformers(gelu_folder, photos, highest_p
 
 
 def test_vit_b16_config_matches_transformers(b16_folder, photos, highest_precision):
-  loaded = hf_clip.load_clip(b16_folder, prompt_mode='none')
+  loaded = hf_clip.load_transformers_clip(b16_folder, prompt_mode='none')
   s = loaded.spec
   assert (s.vision_width, s.vision_layers, s.vision_heads, s.patch_size, s.image_size) == (768, 12, 12, 16, 224)
   assert (s.text_width, s.text_layers, s.text_heads, s.projection_dim) == (512, 12, 8, 512)
@@ -225,7 +225,7 @@ def test_attention_kernels_match_numpy_and_each_other(small_folder, photos, high
 
   outputs = {}
   for impl in ('einsum', 'auto'):
-    loaded = hf_clip.load_clip(small_folder, prompt_mode='deep', num_prompts=5, seed=3, attention=impl)
+    loaded = hf_clip.load_transformers_clip(small_folder, prompt_mode='deep', num_prompts=5, seed=3, attention=impl)
     pixels, ids = _pixels(loaded, photos), hf_clip.tokenize(loaded.tokenizer, CAPTIONS)
     outputs[impl] = jax.jit(loaded.model.apply)({'params': loaded.params}, pixels, ids)
   for key in ('image_embeds', 'text_embeds'):
@@ -243,7 +243,7 @@ def test_prompt_parameters_layout(small_folder, small_deep):
   bound = prompt_init_bound(width)
   assert bound == pytest.approx(np.sqrt(6 / (48 + width)))
   assert float(jnp.abs(tokens).max()) <= bound and float(jnp.abs(tokens).max()) > 0.8 * bound
-  shallow = hf_clip.load_clip(small_folder, prompt_mode='shallow', num_prompts=3)
+  shallow = hf_clip.load_transformers_clip(small_folder, prompt_mode='shallow', num_prompts=3)
   assert shallow.params['prompts']['tokens'].shape == (1, 3, width)
   # The module's own initialiser builds the same tree as the loader.
   init_shapes = jax.eval_shape(
@@ -256,7 +256,7 @@ def test_prompt_parameters_layout(small_folder, small_deep):
 def test_prompted_image_tower_matches_torch_reference(
   mode, small_folder, small_plain, small_torch, photos, highest_precision
 ):
-  loaded = hf_clip.load_clip(small_folder, prompt_mode=mode, num_prompts=5, seed=4)
+  loaded = hf_clip.load_transformers_clip(small_folder, prompt_mode=mode, num_prompts=5, seed=4)
   pixels = _pixels(loaded, photos)
   prompts = np.asarray(loaded.params['prompts']['tokens'])
   ours = _encode_image(loaded, pixels)
@@ -317,7 +317,7 @@ def _matmul_output_shapes(jaxpr) -> list[tuple[int, ...]]:
 
 @pytest.mark.parametrize('remat', ['none', 'full'])
 def test_grad_wrt_prompts_computes_no_backbone_weight_gradients(remat, small_folder, photos):
-  loaded = hf_clip.load_clip(small_folder, prompt_mode='deep', remat=remat)
+  loaded = hf_clip.load_transformers_clip(small_folder, prompt_mode='deep', remat=remat)
   pixels = _pixels(loaded, photos)
   direction = np.ones((3, loaded.spec.projection_dim), np.float32)
   # Weight matrices of the image path, compared up to axis order (a weight gradient may come out transposed), one
@@ -366,7 +366,7 @@ def _equations(jaxpr, name: str) -> list:
 
 @pytest.mark.parametrize('scan_layers, remat', [(True, 'none'), (True, 'dots'), (False, 'full')])
 def test_layers_are_one_scan_with_stacked_parameters(small_folder, photos, scan_layers, remat):
-  loaded = hf_clip.load_clip(small_folder, prompt_mode='deep', remat=remat, scan_layers=scan_layers)
+  loaded = hf_clip.load_transformers_clip(small_folder, prompt_mode='deep', remat=remat, scan_layers=scan_layers)
   spec = loaded.spec
   kernel = loaded.params['vision']['layers']['mlp']['fc1']['kernel']
   assert kernel.shape == (spec.vision_layers, spec.vision_width, spec.vision_mlp_dim)
@@ -386,7 +386,7 @@ def test_layers_are_one_scan_with_stacked_parameters(small_folder, photos, scan_
     )
   ids = jnp.asarray(hf_clip.tokenize(loaded.tokenizer, CAPTIONS))
   text = loaded.model.apply({'params': loaded.params}, ids, method=CLIP.encode_text)
-  other = hf_clip.load_clip(small_folder, prompt_mode='deep', scan_layers=not scan_layers)
+  other = hf_clip.load_transformers_clip(small_folder, prompt_mode='deep', scan_layers=not scan_layers)
   np.testing.assert_allclose(
     other.model.apply({'params': other.params}, ids, method=CLIP.encode_text), text, rtol=1e-5, atol=1e-6
   )
@@ -405,11 +405,11 @@ def test_remat_policies_unrolled_layers_and_bfloat16(small_folder, small_deep, p
     dict(scan_layers=False),
     dict(scan_layers=False, remat='dots'),
   ):
-    other = hf_clip.load_clip(small_folder, prompt_mode='deep', seed=3, **kwargs)
+    other = hf_clip.load_transformers_clip(small_folder, prompt_mode='deep', seed=3, **kwargs)
     other_grad = jax.jit(jax.grad(_image_loss_fn(other, pixels, direction)))(other.params['prompts'])
     np.testing.assert_allclose(other_grad['tokens'], plain_grad['tokens'], rtol=1e-5, atol=1e-6, err_msg=kwargs)
 
-  bf16 = hf_clip.load_clip(small_folder, prompt_mode='deep', seed=3, dtype=jnp.bfloat16)
+  bf16 = hf_clip.load_transformers_clip(small_folder, prompt_mode='deep', seed=3, dtype=jnp.bfloat16)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(bf16.params))
   ours, reference = _encode_image(bf16, pixels), _encode_image(small_deep, pixels)
   assert ours.dtype == jnp.float32
@@ -427,29 +427,29 @@ def _copy_folder(src, dst):
 
 def test_missing_folder(tmp_path):
   with pytest.raises(hf_clip.CLIPLoadError, match='does not exist'):
-    hf_clip.load_clip(tmp_path / 'nowhere')
+    hf_clip.load_transformers_clip(tmp_path / 'nowhere')
 
 
 def test_hub_name_is_refused_without_download():
   with pytest.raises(hf_clip.CLIPLoadError, match='Nothing is downloaded.*local folder'):
-    hf_clip.load_clip('openai/clip-vit-base-patch16')
+    hf_clip.load_transformers_clip('openai/clip-vit-base-patch16')
 
 
 def test_folder_without_weights(small_folder, tmp_path):
   folder = _copy_folder(small_folder, tmp_path / 'clip')
   (folder / 'model.safetensors').unlink()
   with pytest.raises(hf_clip.CLIPLoadError, match='no weights.*model.safetensors'):
-    hf_clip.load_clip(folder)
+    hf_clip.load_transformers_clip(folder)
 
 
 def test_not_a_clip_config(small_folder, tmp_path):
   folder = _copy_folder(small_folder, tmp_path / 'clip')
   (folder / 'config.json').write_text(json.dumps({'model_type': 'bert', 'hidden_size': 64}))
   with pytest.raises(hf_clip.CLIPLoadError, match='model_type \'bert\'.*expected "clip"'):
-    hf_clip.load_clip(folder)
+    hf_clip.load_transformers_clip(folder)
   (folder / 'config.json').unlink()
   with pytest.raises(hf_clip.CLIPLoadError, match='config.json is missing'):
-    hf_clip.load_clip(folder)
+    hf_clip.load_transformers_clip(folder)
 
 
 def test_missing_and_misshaped_tensors(small_folder, tmp_path):
@@ -463,7 +463,7 @@ def test_missing_and_misshaped_tensors(small_folder, tmp_path):
     match=r"'vision_model.encoder.layers.1.mlp.fc1.weight' has shape "
     r'\(256, 60\), expected \(256, 64\)',
   ):
-    hf_clip.load_clip(folder)
+    hf_clip.load_transformers_clip(folder)
   del weights['text_model.final_layer_norm.bias']
   save_file(weights, folder / 'model.safetensors')
   with pytest.raises(
@@ -471,7 +471,7 @@ def test_missing_and_misshaped_tensors(small_folder, tmp_path):
     match=r"missing tensor 'text_model.final_layer_norm.bias' "
     r'\(expected shape \(48,\)\)',
   ):
-    hf_clip.load_clip(folder)
+    hf_clip.load_transformers_clip(folder)
 
 
 def test_sharded_safetensors_and_pytorch_bin_load_the_same_weights(small_folder, small_plain, small_torch, tmp_path):
@@ -483,5 +483,5 @@ def test_sharded_safetensors_and_pytorch_bin_load_the_same_weights(small_folder,
   (pickled / 'model.safetensors').unlink()
   torch.save(small_torch.state_dict(), pickled / 'pytorch_model.bin')
   for folder in (sharded, pickled):
-    params = hf_clip.load_clip(folder, prompt_mode='none').params
+    params = hf_clip.load_transformers_clip(folder, prompt_mode='none').params
     jax.tree.map(np.testing.assert_array_equal, params, small_plain.params)

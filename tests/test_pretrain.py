@@ -13,7 +13,7 @@ from cg3d_jax.checkpoints import Checkpointer
 from cg3d_jax.data import builders, pipeline
 from cg3d_jax.training import pretrain
 from cg3d_jax.training.pretrain_step import ENCODER, PROMPTS, jit_train_step
-from cg3d_jax.weights.hf_clip import load_clip
+from cg3d_jax.weights.hf_clip import load_transformers_clip
 from tests.conftest import tiny_config
 
 
@@ -76,7 +76,7 @@ def test_frozen_clip_unchanged_trainables_move_and_no_state_for_frozen(config, b
   before = jax.device_get(setup.state)
   after, _ = run_steps(setup, batches[:2])
   # Frozen CLIP: everything but the prompts, compared with a fresh load of the folder, bitwise.
-  fresh = load_clip(tiny_clip_dir, prompt_mode='deep', num_prompts=5).params
+  fresh = load_transformers_clip(tiny_clip_dir, prompt_mode='deep', num_prompts=5).params
   fresh.pop('prompts')
   frozen = jax.device_get(setup.frozen['clip'])
   assert jax.tree.structure(frozen) == jax.tree.structure(fresh)

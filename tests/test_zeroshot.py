@@ -24,7 +24,7 @@ from cg3d_jax.evaluators import metrics, retrieval, zeroshot
 from cg3d_jax.models.cg3d import CG3D
 from cg3d_jax.models.layers import l2_normalize
 from cg3d_jax.models.point_ops import sample_points
-from cg3d_jax.weights.hf_clip import load_clip, tokenize
+from cg3d_jax.weights.hf_clip import load_transformers_clip, tokenize
 from tests.conftest import assert_no_near_ties, modelnet_root, run_command
 
 
@@ -67,7 +67,7 @@ def mesh():
 
 @pytest.fixture(scope='module')
 def tiny_clip(tiny_clip_dir):
-  return load_clip(tiny_clip_dir, prompt_mode='deep', num_prompts=2)
+  return load_transformers_clip(tiny_clip_dir, prompt_mode='deep', num_prompts=2)
 
 
 @pytest.fixture(scope='module')

@@ -37,4 +37,4 @@ def load_clip(
   )
   if is_slip_path(path):
     return slip.load_slip(pathlib.Path(os.path.expanduser(str(path))), **kwargs)
-  return hf_clip.load_clip(path, **kwargs)
+  return hf_clip.load_transformers_clip(path, **kwargs)

@@ -311,7 +311,7 @@ def load_preprocess(folder: pathlib.Path) -> ImagePreprocess:
     return ImagePreprocess.from_config(json.load(f), source=str(path))
 
 
-def load_clip(
+def load_transformers_clip(
   path,
   *,
   prompt_mode: str = 'deep',
