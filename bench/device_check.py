@@ -128,7 +128,8 @@ def check_clip(sizes, clip_dir: str) -> list[dict]:
   import torch
   from transformers import CLIPModel
 
-  from cg3d_jax.weights.hf_clip import load_transformers_clip, tokenize
+  from cg3d_jax.clip.hf_clip import load_transformers_clip
+  from cg3d_jax.clip.loaded_clip import tokenize
 
   device = _torch_device()
   rng = np.random.default_rng(0)
@@ -238,14 +239,14 @@ def check_step(clip_dir: str) -> list[dict]:
   import torch
   from transformers import CLIPModel
 
+  from cg3d_jax.clip import templates
+  from cg3d_jax.clip.loaded_clip import tokenize
   from cg3d_jax.configs import pretrain_pointbert
-  from cg3d_jax.data import templates
   from cg3d_jax.training import pretrain
   from cg3d_jax.training.pretrain_step import ENCODER, PROMPTS, train_step
   from cg3d_jax.twins import verify
   from cg3d_jax.twins.prompted_clip import torch_prompted_image_features
   from cg3d_jax.weights import cg3d_pth, torch_io
-  from cg3d_jax.weights.hf_clip import tokenize
   from tests.torch_reference_step import PARITY_ENCODER_OPTIM, PARITY_PROMPT_OPTIM, ReferenceStep
 
   config = pretrain_pointbert.get_config()

@@ -57,14 +57,14 @@ def resolve_format(out: pathlib.Path, fmt: str | None) -> str:
 
 def _frozen_visual(trained):
   """A run on SLIP exports its frozen image tower beside the prompts, as the original saves `visual_clip_model`."""
-  from cg3d_jax.weights import clip_files, slip
+  from cg3d_jax.clip import loading, slip
 
   if trained.frozen_visual:  # re-exporting an original .pth
     return trained.frozen_visual
   path = trained.config.get('clip', {}).get('path')
   if trained.prompts is None or not path:
     return None
-  if not clip_files.is_slip_path(path):
+  if not loading.is_slip_path(path):
     if not pathlib.Path(path).is_dir():
       raise InputError(
         f'{trained.source} was trained with the CLIP at {path}, which is not here: the export needs '
@@ -91,7 +91,7 @@ def _export_pretraining(trained, out: pathlib.Path, fmt: str):
     num_batches_tracked=trained.step,
     frozen_visual=_frozen_visual(trained),
   )
-  if trained.encoder_name == 'point_transformer' and 'cls_head_finetune.0.weight' not in container['base_model']:
+  if trained.encoder_name == 'point_transformer' and not cg3d_pth.has_classification_head(container):
     logging.warning(
       'no classification head (config.model.num_classes is unset): the original '
       'PointTransformerProject builds cls_head_finetune, so its strict load will report it missing'
@@ -103,26 +103,16 @@ def _export_pretraining(trained, out: pathlib.Path, fmt: str):
   )
   print(
     f'exported step {trained.step} of {trained.source} ({trained.encoder_name}, {len(container["base_model"])} '
-    f'state-dict entries, visual_clip_model: {_describe_visual(container.get("visual_clip_model"))}) to '
+    f'state-dict entries, visual_clip_model: {cg3d_pth.describe_visual(container)}) to '
     f'{", ".join(map(str, written))}'
   )
 
 
-def _describe_visual(visual) -> str:
-  if not visual:
-    return 'none'
-  prompts = [k for k in visual if k.endswith('prompt_embeddings')]
-  frozen = len(visual) - len(prompts)
-  return ', '.join(prompts) + (f' and the {frozen} frozen SLIP image-tower tensors' if frozen else '')
-
-
 def _export_finetune(finetuned, out: pathlib.Path, fmt: str):
-  from cg3d_jax.atomic import atomic_write
   from cg3d_jax.weights import cg3d_pth
 
   if fmt != 'cg3d':
     raise InputError(f'--out {out}: a fine-tuned classifier is exported in the original .pth format only')
-  import torch
 
   config = finetuned.config
   metrics = finetuned.metrics or {}
@@ -134,7 +124,7 @@ def _export_finetune(finetuned, out: pathlib.Path, fmt: str):
   )
   epoch = int(metrics.get('epoch', 0)) if EPOCH.value < 0 else EPOCH.value
   container = cg3d_pth.finetune_container(state_dict, epoch=epoch, accuracy=100.0 * float(metrics.get('val/top1', 0)))
-  atomic_write(out, lambda f: torch.save(container, f))
+  cg3d_pth.write_cg3d_checkpoint(out, container)
   print(
     f'exported fine-tuned step {finetuned.step} of {finetuned.source} ({config.model.encoder}, '
     f'{len(state_dict)} state-dict entries, {config.model.num_classes} classes) to {out}'

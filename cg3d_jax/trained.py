@@ -19,13 +19,11 @@ import ml_collections
 import numpy as np
 
 from cg3d_jax import checkpoints, trees
+from cg3d_jax.clip.loaded_clip import LoadedCLIP
+from cg3d_jax.clip.loading import load_clip
 from cg3d_jax.errors import InputError
 from cg3d_jax.models.cg3d import CG3D, build_encoder
 from cg3d_jax.models.classifiers import build_classifier
-from cg3d_jax.models.point_transformer import PointTransformer
-from cg3d_jax.models.pointmlp import PointMLP
-from cg3d_jax.weights.clip_files import load_clip
-from cg3d_jax.weights.hf_clip import LoadedCLIP
 
 TORCH_SUFFIXES = ('.pth', '.pt', '.safetensors')
 
@@ -97,29 +95,10 @@ def _load(path, step, num_points, model_config) -> TrainedModel:
   )
 
 
-def _sized_from_file(path: pathlib.Path, model_config, state_dict) -> nn.Module:
-  """The encoder as `model_config` sizes it, with the projection and head sizes the file holds."""
-  projection = state_dict.get('projection.weight')
-  if model_config.encoder == 'point_transformer':
-    model = PointTransformer.from_config(model_config)
-    hidden, head = state_dict.get('cls_head_finetune.0.weight'), state_dict.get('cls_head_finetune.3.weight')
-    model = model.clone(
-      num_classes=None if head is None else int(head.shape[0]),
-      head_hidden=model.head_hidden if hidden is None else int(hidden.shape[0]),
-    )
-    return model if projection is None else model.clone(embed_dim=int(projection.shape[0]))
-  model = PointMLP.from_config(model_config)
-  return model if projection is None else model.clone(projection_dim=int(projection.shape[0]))
-
-
 def _load_torch_file(path: pathlib.Path, num_points: int, model_config) -> TrainedModel:
   from cg3d_jax.weights import cg3d_pth  # torch only on this path
 
-  model = None
-  if model_config is not None:
-    container = cg3d_pth.read_container(path)
-    model = _sized_from_file(path, model_config, cg3d_pth.strip_module_prefix(path, container['base_model']))
-  encoder_name, params, batch_stats, prompts, info = cg3d_pth.load_cg3d_checkpoint(path, model=model)
+  encoder_name, params, batch_stats, prompts, info = cg3d_pth.load_cg3d_checkpoint(path, model_config=model_config)
   saved = info['config'] or {}
   if saved:
     config = ml_collections.ConfigDict(saved)
@@ -222,7 +201,7 @@ def _check_frozen_tower(trained: TrainedModel, clip: LoadedCLIP, path) -> None:
       'is a transformers CLIP folder: pass the SLIP checkpoint it was trained with, e.g. '
       '--config.clip.path=slip_base_100ep.pt'
     )
-  from cg3d_jax.weights import slip  # torch-free, but only this path needs it
+  from cg3d_jax.clip import slip  # torch-free, but only this path needs it
 
   ours = slip.vision_state_dict(clip.params, clip.spec)
   missing = sorted(set(ours) - set(trained.frozen_visual))

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from cg3d_jax import build_data, evaluate, evaluate_scenes, export, finetune, predict, query_scene, train, trained
+from cg3d_jax.clip.loading import load_clip
 from cg3d_jax.configs import finetune_modelnet40
 from cg3d_jax.data import ply_files
 from cg3d_jax.errors import ConfigError, InputError
@@ -26,7 +27,7 @@ from cg3d_jax.models.point_transformer import PointTransformer
 from cg3d_jax.synthetic import random_clip
 from cg3d_jax.training import finetune as ft
 from cg3d_jax.training import pretrain
-from cg3d_jax.weights import cg3d_pth, clip_files, torch_io
+from cg3d_jax.weights import cg3d_pth, torch_io
 from tests.conftest import apply_overrides, run_command, tiny_config
 
 TINY_PT = dict(width=48, depth=1, num_heads=6, encoder_dim=32, embed_dim=32, num_classes=55)
@@ -921,14 +922,14 @@ def test_clip_folders_with_bad_weights_name_the_file_or_tensor(tmp_path, tiny_cl
   data = weights.read_bytes()
   weights.write_bytes(data[: len(data) // 2])
   with pytest.raises(InputError, match=r'model.safetensors: not a readable safetensors file'):
-    clip_files.load_clip(folder)
+    load_clip(folder)
   tensors = safetensors_files.read_tensors(pathlib.Path(tiny_clip_dir) / 'model.safetensors')
   tensors['text_model.final_layer_norm.weight'] = np.full_like(tensors['text_model.final_layer_norm.weight'], np.inf)
   from safetensors.numpy import save_file
 
   save_file(tensors, str(weights))
   with pytest.raises(InputError, match=r"NaN or infinity: \['text_model.final_layer_norm.weight'\]"):
-    clip_files.load_clip(folder)
+    load_clip(folder)
 
 
 def test_original_pth_with_its_frozen_tower_refuses_nan_prompts(files, tmp_path):

@@ -19,12 +19,13 @@ from safetensors.numpy import load_file, save_file
 from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
 from cg3d_jax import assets
+from cg3d_jax.clip import hf_clip
+from cg3d_jax.clip.loaded_clip import CLIPLoadError, ImagePreprocess, tokenize
 from cg3d_jax.models.clip import CLIP, EOS_POOLING_ARGMAX, EOS_POOLING_FIRST_EOS, prompt_init_bound
 from cg3d_jax.models.layers import attend
 from cg3d_jax.synthetic import random_clip
 from cg3d_jax.trees import unstack_layers
 from cg3d_jax.twins.prompted_clip import torch_prompted_image_features
-from cg3d_jax.weights import hf_clip
 
 CAPTIONS = ['a photo of an owl.', 'a chicken standing on grass', 'a penguin']
 PHOTOS = ('a', 'b', 'c')
@@ -124,7 +125,7 @@ def _assert_parity(ours, theirs):
 
 def test_tokenizer_gives_original_clip_ids(small_folder, small_plain, bpe_path, tmp_path):
   tokenizer = small_plain.tokenizer
-  ids = hf_clip.tokenize(tokenizer, ['a photo of a chair.'])
+  ids = tokenize(tokenizer, ['a photo of a chair.'])
   assert ids.dtype == np.int32 and ids.shape == (1, 77)
   # Ids by hand from OpenAI's construction: 256 byte symbols ('!'..'~' first, so 'a' is symbol 64), the same 256
   # with '</w>' (ids 256..511), then one token per merge line of the gz in order (ids 512..).
@@ -145,7 +146,7 @@ def test_tokenizer_gives_original_clip_ids(small_folder, small_plain, bpe_path, 
 
 
 def test_tokenize_truncates_keeping_end_of_text(small_deep):
-  ids = hf_clip.tokenize(small_deep.tokenizer, ['word ' * 100, 'short'], context_length=16)
+  ids = tokenize(small_deep.tokenizer, ['word ' * 100, 'short'], context_length=16)
   assert ids.shape == (2, 16)
   assert ids[0, 0] == 49406 and ids[0, -1] == 49407 and np.all(ids[0, 1:-1] == ids[0, 1])
 
@@ -162,7 +163,7 @@ def test_preprocessing_matches_clip_image_processor(small_deep, small_folder, ph
 
 
 def test_preprocessing_non_square_photo_at_b16_size(photos):
-  preprocess = hf_clip.ImagePreprocess.from_config(random_clip.preprocessor_config(224))
+  preprocess = ImagePreprocess.from_config(random_clip.preprocessor_config(224))
   processor = CLIPImageProcessorPil(**random_clip.preprocessor_config(224))
   image = photos[0].crop((0, 0, photos[0].width, photos[0].height * 2 // 3))  # make the photo clearly landscape
   theirs = processor(images=[image], return_tensors='np')['pixel_values'][0].transpose(1, 2, 0)
@@ -176,7 +177,7 @@ def test_small_config_matches_transformers(small_plain, small_torch, photos, hig
   loaded = small_plain
   assert loaded.spec.eos_pooling == EOS_POOLING_ARGMAX and loaded.spec.vision_activation == 'quick_gelu'
   assert 'prompts' not in loaded.params
-  pixels, ids = _pixels(loaded, photos), hf_clip.tokenize(loaded.tokenizer, CAPTIONS)
+  pixels, ids = _pixels(loaded, photos), tokenize(loaded.tokenizer, CAPTIONS)
   ours = jax.jit(loaded.model.apply)({'params': loaded.params}, pixels, ids)
   _assert_parity(ours, _torch_outputs(small_torch, pixels, ids))
 
@@ -186,7 +187,7 @@ def test_gelu_new_eos_config_matches_transformers(gelu_folder, photos, highest_p
   assert loaded.spec.eos_pooling == EOS_POOLING_FIRST_EOS and loaded.spec.text_activation == 'gelu'
   torch_model = CLIPModel.from_pretrained(gelu_folder, local_files_only=True).eval()
   pixels = _pixels(loaded, photos)
-  ids = hf_clip.tokenize(loaded.tokenizer, CAPTIONS, context_length=20)
+  ids = tokenize(loaded.tokenizer, CAPTIONS, context_length=20)
   # A row with an added token (49409) before <|endoftext|>: argmax pooling would pick position 2, first-eos
   # pooling picks position 4. Only the rule transformers applies to this config gives parity.
   ids[2, :6] = [49406, 320, 49409, 1125, 49407, 49407]
@@ -201,7 +202,7 @@ def test_vit_b16_config_matches_transformers(b16_folder, photos, highest_precisi
   assert (s.vision_width, s.vision_layers, s.vision_heads, s.patch_size, s.image_size) == (768, 12, 12, 16, 224)
   assert (s.text_width, s.text_layers, s.text_heads, s.projection_dim) == (512, 12, 8, 512)
   torch_model = CLIPModel.from_pretrained(b16_folder, local_files_only=True).eval()
-  pixels, ids = _pixels(loaded, photos[:2]), hf_clip.tokenize(loaded.tokenizer, CAPTIONS)
+  pixels, ids = _pixels(loaded, photos[:2]), tokenize(loaded.tokenizer, CAPTIONS)
   ours = loaded.model.apply({'params': loaded.params}, pixels, ids)
   _assert_parity(ours, _torch_outputs(torch_model, pixels, ids))
 
@@ -226,7 +227,7 @@ def test_attention_kernels_match_numpy_and_each_other(small_folder, photos, high
   outputs = {}
   for impl in ('einsum', 'auto'):
     loaded = hf_clip.load_transformers_clip(small_folder, prompt_mode='deep', num_prompts=5, seed=3, attention=impl)
-    pixels, ids = _pixels(loaded, photos), hf_clip.tokenize(loaded.tokenizer, CAPTIONS)
+    pixels, ids = _pixels(loaded, photos), tokenize(loaded.tokenizer, CAPTIONS)
     outputs[impl] = jax.jit(loaded.model.apply)({'params': loaded.params}, pixels, ids)
   for key in ('image_embeds', 'text_embeds'):
     np.testing.assert_allclose(np.asarray(outputs['auto'][key]), np.asarray(outputs['einsum'][key]), atol=1e-6, rtol=0)
@@ -269,7 +270,7 @@ def test_prompted_image_tower_matches_torch_reference(
   unprompted = _encode_image(plain, pixels)
   assert np.abs(ours - unprompted).max() > 1e-3  # the prompts do change the features
   # The text tower carries no prompts: its output is plain CLIP's.
-  ids = hf_clip.tokenize(loaded.tokenizer, CAPTIONS)
+  ids = tokenize(loaded.tokenizer, CAPTIONS)
   np.testing.assert_array_equal(
     loaded.model.apply({'params': loaded.params}, ids, method=CLIP.encode_text),
     plain.model.apply({'params': plain.params}, ids, method=CLIP.encode_text),
@@ -384,7 +385,7 @@ def test_layers_are_one_scan_with_stacked_parameters(small_folder, photos, scan_
     assert checkpoints[0].params['policy'] == (
       jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == 'dots' else None
     )
-  ids = jnp.asarray(hf_clip.tokenize(loaded.tokenizer, CAPTIONS))
+  ids = jnp.asarray(tokenize(loaded.tokenizer, CAPTIONS))
   text = loaded.model.apply({'params': loaded.params}, ids, method=CLIP.encode_text)
   other = hf_clip.load_transformers_clip(small_folder, prompt_mode='deep', scan_layers=not scan_layers)
   np.testing.assert_allclose(
@@ -426,29 +427,29 @@ def _copy_folder(src, dst):
 
 
 def test_missing_folder(tmp_path):
-  with pytest.raises(hf_clip.CLIPLoadError, match='does not exist'):
+  with pytest.raises(CLIPLoadError, match='does not exist'):
     hf_clip.load_transformers_clip(tmp_path / 'nowhere')
 
 
 def test_hub_name_is_refused_without_download():
-  with pytest.raises(hf_clip.CLIPLoadError, match='Nothing is downloaded.*local folder'):
+  with pytest.raises(CLIPLoadError, match='Nothing is downloaded.*local folder'):
     hf_clip.load_transformers_clip('openai/clip-vit-base-patch16')
 
 
 def test_folder_without_weights(small_folder, tmp_path):
   folder = _copy_folder(small_folder, tmp_path / 'clip')
   (folder / 'model.safetensors').unlink()
-  with pytest.raises(hf_clip.CLIPLoadError, match='no weights.*model.safetensors'):
+  with pytest.raises(CLIPLoadError, match='no weights.*model.safetensors'):
     hf_clip.load_transformers_clip(folder)
 
 
 def test_not_a_clip_config(small_folder, tmp_path):
   folder = _copy_folder(small_folder, tmp_path / 'clip')
   (folder / 'config.json').write_text(json.dumps({'model_type': 'bert', 'hidden_size': 64}))
-  with pytest.raises(hf_clip.CLIPLoadError, match='model_type \'bert\'.*expected "clip"'):
+  with pytest.raises(CLIPLoadError, match='model_type \'bert\'.*expected "clip"'):
     hf_clip.load_transformers_clip(folder)
   (folder / 'config.json').unlink()
-  with pytest.raises(hf_clip.CLIPLoadError, match='config.json is missing'):
+  with pytest.raises(CLIPLoadError, match='config.json is missing'):
     hf_clip.load_transformers_clip(folder)
 
 
@@ -459,7 +460,7 @@ def test_missing_and_misshaped_tensors(small_folder, tmp_path):
   assert weights[key].shape == (256, 64)
   save_file({**weights, key: np.zeros((256, 60), np.float32)}, folder / 'model.safetensors')
   with pytest.raises(
-    hf_clip.CLIPLoadError,
+    CLIPLoadError,
     match=r"'vision_model.encoder.layers.1.mlp.fc1.weight' has shape "
     r'\(256, 60\), expected \(256, 64\)',
   ):
@@ -467,7 +468,7 @@ def test_missing_and_misshaped_tensors(small_folder, tmp_path):
   del weights['text_model.final_layer_norm.bias']
   save_file(weights, folder / 'model.safetensors')
   with pytest.raises(
-    hf_clip.CLIPLoadError,
+    CLIPLoadError,
     match=r"missing tensor 'text_model.final_layer_norm.bias' "
     r'\(expected shape \(48,\)\)',
   ):

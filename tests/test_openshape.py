@@ -508,10 +508,10 @@ def test_renders_train_the_prompts_through_the_image_tower(tmp_path):
   encoder both train; no stored image feature is used."""
   import jax
 
+  from cg3d_jax.clip.loading import load_clip
   from cg3d_jax.configs import pretrain_openshape
   from cg3d_jax.synthetic.random_clip import write_random_clip
   from cg3d_jax.training import pretrain
-  from cg3d_jax.weights.clip_files import load_clip
   from tests.conftest import apply_overrides
 
   root = write_openshape_layout(
@@ -680,12 +680,12 @@ def test_a_layout_with_a_clips_features_scores_through_that_clip(tmp_path):
   computes its OpenCLIP features: the precomputed LVIS table equals what the package's Flax CLIP gives for the
   'templates' prompt set (64 templates), the 'names' set is the bare names' features, and a shape's image features
   are its renders' through the package's CLIP preprocessing and image tower."""
+  from cg3d_jax.clip.loading import load_clip
   from cg3d_jax.configs import zeroshot_objaverse_lvis
   from cg3d_jax.evaluators import evaluation_sets
   from cg3d_jax.models.cg3d import CG3D
   from cg3d_jax.synthetic.openshape_objects import ClipFeatures
   from cg3d_jax.synthetic.random_clip import write_random_clip
-  from cg3d_jax.weights.clip_files import load_clip
 
   clip_dir = write_random_clip(tmp_path / 'clip', projection_dim=32, image_size=32, patch_size=8)
   root = write_openshape_layout(

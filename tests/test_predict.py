@@ -14,12 +14,12 @@ from PIL import Image
 from transformers import CLIPModel
 
 from cg3d_jax import predict, trained
+from cg3d_jax.clip.loaded_clip import tokenize
 from cg3d_jax.data import ply_files, point_files
 from cg3d_jax.errors import BadInputError
 from cg3d_jax.evaluators import prediction
 from cg3d_jax.models.point_ops import sample_points
 from cg3d_jax.twins.prompted_clip import torch_prompted_image_features
-from cg3d_jax.weights.hf_clip import tokenize
 from tests.conftest import run_command
 
 LABELS = ['owl', 'chicken', 'penguin']

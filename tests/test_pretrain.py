@@ -10,10 +10,10 @@ import pytest
 
 from cg3d_jax import sharding
 from cg3d_jax.checkpoints import Checkpointer
+from cg3d_jax.clip.hf_clip import load_transformers_clip
 from cg3d_jax.data import builders, pipeline
 from cg3d_jax.training import pretrain
 from cg3d_jax.training.pretrain_step import ENCODER, PROMPTS, jit_train_step
-from cg3d_jax.weights.hf_clip import load_transformers_clip
 from tests.conftest import tiny_config
 
 

@@ -18,14 +18,16 @@ import pytest
 import torch
 
 from cg3d_jax import evaluate, predict, trained
+from cg3d_jax.clip import slip
+from cg3d_jax.clip.loaded_clip import CLIPLoadError, tokenize
+from cg3d_jax.clip.loading import load_clip
 from cg3d_jax.errors import InputError
 from cg3d_jax.export import main as export_main
 from cg3d_jax.models.clip import CLIP
 from cg3d_jax.models.point_transformer import PointTransformer
 from cg3d_jax.synthetic import random_clip
 from cg3d_jax.training import pretrain
-from cg3d_jax.weights import cg3d_pth, clip_files, slip, torch_io
-from cg3d_jax.weights.hf_clip import CLIPLoadError, tokenize
+from cg3d_jax.weights import cg3d_pth, torch_io
 from tests import slip_reference
 from tests.conftest import modelnet_root, run_command, tiny_config
 
@@ -69,7 +71,7 @@ def _compare_towers(loaded, reference, image_size, texts):
 
 def test_small_slip_matches_the_reference(small_slip):
   path, reference = small_slip
-  loaded = clip_files.load_clip(path, prompt_mode='none')
+  loaded = load_clip(path, prompt_mode='none')
   assert loaded.kind == 'slip' and not loaded.spec.vision_pre_norm and loaded.spec.patch_bias
   assert (loaded.spec.vision_activation, loaded.spec.vision_layer_norm_eps) == ('gelu', 1e-6)
   assert (loaded.spec.text_activation, loaded.spec.text_layer_norm_eps) == ('quick_gelu', 1e-5)
@@ -81,7 +83,7 @@ def test_small_slip_matches_the_reference(small_slip):
 @pytest.mark.parametrize('mode', ['deep', 'shallow'])
 def test_prompted_tower_matches_vpt_deep_reference(small_slip, mode):
   path, reference = small_slip
-  loaded = clip_files.load_clip(path, prompt_mode=mode, num_prompts=3, seed=5)
+  loaded = load_clip(path, prompt_mode=mode, num_prompts=3, seed=5)
   tokens = np.array(loaded.params['prompts']['tokens'])
   assert tokens.shape == ((2 if mode == 'deep' else 1), 3, 128)
   pixels = _images(2, SMALL['image_size'], seed=1)
@@ -106,7 +108,7 @@ def test_real_vit_b16_shapes_match_the_reference(tmp_path):
   sizes.pop('vision_heads')
   state = random_clip.slip_state_dict(seed=2, **sizes)
   path = random_clip.write_slip_checkpoint(tmp_path / 'slip_base_100ep.pt', state)
-  loaded = clip_files.load_clip(path, prompt_mode='none')
+  loaded = load_clip(path, prompt_mode='none')
   spec = loaded.spec
   assert (spec.vision_width, spec.vision_layers, spec.vision_heads, spec.image_size, spec.patch_size) == (
     768,
@@ -199,11 +201,11 @@ def test_bad_slip_files_are_refused_in_one_line(small_slip, tmp_path):
   }
   for name, (container, message) in cases.items():
     with pytest.raises(CLIPLoadError, match=message) as err:
-      clip_files.load_clip(write(name, container), prompt_mode='none')
+      load_clip(write(name, container), prompt_mode='none')
     assert '\n' not in str(err.value), name
   (tmp_path / 'text.pt').write_text('not a checkpoint')
   with pytest.raises(CLIPLoadError, match='text.pt: not a SLIP checkpoint: the file is text'):
-    clip_files.load_clip(tmp_path / 'text.pt')
+    load_clip(tmp_path / 'text.pt')
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -381,7 +383,7 @@ def test_demo_assets_can_write_a_random_slip(tmp_path):
   config.demo.synthetic.update(dict(num_train_per_class=1, num_test_per_class=1, num_points=64, image_size=32))
   assets = demo_assets.write(tmp_path / 'assets', config.demo)
   assert assets.clip_path.endswith('slip.pt')
-  loaded = clip_files.load_clip(assets.clip_path, prompt_mode='deep', num_prompts=5)
+  loaded = load_clip(assets.clip_path, prompt_mode='deep', num_prompts=5)
   assert loaded.kind == 'slip' and loaded.spec.projection_dim == config.model.embed_dim
   assert (loaded.spec.vision_width, loaded.spec.image_size) == (
     config.demo.clip.vision_width,

@@ -31,7 +31,9 @@ import optax
 import pytest
 import torch
 
-from cg3d_jax.data import builders, templates
+from cg3d_jax.clip import templates
+from cg3d_jax.clip.loaded_clip import tokenize
+from cg3d_jax.data import builders
 from cg3d_jax.models.cg3d import CG3D
 from cg3d_jax.synthetic import random_clip
 from cg3d_jax.training import optim, pretrain
@@ -40,7 +42,6 @@ from cg3d_jax.trees import unstack_layers
 from cg3d_jax.twins.point_transformer import PointTransformerProject
 from cg3d_jax.twins.prompted_clip import torch_prompted_image_features
 from cg3d_jax.weights import torch_io
-from cg3d_jax.weights.hf_clip import tokenize
 from tests import numpy_transforms
 from tests.conftest import NEAR_TIE, TINY_CLIP, grouping_margin, tiny_config
 from tests.torch_reference_step import PARITY_ENCODER_OPTIM, PARITY_PROMPT_OPTIM, ReferenceStep

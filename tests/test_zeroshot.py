@@ -17,14 +17,15 @@ import torch
 from PIL import Image
 
 from cg3d_jax import evaluate, sharding, trained
+from cg3d_jax.clip import templates as template_sets
+from cg3d_jax.clip.hf_clip import load_transformers_clip
+from cg3d_jax.clip.loaded_clip import tokenize
 from cg3d_jax.configs import retrieval_shapenet55, zeroshot_modelnet40
 from cg3d_jax.data import builders, host_batches, pipeline
-from cg3d_jax.data import templates as template_sets
 from cg3d_jax.evaluators import metrics, retrieval, zeroshot
 from cg3d_jax.models.cg3d import CG3D
 from cg3d_jax.models.layers import l2_normalize
 from cg3d_jax.models.point_ops import sample_points
-from cg3d_jax.weights.hf_clip import load_transformers_clip, tokenize
 from tests.conftest import assert_no_near_ties, modelnet_root, run_command
 
 

@@ -24,19 +24,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from cg3d_jax import sharding
-from cg3d_jax.data import templates as template_sets
+from cg3d_jax.clip import templates as template_sets
+from cg3d_jax.clip.loaded_clip import tokenize
 from cg3d_jax.evaluators import evaluator, metrics
 from cg3d_jax.models.cg3d import CG3D
 from cg3d_jax.models.clip import CLIP
 from cg3d_jax.models.point_ops import sample_points
-from cg3d_jax.weights.hf_clip import tokenize
 
 TEXT_CHUNK = 256  # captions per text-tower call; the last chunk is padded so one compiled shape serves all
 DEFAULT_KS = (1, 3, 5)
 
 
 def resolve_templates(spec: str | Sequence[str]) -> tuple[str, ...]:
-  """A template set name (see cg3d_jax.data.templates) or a sequence of templates, each with exactly one `{}`."""
+  """A template set name (see cg3d_jax.clip.templates) or a sequence of templates, each with exactly one `{}`."""
   if isinstance(spec, str):
     return template_sets.get_templates(spec)
   spec = tuple(spec)

@@ -2,8 +2,8 @@
 
 The towers reproduce transformers' PyTorch CLIP operation by operation (pre-LayerNorm in the vision tower, the
 activation the config names, causal text mask, end-of-text pooling by the rule the config implies, projections
-without bias), so that a checkpoint converted by `cg3d_jax.weights.hf_clip` gives the same embeddings. The same
-module is SLIP's CLIP (timm's ViT image tower, OpenAI's text tower; `cg3d_jax.weights.slip`) through the spec's
+without bias), so that a checkpoint converted by `cg3d_jax.clip.hf_clip` gives the same embeddings. The same
+module is SLIP's CLIP (timm's ViT image tower, OpenAI's text tower; `cg3d_jax.clip.slip`) through the spec's
 switches: no pre-LayerNorm, a patch bias, exact GELU and eps 1e-6 in the image tower.
 
 Visual prompt tuning as CG3D does it (its timm `VisionTransformerPromptDeep`): `n` prompt tokens go right after the

@@ -1,7 +1,7 @@
 """Random CLIPs in the real formats, for tests, demos, benchmarks: a transformers CLIP folder, a SLIP checkpoint file.
 
 The folder has the same layout as a real one (config.json, model.safetensors from `CLIPModel.save_pretrained`,
-tokenizer files built from OpenAI's BPE file as OpenAI CLIP builds them (weights/bpe.py), preprocessor_config.json);
+tokenizer files built from OpenAI's BPE file as OpenAI CLIP builds them (clip/bpe.py), preprocessor_config.json);
 the SLIP file is what SLIP's main.py saves. Everything downstream runs the real loading code path.
 """
 
@@ -12,7 +12,7 @@ import shutil
 import tempfile
 
 from cg3d_jax import assets
-from cg3d_jax.weights.bpe import START_OF_TEXT, read_bpe
+from cg3d_jax.clip.bpe import START_OF_TEXT, read_bpe
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -287,5 +287,5 @@ def write_slip_checkpoint(path, state_dict, *, model: str = 'SLIP_VITB16', epoch
 
 def write_random_slip(path, *, seed: int = 0, **sizes) -> str:
   """A random SLIP checkpoint file (small by default; `**SLIP_VIT_B16` for the real shapes)."""
-  sizes.pop('vision_heads', None)  # implied by the width (weights.slip.VISION_HEADS)
+  sizes.pop('vision_heads', None)  # implied by the width (clip.slip.VISION_HEADS)
   return write_slip_checkpoint(path, slip_state_dict(seed=seed, **sizes))

@@ -17,15 +17,16 @@ from absl import logging
 
 from cg3d_jax import sharding, step_cost
 from cg3d_jax.checkpoints import Checkpointer
-from cg3d_jax.data import host_batches, openshape_stream, templates
+from cg3d_jax.clip import templates
+from cg3d_jax.clip.loaded_clip import tokenize
+from cg3d_jax.clip.loading import load_clip
+from cg3d_jax.data import host_batches, openshape_stream
 from cg3d_jax.errors import ConfigError
 from cg3d_jax.evaluators import evaluation_sets
 from cg3d_jax.evaluators.zeroshot import ZeroShotEvaluator
 from cg3d_jax.models.cg3d import CG3D, build_encoder
 from cg3d_jax.training import common, optim
 from cg3d_jax.training.pretrain_step import ENCODER, PROMPTS, jit_features_train_step, jit_train_step, merge_clip
-from cg3d_jax.weights.clip_files import load_clip
-from cg3d_jax.weights.hf_clip import tokenize
 
 OPENSHAPE = 'openshape'  # config.data.name of OpenShape's layout (stored CLIP features)
 

@@ -341,6 +341,40 @@ def _model_for(path, encoder: str, state_dict, config: Mapping[str, Any] | None,
     raise CheckpointFormatError(path, f'base_model is not a usable {encoder} state dict: {err}') from None
 
 
+def sized_encoder(model_config, state_dict: Mapping[str, Any]):
+  """The encoder as `model_config` sizes it, with the projection and head sizes the state dict holds."""
+  from cg3d_jax.models.point_transformer import PointTransformer
+  from cg3d_jax.models.pointmlp import PointMLP
+
+  projection = state_dict.get('projection.weight')
+  if model_config.encoder == POINT_TRANSFORMER:
+    model = PointTransformer.from_config(model_config)
+    hidden, head = state_dict.get('cls_head_finetune.0.weight'), state_dict.get('cls_head_finetune.3.weight')
+    model = model.clone(
+      num_classes=None if head is None else int(head.shape[0]),
+      head_hidden=model.head_hidden if hidden is None else int(hidden.shape[0]),
+    )
+    return model if projection is None else model.clone(embed_dim=int(projection.shape[0]))
+  model = PointMLP.from_config(model_config)
+  return model if projection is None else model.clone(projection_dim=int(projection.shape[0]))
+
+
+def has_classification_head(container: Mapping[str, Any]) -> bool:
+  """Whether the container's Point-BERT encoder carries the `cls_head_finetune` the original builds (its strict load
+  reports it missing otherwise)."""
+  return 'cls_head_finetune.0.weight' in container['base_model']
+
+
+def describe_visual(container: Mapping[str, Any]) -> str:
+  """What the container's visual_clip_model holds, for the export's closing line."""
+  visual = container.get('visual_clip_model')
+  if not visual:
+    return 'none'
+  prompts = [k for k in visual if k.endswith(PROMPT_KEY)]
+  frozen = len(visual) - len(prompts)
+  return ', '.join(prompts) + (f' and the {frozen} frozen SLIP image-tower tensors' if frozen else '')
+
+
 def prompts_from_torch(path, visual: Mapping[str, Any] | None) -> tuple[np.ndarray | None, str]:
   """The original prompted ViT's parameters -> ((layers or 1, n, width) float32 tokens or None, prompt mode)."""
   if not visual or PROMPT_KEY not in visual:
@@ -370,13 +404,15 @@ def _numpy(value) -> np.ndarray:
   return value.astype(np.float32)
 
 
-def load_cg3d_checkpoint(path, model=None):
+def load_cg3d_checkpoint(path, model=None, model_config=None):
   """An original CG3D `.pth` or an exported `.pth` / `.safetensors` -> Flax variables.
 
   Returns (encoder name ('point_transformer' or 'pointmlp'), params, batch_stats, prompts or None, info).
   prompts: (layers, n, width) for deep prompts, (1, n, width) for shallow ones, as `params['prompts']['tokens']`.
   model: the Flax encoder to check shapes against; default the one in the file's saved config, else one sized
     from the weights with CG3D's values for what weights do not record (listed in info['assumed']).
+  model_config: a config.model that sizes the encoder instead (a fine-tuning run's), with the projection and head
+    sizes the file holds.
   info: {'path', 'format', 'model' (the Flax encoder), 'epoch', 'step', 'metrics', 'best_metrics', 'config' (plain
     dict or None), 'prompt_mode', 'num_batches_tracked', 'ignored_visual_keys', 'assumed', 'frozen_visual' (the
     frozen SLIP image tower the original saves beside the prompts, timm names -> float32 arrays, or None)}.
@@ -391,6 +427,8 @@ def load_cg3d_checkpoint(path, model=None):
   encoder = detect_encoder(path, state_dict)
   config = container.get('config') or None
   assumed: list[str] = []
+  if model is None and model_config is not None:
+    model = sized_encoder(model_config, state_dict)
   if model is None:
     model = _model_for(path, encoder, state_dict, config, assumed)
   try:

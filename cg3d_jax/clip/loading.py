@@ -6,8 +6,8 @@ import pathlib
 
 import jax.numpy as jnp
 
-from cg3d_jax.weights import hf_clip, slip
-from cg3d_jax.weights.hf_clip import LoadedCLIP
+from cg3d_jax.clip import hf_clip, slip
+from cg3d_jax.clip.loaded_clip import LoadedCLIP
 
 
 def is_slip_path(path) -> bool:

@@ -34,12 +34,12 @@ from absl import logging
 from PIL import Image
 
 from cg3d_jax import assets
+from cg3d_jax.clip.bpe import END_OF_TEXT, START_OF_TEXT, read_bpe
+from cg3d_jax.clip.loaded_clip import CLIPLoadError, ImagePreprocess, LoadedCLIP, expected_shapes
 from cg3d_jax.errors import BadInputError
 from cg3d_jax.models.clip import CLIP, EOS_POOLING_ARGMAX, CLIPSpec, init_prompts
 from cg3d_jax.trees import flatten, stack_layers, unflatten, unstack_layers
 from cg3d_jax.weights import torch_files
-from cg3d_jax.weights.bpe import END_OF_TEXT, START_OF_TEXT, read_bpe
-from cg3d_jax.weights.hf_clip import CLIPLoadError, ImagePreprocess, LoadedCLIP, expected_shapes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
