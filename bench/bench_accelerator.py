@@ -34,8 +34,8 @@ from cg3d_jax import step_cost  # noqa: E402
 from cg3d_jax.configs import pretrain_pointbert  # noqa: E402
 from cg3d_jax.models import point_ops  # noqa: E402
 from cg3d_jax.synthetic import random_clip  # noqa: E402
-from cg3d_jax.training import pretrain  # noqa: E402
 from cg3d_jax.training.pretrain_step import ENCODER, PROMPTS, jit_train_step  # noqa: E402
+from cg3d_jax.training.recipes import cg3d  # noqa: E402
 
 VARIANTS = {  # name -> (compute dtype, remat policy: models/layers.REMAT_POLICIES)
   'fp32': ('float32', 'none'),
@@ -98,7 +98,7 @@ def _batch(args, setup, num_stored: int):
 def bench_jax_step(args, clip_folder: str, name: str, devices) -> dict:
   dtype, remat = VARIANTS[name]
   config = _config(args, clip_folder, dtype, remat)
-  setup = pretrain.build_setup(config, train_classes=['chair'], steps_per_epoch=1000, devices=devices)
+  setup = cg3d.build_setup(config, train_classes=['chair'], steps_per_epoch=1000, devices=devices)
   batch = jax.device_put(_batch(args, setup, 8192 if not args.small else 1024), setup.shardings['batch'])
   step = jit_train_step(
     setup.model,

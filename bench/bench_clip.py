@@ -158,14 +158,14 @@ def main(argv=None):
 
 def _slip(path):
   """SLIP ViT-B/16 in JAX and timm's ViT with CG3D's prompted forward in PyTorch, from one (random) SLIP file."""
-  from cg3d_jax.clip import loading
+  from cg3d_jax.clip import loaded_clip
   from tests import slip_reference
 
   with tempfile.TemporaryDirectory() as tmp:
     sizes = {k: v for k, v in random_clip.SLIP_VIT_B16.items() if k != 'vision_heads'}
     state = random_clip.slip_state_dict(seed=0, **sizes)
     path = path or random_clip.write_slip_checkpoint(os.path.join(tmp, 'slip_base.pt'), state)
-    loaded = loading.load_clip(path, prompt_mode='deep', num_prompts=5)
+    loaded = loaded_clip.load_clip(path, prompt_mode='deep', num_prompts=5)
   reference = slip_reference.SLIPCLIP(vision_heads=12, **sizes).eval()
   reference.load_state_dict(state, strict=True)
 

@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 from bench import load  # noqa: E402
 from cg3d_jax.configs import pretrain_openshape, pretrain_pointbert  # noqa: E402
 from cg3d_jax.synthetic import random_clip  # noqa: E402
-from cg3d_jax.training import pretrain  # noqa: E402
 from cg3d_jax.training.pretrain_step import ENCODER, PROMPTS, jit_features_train_step, jit_train_step  # noqa: E402
+from cg3d_jax.training.recipes import cg3d, stored_features  # noqa: E402
 
 
 def _timed(fn, *args):
@@ -38,7 +38,7 @@ def _timed(fn, *args):
 
 
 def feature_step(config, batch_size: int, feature_dim: int, channels: int, stored_points: int, rng):
-  setup = pretrain.build_features_setup(
+  setup = stored_features.build_features_setup(
     config, feature_dim=feature_dim, steps_per_epoch=1000, devices=jax.devices()[:1]
   )
   step = jit_features_train_step(
@@ -79,7 +79,7 @@ def main(argv=None):
   config.mesh.data = 1
   with tempfile.TemporaryDirectory() as tmp:
     config.clip.path = random_clip.write_random_clip(os.path.join(tmp, 'clip_b16'), seed=0, **random_clip.VIT_B16)
-    setup = pretrain.build_setup(config, train_classes=['chair'], steps_per_epoch=1000, devices=jax.devices()[:1])
+    setup = cg3d.build_setup(config, train_classes=['chair'], steps_per_epoch=1000, devices=jax.devices()[:1])
   size = setup.clip.spec.image_size
   points = rng.normal(size=(args.batch, 8192, 3)).astype(np.float32)
   points /= np.linalg.norm(points, axis=-1, keepdims=True)

@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from bench import load  # noqa: E402
 from cg3d_jax.configs import finetune_modelnet40  # noqa: E402
-from cg3d_jax.data.transforms import fps_count  # noqa: E402
+from cg3d_jax.data.device_transforms import fps_count  # noqa: E402
 from cg3d_jax.evaluators.classification import make_predict  # noqa: E402
 from cg3d_jax.models.classifiers import build_classifier, init_variables  # noqa: E402
 from cg3d_jax.training import finetune, optim  # noqa: E402

@@ -79,15 +79,15 @@ def flops_per_sample(which: str) -> float:
 
   from cg3d_jax.configs import pretrain_openshape, pretrain_pointbert
   from cg3d_jax.synthetic import random_clip
-  from cg3d_jax.training import pretrain
   from cg3d_jax.training.pretrain_step import ENCODER, PROMPTS, jit_features_train_step, jit_train_step
+  from cg3d_jax.training.recipes import cg3d, stored_features
 
   devices = jax.devices()[:1]
   rng = np.random.default_rng(0)
   if which == 'openshape':
     config = pretrain_openshape.get_config()
     config.train.batch_size, config.mesh.data = 2, 1
-    setup = pretrain.build_features_setup(config, feature_dim=1280, steps_per_epoch=1000, devices=devices)
+    setup = stored_features.build_features_setup(config, feature_dim=1280, steps_per_epoch=1000, devices=devices)
     step = jit_features_train_step(
       setup.model, setup.tx, state_shardings=setup.shardings['state'], batch_shardings=setup.shardings['batch']
     )
@@ -103,7 +103,7 @@ def flops_per_sample(which: str) -> float:
     config.train.batch_size, config.mesh.data = 2, 1
     with tempfile.TemporaryDirectory() as tmp:
       config.clip.path = random_clip.write_random_clip(os.path.join(tmp, 'clip'), seed=0, **random_clip.VIT_B16)
-      setup = pretrain.build_setup(config, train_classes=['chair'], steps_per_epoch=1000, devices=devices)
+      setup = cg3d.build_setup(config, train_classes=['chair'], steps_per_epoch=1000, devices=devices)
     step = jit_train_step(
       setup.model,
       setup.tx,

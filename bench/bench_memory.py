@@ -36,8 +36,8 @@ from cg3d_jax import sharding, step_cost  # noqa: E402
 from cg3d_jax.configs import pretrain_pointbert  # noqa: E402
 from cg3d_jax.models.clip import CLIP, CLIPSpec  # noqa: E402
 from cg3d_jax.synthetic import random_clip  # noqa: E402
-from cg3d_jax.training import pretrain  # noqa: E402
 from cg3d_jax.training.pretrain_step import ENCODER, PROMPTS, jit_train_step  # noqa: E402
+from cg3d_jax.training.recipes import cg3d  # noqa: E402
 
 GIB = 2.0**30
 # OpenAI ViT-L/14 and OpenCLIP ViT-bigG/14 image towers (text towers are not in the step: text features are cached).
@@ -95,7 +95,7 @@ def _row(name, cost, dtype, devices, **extra) -> dict:
 def compile_cg3d_step(config, batch: int, devices: int):
   """(StepCost of the joint training step of `config` compiled for the first `devices` devices, trace + lower +
   compile seconds); nothing runs, the batch is abstract."""
-  setup = pretrain.build_setup(config, train_classes=['chair'], steps_per_epoch=1000, devices=jax.devices()[:devices])
+  setup = cg3d.build_setup(config, train_classes=['chair'], steps_per_epoch=1000, devices=jax.devices()[:devices])
   size = setup.clip.spec.image_size
   shard = setup.shardings['batch']
   batch_shapes = {

@@ -4,7 +4,7 @@
   python bench/bench_scenes.py --checkpoint /tmp/cg3d_demo --points_per_m2 8600 --floor 10 10 --radius 0.6
 
 What is measured:
-  scene     a procedural room (cg3d_jax/data/synthetic_rooms.py, all 13 families on a --floor metres floor at
+  scene     a procedural room (cg3d_jax/synthetic/rooms.py, all 13 families on a --floor metres floor at
             --points_per_m2) written in the S3DIS layout: ~1 M points at the defaults; reading its room .txt;
   regions   cg3d_jax.eval.regions.split_regions (--radius 0.6 m for these objects, recentred copies);
   encoder   regions/s of queries.RegionEmbedder (FPS stored -> 1024 on device, the real-config PointTransformer,
@@ -30,8 +30,9 @@ from bench import load  # noqa: E402
 from cg3d_jax import sharding  # noqa: E402
 from cg3d_jax.models.cg3d import CG3D  # noqa: E402
 from cg3d_jax.models.point_transformer import PointTransformer  # noqa: E402
-from cg3d_jax.scenes import queries, s3dis, synthetic_rooms  # noqa: E402
+from cg3d_jax.scenes import queries, s3dis  # noqa: E402
 from cg3d_jax.scenes import regions as scene_regions  # noqa: E402
+from cg3d_jax.synthetic import rooms  # noqa: E402
 
 
 def timed(fn, *args, **kwargs):
@@ -55,10 +56,10 @@ def main():
   work = args.workdir or tempfile.mkdtemp(prefix='bench_scenes_')
   print(f'devices: {jax.devices()}')
 
-  settings = synthetic_rooms.SceneSettings(
+  settings = rooms.SceneSettings(
     num_rooms=1, objects_per_room=13, floor_size=tuple(args.floor), points_per_m2=args.points_per_m2, min_gap=0.2
   )
-  _, write_s = timed(synthetic_rooms.ensure_synthetic_scenes, work, settings)
+  _, write_s = timed(rooms.ensure_synthetic_scenes, work, settings)
   room = s3dis.list_rooms(work, [settings.area])[0]
   (xyz, rgb), read_s = timed(s3dis.read_room_cloud, room)
   print(f'scene: {xyz.shape[0]:,} points ({room}); written in {write_s:.1f} s, read in {read_s:.1f} s')

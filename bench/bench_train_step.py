@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT / 'bench'))
 from cg3d_jax import step_cost  # noqa: E402
 from cg3d_jax.configs import pretrain_pointbert  # noqa: E402
 from cg3d_jax.synthetic import random_clip  # noqa: E402
-from cg3d_jax.training import pretrain  # noqa: E402
 from cg3d_jax.training.pretrain_step import ENCODER, PROMPTS, jit_train_step  # noqa: E402
+from cg3d_jax.training.recipes import cg3d  # noqa: E402
 from cg3d_jax.twins.point_transformer import PointTransformerProject, torch_farthest_point_sample, torch_gather_points  # noqa: E402,E501
 from cg3d_jax.twins.prompted_clip import torch_prompted_image_features  # noqa: E402
 
@@ -114,7 +114,7 @@ def main(argv=None):
     folder = random_clip.write_random_clip(os.path.join(tmp, 'clip_b16'), seed=0, **random_clip.VIT_B16)
     config.clip.path = folder
     # One class is enough for timing: the step looks text rows up by index whatever the table holds.
-    setup = pretrain.build_setup(config, train_classes=['chair'], steps_per_epoch=1000, devices=jax.devices()[:1])
+    setup = cg3d.build_setup(config, train_classes=['chair'], steps_per_epoch=1000, devices=jax.devices()[:1])
     clip_model = CLIPModel.from_pretrained(folder, local_files_only=True).eval()
 
   rng = np.random.default_rng(0)

@@ -206,8 +206,7 @@ def check_encoders(sizes) -> list[dict]:
   from cg3d_jax.models.pointmlp import PointMLP
   from cg3d_jax.twins.point_transformer import PointTransformerProject
   from cg3d_jax.twins.pointmlp import PointMLPProject
-  from cg3d_jax.weights.torch_io import point_transformer_from_torch
-  from cg3d_jax.weights.torch_io_pointmlp import pointmlp_from_torch
+  from cg3d_jax.weights.torch_io import point_transformer_from_torch, pointmlp_from_torch
 
   torch.manual_seed(0)
   rng = np.random.default_rng(1)
@@ -242,8 +241,8 @@ def check_step(clip_dir: str) -> list[dict]:
   from cg3d_jax.clip import templates
   from cg3d_jax.clip.loaded_clip import tokenize
   from cg3d_jax.configs import pretrain_pointbert
-  from cg3d_jax.training import pretrain
   from cg3d_jax.training.pretrain_step import ENCODER, PROMPTS, train_step
+  from cg3d_jax.training.recipes import cg3d
   from cg3d_jax.twins import verify
   from cg3d_jax.twins.prompted_clip import torch_prompted_image_features
   from cg3d_jax.weights import cg3d_pth, torch_io
@@ -260,7 +259,7 @@ def check_step(clip_dir: str) -> list[dict]:
   config.train.encoder_optim.update(PARITY_ENCODER_OPTIM)
   config.train.prompt_optim.update(PARITY_PROMPT_OPTIM)
   classes = ['airplane', 'bathtub', 'bed', 'bench', 'bookshelf', 'bottle', 'bowl', 'car']
-  setup = pretrain.build_setup(config, train_classes=classes, steps_per_epoch=1, devices=jax.devices()[:1])
+  setup = cg3d.build_setup(config, train_classes=classes, steps_per_epoch=1, devices=jax.devices()[:1])
   rng = np.random.default_rng(2)
   size = setup.clip.spec.image_size
   points = rng.normal(size=(8, 64, 3)).astype(np.float32)

@@ -57,14 +57,14 @@ def resolve_format(out: pathlib.Path, fmt: str | None) -> str:
 
 def _frozen_visual(trained):
   """A run on SLIP exports its frozen image tower beside the prompts, as the original saves `visual_clip_model`."""
-  from cg3d_jax.clip import loading, slip
+  from cg3d_jax.clip import loaded_clip, slip
 
   if trained.frozen_visual:  # re-exporting an original .pth
     return trained.frozen_visual
   path = trained.config.get('clip', {}).get('path')
   if trained.prompts is None or not path:
     return None
-  if not loading.is_slip_path(path):
+  if not loaded_clip.is_slip_path(path):
     if not pathlib.Path(path).is_dir():
       raise InputError(
         f'{trained.source} was trained with the CLIP at {path}, which is not here: the export needs '

@@ -4,7 +4,8 @@
       [--images a.jpg,b.jpg,c.jpg] [--templates ulip] [--json out.json]
 
 Points: PLY (ASCII or binary; meshes are sampled on their surface), NPY, OFF (surface-sampled) or TXT/XYZ/CSV
-(see cg3d_jax/data/point_files.py). How the cloud is prepared and the labels ranked: cg3d_jax/evaluators/prediction.py.
+(see cg3d_jax/data/formats/point_files.py). How the cloud is prepared and the labels ranked:
+cg3d_jax/evaluators/prediction.py.
 """
 
 import os

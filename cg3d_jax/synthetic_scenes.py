@@ -1,15 +1,15 @@
 """Write procedural rooms in the S3DIS layout: `python -m cg3d_jax.synthetic_scenes --root DIR`.
 
-The rooms the demo queries and the scene tests read (cg3d_jax/scenes/synthetic_rooms.py says what they hold).
+The rooms the demo queries and the scene tests read (cg3d_jax/synthetic/rooms.py says what they hold).
 """
 
 from absl import flags
 
 from cg3d_jax import cli
 from cg3d_jax.errors import InputError
-from cg3d_jax.scenes import synthetic_rooms
+from cg3d_jax.synthetic import rooms
 
-_DEFAULTS = synthetic_rooms.SceneSettings()
+_DEFAULTS = rooms.SceneSettings()
 ROOT = cli.root_flag()  # receives Stanford3dDataset_v1.2_Aligned_Version/
 SEED = cli.seed_flag()
 AREA = flags.DEFINE_integer('area', _DEFAULTS.area, 'Area number of the rooms.')
@@ -33,7 +33,7 @@ def main(argv):
     floor = ()
   if len(floor) != 2:
     raise InputError(f'--floor_size {",".join(FLOOR_SIZE.value)!r}: expected two numbers X,Y in metres')
-  settings = synthetic_rooms.SceneSettings(
+  settings = rooms.SceneSettings(
     seed=SEED.value,
     area=AREA.value,
     num_rooms=NUM_ROOMS.value,
@@ -41,8 +41,8 @@ def main(argv):
     floor_size=floor,
     points_per_m2=POINTS_PER_M2.value,
   )
-  area = synthetic_rooms.ensure_synthetic_scenes(root, settings)
-  for room, classes in synthetic_rooms.scene_classes(root).items():
+  area = rooms.ensure_synthetic_scenes(root, settings)
+  for room, classes in rooms.scene_classes(root).items():
     print(f'{area / room}: {", ".join(classes)}')
 
 

@@ -19,8 +19,7 @@ import ml_collections
 import numpy as np
 
 from cg3d_jax import checkpoints, trees
-from cg3d_jax.clip.loaded_clip import LoadedCLIP
-from cg3d_jax.clip.loading import load_clip
+from cg3d_jax.clip.loaded_clip import LoadedCLIP, load_clip
 from cg3d_jax.errors import InputError
 from cg3d_jax.models.cg3d import CG3D, build_encoder
 from cg3d_jax.models.classifiers import build_classifier

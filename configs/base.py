@@ -115,7 +115,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval.split = 'test'
   c.eval.max_examples = 3000  # the original validates on the first 3,000 ShapeNet-55 test shapes
   c.eval.batch_size = 64
-  c.eval.templates = 'cg3d_zeroshot'
+  c.eval.templates = 'cg3d_zeroshot'  # a set of cg3d_jax.clip.templates ('cg3d_zeroshot', 'ulip', 'cg3d', ...)
+  # How the class weights are made (evaluators/zeroshot.py): 'templates' (eval.templates over the class names through
+  # the CLIP text tower), 'names' (the bare names) or 'precomputed' (a layout's stored class-name features).
+  c.eval.prompts = 'templates'
+  c.eval.name_style = 'raw'  # 'raw' (as stored, CG3D) or 'words' (ULIP's spellings, underscores to spaces)
+  # False reproduces the original CG3D evaluation, whose text features were never L2-normalised: classes with
+  # longer text features then score higher. Keep True (cosine similarity) except to reproduce published numbers.
+  c.eval.normalize_text = True
+  c.eval.ks = (1, 3, 5)  # top-k accuracies reported
 
   # Device mesh: -1 takes the devices left over. Batches shard over data x fsdp; big frozen matrices over fsdp.
   # min_fsdp_size: arrays with fewer elements stay replicated (the all-gather would cost more than it saves).

@@ -4,7 +4,7 @@ CLIP features OpenShape stores (OpenCLIP ViT-bigG-14, 1280-d): no CLIP tower run
   python -m cg3d_jax.train --config pretrain_openshape --workdir gs://bucket/run \
       --config.data.manual_dir=/data/openshape
 
-The data decides the recipe (config.data.name = 'openshape', training/pretrain.py's features_recipe). Per sample,
+The data decides the recipe (config.data.name = 'openshape': training/recipes/stored_features.py). Per sample,
 OpenShape's rules (cg3d_jax/data/openshape.py): 10,000 points, y/z swap, unit sphere, dropout/scale/shift/jitter,
 full z rotation, rgb dropped to 0.4 with p 0.5; one text target drawn among name / caption / retrieval text, one
 image target among thumbnail / views. Loss: point<->text (samples with a text) + point<->image InfoNCE over the

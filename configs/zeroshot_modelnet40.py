@@ -30,12 +30,7 @@ def zeroshot_config(dataset: str, num_stored_points: int, arg=None):
   # Clouds keep their first num_stored_points points, are centred and scaled to the unit sphere, then FPS on device
   # picks the encoder's N points. 8192 is Point-BERT's ModelNet setting; 10000 uses every point of a ModelNet file.
   c.eval.num_stored_points = num_stored_points
-  c.eval.templates = 'cg3d_zeroshot'  # a set of cg3d_jax.clip.templates ('cg3d_zeroshot', 'ulip', 'cg3d', ...)
-  c.eval.name_style = 'raw'  # 'raw' (as stored, CG3D) or 'words' (ULIP's spellings, underscores to spaces)
-  # False reproduces the original CG3D evaluation, whose text features were never L2-normalised: classes with
-  # longer text features then score higher. Keep True (cosine similarity) except to reproduce published numbers.
-  c.eval.normalize_text = True
-  c.eval.ks = (1, 3, 5)
+  # The prompts (eval.templates, name_style, normalize_text, ks) keep base.py's CG3D settings unless arg says.
   c.eval.step = config_dict.placeholder(int)  # checkpoint step to read; None: the newest
   if arg in (None, ''):
     pass

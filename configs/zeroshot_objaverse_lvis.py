@@ -18,7 +18,7 @@ from cg3d_jax.configs import base
 
 
 def layout_eval(c, dataset: str):
-  """The config.eval block of a set in OpenShape's (or Uni3D's) layout (cg3d_jax/evaluators/evaluation_sets.py)."""
+  """The config.eval block of a set in OpenShape's (or Uni3D's) layout (cg3d_jax/data/sources/openshape_layout.py)."""
   c.eval.task = 'zeroshot'
   c.eval.dataset = dataset  # objaverse_lvis | modelnet40_openshape | scanobjectnn_openshape
   c.eval.layout = 'openshape'  # objaverse_lvis only: 'openshape' (lvis.json) or 'uni3d' (lvis_testset.txt)
@@ -26,14 +26,12 @@ def layout_eval(c, dataset: str):
   c.eval.list_file = config_dict.placeholder(str)  # Uni3D's lvis_testset.txt (default: <manual_dir>/lvis_testset.txt)
   c.eval.prompts = 'precomputed'  # 'precomputed' (the layout's features), 'names' or 'templates' (through a CLIP)
   c.eval.templates = 'ulip'  # with prompts='templates': the 64 modelnet40_64 templates of ULIP-2 / Uni3D
-  c.eval.name_style = 'raw'  # names as stored ('raw') or as words ('words'), with prompts names/templates
   c.eval.y_up = config_dict.placeholder(bool)  # None: the layout's convention (OpenShape swaps y/z, Uni3D does not)
   c.eval.use_color = True  # xyz + rgb (the encoder's in_channels must be 6); False: xyz only
   c.eval.num_stored_points = 10000  # points drawn per cloud (OpenShape's 10,000); FPS on device to model.num_points
   c.eval.split = 'test'
   c.eval.max_examples = config_dict.placeholder(int)
   c.eval.batch_size = 64
-  c.eval.ks = (1, 3, 5)
   c.eval.step = config_dict.placeholder(int)
   return c
 

@@ -5,7 +5,7 @@ clouds are rows of xyz and rotate as `points @ R`; the "up" axis is y."""
 
 import numpy as np
 
-from cg3d_jax.data.transforms import DROP_FRACTION, JITTER_CLIP, JITTER_SIGMA, ROTATION_CLIP, ROTATION_SIGMA
+from cg3d_jax.data.host_transforms import DROP_FRACTION, JITTER_CLIP, JITTER_SIGMA, ROTATION_CLIP, ROTATION_SIGMA
 
 
 def rotation_y_np(angle: float) -> np.ndarray:

@@ -123,6 +123,7 @@ TENSORFLOW_MODULES = {
   'cg3d_jax.data.pipeline',
   'cg3d_jax.data.scanobjectnn',
   'cg3d_jax.data.shapenet55',
+  'cg3d_jax.data.sources.tfds_layout',
   'cg3d_jax.data.tf_transforms',
   'cg3d_jax.training.finetune',
   'bench.bench_pipeline',
@@ -159,7 +160,7 @@ def test_every_module_imports_in_one_process_and_tensorflow_only_where_tfds_is_r
   once (cli) or importing both fails; and exactly TENSORFLOW_MODULES fail for want of TensorFlow (the models, the
   training and evaluation steps, the OpenShape stream and evaluation sets, predict, export, query_scene and the
   other benchmarks import without it). Shown to fail with `import tensorflow as tf` put back at the top of
-  data/transforms.py (the training step, the OpenShape stream and ten more modules are then listed)."""
+  data/device_transforms.py (the training step and the modules that import it are then listed)."""
   import json
 
   done = subprocess.run(
@@ -174,7 +175,10 @@ def test_every_module_imports_in_one_process_and_tensorflow_only_where_tfds_is_r
     'cg3d_jax.training.pretrain_step',
     'cg3d_jax.training.pretrain',
     'cg3d_jax.data.openshape_stream',
-    'cg3d_jax.evaluators.evaluation_sets',
+    'cg3d_jax.data.sources.source',
+    'cg3d_jax.data.sources.openshape_layout',
+    'cg3d_jax.training.recipes.recipe',
+    'cg3d_jax.training.recipes.stored_features',
     'cg3d_jax.models.cg3d',
     'bench.bench_accelerator',
   } <= imported

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from cg3d_jax import build_data, evaluate, evaluate_scenes, export, finetune, predict, query_scene, train, trained
-from cg3d_jax.clip.loading import load_clip
+from cg3d_jax.clip.loaded_clip import load_clip
 from cg3d_jax.configs import finetune_modelnet40
-from cg3d_jax.data import ply_files
+from cg3d_jax.data.formats import ply_files
 from cg3d_jax.errors import ConfigError, InputError
 from cg3d_jax.models.point_transformer import PointTransformer
 from cg3d_jax.synthetic import random_clip

@@ -14,7 +14,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from cg3d_jax import build_data
-from cg3d_jax.data import builders, modelnet, readers, scanobjectnn, shapenet55, shapenet55_names
+from cg3d_jax.data import builders, modelnet, scanobjectnn, shapenet55, shapenet55_names
+from cg3d_jax.data.formats import readers
 from tests.conftest import modelnet10_layout, modelnet_root, run_command, write_scanobjectnn_h5
 
 

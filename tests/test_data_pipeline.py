@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from cg3d_jax.configs import base
-from cg3d_jax.data import builders, pipeline, transforms
+from cg3d_jax.data import builders, host_transforms, pipeline
 from cg3d_jax.synthetic import objects, shapes
 from tests.conftest import modelnet_root
 
@@ -58,7 +58,7 @@ def _files(manual):
 def _identify(files, points):
   """Which stored object a resampled, un-augmented cloud came from (its rows are rows of that object)."""
   for key, (_, cloud, _, _) in files.items():
-    ref = transforms.normalize_unit_sphere_np(cloud)
+    ref = host_transforms.normalize_unit_sphere_np(cloud)
     if np.abs(ref - points[0]).max(axis=1).min() < 1e-5 and np.abs(ref - points[1]).max(axis=1).min() < 1e-5:
       return key
   raise AssertionError('cloud matches no stored object')
@@ -104,7 +104,7 @@ def test_synthetic_families_differ_in_geometry(synth):
   assert len(shapes.FAMILIES) >= 10
 
   def describe(cloud):
-    c = transforms.normalize_unit_sphere_np(cloud)
+    c = host_transforms.normalize_unit_sphere_np(cloud)
     d = np.linalg.norm(c[:, None] - c[None], axis=-1)[np.triu_indices(len(c), 1)]
     return np.concatenate(
       [
@@ -272,7 +272,7 @@ def test_eval_pass_in_order_padded_with_mask(synth):
   for i, e in enumerate(order):
     assert rows['label'][i] == e['label']
     # The first 600 points of a 512-point cloud: all 512, then the first 88 again; then centred + unit sphere.
-    expected = transforms.normalize_unit_sphere_np(e['points'][np.arange(600) % 512])
+    expected = host_transforms.normalize_unit_sphere_np(e['points'][np.arange(600) % 512])
     np.testing.assert_allclose(rows['points'][i], expected, atol=1e-6)
     np.testing.assert_allclose(rows['image'][i] * np.array(STD) + np.array(MEAN), e['views'][2] / 255.0, atol=1e-6)
   # Two processes: process p holds rows [t*8 + 4p, t*8 + 4p + 4) of global step t; together they give the same rows.

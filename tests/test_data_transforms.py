@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 
-from cg3d_jax.data import tf_transforms, transforms
+from cg3d_jax.data import device_transforms, host_transforms, tf_transforms
 from tests import numpy_transforms
 
 
@@ -54,7 +54,7 @@ def test_rotation_matrices_match_numpy_and_cg3d_convention():
 
 def test_normalize_unit_sphere_tf_matches_numpy():
   pts = _cloud() * 3 + 5
-  ref = transforms.normalize_unit_sphere_np(pts)
+  ref = host_transforms.normalize_unit_sphere_np(pts)
   got = tf_transforms.tf_normalize_unit_sphere(tf.constant(pts)).numpy()
   np.testing.assert_allclose(got, ref, atol=1e-5)
   np.testing.assert_allclose(np.linalg.norm(ref, axis=1).max(), 1.0, rtol=1e-6)
@@ -97,7 +97,7 @@ def test_rotations_preserve_norms_and_quarter_turns_are_exact():
       np.testing.assert_allclose(out[:, 1], pts[:, 1], atol=1e-5)
     else:  # the small perturbation tilts y too, by at most its three clipped angles
       moved = np.abs(out[:, 1] - pts[:, 1])
-      assert moved.max() > 1e-4 and (moved <= 3 * transforms.ROTATION_CLIP * norms + 1e-5).all()
+      assert moved.max() > 1e-4 and (moved <= 3 * host_transforms.ROTATION_CLIP * norms + 1e-5).all()
   out = _with_flags(pts, [1, 0, 0, 0, 0])
   candidates = [pts @ numpy_transforms.rotation_y_np(k * np.pi / 2) for k in range(4)]
   assert min(np.abs(out - c).max() for c in candidates) < 1e-5
@@ -107,8 +107,8 @@ def test_jitter_and_drop_follow_the_recipe():
   pts = _cloud(4000)
   jittered = _with_flags(pts, [0, 0, 0, 1, 0])
   noise = jittered - pts
-  assert np.abs(noise).max() <= transforms.JITTER_CLIP + 1e-6
-  np.testing.assert_allclose(noise.std(), transforms.JITTER_SIGMA, rtol=0.1)
+  assert np.abs(noise).max() <= host_transforms.JITTER_CLIP + 1e-6
+  np.testing.assert_allclose(noise.std(), host_transforms.JITTER_SIGMA, rtol=0.1)
   dropped = _with_flags(pts, [0, 0, 0, 0, 1])
   zero = (dropped == 0).all(axis=1)
   np.testing.assert_array_equal(dropped[~zero], pts[~zero])
@@ -128,7 +128,7 @@ def test_same_seed_same_augmentation():
 
 
 def test_numpy_reference_augment_keeps_shape_and_norm_scale():
-  pts = transforms.normalize_unit_sphere_np(_cloud())
+  pts = host_transforms.normalize_unit_sphere_np(_cloud())
   out = numpy_transforms.augment_np(np.random.default_rng(0), pts, prob=1.0)
   assert out.shape == pts.shape and out.dtype == np.float32
   assert np.linalg.norm(out, axis=1).max() < 1.1
@@ -137,7 +137,7 @@ def test_numpy_reference_augment_keeps_shape_and_norm_scale():
 def test_scale_and_translate_ranges_and_per_sample_draws():
   # Clouds of two points, 0 and (1, 1, 1): the output holds the translation and scale + translation directly.
   points = jnp.tile(jnp.array([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]), (512, 1, 1))
-  out = np.asarray(jax.jit(transforms.scale_and_translate)(jax.random.key(0), points))
+  out = np.asarray(jax.jit(device_transforms.scale_and_translate)(jax.random.key(0), points))
   shift, scale = out[:, 0], out[:, 1] - out[:, 0]
   assert (np.abs(shift) <= 0.2 + 1e-6).all() and np.abs(shift).max() > 0.18
   assert (scale >= 2 / 3 - 1e-6).all() and (scale <= 1.5 + 1e-6).all()
@@ -174,15 +174,15 @@ def test_augmentation_draws_follow_cg3ds_distributions():
   quarters = np.bincount((angles // (np.pi / 2)).astype(int), minlength=4)
   assert (np.abs(quarters - 1000) < 4 * np.sqrt(1000 * 0.75)).all(), quarters
   tilt = d['angles'].ravel()
-  assert np.abs(tilt).max() <= transforms.ROTATION_CLIP + 1e-7
+  assert np.abs(tilt).max() <= host_transforms.ROTATION_CLIP + 1e-7
   # N(0, 0.06) beyond +-0.18 (3 sigma): 0.27% of 12,000 draws land on the clip; the rest has a 0.06 spread.
-  clipped = np.isclose(np.abs(tilt), transforms.ROTATION_CLIP)
+  clipped = np.isclose(np.abs(tilt), host_transforms.ROTATION_CLIP)
   assert 0.0005 < clipped.mean() < 0.006, clipped.mean()
-  np.testing.assert_allclose(tilt.std(), transforms.ROTATION_SIGMA, rtol=0.05)
+  np.testing.assert_allclose(tilt.std(), host_transforms.ROTATION_SIGMA, rtol=0.05)
   noise = d['noise'].ravel()
-  assert np.abs(noise).max() <= transforms.JITTER_CLIP + 1e-7
-  np.testing.assert_allclose(noise.std(), transforms.JITTER_SIGMA, rtol=0.05)
-  assert d['dropped'].shape == (4000, 16 // transforms.DROP_FRACTION)
+  assert np.abs(noise).max() <= host_transforms.JITTER_CLIP + 1e-7
+  np.testing.assert_allclose(noise.std(), host_transforms.JITTER_SIGMA, rtol=0.05)
+  assert d['dropped'].shape == (4000, 16 // host_transforms.DROP_FRACTION)
 
 
 def test_tf_and_numpy_augmentations_compose_in_the_same_order():

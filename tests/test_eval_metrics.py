@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cg3d_jax.data import point_files
+from cg3d_jax.data.formats import point_files
 from cg3d_jax.evaluators import metrics, reports
 from tests.conftest import assert_no_near_ties
 

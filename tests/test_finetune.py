@@ -20,14 +20,14 @@ import torch
 
 from cg3d_jax import checkpoints, export, finetune, sharding, trained, trees
 from cg3d_jax.configs import finetune_modelnet40
-from cg3d_jax.data import builders, pipeline, transforms
+from cg3d_jax.data import builders, device_transforms, host_transforms, pipeline
 from cg3d_jax.evaluators.classification import ClassificationEvaluator
 from cg3d_jax.models import classifiers
 from cg3d_jax.models.point_ops import sample_points
 from cg3d_jax.models.pointmlp import PointMLP
 from cg3d_jax.training import finetune as ft
 from cg3d_jax.twins import point_transformer as torch_twin
-from cg3d_jax.weights import cg3d_pth, torch_io, torch_io_pointmlp
+from cg3d_jax.weights import cg3d_pth, torch_io
 from tests.conftest import apply_overrides, modelnet_root, run_command
 
 NUM_STORED = 128  # points kept per fixture cloud (the first 128 of 10,000), FPS'd to 64 per step
@@ -195,7 +195,7 @@ def _eval_on(finetuned, config, *, split, votes=1, vote_augment=True):
     mesh=mesh,
     num_classes=40,
     num_points=config.model.num_points,
-    fps_points=transforms.fps_count(config.model.num_points, NUM_STORED, config.finetune.fps_points),
+    fps_points=device_transforms.fps_count(config.model.num_points, NUM_STORED, config.finetune.fps_points),
     votes=votes,
     vote_augment=vote_augment,
     prefix='',
@@ -241,12 +241,12 @@ def test_voting_with_augmentation_averages_augmented_views(finetuned_run):
   )
   real = np.asarray(batch['mask'])
   assert real.sum() == 7
-  fps = transforms.fps_count(config.model.num_points, NUM_STORED, config.finetune.fps_points)
+  fps = device_transforms.fps_count(config.model.num_points, NUM_STORED, config.finetune.fps_points)
   sampled = np.asarray(sample_points(batch['points'], fps))
   passes = []
   for pass_key in jax.random.split(jax.random.fold_in(jax.random.key(0), 0), votes):
     view = np.asarray(
-      transforms.sample_training_points(pass_key, jnp.asarray(sampled), config.model.num_points, augment=True)
+      device_transforms.sample_training_points(pass_key, jnp.asarray(sampled), config.model.num_points, augment=True)
     )
     subset = np.asarray(
       jax.random.choice(jax.random.split(pass_key)[0], fps, (config.model.num_points,), replace=False)
@@ -331,7 +331,7 @@ def test_train_stream_is_the_fixture_data_and_resumes(modelnet_fixture):
   # NumPy reference: the first NUM_STORED points of each raw fixture file, centred and scaled to the unit sphere.
   root = modelnet_root()
   reference = {
-    n: transforms.normalize_unit_sphere_np(
+    n: host_transforms.normalize_unit_sphere_np(
       np.loadtxt(root / n.rsplit('_', 1)[0] / f'{n}.txt', delimiter=',')[:NUM_STORED, :3]
     )
     for n in TRAIN_IDS
@@ -395,9 +395,7 @@ def test_pointmlp_classifier_trunk_init_and_export():
   # Export: CG3D's PointMLP keys without the projection, plus the original pointMLP classifier Sequential.
   stats = jax.tree.map(lambda x: x + 0.25, variables['batch_stats'])
   state_dict = cg3d_pth.classifier_state_dict('pointmlp', variables['params'], stats)
-  trunk_keys = [
-    k for k in torch_io_pointmlp.pointmlp_to_torch(pre['params'], pre_stats) if not k.startswith('projection.')
-  ]
+  trunk_keys = [k for k in torch_io.pointmlp_to_torch(pre['params'], pre_stats) if not k.startswith('projection.')]
   assert list(state_dict)[: len(trunk_keys)] == trunk_keys
   head = torch.nn.Sequential(
     torch.nn.Linear(32, 512),

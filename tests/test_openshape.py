@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from cg3d_jax.data import openshape, openshape_eval, openshape_stream
-from cg3d_jax.data.pickled_npy import read_pickled_dict
+from cg3d_jax.data.formats.pickled_npy import read_pickled_dict
 from cg3d_jax.errors import BadInputError
 from cg3d_jax.synthetic.openshape_objects import write_openshape_layout
 
@@ -508,10 +508,11 @@ def test_renders_train_the_prompts_through_the_image_tower(tmp_path):
   encoder both train; no stored image feature is used."""
   import jax
 
-  from cg3d_jax.clip.loading import load_clip
+  from cg3d_jax.clip.loaded_clip import load_clip
   from cg3d_jax.configs import pretrain_openshape
   from cg3d_jax.synthetic.random_clip import write_random_clip
   from cg3d_jax.training import pretrain
+  from cg3d_jax.training.recipes import cg3d
   from tests.conftest import apply_overrides
 
   root = write_openshape_layout(
@@ -563,7 +564,7 @@ def test_renders_train_the_prompts_through_the_image_tower(tmp_path):
   render = root / 'rendered_images' / shape.id / f'colors_{rng.integers(12)}.png'
   np.testing.assert_array_equal(batch['image'][0], source.preprocess(Image.open(render)))
 
-  initial = pretrain.build_setup(config, train_classes=None, steps_per_epoch=1).state['params']
+  initial = cg3d.build_setup(config, train_classes=None, steps_per_epoch=1).state['params']
   result = pretrain.train(config, str(tmp_path / 'run'))
   assert np.isfinite(result['loss']) and result['loss/image_text'] > 0 and result['val/count'] == len(CLASSES)
   from cg3d_jax import checkpoints
@@ -680,9 +681,9 @@ def test_a_layout_with_a_clips_features_scores_through_that_clip(tmp_path):
   computes its OpenCLIP features: the precomputed LVIS table equals what the package's Flax CLIP gives for the
   'templates' prompt set (64 templates), the 'names' set is the bare names' features, and a shape's image features
   are its renders' through the package's CLIP preprocessing and image tower."""
-  from cg3d_jax.clip.loading import load_clip
+  from cg3d_jax.clip.loaded_clip import load_clip
   from cg3d_jax.configs import zeroshot_objaverse_lvis
-  from cg3d_jax.evaluators import evaluation_sets
+  from cg3d_jax.evaluators.zeroshot import class_weights
   from cg3d_jax.models.cg3d import CG3D
   from cg3d_jax.synthetic.openshape_objects import ClipFeatures
   from cg3d_jax.synthetic.random_clip import write_random_clip
@@ -703,14 +704,12 @@ def test_a_layout_with_a_clips_features_scores_through_that_clip(tmp_path):
   unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
 
   ev = zeroshot_objaverse_lvis.get_config().eval
-  precomputed = evaluation_sets.classifier(evalset, ev)
+  precomputed = class_weights(evalset, ev)
   ev.prompts = 'templates'  # 'ulip': the writer's prompt engineering
-  np.testing.assert_allclose(
-    evaluation_sets.classifier(evalset, ev, model, clip.params, clip.tokenizer), precomputed, atol=2e-5
-  )
+  np.testing.assert_allclose(class_weights(evalset, ev, model, clip.params, clip.tokenizer), precomputed, atol=2e-5)
   ev.prompts = 'names'
   np.testing.assert_allclose(
-    evaluation_sets.classifier(evalset, ev, model, clip.params, clip.tokenizer),
+    class_weights(evalset, ev, model, clip.params, clip.tokenizer),
     unit(ClipFeatures(clip_dir).text(evalset.class_names)),
     atol=2e-5,
   )

@@ -474,12 +474,12 @@ def test_the_runners_schedule_trains_one_epoch_more():
   """The original runner loops over range(start_epoch, max_epoch + 1): with lr_schedule 'original' a run of epochs E
   is E + 1 epochs of batches (its cosine still spans E: optimizer_rules sets the groups' epochs); 'per_epoch' runs E;
   an explicit total_steps wins either way. 655 = 41,969 // 64, the shipped recipe's batches per epoch."""
-  from cg3d_jax.training import common, pretrain
+  from cg3d_jax.training import common
 
   config = base.get_base_config()
   assert common.total_steps(config, 655) == 100 * 655
   config.train.lr_schedule = 'original'
   assert common.total_steps(config, 655) == 101 * 655
-  assert {settings['epochs'] for _, settings in pretrain.optimizer_rules(config) if settings} == {100}
+  assert {settings['epochs'] for _, settings in optim.optimizer_rules(config) if settings} == {100}
   config.train.total_steps = 7
   assert common.total_steps(config, 655) == 7

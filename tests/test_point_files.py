@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from cg3d_jax.data import mesh_sampling
-from cg3d_jax.data.ply_files import write_ply
-from cg3d_jax.data.point_files import BadInputError, read_points
-from cg3d_jax.data.transforms import normalize_unit_sphere_np as normalize_points
+from cg3d_jax.data.formats import mesh_sampling
+from cg3d_jax.data.formats.ply_files import write_ply
+from cg3d_jax.data.formats.point_files import BadInputError, read_points
+from cg3d_jax.data.host_transforms import normalize_unit_sphere_np as normalize_points
 from tests.conftest import modelnet_root
 
 

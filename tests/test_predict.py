@@ -15,7 +15,7 @@ from transformers import CLIPModel
 
 from cg3d_jax import predict, trained
 from cg3d_jax.clip.loaded_clip import tokenize
-from cg3d_jax.data import ply_files, point_files
+from cg3d_jax.data.formats import ply_files, point_files
 from cg3d_jax.errors import BadInputError
 from cg3d_jax.evaluators import prediction
 from cg3d_jax.models.point_ops import sample_points

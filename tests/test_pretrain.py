@@ -14,6 +14,8 @@ from cg3d_jax.clip.hf_clip import load_transformers_clip
 from cg3d_jax.data import builders, pipeline
 from cg3d_jax.training import pretrain
 from cg3d_jax.training.pretrain_step import ENCODER, PROMPTS, jit_train_step
+from cg3d_jax.training.recipes import cg3d
+from cg3d_jax.training.recipes import recipe as recipes
 from tests.conftest import tiny_config
 
 
@@ -34,7 +36,7 @@ def host_batches(config, n):
 
 def make_setup(config, devices=None):
   builder = builders.get_builder(config.data.name, data_dir=config.data.data_dir, manual_dir=config.data.manual_dir)
-  return pretrain.build_setup(config, train_classes=builders.class_names(builder), steps_per_epoch=4, devices=devices)
+  return cg3d.build_setup(config, train_classes=builders.class_names(builder), steps_per_epoch=4, devices=devices)
 
 
 def run_steps(setup, batches, mode='joint'):
@@ -43,7 +45,7 @@ def run_steps(setup, batches, mode='joint'):
   config = setup.config.copy_and_resolve_references()
   config.train.mode = mode
   for i, host in enumerate(batches):
-    groups = pretrain.active_groups(config, state['params'], i, setup.steps_per_epoch)
+    groups = recipes.active_groups(config, state['params'], i, setup.steps_per_epoch)
     if groups not in cache:
       cache[groups] = jit_train_step(
         setup.model,
@@ -251,11 +253,11 @@ def test_alternating_mode_moves_one_group_per_step(config, batches):
     assert same(before[still], after[still]), (step, still)
     assert not np.array_equal(jax.tree.leaves(before[moving][0])[0], jax.tree.leaves(after[moving][0])[0]), step
     assert not same(states[step]['batch_stats'], states[step + 1]['batch_stats']), step
-  assert pretrain.active_groups(c, states[1]['params'], 1, 4) == (PROMPTS,)
-  assert pretrain.active_groups(c, states[1]['params'], 2, 4) == (ENCODER,)
+  assert recipes.active_groups(c, states[1]['params'], 1, 4) == (PROMPTS,)
+  assert recipes.active_groups(c, states[1]['params'], 2, 4) == (ENCODER,)
   # By batch index within the epoch (the original's idx % 2): with 3 batches per epoch, steps 2 and 3 (an epoch's
   # last batch and the next one's first) both train the encoder.
-  assert [pretrain.active_groups(c, states[1]['params'], i, 3) for i in range(6)] == [
+  assert [recipes.active_groups(c, states[1]['params'], i, 3) for i in range(6)] == [
     (ENCODER,),
     (PROMPTS,),
     (ENCODER,),
@@ -271,11 +273,11 @@ def test_alternating_mode_refuses_one_batch_per_epoch(config):
   from cg3d_jax.errors import ConfigError
 
   with pytest.raises(ConfigError, match=r"mode='alternating' with 1 batch per epoch: the prompts train on odd"):
-    pretrain.build_setup(_alternating(config), train_classes=['chair', 'lamp'], steps_per_epoch=1)
+    cg3d.build_setup(_alternating(config), train_classes=['chair', 'lamp'], steps_per_epoch=1)
 
 
 def _continue(setup, host_state, batch, config, step):
-  groups = pretrain.active_groups(config, host_state['params'], step, setup.steps_per_epoch)
+  groups = recipes.active_groups(config, host_state['params'], step, setup.steps_per_epoch)
   fn = jit_train_step(
     setup.model,
     setup.tx,

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from cg3d_jax.data.readers import BadInputError
+from cg3d_jax.errors import BadInputError
 from cg3d_jax.scenes import s3dis
 
 # Hand-chosen objects of Area_5/office_1 (exact in float32); the reader must concatenate them in file-name order.

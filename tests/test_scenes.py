@@ -9,9 +9,10 @@ import pytest
 from PIL import Image
 
 from cg3d_jax import evaluate_scenes, query_scene, trained
-from cg3d_jax.data import ply_files, point_files
-from cg3d_jax.scenes import detection_metrics, outputs, queries, s3dis, synthetic_rooms
+from cg3d_jax.data.formats import ply_files, point_files
+from cg3d_jax.scenes import detection_metrics, outputs, queries, s3dis
 from cg3d_jax.scenes import regions as scene_regions
+from cg3d_jax.synthetic import rooms as synthetic_rooms
 from cg3d_jax.synthetic import shapes
 from tests.conftest import NEAR_TIE, grouping_margin, run_command
 

@@ -19,8 +19,7 @@ import torch
 
 from cg3d_jax import evaluate, predict, trained
 from cg3d_jax.clip import slip
-from cg3d_jax.clip.loaded_clip import CLIPLoadError, tokenize
-from cg3d_jax.clip.loading import load_clip
+from cg3d_jax.clip.loaded_clip import CLIPLoadError, load_clip, tokenize
 from cg3d_jax.errors import InputError
 from cg3d_jax.export import main as export_main
 from cg3d_jax.models.clip import CLIP
@@ -272,7 +271,7 @@ def test_original_pth_predicts_with_its_slip(original_pair, small_slip, tmp_path
   text /= np.linalg.norm(text, axis=1, keepdims=True)
   model = trained.with_clip(trained.load_trained(pth, num_points=64), str(slip_path))
   np.testing.assert_array_equal(model.clip.params['prompts']['tokens'], prompts)
-  from cg3d_jax.data import point_files
+  from cg3d_jax.data.formats import point_files
   from cg3d_jax.evaluators.prediction import prepare_points
   from cg3d_jax.models.point_ops import sample_points
 

@@ -36,8 +36,10 @@ from cg3d_jax.clip.loaded_clip import tokenize
 from cg3d_jax.data import builders
 from cg3d_jax.models.cg3d import CG3D
 from cg3d_jax.synthetic import random_clip
-from cg3d_jax.training import optim, pretrain
+from cg3d_jax.training import optim
 from cg3d_jax.training.pretrain_step import ENCODER, PROMPTS, merge_clip, train_step
+from cg3d_jax.training.recipes import cg3d
+from cg3d_jax.training.recipes import recipe as recipes
 from cg3d_jax.trees import unstack_layers
 from cg3d_jax.twins.point_transformer import PointTransformerProject
 from cg3d_jax.twins.prompted_clip import torch_prompted_image_features
@@ -117,7 +119,7 @@ def _classes(config):
 def run_jax(config, batch, dtype, steps_per_epoch=1):
   """config.train.total_steps steps of the project's train_step (unsharded, jitted) in `dtype`: (setup, first
   state, the state after each step, losses, learning rates of the groups each step updated)."""
-  setup = pretrain.build_setup(
+  setup = cg3d.build_setup(
     config, train_classes=_classes(config), steps_per_epoch=steps_per_epoch, devices=jax.devices()[:1]
   )
   steps = config.train.total_steps
@@ -131,7 +133,7 @@ def run_jax(config, batch, dtype, steps_per_epoch=1):
       num_points=setup.model.num_points,
     )
     # The optimizer again, inside the x64 scope, so that its schedules run in the parameters' precision.
-    rules = pretrain.optimizer_rules(config)
+    rules = optim.optimizer_rules(config)
     tx, _ = optim.make_optimizer(rules, steps_per_epoch=steps_per_epoch, total_steps=steps)
     start, frozen = cast(jax.device_get(setup.state)), cast(jax.device_get(setup.frozen))
     caption_templates = templates.get_templates(config.data.templates)
@@ -141,7 +143,7 @@ def run_jax(config, batch, dtype, steps_per_epoch=1):
     )
     state, states, losses, lrs, compiled = start, [], [], [], {}
     for i in range(steps):
-      groups = pretrain.active_groups(config, state['params'], i, steps_per_epoch)
+      groups = recipes.active_groups(config, state['params'], i, steps_per_epoch)
       if groups not in compiled:
         compiled[groups] = jax.jit(
           functools.partial(train_step, model=model, tx=tx, labels_fn=setup.labels_fn, active=groups, augment=False)
@@ -369,7 +371,7 @@ def test_caption_table_rows_are_the_text_tower_on_template_by_class(two_layer_cl
   from transformers import CLIPModel
 
   config = parity_config(two_layer_clip, tiny_shapenet, 'joint')
-  setup = pretrain.build_setup(config, train_classes=_classes(config), steps_per_epoch=1, devices=jax.devices()[:1])
+  setup = cg3d.build_setup(config, train_classes=_classes(config), steps_per_epoch=1, devices=jax.devices()[:1])
   caption_templates = templates.get_templates(config.data.templates)
   table = np.asarray(setup.text_table)
   assert table.shape[:2] == (len(caption_templates), len(setup.class_names)) == (63, 13)

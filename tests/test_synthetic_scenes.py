@@ -11,7 +11,7 @@ import re
 import numpy as np
 import pytest
 
-from cg3d_jax.scenes import synthetic_rooms as ss
+from cg3d_jax.synthetic import rooms as ss
 
 SMALL = ss.SceneSettings(
   seed=1,

@@ -6,6 +6,7 @@ padded sharded one, and the real ModelNet40 fixture files through the real `pyth
 """
 
 import csv
+import functools
 import json
 import os
 
@@ -22,6 +23,7 @@ from cg3d_jax.clip.hf_clip import load_transformers_clip
 from cg3d_jax.clip.loaded_clip import tokenize
 from cg3d_jax.configs import retrieval_shapenet55, zeroshot_modelnet40
 from cg3d_jax.data import builders, host_batches, pipeline
+from cg3d_jax.data.sources import source
 from cg3d_jax.evaluators import metrics, retrieval, zeroshot
 from cg3d_jax.models.cg3d import CG3D
 from cg3d_jax.models.layers import l2_normalize
@@ -354,7 +356,9 @@ def test_retrieval_and_zero_shot_on_tiny_shapenet(tiny_checkpoint, tiny_shapenet
     model.model,
     model.clip_params,
     model.clip.tokenizer,
-    batches=evaluate._batches(config.eval, mesh, model.clip.preprocess),
+    batches=functools.partial(
+      source.eval_source(config.eval).batches, sharding.batch_sharding(mesh), model.clip.preprocess
+    ),
     class_names=builders.class_names(builders.get_builder('shapenet55_cg3d', data_dir=data_dir)),
     mesh=mesh,
     templates=config.eval.templates,

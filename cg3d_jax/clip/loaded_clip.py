@@ -1,9 +1,12 @@
-"""What every frozen CLIP shares, whichever family it comes from (a transformers folder: hf_clip.py; a SLIP file:
-slip.py): the loaded model (`LoadedCLIP`), CLIP's image preprocessing, tokenizing to fixed-length ids, the Flax
+"""The frozen CLIP as loaded, whichever family it comes from: `load_clip(path)` tells a transformers CLIP folder
+(hf_clip.py) from a SLIP checkpoint file (slip.py) by what the path is (nothing is downloaded), and what every CLIP
+shares: the loaded model (`LoadedCLIP`), CLIP's image preprocessing, tokenizing to fixed-length ids, the Flax
 parameter shapes both families' name tables are checked against, and the one error type of a CLIP that cannot be
 loaded."""
 
 import dataclasses
+import os
+import pathlib
 from typing import Any
 
 import jax
@@ -162,3 +165,35 @@ def tokenize(tokenizer, texts: list[str], context_length: int | None = None) -> 
       cut[0][:80],
     )
   return out
+
+
+def is_slip_path(path) -> bool:
+  return pathlib.Path(os.path.expanduser(str(path))).is_file()
+
+
+def load_clip(
+  path,
+  *,
+  prompt_mode: str = 'deep',
+  num_prompts: int = 5,
+  dtype=jnp.float32,
+  remat='none',
+  attention: str = 'auto',
+  scan_layers: bool = True,
+  seed: int = 0,
+) -> LoadedCLIP:
+  """A transformers CLIP folder or a SLIP `.pt` file; prompts (if any) freshly initialised from `seed`."""
+  kwargs = dict(
+    prompt_mode=prompt_mode,
+    num_prompts=num_prompts,
+    dtype=dtype,
+    remat=remat,
+    attention=attention,
+    scan_layers=scan_layers,
+    seed=seed,
+  )
+  from cg3d_jax.clip import hf_clip, slip  # each family imports this module for what every CLIP shares
+
+  if is_slip_path(path):
+    return slip.load_slip(pathlib.Path(os.path.expanduser(str(path))), **kwargs)
+  return hf_clip.load_transformers_clip(path, **kwargs)

@@ -12,7 +12,7 @@ import os
 import tensorflow_datasets as tfds
 from etils import epath
 
-from cg3d_jax.data import readers
+from cg3d_jax.data.formats import readers
 
 SKIP_BAD_ENV = 'CG3D_DATA_SKIP_BAD'
 

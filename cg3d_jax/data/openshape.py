@@ -6,7 +6,7 @@ Layout:
       lists of {"id", "dataset" ("Objaverse" | "ShapeNet" | "3D-FUTURE" | "ABO"), "group", "data_path"}
   meta_data/gpt4_filtering.json            {uid: {"flag": "Y" | "N", "name": ...}}
   meta_data/split/lvis.json                lists of {"uid", "category", "group", "data_path"} (1,156 categories)
-  one .npy per shape (data_path): a pickled dict, read with data/pickled_npy.py (never np.load(allow_pickle)):
+  one .npy per shape (data_path): a pickled dict, read with data/formats/pickled_npy.py (never np.load(allow_pickle)):
       xyz (N, 3) in [-1, 1], stored y-up; rgb (N, 3) in [0, 1]; image_feat (12, D) views; thumbnail_feat (D,)
       (Objaverse); text [str]; text_feat [{'original': (D,), 'prompt_avg': (D,)}]; blip_caption str,
       blip_caption_feat {'original', 'prompt_avg'}; msft_caption, msft_caption_feat likewise; retrieval_text [str],
@@ -31,9 +31,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from cg3d_jax.data.pickled_npy import read_pickled_dict
-from cg3d_jax.data.readers import read_image
-from cg3d_jax.data.transforms import normalize_unit_sphere_np
+from cg3d_jax.data.formats.pickled_npy import read_pickled_dict
+from cg3d_jax.data.formats.readers import read_image
+from cg3d_jax.data.host_transforms import normalize_unit_sphere_np
 from cg3d_jax.errors import BadInputError
 
 OBJAVERSE = 'Objaverse'

@@ -11,8 +11,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from cg3d_jax.data.formats.pickled_npy import read_pickled, read_pickled_dict
 from cg3d_jax.data.openshape import checked_cloud, oriented, read_json, read_shape_cloud, read_split
-from cg3d_jax.data.pickled_npy import read_pickled, read_pickled_dict
 from cg3d_jax.errors import BadInputError
 
 # OpenShape's ScanObjectNNTest class order (its labels index this list; cat_name_pt_feat.npy is keyed by these names).

@@ -12,7 +12,7 @@ uninterrupted one yields from step k. The resume state is the global step alone.
 Multi-host. With P processes and global batch B, process p reads examples [n*p//P, n*(p+1)//P) of the split
 (disjoint, covering it), builds B/P examples per step and `jax.make_array_from_process_local_data` assembles the
 global batch. FPS to the model's N points and the random scale/translate run on device in the step
-(see transforms.scale_and_translate and bench/README_data.md for why).
+(see device_transforms.scale_and_translate and bench/README_data.md for why).
 
 Fine-tuning and evaluation prepare a cloud as Point-BERT's classification datasets do (`prepare_cloud`): the stored
 cloud's first `num_stored_points` points (cycled when the cloud is shorter, which farthest-point sampling ignores),

@@ -17,7 +17,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from cg3d_jax import assets
-from cg3d_jax.data import builder_base, readers
+from cg3d_jax.data import builder_base
+from cg3d_jax.data.formats import readers
 
 FILES = {
   'obj_only': ('main_split_nobg', 'training_objectdataset.h5', 'test_objectdataset.h5'),

@@ -19,7 +19,8 @@ import pathlib
 import numpy as np
 import tensorflow_datasets as tfds
 
-from cg3d_jax.data import builder_base, readers
+from cg3d_jax.data import builder_base
+from cg3d_jax.data.formats import readers
 from cg3d_jax.data.shapenet55_names import read_shape_names, read_synset_dictionary
 
 

@@ -7,7 +7,7 @@ import json
 import pathlib
 
 from cg3d_jax import assets
-from cg3d_jax.data import readers
+from cg3d_jax.data.formats import readers
 
 CG3D_RENAMES = {'display': 'monitor', 'vessel': 'ship', 'ashcan': 'trashcan'}
 

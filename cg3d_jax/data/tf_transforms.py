@@ -1,13 +1,14 @@
 """CG3D's normalisation, resampling and augmentations in TensorFlow, per example inside tf.data (data/pipeline.py).
 
-The same recipe as the NumPy reference in data/transforms.py (its constants come from there); kept apart so that
-only the TFDS pipeline imports TensorFlow. `seed` is a stateless seed: an int tensor of shape (2,).
+The same recipe as the NumPy reference (its constants come from data/host_transforms.py, which says where each part
+runs); kept apart so that only the TFDS pipeline imports TensorFlow. `seed` is a stateless seed: an int tensor of
+shape (2,).
 """
 
 import numpy as np
 import tensorflow as tf
 
-from cg3d_jax.data.transforms import DROP_FRACTION, JITTER_CLIP, JITTER_SIGMA, ROTATION_CLIP, ROTATION_SIGMA
+from cg3d_jax.data.host_transforms import DROP_FRACTION, JITTER_CLIP, JITTER_SIGMA, ROTATION_CLIP, ROTATION_SIGMA
 
 
 def tf_normalize_unit_sphere(points: tf.Tensor) -> tf.Tensor:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cg3d_jax import sharding
-from cg3d_jax.data.transforms import sample_training_points
+from cg3d_jax.data.device_transforms import sample_training_points
 from cg3d_jax.evaluators import evaluator, metrics
 from cg3d_jax.models.classifiers import classifier_logits
 from cg3d_jax.models.point_ops import sample_points

@@ -12,10 +12,58 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from cg3d_jax.errors import ConfigError
+
 
 class Evaluator(Protocol):
   def run(self, variables: Any) -> dict[str, float]:
     """Metrics of `variables` on the evaluator's split."""
+
+  def report(self, variables: Any, workdir: str, dataset: str, info: dict) -> dict:
+    """Scores the split, writes the report files into `workdir` and prints a table; returns the summary."""
+
+
+TASKS = ('zeroshot', 'retrieval')
+
+
+def from_config(ev, data, *, model, clip_params, tokenizer, preprocess=None, mesh, sharding) -> Evaluator:
+  """The evaluator config.eval.task names ('zeroshot' where a config names none) over `data` (a data source's
+  EvalData), as big_vision builds evaluators from their config; the class weights come from config.eval's prompts
+  (zeroshot.class_weights). `preprocess`: the CLIP's image preprocessing (retrieval's image queries)."""
+  import functools
+
+  from cg3d_jax.evaluators import retrieval, zeroshot
+
+  task = ev.get('task', 'zeroshot')
+  if task == 'zeroshot':
+    return zeroshot.ZeroShotEvaluator(
+      model,
+      clip_params,
+      tokenizer,
+      batches=functools.partial(data.batches, sharding),
+      class_names=data.class_names,
+      mesh=mesh,
+      classifier=zeroshot.class_weights(data, ev, model, clip_params, tokenizer),
+      ks=tuple(ev.ks),
+    )
+  if task == 'retrieval':
+    return retrieval.RetrievalEvaluator(
+      model,
+      clip_params,
+      tokenizer,
+      batches=functools.partial(data.batches, sharding, preprocess),
+      class_names=data.class_names,
+      mesh=mesh,
+      templates=ev.templates,
+      normalize_text=ev.normalize_text,
+      name_style=ev.name_style,
+      ks=tuple(ev.ks),
+      read_view=data.read_view,
+      view_index=ev.view_index,
+      grid_queries=ev.grid_queries,
+      grid_matches=ev.grid_matches,
+    )
+  raise ConfigError(f'config.eval.task must be one of {TASKS}, got {task!r}')
 
 
 def to_host(x) -> np.ndarray:

@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from cg3d_jax.data import point_files, transforms
-from cg3d_jax.data.readers import read_image
+from cg3d_jax.data import host_transforms
+from cg3d_jax.data.formats import point_files
+from cg3d_jax.data.formats.readers import read_image
 from cg3d_jax.errors import BadInputError
 from cg3d_jax.evaluators import metrics, zeroshot
 from cg3d_jax.models.cg3d import CG3D
@@ -36,7 +37,7 @@ def _normalised(xyz, source: str | None) -> np.ndarray:
       source or 'the cloud', f'{distinct} distinct point(s); a cloud needs at least {MIN_POINTS} to be classified'
     )
   try:
-    return transforms.normalize_unit_sphere_np(xyz, source)
+    return host_transforms.normalize_unit_sphere_np(xyz, source)
   except ValueError as err:
     raise BadInputError(str(err)) from None
 

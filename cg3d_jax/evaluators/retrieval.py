@@ -11,7 +11,8 @@ Every similarity is cosine (features L2-normalised), also when the classifier ke
 """
 
 import dataclasses
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+import os
+from typing import Callable, Iterable, Sequence
 
 import jax
 import numpy as np
@@ -20,9 +21,6 @@ from cg3d_jax import sharding
 from cg3d_jax.evaluators import metrics, reports, zeroshot
 from cg3d_jax.models.cg3d import CG3D
 from cg3d_jax.models.layers import l2_normalize
-
-if TYPE_CHECKING:
-  import tensorflow_datasets as tfds
 
 DIRECTIONS = ('text_to_3d', 'image_to_3d', '3d_to_image', '3d_to_text')
 RESULTS_FILE = 'retrieval.json'
@@ -103,8 +101,17 @@ class RetrievalEvaluator:
     name_style: str = 'raw',
     ks: Sequence[int] = (1, 5, 10),
     prefix: str = 'retrieval/',
+    read_view: Callable[[int], np.ndarray] | None = None,
+    view_index: int = 0,
+    grid_queries: int = 4,
+    grid_matches: int = 5,
   ):
     self.model, self.mesh, self.batches, self.prefix, self.ks = model, mesh, batches, prefix, tuple(ks)
+    self.read_view, self.view_index, self.grid = (
+      read_view,
+      view_index,
+      dict(num_queries=grid_queries, num_matches=grid_matches),
+    )
     self.class_names = list(class_names)
     self.text_features = zeroshot.text_classifier(
       model.clip, clip_params, tokenizer, class_names, templates, normalize=normalize_text, name_style=name_style
@@ -128,6 +135,26 @@ class RetrievalEvaluator:
       for direction, values in results.items()
       for name, value in values.items()
     }
+
+  def report(self, variables: dict, workdir: str, dataset: str, info: dict) -> dict:
+    """Recall@k and mAP in the four directions into retrieval.json, the best matches of a few queries into
+    retrieval_grid.png (process 0), the table printed; returns the summary."""
+    features = self.features(variables)
+    results = retrieval_results(features, self.ks)
+    summary = {
+      'dataset': dataset,
+      'num_objects': int(features.labels.shape[0]),
+      **info,
+      'view_index': self.view_index,
+      'relevance': {'text_to_3d': 'class', '3d_to_text': 'class', 'image_to_3d': 'instance', '3d_to_image': 'instance'},
+      **results,
+    }
+    if jax.process_index() == 0:
+      reports.write_json(os.path.join(workdir, RESULTS_FILE), summary)
+      write_grid(os.path.join(workdir, GRID_PNG), features, self.read_view, **self.grid)
+      print(reports.format_table(results_table(results)))
+      print(f'wrote {RESULTS_FILE}, {GRID_PNG} to {workdir}')
+    return summary
 
 
 def results_table(results: dict[str, dict]) -> list[dict]:
@@ -182,23 +209,3 @@ def write_grid(
     captions.append([f'image of #{q}'] + [f'#{i} {features.class_names[features.labels[i]]}' for i in top])
     correct.append([bool(i == q) for i in top])
   reports.write_retrieval_grid(path, queries, matches, captions, correct)
-
-
-def view_reader(builder: 'tfds.core.DatasetBuilder', split: str, view_index: int = 0) -> Callable[[int], np.ndarray]:
-  """fetch_view for write_grid: reads one object's render straight from the prepared TFDS files (cached)."""
-  import tensorflow_datasets as tfds  # only a TFDS split has renders to show: other evaluations run without TF
-
-  cache = {}
-
-  def fetch(index: int) -> np.ndarray:
-    if index not in cache:
-      example = next(
-        iter(tfds.as_numpy(builder.as_dataset(split=f'{split}[{index}:{index + 1}]', shuffle_files=False)))
-      )
-      views = example['views']
-      if not 0 <= view_index < len(views):
-        raise ValueError(f'object {index} of {split} has {len(views)} views; view_index={view_index} is out of range')
-      cache[index] = np.asarray(views[view_index])
-    return cache[index]
-
-  return fetch

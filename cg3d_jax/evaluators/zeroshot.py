@@ -26,6 +26,7 @@ import numpy as np
 from cg3d_jax import sharding
 from cg3d_jax.clip import templates as template_sets
 from cg3d_jax.clip.loaded_clip import tokenize
+from cg3d_jax.errors import ConfigError
 from cg3d_jax.evaluators import evaluator, metrics
 from cg3d_jax.models.cg3d import CG3D
 from cg3d_jax.models.clip import CLIP
@@ -192,6 +193,66 @@ def summarize(outputs: ZeroShotOutputs, ks: Sequence[int] = DEFAULT_KS) -> dict[
   return summary
 
 
+PROMPT_SETS = ('precomputed', 'names', 'templates')
+
+
+def class_weights(data, ev, model=None, clip_params=None, tokenizer=None) -> np.ndarray:
+  """(C, D) class weights of `data` (anything with class_names, class_features and source, e.g. a data source's
+  EvalData) from the prompt set config.eval.prompts names:
+    'precomputed'  the layout's stored class-name text features (OpenShape's *cat_name_pt_feat.npy: OpenCLIP
+                   ViT-bigG-14 over its prompt engineering); no CLIP needed;
+    'names'        the bare class names through the CLIP text tower (template '{}');
+    'templates'    config.eval.templates over the names (config.eval.name_style, config.eval.normalize_text)."""
+  prompts = ev.prompts
+  if prompts not in PROMPT_SETS:
+    raise ConfigError(f'config.eval.prompts={prompts!r}: expected one of {PROMPT_SETS}')
+  if prompts == 'precomputed':
+    if data.class_features is None:
+      raise ConfigError(
+        f'{data.source} stores no class-name features (Uni3D prompts its CLIP): use '
+        '--config.eval.prompts=templates (or names) with --config.clip.path=<the CLIP of the features>'
+      )
+    return np.asarray(metrics.zero_shot_classifier(data.class_features))
+  if model is None or model.clip is None:
+    raise ConfigError(
+      f'config.eval.prompts={prompts!r} runs a CLIP text tower: give the CLIP the features came from '
+      'with --config.clip.path'
+    )
+  templates = ('{}',) if prompts == 'names' else ev.templates
+  return text_classifier(
+    model.clip,
+    clip_params,
+    tokenizer,
+    data.class_names,
+    templates,
+    normalize=ev.normalize_text,
+    name_style=ev.name_style,
+  )
+
+
+def needs_clip(ev) -> bool:
+  """Whether config.eval's prompts run a CLIP text tower (precomputed class features do not)."""
+  return ev.prompts != 'precomputed'
+
+
+def prompt_record(ev) -> dict:
+  """What the class weights were computed with, for results.json: 'protocol' is 'cg3d_original' for the original
+  eval.py's settings (one template, raw names, unnormalised text), else 'cosine', 'unnormalised' or 'precomputed'."""
+  prompts = ev.prompts
+  if prompts == 'precomputed':
+    return {'prompts': prompts, 'templates': None, 'name_style': None, 'normalize_text': None, 'protocol': prompts}
+  templates = ev.templates if prompts == 'templates' else None
+  name_style, normalize = ev.name_style, ev.normalize_text
+  original = templates == 'cg3d_zeroshot' and name_style == 'raw' and not normalize
+  return {
+    'prompts': prompts,
+    'templates': templates,
+    'name_style': name_style,
+    'normalize_text': normalize,
+    'protocol': 'cg3d_original' if original else ('cosine' if normalize else 'unnormalised'),
+  }
+
+
 class ZeroShotEvaluator:
   """Zero-shot top-k and class-mean accuracy of a CG3D model on one split (evaluators/evaluator.py's interface).
 
@@ -239,3 +300,26 @@ class ZeroShotEvaluator:
 
   def run(self, variables: dict) -> dict[str, float]:
     return {self.prefix + k: v for k, v in summarize(self.outputs(variables), self.ks).items()}
+
+  def report(self, variables: dict, workdir: str, dataset: str, info: dict) -> dict:
+    """Scores the split and writes results.json, per_class.csv/json and confusion.png into `workdir` (process 0)
+    and prints the table; returns the summary (empty on other processes)."""
+    from cg3d_jax.evaluators import reports  # matplotlib: when a report is written, not at every validation
+
+    outputs = self.outputs(variables)
+    if jax.process_index() != 0:
+      return {}
+    summary = reports.write_classification_report(
+      workdir,
+      dataset=dataset,
+      class_names=self.class_names,
+      logits=outputs.scores,
+      labels=outputs.labels,
+      ks=self.ks,
+      extra=info,
+    )
+    columns = ['dataset', 'num_objects', *(f'top{k}_acc' for k in self.ks), 'class_mean_acc', 'prompts']
+    print(reports.format_table([summary], columns))
+    written = (reports.RESULTS_FILE, reports.PER_CLASS_CSV, reports.PER_CLASS_JSON, reports.CONFUSION_PNG)
+    print(f'wrote {", ".join(written)} to {workdir}')
+    return summary

@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from cg3d_jax.atomic import atomic_write_npy, atomic_write_png
-from cg3d_jax.data import ply_files
+from cg3d_jax.data.formats import ply_files
 from cg3d_jax.evaluators import reports
 from cg3d_jax.scenes import regions as scene_regions
 

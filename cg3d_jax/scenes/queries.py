@@ -24,7 +24,8 @@ import jax
 import numpy as np
 
 from cg3d_jax import sharding
-from cg3d_jax.data import point_files, shapenet55_names
+from cg3d_jax.data import shapenet55_names
+from cg3d_jax.data.formats import point_files
 from cg3d_jax.errors import BadInputError, InputError
 from cg3d_jax.evaluators import prediction, zeroshot
 from cg3d_jax.models.cg3d import CG3D

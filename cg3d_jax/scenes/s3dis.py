@@ -9,8 +9,9 @@ A labelled room is the concatenation of its annotation files in file-name order,
 
 Parsing is vectorised (a room has up to ~2 M lines): numpy parses the whole file at once and a byte-level token
 count proves every non-empty line held exactly six numbers. A file that fails that proof is parsed again in blocks
-of lines, and only a failing block is scanned line by line, to name its first bad line (or, with `skip_bad_lines`,
-to drop the bad lines and say how many). Measured on this project's 2-core CPU box: ~0.4-0.7 M lines/s.
+of lines, and only a failing block goes line by line through the shared text-row parser
+(data/formats/text_rows.py), to name its first bad line (or, with `skip_bad_lines`, to drop the bad lines and say
+how many). Measured on this project's 2-core CPU box: ~0.4-0.7 M lines/s.
 """
 
 import dataclasses
@@ -23,7 +24,8 @@ import re
 import numpy as np
 
 from cg3d_jax import atomic
-from cg3d_jax.data.readers import BadInputError
+from cg3d_jax.data.formats import text_rows
+from cg3d_jax.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
@@ -118,30 +120,11 @@ def _parse_fast(data: bytes) -> tuple[np.ndarray, np.ndarray] | None:
   return values.reshape(-1, _COLUMNS), line_of_token[:, 0]
 
 
-def _parse_number(token: bytes) -> float:
-  if b'_' in token:  # Python's float() accepts `1_000`; numpy and the S3DIS tools do not
-    raise ValueError(token)
-  return float(token)
-
-
-def _bad_line_reason(line: bytes) -> str | None:
-  tokens = line.split()
-  if not tokens:
-    return None
-  if len(tokens) != _COLUMNS:
-    return f'{len(tokens)} fields'
-  for token in tokens:
-    try:
-      _parse_number(token)
-    except ValueError:
-      return f'{token!r} is not a number'
-  return None
-
-
 def _parse_by_line(path: pathlib.Path, data: bytes, skip_bad_lines: bool) -> tuple[np.ndarray, np.ndarray, int]:
   """The slow path: (values (n, 6), line indices, bad lines dropped); raises at the first bad line unless skipping.
 
-  Blocks of lines go through the fast parser; only a block that fails it is looked at line by line.
+  Blocks of lines go through the fast parser; only a block that fails it goes line by line through the shared text-row
+  parser (text_rows.parse_rows).
   """
   lines = data.split(b'\n')
   values, line_indices, bad = [], [], []
@@ -152,22 +135,27 @@ def _parse_by_line(path: pathlib.Path, data: bytes, skip_bad_lines: bool) -> tup
       values.append(parsed[0])
       line_indices.append(parsed[1] + first)
       continue
-    for index, line in enumerate(block, start=first):
-      if _bad_line_reason(line) is not None:
-        if not skip_bad_lines:
-          raise BadInputError(f'{path}:{index + 1}: expected 6 numbers `x y z r g b`, got {_show_line(line)}')
-        bad.append((index, line))
-      elif line.strip():
-        values.append(np.array([_parse_number(t) for t in line.split()]).reshape(1, _COLUMNS))
-        line_indices.append(np.array([index]))
+    rows = text_rows.parse_rows(
+      path,
+      block,
+      range(first + 1, first + len(block) + 1),
+      separator=text_rows.SPACES,
+      columns=_COLUMNS,
+      error=lambda row: BadInputError(
+        f'{path}:{row.line_number}: expected 6 numbers `x y z r g b`, got {_show_line(row.line)}'
+      ),
+      skipped=bad if skip_bad_lines else None,
+      numpy_first=False,  # _parse_fast, faster on bytes, has refused this block
+    )
+    values.append(rows.values)
+    line_indices.append(rows.line_numbers - 1)
   if bad:
-    first_index, first_line = bad[0]
     log.warning(
       '%s: skip_bad_lines: dropped %d malformed line(s); first at line %d: %s',
       path,
       len(bad),
-      first_index + 1,
-      _show_line(first_line),
+      bad[0].line_number,
+      _show_line(bad[0].line),
     )
   if not values:
     return np.zeros((0, _COLUMNS)), np.zeros((0,), np.int64), len(bad)

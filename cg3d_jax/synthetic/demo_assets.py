@@ -47,7 +47,7 @@ def write(root, demo_config) -> DemoAssets:
   )
   logging.info('demo: procedural dataset in %s', root / 'shapenet55')
   ensure_synthetic_shapenet(root / 'shapenet55', settings)
-  kind = demo_config.get('clip_kind', 'transformers')
+  kind = demo_config.clip_kind
   if kind == 'slip':
     return DemoAssets(
       manual_dir=str(root / 'shapenet55'),

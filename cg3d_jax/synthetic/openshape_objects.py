@@ -24,9 +24,9 @@ import numpy as np
 from PIL import Image
 
 from cg3d_jax.clip.templates import get_templates
+from cg3d_jax.data.host_transforms import normalize_unit_sphere_np
 from cg3d_jax.data.openshape import RENDER_VIEWS
 from cg3d_jax.data.openshape_eval import SCANOBJECTNN_CLASSES
-from cg3d_jax.data.transforms import normalize_unit_sphere_np
 from cg3d_jax.synthetic.render import orbit_views
 from cg3d_jax.synthetic.shapes import FAMILIES, sample_surface
 

@@ -27,7 +27,7 @@ from absl import logging
 
 from cg3d_jax import sharding, step_cost
 from cg3d_jax.data import builders, pipeline
-from cg3d_jax.data.transforms import fps_count, sample_training_points
+from cg3d_jax.data.device_transforms import fps_count, sample_training_points
 from cg3d_jax.errors import ConfigError, InputError
 from cg3d_jax.evaluators.classification import ClassificationEvaluator
 from cg3d_jax.models.classifiers import HEAD_PREFIXES, build_classifier, classifier_logits, init_variables
@@ -298,7 +298,7 @@ def finetune(config, workdir: str, *, init: str | None = None, devices=None) -> 
   writer = common.metrics_writer(config, workdir, 'finetune', resume_step=start)
   progress = common.Progress(start, total, config.train.batch_size)
   last, val = {}, {}
-  profiler = step_cost.Profiler(config.logging.get('profile_steps'), workdir)
+  profiler = step_cost.Profiler(config.logging.profile_steps, workdir)
   try:
     for step in range(start, total):
       profiler.before(step)

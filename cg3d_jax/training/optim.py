@@ -60,6 +60,7 @@ import optax
 from cg3d_jax.trees import in_stack, path_to_str
 
 FROZEN = 'frozen'
+ENCODER, PROMPTS = 'encoder', 'prompts'  # the pretraining recipes' optimizer groups
 
 _COMMON_KEYS = {
   'name',
@@ -354,3 +355,73 @@ def select_groups(active: Mapping[str, Any], updates, new_state, old_state, labe
       old_state.inner_states[group],
     )
   return updates, new_state._replace(inner_states=inner)
+
+
+# --- the pretraining recipes' rules --------------------------------------------------------------------------
+
+
+def optimizer_rules(config) -> list:
+  """big_vision-style (regex, settings | None) list: the first match decides; None freezes."""
+  # Alternating mode updates the encoder on the batches with an even index within their epoch and the prompts on
+  # the odd ones (the original runner's idx % 2); steps_on lets each group's schedule follow the global step and
+  # epoch rather than its own update count. lr_stepping 'original' applies the runner's end-of-epoch scheduler
+  # calls (optim module docstring), whose cosine spans config.train.epochs although the runner trains one more.
+  alternating = config.train.mode == 'alternating'
+  stepping = dict(lr_stepping=config.train.get('lr_schedule', 'per_epoch'))
+  if stepping['lr_stepping'] == 'original':
+    stepping['epochs'] = int(config.train.epochs)
+  return [
+    # The classification head (kept for strict exports and fine-tuning) gets no gradient in pretraining; torch's
+    # AdamW skips a parameter without a gradient, decay included, so it must not decay here either.
+    (
+      '^encoder/',
+      dict(
+        stepping,
+        **config.train.encoder_optim,
+        group=ENCODER,
+        steps_on='even' if alternating else 'all',
+        scheduler_parity='even',
+        no_decay_regex='^encoder/cls_head_',
+      ),
+    ),
+    (
+      '^clip/prompts/',
+      dict(
+        stepping,
+        **config.train.prompt_optim,
+        group=PROMPTS,
+        steps_on='odd' if alternating else 'all',
+        scheduler_parity='odd',
+      ),
+    ),
+    ('^clip/', None),
+  ]
+
+
+def _prune(tree):
+  """Drops optax.MaskedNode leaves and the dicts they leave empty, giving a plain nested dict."""
+  if isinstance(tree, dict):
+    out = {k: _prune(v) for k, v in tree.items()}
+    return {k: v for k, v in out.items() if not (isinstance(v, (dict, optax.MaskedNode)) and not _leaves(v))}
+  return tree
+
+
+def _leaves(tree) -> bool:
+  return bool(jax.tree.leaves(tree))
+
+
+def split_trainable(params: dict, rules) -> tuple[dict, dict]:
+  """(trainable, frozen) as two plain nested dicts, by the optimizer rules."""
+  trainable, frozen = partition(params, rules)
+  return _prune(trainable), _prune(frozen)
+
+
+def feature_optimizer_rules(config) -> list:
+  """The encoder and the temperature in one AdamW group (OpenShape optimises both together); the scalar
+  temperature never decays, nor does the unused classification head."""
+  return [
+    (
+      '^(encoder/|logit_scale$)',
+      dict(config.train.encoder_optim, group=ENCODER, no_decay_regex='^encoder/cls_head_|^logit_scale$'),
+    )
+  ]

@@ -30,14 +30,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cg3d_jax.data.transforms import scale_and_translate
+from cg3d_jax.data.device_transforms import scale_and_translate
 from cg3d_jax.models.cg3d import CG3D
 from cg3d_jax.models.layers import l2_normalize
 from cg3d_jax.models.point_ops import sample_points
 from cg3d_jax.training import optim
 from cg3d_jax.training.losses import contrastive_loss
-
-ENCODER, PROMPTS = 'encoder', 'prompts'
+from cg3d_jax.training.optim import ENCODER, PROMPTS
 
 
 def merge_clip(frozen: dict, params: dict) -> dict:

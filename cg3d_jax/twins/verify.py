@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from cg3d_jax import assets
-from cg3d_jax.data.point_files import read_points
-from cg3d_jax.data.transforms import normalize_unit_sphere_np
+from cg3d_jax.data.formats.point_files import read_points
+from cg3d_jax.data.host_transforms import normalize_unit_sphere_np
 from cg3d_jax.errors import BadInputError
 from cg3d_jax.models.point_ops import sample_points
 from cg3d_jax.twins.point_transformer import PointTransformerProject

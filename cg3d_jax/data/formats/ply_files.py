@@ -12,8 +12,10 @@ import re
 import numpy as np
 
 from cg3d_jax.atomic import atomic_write_bytes
-from cg3d_jax.data import mesh_sampling
-from cg3d_jax.data.readers import BadInputError, PointCloud, check_finite, colours_to_uint8, parse_rows, text_lines
+from cg3d_jax.data.formats import mesh_sampling
+from cg3d_jax.data.formats.point_cloud import PointCloud, check_finite, colours_to_uint8
+from cg3d_jax.data.formats.text_rows import parse_rows, text_lines
+from cg3d_jax.errors import BadInputError
 
 
 def write_ply(path, xyz, rgb=None, *, binary: bool = True) -> None:
@@ -274,7 +276,7 @@ def _read_ply_ascii(path, data: bytes, body_start: int, elements) -> dict:
     if any(p.count_dtype is not None for p in element.properties):
       tables[element.name] = _parse_ply_ascii_lists(path, rows, row_numbers, element)
       continue
-    values = parse_rows(path, rows, row_numbers, f'{element.name} row')
+    values = parse_rows(path, rows, row_numbers, f'{element.name} row').values
     if values.shape[1] != len(element.properties):
       raise BadInputError(
         path,

@@ -3,7 +3,8 @@ with a seeded generator, so the same mesh always gives the same points; vertex c
 
 import numpy as np
 
-from cg3d_jax.data.readers import BadInputError, PointCloud
+from cg3d_jax.data.formats.point_cloud import PointCloud
+from cg3d_jax.errors import BadInputError
 
 
 def sample_mesh_surface(vertices, triangles, num_points: int, seed: int = 0, vertex_rgb=None):

@@ -4,12 +4,14 @@ Every reader returns a `PointCloud` with float32 (N, 3) xyz, uint8 (N, 3) colour
 normals when the file has them. Meshes (OFF, and PLY files with faces) are turned into points by sampling their
 surface uniformly by area with a seeded generator, so the same file always gives the same points; vertex colours
 are interpolated at the sampled points. Point files are returned as stored: choosing N points is the model's
-farthest-point sampling, not the reader's job; transforms.normalize_unit_sphere_np is the training normalisation.
+farthest-point sampling, not the reader's job; host_transforms.normalize_unit_sphere_np is the training
+normalisation.
 
 Bad input raises `BadInputError` naming the file, and for text formats the 1-based line, with what was expected.
 
-This module is the entry (read_points) and reads NPY and text tables itself; PLY reading and
-writing is ply_files, OFF is off_files, mesh surfaces are mesh_sampling, and what they all share is readers.
+This module is the entry (read_points) and reads NPY and text tables itself; PLY reading and writing is ply_files,
+OFF is off_files, mesh surfaces are mesh_sampling; what they all share is point_cloud (the result and its value
+checks) and text_rows (text tables).
 """
 
 import io
@@ -18,10 +20,12 @@ from typing import Sequence
 
 import numpy as np
 
-from cg3d_jax.data import off_files, ply_files
+from cg3d_jax.data.formats import off_files, ply_files
 
-# The reader's result and error types are defined with the helpers every format shares; they belong to this API.
-from cg3d_jax.data.readers import BadInputError, PointCloud, check_finite, colours_to_uint8, parse_rows, text_lines
+# PointCloud and BadInputError are read_points' result and error: importable from here with it.
+from cg3d_jax.data.formats.point_cloud import PointCloud, check_finite, colours_to_uint8
+from cg3d_jax.data.formats.text_rows import parse_rows, text_lines
+from cg3d_jax.errors import BadInputError
 
 TEXT_EXTENSIONS = ('.txt', '.xyz', '.csv')
 SUPPORTED_EXTENSIONS = ('.ply', '.npy', '.off') + TEXT_EXTENSIONS
@@ -138,7 +142,7 @@ def _read_text(path, data: bytes, columns) -> PointCloud:
   lines, numbers = text_lines(path, data)
   if not lines:
     raise BadInputError(path, 'file holds no points (only blank or comment lines)')
-  values = parse_rows(path, lines, numbers, 'point row')
+  values = parse_rows(path, lines, numbers, 'point row').values
   check_finite(path, values, 'point row', numbers)
   xyz, rgb, normals = _split_columns(path, values, columns)
   return PointCloud(xyz=xyz, rgb=rgb, normals=normals, source=path)

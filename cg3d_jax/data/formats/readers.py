@@ -1,21 +1,20 @@
-"""Validated readers of raw files: what the dataset builders ingest, and what every point-file reader shares.
+"""Validated readers of the raw files the dataset builders ingest (list files, ModelNet40 text, ShapeNet-55 .npy
+clouds, PNG renders) and of images for a CLIP.
 
 Every failure is an `errors.BadInputError` naming the file (and the line, for text). The builders call these while
 writing a TFDS dataset: bad input stops the build, unless the builder was made with `skip_bad=True`, in which case
-`BadInputLog` skips the example, counts it and logs it. The point-file readers (point_files, ply_files, off_files,
-mesh_sampling) return a `PointCloud` and share the text, colour and finiteness parsing here.
+`BadInputLog` skips the example, counts it and logs it. A user's point files are point_files' to read.
 """
 
-import dataclasses
 import io
 import logging
 import pathlib
 import re
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from cg3d_jax.data.formats import text_rows
 from cg3d_jax.errors import BadInputError
 
 log = logging.getLogger(__name__)
@@ -95,33 +94,28 @@ def read_npy_points(path: pathlib.Path) -> np.ndarray:
   return check_points(path, points)
 
 
-def _is_number(text: str) -> bool:
-  try:
-    float(text)
-    return True
-  except ValueError:
-    return False
-
-
 def read_modelnet_txt(path: pathlib.Path) -> np.ndarray:
   """A ModelNet resampled file: lines of `x,y,z,nx,ny,nz` -> (N, 6) float32."""
   if not path.is_file():
     raise BadInputError(f'{path}: file not found')
-  try:
-    values = np.loadtxt(path, delimiter=',', dtype=np.float64, ndmin=2)
-  except ValueError:
-    values = None
-  if values is None or values.shape[1] != 6:
-    # Find the first bad line, to name it.
-    for number, text in read_lines(path):
-      fields = text.split(',')
-      if len(fields) != 6 or not all(_is_number(f) for f in fields):
-        raise BadInputError(f'{path}:{number}: expected 6 comma-separated numbers `x,y,z,nx,ny,nz`, got {text!r}')
+  # text_lines drops '#' comments, as np.loadtxt (this reader's parser before text_rows) did.
+  lines, numbers = text_rows.text_lines(path, path.read_bytes())
+  values, line_numbers = text_rows.parse_rows(
+    path,
+    lines,
+    numbers,
+    separator=text_rows.COMMAS,
+    columns=6,
+    error=lambda bad: BadInputError(
+      f'{path}:{bad.line_number}: expected 6 comma-separated numbers `x,y,z,nx,ny,nz`, got {bad.line!r}'
+    ),
+  )
+  if not len(values):
     raise BadInputError(f'{path}: expected lines of 6 comma-separated numbers')
   finite = np.isfinite(values).all(axis=1)
   if not finite.all():
-    number = int(np.argmin(finite))
-    raise BadInputError(f'{path}:{number + 1}: non-finite value (NaN or Inf): {values[number].tolist()}')
+    row = int(np.argmin(finite))
+    raise BadInputError(f'{path}:{line_numbers[row]}: non-finite value (NaN or Inf): {values[row].tolist()}')
   return values.astype(np.float32)
 
 
@@ -140,89 +134,6 @@ def read_png(path: pathlib.Path) -> bytes:
   except Exception as e:  # PIL raises many types for damaged files
     raise BadInputError(f'{path}: unreadable PNG ({type(e).__name__}: {e})') from e
   return data
-
-
-# --- what every point-file reader shares ----------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class PointCloud:
-  xyz: np.ndarray  # (N, 3) float32
-  rgb: np.ndarray | None  # (N, 3) uint8, or None when the file has no colours
-  normals: np.ndarray | None  # (N, 3) float32 as stored, or None
-  source: str  # the file it came from
-  from_mesh: bool = False  # True when the points were sampled on a mesh surface
-
-  def __len__(self) -> int:
-    return self.xyz.shape[0]
-
-
-def parse_rows(path, lines: Sequence[str], line_numbers: Sequence[int], what: str) -> np.ndarray:
-  """(rows, cols) float64 from text lines of numbers separated by spaces and/or commas; every row equally long.
-
-  NumPy's C parser reads well-formed files; only when it refuses are the lines split one by one, which either
-  names the bad line or accepts a file that merely mixes separators.
-  """
-  try:
-    values = np.loadtxt(lines, delimiter=',' if ',' in lines[0] else None, comments=None, dtype=np.float64, ndmin=2)
-    if values.shape[0] == len(lines):
-      return values
-  except ValueError:
-    pass
-  split = [line.replace(',', ' ').split() for line in lines]
-  num_cols = len(split[0])
-  for row, number in zip(split, line_numbers):
-    if len(row) != num_cols:
-      raise BadInputError(path, f'{what}: expected {num_cols} numbers (as on the first row), found {len(row)}', number)
-    for token in row:
-      try:
-        float(token)
-      except ValueError:
-        raise BadInputError(path, f'{what}: {token!r} is not a number', number) from None
-  return np.array(split, dtype=np.float64).reshape(len(split), num_cols)
-
-
-def check_finite(path, values: np.ndarray, what: str, line_numbers: Sequence[int] | None = None) -> None:
-  bad = ~np.isfinite(values).all(axis=1)
-  if bad.any():
-    row = int(np.argmax(bad))
-    line = line_numbers[row] if line_numbers is not None else None
-    where = '' if line is not None else f' (row {row})'
-    raise BadInputError(path, f'{what} contains NaN or Inf{where}', line)
-
-
-def colours_to_uint8(path, values: np.ndarray, integer_typed: bool) -> np.ndarray:
-  """0..255 integers pass through; floats in [0, 1] are scaled by 255 (the PLY convention for float colours)."""
-  values = np.asarray(values, dtype=np.float64)
-  if integer_typed or np.all(values == np.round(values)):
-    if values.min() < 0 or values.max() > 255:
-      raise BadInputError(path, f'colours must lie in 0..255, got range [{values.min()}, {values.max()}]')
-    return values.astype(np.uint8)
-  if values.min() < 0 or values.max() > 1:
-    raise BadInputError(
-      path, f'float colours must lie in [0, 1] (or be integers 0..255), got range [{values.min()}, {values.max()}]'
-    )
-  return np.round(values * 255).astype(np.uint8)
-
-
-def text_lines(path, data: bytes) -> tuple[list[str], Sequence[int]]:
-  """Non-blank lines without '#' comments, with their 1-based line numbers."""
-  try:
-    text = data.decode('utf-8')
-  except UnicodeDecodeError as e:
-    raise BadInputError(path, f'not a text file (byte {e.start} is not UTF-8)') from None
-  raw = text.rstrip().splitlines()
-  if '#' not in text:
-    stripped = [line.strip() for line in raw]
-    if all(stripped):  # the common case, without a Python-level loop per line
-      return stripped, range(1, len(stripped) + 1)
-  lines, numbers = [], []
-  for number, line in enumerate(raw, start=1):
-    line = line.split('#', 1)[0].strip()
-    if line:
-      lines.append(line)
-      numbers.append(number)
-  return lines, numbers
 
 
 def read_image(path, preprocess, missing: str = 'image file not found') -> np.ndarray:

@@ -7,8 +7,10 @@ import re
 
 import numpy as np
 
-from cg3d_jax.data import mesh_sampling
-from cg3d_jax.data.readers import BadInputError, PointCloud, check_finite, colours_to_uint8, parse_rows, text_lines
+from cg3d_jax.data.formats import mesh_sampling
+from cg3d_jax.data.formats.point_cloud import PointCloud, check_finite, colours_to_uint8
+from cg3d_jax.data.formats.text_rows import parse_rows, text_lines
+from cg3d_jax.errors import BadInputError
 
 _OFF_HEADER = re.compile(r'^(C?N?OFF)(.*)$')
 
@@ -48,7 +50,7 @@ def read_off(path, data: bytes, mesh_points: int, seed: int) -> PointCloud:
       f'({num_vertices + num_faces} lines), the file has {body_lines} line(s) after the '
       'header',
     )
-  vertices = parse_rows(path, vertex_lines, vertex_numbers, 'vertex')
+  vertices = parse_rows(path, vertex_lines, vertex_numbers, 'vertex').values
   needed = 3 + (3 if 'N' in kind else 0) + (3 if kind.startswith('C') else 0)
   if vertices.shape[1] < needed:
     raise BadInputError(

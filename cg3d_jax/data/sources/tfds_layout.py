@@ -1,0 +1,153 @@
+"""CG3D's layout: the TFDS datasets (ShapeNet-55 with renders for pretraining, ModelNet and ScanObjectNN for
+evaluation), read through the per-host tf.data pipelines (data/pipeline.py). This module imports TensorFlow."""
+
+import jax
+import numpy as np
+
+from cg3d_jax.data import builders, pipeline
+from cg3d_jax.data.sources.source import EvalData, TrainData
+from cg3d_jax.errors import ConfigError
+
+
+def train_data(config) -> TrainData:
+  """config.data's TFDS dataset (prepared on first use from config.data.manual_dir), with its class names."""
+  if config.model.in_channels != 3:
+    raise ConfigError(
+      f'config.model.in_channels={config.model.in_channels}: the TFDS datasets ({config.data.name}) '
+      "carry xyz only; coloured encoders train on OpenShape's layout (--config pretrain_openshape)"
+    )
+  builder = builders.get_builder(
+    config.data.name,
+    data_dir=config.data.data_dir,
+    manual_dir=config.data.manual_dir,
+    skip_bad=config.data.skip_bad,
+    process_count=jax.process_count(),
+  )
+  class_names = builders.class_names(builder)
+
+  def batches(start_step: int, *, sharding, num_templates: int = 1, preprocess=None):
+    return pipeline.make_pretrain_iterator(
+      config.data,
+      global_batch_size=config.train.batch_size,
+      sharding=sharding,
+      num_templates=num_templates,
+      seed=config.seed,
+      start_step=start_step,
+      **(preprocess.pipeline_settings() if preprocess is not None else {}),
+    )
+
+  return TrainData(
+    recipe='cg3d',
+    describe=f'{len(class_names)} classes',
+    num_examples=pipeline.num_examples(config.data),
+    steps_per_epoch=pipeline.steps_per_epoch(config.data, config.train.batch_size),
+    channels=3,
+    class_names=class_names,
+    feature_dim=None,
+    batches=batches,
+  )
+
+
+def _split(
+  name,
+  *,
+  data_dir,
+  manual_dir,
+  skip_bad,
+  split,
+  batch_size,
+  num_stored_points,
+  max_examples,
+  fields,
+  process_count,
+  view_index=0,
+  record=None,
+) -> EvalData:
+  builder = builders.checked_builder(
+    name, data_dir=data_dir, manual_dir=manual_dir, skip_bad=skip_bad, process_count=process_count, fields=fields
+  )
+
+  def batches(sharding, preprocess=None):
+    images = {} if preprocess is None else dict(**preprocess.pipeline_settings(), view_index=view_index)
+    return pipeline.make_eval_iterator(
+      name,
+      data_dir=data_dir,
+      manual_dir=manual_dir,
+      batch_size=batch_size,
+      sharding=sharding,
+      num_points_stored=num_stored_points,
+      split=split,
+      max_examples=max_examples,
+      skip_bad=skip_bad,
+      **images,
+    )
+
+  def prepared():
+    return builders.get_builder(
+      name, data_dir=data_dir, manual_dir=manual_dir, skip_bad=skip_bad, process_count=process_count, fields=fields
+    )
+
+  return EvalData(
+    name=name,
+    source=name,
+    class_names=builders.class_names(builder),
+    channels=3,
+    batches=batches,
+    record=record or {},
+    read_view=_view_reader(prepared, split, view_index),
+  )
+
+
+def validation_data(config) -> EvalData:
+  """config.eval.split of the training dataset (its first config.eval.max_examples objects)."""
+  return _split(
+    config.data.name,
+    data_dir=config.data.data_dir,
+    manual_dir=config.data.manual_dir,
+    skip_bad=config.data.skip_bad,
+    split=config.eval.split,
+    batch_size=config.eval.batch_size,
+    num_stored_points=config.data.num_stored_points,
+    max_examples=config.eval.max_examples,
+    fields=builders.DATA_FIELDS,
+    process_count=jax.process_count(),
+  )
+
+
+def eval_data(ev, process_count: int = 1) -> EvalData:
+  """The split config.eval names; unknown or unprepared datasets fail here, before any model loads."""
+  return _split(
+    ev.dataset,
+    data_dir=ev.data_dir,
+    manual_dir=ev.manual_dir,
+    skip_bad=ev.skip_bad,
+    split=ev.split,
+    batch_size=ev.batch_size,
+    num_stored_points=ev.num_stored_points,
+    max_examples=ev.max_examples,
+    fields=builders.EVAL_FIELDS,
+    process_count=process_count,
+    view_index=ev.get('view_index', 0),
+    record={'num_stored_points': ev.num_stored_points, 'split': ev.split},
+  )
+
+
+def _view_reader(prepared, split: str, view_index: int):
+  """read_view: one object's render straight from the prepared TFDS files (cached); prepares on first use."""
+  import tensorflow_datasets as tfds
+
+  cache, builder = {}, []
+
+  def fetch(index: int) -> np.ndarray:
+    if index not in cache:
+      builder[:] = builder or [prepared()]
+      example = next(
+        iter(tfds.as_numpy(builder[0].as_dataset(split=f'{split}[{index}:{index + 1}]', shuffle_files=False)))
+      )
+      views = example['views']
+      if not 0 <= view_index < len(views):
+        raise ValueError(f'object {index} of {split} has {len(views)} views; view_index={view_index} is out of range')
+      cache[index] = np.asarray(views[view_index])
+    return cache[index]
+
+  return fetch

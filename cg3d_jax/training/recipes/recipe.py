@@ -1,0 +1,99 @@
+"""What a pretraining recipe is, and what the recipes share. A recipe holds what differs between ways of pretraining
+(the model and state, the compiled step, its fixed inputs, the batches, the validation): CG3D's own (cg3d.py: renders
+through the frozen, prompt-tuned image tower, captions from class names), OpenShape's stored features
+(stored_features.py) and CG3D's method on OpenShape's renders (renders.py). The data source names the recipe its
+data calls for (data/sources); the loop around every recipe is one (training/pretrain.py)."""
+
+import dataclasses
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+
+from cg3d_jax.data.sources import source
+from cg3d_jax.errors import ConfigError
+from cg3d_jax.evaluators import evaluator
+from cg3d_jax.models.cg3d import CG3D
+from cg3d_jax.training import common
+from cg3d_jax.training.optim import ENCODER, PROMPTS
+
+
+@dataclasses.dataclass
+class Setup:
+  """The model, state and shardings a recipe builds once from the config."""
+
+  config: Any
+  mesh: jax.sharding.Mesh
+  model: CG3D
+  clip: Any  # LoadedCLIP, or None when the step runs no CLIP tower
+  tx: Any
+  labels_fn: Any
+  state: dict
+  frozen: dict
+  text_table: jax.Array | None
+  class_names: list
+  shardings: dict
+  steps_per_epoch: int
+  total_steps: int
+
+
+@dataclasses.dataclass
+class Recipe:
+  setup: Setup
+  batches: Callable[[int], Iterator[dict]]  # start step -> global batches
+  step: Callable[[int], Any]  # global step -> the compiled step (state, *fixed_inputs, batch) -> (state, metrics)
+  fixed_inputs: tuple  # what every step also takes: frozen CLIP and the caption table, or nothing
+  evaluator: Callable[[], Any]  # -> an evaluator (run(variables) -> metrics), built on first use
+  eval_variables: Callable[[dict], dict]
+  rules: list
+  what: str  # for the log line
+
+
+def initial_state(config, mesh, trainable: dict, tx, encoder_vars: dict, rng) -> tuple[dict, dict]:
+  """Step 0's train state, placed on the mesh, and its shardings: what a checkpoint restores into."""
+  state = dict(
+    step=jnp.zeros((), jnp.int32),
+    params=trainable,
+    opt_state=tx.init(trainable),
+    batch_stats=encoder_vars.get('batch_stats', {}),
+    rng=jax.random.key_data(rng),
+    bad_steps=jnp.zeros((), jnp.int32),
+  )
+  return common.place_state(state, mesh, config)
+
+
+def from_config(config) -> Recipe:
+  """The recipe config.data's source calls for, built (data checked first, then model and state)."""
+  from cg3d_jax.training.recipes import cg3d, renders, stored_features
+
+  data = source.train_source(config)
+  recipes = {'cg3d': cg3d.recipe, 'stored_features': stored_features.recipe, 'renders': renders.recipe}
+  return recipes[data.recipe](config, data)
+
+
+def active_groups(config, setup_params: dict, step: int, steps_per_epoch: int) -> tuple[str, ...]:
+  """The groups that global step `step` updates. Alternating mode follows the original runner, which alternates on
+  the batch's index within its epoch (`idx % 2`): the encoder on even indices, the prompts on odd ones, so with an
+  odd number of batches per epoch an epoch's last batch and the next epoch's first both train the encoder."""
+  has_prompts = 'clip' in setup_params
+  if not has_prompts:
+    return (ENCODER,)
+  if config.train.mode == 'joint':
+    return (ENCODER, PROMPTS)
+  if config.train.mode == 'alternating':
+    return (ENCODER,) if (step % steps_per_epoch) % 2 == 0 else (PROMPTS,)
+  raise ConfigError(f"config.train.mode must be 'joint' or 'alternating', got {config.train.mode!r}")
+
+
+def validation_evaluator(config, setup: Setup, clip_params, tokenizer):
+  """Zero-shot on the split config.eval names for validation (the training data's config.eval.split, or a layout
+  set); the text tower is frozen and prompt-less, so its classifier is built once."""
+  return evaluator.from_config(
+    config.eval,
+    source.validation_source(config),
+    model=setup.model,
+    clip_params=clip_params,
+    tokenizer=tokenizer,
+    mesh=setup.mesh,
+    sharding=setup.shardings['batch'],
+  )
