@@ -96,11 +96,7 @@ def _export_pretraining(trained, out: pathlib.Path, fmt: str):
       'no classification head (config.model.num_classes is unset): the original '
       'PointTransformerProject builds cls_head_finetune, so its strict load will report it missing'
     )
-  written = (
-    [cg3d_pth.write_cg3d_checkpoint(out, container)]
-    if fmt == 'cg3d'
-    else list(cg3d_pth.write_safetensors_checkpoint(out, container))
-  )
+  written = cg3d_pth.write_container(out, container, fmt)
   print(
     f'exported step {trained.step} of {trained.source} ({trained.encoder_name}, {len(container["base_model"])} '
     f'state-dict entries, visual_clip_model: {cg3d_pth.describe_visual(container)}) to '
@@ -113,21 +109,19 @@ def _export_finetune(finetuned, out: pathlib.Path, fmt: str):
 
   if fmt != 'cg3d':
     raise InputError(f'--out {out}: a fine-tuned classifier is exported in the original .pth format only')
-
   config = finetuned.config
   metrics = finetuned.metrics or {}
-  state_dict = cg3d_pth.classifier_state_dict(
+  entries = cg3d_pth.write_finetune_checkpoint(
+    out,
     config.model.encoder,
-    finetuned.variables['params'],
-    finetuned.variables['batch_stats'],
-    num_batches_tracked=finetuned.step,
+    finetuned.variables,
+    step=finetuned.step,
+    epoch=int(metrics.get('epoch', 0)) if EPOCH.value < 0 else EPOCH.value,
+    accuracy=100.0 * float(metrics.get('val/top1', 0)),
   )
-  epoch = int(metrics.get('epoch', 0)) if EPOCH.value < 0 else EPOCH.value
-  container = cg3d_pth.finetune_container(state_dict, epoch=epoch, accuracy=100.0 * float(metrics.get('val/top1', 0)))
-  cg3d_pth.write_cg3d_checkpoint(out, container)
   print(
     f'exported fine-tuned step {finetuned.step} of {finetuned.source} ({config.model.encoder}, '
-    f'{len(state_dict)} state-dict entries, {config.model.num_classes} classes) to {out}'
+    f'{entries} state-dict entries, {config.model.num_classes} classes) to {out}'
   )
 
 

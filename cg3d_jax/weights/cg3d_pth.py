@@ -193,6 +193,22 @@ def write_cg3d_checkpoint(path, container: Mapping[str, Any]) -> pathlib.Path:
   return path
 
 
+def write_container(path, container: Mapping[str, Any], fmt: str) -> list[pathlib.Path]:
+  """The container as `fmt` says: 'cg3d' (the original .pth) or 'safetensors' (tensors + JSON sidecar)."""
+  if fmt == 'cg3d':
+    return [write_cg3d_checkpoint(path, container)]
+  return list(write_safetensors_checkpoint(path, container))
+
+
+def write_finetune_checkpoint(
+  path, encoder: str, variables: Mapping[str, Any], *, step: int, epoch: int, accuracy: float
+) -> int:
+  """A fine-tuned classifier as Point-BERT's fine-tune .pth (accuracy in percent); returns its state-dict size."""
+  state_dict = classifier_state_dict(encoder, variables['params'], variables['batch_stats'], num_batches_tracked=step)
+  write_cg3d_checkpoint(path, finetune_container(state_dict, epoch=epoch, accuracy=accuracy))
+  return len(state_dict)
+
+
 def sidecar_path(path) -> pathlib.Path:
   return pathlib.Path(path).with_suffix('.json')
 
