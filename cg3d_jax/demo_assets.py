@@ -19,9 +19,9 @@ def main(argv):
   del argv
   config = cli.require_config()
   root = cli.require(ROOT, '--root /tmp/cg3d_demo/demo_assets')
-  from cg3d_jax.synthetic import demo_assets
+  from cg3d_jax.synthetic import demo_inputs
 
-  assets = demo_assets.write(root, config.demo)
+  assets = demo_inputs.write(root, config.demo)
   print(' '.join(assets.overrides()))
 
 

@@ -375,12 +375,12 @@ def test_slip_args_namespace_is_the_only_object_allowed(small_slip):
 def test_demo_assets_can_write_a_random_slip(tmp_path):
   from cg3d_jax.configs import demo
   from cg3d_jax.errors import ConfigError
-  from cg3d_jax.synthetic import demo_assets
+  from cg3d_jax.synthetic import demo_inputs
 
   config = demo.get_config()
   config.demo.clip_kind = 'slip'
   config.demo.synthetic.update(dict(num_train_per_class=1, num_test_per_class=1, num_points=64, image_size=32))
-  assets = demo_assets.write(tmp_path / 'assets', config.demo)
+  assets = demo_inputs.write(tmp_path / 'assets', config.demo)
   assert assets.clip_path.endswith('slip.pt')
   loaded = load_clip(assets.clip_path, prompt_mode='deep', num_prompts=5)
   assert loaded.kind == 'slip' and loaded.spec.projection_dim == config.model.embed_dim
@@ -390,7 +390,7 @@ def test_demo_assets_can_write_a_random_slip(tmp_path):
   )
   config.demo.clip.vision_width = 96
   with pytest.raises(ConfigError, match='multiple of 64'):
-    demo_assets.write(tmp_path / 'other', config.demo)
+    demo_inputs.write(tmp_path / 'other', config.demo)
 
 
 class _Shape:

@@ -75,7 +75,7 @@ def total_steps(config, steps_per_epoch: int) -> int:
   'original': the original runner loops over range(start_epoch, max_epoch + 1))."""
   if config.train.total_steps:
     return int(config.train.total_steps)
-  extra = 1 if config.train.get('lr_schedule', 'per_epoch') == 'original' else 0
+  extra = 1 if config.train.lr_schedule == 'original' else 0
   return int((config.train.epochs + extra) * steps_per_epoch)
 
 

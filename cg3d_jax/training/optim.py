@@ -367,7 +367,7 @@ def optimizer_rules(config) -> list:
   # epoch rather than its own update count. lr_stepping 'original' applies the runner's end-of-epoch scheduler
   # calls (optim module docstring), whose cosine spans config.train.epochs although the runner trains one more.
   alternating = config.train.mode == 'alternating'
-  stepping = dict(lr_stepping=config.train.get('lr_schedule', 'per_epoch'))
+  stepping = dict(lr_stepping=config.train.lr_schedule)
   if stepping['lr_stepping'] == 'original':
     stepping['epochs'] = int(config.train.epochs)
   return [

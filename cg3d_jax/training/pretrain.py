@@ -25,7 +25,7 @@ def train(config, workdir: str) -> dict:
   common.validate_config(config, device_count=jax.device_count())
   if config.train.get('mode') not in ('joint', 'alternating'):
     raise ConfigError(f"config.train.mode={config.train.get('mode')!r}: expected 'joint' or 'alternating'")
-  if config.train.get('lr_schedule', 'per_epoch') not in optim.LR_STEPPINGS:
+  if config.train.lr_schedule not in optim.LR_STEPPINGS:
     raise ConfigError(f'config.train.lr_schedule={config.train.lr_schedule!r}: expected one of {optim.LR_STEPPINGS}')
   recipe = recipes.from_config(config)
   setup = recipe.setup
