@@ -53,17 +53,17 @@ def validate_config(config, *, device_count: int) -> None:
     raise ConfigError(
       f"config.model.encoder={config.model.get('encoder')!r}: expected 'point_transformer' or 'pointmlp'"
     )
-  channels = config.model.get('in_channels', 3)
+  channels = config.model.in_channels
   if channels not in (3, 6):
     raise ConfigError(f'config.model.in_channels={channels!r}: expected 3 (xyz) or 6 (xyz + rgb)')
   points = config.model.get('num_points')
   if not isinstance(points, int) or points < 1:
     raise ConfigError(f'config.model.num_points={points!r} must be a positive integer')
   for group in ('model', 'clip'):
-    attention = config[group].get('attention', 'auto') if group in config else 'auto'
+    attention = config[group].attention
     if attention not in ATTENTION_IMPLEMENTATIONS:
       raise ConfigError(f'config.{group}.attention={attention!r}: expected one of {list(ATTENTION_IMPLEMENTATIONS)}')
-    remat = config[group].get('remat', 'none') if group in config else 'none'
+    remat = config[group].remat
     if not (isinstance(remat, bool) or remat in REMAT_POLICIES):
       raise ConfigError(
         f"config.{group}.remat={remat!r}: expected one of {list(REMAT_POLICIES)} (what was True is now 'full')"
