@@ -29,7 +29,9 @@ def evaluate(config, checkpoint: str, workdir: str, devices=None, step: int | No
   from cg3d_jax.data.sources import source
   from cg3d_jax.evaluators import evaluator, zeroshot
   from cg3d_jax.models.cg3d import CG3D
+  from cg3d_jax.training import config_checks
 
+  config_checks.check(config)  # every setting, before any data or model
   ev = config.eval
   if ev.task not in evaluator.TASKS:
     raise ConfigError(f"config.eval.task must be 'zeroshot' or 'retrieval', got {ev.task!r}")

@@ -30,6 +30,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from cg3d_jax.data import builders, host_batches, tf_transforms
+from cg3d_jax.errors import ConfigError
 
 class_names = builders.class_names
 
@@ -236,7 +237,7 @@ def steps_per_epoch(data_config, global_batch_size: int) -> int:
   """Full global batches per pass over the training split (for per-epoch schedules; batches run across epochs)."""
   n = num_examples(data_config)
   if n < global_batch_size:
-    raise ValueError(
+    raise ConfigError(
       f'the training split {data_config.name}/{data_config.train_split} has {n} examples, fewer '
       f'than one global batch of {global_batch_size} (config.train.batch_size)'
     )
@@ -322,6 +323,8 @@ def eval_local_batches(
   builder = builders.get_builder(
     name, data_dir=data_dir, manual_dir=manual_dir, skip_bad=skip_bad, process_count=process_count
   )
+  if split not in builder.info.splits:
+    raise ConfigError(f'config.eval.split={split!r}: {builder.name} has splits {sorted(builder.info.splits)}')
   n = builder.info.splits[split].num_examples
   n = n if max_examples is None else min(n, max_examples)
   with_image = 'views' in builder.info.features and image_size is not None

@@ -16,7 +16,6 @@ from cg3d_jax import sharding
 from cg3d_jax.checkpoints import CHECKPOINTS_DIR, CheckpointDamagedError, Checkpointer
 from cg3d_jax.errors import ConfigError
 from cg3d_jax.metric_writer import MetricsWriter
-from cg3d_jax.models.layers import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 
 
 def make_mesh(config, devices=None) -> jax.sharding.Mesh:
@@ -31,42 +30,6 @@ def check_batch_sizes(config, mesh: jax.sharding.Mesh, names=('train', 'eval')) 
       raise ConfigError(
         f'config.{name}.batch_size={size} must be a positive multiple of the {mesh.size} devices '
         f'of the mesh, e.g. --config.{name}.batch_size={mesh.size * max(1, size // mesh.size)}'
-      )
-
-
-def validate_config(config, *, device_count: int) -> None:
-  """The settings a run needs, checked before any data or model is touched; each error names its field."""
-  for name in ('train', 'eval'):
-    size = config[name].get('batch_size')
-    if not isinstance(size, int) or size < 1 or size % device_count:
-      raise ConfigError(
-        f'config.{name}.batch_size={size!r} must be a positive multiple of the {device_count} devices '
-        f'the batch is split over, e.g. --config.{name}.batch_size='
-        f'{device_count * max(1, (size if isinstance(size, int) else 0) // device_count)}'
-      )
-  steps, epochs = config.train.get('total_steps'), config.train.get('epochs')
-  if steps is not None and (not isinstance(steps, int) or steps < 0):
-    raise ConfigError(f'config.train.total_steps={steps!r} must be a non-negative integer (0 or unset: from epochs)')
-  if not steps and not (isinstance(epochs, (int, float)) and epochs > 0):
-    raise ConfigError(f'config.train.epochs={epochs!r} must be positive when config.train.total_steps is unset')
-  if config.model.get('encoder') not in ('point_transformer', 'pointmlp'):
-    raise ConfigError(
-      f"config.model.encoder={config.model.get('encoder')!r}: expected 'point_transformer' or 'pointmlp'"
-    )
-  channels = config.model.in_channels
-  if channels not in (3, 6):
-    raise ConfigError(f'config.model.in_channels={channels!r}: expected 3 (xyz) or 6 (xyz + rgb)')
-  points = config.model.get('num_points')
-  if not isinstance(points, int) or points < 1:
-    raise ConfigError(f'config.model.num_points={points!r} must be a positive integer')
-  for group in ('model', 'clip'):
-    attention = config[group].attention
-    if attention not in ATTENTION_IMPLEMENTATIONS:
-      raise ConfigError(f'config.{group}.attention={attention!r}: expected one of {list(ATTENTION_IMPLEMENTATIONS)}')
-    remat = config[group].remat
-    if not (isinstance(remat, bool) or remat in REMAT_POLICIES):
-      raise ConfigError(
-        f"config.{group}.remat={remat!r}: expected one of {list(REMAT_POLICIES)} (what was True is now 'full')"
       )
 
 

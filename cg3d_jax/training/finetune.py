@@ -33,7 +33,7 @@ from cg3d_jax.evaluators.classification import ClassificationEvaluator
 from cg3d_jax.models.classifiers import HEAD_PREFIXES, build_classifier, classifier_logits, init_variables
 from cg3d_jax.models.point_ops import sample_points
 from cg3d_jax.trained import TrainedModel, load_trained
-from cg3d_jax.training import common, optim
+from cg3d_jax.training import common, config_checks, optim
 from cg3d_jax.trees import flatten, stack_layers, unflatten, unstack_layers
 
 # Leaves of a pretrained encoder that fine-tuning drops: its CLIP projection and its pretraining head.
@@ -265,7 +265,7 @@ def finetune(config, workdir: str, *, init: str | None = None, devices=None) -> 
 
   devices: the mesh's devices (default: all of every process).
   """
-  common.validate_config(config, device_count=len(devices) if devices else jax.device_count())
+  config_checks.check(config, device_count=len(devices) if devices else jax.device_count())
   source = init or config.finetune.get('init')
   if source and not os.path.exists(os.path.expanduser(str(source))):  # before the dataset is prepared
     raise InputError(f'--init {source}: no such pretraining run or .pth file')

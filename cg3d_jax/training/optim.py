@@ -81,9 +81,9 @@ _COMMON_KEYS = {
 }
 STEPS_ON = ('all', 'even', 'odd')
 LR_STEPPINGS = ('per_epoch', 'original')
-_OPTIMIZER_KEYS = {'adamw': {'b1', 'b2', 'eps'}, 'sgd': {'momentum', 'nesterov'}}
+OPTIMIZER_KEYS = {'adamw': {'b1', 'b2', 'eps'}, 'sgd': {'momentum', 'nesterov'}}
 _DEFAULT_DECAY_MASK = {'adamw': 'original', 'sgd': 'all'}
-_SCHEDULES = ('constant', 'cosine_per_epoch', 'cosine')
+SCHEDULES = ('constant', 'cosine_per_epoch', 'cosine')
 
 Rules = Sequence[tuple[str, Mapping[str, Any] | None]]
 
@@ -119,19 +119,19 @@ def _checked_rules(rules: Rules) -> list[tuple[re.Pattern, str, dict | None]]:
       continue
     settings = _as_dict(settings)
     name = settings.get('name')
-    if name not in _OPTIMIZER_KEYS:
-      raise ValueError(f'optimizer rule {i} ({regex!r}): name must be one of {sorted(_OPTIMIZER_KEYS)}, got {name!r}')
-    unknown = set(settings) - _COMMON_KEYS - _OPTIMIZER_KEYS[name]
+    if name not in OPTIMIZER_KEYS:
+      raise ValueError(f'optimizer rule {i} ({regex!r}): name must be one of {sorted(OPTIMIZER_KEYS)}, got {name!r}')
+    unknown = set(settings) - _COMMON_KEYS - OPTIMIZER_KEYS[name]
     if unknown:
       raise ValueError(
         f'optimizer rule {i} ({regex!r}): unknown settings {sorted(unknown)} for {name}; allowed: '
-        f'{sorted(_COMMON_KEYS | _OPTIMIZER_KEYS[name])}'
+        f'{sorted(_COMMON_KEYS | OPTIMIZER_KEYS[name])}'
       )
     if 'lr' not in settings:
       raise ValueError(f'optimizer rule {i} ({regex!r}): lr is required')
-    if settings.get('schedule', 'constant') not in _SCHEDULES:
+    if settings.get('schedule', 'constant') not in SCHEDULES:
       raise ValueError(
-        f'optimizer rule {i} ({regex!r}): schedule must be one of {_SCHEDULES}, got {settings["schedule"]!r}'
+        f'optimizer rule {i} ({regex!r}): schedule must be one of {SCHEDULES}, got {settings["schedule"]!r}'
       )
     if settings.get('weight_decay_mask', 'original') not in ('original', 'all', 'none'):
       raise ValueError(

@@ -11,8 +11,7 @@ from absl import logging
 
 from cg3d_jax import step_cost
 from cg3d_jax.checkpoints import Checkpointer
-from cg3d_jax.errors import ConfigError
-from cg3d_jax.training import common, optim
+from cg3d_jax.training import common, config_checks, optim
 from cg3d_jax.training.recipes import recipe as recipes
 
 
@@ -22,11 +21,7 @@ class NonFiniteError(RuntimeError):
 
 def train(config, workdir: str) -> dict:
   """Train (or resume) in `workdir`; returns the last validation metrics (and the final training metrics)."""
-  common.validate_config(config, device_count=jax.device_count())
-  if config.train.get('mode') not in ('joint', 'alternating'):
-    raise ConfigError(f"config.train.mode={config.train.get('mode')!r}: expected 'joint' or 'alternating'")
-  if config.train.lr_schedule not in optim.LR_STEPPINGS:
-    raise ConfigError(f'config.train.lr_schedule={config.train.lr_schedule!r}: expected one of {optim.LR_STEPPINGS}')
+  config_checks.check(config, device_count=jax.device_count())
   recipe = recipes.from_config(config)
   setup = recipe.setup
   common.check_batch_sizes(config, setup.mesh)
