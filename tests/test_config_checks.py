@@ -67,6 +67,8 @@ ZERO_MEANS = {
   'data.openshape.rgb_random_drop_prob': 'never drop the colours',
   'mesh.min_fsdp_size': 'shard every parameter over fsdp',
   'finetune.label_smoothing': 'no smoothing',
+  'finetune.eval_every_epochs': 'no evaluation until the end',
+  'finetune.fps_points': "the original's table (1024 -> 1200 points, ...)",
   'drop_path_rate': 'no stochastic depth',
   'head_dropout': 'no dropout in the classification head',
   'b1': 'no first-moment averaging',
@@ -171,3 +173,42 @@ def test_a_split_smaller_than_one_global_batch_is_one_line_naming_the_batch_size
   with pytest.raises(ConfigError, match=r'fewer than one global batch of 512 \(config.train.batch_size\)'):
     pretrain.train(config, str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()
+
+
+def _command_cases(config_name: str, limit: int) -> list[tuple[str, str]]:
+  """(field, command-line value) pairs the validation refuses, of the field's own type (a value of the wrong type
+  never reaches validation from the command line: ml_collections refuses it while parsing)."""
+  shipped = importlib.import_module(f'cg3d_jax.configs.{config_name}').get_config(None)
+  cases = []
+  for path, good in _leaves(shipped):
+    if path.startswith(NOT_FUZZED) or isinstance(good, bool) or good is None:
+      continue
+    if isinstance(good, int):
+      bad = [0, -1]
+    elif isinstance(good, float):
+      bad = [-1.0]
+    elif isinstance(good, str):
+      bad = ['no_such_word']
+    else:
+      continue
+    for value in bad:
+      config = copy.deepcopy(shipped)
+      _set(config, path, value)
+      try:
+        config_checks.check(config, device_count=8)
+      except ConfigError:
+        cases.append((path, str(value)))
+        break
+  step = max(1, len(cases) // limit)
+  return cases[::step][:limit]
+
+
+@pytest.mark.parametrize('field,value', _command_cases('demo', 24))
+def test_refused_settings_stop_the_train_command_as_validation_says(tmp_path, capsys, field, value):
+  """A sample of the fuzz cases through the real command, as a user types them: validation and execution agree."""
+  argv = ['--config', 'demo', '--workdir', str(tmp_path / 'run'), f'--config.{field}={value}']
+  argv += ['--config.data.manual_dir', str(tmp_path / 'raw'), '--config.data.data_dir', str(tmp_path / 'tfds')]
+  code = run_command(train.main, argv)
+  err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+  assert code == 2 and err and err[-1].startswith('error: ') and f'config.{field}' in err[-1], err
+  assert not any(tmp_path.iterdir())

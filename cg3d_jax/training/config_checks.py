@@ -279,12 +279,7 @@ def check_logging(config) -> None:
 
 
 def check_data(config) -> None:
-  points = _int(config, 'data.num_stored_points')
-  if points < _get(config, 'model.num_points'):
-    raise ConfigError(
-      f'config.data.num_stored_points={points} is fewer than config.model.num_points='
-      f'{_get(config, "model.num_points")}: the encoder samples its points from the stored ones'
-    )
+  _int(config, 'data.num_stored_points')
   _bool(config, 'data.augment')
   _float(config, 'data.augment_prob', high=1.0)
   _int(config, 'data.num_views')
@@ -315,9 +310,9 @@ def check_finetune(config) -> None:
   """config.finetune: the fine-tuning recipe (training/finetune.py)."""
   p = 'finetune'
   _path(config, f'{p}.init')
-  _int(config, f'{p}.eval_every_epochs')
-  points = _int(config, f'{p}.fps_points')
-  if points < _get(config, 'model.num_points'):
+  _int(config, f'{p}.eval_every_epochs', low=0)  # 0: no evaluation until the end
+  points = _int(config, f'{p}.fps_points', low=0, optional=True)  # unset or 0: the original's table
+  if points and points < _get(config, 'model.num_points'):
     raise ConfigError(
       f'config.{p}.fps_points={points} is fewer than config.model.num_points={_get(config, "model.num_points")}: '
       'each training cloud is farthest-point sampled to fps_points, then num_points are drawn from them'
