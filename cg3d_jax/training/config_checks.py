@@ -94,18 +94,23 @@ def _has(config, path: str) -> bool:
   return True
 
 
+def _check_compute(config, section: str) -> None:
+  """How a tower computes (config.model or config.clip): dtype, attention, remat, scanned layers."""
+  _choice(config, f'{section}.dtype', DTYPES)
+  _choice(config, f'{section}.attention', list(ATTENTION_IMPLEMENTATIONS))
+  remat = _get(config, f'{section}.remat')
+  if not (isinstance(remat, bool) or remat in REMAT_POLICIES):
+    _fail(f'{section}.remat', remat, f"one of {list(REMAT_POLICIES)} (what was True is now 'full')")
+  _bool(config, f'{section}.scan_layers')
+
+
 def check_model(config) -> None:
   encoder = _choice(config, 'model.encoder', ENCODERS)
   points = _int(config, 'model.num_points')
   if _get(config, 'model.in_channels') not in (3, 6):
     _fail('model.in_channels', _get(config, 'model.in_channels'), '3 (xyz) or 6 (xyz + rgb)')
   _int(config, 'model.embed_dim')
-  _choice(config, 'model.dtype', DTYPES)
-  _choice(config, 'model.attention', list(ATTENTION_IMPLEMENTATIONS))
-  remat = _get(config, 'model.remat')
-  if not (isinstance(remat, bool) or remat in REMAT_POLICIES):
-    _fail('model.remat', remat, f"one of {list(REMAT_POLICIES)} (what was True is now 'full')")
-  _bool(config, 'model.scan_layers')
+  _check_compute(config, 'model')
   if _has(config, 'model.num_classes'):
     _int(config, 'model.num_classes', optional=True)
   if encoder == 'point_transformer':
@@ -152,12 +157,7 @@ def check_model(config) -> None:
 
 def check_clip(config) -> None:
   _path(config, 'clip.path')
-  _choice(config, 'clip.dtype', DTYPES)
-  _choice(config, 'clip.attention', list(ATTENTION_IMPLEMENTATIONS))
-  remat = _get(config, 'clip.remat')
-  if not (isinstance(remat, bool) or remat in REMAT_POLICIES):
-    _fail('clip.remat', remat, f"one of {list(REMAT_POLICIES)} (what was True is now 'full')")
-  _bool(config, 'clip.scan_layers')
+  _check_compute(config, 'clip')
   _choice(config, 'clip.prompt.mode', PROMPT_MODES)
   _int(config, 'clip.prompt.num_tokens')
 
