@@ -1,6 +1,8 @@
 """CG3D's layout: the TFDS datasets (ShapeNet-55 with renders for pretraining, ModelNet and ScanObjectNN for
 evaluation), read through the per-host tf.data pipelines (data/pipeline.py). This module imports TensorFlow."""
 
+import functools
+
 import jax
 import numpy as np
 
@@ -136,18 +138,16 @@ def _view_reader(prepared, split: str, view_index: int):
   """read_view: one object's render straight from the prepared TFDS files (cached); prepares on first use."""
   import tensorflow_datasets as tfds
 
-  cache, builder = {}, []
+  prepared = functools.cache(prepared)
 
+  @functools.cache
   def fetch(index: int) -> np.ndarray:
-    if index not in cache:
-      builder[:] = builder or [prepared()]
-      example = next(
-        iter(tfds.as_numpy(builder[0].as_dataset(split=f'{split}[{index}:{index + 1}]', shuffle_files=False)))
-      )
-      views = example['views']
-      if not 0 <= view_index < len(views):
-        raise ValueError(f'object {index} of {split} has {len(views)} views; view_index={view_index} is out of range')
-      cache[index] = np.asarray(views[view_index])
-    return cache[index]
+    example = next(
+      iter(tfds.as_numpy(prepared().as_dataset(split=f'{split}[{index}:{index + 1}]', shuffle_files=False)))
+    )
+    views = example['views']
+    if not 0 <= view_index < len(views):
+      raise ValueError(f'object {index} of {split} has {len(views)} views; view_index={view_index} is out of range')
+    return np.asarray(views[view_index])
 
   return fetch
