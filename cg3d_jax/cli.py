@@ -6,13 +6,17 @@ Every command with an experiment config takes `--config NAME[:arg]` (a config th
 and outputs. Shipped names resolve to the installed package's own files, so commands work from any folder.
 """
 
+import difflib
 import functools
 import importlib.resources
+import importlib.util
 import os
 import pathlib
+import re
 import sys
 import traceback
 import types
+from typing import NoReturn
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -61,20 +65,99 @@ def _with_resolved_config(argv: list[str]) -> list[str]:
   return out
 
 
+def _stop(message: str) -> NoReturn:
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def _config_named_in(argv: list[str]):
+  """The config --config names in argv (resolved), loaded afresh: ml_collections refuses an override while loading,
+  before the flag holds a value."""
+  for i, arg in enumerate(argv):
+    if arg == '--config' and i + 1 < len(argv):
+      value = argv[i + 1]
+    elif arg.startswith('--config='):
+      value = arg[len('--config=') :]
+    else:
+      continue
+    path, sep, config_arg = resolve_config(value).partition(':')
+    spec = importlib.util.spec_from_file_location('cg3d_config_for_an_error', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(config_arg) if sep else module.get_config()
+  return None
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+  """The first --config.<path>=value whose path the config does not have, said with the fields it has."""
+  config = _config_named_in(argv)
+  for arg in argv:
+    if not arg.startswith('--config.') or config is None:
+      continue
+    keys = arg[len('--config.') :].split('=', 1)[0].split('.')
+    node = config
+    for depth, key in enumerate(keys):
+      if not hasattr(node, 'keys') or key not in node:
+        parent = '.'.join(['config', *keys[:depth]])
+        fields = sorted(node.keys()) if hasattr(node, 'keys') else []
+        near = difflib.get_close_matches(key, fields, n=1)
+        hint = f' (did you mean {near[0]}?)' if near else ''
+        what = f'it has {", ".join(fields)}' if fields else f'it is a setting ({node!r}), not a section'
+        return f'{arg}: {parent} has no field {key!r}{hint}; {what}'
+      node = node[key]
+  return None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing (with --help and usage errors), after turning a shipped config name into its file."""
+  """absl's flag parsing (with --help), after turning a shipped config name into its file; a flag absl or
+  ml_collections refuses (a value of the wrong type, an unknown config field, a missing value) is one `error:` line
+  and exit status 2, as every other input error."""
   try:
-    argv = _with_resolved_config(argv)
+    return flags.FLAGS(_with_resolved_config(argv))
   except app.UsageError as err:
-    print(f'error: {err}', file=sys.stderr)
-    sys.exit(2)
-  return app.parse_flags_with_usage(argv)
+    _stop(str(err))
+  except flags.Error as err:
+    _stop(_unknown_override(argv) or ' '.join(str(err).split()))
+  except (AttributeError, KeyError, TypeError):  # ml_collections refusing an override of a field the config lacks
+    message = _unknown_override(argv)
+    if message is None:
+      raise
+    _stop(message)
+
+
+def _leaves(config, prefix: str = ''):
+  for key, value in config.items():
+    path = f'{prefix}.{key}' if prefix else key
+    if hasattr(value, 'items'):
+      yield from _leaves(value, path)
+    else:
+      yield path, value
+
+
+def named_settings(config, message: str) -> list[str]:
+  """The settings of `config` an error message from library code names, as `config.<path>=<value>`: by their
+  command-line spelling, or by their field name followed by their value ('width 128', "num_heads=3"), the way layers
+  and libraries word their refusals."""
+  found = []
+  for path, value in _leaves(config):
+    if isinstance(value, (tuple, list, dict)) or value is None:
+      continue
+    name, shown = re.escape(path.rsplit('.', 1)[-1]), re.escape(str(value))
+    spelled = re.search(rf'(?<![\w.])config\.{re.escape(path)}(?![\w.])', message)
+    if spelled or re.search(rf'(?<![\w.]){name}\W{{1,3}}{shown}(?![\w.])', message):
+      found.append(f'config.{path}={value!r}')
+  return found
+
+
+def _settings_named_by(err: Exception) -> list[str]:
+  return [] if CONFIG.value is None else named_settings(CONFIG.value, str(err))
 
 
 def guard(main):
   """main, with input errors reported as one line: an `errors.InputError` (a bad file, setting or checkpoint; what
-  the user can fix) prints `error: <message>` and exits with status 2 (its traceback too with --verbose); any other
-  exception is a bug and keeps its traceback."""
+  the user can fix) prints `error: <message>` and exits with status 2 (its traceback too with --verbose), and so does
+  a ValueError or TypeError whose message names a setting of the config (named_settings: a setting the
+  validation let through that a library refused); any other exception is a bug and keeps its traceback."""
 
   def guarded(argv):
     if len(argv) > 1:
@@ -84,8 +167,16 @@ def guard(main):
     except InputError as err:
       if VERBOSE.value:
         traceback.print_exc()
-      print(f'error: {err}', file=sys.stderr)
-      sys.exit(2)
+      _stop(str(err))
+    except (ValueError, TypeError) as err:  # refused by library code: a setting's fault if it names one
+      named = _settings_named_by(err)
+      if not named:
+        raise
+      if VERBOSE.value:
+        traceback.print_exc()
+      message = ' '.join(str(err).split())
+      unspelled = [setting for setting in named if setting.split('=')[0] not in message]
+      _stop(f'{", ".join(unspelled)}: {message}' if unspelled else message)
 
   return guarded
 
