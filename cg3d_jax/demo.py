@@ -43,6 +43,8 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
   print('\n$ ' + shlex.join(args), flush=True)
   done = subprocess.run(args, stdout=subprocess.PIPE, text=True)
   print(done.stdout, end='', flush=True)
+  if done.returncode == 2:  # an input error, which the step has reported as one line below its command
+    sys.exit(2)
   if done.returncode:
     raise InputError(f'demo step failed with status {done.returncode}: {shlex.join(args)}')
   return done

@@ -7,6 +7,7 @@ the package ships), sized by the config's `demo` block; prints the overrides tha
       --config.data.data_dir=DIR/tfds --config.clip.path=DIR/clip
 """
 
+import jax
 from absl import flags
 
 from cg3d_jax import cli
@@ -19,8 +20,11 @@ def main(argv):
   del argv
   config = cli.require_config()
   root = cli.require(ROOT, '--root /tmp/cg3d_demo/demo_assets')
-  from cg3d_jax.synthetic import demo_inputs
+  from cg3d_jax.synthetic import demo_inputs, shapes
+  from cg3d_jax.training import config_checks
 
+  # The devices the demo's training run will split its batch over: this machine's, as that run's.
+  config_checks.check_demo_run(config, device_count=jax.device_count(), families=len(shapes.FAMILIES))
   assets = demo_inputs.write(root, config.demo)
   print(' '.join(assets.overrides()))
 

@@ -79,13 +79,24 @@ def open_train_source(data_config) -> TrainSource:
     )
   root = os.path.expanduser(data_config.manual_dir)
   split = TRAIN_SPLITS.get(data_config.train_split, data_config.train_split)
+  if not os.path.isfile(os.path.join(root, split)):
+    raise ConfigError(
+      f'config.data.train_split={data_config.train_split!r}: {os.path.join(root, split)} is not a file; expected '
+      f'one of {sorted(TRAIN_SPLITS)} or a split file under config.data.manual_dir'
+    )
   shapes = openshape.read_split(os.path.join(root, split), root)
   if not shapes:
     raise BadInputError(os.path.join(root, split), 'lists no shape')
   config = sample_config(data_config)
   flags = {}
   if config.use_text_filtering and 'text' in config.text_source:
-    flags = openshape.read_text_filter(os.path.join(root, data_config.openshape.gpt4_filtering))
+    path = os.path.join(root, data_config.openshape.gpt4_filtering)
+    if not os.path.isfile(path):
+      raise ConfigError(
+        f'config.data.openshape.gpt4_filtering={data_config.openshape.gpt4_filtering!r}: {path} is not a file '
+        "(OpenShape's meta_data/gpt4_filtering.json; or config.data.openshape.use_text_filtering=False)"
+      )
+    flags = openshape.read_text_filter(path)
   first = openshape.read_shape(shapes[0].path, objaverse=shapes[0].dataset == openshape.OBJAVERSE)
   renders = data_config.openshape.get('renders')
   if renders:

@@ -229,7 +229,7 @@ def num_examples(data_config, split: str | None = None) -> int:
   split = split or data_config.train_split
   builder = _builder(data_config, jax.process_count())
   if split not in builder.info.splits:
-    raise ValueError(f'config.data.train_split={split!r}: {builder.name} has splits {sorted(builder.info.splits)}')
+    raise ConfigError(f'config.data.train_split={split!r}: {builder.name} has splits {sorted(builder.info.splits)}')
   return builder.info.splits[split].num_examples
 
 

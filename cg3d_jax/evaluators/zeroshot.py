@@ -49,13 +49,16 @@ def resolve_templates(spec: str | Sequence[str]) -> tuple[str, ...]:
   return spec
 
 
+NAME_STYLES = ('raw', 'words')
+
+
 def prompt_class_names(class_names: Sequence[str], style: str = 'raw') -> list[str]:
   """The names put into the templates: 'raw' as the dataset stores them (CG3D), or 'words' (ULIP)."""
   class_names = list(class_names)
   if style == 'raw':
     return class_names
   if style != 'words':
-    raise ValueError(f"class name style must be 'raw' or 'words', got {style!r}")
+    raise ValueError(f'class name style must be one of {NAME_STYLES}, got {style!r}')
   ulip = template_sets.ulip_modelnet40_names()
   if len(class_names) == len(ulip) and all(
     c.replace('_', ' ') == u or c == u.replace(' ', '_') for c, u in zip(class_names, ulip)

@@ -10,7 +10,6 @@ import pathlib
 
 from absl import logging
 
-from cg3d_jax.errors import ConfigError
 from cg3d_jax.synthetic.objects import SyntheticSettings, ensure_synthetic_shapenet
 from cg3d_jax.synthetic.random_clip import write_random_clip, write_random_slip
 
@@ -34,7 +33,8 @@ class DemoAssets:
 
 
 def write(root, demo_config) -> DemoAssets:
-  """Writes what is missing under `root` (shapenet55/, clip/; tfds/ is filled by the first training run)."""
+  """Writes what is missing under `root` (shapenet55/, clip/; tfds/ is filled by the first training run). The sizes
+  were checked with the rest of the config (training/config_checks.check_demo_run)."""
   root = pathlib.Path(root).resolve()
   syn = demo_config.synthetic
   settings = SyntheticSettings(
@@ -54,28 +54,15 @@ def write(root, demo_config) -> DemoAssets:
       data_dir=str(root / 'tfds'),
       clip_path=_write_slip(root / 'slip.pt', demo_config.clip),
     )
-  if kind != 'transformers':
-    raise ConfigError(f"config.demo.clip_kind={kind!r}: expected 'transformers' or 'slip'")
   clip_dir = root / 'clip'
   if not (clip_dir / 'config.json').is_file():
     vocab = demo_config.vocab_path
-    if vocab and not pathlib.Path(vocab).is_file():
-      raise ConfigError(
-        f'config.demo.vocab_path: the CLIP BPE vocabulary {vocab} does not exist (leave it unset to '
-        "use the package's own copy)"
-      )
     logging.info('demo: writing a random CLIP to %s', clip_dir)
     write_random_clip(clip_dir, vocab_path=vocab or None, **dict(demo_config.clip))
   return DemoAssets(manual_dir=str(root / 'shapenet55'), data_dir=str(root / 'tfds'), clip_path=str(clip_dir))
 
 
 def _write_slip(path: pathlib.Path, sizes) -> str:
-  for name in ('vision_width', 'text_width'):
-    if sizes[name] % 64:
-      raise ConfigError(
-        f"config.demo.clip.{name}={sizes[name]}: a SLIP tower's heads are width / 64, so the width "
-        'must be a multiple of 64'
-      )
   if not path.is_file():
     logging.info('demo: writing a random SLIP checkpoint to %s', path)
     write_random_slip(

@@ -8,21 +8,21 @@ as soon as the size is known, still before training.
 """
 
 import math
+import os
 from typing import Any
 
 from cg3d_jax.clip.templates import template_set_names
+from cg3d_jax.data.sources.openshape_layout import LAYOUTS
 from cg3d_jax.errors import ConfigError
+from cg3d_jax.evaluators.evaluator import TASKS
+from cg3d_jax.evaluators.zeroshot import NAME_STYLES, PROMPT_SETS
+from cg3d_jax.models.cg3d import ENCODERS
+from cg3d_jax.models.clip import PROMPT_MODES
 from cg3d_jax.models.layers import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 from cg3d_jax.training import optim
 
-ENCODERS = ('point_transformer', 'pointmlp')
 DTYPES = ('float32', 'bfloat16', 'float16')
-PROMPT_MODES = ('deep', 'shallow', 'none')
 TRAIN_MODES = ('joint', 'alternating')
-EVAL_PROMPTS = ('precomputed', 'names', 'templates')
-NAME_STYLES = ('raw', 'words')
-EVAL_TASKS = ('zeroshot', 'retrieval')
-LAYOUTS = ('openshape', 'uni3d')
 
 
 def _get(config, path: str):
@@ -78,6 +78,14 @@ def _ints(config, path: str, low: int = 1, length: int | None = None) -> tuple[i
   return tuple(value)
 
 
+def _name(config, path: str, example: str) -> str:
+  """A name checked against what it names where that is read (a dataset, a split): here, its kind."""
+  value = _get(config, path)
+  if not isinstance(value, str) or not value.strip():
+    _fail(path, value, f'a name such as {example!r}')
+  return value
+
+
 def _path(config, path: str) -> str | None:
   value = _get(config, path)
   if value is not None and (not isinstance(value, str) or not value.strip()):
@@ -105,7 +113,7 @@ def _check_compute(config, section: str) -> None:
 
 
 def check_model(config) -> None:
-  encoder = _choice(config, 'model.encoder', ENCODERS)
+  encoder = _choice(config, 'model.encoder', tuple(ENCODERS))
   points = _int(config, 'model.num_points')
   if _get(config, 'model.in_channels') not in (3, 6):
     _fail('model.in_channels', _get(config, 'model.in_channels'), '3 (xyz) or 6 (xyz + rgb)')
@@ -214,16 +222,17 @@ def check_eval(config) -> None:
   if _has(config, 'eval.every_steps'):
     _int(config, 'eval.every_steps', low=0)
   _int(config, 'eval.max_examples', optional=True)
-  if not isinstance(_get(config, 'eval.split'), str) or not _get(config, 'eval.split'):
-    _fail('eval.split', _get(config, 'eval.split'), "a split name such as 'test'")
+  _name(config, 'eval.split', 'test')
+  if _has(config, 'eval.dataset'):
+    _name(config, 'eval.dataset', 'modelnet40')
   _choice(config, 'eval.templates', template_set_names())
-  _choice(config, 'eval.prompts', EVAL_PROMPTS)
+  _choice(config, 'eval.prompts', PROMPT_SETS)
   _choice(config, 'eval.name_style', NAME_STYLES)
   _bool(config, 'eval.normalize_text')
   _ints(config, 'eval.ks')
   # What the evaluation configs add (evaluate's dataset, a layout set's files, retrieval's grid).
   if _has(config, 'eval.task'):
-    _choice(config, 'eval.task', EVAL_TASKS)
+    _choice(config, 'eval.task', TASKS)
   for name in ('data_dir', 'manual_dir', 'list_file'):
     if _has(config, f'eval.{name}'):
       _path(config, f'eval.{name}')
@@ -279,6 +288,10 @@ def check_logging(config) -> None:
 
 
 def check_data(config) -> None:
+  _name(config, 'data.name', 'shapenet55_cg3d')
+  _name(config, 'data.train_split', 'train')
+  _path(config, 'data.manual_dir')
+  _path(config, 'data.data_dir')
   _int(config, 'data.num_stored_points')
   _bool(config, 'data.augment')
   _float(config, 'data.augment_prob', high=1.0)
@@ -325,6 +338,66 @@ def check_finetune(config) -> None:
     _check_optimizer(config, f'{p}.optim.{encoder}')
 
 
+DEMO_CLIP_KINDS = ('transformers', 'slip')
+SLIP_HEAD_WIDTH = 64  # a SLIP tower's heads are width / 64 (synthetic/random_clip.write_random_slip)
+VIEWS_PER_OBJECT = 5  # the ShapeNet-55 builder reads 000.png ... 004.png of each object (data/shapenet55.py)
+
+
+def check_demo(config) -> None:
+  """config.demo: the sizes of the offline demo's procedural dataset and random CLIP (synthetic/demo_inputs.py)."""
+  kind = _choice(config, 'demo.clip_kind', DEMO_CLIP_KINDS)
+  vocab = _path(config, 'demo.vocab_path')
+  if vocab is not None and not os.path.isfile(vocab):
+    raise ConfigError(
+      f"config.demo.vocab_path={vocab!r}: no such file; expected a CLIP BPE vocabulary (unset: the package's copy)"
+    )
+  p = 'demo.synthetic'
+  for name in ('num_train_per_class', 'num_test_per_class', 'num_points', 'image_size'):
+    _int(config, f'{p}.{name}')
+  views = _int(config, f'{p}.num_views')
+  if views < VIEWS_PER_OBJECT:
+    raise ConfigError(
+      f'config.{p}.num_views={views}: the ShapeNet-55 layout it is written in holds {VIEWS_PER_OBJECT} views per '
+      f'object, all of which the dataset build reads'
+    )
+  _int(config, f'{p}.seed', low=0)
+  p = 'demo.clip'
+  sizes = {name: _int(config, f'{p}.{name}') for name in ('patch_size', 'image_size', 'projection_dim')}
+  _int(config, f'{p}.seed', low=0)
+  if sizes['image_size'] % sizes['patch_size']:
+    raise ConfigError(
+      f'config.{p}.image_size={sizes["image_size"]} is not divisible by config.{p}.patch_size={sizes["patch_size"]}'
+    )
+  for tower in ('vision', 'text'):
+    width = _int(config, f'{p}.{tower}_width')
+    _int(config, f'{p}.{tower}_layers')
+    heads = SLIP_HEAD_WIDTH if kind == 'slip' else _int(config, f'{p}.{tower}_heads')
+    if width % heads:
+      per = f"a SLIP tower's heads are width / {SLIP_HEAD_WIDTH}"
+      if kind != 'slip':
+        per = f'config.{p}.{tower}_heads={heads}'
+      raise ConfigError(f'config.{p}.{tower}_width={width} is not divisible by {heads} ({per})')
+
+
+def check_demo_run(config, *, device_count: int, families: int) -> None:
+  """What the demo's assets (`families` shape families) must give the training run the same config drives: a
+  training split of at least one global batch, and a CLIP that projects into the encoder's embedding width."""
+  check(config, device_count=device_count)
+  per_class, batch = _get(config, 'demo.synthetic.num_train_per_class'), _get(config, 'train.batch_size')
+  if per_class * families < batch:
+    raise ConfigError(
+      f'config.demo.synthetic.num_train_per_class={per_class} writes {per_class * families} training objects '
+      f'({families} families x {per_class}), fewer than one global batch of config.train.batch_size={batch}: '
+      f'at least {-(-batch // families)} per class, or a smaller batch'
+    )
+  width, embed = _get(config, 'demo.clip.projection_dim'), _get(config, 'model.embed_dim')
+  if width != embed:
+    raise ConfigError(
+      f'config.demo.clip.projection_dim={width} differs from config.model.embed_dim={embed}: the encoder projects '
+      "into the CLIP's joint space"
+    )
+
+
 def check(config, *, device_count: int | None = None) -> None:
   """Every section `config` holds, in the order a run meets them; the first bad field raises ConfigError."""
   if device_count is not None:
@@ -350,3 +423,5 @@ def check(config, *, device_count: int | None = None) -> None:
   check_mesh(config, device_count)
   check_checkpoint(config)
   check_logging(config)
+  if _has(config, 'demo'):
+    check_demo(config)
