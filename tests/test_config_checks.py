@@ -6,6 +6,9 @@ import copy
 import importlib
 import math
 import pkgutil
+import re
+import subprocess
+import sys
 
 import ml_collections
 import pytest
@@ -13,13 +16,13 @@ import pytest
 import cg3d_jax.configs
 from cg3d_jax import train
 from cg3d_jax.errors import ConfigError
-from cg3d_jax.training import config_checks, pretrain
-from tests.conftest import run_command, tiny_config
+from cg3d_jax.training import config_checks
+from tests.conftest import REPO_ROOT, run_command
+
+TINY_CONFIG = REPO_ROOT / 'tests' / 'configs' / 'tiny_test.py'
+LOG_LINE = re.compile(r'[IWEF]\d{4} \d\d:\d\d:\d\d')  # absl's log lines, which also go to stderr
 
 CONFIG_ARGS = {'zeroshot_scanobjectnn': 'obj_bg', 'finetune_scanobjectnn': 'obj_bg'}
-# Checked elsewhere, against what they name, before any model is built: the dataset by its builder or layout
-# (data.builders.checked_builder, data/sources/openshape_layout.py), folders and files by whether they exist.
-NOT_FUZZED = ('data.name', 'data.manual_dir', 'data.data_dir', 'data.train_split', 'eval.dataset', 'demo.')
 HUGE = (10**9, 1e12)
 
 
@@ -84,6 +87,17 @@ ZERO_MEANS = {
 }
 
 
+# Names whose every valid word only the data knows: the registered builders and layouts (data.builders, data/sources),
+# a layout's split files, a filtering file. test_names_only_the_data_knows_... runs each through a command.
+NAMES_CHECKED_WHERE_READ = (
+  'data.name',
+  'data.train_split',
+  'eval.dataset',
+  'eval.split',
+  'data.openshape.gpt4_filtering',
+)
+
+
 def accepted_because(config, path: str, value) -> str | None:
   """Why (path, value) is a valid setting, or None when validation must refuse it."""
   encoder = config.model.encoder
@@ -104,8 +118,8 @@ def accepted_because(config, path: str, value) -> str | None:
     return '-1 takes the devices left over'
   if path == 'logging.profile_steps' and value in ((), (0,)):
     return 'no profile, or a profile of step 0'
-  if path in ('eval.split', 'data.openshape.gpt4_filtering') and value == 'no_such_word':
-    return 'a name checked against the files when they are read (one line naming the setting)'
+  if path in NAMES_CHECKED_WHERE_READ and value == 'no_such_word':
+    return 'a name checked against what it names where that is read (one line naming it)'
   return None
 
 
@@ -119,8 +133,6 @@ def test_every_bad_leaf_of_every_shipped_config_is_refused_by_name_or_accepted_f
     shipped = importlib.import_module(f'cg3d_jax.configs.{module.name}').get_config(CONFIG_ARGS.get(module.name))
     config_checks.check(shipped, device_count=8)  # every shipped config is valid as shipped
     for path, good in _leaves(shipped):
-      if path.startswith(NOT_FUZZED):
-        continue
       for bad in _bad_values(good):
         config = copy.deepcopy(shipped)
         _set(config, path, bad)
@@ -165,23 +177,152 @@ def test_the_train_command_stops_a_bad_setting_with_one_line_before_any_work(tmp
   assert not any(tmp_path.iterdir())
 
 
+def _one_error_line(capsys) -> str:
+  err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+  assert len(err) == 1 and err[0].startswith('error: '), err
+  return err[0]
+
+
+def _tiny_argv(tiny_clip_dir, tiny_shapenet, *overrides) -> list[str]:
+  """The train command's config: tests/configs/tiny_test.py on the fixtures' CLIP and prepared dataset."""
+  manual, data = tiny_shapenet
+  argv = ['--config', str(TINY_CONFIG), f'--config.clip.path={tiny_clip_dir}']
+  return argv + [f'--config.data.manual_dir={manual}', f'--config.data.data_dir={data}', *overrides]
+
+
 def test_a_split_smaller_than_one_global_batch_is_one_line_naming_the_batch_size(
-  tmp_path, tiny_clip_dir, tiny_shapenet
+  tmp_path, capsys, tiny_clip_dir, tiny_shapenet
 ):
-  """Relations that need the data are checked as soon as its size is known, still before training."""
-  config = tiny_config(tiny_clip_dir, tiny_shapenet, **{'train.batch_size': 8 * 64, 'eval.batch_size': 8})
-  with pytest.raises(ConfigError, match=r'fewer than one global batch of 512 \(config.train.batch_size\)'):
-    pretrain.train(config, str(tmp_path / 'run'))
-  assert not (tmp_path / 'run').exists()
+  """The issue's second case at the tests' size (78 training objects, a global batch of 80): relations that need
+  the data are checked as soon as its size is known, still before any model is built or anything written."""
+  argv = _tiny_argv(tiny_clip_dir, tiny_shapenet, '--config.train.batch_size=80', '--workdir', str(tmp_path / 'run'))
+  assert run_command(train.main, argv) == 2
+  line = _one_error_line(capsys)
+  assert 'has 78 examples, fewer than one global batch of 80 (config.train.batch_size)' in line, line
+  assert not any(tmp_path.iterdir())
+
+
+def test_the_demo_at_two_objects_per_class_stops_before_writing_anything(tmp_path):
+  """The issue's case exactly as a user runs it: the demo command at 2 objects per class with the demo's batch of 32.
+  Its first step (demo_assets) knows the split it would write (13 families x 2 = 26 objects) and stops with one line;
+  the demo stops with that step's status, adding no second line."""
+  done = subprocess.run(
+    [sys.executable, '-m', 'cg3d_jax.demo', '--workdir', str(tmp_path / 'demo')]
+    + ['--override', 'demo.synthetic.num_train_per_class=2'],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  err = [line for line in done.stderr.splitlines() if line.strip() and not LOG_LINE.match(line)]
+  assert done.returncode == 2 and len(err) == 1, (done.returncode, done.stderr[-3000:])
+  assert err[0].startswith('error: config.demo.synthetic.num_train_per_class=2 writes 26 training objects'), err
+  assert 'fewer than one global batch of config.train.batch_size=32' in err[0], err
+  assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+  'argv,message',
+  [
+    (['--config.train.batch_size=abc'], 'error: flag --config.train.batch_size=abc: invalid literal for int()'),
+    (
+      ['--config.train.batchsize=8'],
+      "--config.train.batchsize=8: config.train has no field 'batchsize' (did you mean batch_size?)",
+    ),
+    (
+      ['--config.trian.mode=joint'],
+      "--config.trian.mode=joint: config has no field 'trian' (did you mean train?)",
+    ),
+    (['--config.train.mode.x=1'], "config.train.mode has no field 'x'; it is a setting ('joint'), not a section"),
+    (['--config.train.mode'], 'error: Missing value for flag --config.train.mode'),
+    (['--config', 'no_such_config'], "error: --config 'no_such_config': no such file, and 'no_such_config' is not"),
+  ],
+)
+def test_a_setting_the_command_line_cannot_parse_is_one_line_before_any_work(tmp_path, capsys, argv, message):
+  """What absl and ml_collections refuse while parsing (a value of the wrong type, a field the config lacks, a
+  missing value) was a FATAL line and a help hint with status 1, or a traceback: now one line and status 2."""
+  code = run_command(train.main, ['--config', 'demo', '--workdir', str(tmp_path / 'run'), *argv])
+  line = _one_error_line(capsys)
+  assert code == 2 and message in line, line
+  assert not any(tmp_path.iterdir())
+
+
+def test_a_setting_the_validation_misses_that_a_library_refuses_is_one_line_naming_it(
+  tmp_path, capsys, monkeypatch, tiny_clip_dir, tiny_shapenet
+):
+  """The safety net under the validation (cli.guard): with the validation switched off, the issue's first case
+  reaches the PointTransformer, which refuses it from inside the jitted initialisation; the user still gets one line
+  naming both settings, exit 2, and nothing written."""
+  monkeypatch.setattr(config_checks, 'check', lambda *args, **kwargs: None)
+  argv = _tiny_argv(
+    tiny_clip_dir, tiny_shapenet, '--config.model.point_transformer.width=32', '--workdir', str(tmp_path / 'run')
+  )
+  argv.append('--config.model.point_transformer.num_heads=3')
+  assert run_command(train.main, argv) == 2
+  line = _one_error_line(capsys)
+  assert line == (
+    'error: config.model.point_transformer.num_heads=3, config.model.point_transformer.width=32: '
+    'PointTransformer: width 32 is not divisible by num_heads 3'
+  ), line
+  assert not any(tmp_path.iterdir())
+
+
+def test_an_error_that_names_no_setting_keeps_its_traceback(tmp_path):
+  """A ValueError that names no setting is a bug, not an input error: the guard lets it through."""
+
+  def main(argv):
+    raise ValueError('shapes (3, 4) and (5,) do not broadcast')
+
+  with pytest.raises(ValueError, match='do not broadcast'):
+    run_command(main, ['--config', 'demo', '--workdir', str(tmp_path / 'run')])
+
+
+def test_names_only_the_data_knows_are_checked_where_read_with_one_line_naming_them(
+  tmp_path, capsys, tiny_clip_dir, tiny_shapenet, tiny_checkpoint
+):
+  """The fuzz's NAMES_CHECKED_WHERE_READ, a word that names nothing, through the commands that read them."""
+  from cg3d_jax import evaluate
+  from cg3d_jax.synthetic.openshape_objects import write_openshape_layout
+
+  layout = write_openshape_layout(
+    tmp_path / 'openshape',
+    classes=('sphere', 'box'),
+    train_per_class=2,
+    lvis_per_class=1,
+    num_points=64,
+    feature_dim=16,
+  )
+  manual, data = tiny_shapenet
+  missing = [f'--config.data.manual_dir={tmp_path / "raw"}', f'--config.data.data_dir={tmp_path / "tfds"}']
+  runs = {
+    'data.name': (train.main, ['--config', 'demo', *missing]),
+    'data.train_split': (train.main, _tiny_argv(tiny_clip_dir, tiny_shapenet)),
+    'data.openshape.gpt4_filtering': (
+      train.main,
+      ['--config', 'pretrain_openshape', f'--config.data.manual_dir={layout}'],
+    ),
+    'eval.dataset': (evaluate.main, ['--config', 'zeroshot_modelnet40', '--checkpoint', str(tiny_checkpoint)]),
+    'eval.split': (
+      evaluate.main,
+      ['--config', 'zeroshot_demo', '--checkpoint', str(tiny_checkpoint), f'--config.eval.data_dir={data}'],
+    ),
+  }
+  lines = {}
+  for field, (main, argv) in runs.items():
+    workdir = tmp_path / 'runs' / field
+    code = run_command(main, [*argv, '--workdir', str(workdir), f'--config.{field}=no_such_word'])
+    lines[field] = _one_error_line(capsys)
+    assert code == 2 and f'config.{field}' in lines[field], (field, lines[field])
+    assert not workdir.exists(), field
+  print(lines)
 
 
 def _command_cases(config_name: str, limit: int) -> list[tuple[str, str]]:
   """(field, command-line value) pairs the validation refuses, of the field's own type (a value of the wrong type
-  never reaches validation from the command line: ml_collections refuses it while parsing)."""
+  never reaches validation from the command line: the parser refuses it, test_a_setting_the_command_line_...)."""
   shipped = importlib.import_module(f'cg3d_jax.configs.{config_name}').get_config(None)
   cases = []
   for path, good in _leaves(shipped):
-    if path.startswith(NOT_FUZZED) or isinstance(good, bool) or good is None:
+    if isinstance(good, bool) or good is None:
       continue
     if isinstance(good, int):
       bad = [0, -1]
@@ -203,12 +344,27 @@ def _command_cases(config_name: str, limit: int) -> list[tuple[str, str]]:
   return cases[::step][:limit]
 
 
-@pytest.mark.parametrize('field,value', _command_cases('demo', 24))
-def test_refused_settings_stop_the_train_command_as_validation_says(tmp_path, capsys, field, value):
-  """A sample of the fuzz cases through the real command, as a user types them: validation and execution agree."""
-  argv = ['--config', 'demo', '--workdir', str(tmp_path / 'run'), f'--config.{field}={value}']
-  argv += ['--config.data.manual_dir', str(tmp_path / 'raw'), '--config.data.data_dir', str(tmp_path / 'tfds')]
-  code = run_command(train.main, argv)
-  err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-  assert code == 2 and err and err[-1].startswith('error: ') and f'config.{field}' in err[-1], err
+COMMANDS = {'train': 'demo', 'evaluate': 'zeroshot_modelnet40', 'finetune': 'finetune_modelnet40'}
+SAMPLES = {'train': 24, 'evaluate': 8, 'finetune': 8}
+
+
+@pytest.mark.parametrize(
+  'command,field,value',
+  [(command, *case) for command, name in COMMANDS.items() for case in _command_cases(name, SAMPLES[command])],
+)
+def test_refused_settings_stop_the_commands_as_validation_says(tmp_path, capsys, command, field, value):
+  """A sample of the fuzz cases through the real commands, as a user types them: validation and execution agree
+  (one line naming the field, exit 2, nothing written; the data folders and checkpoint named do not exist, so any
+  work done before the check would fail differently)."""
+  from cg3d_jax import evaluate, finetune
+
+  main = {'train': train.main, 'evaluate': evaluate.main, 'finetune': finetune.main}[command]
+  argv = ['--config', COMMANDS[command], '--workdir', str(tmp_path / 'run'), f'--config.{field}={value}']
+  if command == 'evaluate':
+    argv += ['--checkpoint', str(tmp_path / 'no_run')]
+  else:
+    argv += [f'--config.data.manual_dir={tmp_path / "raw"}', f'--config.data.data_dir={tmp_path / "tfds"}']
+  code = run_command(main, argv)
+  line = _one_error_line(capsys)
+  assert code == 2 and f'config.{field}' in line, line
   assert not any(tmp_path.iterdir())
