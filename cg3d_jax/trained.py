@@ -23,6 +23,7 @@ from cg3d_jax.clip.loaded_clip import LoadedCLIP, load_clip
 from cg3d_jax.errors import InputError
 from cg3d_jax.models.cg3d import CG3D, build_encoder
 from cg3d_jax.models.classifiers import build_classifier
+from cg3d_jax.models.point_transformer import PointTransformer
 
 TORCH_SUFFIXES = ('.pth', '.pt', '.safetensors')
 
@@ -95,9 +96,14 @@ def _load(path, step, num_points, model_config) -> TrainedModel:
 
 
 def _load_torch_file(path: pathlib.Path, num_points: int, model_config) -> TrainedModel:
-  from cg3d_jax.weights import cg3d_pth  # torch only on this path
+  from cg3d_jax.weights import cg3d_pth, ulip  # torch only on this path
 
-  encoder_name, params, batch_stats, prompts, info = cg3d_pth.load_cg3d_checkpoint(path, model_config=model_config)
+  loaded = cg3d_pth.load_file(path)  # one read, whichever family wrote the file
+  if ulip.is_ulip_container(loaded):
+    return _load_ulip(path, loaded, model_config)
+  encoder_name, params, batch_stats, prompts, info = cg3d_pth.load_cg3d_checkpoint(
+    path, model_config=model_config, loaded=loaded
+  )
   saved = info['config'] or {}
   if saved:
     config = ml_collections.ConfigDict(saved)
@@ -120,6 +126,51 @@ def _load_torch_file(path: pathlib.Path, num_points: int, model_config) -> Train
     source=str(path),
     metrics=info['metrics'] or None,
     frozen_visual=info['frozen_visual'],
+  )
+
+
+def _load_ulip(path: pathlib.Path, loaded, model_config) -> TrainedModel:
+  """A released ULIP / ULIP-2 checkpoint: its Point-BERT encoder with the bias-free projection, no prompts. ULIP-1's
+  file holds the SLIP towers it aligns to, so it is its own CLIP; ULIP-2's CLIP (OpenCLIP ViT-bigG-14) is given."""
+  from cg3d_jax.weights import ulip
+
+  state = ulip.point_state(path, loaded)
+  model = None
+  if model_config is not None:
+    model = PointTransformer.from_config(model_config).clone(projection_bias=False, num_classes=None)
+  model, params, batch_stats, _ = ulip.from_torch(path, state, model)
+  release = ulip.release_of(model)
+  own_towers = 'visual.pos_embed' in state and 'token_embedding.weight' in state
+  config = ml_collections.ConfigDict(
+    {
+      'model': {
+        'encoder': 'point_transformer',
+        'num_points': release.num_points if release else 8192,
+        'embed_dim': model.embed_dim,
+        'in_channels': model.in_channels,
+        'point_transformer': {
+          'width': model.width,
+          'depth': model.depth,
+          'num_heads': model.num_heads,
+          'num_groups': model.num_groups,
+          'group_size': model.group_size,
+          'projection_bias': False,
+        },
+      },
+      'clip': {'path': str(path) if own_towers else None, 'prompt': {'mode': 'none', 'num_tokens': 0}},
+      'family': release.name if release else f'ULIP (Point-BERT, {model.embed_dim}-dimensional projection)',
+    }
+  )
+  epoch = loaded.get('epoch')
+  return TrainedModel(
+    encoder=model,
+    encoder_vars={'params': jax.tree.map(jnp.asarray, params), 'batch_stats': jax.tree.map(jnp.asarray, batch_stats)},
+    prompts=None,
+    prompt_mode='none',
+    config=config,
+    step=epoch if isinstance(epoch, int) else 0,
+    source=str(path),
+    metrics={'best_acc1': float(loaded['best_acc1'])} if isinstance(loaded.get('best_acc1'), (int, float)) else None,
   )
 
 

@@ -42,6 +42,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       drop_path_rate=0.1,
       head_hidden=256,
       head_dropout=0.5,
+      projection_bias=True,  # False: ULIP / ULIP-2's bias-free pc_projection (their released encoders)
     )
   )
   c.model.pointmlp = ml_collections.ConfigDict(

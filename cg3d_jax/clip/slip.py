@@ -45,7 +45,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 VISION_HEADS = {384: 12, 768: 12, 1024: 16}  # SLIP's ViT-S/16 (MoCo v3's small: 12 heads), B/16, L/16
 SLIP_MODELS = {384: 'SLIP_VITS16', 768: 'SLIP_VITB16', 1024: 'SLIP_VITL16'}
-_IGNORED = re.compile(r'^image_mlp\.')  # SLIP's SSL head
+# SLIP's SSL head; the point side of a ULIP checkpoint, which holds the SLIP towers it aligns to (weights/ulip.py).
+_IGNORED = re.compile(r'^(image_mlp\.|point_encoder\.|pc_projection$)')
 _VISION_BLOCK = re.compile(r'^visual\.blocks\.(\d+)\.')
 _TEXT_BLOCK = re.compile(r'^transformer\.resblocks\.(\d+)\.')
 

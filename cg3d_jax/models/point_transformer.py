@@ -3,7 +3,8 @@
 points (B, N, 3) (or (B, N, 6) xyz + rgb with in_channels=6, ULIP-2's coloured Point-BERT) -> FPS + kNN groups
 (G x K) -> mini-PointNet token per group -> Linear to the width -> [cls | groups]
 -> `depth` pre-norm blocks with the position embedding added to every block's input -> LayerNorm
--> [cls | max over groups] (2 x width, "the pooled feature") -> Linear to `embed_dim` (CLIP space, not normalised).
+-> [cls | max over groups] (2 x width, "the pooled feature") -> Linear to `embed_dim` (CLIP space, not normalised;
+without a bias for ULIP's released encoders, whose `pc_projection` is a plain matrix).
 An optional head (2 x width -> head_hidden -> ReLU -> Dropout -> num_classes) is kept for fine-tuning and so that
 exports load strictly into the original PyTorch code.
 
@@ -153,6 +154,7 @@ class PointTransformer(nn.Module):
   embed_dim: int = 512
   num_classes: int | None = None  # None: no head. 55: the pre-training head that exports keep.
   in_channels: int = 3  # 6: xyz + rgb, ULIP-2's coloured Point-BERT (grouping on xyz, colours into the PointNet)
+  projection_bias: bool = True  # False: ULIP's `pc_projection`, a bias-free matrix on the pooled feature
   head_hidden: int = 256
   head_dropout: float = 0.5
   dtype: Any = jnp.float32
@@ -183,6 +185,7 @@ class PointTransformer(nn.Module):
       attention=model_config.get('attention', 'auto'),
       scan_layers=model_config.get('scan_layers', True),
       in_channels=model_config.get('in_channels', 3),
+      projection_bias=pt.get('projection_bias', True),
     )
 
   @nn.compact
@@ -230,7 +233,7 @@ class PointTransformer(nn.Module):
     features = jnp.concatenate([x[:, 0], jnp.max(x[:, 1:], axis=1)], axis=-1)
 
     # Both heads are always built so that init creates every parameter a strict export needs.
-    embedding = dense(self.embed_dim, name='projection')(features)
+    embedding = dense(self.embed_dim, use_bias=self.projection_bias, name='projection')(features)
     logits = None
     if self.num_classes is not None:
       h = nn.relu(dense(self.head_hidden, name='cls_head_0')(features))

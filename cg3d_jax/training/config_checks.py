@@ -143,6 +143,8 @@ def check_model(config) -> None:
     _float(config, f'{p}.drop_path_rate', high=0.99)
     _int(config, f'{p}.head_hidden')
     _float(config, f'{p}.head_dropout', high=0.99)
+    if _has(config, f'{p}.projection_bias'):
+      _bool(config, f'{p}.projection_bias')
   else:
     p = 'model.pointmlp'
     _int(config, f'{p}.embed_dim')

@@ -178,6 +178,7 @@ class PointTransformerProject(nn.Module):
     head_hidden: int = 256,
     head_dropout: float = 0.5,
     in_channels: int = 3,
+    projection: bool = True,
   ):
     super().__init__()
     self.num_groups, self.group_size = num_groups, group_size
@@ -185,7 +186,8 @@ class PointTransformerProject(nn.Module):
     self.cls_pos = nn.Parameter(torch.randn(1, 1, width))
     self.encoder = Encoder(encoder_dim, input_dim=in_channels)  # 6: ULIP-2's PointTransformer_Colored
     self.reduce_dim = nn.Linear(encoder_dim, width)
-    self.projection = nn.Linear(2 * width, embed_dim)
+    if projection:  # ULIP's point encoders have none: the model around them holds pc_projection
+      self.projection = nn.Linear(2 * width, embed_dim)
     self.pos_embed = nn.Sequential(nn.Linear(3, 128), nn.GELU(), nn.Linear(128, width))
     dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
     self.blocks = TransformerEncoder(width, depth, num_heads, mlp_ratio, dpr)
@@ -225,6 +227,49 @@ class PointTransformerProject(nn.Module):
 
   def forward_logits(self, pts: torch.Tensor) -> torch.Tensor:
     return self.cls_head_finetune(self.pooled_features(pts))
+
+
+class ULIPPointBERT(nn.Module):
+  """ULIP's point side (salesforce/ULIP models/ULIP_models.py): `point_encoder` (models/pointbert/point_encoder.py
+  PointTransformer, or PointTransformer_Colored with in_channels=6: CG3D's blocks without projection or head) and the
+  bias-free `pc_projection` [2 x width, embed_dim] its encode_pc multiplies with; the keys of the released files'
+  `state_dict` after `module.`, the CLIP towers aside. ULIP-1: 512 wide to SLIP's 512; ULIP-2: 18 blocks, xyz + rgb,
+  to OpenCLIP ViT-bigG-14's 1280."""
+
+  def __init__(
+    self,
+    *,
+    depth: int = 12,
+    embed_dim: int = 512,
+    in_channels: int = 3,
+    width: int = 384,
+    num_heads: int = 6,
+    num_groups: int = 512,
+    group_size: int = 32,
+    encoder_dim: int = 256,
+    mlp_ratio: float = 4.0,
+    drop_path_rate: float = 0.1,
+  ):
+    super().__init__()
+    self.point_encoder = PointTransformerProject(
+      width=width,
+      depth=depth,
+      num_heads=num_heads,
+      mlp_ratio=mlp_ratio,
+      num_groups=num_groups,
+      group_size=group_size,
+      encoder_dim=encoder_dim,
+      drop_path_rate=drop_path_rate,
+      num_classes=None,
+      in_channels=in_channels,
+      projection=False,
+    )
+    self.pc_projection = nn.Parameter(torch.empty(2 * width, embed_dim))
+    nn.init.normal_(self.pc_projection, std=embed_dim**-0.5)
+
+  def forward(self, pts: torch.Tensor) -> torch.Tensor:
+    """ULIP's encode_pc: the pooled feature times pc_projection (not normalised)."""
+    return self.point_encoder.pooled_features(pts) @ self.pc_projection
 
 
 def num_parameters(module: nn.Module) -> int:

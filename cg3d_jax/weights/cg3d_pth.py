@@ -25,6 +25,7 @@ Reading always uses `torch.load(..., weights_only=True)`: a file that needs any 
 plain containers is refused before anything in it runs.
 """
 
+import argparse
 import collections
 import json
 import os
@@ -242,9 +243,17 @@ def write_safetensors_checkpoint(path, container: Mapping[str, Any]) -> tuple[pa
 # --- reading ------------------------------------------------------------------------------------------------------
 
 
-def _torch_load(path: pathlib.Path):
+def load_file(path):
+  """What a `.pth` / `.pt` holds (the one safe load: weights_only, `argparse.Namespace` allowed for the `args` that
+  SLIP's and ULIP's files carry), so that the families' readers share it; None for a `.safetensors` (read_container
+  reads it)."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f'{path}: no such checkpoint file')
+  if path.suffix == '.safetensors':
+    return None
   try:
-    return torch_files.load(path, what='a PyTorch checkpoint')
+    return torch_files.load(path, allowed=(argparse.Namespace,), what='a PyTorch checkpoint')
   except BadInputError as err:
     raise CheckpointFormatError(path, err.reason) from None
 
@@ -268,14 +277,16 @@ def _read_safetensors(path: pathlib.Path) -> dict[str, Any]:
   return container
 
 
-def read_container(path) -> dict[str, Any]:
-  """A `.pth` (original or exported) or an exported `.safetensors` -> the container dict (plain values, tensors)."""
+def read_container(path, loaded=None) -> dict[str, Any]:
+  """A `.pth` (original or exported) or an exported `.safetensors` -> the container dict (plain values, tensors).
+  loaded: what load_file(path) returned, when the caller has read it already."""
   path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f'{path}: no such checkpoint file')
   if path.suffix == '.safetensors':
+    if not path.is_file():
+      raise FileNotFoundError(f'{path}: no such checkpoint file')
     return _read_safetensors(path)
-  loaded = _torch_load(path)
+  if loaded is None:
+    loaded = load_file(path)
   if not isinstance(loaded, Mapping):
     raise CheckpointFormatError(
       path,
@@ -420,7 +431,7 @@ def _numpy(value) -> np.ndarray:
   return value.astype(np.float32)
 
 
-def load_cg3d_checkpoint(path, model=None, model_config=None):
+def load_cg3d_checkpoint(path, model=None, model_config=None, loaded=None):
   """An original CG3D `.pth` or an exported `.pth` / `.safetensors` -> Flax variables.
 
   Returns (encoder name ('point_transformer' or 'pointmlp'), params, batch_stats, prompts or None, info).
@@ -435,7 +446,7 @@ def load_cg3d_checkpoint(path, model=None, model_config=None):
   Missing, unexpected and mis-shaped keys are errors that name each key.
   """
   path = pathlib.Path(path)
-  container = read_container(path)
+  container = read_container(path, loaded)
   base = container['base_model']
   if not isinstance(base, Mapping) or not all(isinstance(v, torch.Tensor) for v in base.values()):
     raise CheckpointFormatError(path, 'base_model is not a state dict of tensors')

@@ -1,0 +1,196 @@
+"""ULIP's and ULIP-2's released Point-BERT encoders (weights/ulip.py): the twin has the keys and shapes ULIP's own code
+gives its checkpoints (tests/fixtures/reference/ulip_state_dict_keys.tsv), the JAX encoder computes the twin's
+features on real ModelNet40 clouds, a file in ULIP's layout loads, scores and converts back exactly, and bad files
+are one line each."""
+
+import argparse
+import ast
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from cg3d_jax import trained
+from cg3d_jax.errors import InputError
+from cg3d_jax.models.point_transformer import PointTransformer
+from cg3d_jax.twins.point_transformer import ULIPPointBERT
+from cg3d_jax.weights import ulip
+from tests.conftest import FIXTURES, NEAR_TIE, grouping_margin
+from tests.test_point_transformer import load_objects
+
+REFERENCE = FIXTURES / 'reference' / 'ulip_state_dict_keys.tsv'
+# Real width, two blocks, fewer groups: parity at a size that compiles quickly (the real sizes are the key list's).
+SMALL = dict(depth=2, num_groups=64, group_size=32)
+
+
+def reference_sections() -> dict[str, dict[str, tuple]]:
+  sections, current = {}, None
+  for line in REFERENCE.read_text().splitlines():
+    if line.startswith('# ulip'):
+      current = sections.setdefault(line[2:].split()[0], {})
+    elif current is not None and line.strip() and not line.startswith('#'):
+      key, shape, dtype = line.split('\t')
+      current[key] = (tuple(ast.literal_eval(shape)), dtype)
+  return sections
+
+
+def twin_keys(twin: torch.nn.Module) -> dict[str, tuple]:
+  return {k: (tuple(v.shape), str(v.dtype)) for k, v in twin.state_dict().items()}
+
+
+def test_the_twin_has_the_keys_shapes_and_order_of_ulips_released_files():
+  """The reference was listed from ULIP's own modules (commit f194ddb) at both releases' configs."""
+  sections = reference_sections()
+  assert set(sections) == {'ulip', 'ulip2'}
+  released = {'ulip': dict(depth=12, embed_dim=512), 'ulip2': dict(depth=18, embed_dim=1280, in_channels=6)}
+  for name, sizes in released.items():
+    got = twin_keys(ULIPPointBERT(**sizes))
+    assert list(got) == list(sections[name]), name
+    assert got == sections[name], name
+    names = [e.torch_key for e in ulip.entries(sizes['depth'])]
+    assert names == list(got), name  # the name map walks the state dict in its own order
+
+
+@pytest.fixture(scope='module')
+def points() -> np.ndarray:
+  clouds = load_objects(FIXTURES, num_points=1024)
+  for cloud in clouds:
+    assert grouping_margin(cloud, [(SMALL['num_groups'], SMALL['group_size'])]) > NEAR_TIE
+  return clouds
+
+
+def _ulip_file(tmp_path, twin: ULIPPointBERT, *, extra=None, name='ulip.pt') -> tuple:
+  """A checkpoint in ULIP main.py's layout around the twin's weights (module.-prefixed, args, optimizer state)."""
+  state = {'module.' + k: v for k, v in twin.state_dict().items()}
+  state.update(extra or {})
+  path = tmp_path / name
+  container = {
+    'epoch': 7,
+    'state_dict': state,
+    'optimizer': {'state': {}, 'param_groups': [{'lr': 3e-3, 'params': [0, 1]}]},
+    'scaler': {},
+    'best_acc1': 61.5,
+    'args': argparse.Namespace(model='ULIP_PointBERT', npoints=8192),
+  }
+  torch.save(container, path)
+  return path, state
+
+
+def _randomised_twin(seed: int, **sizes) -> ULIPPointBERT:
+  torch.manual_seed(seed)
+  twin = ULIPPointBERT(**sizes, drop_path_rate=0.0).eval()
+  with torch.no_grad():
+    twin.point_encoder.cls_token.normal_(0, 0.02)
+    for module in twin.modules():
+      if isinstance(module, torch.nn.BatchNorm1d):
+        module.running_mean.normal_(0, 0.1)
+        module.running_var.uniform_(0.5, 2.0)
+  return twin
+
+
+@pytest.mark.parametrize('in_channels', [3, 6])
+def test_features_equal_the_twin_on_real_clouds_in_float64_and_float32(tmp_path, points, in_channels):
+  """ULIP-1 (xyz) and ULIP-2 (xyz + rgb): read from a file in ULIP's layout, the JAX encoder gives the twin's
+  `encode_pc` (pooled feature @ pc_projection) within 1e-9 in float64 and 1e-4 in float32."""
+  embed = 512 if in_channels == 3 else 1280
+  twin = _randomised_twin(in_channels, **SMALL, embed_dim=embed, in_channels=in_channels)
+  path, _ = _ulip_file(tmp_path, twin)
+  clouds = points
+  if in_channels == 6:
+    rgb = np.random.default_rng(5).uniform(0, 1, points.shape[:2] + (3,)).astype(np.float32)
+    clouds = np.concatenate([points, rgb], axis=-1)
+  loaded = trained.load_trained(path)
+  model = loaded.encoder.clone(num_groups=SMALL['num_groups'], drop_path_rate=0.0)  # the file does not record it
+  assert (model.num_heads, model.in_channels, model.embed_dim, model.projection_bias) == (6, in_channels, embed, False)
+  with torch.no_grad():
+    want64 = twin.double()(torch.from_numpy(clouds.astype(np.float64))).numpy()
+    want32 = twin.float()(torch.from_numpy(clouds)).numpy()
+  got32 = np.asarray(model.apply(loaded.encoder_vars, clouds, train=False))
+  np.testing.assert_allclose(got32, want32, atol=1e-4, rtol=0)
+  _, state = _ulip_file(tmp_path, twin.double(), name='ulip64.pt')
+  with jax.enable_x64(True):
+    params, stats = _float64_variables(model, {k[len('module.') :]: v for k, v in state.items()})
+    got64 = np.asarray(
+      model.clone(dtype=jnp.float64).apply(
+        {'params': params, 'batch_stats': stats}, clouds.astype(np.float64), train=False
+      )
+    )
+  assert np.max(np.abs(got64 - want64)) <= 1e-9
+
+
+def _float64_variables(model: PointTransformer, state: dict):
+  """The state dict's float64 values in the Flax layout (ulip.from_torch converts to float32, the commands' dtype)."""
+  from cg3d_jax.trees import stack_layers, unflatten
+  from cg3d_jax.weights import torch_io
+
+  flat: dict = {}
+  for entry in ulip.entries(model.depth):
+    if entry.collection:
+      value = state[entry.torch_key].detach().numpy().astype(np.float64)
+      flat.setdefault(entry.collection, {})[entry.flax_path] = torch_io._to_flax_layout(entry.kind, value)
+  return stack_layers(unflatten(flat['params'])), unflatten(flat['batch_stats'])
+
+
+def test_a_released_file_converts_back_to_the_same_state_dict_bitwise(tmp_path):
+  twin = _randomised_twin(3, **SMALL, embed_dim=512)
+  path, state = _ulip_file(tmp_path, twin, extra={'module.logit_scale': torch.tensor(2.6)})
+  loaded = trained.load_trained(path)
+  back = ulip.to_torch(loaded.encoder_vars['params'], loaded.encoder_vars['batch_stats'])
+  original = twin.state_dict()
+  assert list(back) == list(original)
+  for key, value in original.items():
+    assert back[key].dtype == value.dtype and torch.equal(back[key], value), key
+  strict = ULIPPointBERT(**SMALL, embed_dim=512)
+  strict.load_state_dict(back, strict=True)
+  assert loaded.config.family == 'ULIP (Point-BERT)' and loaded.step == 7 and loaded.metrics == {'best_acc1': 61.5}
+  assert loaded.num_points == 8192 and loaded.config.clip.path is None  # no SLIP towers in this file
+
+
+def test_bad_ulip_files_are_one_line_each(tmp_path):
+  twin = _randomised_twin(0, **SMALL, embed_dim=512)
+  good, state = _ulip_file(tmp_path, twin)
+  missing = dict(state)
+  del missing['module.point_encoder.blocks.blocks.1.mlp.fc2.weight']
+  torch.save({'state_dict': missing, 'args': argparse.Namespace()}, tmp_path / 'missing.pt')
+  wrong = dict(state, **{'module.pc_projection': torch.zeros(768, 300)})
+  wrong['module.point_encoder.reduce_dim.weight'] = torch.zeros(384, 128)
+  torch.save({'state_dict': wrong}, tmp_path / 'wrong.pt')
+  (tmp_path / 'truncated.pt').write_bytes(good.read_bytes()[:5000])
+
+  class Code:
+    def __reduce__(self):
+      return (print, ('ran',))
+
+  torch.save({'state_dict': state, 'args': Code()}, tmp_path / 'code.pt')
+  cases = {
+    'missing.pt': r'missing keys \[point_encoder\.blocks\.blocks\.1\.mlp\.fc2\.weight\]',
+    'wrong.pt': r'point_encoder\.reduce_dim\.weight: got \(384, 128\), expected \(384, 256\)',
+    'truncated.pt': r'truncated\.pt: ',
+    'code.pt': r'code\.pt: .*(refus|not allowed|unsafe|Unsupported)',
+  }
+  for name, message in cases.items():
+    with pytest.raises(InputError, match=message) as caught:
+      trained.load_trained(tmp_path / name)
+    assert '\n' not in str(caught.value), (name, str(caught.value))
+
+
+def test_a_ulip_file_with_its_slip_towers_is_its_own_clip(tmp_path, points):
+  """ULIP-1's files hold the SLIP towers its points align to: the file scores by itself (with_clip reads the towers
+  from it, the point side aside), equal to the same towers read from a SLIP file, in the projection's 512-wide space
+  of this test's size (32 here)."""
+  from cg3d_jax.clip.loaded_clip import load_clip
+  from cg3d_jax.synthetic import random_clip
+
+  towers = random_clip.slip_state_dict(seed=4, embed_dim=32)
+  slip_path = random_clip.write_slip_checkpoint(tmp_path / 'slip.pt', towers)
+  twin = _randomised_twin(1, **SMALL, embed_dim=32)
+  path, _ = _ulip_file(tmp_path, twin, extra={'module.' + k: torch.as_tensor(v) for k, v in towers.items()})
+  loaded = trained.load_trained(path)
+  assert loaded.config.clip.path == str(path)
+  scoring = trained.with_clip(loaded)
+  assert scoring.clip.kind == 'slip' and scoring.clip.spec.projection_dim == 32
+  alone = load_clip(slip_path, prompt_mode='none', num_prompts=0)
+  for a, b in zip(jax.tree.leaves(scoring.clip.params), jax.tree.leaves(alone.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
