@@ -44,6 +44,12 @@ def evaluate(config, checkpoint: str, workdir: str, devices=None, step: int | No
   loaded = trained.load_trained(
     checkpoint, step=step if step is not None else ev.get('step'), num_points=config.model.num_points
   )
+  stored = ev.get('num_stored_points')
+  if stored is not None and stored < loaded.num_points:
+    raise ConfigError(
+      f'config.eval.num_stored_points={stored} is fewer than the {loaded.num_points} points {loaded.source} encodes '
+      f'(farthest-point sampling picks them from the stored ones): at least {loaded.num_points}'
+    )
   channels = getattr(loaded.encoder, 'in_channels', 3)
   if channels != data.channels:
     raise ConfigError(
@@ -82,6 +88,7 @@ def evaluate(config, checkpoint: str, workdir: str, devices=None, step: int | No
   )
   info = {
     'checkpoint': loaded.source,
+    'family': loaded.config.get('family', 'CG3D'),
     'step': loaded.step,
     'clip': clip_info,
     'num_points': loaded.num_points,

@@ -231,3 +231,48 @@ def test_features_equal_ulips_own_code_on_real_clouds(tmp_path, points, colored)
     params, stats = _float64_variables(model, state)
     got = np.asarray(model.apply({'params': params, 'batch_stats': stats}, clouds, train=False))
   assert np.max(np.abs(got - want)) <= 1e-9
+
+
+def test_evaluate_scores_a_ulip2_file_on_lvis_with_openshapes_bigg_features(tmp_path):
+  """A ULIP-2 file (xyz + rgb, 1280 wide: OpenCLIP ViT-bigG-14's space, the space of OpenShape's precomputed class
+  features) scored on a procedural Objaverse-LVIS in OpenShape's layout by the evaluate command, no CLIP loaded:
+  top-1 and class mean equal those of the twin's features on the same clouds (OpenShape's preparation), and
+  results.json names the family and its 10,000 points. Fewer stored points than that is one line naming the
+  setting."""
+  import json
+
+  from cg3d_jax import evaluate
+  from cg3d_jax.data import openshape_eval
+  from cg3d_jax.synthetic.openshape_objects import write_openshape_layout
+  from tests.conftest import run_command
+
+  classes = ('sphere', 'box', 'torus')
+  layout = write_openshape_layout(
+    tmp_path / 'openshape', classes=classes, train_per_class=1, lvis_per_class=2, num_points=10000, feature_dim=1280
+  )
+  twin = _randomised_twin(2, depth=2, embed_dim=1280, in_channels=6)  # ULIP's 512 groups of 32
+  path, _ = _ulip_file(tmp_path, twin)
+  argv = ['--config', 'zeroshot_objaverse_lvis', '--checkpoint', str(path), f'--config.eval.manual_dir={layout}']
+  assert run_command(evaluate.main, [*argv, '--workdir', str(tmp_path / 'lvis'), '--config.eval.batch_size=8']) == 0
+  results = json.loads((tmp_path / 'lvis' / 'results.json').read_text())
+  assert results['family'] == 'ULIP-2 (Point-BERT)' and results['num_points'] == 10000
+
+  evalset = openshape_eval.lvis_openshape(layout)
+  clouds = np.stack(
+    [
+      openshape_eval.eval_points(*evalset.cloud(i), 10000, np.random.default_rng(0), y_up=True, use_color=True)
+      for i in range(len(evalset))
+    ]
+  )
+  with torch.no_grad():
+    features = twin(torch.from_numpy(clouds)).numpy()
+  features /= np.linalg.norm(features, axis=1, keepdims=True)
+  table = evalset.class_features / np.linalg.norm(evalset.class_features, axis=1, keepdims=True)
+  predicted = np.argmax(features @ table.T, axis=1)
+  labels = np.asarray(evalset.labels)
+  top1 = 100 * np.mean(predicted == labels)
+  class_mean = 100 * np.mean([np.mean(predicted[labels == c] == c) for c in np.unique(labels)])
+  assert results['top1_acc'] == pytest.approx(top1) and results['class_mean_acc'] == pytest.approx(class_mean), results
+
+  code = run_command(evaluate.main, [*argv, '--workdir', str(tmp_path / 'few'), '--config.eval.num_stored_points=2048'])
+  assert code == 2 and not (tmp_path / 'few').exists()
