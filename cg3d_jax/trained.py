@@ -159,6 +159,8 @@ def _load_ulip(path: pathlib.Path, loaded, model_config) -> TrainedModel:
       },
       'clip': {'path': str(path) if own_towers else None, 'prompt': {'mode': 'none', 'num_tokens': 0}},
       'family': release.name if release else f'ULIP (Point-BERT, {model.embed_dim}-dimensional projection)',
+      # Not in the weights: ULIP's configs say them (weights/ulip.py); a run started from the file sets its own.
+      'unrecorded': ['model.point_transformer.num_groups', 'model.point_transformer.group_size', 'model.num_points'],
     }
   )
   epoch = loaded.get('epoch')

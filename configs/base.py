@@ -30,6 +30,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Attention kernel: 'auto' (cuDNN flash attention on GPUs in bf16/fp16, XLA elsewhere), 'xla', 'cudnn', 'einsum'.
   c.model.attention = 'auto'
   c.model.num_classes = 55  # classification head kept for strict PyTorch exports and fine-tuning
+  # The encoder pretraining starts from (a training run, a CG3D .pth / .safetensors, a released ULIP / ULIP-2 file):
+  # its architecture and projection replace the sizes here; unset: fresh weights of these sizes.
+  c.model.init = config_dict.placeholder(str)
   c.model.point_transformer = ml_collections.ConfigDict(
     dict(
       width=384,

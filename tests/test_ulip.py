@@ -276,3 +276,73 @@ def test_evaluate_scores_a_ulip2_file_on_lvis_with_openshapes_bigg_features(tmp_
 
   code = run_command(evaluate.main, [*argv, '--workdir', str(tmp_path / 'few'), '--config.eval.num_stored_points=2048'])
   assert code == 2 and not (tmp_path / 'few').exists()
+
+
+def test_pretraining_starts_from_a_ulip2_file_learns_and_exports_back(tmp_path):
+  """OpenShape's stored-feature recipe started from a random-weight ULIP-2 file (config.model.init): the run takes
+  the file's architecture (bias-free projection, 64 wide, one block) over the config's, with the config's grouping
+  (which the file does not record), learns on procedural OpenShape-layout objects, and its encoder exports back to
+  ULIP's layout, strict-loadable by the twin, whose features it then computes."""
+  import json
+
+  from cg3d_jax import checkpoints, train
+  from cg3d_jax.synthetic.openshape_objects import write_openshape_layout
+  from tests.conftest import run_command
+
+  root = write_openshape_layout(tmp_path / 'data', train_per_class=4, lvis_per_class=1, num_points=1024, seed=1)
+  twin = _randomised_twin(9, width=64, depth=1, encoder_dim=64, embed_dim=32, in_channels=6)
+  path, state = _ulip_file(tmp_path, twin)
+  workdir = tmp_path / 'run'
+  argv = ['--config', 'pretrain_openshape', '--workdir', str(workdir), f'--config.data.manual_dir={root}']
+  argv += [f'--config.model.init={path}', '--config.model.num_points=128', '--config.data.num_stored_points=512']
+  argv += ['--config.model.point_transformer.num_groups=16', '--config.model.point_transformer.group_size=16']
+  argv += ['--config.data.openshape.workers=4', '--config.train.batch_size=16', '--config.train.total_steps=24']
+  argv += ['--config.train.log_every=12', '--config.train.encoder_optim.lr=0.002', '--config.eval.every_steps=0']
+  argv += ['--config.train.encoder_optim.warmup_epochs=0', '--config.checkpoint.async_save=false']
+  argv += ['--config.checkpoint.every_steps=12', '--config.logging.tensorboard=false']
+  assert run_command(train.main, argv) == 0
+  log = [json.loads(line) for line in (workdir / 'train.jsonl').read_text().splitlines()]
+  assert log[-1]['loss'] < log[0]['loss']
+  saved = checkpoints.read_step(workdir)
+  pt = saved.config.model.point_transformer
+  assert (pt.width, pt.depth, pt.num_heads, pt.num_groups, pt.encoder_dim, pt.projection_bias) == (
+    64,
+    1,
+    1,
+    16,
+    64,
+    False,
+  )
+  assert saved.config.model.embed_dim == 32 and saved.config.model.in_channels == 6
+
+  params, stats = saved.state['params']['encoder'], saved.state['batch_stats']
+  back = ulip.to_torch(params, stats)
+  moved = ULIPPointBERT(width=64, depth=1, num_heads=1, encoder_dim=64, embed_dim=32, in_channels=6)
+  moved.load_state_dict(back, strict=True)
+  assert not torch.equal(back['pc_projection'], state['module.pc_projection'])  # trained from the file's values
+  moved.point_encoder.num_groups, moved.point_encoder.group_size = 16, 16
+  clouds = np.random.default_rng(3).uniform(-1, 1, (2, 128, 6)).astype(np.float32)
+  with torch.no_grad():
+    want = moved.eval()(torch.from_numpy(clouds)).numpy()
+  model = trained.load_trained(workdir).encoder
+  got = np.asarray(model.apply({'params': params, 'batch_stats': stats}, clouds, train=False))
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_the_first_state_holds_the_files_weights(tmp_path):
+  """config.model.init puts the file's variables, converted by ulip.from_torch, into step 0's state unchanged."""
+  from cg3d_jax.configs import pretrain_openshape
+  from cg3d_jax.training.recipes import stored_features
+
+  twin = _randomised_twin(4, width=64, depth=1, encoder_dim=64, embed_dim=32, in_channels=6)
+  path, state = _ulip_file(tmp_path, twin)
+  config = pretrain_openshape.get_config()
+  config.model.init, config.model.num_points = str(path), 128
+  config.model.point_transformer.update(num_groups=16, group_size=16)
+  setup = stored_features.build_features_setup(config, feature_dim=32, steps_per_epoch=4, devices=jax.devices()[:1])
+  _, params, stats, _ = ulip.from_torch(path, {k[len('module.') :]: v for k, v in state.items()})
+  assert jax.tree.structure(setup.state['params']['encoder']) == jax.tree.structure(params)
+  for got, want in zip(
+    jax.tree.leaves((setup.state['params']['encoder'], setup.state['batch_stats'])), jax.tree.leaves((params, stats))
+  ):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -118,6 +118,8 @@ def check_model(config) -> None:
   if _get(config, 'model.in_channels') not in (3, 6):
     _fail('model.in_channels', _get(config, 'model.in_channels'), '3 (xyz) or 6 (xyz + rgb)')
   _int(config, 'model.embed_dim')
+  if _has(config, 'model.init') and _path(config, 'model.init') and not os.path.exists(_get(config, 'model.init')):
+    raise ConfigError(f'config.model.init={_get(config, "model.init")!r}: no such file or folder')
   _check_compute(config, 'model')
   if _has(config, 'model.num_classes'):
     _int(config, 'model.num_classes', optional=True)

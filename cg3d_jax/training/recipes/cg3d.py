@@ -13,7 +13,15 @@ from cg3d_jax.errors import ConfigError
 from cg3d_jax.models.cg3d import CG3D, build_encoder
 from cg3d_jax.training import common, optim
 from cg3d_jax.training.pretrain_step import jit_train_step, merge_clip
-from cg3d_jax.training.recipes.recipe import Recipe, Setup, active_groups, initial_state, validation_evaluator
+from cg3d_jax.training.recipes.recipe import (
+  Recipe,
+  Setup,
+  active_groups,
+  adopt_starting_architecture,
+  initial_state,
+  starting_encoder_vars,
+  validation_evaluator,
+)
 
 
 def build_setup(config, *, train_classes: list[str] | None, steps_per_epoch: int, devices=None) -> Setup:
@@ -34,6 +42,7 @@ def build_setup(config, *, train_classes: list[str] | None, steps_per_epoch: int
     scan_layers=config.clip.scan_layers,
     seed=config.seed,
   )
+  adopt_starting_architecture(config)
   if config.model.embed_dim != clip.spec.projection_dim:
     raise ConfigError(
       f'config.model.embed_dim={config.model.embed_dim} but the CLIP at {config.clip.path} projects '
@@ -41,7 +50,7 @@ def build_setup(config, *, train_classes: list[str] | None, steps_per_epoch: int
     )
   model = CG3D(encoder=build_encoder(config.model), clip=clip.model, num_points=config.model.num_points)
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-  encoder_vars = model.init_encoder(init_rng)
+  encoder_vars = starting_encoder_vars(config, model, init_rng)
   rules = optim.optimizer_rules(config)
   if config.train.mode == 'alternating' and steps_per_epoch < 2 and config.clip.prompt.mode != 'none':
     raise ConfigError(

@@ -5,6 +5,7 @@ through the frozen, prompt-tuned image tower, captions from class names), OpenSh
 data calls for (data/sources); the loop around every recipe is one (training/pretrain.py)."""
 
 import dataclasses
+import functools
 from typing import Any, Callable, Iterator
 
 import jax
@@ -60,6 +61,57 @@ def initial_state(config, mesh, trainable: dict, tx, encoder_vars: dict, rng) ->
     bad_steps=jnp.zeros((), jnp.int32),
   )
   return common.place_state(state, mesh, config)
+
+
+# The PointTransformer's architecture fields in config.model.point_transformer (the compute settings, dtype, remat,
+# attention, scan_layers and drop_path_rate, stay the config's).
+_ARCHITECTURE = ('width', 'depth', 'num_heads', 'mlp_ratio', 'num_groups', 'group_size', 'encoder_dim')
+
+
+@functools.cache
+def _starting_file(path: str):
+  from cg3d_jax import trained
+
+  return trained.load_trained(path)
+
+
+def adopt_starting_architecture(config) -> None:
+  """With config.model.init (a training run, a CG3D .pth / .safetensors, or a released ULIP / ULIP-2 file), the run
+  trains that encoder: its architecture and projection (into the family's CLIP space) replace config.model's, so
+  that the run's saved config describes what it trains and resumes it. What the file does not record (ULIP's
+  grouping) stays the config's: groups hold no weights."""
+  path = config.model.get('init')
+  if not path:
+    return
+  loaded = _starting_file(str(path))
+  encoder = loaded.encoder
+  if loaded.encoder_name != 'point_transformer':
+    raise ConfigError(f'config.model.init={path!r} holds a {loaded.encoder_name}; pretraining starts from a Point-BERT')
+  model = config.model
+  model.encoder = 'point_transformer'
+  model.embed_dim, model.in_channels = int(encoder.embed_dim), int(encoder.in_channels)
+  model.num_classes = int(encoder.num_classes or 0)
+  unrecorded = set(loaded.config.get('unrecorded', ()))  # e.g. ULIP's grouping: the run's own config sets it
+  for name in _ARCHITECTURE:
+    if f'model.point_transformer.{name}' not in unrecorded:
+      model.point_transformer[name] = type(model.point_transformer[name])(getattr(encoder, name))
+  model.point_transformer.projection_bias = bool(encoder.projection_bias)
+  if encoder.num_classes:
+    model.point_transformer.head_hidden = int(encoder.head_hidden)
+
+
+def starting_encoder_vars(config, model: CG3D, rng) -> dict:
+  """Step 0's encoder variables: config.model.init's (whose architecture config.model holds by now), else fresh."""
+  fresh = jax.eval_shape(model.init_encoder, rng)
+  path = config.model.get('init')
+  if not path:
+    return model.init_encoder(rng)
+  loaded = _starting_file(str(path)).encoder_vars
+  want = jax.tree.map(lambda x: x.shape, fresh)
+  got = jax.tree.map(lambda x: tuple(x.shape), loaded)
+  if want != got:
+    raise ConfigError(f'config.model.init={path!r}: its encoder variables do not fit the encoder built from it')
+  return jax.tree.map(lambda x, like: jnp.asarray(x, like.dtype), loaded, fresh)
 
 
 def from_config(config) -> Recipe:

@@ -10,12 +10,20 @@ from cg3d_jax.errors import ConfigError
 from cg3d_jax.models.cg3d import CG3D, build_encoder
 from cg3d_jax.training import common, optim
 from cg3d_jax.training.pretrain_step import jit_features_train_step
-from cg3d_jax.training.recipes.recipe import Recipe, Setup, initial_state, validation_evaluator
+from cg3d_jax.training.recipes.recipe import (
+  Recipe,
+  Setup,
+  adopt_starting_architecture,
+  initial_state,
+  starting_encoder_vars,
+  validation_evaluator,
+)
 
 
 def build_features_setup(config, *, feature_dim: int, steps_per_epoch: int, devices=None) -> Setup:
   """The stored-feature recipe's model and state: the encoder and log(temperature) train; no CLIP is loaded."""
   mesh = common.make_mesh(config, devices)
+  adopt_starting_architecture(config)
   if config.model.embed_dim != feature_dim:
     raise ConfigError(
       f'config.model.embed_dim={config.model.embed_dim} but the stored CLIP features are '
@@ -24,7 +32,7 @@ def build_features_setup(config, *, feature_dim: int, steps_per_epoch: int, devi
     )
   model = CG3D(encoder=build_encoder(config.model), clip=None, num_points=config.model.num_points)
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-  encoder_vars = model.init_encoder(init_rng)
+  encoder_vars = starting_encoder_vars(config, model, init_rng)
   trainable = {
     'encoder': encoder_vars['params'],
     'logit_scale': jnp.log(jnp.asarray(config.train.logit_scale_init, jnp.float32)),
