@@ -3,9 +3,11 @@
 A pretraining run becomes the original CG3D container (its PyTorch code loads `base_model` with strict=True, the
 prompts under `visual_clip_model`); `--format safetensors` (the default for *.safetensors) writes the same tensors
 plus a JSON sidecar (cg3d_jax/weights/cg3d_pth.py). A fine-tuning run becomes Point-BERT's fine-tune container
-(`base_model` = the classifier in the original names). `--verify` reloads the written file into the PyTorch twin
-with strict=True and compares its outputs with JAX's, both in float64, on four real ModelNet40 objects the package
-ships (or `--points` files); it exits non-zero when the largest difference exceeds `--tolerance`.
+(`base_model` = the classifier in the original names). `--format ulip` writes an encoder with ULIP's bias-free
+projection (a ULIP file, or a run started from one) in ULIP's checkpoint layout (weights/ulip.py). `--verify`
+reloads the written file into the PyTorch twin with strict=True and compares its outputs with JAX's, both in
+float64, on four real ModelNet40 objects the package ships (or `--points` files); it exits non-zero when the largest
+difference exceeds `--tolerance`.
 """
 
 import pathlib
@@ -21,8 +23,9 @@ OUT = cli.out_flag()
 FORMAT = flags.DEFINE_enum(
   'format',
   None,
-  ['cg3d', 'safetensors'],
-  'Container format; default from --out: *.safetensors -> safetensors, else cg3d.',
+  ['cg3d', 'safetensors', 'ulip'],
+  "Container format; default from --out: *.safetensors -> safetensors, else cg3d. 'ulip': ULIP's checkpoint "
+  "layout (point_encoder.* + pc_projection), for an encoder with ULIP's bias-free projection.",
 )
 EPOCH = flags.DEFINE_integer('epoch', -1, "Value of the container's 'epoch' entry (-1: unknown, as the original).")
 VERIFY = flags.DEFINE_bool('verify', False, 'Reload the export into the PyTorch twin and compare outputs.')
@@ -50,6 +53,8 @@ def resolve_format(out: pathlib.Path, fmt: str | None) -> str:
   inferred = 'safetensors' if out.suffix == '.safetensors' else 'cg3d'
   if fmt is None:
     return inferred
+  if fmt == 'ulip' and out.suffix in ('.pt', '.pth'):
+    return fmt
   if fmt != inferred and out.suffix in ('.safetensors', '.pth', '.pt'):
     raise InputError(f'--format {fmt} does not match the extension of --out {out}')
   return fmt
@@ -104,6 +109,25 @@ def _export_pretraining(trained, out: pathlib.Path, fmt: str):
   )
 
 
+def _export_ulip(trained, out: pathlib.Path):
+  from cg3d_jax.weights import ulip
+
+  encoder = trained.encoder
+  if trained.encoder_name != 'point_transformer' or encoder.projection_bias:
+    raise InputError(
+      f"--format ulip: {trained.source} is not a Point-BERT with ULIP's bias-free projection (a run started from a "
+      'ULIP file with config.model.init, or a ULIP file); export it as cg3d'
+    )
+  ulip.write_checkpoint(
+    out,
+    trained.encoder_vars['params'],
+    trained.encoder_vars['batch_stats'],
+    epoch=trained.step,
+    num_batches_tracked=trained.step,
+  )
+  print(f'exported step {trained.step} of {trained.source} (ULIP Point-BERT, {encoder.depth} blocks) to {out}')
+
+
 def _export_finetune(finetuned, out: pathlib.Path, fmt: str):
   from cg3d_jax.weights import cg3d_pth
 
@@ -125,11 +149,16 @@ def _export_finetune(finetuned, out: pathlib.Path, fmt: str):
   )
 
 
-def _verify(out: pathlib.Path, encoder: str, model, variables, num_points: int, *, logits: bool) -> None:
+def _verify(
+  out: pathlib.Path, encoder: str, model, variables, num_points: int, *, logits: bool, ulip: bool = False
+) -> None:
   from cg3d_jax.twins import verify
 
   names, clouds = verify.verify_clouds(POINTS.value, MODELNET_DIR.value, num_points, getattr(model, 'in_channels', 3))
-  twin = verify.load_twin(out, encoder, model, num_points, allow_missing_projection=logits)
+  if ulip:
+    twin = verify.load_ulip_twin(out, model)
+  else:
+    twin = verify.load_twin(out, encoder, model, num_points, allow_missing_projection=logits)
   print(f'verify: {out} loads into the PyTorch twin with strict=True')
   diff, got, _ = verify.compare_features(twin, model, variables, clouds, logits=logits)
   what = 'logits' if logits else 'features'
@@ -174,9 +203,14 @@ def main(argv):
     from cg3d_jax.twins import verify
 
     verify.verify_clouds(POINTS.value, MODELNET_DIR.value, model.num_points, getattr(model.encoder, 'in_channels', 3))
-  _export_pretraining(model, out, fmt)
+  if fmt == 'ulip':
+    _export_ulip(model, out)
+  else:
+    _export_pretraining(model, out, fmt)
   if VERIFY.value:
-    _verify(out, model.encoder_name, model.encoder, model.encoder_vars, model.num_points, logits=False)
+    _verify(
+      out, model.encoder_name, model.encoder, model.encoder_vars, model.num_points, logits=False, ulip=fmt == 'ulip'
+    )
 
 
 run = cli.entry_point(main)  # what `python -m` and the console script call

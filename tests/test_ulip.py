@@ -328,6 +328,18 @@ def test_pretraining_starts_from_a_ulip2_file_learns_and_exports_back(tmp_path):
   got = np.asarray(model.apply({'params': params, 'batch_stats': stats}, clouds, train=False))
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
+  # The export command writes ULIP's own layout and verifies it in the twin (float64, four real ModelNet40 objects).
+  from cg3d_jax import export
+
+  out = tmp_path / 'export' / 'ulip2_cg3d.pt'
+  assert (
+    run_command(export.main, ['--checkpoint', str(workdir), '--out', str(out), '--format', 'ulip', '--verify']) == 0
+  )
+  again = trained.load_trained(out)
+  for a, b in zip(jax.tree.leaves(again.encoder_vars), jax.tree.leaves({'params': params, 'batch_stats': stats})):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert torch.load(out, weights_only=False)['args'].model == 'ULIP2_PointBERT_Colored'
+
 
 def test_the_first_state_holds_the_files_weights(tmp_path):
   """config.model.init puts the file's variables, converted by ulip.from_torch, into step 0's state unchanged."""
@@ -346,3 +358,14 @@ def test_the_first_state_holds_the_files_weights(tmp_path):
     jax.tree.leaves((setup.state['params']['encoder'], setup.state['batch_stats'])), jax.tree.leaves((params, stats))
   ):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_export_as_ulip_refuses_an_encoder_with_cg3ds_projection(tmp_path, capsys, tiny_checkpoint):
+  from cg3d_jax import export
+  from tests.conftest import run_command
+
+  out = tmp_path / 'x.pt'
+  code = run_command(export.main, ['--checkpoint', str(tiny_checkpoint), '--out', str(out), '--format', 'ulip'])
+  err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+  assert code == 2 and len(err) == 1 and "not a Point-BERT with ULIP's bias-free projection" in err[0], err
+  assert not out.exists()

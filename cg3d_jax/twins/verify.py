@@ -75,6 +75,29 @@ def load_twin(path, encoder: str, model, num_points: int, *, allow_missing_proje
   return twin.eval()
 
 
+def load_ulip_twin(path, model) -> torch.nn.Module:
+  """A file in ULIP's layout, its point side loaded into ULIPPointBERT (sized as `model`) with strict=True."""
+  from cg3d_jax.twins.point_transformer import ULIPPointBERT
+  from cg3d_jax.weights import ulip
+
+  loaded = cg3d_pth.load_file(path)
+  if not ulip.is_ulip_container(loaded):
+    raise BadInputError(path, "is not in ULIP's layout (a state_dict with point_encoder.* and pc_projection)")
+  twin = ULIPPointBERT(
+    depth=model.depth,
+    embed_dim=model.embed_dim,
+    in_channels=model.in_channels,
+    width=model.width,
+    num_heads=model.num_heads,
+    num_groups=model.num_groups,
+    group_size=model.group_size,
+    encoder_dim=model.encoder_dim,
+    mlp_ratio=model.mlp_ratio,
+  )
+  twin.load_state_dict(ulip.point_state(path, loaded), strict=True)
+  return twin.eval()
+
+
 def compare_features(
   twin: torch.nn.Module, model, variables, clouds: np.ndarray, *, logits: bool = False
 ) -> tuple[float, np.ndarray, np.ndarray]:

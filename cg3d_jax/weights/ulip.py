@@ -13,13 +13,16 @@ head), 512 groups of 32 points; 8,192 xyz points (ULIP-1, PointTransformer_8192p
 (ULIP-2, ULIP_2_PointBERT_10k_colored_pointclouds.yaml).
 """
 
+import argparse
 import dataclasses
+import pathlib
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
+from cg3d_jax.atomic import atomic_write
 from cg3d_jax.models.point_transformer import PointTransformer
 from cg3d_jax.trees import stack_layers, unstack_layers
 from cg3d_jax.weights import torch_io
@@ -139,3 +142,19 @@ def point_state(path, loaded) -> dict[str, Any]:
   if bad:
     raise CheckpointFormatError(path, f'state_dict[{bad[0]!r}] is a {type(state[bad[0]]).__name__}, not a tensor')
   return strip_module_prefix(path, state)
+
+
+def write_checkpoint(path, params, batch_stats, *, epoch: int = 0, num_batches_tracked: int = 0) -> pathlib.Path:
+  """The encoder as ULIP's main.py saves a checkpoint: {'epoch', 'state_dict' (point side, `module.` keys, as from
+  DistributedDataParallel), 'args' (the model name ULIP's test_zeroshot_3d builds from)}; atomically. ULIP's own
+  model loads its state_dict with strict=False beside the CLIP towers it builds."""
+  state = to_torch(params, batch_stats, num_batches_tracked=num_batches_tracked)
+  coloured = state['point_encoder.encoder.first_conv.0.weight'].shape[1] == 6
+  container = {
+    'epoch': int(epoch),
+    'state_dict': {f'module.{k}': v for k, v in state.items()},
+    'args': argparse.Namespace(model='ULIP2_PointBERT_Colored' if coloured else 'ULIP_PointBERT'),
+  }
+  path = pathlib.Path(path)
+  atomic_write(path, lambda f: torch.save(container, f))
+  return path
