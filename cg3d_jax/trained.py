@@ -101,6 +101,10 @@ def _load_torch_file(path: pathlib.Path, num_points: int, model_config) -> Train
   loaded = cg3d_pth.load_file(path)  # one read, whichever family wrote the file
   if ulip.is_ulip_container(loaded):
     return _load_ulip(path, loaded, model_config)
+  from cg3d_jax.weights import openshape_pt
+
+  if openshape_pt.is_openshape_container(loaded):
+    return _load_openshape(path, loaded)
   encoder_name, params, batch_stats, prompts, info = cg3d_pth.load_cg3d_checkpoint(
     path, model_config=model_config, loaded=loaded
   )
@@ -173,6 +177,39 @@ def _load_ulip(path: pathlib.Path, loaded, model_config) -> TrainedModel:
     step=epoch if isinstance(epoch, int) else 0,
     source=str(path),
     metrics={'best_acc1': float(loaded['best_acc1'])} if isinstance(loaded.get('best_acc1'), (int, float)) else None,
+  )
+
+
+def _load_openshape(path: pathlib.Path, loaded) -> TrainedModel:
+  """A released OpenShape PPAT checkpoint (model.pt): its point transformer and `proj` into OpenCLIP ViT-bigG-14's
+  space, no prompts and no CLIP (its class features are precomputed, or the bigG folder is given). Farthest-point
+  sampling of its patch centres starts at index 0 (OpenShape's DGL sampler starts at a random one)."""
+  from cg3d_jax.weights import openshape_pt
+
+  model, params, batch_stats, info = openshape_pt.read_openshape_checkpoint(path, loaded=loaded)
+  scaling = f', scaling {info["scaling"]}' if info['scaling'] else ''
+  config = ml_collections.ConfigDict(
+    {
+      'model': {
+        'encoder': 'ppat',
+        'num_points': 10000,  # OpenShape's evaluation clouds
+        'embed_dim': model.embed_dim,
+        'in_channels': model.in_channels,
+      },
+      'clip': {'path': None, 'prompt': {'mode': 'none', 'num_tokens': 0}},
+      'family': f'OpenShape (PointBERT / PPAT{scaling})',
+      'unrecorded': ['model.num_points'],
+    }
+  )
+  step = info['step'] if isinstance(info['step'], int) else info['epoch'] if isinstance(info['epoch'], int) else 0
+  return TrainedModel(
+    encoder=model,
+    encoder_vars={'params': jax.tree.map(jnp.asarray, params), 'batch_stats': jax.tree.map(jnp.asarray, batch_stats)},
+    prompts=None,
+    prompt_mode='none',
+    config=config,
+    step=int(step),
+    source=str(path),
   )
 
 
