@@ -4,7 +4,8 @@ A pretraining run becomes the original CG3D container (its PyTorch code loads `b
 prompts under `visual_clip_model`); `--format safetensors` (the default for *.safetensors) writes the same tensors
 plus a JSON sidecar (cg3d_jax/weights/cg3d_pth.py). A fine-tuning run becomes Point-BERT's fine-tune container
 (`base_model` = the classifier in the original names). `--format ulip` writes an encoder with ULIP's bias-free
-projection (a ULIP file, or a run started from one) in ULIP's checkpoint layout (weights/ulip.py). `--verify`
+projection (a ULIP file, or a run started from one) in ULIP's checkpoint layout (weights/ulip.py); an OpenShape PPAT
+is written in OpenShape's (`--format openshape`, weights/openshape_pt.py). `--verify`
 reloads the written file into the PyTorch twin with strict=True and compares its outputs with JAX's, both in
 float64, on four real ModelNet40 objects the package ships (or `--points` files); it exits non-zero when the largest
 difference exceeds `--tolerance`.
@@ -23,9 +24,10 @@ OUT = cli.out_flag()
 FORMAT = flags.DEFINE_enum(
   'format',
   None,
-  ['cg3d', 'safetensors', 'ulip'],
-  "Container format; default from --out: *.safetensors -> safetensors, else cg3d. 'ulip': ULIP's checkpoint "
-  "layout (point_encoder.* + pc_projection), for an encoder with ULIP's bias-free projection.",
+  ['cg3d', 'safetensors', 'ulip', 'openshape'],
+  'Container format; default from --out: *.safetensors -> safetensors, else cg3d (an OpenShape encoder: '
+  "openshape). 'ulip': ULIP's checkpoint layout (point_encoder.* + pc_projection), for an encoder with ULIP's "
+  "bias-free projection; 'openshape': OpenShape's (ppat.* + proj.*), for its PPAT.",
 )
 EPOCH = flags.DEFINE_integer('epoch', -1, "Value of the container's 'epoch' entry (-1: unknown, as the original).")
 VERIFY = flags.DEFINE_bool('verify', False, 'Reload the export into the PyTorch twin and compare outputs.')
@@ -53,7 +55,7 @@ def resolve_format(out: pathlib.Path, fmt: str | None) -> str:
   inferred = 'safetensors' if out.suffix == '.safetensors' else 'cg3d'
   if fmt is None:
     return inferred
-  if fmt == 'ulip' and out.suffix in ('.pt', '.pth'):
+  if fmt in ('ulip', 'openshape') and out.suffix in ('.pt', '.pth'):
     return fmt
   if fmt != inferred and out.suffix in ('.safetensors', '.pth', '.pt'):
     raise InputError(f'--format {fmt} does not match the extension of --out {out}')
@@ -128,6 +130,17 @@ def _export_ulip(trained, out: pathlib.Path):
   print(f'exported step {trained.step} of {trained.source} (ULIP Point-BERT, {encoder.depth} blocks) to {out}')
 
 
+def _export_openshape(trained, out: pathlib.Path):
+  from cg3d_jax.weights import openshape_pt
+
+  if trained.encoder_name != 'ppat':
+    raise InputError(f"--format openshape: {trained.source} is a {trained.encoder_name}, not OpenShape's PPAT")
+  openshape_pt.write_checkpoint(
+    out, trained.encoder_vars['params'], trained.encoder_vars['batch_stats'], step=trained.step
+  )
+  print(f'exported step {trained.step} of {trained.source} (OpenShape PPAT, {trained.encoder.depth} layers) to {out}')
+
+
 def _export_finetune(finetuned, out: pathlib.Path, fmt: str):
   from cg3d_jax.weights import cg3d_pth
 
@@ -150,13 +163,15 @@ def _export_finetune(finetuned, out: pathlib.Path, fmt: str):
 
 
 def _verify(
-  out: pathlib.Path, encoder: str, model, variables, num_points: int, *, logits: bool, ulip: bool = False
+  out: pathlib.Path, encoder: str, model, variables, num_points: int, *, logits: bool, layout: str = 'cg3d'
 ) -> None:
   from cg3d_jax.twins import verify
 
   names, clouds = verify.verify_clouds(POINTS.value, MODELNET_DIR.value, num_points, getattr(model, 'in_channels', 3))
-  if ulip:
+  if layout == 'ulip':
     twin = verify.load_ulip_twin(out, model)
+  elif layout == 'openshape':
+    twin = verify.load_openshape_twin(out, model)
   else:
     twin = verify.load_twin(out, encoder, model, num_points, allow_missing_projection=logits)
   print(f'verify: {out} loads into the PyTorch twin with strict=True')
@@ -203,14 +218,20 @@ def main(argv):
     from cg3d_jax.twins import verify
 
     verify.verify_clouds(POINTS.value, MODELNET_DIR.value, model.num_points, getattr(model.encoder, 'in_channels', 3))
+  if model.encoder_name == 'ppat' and fmt == 'cg3d' and FORMAT.value is None:
+    fmt = 'openshape'  # a PPAT has no CG3D layout
   if fmt == 'ulip':
     _export_ulip(model, out)
+  elif fmt == 'openshape':
+    _export_openshape(model, out)
+  elif model.encoder_name == 'ppat':
+    raise InputError(
+      f"--format {fmt}: {model.source} is OpenShape's PPAT, written in its own layout (--format openshape)"
+    )
   else:
     _export_pretraining(model, out, fmt)
   if VERIFY.value:
-    _verify(
-      out, model.encoder_name, model.encoder, model.encoder_vars, model.num_points, logits=False, ulip=fmt == 'ulip'
-    )
+    _verify(out, model.encoder_name, model.encoder, model.encoder_vars, model.num_points, logits=False, layout=fmt)
 
 
 run = cli.entry_point(main)  # what `python -m` and the console script call

@@ -98,6 +98,42 @@ def load_ulip_twin(path, model) -> torch.nn.Module:
   return twin.eval()
 
 
+class _PointsOnly(torch.nn.Module):
+  """OpenShape's Projected takes (xyz, features); the comparison passes one (B, N, C) cloud, xyz first."""
+
+  def __init__(self, projected: torch.nn.Module):
+    super().__init__()
+    self.projected = projected
+
+  def forward(self, pts: torch.Tensor) -> torch.Tensor:
+    return self.projected(pts[..., :3], pts)
+
+
+def load_openshape_twin(path, model) -> torch.nn.Module:
+  """A file in OpenShape's layout, loaded into the PPAT twin (sized as `model`, a PPAT) with strict=True."""
+  from cg3d_jax.twins import ppat
+  from cg3d_jax.weights import openshape_pt
+
+  loaded = cg3d_pth.load_file(path)
+  if not openshape_pt.is_openshape_container(loaded):
+    raise BadInputError(path, "is not in OpenShape's layout (a state_dict with ppat.* and proj.*)")
+  twin = ppat.make(
+    in_channel=model.in_channels,
+    out_channel=model.embed_dim,
+    dim=model.width,
+    depth=model.depth,
+    heads=model.num_heads,
+    dim_head=model.head_dim,
+    mlp_dim=model.mlp_dim,
+    sa_dim=model.sa_channels[-1],
+    patches=model.num_patches,
+    prad=model.radius,
+    nsamp=model.num_samples,
+  )
+  twin.load_state_dict(cg3d_pth.strip_module_prefix(path, loaded['state_dict']), strict=True)
+  return _PointsOnly(twin).eval()
+
+
 def compare_features(
   twin: torch.nn.Module, model, variables, clouds: np.ndarray, *, logits: bool = False
 ) -> tuple[float, np.ndarray, np.ndarray]:

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from cg3d_jax.atomic import atomic_write
 from cg3d_jax.models.ppat import OPENSHAPE_SCALINGS, PPAT
 from cg3d_jax.trees import flatten, non_finite, stack_layers, unstack_layers
 from cg3d_jax.weights import torch_io
@@ -361,3 +362,16 @@ def read_openshape_checkpoint(path, model: PPAT | None = None, loaded=None) -> t
     assumed=assumed,
   )
   return model, params, batch_stats, info
+
+
+def write_checkpoint(path, params, batch_stats, *, step: int = 0) -> pathlib.Path:
+  """The encoder as OpenShape's Trainer.save_model keeps it: {'state_dict' (`module.` keys, as from
+  DistributedDataParallel), 'epoch', 'step'}, atomically; its own `model.load_state_dict(checkpoint['state_dict'])`
+  (after DDP wrapping) reads it. The optimizer, scheduler and logit-scale entries of a training checkpoint are not
+  written: the export is an encoder."""
+  state = ppat_to_torch(params, batch_stats, num_batches_tracked=step)
+  container = {'state_dict': collections.OrderedDict((f'module.{k}', v) for k, v in state.items()), 'epoch': 0}
+  container['step'] = int(step)
+  path = pathlib.Path(path)
+  atomic_write(path, lambda f: torch.save(container, f))
+  return path
