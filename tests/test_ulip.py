@@ -369,3 +369,25 @@ def test_export_as_ulip_refuses_an_encoder_with_cg3ds_projection(tmp_path, capsy
   err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
   assert code == 2 and len(err) == 1 and "not a Point-BERT with ULIP's bias-free projection" in err[0], err
   assert not out.exists()
+
+
+def test_evaluate_scores_a_ulip_file_on_modelnet40_through_its_own_slip_towers(tmp_path, modelnet40_prepared):
+  """The model zoo's ULIP-1 command on the real fixture objects: `evaluate --config zeroshot_modelnet40:ulip` with a
+  ULIP file that holds its SLIP towers (random weights, this test's small sizes) and no --config.clip.path: the file
+  is its own CLIP; ULIP's 8,192 points and 64 templates; results.json names the family and the file as the CLIP."""
+  import json
+
+  from cg3d_jax import evaluate
+  from cg3d_jax.synthetic import random_clip
+  from tests.conftest import run_command
+
+  towers = random_clip.slip_state_dict(seed=6, embed_dim=32)
+  twin = _randomised_twin(6, **SMALL, embed_dim=32)
+  path, _ = _ulip_file(tmp_path, twin, extra={'module.' + k: torch.as_tensor(v) for k, v in towers.items()})
+  argv = ['--config', 'zeroshot_modelnet40:ulip', '--checkpoint', str(path), '--workdir', str(tmp_path / 'mn40')]
+  argv += [f'--config.eval.data_dir={modelnet40_prepared}', '--config.eval.batch_size=8']
+  assert run_command(evaluate.main, argv) == 0
+  results = json.loads((tmp_path / 'mn40' / 'results.json').read_text())
+  assert results['family'] == 'ULIP (Point-BERT, 32-dimensional projection)' and results['num_points'] == 8192
+  assert results['clip'] == {'kind': 'slip', 'path': str(path)} and results['templates'] == 'ulip'
+  assert results['num_objects'] > 0
