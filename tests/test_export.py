@@ -335,8 +335,11 @@ def test_unsafe_and_broken_files_are_refused(exported, tmp_path):
   with pytest.raises(ckpt.CheckpointFormatError, match=r"holds a list, expected a dict with a 'base_model'"):
     ckpt.load_cg3d_checkpoint(tmp_path / 'list.pth')
   torch.save({'epoch': 3, 'state': 'x'}, tmp_path / 'other.pth')
-  with pytest.raises(ckpt.CheckpointFormatError, match=r"expected a dict with a 'base_model'.*\['epoch', 'state'\]"):
+  with pytest.raises(ckpt.CheckpointFormatError, match=r"no.* known family: top-level keys are \['epoch', 'state'\]"):
     ckpt.load_cg3d_checkpoint(tmp_path / 'other.pth')
+  torch.save({'state_dict': {'module.encoder.conv.weight': torch.zeros(2)}}, tmp_path / 'another.pth')
+  with pytest.raises(ckpt.CheckpointFormatError, match=r"known family: its 'state_dict' starts \['module.encoder"):
+    ckpt.load_cg3d_checkpoint(tmp_path / 'another.pth')
   (tmp_path / 'junk.safetensors').write_bytes(b'\x00' * 64)
   with pytest.raises(BadInputError, match='junk.safetensors: not a readable safetensors file'):
     ckpt.load_cg3d_checkpoint(tmp_path / 'junk.safetensors')

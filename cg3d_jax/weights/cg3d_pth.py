@@ -296,10 +296,14 @@ def read_container(path, loaded=None) -> dict[str, Any]:
   if 'base_model' not in loaded and 'model' not in loaded:
     if loaded and all(isinstance(v, torch.Tensor) for v in loaded.values()):
       return {'base_model': loaded}  # a bare state dict, as some released encoders are
+    state = loaded.get('state_dict')
+    found = f'top-level keys are {sorted(map(str, loaded))[:10]}'
+    if isinstance(state, Mapping):
+      found = f"its 'state_dict' starts {list(state)[:4]}"
     raise CheckpointFormatError(
       path,
-      "not a CG3D checkpoint: expected a dict with a 'base_model' (or 'model') "
-      f'state dict; top-level keys are {sorted(map(str, loaded))[:10]}',
+      f"not a checkpoint of a known family: {found}; expected CG3D's 'base_model' (or 'model') state dict, "
+      "ULIP's 'state_dict' with point_encoder.* and pc_projection, or OpenShape's with ppat.* and proj.*",
     )
   container = dict(loaded)
   if 'base_model' not in container:
