@@ -121,8 +121,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 64
   c.eval.templates = 'cg3d_zeroshot'  # a set of cg3d_jax.clip.templates ('cg3d_zeroshot', 'ulip', 'cg3d', ...)
   # How the class weights are made (evaluators/zeroshot.py): 'templates' (eval.templates over the class names through
-  # the CLIP text tower), 'names' (the bare names) or 'precomputed' (a layout's stored class-name features).
+  # the CLIP text tower), 'names' (the bare names), 'precomputed' (a layout's stored class-name features) or 'file'
+  # (eval.class_features: a text tower the package cannot run, e.g. Uni3D's EVA02-E-14-plus).
   c.eval.prompts = 'templates'
+  # With prompts='file': a .npz with `names` (C,) and `features` (C, D), rows matched to the split's classes by name,
+  # or a .npy (C, D) whose rows are in the split's class order.
+  c.eval.class_features = config_dict.placeholder(str)
   c.eval.name_style = 'raw'  # 'raw' (as stored, CG3D) or 'words' (ULIP's spellings, underscores to spaces)
   # False reproduces the original CG3D evaluation, whose text features were never L2-normalised: classes with
   # longer text features then score higher. Keep True (cosine similarity) except to reproduce published numbers.

@@ -614,3 +614,59 @@ def test_export_writes_openshapes_layout_and_verifies_it_in_the_twin(tmp_path, c
   code = run_command(export.main, ['--checkpoint', str(out), '--out', str(tmp_path / 'x.pth'), '--format', 'cg3d'])
   err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
   assert code == 2 and len(err) == 1 and 'written in its own layout (--format openshape)' in err[0], err
+
+
+def test_class_features_from_a_users_file_score_as_the_layouts_own(tmp_path, capsys, released):
+  """config.eval.prompts='file': the same class features the layout precomputes, given as the user's own .npz (rows
+  in another order, matched by name) and .npy (rows in the split's order), give the same results as
+  prompts='precomputed'; a file whose width is not the encoder's, or that misses a class, is one line."""
+  import json
+
+  from cg3d_jax import evaluate
+  from cg3d_jax.data import openshape_eval
+  from cg3d_jax.synthetic.openshape_objects import write_openshape_layout
+  from tests.conftest import run_command
+
+  layout = write_openshape_layout(
+    tmp_path / 'openshape',
+    classes=('sphere', 'box', 'torus'),
+    train_per_class=1,
+    lvis_per_class=1,
+    num_points=10000,
+    feature_dim=1280,
+  )
+  twin, _ = released
+  released_file(tmp_path / 'model.pt', twin)
+  evalset = openshape_eval.lvis_openshape(layout)
+  names, table = list(evalset.class_names), np.asarray(evalset.class_features)
+  np.savez(tmp_path / 'mine.npz', names=np.array(names[::-1]), features=table[::-1])
+  np.save(tmp_path / 'mine.npy', table)
+  np.save(tmp_path / 'narrow.npy', table[:, :32])
+  np.savez(tmp_path / 'short.npz', names=np.array(names[:2]), features=table[:2])
+
+  def run(name, *extra):
+    argv = ['--config', 'zeroshot_objaverse_lvis', '--checkpoint', str(tmp_path / 'model.pt'), *extra]
+    argv += [
+      f'--config.eval.manual_dir={layout}',
+      '--config.eval.batch_size=8',
+      '--workdir',
+      str(tmp_path / 'runs' / name),
+    ]
+    return run_command(evaluate.main, argv)
+
+  assert run('own') == 0
+  own = json.loads((tmp_path / 'runs' / 'own' / 'results.json').read_text())
+  for name in ('mine.npz', 'mine.npy'):
+    assert run(name, '--config.eval.prompts=file', f'--config.eval.class_features={tmp_path / name}') == 0
+    mine = json.loads((tmp_path / 'runs' / name / 'results.json').read_text())
+    assert mine['prompts'] == 'file' and mine['class_features'] == str(tmp_path / name)
+    for key in ('top1_acc', 'top3_acc', 'class_mean_acc'):
+      assert mine[key] == own[key], (name, key)
+  capsys.readouterr()
+  for name, message in (
+    ('narrow.npy', 'holds 32-dimensional features but the encoder projects to 1280'),
+    ('short.npz', 'no features for 1 class(es) of the split'),
+  ):
+    assert run(name, '--config.eval.prompts=file', f'--config.eval.class_features={tmp_path / name}') == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and message in err[0], err

@@ -196,7 +196,42 @@ def summarize(outputs: ZeroShotOutputs, ks: Sequence[int] = DEFAULT_KS) -> dict[
   return summary
 
 
-PROMPT_SETS = ('precomputed', 'names', 'templates')
+PROMPT_SETS = ('precomputed', 'names', 'templates', 'file')
+
+
+def class_features_file(path, class_names: Sequence[str]) -> np.ndarray:
+  """A user's class features (config.eval.class_features) in `class_names`' order, (C, D) float32: a .npz with
+  `names` and `features` (rows matched by name), or a .npy (C, D) in that order. Read without pickles."""
+  import os
+
+  from cg3d_jax.errors import BadInputError
+
+  if not os.path.isfile(path):
+    raise ConfigError(f'config.eval.class_features={path!r}: no such file')
+  try:
+    loaded = np.load(path, allow_pickle=False)
+  except (ValueError, OSError, EOFError) as err:
+    raise BadInputError(path, f'not a readable .npy / .npz of class features ({err})') from None
+  if isinstance(loaded, np.lib.npyio.NpzFile):
+    with loaded:
+      if 'names' not in loaded or 'features' not in loaded:
+        raise BadInputError(path, f"a .npz of class features holds 'names' and 'features'; found {loaded.files}")
+      names, features = [str(n) for n in loaded['names']], np.asarray(loaded['features'])
+    if features.ndim != 2 or len(names) != features.shape[0]:
+      raise BadInputError(path, f'{len(names)} names but features of shape {features.shape}; expected (names, dim)')
+    missing = [c for c in class_names if c not in names]
+    if missing:
+      raise BadInputError(path, f'no features for {len(missing)} class(es) of the split, e.g. {missing[:5]}')
+    features = features[[names.index(c) for c in class_names]]
+  else:
+    features = np.asarray(loaded)
+    if features.ndim != 2 or features.shape[0] != len(class_names):
+      raise BadInputError(
+        path, f'features of shape {features.shape}; expected ({len(class_names)}, dim): one row per class of the split'
+      )
+  if not np.issubdtype(features.dtype, np.floating) or not np.all(np.isfinite(features)):
+    raise BadInputError(path, 'class features must be finite floating-point numbers')
+  return features.astype(np.float32)
 
 
 def class_weights(data, ev, model=None, clip_params=None, tokenizer=None) -> np.ndarray:
@@ -205,7 +240,8 @@ def class_weights(data, ev, model=None, clip_params=None, tokenizer=None) -> np.
     'precomputed'  the layout's stored class-name text features (OpenShape's *cat_name_pt_feat.npy: OpenCLIP
                    ViT-bigG-14 over its prompt engineering); no CLIP needed;
     'names'        the bare class names through the CLIP text tower (template '{}');
-    'templates'    config.eval.templates over the names (config.eval.name_style, config.eval.normalize_text)."""
+    'templates'    config.eval.templates over the names (config.eval.name_style, config.eval.normalize_text);
+    'file'         config.eval.class_features, a user's file (class_features_file); no CLIP needed."""
   prompts = ev.prompts
   if prompts not in PROMPT_SETS:
     raise ConfigError(f'config.eval.prompts={prompts!r}: expected one of {PROMPT_SETS}')
@@ -216,6 +252,15 @@ def class_weights(data, ev, model=None, clip_params=None, tokenizer=None) -> np.
         '--config.eval.prompts=templates (or names) with --config.clip.path=<the CLIP of the features>'
       )
     return np.asarray(metrics.zero_shot_classifier(data.class_features))
+  if prompts == 'file':
+    features = class_features_file(ev.class_features, data.class_names)
+    width = None if model is None else getattr(model.encoder, 'projection_dim', None) or model.encoder.embed_dim
+    if width is not None and features.shape[1] != width:
+      raise ConfigError(
+        f'config.eval.class_features={ev.class_features!r} holds {features.shape[1]}-dimensional features but the '
+        f'encoder projects to {width}: not the joint space it was trained in'
+      )
+    return np.asarray(metrics.zero_shot_classifier(features))
   if model is None or model.clip is None:
     raise ConfigError(
       f'config.eval.prompts={prompts!r} runs a CLIP text tower: give the CLIP the features came from '
@@ -235,15 +280,16 @@ def class_weights(data, ev, model=None, clip_params=None, tokenizer=None) -> np.
 
 def needs_clip(ev) -> bool:
   """Whether config.eval's prompts run a CLIP text tower (precomputed class features do not)."""
-  return ev.prompts != 'precomputed'
+  return ev.prompts not in ('precomputed', 'file')
 
 
 def prompt_record(ev) -> dict:
   """What the class weights were computed with, for results.json: 'protocol' is 'cg3d_original' for the original
   eval.py's settings (one template, raw names, unnormalised text), else 'cosine', 'unnormalised' or 'precomputed'."""
   prompts = ev.prompts
-  if prompts == 'precomputed':
-    return {'prompts': prompts, 'templates': None, 'name_style': None, 'normalize_text': None, 'protocol': prompts}
+  if prompts in ('precomputed', 'file'):
+    record = {'prompts': prompts, 'templates': None, 'name_style': None, 'normalize_text': None}
+    return {**record, 'protocol': 'precomputed', **({'class_features': ev.class_features} if prompts == 'file' else {})}
   templates = ev.templates if prompts == 'templates' else None
   name_style, normalize = ev.name_style, ev.normalize_text
   original = templates == 'cg3d_zeroshot' and name_style == 'raw' and not normalize

@@ -230,7 +230,12 @@ def check_eval(config) -> None:
   if _has(config, 'eval.dataset'):
     _name(config, 'eval.dataset', 'modelnet40')
   _choice(config, 'eval.templates', template_set_names())
-  _choice(config, 'eval.prompts', PROMPT_SETS)
+  if _choice(config, 'eval.prompts', PROMPT_SETS) == 'file':
+    path = _path(config, 'eval.class_features')
+    if not path or not os.path.isfile(path):
+      _fail('eval.class_features', path, "an existing .npz (names, features) or .npy file with eval.prompts='file'")
+  elif _has(config, 'eval.class_features'):
+    _path(config, 'eval.class_features')
   _choice(config, 'eval.name_style', NAME_STYLES)
   _bool(config, 'eval.normalize_text')
   _ints(config, 'eval.ks')
