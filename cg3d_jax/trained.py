@@ -105,6 +105,10 @@ def _load_torch_file(path: pathlib.Path, num_points: int, model_config) -> Train
 
   if openshape_pt.is_openshape_container(loaded):
     return _load_openshape(path, loaded)
+  from cg3d_jax.weights import uni3d_pt
+
+  if uni3d_pt.is_uni3d_container(loaded):
+    return _load_uni3d(path, loaded)
   encoder_name, params, batch_stats, prompts, info = cg3d_pth.load_cg3d_checkpoint(
     path, model_config=model_config, loaded=loaded
   )
@@ -145,39 +149,61 @@ def _load_ulip(path: pathlib.Path, loaded, model_config) -> TrainedModel:
   model, params, batch_stats, _ = ulip.from_torch(path, state, model)
   release = ulip.release_of(model)
   own_towers = 'visual.pos_embed' in state and 'token_embedding.weight' in state
-  config = ml_collections.ConfigDict(
-    {
-      'model': {
-        'encoder': 'point_transformer',
-        'num_points': release.num_points if release else 8192,
-        'embed_dim': model.embed_dim,
-        'in_channels': model.in_channels,
-        'point_transformer': {
-          'width': model.width,
-          'depth': model.depth,
-          'num_heads': model.num_heads,
-          'num_groups': model.num_groups,
-          'group_size': model.group_size,
-          'projection_bias': False,
-        },
-      },
-      'clip': {'path': str(path) if own_towers else None, 'prompt': {'mode': 'none', 'num_tokens': 0}},
-      'family': release.name if release else f'ULIP (Point-BERT, {model.embed_dim}-dimensional projection)',
-      # Not in the weights: ULIP's configs say them (weights/ulip.py); a run started from the file sets its own.
-      'unrecorded': ['model.point_transformer.num_groups', 'model.point_transformer.group_size', 'model.num_points'],
-    }
-  )
+  grouping = {'num_groups': model.num_groups, 'group_size': model.group_size}
+  sizes = {'width': model.width, 'depth': model.depth, 'num_heads': model.num_heads, **grouping}
+  extra = {
+    'model': {'point_transformer': {**sizes, 'projection_bias': False}},
+    'clip': {'path': str(path) if own_towers else None},
+    # Not in the weights: ULIP's configs say them (weights/ulip.py); a run started from the file sets its own.
+    'unrecorded': ['model.point_transformer.num_groups', 'model.point_transformer.group_size', 'model.num_points'],
+  }
   epoch = loaded.get('epoch')
+  best = loaded.get('best_acc1')
+  out = _released(
+    path,
+    model,
+    params,
+    batch_stats,
+    family=release.name if release else f'ULIP (Point-BERT, {model.embed_dim}-dimensional projection)',
+    num_points=release.num_points if release else 8192,
+    step=epoch if isinstance(epoch, int) else 0,
+    config=extra,
+  )
+  out.metrics = {'best_acc1': float(best)} if isinstance(best, (int, float)) else None
+  return out
+
+
+def _released(path, model, params, batch_stats, *, family: str, num_points: int, step: int, config: dict = None):
+  """A released encoder file's TrainedModel: no prompts; its CLIP given (or its class features precomputed); what
+  the file does not record (the points its authors evaluate with) marked as such."""
+  model_config = {
+    'encoder': {'PPAT': 'ppat', 'Uni3D': 'uni3d'}.get(type(model).__name__, 'point_transformer'),
+    'num_points': num_points,
+    'embed_dim': model.embed_dim,
+    'in_channels': model.in_channels,
+  }
+  base = {
+    'model': model_config,
+    'clip': {'path': None, 'prompt': {'mode': 'none', 'num_tokens': 0}},
+    'family': family,
+    'unrecorded': ['model.num_points'],
+  }
   return TrainedModel(
     encoder=model,
     encoder_vars={'params': jax.tree.map(jnp.asarray, params), 'batch_stats': jax.tree.map(jnp.asarray, batch_stats)},
     prompts=None,
     prompt_mode='none',
-    config=config,
-    step=epoch if isinstance(epoch, int) else 0,
+    config=ml_collections.ConfigDict(_merged(base, config or {})),
+    step=step,
     source=str(path),
-    metrics={'best_acc1': float(loaded['best_acc1'])} if isinstance(loaded.get('best_acc1'), (int, float)) else None,
   )
+
+
+def _merged(base: dict, extra: dict) -> dict:
+  out = dict(base)
+  for key, value in extra.items():
+    out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+  return out
 
 
 def _load_openshape(path: pathlib.Path, loaded) -> TrainedModel:
@@ -188,29 +214,21 @@ def _load_openshape(path: pathlib.Path, loaded) -> TrainedModel:
 
   model, params, batch_stats, info = openshape_pt.read_openshape_checkpoint(path, loaded=loaded)
   scaling = f', scaling {info["scaling"]}' if info['scaling'] else ''
-  config = ml_collections.ConfigDict(
-    {
-      'model': {
-        'encoder': 'ppat',
-        'num_points': 10000,  # OpenShape's evaluation clouds
-        'embed_dim': model.embed_dim,
-        'in_channels': model.in_channels,
-      },
-      'clip': {'path': None, 'prompt': {'mode': 'none', 'num_tokens': 0}},
-      'family': f'OpenShape (PointBERT / PPAT{scaling})',
-      'unrecorded': ['model.num_points'],
-    }
-  )
   step = info['step'] if isinstance(info['step'], int) else info['epoch'] if isinstance(info['epoch'], int) else 0
-  return TrainedModel(
-    encoder=model,
-    encoder_vars={'params': jax.tree.map(jnp.asarray, params), 'batch_stats': jax.tree.map(jnp.asarray, batch_stats)},
-    prompts=None,
-    prompt_mode='none',
-    config=config,
-    step=int(step),
-    source=str(path),
-  )
+  family = f'OpenShape (PointBERT / PPAT{scaling})'
+  return _released(path, model, params, batch_stats, family=family, num_points=10000, step=int(step))
+
+
+def _load_uni3d(path: pathlib.Path, loaded) -> TrainedModel:
+  """A released Uni3D checkpoint (DeepSpeed's model states, float16 upcast exactly): its EVA point encoder and
+  `trans2embed` into EVA02-E-14-plus's space (1024), no prompts and no CLIP: the package cannot run that text tower,
+  so its class features come precomputed or from the user's file (config.eval.prompts='file')."""
+  from cg3d_jax.weights import uni3d_pt
+
+  model, params, batch_stats, info = uni3d_pt.read_uni3d_checkpoint(path, loaded=loaded)
+  family = f'Uni3D {info["size"]}' if info['size'] else f'Uni3D ({model.width} wide, {model.depth} blocks)'
+  step = info.get('global_steps') if isinstance(info.get('global_steps'), int) else info.get('epoch')
+  return _released(path, model, params, batch_stats, family=family, num_points=10000, step=int(step or 0))
 
 
 @dataclasses.dataclass

@@ -151,3 +151,29 @@ def group(points: jax.Array, num_groups: int, group_size: int) -> tuple[jax.Arra
   if points.shape[-1] == 3:
     return centred, centers
   return jnp.concatenate([centred, neighbours[..., 3:]], axis=-1), centers
+
+
+def check_points(
+  points, *, model: str, in_channels: int, min_points: int, why: str, named: str = '', what: str = '', hint: str = ''
+):
+  """Clear errors for unusable clouds, before any compute: `model`'s expected shape (with `what` said of the
+  channels, and a `hint` for a near miss), at least `min_points` points (as `named`, for `why`), finite values.
+  Shapes are checked always (static even under jit); values only on concrete arrays: under jit the points are
+  tracers, so jitted callers validate their host batches first."""
+  shape = getattr(points, 'shape', None)
+  if shape is None or len(shape) != 3 or shape[-1] != in_channels:
+    raise ValueError(
+      f'{model} expects points of shape (batch, num_points, {in_channels}){what}, got shape {shape}{hint}'
+    )
+  if shape[1] < min_points:
+    raise ValueError(
+      f'{model} needs at least {named or min_points} points per cloud {why}, got {shape[1]} points '
+      f'(shape {tuple(shape)})'
+    )
+  if not isinstance(points, jax.core.Tracer):
+    finite = np.isfinite(np.asarray(points))
+    if not finite.all():
+      bad = sorted(set(np.nonzero(~finite)[0].tolist()))
+      raise ValueError(
+        f'{model} got non-finite (NaN/Inf) point values in batch rows {bad[:10]}{" ..." if len(bad) > 10 else ""}'
+      )

@@ -38,31 +38,17 @@ exact_gelu = functools.partial(nn.gelu, approximate=False)
 
 
 def validate_points(points: Any, group_size: int, in_channels: int = 3) -> None:
-  """Clear errors for unusable point clouds, before any compute.
-
-  Shapes are checked always (they are static even under jit). Values (NaN/Inf) can only be checked on concrete
-  arrays: inside jax.jit the points are tracers and the check is skipped, so jitted callers should validate their
-  data at the input pipeline or call this function on the host batch first.
-  """
-  shape = getattr(points, 'shape', None)
-  if shape is None or len(shape) != 3 or shape[-1] != in_channels:
-    what = '' if in_channels == 3 else f' (xyz + {in_channels - 3} colour channels: model in_channels={in_channels})'
-    raise ValueError(
-      f'PointTransformer expects points of shape (batch, num_points, {in_channels}), got shape {shape}{what}'
-    )
-  if shape[1] < group_size:
-    raise ValueError(
-      f'PointTransformer needs at least group_size={group_size} points per cloud to form its '
-      f'neighbourhoods, got {shape[1]} points (shape {tuple(shape)})'
-    )
-  if not isinstance(points, jax.core.Tracer):
-    finite = np.isfinite(np.asarray(points))
-    if not finite.all():
-      bad = sorted(set(np.nonzero(~finite)[0].tolist()))
-      raise ValueError(
-        f'PointTransformer got non-finite (NaN/Inf) point coordinates in batch rows {bad[:10]}'
-        f'{" ..." if len(bad) > 10 else ""}'
-      )
+  """point_ops.check_points for the PointTransformer: its channels and the points its neighbourhoods need."""
+  what = '' if in_channels == 3 else f' (xyz + {in_channels - 3} colour channels: model in_channels={in_channels})'
+  point_ops.check_points(
+    points,
+    model='PointTransformer',
+    in_channels=in_channels,
+    min_points=group_size,
+    named=f'group_size={group_size}',
+    why='to form its neighbourhoods',
+    hint=what,
+  )
 
 
 class GroupEncoder(nn.Module):

@@ -171,27 +171,20 @@ def ball_query(xyz: jax.Array, centres: jax.Array, radius: float, num_samples: i
 
 
 def validate_points(points: Any, in_channels: int, min_points: int) -> None:
-  """Clear errors for unusable clouds before any compute. Shapes always; NaN/Inf only on concrete arrays (under jit
-  the points are tracers: validate host batches before)."""
-  shape = getattr(points, 'shape', None)
-  if shape is None or len(shape) != 3 or shape[-1] != in_channels:
-    what = ' (xyz)' if in_channels == 3 else f' (xyz + {in_channels - 3} colour channels)'
-    hint = ''
-    if shape is not None and len(shape) == 3 and shape[-1] == 3 and in_channels == 6:
-      hint = '; a cloud without colours takes the colour OpenShape trains with: ppat.with_default_colour(xyz)'
-    raise ValueError(f'PPAT expects points of shape (batch, num_points, {in_channels}){what}, got shape {shape}{hint}')
-  if shape[1] < min_points:
-    raise ValueError(
-      f'PPAT needs at least {min_points} points per cloud (num_patches centres, num_samples per ball), got '
-      f'{shape[1]} points (shape {tuple(shape)})'
-    )
-  if not isinstance(points, jax.core.Tracer):
-    finite = np.isfinite(np.asarray(points))
-    if not finite.all():
-      bad = sorted(set(np.nonzero(~finite)[0].tolist()))
-      raise ValueError(
-        f'PPAT got non-finite (NaN/Inf) point values in batch rows {bad[:10]}{" ..." if len(bad) > 10 else ""}'
-      )
+  """point_ops.check_points for the PPAT: its channels and the points its patches and balls need."""
+  hint = ''
+  if getattr(points, 'shape', (0,))[-1] == 3 and in_channels == 6:
+    hint = '; a cloud without colours takes the colour OpenShape trains with: ppat.with_default_colour(xyz)'
+  what = ' (xyz)' if in_channels == 3 else f' (xyz + {in_channels - 3} colour channels)'
+  point_ops.check_points(
+    points,
+    model='PPAT',
+    in_channels=in_channels,
+    min_points=min_points,
+    why='(num_patches centres, num_samples per ball)',
+    what=what,
+    hint=hint,
+  )
 
 
 # --- modules ----------------------------------------------------------------------------------------------------

@@ -322,6 +322,13 @@ def strip_module_prefix(path, state_dict: Mapping[str, Any]) -> dict[str, Any]:
   return out
 
 
+def without_module_prefix(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+  """strip_module_prefix where the state dict has the prefix; the state dict itself otherwise."""
+  if not any(k.startswith('module.') for k in state_dict):
+    return state_dict
+  return strip_module_prefix('state_dict', state_dict)
+
+
 def detect_encoder(path, state_dict: Mapping[str, Any]) -> str:
   found = [name for name, key in _SIGNATURE_KEYS.items() if key in state_dict]
   if len(found) != 1:

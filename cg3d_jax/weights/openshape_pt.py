@@ -38,7 +38,7 @@ from cg3d_jax.atomic import atomic_write
 from cg3d_jax.models.ppat import OPENSHAPE_SCALINGS, PPAT
 from cg3d_jax.trees import flatten, non_finite, stack_layers, unstack_layers
 from cg3d_jax.weights import torch_io
-from cg3d_jax.weights.cg3d_pth import CheckpointFormatError, load_file, strip_module_prefix
+from cg3d_jax.weights.cg3d_pth import CheckpointFormatError, load_file, strip_module_prefix, without_module_prefix
 from cg3d_jax.weights.torch_io import BATCH_STATS, PARAMS, conv1x1, layer_norm, linear, tensor
 
 _SIGNATURE = 'ppat.cls_token'  # only a PPAT state dict has it
@@ -128,27 +128,6 @@ def ppat_to_torch(
   return state
 
 
-def _without_module_prefix(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
-  if not any(k.startswith('module.') for k in state_dict):
-    return state_dict
-  return strip_module_prefix('state_dict', state_dict)
-
-
-def _vote(state_dict: Mapping[str, Any], places: list[tuple[str, int]]) -> int | None:
-  sizes = [
-    int(state_dict[k].shape[axis])
-    for k, axis in places
-    if k in state_dict and hasattr(state_dict[k], 'shape') and len(state_dict[k].shape) > axis
-  ]
-  return collections.Counter(sizes).most_common(1)[0][0] if sizes else None
-
-
-def _shape(state_dict, key: str) -> tuple[int, ...]:
-  if key not in state_dict:
-    raise ValueError(f'not a PPAT state dict: key {key!r} is missing')
-  return tuple(state_dict[key].shape)
-
-
 def openshape_scaling(kwargs: Mapping[str, Any]) -> int | None:
   """The OpenShape `model.scaling` whose transformer and tokenizer sizes these PPAT kwargs have, or None."""
   for scaling, s in OPENSHAPE_SCALINGS.items():
@@ -170,76 +149,41 @@ def ppat_kwargs_from_torch(state_dict: Mapping[str, Any]) -> dict[str, Any]:
   no trace in the weights: it is taken from the OpenShape scaling with these sizes (scaling 4's when none matches,
   see `openshape_scaling`).
   """
-  state_dict = _without_module_prefix(state_dict)
+  state_dict = without_module_prefix(state_dict)
   if _SIGNATURE not in state_dict:
     raise ValueError(f'not a PPAT state dict: key {_SIGNATURE!r} is missing')
   # Sizes several tensors carry are read from all of them, the majority wins: one mis-shaped tensor is then named
   # by the shape check instead of resizing the model around it.
-  width = _vote(state_dict, [(_SIGNATURE, 0), ('ppat.lift.0.weight', 0), ('ppat.lift.2.weight', 0), ('proj.weight', 1)])
+  width = torch_io.vote(
+    state_dict, [(_SIGNATURE, 0), ('ppat.lift.0.weight', 0), ('ppat.lift.2.weight', 0), ('proj.weight', 1)]
+  )
   depth = _count(state_dict, _LAYER.pattern)
   if depth == 0:
     raise ValueError('not a PPAT state dict: no ppat.transformer.layers.<i> entries')
   num_sa = _count(state_dict, r'ppat\.sa\.mlp_convs\.(\d+)\.weight$')
   if num_sa == 0:
     raise ValueError("not a PPAT state dict: no 'ppat.sa.mlp_convs.<i>.weight' entries")
-  sa_channels = tuple(_shape(state_dict, f'ppat.sa.mlp_convs.{i}.weight')[0] for i in range(num_sa))
-  inner = _shape(state_dict, 'ppat.transformer.layers.0.0.fn.to_qkv.weight')[0] // 3
+  sa_channels = tuple(torch_io.shape_of(state_dict, f'ppat.sa.mlp_convs.{i}.weight', 'PPAT')[0] for i in range(num_sa))
+  inner = torch_io.shape_of(state_dict, 'ppat.transformer.layers.0.0.fn.to_qkv.weight', 'PPAT')[0] // 3
   head_dim = 64 if inner % 64 == 0 else inner
   kwargs = dict(
     width=width,
     depth=depth,
     num_heads=inner // head_dim,
     head_dim=head_dim,
-    mlp_dim=_shape(state_dict, 'ppat.transformer.layers.0.1.fn.net.0.weight')[0],
+    mlp_dim=torch_io.shape_of(state_dict, 'ppat.transformer.layers.0.1.fn.net.0.weight', 'PPAT')[0],
     sa_channels=sa_channels,
-    in_channels=_shape(state_dict, 'ppat.sa.mlp_convs.0.weight')[1] - 3,
-    embed_dim=_shape(state_dict, 'proj.weight')[0],
+    in_channels=torch_io.shape_of(state_dict, 'ppat.sa.mlp_convs.0.weight', 'PPAT')[1] - 3,
+    embed_dim=torch_io.shape_of(state_dict, 'proj.weight', 'PPAT')[0],
   )
   grouping = OPENSHAPE_SCALINGS[openshape_scaling(kwargs) or 4]
   kwargs.update({k: grouping[k] for k in ('num_patches', 'radius', 'num_samples')})
   return kwargs
 
 
-def _dtype_name(value) -> str:
-  return str(value.dtype).removeprefix('torch.') if hasattr(value, 'dtype') else type(value).__name__
-
-
-def _is_float(value) -> bool:
-  if isinstance(value, torch.Tensor):
-    return value.dtype.is_floating_point
-  return hasattr(value, 'dtype') and np.issubdtype(np.asarray(value).dtype, np.floating)
-
-
 def check_state_dict(state_dict: Mapping[str, Any], model: PPAT) -> None:
   """ValueError naming every missing, unexpected, mis-shaped (both shapes) or non-float entry, a few of each."""
-  expected = expected_torch_shapes(model)
-  missing = [k for k in expected if k not in state_dict]
-  unexpected = [k for k in state_dict if k not in expected]
-  mis_shaped = [
-    f'{k}: got {tuple(state_dict[k].shape)}, expected {expected[k]}'
-    for k in expected
-    if k in state_dict and tuple(getattr(state_dict[k], 'shape', ())) != expected[k]
-  ]
-  not_float = [
-    f'{k} ({_dtype_name(state_dict[k])})'
-    for k in expected
-    if k in state_dict and not k.endswith('.num_batches_tracked') and not _is_float(state_dict[k])
-  ]
-
-  def few(names: list[str], limit: int = 5) -> str:
-    return ', '.join(names[:limit]) + (f' ... and {len(names) - limit} more' if len(names) > limit else '')
-
-  problems = []
-  if missing:
-    problems.append(f'{len(missing)} missing tensor{"s" * (len(missing) > 1)} [{few(missing)}]')
-  if unexpected:
-    problems.append(f'{len(unexpected)} unexpected [{few(unexpected)}]')
-  if mis_shaped:
-    problems.append(f'{len(mis_shaped)} mis-shaped [{few(mis_shaped, 3)}]')
-  if not_float:
-    problems.append(f'not floating point [{few(not_float)}]')
-  if problems:
-    raise ValueError('state dict does not fit the PPAT: ' + '; '.join(problems))
+  torch_io.check_state_dict(state_dict, expected_torch_shapes(model), 'PPAT')
 
 
 def ppat_from_torch(state_dict: Mapping[str, Any], model: PPAT | None = None) -> tuple[dict, dict]:
@@ -249,7 +193,7 @@ def ppat_from_torch(state_dict: Mapping[str, Any], model: PPAT | None = None) ->
   Every key and shape is checked against `model`; without one, against a PPAT with the sizes read off the state
   dict (so only internal inconsistencies are caught).
   """
-  state_dict = _without_module_prefix(state_dict)
+  state_dict = without_module_prefix(state_dict)
   model = model or PPAT(**ppat_kwargs_from_torch(state_dict))
   check_state_dict(state_dict, model)
   variables = torch_io.torch_to_flax(state_dict, _model_entries(model), expected_variables(model))

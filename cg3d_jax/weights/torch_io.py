@@ -230,13 +230,68 @@ def point_transformer_to_torch(
   return flax_to_torch({PARAMS: params, BATCH_STATS: batch_stats}, entries, num_batches_tracked=num_batches_tracked)
 
 
-def _vote(state_dict: Mapping[str, Any], places: list[tuple[str, int]]) -> int:
+def vote(state_dict: Mapping[str, Any], places: list[tuple[str, int]]) -> int | None:
+  """The size most of the (key, axis) places carry (None when none is there): one mis-shaped tensor is then named
+  by the shape check instead of resizing the model around it."""
   sizes = [
-    int(state_dict[key].shape[axis])
-    for key, axis in places
-    if key in state_dict and len(state_dict[key].shape) > (axis if axis >= 0 else -axis - 1)
+    int(state_dict[k].shape[axis])
+    for k, axis in places
+    if k in state_dict
+    and hasattr(state_dict[k], 'shape')
+    and len(state_dict[k].shape) > (axis if axis >= 0 else -axis - 1)
   ]
-  return collections.Counter(sizes).most_common(1)[0][0]
+  return collections.Counter(sizes).most_common(1)[0][0] if sizes else None
+
+
+def shape_of(state_dict: Mapping[str, Any], key: str, what: str) -> tuple[int, ...]:
+  if key not in state_dict:
+    raise ValueError(f'not a {what} state dict: key {key!r} is missing')
+  return tuple(state_dict[key].shape)
+
+
+def _dtype_name(value) -> str:
+  return str(value.dtype).removeprefix('torch.') if hasattr(value, 'dtype') else type(value).__name__
+
+
+def _is_float(value) -> bool:
+  if isinstance(value, torch.Tensor):
+    return value.dtype.is_floating_point
+  return hasattr(value, 'dtype') and np.issubdtype(np.asarray(value).dtype, np.floating)
+
+
+def check_state_dict(
+  state_dict: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], what: str, *, optional=()
+) -> None:
+  """ValueError naming every missing, unexpected, mis-shaped (both shapes) or non-float entry of `state_dict`
+  against `expected` (key -> shape), a few of each; keys in `optional` may be there or not, at any shape."""
+  expected = {k: v for k, v in expected.items() if k not in optional}
+  missing = [k for k in expected if k not in state_dict]
+  unexpected = [k for k in state_dict if k not in expected and k not in optional]
+  mis_shaped = [
+    f'{k}: got {tuple(state_dict[k].shape)}, expected {expected[k]}'
+    for k in expected
+    if k in state_dict and tuple(getattr(state_dict[k], 'shape', ())) != expected[k]
+  ]
+  not_float = [
+    f'{k} ({_dtype_name(state_dict[k])})'
+    for k in expected
+    if k in state_dict and not k.endswith('.num_batches_tracked') and not _is_float(state_dict[k])
+  ]
+
+  def few(names: list[str], limit: int = 5) -> str:
+    return ', '.join(names[:limit]) + (f' ... and {len(names) - limit} more' if len(names) > limit else '')
+
+  problems = []
+  if missing:
+    problems.append(f'{len(missing)} missing tensor{"s" * (len(missing) > 1)} [{few(missing)}]')
+  if unexpected:
+    problems.append(f'{len(unexpected)} unexpected [{few(unexpected)}]')
+  if mis_shaped:
+    problems.append(f'{len(mis_shaped)} mis-shaped [{few(mis_shaped, 3)}]')
+  if not_float:
+    problems.append(f'not floating point [{few(not_float)}]')
+  if problems:
+    raise ValueError(f'state dict does not fit the {what}: ' + '; '.join(problems))
 
 
 def point_transformer_kwargs_from_torch(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -246,8 +301,8 @@ def point_transformer_kwargs_from_torch(state_dict: Mapping[str, Any]) -> dict[s
       raise ValueError(f'not a PointTransformer state dict: key {key!r} is missing')
   # Sizes that several tensors carry are read from all of them, the majority wins: one mis-shaped tensor is then
   # named by the shape check instead of resizing the model around it.
-  width = _vote(state_dict, [('cls_token', -1), ('cls_pos', -1), ('norm.weight', 0), ('reduce_dim.weight', 0)])
-  encoder_dim = _vote(
+  width = vote(state_dict, [('cls_token', -1), ('cls_pos', -1), ('norm.weight', 0), ('reduce_dim.weight', 0)])
+  encoder_dim = vote(
     state_dict, [('reduce_dim.weight', 1), ('encoder.second_conv.3.weight', 0), ('encoder.second_conv.3.bias', 0)]
   )
   kwargs = dict(
