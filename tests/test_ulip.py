@@ -391,3 +391,39 @@ def test_evaluate_scores_a_ulip_file_on_modelnet40_through_its_own_slip_towers(t
   assert results['family'] == 'ULIP (Point-BERT, 32-dimensional projection)' and results['num_points'] == 8192
   assert results['clip'] == {'kind': 'slip', 'path': str(path)} and results['templates'] == 'ulip'
   assert results['num_objects'] > 0
+
+
+def test_ulip_at_its_released_size_equals_ulips_own_code(tmp_path):
+  """ULIP-1 as released: 12 blocks, 512 groups of 32 over 8,192 points of a real ModelNet40 airplane, ULIP's own
+  PointTransformer against the JAX encoder read from a file in ULIP's layout, float64 (measured 7e-15)."""
+  import types
+
+  from tests import ulip_reference
+  from tests.conftest import modelnet_root
+
+  plain, _ = ulip_reference.encoders()
+  torch.manual_seed(12)
+  settings = types.SimpleNamespace(
+    trans_dim=384, depth=12, drop_path_rate=0.1, cls_dim=40, num_heads=6, group_size=32, num_group=512, encoder_dims=256
+  )
+  encoder = plain(settings, args=types.SimpleNamespace(evaluate_3d=True)).double().eval()
+  with torch.no_grad():
+    for module in encoder.modules():
+      if isinstance(module, torch.nn.BatchNorm1d):
+        module.running_mean.normal_(0, 0.1)
+        module.running_var.uniform_(0.5, 2.0)
+  projection = torch.randn(768, 512, dtype=torch.float64) * 512**-0.5
+  xyz = np.loadtxt(modelnet_root() / 'airplane' / 'airplane_0628.txt', delimiter=',')[:8192, :3]
+  xyz = xyz - xyz.mean(0)
+  cloud = (xyz / np.max(np.linalg.norm(xyz, axis=1)))[None]
+  with torch.no_grad():
+    want = (encoder(torch.from_numpy(cloud)) @ projection).numpy()
+  state = {'pc_projection': projection, **{'point_encoder.' + k: v for k, v in encoder.state_dict().items()}}
+  torch.save({'state_dict': {'module.' + k: v for k, v in state.items()}}, tmp_path / 'ulip.pt')
+  loaded = trained.load_trained(tmp_path / 'ulip.pt')
+  assert loaded.config.family == 'ULIP (Point-BERT)' and loaded.encoder.depth == 12
+  model = loaded.encoder.clone(dtype=jnp.float64)
+  with jax.enable_x64(True):
+    params, stats = _float64_variables(model, state)
+    got = np.asarray(model.apply({'params': params, 'batch_stats': stats}, cloud, train=False))
+  assert np.max(np.abs(got - want)) <= 1e-9
