@@ -36,7 +36,7 @@ import torch
 
 from cg3d_jax.atomic import atomic_write
 from cg3d_jax.models.ppat import OPENSHAPE_SCALINGS, PPAT
-from cg3d_jax.trees import flatten, non_finite, stack_layers, unstack_layers
+from cg3d_jax.trees import non_finite, stack_layers, unstack_layers
 from cg3d_jax.weights import torch_io
 from cg3d_jax.weights.cg3d_pth import CheckpointFormatError, load_file, strip_module_prefix, without_module_prefix
 from cg3d_jax.weights.torch_io import BATCH_STATS, PARAMS, conv1x1, layer_norm, linear, tensor
@@ -86,21 +86,8 @@ def expected_variables(model: PPAT) -> dict:
 def expected_torch_shapes(model: PPAT | None = None) -> 'collections.OrderedDict[str, tuple[int, ...]]':
   """State-dict key -> shape for `model` (default: the released scaling-4 rgb encoder), in the released order."""
   model = model or PPAT()
-  shapes = expected_variables(model)
-  flat = {c: {k: v.shape for k, v in flatten(shapes.get(c, {})).items()} for c in (PARAMS, BATCH_STATS)}
   conv2d = _conv2d_keys(len(model.sa_channels))
-  out = collections.OrderedDict()
-  for e in _model_entries(model):
-    if e.kind == 'num_batches_tracked':
-      out[e.torch_key] = ()
-      continue
-    shape = tuple(flat[e.collection][e.flax_path])
-    if e.kind == 'linear':
-      shape = (shape[1], shape[0])
-    elif e.kind == 'conv1x1':
-      shape = (shape[1], shape[0], 1, 1) if e.torch_key in conv2d else (shape[1], shape[0], 1)
-    out[e.torch_key] = shape
-  return out
+  return torch_io.torch_shapes(_model_entries(model), expected_variables(model), conv2d=conv2d)
 
 
 def _count(names, what: str) -> int:

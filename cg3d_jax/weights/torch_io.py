@@ -230,6 +230,24 @@ def point_transformer_to_torch(
   return flax_to_torch({PARAMS: params, BATCH_STATS: batch_stats}, entries, num_batches_tracked=num_batches_tracked)
 
 
+def torch_shapes(entries: list[Entry], variables, *, conv2d=()) -> 'collections.OrderedDict[str, tuple[int, ...]]':
+  """State-dict key -> shape of the entries' torch side, from Flax variables (arrays or ShapeDtypeStructs); the
+  1x1 convolutions named in `conv2d` are Conv2d ([out, in, 1, 1]), the others Conv1d ([out, in, 1])."""
+  flat = {c: {k: tuple(v.shape) for k, v in flatten(variables.get(c, {})).items()} for c in (PARAMS, BATCH_STATS)}
+  out = collections.OrderedDict()
+  for e in entries:
+    if e.kind == 'num_batches_tracked':
+      out[e.torch_key] = ()
+      continue
+    shape = flat[e.collection][e.flax_path]
+    if e.kind == 'linear':
+      shape = (shape[1], shape[0])
+    elif e.kind == 'conv1x1':
+      shape = (shape[1], shape[0], 1, 1) if e.torch_key in conv2d else (shape[1], shape[0], 1)
+    out[e.torch_key] = shape
+  return out
+
+
 def vote(state_dict: Mapping[str, Any], places: list[tuple[str, int]]) -> int | None:
   """The size most of the (key, axis) places carry (None when none is there): one mis-shaped tensor is then named
   by the shape check instead of resizing the model around it."""

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from cg3d_jax.models.uni3d import PATCH_SIZE, UNI3D_SIZES, Uni3D, size_of
-from cg3d_jax.trees import flatten, non_finite, stack_layers, unstack_layers
+from cg3d_jax.trees import non_finite, stack_layers, unstack_layers
 from cg3d_jax.weights import torch_io
 from cg3d_jax.weights.cg3d_pth import CheckpointFormatError, load_file, strip_module_prefix, without_module_prefix
 from cg3d_jax.weights.torch_io import BATCH_STATS, PARAMS, conv1x1, layer_norm, linear, tensor
@@ -168,19 +168,7 @@ def _ordered(encoder: Mapping[str, Any], unused: Mapping[str, Any]) -> 'collecti
 def expected_torch_shapes(model: Uni3D | None = None) -> 'collections.OrderedDict[str, tuple[int, ...]]':
   """Every state-dict key -> shape of the file Uni3D's code writes for `model` (default: the giant), in its order."""
   model = model or Uni3D()
-  shapes = expected_variables(model)
-  flat = {c: {k: v.shape for k, v in flatten(shapes.get(c, {})).items()} for c in (PARAMS, BATCH_STATS)}
-  encoder = collections.OrderedDict()
-  for e in _model_entries(model):
-    if e.kind == 'num_batches_tracked':
-      encoder[e.torch_key] = ()
-      continue
-    shape = tuple(flat[e.collection][e.flax_path])
-    if e.kind == 'linear':
-      shape = (shape[1], shape[0])
-    elif e.kind == 'conv1x1':
-      shape = (shape[1], shape[0], 1)
-    encoder[e.torch_key] = shape
+  encoder = torch_io.torch_shapes(_model_entries(model), expected_variables(model))
   return _ordered(encoder, unused_shapes(model.width, model.mlp, model.qkv_fused))
 
 
