@@ -418,3 +418,26 @@ def demo_run(tmp_path_factory):
     stdout=(root / 'demo_stdout.txt').read_text(),
     package=(root / 'package.txt').read_text(),
   )
+
+
+class NeedsCode:
+  """A pickled object whose loading would run code (argparse.Namespace, SLIP's and ULIP's `args`, is allowed)."""
+
+  def __reduce__(self):
+    return (print, ('ran',))
+
+
+def refusal(tmp_path, name: str, container, reader) -> str:
+  """`container` saved as tmp_path/name and given to `reader`: its CheckpointFormatError, one line naming the file."""
+  import torch
+
+  from cg3d_jax.errors import InputError
+  from cg3d_jax.weights.cg3d_pth import CheckpointFormatError
+
+  path = tmp_path / name
+  torch.save(container, path)
+  with pytest.raises(CheckpointFormatError) as err:
+    reader(path)
+  assert isinstance(err.value, InputError) and str(err.value).startswith(f'{path}: ')
+  assert '\n' not in str(err.value)
+  return str(err.value)

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from cg3d_jax.errors import InputError
 from cg3d_jax.models import ppat
 from cg3d_jax.models.ppat import PPAT
 from cg3d_jax.twins import ppat as twin_ppat
 from cg3d_jax.weights import openshape_pt
 from cg3d_jax.weights.cg3d_pth import CheckpointFormatError
+from tests import conftest
 from tests.conftest import FIXTURES, NEAR_TIE, modelnet_root
 
 # Real objects whose grouping at the released settings (384 FPS centres from index 0, balls of radius 0.2 with 64
@@ -506,21 +506,8 @@ def test_a_small_file_loads_with_sizes_read_off_the_weights(small_file):
   np.testing.assert_array_equal(np.asarray(params['cls_token']), container['state_dict']['module.ppat.cls_token'])
 
 
-class _NeedsCode:
-  """A pickled object whose loading would run code (argparse.Namespace, SLIP's and ULIP's `args`, is allowed)."""
-
-  def __reduce__(self):
-    return (print, ('ran',))
-
-
 def refusal(tmp_path, name: str, container) -> str:
-  path = tmp_path / name
-  torch.save(container, path)
-  with pytest.raises(CheckpointFormatError) as err:
-    openshape_pt.read_openshape_checkpoint(path)
-  assert isinstance(err.value, InputError) and str(err.value).startswith(f'{path}: ')
-  assert '\n' not in str(err.value)
-  return str(err.value)
+  return conftest.refusal(tmp_path, name, container, openshape_pt.read_openshape_checkpoint)
 
 
 def test_bad_files_are_refused_with_one_clear_message(tmp_path, small_file):
@@ -540,7 +527,7 @@ def test_bad_files_are_refused_with_one_clear_message(tmp_path, small_file):
   with pytest.raises(CheckpointFormatError, match=r'truncated.pt: truncated or damaged'):
     openshape_pt.read_openshape_checkpoint(truncated)
 
-  code = refusal(tmp_path, 'code.pt', dict(container, args=_NeedsCode()))  # a class outside the allow-list
+  code = refusal(tmp_path, 'code.pt', dict(container, args=conftest.NeedsCode()))  # a class outside the allow-list
   assert 'refused' in code and 'nothing in it was run' in code
 
   other_backbone = {'state_dict': {'module.conv0p1s1.kernel': torch.zeros(27, 6, 32)}, 'epoch': 1}

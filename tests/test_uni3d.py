@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from cg3d_jax.errors import InputError
 from cg3d_jax.models import uni3d
 from cg3d_jax.models.uni3d import UNI3D_SIZES, Uni3D
 from cg3d_jax.twins import uni3d as twin_uni3d
 from cg3d_jax.weights import openshape_pt, torch_io, uni3d_pt
 from cg3d_jax.weights.cg3d_pth import CheckpointFormatError
+from tests import conftest
 from tests.conftest import FIXTURES, grouping_margin, modelnet_root
 
 KEYS_TSV = FIXTURES / 'reference' / 'uni3d_state_dict_keys.tsv'
@@ -400,21 +400,8 @@ def test_a_float16_deepspeed_file_loads_as_its_float32_upcast(small_file, tmp_pa
     np.testing.assert_array_equal(np.asarray(params3['cls_pos']), np.asarray(params['cls_pos']))
 
 
-class _NeedsCode:
-  """A pickled object whose loading would run code."""
-
-  def __reduce__(self):
-    return (print, ('ran',))
-
-
 def refusal(tmp_path, name: str, container) -> str:
-  path = tmp_path / name
-  torch.save(container, path)
-  with pytest.raises(CheckpointFormatError) as err:
-    uni3d_pt.read_uni3d_checkpoint(path)
-  assert isinstance(err.value, InputError) and str(err.value).startswith(f'{path}: ')
-  assert '\n' not in str(err.value)
-  return str(err.value)
+  return conftest.refusal(tmp_path, name, container, uni3d_pt.read_uni3d_checkpoint)
 
 
 def test_bad_files_are_refused_with_one_clear_message(tmp_path, small_file):
@@ -433,7 +420,7 @@ def test_bad_files_are_refused_with_one_clear_message(tmp_path, small_file):
   with pytest.raises(CheckpointFormatError, match=r'truncated.pt: truncated or damaged'):
     uni3d_pt.read_uni3d_checkpoint(truncated)
 
-  code = refusal(tmp_path, 'code.pt', dict(container, ds_config=_NeedsCode()))
+  code = refusal(tmp_path, 'code.pt', dict(container, ds_config=conftest.NeedsCode()))
   assert 'refused' in code and 'nothing in it was run' in code
 
   openshape = {'state_dict': {'module.ppat.cls_token': torch.zeros(512)}, 'epoch': 1}
