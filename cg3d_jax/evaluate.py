@@ -27,7 +27,7 @@ def evaluate(config, checkpoint: str, workdir: str, devices=None, step: int | No
   """Evaluates `checkpoint` as `config.eval` says; writes the reports into `workdir`; returns the summary."""
   from cg3d_jax import trained
   from cg3d_jax.data.sources import source
-  from cg3d_jax.evaluators import evaluator, zeroshot
+  from cg3d_jax.evaluators import evaluator, protocols, zeroshot
   from cg3d_jax.models.cg3d import CG3D
   from cg3d_jax.training import config_checks
 
@@ -44,18 +44,27 @@ def evaluate(config, checkpoint: str, workdir: str, devices=None, step: int | No
   loaded = trained.load_trained(
     checkpoint, step=step if step is not None else ev.get('step'), num_points=config.model.num_points
   )
+  has_clip = bool(config.clip.path or loaded.config.get('clip', {}).get('path'))
+  ev, published = protocols.for_evaluation(
+    ev, loaded.released, loaded.in_channels, has_clip=has_clip, layout_features=data.class_features is not None
+  )
+  if published['published_protocol']:
+    data = source.eval_source(ev, process_count=jax.process_count())  # with the protocol's axes and colour
+    logging.info('scoring with the published protocol of %s: %s', loaded.released, published['published_protocol'])
+  if ev.get('num_points'):
+    loaded.config.model.num_points = int(ev.num_points)
   stored = ev.get('num_stored_points')
   if stored is not None and stored < loaded.num_points:
     raise ConfigError(
       f'config.eval.num_stored_points={stored} is fewer than the {loaded.num_points} points {loaded.source} encodes '
       f'(farthest-point sampling picks them from the stored ones): at least {loaded.num_points}'
     )
-  channels = getattr(loaded.encoder, 'in_channels', 3)
+  channels = loaded.in_channels
   if channels != data.channels:
     raise ConfigError(
       f'{loaded.source}: the encoder takes {channels} channels per point (xyz{" + rgb" if channels == 6 else ""}) '
-      f'but {data.name} gives {data.channels} here; coloured encoders score on the layout sets with '
-      'config.eval.use_color=True (--config zeroshot_openshape:modelnet40 or :scanobjectnn, zeroshot_objaverse_lvis)'
+      f'but {data.name} gives {data.channels} here (config.eval.use_color={bool(ev.get("use_color"))}): set '
+      f'--config.eval.use_color={channels == 6} (sets without colours give grey 0.4, as OpenShape does)'
     )
   if ev.task == 'retrieval' or zeroshot.needs_clip(ev):
     scoring = trained.with_clip(loaded, config.clip.path)
@@ -68,7 +77,8 @@ def evaluate(config, checkpoint: str, workdir: str, devices=None, step: int | No
       None,
       None,
     )
-    if data.class_features is not None and data.class_features.shape[1] != loaded.embed_dim:
+    layout_features = ev.prompts == 'precomputed' and data.class_features is not None
+    if layout_features and data.class_features.shape[1] != loaded.embed_dim:
       raise ConfigError(
         f'{loaded.source} projects to {loaded.embed_dim} dimensions but the class features of '
         f'{data.source} have {data.class_features.shape[1]}: not the joint space it was trained in'
@@ -89,11 +99,13 @@ def evaluate(config, checkpoint: str, workdir: str, devices=None, step: int | No
   info = {
     'checkpoint': loaded.source,
     'family': loaded.config.get('family', 'CG3D'),
+    'size': loaded.size(),
     'step': loaded.step,
     'clip': clip_info,
     'num_points': loaded.num_points,
     'devices': mesh.size,
     **zeroshot.prompt_record(ev),
+    **published,
     **data.record,
   }
   return scorer.report({'encoder': loaded.encoder_vars, 'clip': clip_params}, workdir, data.name, info)

@@ -55,6 +55,21 @@ class TrainedModel:
     # PointMLP names its joint-space width projection_dim (its embed_dim is the first stage's width).
     return int(getattr(self.encoder, 'projection_dim', None) or self.encoder.embed_dim)
 
+  @property
+  def released(self) -> str | None:
+    """The released family the file came from ('ULIP', 'OpenShape', 'Uni3D'); None for CG3D's own."""
+    return self.config.get('released')
+
+  def size(self) -> dict:
+    """The encoder's size as results.json records it: its parameter count and the widths it was built with."""
+    count = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(self.encoder_vars['params']))
+    shape = {k: int(getattr(self.encoder, k)) for k in ('width', 'depth', 'num_heads') if hasattr(self.encoder, k)}
+    return {'parameters': count, **shape, 'embed_dim': self.embed_dim, 'in_channels': self.in_channels}
+
+  @property
+  def in_channels(self) -> int:
+    return int(getattr(self.encoder, 'in_channels', 3))
+
 
 def load_trained(path, *, step: int | None = None, num_points: int = 1024, model_config=None) -> TrainedModel:
   """A training workdir / checkpoints folder / step folder, or an original CG3D (or exported) .pth / .safetensors.
@@ -164,6 +179,7 @@ def _load_ulip(path: pathlib.Path, loaded, model_config) -> TrainedModel:
     model,
     params,
     batch_stats,
+    released='ULIP',
     family=release.name if release else f'ULIP (Point-BERT, {model.embed_dim}-dimensional projection)',
     num_points=release.num_points if release else 8192,
     step=epoch if isinstance(epoch, int) else 0,
@@ -173,7 +189,9 @@ def _load_ulip(path: pathlib.Path, loaded, model_config) -> TrainedModel:
   return out
 
 
-def _released(path, model, params, batch_stats, *, family: str, num_points: int, step: int, config: dict = None):
+def _released(
+  path, model, params, batch_stats, *, released: str, family: str, num_points: int, step: int, config: dict = None
+):
   """A released encoder file's TrainedModel: no prompts; its CLIP given (or its class features precomputed); what
   the file does not record (the points its authors evaluate with) marked as such."""
   model_config = {
@@ -186,6 +204,7 @@ def _released(path, model, params, batch_stats, *, family: str, num_points: int,
     'model': model_config,
     'clip': {'path': None, 'prompt': {'mode': 'none', 'num_tokens': 0}},
     'family': family,
+    'released': released,  # whose published protocol evaluates it (evaluators/protocols.py)
     'unrecorded': ['model.num_points'],
   }
   return TrainedModel(
@@ -216,7 +235,19 @@ def _load_openshape(path: pathlib.Path, loaded) -> TrainedModel:
   scaling = f', scaling {info["scaling"]}' if info['scaling'] else ''
   step = info['step'] if isinstance(info['step'], int) else info['epoch'] if isinstance(info['epoch'], int) else 0
   family = f'OpenShape (PointBERT / PPAT{scaling})'
-  return _released(path, model, params, batch_stats, family=family, num_points=10000, step=int(step))
+  # Not in the weights: the patch count and ball query (the scaling's, or assumed); a run started from it sets its own.
+  grouping = ['model.ppat.num_patches', 'model.ppat.radius', 'model.ppat.num_samples']
+  return _released(
+    path,
+    model,
+    params,
+    batch_stats,
+    released='OpenShape',
+    family=family,
+    num_points=10000,
+    step=int(step),
+    config={'unrecorded': ['model.num_points', *grouping]},
+  )
 
 
 def _load_uni3d(path: pathlib.Path, loaded) -> TrainedModel:
@@ -228,7 +259,18 @@ def _load_uni3d(path: pathlib.Path, loaded) -> TrainedModel:
   model, params, batch_stats, info = uni3d_pt.read_uni3d_checkpoint(path, loaded=loaded)
   family = f'Uni3D {info["size"]}' if info['size'] else f'Uni3D ({model.width} wide, {model.depth} blocks)'
   step = info.get('global_steps') if isinstance(info.get('global_steps'), int) else info.get('epoch')
-  return _released(path, model, params, batch_stats, family=family, num_points=10000, step=int(step or 0))
+  grouping = ['model.uni3d.num_groups', 'model.uni3d.group_size']  # no weights: a run started from it sets its own
+  return _released(
+    path,
+    model,
+    params,
+    batch_stats,
+    released='Uni3D',
+    family=family,
+    num_points=10000,
+    step=int(step or 0),
+    config={'unrecorded': ['model.num_points', *grouping]},
+  )
 
 
 @dataclasses.dataclass

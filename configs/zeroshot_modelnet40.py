@@ -30,6 +30,9 @@ def zeroshot_config(dataset: str, num_stored_points: int, arg=None):
   # Clouds keep their first num_stored_points points, are centred and scaled to the unit sphere, then FPS on device
   # picks the encoder's N points. 8192 is Point-BERT's ModelNet setting; 10000 uses every point of a ModelNet file.
   c.eval.num_stored_points = num_stored_points
+  c.eval.y_up = config_dict.placeholder(bool)  # True: swap y and z (stored y-up; OpenShape sees z-up); None: as stored
+  c.eval.use_color = False  # True: xyz + grey 0.4 (these sets store no colour) for a coloured encoder
+  protocol_fields(c)
   # The prompts (eval.templates, name_style, normalize_text, ks) keep base.py's CG3D settings unless arg says.
   c.eval.step = config_dict.placeholder(int)  # checkpoint step to read; None: the newest
   if arg in (None, ''):
@@ -44,6 +47,15 @@ def zeroshot_config(dataset: str, num_stored_points: int, arg=None):
       f"unnormalised text, as the original eval.py) or 'ulip' (64-template ensemble), got {arg!r}"
     )
   return c
+
+
+def protocol_fields(c):
+  """What every evaluate config says of a released family's file (evaluators/protocols.py)."""
+  # 'published': a ULIP / OpenShape / Uni3D file is scored with its family's published protocol (prompts, axes,
+  # colour), whatever the fields above say; 'config': with these fields as they are. CG3D's own checkpoints: the
+  # fields above either way.
+  c.eval.protocol = 'published'
+  c.eval.num_points = config_dict.placeholder(int)  # points encoded; None: the checkpoint's (a family's published)
 
 
 def get_config(arg=None):

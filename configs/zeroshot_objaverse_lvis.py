@@ -14,7 +14,7 @@ Top-1/3/5 are per sample, the class mean beside them (OpenShape's and Uni3D's re
 
 from ml_collections import config_dict
 
-from cg3d_jax.configs import base
+from cg3d_jax.configs import base, zeroshot_modelnet40
 
 
 def layout_eval(c, dataset: str):
@@ -29,6 +29,7 @@ def layout_eval(c, dataset: str):
   c.eval.y_up = config_dict.placeholder(bool)  # None: the layout's convention (OpenShape swaps y/z, Uni3D does not)
   c.eval.use_color = True  # xyz + rgb (the encoder's in_channels must be 6); False: xyz only
   c.eval.num_stored_points = 10000  # points drawn per cloud (OpenShape's 10,000); FPS on device to model.num_points
+  zeroshot_modelnet40.protocol_fields(c)
   c.eval.split = 'test'
   c.eval.max_examples = config_dict.placeholder(int)
   c.eval.batch_size = 64

@@ -235,8 +235,9 @@ def test_features_equal_ulips_own_code_on_real_clouds(tmp_path, points, colored)
 
 def test_evaluate_scores_a_ulip2_file_on_lvis_with_openshapes_bigg_features(tmp_path):
   """A ULIP-2 file (xyz + rgb, 1280 wide: OpenCLIP ViT-bigG-14's space, the space of OpenShape's precomputed class
-  features) scored on a procedural Objaverse-LVIS in OpenShape's layout by the evaluate command, no CLIP loaded:
-  top-1 and class mean equal those of the twin's features on the same clouds (OpenShape's preparation), and
+  features) scored on a procedural Objaverse-LVIS in OpenShape's layout by the evaluate command with the config's
+  protocol (--config.eval.protocol=config: its published one needs bigG's text tower), no CLIP loaded: top-1 and
+  class mean equal those of the twin's features on the same clouds (OpenShape's preparation), and
   results.json names the family and its 10,000 points. Fewer stored points than that is one line naming the
   setting."""
   import json
@@ -253,9 +254,14 @@ def test_evaluate_scores_a_ulip2_file_on_lvis_with_openshapes_bigg_features(tmp_
   twin = _randomised_twin(2, depth=2, embed_dim=1280, in_channels=6)  # ULIP's 512 groups of 32
   path, _ = _ulip_file(tmp_path, twin)
   argv = ['--config', 'zeroshot_objaverse_lvis', '--checkpoint', str(path), f'--config.eval.manual_dir={layout}']
+  # ULIP-2's published protocol prompts its CLIP (bigG), which is not given: one line; the config's own protocol
+  # (the layout's precomputed features, OpenShape's axes) scores it.
+  assert run_command(evaluate.main, [*argv, '--workdir', str(tmp_path / 'no_clip')]) == 2
+  argv += ['--config.eval.protocol=config']
   assert run_command(evaluate.main, [*argv, '--workdir', str(tmp_path / 'lvis'), '--config.eval.batch_size=8']) == 0
   results = json.loads((tmp_path / 'lvis' / 'results.json').read_text())
   assert results['family'] == 'ULIP-2 (Point-BERT)' and results['num_points'] == 10000
+  assert results['published_protocol'] is None and results['class_features'] == 'the layout'
 
   evalset = openshape_eval.lvis_openshape(layout)
   clouds = np.stack(

@@ -285,16 +285,19 @@ def needs_clip(ev) -> bool:
 
 def prompt_record(ev) -> dict:
   """What the class weights were computed with, for results.json: 'protocol' is 'cg3d_original' for the original
-  eval.py's settings (one template, raw names, unnormalised text), else 'cosine', 'unnormalised' or 'precomputed'."""
+  eval.py's settings (one template, raw names, unnormalised text), else 'cosine', 'unnormalised' or 'precomputed';
+  'class_features' where they came from: the user's file, 'the layout' (its stored features) or 'the text tower'."""
   prompts = ev.prompts
   if prompts in ('precomputed', 'file'):
     record = {'prompts': prompts, 'templates': None, 'name_style': None, 'normalize_text': None}
-    return {**record, 'protocol': 'precomputed', **({'class_features': ev.class_features} if prompts == 'file' else {})}
+    source = {'class_features': ev.class_features} if prompts == 'file' else {'class_features': 'the layout'}
+    return {**record, 'protocol': 'precomputed', **source}
   templates = ev.templates if prompts == 'templates' else None
   name_style, normalize = ev.name_style, ev.normalize_text
   original = templates == 'cg3d_zeroshot' and name_style == 'raw' and not normalize
   return {
     'prompts': prompts,
+    'class_features': 'the text tower',
     'templates': templates,
     'name_style': name_style,
     'normalize_text': normalize,

@@ -15,10 +15,12 @@ from cg3d_jax.clip.templates import template_set_names
 from cg3d_jax.data.sources.openshape_layout import LAYOUTS
 from cg3d_jax.errors import ConfigError
 from cg3d_jax.evaluators.evaluator import TASKS
+from cg3d_jax.evaluators.protocols import PROTOCOLS
 from cg3d_jax.evaluators.zeroshot import NAME_STYLES, PROMPT_SETS
 from cg3d_jax.models.cg3d import ENCODERS
 from cg3d_jax.models.clip import PROMPT_MODES
 from cg3d_jax.models.layers import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
+from cg3d_jax.models.uni3d import MLP_KINDS
 from cg3d_jax.training import optim
 
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -123,6 +125,13 @@ def check_model(config) -> None:
   _check_compute(config, 'model')
   if _has(config, 'model.num_classes'):
     _int(config, 'model.num_classes', optional=True)
+  if _has(config, 'model.init') and _get(config, 'model.init'):
+    return  # the file names the encoder: its block is checked once adopted (recipe.adopt_starting_architecture)
+  check_encoder_block(config, encoder, points)
+
+
+def check_encoder_block(config, encoder: str, points: int) -> None:
+  """config.model.<encoder>: the sizes of the encoder config.model.encoder names, against the points per cloud."""
   if encoder == 'point_transformer':
     p = 'model.point_transformer'
     width, heads = _int(config, f'{p}.width'), _int(config, f'{p}.num_heads')
@@ -147,6 +156,37 @@ def check_model(config) -> None:
     _float(config, f'{p}.head_dropout', high=0.99)
     if _has(config, f'{p}.projection_bias'):
       _bool(config, f'{p}.projection_bias')
+  elif encoder == 'ppat':
+    p = 'model.ppat'
+    for name in ('width', 'depth', 'num_heads', 'head_dim', 'mlp_dim'):
+      _int(config, f'{p}.{name}')
+    _ints(config, f'{p}.sa_channels')
+    _float(config, f'{p}.radius', open_low=True)
+    for name in ('num_patches', 'num_samples'):
+      if _int(config, f'{p}.{name}') > points:
+        raise ConfigError(
+          f'config.{p}.{name}={_get(config, f"{p}.{name}")} is more than the {points} points per cloud '
+          '(config.model.num_points): the patch centres and their ball-query neighbours are picked among them'
+        )
+  elif encoder == 'uni3d':
+    p = 'model.uni3d'
+    width, heads = _int(config, f'{p}.width'), _int(config, f'{p}.num_heads')
+    if width % heads:
+      raise ConfigError(
+        f'config.{p}.width={width} is not divisible by config.{p}.num_heads={heads}: each head takes '
+        'width / num_heads channels'
+      )
+    for name in ('depth', 'mlp_hidden', 'encoder_dim'):
+      _int(config, f'{p}.{name}')
+    _choice(config, f'{p}.mlp', MLP_KINDS)
+    _bool(config, f'{p}.qkv_fused')
+    _float(config, f'{p}.drop_path_rate', high=0.99)
+    for name in ('num_groups', 'group_size'):
+      if _int(config, f'{p}.{name}') > points:
+        raise ConfigError(
+          f'config.{p}.{name}={_get(config, f"{p}.{name}")} is more than the {points} points per cloud '
+          '(config.model.num_points): farthest-point sampling picks the group centres and neighbours among them'
+        )
   else:
     p = 'model.pointmlp'
     _int(config, f'{p}.embed_dim')
@@ -254,6 +294,10 @@ def check_eval(config) -> None:
     _choice(config, 'eval.layout', LAYOUTS)
   if _has(config, 'eval.num_stored_points'):
     _int(config, 'eval.num_stored_points')
+  if _has(config, 'eval.protocol'):
+    _choice(config, 'eval.protocol', PROTOCOLS)
+  if _has(config, 'eval.num_points'):
+    _int(config, 'eval.num_points', optional=True)
   if _has(config, 'eval.step'):
     _int(config, 'eval.step', low=0, optional=True)
   for name, low in (('view_index', 0), ('grid_queries', 1), ('grid_matches', 1)):

@@ -6,7 +6,8 @@ import functools
 import jax
 import numpy as np
 
-from cg3d_jax.data import builders, pipeline
+from cg3d_jax.data import builders, host_batches, pipeline
+from cg3d_jax.data.openshape import RGB_DROP_VALUE
 from cg3d_jax.data.sources.source import EvalData, TrainData
 from cg3d_jax.errors import ConfigError
 
@@ -64,6 +65,8 @@ def _split(
   process_count,
   view_index=0,
   record=None,
+  y_up=False,
+  use_color=False,
 ) -> EvalData:
   builder = builders.checked_builder(
     name, data_dir=data_dir, manual_dir=manual_dir, skip_bad=skip_bad, process_count=process_count, fields=fields
@@ -71,18 +74,18 @@ def _split(
 
   def batches(sharding, preprocess=None):
     images = {} if preprocess is None else dict(**preprocess.pipeline_settings(), view_index=view_index)
-    return pipeline.make_eval_iterator(
+    local = pipeline.eval_local_batches(
       name,
       data_dir=data_dir,
       manual_dir=manual_dir,
       batch_size=batch_size,
-      sharding=sharding,
       num_points_stored=num_stored_points,
       split=split,
       max_examples=max_examples,
       skip_bad=skip_bad,
       **images,
     )
+    return host_batches.to_global(_oriented(local, y_up=y_up, use_color=use_color), sharding)
 
   def prepared():
     return builders.get_builder(
@@ -93,9 +96,9 @@ def _split(
     name=name,
     source=name,
     class_names=builders.class_names(builder),
-    channels=3,
+    channels=6 if use_color else 3,
     batches=batches,
-    record=record or {},
+    record={**(record or {}), 'y_up_swapped': y_up, 'use_color': use_color},
     read_view=_view_reader(prepared, split, view_index),
   )
 
@@ -131,7 +134,21 @@ def eval_data(ev, process_count: int = 1) -> EvalData:
     process_count=process_count,
     view_index=ev.get('view_index', 0),
     record={'num_stored_points': ev.num_stored_points, 'split': ev.split},
+    y_up=bool(ev.get('y_up')),
+    use_color=bool(ev.get('use_color', False)),
   )
+
+
+def _oriented(local, *, y_up: bool, use_color: bool):
+  """The batches as a released family's protocol feeds them: y and z swapped (sets stored y-up, an encoder that
+  sees z-up: OpenShape's), and for a coloured encoder OpenShape's grey 0.4 as the colour these sets do not store."""
+  for batch in local:
+    points = batch['points']
+    if y_up:
+      points = points[..., [0, 2, 1]]
+    if use_color:
+      points = np.concatenate([points, np.full(points.shape, RGB_DROP_VALUE, points.dtype)], axis=-1)
+    yield {**batch, 'points': points}
 
 
 def _view_reader(prepared, split: str, view_index: int):
