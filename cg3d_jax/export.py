@@ -5,7 +5,8 @@ prompts under `visual_clip_model`); `--format safetensors` (the default for *.sa
 plus a JSON sidecar (cg3d_jax/weights/cg3d_pth.py). A fine-tuning run becomes Point-BERT's fine-tune container
 (`base_model` = the classifier in the original names). `--format ulip` writes an encoder with ULIP's bias-free
 projection (a ULIP file, or a run started from one) in ULIP's checkpoint layout (weights/ulip.py); an OpenShape PPAT
-is written in OpenShape's (`--format openshape`, weights/openshape_pt.py). `--verify`
+is written in OpenShape's (`--format openshape`, weights/openshape_pt.py), a Uni3D encoder in Uni3D's (`--format
+uni3d`, weights/uni3d_pt.py); each is the default for its encoder. `--verify`
 reloads the written file into the PyTorch twin with strict=True and compares its outputs with JAX's, both in
 float64, on four real ModelNet40 objects the package ships (or `--points` files); it exits non-zero when the largest
 difference exceeds `--tolerance`.
@@ -24,10 +25,11 @@ OUT = cli.out_flag()
 FORMAT = flags.DEFINE_enum(
   'format',
   None,
-  ['cg3d', 'safetensors', 'ulip', 'openshape'],
+  ['cg3d', 'safetensors', 'ulip', 'openshape', 'uni3d'],
   'Container format; default from --out: *.safetensors -> safetensors, else cg3d (an OpenShape encoder: '
   "openshape). 'ulip': ULIP's checkpoint layout (point_encoder.* + pc_projection), for an encoder with ULIP's "
-  "bias-free projection; 'openshape': OpenShape's (ppat.* + proj.*), for its PPAT.",
+  "bias-free projection; 'openshape': OpenShape's (ppat.* + proj.*), for its PPAT; 'uni3d': Uni3D's (DeepSpeed's "
+  'module with point_encoder.*), for a Uni3D encoder.',
 )
 EPOCH = flags.DEFINE_integer('epoch', -1, "Value of the container's 'epoch' entry (-1: unknown, as the original).")
 VERIFY = flags.DEFINE_bool('verify', False, 'Reload the export into the PyTorch twin and compare outputs.')
@@ -55,7 +57,7 @@ def resolve_format(out: pathlib.Path, fmt: str | None) -> str:
   inferred = 'safetensors' if out.suffix == '.safetensors' else 'cg3d'
   if fmt is None:
     return inferred
-  if fmt in ('ulip', 'openshape') and out.suffix in ('.pt', '.pth'):
+  if fmt in ('ulip', 'openshape', 'uni3d') and out.suffix in ('.pt', '.pth'):
     return fmt
   if fmt != inferred and out.suffix in ('.safetensors', '.pth', '.pt'):
     raise InputError(f'--format {fmt} does not match the extension of --out {out}')
@@ -141,6 +143,15 @@ def _export_openshape(trained, out: pathlib.Path):
   print(f'exported step {trained.step} of {trained.source} (OpenShape PPAT, {trained.encoder.depth} layers) to {out}')
 
 
+def _export_uni3d(trained, out: pathlib.Path):
+  from cg3d_jax.weights import uni3d_pt
+
+  if trained.encoder_name != 'uni3d':
+    raise InputError(f'--format uni3d: {trained.source} is a {trained.encoder_name}, not a Uni3D encoder')
+  uni3d_pt.write_checkpoint(out, trained.encoder_vars['params'], trained.encoder_vars['batch_stats'], step=trained.step)
+  print(f'exported step {trained.step} of {trained.source} (Uni3D, {trained.encoder.depth} blocks) to {out}')
+
+
 def _export_finetune(finetuned, out: pathlib.Path, fmt: str):
   from cg3d_jax.weights import cg3d_pth
 
@@ -172,6 +183,8 @@ def _verify(
     twin = verify.load_ulip_twin(out, model)
   elif layout == 'openshape':
     twin = verify.load_openshape_twin(out, model)
+  elif layout == 'uni3d':
+    twin = verify.load_uni3d_twin(out, model)
   else:
     twin = verify.load_twin(out, encoder, model, num_points, allow_missing_projection=logits)
   print(f'verify: {out} loads into the PyTorch twin with strict=True')
@@ -218,15 +231,18 @@ def main(argv):
     from cg3d_jax.twins import verify
 
     verify.verify_clouds(POINTS.value, MODELNET_DIR.value, model.num_points, getattr(model.encoder, 'in_channels', 3))
-  if model.encoder_name == 'ppat' and fmt == 'cg3d' and FORMAT.value is None:
-    fmt = 'openshape'  # a PPAT has no CG3D layout
+  own = {'ppat': 'openshape', 'uni3d': 'uni3d'}.get(model.encoder_name)  # encoders with no CG3D layout
+  if own and fmt == 'cg3d' and FORMAT.value is None:
+    fmt = own
   if fmt == 'ulip':
     _export_ulip(model, out)
   elif fmt == 'openshape':
     _export_openshape(model, out)
-  elif model.encoder_name == 'ppat':
+  elif fmt == 'uni3d':
+    _export_uni3d(model, out)
+  elif own:
     raise InputError(
-      f"--format {fmt}: {model.source} is OpenShape's PPAT, written in its own layout (--format openshape)"
+      f'--format {fmt}: {model.source} is a {model.encoder_name}, written in its own layout (--format {own})'
     )
   else:
     _export_pretraining(model, out, fmt)

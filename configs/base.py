@@ -14,7 +14,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # The trainable 3D encoder. Sizes default to CG3D's released PointTransformer.
   c.model = ml_collections.ConfigDict()
-  c.model.encoder = 'point_transformer'  # or 'pointmlp'
+  c.model.encoder = 'point_transformer'  # or 'pointmlp', 'ppat' (OpenShape's), 'uni3d' (Uni3D's)
   c.model.num_points = 1024  # points per cloud fed to the encoder (FPS from the stored 8192)
   # Input channels of either encoder: 3 (xyz) or 6 (xyz + rgb: ULIP-2's coloured Point-BERT, OpenShape's coloured
   # PointMLP). The TFDS datasets are xyz only; OpenShape's layout (pretrain_openshape) carries colours.
@@ -30,8 +30,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Attention kernel: 'auto' (cuDNN flash attention on GPUs in bf16/fp16, XLA elsewhere), 'xla', 'cudnn', 'einsum'.
   c.model.attention = 'auto'
   c.model.num_classes = 55  # classification head kept for strict PyTorch exports and fine-tuning
-  # The encoder pretraining starts from (a training run, a CG3D .pth / .safetensors, a released ULIP / ULIP-2 file):
-  # its architecture and projection replace the sizes here; unset: fresh weights of these sizes.
+  # The encoder pretraining starts from (a training run, a CG3D .pth / .safetensors, a released ULIP / ULIP-2,
+  # OpenShape or Uni3D file): its architecture and projection replace the sizes here; unset: fresh weights of these
+  # sizes.
   c.model.init = config_dict.placeholder(str)
   c.model.point_transformer = ml_collections.ConfigDict(
     dict(
@@ -57,6 +58,35 @@ def get_base_config() -> ml_collections.ConfigDict:
       pos_blocks=(2, 2, 2, 2),
       k_neighbors=(24, 24, 24, 24),
       reducers=(2, 2, 2, 2),
+    )
+  )
+  # OpenShape's PPAT (models/ppat.py) at its released scaling 4; config.model.init from an OpenShape file sets these.
+  c.model.ppat = ml_collections.ConfigDict(
+    dict(
+      width=512,
+      depth=12,
+      num_heads=8,
+      head_dim=64,
+      mlp_dim=1536,
+      sa_channels=(64, 64, 256),
+      num_patches=384,
+      radius=0.2,
+      num_samples=64,
+    )
+  )
+  # Uni3D's EVA point transformer (models/uni3d.py) at its tiny size; config.model.init from a Uni3D file sets these.
+  c.model.uni3d = ml_collections.ConfigDict(
+    dict(
+      width=192,
+      depth=12,
+      num_heads=3,
+      mlp='glu',  # models/uni3d.MLP_KINDS: 'glu' (tiny, small), 'swiglu' (base, large), 'gelu' (giant)
+      mlp_hidden=512,
+      qkv_fused=True,
+      num_groups=512,
+      group_size=64,
+      encoder_dim=512,
+      drop_path_rate=0.0,
     )
   )
 

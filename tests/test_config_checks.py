@@ -16,6 +16,7 @@ import pytest
 import cg3d_jax.configs
 from cg3d_jax import train
 from cg3d_jax.errors import ConfigError
+from cg3d_jax.models.cg3d import ENCODERS
 from cg3d_jax.training import config_checks
 from tests.conftest import REPO_ROOT, run_command
 
@@ -101,7 +102,7 @@ NAMES_CHECKED_WHERE_READ = (
 def accepted_because(config, path: str, value) -> str | None:
   """Why (path, value) is a valid setting, or None when validation must refuse it."""
   encoder = config.model.encoder
-  for other in ('point_transformer', 'pointmlp'):
+  for other in ENCODERS:
     if other != encoder and (path.startswith(f'model.{other}.') or path.startswith(f'finetune.optim.{other}.')):
       return 'the block of the encoder that config.model.encoder does not name is not read'
   if isinstance(value, (int, float)) and not isinstance(value, bool) and value in HUGE:
@@ -368,3 +369,48 @@ def test_refused_settings_stop_the_commands_as_validation_says(tmp_path, capsys,
   line = _one_error_line(capsys)
   assert code == 2 and f'config.{field}' in line, line
   assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+  'encoder,field,value,message',
+  [
+    ('ppat', 'num_patches', 2048, 'config.model.ppat.num_patches=2048 is more than the 1024 points'),
+    ('ppat', 'num_samples', 0, 'config.model.ppat.num_samples=0 must be a positive integer'),
+    ('ppat', 'radius', 0.0, 'config.model.ppat.radius=0.0'),
+    ('ppat', 'sa_channels', (64, 0), 'config.model.ppat.sa_channels'),
+    ('uni3d', 'num_heads', 5, 'config.model.uni3d.width=192 is not divisible by config.model.uni3d.num_heads=5'),
+    ('uni3d', 'mlp', 'relu', "config.model.uni3d.mlp='relu'"),
+    ('uni3d', 'group_size', 4096, 'config.model.uni3d.group_size=4096 is more than the 1024 points'),
+    ('uni3d', 'encoder_dim', -1, 'config.model.uni3d.encoder_dim=-1 must be a positive integer'),
+  ],
+)
+def test_the_released_encoders_blocks_are_checked_by_name(encoder, field, value, message):
+  from cg3d_jax.configs import pretrain_openshape
+
+  config = pretrain_openshape.get_config()
+  config.model.encoder, config.model.num_points = encoder, 1024
+  config_checks.check(config, device_count=8)  # the shipped sizes are valid
+  with config.unlocked():
+    config.model[encoder][field] = value
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    config_checks.check(config, device_count=8)
+
+
+def test_a_starting_files_sizes_are_checked_against_the_runs_points(tmp_path):
+  """With config.model.init the file names the encoder, so its block is checked once adopted: an OpenShape file's
+  PPAT with the config's 384 patches on 128 points is one line naming the setting."""
+  import torch
+
+  from cg3d_jax.configs import pretrain_openshape
+  from cg3d_jax.training.recipes import recipe
+  from cg3d_jax.twins import ppat as twin_ppat
+  from tests.test_ppat import released_file
+
+  torch.manual_seed(0)
+  released_file(tmp_path / 'model.pt', twin_ppat.make(out_channel=32, dim=64, heads=2, depth=1, mlp_dim=128, sa_dim=32))
+  config = pretrain_openshape.get_config()
+  config.model.init, config.model.num_points = str(tmp_path / 'model.pt'), 128
+  config_checks.check(config, device_count=8)  # the point_transformer block is not what the run trains
+  with pytest.raises(ConfigError, match=re.escape('config.model.ppat.num_patches=384 is more than the 128 points')):
+    recipe.adopt_starting_architecture(config)
+  assert config.model.encoder == 'ppat' and config.model.ppat.width == 64

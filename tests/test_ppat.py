@@ -657,3 +657,57 @@ def test_class_features_from_a_users_file_score_as_the_layouts_own(tmp_path, cap
     assert run(name, '--config.eval.prompts=file', f'--config.eval.class_features={tmp_path / name}') == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and message in err[0], err
+
+
+def test_pretraining_starts_from_an_openshape_file_learns_and_exports_back(tmp_path, capsys):
+  """OpenShape's stored-feature recipe started from a random-weight OpenShape file (config.model.init): the run
+  trains a PPAT with the file's architecture (64 wide, one layer, 32-dimensional `proj`) and the config's patch
+  grouping (which no weight records), learns on procedural OpenShape-layout objects, and exports back to OpenShape's
+  layout by default, strict-loadable by the twin, whose float64 features on real ModelNet40 objects it matches."""
+  import json
+
+  from cg3d_jax import checkpoints, export, train
+  from cg3d_jax.synthetic.openshape_objects import write_openshape_layout
+  from tests.conftest import run_command
+
+  root = write_openshape_layout(tmp_path / 'data', train_per_class=4, lvis_per_class=1, num_points=1024, seed=1)
+  torch.manual_seed(5)
+  twin = twin_ppat.make(out_channel=32, dim=64, heads=2, depth=1, mlp_dim=128, sa_dim=32).eval()
+  released_file(tmp_path / 'model.pt', twin)
+  workdir = tmp_path / 'run'
+  argv = ['--config', 'pretrain_openshape', '--workdir', str(workdir), f'--config.data.manual_dir={root}']
+  argv += [f'--config.model.init={tmp_path / "model.pt"}', '--config.model.num_points=128']
+  argv += ['--config.model.ppat.num_patches=32', '--config.model.ppat.radius=0.4', '--config.model.ppat.num_samples=16']
+  argv += ['--config.data.num_stored_points=512', '--config.data.openshape.workers=4', '--config.train.batch_size=16']
+  argv += ['--config.train.total_steps=24', '--config.train.log_every=12', '--config.train.encoder_optim.lr=0.002']
+  argv += ['--config.eval.every_steps=0', '--config.train.encoder_optim.warmup_epochs=0']
+  argv += [
+    '--config.checkpoint.async_save=false',
+    '--config.checkpoint.every_steps=12',
+    '--config.logging.tensorboard=false',
+  ]
+  assert run_command(train.main, argv) == 0
+  log = [json.loads(line) for line in (workdir / 'train.jsonl').read_text().splitlines()]
+  assert log[-1]['loss'] < log[0]['loss']
+  saved = checkpoints.read_step(workdir)
+  p = saved.config.model.ppat
+  assert saved.config.model.encoder == 'ppat' and saved.config.model.embed_dim == 32
+  assert (p.width, p.depth, p.num_heads, p.mlp_dim, tuple(p.sa_channels), p.num_patches, p.num_samples) == (
+    64,
+    1,
+    2,
+    128,
+    (64, 64, 32),
+    32,
+    16,
+  )
+
+  out = tmp_path / 'export' / 'model.pt'
+  assert run_command(export.main, ['--checkpoint', str(workdir), '--out', str(out), '--verify']) == 0
+  assert 'verify: OK' in capsys.readouterr().out
+  moved = twin_ppat.make(
+    out_channel=32, dim=64, heads=2, depth=1, mlp_dim=128, sa_dim=32, patches=32, prad=0.4, nsamp=16
+  )
+  state = torch.load(out, weights_only=True)['state_dict']
+  moved.load_state_dict({k[len('module.') :]: v for k, v in state.items()}, strict=True)
+  assert not torch.equal(moved.proj.weight, twin.proj.weight)  # trained from the file's values

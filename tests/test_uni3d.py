@@ -479,3 +479,38 @@ def test_evaluate_scores_a_uni3d_file_with_the_users_class_features(tmp_path, sm
   assert results['top1_acc'] == pytest.approx(100 * np.mean(predicted == labels))
   class_mean = 100 * np.mean([np.mean(predicted[labels == c] == c) for c in np.unique(labels)])
   assert results['class_mean_acc'] == pytest.approx(class_mean)
+
+
+def test_pretraining_starts_from_a_uni3d_file_and_exports_back(tmp_path, capsys):
+  """A run started from a Uni3D file (config.model.init; tiny at one block) trains a Uni3D encoder with the file's
+  transformer and `trans2embed` and the config's grouping (which no weight records); its export is Uni3D's DeepSpeed layout by default, strict-loadable by the twin, and `--verify` matches the
+  twin's float64 features on real ModelNet40 objects."""
+  from cg3d_jax import checkpoints, export, train
+  from cg3d_jax.synthetic.openshape_objects import write_openshape_layout
+  from tests.conftest import run_command
+
+  root = write_openshape_layout(tmp_path / 'data', train_per_class=2, lvis_per_class=1, num_points=1024, seed=2)
+  twin, _ = twin_and_variables('tiny', seed=6, depth=1, embed_dim=32)
+  deepspeed_file(tmp_path / 'model.pt', twin)
+  workdir = tmp_path / 'run'
+  argv = ['--config', 'pretrain_openshape', '--workdir', str(workdir), f'--config.data.manual_dir={root}']
+  argv += [f'--config.model.init={tmp_path / "model.pt"}', '--config.model.num_points=128']
+  argv += ['--config.model.uni3d.num_groups=16', '--config.model.uni3d.group_size=16']
+  argv += ['--config.data.num_stored_points=512', '--config.data.openshape.workers=4', '--config.train.batch_size=8']
+  argv += ['--config.train.total_steps=2', '--config.eval.every_steps=0', '--config.checkpoint.async_save=false']
+  argv += ['--config.checkpoint.every_steps=1', '--config.logging.tensorboard=false']
+  assert run_command(train.main, argv) == 0
+  first = checkpoints.read_step(workdir, 1)
+  assert first.config.model.encoder == 'uni3d' and first.config.model.embed_dim == 32
+  u = first.config.model.uni3d
+  assert (u.width, u.depth, u.mlp, u.num_groups) == (192, 1, 'glu', 16)
+
+  out = tmp_path / 'export' / 'uni3d.pt'
+  assert run_command(export.main, ['--checkpoint', str(workdir), '--out', str(out), '--verify']) == 0
+  assert 'verify: OK' in capsys.readouterr().out
+  moved = twin_uni3d.make('tiny', depth=1, embed_dim=32, num_group=16, group_size=16)
+  moved.load_state_dict(torch.load(out, weights_only=True)['module'], strict=True)
+  trained_projection = moved.state_dict()['point_encoder.trans2embed.weight']
+  assert not torch.equal(
+    trained_projection, twin.state_dict()['point_encoder.trans2embed.weight']
+  )  # two steps from the file's

@@ -15,8 +15,10 @@ from cg3d_jax.models.clip import CLIP
 from cg3d_jax.models.layers import l2_normalize, stats_dtype
 from cg3d_jax.models.point_transformer import PointTransformer
 from cg3d_jax.models.pointmlp import PointMLP
+from cg3d_jax.models.ppat import PPAT
+from cg3d_jax.models.uni3d import Uni3D
 
-ENCODERS = {'point_transformer': PointTransformer, 'pointmlp': PointMLP}
+ENCODERS = {'point_transformer': PointTransformer, 'pointmlp': PointMLP, 'ppat': PPAT, 'uni3d': Uni3D}
 
 
 def build_encoder(model_config) -> nn.Module:

@@ -278,6 +278,28 @@ class PPAT(nn.Module):
   scan_layers: bool = True  # False: the layer loop unrolled in the compiled program (same parameters)
 
   @classmethod
+  def from_config(cls, model_config) -> 'PPAT':
+    """From `config.model`: model.ppat.* plus in_channels, embed_dim, dtype, remat, attention, scan_layers."""
+    p = model_config.ppat
+    return cls(
+      width=p.width,
+      depth=p.depth,
+      num_heads=p.num_heads,
+      head_dim=p.head_dim,
+      mlp_dim=p.mlp_dim,
+      sa_channels=tuple(p.sa_channels),
+      num_patches=p.num_patches,
+      radius=float(p.radius),
+      num_samples=p.num_samples,
+      in_channels=model_config.get('in_channels', 6),
+      embed_dim=model_config.embed_dim,
+      dtype=jnp.dtype(model_config.dtype),
+      remat=model_config.remat,
+      attention=model_config.get('attention', 'auto'),
+      scan_layers=model_config.get('scan_layers', True),
+    )
+
+  @classmethod
   def from_scaling(cls, scaling: int = 4, **overrides) -> 'PPAT':
     """The sizes of OpenShape's `ppat.make` for `model.scaling` (1-6); overrides: any other field."""
     if scaling not in OPENSHAPE_SCALINGS:

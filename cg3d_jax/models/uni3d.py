@@ -286,6 +286,29 @@ class Uni3D(nn.Module):
   scan_layers: bool = True  # False: the block loop unrolled in the compiled program (same parameters)
 
   @classmethod
+  def from_config(cls, model_config) -> 'Uni3D':
+    """From `config.model`: model.uni3d.* plus in_channels, embed_dim, dtype, remat, attention, scan_layers."""
+    u = model_config.uni3d
+    return cls(
+      width=u.width,
+      depth=u.depth,
+      num_heads=u.num_heads,
+      mlp=u.mlp,
+      mlp_hidden=u.mlp_hidden,
+      qkv_fused=bool(u.qkv_fused),
+      num_groups=u.num_groups,
+      group_size=u.group_size,
+      encoder_dim=u.encoder_dim,
+      drop_path_rate=float(u.drop_path_rate),
+      in_channels=model_config.get('in_channels', 6),
+      embed_dim=model_config.embed_dim,
+      dtype=jnp.dtype(model_config.dtype),
+      remat=model_config.remat,
+      attention=model_config.get('attention', 'auto'),
+      scan_layers=model_config.get('scan_layers', True),
+    )
+
+  @classmethod
   def from_size(cls, size: str = 'giant', **overrides) -> 'Uni3D':
     """One of UNI3D_SIZES ('tiny', 'small', 'base', 'large', 'giant'); overrides: any other field (depth=2...)."""
     if size not in UNI3D_SIZES:

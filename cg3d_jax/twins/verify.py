@@ -134,6 +134,32 @@ def load_openshape_twin(path, model) -> torch.nn.Module:
   return _PointsOnly(twin).eval()
 
 
+def load_uni3d_twin(path, model) -> torch.nn.Module:
+  """A file in Uni3D's layout (DeepSpeed's `module`), loaded into the Uni3D twin (sized as `model`, a Uni3D of a
+  released width and block kind, any depth) with strict=True."""
+  from cg3d_jax.models.uni3d import UNI3D_SIZES
+  from cg3d_jax.twins import uni3d
+  from cg3d_jax.weights import uni3d_pt
+
+  loaded = cg3d_pth.load_file(path)
+  if not uni3d_pt.is_uni3d_container(loaded):
+    raise BadInputError(path, "is not in Uni3D's layout (DeepSpeed's `module` with point_encoder.*)")
+  size = uni3d_pt.released_size(model.width, model.mlp, model.qkv_fused)
+  if size is None or UNI3D_SIZES[size]['num_heads'] != model.num_heads:
+    raise BadInputError(path, f'a {model.width}-wide Uni3D of no released size: the twin builds the released ones')
+  twin = uni3d.make(
+    size,
+    depth=model.depth,
+    embed_dim=model.embed_dim,
+    num_group=model.num_groups,
+    group_size=model.group_size,
+    encoder_dim=model.encoder_dim,
+    in_channels=model.in_channels,
+  )
+  twin.load_state_dict(cg3d_pth.strip_module_prefix(path, loaded['module']), strict=True)
+  return twin.eval()
+
+
 def compare_features(
   twin: torch.nn.Module, model, variables, clouds: np.ndarray, *, logits: bool = False
 ) -> tuple[float, np.ndarray, np.ndarray]:

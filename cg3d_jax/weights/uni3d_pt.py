@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from cg3d_jax.atomic import atomic_write
 from cg3d_jax.models.uni3d import PATCH_SIZE, UNI3D_SIZES, Uni3D, size_of
 from cg3d_jax.trees import non_finite, stack_layers, unstack_layers
 from cg3d_jax.weights import torch_io
@@ -436,3 +437,15 @@ def read_uni3d_checkpoint(path, model: Uni3D | None = None, loaded=None) -> tupl
     assumed=assumed,
   )
   return model, params, batch_stats, info
+
+
+def write_checkpoint(path, params, batch_stats, *, step: int = 0) -> pathlib.Path:
+  """The encoder as DeepSpeed's model-states file holds Uni3D's: {'module': the state dict, 'global_steps', 'epoch'},
+  atomically; Uni3D's own `model.load_state_dict(checkpoint['module'])` reads it. In float32, not the released
+  files' float16: a JAX run's weights are kept exactly, and loading casts them to the model's dtype. The keys the
+  point encoder leaves unused are written as Uni3D would start them (uni3d_to_torch)."""
+  container = {'module': uni3d_to_torch(params, batch_stats, num_batches_tracked=step), 'global_steps': int(step)}
+  container['epoch'] = 0
+  path = pathlib.Path(path)
+  atomic_write(path, lambda f: torch.save(container, f))
+  return path

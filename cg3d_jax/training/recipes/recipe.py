@@ -15,7 +15,7 @@ from cg3d_jax.data.sources import source
 from cg3d_jax.errors import ConfigError
 from cg3d_jax.evaluators import evaluator
 from cg3d_jax.models.cg3d import CG3D
-from cg3d_jax.training import common
+from cg3d_jax.training import common, config_checks
 from cg3d_jax.training.optim import ENCODER, PROMPTS
 
 
@@ -63,9 +63,22 @@ def initial_state(config, mesh, trainable: dict, tx, encoder_vars: dict, rng) ->
   return common.place_state(state, mesh, config)
 
 
-# The PointTransformer's architecture fields in config.model.point_transformer (the compute settings, dtype, remat,
+# Each trainable encoder's architecture fields in its config.model block (the compute settings, dtype, remat,
 # attention, scan_layers and drop_path_rate, stay the config's).
-_ARCHITECTURE = ('width', 'depth', 'num_heads', 'mlp_ratio', 'num_groups', 'group_size', 'encoder_dim')
+_ARCHITECTURE = {
+  'point_transformer': (
+    'width',
+    'depth',
+    'num_heads',
+    'mlp_ratio',
+    'num_groups',
+    'group_size',
+    'encoder_dim',
+    'projection_bias',
+  ),
+  'ppat': ('width', 'depth', 'num_heads', 'head_dim', 'mlp_dim', 'sa_channels', 'num_patches', 'radius', 'num_samples'),
+  'uni3d': ('width', 'depth', 'num_heads', 'mlp', 'mlp_hidden', 'qkv_fused', 'num_groups', 'group_size', 'encoder_dim'),
+}
 
 
 @functools.cache
@@ -76,28 +89,33 @@ def _starting_file(path: str):
 
 
 def adopt_starting_architecture(config) -> None:
-  """With config.model.init (a training run, a CG3D .pth / .safetensors, or a released ULIP / ULIP-2 file), the run
-  trains that encoder: its architecture and projection (into the family's CLIP space) replace config.model's, so
-  that the run's saved config describes what it trains and resumes it. What the file does not record (ULIP's
-  grouping) stays the config's: groups hold no weights."""
+  """With config.model.init (a training run, a CG3D .pth / .safetensors, or a released ULIP / ULIP-2, OpenShape or
+  Uni3D file), the run trains that encoder: its kind, architecture and projection (into the family's CLIP space)
+  replace config.model's, so that the run's saved config describes what it trains and resumes it. What the file
+  does not record (ULIP's grouping) stays the config's: groups hold no weights."""
   path = config.model.get('init')
   if not path:
     return
   loaded = _starting_file(str(path))
-  encoder = loaded.encoder
-  if loaded.encoder_name != 'point_transformer':
-    raise ConfigError(f'config.model.init={path!r} holds a {loaded.encoder_name}; pretraining starts from a Point-BERT')
+  name, encoder = loaded.encoder_name, loaded.encoder
+  if name not in _ARCHITECTURE:
+    raise ConfigError(
+      f'config.model.init={path!r} holds a {name}; pretraining starts from a Point-BERT (CG3D, ULIP, ULIP-2), '
+      "OpenShape's PPAT or a Uni3D encoder"
+    )
   model = config.model
-  model.encoder = 'point_transformer'
+  model.encoder = name
   model.embed_dim, model.in_channels = int(encoder.embed_dim), int(encoder.in_channels)
-  model.num_classes = int(encoder.num_classes or 0)
+  model.num_classes = int(getattr(encoder, 'num_classes', None) or 0)
   unrecorded = set(loaded.config.get('unrecorded', ()))  # e.g. ULIP's grouping: the run's own config sets it
-  for name in _ARCHITECTURE:
-    if f'model.point_transformer.{name}' not in unrecorded:
-      model.point_transformer[name] = type(model.point_transformer[name])(getattr(encoder, name))
-  model.point_transformer.projection_bias = bool(encoder.projection_bias)
-  if encoder.num_classes:
+  block = model[name]
+  for field in _ARCHITECTURE[name]:
+    if f'model.{name}.{field}' not in unrecorded:
+      value = getattr(encoder, field)
+      block[field] = tuple(value) if isinstance(value, (tuple, list)) else type(block[field])(value)
+  if name == 'point_transformer' and encoder.num_classes:
     model.point_transformer.head_hidden = int(encoder.head_hidden)
+  config_checks.check_encoder_block(config, name, int(model.num_points))  # the file's sizes with the run's points
 
 
 def starting_encoder_vars(config, model: CG3D, rng) -> dict:
