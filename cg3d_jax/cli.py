@@ -139,8 +139,12 @@ def named_settings(config, message: str) -> list[str]:
   command-line spelling, or by their field name followed by their value ('width 128', "num_heads=3"), the way layers
   and libraries word their refusals."""
   found = []
+  model = config.get('model') if hasattr(config, 'get') else None
+  unread = ()  # the blocks of the encoders config.model.encoder does not name: their sizes are not what refused
+  if model is not None and 'encoder' in model:
+    unread = tuple(f'model.{k}.' for k, v in model.items() if hasattr(v, 'items') and k != model.encoder)
   for path, value in _leaves(config):
-    if isinstance(value, (tuple, list, dict)) or value is None:
+    if isinstance(value, (tuple, list, dict)) or value is None or path.startswith(unread):
       continue
     name, shown = re.escape(path.rsplit('.', 1)[-1]), re.escape(str(value))
     spelled = re.search(rf'(?<![\w.])config\.{re.escape(path)}(?![\w.])', message)
@@ -266,6 +270,17 @@ def points_flag():
     None,
     'Point-cloud file(s): .ply .npy .off .txt .xyz .csv (predict takes '
     'one; export --verify compares on every one given).',
+  )
+
+
+@functools.cache
+def class_features_flag():
+  return flags.DEFINE_string(
+    'class_features',
+    None,
+    "Label features from a file instead of a CLIP's text tower, for encoders whose text tower the package cannot "
+    "run (Uni3D's EVA02-E-14-plus; OpenShape's and ULIP-2's bigG without its folder): a .npz with `names` and "
+    '`features` (labels x dim), matched to the labels by name (all of its names when no labels are given).',
   )
 
 

@@ -21,6 +21,7 @@ POINTS = cli.points_flag()
 LABELS = flags.DEFINE_string('labels', None, 'Comma-separated candidate labels, e.g. "owl,chicken,penguin".')
 IMAGES = flags.DEFINE_list('images', [], 'Comma-separated image files to rank against the cloud.')
 TEMPLATES = cli.templates_flag()
+CLASS_FEATURES = cli.class_features_flag()
 NO_NORMALIZE_TEXT = flags.DEFINE_bool(
   'no_normalize_text', False, "The original CG3D quirk: don't L2-normalise text features."
 )
@@ -35,7 +36,7 @@ COLUMNS = flags.DEFINE_string(
 
 
 # Flags defined once in cli (or scenes.flags) that this command takes: listed by its --help.
-for _shared in ('checkpoint', 'step', 'clip_path', 'num_points', 'points', 'templates', 'verbose'):
+for _shared in ('checkpoint', 'step', 'clip_path', 'num_points', 'points', 'templates', 'class_features', 'verbose'):
   flags.declare_key_flag(_shared)
 
 
@@ -64,7 +65,10 @@ def main(argv):
   if len(points) != 1:
     raise InputError(f'--points: predict takes one point-cloud file, got {len(points)}: {points}')
   points = points[0]
-  labels = cli.parse_labels(cli.require(LABELS, '--labels "owl,chicken,penguin"'))
+  features_file = CLASS_FEATURES.value
+  labels = None  # with --class_features and no --labels: every name in the file
+  if LABELS.value is not None or not features_file:
+    labels = cli.parse_labels(cli.require(LABELS, '--labels "owl,chicken,penguin"'))
   templates = TEMPLATES.value or 'cg3d_zeroshot'
   templates = [templates] if '{}' in templates else templates
   for path in [points, *IMAGES.value]:  # cheap checks before the model loads
@@ -74,11 +78,23 @@ def main(argv):
   from cg3d_jax.evaluators import prediction, reports
 
   points = prediction.read_checked_cloud(points, COLUMNS.value)  # a bad cloud costs no model
-  model = trained.with_clip(
-    trained.load_trained(checkpoint, step=CHECKPOINT.step.value, num_points=CLIP.num_points.value), CLIP.clip_path.value
-  )
+  loaded = trained.load_trained(checkpoint, step=CHECKPOINT.step.value, num_points=CLIP.num_points.value)
+  classifier = None
+  if features_file:  # the labels' features as numbers: no text tower (images still need the CLIP)
+    labels = labels or prediction.file_labels(features_file)
+    classifier = prediction.label_features(features_file, labels, loaded.embed_dim)
+  if features_file and not IMAGES.value:
+    model = trained.without_clip(loaded)
+  else:
+    model = trained.with_clip(loaded, CLIP.clip_path.value)
   result = prediction.predict(
-    model, points, labels, IMAGES.value, templates=templates, normalize_text=not NO_NORMALIZE_TEXT.value
+    model,
+    points,
+    labels,
+    IMAGES.value,
+    templates=templates,
+    normalize_text=not NO_NORMALIZE_TEXT.value,
+    classifier=classifier,
   )
   print(format_result(result))
   if JSON.value:

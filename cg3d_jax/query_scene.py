@@ -24,14 +24,16 @@ CHECKPOINT = cli.checkpoint_flags()
 CLIP = cli.clip_flags()
 SCENE = flags.DEFINE_string('scene', None, 'S3DIS room folder or room .txt, or a .ply .npy .off .txt file.')
 QUERIES = flags.DEFINE_string('queries', None, 'Comma-separated text queries, e.g. "chair,table,lamp".')
-VOCABULARY = cli.vocabulary_flag()  # default here: 'training'
+VOCABULARY = cli.vocabulary_flag()  # default here: 'training' (with --class_features: the file's names)
+CLASS_FEATURES = cli.class_features_flag()
 OUT = cli.out_flag()  # default here: ./<scene name>_query
 IMAGE_SIZE = flags.DEFINE_integer('image_size', 512, 'Long side of the top-view PNGs.')
 flags.adopt_module_key_flags(scene_flags)
 
 
 # Flags defined once in cli (or scenes.flags) that this command takes: listed by its --help.
-for _shared in ('checkpoint', 'step', 'clip_path', 'num_points', 'vocabulary', 'out', 'templates', 'seed', 'verbose'):
+_SHARED = ('checkpoint', 'step', 'clip_path', 'num_points', 'vocabulary', 'out', 'templates', 'class_features')
+for _shared in (*_SHARED, 'seed', 'verbose'):
   flags.declare_key_flag(_shared)
 
 
@@ -63,23 +65,31 @@ def main(argv):
   settings = scene_flags.query_settings()
   out = OUT.value or f'{pathlib.Path(scene.rstrip("/")).stem}_query'
   from cg3d_jax import trained
+  from cg3d_jax.evaluators import prediction
   from cg3d_jax.scenes import outputs, queries, s3dis
 
   xyz, rgb = queries.read_scene(scene)  # before the model loads: a bad scene costs no model
-  model = trained.with_clip(
-    trained.load_trained(checkpoint, step=CHECKPOINT.step.value, num_points=CLIP.num_points.value), CLIP.clip_path.value
-  )
+  loaded = trained.load_trained(checkpoint, step=CHECKPOINT.step.value, num_points=CLIP.num_points.value)
+  features_file = CLASS_FEATURES.value
+  model = trained.without_clip(loaded) if features_file else trained.with_clip(loaded, CLIP.clip_path.value)
   spec = VOCABULARY.value or 'training'
-  vocabulary = (
-    queries.training_vocabulary(model)
-    if spec == 'training'
-    else list(s3dis.S3DIS_CLASSES)
-    if spec == 's3dis'
-    else []
-    if spec == 'none'
-    else cli.parse_labels(spec, '--vocabulary')
-  )
-  result = queries.query_scene(model, xyz, queries_, vocabulary, settings=settings, rgb=rgb)
+  if features_file and not VOCABULARY.value:
+    vocabulary = prediction.file_labels(features_file)  # every name the file holds competes with the queries
+  else:
+    vocabulary = (
+      queries.training_vocabulary(model)
+      if spec == 'training'
+      else list(s3dis.S3DIS_CLASSES)
+      if spec == 's3dis'
+      else []
+      if spec == 'none'
+      else cli.parse_labels(spec, '--vocabulary')
+    )
+  classifier = None
+  if features_file:  # the labels' features as numbers, in label_set's order
+    labels = queries.label_set(queries_, vocabulary)
+    classifier = prediction.label_features(features_file, labels, loaded.embed_dim)
+  result = queries.query_scene(model, xyz, queries_, vocabulary, settings=settings, rgb=rgb, classifier=classifier)
   summary = outputs.write_query_outputs(
     out, xyz, rgb, result, scene=scene, up=settings.regions.scene_up, image_size=IMAGE_SIZE.value
   )

@@ -26,6 +26,8 @@ from cg3d_jax.models.classifiers import build_classifier
 from cg3d_jax.models.point_transformer import PointTransformer
 
 TORCH_SUFFIXES = ('.pth', '.pt', '.safetensors')
+# Label probabilities without a CLIP at hand (label features from a file): CLIP's trained temperature, exp(4.6052).
+RELEASED_LOGIT_SCALE = 100.0
 
 
 @dataclasses.dataclass
@@ -279,15 +281,19 @@ class ScoringModel:
 
   trained: TrainedModel
   model: CG3D
-  clip: LoadedCLIP  # clip.params['prompts'] holds the trained prompts (when the model has any)
+  clip: LoadedCLIP | None  # clip.params['prompts'] holds the trained prompts; None: labels scored from a file
 
   @property
   def encoder_vars(self) -> dict:
     return self.trained.encoder_vars
 
   @property
-  def clip_params(self) -> dict:
-    return self.clip.params
+  def clip_params(self) -> dict | None:
+    return None if self.clip is None else self.clip.params
+
+  def logit_scale(self) -> float:
+    """The temperature of label probabilities: the CLIP's (frozen in CG3D), or without one CLIP's trained 100."""
+    return RELEASED_LOGIT_SCALE if self.clip is None else float(CG3D.logit_scale(self.clip.params))
 
   @property
   def config(self) -> ml_collections.ConfigDict:
@@ -300,6 +306,19 @@ class ScoringModel:
   @property
   def source(self) -> str:
     return self.trained.source
+
+
+def without_clip(trained: TrainedModel) -> ScoringModel:
+  """A model that scores point features against label features given as numbers (a class-feature file): no text
+  tower, so no prompts to put anywhere (a checkpoint that trained some needs its CLIP: with_clip)."""
+  if trained.prompts is not None:
+    raise InputError(
+      f'{trained.source} trained visual prompts, which only act inside its CLIP: give the CLIP (--clip_path) '
+      'instead of label features from a file'
+    )
+  return ScoringModel(
+    trained=trained, model=CG3D(encoder=trained.encoder, clip=None, num_points=trained.num_points), clip=None
+  )
 
 
 def with_clip(trained: TrainedModel, clip_path: str | None = None) -> ScoringModel:

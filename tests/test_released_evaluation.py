@@ -4,7 +4,8 @@ OpenShape's files) and on Objaverse-LVIS, with its family's published protocol b
 (evaluators/protocols.py): results.json records the family, the encoder's size, the protocol and where the class
 features came from; a protocol that needs what is not given is one line. On the TFDS sets, which store neither
 colour nor OpenShape's axes, OpenShape's file sees y and z swapped and grey 0.4: its scores equal the twin's on the
-real ModelNet40 objects prepared with NumPy."""
+real ModelNet40 objects prepared with NumPy. predict and query_scene score a released file with label features from
+a file, without a text tower."""
 
 import json
 
@@ -250,3 +251,54 @@ def test_the_tfds_sets_as_a_released_protocol_feeds_them():
   assert out['label'] is batch['label'] and out['mask'] is batch['mask']
   (same,) = tfds_layout._oriented([batch], y_up=False, use_color=False)
   np.testing.assert_array_equal(same['points'], batch['points'])
+
+
+def test_predict_and_query_scene_score_a_released_file_with_label_features_from_a_file(tmp_path, capsys):
+  """A Uni3D file, whose text tower (EVA02-E-14-plus) the package cannot run, with --class_features: predict ranks
+  the file's labels by the twin's features of the real ModelNet40 object (NumPy's normalisation, grey 0.4, all of its
+  10,000 points), probabilities at CLIP's temperature 100; query_scene scores a scene against the same file; a query
+  the file has no features for, and features of another width, are one line each."""
+  from cg3d_jax import predict, query_scene
+  from tests.test_uni3d import deepspeed_file, twin_and_variables
+
+  twin, _ = twin_and_variables('tiny', seed=9, depth=2)
+  deepspeed_file(tmp_path / 'uni3d.pt', twin)
+  names = ['airplane', 'bathtub', 'chair', 'lamp']
+  table = np.random.default_rng(3).normal(size=(len(names), 1024)).astype(np.float32)
+  np.savez(tmp_path / 'labels.npz', names=np.array(names), features=table)
+  xyz = np.loadtxt(modelnet_root() / 'airplane' / 'airplane_0627.txt', delimiter=',', dtype=np.float64)[:, :3]
+  np.save(tmp_path / 'airplane.npy', xyz.astype(np.float32))
+
+  argv = ['--checkpoint', str(tmp_path / 'uni3d.pt'), '--points', str(tmp_path / 'airplane.npy')]
+  argv += [f'--class_features={tmp_path / "labels.npz"}', '--json', str(tmp_path / 'predict.json')]
+  assert run_command(predict.main, argv) == 0
+  result = json.loads((tmp_path / 'predict.json').read_text())
+  centred = xyz - xyz.mean(axis=0)
+  cloud = np.concatenate([centred / np.linalg.norm(centred, axis=1).max(), np.full_like(xyz, 0.4)], axis=1)
+  with torch.no_grad():
+    feature = twin(torch.from_numpy(cloud[None].astype(np.float32))).numpy()[0].astype(np.float64)
+  want = (table / np.linalg.norm(table, axis=1, keepdims=True)) @ (feature / np.linalg.norm(feature))
+  got = {row['name']: row for row in result['labels']}
+  assert [row['name'] for row in result['labels']] == [names[i] for i in np.argsort(-want)]
+  np.testing.assert_allclose([got[n]['similarity'] for n in names], want, atol=1e-4)
+  probs = np.exp(100 * (want - want.max()))
+  np.testing.assert_allclose([got[n]['probability'] for n in names], probs / probs.sum(), atol=1e-3)
+  assert result['logit_scale'] == 100.0 and result['num_points_encoded'] == 10000
+
+  scene = np.concatenate([xyz, xyz + [3.0, 0.0, 0.0]]).astype(np.float32)
+  np.save(tmp_path / 'scene.npy', scene)
+  argv = ['--checkpoint', str(tmp_path / 'uni3d.pt'), '--scene', str(tmp_path / 'scene.npy')]
+  argv += [f'--class_features={tmp_path / "labels.npz"}', '--points_per_region=10000', '--max_regions=2']
+  argv += ['--radius=1.2', '--batch_size=2', '--exclude_floor=false']
+  capsys.readouterr()
+  assert run_command(query_scene.main, [*argv, '--queries', 'airplane', '--out', str(tmp_path / 'query')]) == 0
+  assert (tmp_path / 'query' / 'airplane.ply').exists()
+
+  bad = run_command(query_scene.main, [*argv, '--queries', 'owl', '--out', str(tmp_path / 'owl')])
+  err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+  assert bad == 2 and len(err) == 1 and "no features for 1 class(es) of the split, e.g. ['owl']" in err[0], err
+  np.savez(tmp_path / 'narrow.npz', names=np.array(names), features=table[:, :32])
+  argv = ['--checkpoint', str(tmp_path / 'uni3d.pt'), '--points', str(tmp_path / 'airplane.npy')]
+  assert run_command(predict.main, [*argv, f'--class_features={tmp_path / "narrow.npz"}']) == 2
+  err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+  assert len(err) == 1 and '32-dimensional features but the encoder projects to 1024' in err[0], err

@@ -483,8 +483,9 @@ def test_evaluate_scores_a_uni3d_file_with_the_users_class_features(tmp_path, sm
 
 def test_pretraining_starts_from_a_uni3d_file_and_exports_back(tmp_path, capsys):
   """A run started from a Uni3D file (config.model.init; tiny at one block) trains a Uni3D encoder with the file's
-  transformer and `trans2embed` and the config's grouping (which no weight records); its export is Uni3D's DeepSpeed layout by default, strict-loadable by the twin, and `--verify` matches the
-  twin's float64 features on real ModelNet40 objects."""
+  transformer and `trans2embed` and the config's grouping (which no weight records); its export is Uni3D's
+  DeepSpeed layout by default, strict-loadable by the twin, and `--verify` matches the twin's float64 features on
+  real ModelNet40 objects."""
   from cg3d_jax import checkpoints, export, train
   from cg3d_jax.synthetic.openshape_objects import write_openshape_layout
   from tests.conftest import run_command

@@ -19,9 +19,8 @@ from absl import logging
 from cg3d_jax.data import host_transforms
 from cg3d_jax.data.formats import point_files
 from cg3d_jax.data.formats.readers import read_image
-from cg3d_jax.errors import BadInputError
+from cg3d_jax.errors import BadInputError, InputError
 from cg3d_jax.evaluators import metrics, zeroshot
-from cg3d_jax.models.cg3d import CG3D
 from cg3d_jax.models.point_ops import sample_points
 
 # The fewest distinct points a cloud may have: one PointTransformer neighbourhood (32 points). Fewer cannot describe
@@ -104,6 +103,31 @@ def ranked(names: Sequence[str], similarities: np.ndarray, scale: float) -> list
   ]
 
 
+def label_features(path, labels: Sequence[str], width: int) -> np.ndarray:
+  """(L, D) normalised features of `labels` from a class-feature file (.npz of `names` and `features`, rows matched
+  by name; or a .npy in the labels' order), for encoders whose text tower the package cannot run."""
+  if not os.path.isfile(path):
+    raise BadInputError(path, 'does not exist or is not a file (--class_features)')
+  features = zeroshot.class_features_file(path, labels)
+  if features.shape[1] != width:
+    raise InputError(
+      f'--class_features {path}: {features.shape[1]}-dimensional features but the encoder projects to {width}: '
+      'not the joint space it was trained in'
+    )
+  return np.asarray(metrics.zero_shot_classifier(features))
+
+
+def file_labels(path) -> list[str]:
+  """The names a .npz class-feature file holds (the labels when none are given)."""
+  if not os.path.isfile(path):
+    raise BadInputError(path, 'does not exist or is not a file (--class_features)')
+  try:
+    with np.load(path, allow_pickle=False) as loaded:
+      return [str(n) for n in loaded['names']]
+  except (ValueError, OSError, KeyError, TypeError, AttributeError) as err:
+    raise BadInputError(path, f"not a .npz with 'names' and 'features' (give --labels with a .npy): {err}") from None
+
+
 def predict(
   model,
   points,
@@ -112,6 +136,7 @@ def predict(
   *,
   templates='cg3d_zeroshot',
   normalize_text: bool = True,
+  classifier: np.ndarray | None = None,
 ) -> dict:
   """{'points', 'num_points_read', 'labels': ranked, 'images': ranked} for a trained.ScoringModel `model`; `points`
   is a point-cloud file or what `read_checked_cloud` returned for one."""
@@ -121,10 +146,11 @@ def predict(
   points = prepare_points(cloud.xyz, model.model.num_points, os.fspath(points_path), colours)
   encode = jax.jit(lambda v, p: model.model.point_features(v, sample_points(p, model.model.num_points))[0])
   feature = np.asarray(encode(model.encoder_vars, jnp.asarray(points)[None]))[0]
-  classifier = zeroshot.text_classifier(
-    model.clip.model, model.clip_params, model.clip.tokenizer, labels, templates, normalize=normalize_text
-  )
-  scale = float(CG3D.logit_scale(model.clip_params))
+  if classifier is None:  # else the labels' features came from a file (label_features)
+    classifier = zeroshot.text_classifier(
+      model.clip.model, model.clip_params, model.clip.tokenizer, labels, templates, normalize=normalize_text
+    )
+  scale = model.logit_scale()
   result = {
     'points': os.fspath(points_path),
     'num_points_read': int(cloud.xyz.shape[0]),

@@ -211,7 +211,7 @@ def query_scene(
   if classifier.shape[0] != len(labels):
     raise ValueError(f'query_scene: classifier has {classifier.shape[0]} rows for {len(labels)} labels')
   similarity = features.astype(np.float64) @ np.asarray(classifier, np.float64).T
-  scale = float(CG3D.logit_scale(model.clip_params))
+  scale = model.logit_scale()
   probability = softmax(scale * similarity)
   scores = scene_regions.point_scores(regions, probability[:, : len(queries)], settings.regions.aggregate)
   return SceneQuery(
