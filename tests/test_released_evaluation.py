@@ -185,8 +185,7 @@ def test_a_ulip2_file_in_both_layouts_with_its_published_protocol(
   tmp_path, layout, modelnet40_prepared, scanobjectnn_prepared, tiny_clip_dir
 ):
   """ULIP's protocol: its 64 templates over names as words, through the CLIP given (here a tiny random one in place
-  of OpenCLIP ViT-bigG-14), the stored axes, colour or grey. Without a CLIP: one line; with
-  --config.eval.protocol=config the config's own settings (OpenShape's precomputed features and axes) hold."""
+  of OpenCLIP ViT-bigG-14), the stored axes, colour or grey (ULIP-1, xyz only: none). Without a CLIP: one line."""
   from tests.conftest import TINY_CLIP
   from tests.test_ulip import _randomised_twin, _ulip_file
 
@@ -213,6 +212,15 @@ def test_a_ulip2_file_in_both_layouts_with_its_published_protocol(
       False,
     )
     assert results['size']['parameters'] == _parameters(twin, CLOUD) and results['size']['depth'] == 1
+
+  # ULIP-1 (xyz only) on OpenShape's layout: the protocol leaves the colours out.
+  xyz_only = _randomised_twin(5, width=64, depth=1, num_heads=1, encoder_dim=64, embed_dim=width, in_channels=3)
+  path, _ = _ulip_file(tmp_path, xyz_only, name='ulip1.pt')
+  code, results = _evaluate(
+    tmp_path, 'ulip1', path, [*sets['scanobjectnn_openshape'], f'--config.clip.path={tiny_clip_dir}']
+  )
+  assert code == 0 and results['use_color'] is False and results['published_protocol']['use_color'] is False
+  assert results['size']['in_channels'] == 3 and results['y_up_swapped'] is False
 
 
 def test_a_uni3d_file_in_both_layouts_with_the_users_class_features(

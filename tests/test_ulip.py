@@ -433,3 +433,20 @@ def test_ulip_at_its_released_size_equals_ulips_own_code(tmp_path):
     params, stats = _float64_variables(model, state)
     got = np.asarray(model.apply({'params': params, 'batch_stats': stats}, cloud, train=False))
   assert np.max(np.abs(got - want)) <= 1e-9
+
+
+def test_a_coloured_starting_file_on_xyz_only_data_is_one_line(tmp_path, capsys, tiny_clip_dir, tiny_shapenet):
+  """The file's encoder is adopted before the data is opened: a ULIP-2 file (xyz + rgb) as the start of CG3D's
+  image-tower recipe on the TFDS ShapeNet-55 (xyz only) is one line naming the file, before any model is built."""
+  from cg3d_jax import train
+  from tests.conftest import REPO_ROOT, run_command
+
+  twin = _randomised_twin(4, width=64, depth=1, encoder_dim=64, embed_dim=32, in_channels=6)
+  path, _ = _ulip_file(tmp_path, twin)
+  manual, data = tiny_shapenet
+  argv = ['--config', str(REPO_ROOT / 'tests' / 'configs' / 'tiny_test.py'), f'--config.clip.path={tiny_clip_dir}']
+  argv += [f'--config.data.manual_dir={manual}', f'--config.data.data_dir={data}', f'--config.model.init={path}']
+  assert run_command(train.main, [*argv, '--workdir', str(tmp_path / 'run')]) == 2
+  err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+  assert len(err) == 1 and f'config.model.in_channels=6 (the encoder of config.model.init={str(path)!r})' in err[0]
+  assert "coloured encoders train on OpenShape's layout" in err[0]

@@ -15,9 +15,12 @@ from cg3d_jax.errors import ConfigError
 def train_data(config) -> TrainData:
   """config.data's TFDS dataset (prepared on first use from config.data.manual_dir), with its class names."""
   if config.model.in_channels != 3:
+    init = config.model.get('init')
+    whose = f' (the encoder of config.model.init={init!r})' if init else ''
     raise ConfigError(
-      f'config.model.in_channels={config.model.in_channels}: the TFDS datasets ({config.data.name}) '
-      "carry xyz only; coloured encoders train on OpenShape's layout (--config pretrain_openshape)"
+      f'config.model.in_channels={config.model.in_channels}{whose}: '
+      f"the TFDS datasets ({config.data.name}) carry xyz only; coloured encoders train on OpenShape's layout "
+      '(--config pretrain_openshape)'
     )
   builder = builders.get_builder(
     config.data.name,

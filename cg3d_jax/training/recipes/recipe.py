@@ -133,9 +133,11 @@ def starting_encoder_vars(config, model: CG3D, rng) -> dict:
 
 
 def from_config(config) -> Recipe:
-  """The recipe config.data's source calls for, built (data checked first, then model and state)."""
+  """The recipe config.data's source calls for, built (data checked first, then model and state; a starting file
+  of config.model.init is read before the data, whose channels must be its encoder's)."""
   from cg3d_jax.training.recipes import cg3d, renders, stored_features
 
+  adopt_starting_architecture(config)  # the file's encoder first: the data is checked against what will train
   data = source.train_source(config)
   recipes = {'cg3d': cg3d.recipe, 'stored_features': stored_features.recipe, 'renders': renders.recipe}
   return recipes[data.recipe](config, data)
