@@ -352,3 +352,23 @@ def test_run_stops_after_repeated_non_finite_steps():
   with pytest.raises(pretrain.NonFiniteError, match='5 consecutive steps.*last good checkpoint is step 8'):
     pretrain._check_finite(metrics, 5, Ckpt())
   pretrain._check_finite(metrics | {'bad_steps': jnp.array(2)}, 5, Ckpt())  # a few are tolerated
+
+
+def test_a_step_with_a_non_finite_gradient_anywhere_is_refused():
+  """The step's gradient check (the finiteness of the global norm) against NumPy's test of every element: a NaN or
+  an infinity in any one leaf of a tree like the step's refuses the step; finite gradients pass; a gradient whose
+  square overflows float32 (documented as refused) is refused too."""
+  from cg3d_jax.training.pretrain_step import _finite_gradients
+
+  rng = np.random.default_rng(0)
+  tree = {'encoder': {f'w{i}': rng.normal(size=(3, 4)).astype(np.float32) for i in range(40)}, 'prompts': np.ones(5)}
+  assert bool(_finite_gradients(tree)) and all(np.isfinite(x).all() for x in jax.tree.leaves(tree))
+  for leaf in ('w0', 'w17', 'w39'):
+    for bad in (np.nan, np.inf, -np.inf):
+      broken = jax.tree.map(np.copy, tree)
+      broken['encoder'][leaf][1, 2] = bad
+      assert not all(np.isfinite(x).all() for x in jax.tree.leaves(broken))
+      assert not bool(_finite_gradients(broken)), (leaf, bad)
+  huge = jax.tree.map(np.copy, tree)
+  huge['prompts'][0] = 1e30
+  assert not bool(_finite_gradients(huge))
