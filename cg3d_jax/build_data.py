@@ -21,13 +21,11 @@ DATASET = flags.DEFINE_string(
 )
 MANUAL_DIR = flags.DEFINE_string('manual_dir', None, 'Folder holding the official raw files.')
 DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data folder to write the prepared dataset into.')
-SKIP_BAD = flags.DEFINE_bool(
-  'skip_bad', False, 'Skip bad raw files, counting and logging them, instead of stopping at the first one.'
-)
+SKIP_BAD = cli.skip_bad_flag()
 
 
 # Flags defined once in cli (or scenes.flags) that this command takes: listed by its --help.
-for _shared in ('verbose',):
+for _shared in ('skip_bad', 'verbose'):
   flags.declare_key_flag(_shared)
 
 

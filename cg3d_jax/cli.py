@@ -274,6 +274,23 @@ def points_flag():
 
 
 @functools.cache
+def skip_bad_flag():
+  return flags.DEFINE_bool(
+    'skip_bad',
+    False,
+    'Skip bad files, each named in the log and counted, instead of stopping at the first one (build_data: raw '
+    'dataset files; embed: shapes).',
+  )
+
+
+@functools.cache
+def batch_size_flag():
+  return flags.DEFINE_integer(
+    'batch_size', 64, 'Clouds per device call, rounded up to the device count (scene regions; embed: shapes).'
+  )
+
+
+@functools.cache
 def class_features_flag():
   return flags.DEFINE_string(
     'class_features',

@@ -45,7 +45,8 @@ flags.adopt_module_key_flags(scene_flags)
 
 
 # Flags defined once in cli (or scenes.flags) that this command takes: listed by its --help.
-for _shared in ('checkpoint', 'step', 'clip_path', 'num_points', 'vocabulary', 'out', 'templates', 'seed', 'verbose'):
+_SHARED = ('checkpoint', 'step', 'clip_path', 'num_points', 'vocabulary', 'out', 'templates', 'batch_size')
+for _shared in (*_SHARED, 'seed', 'verbose'):
   flags.declare_key_flag(_shared)
 
 

@@ -33,7 +33,7 @@ flags.adopt_module_key_flags(scene_flags)
 
 # Flags defined once in cli (or scenes.flags) that this command takes: listed by its --help.
 _SHARED = ('checkpoint', 'step', 'clip_path', 'num_points', 'vocabulary', 'out', 'templates', 'class_features')
-for _shared in (*_SHARED, 'seed', 'verbose'):
+for _shared in (*_SHARED, 'batch_size', 'seed', 'verbose'):
   flags.declare_key_flag(_shared)
 
 

@@ -25,6 +25,7 @@ COMMANDS = {
   'evaluate_scenes',
   'build_data',
   'synthetic_scenes',
+  'embed',
 }
 
 

@@ -43,7 +43,7 @@ THRESHOLD = flags.DEFINE_float(
   'Presence: best region margin (query probability minus the best other label) above this.',
 )
 TOP_REGIONS = flags.DEFINE_integer('top_regions', _QUERY.top_regions, 'Top regions listed per query.')
-BATCH_SIZE = flags.DEFINE_integer('batch_size', _QUERY.batch_size, 'Regions per device call.')
+BATCH_SIZE = cli.batch_size_flag()  # its default is QuerySettings' (64)
 TEMPLATES = cli.templates_flag()
 
 

@@ -1,0 +1,170 @@
+"""A library of embedded shapes on disk, and exact search over it.
+
+A library folder holds:
+  library.json     which encoder embedded it (source, family, width, points encoded, channels), the points drawn
+                   per shape, the stored dtype and the shard files in order;
+  manifest.json    one entry per shape, in row order: its file (relative to the shapes folder), class (the parent
+                   folder's name when the shapes are filed by class, else null), points read, thumbnail;
+  embeddings/      the rows, one .npy shard per embedding chunk (L2-normalised, float16 or float32), so that an
+                   interrupted or extended run keeps what is done; embeddings.npy, all rows in one array, is written
+                   at the end of every run;
+  thumbnails/      a small top view of each shape (PNG).
+Every file is written under a temporary name and renamed: a library is never left half-written.
+
+Search is exact: the queries' scores against every row by matrix product in chunks, each chunk cut to its best k by a
+partial sort (np.argpartition), the survivors merged: O(N) memory per chunk and no full sort of N scores (OpenShape's
+demo sorts all of them).
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+
+import numpy as np
+
+from cg3d_jax.atomic import atomic_write_bytes, atomic_write_npy
+from cg3d_jax.errors import BadInputError, InputError
+
+LIBRARY_FILE = 'library.json'
+MANIFEST_FILE = 'manifest.json'
+EMBEDDINGS_FILE = 'embeddings.npy'
+SHARDS = 'embeddings'
+THUMBNAILS = 'thumbnails'
+DTYPES = ('float16', 'float32')
+SEARCH_CHUNK = 65536  # rows scored per matrix product
+
+
+@dataclasses.dataclass
+class ShapeLibrary:
+  root: pathlib.Path
+  encoder: dict  # what embedded it: source, family, embed_dim, num_points, in_channels
+  points_per_shape: int
+  dtype: str
+  shards: list[str]  # shard file names under embeddings/, in row order
+  manifest: list[dict]
+
+  def __len__(self) -> int:
+    return len(self.manifest)
+
+  def embeddings(self) -> np.ndarray:
+    """(N, D) rows in manifest order, as stored (float16 or float32)."""
+    if not self.shards:
+      return np.zeros((0, int(self.encoder['embed_dim'])), self.dtype)
+    return np.concatenate([np.load(self.root / SHARDS / name, allow_pickle=False) for name in self.shards])
+
+  def write_index(self) -> None:
+    """library.json and manifest.json, atomically (the shards are written before they are listed here)."""
+    record = {
+      'encoder': self.encoder,
+      'points_per_shape': self.points_per_shape,
+      'dtype': self.dtype,
+      'shards': self.shards,
+      'count': len(self.manifest),
+    }
+    atomic_write_bytes(self.root / MANIFEST_FILE, json.dumps(self.manifest, indent=1).encode())
+    atomic_write_bytes(self.root / LIBRARY_FILE, json.dumps(record, indent=1).encode())
+
+  def add_shard(self, rows: np.ndarray, entries: list[dict]) -> None:
+    """Appends `rows` (normalised features) and their manifest entries: the shard first, then the index naming it."""
+    if rows.shape[0] != len(entries):
+      raise ValueError(f'add_shard: {rows.shape[0]} rows for {len(entries)} entries')
+    name = f'{len(self.shards):06d}.npy'
+    atomic_write_npy(self.root / SHARDS / name, rows.astype(self.dtype))
+    self.shards.append(name)
+    self.manifest.extend(entries)
+    self.write_index()
+
+  def consolidate(self) -> pathlib.Path:
+    """embeddings.npy: every row in one array (what search and other tools read)."""
+    path = self.root / EMBEDDINGS_FILE
+    atomic_write_npy(path, self.embeddings())
+    return path
+
+
+def create_or_open(root, encoder: dict, *, points_per_shape: int, dtype: str) -> ShapeLibrary:
+  """The library at `root`, created when absent; an existing one must come from the same encoder and settings."""
+  if dtype not in DTYPES:
+    raise InputError(f'--dtype {dtype!r}: expected one of {DTYPES}')
+  root = pathlib.Path(root)
+  if not (root / LIBRARY_FILE).exists():
+    if root.exists() and any(root.iterdir()):
+      raise InputError(f'--library {root}: a folder that is not a shape library (no {LIBRARY_FILE}); give a new one')
+    return ShapeLibrary(root, encoder, points_per_shape, dtype, [], [])
+  library = open_library(root)
+  mismatched = [k for k in ('source', 'embed_dim', 'num_points', 'in_channels') if library.encoder.get(k) != encoder[k]]
+  if mismatched:
+    raise InputError(
+      f'--library {root} was embedded with {library.encoder["source"]} ({_describe(library.encoder)}), not '
+      f'{encoder["source"]} ({_describe(encoder)}): its rows live in another space; give a new folder'
+    )
+  if (library.points_per_shape, library.dtype) != (points_per_shape, dtype):
+    raise InputError(
+      f'--library {root} holds {library.points_per_shape} points per shape in {library.dtype}; extending it '
+      f'with {points_per_shape} in {dtype} would mix two preparations'
+    )
+  return library
+
+
+def _describe(encoder: dict) -> str:
+  return f'{encoder.get("family")}, {encoder["embed_dim"]}-dimensional, {encoder["num_points"]} points'
+
+
+def open_library(root) -> ShapeLibrary:
+  """Reads a library's index (not its rows), checking that every shard it names is there."""
+  root = pathlib.Path(root)
+  path = root / LIBRARY_FILE
+  try:
+    record = json.loads(path.read_text())
+    manifest = json.loads((root / MANIFEST_FILE).read_text())
+  except FileNotFoundError as err:
+    raise BadInputError(err.filename, 'missing: not a shape library (cg3d-embed writes one)') from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    raise BadInputError(path, f'not a readable shape-library index ({err})') from None
+  missing = [name for name in record['shards'] if not (root / SHARDS / name).exists()]
+  if missing or record.get('count') != len(manifest):
+    raise BadInputError(path, f'the index and its files disagree (missing shards {missing[:3]}); embed again')
+  return ShapeLibrary(root, record['encoder'], record['points_per_shape'], record['dtype'], record['shards'], manifest)
+
+
+def top_k(queries: np.ndarray, rows: np.ndarray, k: int, *, chunk: int = SEARCH_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+  """Exact top-k of each query (Q, D) over rows (N, D) by dot product: (scores (Q, k'), indices (Q, k')) best first,
+  k' = min(k, N). Chunked matrix products, a partial sort per chunk (rows of equal score at the k-th place may come
+  in any order)."""
+  queries = np.atleast_2d(np.asarray(queries, np.float32))
+  if k < 1:
+    raise ValueError(f'top_k: k must be at least 1, got {k}')
+  if queries.shape[1] != rows.shape[1]:
+    raise InputError(f'queries of width {queries.shape[1]} against a library of width {rows.shape[1]}')
+  k = min(k, rows.shape[0])
+  best_scores = np.full((queries.shape[0], 0), -np.inf, np.float32)
+  best_rows = np.zeros((queries.shape[0], 0), np.int64)
+  for start in range(0, rows.shape[0], chunk):
+    scores = queries @ np.asarray(rows[start : start + chunk], np.float32).T
+    if scores.shape[1] > k:
+      keep = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+      scores = np.take_along_axis(scores, keep, axis=1)
+    else:
+      keep = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
+    best_scores = np.concatenate([best_scores, scores], axis=1)
+    best_rows = np.concatenate([best_rows, keep + start], axis=1)
+    if best_scores.shape[1] > k:
+      order = np.lexsort((best_rows, -best_scores), axis=1)[:, :k]
+      best_scores, best_rows = np.take_along_axis(best_scores, order, 1), np.take_along_axis(best_rows, order, 1)
+  order = np.lexsort((best_rows, -best_scores), axis=1)
+  return np.take_along_axis(best_scores, order, 1), np.take_along_axis(best_rows, order, 1)
+
+
+def shape_files(folder) -> list[pathlib.Path]:
+  """Every point-cloud file under `folder` (any depth), sorted, by the extensions the readers take."""
+  from cg3d_jax.data.formats.point_files import SUPPORTED_EXTENSIONS
+
+  folder = pathlib.Path(folder)
+  if not folder.is_dir():
+    raise BadInputError(folder, 'is not a folder of point-cloud files (--shapes)')
+  found = sorted(p for p in folder.rglob('*') if p.is_file() and p.suffix.lower() in SUPPORTED_EXTENSIONS)
+  return [p for p in found if not any(part.startswith('.') for part in p.relative_to(folder).parts)]
+
+
+def relative_name(path: pathlib.Path, folder: pathlib.Path) -> str:
+  return os.fspath(path.relative_to(folder))

@@ -1,0 +1,119 @@
+"""The shape library (cg3d_jax/shape_library.py) and the embed command (cg3d_jax/embed.py): exact top-k equals NumPy's
+full sort on 10^5 random unit vectors; a folder of real ModelNet40 objects embeds to the twin's features; a second
+run embeds only what is new; a library from another encoder, a bad file and a folder that is not a library are one
+line each."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cg3d_jax import shape_library
+from tests.conftest import modelnet_root, run_command
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize('chunk', [7919, 100000])
+def test_exact_search_equals_a_full_sort_on_a_hundred_thousand_unit_vectors(chunk):
+  """Against np.argsort of every score (no near-ties at the k-th place in this fixture): the same rows in the same
+  order and the same scores, whether the rows fit one chunk or 13 (a prime size, so chunks end mid-way)."""
+  rng = np.random.default_rng(0)
+  rows = _unit(rng.normal(size=(100_000, 64))).astype(np.float32)
+  queries = _unit(rng.normal(size=(6, 64))).astype(np.float32)
+  scores, found = shape_library.top_k(queries, rows, 10, chunk=chunk)
+  full = queries @ rows.T
+  want = np.argsort(-full, axis=1, kind='stable')[:, :10]
+  ranked = np.sort(full, axis=1)[:, ::-1]
+  assert np.min(ranked[:, 9] - ranked[:, 10]) > 1e-6  # the cut is no near-tie
+  np.testing.assert_array_equal(found, want)
+  np.testing.assert_allclose(scores, np.take_along_axis(full, want, 1), rtol=0, atol=1e-6)
+  few_scores, few = shape_library.top_k(queries, rows[:4], 10)
+  np.testing.assert_array_equal(few, np.argsort(-(queries @ rows[:4].T), axis=1, kind='stable'))
+  assert few_scores.shape == (6, 4)
+
+
+def test_a_query_of_another_width_is_one_line():
+  with pytest.raises(shape_library.InputError, match='queries of width 3 against a library of width 64'):
+    shape_library.top_k(np.ones((1, 3)), np.ones((5, 64)), 2)
+
+
+def _shape_folder(root, names):
+  """Real ModelNet40 objects (all 10,000 points, xyz) as .npy files filed by class."""
+  for name in names:
+    cls = name.rsplit('_', 1)[0]
+    xyz = np.loadtxt(modelnet_root() / cls / f'{name}.txt', delimiter=',', dtype=np.float32)[:, :3]
+    (root / cls).mkdir(parents=True, exist_ok=True)
+    np.save(root / cls / f'{name}.npy', xyz)
+  return root
+
+
+def test_embed_a_folder_as_the_twin_does_then_only_what_is_new(tmp_path, capsys):
+  """A Uni3D file (tiny, two blocks: its 10,000 points are each object's whole cloud, so farthest-point sampling
+  keeps them all) embeds real objects to the twin's L2-normalised features of NumPy's preparation (centred, unit
+  sphere, grey 0.4); the manifest names files, classes, point counts and thumbnails; a second run over a folder
+  with one more object embeds that one only and leaves the rows there bitwise; another encoder's run into the same
+  library, a broken file and a folder of other things are one line each; --skip_bad names and counts the file."""
+  from cg3d_jax import embed
+  from cg3d_jax.twins import ppat as twin_ppat
+  from tests.test_ppat import released_file
+  from tests.test_uni3d import deepspeed_file, twin_and_variables
+
+  twin, _ = twin_and_variables('tiny', seed=9, depth=2)
+  deepspeed_file(tmp_path / 'uni3d.pt', twin)
+  shapes = _shape_folder(tmp_path / 'shapes', ['airplane_0627', 'bathtub_0107'])
+  library = tmp_path / 'library'
+  argv = ['--checkpoint', str(tmp_path / 'uni3d.pt'), '--shapes', str(shapes), '--library', str(library)]
+  argv += ['--points_per_shape=10000', '--batch_size=8', '--dtype=float32', '--thumbnail=32']
+  assert run_command(embed.main, argv) == 0
+  assert 'embedded 2 shapes' in capsys.readouterr().out
+  manifest = json.loads((library / 'manifest.json').read_text())
+  assert [(e['file'], e['class'], e['points']) for e in manifest] == [
+    ('airplane/airplane_0627.npy', 'airplane', 10000),
+    ('bathtub/bathtub_0107.npy', 'bathtub', 10000),
+  ]
+  assert all((library / e['thumbnail']).is_file() for e in manifest)
+  rows = np.load(library / 'embeddings.npy')
+
+  clouds = []
+  for entry in manifest:
+    xyz = np.load(shapes / entry['file']).astype(np.float64)
+    xyz -= xyz.mean(axis=0)
+    clouds.append(np.concatenate([xyz / np.linalg.norm(xyz, axis=1).max(), np.full_like(xyz, 0.4)], axis=1))
+  with torch.no_grad():
+    want = _unit(twin(torch.from_numpy(np.stack(clouds).astype(np.float32))).numpy())
+  np.testing.assert_allclose(rows, want, atol=1e-4, rtol=0)
+
+  _shape_folder(shapes, ['airplane_0628'])
+  assert run_command(embed.main, argv) == 0
+  out = capsys.readouterr().out
+  assert 'embedded 1 shapes' in out and 'holds 3' in out
+  again = np.load(library / 'embeddings.npy')
+  assert again.shape == (3, 1024)
+  np.testing.assert_array_equal(again[:2], rows)
+  assert json.loads((library / 'library.json').read_text())['count'] == 3
+
+  torch.manual_seed(0)
+  released_file(tmp_path / 'ppat.pt', twin_ppat.make(out_channel=32, dim=64, heads=2, depth=1, mlp_dim=128, sa_dim=32))
+  other = ['--checkpoint', str(tmp_path / 'ppat.pt'), *argv[2:]]
+  assert run_command(embed.main, other) == 2
+  err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+  assert len(err) == 1 and f'was embedded with {tmp_path / "uni3d.pt"}' in err[0] and 'another space' in err[0], err
+
+  (shapes / 'broken.ply').write_text('ply\nformat ascii 1.0\nelement vertex 5\n')
+  assert run_command(embed.main, argv) == 2
+  err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+  assert len(err) == 1 and 'broken.ply' in err[0], err
+  assert run_command(embed.main, [*argv, '--skip_bad']) == 0
+  assert '1 skipped' in capsys.readouterr().out
+  assert json.loads((library / 'library.json').read_text())['count'] == 3
+
+  (tmp_path / 'elsewhere').mkdir()
+  (tmp_path / 'elsewhere' / 'notes.txt').write_text('mine')
+  mixed = [*argv[:4], '--library', str(tmp_path / 'elsewhere'), *argv[6:]]
+  assert run_command(embed.main, mixed) == 2
+  err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+  assert len(err) == 1 and 'is not a shape library' in err[0], err
