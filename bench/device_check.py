@@ -76,6 +76,9 @@ def _sizes(rehearsal: bool) -> dict:
       eval_objects=32,
       eval_stored=1024,
       eval_batch=16,
+      library_shapes=16,
+      library_points=1024,
+      library_batch=8,
     )
   return dict(
     clip=dict(random_clip.VIT_B16, seed=0),
@@ -94,6 +97,9 @@ def _sizes(rehearsal: bool) -> dict:
     eval_objects=MODELNET40_TEST,
     eval_stored=8192,
     eval_batch=64,
+    library_shapes=2048,
+    library_points=8192,
+    library_batch=64,
   )
 
 
@@ -433,6 +439,34 @@ def bench_zeroshot(sizes) -> dict:
   )
 
 
+def bench_library(sizes, tmp: str) -> dict:
+  """cg3d-embed's rate: shapes/s over procedural shape files, reading, preparing, thumbnails and writing included,
+  after a first (compiling) chunk of one batch."""
+  import pathlib
+
+  from bench.bench_embed import write_checkpoint, write_shapes
+  from cg3d_jax import embed
+
+  work = pathlib.Path(tmp) / 'library'
+  points, batch = sizes['encoder_points'], sizes['library_batch']
+  write_checkpoint(work / 'cg3d.pth', sizes['encoder'], points)
+  write_shapes(work / 'shapes', batch, sizes['library_points'])
+  settings = dict(points_per_shape=2 * points, batch_size=batch, chunk=1024, dtype='float16', num_points=points)
+  warm = embed.embed(work / 'cg3d.pth', work / 'shapes', work / 'out', **settings)
+  write_shapes(work / 'shapes', sizes['library_shapes'], sizes['library_points'], start=batch)
+  done = embed.embed(work / 'cg3d.pth', work / 'shapes', work / 'out', **settings)
+  rate = done['added'] / done['seconds']
+  return _row(
+    'speed',
+    f'library embedding (cg3d-embed): {done["added"]:,} shape files of {sizes["library_points"]:,} points, '
+    f'{2 * points} drawn, FPS to {points}, batch {batch}',
+    f'{rate:.1f} shapes/s',
+    shapes_per_s=rate,
+    seconds=done['seconds'],
+    compile_s=warm['seconds'],
+  )
+
+
 def scaling_note(step_rows: list[dict]) -> dict:
   bf16 = [r for r in step_rows if r.get('samples_per_s') and 'JAX bf16' in r['check'] and 'remat' not in r['check']]
   if not bf16:
@@ -497,6 +531,7 @@ def main(argv=None) -> dict:
       ('CG3D step speed', lambda: bench_steps(sizes, clip_dir)[0]),
       ('stored-feature step speed', lambda: [bench_features_step(sizes)]),
       ('zero-shot throughput', lambda: [bench_zeroshot(sizes)]),
+      ('library embedding', lambda: [bench_library(sizes, tmp)]),
     ]
     for name, run in sections:
       elapsed = time.perf_counter() - began

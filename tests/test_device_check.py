@@ -31,6 +31,8 @@ def test_the_device_check_rehearses_on_cpu(tmp_path, capsys):
   assert all(1.0 < r['pytorch'] < 10.0 for r in losses)  # InfoNCE over 8 pairs: about log 8, not a degenerate 0
   zeroshot = next(r for r in rows if r['check'].startswith('zero-shot'))
   assert zeroshot['objects_per_s'] > 0 and '32 clouds' in zeroshot['check']
+  library = next(r for r in rows if r['check'].startswith('library embedding'))
+  assert library['shapes_per_s'] > 0 and '16 shape files of 1,024 points' in library['check']
   assert rows[-1]['section'] == 'on paper' and 'min' in rows[-1]['value']
   saved = json.loads((tmp_path / 'out' / 'device_check.json').read_text())
   assert saved['rows'] == json.loads(json.dumps(rows, default=str))
