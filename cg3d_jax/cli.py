@@ -274,6 +274,16 @@ def points_flag():
 
 
 @functools.cache
+def library_flag():
+  return flags.DEFINE_string('library', None, 'A shape-library folder (embed writes or extends it; search reads it).')
+
+
+@functools.cache
+def json_flag():
+  return flags.DEFINE_string('json', None, 'Also write the result as JSON here.')
+
+
+@functools.cache
 def skip_bad_flag():
   return flags.DEFINE_bool(
     'skip_bad',

@@ -24,7 +24,7 @@ from cg3d_jax.errors import BadInputError, InputError
 CHECKPOINT = cli.checkpoint_flags()
 CLIP = cli.clip_flags()
 SHAPES = flags.DEFINE_string('shapes', None, 'The folder of point-cloud files to embed (searched at any depth).')
-LIBRARY = flags.DEFINE_string('library', None, 'The library folder to write (or extend).')
+LIBRARY = cli.library_flag()
 POINTS_PER_SHAPE = flags.DEFINE_integer(
   'points_per_shape', None, "Points drawn per shape before farthest-point sampling (default: 2x the encoder's)."
 )
@@ -34,44 +34,8 @@ DTYPE = flags.DEFINE_enum('dtype', 'float16', ['float16', 'float32'], 'Stored pr
 THUMBNAIL = flags.DEFINE_integer('thumbnail', 96, 'Thumbnail size in pixels (0: none).')
 SKIP_BAD = cli.skip_bad_flag()
 
-for _shared in ('checkpoint', 'step', 'num_points', 'batch_size', 'skip_bad', 'verbose'):
+for _shared in ('checkpoint', 'step', 'num_points', 'batch_size', 'skip_bad', 'library', 'verbose'):
   flags.declare_key_flag(_shared)
-
-SEED = 0  # the subset drawn from a shape with more points than points_per_shape
-
-
-def encoder_record(loaded) -> dict:
-  return {
-    'source': str(loaded.source),
-    'family': loaded.config.get('family', 'CG3D'),
-    'embed_dim': int(loaded.embed_dim),
-    'num_points': int(loaded.num_points),
-    'in_channels': int(loaded.in_channels),
-  }
-
-
-def drawn(points, count: int, source: str):
-  """`count` rows of a prepared cloud: a fixed random subset of a larger one, a shorter one cycled (said in the log;
-  farthest-point sampling then sees each point once)."""
-  import numpy as np
-
-  if points.shape[0] > count:
-    return points[np.sort(np.random.default_rng(SEED).permutation(points.shape[0])[:count])]
-  if points.shape[0] < count:
-    logging.warning(
-      '%s: %d points, fewer than --points_per_shape %d: repeated to fill them', source, len(points), count
-    )
-  return points[np.arange(count) % points.shape[0]]
-
-
-def prepared(path: pathlib.Path, encoder, points_per_shape: int):
-  """(points (S, C) as the encoder takes them, the cloud read) of one file."""
-  from cg3d_jax.evaluators import prediction
-
-  cloud = prediction.read_checked_cloud(path)
-  colours = prediction.colour_channels(encoder, cloud.rgb, cloud.xyz.shape[0], str(path))
-  points = prediction.prepare_points(cloud.xyz, 1, str(path), colours)
-  return drawn(points, points_per_shape, str(path)), cloud
 
 
 def thumbnail(cloud, size: int):
@@ -116,7 +80,9 @@ def embed(
   per_shape = points_per_shape or 2 * loaded.num_points
   if per_shape < loaded.num_points:
     raise InputError(f'--points_per_shape {per_shape} is fewer than the {loaded.num_points} points the encoder takes')
-  library = shape_library.create_or_open(library_dir, encoder_record(loaded), points_per_shape=per_shape, dtype=dtype)
+  library = shape_library.create_or_open(
+    library_dir, shape_library.encoder_record(loaded), points_per_shape=per_shape, dtype=dtype
+  )
   held = {entry['file'] for entry in library.manifest}
   todo = [p for p in files if shape_library.relative_name(p, shapes) not in held]
   logging.info('%s: %d shapes, %d already in %s, %d to embed', shapes, len(files), len(held), library.root, len(todo))
@@ -127,7 +93,7 @@ def embed(
     points, entries = [], []
     for path in todo[start : start + chunk]:
       try:
-        cloud_points, cloud = prepared(path, loaded.encoder, per_shape)
+        cloud_points, cloud = shape_library.prepared(path, loaded.encoder, per_shape)
       except BadInputError as err:
         if not skip_bad:
           raise

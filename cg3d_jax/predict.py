@@ -25,7 +25,7 @@ CLASS_FEATURES = cli.class_features_flag()
 NO_NORMALIZE_TEXT = flags.DEFINE_bool(
   'no_normalize_text', False, "The original CG3D quirk: don't L2-normalise text features."
 )
-JSON = flags.DEFINE_string('json', None, 'Also write the result as JSON here.')
+JSON = cli.json_flag()
 COLUMNS = flags.DEFINE_string(
   'columns',
   None,
@@ -36,7 +36,8 @@ COLUMNS = flags.DEFINE_string(
 
 
 # Flags defined once in cli (or scenes.flags) that this command takes: listed by its --help.
-for _shared in ('checkpoint', 'step', 'clip_path', 'num_points', 'points', 'templates', 'class_features', 'verbose'):
+_SHARED = ('checkpoint', 'step', 'clip_path', 'num_points', 'points', 'templates', 'class_features', 'json')
+for _shared in (*_SHARED, 'verbose'):
   flags.declare_key_flag(_shared)
 
 

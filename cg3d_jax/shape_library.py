@@ -22,6 +22,7 @@ import os
 import pathlib
 
 import numpy as np
+from absl import logging
 
 from cg3d_jax.atomic import atomic_write_bytes, atomic_write_npy
 from cg3d_jax.errors import BadInputError, InputError
@@ -153,6 +154,43 @@ def top_k(queries: np.ndarray, rows: np.ndarray, k: int, *, chunk: int = SEARCH_
       best_scores, best_rows = np.take_along_axis(best_scores, order, 1), np.take_along_axis(best_rows, order, 1)
   order = np.lexsort((best_rows, -best_scores), axis=1)
   return np.take_along_axis(best_scores, order, 1), np.take_along_axis(best_rows, order, 1)
+
+
+SEED = 0  # the subset drawn from a shape with more points than points_per_shape
+
+
+def encoder_record(loaded) -> dict:
+  """What library.json records of the encoder (a trained.TrainedModel) that embeds a library: its rows' space."""
+  return {
+    'source': str(loaded.source),
+    'family': loaded.config.get('family', 'CG3D'),
+    'embed_dim': int(loaded.embed_dim),
+    'num_points': int(loaded.num_points),
+    'in_channels': int(loaded.in_channels),
+  }
+
+
+def drawn(points, count: int, source: str):
+  """`count` rows of a prepared cloud: a fixed random subset of a larger one, a shorter one cycled (said in the log;
+  farthest-point sampling then sees each point once)."""
+  if points.shape[0] > count:
+    return points[np.sort(np.random.default_rng(SEED).permutation(points.shape[0])[:count])]
+  if points.shape[0] < count:
+    logging.warning(
+      '%s: %d points, fewer than --points_per_shape %d: repeated to fill them', source, len(points), count
+    )
+  return points[np.arange(count) % points.shape[0]]
+
+
+def prepared(path: pathlib.Path, encoder, points_per_shape: int):
+  """(points (S, C) as the encoder takes them, the cloud read) of one file: normalised as training does (centred, unit
+  sphere), a coloured encoder's colours (the file's, or grey 0.4), drawn to points_per_shape."""
+  from cg3d_jax.evaluators import prediction
+
+  cloud = prediction.read_checked_cloud(path)
+  colours = prediction.colour_channels(encoder, cloud.rgb, cloud.xyz.shape[0], str(path))
+  points = prediction.prepare_points(cloud.xyz, 1, str(path), colours)
+  return drawn(points, points_per_shape, str(path)), cloud
 
 
 def shape_files(folder) -> list[pathlib.Path]:

@@ -26,6 +26,7 @@ COMMANDS = {
   'build_data',
   'synthetic_scenes',
   'embed',
+  'search',
 }
 
 

@@ -4,6 +4,7 @@ run embeds only what is new; a library from another encoder, a bad file and a fo
 line each."""
 
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -117,3 +118,28 @@ def test_embed_a_folder_as_the_twin_does_then_only_what_is_new(tmp_path, capsys)
   assert run_command(embed.main, mixed) == 2
   err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
   assert len(err) == 1 and 'is not a shape library' in err[0], err
+
+  # Search: a shape query finds itself first, a text query's row of a class-feature file ranks as NumPy does, the
+  # JSON lists files, classes and thumbnails; another encoder's query is one line.
+  from cg3d_jax import search
+
+  rows = np.load(library / 'embeddings.npy')
+  query = ['--library', str(library), '--checkpoint', str(tmp_path / 'uni3d.pt'), '--json', str(tmp_path / 'q.json')]
+  assert run_command(search.main, [*query, '--points', str(shapes / 'airplane' / 'airplane_0628.npy'), '--k=2']) == 0
+  found = json.loads((tmp_path / 'q.json').read_text())['results']
+  assert found[0]['file'] == 'airplane/airplane_0628.npy' and found[0]['score'] == pytest.approx(1.0, abs=1e-4)
+  assert len(found) == 2 and pathlib.Path(found[0]['thumbnail']).is_file()
+  table = np.random.default_rng(5).normal(size=(2, 1024)).astype(np.float32)
+  np.savez(tmp_path / 'labels.npz', names=np.array(['airplane', 'bathtub']), features=table)
+  text = [*query, '--text', 'bathtub', f'--class_features={tmp_path / "labels.npz"}', '--k=3']
+  assert run_command(search.main, text) == 0
+  found = json.loads((tmp_path / 'q.json').read_text())['results']
+  scores = rows @ _unit(table[1])
+  manifest = json.loads((library / 'manifest.json').read_text())
+  assert [f['file'] for f in found] == [manifest[i]['file'] for i in np.argsort(-scores, kind='stable')]
+  np.testing.assert_allclose([f['score'] for f in found], np.sort(scores)[::-1], atol=1e-5)
+  capsys.readouterr()
+  other = ['--library', str(library), '--checkpoint', str(tmp_path / 'ppat.pt'), '--text', 'bathtub']
+  assert run_command(search.main, [*other, f'--class_features={tmp_path / "labels.npz"}']) == 2
+  err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+  assert len(err) == 1 and 'a query must come from the encoder that embedded the rows' in err[0], err
