@@ -83,6 +83,7 @@ def embed(
   library = shape_library.create_or_open(
     library_dir, shape_library.encoder_record(loaded), points_per_shape=per_shape, dtype=dtype
   )
+  library.shapes = library.shapes or str(shapes.resolve())
   held = {entry['file'] for entry in library.manifest}
   todo = [p for p in files if shape_library.relative_name(p, shapes) not in held]
   logging.info('%s: %d shapes, %d already in %s, %d to embed', shapes, len(files), len(held), library.root, len(todo))

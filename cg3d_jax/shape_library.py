@@ -44,6 +44,7 @@ class ShapeLibrary:
   dtype: str
   shards: list[str]  # shard file names under embeddings/, in row order
   manifest: list[dict]
+  shapes: str | None = None  # the folder the manifest's files are relative to (where cg3d-embed read them)
 
   def __len__(self) -> int:
     return len(self.manifest)
@@ -62,6 +63,7 @@ class ShapeLibrary:
       'dtype': self.dtype,
       'shards': self.shards,
       'count': len(self.manifest),
+      'shapes': self.shapes,
     }
     atomic_write_bytes(self.root / MANIFEST_FILE, json.dumps(self.manifest, indent=1).encode())
     atomic_write_bytes(self.root / LIBRARY_FILE, json.dumps(record, indent=1).encode())
@@ -125,7 +127,15 @@ def open_library(root) -> ShapeLibrary:
   missing = [name for name in record['shards'] if not (root / SHARDS / name).exists()]
   if missing or record.get('count') != len(manifest):
     raise BadInputError(path, f'the index and its files disagree (missing shards {missing[:3]}); embed again')
-  return ShapeLibrary(root, record['encoder'], record['points_per_shape'], record['dtype'], record['shards'], manifest)
+  return ShapeLibrary(
+    root,
+    record['encoder'],
+    record['points_per_shape'],
+    record['dtype'],
+    record['shards'],
+    manifest,
+    record.get('shapes'),
+  )
 
 
 def top_k(queries: np.ndarray, rows: np.ndarray, k: int, *, chunk: int = SEARCH_CHUNK) -> tuple[np.ndarray, np.ndarray]:

@@ -27,6 +27,7 @@ COMMANDS = {
   'synthetic_scenes',
   'embed',
   'search',
+  'serve',
 }
 
 

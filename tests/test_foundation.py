@@ -157,6 +157,7 @@ SCRIPT_FLAGS = {
   'cg3d-demo': ('--workdir', '--override', '--steps'),
   'cg3d-embed': ('--checkpoint', '--shapes', '--library', '--points_per_shape'),
   'cg3d-search': ('--library', '--checkpoint', '--text', '--k'),
+  'cg3d-serve': ('--checkpoint', '--library', '--host', '--port'),
   'cg3d-demo-assets': ('--config', '--root'),
   'cg3d-build-data': ('--dataset', '--manual_dir', '--data_dir'),
   'cg3d-synthetic-scenes': ('--root', '--num_rooms'),

@@ -147,6 +147,7 @@ def test_the_wheel_holds_assets_configs_and_console_scripts(demo_run, tmp_path):
     'cg3d-demo',
     'cg3d-embed',
     'cg3d-search',
+    'cg3d-serve',
     'cg3d-demo-assets',
     'cg3d-build-data',
     'cg3d-synthetic-scenes',

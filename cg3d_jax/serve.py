@@ -1,0 +1,223 @@
+"""A local web page to classify and search shapes: `python -m cg3d_jax.serve --checkpoint CKPT [--library DIR]`.
+
+  python -m cg3d_jax.serve --checkpoint /tmp/cg3d_demo/pretrain --library /tmp/cg3d_demo/library
+  # then open http://127.0.0.1:7860
+
+  Classify  upload a cloud (.ply .npy .off .txt .xyz .csv), type labels or pick a preset (ModelNet40, ShapeNet-55),
+            see the cloud in an interactive 3D view and its top 5 with probabilities (cg3d_jax/evaluators/prediction);
+  Search    a text over the library cg3d-embed wrote (the same encoder), k and a minimum similarity, a gallery of
+            thumbnails; choosing one shows that shape in 3D with its file name (cg3d_jax/search.py).
+
+The page shows which checkpoint and CLIP it scores with. A bad upload or setting gets the one-line message the
+commands give, on the page, and the server keeps answering. Bound to 127.0.0.1 unless --host says otherwise; nothing
+is fetched from the network (Gradio's analytics are off).
+"""
+
+import os
+import pathlib
+
+from absl import flags
+
+from cg3d_jax import cli
+from cg3d_jax.errors import InputError
+
+CHECKPOINT = cli.checkpoint_flags()
+CLIP = cli.clip_flags()
+LIBRARY_DIR = cli.library_flag()
+CLASS_FEATURES = cli.class_features_flag()
+TEMPLATES = cli.templates_flag()
+HOST = flags.DEFINE_string('host', '127.0.0.1', 'Address the page is served on (127.0.0.1: this machine only).')
+PORT = flags.DEFINE_integer('port', 7860, 'Port of the page.')
+
+_SHARED = ('checkpoint', 'step', 'clip_path', 'num_points', 'library', 'class_features', 'templates')
+for _shared in (*_SHARED, 'verbose'):
+  flags.declare_key_flag(_shared)
+
+PRESETS = {'ModelNet40': 'modelnet40_shape_names.txt', 'ShapeNet-55': 'shapenet55_shape_names.txt'}
+VIEW_POINTS = 4096  # points drawn in the 3D view (a subset of larger clouds: the browser stays responsive)
+TOP = 5
+
+
+def preset_labels(name: str) -> list[str]:
+  from cg3d_jax import assets
+
+  if name not in PRESETS:
+    raise InputError(f'preset {name!r}: expected one of {list(PRESETS)}')
+  return assets.read_text(PRESETS[name]).split()
+
+
+def cloud_figure(xyz, rgb=None, title: str = ''):
+  """An interactive plotly 3D scatter of a cloud (at most VIEW_POINTS points), in its colours or grey."""
+  import numpy as np
+  import plotly.graph_objects as go
+
+  xyz = np.asarray(xyz, np.float32)
+  keep = np.random.default_rng(0).permutation(len(xyz))[:VIEW_POINTS] if len(xyz) > VIEW_POINTS else slice(None)
+  xyz = xyz[keep]
+  if rgb is not None:
+    rgb = np.asarray(rgb)[keep]
+    rgb = rgb if rgb.dtype == np.uint8 else np.clip(rgb * 255.0, 0, 255).astype(np.uint8)
+    colour = [f'rgb({r},{g},{b})' for r, g, b in rgb]
+  else:
+    colour = xyz[:, 1]
+  marker = dict(size=2, color=colour, colorscale='Viridis' if rgb is None else None)
+  figure = go.Figure(go.Scatter3d(x=xyz[:, 0], y=xyz[:, 2], z=xyz[:, 1], mode='markers', marker=marker))
+  figure.update_layout(title=title, margin=dict(l=0, r=0, t=30 if title else 0, b=0), scene=dict(aspectmode='data'))
+  return figure
+
+
+class Page:
+  """What the page scores with, loaded once: the model (with its CLIP, or label features from a file), the library."""
+
+  def __init__(
+    self, checkpoint, *, clip_path=None, library=None, class_features=None, templates=None, step=None, num_points=1024
+  ):
+    from cg3d_jax import shape_library, trained
+
+    loaded = trained.load_trained(checkpoint, step=step, num_points=num_points)
+    self.class_features = class_features
+    self.scoring = trained.without_clip(loaded) if class_features else trained.with_clip(loaded, clip_path)
+    self.templates = templates or self.scoring.config.get('eval', {}).get('templates', 'cg3d_zeroshot')
+    self.library = None
+    if library:
+      self.library = shape_library.open_library(library)
+      record = shape_library.encoder_record(loaded)
+      if record['source'] != self.library.encoder['source'] or record['embed_dim'] != self.library.encoder['embed_dim']:
+        raise InputError(
+          f'--library {library} was embedded with {self.library.encoder["source"]}, not {record["source"]}: '
+          'a library is searched with the encoder that embedded it'
+        )
+    clip = self.scoring.clip
+    text = f'label features from {class_features}' if class_features else f'{clip.kind} CLIP at {clip.source}'
+    self.describe = (
+      f'**checkpoint** {loaded.source} ({loaded.config.get("family", "CG3D")}, step {loaded.step}, '
+      f'{loaded.num_points} points) · **text** {text}'
+      + (f' · **library** {self.library.root} ({len(self.library)} shapes)' if self.library else '')
+    )
+
+  def classify(self, cloud_path, labels_text: str, preset: str | None):
+    """(3D figure, top-5 rows [rank, label, probability], message) for an uploaded cloud."""
+    from cg3d_jax.evaluators import prediction
+
+    try:
+      if not cloud_path:
+        raise InputError('upload a point cloud (.ply .npy .off .txt .xyz .csv) first')
+      labels = cli.parse_labels(labels_text) if labels_text and labels_text.strip() else []
+      if not labels and preset:
+        labels = preset_labels(preset)
+      if len(labels) < 2:
+        raise InputError('give at least two labels (comma-separated) or pick a preset')
+      cloud = prediction.read_checked_cloud(cloud_path)
+      classifier = None
+      if self.class_features:
+        classifier = prediction.label_features(self.class_features, labels, self.scoring.trained.embed_dim)
+      templates = [self.templates] if '{}' in self.templates else self.templates
+      result = prediction.predict(self.scoring, cloud, labels, templates=templates, classifier=classifier)
+    except (InputError, ValueError) as err:  # the one line the commands print, on the page
+      return None, [], f'error: {err}'
+    rows = [[r['rank'], r['name'], round(r['probability'], 4)] for r in result['labels'][:TOP]]
+    name = pathlib.Path(cloud_path).name
+    figure = cloud_figure(cloud.xyz, cloud.rgb, f'{name}: {rows[0][1]}')
+    return figure, rows, f'{name}: {result["num_points_read"]} points, {len(labels)} labels'
+
+  def search(self, text: str, k, min_score):
+    """(gallery [(thumbnail, caption)], the hits, message) of a text query over the library."""
+    from cg3d_jax import search
+
+    try:
+      if self.library is None:
+        raise InputError('no library loaded: start the page with --library (cg3d-embed writes one)')
+      if not text or not text.strip():
+        raise InputError('type a text to search for')
+      k = int(k)
+      if k < 1:
+        raise InputError(f'k {k}: at least 1')
+      query = search.query_vector(
+        self.scoring.trained,
+        self.library,
+        text=text.strip(),
+        templates=self.templates,
+        class_features=self.class_features,
+        clip_path=self.scoring.clip.source if self.scoring.clip else None,
+      )
+      hits = search.search(self.library, query, k, None if min_score in (None, '') else float(min_score))
+    except (InputError, ValueError) as err:
+      return [], [], f'error: {err}'
+    gallery = [(h['thumbnail'], f'{h["file"]} ({h["score"]:.3f})') for h in hits if h['thumbnail']]
+    return gallery, hits, f'{len(hits)} of {len(self.library)} shapes for {text.strip()!r}'
+
+  def show(self, hits: list[dict], index: int):
+    """(3D figure, message) of the chosen search hit, read from the folder the library was embedded from."""
+    from cg3d_jax.data.formats import point_files
+
+    try:
+      if not hits or not 0 <= index < len(hits):
+        raise InputError('choose a shape in the gallery')
+      hit = hits[index]
+      root = pathlib.Path(self.library.shapes or '')
+      cloud = point_files.read_points(root / hit['file'])
+    except (InputError, ValueError, OSError) as err:
+      return None, f'error: {err}'
+    return cloud_figure(cloud.xyz, cloud.rgb, hit['file']), f'{hit["file"]} (similarity {hit["score"]:.3f})'
+
+
+def build_app(page: Page):
+  import gradio as gr
+
+  with gr.Blocks(title='cg3d-jax', analytics_enabled=False) as app:
+    gr.Markdown(f'# cg3d-jax\n{page.describe}')
+    with gr.Tab('Classify'):
+      with gr.Row():
+        with gr.Column():
+          upload = gr.File(label='point cloud', file_types=['.ply', '.npy', '.off', '.txt', '.xyz', '.csv'])
+          labels = gr.Textbox(label='labels (comma-separated)', placeholder='owl, chicken, penguin')
+          preset = gr.Dropdown(list(PRESETS), value=None, label='or a preset')
+          go_button = gr.Button('Classify', variant='primary')
+          message = gr.Markdown(elem_id='classify-message')
+          top = gr.Dataframe(headers=['rank', 'label', 'probability'], label='top 5', elem_id='classify-top')
+        view = gr.Plot(label='the cloud', elem_id='classify-view')
+      go_button.click(page.classify, [upload, labels, preset], [view, top, message], api_name='classify')
+    with gr.Tab('Search'):
+      with gr.Row():
+        query = gr.Textbox(label='text', placeholder='a wooden chair')
+        k = gr.Number(value=8, precision=0, label='k')
+        min_score = gr.Number(value=None, label='minimum similarity')
+      search_button = gr.Button('Search', variant='primary')
+      search_message = gr.Markdown(elem_id='search-message')
+      hits = gr.State([])
+      gallery = gr.Gallery(label='matches', columns=8, elem_id='search-gallery')
+      shown = gr.Plot(label='the chosen shape')
+      shown_message = gr.Markdown()
+      search_button.click(page.search, [query, k, min_score], [gallery, hits, search_message], api_name='search')
+
+      def chosen(found, event: gr.SelectData):
+        return page.show(found, event.index)
+
+      gallery.select(chosen, [hits], [shown, shown_message])
+  return app
+
+
+def main(argv):
+  del argv
+  checkpoint = cli.require(CHECKPOINT.checkpoint, '--checkpoint /runs/cg3d')
+  if LIBRARY_DIR.value and not os.path.isdir(LIBRARY_DIR.value):
+    raise InputError(f'--library {LIBRARY_DIR.value}: no such folder (cg3d-embed writes one)')
+  page = Page(
+    checkpoint,
+    clip_path=CLIP.clip_path.value,
+    library=LIBRARY_DIR.value,
+    class_features=CLASS_FEATURES.value,
+    templates=TEMPLATES.value,
+    step=CHECKPOINT.step.value,
+    num_points=CLIP.num_points.value,
+  )
+  allowed = [str(page.library.root)] if page.library else []
+  print(f'serving {page.describe} on http://{HOST.value}:{PORT.value}', flush=True)
+  build_app(page).launch(server_name=HOST.value, server_port=PORT.value, allowed_paths=allowed, show_error=True)
+
+
+run = cli.entry_point(main)  # what `python -m` and the console script call
+
+
+if __name__ == '__main__':
+  run()

@@ -1,0 +1,90 @@
+"""The local page (cg3d_jax/serve.py): its handlers in-process against the functions the commands run, and the
+running server through Gradio's client API, with bad inputs answered on the page while the server keeps serving."""
+
+import numpy as np
+import pytest
+
+from tests.conftest import modelnet_root, run_command
+
+
+@pytest.fixture(scope='module')
+def served(tmp_path_factory, tiny_checkpoint):
+  """The tiny run as the page loads it, with a library of five real ModelNet40 objects embedded by it."""
+  from cg3d_jax import embed, serve
+
+  root = tmp_path_factory.mktemp('serve')
+  shapes = root / 'shapes'
+  for name in ('airplane_0627', 'airplane_0628', 'bathtub_0107', 'bathtub_0108', 'bathtub_0109'):
+    cls = name.rsplit('_', 1)[0]
+    xyz = np.loadtxt(modelnet_root() / cls / f'{name}.txt', delimiter=',', dtype=np.float32)[:, :3]
+    (shapes / cls).mkdir(parents=True, exist_ok=True)
+    np.save(shapes / cls / f'{name}.npy', xyz)
+  argv = ['--checkpoint', str(tiny_checkpoint), '--shapes', str(shapes), '--library', str(root / 'lib')]
+  assert run_command(embed.main, [*argv, '--batch_size=8', '--dtype=float32', '--thumbnail=32']) == 0
+  page = serve.Page(str(tiny_checkpoint), library=str(root / 'lib'))
+  return page, shapes, root
+
+
+def test_the_handlers_give_what_the_commands_compute(served):
+  """Classify: the top 5 of prediction.predict on the same file and labels, the 3D view of the file's points, the
+  checkpoint and CLIP named on the page; search: search.search's hits and their thumbnails; choosing a hit shows its
+  shape; a broken file, no labels, an empty query: one line each on the page."""
+  from cg3d_jax import search
+  from cg3d_jax.evaluators import prediction
+
+  page, shapes, root = served
+  assert 'tiny_run' in page.describe and 'CLIP at' in page.describe and '5 shapes' in page.describe
+  cloud = shapes / 'airplane' / 'airplane_0627.npy'
+  labels = 'airplane, bathtub, chair, lamp, car, plant'
+  figure, rows, message = page.classify(str(cloud), labels, None)
+  want = prediction.predict(page.scoring, str(cloud), [s.strip() for s in labels.split(',')], templates=page.templates)
+  assert [r[1] for r in rows] == [r['name'] for r in want['labels'][:5]]
+  np.testing.assert_allclose([r[2] for r in rows], [round(r['probability'], 4) for r in want['labels'][:5]])
+  assert len(figure.data[0].x) == 4096 and 'airplane_0627.npy' in message
+  _, preset_rows, _ = page.classify(str(cloud), '', 'ModelNet40')
+  assert len(preset_rows) == 5
+
+  (root / 'broken.ply').write_text('ply\nformat ascii 1.0\nelement vertex 5\n')
+  for args, words in (
+    ((str(root / 'broken.ply'), labels, None), 'broken.ply'),
+    ((str(cloud), '', None), 'at least two labels'),
+    ((None, labels, None), 'upload a point cloud'),
+  ):
+    figure, rows, message = page.classify(*args)
+    assert figure is None and rows == [] and message.startswith('error: ') and words in message, message
+
+  gallery, hits, message = page.search('an airplane', 3, None)
+  query = search.query_vector(page.scoring.trained, page.library, text='an airplane', templates=page.templates)
+  assert hits == search.search(page.library, query, 3)
+  assert [caption for _, caption in gallery] == [f'{h["file"]} ({h["score"]:.3f})' for h in hits]
+  figure, message = page.show(hits, 1)
+  assert hits[1]['file'] in message and len(figure.data[0].x) == 4096
+  assert page.search('  ', 3, None)[2] == 'error: type a text to search for'
+  assert page.search('chair', 0, None)[2] == 'error: k 0: at least 1'
+
+
+def test_the_running_server_answers_through_its_client_api(served):
+  """The app served on 127.0.0.1: a classification through gradio_client equals the handler's; a broken upload is
+  answered with its one line and the next request is answered too."""
+  import gradio_client
+
+  from cg3d_jax import serve
+
+  page, shapes, root = served
+  app = serve.build_app(page)
+  app.launch(server_name='127.0.0.1', server_port=None, prevent_thread_lock=True, quiet=True)
+  try:
+    client = gradio_client.Client(app.local_url, verbose=False)
+    cloud = str(shapes / 'bathtub' / 'bathtub_0107.npy')
+    _, rows, message = client.predict(gradio_client.handle_file(cloud), 'airplane, bathtub', None, api_name='/classify')
+    want = page.classify(cloud, 'airplane, bathtub', None)[1]
+    assert [row[1] for row in rows['data']] == [row[1] for row in want] and 'bathtub_0107.npy' in message
+    (root / 'empty.ply').write_text('')
+    _, _, message = client.predict(
+      gradio_client.handle_file(str(root / 'empty.ply')), 'a, b', None, api_name='/classify'
+    )
+    assert message.startswith('error: ') and 'empty' in message
+    _, _, message = client.predict(gradio_client.handle_file(cloud), 'airplane, bathtub', None, api_name='/classify')
+    assert 'bathtub_0107.npy' in message
+  finally:
+    app.close()
