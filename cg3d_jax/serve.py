@@ -72,28 +72,47 @@ class Page:
   def __init__(
     self, checkpoint, *, clip_path=None, library=None, class_features=None, templates=None, step=None, num_points=1024
   ):
-    from cg3d_jax import shape_library, trained
+    from cg3d_jax import trained
 
     loaded = trained.load_trained(checkpoint, step=step, num_points=num_points)
+    self.loaded = loaded
     self.class_features = class_features
     self.scoring = trained.without_clip(loaded) if class_features else trained.with_clip(loaded, clip_path)
     self.templates = templates or self.scoring.config.get('eval', {}).get('templates', 'cg3d_zeroshot')
-    self.library = None
-    if library:
-      self.library = shape_library.open_library(library)
-      record = shape_library.encoder_record(loaded)
-      if record['source'] != self.library.encoder['source'] or record['embed_dim'] != self.library.encoder['embed_dim']:
-        raise InputError(
-          f'--library {library} was embedded with {self.library.encoder["source"]}, not {record["source"]}: '
-          'a library is searched with the encoder that embedded it'
-        )
+    self.library = self._checked_library(library) if library else None
     clip = self.scoring.clip
     text = f'label features from {class_features}' if class_features else f'{clip.kind} CLIP at {clip.source}'
-    self.describe = (
+    self.model_description = (
       f'**checkpoint** {loaded.source} ({loaded.config.get("family", "CG3D")}, step {loaded.step}, '
       f'{loaded.num_points} points) · **text** {text}'
-      + (f' · **library** {self.library.root} ({len(self.library)} shapes)' if self.library else '')
     )
+
+  @property
+  def describe(self) -> str:
+    where = f' · **library** {self.library.root} ({len(self.library)} shapes)' if self.library else ''
+    return self.model_description + where
+
+  def _checked_library(self, folder):
+    from cg3d_jax import shape_library
+
+    library = shape_library.open_library(folder)
+    record = shape_library.encoder_record(self.loaded)
+    if record['source'] != library.encoder['source'] or record['embed_dim'] != library.encoder['embed_dim']:
+      raise InputError(
+        f'library {folder} was embedded with {library.encoder["source"]}, not {record["source"]}: a library is '
+        'searched with the encoder that embedded it'
+      )
+    return library
+
+  def load_library(self, folder: str):
+    """(message, description) after loading the library at `folder` (kept as it was when it cannot be used)."""
+    try:
+      if not folder or not folder.strip():
+        raise InputError('type the folder cg3d-embed wrote')
+      self.library = self._checked_library(folder.strip())
+    except (InputError, ValueError, OSError) as err:
+      return f'error: {err}', self.describe
+    return f'{len(self.library)} shapes from {self.library.root}', self.describe
 
   def classify(self, cloud_path, labels_text: str, preset: str | None):
     """(3D figure, top-5 rows [rank, label, probability], message) for an uploaded cloud."""
@@ -143,7 +162,8 @@ class Page:
       hits = search.search(self.library, query, k, None if min_score in (None, '') else float(min_score))
     except (InputError, ValueError) as err:
       return [], [], f'error: {err}'
-    gallery = [(h['thumbnail'], f'{h["file"]} ({h["score"]:.3f})') for h in hits if h['thumbnail']]
+    # The thumbnails as pixels, not paths: a library anywhere on disk shows without widening what the server reads.
+    gallery = [(_pixels(h['thumbnail']), f'{h["file"]} ({h["score"]:.3f})') for h in hits if h['thumbnail']]
     return gallery, hits, f'{len(hits)} of {len(self.library)} shapes for {text.strip()!r}'
 
   def show(self, hits: list[dict], index: int):
@@ -161,11 +181,20 @@ class Page:
     return cloud_figure(cloud.xyz, cloud.rgb, hit['file']), f'{hit["file"]} (similarity {hit["score"]:.3f})'
 
 
+def _pixels(path: str):
+  import numpy as np
+  from PIL import Image
+
+  with Image.open(path) as image:
+    return np.asarray(image.convert('RGB'))
+
+
 def build_app(page: Page):
   import gradio as gr
 
   with gr.Blocks(title='cg3d-jax', analytics_enabled=False) as app:
-    gr.Markdown(f'# cg3d-jax\n{page.describe}')
+    gr.Markdown('# cg3d-jax')
+    described = gr.Markdown(page.describe, elem_id='loaded')
     with gr.Tab('Classify'):
       with gr.Row():
         with gr.Column():
@@ -178,6 +207,11 @@ def build_app(page: Page):
         view = gr.Plot(label='the cloud', elem_id='classify-view')
       go_button.click(page.classify, [upload, labels, preset], [view, top, message], api_name='classify')
     with gr.Tab('Search'):
+      with gr.Row():
+        folder = gr.Textbox(label='library folder', value=str(page.library.root) if page.library else '')
+        load_button = gr.Button('Load library')
+      load_message = gr.Markdown(elem_id='library-message')
+      load_button.click(page.load_library, [folder], [load_message, described], api_name='load_library')
       with gr.Row():
         query = gr.Textbox(label='text', placeholder='a wooden chair')
         k = gr.Number(value=8, precision=0, label='k')
@@ -199,6 +233,7 @@ def build_app(page: Page):
 
 def main(argv):
   del argv
+  os.environ.setdefault('GRADIO_ANALYTICS_ENABLED', 'False')  # no request leaves the machine
   checkpoint = cli.require(CHECKPOINT.checkpoint, '--checkpoint /runs/cg3d')
   if LIBRARY_DIR.value and not os.path.isdir(LIBRARY_DIR.value):
     raise InputError(f'--library {LIBRARY_DIR.value}: no such folder (cg3d-embed writes one)')
@@ -211,9 +246,8 @@ def main(argv):
     step=CHECKPOINT.step.value,
     num_points=CLIP.num_points.value,
   )
-  allowed = [str(page.library.root)] if page.library else []
   print(f'serving {page.describe} on http://{HOST.value}:{PORT.value}', flush=True)
-  build_app(page).launch(server_name=HOST.value, server_port=PORT.value, allowed_paths=allowed, show_error=True)
+  build_app(page).launch(server_name=HOST.value, server_port=PORT.value, show_error=True)
 
 
 run = cli.entry_point(main)  # what `python -m` and the console script call

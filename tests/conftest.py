@@ -51,6 +51,7 @@ GROUPS = {
   'test_standalone': 'demo',
   'test_demo': 'demo',
   'test_scenes': 'demo',
+  'test_serve_browser': 'demo',
   'test_multihost': 'multihost',
   'test_openshape': 'openshape',
   'test_shipped_configs': 'shipped_configs',

@@ -57,15 +57,39 @@ def test_the_handlers_give_what_the_commands_compute(served):
   query = search.query_vector(page.scoring.trained, page.library, text='an airplane', templates=page.templates)
   assert hits == search.search(page.library, query, 3)
   assert [caption for _, caption in gallery] == [f'{h["file"]} ({h["score"]:.3f})' for h in hits]
+  from PIL import Image
+
+  np.testing.assert_array_equal(gallery[0][0], np.asarray(Image.open(hits[0]['thumbnail']).convert('RGB')))
   figure, message = page.show(hits, 1)
   assert hits[1]['file'] in message and len(figure.data[0].x) == 4096
   assert page.search('  ', 3, None)[2] == 'error: type a text to search for'
   assert page.search('chair', 0, None)[2] == 'error: k 0: at least 1'
 
+  # A library another encoder embedded (its record says so) is refused on the page; the loaded one stays.
+  other = _other_encoders_library(root)
+  message, described = page.load_library(str(other))
+  assert message.startswith('error: library ') and 'was embedded with /elsewhere/model.pt' in message, message
+  assert str(root / 'lib') in described and page.search('an airplane', 3, None)[1] == hits
+  assert page.load_library(str(root / 'lib'))[0] == f'5 shapes from {root / "lib"}'
+
+
+def _other_encoders_library(root):
+  import json
+  import shutil
+
+  other = root / 'other_lib'
+  if not other.exists():
+    shutil.copytree(root / 'lib', other)
+    record = json.loads((other / 'library.json').read_text())
+    record['encoder']['source'] = '/elsewhere/model.pt'
+    (other / 'library.json').write_text(json.dumps(record))
+  return other
+
 
 def test_the_running_server_answers_through_its_client_api(served):
-  """The app served on 127.0.0.1: a classification through gradio_client equals the handler's; a broken upload is
-  answered with its one line and the next request is answered too."""
+  """The app served on 127.0.0.1: a classification through gradio_client equals the handler's; a broken upload, a
+  library from another encoder and an empty label list are each answered with their one line, and the server
+  answers the requests after them."""
   import gradio_client
 
   from cg3d_jax import serve
@@ -86,5 +110,9 @@ def test_the_running_server_answers_through_its_client_api(served):
     assert message.startswith('error: ') and 'empty' in message
     _, _, message = client.predict(gradio_client.handle_file(cloud), 'airplane, bathtub', None, api_name='/classify')
     assert 'bathtub_0107.npy' in message
+    message, _ = client.predict(str(_other_encoders_library(root)), api_name='/load_library')
+    assert message.startswith('error: library ') and 'was embedded with /elsewhere/model.pt' in message
+    _, _, message = client.predict(gradio_client.handle_file(cloud), '', None, api_name='/classify')
+    assert message == 'error: give at least two labels (comma-separated) or pick a preset'
   finally:
     app.close()
