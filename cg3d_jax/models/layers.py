@@ -140,3 +140,14 @@ class TorchBatchNorm(nn.Module):
       mean, var = running_mean.value, running_var.value
     y = (x32 - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
     return y.astype(self.dtype)
+
+
+def compute_settings(model_config) -> dict:
+  """The compute settings every point encoder takes from config.model, beside its own sizes: the compute dtype, the
+  per-block rematerialisation, the attention kernel and whether the blocks run as one scanned layer."""
+  return dict(
+    dtype=jnp.dtype(model_config.dtype),
+    remat=model_config.remat,
+    attention=model_config.get('attention', 'auto'),
+    scan_layers=model_config.get('scan_layers', True),
+  )

@@ -27,7 +27,7 @@ import numpy as np
 from flax import linen as nn
 
 from cg3d_jax.models import point_ops
-from cg3d_jax.models.layers import TorchBatchNorm, attend, layer_stack, stats_dtype
+from cg3d_jax.models.layers import TorchBatchNorm, attend, compute_settings, layer_stack, stats_dtype
 
 # timm's trunc_normal_(std=0.02) used by the original truncates at +-2 in absolute units, i.e. at +-100 std: in effect
 # a plain normal. We keep its distribution rather than the more common +-2 std truncation.
@@ -166,10 +166,7 @@ class PointTransformer(nn.Module):
       num_classes=model_config.num_classes or None,
       head_hidden=pt.head_hidden,
       head_dropout=pt.head_dropout,
-      dtype=jnp.dtype(model_config.dtype),
-      remat=model_config.remat,
-      attention=model_config.get('attention', 'auto'),
-      scan_layers=model_config.get('scan_layers', True),
+      **compute_settings(model_config),
       in_channels=model_config.get('in_channels', 3),
       projection_bias=pt.get('projection_bias', True),
     )

@@ -65,7 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cg3d_jax.models import point_ops
-from cg3d_jax.models.layers import TorchBatchNorm, attend, layer_stack, stats_dtype
+from cg3d_jax.models.layers import TorchBatchNorm, attend, compute_settings, layer_stack, stats_dtype
 
 # ppat.make(cfg): the sizes of each `model.scaling`. The released models are scaling 4.
 OPENSHAPE_SCALINGS = {
@@ -293,10 +293,7 @@ class PPAT(nn.Module):
       num_samples=p.num_samples,
       in_channels=model_config.get('in_channels', 6),
       embed_dim=model_config.embed_dim,
-      dtype=jnp.dtype(model_config.dtype),
-      remat=model_config.remat,
-      attention=model_config.get('attention', 'auto'),
-      scan_layers=model_config.get('scan_layers', True),
+      **compute_settings(model_config),
     )
 
   @classmethod

@@ -67,7 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cg3d_jax.models import point_ops
-from cg3d_jax.models.layers import attend, layer_stack, stats_dtype
+from cg3d_jax.models.layers import attend, compute_settings, layer_stack, stats_dtype
 from cg3d_jax.models.point_transformer import GroupEncoder, drop_path
 
 # Uni3D's scripts/inference.sh per size, with the shapes timm's model functions give those models (timm 0.9.7 and
@@ -302,10 +302,7 @@ class Uni3D(nn.Module):
       drop_path_rate=float(u.drop_path_rate),
       in_channels=model_config.get('in_channels', 6),
       embed_dim=model_config.embed_dim,
-      dtype=jnp.dtype(model_config.dtype),
-      remat=model_config.remat,
-      attention=model_config.get('attention', 'auto'),
-      scan_layers=model_config.get('scan_layers', True),
+      **compute_settings(model_config),
     )
 
   @classmethod
