@@ -35,62 +35,6 @@ for _shared in (*_SHARED, 'verbose'):
   flags.declare_key_flag(_shared)
 
 
-def query_vector(
-  loaded, library, *, text=None, image=None, points=None, templates=None, class_features=None, clip_path=None
-):
-  """(D,) normalised query of one kind in the library's space, with `loaded` (a trained.TrainedModel)."""
-  import numpy as np
-
-  from cg3d_jax import shape_library, trained
-  from cg3d_jax.evaluators import prediction, zeroshot
-  from cg3d_jax.models.cg3d import CG3D
-  from cg3d_jax.scenes.queries import RegionEmbedder, local_mesh
-
-  if text is not None and class_features:
-    return prediction.label_features(class_features, [text], loaded.embed_dim)[0]
-  if points is not None:
-    cloud_points, _ = shape_library.prepared(points, loaded.encoder, library.points_per_shape)
-    model = CG3D(encoder=loaded.encoder, clip=None, num_points=loaded.num_points)
-    return RegionEmbedder(model, loaded.encoder_vars, local_mesh(), 1)(cloud_points[None])[0]
-  scoring = trained.with_clip(loaded, clip_path)
-  if text is not None:
-    chosen = templates or scoring.config.get('eval', {}).get('templates', 'cg3d_zeroshot')
-    chosen = [chosen] if '{}' in chosen else chosen
-    classifier = zeroshot.text_classifier(
-      scoring.clip.model, scoring.clip_params, scoring.clip.tokenizer, [text], chosen
-    )
-    return np.asarray(classifier)[0]
-  import jax
-
-  from cg3d_jax.data.formats.readers import read_image
-
-  pixels = read_image(image, scoring.clip.preprocess)[None]
-  return np.asarray(jax.jit(scoring.model.image_features)(scoring.clip_params, pixels))[0]
-
-
-def search(library, query, k: int, threshold: float | None = None) -> list[dict]:
-  """[{rank, score, file, class, thumbnail}] of the library's best `k` rows for `query` (D,), best first."""
-  from cg3d_jax import shape_library
-
-  scores, rows = shape_library.top_k(query[None], library.embeddings(), k)
-  found = []
-  for score, row in zip(scores[0], rows[0]):
-    if threshold is not None and score < threshold:
-      break
-    entry = library.manifest[int(row)]
-    thumbnail = entry.get('thumbnail')
-    found.append(
-      {
-        'rank': len(found) + 1,
-        'score': float(score),
-        'file': entry['file'],
-        'class': entry.get('class'),
-        'thumbnail': os.fspath(library.root / thumbnail) if thumbnail else None,
-      }
-    )
-  return found
-
-
 def main(argv):
   del argv
   from cg3d_jax import shape_library, trained
@@ -118,7 +62,7 @@ def main(argv):
       f'--library {library_dir} was embedded with {library.encoder["source"]}, not {record["source"]}: '
       'a query must come from the encoder that embedded the rows'
     )
-  query = query_vector(
+  query = shape_library.query_vector(
     loaded,
     library,
     text=TEXT.value,
@@ -128,7 +72,7 @@ def main(argv):
     class_features=CLASS_FEATURES.value,
     clip_path=CLIP.clip_path.value,
   )
-  found = search(library, query, K.value, MIN_SCORE.value)
+  found = shape_library.search(library, query, K.value, MIN_SCORE.value)
   kind, value = given[0], TEXT.value or IMAGE.value or POINTS.value[0]
   print(f'{kind} {value!r}: the {len(found)} nearest of {len(library)} shapes in {library_dir}')
   print(reports.format_table(found, ['rank', 'score', 'file', 'class'], '{:.4f}'))

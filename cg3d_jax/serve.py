@@ -5,8 +5,11 @@
 
   Classify  upload a cloud (.ply .npy .off .txt .xyz .csv), type labels or pick a preset (ModelNet40, ShapeNet-55),
             see the cloud in an interactive 3D view and its top 5 with probabilities (cg3d_jax/evaluators/prediction);
-  Search    a text over the library cg3d-embed wrote (the same encoder), k and a minimum similarity, a gallery of
-            thumbnails; choosing one shows that shape in 3D with its file name (cg3d_jax/search.py).
+  Search    a text, an image or a cloud over the library cg3d-embed wrote (the same encoder), k and a minimum
+            similarity, a gallery of thumbnails; choosing one shows that shape in 3D with its file name
+            (cg3d_jax/shape_library.py);
+  Scene     a scene file and text queries: the per-point relevance in 3D with a colour bar, presence answers, and
+            the scene commands' output files to download (cg3d_jax/scenes/).
 
 The page shows which checkpoint and CLIP it scores with. A bad upload or setting gets the one-line message the
 commands give, on the page, and the server keeps answering. Bound to 127.0.0.1 unless --host says otherwise; nothing
@@ -62,6 +65,22 @@ def cloud_figure(xyz, rgb=None, title: str = ''):
     colour = xyz[:, 1]
   marker = dict(size=2, color=colour, colorscale='Viridis' if rgb is None else None)
   figure = go.Figure(go.Scatter3d(x=xyz[:, 0], y=xyz[:, 2], z=xyz[:, 1], mode='markers', marker=marker))
+  figure.update_layout(title=title, margin=dict(l=0, r=0, t=30 if title else 0, b=0), scene=dict(aspectmode='data'))
+  return figure
+
+
+def heat_figure(xyz, scores, title: str = ''):
+  """A plotly 3D scatter of a scene coloured by per-point scores, with a colour bar."""
+  import numpy as np
+  import plotly.graph_objects as go
+
+  xyz, scores = np.asarray(xyz, np.float32), np.asarray(scores, np.float32)
+  keep = (
+    np.random.default_rng(0).permutation(len(xyz))[: VIEW_POINTS * 4] if len(xyz) > VIEW_POINTS * 4 else slice(None)
+  )
+  xyz, scores = xyz[keep], scores[keep]
+  marker = dict(size=2, color=scores, colorscale='Inferno', colorbar=dict(title='relevance'), cmin=0.0)
+  figure = go.Figure(go.Scatter3d(x=xyz[:, 0], y=xyz[:, 1], z=xyz[:, 2], mode='markers', marker=marker))
   figure.update_layout(title=title, margin=dict(l=0, r=0, t=30 if title else 0, b=0), scene=dict(aspectmode='data'))
   return figure
 
@@ -139,32 +158,78 @@ class Page:
     figure = cloud_figure(cloud.xyz, cloud.rgb, f'{name}: {rows[0][1]}')
     return figure, rows, f'{name}: {result["num_points_read"]} points, {len(labels)} labels'
 
-  def search(self, text: str, k, min_score):
-    """(gallery [(thumbnail, caption)], the hits, message) of a text query over the library."""
-    from cg3d_jax import search
+  def search(self, text: str, k, min_score, image=None, cloud=None):
+    """(gallery [(thumbnail, caption)], the hits, message) of a text, image or cloud query over the library."""
+    from cg3d_jax import shape_library
 
     try:
       if self.library is None:
         raise InputError('no library loaded: start the page with --library (cg3d-embed writes one)')
-      if not text or not text.strip():
-        raise InputError('type a text to search for')
+      text = text.strip() if text and text.strip() else None
+      given = [name for name, value in (('a text', text), ('an image', image), ('a cloud', cloud)) if value]
+      if len(given) != 1:
+        raise InputError(f'give one query: a text, an image or a cloud (got {", ".join(given) or "none"})')
       k = int(k)
       if k < 1:
         raise InputError(f'k {k}: at least 1')
-      query = search.query_vector(
+      query = shape_library.query_vector(
         self.scoring.trained,
         self.library,
-        text=text.strip(),
+        text=text,
+        image=image,
+        points=cloud,
         templates=self.templates,
         class_features=self.class_features,
         clip_path=self.scoring.clip.source if self.scoring.clip else None,
       )
-      hits = search.search(self.library, query, k, None if min_score in (None, '') else float(min_score))
+      hits = shape_library.search(self.library, query, k, None if min_score in (None, '') else float(min_score))
     except (InputError, ValueError) as err:
       return [], [], f'error: {err}'
     # The thumbnails as pixels, not paths: a library anywhere on disk shows without widening what the server reads.
     gallery = [(_pixels(h['thumbnail']), f'{h["file"]} ({h["score"]:.3f})') for h in hits if h['thumbnail']]
-    return gallery, hits, f'{len(hits)} of {len(self.library)} shapes for {text.strip()!r}'
+    what = repr(text) if text else pathlib.Path(image or cloud).name
+    return gallery, hits, f'{len(hits)} of {len(self.library)} shapes for {what}'
+
+  def scene(self, scene_path, queries_text: str):
+    """(heat figure of the first query, presence answers (markdown), output files, message) of text queries over a
+    scene: the scene commands' regions, scores and files (cg3d_jax/scenes/queries.py, outputs.py)."""
+    import tempfile
+
+    from cg3d_jax.evaluators import prediction
+    from cg3d_jax.scenes import outputs, s3dis
+    from cg3d_jax.scenes import queries as scene_queries
+
+    try:
+      if not scene_path:
+        raise InputError('upload a scene (.ply .npy .off .txt, or an S3DIS room .txt)')
+      asked = cli.parse_labels(queries_text, '--queries') if queries_text and queries_text.strip() else []
+      if not asked:
+        raise InputError('type at least one query (comma-separated)')
+      xyz, rgb = scene_queries.read_scene(scene_path)
+      if self.class_features:
+        vocabulary = prediction.file_labels(self.class_features)
+      else:
+        try:
+          vocabulary = scene_queries.training_vocabulary(self.scoring)
+        except InputError:  # trained on data whose class names are not at hand: S3DIS's
+          vocabulary = list(s3dis.S3DIS_CLASSES)
+      classifier = None
+      if self.class_features:
+        labels = scene_queries.label_set(asked, vocabulary)
+        classifier = prediction.label_features(self.class_features, labels, self.loaded.embed_dim)
+      result = scene_queries.query_scene(self.scoring, xyz, asked, vocabulary, rgb=rgb, classifier=classifier)
+      out = tempfile.mkdtemp(prefix='cg3d_scene_')
+      summary = outputs.write_query_outputs(out, xyz, rgb, result, scene=str(scene_path))
+    except (InputError, ValueError) as err:
+      return None, '', [], f'error: {err}'
+    answers = '\n'.join(
+      f'- **{r["query"]}**: {"present" if r["present"] else "absent"} (margin {r["score"]:.3f}, threshold '
+      f'{r["threshold"]})'
+      for r in summary['results']
+    )
+    files = sorted(str(p) for p in pathlib.Path(out).rglob('*') if p.is_file())
+    figure = heat_figure(xyz, result.point_scores[:, 0], f'{asked[0]}: per-point relevance')
+    return figure, answers, files, f'{pathlib.Path(scene_path).name}: {len(xyz)} points, {len(result.regions)} regions'
 
   def show(self, hits: list[dict], index: int):
     """(3D figure, message) of the chosen search hit, read from the folder the library was embedded from."""
@@ -214,6 +279,8 @@ def build_app(page: Page):
       load_button.click(page.load_library, [folder], [load_message, described], api_name='load_library')
       with gr.Row():
         query = gr.Textbox(label='text', placeholder='a wooden chair')
+        image = gr.Image(type='filepath', label='or an image', height=120)
+        cloud = gr.File(label='or a cloud', file_types=['.ply', '.npy', '.off', '.txt', '.xyz', '.csv'])
         k = gr.Number(value=8, precision=0, label='k')
         min_score = gr.Number(value=None, label='minimum similarity')
       search_button = gr.Button('Search', variant='primary')
@@ -222,12 +289,26 @@ def build_app(page: Page):
       gallery = gr.Gallery(label='matches', columns=8, elem_id='search-gallery')
       shown = gr.Plot(label='the chosen shape')
       shown_message = gr.Markdown()
-      search_button.click(page.search, [query, k, min_score], [gallery, hits, search_message], api_name='search')
+      search_inputs = [query, k, min_score, image, cloud]
+      search_button.click(page.search, search_inputs, [gallery, hits, search_message], api_name='search')
 
       def chosen(found, event: gr.SelectData):
         return page.show(found, event.index)
 
       gallery.select(chosen, [hits], [shown, shown_message])
+    with gr.Tab('Scene'):
+      with gr.Row():
+        with gr.Column():
+          scene_file = gr.File(label='scene', file_types=['.ply', '.npy', '.off', '.txt', '.xyz', '.csv'])
+          scene_queries = gr.Textbox(label='queries (comma-separated)', placeholder='chair, table, lamp')
+          scene_button = gr.Button('Query', variant='primary')
+          scene_message = gr.Markdown(elem_id='scene-message')
+          presence = gr.Markdown(elem_id='scene-presence')
+          downloads = gr.File(label='outputs', file_count='multiple')
+        heat = gr.Plot(label='relevance of the first query')
+      scene_button.click(
+        page.scene, [scene_file, scene_queries], [heat, presence, downloads, scene_message], api_name='scene'
+      )
   return app
 
 

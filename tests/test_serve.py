@@ -29,7 +29,7 @@ def test_the_handlers_give_what_the_commands_compute(served):
   """Classify: the top 5 of prediction.predict on the same file and labels, the 3D view of the file's points, the
   checkpoint and CLIP named on the page; search: search.search's hits and their thumbnails; choosing a hit shows its
   shape; a broken file, no labels, an empty query: one line each on the page."""
-  from cg3d_jax import search
+  from cg3d_jax import shape_library
   from cg3d_jax.evaluators import prediction
 
   page, shapes, root = served
@@ -54,15 +54,15 @@ def test_the_handlers_give_what_the_commands_compute(served):
     assert figure is None and rows == [] and message.startswith('error: ') and words in message, message
 
   gallery, hits, message = page.search('an airplane', 3, None)
-  query = search.query_vector(page.scoring.trained, page.library, text='an airplane', templates=page.templates)
-  assert hits == search.search(page.library, query, 3)
+  query = shape_library.query_vector(page.scoring.trained, page.library, text='an airplane', templates=page.templates)
+  assert hits == shape_library.search(page.library, query, 3)
   assert [caption for _, caption in gallery] == [f'{h["file"]} ({h["score"]:.3f})' for h in hits]
   from PIL import Image
 
   np.testing.assert_array_equal(gallery[0][0], np.asarray(Image.open(hits[0]['thumbnail']).convert('RGB')))
   figure, message = page.show(hits, 1)
   assert hits[1]['file'] in message and len(figure.data[0].x) == 4096
-  assert page.search('  ', 3, None)[2] == 'error: type a text to search for'
+  assert page.search('  ', 3, None)[2] == 'error: give one query: a text, an image or a cloud (got none)'
   assert page.search('chair', 0, None)[2] == 'error: k 0: at least 1'
 
   # A library another encoder embedded (its record says so) is refused on the page; the loaded one stays.
@@ -116,3 +116,31 @@ def test_the_running_server_answers_through_its_client_api(served):
     assert message == 'error: give at least two labels (comma-separated) or pick a preset'
   finally:
     app.close()
+
+
+def test_the_scene_tab_and_image_and_cloud_queries(served):
+  """Scene: the presence answers and per-point relevance of queries.query_scene (what cg3d-query-scene runs) on a
+  scene of two real objects, its output files to download; search by a cloud finds that object first; one line for
+  an empty query list, a broken scene and two queries at once."""
+  from cg3d_jax.scenes import queries as scene_queries
+
+  page, shapes, root = served
+  airplane = np.load(shapes / 'airplane' / 'airplane_0627.npy')[:8000]
+  bathtub = np.load(shapes / 'bathtub' / 'bathtub_0107.npy')[:8000]
+  np.save(root / 'scene.npy', np.concatenate([airplane, bathtub + [3.0, 0.0, 0.0]]).astype(np.float32))
+  figure, answers, files, message = page.scene(str(root / 'scene.npy'), 'airplane, bathtub')
+  xyz, _ = scene_queries.read_scene(root / 'scene.npy')
+  vocabulary = scene_queries.training_vocabulary(page.scoring)
+  want = scene_queries.query_scene(page.scoring, xyz, ['airplane', 'bathtub'], vocabulary)
+  for r in want.presence():
+    assert f'**{r["query"]}**: {"present" if r["present"] else "absent"} (margin {r["score"]:.3f}' in answers
+  np.testing.assert_allclose(np.asarray(figure.data[0].marker.color), want.point_scores[:, 0], rtol=0, atol=1e-6)
+  assert any(f.endswith('summary.json') for f in files) and '16000 points' in message
+  assert page.scene(str(root / 'scene.npy'), ' ')[3] == 'error: type at least one query (comma-separated)'
+  assert 'broken.ply' in page.scene(str(root / 'broken.ply'), 'chair')[3]
+
+  _, hits, message = page.search('', 2, None, cloud=str(shapes / 'bathtub' / 'bathtub_0108.npy'))
+  assert hits[0]['file'] == 'bathtub/bathtub_0108.npy' and hits[0]['score'] == pytest.approx(1.0, abs=1e-4)
+  assert page.search('a bathtub', 2, None, cloud=str(shapes / 'bathtub' / 'bathtub_0108.npy'))[2] == (
+    'error: give one query: a text, an image or a cloud (got a text, a cloud)'
+  )
