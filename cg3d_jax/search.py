@@ -25,6 +25,11 @@ TEXT = flags.DEFINE_string('text', None, 'A text query.')
 IMAGE = flags.DEFINE_string('image', None, 'An image query (a photo or render).')
 POINTS = cli.points_flag()
 K = flags.DEFINE_integer('k', 10, 'How many shapes to return.')
+APPROXIMATE = flags.DEFINE_bool(
+  'approximate',
+  False,
+  "Search the library's approximate index (HNSW, faiss-cpu; built on first use) instead of all rows.",
+)
 MIN_SCORE = flags.DEFINE_float('min_score', None, 'Only shapes whose cosine similarity reaches this.')
 TEMPLATES = cli.templates_flag()
 CLASS_FEATURES = cli.class_features_flag()
@@ -72,7 +77,7 @@ def main(argv):
     class_features=CLASS_FEATURES.value,
     clip_path=CLIP.clip_path.value,
   )
-  found = shape_library.search(library, query, K.value, MIN_SCORE.value)
+  found = shape_library.search(library, query, K.value, MIN_SCORE.value, approximate=APPROXIMATE.value)
   kind, value = given[0], TEXT.value or IMAGE.value or POINTS.value[0]
   print(f'{kind} {value!r}: the {len(found)} nearest of {len(library)} shapes in {library_dir}')
   print(reports.format_table(found, ['rank', 'score', 'file', 'class'], '{:.4f}'))

@@ -203,6 +203,69 @@ def prepared(path: pathlib.Path, encoder, points_per_shape: int):
   return drawn(points, points_per_shape, str(path)), cloud
 
 
+INDEX_FILE = 'index.faiss'  # the approximate index (faiss's own binary format, not a pickle)
+
+
+class ApproximateIndex:
+  """An HNSW graph over a library's rows (faiss-cpu, the `search` extra), for libraries where the exact scan is too
+  slow or the rows too many for memory: a query visits about `search_depth` x log(N) rows instead of N. Its recall
+  against the exact scan is measured, not assumed (bench/bench_search.py, tests/test_shape_library.py)."""
+
+  def __init__(self, rows: np.ndarray, *, neighbours: int = 32, build_depth: int = 80):
+    faiss = _faiss()
+    rows = np.ascontiguousarray(rows, np.float32)
+    self.index = faiss.IndexHNSWFlat(rows.shape[1], neighbours, faiss.METRIC_INNER_PRODUCT)
+    self.index.hnsw.efConstruction = build_depth
+    self.index.add(rows)
+
+  @classmethod
+  def read(cls, path) -> 'ApproximateIndex':
+    self = cls.__new__(cls)
+    self.index = _faiss().read_index(str(path))
+    return self
+
+  def write(self, path) -> None:
+    faiss = _faiss()
+    atomic_write_bytes(path, faiss.serialize_index(self.index).tobytes())
+
+  def __len__(self) -> int:
+    return int(self.index.ntotal)
+
+  def top_k(self, queries, k: int, *, search_depth: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, rows) of each query's approximate top k, best first (as top_k's)."""
+    queries = np.ascontiguousarray(np.atleast_2d(queries), np.float32)
+    if queries.shape[1] != self.index.d:
+      raise InputError(f'queries of width {queries.shape[1]} against a library of width {self.index.d}')
+    self.index.hnsw.efSearch = max(search_depth, k)
+    return self.index.search(queries, min(k, len(self)))
+
+
+def _faiss():
+  try:
+    import faiss
+  except ImportError:
+    raise InputError('the approximate index needs faiss-cpu: pip install "cg3d-jax[search]"') from None
+  return faiss
+
+
+def approximate_index(library: 'ShapeLibrary') -> ApproximateIndex:
+  """The library's approximate index, built on first use and kept beside its rows (rebuilt when rows were added)."""
+  path = library.root / INDEX_FILE
+  if path.exists():
+    index = ApproximateIndex.read(path)
+    if len(index) == len(library):
+      return index
+  index = ApproximateIndex(library.embeddings())
+  index.write(path)
+  return index
+
+
+def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
+  """The mean share of each query's exact top k that `found` holds (recall@k of an approximate search)."""
+  k = exact.shape[1]
+  return float(np.mean([len(set(f.tolist()) & set(e.tolist())) / k for f, e in zip(found, exact)]))
+
+
 def shape_files(folder) -> list[pathlib.Path]:
   """Every point-cloud file under `folder` (any depth), sorted, by the extensions the readers take."""
   from cg3d_jax.data.formats.point_files import SUPPORTED_EXTENSIONS
@@ -251,9 +314,13 @@ def query_vector(
   return np.asarray(jax.jit(scoring.model.image_features)(scoring.clip_params, pixels))[0]
 
 
-def search(library, query, k: int, threshold: float | None = None) -> list[dict]:
-  """[{rank, score, file, class, thumbnail}] of the library's best `k` rows for `query` (D,), best first."""
-  scores, rows = top_k(query[None], library.embeddings(), k)
+def search(library, query, k: int, threshold: float | None = None, *, approximate: bool = False) -> list[dict]:
+  """[{rank, score, file, class, thumbnail}] of the library's best `k` rows for `query` (D,), best first; exact, or
+  through the approximate index."""
+  if approximate:
+    scores, rows = approximate_index(library).top_k(query[None], k)
+  else:
+    scores, rows = top_k(query[None], library.embeddings(), k)
   found = []
   for score, row in zip(scores[0], rows[0]):
     if threshold is not None and score < threshold:
