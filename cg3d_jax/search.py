@@ -61,10 +61,9 @@ def main(argv):
     if path and not os.path.isfile(path):
       raise InputError(f'{path}: does not exist or is not a file')
   loaded = trained.load_trained(checkpoint, step=CHECKPOINT.step.value, num_points=CLIP.num_points.value)
-  record = shape_library.encoder_record(loaded)
-  if record['source'] != library.encoder['source'] or record['embed_dim'] != library.encoder['embed_dim']:
+  if not library.embedded_by(loaded):
     raise InputError(
-      f'--library {library_dir} was embedded with {library.encoder["source"]}, not {record["source"]}: '
+      f'--library {library_dir} was embedded with {library.encoder["source"]}, not {loaded.source}: '
       'a query must come from the encoder that embedded the rows'
     )
   query = shape_library.query_vector(

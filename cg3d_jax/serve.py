@@ -49,40 +49,44 @@ def preset_labels(name: str) -> list[str]:
   return assets.read_text(PRESETS[name]).split()
 
 
-def cloud_figure(xyz, rgb=None, title: str = ''):
-  """An interactive plotly 3D scatter of a cloud (at most VIEW_POINTS points), in its colours or grey."""
+def _scatter(xyz, marker: dict, limit: int, title: str, axes=(0, 1, 2)):
+  """A plotly 3D scatter of at most `limit` points (a fixed random subset: the browser stays responsive); `marker`
+  holds per-point arrays under 'color' when colours vary, subset alike."""
   import numpy as np
   import plotly.graph_objects as go
 
   xyz = np.asarray(xyz, np.float32)
-  keep = np.random.default_rng(0).permutation(len(xyz))[:VIEW_POINTS] if len(xyz) > VIEW_POINTS else slice(None)
+  keep = np.random.default_rng(0).permutation(len(xyz))[:limit] if len(xyz) > limit else slice(None)
+  colour = marker.get('color')
+  marker = dict(marker, color=np.asarray(colour)[keep] if isinstance(colour, np.ndarray) else colour)
   xyz = xyz[keep]
-  if rgb is not None:
-    rgb = np.asarray(rgb)[keep]
-    rgb = rgb if rgb.dtype == np.uint8 else np.clip(rgb * 255.0, 0, 255).astype(np.uint8)
-    colour = [f'rgb({r},{g},{b})' for r, g, b in rgb]
-  else:
-    colour = xyz[:, 1]
-  marker = dict(size=2, color=colour, colorscale='Viridis' if rgb is None else None)
-  figure = go.Figure(go.Scatter3d(x=xyz[:, 0], y=xyz[:, 2], z=xyz[:, 1], mode='markers', marker=marker))
+  x, y, z = (xyz[:, a] for a in axes)
+  figure = go.Figure(go.Scatter3d(x=x, y=y, z=z, mode='markers', marker=marker))
   figure.update_layout(title=title, margin=dict(l=0, r=0, t=30 if title else 0, b=0), scene=dict(aspectmode='data'))
   return figure
+
+
+def cloud_figure(xyz, rgb=None, title: str = ''):
+  """An interactive 3D view of a shape (y up, as shapes are stored; at most VIEW_POINTS points), in its colours or
+  coloured by height."""
+  import numpy as np
+
+  if rgb is not None:
+    rgb = np.asarray(rgb)
+    rgb = rgb if rgb.dtype == np.uint8 else np.clip(rgb * 255.0, 0, 255).astype(np.uint8)
+    colour = np.array([f'rgb({r},{g},{b})' for r, g, b in rgb])
+    marker = dict(size=2, color=colour)
+  else:
+    marker = dict(size=2, color=np.asarray(xyz, np.float32)[:, 1], colorscale='Viridis')
+  return _scatter(xyz, marker, VIEW_POINTS, title, axes=(0, 2, 1))
 
 
 def heat_figure(xyz, scores, title: str = ''):
-  """A plotly 3D scatter of a scene coloured by per-point scores, with a colour bar."""
+  """A 3D view of a scene (z up) coloured by per-point scores, with a colour bar."""
   import numpy as np
-  import plotly.graph_objects as go
 
-  xyz, scores = np.asarray(xyz, np.float32), np.asarray(scores, np.float32)
-  keep = (
-    np.random.default_rng(0).permutation(len(xyz))[: VIEW_POINTS * 4] if len(xyz) > VIEW_POINTS * 4 else slice(None)
-  )
-  xyz, scores = xyz[keep], scores[keep]
-  marker = dict(size=2, color=scores, colorscale='Inferno', colorbar=dict(title='relevance'), cmin=0.0)
-  figure = go.Figure(go.Scatter3d(x=xyz[:, 0], y=xyz[:, 1], z=xyz[:, 2], mode='markers', marker=marker))
-  figure.update_layout(title=title, margin=dict(l=0, r=0, t=30 if title else 0, b=0), scene=dict(aspectmode='data'))
-  return figure
+  marker = dict(size=2, color=np.asarray(scores, np.float32), colorscale='Inferno', colorbar=dict(title='relevance'))
+  return _scatter(xyz, dict(marker, cmin=0.0), VIEW_POINTS * 4, title)
 
 
 class Page:
@@ -115,10 +119,9 @@ class Page:
     from cg3d_jax import shape_library
 
     library = shape_library.open_library(folder)
-    record = shape_library.encoder_record(self.loaded)
-    if record['source'] != library.encoder['source'] or record['embed_dim'] != library.encoder['embed_dim']:
+    if not library.embedded_by(self.loaded):
       raise InputError(
-        f'library {folder} was embedded with {library.encoder["source"]}, not {record["source"]}: a library is '
+        f'library {folder} was embedded with {library.encoder["source"]}, not {self.loaded.source}: a library is '
         'searched with the encoder that embedded it'
       )
     return library

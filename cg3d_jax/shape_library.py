@@ -49,6 +49,11 @@ class ShapeLibrary:
   def __len__(self) -> int:
     return len(self.manifest)
 
+  def embedded_by(self, loaded) -> bool:
+    """Whether `loaded` (a trained.TrainedModel) is the encoder whose space the rows are in."""
+    record = encoder_record(loaded)
+    return all(self.encoder.get(k) == record[k] for k in ('source', 'embed_dim'))
+
   def embeddings(self) -> np.ndarray:
     """(N, D) rows in manifest order, as stored (float16 or float32)."""
     if not self.shards:

@@ -19,6 +19,7 @@ from absl import logging
 from cg3d_jax.data import host_transforms
 from cg3d_jax.data.formats import point_files
 from cg3d_jax.data.formats.readers import read_image
+from cg3d_jax.data.openshape import RGB_DROP_VALUE
 from cg3d_jax.errors import BadInputError, InputError
 from cg3d_jax.evaluators import metrics, zeroshot
 from cg3d_jax.models.point_ops import sample_points
@@ -49,7 +50,7 @@ def read_checked_cloud(path, columns: str | None = None) -> point_files.PointClo
   return cloud
 
 
-GREY = 0.4  # OpenShape's colour for clouds without one (its dropped colours, ScanObjectNN without rgb)
+GREY = RGB_DROP_VALUE  # OpenShape's colour for clouds without one (its dropped colours, ScanObjectNN without rgb)
 
 
 def colour_channels(encoder, rgb, num_points: int, source: str | None = None) -> np.ndarray | None:
