@@ -94,6 +94,17 @@ def checked_builder(
   return builder
 
 
+def _outermost_missing(folder) -> pathlib.Path | None:
+  """The outermost folder on the way to `folder` that does not exist yet (None when it exists, or is not a local
+  path)."""
+  if folder is None or '://' in str(folder):
+    return None
+  path, missing = pathlib.Path(folder).expanduser().absolute(), None
+  while not path.exists():
+    path, missing = path.parent, path
+  return missing
+
+
 def get_builder(
   name: str,
   *,
@@ -110,13 +121,14 @@ def get_builder(
   """
   if not prepare:
     return _builder(name, data_dir, skip_bad, fields)
+  created = _outermost_missing(data_dir)  # what preparing creates, removed again if it fails
   builder = checked_builder(
     name, data_dir=data_dir, manual_dir=manual_dir, skip_bad=skip_bad, process_count=process_count, fields=fields
   )
   if not builder.is_prepared():
     log.info('preparing %s from %s into %s', builder.info.full_name, manual_dir, data_dir)
     root = pathlib.Path(builder.data_dir).parents[2]  # <data_dir>/<builder>/<config>/<version>
-    fresh = [p for p in (root / builder.name, root / 'downloads') if not p.exists()]
+    fresh = [p for p in (root / builder.name, root / 'downloads') if not p.exists()] + [created] * bool(created)
     try:
       builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     except BaseException:
