@@ -1,4 +1,4 @@
-"""Write the offline demo's data and CLIP: `python -m cg3d_jax.demo_assets --config demo --root DIR`.
+r"""Write the offline demo's data and CLIP: `python -m cg3d_jax.demo_assets --config demo --root DIR`.
 
 A procedural dataset in the ShapeNet-55 layout and a small random transformers CLIP (from the real BPE vocabulary
 the package ships), sized by the config's `demo` block; prints the overrides that point training at them:

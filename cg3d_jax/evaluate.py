@@ -1,4 +1,4 @@
-"""Zero-shot evaluation and retrieval of a checkpoint: `python -m cg3d_jax.evaluate --config ... --checkpoint PATH`.
+r"""Zero-shot evaluation and retrieval of a checkpoint: `python -m cg3d_jax.evaluate --config ... --checkpoint PATH`.
 
   python -m cg3d_jax.evaluate --config zeroshot_modelnet40 --checkpoint /runs/cg3d --workdir /tmp/zs40 \
       --config.eval.manual_dir=/data/modelnet40_normal_resampled --config.eval.data_dir=/data/tfds

@@ -1,4 +1,4 @@
-"""Open-scene evaluation on S3DIS (Area 5 by default): presence mAP over classes and per-point AUROC, as JSON.
+r"""Open-scene evaluation on S3DIS (Area 5 by default): presence mAP over classes and per-point AUROC, as JSON.
 
   python -m cg3d_jax.evaluate_scenes --checkpoint /runs/cg3d --s3dis /data/s3dis --out /runs/cg3d/s3dis_area5 \
       [--areas 5] [--classes table,chair,sofa,bookcase,board] [--vocabulary s3dis] [--cache /data/s3dis_cache]

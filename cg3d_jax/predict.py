@@ -1,4 +1,4 @@
-"""Zero-shot prediction on your own point cloud (and, optionally, photos of candidates).
+r"""Zero-shot prediction on your own point cloud (and, optionally, photos of candidates).
 
   python -m cg3d_jax.predict --checkpoint /runs/cg3d --points owl.ply --labels "owl,chicken,penguin" \
       [--images a.jpg,b.jpg,c.jpg] [--templates ulip] [--json out.json]

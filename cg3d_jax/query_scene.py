@@ -1,4 +1,4 @@
-"""Ask a whole 3D scene in words where things are and whether they are there.
+r"""Ask a whole 3D scene in words where things are and whether they are there.
 
   python -m cg3d_jax.query_scene --checkpoint /runs/cg3d --scene Area_5/office_1 --queries "chair,table,lamp" \
       [--out DIR] [--vocabulary training|s3dis|none|"w1,w2,..."] [--radius 0.75] [--exclude_floor] ...
