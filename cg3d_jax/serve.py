@@ -3,8 +3,9 @@
   python -m cg3d_jax.serve --checkpoint /tmp/cg3d_demo/pretrain --library /tmp/cg3d_demo/library
   # then open http://127.0.0.1:7860
 
-  Classify  upload a cloud (.ply .npy .off .txt .xyz .csv), type labels or pick a preset (ModelNet40, ShapeNet-55),
-            see the cloud in an interactive 3D view and its top 5 with probabilities (cg3d_jax/evaluators/prediction);
+  Classify  upload a cloud (.ply .npy .off .txt .xyz .csv), type labels or pick a preset (ModelNet40, ShapeNet-55,
+            Objaverse-LVIS), see the cloud in an interactive 3D view and its top 5 with probabilities
+            (cg3d_jax/evaluators/prediction);
   Search    a text, an image or a cloud over the library cg3d-embed wrote (the same encoder), k and a minimum
             similarity, a gallery of thumbnails; choosing one shows that shape in 3D with its file name
             (cg3d_jax/shape_library.py);
@@ -36,7 +37,11 @@ _SHARED = ('checkpoint', 'step', 'clip_path', 'num_points', 'library', 'class_fe
 for _shared in (*_SHARED, 'verbose'):
   flags.declare_key_flag(_shared)
 
-PRESETS = {'ModelNet40': 'modelnet40_shape_names.txt', 'ShapeNet-55': 'shapenet55_shape_names.txt'}
+PRESETS = {
+  'ModelNet40': 'modelnet40_shape_names.txt',
+  'ShapeNet-55': 'shapenet55_shape_names.txt',
+  'Objaverse-LVIS': 'objaverse_lvis_names.txt',  # 1,156 categories, one per line (one name holds a space)
+}
 VIEW_POINTS = 4096  # points drawn in the 3D view (a subset of larger clouds: the browser stays responsive)
 TOP = 5
 
@@ -46,7 +51,7 @@ def preset_labels(name: str) -> list[str]:
 
   if name not in PRESETS:
     raise InputError(f'preset {name!r}: expected one of {list(PRESETS)}')
-  return assets.read_text(PRESETS[name]).split()
+  return [line.strip() for line in assets.read_text(PRESETS[name]).splitlines() if line.strip()]
 
 
 def _scatter(xyz, marker: dict, limit: int, title: str, axes=(0, 1, 2)):
@@ -235,18 +240,25 @@ class Page:
     return figure, answers, files, f'{pathlib.Path(scene_path).name}: {len(xyz)} points, {len(result.regions)} regions'
 
   def show(self, hits: list[dict], index: int):
-    """(3D figure, message) of the chosen search hit, read from the folder the library was embedded from."""
+    """(3D figure, message) of the chosen search hit, read from the folder the library was embedded from (or the
+    library's preview of a dataset split's row)."""
+    import numpy as np
+
     from cg3d_jax.data.formats import point_files
 
     try:
       if not hits or not 0 <= index < len(hits):
         raise InputError('choose a shape in the gallery')
       hit = hits[index]
-      root = pathlib.Path(self.library.shapes or '')
-      cloud = point_files.read_points(root / hit['file'])
+      if hit.get('cloud'):  # a dataset split's row: its preview cloud (xyz, rgb in [0, 1])
+        kept = np.load(hit['cloud'], allow_pickle=False).astype(np.float32)
+        xyz, rgb = kept[:, :3], kept[:, 3:6]
+      else:
+        cloud = point_files.read_points(pathlib.Path(self.library.shapes or '') / hit['file'])
+        xyz, rgb = cloud.xyz, cloud.rgb
     except (InputError, ValueError, OSError) as err:
       return None, f'error: {err}'
-    return cloud_figure(cloud.xyz, cloud.rgb, hit['file']), f'{hit["file"]} (similarity {hit["score"]:.3f})'
+    return cloud_figure(xyz, rgb, hit['file']), f'{hit["file"]} (similarity {hit["score"]:.3f})'
 
 
 def _pixels(path: str):

@@ -8,7 +8,9 @@ A library folder holds:
   embeddings/      the rows, one .npy shard per embedding chunk (L2-normalised, float16 or float32), so that an
                    interrupted or extended run keeps what is done; embeddings.npy, all rows in one array, is written
                    at the end of every run;
-  thumbnails/      a small top view of each shape (PNG).
+  thumbnails/      a small top view of each shape (PNG);
+  clouds/          for rows embedded from a dataset split (no file to show), a preview of each shape's prepared
+                   points (float16, y up, xyz and colours in [0, 1]), named in the manifest as `cloud`.
 Every file is written under a temporary name and renamed: a library is never left half-written.
 
 Search is exact: the queries' scores against every row by matrix product in chunks, each chunk cut to its best k by a
@@ -25,6 +27,7 @@ import numpy as np
 from absl import logging
 
 from cg3d_jax.atomic import atomic_write_bytes, atomic_write_npy
+from cg3d_jax.data.openshape import RGB_DROP_VALUE
 from cg3d_jax.errors import BadInputError, InputError
 
 LIBRARY_FILE = 'library.json'
@@ -32,6 +35,7 @@ MANIFEST_FILE = 'manifest.json'
 EMBEDDINGS_FILE = 'embeddings.npy'
 SHARDS = 'embeddings'
 THUMBNAILS = 'thumbnails'
+CLOUDS = 'clouds'  # a split's rows have no file to show: a preview cloud of each
 DTYPES = ('float16', 'float32')
 SEARCH_CHUNK = 65536  # rows scored per matrix product
 
@@ -197,15 +201,27 @@ def drawn(points, count: int, source: str):
   return points[np.arange(count) % points.shape[0]]
 
 
-def prepared(path: pathlib.Path, encoder, points_per_shape: int):
+def prepared(path: pathlib.Path, encoder, points_per_shape: int, *, swap_y_z: bool = False):
   """(points (S, C) as the encoder takes them, the cloud read) of one file: normalised as training does (centred, unit
-  sphere), a coloured encoder's colours (the file's, or grey 0.4), drawn to points_per_shape."""
+  sphere), a coloured encoder's colours (the file's, or grey 0.4), drawn to points_per_shape; y and z swapped for an
+  encoder that sees z-up (protocols.sees_z_up: the files are stored y-up)."""
   from cg3d_jax.evaluators import prediction
 
   cloud = prediction.read_checked_cloud(path)
   colours = prediction.colour_channels(encoder, cloud.rgb, cloud.xyz.shape[0], str(path))
-  points = prediction.prepare_points(cloud.xyz, 1, str(path), colours)
+  points = prediction.prepare_points(cloud.xyz, 1, str(path), colours, swap_y_z=swap_y_z)
   return drawn(points, points_per_shape, str(path)), cloud
+
+
+def preview(points, count: int, up: str = 'y') -> np.ndarray:
+  """(<= count, 6) float16 of prepared points (S, 3 or 6): a fixed random subset, y up (z and y swapped back when the
+  encoder saw z-up), grey 0.4 where there are no colours."""
+  points = np.asarray(points, np.float32)
+  if points.shape[0] > count:
+    points = points[np.sort(np.random.default_rng(SEED).permutation(points.shape[0])[:count])]
+  xyz = points[:, [0, 2, 1]] if up == 'z' else points[:, :3]
+  rgb = points[:, 3:6] if points.shape[1] >= 6 else np.full_like(xyz, RGB_DROP_VALUE)
+  return np.concatenate([xyz, rgb], axis=1).astype(np.float16)
 
 
 INDEX_FILE = 'index.faiss'  # the approximate index (faiss's own binary format, not a pickle)
@@ -293,15 +309,17 @@ def query_vector(
   import numpy as np
 
   from cg3d_jax import trained
-  from cg3d_jax.evaluators import prediction, zeroshot
+  from cg3d_jax.evaluators import prediction, protocols, zeroshot
   from cg3d_jax.models.cg3d import CG3D
   from cg3d_jax.scenes.queries import RegionEmbedder, local_mesh
 
   if text is not None and class_features:
     return prediction.label_features(class_features, [text], loaded.embed_dim)[0]
   if points is not None:
-    cloud_points, _ = prepared(points, loaded.encoder, library.points_per_shape)
-    model = CG3D(encoder=loaded.encoder, clip=None, num_points=loaded.num_points)
+    swap = protocols.sees_z_up(loaded.released)
+    cloud_points, _ = prepared(points, loaded.encoder, library.points_per_shape, swap_y_z=swap)
+    # encoded as the library's rows were (a released file's evaluation may have set fewer points than its default)
+    model = CG3D(encoder=loaded.encoder, clip=None, num_points=int(library.encoder['num_points']))
     return RegionEmbedder(model, loaded.encoder_vars, local_mesh(), 1)(cloud_points[None])[0]
   scoring = trained.with_clip(loaded, clip_path)
   if text is not None:
@@ -320,8 +338,8 @@ def query_vector(
 
 
 def search(library, query, k: int, threshold: float | None = None, *, approximate: bool = False) -> list[dict]:
-  """[{rank, score, file, class, thumbnail}] of the library's best `k` rows for `query` (D,), best first; exact, or
-  through the approximate index."""
+  """[{rank, score, file, class, thumbnail, cloud}] of the library's best `k` rows for `query` (D,), best first;
+  exact, or through the approximate index."""
   if approximate:
     scores, rows = approximate_index(library).top_k(query[None], k)
   else:
@@ -332,6 +350,7 @@ def search(library, query, k: int, threshold: float | None = None, *, approximat
       break
     entry = library.manifest[int(row)]
     thumbnail = entry.get('thumbnail')
+    cloud = entry.get('cloud')
     found.append(
       {
         'rank': len(found) + 1,
@@ -339,6 +358,7 @@ def search(library, query, k: int, threshold: float | None = None, *, approximat
         'file': entry['file'],
         'class': entry.get('class'),
         'thumbnail': os.fspath(library.root / thumbnail) if thumbnail else None,
+        'cloud': os.fspath(library.root / cloud) if cloud else None,
       }
     )
   return found

@@ -18,7 +18,18 @@ import numpy as np
 import pytest
 import torch
 
-from cg3d_jax import build_data, evaluate, evaluate_scenes, export, finetune, predict, query_scene, train, trained
+from cg3d_jax import (
+  build_data,
+  embed,
+  evaluate,
+  evaluate_scenes,
+  export,
+  finetune,
+  predict,
+  query_scene,
+  train,
+  trained,
+)
 from cg3d_jax.clip.loaded_clip import load_clip
 from cg3d_jax.configs import finetune_modelnet40
 from cg3d_jax.data.formats import ply_files
@@ -750,6 +761,33 @@ COMMAND_CASES = [
     finetune,
     ['--config', 'finetune_modelnet40', '--config.train.total_steps=-1', '--workdir', '{out}'],
     'config.train.total_steps=-1',
+  ),
+  (
+    'embed: neither --shapes nor --config',
+    embed,
+    ['--checkpoint', '{root}/good.pth', '--library', '{out}'],
+    'give one of --shapes FOLDER (point-cloud files) or --config zeroshot_<dataset>',
+  ),
+  (
+    'embed: both --shapes and --config',
+    embed,
+    ['--checkpoint', '{root}/good.pth', '--shapes', '{root}', '--config', 'zeroshot_modelnet40', '--library', '{out}'],
+    'give one of --shapes FOLDER (point-cloud files) or --config zeroshot_<dataset>',
+  ),
+  (
+    'embed: a split not prepared',
+    embed,
+    [
+      '--checkpoint',
+      '{root}/good.pth',
+      '--config',
+      'zeroshot_modelnet40',
+      '--config.eval.data_dir={out}/tfds',
+      '--config.eval.manual_dir={root}/raw_junk',
+      '--library',
+      '{out}',
+    ],
+    'raw_junk: no modelnet40_shape_names.txt',
   ),
   ('build_data: no --dataset', build_data, ['--manual_dir', '{root}', '--data_dir', '{out}'], '--dataset is required'),
   (

@@ -310,3 +310,76 @@ def test_predict_and_query_scene_score_a_released_file_with_label_features_from_
   assert run_command(predict.main, [*argv, f'--class_features={tmp_path / "narrow.npz"}']) == 2
   err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
   assert len(err) == 1 and '32-dimensional features but the encoder projects to 1024' in err[0], err
+
+
+def test_embed_a_tfds_split_and_an_openshape_split_into_one_library(tmp_path, layout, modelnet40_prepared, capsys):
+  """cg3d-embed --config: the TFDS ModelNet40 test split (the real fixture objects) fed as OpenShape's protocol feeds
+  its encoder (y and z swapped, grey 0.4): each row equals the twin's normalised features of NumPy's preparation of
+  its object (found by its preview cloud, kept y-up as stored), named `<set>/<split>/<index>` with its class; the page
+  shows a row's preview; a second run embeds nothing; OpenShape's own ModelNet40 files extend the same library in
+  the set's order and classes. The object as a file gives the same row to search and predict (they swap too). Shown
+  to fail without the swap (protocols.for_embedding keeping the stored axes: 87% of
+  the row elements off by more than 1e-4)."""
+  from cg3d_jax import embed, serve, shape_library
+  from tests.test_ppat import released_file
+
+  torch.manual_seed(4)
+  twin = twin_ppat.make(dim=128, heads=2, depth=2, mlp_dim=256, sa_dim=32).eval()
+  path = tmp_path / 'model.pt'
+  released_file(path, twin)
+  sets = _sets(layout, modelnet40_prepared, '')
+  library = tmp_path / 'library'
+  common = ['--checkpoint', str(path), '--library', str(library), '--batch_size=8', '--dtype=float32']
+  common += ['--thumbnail=24', f'--config.eval.num_points={POINTS}']
+  assert run_command(embed.main, [*sets['modelnet40'], *common]) == 0
+  clouds, labels = _modelnet40_test_objects(POINTS)
+  assert f'embedded {len(labels)} shapes' in capsys.readouterr().out
+  manifest = json.loads((library / 'manifest.json').read_text())
+  rows = np.load(library / 'embeddings.npy')
+  assert [e['file'] for e in manifest] == [f'modelnet40/test/{i:06d}' for i in range(len(labels))]
+  previews = np.stack([np.load(library / e['cloud']).astype(np.float32) for e in manifest])
+  assert previews.shape == (len(labels), POINTS, 6) and np.all(previews[..., 3:] == np.float16(0.4))
+  distance = np.abs(previews[:, None, :, :3] - clouds[None]).max(axis=(2, 3))  # (rows, objects)
+  order = distance.argmin(axis=1)
+  assert np.all(distance[np.arange(len(order)), order] < 2e-3) and sorted(order) == list(range(len(labels)))
+  names = (modelnet_root() / 'modelnet40_shape_names.txt').read_text().split()
+  assert [e['class'] for e in manifest] == [names[labels[i]] for i in order]
+  fed = np.concatenate([clouds[order][..., [0, 2, 1]], np.full_like(clouds, 0.4)], axis=-1)
+  with torch.no_grad():
+    want = twin(torch.from_numpy(fed[..., :3]), torch.from_numpy(fed)).numpy()
+  np.testing.assert_allclose(rows, want / np.linalg.norm(want, axis=1, keepdims=True), atol=1e-4, rtol=0)
+  assert all((library / e['thumbnail']).is_file() for e in manifest)
+
+  np.savez(tmp_path / 'labels.npz', names=np.array(['airplane', 'bathtub']), features=rows[:2])
+  page = serve.Page(str(path), library=str(library), class_features=str(tmp_path / 'labels.npz'))
+  hits = shape_library.search(page.library, rows[3], 2)
+  figure, message = page.show(hits, 0)
+  assert message.startswith(manifest[3]['file']) and len(figure.data[0].x) == POINTS
+  np.testing.assert_allclose(np.asarray(figure.data[0].x, np.float32), previews[3][:, 0])
+  # The same object as a file (stored y-up): search by it and predict on it swap its axes as the split's road does.
+  from cg3d_jax.evaluators import prediction
+
+  np.save(tmp_path / 'object.npy', clouds[order[3]])
+  query = shape_library.query_vector(page.loaded, page.library, points=tmp_path / 'object.npy')
+  np.testing.assert_allclose(query, rows[3], atol=1e-4, rtol=0)
+  from cg3d_jax import trained
+
+  loaded = trained.load_trained(path)
+  loaded.config.model.num_points = POINTS  # as embedded (config.eval.num_points)
+  scoring = trained.without_clip(loaded)
+  answer = prediction.predict(scoring, tmp_path / 'object.npy', ['it', 'other'], classifier=rows[[3, 0]])
+  assert answer['y_up_swapped'] is True and answer['labels'][0]['name'] == 'it'
+  assert answer['labels'][0]['similarity'] == pytest.approx(1.0, abs=1e-4)
+
+  assert run_command(embed.main, [*sets['modelnet40'], *common]) == 0
+  assert 'embedded 0 shapes' in capsys.readouterr().out
+  np.testing.assert_array_equal(np.load(library / 'embeddings.npy'), rows)
+
+  assert run_command(embed.main, [*sets['modelnet40_openshape'], *common]) == 0
+  evalset = openshape_eval.modelnet40_openshape(layout)
+  grown = json.loads((library / 'manifest.json').read_text())
+  assert grown[: len(manifest)] == manifest
+  assert [(e['file'], e['class']) for e in grown[len(manifest) :]] == [
+    (f'{evalset.name}/test/{i:06d}', evalset.class_names[label]) for i, label in enumerate(evalset.labels)
+  ]
+  assert np.load(library / 'embeddings.npy').shape == (len(grown), 1280)

@@ -29,7 +29,7 @@ def test_the_handlers_give_what_the_commands_compute(served):
   """Classify: the top 5 of prediction.predict on the same file and labels, the 3D view of the file's points, the
   checkpoint and CLIP named on the page; search: search.search's hits and their thumbnails; choosing a hit shows its
   shape; a broken file, no labels, an empty query: one line each on the page."""
-  from cg3d_jax import shape_library
+  from cg3d_jax import serve, shape_library
   from cg3d_jax.evaluators import prediction
 
   page, shapes, root = served
@@ -43,6 +43,13 @@ def test_the_handlers_give_what_the_commands_compute(served):
   assert len(figure.data[0].x) == 4096 and 'airplane_0627.npy' in message
   _, preset_rows, _ = page.classify(str(cloud), '', 'ModelNet40')
   assert len(preset_rows) == 5
+  # Objaverse-LVIS: OpenShape's 1,156 categories (its paper's count), one per line as one holds a space, sorted as
+  # OpenShape's evaluation orders them; the page ranks the cloud against all of them.
+  lvis = serve.preset_labels('Objaverse-LVIS')
+  assert len(lvis) == len(set(lvis)) == 1156 and lvis == sorted(lvis)
+  assert lvis[:2] == ['Band_Aid', 'Bible'] and 'monitor_(computer_equipment) computer_monitor' in lvis
+  _, preset_rows, _ = page.classify(str(cloud), '', 'Objaverse-LVIS')
+  assert len(preset_rows) == 5 and {row[1] for row in preset_rows} <= set(lvis)
 
   (root / 'broken.ply').write_text('ply\nformat ascii 1.0\nelement vertex 5\n')
   for args, words in (

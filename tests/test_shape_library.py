@@ -167,3 +167,39 @@ def test_the_approximate_index_is_exact_when_it_searches_deep_enough(tmp_path):
   again = shape_library.ApproximateIndex.read(tmp_path / 'index.faiss')
   np.testing.assert_array_equal(again.top_k(queries, 10)[1], default)
   assert shape_library.recall_at_k(exact[:, ::-1], exact) == 1.0 and shape_library.recall_at_k(exact + 1, exact) < 1.0
+
+
+def test_two_hosts_embed_what_one_host_embeds(tmp_path, tiny_checkpoint):
+  """launch/local_multihost.sh 2 2 running cg3d-embed (CG3D_MODULE): five real objects at a global batch of 4, so each
+  host reads only its two rows of the first batch and the second host holds padding alone in the last; process 0
+  writes. The library equals one process's with 8 devices: the same manifest, thumbnails byte for byte (drawn from
+  the gathered points), rows to float32 rounding. Shown to fail when every host reads the first host's rows (files 0
+  and 1 twice, then 4 twice: 'holds 6')."""
+  import subprocess
+
+  from cg3d_jax import embed
+  from tests.conftest import REPO_ROOT
+  from tests.test_multihost import LOCAL_LAUNCH, _env, _tail
+
+  shapes = _shape_folder(tmp_path / 'shapes', ['airplane_0627', 'airplane_0628', 'bathtub_0107', 'bathtub_0108'])
+  _shape_folder(shapes, ['bathtub_0109'])
+  argv = ['--checkpoint', str(tiny_checkpoint), '--shapes', str(shapes), '--batch_size=4', '--dtype=float32']
+  argv += ['--thumbnail=24', '--chunk=2']
+  pod = subprocess.run(
+    ['bash', str(LOCAL_LAUNCH), '2', '2', '--', *argv, '--library', str(tmp_path / 'pod')],
+    cwd=REPO_ROOT,
+    env=_env() | {'CG3D_LOG_DIR': str(tmp_path / 'logs'), 'CG3D_MODULE': 'cg3d_jax.embed'},
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert pod.returncode == 0, (pod.stderr, _tail(tmp_path / 'logs' / 'process_0.log'))
+  assert 'holds 5' in _tail(tmp_path / 'logs' / 'process_1.log')  # every host counted every row
+  assert run_command(embed.main, [*argv, '--library', str(tmp_path / 'one')]) == 0
+  got, want = (json.loads((tmp_path / name / 'manifest.json').read_text()) for name in ('pod', 'one'))
+  assert got == want and len(got) == 5
+  for entry in got:
+    assert (tmp_path / 'pod' / entry['thumbnail']).read_bytes() == (tmp_path / 'one' / entry['thumbnail']).read_bytes()
+  pod_rows, one_rows = (np.load(tmp_path / name / 'embeddings.npy') for name in ('pod', 'one'))
+  np.testing.assert_allclose(pod_rows, one_rows, atol=1e-5, rtol=0)
+  assert json.loads((tmp_path / 'pod' / 'library.json').read_text())['shards'] == ['000000.npy', '000001.npy']

@@ -21,7 +21,7 @@ from cg3d_jax.data.formats import point_files
 from cg3d_jax.data.formats.readers import read_image
 from cg3d_jax.data.openshape import RGB_DROP_VALUE
 from cg3d_jax.errors import BadInputError, InputError
-from cg3d_jax.evaluators import metrics, zeroshot
+from cg3d_jax.evaluators import metrics, protocols, zeroshot
 from cg3d_jax.models.point_ops import sample_points
 
 # The fewest distinct points a cloud may have: one PointTransformer neighbourhood (32 points). Fewer cannot describe
@@ -72,12 +72,16 @@ def colour_channels(encoder, rgb, num_points: int, source: str | None = None) ->
   return (rgb.astype(np.float32) / 255.0) if rgb.dtype == np.uint8 else rgb.astype(np.float32)
 
 
-def prepare_points(xyz, num_points: int, source: str | None = None, colours=None) -> np.ndarray:
-  """Training's normalisation (centre, unit sphere), `colours` (N, 3) in [0, 1] appended when given; clouds
-  shorter than num_points are cycled up to it (with a warning), clouds of fewer than MIN_POINTS distinct points are
-  refused."""
+def prepare_points(
+  xyz, num_points: int, source: str | None = None, colours=None, *, swap_y_z: bool = False
+) -> np.ndarray:
+  """Training's normalisation (centre, unit sphere), y and z swapped for an encoder that sees z-up
+  (protocols.sees_z_up: files are stored y-up), `colours` (N, 3) in [0, 1] appended when given; clouds shorter than
+  num_points are cycled up to it (with a warning), clouds of fewer than MIN_POINTS distinct points are refused."""
   where = source or 'the cloud'
   xyz = _normalised(xyz, source)
+  if swap_y_z:
+    xyz = xyz[:, [0, 2, 1]]
   if colours is not None:
     xyz = np.concatenate([xyz, np.asarray(colours, np.float32)], axis=1)
   if xyz.shape[0] < num_points:
@@ -144,7 +148,8 @@ def predict(
   cloud = points if isinstance(points, point_files.PointCloud) else point_files.read_points(points)
   points_path = cloud.source
   colours = colour_channels(model.model.encoder, cloud.rgb, cloud.xyz.shape[0], os.fspath(points_path))
-  points = prepare_points(cloud.xyz, model.model.num_points, os.fspath(points_path), colours)
+  swap = protocols.sees_z_up(model.trained.released)
+  points = prepare_points(cloud.xyz, model.model.num_points, os.fspath(points_path), colours, swap_y_z=swap)
   encode = jax.jit(lambda v, p: model.model.point_features(v, sample_points(p, model.model.num_points))[0])
   feature = np.asarray(encode(model.encoder_vars, jnp.asarray(points)[None]))[0]
   if classifier is None:  # else the labels' features came from a file (label_features)
@@ -157,6 +162,7 @@ def predict(
     'num_points_read': int(cloud.xyz.shape[0]),
     'from_mesh': cloud.from_mesh,
     'num_points_encoded': model.model.num_points,
+    'y_up_swapped': swap,
     'logit_scale': scale,
     'colours': (
       None if colours is None else 'from the file' if cloud.rgb is not None else f'none in the file: grey {GREY}'

@@ -88,3 +88,23 @@ def for_evaluation(ev, released: str | None, channels: int, *, has_clip: bool, l
     for key, value in settings.items():
       applied[key] = value
   return applied, {'published_protocol': {'family': released, **settings}}
+
+
+def sees_z_up(released: str | None) -> bool:
+  """Whether the family's encoder takes clouds with y and z swapped from how shapes are stored (OpenShape's)."""
+  return released in PUBLISHED and PUBLISHED[released].y_up
+
+
+def for_embedding(ev, released: str | None, channels: int):
+  """A copy of config.eval that feeds the split as the encoder takes it: its channels (a coloured encoder gets the
+  set's colours or grey 0.4) and, for a released family under the published protocol, its axes. No class weights are
+  made, so nothing of the protocol's text side is needed."""
+  choice = ev.get('protocol', 'published')
+  if choice not in PROTOCOLS:
+    raise ConfigError(f'config.eval.protocol={choice!r}: expected one of {PROTOCOLS}')
+  applied = ev.copy_and_resolve_references()
+  with applied.unlocked():
+    applied.use_color = channels == 6
+    if released is not None and choice == 'published':
+      applied.y_up = PUBLISHED[released].y_up
+  return applied
