@@ -8,7 +8,15 @@ import os
 import shutil
 import tempfile
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
+# Two workers share the machine's cores: each computes on one thread (XLA's Eigen kernels, torch's OpenMP), inherited
+# by every process a test launches. Oversubscribed, the workers' thread pools spin against each other: a torch + JAX
+# subset (step parity, PPAT, PointTransformer; 45 tests, -n 2) took 165 s and 174 s with the defaults and 150 s and
+# 151 s single-threaded, interleaved (2026-12-07, AMD EPYC, 2 cores).
+os.environ['XLA_FLAGS'] = (
+  os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8 --xla_cpu_multi_thread_eigen=false'
+).strip()
+os.environ.setdefault('OMP_NUM_THREADS', '1')
+os.environ.setdefault('MKL_NUM_THREADS', '1')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')  # tests must never reach a hub
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')

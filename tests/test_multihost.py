@@ -67,28 +67,33 @@ def _tail(path: pathlib.Path, n: int = 30) -> str:
   return '\n'.join(path.read_text(errors='replace').splitlines()[-n:]) if path.is_file() else '(no log)'
 
 
+def launched_pod(log_dir: pathlib.Path, processes: int, devices: int, argv: list[str], timeout: int = 400, **env):
+  """launch/local_multihost.sh PROCESSES DEVICES -- ARGV, logs under log_dir, `env` added (e.g. CG3D_MODULE); asserts
+  that every process succeeded, showing process 0's log tail otherwise."""
+  done = subprocess.run(
+    ['bash', str(LOCAL_LAUNCH), str(processes), str(devices), '--', *argv],
+    cwd=REPO_ROOT,
+    env=_env() | {'CG3D_LOG_DIR': str(log_dir), **env},
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+  assert done.returncode == 0, (done.stderr, _tail(log_dir / 'process_0.log'))
+
+
 @pytest.fixture(scope='module')
 def pod_run(tmp_path_factory, tiny_clip_dir, tiny_shapenet):
   """Launch 1 (local_multihost.sh, 2x4): steps 1-3 and a checkpoint. Launch 2 (two processes started directly, so
   that nothing but JAX notices a death): resumes, trains past step 5, then process 1 is killed."""
   root = tmp_path_factory.mktemp('multihost')
   workdir, env = root / 'run', _env()
-  first = subprocess.run(
-    [
-      'bash',
-      str(LOCAL_LAUNCH),
-      '2',
-      '4',
-      '--',
-      *_train_args(workdir, tiny_clip_dir, tiny_shapenet, **{'train.total_steps': FIRST_STEPS}),
-    ],
-    cwd=REPO_ROOT,
-    env=env | {'CG3D_LOG_DIR': str(root / 'logs1'), 'CG3D_HEARTBEAT_TIMEOUT_S': str(FIRST_LAUNCH_HEARTBEAT_S)},
-    capture_output=True,
-    text=True,
-    timeout=400,
+  launched_pod(
+    root / 'logs1',
+    2,
+    4,
+    _train_args(workdir, tiny_clip_dir, tiny_shapenet, **{'train.total_steps': FIRST_STEPS}),
+    CG3D_HEARTBEAT_TIMEOUT_S=str(FIRST_LAUNCH_HEARTBEAT_S),
   )
-  assert first.returncode == 0, (first.stderr, _tail(root / 'logs1' / 'process_0.log'))
   after_first = _read_losses(workdir)
 
   logs = [root / f'launch2_process_{i}.log' for i in range(2)]

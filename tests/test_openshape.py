@@ -620,13 +620,11 @@ def test_a_pod_of_two_processes_trains_as_one_process_on_the_same_global_batches
   """launch/local_multihost.sh 2 4 on OpenShape's layout: each process reads only its rows of every global batch,
   and the losses equal a 1-process x 8-device run of the same command (the stream's global batch does not depend on
   the process count), to the last bits that gloo's reduction order changes."""
-  import subprocess
-
   import jax
 
   from cg3d_jax import train
-  from tests.conftest import REPO_ROOT, run_command
-  from tests.test_multihost import LOCAL_LAUNCH, _env, _read_losses, _tail
+  from tests.conftest import run_command
+  from tests.test_multihost import _read_losses, launched_pod
 
   root = write_openshape_layout(
     tmp_path / 'data', classes=CLASSES, train_per_class=6, lvis_per_class=1, num_points=512, feature_dim=32
@@ -646,15 +644,7 @@ def test_a_pod_of_two_processes_trains_as_one_process_on_the_same_global_batches
       '--config.checkpoint.every_steps=1',
     ]
 
-  pod = subprocess.run(
-    ['bash', str(LOCAL_LAUNCH), '2', '4', '--', *args(tmp_path / 'pod')],
-    cwd=REPO_ROOT,
-    env=_env() | {'CG3D_LOG_DIR': str(tmp_path / 'logs'), 'CG3D_HEARTBEAT_TIMEOUT_S': '120'},
-    capture_output=True,
-    text=True,
-    timeout=400,
-  )
-  assert pod.returncode == 0, (pod.stderr, _tail(tmp_path / 'logs' / 'process_0.log'))
+  launched_pod(tmp_path / 'logs', 2, 4, args(tmp_path / 'pod'), CG3D_HEARTBEAT_TIMEOUT_S='120')
   assert run_command(train.main, args(tmp_path / 'one')) == 0
   got, want = _read_losses(tmp_path / 'pod'), _read_losses(tmp_path / 'one')
   assert sorted(got) == sorted(want) == [1, 2, 3]

@@ -175,25 +175,14 @@ def test_two_hosts_embed_what_one_host_embeds(tmp_path, tiny_checkpoint):
   writes. The library equals one process's with 8 devices: the same manifest, thumbnails byte for byte (drawn from
   the gathered points), rows to float32 rounding. Shown to fail when every host reads the first host's rows (files 0
   and 1 twice, then 4 twice: 'holds 6')."""
-  import subprocess
-
   from cg3d_jax import embed
-  from tests.conftest import REPO_ROOT
-  from tests.test_multihost import LOCAL_LAUNCH, _env, _tail
+  from tests.test_multihost import _tail, launched_pod
 
   shapes = _shape_folder(tmp_path / 'shapes', ['airplane_0627', 'airplane_0628', 'bathtub_0107', 'bathtub_0108'])
   _shape_folder(shapes, ['bathtub_0109'])
   argv = ['--checkpoint', str(tiny_checkpoint), '--shapes', str(shapes), '--batch_size=4', '--dtype=float32']
   argv += ['--thumbnail=24', '--chunk=2']
-  pod = subprocess.run(
-    ['bash', str(LOCAL_LAUNCH), '2', '2', '--', *argv, '--library', str(tmp_path / 'pod')],
-    cwd=REPO_ROOT,
-    env=_env() | {'CG3D_LOG_DIR': str(tmp_path / 'logs'), 'CG3D_MODULE': 'cg3d_jax.embed'},
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-  assert pod.returncode == 0, (pod.stderr, _tail(tmp_path / 'logs' / 'process_0.log'))
+  launched_pod(tmp_path / 'logs', 2, 2, [*argv, '--library', str(tmp_path / 'pod')], CG3D_MODULE='cg3d_jax.embed')
   assert 'holds 5' in _tail(tmp_path / 'logs' / 'process_1.log')  # every host counted every row
   assert run_command(embed.main, [*argv, '--library', str(tmp_path / 'one')]) == 0
   got, want = (json.loads((tmp_path / name / 'manifest.json').read_text()) for name in ('pod', 'one'))
