@@ -157,6 +157,7 @@ def _fill(
   from cg3d_jax.evaluators.evaluator import to_host
 
   writer = jax.process_index() == 0
+  held = np.fromiter(held, np.int64, len(held))  # once: np.isin against a list would rebuild it every batch
   rows, entries, added, skipped, pending = [], [], 0, 0, None
   next_row = len(library)
 
@@ -181,7 +182,7 @@ def _fill(
   for batch in batches:
     fields = {k: to_host(v) for k, v in batch.items() if k != 'points'}
     skipped += int(fields.pop('bad', np.zeros(0, bool)).sum())
-    keep = fields['mask'].astype(bool) & ~np.isin(fields['index'], list(held))
+    keep = fields['mask'].astype(bool) & ~np.isin(fields['index'], held)
     if not keep.any():
       continue
     features = encoder(batch['points'])  # dispatched; fetched after the next batch is read
