@@ -69,27 +69,18 @@ def thumbnail(points, size: int, up: str = 'y'):
   return outputs.top_view(points[:, :3], rgb, up=up, size=size)
 
 
-class _Encoder:
-  """Global batches (B, S, C) -> (B, D) normalised features: FPS and the encoder on every device of every host."""
+def _encoder(loaded, batch_size: int):
+  """A zeroshot.PointEncoder of `loaded` over every device of every host."""
+  import jax
+  import numpy as np
 
-  def __init__(self, loaded, batch_size: int):
-    import jax
-    import numpy as np
+  from cg3d_jax import sharding
+  from cg3d_jax.evaluators import zeroshot
+  from cg3d_jax.models.cg3d import CG3D
 
-    from cg3d_jax import sharding
-    from cg3d_jax.evaluators import zeroshot
-    from cg3d_jax.models.cg3d import CG3D
-
-    mesh = sharding.make_mesh({'data': -1, 'fsdp': 1})
-    self.batch_size = -(-batch_size // mesh.size) * mesh.size  # whole rows per device
-    self.sharding = sharding.batch_sharding(mesh)
-    model = CG3D(encoder=loaded.encoder, clip=None, num_points=loaded.num_points)
-    self._features, replicated = zeroshot.point_feature_fn(model, mesh)
-    # from host values: arrays already on this host's first device cannot be copied to other hosts' devices
-    self._vars = jax.device_put(jax.tree.map(np.asarray, loaded.encoder_vars), replicated)
-
-  def __call__(self, points):
-    return self._features(self._vars, points)
+  model = CG3D(encoder=loaded.encoder, clip=None, num_points=loaded.num_points)
+  host_vars = jax.tree.map(np.asarray, loaded.encoder_vars)  # read onto one device: other hosts take host values
+  return zeroshot.PointEncoder(model, host_vars, sharding.make_mesh({'data': -1, 'fsdp': 1}), batch_size)
 
 
 def _folder_batches(files, loaded, per_shape: int, batch_size: int, skip_bad: bool, swap_y_z: bool):
@@ -125,7 +116,7 @@ def _folder_batches(files, loaded, per_shape: int, batch_size: int, skip_bad: bo
     yield batch
 
 
-def _split_batches(data, encoder: _Encoder):
+def _split_batches(data, encoder):
   """The split's global batches with each row's 'index' in the split (the same on every host)."""
   import numpy as np
 
@@ -136,7 +127,7 @@ def _split_batches(data, encoder: _Encoder):
 def _fill(
   library,
   batches,
-  encoder: _Encoder,
+  encoder,
   entry_of,
   *,
   held=frozenset(),
@@ -281,7 +272,7 @@ def embed(
   todo = [p for p in files if shape_library.relative_name(p, shapes) not in held]
   logging.info('%s: %d shapes, %d already in %s, %d to embed', shapes, len(files), len(held), library.root, len(todo))
   swap = protocols.sees_z_up(loaded.released)
-  encoder = _Encoder(loaded, batch_size)
+  encoder = _encoder(loaded, batch_size)
 
   def entry_of(index, row):
     path = todo[index]
@@ -311,14 +302,8 @@ def embed_split(
   config_checks.check(config)  # every setting, before any data or model
   loaded = trained.load_trained(checkpoint, step=step, num_points=config.model.num_points)
   ev = protocols.for_embedding(config.eval, loaded.released, loaded.in_channels)
-  if ev.get('num_points'):  # what the encoder takes, as evaluate reads it
-    loaded.config.model.num_points = int(ev.num_points)
-  if ev.num_stored_points < loaded.num_points:
-    raise InputError(
-      f'config.eval.num_stored_points={ev.num_stored_points} is fewer than the {loaded.num_points} points '
-      f'{loaded.source} encodes: at least {loaded.num_points}'
-    )
-  encoder = _Encoder(loaded, batch_size)
+  trained.encode_as_evaluated(loaded, ev)
+  encoder = _encoder(loaded, batch_size)
   with ev.unlocked():
     ev.batch_size = encoder.batch_size
   data = source.eval_source(ev, process_count=jax.process_count())

@@ -51,14 +51,7 @@ def evaluate(config, checkpoint: str, workdir: str, devices=None, step: int | No
   if published['published_protocol']:
     data = source.eval_source(ev, process_count=jax.process_count())  # with the protocol's axes and colour
     logging.info('scoring with the published protocol of %s: %s', loaded.released, published['published_protocol'])
-  if ev.get('num_points'):
-    loaded.config.model.num_points = int(ev.num_points)
-  stored = ev.get('num_stored_points')
-  if stored is not None and stored < loaded.num_points:
-    raise ConfigError(
-      f'config.eval.num_stored_points={stored} is fewer than the {loaded.num_points} points {loaded.source} encodes '
-      f'(farthest-point sampling picks them from the stored ones): at least {loaded.num_points}'
-    )
+  trained.encode_as_evaluated(loaded, ev)
   channels = loaded.in_channels
   if channels != data.channels:
     raise ConfigError(

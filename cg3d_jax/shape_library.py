@@ -189,11 +189,16 @@ def encoder_record(loaded) -> dict:
   }
 
 
+def _fixed_subset(points, count: int):
+  """`count` rows of `points`, the same ones every time (a seeded choice, in their order)."""
+  return points[np.sort(np.random.default_rng(SEED).permutation(points.shape[0])[:count])]
+
+
 def drawn(points, count: int, source: str):
   """`count` rows of a prepared cloud: a fixed random subset of a larger one, a shorter one cycled (said in the log;
   farthest-point sampling then sees each point once)."""
   if points.shape[0] > count:
-    return points[np.sort(np.random.default_rng(SEED).permutation(points.shape[0])[:count])]
+    return _fixed_subset(points, count)
   if points.shape[0] < count:
     logging.warning(
       '%s: %d points, fewer than --points_per_shape %d: repeated to fill them', source, len(points), count
@@ -218,7 +223,7 @@ def preview(points, count: int, up: str = 'y') -> np.ndarray:
   encoder saw z-up), grey 0.4 where there are no colours."""
   points = np.asarray(points, np.float32)
   if points.shape[0] > count:
-    points = points[np.sort(np.random.default_rng(SEED).permutation(points.shape[0])[:count])]
+    points = _fixed_subset(points, count)
   xyz = points[:, [0, 2, 1]] if up == 'z' else points[:, :3]
   rgb = points[:, 3:6] if points.shape[1] >= 6 else np.full_like(xyz, RGB_DROP_VALUE)
   return np.concatenate([xyz, rgb], axis=1).astype(np.float16)
@@ -306,8 +311,6 @@ def query_vector(
   loaded, library, *, text=None, image=None, points=None, templates=None, class_features=None, clip_path=None
 ):
   """(D,) normalised query of one kind in the library's space, with `loaded` (a trained.TrainedModel)."""
-  import numpy as np
-
   from cg3d_jax import trained
   from cg3d_jax.evaluators import prediction, protocols, zeroshot
   from cg3d_jax.models.cg3d import CG3D

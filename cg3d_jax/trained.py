@@ -20,7 +20,7 @@ import numpy as np
 
 from cg3d_jax import checkpoints, trees
 from cg3d_jax.clip.loaded_clip import LoadedCLIP, load_clip
-from cg3d_jax.errors import InputError
+from cg3d_jax.errors import ConfigError, InputError
 from cg3d_jax.models.cg3d import CG3D, build_encoder
 from cg3d_jax.models.classifiers import build_classifier
 from cg3d_jax.models.point_transformer import PointTransformer
@@ -319,6 +319,19 @@ def without_clip(trained: TrainedModel) -> ScoringModel:
   return ScoringModel(
     trained=trained, model=CG3D(encoder=trained.encoder, clip=None, num_points=trained.num_points), clip=None
   )
+
+
+def encode_as_evaluated(trained: TrainedModel, ev) -> None:
+  """The encoder's input size as config.eval sets it (`num_points`, e.g. fewer than a released file's default), after
+  checking that the split stores at least that many points per cloud (farthest-point sampling picks them)."""
+  if ev.get('num_points'):
+    trained.config.model.num_points = int(ev.num_points)
+  stored = ev.get('num_stored_points')
+  if stored is not None and stored < trained.num_points:
+    raise ConfigError(
+      f'config.eval.num_stored_points={stored} is fewer than the {trained.num_points} points {trained.source} '
+      f'encodes (farthest-point sampling picks them from the stored ones): at least {trained.num_points}'
+    )
 
 
 def with_clip(trained: TrainedModel, clip_path: str | None = None) -> ScoringModel:

@@ -128,7 +128,9 @@ def get_builder(
   if not builder.is_prepared():
     log.info('preparing %s from %s into %s', builder.info.full_name, manual_dir, data_dir)
     root = pathlib.Path(builder.data_dir).parents[2]  # <data_dir>/<builder>/<config>/<version>
-    fresh = [p for p in (root / builder.name, root / 'downloads') if not p.exists()] + [created] * bool(created)
+    fresh = [p for p in (root / builder.name, root / 'downloads') if not p.exists()]
+    if created is not None:
+      fresh.append(created)
     try:
       builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     except BaseException:

@@ -53,13 +53,18 @@ PUBLISHED = {
 }
 
 
+def _choice(ev) -> str:
+  choice = ev.get('protocol', 'published')
+  if choice not in PROTOCOLS:
+    raise ConfigError(f'config.eval.protocol={choice!r}: expected one of {PROTOCOLS}')
+  return choice
+
+
 def for_evaluation(ev, released: str | None, channels: int, *, has_clip: bool, layout_features: bool):
   """(config.eval with the protocol applied, its record for results.json). `released`: the checkpoint's family
   (None for CG3D's own checkpoints: the config is its protocol); `has_clip`: a text tower is at hand (config.clip.path
   or the file's own towers); `layout_features`: the set stores precomputed class features."""
-  choice = ev.get('protocol', 'published')
-  if choice not in PROTOCOLS:
-    raise ConfigError(f'config.eval.protocol={choice!r}: expected one of {PROTOCOLS}')
+  choice = _choice(ev)
   if released is None or choice == 'config':
     return ev, {'published_protocol': None}
   protocol = PUBLISHED[released]
@@ -99,9 +104,7 @@ def for_embedding(ev, released: str | None, channels: int):
   """A copy of config.eval that feeds the split as the encoder takes it: its channels (a coloured encoder gets the
   set's colours or grey 0.4) and, for a released family under the published protocol, its axes. No class weights are
   made, so nothing of the protocol's text side is needed."""
-  choice = ev.get('protocol', 'published')
-  if choice not in PROTOCOLS:
-    raise ConfigError(f'config.eval.protocol={choice!r}: expected one of {PROTOCOLS}')
+  choice = _choice(ev)
   applied = ev.copy_and_resolve_references()
   with applied.unlocked():
     applied.use_color = channels == 6

@@ -115,6 +115,21 @@ def point_feature_fn(model: CG3D, mesh: jax.sharding.Mesh):
   return jax.jit(features, in_shardings=(replicated, batch), out_shardings=batch), replicated
 
 
+class PointEncoder:
+  """Global batches (B, S, C) -> (B, D) normalised features (point_feature_fn), the encoder's variables placed on
+  the mesh once; `batch_size` rounded up to whole rows per device, `sharding` the batches' own. Variables already
+  on one host's device cannot be copied to other hosts' devices: give host (NumPy) values for a mesh over hosts."""
+
+  def __init__(self, model: CG3D, encoder_vars: dict, mesh: jax.sharding.Mesh, batch_size: int = 1):
+    self._features, replicated = point_feature_fn(model, mesh)
+    self._vars = jax.device_put(encoder_vars, replicated)
+    self.batch_size = -(-batch_size // mesh.size) * mesh.size
+    self.sharding = sharding.batch_sharding(mesh)
+
+  def __call__(self, points):
+    return self._features(self._vars, points)
+
+
 def split_point_features(
   model: CG3D, encoder_vars: dict, batches: Iterable[dict], mesh: jax.sharding.Mesh, extra_fn=None, extra_params=None
 ) -> dict[str, np.ndarray]:
@@ -125,13 +140,12 @@ def split_point_features(
   `extra_params` are its first argument. Batches are dispatched before earlier results are fetched, so the input
   pipeline and the device overlap.
   """
-  features_fn, replicated = point_feature_fn(model, mesh)
-  encoder_vars = jax.device_put(encoder_vars, replicated)
+  encode = PointEncoder(model, encoder_vars, mesh)
   pending = []
   for batch in batches:
     if 'mask' not in batch:
       raise ValueError("split_point_features: batches need a 'mask' (use pipeline.make_eval_iterator)")
-    out = {'point_features': features_fn(encoder_vars, batch['points']), 'label': batch['label'], 'mask': batch['mask']}
+    out = {'point_features': encode(batch['points']), 'label': batch['label'], 'mask': batch['mask']}
     if extra_fn is not None:
       out.update(extra_fn(extra_params, batch))
     pending.append(out)

@@ -135,15 +135,12 @@ class RegionEmbedder:
   """
 
   def __init__(self, model: CG3D, encoder_vars: dict, mesh: jax.sharding.Mesh, batch_size: int = 64):
-    self.features_fn, replicated = zeroshot.point_feature_fn(model, mesh)
-    self.encoder_vars = jax.device_put(encoder_vars, replicated)
-    self.batch = -(-batch_size // mesh.size) * mesh.size
-    self.sharding = sharding.batch_sharding(mesh)
+    self.encode = zeroshot.PointEncoder(model, encoder_vars, mesh, batch_size)
 
   def __call__(self, encoder_points: np.ndarray) -> np.ndarray:
     pending = [
-      (self.features_fn(self.encoder_vars, jax.device_put(chunk, self.sharding)), real)
-      for chunk, real in _padded_batches(encoder_points, self.batch)
+      (self.encode(jax.device_put(chunk, self.encode.sharding)), real)
+      for chunk, real in _padded_batches(encoder_points, self.encode.batch_size)
     ]  # all dispatched, then fetched
     return np.concatenate([np.asarray(f)[:real] for f, real in pending])
 
