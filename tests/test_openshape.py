@@ -5,6 +5,7 @@ layout (np.save of a dict, as OpenShape writes them)."""
 import dataclasses
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -653,11 +654,12 @@ def test_a_pod_of_two_processes_trains_as_one_process_on_the_same_global_batches
       np.testing.assert_allclose(got[step][key], want[step][key], rtol=1e-4, err_msg=f'step {step} {key}')
   assert len({round(want[s]['loss'], 6) for s in want}) > 1
 
-  # Stopped after step 2 and started again with the same command: step 3 and the final state are bitwise the
-  # uninterrupted run's (the stream restarts at the global step; the state, its RNG and the temperature restore).
+  # Stopped after step 2 (the uninterrupted run's step-2 checkpoint) and started again with the same command: step 3
+  # and the final state are bitwise the uninterrupted run's (the stream restarts at the global step; the state, its
+  # RNG and the temperature restore).
   from cg3d_jax import checkpoints
 
-  assert run_command(train.main, args(tmp_path / 'resumed', steps=2)) == 0
+  shutil.copytree(tmp_path / 'one' / 'checkpoints' / '2', tmp_path / 'resumed' / 'checkpoints' / '2')
   assert run_command(train.main, args(tmp_path / 'resumed')) == 0
   assert _read_losses(tmp_path / 'resumed')[3]['loss'] == want[3]['loss']
   final = [checkpoints.read_step(tmp_path / name).state for name in ('one', 'resumed')]

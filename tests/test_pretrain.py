@@ -145,8 +145,8 @@ def test_sharding_equivalence_one_device_data_and_fsdp(config, batches):
 
 
 def test_interrupt_resume_and_a_damaged_newest_checkpoint(config, tiny_checkpoint, tmp_path, caplog):
-  """4 steps straight (the session's tiny_checkpoint: this config run to 4) equal 2 steps, a stop, and a resume to 4
-  (bitwise), and the metrics read as one run. Then the
+  """4 steps straight (the session's tiny_checkpoint: this config run to 4) equal its step-2 checkpoint resumed to 4
+  (bitwise), and the metrics read as one run (the rows past step 2 that the stopped run left are dropped). Then the
   straight run's newest step (4) loses its data files: reading it names the step and suggests --step 2; training
   resumes from step 2 with a warning, sets step 4 aside and ends where the undamaged run ended (bitwise). A resume
   under other model settings names them instead of failing inside orbax."""
@@ -158,15 +158,18 @@ def test_interrupt_resume_and_a_damaged_newest_checkpoint(config, tiny_checkpoin
   straight.train.total_steps = 4  # checkpoints at 2 and 4 (tiny_test saves every 2 steps)
   shutil.copytree(tiny_checkpoint, tmp_path / 'straight')  # a copy: this test damages it
   assert checkpoints.read_config(tmp_path / 'straight', 4).to_json_best_effort() == straight.to_json_best_effort()
-  first = config.copy_and_resolve_references()
-  first.train.total_steps = 2
-  pretrain.train(first, str(tmp_path / 'resumed'))
-  pretrain.train(straight, str(tmp_path / 'resumed'))  # same command, later total: resumes at step 2
+  # Stopped after step 2: the straight run's step-2 checkpoint and its whole metrics file (steps 3-4 included, as a
+  # run stopped after a later log and before its next checkpoint leaves them); the resume drops the rows past step 2.
+  (tmp_path / 'resumed' / 'checkpoints').mkdir(parents=True)
+  shutil.copytree(tiny_checkpoint / 'checkpoints' / '2', tmp_path / 'resumed' / 'checkpoints' / '2')
+  shutil.copy(tiny_checkpoint / 'train.jsonl', tmp_path / 'resumed' / 'train.jsonl')
+  pretrain.train(straight, str(tmp_path / 'resumed'))  # same command: resumes at step 2
+
+  setup = make_setup(straight)
+  target = sharding.with_shardings(jax.eval_shape(lambda s: s, setup.state), setup.shardings['state'])
 
   def final_params(workdir):
-    setup = make_setup(straight)
     ckpt = Checkpointer(str(workdir / 'checkpoints'), read_only=True)
-    target = sharding.with_shardings(jax.eval_shape(lambda s: s, setup.state), setup.shardings['state'])
     state, extras = ckpt.restore(target_state_shapes_with_shardings=target)
     assert extras['step'] == 4 and extras['data_step'] == 4
     return jax.device_get(state)

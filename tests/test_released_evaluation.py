@@ -194,6 +194,7 @@ def test_a_ulip2_file_in_both_layouts_with_its_published_protocol(
   path, _ = _ulip_file(tmp_path, twin)
   sets = _sets(layout, modelnet40_prepared, scanobjectnn_prepared)
   assert _evaluate(tmp_path, 'no_clip', path, sets['objaverse_lvis'])[0] == 2
+  parameters = _parameters(twin, CLOUD)
   for name, argv in sets.items():
     code, results = _evaluate(tmp_path, name, path, [*argv, f'--config.clip.path={tiny_clip_dir}'])
     assert code == 0, name
@@ -211,7 +212,7 @@ def test_a_ulip2_file_in_both_layouts_with_its_published_protocol(
       'the text tower',
       False,
     )
-    assert results['size']['parameters'] == _parameters(twin, CLOUD) and results['size']['depth'] == 1
+    assert results['size']['parameters'] == parameters and results['size']['depth'] == 1
 
   # ULIP-1 (xyz only) on OpenShape's layout: the protocol leaves the colours out.
   xyz_only = _randomised_twin(5, width=64, depth=1, num_heads=1, encoder_dim=64, embed_dim=width, in_channels=3)
@@ -241,12 +242,13 @@ def test_a_uni3d_file_in_both_layouts_with_the_users_class_features(
   sets = _sets(layout, modelnet40_prepared, scanobjectnn_prepared)
   sets['objaverse_lvis'] = ['--config', 'zeroshot_objaverse_lvis:uni3d', *sets['objaverse_lvis'][2:]]  # Uni3D's list
   assert _evaluate(tmp_path, 'no_features', path, sets['objaverse_lvis'])[0] == 2
+  parameters = _parameters(twin, CLOUD)
   for name, argv in sets.items():
     code, results = _evaluate(tmp_path, name, path, [*argv, f'--config.eval.class_features={tmp_path / "classes.npz"}'])
     assert code == 0, name
     assert results['published_protocol'] == {'family': 'Uni3D', 'y_up': False, 'use_color': True, 'prompts': 'file'}
     assert results['y_up_swapped'] is False and results['family'] == 'Uni3D (192 wide, 2 blocks)'
-    assert results['size']['parameters'] == _parameters(twin, CLOUD)
+    assert results['size']['parameters'] == parameters
 
 
 def test_the_tfds_sets_as_a_released_protocol_feeds_them():
