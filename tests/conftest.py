@@ -333,6 +333,16 @@ def tiny_checkpoint(tmp_path_factory, tiny_clip_dir, tiny_shapenet):
   return built_once(tmp_path_factory, 'tiny_run', lambda workdir: pretrain.train(config, str(workdir)))
 
 
+def point_features(model, encoder_vars, clouds) -> np.ndarray:
+  """model.point_features (cg3d_jax.models.cg3d.CG3D) of clouds after the encoder's farthest-point sampling, jitted as
+  the package calls it, on the host. Run eagerly, the two compile each of their hundreds of operations on its own:
+  a few seconds per call on a 2-core CPU, for the same numbers."""
+  from cg3d_jax.models.point_ops import sample_points
+
+  encode = jax.jit(lambda variables, c: model.point_features(variables, sample_points(c, model.num_points))[0])
+  return np.asarray(encode(encoder_vars, jax.numpy.asarray(clouds)))
+
+
 def tracked_files() -> list[str]:
   done = subprocess.run(['git', 'ls-files', '-z'], cwd=REPO_ROOT, capture_output=True, text=True)
   if done.returncode:

@@ -192,7 +192,7 @@ def test_gelu_new_eos_config_matches_transformers(gelu_folder, photos, highest_p
   # pooling picks position 4. Only the rule transformers applies to this config gives parity.
   ids[2, :6] = [49406, 320, 49409, 1125, 49407, 49407]
   ids[2, 6:] = 49407
-  ours = loaded.model.apply({'params': loaded.params}, pixels, ids)
+  ours = jax.jit(loaded.model.apply)({'params': loaded.params}, pixels, ids)
   _assert_parity(ours, _torch_outputs(torch_model, pixels, ids))
 
 
@@ -203,7 +203,7 @@ def test_vit_b16_config_matches_transformers(b16_folder, photos, highest_precisi
   assert (s.text_width, s.text_layers, s.text_heads, s.projection_dim) == (512, 12, 8, 512)
   torch_model = CLIPModel.from_pretrained(b16_folder, local_files_only=True).eval()
   pixels, ids = _pixels(loaded, photos[:2]), tokenize(loaded.tokenizer, CAPTIONS)
-  ours = loaded.model.apply({'params': loaded.params}, pixels, ids)
+  ours = jax.jit(loaded.model.apply)({'params': loaded.params}, pixels, ids)
   _assert_parity(ours, _torch_outputs(torch_model, pixels, ids))
 
 

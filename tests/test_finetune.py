@@ -244,6 +244,7 @@ def test_voting_with_augmentation_averages_augmented_views(finetuned_run):
   fps = device_transforms.fps_count(config.model.num_points, NUM_STORED, config.finetune.fps_points)
   sampled = np.asarray(sample_points(batch['points'], fps))
   passes = []
+  logits = jax.jit(lambda variables, view: classifiers.classifier_logits(finetuned.model, variables, view, train=False))
   for pass_key in jax.random.split(jax.random.fold_in(jax.random.key(0), 0), votes):
     view = np.asarray(
       device_transforms.sample_training_points(pass_key, jnp.asarray(sampled), config.model.num_points, augment=True)
@@ -259,9 +260,7 @@ def test_voting_with_augmentation_averages_augmented_views(finetuned_run):
       np.testing.assert_allclose(fit[:3], np.diag(scale), atol=1e-5)  # no rotation, no shear
       np.testing.assert_allclose(view[b], sampled[b, subset] * scale + shift, atol=1e-5)
       assert np.all((2 / 3 - 1e-5 <= scale) & (scale <= 1.5 + 1e-5)) and np.all(np.abs(shift) <= 0.2 + 1e-5)
-    passes.append(
-      np.asarray(classifiers.classifier_logits(finetuned.model, finetuned.variables, jnp.asarray(view), train=False)[0])
-    )
+    passes.append(np.asarray(logits(finetuned.variables, jnp.asarray(view))[0]))
   np.testing.assert_allclose(voted['logits'], np.mean(passes, 0)[real], rtol=1e-5, atol=1e-5)
 
 

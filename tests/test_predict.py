@@ -6,7 +6,6 @@ normalised points and the same prediction), NumPy softmax and cosine re-computat
 
 import json
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -18,9 +17,8 @@ from cg3d_jax.clip.loaded_clip import tokenize
 from cg3d_jax.data.formats import ply_files, point_files
 from cg3d_jax.errors import BadInputError
 from cg3d_jax.evaluators import prediction
-from cg3d_jax.models.point_ops import sample_points
 from cg3d_jax.twins.prompted_clip import torch_prompted_image_features
-from tests.conftest import run_command
+from tests.conftest import point_features, run_command
 
 LABELS = ['owl', 'chicken', 'penguin']
 
@@ -122,11 +120,7 @@ def test_predict_ranks_labels_and_images(eval_model, owl_copies, owl_dir):
   # The similarities recomputed outside the prediction code: the owl's feature (normalised cloud, FPS, encoder)
   # against "This is a <label>" and the photos through transformers' PyTorch CLIP (prompts inserted as CG3D does).
   cloud = prediction.prepare_points(point_files.read_points(owl_copies['ply_ascii']).xyz, eval_model.model.num_points)
-  feature = np.asarray(
-    eval_model.model.point_features(
-      eval_model.encoder_vars, sample_points(jnp.asarray(cloud)[None], eval_model.model.num_points)
-    )[0]
-  )[0]
+  feature = point_features(eval_model.model, eval_model.encoder_vars, cloud[None])[0]
   torch_clip = CLIPModel.from_pretrained(eval_model.config.clip.path, local_files_only=True).eval()
   ids = tokenize(eval_model.clip.tokenizer, [f'This is a {label}' for label in LABELS])
   pixels = np.stack([eval_model.clip.preprocess(Image.open(path)) for path in images]).transpose(0, 3, 1, 2)

@@ -14,7 +14,7 @@ from cg3d_jax.scenes import detection_metrics, outputs, queries, s3dis
 from cg3d_jax.scenes import regions as scene_regions
 from cg3d_jax.synthetic import rooms as synthetic_rooms
 from cg3d_jax.synthetic import shapes
-from tests.conftest import NEAR_TIE, grouping_margin, run_command
+from tests.conftest import NEAR_TIE, grouping_margin, point_features, run_command
 
 FAMILIES = list(shapes.FAMILIES)
 
@@ -208,7 +208,6 @@ def test_sharded_padded_region_batches_equal_one_unsharded_call(rooms, demo_mode
   import jax
 
   from cg3d_jax import sharding
-  from cg3d_jax.models.point_ops import sample_points
 
   settings = scene_regions.RegionSettings(radius=0.6, points_per_region=256)
   model = demo_model.model
@@ -223,7 +222,7 @@ def test_sharded_padded_region_batches_equal_one_unsharded_call(rooms, demo_mode
   ][:13]
   assert len(regions) == 13
   regions = np.stack(regions)
-  direct = np.asarray(model.point_features(demo_model.encoder_vars, sample_points(regions, model.num_points))[0])
+  direct = point_features(model, demo_model.encoder_vars, regions)
   eight = queries.RegionEmbedder(model, demo_model.encoder_vars, queries.local_mesh(), batch_size=8)(regions)
   one = queries.RegionEmbedder(
     model, demo_model.encoder_vars, sharding.make_mesh({'data': 1}, jax.devices()[:1]), batch_size=5

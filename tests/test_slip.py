@@ -28,7 +28,7 @@ from cg3d_jax.synthetic import random_clip
 from cg3d_jax.training import pretrain
 from cg3d_jax.weights import cg3d_pth, torch_io
 from tests import slip_reference
-from tests.conftest import modelnet_root, run_command, tiny_config
+from tests.conftest import modelnet_root, point_features, run_command, tiny_config
 
 SMALL = dict(
   vision_width=128, vision_layers=2, patch_size=16, image_size=32, text_width=128, text_layers=2, embed_dim=32
@@ -273,10 +273,10 @@ def test_original_pth_predicts_with_its_slip(original_pair, small_slip, tmp_path
   np.testing.assert_array_equal(model.clip.params['prompts']['tokens'], prompts)
   from cg3d_jax.data.formats import point_files
   from cg3d_jax.evaluators.prediction import prepare_points
-  from cg3d_jax.models.point_ops import sample_points
 
   cloud = prepare_points(point_files.read_points(owl).xyz, 64)
-  point = np.asarray(model.model.point_features(model.encoder_vars, sample_points(jnp.asarray(cloud)[None], 64))[0])[0]
+  assert model.model.num_points == 64
+  point = point_features(model.model, model.encoder_vars, cloud[None])[0]
   similarity = {row['name']: row['similarity'] for row in result['labels']}
   np.testing.assert_allclose([similarity[x] for x in labels], text @ point, atol=1e-5)
 

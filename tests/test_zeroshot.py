@@ -11,7 +11,6 @@ import json
 import os
 
 import flax.linen as nn
-import jax
 import numpy as np
 import pytest
 import torch
@@ -27,8 +26,7 @@ from cg3d_jax.data.sources import source
 from cg3d_jax.evaluators import metrics, retrieval, zeroshot
 from cg3d_jax.models.cg3d import CG3D
 from cg3d_jax.models.layers import l2_normalize
-from cg3d_jax.models.point_ops import sample_points
-from tests.conftest import assert_no_near_ties, modelnet_root, run_command
+from tests.conftest import assert_no_near_ties, modelnet_root, point_features, run_command
 
 
 class FlatEncoder(nn.Module):
@@ -240,13 +238,11 @@ def test_padded_sharded_split_equals_one_unpadded_batch(eval_model, tiny_shapene
     )
   )
   assert whole['mask'].all()
-  ref = eval_model.model.point_features(
-    eval_model.encoder_vars, sample_points(whole['points'], eval_model.model.num_points)
-  )[0]
+  ref = point_features(eval_model.model, eval_model.encoder_vars, whole['points'])
   for batch_size in (8, 32):  # 26 = 3 x 8 + 2 and 26 < 32: both pad the last batch
     split = features(batch_size)
     np.testing.assert_array_equal(split['label'], whole['label'])
-    np.testing.assert_allclose(split['point_features'], np.asarray(ref), atol=2e-5)
+    np.testing.assert_allclose(split['point_features'], ref, atol=2e-5)
 
 
 def test_evaluate_command_on_modelnet40_fixture(tiny_checkpoint, modelnet40_prepared, tmp_path, capsys):
@@ -425,10 +421,8 @@ def test_original_pth_checkpoint_evaluates_like_the_training_checkpoint(
   loaded = trained.with_clip(trained.load_trained(path), tiny_clip_dir)
   assert loaded.model.num_points == config.model.num_points
   np.testing.assert_array_equal(loaded.clip_params['prompts']['tokens'], eval_model.clip_params['prompts']['tokens'])
-  clouds = jax.numpy.asarray(np.random.default_rng(0).normal(size=(4, 128, 3)), np.float32)
-  features = [
-    m.model.point_features(m.encoder_vars, sample_points(clouds, m.model.num_points))[0] for m in (eval_model, loaded)
-  ]
+  clouds = np.random.default_rng(0).normal(size=(4, 128, 3)).astype(np.float32)
+  features = [point_features(m.model, m.encoder_vars, clouds) for m in (eval_model, loaded)]
   np.testing.assert_allclose(features[1], features[0], atol=1e-6)
 
   manual, data_dir = tiny_shapenet
