@@ -158,8 +158,8 @@ def test_interrupt_resume_and_a_damaged_newest_checkpoint(config, tiny_checkpoin
   straight.train.total_steps = 4  # checkpoints at 2 and 4 (tiny_test saves every 2 steps)
   shutil.copytree(tiny_checkpoint, tmp_path / 'straight')  # a copy: this test damages it
   assert checkpoints.read_config(tmp_path / 'straight', 4).to_json_best_effort() == straight.to_json_best_effort()
-  # Stopped after step 2: the straight run's step-2 checkpoint and its whole metrics file (steps 3-4 included, as a
-  # run stopped after a later log and before its next checkpoint leaves them); the resume drops the rows past step 2.
+  # Stopped after step 2: the straight run's step-2 checkpoint and its whole metrics file (its step-4 row included, as
+  # a run stopped after a later log and before its next checkpoint leaves it); the resume drops the rows past step 2.
   (tmp_path / 'resumed' / 'checkpoints').mkdir(parents=True)
   shutil.copytree(tiny_checkpoint / 'checkpoints' / '2', tmp_path / 'resumed' / 'checkpoints' / '2')
   shutil.copy(tiny_checkpoint / 'train.jsonl', tmp_path / 'resumed' / 'train.jsonl')
