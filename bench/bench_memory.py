@@ -92,9 +92,10 @@ def _row(name, cost, dtype, devices, **extra) -> dict:
   }
 
 
-def compile_cg3d_step(config, batch: int, devices: int):
+def compile_cg3d_step(config, batch: int, devices: int, gc_thresholds=step_cost.COMPILE_GC_THRESHOLDS):
   """(StepCost of the joint training step of `config` compiled for the first `devices` devices, trace + lower +
-  compile seconds); nothing runs, the batch is abstract."""
+  compile seconds); nothing runs, the batch is abstract. gc_thresholds: Python's collector during the compile
+  (step_cost.compile_and_analyse's; None: the process's own)."""
   setup = cg3d.build_setup(config, train_classes=['chair'], steps_per_epoch=1000, devices=jax.devices()[:devices])
   size = setup.clip.spec.image_size
   shard = setup.shardings['batch']
@@ -116,7 +117,10 @@ def compile_cg3d_step(config, batch: int, devices: int):
   )
   start = time.perf_counter()
   _, cost = step_cost.compile_and_analyse(
-    step, (setup.state, setup.frozen, setup.text_table, batch_shapes), jnp.dtype(config.model.dtype)
+    step,
+    (setup.state, setup.frozen, setup.text_table, batch_shapes),
+    jnp.dtype(config.model.dtype),
+    gc_thresholds=gc_thresholds,
   )
   return cost, time.perf_counter() - start
 

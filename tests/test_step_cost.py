@@ -1,5 +1,8 @@
 """Step cost accounting: XLA's per-device FLOPs and memory against hand-computed values, the peak table, the memory
-check's message, the rate metrics a training run logs, and the profiler's trace."""
+check's message, the rate metrics a training run logs, the profiler's trace, and Python's collector while a step
+compiles."""
+
+import gc
 
 import jax
 import jax.numpy as jnp
@@ -94,6 +97,34 @@ def _layer_stack_loss(unroll: int):
     return jax.lax.scan(body, x, w, unroll=unroll)[0].sum()
 
   return jax.grad(loss, argnums=(0, 1))
+
+
+def test_the_step_traces_with_fewer_collections_and_the_thresholds_come_back():
+  """Python runs the step's code while JAX traces it, so the step itself reads the collector's thresholds: they are
+  COMPILE_GC_THRESHOLDS there and the process's own again afterwards, after a failed compile as well. Fails if
+  compile_and_analyse stops setting them (the step sees the process's) or stops restoring them."""
+  seen = []
+
+  def step(x):
+    seen.append(gc.get_threshold())
+    return x * 2.0
+
+  def bad_step(x):
+    raise ValueError('a step that does not trace')
+
+  before = gc.get_threshold()
+  process = (700, 10, 10)  # Python's defaults; the test session itself runs at COMPILE_GC_THRESHOLDS (conftest)
+  assert process != step_cost.COMPILE_GC_THRESHOLDS
+  gc.set_threshold(*process)
+  try:
+    compiled, _ = step_cost.compile_and_analyse(jax.jit(step), (jnp.ones(3),), jnp.float32)
+    assert seen == [step_cost.COMPILE_GC_THRESHOLDS] and gc.get_threshold() == process
+    np.testing.assert_array_equal(compiled(jnp.ones(3)), 2.0)
+    with pytest.raises(ValueError):
+      step_cost.compile_and_analyse(jax.jit(bad_step), (jnp.ones(3),), jnp.float32)
+    assert gc.get_threshold() == process
+  finally:
+    gc.set_threshold(*before)
 
 
 def test_flops_count_every_layer_of_a_scan_where_xla_counts_one():
