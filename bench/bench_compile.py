@@ -80,6 +80,23 @@ def compare_collectors(folder: str, args) -> dict:
   return {'runs': runs, 'median_s': medians}
 
 
+def compare_layouts(folder: str, args) -> dict:
+  """The scanned and the unrolled step, alternating, `args.repeats` times each."""
+  seconds = {True: [], False: []}
+  for _ in range(args.repeats):
+    for scan in (True, False):
+      config = real_config(folder, args.batch, remat=args.remat, scan_layers=scan)
+      _, took = compile_cg3d_step(config, args.batch, devices=1)
+      seconds[scan].append(took)
+      print(f'{"scanned" if scan else "unrolled"}: lower + compile {took:.1f} s', flush=True)
+  scanned, unrolled = statistics.median(seconds[True]), statistics.median(seconds[False])
+  print(
+    f'real CG3D step, batch {args.batch}, remat {args.remat}, one {jax.devices()[0].device_kind} device: '
+    f'scanned {scanned:.1f} s, unrolled {unrolled:.1f} s, unrolled / scanned {unrolled / scanned:.2f}'
+  )
+  return {'scanned_s': seconds[True], 'unrolled_s': seconds[False], 'ratio': unrolled / scanned}
+
+
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--batch', type=int, default=8)
@@ -91,33 +108,10 @@ def main(argv=None) -> dict:
   jax.config.update('jax_enable_compilation_cache', False)  # every compile is a real one
   machine = load.report()  # at the start: the end would only show this script's own load
   print(machine, flush=True)
-  seconds = {True: [], False: []}
   with tempfile.TemporaryDirectory() as tmp:
     folder = random_clip.write_random_clip(os.path.join(tmp, 'clip_b16'), seed=0, **random_clip.VIT_B16)
-    if args.gc:
-      result = {'machine': machine, 'batch': args.batch, 'remat': args.remat, **compare_collectors(folder, args)}
-      if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
-      return result
-    for _ in range(args.repeats):
-      for scan in (True, False):
-        config = real_config(folder, args.batch, remat=args.remat, scan_layers=scan)
-        _, took = compile_cg3d_step(config, args.batch, devices=1)
-        seconds[scan].append(took)
-        print(f'{"scanned" if scan else "unrolled"}: lower + compile {took:.1f} s', flush=True)
-  scanned, unrolled = statistics.median(seconds[True]), statistics.median(seconds[False])
-  print(
-    f'real CG3D step, batch {args.batch}, remat {args.remat}, one {jax.devices()[0].device_kind} device: '
-    f'scanned {scanned:.1f} s, unrolled {unrolled:.1f} s, unrolled / scanned {unrolled / scanned:.2f}'
-  )
-  result = {
-    'machine': machine,
-    'batch': args.batch,
-    'remat': args.remat,
-    'scanned_s': seconds[True],
-    'unrolled_s': seconds[False],
-    'ratio': unrolled / scanned,
-  }
+    compared = (compare_collectors if args.gc else compare_layouts)(folder, args)
+  result = {'machine': machine, 'batch': args.batch, 'remat': args.remat, **compared}
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
   return result
