@@ -22,16 +22,31 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')  # tests must never reach a hub
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 # Many tests train the same tiny programs again (resume tests run the loop three times, subprocess launches compile
-# what the session already compiled): a session-wide persistent compilation cache halves those tests' time. A
-# fresh folder per session, so a run never reads executables from another checkout. Every program is cached, however
-# quick to compile: a tiny training run compiles ~235 programs, ~230 of them small eager operations (~40 ms each),
-# and each worker and each launched process would otherwise compile them all again (a second process's 4-step run
-# went from 15 s to 8 s with them cached; /tmp measurement, 2026-12-06, AMD EPYC, 2 cores).
-# The process that makes the folder (pytest's main process: the workers and every launched command inherit the
-# variable) removes it at exit.
+# what the session already compiled), and every run of the suite compiles the same programs as the last: JAX's
+# persistent compilation cache keeps them, shared by the workers and every command they launch. Every program is
+# cached, however quick to compile: a tiny training run compiles ~235 programs, ~230 of them small eager operations
+# (~40 ms each), and each worker and each launched process would otherwise compile them all again (a second process's
+# 4-step run went from 15 s to 8 s with them cached; /tmp measurement, 2026-12-06, AMD EPYC, 2 cores).
+# The cache outlives the run, in the clone's own pytest cache folder (ignored by git; `pytest --cache-clear` empties
+# it): an entry's key is the program itself (its StableHLO, the compile options and XLA flags, the jax and jaxlib
+# versions), so an entry is only reused for the identical program, and a rerun after a change recompiles what the
+# change touched. A fresh clone (CI) compiles everything once. Past KEPT_PROGRAMS_BYTES the folder is emptied at the
+# next start and fills again.
+KEPT_PROGRAMS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '.pytest_cache', 'd', 'xla')
+KEPT_PROGRAMS_BYTES = 2 * 2**30  # a run of the whole suite writes about 90 MB
+
+
+def kept_programs(folder: str, limit: int) -> str:
+  """`folder` (created), emptied first when its files hold more than `limit` bytes."""
+  if os.path.isdir(folder) and sum(e.stat().st_size for e in os.scandir(folder) if e.is_file()) > limit:
+    shutil.rmtree(folder, ignore_errors=True)
+  os.makedirs(folder, exist_ok=True)
+  return folder
+
+
+# pytest's main process chooses the folder; the workers and every launched command inherit the variable.
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
-  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='cg3d_jax_test_cache_')
-  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = kept_programs(KEPT_PROGRAMS, KEPT_PROGRAMS_BYTES)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 import functools  # noqa: E402
