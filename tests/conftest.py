@@ -5,7 +5,9 @@ XLA_FLAGS must be set before JAX is first imported, so it lives at the very top 
 
 import atexit
 import gc
+import hashlib
 import os
+import platform
 import shutil
 import tempfile
 
@@ -30,16 +32,29 @@ os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 # The cache outlives the run, in the clone's own pytest cache folder (ignored by git; `pytest --cache-clear` empties
 # it): an entry's key is the program itself (its StableHLO, the compile options and XLA flags, the jax and jaxlib
 # versions), so an entry is only reused for the identical program, and a rerun after a change recompiles what the
-# change touched. A fresh clone (CI) compiles everything once. Past KEPT_PROGRAMS_BYTES the folder is emptied at the
-# next start and fills again.
+# change touched. A fresh clone (CI) compiles everything once. XLA compiles for the host's vector extensions, which
+# the key does not name (JAX's CPU platform version is 'cpu'), so each set of extensions has its own subfolder: a
+# clone moved to another processor never runs code built for the last one. Past KEPT_PROGRAMS_BYTES the folder is
+# emptied at the next start and fills again.
 KEPT_PROGRAMS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '.pytest_cache', 'd', 'xla')
 KEPT_PROGRAMS_BYTES = 2 * 2**30  # a run of the whole suite writes about 90 MB
 
 
-def kept_programs(folder: str, limit: int) -> str:
-  """`folder` (created), emptied first when its files hold more than `limit` bytes."""
-  if os.path.isdir(folder) and sum(e.stat().st_size for e in os.scandir(folder) if e.is_file()) > limit:
-    shutil.rmtree(folder, ignore_errors=True)
+def host_extensions() -> str:
+  """A short digest of the processor's feature flags (/proc/cpuinfo; elsewhere the machine and processor names)."""
+  try:
+    with open('/proc/cpuinfo') as cpuinfo:
+      named = next(line for line in cpuinfo if line.startswith('flags'))
+  except (OSError, StopIteration):
+    named = platform.machine() + platform.processor()
+  return hashlib.sha256(named.encode()).hexdigest()[:16]
+
+
+def kept_programs(root: str, limit: int) -> str:
+  """root/<host_extensions()> (created), with root emptied first when its files hold more than `limit` bytes."""
+  if sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files) > limit:
+    shutil.rmtree(root, ignore_errors=True)
+  folder = os.path.join(root, host_extensions())
   os.makedirs(folder, exist_ok=True)
   return folder
 

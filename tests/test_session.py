@@ -1,6 +1,8 @@
 """The test session's own setup (tests/conftest.py): the compiled programs it keeps between runs."""
 
+import hashlib
 import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -10,17 +12,26 @@ from tests import conftest
 
 
 def test_kept_programs_stay_until_they_outgrow_their_limit(tmp_path):
-  """The folder is kept while its files fit the limit and emptied at the start once they do not (shown to fail with
-  the emptying removed, and with the size summed over names instead of bytes)."""
-  folder = tmp_path / 'xla'
-  folder.mkdir()
+  """The folder is kept while its files, in every processor's subfolder, fit the limit, and emptied at the start once
+  they do not (shown to fail with the emptying removed, and with the size summed over names instead of bytes)."""
+  root = tmp_path / 'xla'
+  folder = pathlib.Path(conftest.kept_programs(str(root), 1000))
+  assert folder.parent == root and folder.is_dir() and folder.name == conftest.host_extensions()
   (folder / 'a-cache').write_bytes(b'x' * 600)
-  (folder / 'b-cache').write_bytes(b'x' * 400)
-  assert conftest.kept_programs(str(folder), 1000) == str(folder)
-  assert sorted(os.listdir(folder)) == ['a-cache', 'b-cache']
+  (root / 'another_processor').mkdir()
+  (root / 'another_processor' / 'b-cache').write_bytes(b'x' * 400)
+  assert conftest.kept_programs(str(root), 1000) == str(folder)
+  assert sorted(p.name for p in root.rglob('*-cache')) == ['a-cache', 'b-cache']
   (folder / 'c-cache').write_bytes(b'x')  # 1001 bytes now
-  assert conftest.kept_programs(str(folder), 1000) == str(folder) and os.listdir(folder) == []
-  assert conftest.kept_programs(str(tmp_path / 'new'), 1000) and (tmp_path / 'new').is_dir()
+  assert conftest.kept_programs(str(root), 1000) == str(folder) and os.listdir(root) == [folder.name]
+  assert os.listdir(folder) == []
+
+
+def test_the_subfolder_names_the_processors_features():
+  """The subfolder is named by the digest of the processor's feature flags as /proc/cpuinfo lists them."""
+  with open('/proc/cpuinfo') as cpuinfo:
+    flags = next(line for line in cpuinfo if line.startswith('flags'))
+  assert conftest.host_extensions() == hashlib.sha256(flags.encode()).hexdigest()[:16]
 
 
 def test_the_session_compiles_into_its_kept_folder():
