@@ -40,10 +40,11 @@ KEPT_PROGRAMS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
 KEPT_PROGRAMS_BYTES = 2 * 2**30  # a run of the whole suite writes about 90 MB
 
 
-def host_extensions() -> str:
-  """A short digest of the processor's feature flags (/proc/cpuinfo; elsewhere the machine and processor names)."""
+def host_extensions(cpuinfo_path: str = '/proc/cpuinfo') -> str:
+  """A short digest of the processor's feature flags (cpuinfo_path's first `flags` line; without one, the machine and
+  processor names)."""
   try:
-    with open('/proc/cpuinfo') as cpuinfo:
+    with open(cpuinfo_path) as cpuinfo:
       named = next(line for line in cpuinfo if line.startswith('flags'))
   except (OSError, StopIteration):
     named = platform.machine() + platform.processor()

@@ -1,6 +1,5 @@
 """The test session's own setup (tests/conftest.py): the compiled programs it keeps between runs."""
 
-import hashlib
 import os
 import pathlib
 
@@ -27,11 +26,20 @@ def test_kept_programs_stay_until_they_outgrow_their_limit(tmp_path):
   assert os.listdir(folder) == []
 
 
-def test_the_subfolder_names_the_processors_features():
-  """The subfolder is named by the digest of the processor's feature flags as /proc/cpuinfo lists them."""
-  with open('/proc/cpuinfo') as cpuinfo:
-    flags = next(line for line in cpuinfo if line.startswith('flags'))
-  assert conftest.host_extensions() == hashlib.sha256(flags.encode()).hexdigest()[:16]
+def test_the_subfolder_changes_with_the_processors_extensions_only(tmp_path):
+  """Two processors that differ in one vector extension get two subfolders; a processor whose cpuinfo differs only
+  in its model name and clock shares one (the code XLA emits depends on the extensions). Hand-written cpuinfo files;
+  fails if the digest takes in the whole file, or misses the flags."""
+
+  def cpuinfo(name, model, mhz, flags):
+    path = tmp_path / name
+    path.write_text(f'processor\t: 0\nmodel name\t: {model}\ncpu MHz\t\t: {mhz}\nflags\t\t: {flags}\n\n')
+    return str(path)
+
+  avx2 = 'fpu sse sse2 avx avx2 fma'
+  base = conftest.host_extensions(cpuinfo('a', 'AMD EPYC 7B13', 2450.0, avx2))
+  assert conftest.host_extensions(cpuinfo('b', 'AMD EPYC 9B14', 3100.0, avx2)) == base
+  assert conftest.host_extensions(cpuinfo('c', 'AMD EPYC 9B14', 3100.0, avx2 + ' avx512f')) != base
 
 
 def test_the_session_compiles_into_its_kept_folder():
