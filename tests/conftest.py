@@ -15,9 +15,19 @@ import tempfile
 # by every process a test launches. Oversubscribed, the workers' thread pools spin against each other: a torch + JAX
 # subset (step parity, PPAT, PointTransformer; 45 tests, -n 2) took 165 s and 174 s with the defaults and 150 s and
 # 151 s single-threaded, interleaved (2026-12-07, AMD EPYC, 2 cores).
-os.environ['XLA_FLAGS'] = (
-  os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8 --xla_cpu_multi_thread_eigen=false'
-).strip()
+SESSION_XLA_FLAGS = ('--xla_force_host_platform_device_count=8', '--xla_cpu_multi_thread_eigen=false')
+
+
+def session_xla_flags(flags: str) -> str:
+  """`flags` with SESSION_XLA_FLAGS in place of any setting of the same names, each named once. The workers import
+  this file again with the main process's flags in their environment, and JAX's cache key hashes the flags as
+  written: appended twice, a worker's programs were keyed apart from the same programs of a one-process run
+  (`pytest tests/test_pretrain.py` compiled everything a full run had kept)."""
+  names = {flag.split('=')[0] for flag in SESSION_XLA_FLAGS}
+  return ' '.join([flag for flag in flags.split() if flag.split('=')[0] not in names] + list(SESSION_XLA_FLAGS))
+
+
+os.environ['XLA_FLAGS'] = session_xla_flags(os.environ.get('XLA_FLAGS', ''))
 os.environ.setdefault('OMP_NUM_THREADS', '1')
 os.environ.setdefault('MKL_NUM_THREADS', '1')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')

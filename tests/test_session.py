@@ -51,3 +51,20 @@ def test_the_session_compiles_into_its_kept_folder():
   constant = float(np.random.default_rng().uniform(1, 2))
   assert float(jax.jit(lambda x: x * constant)(jnp.float32(2.0))) == np.float32(2.0) * np.float32(constant)
   assert set(os.listdir(folder)) - before
+
+
+def test_each_session_flag_is_named_once_in_every_process():
+  """JAX's cache key hashes XLA_FLAGS as written, so the flags must read the same in pytest's main process, in each
+  worker (which imports conftest again with the main process's flags) and in a one-process run: each flag named
+  once, the session's values replacing a caller's. Fails in a worker with the flags appended at every import."""
+  flags = os.environ['XLA_FLAGS'].split()
+  assert len(flags) == len({flag.split('=')[0] for flag in flags})
+  assert set(conftest.SESSION_XLA_FLAGS) <= set(flags)
+  given = '--xla_dump_to=/tmp/d --xla_force_host_platform_device_count=4'
+  once = conftest.session_xla_flags(given)
+  assert once.split() == [
+    '--xla_dump_to=/tmp/d',
+    '--xla_force_host_platform_device_count=8',
+    '--xla_cpu_multi_thread_eigen=false',
+  ]
+  assert conftest.session_xla_flags(once) == once
