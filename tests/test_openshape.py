@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -379,32 +380,58 @@ TINY_RUN = [
 ]
 
 
-def test_a_stored_feature_run_learns_and_scores_on_each_layout(tmp_path, capsys):
-  """`train --config pretrain_openshape` on procedural objects in OpenShape's layout whose features are a small
-  random CLIP's (no CLIP runs in training), then `evaluate` with OpenShape's precomputed LVIS class features, with the
-  bare class names through that CLIP, on its ModelNet40 files, and on Uni3D's list (which has no precomputed
-  features: one clear error). Six classes: chance is 1/6."""
-  from cg3d_jax import evaluate, train
+# The stored-feature run's checkpoints: every 39 steps, so that steps 39 and 78 are kept beside the final 80th, from
+# which the pod test and the resume test go on for the last two steps.
+RESUMED_AT = 78
+
+
+def _stored_feature_args(workdir, root) -> list[str]:
+  """The one command the stored-feature run, its pod and its resumption are started with (every step logged)."""
+  return [
+    '--config',
+    'pretrain_openshape',
+    '--workdir',
+    str(workdir),
+    f'--config.data.manual_dir={root}',
+    *TINY_RUN,
+    '--config.train.log_every=1',
+    f'--config.checkpoint.every_steps={RESUMED_AT // 2}',
+  ]
+
+
+@pytest.fixture(scope='module')
+def stored_feature_run(tmp_path_factory):
+  """`train --config pretrain_openshape` (one process, 8 devices) on procedural objects in OpenShape's layout whose
+  features are a small random CLIP's (no CLIP runs in training): root (the layout), clip (its folder), workdir (the
+  run, checkpoints at 39, 78 and 80). Six classes: chance is 1/6. Trained once for the learning and the pod tests."""
+  from cg3d_jax import train
   from cg3d_jax.synthetic.random_clip import write_random_clip
   from tests.conftest import run_command
 
-  def openshape_classes():
-    return np.load(root / 'meta_data' / 'modelnet40' / 'cat_name_pt_feat.npy', allow_pickle=True).item()
-
+  tmp_path = tmp_path_factory.mktemp('stored_feature_run')
   clip = write_random_clip(tmp_path / 'clip', projection_dim=32, image_size=32, patch_size=8)
   root = write_openshape_layout(
     tmp_path / 'data', train_per_class=8, lvis_per_class=4, num_points=1024, seed=1, render_size=32, clip_folder=clip
   )
   workdir = tmp_path / 'run'
-  assert (
-    run_command(
-      train.main,
-      ['--config', 'pretrain_openshape', '--workdir', str(workdir), f'--config.data.manual_dir={root}', *TINY_RUN],
-    )
-    == 0
-  )
+  assert run_command(train.main, _stored_feature_args(workdir, root)) == 0
+  return types.SimpleNamespace(root=root, clip=clip, workdir=workdir)
+
+
+def test_a_stored_feature_run_learns_and_scores_on_each_layout(stored_feature_run, tmp_path, capsys):
+  """The stored-feature run learned: its last five losses are below its first five; then `evaluate` with OpenShape's
+  precomputed LVIS class features, with the bare class names through that CLIP, on its ModelNet40 files, and on
+  Uni3D's list (which has no precomputed features: one clear error)."""
+  from cg3d_jax import evaluate
+  from tests.conftest import run_command
+
+  def openshape_classes():
+    return np.load(root / 'meta_data' / 'modelnet40' / 'cat_name_pt_feat.npy', allow_pickle=True).item()
+
+  root, clip, workdir = stored_feature_run.root, stored_feature_run.clip, stored_feature_run.workdir
   log = [json.loads(line) for line in (workdir / 'train.jsonl').read_text().splitlines()]
-  assert log[-1]['loss'] < log[0]['loss'] and 0 < log[-1]['text_fraction'] <= 1
+  losses = [row['loss'] for row in log if 'loss' in row]
+  assert len(losses) == 80 and np.mean(losses[-5:]) < np.mean(losses[:5]) and 0 < log[-1]['text_fraction'] <= 1
 
   results = {}
   for name, config, extra in (
@@ -617,52 +644,40 @@ def test_openshape_settings_fail_before_a_model_is_built(layout, tmp_path):
   assert not (tmp_path / 'run').exists()
 
 
-def test_a_pod_of_two_processes_trains_as_one_process_on_the_same_global_batches(tmp_path):
-  """launch/local_multihost.sh 2 4 on OpenShape's layout: each process reads only its rows of every global batch,
-  and the losses equal a 1-process x 8-device run of the same command (the stream's global batch does not depend on
-  the process count), to the last bits that gloo's reduction order changes."""
+def test_a_pod_of_two_processes_trains_as_one_process_on_the_same_global_batches(stored_feature_run, tmp_path):
+  """launch/local_multihost.sh 2 4 on OpenShape's layout, resuming the stored-feature run's step-78 checkpoint (one
+  process x 8 devices wrote it) with the run's own command: each process reads only its rows of every global batch,
+  and the losses of steps 79 and 80 equal the run's (the stream's global batch does not depend on the process count),
+  to the last bits that gloo's reduction order changes."""
   import jax
 
   from cg3d_jax import train
   from tests.conftest import run_command
   from tests.test_multihost import _read_losses, launched_pod
 
-  root = write_openshape_layout(
-    tmp_path / 'data', classes=CLASSES, train_per_class=6, lvis_per_class=1, num_points=512, feature_dim=32
-  )
+  run = stored_feature_run
 
-  def args(workdir, steps=3):
-    return [
-      '--config',
-      'pretrain_openshape',
-      '--workdir',
-      str(workdir),
-      f'--config.data.manual_dir={root}',
-      *TINY_RUN,
-      f'--config.train.total_steps={steps}',
-      '--config.train.log_every=1',
-      '--config.train.encoder_optim.schedule=constant',
-      '--config.checkpoint.every_steps=1',
-    ]
+  def resumed(name):
+    shutil.copytree(run.workdir / 'checkpoints' / str(RESUMED_AT), tmp_path / name / 'checkpoints' / str(RESUMED_AT))
+    return _stored_feature_args(tmp_path / name, run.root)
 
-  launched_pod(tmp_path / 'logs', 2, 4, args(tmp_path / 'pod'), CG3D_HEARTBEAT_TIMEOUT_S='120')
-  assert run_command(train.main, args(tmp_path / 'one')) == 0
-  got, want = _read_losses(tmp_path / 'pod'), _read_losses(tmp_path / 'one')
-  assert sorted(got) == sorted(want) == [1, 2, 3]
-  for step in want:
+  launched_pod(tmp_path / 'logs', 2, 4, resumed('pod'), CG3D_HEARTBEAT_TIMEOUT_S='120')
+  got, want = _read_losses(tmp_path / 'pod'), _read_losses(run.workdir)
+  assert sorted(got) == [RESUMED_AT + 1, 80]
+  for step in got:
     for key in ('loss', 'loss/point_text', 'loss/point_image'):
       np.testing.assert_allclose(got[step][key], want[step][key], rtol=1e-4, err_msg=f'step {step} {key}')
-  assert len({round(want[s]['loss'], 6) for s in want}) > 1
+  assert len({round(got[s]['loss'], 6) for s in got}) > 1
 
-  # Stopped after step 2 (the uninterrupted run's step-2 checkpoint) and started again with the same command: step 3
-  # and the final state are bitwise the uninterrupted run's (the stream restarts at the global step; the state, its
-  # RNG and the temperature restore).
+  # Stopped after step 78 and started again with the same command on one process: steps 79-80 and the final state
+  # are bitwise the uninterrupted run's (the stream restarts at the global step; the state, its RNG and the
+  # temperature restore).
   from cg3d_jax import checkpoints
 
-  shutil.copytree(tmp_path / 'one' / 'checkpoints' / '2', tmp_path / 'resumed' / 'checkpoints' / '2')
-  assert run_command(train.main, args(tmp_path / 'resumed')) == 0
-  assert _read_losses(tmp_path / 'resumed')[3]['loss'] == want[3]['loss']
-  final = [checkpoints.read_step(tmp_path / name).state for name in ('one', 'resumed')]
+  assert run_command(train.main, resumed('resumed')) == 0
+  again = _read_losses(tmp_path / 'resumed')
+  assert [again[s]['loss'] for s in (RESUMED_AT + 1, 80)] == [want[s]['loss'] for s in (RESUMED_AT + 1, 80)]
+  final = [checkpoints.read_step(path, 80).state for path in (run.workdir, tmp_path / 'resumed')]
   for a, b in zip(*(jax.tree.leaves(state) for state in final)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert float(final[0]['params']['logit_scale']) != pytest.approx(np.log(14.28))  # the temperature trained
