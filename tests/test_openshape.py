@@ -380,13 +380,13 @@ TINY_RUN = [
 ]
 
 
-# The stored-feature run's checkpoints: every 39 steps, so that steps 39 and 78 are kept beside the final 80th, from
-# which the pod test and the resume test go on for the last two steps.
+# The stored-feature run's checkpoints: every 39 steps, so that steps 39 and 78 are kept beside the final 80th; the
+# resume test goes on from 78 for the last two steps.
 RESUMED_AT = 78
 
 
 def _stored_feature_args(workdir, root) -> list[str]:
-  """The one command the stored-feature run, its pod and its resumption are started with (every step logged)."""
+  """The one command the stored-feature run, its pod and its restart are started with (every step logged)."""
   return [
     '--config',
     'pretrain_openshape',
@@ -645,10 +645,13 @@ def test_openshape_settings_fail_before_a_model_is_built(layout, tmp_path):
 
 
 def test_a_pod_of_two_processes_trains_as_one_process_on_the_same_global_batches(stored_feature_run, tmp_path):
-  """launch/local_multihost.sh 2 4 on OpenShape's layout, resuming the stored-feature run's step-78 checkpoint (one
-  process x 8 devices wrote it) with the run's own command: each process reads only its rows of every global batch,
-  and the losses of steps 79 and 80 equal the run's (the stream's global batch does not depend on the process count),
-  to the last bits that gloo's reduction order changes."""
+  """launch/local_multihost.sh 2 4 on OpenShape's layout, from scratch, with the stored-feature run's own command
+  stopped after two steps: each process reads only its rows of every global batch, and the losses of steps 1 and 2
+  equal the one-process x 8-device run's (the same initial state, and the stream's global batch does not depend on
+  the process count), to the last bits that gloo's reduction order changes. Two steps, so that the schedule gives
+  the same first update whatever the total (cosine from the peak, no warm-up): step 2's loss is after one update.
+  Shown to fail with process 1 reading the rows one before its own (step 1's loss) and with the stream restarted one
+  step early (step 79's)."""
   import jax
 
   from cg3d_jax import train
@@ -656,28 +659,32 @@ def test_a_pod_of_two_processes_trains_as_one_process_on_the_same_global_batches
   from tests.test_multihost import _read_losses, launched_pod
 
   run = stored_feature_run
-
-  def resumed(name):
-    shutil.copytree(run.workdir / 'checkpoints' / str(RESUMED_AT), tmp_path / name / 'checkpoints' / str(RESUMED_AT))
-    return _stored_feature_args(tmp_path / name, run.root)
-
-  launched_pod(tmp_path / 'logs', 2, 4, resumed('pod'), CG3D_HEARTBEAT_TIMEOUT_S='120')
+  launched_pod(
+    tmp_path / 'logs',
+    2,
+    4,
+    [*_stored_feature_args(tmp_path / 'pod', run.root), '--config.train.total_steps=2'],
+    CG3D_HEARTBEAT_TIMEOUT_S='120',
+  )
   got, want = _read_losses(tmp_path / 'pod'), _read_losses(run.workdir)
-  assert sorted(got) == [RESUMED_AT + 1, 80]
+  assert sorted(got) == [1, 2]
   for step in got:
     for key in ('loss', 'loss/point_text', 'loss/point_image'):
       np.testing.assert_allclose(got[step][key], want[step][key], rtol=1e-4, err_msg=f'step {step} {key}')
   assert len({round(got[s]['loss'], 6) for s in got}) > 1
 
-  # Stopped after step 78 and started again with the same command on one process: steps 79-80 and the final state
-  # are bitwise the uninterrupted run's (the stream restarts at the global step; the state, its RNG and the
-  # temperature restore).
+  # Stopped after step 78 (the run's own checkpoint) and started again with the same command: steps 79-80 and the
+  # final state are bitwise the uninterrupted run's (the stream restarts at the global step; the state, its RNG and
+  # the temperature restore).
   from cg3d_jax import checkpoints
 
-  assert run_command(train.main, resumed('resumed')) == 0
-  again = _read_losses(tmp_path / 'resumed')
-  assert [again[s]['loss'] for s in (RESUMED_AT + 1, 80)] == [want[s]['loss'] for s in (RESUMED_AT + 1, 80)]
-  final = [checkpoints.read_step(path, 80).state for path in (run.workdir, tmp_path / 'resumed')]
+  resumed = tmp_path / 'resumed'
+  shutil.copytree(run.workdir / 'checkpoints' / str(RESUMED_AT), resumed / 'checkpoints' / str(RESUMED_AT))
+  assert run_command(train.main, _stored_feature_args(resumed, run.root)) == 0
+  again = _read_losses(resumed)
+  assert sorted(again) == [RESUMED_AT + 1, 80]
+  assert [again[s]['loss'] for s in again] == [want[s]['loss'] for s in again]
+  final = [checkpoints.read_step(path, 80).state for path in (run.workdir, resumed)]
   for a, b in zip(*(jax.tree.leaves(state) for state in final)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert float(final[0]['params']['logit_scale']) != pytest.approx(np.log(14.28))  # the temperature trained
