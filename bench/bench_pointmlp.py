@@ -2,7 +2,7 @@
 
 Real configuration (13.1 M parameters, 1024 points, k = 24, four stages), fp32, BatchNorm in train mode (batch
 statistics and running-average updates), gradient with respect to every parameter. Both sides start from the same
-weights (the Flax init, exported with torch_io) and see the same points (random, on the unit sphere).
+weights (the Flax init, exported with pointmlp_state_dict) and see the same points (random, on the unit sphere).
 JAX and PyTorch iterations alternate so that a busy shared machine slows both alike; medians are reported, and the
 JAX compile time separately. At batch 32 each side needs ~10 GB of activations; where the two do not fit in memory
 together, run them one at a time with --framework.
@@ -26,7 +26,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from bench import load  # noqa: E402
 from cg3d_jax.models.pointmlp import PointMLP  # noqa: E402
 from cg3d_jax.twins.pointmlp import PointMLPProject  # noqa: E402
-from cg3d_jax.weights.torch_io import pointmlp_to_torch  # noqa: E402
+from cg3d_jax.weights.pointmlp_state_dict import pointmlp_to_torch  # noqa: E402
 
 
 def sphere_points(batch: int, n: int, seed: int = 0) -> np.ndarray:

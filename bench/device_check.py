@@ -212,7 +212,8 @@ def check_encoders(sizes) -> list[dict]:
   from cg3d_jax.models.pointmlp import PointMLP
   from cg3d_jax.twins.point_transformer import PointTransformerProject
   from cg3d_jax.twins.pointmlp import PointMLPProject
-  from cg3d_jax.weights.torch_io import point_transformer_from_torch, pointmlp_from_torch
+  from cg3d_jax.weights.pointmlp_state_dict import pointmlp_from_torch
+  from cg3d_jax.weights.torch_io import point_transformer_from_torch
 
   torch.manual_seed(0)
   rng = np.random.default_rng(1)

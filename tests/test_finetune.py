@@ -27,7 +27,7 @@ from cg3d_jax.models.point_ops import sample_points
 from cg3d_jax.models.pointmlp import PointMLP
 from cg3d_jax.training import finetune as ft
 from cg3d_jax.twins import point_transformer as torch_twin
-from cg3d_jax.weights import cg3d_pth, torch_io
+from cg3d_jax.weights import cg3d_pth, pointmlp_state_dict, torch_io
 from tests.conftest import apply_overrides, modelnet_root, run_command
 
 NUM_STORED = 128  # points kept per fixture cloud (the first 128 of 10,000), FPS'd to 64 per step
@@ -394,7 +394,9 @@ def test_pointmlp_classifier_trunk_init_and_export():
   # Export: CG3D's PointMLP keys without the projection, plus the original pointMLP classifier Sequential.
   stats = jax.tree.map(lambda x: x + 0.25, variables['batch_stats'])
   state_dict = cg3d_pth.classifier_state_dict('pointmlp', variables['params'], stats)
-  trunk_keys = [k for k in torch_io.pointmlp_to_torch(pre['params'], pre_stats) if not k.startswith('projection.')]
+  trunk_keys = [
+    k for k in pointmlp_state_dict.pointmlp_to_torch(pre['params'], pre_stats) if not k.startswith('projection.')
+  ]
   assert list(state_dict)[: len(trunk_keys)] == trunk_keys
   head = torch.nn.Sequential(
     torch.nn.Linear(32, 512),

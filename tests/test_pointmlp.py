@@ -13,8 +13,8 @@ from cg3d_jax import trees
 from cg3d_jax.configs import base, pretrain_pointmlp
 from cg3d_jax.models.pointmlp import PointMLP, stage_point_counts
 from cg3d_jax.twins.pointmlp import PointMLPProject
-from cg3d_jax.weights import torch_io
-from cg3d_jax.weights.torch_io import pointmlp_from_torch, pointmlp_to_torch
+from cg3d_jax.weights import pointmlp_state_dict, torch_io
+from cg3d_jax.weights.pointmlp_state_dict import pointmlp_from_torch, pointmlp_to_torch
 from tests import numpy_transforms
 from tests.conftest import FIXTURES, NEAR_TIE, grouping_margin, modelnet_root
 
@@ -100,10 +100,10 @@ def small_twin():
 def test_real_config_matches_the_original_layout(real_twin):
   reference = _reference_layout()
   assert len(reference) == 232
-  variables = torch_io.expected_variables(PointMLP())
+  variables = pointmlp_state_dict.expected_variables(PointMLP())
   assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables['params'])) == 13_095_360
   assert len(jax.tree.leaves(variables['batch_stats'])) == 2 * 37
-  expected = torch_io.expected_torch_shapes(PointMLP())
+  expected = pointmlp_state_dict.expected_torch_shapes(PointMLP())
   assert list(expected.items()) == reference
   assert [(k, tuple(v.shape)) for k, v in real_twin.state_dict().items()] == reference
 
@@ -205,7 +205,7 @@ def test_gradients_match_twin_in_float64(small_twin):
     _in_float64(lambda p, s, x, w: _gradients_jax(model, p, s, x, w), params, batch_stats, points, weights)
   )
   checked = 0
-  for e in torch_io.pointmlp_entries(model.pre_blocks, model.pos_blocks):
+  for e in pointmlp_state_dict.pointmlp_entries(model.pre_blocks, model.pos_blocks):
     if e.collection != torch_io.PARAMS:
       continue
     have, want = np.asarray(grads[e.flax_path]), merged[e.torch_key].numpy()
@@ -217,7 +217,7 @@ def test_gradients_match_twin_in_float64(small_twin):
 
 
 def _random_variables(model: PointMLP, seed: int) -> dict:
-  shapes = torch_io.expected_variables(model)
+  shapes = pointmlp_state_dict.expected_variables(model)
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape).astype(s.dtype)), shapes)
 
@@ -248,7 +248,7 @@ def test_sizes_are_read_off_a_state_dict_of_another_configuration(highest_precis
   torch.manual_seed(7)
   twin = PointMLPProject(points=128, **kwargs).eval()
   _randomize_twin(twin, seed=8)
-  assert torch_io.pointmlp_kwargs_from_torch(twin.state_dict()) == dict(kwargs, in_channels=3)
+  assert pointmlp_state_dict.pointmlp_kwargs_from_torch(twin.state_dict()) == dict(kwargs, in_channels=3)
   params, batch_stats = pointmlp_from_torch(twin.state_dict())
   model = PointMLP(**kwargs)
   points = _load_clouds(128)
@@ -280,7 +280,7 @@ def test_coloured_pointmlp_matches_the_twin_and_converts_both_ways(highest_preci
   _randomize_twin(twin, seed=10)
   state_dict = twin.state_dict()
   assert tuple(state_dict['embedding.net.0.weight'].shape) == (8, 6, 1)
-  assert torch_io.pointmlp_kwargs_from_torch(state_dict) == kwargs
+  assert pointmlp_state_dict.pointmlp_kwargs_from_torch(state_dict) == kwargs
   params, batch_stats = pointmlp_from_torch(state_dict)
   model = PointMLP(**kwargs)
   xyz = _load_clouds(128)

@@ -38,7 +38,7 @@ import torch
 from cg3d_jax.atomic import atomic_write
 from cg3d_jax.errors import BadInputError, InputError
 from cg3d_jax.trees import unstack_layers
-from cg3d_jax.weights import safetensors_files, torch_files, torch_io
+from cg3d_jax.weights import pointmlp_state_dict, safetensors_files, torch_files, torch_io
 
 POINT_TRANSFORMER, POINTMLP = 'point_transformer', 'pointmlp'
 PROMPT_KEY, DEEP_PROMPT_KEY = 'prompt_embeddings', 'deep_prompt_embeddings'
@@ -64,7 +64,7 @@ def encoder_state_dict(
   if encoder == POINT_TRANSFORMER:
     return torch_io.point_transformer_to_torch(params, batch_stats, num_batches_tracked=num_batches_tracked)
   if encoder == POINTMLP:
-    return torch_io.pointmlp_to_torch(params, batch_stats, num_batches_tracked=num_batches_tracked)
+    return pointmlp_state_dict.pointmlp_to_torch(params, batch_stats, num_batches_tracked=num_batches_tracked)
   raise ValueError(f'unknown encoder {encoder!r}; expected {POINT_TRANSFORMER!r} or {POINTMLP!r}')
 
 
@@ -141,7 +141,7 @@ def _pointmlp_classifier_entries(params: Mapping[str, Any]) -> list:
     for i in range(len([k for k in params if k.startswith('pre_blocks_')]))
   )
   pos = tuple(len([k for k in params.get(f'pos_blocks_{i}', {}) if k.startswith('block_')]) for i in range(len(pre)))
-  entries = [e for e in torch_io.pointmlp_entries(pre, pos) if not e.torch_key.startswith('projection.')]
+  entries = [e for e in pointmlp_state_dict.pointmlp_entries(pre, pos) if not e.torch_key.startswith('projection.')]
   for i in (0, 4, 8):
     entries += torch_io.linear(f'classifier.{i}', f'classifier_{i}')
   for i in (1, 5):
@@ -372,7 +372,7 @@ def _model_for(path, encoder: str, state_dict, config: Mapping[str, Any] | None,
         f"group_size={PointTransformer.group_size} (CG3D's; not recorded in the weights)"
       )
       return PointTransformer(**kwargs)
-    kwargs = torch_io.pointmlp_kwargs_from_torch(state_dict)
+    kwargs = pointmlp_state_dict.pointmlp_kwargs_from_torch(state_dict)
     assumed.append("k_neighbors=24, reducers=2 in every stage (CG3D's; not recorded in the weights)")
     return PointMLP(**kwargs)
   except (ValueError, KeyError, IndexError) as err:
@@ -473,7 +473,7 @@ def load_cg3d_checkpoint(path, model=None, model_config=None, loaded=None):
     if encoder == POINT_TRANSFORMER:
       params, batch_stats = torch_io.point_transformer_from_torch(state_dict, model)
     else:
-      params, batch_stats = torch_io.pointmlp_from_torch(state_dict, model)
+      params, batch_stats = pointmlp_state_dict.pointmlp_from_torch(state_dict, model)
   except ValueError as err:
     raise CheckpointFormatError(path, f'base_model does not fit the {encoder}: {err}') from None
   visual = container.get('visual_clip_model')
