@@ -22,7 +22,7 @@ def session_xla_flags(flags: str) -> str:
   """`flags` with SESSION_XLA_FLAGS in place of any setting of the same names, each named once. The workers import
   this file again with the main process's flags in their environment, and JAX's cache key hashes the flags as
   written: appended twice, a worker's programs were keyed apart from the same programs of a one-process run
-  (`pytest tests/test_pretrain.py` compiled everything a full run had kept)."""
+  (`pytest tests/test_pretrain.py` compiled again programs a full run had kept)."""
   names = {flag.split('=')[0] for flag in SESSION_XLA_FLAGS}
   return ' '.join([flag for flag in flags.split() if flag.split('=')[0] not in names] + list(SESSION_XLA_FLAGS))
 

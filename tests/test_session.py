@@ -1,4 +1,5 @@
-"""The test session's own setup (tests/conftest.py): the compiled programs it keeps between runs."""
+"""The test session's own setup (tests/conftest.py): the compiled programs it keeps between runs and the XLA flags
+that key them."""
 
 import os
 import pathlib
